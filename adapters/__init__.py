@@ -1,0 +1,1 @@
+"""Adapter core: formats, materialization, registry, caches and the batched low-rank op."""

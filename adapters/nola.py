@@ -1,0 +1,133 @@
+"""NOLA adapters (arXiv 2310.02556), format v1: a seed plus per-layer coefficients.
+
+The random basis is never stored: it is regenerated from the seed with the portable Philox
+scheme of ``philox.py`` and contracted with the coefficients while it streams by, so the
+CPU path never holds a whole basis (see docs/adapter-format.md for the normative spec).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from . import philox
+from . import safetensors_io as st
+from .errors import InvalidAdapterError
+from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
+
+FORMAT = "nolaserve.nola"
+KIND = "nola"
+MAX_SEED = (1 << 63) - 1
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                           thread_name_prefix="nola-regen")
+
+
+@dataclass
+class NolaAdapter:
+    seed: int
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    module_shapes: dict[str, tuple[int, int]]  # name -> (in, out)
+    alpha: torch.Tensor  # [L, T, k] float32
+    beta: torch.Tensor  # [L, T, l] float32
+    base_model: str = ""
+    description: str = ""
+
+    kind = KIND
+
+    @property
+    def num_layers(self) -> int:
+        return self.alpha.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.alpha.nbytes + self.beta.nbytes
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.rank
+
+    def stream(self, layer: int, target: int) -> int:
+        """Stream of the A basis of (layer, target); the B basis is the next one."""
+        return 2 * (layer * len(self.target_modules) + target)
+
+    def validate(self, spec: BaseModelSpec) -> None:
+        spec.check_num_basis("num_basis_a", self.alpha.shape[2])
+        spec.check_num_basis("num_basis_b", self.beta.shape[2])
+        spec.check_targets(self.num_layers, self.module_shapes, self.rank)
+
+    def materialize(self, device: torch.device | str = "cpu") -> AdapterFactors:
+        """Regenerate every (layer, module)'s ``A = alpha @ A_basis / sqrt(k)`` [r, in] and
+        ``B = beta @ B_basis / sqrt(l)`` [out, r], streams in parallel on CPU."""
+        jobs = [(i, t, name) for i in range(self.num_layers)
+                for t, name in enumerate(self.target_modules)]
+        alpha, beta = self.alpha.to(device), self.beta.to(device)
+
+        def one(job: tuple[int, int, str]) -> ModuleFactors:
+            i, t, name = job
+            n_in, n_out = self.module_shapes[name]
+            s = self.stream(i, t)
+            a = philox.contract(self.seed, s, alpha[i, t], self.rank * n_in)
+            b = philox.contract(self.seed, s + 1, beta[i, t], n_out * self.rank)
+            return ModuleFactors(A=a.view(self.rank, n_in) / math.sqrt(alpha.shape[2]),
+                                 B=b.view(n_out, self.rank) / math.sqrt(beta.shape[2]),
+                                 scale=self.scale)
+
+        results = _POOL.map(one, jobs) if alpha.device.type == "cpu" else map(one, jobs)
+        return AdapterFactors({(i, name): f for (i, _, name), f in zip(jobs, results)})
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "format": FORMAT, "format_version": "1", "seed": str(self.seed),
+            "rank": str(self.rank), "lora_alpha": repr(float(self.lora_alpha)),
+            "num_basis_a": str(self.alpha.shape[2]), "num_basis_b": str(self.beta.shape[2]),
+            "num_layers": str(self.num_layers), "target_modules": json.dumps(self.target_modules),
+            "module_shapes": json.dumps({k: list(v) for k, v in self.module_shapes.items()}),
+        }
+        if self.base_model:
+            meta["base_model"] = self.base_model
+        if self.description:
+            meta["description"] = self.description
+        return st.write({"alpha": self.alpha, "beta": self.beta}, meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "NOLA adapter") -> NolaAdapter:
+        metadata, tensors = st.read(data, what)
+        meta = st.Metadata(metadata, what)
+        meta.check_format(FORMAT)
+        targets = st.target_modules(meta)
+        shapes = st.module_shapes(meta, targets)
+        n_layers = meta.int("num_layers", 1, 1 << 16)
+        k, l_ = meta.int("num_basis_a", 1, 1 << 20), meta.int("num_basis_b", 1, 1 << 20)
+        dims = (n_layers, len(targets))
+        adapter = cls(
+            seed=meta.int("seed", 0, MAX_SEED), rank=meta.int("rank", 1, 1 << 16),
+            lora_alpha=meta.float("lora_alpha"), target_modules=targets, module_shapes=shapes,
+            alpha=st.tensor(tensors, "alpha", (*dims, k), what),
+            beta=st.tensor(tensors, "beta", (*dims, l_), what),
+            base_model=meta.str("base_model", ""), description=meta.str("description", ""),
+        )
+        if set(tensors) != {"alpha", "beta"}:
+            raise InvalidAdapterError(f"{what}: unexpected tensors {sorted(set(tensors) - {'alpha', 'beta'})}")
+        return adapter
+
+
+def random_nola(spec: BaseModelSpec, seed: int, *, targets: list[str] | None = None,
+                rank: int = 8, num_basis: int = 256, lora_alpha: float = 16.0,
+                coeff_std: float = 1.0) -> NolaAdapter:
+    """A NOLA adapter with random coefficients drawn from ``seed`` (demos, tests, benchmarks)."""
+    targets = targets or sorted(spec.module_shapes)
+    gen = torch.Generator().manual_seed(seed)
+    dims = (spec.num_layers, len(targets), num_basis)
+    return NolaAdapter(
+        seed=seed, rank=rank, lora_alpha=lora_alpha, target_modules=list(targets),
+        module_shapes={t: spec.module_shapes[t] for t in targets},
+        alpha=torch.randn(dims, generator=gen) * coeff_std,
+        beta=torch.randn(dims, generator=gen) * coeff_std, base_model=spec.name,
+    )

@@ -1,0 +1,1 @@
+"""Batched low-rank ops."""

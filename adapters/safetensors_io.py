@@ -1,0 +1,185 @@
+"""Strict reading of untrusted safetensors bytes and typed access to their metadata.
+
+Every adapter format is a safetensors file; this module turns any way such bytes can be
+wrong (truncated, mutated, wrong dtype, absurd shapes, missing keys) into an
+``InvalidAdapterError`` that names the problem, before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from .errors import InvalidAdapterError
+
+MAX_HEADER_BYTES = 16 << 20
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1}
+
+
+def read(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Parse safetensors bytes into ``(metadata, tensors)`` or raise ``InvalidAdapterError``."""
+    header = _read_header(data, what)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidAdapterError(f"{what}: __metadata__ must map strings to strings")
+    body = len(data) - 8 - int.from_bytes(data[:8], "little")
+    for name, info in header.items():
+        _check_entry(name, info, body, what)
+    try:
+        tensors = _st_load(bytes(data))
+    except Exception as e:  # safetensors raises its own error types
+        raise InvalidAdapterError(f"{what}: not a valid safetensors file: {e}") from None
+    return metadata, tensors
+
+
+def write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    return _st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+
+
+def _read_header(data: bytes, what: str) -> dict:
+    if len(data) < 8:
+        raise InvalidAdapterError(f"{what}: {len(data)} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise InvalidAdapterError(
+            f"{what}: safetensors header claims {n} bytes but the file has {len(data) - 8} "
+            "after the length prefix (truncated or not a safetensors file)"
+        )
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidAdapterError(f"{what}: safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise InvalidAdapterError(f"{what}: safetensors header must be a JSON object")
+    return header
+
+
+def _check_entry(name: str, info: object, body: int, what: str) -> None:
+    if not isinstance(info, dict):
+        raise InvalidAdapterError(f"{what}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ITEMSIZE:
+        raise InvalidAdapterError(f"{what}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise InvalidAdapterError(f"{what}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= body):
+        raise InvalidAdapterError(f"{what}: tensor {name!r} has data offsets outside the file")
+    if math.prod(shape) * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+        raise InvalidAdapterError(
+            f"{what}: tensor {name!r} declares shape {shape} but holds "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+
+
+class Metadata:
+    """Typed, validated access to a file's string metadata."""
+
+    def __init__(self, metadata: dict[str, str], what: str):
+        self.raw, self.what = metadata, what
+
+    def str(self, key: str, default: str | None = None) -> str:
+        value = self.raw.get(key, default)
+        if value is None:
+            raise InvalidAdapterError(f"{self.what}: metadata key {key!r} is missing")
+        return value
+
+    def int(self, key: str, lo: int, hi: int) -> int:
+        text = self.str(key)
+        if not text.isascii() or not text.isdigit():
+            raise InvalidAdapterError(
+                f"{self.what}: metadata {key!r} must be a decimal integer, got {text!r}"
+            )
+        value = int(text)
+        if not lo <= value <= hi:
+            raise InvalidAdapterError(
+                f"{self.what}: metadata {key!r} = {value} is outside [{lo}, {hi}]"
+            )
+        return value
+
+    def float(self, key: str) -> float:
+        text = self.str(key)
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidAdapterError(
+                f"{self.what}: metadata {key!r} must be a number, got {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise InvalidAdapterError(f"{self.what}: metadata {key!r} must be finite")
+        return value
+
+    def json(self, key: str, kind: type) -> object:
+        try:
+            value = json.loads(self.str(key))
+        except ValueError:
+            raise InvalidAdapterError(f"{self.what}: metadata {key!r} is not valid JSON") from None
+        if not isinstance(value, kind):
+            raise InvalidAdapterError(
+                f"{self.what}: metadata {key!r} must be a JSON {kind.__name__}"
+            )
+        return value
+
+    def check_format(self, fmt: str, version: str = "1") -> None:
+        if self.raw.get("format") != fmt:
+            raise InvalidAdapterError(
+                f"{self.what}: metadata 'format' is {self.raw.get('format')!r}, expected {fmt!r}"
+            )
+        if self.raw.get("format_version") != version:
+            raise InvalidAdapterError(
+                f"{self.what}: unsupported format_version {self.raw.get('format_version')!r} "
+                f"for {fmt}; this server reads version {version}"
+            )
+
+
+def tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], what: str,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The named tensor, checked for dtype, shape and finiteness."""
+    if name not in tensors:
+        raise InvalidAdapterError(f"{what}: tensor {name!r} is missing")
+    t = tensors[name]
+    if t.dtype != dtype:
+        raise InvalidAdapterError(f"{what}: tensor {name!r} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidAdapterError(
+            f"{what}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
+        )
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InvalidAdapterError(f"{what}: tensor {name!r} contains NaN or Inf")
+    return t
+
+
+def module_shapes(meta: Metadata, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """Read ``module_shapes`` (name -> [in, out]) and check it covers exactly ``targets``."""
+    raw = meta.json("module_shapes", dict)
+    if sorted(raw) != sorted(targets):
+        raise InvalidAdapterError(
+            f"{meta.what}: module_shapes keys {sorted(raw)} must equal target_modules {targets}"
+        )
+    shapes = {}
+    for name, shape in raw.items():
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)):
+            raise InvalidAdapterError(
+                f"{meta.what}: module_shapes[{name!r}] must be [in_features, out_features]"
+            )
+        shapes[name] = (shape[0], shape[1])
+    return shapes
+
+
+def target_modules(meta: Metadata) -> list[str]:
+    targets = meta.json("target_modules", list)
+    if not targets or not all(isinstance(t, str) and t for t in targets) \
+            or len(set(targets)) != len(targets):
+        raise InvalidAdapterError(
+            f"{meta.what}: target_modules must be a non-empty JSON list of distinct names"
+        )
+    return targets

@@ -1,0 +1,1 @@
+"""nolaserve clients: Python client and CLI."""

@@ -1,0 +1,1 @@
+"""nolaserve server: engine, gRPC service and configuration."""
