@@ -39,7 +39,7 @@ class AdapterExistsError(AdapterError):
 
 
 class AdapterInUseError(AdapterError):
-    """The adapter cannot change now, e.g. an RMM basis that tasks still need (FAILED_PRECONDITION)."""
+    """The adapter cannot change now: an RMM basis that tasks still need (FAILED_PRECONDITION)."""
 
     grpc_code = "FAILED_PRECONDITION"
 

@@ -114,7 +114,8 @@ class NolaAdapter:
             base_model=meta.str("base_model", ""), description=meta.str("description", ""),
         )
         if set(tensors) != {"alpha", "beta"}:
-            raise InvalidAdapterError(f"{what}: unexpected tensors {sorted(set(tensors) - {'alpha', 'beta'})}")
+            extra = sorted(set(tensors) - {"alpha", "beta"})
+            raise InvalidAdapterError(f"{what}: unexpected tensors {extra}")
         return adapter
 
 

@@ -22,7 +22,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _SCALE = 4.6566127342e-10
 STREAM_BITS = 40
-CHUNK = 1 << 20  # basis values per torch step: ~40 MiB of int64 temporaries at most
+CHUNK = 1 << 19  # basis values per torch step: ~30 MiB of int64 temporaries at most
 
 
 def _philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
@@ -41,8 +41,8 @@ def _philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
 
 
 def _to_symmetric_uniform(words: torch.Tensor) -> torch.Tensor:
-    x = torch.where(words >= 1 << 31, words - (1 << 32), words)  # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x).to(torch.int32)
+    x = words.to(torch.int32)  # keeps the low 32 bits: a bitcast of the uint32 word
+    x = torch.where(x < 0, ~x, x)
     u = x.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32)
     return 2.0 * u - 1.0
 
