@@ -41,7 +41,13 @@ def read(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, 
 
 
 def write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    return _st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+    """Safetensors bytes with the header keys sorted, so equal content gives equal bytes
+    (safetensors itself writes metadata in a random order, which would change a sha256)."""
+    data = _st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    header += " " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header.encode() + data[8 + n :]
 
 
 def _read_header(data: bytes, what: str) -> dict:
