@@ -21,7 +21,8 @@ import torch
 
 from . import safetensors_io as st
 from .errors import IncompatibleAdapterError, InvalidAdapterError
-from .spec import AdapterFactors, BaseModelSpec, ModuleFactors, check_adapter_id
+from .ids import check_adapter_id
+from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
 
 BASIS_FORMAT, TASK_FORMAT = "nolaserve.rmm-basis", "nolaserve.rmm-task"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -1,0 +1,175 @@
+"""Host-memory LRU of parsed adapters, bounded by entry count and by bytes.
+
+Pure Python: cached objects only need an ``nbytes`` attribute (``AdapterFactors`` and the
+parsed adapter kinds have one).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache counters and occupancy."""
+
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+
+
+class _Load:
+    """One loader call in flight; other callers for the same id wait on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class HostCache:
+    """Thread-safe LRU of parsed adapters keyed by id.
+
+    Holds at most ``max_entries`` objects and ``max_bytes`` bytes (the sum of their
+    ``nbytes``); the least recently used entries go first. An object larger than
+    ``max_bytes`` is never cached.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"max_entries ({max_entries}) and max_bytes ({max_bytes}) "
+                             "must be positive")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # id -> (obj, nbytes)
+        self._loads: dict[str, _Load] = {}
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = 0
+
+    def get(self, adapter_id: str) -> Any | None:
+        """The cached object (now most recently used), or None; counts a hit or a miss."""
+        with self._lock:
+            return self._lookup(adapter_id)
+
+    def put(self, adapter_id: str, obj: Any) -> bool:
+        """Cache ``obj`` under ``adapter_id``, replacing any previous entry. Returns False
+        (and caches nothing) when ``obj`` alone exceeds ``max_bytes``."""
+        nbytes = _nbytes(obj)
+        with self._lock:
+            self._loads.pop(adapter_id, None)  # a load in flight would now be stale
+            return self._insert(adapter_id, obj, nbytes)
+
+    def pop(self, adapter_id: str) -> Any | None:
+        """Drop ``adapter_id`` (deleted or replaced) and return its object, or None.
+
+        A ``get_or_load`` of that id in flight keeps its result out of the cache.
+        """
+        with self._lock:
+            self._loads.pop(adapter_id, None)
+            entry = self._entries.pop(adapter_id, None)
+            if entry is None:
+                return None
+            self._bytes -= entry[1]
+            return entry[0]
+
+    def get_or_load(self, adapter_id: str, loader: Callable[[str], Any]) -> Any:
+        """The cached object, else ``loader(adapter_id)`` (called outside the lock) cached
+        and returned. Concurrent callers for the same id share one loader call and its
+        result or exception."""
+        with self._lock:
+            obj = self._lookup(adapter_id)
+            if obj is not None:
+                return obj
+            load = self._loads.get(adapter_id)
+            if load is None:
+                load = self._loads[adapter_id] = _Load()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            load.done.wait()
+            if load.error is not None:
+                raise load.error
+            return load.value
+        return self._run_load(adapter_id, loader, load)
+
+    def _run_load(self, adapter_id: str, loader: Callable[[str], Any], load: _Load) -> Any:
+        try:
+            value = loader(adapter_id)
+            nbytes = _nbytes(value)
+        except BaseException as e:
+            load.error = e
+            with self._lock:
+                if self._loads.get(adapter_id) is load:
+                    del self._loads[adapter_id]
+            load.done.set()
+            raise
+        with self._lock:
+            if self._loads.get(adapter_id) is load:  # not popped or replaced meanwhile
+                del self._loads[adapter_id]
+                self._insert(adapter_id, value, nbytes)
+        load.value = value
+        load.done.set()
+        return value
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters since creation and the current occupancy."""
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._evictions, len(self._entries),
+                              self._bytes)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        """Membership without touching the LRU order or the counters."""
+        return adapter_id in self._entries
+
+    # -- helpers (called with the lock held) ------------------------------------------
+
+    def _lookup(self, adapter_id: str) -> Any | None:
+        entry = self._entries.get(adapter_id)
+        if entry is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        self._entries.move_to_end(adapter_id)
+        return entry[0]
+
+    def _insert(self, adapter_id: str, obj: Any, nbytes: int) -> bool:
+        old = self._entries.pop(adapter_id, None)
+        if old is not None:
+            self._bytes -= old[1]
+        if nbytes > self.max_bytes:
+            return False
+        self._entries[adapter_id] = (obj, nbytes)
+        self._bytes += nbytes
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, freed) = self._entries.popitem(last=False)
+            self._bytes -= freed
+            self._evictions += 1
+        return True
+
+
+def _nbytes(obj: Any) -> int:
+    try:
+        nbytes = operator.index(obj.nbytes)
+    except (AttributeError, TypeError):
+        nbytes = -1
+    if nbytes < 0:
+        raise TypeError(f"cannot cache {type(obj).__name__}: it needs an integer 'nbytes' "
+                        "attribute >= 0")
+    return nbytes

@@ -1,0 +1,339 @@
+"""Durable adapter registry: one SQLite row per adapter, holding its file bytes.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: once ``register`` returns, the row
+survives ``kill -9`` and power loss; a write interrupted before that leaves nothing.
+Pure Python: no tensors here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+)
+from .ids import check_adapter_id
+
+KINDS = ("nola", "lora", "rmm-task", "rmm-basis")
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_TOKEN_PREFIX = "v1:"
+_COLUMNS = "id, kind, size, sha256, metadata, parent, created_at"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    parent TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adapters_parent ON adapters(parent) WHERE parent IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter, without its bytes (``Registry.data`` returns those)."""
+
+    id: str
+    kind: str
+    size: int
+    sha256: str
+    metadata: dict = field(hash=False)
+    parent: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    """One item of ``Registry.register_many``; ``parent`` is the basis of an ``rmm-task``."""
+
+    id: str
+    kind: str
+    data: bytes
+    metadata: dict = field(default_factory=dict, hash=False)
+    parent: str | None = None
+
+
+class Registry:
+    """Thread-safe adapter registry over one SQLite connection guarded by a lock.
+
+    ``path`` is a file path or ``":memory:"``. Use as a context manager or call ``close``.
+    """
+
+    def __init__(self, path: str | os.PathLike = ":memory:") -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            os.fspath(path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection; later calls fail."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def register(self, adapter_id: str, kind: str, data: bytes, metadata: dict | None = None,
+                 parent: str | None = None, replace: bool = False) -> AdapterRecord:
+        """Store one adapter atomically and return its record.
+
+        Raises ``InvalidAdapterIdError`` for a bad id, ``AdapterExistsError`` for a taken id
+        unless ``replace``, ``AdapterInUseError`` when replacing a basis that tasks name as
+        parent, ``AdapterNotFoundError`` for an unknown parent.
+        """
+        item = NewAdapter(adapter_id, kind, data, {} if metadata is None else metadata, parent)
+        return self.register_many([item], replace=replace)[0]
+
+    def register_many(self, items: Iterable[NewAdapter],
+                      replace: bool = False) -> list[AdapterRecord]:
+        """Store several adapters (an RMM basis and its tasks) in one transaction: all or
+        nothing. A basis may be replaced together with every task that names it."""
+        rows = [_validated(item) for item in items]
+        ids = [r[0] for r in rows]
+        if len(set(ids)) != len(ids):
+            raise InvalidAdapterError(f"register_many: duplicate ids in one batch: {ids}")
+        now = time.time()
+        with self._lock, _transaction(self._conn):
+            for row in rows:
+                self._check_write(row, rows, replace)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO adapters "
+                "(id, kind, data, size, sha256, metadata, parent, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in rows],
+            )
+        return [AdapterRecord(i, k, size, sha, json.loads(m), p, now)
+                for i, k, _, size, sha, m, p in rows]
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove an adapter. ``AdapterInUseError`` if tasks still name it as parent."""
+        with self._lock, _transaction(self._conn):
+            self._get(adapter_id)
+            users = self._dependents(adapter_id)
+            if users:
+                raise AdapterInUseError(
+                    f"adapter {adapter_id!r} is the basis of {_few(users)}; delete those first"
+                )
+            self._conn.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+
+    def _check_write(self, row: tuple, batch: list[tuple], replace: bool) -> None:
+        adapter_id, kind, parent = row[0], row[1], row[6]
+        exists = self._conn.execute(
+            "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
+        if exists and not replace:
+            raise AdapterExistsError(
+                f"adapter {adapter_id!r} is already registered; pass replace=true to overwrite"
+            )
+        batch_ids = {r[0] for r in batch}
+        if exists:
+            users = [u for u in self._dependents(adapter_id) if u not in batch_ids]
+            if users:
+                raise AdapterInUseError(
+                    f"cannot replace {adapter_id!r}: it is the basis of {_few(users)}; "
+                    "replace them in the same batch or delete them first"
+                )
+        if parent is not None:
+            parent_kind = next((r[1] for r in batch if r[0] == parent), None)
+            parent_kind = parent_kind or self._kind_of(parent)
+            if parent_kind is None:
+                raise AdapterNotFoundError(
+                    f"{kind} {adapter_id!r} names basis {parent!r}, which is not registered"
+                )
+            if parent_kind != "rmm-basis":
+                raise InvalidAdapterError(
+                    f"{adapter_id!r} names {parent!r} as its basis, but that is a {parent_kind}"
+                )
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        """The record of ``adapter_id`` or ``AdapterNotFoundError``."""
+        with self._lock:
+            return self._get(adapter_id)
+
+    def data(self, adapter_id: str) -> bytes:
+        """The stored adapter file bytes."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT data FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        if row is None:
+            raise _not_found(adapter_id)
+        return bytes(row[0])
+
+    def contains(self, adapter_id: str) -> bool:
+        """Whether ``adapter_id`` is registered."""
+        with self._lock:
+            return self._kind_of(adapter_id) is not None
+
+    __contains__ = contains
+
+    def count(self) -> int:
+        """Number of registered adapters."""
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+    def list(self, page_size: int = DEFAULT_PAGE_SIZE,
+             page_token: str = "") -> tuple[list[AdapterRecord], str]:
+        """One page of records in id order and the token of the next page ("" at the end).
+
+        ``page_size`` 0 means the default; otherwise it must lie in 1..1000.
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not (
+            0 <= page_size <= MAX_PAGE_SIZE
+        ):
+            raise InvalidAdapterError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size!r}")
+        page_size = page_size or DEFAULT_PAGE_SIZE
+        after = _decode_token(page_token)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM adapters WHERE id > ? ORDER BY id LIMIT ?",
+                (after, page_size + 1),
+            ).fetchall()
+        records = [_record(r) for r in rows[:page_size]]
+        token = _encode_token(records[-1].id) if len(rows) > page_size else ""
+        return records, token
+
+    def dependents(self, adapter_id: str) -> list[str]:
+        """Ids of the rows that name ``adapter_id`` as parent, sorted."""
+        with self._lock:
+            self._get(adapter_id)
+            return self._dependents(adapter_id)
+
+    def verify(self) -> list[str]:
+        """Check the database: SQLite's ``integrity_check`` plus the size and sha256 of every
+        row. Returns the problems found (empty when all is well)."""
+        with self._lock:
+            problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
+            problems = [] if problems == ["ok"] else problems
+            cursor = self._conn.execute("SELECT id, size, sha256, data FROM adapters")
+            for adapter_id, size, sha, data in cursor:
+                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                    problems.append(f"adapter {adapter_id!r}: stored bytes do not match "
+                                    "their size or sha256")
+        return problems
+
+    # -- helpers (called with the lock held) ------------------------------------------
+
+    def _get(self, adapter_id: str) -> AdapterRecord:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        if row is None:
+            raise _not_found(adapter_id)
+        return _record(row)
+
+    def _kind_of(self, adapter_id: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT kind FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def _dependents(self, adapter_id: str) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT id FROM adapters WHERE parent = ? ORDER BY id", (adapter_id,))
+        return [r[0] for r in rows]
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _validated(item: NewAdapter) -> tuple:
+    """``item`` as a row tuple ``(id, kind, data, size, sha256, metadata_json, parent)``."""
+    check_adapter_id(item.id)
+    if item.kind not in KINDS:
+        raise InvalidAdapterError(f"adapter {item.id!r}: kind {item.kind!r} is not one of {KINDS}")
+    if not isinstance(item.data, (bytes, bytearray, memoryview)):
+        raise InvalidAdapterError(f"adapter {item.id!r}: data must be bytes")
+    if (item.kind == "rmm-task") != (item.parent is not None):
+        raise InvalidAdapterError(
+            f"adapter {item.id!r}: an rmm-task needs a parent basis and other kinds take none"
+        )
+    if item.parent is not None:
+        check_adapter_id(item.parent)
+    if not isinstance(item.metadata, dict):
+        raise InvalidAdapterError(f"adapter {item.id!r}: metadata must be a JSON object")
+    try:
+        meta = json.dumps(item.metadata, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidAdapterError(f"adapter {item.id!r}: metadata is not JSON: {e}") from None
+    data = bytes(item.data)
+    return (item.id, item.kind, data, len(data), hashlib.sha256(data).hexdigest(), meta,
+            item.parent)
+
+
+def _record(row: tuple) -> AdapterRecord:
+    adapter_id, kind, size, sha, meta, parent, created = row
+    return AdapterRecord(adapter_id, kind, size, sha, json.loads(meta), parent, created)
+
+
+def _not_found(adapter_id: str) -> AdapterError:
+    return AdapterNotFoundError(f"no adapter is registered under id {adapter_id!r}")
+
+
+def _few(ids: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    """The id after which the page starts ("" for the first page)."""
+    if token == "":
+        return ""
+    try:
+        text = base64.b64decode(token, altchars=b"-_", validate=True).decode()
+        if not text.startswith(_TOKEN_PREFIX):
+            raise ValueError(text)
+        return check_adapter_id(text[len(_TOKEN_PREFIX):])
+    except (TypeError, ValueError, binascii.Error):
+        raise InvalidAdapterError(
+            f"invalid page_token {token!r}: pass the next_page_token of a previous page"
+        ) from None
+
+
+def iter_all(registry: Registry, page_size: int = MAX_PAGE_SIZE) -> Iterator[AdapterRecord]:
+    """Every record, page by page (each page a separate read)."""
+    token = ""
+    while True:
+        records, token = registry.list(page_size, token)
+        yield from records
+        if not token:
+            return

@@ -1,0 +1,199 @@
+"""Device slots for adapters: a fixed pool of stacked low-rank buffers that batched kernels
+index by slot, filled on demand through a loader.
+
+``SlotTable`` (slot_table.py) is the policy; ``SlotPool`` owns the tensors, calls the loader
+and writes factors into slots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import IncompatibleAdapterError
+from .slot_table import Acquired, SlotTable
+from .spec import AdapterFactors, BaseModelSpec
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of ``SlotPool`` counters and occupancy."""
+
+    hits: int
+    misses: int
+    evictions: int
+    materialize_seconds: float
+    slots_used: int
+    slots_total: int
+    pinned: int
+
+
+class _Load:
+    """One loader call in flight; acquirers of the same adapter wait on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class SlotPool:
+    """Preallocated stacked factor buffers for ``num_slots`` adapters, filled on demand.
+
+    For every layer and module of ``spec``: ``A [num_slots, max_rank, in]``,
+    ``B [num_slots, out, max_rank]`` and ``scale [num_slots]``, so that slot ``s`` adds
+    ``scale[s] * B[s] @ A[s]`` to the base weight. An adapter of rank ``r`` fills rows
+    ``:r`` and zeros the rest; modules it does not adapt get zero factors and scale 0.
+    Thread-safe; ``loader(adapter_id)`` is called outside the lock, once per miss.
+    """
+
+    def __init__(self, spec: BaseModelSpec, num_slots: int,
+                 loader: Callable[[str], AdapterFactors], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.spec = spec
+        self._loader = loader
+        self._table = SlotTable(num_slots)
+        self._lock = threading.Lock()
+        self._loads: dict[int, _Load] = {}  # slot -> load in flight
+        self._materialize_seconds = 0.0
+        r = spec.max_rank
+        self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
+            (layer, name): (
+                torch.zeros(num_slots, r, d_in, device=device, dtype=dtype),  # A
+                torch.zeros(num_slots, d_out, r, device=device, dtype=dtype),  # B
+                torch.zeros(num_slots, device=device, dtype=dtype),  # scale
+            )
+            for layer in range(spec.num_layers)
+            for name, (d_in, d_out) in spec.module_shapes.items()
+        }
+
+    @property
+    def num_slots(self) -> int:
+        return self._table.num_slots
+
+    @property
+    def table(self) -> SlotTable:
+        """The slot policy; read it under no assumption of stability while others run."""
+        return self._table
+
+    def buffers(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A [S, r_max, in], B [S, out, r_max], scale [S])`` of one adapted linear."""
+        try:
+            return self._buffers[(layer, module)]
+        except KeyError:
+            raise IncompatibleAdapterError(
+                f"layer {layer} module {module!r} is not an adaptable linear of the base model"
+            ) from None
+
+    def acquire(self, adapter_id: str) -> int:
+        """The slot holding ``adapter_id``, loading it on a miss; blocks until it is ready.
+
+        Each call takes a reference: pass the slot to ``release`` when the request ends.
+        Raises ``NoFreeSlotError`` when no slot can be had, or whatever the loader raised.
+        """
+        with self._lock:
+            slot, found = self._table.acquire(adapter_id)
+            if found is Acquired.LOAD:
+                load = self._loads[slot] = _Load()
+            elif found is Acquired.WAIT:
+                load = self._loads[slot]
+        if found is Acquired.HIT:
+            return slot
+        if found is Acquired.WAIT:
+            load.done.wait()
+            if load.error is not None:
+                raise load.error
+            return slot
+        self._load(adapter_id, slot, load)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Drop the reference taken by one ``acquire`` that returned ``slot``."""
+        with self._lock:
+            self._table.release(slot)
+
+    def pin(self, adapter_id: str) -> int:
+        """Load ``adapter_id`` if needed and keep it resident until ``unpin``; returns its
+        slot. ``LimitExceededError`` if that would leave no unpinned slot."""
+        with self._lock:
+            self._table.check_pin(adapter_id)
+        slot = self.acquire(adapter_id)
+        try:
+            with self._lock:
+                self._table.pin(adapter_id)
+        finally:
+            self.release(slot)
+        return slot
+
+    def unpin(self, adapter_id: str) -> None:
+        """Let ``adapter_id`` be evicted again (a no-op if it is not pinned)."""
+        with self._lock:
+            self._table.unpin(adapter_id)
+
+    def invalidate(self, adapter_id: str) -> None:
+        """The adapter was deleted or replaced: later acquires load it afresh; requests
+        holding its slot finish with the old weights. Its pin, if any, is dropped."""
+        with self._lock:
+            self._table.invalidate(adapter_id)
+
+    @property
+    def stats(self) -> PoolStats:
+        """Counters since creation and the current occupancy."""
+        with self._lock:
+            t = self._table
+            return PoolStats(t.hits, t.misses, t.evictions, self._materialize_seconds,
+                             t.used, t.num_slots, t.pinned)
+
+    def _load(self, adapter_id: str, slot: int, load: _Load) -> None:
+        start = time.perf_counter()
+        try:
+            self._write(slot, self._loader(adapter_id))
+        except BaseException as e:
+            with self._lock:
+                self._table.abort(slot)
+                del self._loads[slot]
+            load.error = e
+            load.done.set()
+            raise
+        with self._lock:
+            self._table.loaded(slot)
+            del self._loads[slot]
+            self._materialize_seconds += time.perf_counter() - start
+        load.done.set()
+
+    def _write(self, slot: int, factors: AdapterFactors) -> None:
+        """Copy ``factors`` into ``slot``, zero-padding rank and absent modules."""
+        self._check(factors)
+        with torch.no_grad():
+            for key, (a, b, scale) in self._buffers.items():
+                f = factors.modules.get(key)
+                r = 0 if f is None else f.rank
+                if f is not None:
+                    a[slot, :r].copy_(f.A)
+                    b[slot, :, :r].copy_(f.B)
+                a[slot, r:].zero_()
+                b[slot, :, r:].zero_()
+                scale[slot] = 0.0 if f is None else float(f.scale)
+
+    def _check(self, factors: AdapterFactors) -> None:
+        for (layer, name), f in factors.modules.items():
+            if (layer, name) not in self._buffers:
+                raise IncompatibleAdapterError(
+                    f"adapter targets layer {layer} module {name!r}, which the base model "
+                    f"does not adapt (layers 0..{self.spec.num_layers - 1}, modules "
+                    f"{sorted(self.spec.module_shapes)})"
+                )
+            d_in, d_out = self.spec.module_shapes[name]
+            if f.rank > self.spec.max_rank:
+                raise IncompatibleAdapterError(
+                    f"adapter rank {f.rank} at layer {layer} {name!r} exceeds the server's "
+                    f"max_rank {self.spec.max_rank}"
+                )
+            if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
+                raise IncompatibleAdapterError(
+                    f"layer {layer} {name!r}: A {list(f.A.shape)} and B {list(f.B.shape)} do "
+                    f"not form a [out, r] @ [r, in] pair for [in, out] = {[d_in, d_out]}"
+                )

@@ -1,0 +1,157 @@
+"""HostCache: LRU order, count and byte capacity, pop, stats, shared loads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nolaserve.adapters.cache import CacheStats, HostCache
+from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
+
+
+@dataclass
+class Blob:
+    name: str
+    nbytes: int
+
+
+def test_get_put_and_stats():
+    c = HostCache()
+    assert c.get("a") is None
+    a = Blob("a", 10)
+    assert c.put("a", a) is True
+    assert c.get("a") is a and "a" in c and len(c) == 1
+    assert c.stats == CacheStats(hits=1, misses=1, evictions=0, entries=1, bytes=10)
+
+
+def test_evicts_least_recently_used_by_count():
+    c = HostCache(max_entries=3)
+    for k in "abc":
+        c.put(k, Blob(k, 1))
+    c.get("a")  # order now b, c, a
+    c.put("d", Blob("d", 1))
+    assert "b" not in c and all(k in c for k in "acd")
+    c.put("c", Blob("c2", 1))  # replacing refreshes: order a, d, c
+    c.put("e", Blob("e", 1))
+    c.put("f", Blob("f", 1))
+    assert sorted(c._entries) == ["c", "e", "f"]
+    assert c.stats.evictions == 3 and c.stats.entries == 3
+
+
+def test_byte_capacity():
+    c = HostCache(max_bytes=100)
+    c.put("a", Blob("a", 40))
+    c.put("b", Blob("b", 40))
+    c.put("c", Blob("c", 30))  # 110 > 100: a goes
+    assert "a" not in c and c.stats.bytes == 70
+    c.put("b", Blob("b", 60))  # replace updates the byte count: 60 + 30
+    assert c.stats.bytes == 90 and c.stats.entries == 2
+    big = Blob("big", 101)
+    assert c.put("big", big) is False  # too large alone: not cached, nothing evicted
+    assert "big" not in c and c.stats.bytes == 90 and c.stats.evictions == 1
+    assert c.get_or_load("big", lambda _: big) is big and "big" not in c
+    c.put("b", Blob("b", 101))  # an oversized replacement drops the old entry too
+    assert "b" not in c and c.stats.bytes == 30
+
+
+def test_pop():
+    c = HostCache()
+    a = Blob("a", 5)
+    c.put("a", a)
+    assert c.pop("a") is a and c.pop("a") is None
+    assert c.stats.entries == 0 and c.stats.bytes == 0
+
+
+def test_takes_nbytes_from_the_object():
+    f = AdapterFactors({(0, "q"): ModuleFactors(torch.zeros(4, 8), torch.zeros(8, 4), 1.0)})
+    c = HostCache()
+    c.put("f", f)
+    assert c.stats.bytes == f.nbytes == 256
+    with pytest.raises(TypeError, match="nbytes"):
+        c.put("x", object())
+    with pytest.raises(ValueError):
+        HostCache(max_entries=0)
+
+
+def test_get_or_load_caches_and_propagates_errors():
+    c = HostCache()
+    calls = []
+
+    def loader(i):
+        calls.append(i)
+        return Blob(i, 1)
+
+    first = c.get_or_load("a", loader)
+    assert c.get_or_load("a", loader) is first and calls == ["a"]
+
+    def failing(i):
+        raise KeyError(i)
+
+    with pytest.raises(KeyError):
+        c.get_or_load("b", failing)
+    assert "b" not in c and c.get_or_load("b", loader).name == "b"
+
+
+def test_concurrent_loads_of_one_id_share_one_call():
+    c = HostCache()
+    calls = []
+    gate = threading.Event()
+
+    def loader(i):
+        calls.append(i)
+        gate.wait(5)
+        return Blob(i, 1)
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(c.get_or_load("x", loader)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert calls == ["x"] and len(results) == 6 and all(r is results[0] for r in results)
+
+
+def test_pop_during_load_keeps_the_stale_result_out():
+    c = HostCache()
+    started, gate = threading.Event(), threading.Event()
+
+    def loader(i):
+        started.set()
+        gate.wait(5)
+        return Blob("old", 1)
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(c.get_or_load("x", loader)))
+    t.start()
+    started.wait(5)
+    c.pop("x")  # the adapter was replaced while its old bytes were being parsed
+    gate.set()
+    t.join()
+    assert out[0].name == "old" and "x" not in c
+
+
+def test_threads_hammering_keep_bytes_consistent():
+    c = HostCache(max_entries=8, max_bytes=50)
+
+    def work(t):
+        for n in range(300):
+            k = f"k{(n * 7 + t) % 13}"
+            c.get_or_load(k, lambda i: Blob(i, len(i)))
+            if n % 17 == 0:
+                c.pop(k)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = c.stats
+    assert s.bytes == sum(n for _, n in c._entries.values()) <= 50
+    assert s.entries <= 8 and s.hits + s.misses == 1200
