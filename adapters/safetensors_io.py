@@ -40,6 +40,15 @@ def read(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, 
     return metadata, tensors
 
 
+def read_format(data: bytes, what: str = "adapter") -> str:
+    """The ``format`` metadata of safetensors bytes, read from the header alone."""
+    metadata = _read_header(data, what).get("__metadata__") or {}
+    fmt = metadata.get("format") if isinstance(metadata, dict) else None
+    if not isinstance(fmt, str):
+        raise InvalidAdapterError(f"{what}: metadata key 'format' is missing")
+    return fmt
+
+
 def write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """Safetensors bytes with the header keys sorted, so equal content gives equal bytes
     (safetensors itself writes metadata in a random order, which would change a sha256)."""

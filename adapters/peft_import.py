@@ -1,0 +1,229 @@
+"""Import PEFT LoRA directories (``adapter_config.json`` + ``adapter_model.safetensors``)
+into nolaserve LoRA adapters, refusing anything that would not serve as plain LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import safetensors_io as st
+from .errors import InvalidAdapterError
+from .lora import MAX_LAYERS, LoraAdapter, check_rank
+from .spec import AdapterFactors, ModuleFactors
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_FACTOR = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
+_DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.([0-9]+)\.(.+)")
+_MUTATED_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+_VARIANTS = ("alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
+             "monteclora_config", "arrow_config")
+_REFUSED = {  # config key -> why and what to do; refused when the value is truthy
+    "use_dora": "DoRA (use_dora) is not supported; merge it into the base model or retrain "
+                "with use_dora=false",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers, GPT-2 style) is not supported; only "
+                      "nn.Linear base models can be served",
+    "lora_bias": "lora_bias (a bias on lora_B) is not supported; retrain with lora_bias=false",
+    "modules_to_save": "modules_to_save (full copies of modules) is not supported; retrain "
+                       "without modules_to_save",
+    "trainable_token_indices": "trainable tokens are not supported; retrain without them",
+    "target_parameters": "LoRA on parameters (target_parameters) is not supported; target "
+                         "nn.Linear modules with target_modules",
+    "layer_replication": "layer_replication is not supported; retrain without it",
+    **{k: f"the LoRA variant {k} changes the forward pass and is not supported; export a "
+          "plain LoRA adapter" for k in _VARIANTS},
+}
+
+
+@dataclass
+class _PeftConfig:
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def import_peft(directory: str | os.PathLike[str], description: str = "") -> LoraAdapter:
+    """Import a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Raises ``InvalidAdapterError`` saying what to do for anything that is not plain LoRA on
+    decoder-layer linears, and never unpickles ``adapter_model.bin``.
+    """
+    path = Path(directory)
+    what = f"PEFT adapter {str(path)!r}"
+    config_path, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise InvalidAdapterError(
+            f"{what}: adapter_config.json is missing; save the adapter with "
+            "PeftModel.save_pretrained(directory)"
+        )
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidAdapterError(f"{what}: adapter_config.json is not valid JSON: {e}") from None
+    _peft_config(config, what)  # refuse what PEFT cannot give us before asking for a re-save
+    if not weights.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise InvalidAdapterError(
+                f"{what}: only adapter_model.bin (pickle) is present, which is never unpickled; "
+                "re-save the adapter with save_pretrained(directory, safe_serialization=True)"
+            )
+        raise InvalidAdapterError(f"{what}: adapter_model.safetensors is missing")
+    _, tensors = st.read(weights.read_bytes(), what)
+    return from_peft(config, tensors, what=what, description=description)
+
+
+def from_peft(config: dict, tensors: dict[str, torch.Tensor], what: str = "PEFT adapter",
+              description: str = "") -> LoraAdapter:
+    """Build a ``LoraAdapter`` from a PEFT LoRA config dict and its saved state dict.
+
+    ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), ``alpha`` from
+    ``alpha_pattern`` matched as PEFT matches it, else ``lora_alpha``; fp16/bf16 factors
+    become float32.
+    """
+    cfg = _peft_config(config, what)
+    pairs = _peft_pairs(tensors, what)
+    modules, shapes = {}, {}
+    for (i, name), (key, ab) in sorted(pairs.items()):
+        f = _peft_module(key, ab, cfg, what)
+        shape = (f.A.shape[1], f.B.shape[0])
+        if shapes.setdefault(name, shape) != shape:
+            raise InvalidAdapterError(
+                f"{what}: {key}: [in, out] = {list(shape)} differs from {list(shapes[name])} "
+                f"of {name!r} in another layer"
+            )
+        modules[(i, name)] = f
+    base = config.get("base_model_name_or_path")
+    return LoraAdapter(sorted(shapes), shapes, max(i for i, _ in modules) + 1,
+                       AdapterFactors(modules), base_model=base if isinstance(base, str) else "",
+                       description=description)
+
+
+def _peft_config(config: object, what: str) -> _PeftConfig:
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{what}: adapter_config.json must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise InvalidAdapterError(
+            f"{what}: peft_type is {config.get('peft_type')!r}; only PEFT LoRA adapters "
+            "(peft_type 'LORA') can be imported"
+        )
+    for key, message in _REFUSED.items():
+        if config.get(key):
+            raise InvalidAdapterError(f"{what}: {message}")
+    if config.get("bias", "none") != "none":
+        raise InvalidAdapterError(
+            f"{what}: bias={config['bias']!r} trains base-model biases, which is not "
+            "supported; retrain with bias='none'"
+        )
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_MUTATED_BASE_INITS):
+        raise InvalidAdapterError(
+            f"{what}: init_lora_weights={init!r} makes the adapter fit only a base model that "
+            "this initialization modified; convert it to plain LoRA with save_pretrained("
+            "..., path_initial_model_for_weight_conversion=...)"
+        )
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for name, pattern, positive_int in (("rank_pattern", rank_pattern, True),
+                                        ("alpha_pattern", alpha_pattern, False)):
+        if not isinstance(pattern, dict):
+            raise InvalidAdapterError(f"{what}: {name} must be a JSON object")
+        for k, v in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except re.error as e:
+                raise InvalidAdapterError(f"{what}: {name} key {k!r} is not a valid regular "
+                                          f"expression: {e}") from None
+            _check_number(v, f"{what}: {name}[{k!r}]", positive_int)
+    return _PeftConfig(r=_check_number(config.get("r", 8), f"{what}: r", True),
+                       lora_alpha=_check_number(config.get("lora_alpha", 8), f"{what}: lora_alpha"),
+                       use_rslora=bool(config.get("use_rslora", False)),
+                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def _check_number(value: object, where: str, positive_int: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if positive_int and not (ok and isinstance(value, int) and value > 0):
+        raise InvalidAdapterError(f"{where} must be a positive integer, got {value!r}")
+    if not ok:
+        raise InvalidAdapterError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def _pattern_key(keys: list[str], current_key: str) -> str:
+    """The first pattern that matches ``current_key`` as ``peft.utils.other.get_pattern_key``
+    matches it (peft 0.21), else ``current_key`` itself."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", current_key):
+            return key
+    return current_key
+
+
+def _peft_pairs(tensors: dict[str, torch.Tensor], what: str
+                ) -> dict[tuple[int, str], tuple[str, dict[str, torch.Tensor]]]:
+    """Group PEFT keys into ``(layer, module) -> (module key, {"lora_A": A, "lora_B": B})``."""
+    for marker, why, todo in (
+        ("lora_embedding_", "LoRA on embedding layers", "retrain without the embedding "
+         "in target_modules"),
+        ("lora_magnitude_vector", "DoRA", "merge it into the base model or retrain without DoRA"),
+        (".lora_B.bias", "lora_bias", "retrain with lora_bias=false"),
+    ):
+        if any(marker in k for k in tensors):
+            raise InvalidAdapterError(f"{what}: {why} is not supported; {todo}")
+    pairs: dict[tuple[int, str], tuple[str, dict[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        m = _PEFT_FACTOR.fullmatch(name.removeprefix(_PEFT_PREFIX))
+        if not m:
+            raise InvalidAdapterError(
+                f"{what}: tensor {name!r} is not a LoRA factor (full weights from "
+                "modules_to_save, trained biases or tokens are not supported); save only LoRA"
+            )
+        key, part = m[1], m[2]
+        layer = _DECODER_LAYER.search(key)
+        if not layer:
+            raise InvalidAdapterError(
+                f"{what}: LoRA on {key!r}, outside the decoder layers (e.g. lm_head), is not "
+                "supported; retrain without it in target_modules"
+            )
+        i = int(layer[1])
+        if i >= MAX_LAYERS:
+            raise InvalidAdapterError(f"{what}: {name!r} has layer index {i} >= {MAX_LAYERS}")
+        entry = pairs.setdefault((i, layer[2]), (key, {}))
+        if entry[0] != key or part in entry[1]:
+            raise InvalidAdapterError(f"{what}: {name!r} duplicates layer {i} {layer[2]!r}")
+        entry[1][part] = t
+    if not pairs:
+        raise InvalidAdapterError(f"{what}: adapter_model.safetensors holds no LoRA factors")
+    return pairs
+
+
+def _peft_module(key: str, ab: dict[str, torch.Tensor], cfg: _PeftConfig,
+                 what: str) -> ModuleFactors:
+    """One module's factors; ``key`` is its name in the base model (``model.layers.0...``)."""
+    for part in ("lora_A", "lora_B"):
+        t = ab.get(part)
+        if t is None or t.dim() != 2 or not t.is_floating_point():
+            raise InvalidAdapterError(
+                f"{what}: {key}.{part}.weight is missing, not 2-D or not floating point"
+            )
+        ab[part] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+        if not bool(torch.isfinite(ab[part]).all()):
+            raise InvalidAdapterError(f"{what}: {key}.{part}.weight contains NaN or Inf")
+    r = check_rank(ab["lora_A"].shape[0], ab["lora_B"].shape[1], key, what)
+    expected = cfg.rank_pattern.get(_pattern_key(list(cfg.rank_pattern), key), cfg.r)
+    if r != expected:
+        raise InvalidAdapterError(
+            f"{what}: {key} has rank {r} but adapter_config.json (r / rank_pattern) says "
+            f"{expected}"
+        )
+    alpha = cfg.alpha_pattern.get(_pattern_key(list(cfg.alpha_pattern), key), cfg.lora_alpha)
+    scale = alpha / (math.sqrt(r) if cfg.use_rslora else r)
+    # Rounded to float32, as stored, so that to_bytes/from_bytes is exact.
+    return ModuleFactors(A=ab["lora_A"], B=ab["lora_B"],
+                         scale=float(torch.tensor(scale, dtype=torch.float32)))
