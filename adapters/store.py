@@ -1,0 +1,156 @@
+"""The adapter store: the one object the engine and the Admin service talk to.
+
+It ties together the registry (durable bytes), the host cache (parsed, coefficient-only
+adapters) and the slot pool (materialized factors on the device), and keeps the three
+consistent: a registration is validated before it is written, a replace or delete drops
+the parsed copy and lets in-flight users of the old slot finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import safetensors_io as st
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HostCache
+from .errors import IncompatibleAdapterError, InvalidAdapterError
+from .ids import check_adapter_id
+from .lora import LoraAdapter
+from .nola import NolaAdapter
+from .registry import AdapterRecord, NewAdapter, Registry
+from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask, build_rmm
+from .slots import SlotPool
+from .spec import AdapterFactors, BaseModelSpec
+
+Adapter = NolaAdapter | LoraAdapter | RmmBasis | RmmTask
+FORMATS: dict[str, type] = {
+    "nolaserve.nola": NolaAdapter, "nolaserve.lora": LoraAdapter,
+    BASIS_FORMAT: RmmBasis, TASK_FORMAT: RmmTask,
+}
+
+
+def parse_adapter(data: bytes) -> Adapter:
+    """Parse adapter file bytes of any kind; the ``format`` metadata key picks the kind."""
+    fmt = st.read_format(data)
+    if fmt not in FORMATS:
+        raise InvalidAdapterError(
+            f"unknown adapter format {fmt!r}; expected one of {sorted(FORMATS)}"
+        )
+    return FORMATS[fmt].from_bytes(data)
+
+
+@dataclass(frozen=True)
+class RmmResult:
+    """What ``AdapterStore.build_rmm`` registered: the basis, one task per source (in source
+    order) and each task's relative reconstruction error of delta W."""
+
+    basis: AdapterRecord
+    tasks: list[AdapterRecord]
+    errors: list[float]
+
+
+class AdapterStore:
+    """Register, look up and load adapters for one base model."""
+
+    def __init__(self, spec: BaseModelSpec, registry: Registry, *, num_slots: int = 64,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 host_max_entries: int = DEFAULT_MAX_ENTRIES,
+                 host_max_bytes: int = DEFAULT_MAX_BYTES):
+        self.spec, self.registry, self.device = spec, registry, torch.device(device)
+        self.host = HostCache(host_max_entries, host_max_bytes)
+        self.slots = SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype)
+
+    # -- registration ---------------------------------------------------------------
+    def register(self, adapter_id: str, data: bytes, replace: bool = False) -> AdapterRecord:
+        """Validate ``data`` against the base model and store it durably under ``adapter_id``."""
+        check_adapter_id(adapter_id)
+        adapter = parse_adapter(data)
+        adapter.validate(self.spec)
+        parent = self._check_basis_of(adapter) if isinstance(adapter, RmmTask) else None
+        record = self.registry.register(adapter_id, adapter.kind, data, _summary(adapter),
+                                        parent=parent, replace=replace)
+        self._forget(adapter_id)
+        return record
+
+    def delete(self, adapter_id: str) -> None:
+        """Delete an adapter; requests already holding its slot finish with it."""
+        self.registry.delete(adapter_id)
+        self._forget(adapter_id)
+
+    def build_rmm(self, source_ids: list[str], basis_size: int, basis_id: str) -> RmmResult:
+        """Compress registered adapters into an RMM basis plus one task per source, registered
+        atomically as ``basis_id`` and ``basis_id/<source id>``."""
+        check_adapter_id(basis_id)
+        if len(set(source_ids)) != len(source_ids):
+            raise InvalidAdapterError("source adapter ids must be distinct")
+        task_ids = [check_adapter_id(f"{basis_id}/{sid}") for sid in source_ids]
+        sources = {sid: self._materialize(self.parsed(sid), "cpu") for sid in source_ids}
+        build = build_rmm(sources, basis_size, self.spec, basis_id=basis_id)
+        items = [NewAdapter(basis_id, build.basis.kind, build.basis.to_bytes(),
+                            _summary(build.basis))]
+        items += [NewAdapter(tid, "rmm-task", build.tasks[sid].to_bytes(),
+                             _summary(build.tasks[sid]), parent=basis_id)
+                  for tid, sid in zip(task_ids, source_ids)]
+        records = self.registry.register_many(items)
+        return RmmResult(records[0], records[1:], [build.errors[sid] for sid in source_ids])
+
+    # -- loading --------------------------------------------------------------------
+    def parsed(self, adapter_id: str) -> Adapter:
+        """The parsed adapter, from the host cache or the registry."""
+        return self.host.get_or_load(adapter_id,
+                                     lambda i: parse_adapter(self.registry.data(i)))
+
+    def factors(self, adapter_id: str) -> AdapterFactors:
+        """Materialize an adapter's factors on the store's device (the slot pool's loader)."""
+        return self._materialize(self.parsed(adapter_id), self.device)
+
+    def acquire(self, adapter_id: str) -> int:
+        """A device slot holding the adapter (blocking on a cold load); pair with release."""
+        return self.slots.acquire(adapter_id)
+
+    def release(self, slot: int) -> None:
+        self.slots.release(slot)
+
+    def pin(self, adapter_id: str) -> int:
+        self.registry.get(adapter_id)
+        return self.slots.pin(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        self.registry.get(adapter_id)
+        self.slots.unpin(adapter_id)
+
+    def _materialize(self, adapter: Adapter, device: torch.device | str) -> AdapterFactors:
+        if isinstance(adapter, RmmBasis):
+            raise IncompatibleAdapterError(
+                "an RMM basis is not served by itself; request one of its tasks "
+                "(ids '<basis id>/<source id>')"
+            )
+        if isinstance(adapter, RmmTask):
+            return adapter.materialize(self.parsed(adapter.basis_id), device)
+        return adapter.materialize(device)
+
+    def _check_basis_of(self, task: RmmTask) -> str:
+        if not task.basis_id:
+            raise InvalidAdapterError("RMM task names no basis_id; register it with its basis")
+        basis = self.registry.get(task.basis_id)
+        if basis.kind != "rmm-basis" or basis.sha256 != task.basis_sha256:
+            raise IncompatibleAdapterError(
+                f"RMM task was built from a basis with sha256 {task.basis_sha256[:12]}..., but "
+                f"{task.basis_id!r} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
+            )
+        return task.basis_id
+
+    def _forget(self, adapter_id: str) -> None:
+        self.host.pop(adapter_id)
+        self.slots.invalidate(adapter_id)
+
+
+def _summary(adapter: Adapter) -> dict:
+    """What the registry keeps next to the bytes, to answer GetAdapter without parsing."""
+    out = {"rank": adapter.rank, "target_modules": list(adapter.target_modules),
+           "num_layers": adapter.num_layers}
+    for key in ("base_model", "description", "basis_id"):
+        if getattr(adapter, key, ""):
+            out[key] = getattr(adapter, key)
+    return out

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from nolaserve.adapters import safetensors_io as st
+from nolaserve.adapters.errors import (
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+)
+from nolaserve.adapters.lora import LoraAdapter
+from nolaserve.adapters.nola import random_nola
+from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.spec import AdapterFactors, BaseModelSpec, ModuleFactors
+from nolaserve.adapters.store import AdapterStore, parse_adapter
+
+SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (8, 8), "v": (8, 4)}, max_rank=8)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return AdapterStore(SPEC, Registry(tmp_path / "reg.db"), num_slots=3)
+
+
+def nola_bytes(seed: int, **kw) -> bytes:
+    return random_nola(SPEC, seed, rank=4, num_basis=16, **kw).to_bytes()
+
+
+def lora_bytes(seed: int, rank: int = 2) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    mods = {(i, m): ModuleFactors(torch.randn(rank, n_in, generator=g),
+                                  torch.randn(n_out, rank, generator=g), 0.5)
+            for i in range(2) for m, (n_in, n_out) in SPEC.module_shapes.items()}
+    return LoraAdapter(target_modules=["q", "v"], module_shapes=SPEC.module_shapes,
+                       num_layers=2, factors=AdapterFactors(mods)).to_bytes()
+
+
+def slot_delta(store: AdapterStore, slot: int, layer: int, module: str) -> torch.Tensor:
+    A, B, scale = store.slots.buffers(layer, module)
+    return scale[slot].double() * B[slot].double() @ A[slot].double()
+
+
+def test_register_and_serve_each_kind(store):
+    for i, data in enumerate([nola_bytes(1), lora_bytes(2)]):
+        rec = store.register(f"a{i}", data)
+        assert rec.kind == ["nola", "lora"][i] and rec.size == len(data)
+        assert rec.metadata["target_modules"] == ["q", "v"]
+        want = parse_adapter(data).materialize()
+        slot = store.acquire(f"a{i}")
+        for (layer, m), f in want.modules.items():
+            torch.testing.assert_close(slot_delta(store, slot, layer, m), f.delta())
+        store.release(slot)
+    assert [r.id for r in store.registry.list()[0]] == ["a0", "a1"]
+
+
+def test_bad_registrations_leave_nothing_behind(store):
+    store.register("keep", nola_bytes(1))
+    bad = [
+        ("x", b"not safetensors", InvalidAdapterError, "too short|truncated"),
+        ("x", st.write({"t": torch.zeros(1)}, {"format": "nolaserve.gguf"}),
+         InvalidAdapterError, "unknown adapter format"),
+        ("bad id!", nola_bytes(2), InvalidAdapterIdError, "invalid adapter id"),
+        ("x", random_nola(BaseModelSpec(2, {"q": (8, 9)}), 3).to_bytes(),
+         IncompatibleAdapterError, "shape"),
+        ("x", random_nola(SPEC, 3, rank=9).to_bytes(), IncompatibleAdapterError, "max_rank"),
+        ("keep", nola_bytes(4), AdapterExistsError, "keep"),
+    ]
+    for adapter_id, data, error, match in bad:
+        with pytest.raises(error, match=match):
+            store.register(adapter_id, data)
+    assert store.registry.count() == 1 and store.registry.get("keep").sha256
+
+
+def test_replace_serves_new_weights_and_lets_old_users_finish(store):
+    store.register("a", nola_bytes(1))
+    old_slot = store.acquire("a")
+    old = slot_delta(store, old_slot, 0, "q").clone()
+    store.register("a", nola_bytes(2), replace=True)
+    new_slot = store.acquire("a")
+    assert new_slot != old_slot
+    torch.testing.assert_close(slot_delta(store, old_slot, 0, "q"), old)  # in flight: intact
+    want = parse_adapter(nola_bytes(2)).materialize().modules[(0, "q")].delta()
+    torch.testing.assert_close(slot_delta(store, new_slot, 0, "q"), want)
+    store.release(old_slot)
+    store.release(new_slot)
+
+
+def test_delete_and_unknown(store):
+    store.register("a", nola_bytes(1))
+    store.delete("a")
+    for call in (store.acquire, store.pin, store.delete):
+        with pytest.raises(AdapterNotFoundError):
+            call("a")
+
+
+def test_rmm_build_serves_tasks_and_protects_basis(store):
+    ids = ["n1", "n2", "l3"]
+    for sid, data in zip(ids, [nola_bytes(1), nola_bytes(2), lora_bytes(3, rank=4)]):
+        store.register(sid, data)
+    result = store.build_rmm(ids, basis_size=3, basis_id="base")
+    assert result.basis.kind == "rmm-basis" and [t.id for t in result.tasks] == [
+        "base/n1", "base/n2", "base/l3"]
+    assert max(result.errors) < 1e-5
+    for sid in ids:
+        want = store.factors(sid)
+        slot = store.acquire(f"base/{sid}")
+        for (layer, m), f in want.modules.items():
+            torch.testing.assert_close(slot_delta(store, slot, layer, m), f.delta(),
+                                       rtol=1e-4, atol=1e-5)
+        store.release(slot)
+    with pytest.raises(IncompatibleAdapterError, match="request one of its tasks"):
+        store.acquire("base")
+    with pytest.raises(AdapterInUseError):
+        store.delete("base")
+    lossy = store.build_rmm(ids, basis_size=1, basis_id="small")
+    assert all(e > 0 for e in lossy.errors)
+
+
+def test_rmm_task_upload_needs_its_basis(store):
+    for sid, data in zip(["a", "b"], [nola_bytes(1), nola_bytes(2)]):
+        store.register(sid, data)
+    store.build_rmm(["a", "b"], basis_size=2, basis_id="B1")
+    store.build_rmm(["a", "b"], basis_size=1, basis_id="B2")
+    task = store.registry.data("B1/a")
+    store.register("copy", task)  # same basis: fine
+    other = parse_adapter(store.registry.data("B2/a"))
+    other.basis_id = "B1"  # claims the wrong basis: sha256 differs
+    with pytest.raises(IncompatibleAdapterError, match="sha256"):
+        store.register("liar", other.to_bytes())
+    other.basis_id = "nope"
+    with pytest.raises(AdapterNotFoundError):
+        store.register("orphan", other.to_bytes())
+
+
+def test_registrations_survive_reopen(tmp_path):
+    first = AdapterStore(SPEC, Registry(tmp_path / "r.db"), num_slots=2)
+    first.register("a", nola_bytes(1))
+    first.registry.close()
+    again = AdapterStore(SPEC, Registry(tmp_path / "r.db"), num_slots=2)
+    assert again.registry.get("a").kind == "nola" and again.acquire("a") >= 0
