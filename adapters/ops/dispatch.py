@@ -1,0 +1,133 @@
+"""The public batched low-rank op ``add_lora`` and its backend choice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .batch import LoraBatch
+from .torch_lora import gather_bmm, reference, segment
+
+Backend = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoraBatch],
+    torch.Tensor,
+]
+
+# Every backend, for tests and benchmarks to iterate; all must agree with ``reference``.
+BACKENDS: tuple[Backend, ...] = (reference, segment, gather_bmm)
+
+# ``gather_bmm`` beats ``segment`` on CPU below about this many tokens per distinct slot
+# (measured on SmolLM2's q_proj, 576 -> 576, r = 8; see ``choose_backend``).
+GATHER_MAX_TOKENS_PER_SLOT = 4
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    token_slot: LoraBatch | torch.Tensor,
+    *,
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """Add each token's adapter delta to ``y`` in place and return ``y``.
+
+    Semantics, with ``idx = token_slot`` (or ``batch.token_slot``)::
+
+        for i in range(T):
+            if idx[i] >= 0:  # -1: no adapter, y[i] is not touched
+                y[i] += (x[i] @ A[idx[i]].T) @ B[idx[i]].T * scale[idx[i]]
+
+    Shapes::
+
+        y:          [T, out]         updated in place
+        x:          [T, in]
+        A:          [S, r_max, in]   ranks below r_max zero-padded by the caller
+        B:          [S, out, r_max]
+        scale:      [S]
+        token_slot: [T] integer in [-1, S), or a ``LoraBatch`` built once per step
+
+    ``x``, ``y``, ``A`` and ``B`` share one floating dtype; the fast backends compute
+    in it, ``reference`` in fp32. ``backend`` is one of ``BACKENDS``; ``None`` picks
+    one with ``choose_backend``. Raises ``ValueError`` on inconsistent shapes, dtypes
+    or devices and on slots outside ``[-1, S)``.
+    """
+    batch = token_slot if isinstance(token_slot, LoraBatch) else LoraBatch.from_token_slot(
+        token_slot
+    )
+    _check(y, x, A, B, scale, batch)
+    if not batch.has_adapters:
+        return y
+    if backend is None:
+        backend = choose_backend(x, batch)
+    return backend(y, x, A, B, scale, batch)
+
+
+def choose_backend(x: torch.Tensor, batch: LoraBatch) -> Backend:
+    """The backend ``add_lora`` uses when none is given.
+
+    Device-specific kernels (a Triton SGMV for CUDA) take precedence here, ahead of
+    the torch heuristic below.
+
+    CPU heuristic, from timings of both backends (one thread, 576 -> 576, r = 8):
+    ``segment`` pays ~20 us of fixed cost per distinct slot, ``gather_bmm`` ~35 us once
+    plus ~6 us per token (it copies each token's factors). So ``gather_bmm`` when the
+    batch spans several slots with fewer than ``GATHER_MAX_TOKENS_PER_SLOT`` tokens each
+    on average (decode over many adapters), otherwise ``segment`` (one adapter, prefill).
+    """
+    num_segments = batch.num_segments
+    if num_segments > 1 and batch.num_active < GATHER_MAX_TOKENS_PER_SLOT * num_segments:
+        return gather_bmm
+    return segment
+
+
+def _check(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    batch: LoraBatch,
+) -> None:
+    """Cheap per-call checks: shapes, dtypes, devices and ``max_slot < S``."""
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(
+            f"x and y must be 2-D: x [T, in], y [T, out]; got x {list(x.shape)}, "
+            f"y {list(y.shape)}"
+        )
+    if A.dim() != 3 or B.dim() != 3 or scale.dim() != 1:
+        raise ValueError(
+            f"A must be [S, r_max, in], B [S, out, r_max], scale [S]; got A {list(A.shape)}, "
+            f"B {list(B.shape)}, scale {list(scale.shape)}"
+        )
+    (T, d_in), d_out, (S, r) = x.shape, y.shape[1], A.shape[:2]
+    if y.shape[0] != T:
+        raise ValueError(f"x has {T} tokens but y has {y.shape[0]}")
+    if batch.num_tokens != T:
+        raise ValueError(f"token_slot has {batch.num_tokens} entries but x has {T} tokens")
+    if A.shape[2] != d_in:
+        raise ValueError(f"A is {list(A.shape)} but x has in = {d_in}; expected [S, r_max, {d_in}]")
+    if tuple(B.shape) != (S, d_out, r):
+        raise ValueError(
+            f"B is {list(B.shape)}; with A {list(A.shape)} and y {list(y.shape)} it must be "
+            f"[{S}, {d_out}, {r}]"
+        )
+    if scale.shape[0] != S:
+        raise ValueError(f"scale has {scale.shape[0]} entries but A has S = {S} slots")
+    if not (x.dtype == y.dtype == A.dtype == B.dtype) or not x.dtype.is_floating_point:
+        raise ValueError(
+            f"x, y, A, B must share one floating dtype; got {x.dtype}, {y.dtype}, "
+            f"{A.dtype}, {B.dtype}"
+        )
+    if not scale.dtype.is_floating_point:
+        raise ValueError(f"scale must be floating point, got {scale.dtype}")
+    devices = {t.device for t in (y, x, A, B, scale, batch.token_slot)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if batch.max_slot >= S:
+        raise ValueError(
+            f"token_slot holds slot {batch.max_slot} but there are only S = {S} slots "
+            f"(valid: -1 for none, or 0..{S - 1})"
+        )
