@@ -65,6 +65,11 @@ class SlotTable:
         """The current slot of ``adapter_id`` (loading or ready), or None."""
         return self._by_id.get(adapter_id)
 
+    def ready_slot_of(self, adapter_id: str) -> int | None:
+        """The slot of ``adapter_id`` if it is resident and loaded, else None."""
+        slot = self._by_id.get(adapter_id)
+        return None if slot is None or self._slots[slot].loading else slot
+
     def refcount(self, slot: int) -> int:
         return self._slots[slot].refcount
 

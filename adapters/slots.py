@@ -110,6 +110,13 @@ class SlotPool:
         self._load(adapter_id, slot, load)
         return slot
 
+    def try_acquire(self, adapter_id: str) -> int | None:
+        """``acquire`` if the adapter is resident and loaded (never blocks), else None."""
+        with self._lock:
+            if self._table.ready_slot_of(adapter_id) is None:
+                return None
+            return self._table.acquire(adapter_id)[0]
+
     def release(self, slot: int) -> None:
         """Drop the reference taken by one ``acquire`` that returned ``slot``."""
         with self._lock:

@@ -337,3 +337,14 @@ def test_table_acquire_states():
     t.abort(0)
     assert t.used == 0 and t.slot_of("a") is None
     t.check_invariants()
+
+
+def test_try_acquire_only_takes_ready_slots():
+    calls = []
+    pool = SlotPool(SPEC, 2, lambda i: calls.append(i) or factors(i))
+    assert pool.try_acquire("a") is None and not calls
+    slot = pool.acquire("a")
+    assert pool.try_acquire("a") == slot and pool.table.refcount(slot) == 2
+    pool.release(slot)
+    pool.release(slot)
+    assert pool.table.refcount(slot) == 0 and calls == ["a"]
