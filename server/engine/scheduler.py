@@ -1,0 +1,231 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute.
+Pure Python (no torch).
+
+Each ``schedule()`` call fills one step's token budget: running sequences first, in arrival
+order (a decoding sequence needs one token, a partly prefilled one gets the next chunk of its
+prompt), then waiting sequences first come, first served, as far as budget, ``max_num_seqs``,
+free KV blocks and adapter readiness allow. When a running sequence cannot get its blocks,
+the most recently arrived running sequence is preempted: its blocks are freed and it is
+recomputed from scratch later, so the oldest request always makes progress. A step that
+preempts admits nobody new, so freed blocks are not handed straight back out (no thrashing).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Compute tokens ``[seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens)``
+    of ``seq.token_ids`` this step; their KV blocks are already allocated. The engine samples
+    a token for ``seq`` iff that range ends at ``seq.num_tokens``."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step produces the sequence's next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: ``scheduled`` running sequences first (arrival order), then newly
+    admitted ones. ``preempted`` went back to the front of the waiting queue; ``errored``
+    were finished with ``FinishReason.ERROR`` because they can never fit the KV cache."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    errored: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run this step."""
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides which sequences run each step and how many tokens each computes.
+
+    ``adapter_ready(seq)`` gates admission: a waiting sequence whose adapter is not ready is
+    skipped (the queue does not stall behind a cold adapter); ready ones keep FCFS order.
+    It is called only for a sequence that budget, ``max_num_seqs`` and free blocks would
+    admit this step, so it may have side effects (take a slot, start loading the adapter).
+    The scheduler never advances ``num_computed_tokens`` (the engine does, after the model
+    ran); it only resets it to 0 on preemption.
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        adapter_ready: Callable[[Sequence], bool] = lambda s: True,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}"
+            )
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.adapter_ready = adapter_ready
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # sorted by arrival order
+        self._order: dict[Sequence, int] = {}  # arrival number, assigned by add()
+        self._counter = itertools.count()
+
+    # ------------------------------------------------------------------ queues
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for admission (new or preempted)."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Admitted sequences holding KV blocks."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        """The waiting queue, front first (a snapshot)."""
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        """Running sequences in arrival order (a snapshot)."""
+        return tuple(self._running)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self._waiting or self._running)
+
+    def add(self, seq: Sequence) -> None:
+        """Append ``seq`` to the back of the waiting queue."""
+        if seq in self._order:
+            raise ValueError(f"request {seq.request_id!r} was already added")
+        seq.status = SequenceStatus.WAITING
+        self._order[seq] = next(self._counter)
+        self._waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """Remove ``seq`` from its queue, free its blocks and mark it finished with
+        ``reason``. A no-op for a sequence that is already finished."""
+        if seq.is_finished:
+            return
+        if seq in self._order:
+            del self._order[seq]
+            if seq.status is SequenceStatus.RUNNING:
+                self._running.remove(seq)
+            else:
+                self._waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel ``seq``: its blocks are freed at once."""
+        self.finish(seq, FinishReason.CANCELLED)
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step and allocate the KV blocks it writes."""
+        out = SchedulerOutput()
+        self._error_unfittable(out)
+        self._schedule_running(out)
+        if not out.preempted:
+            self._admit_waiting(out)
+        return out
+
+    def _error_unfittable(self, out: SchedulerOutput) -> None:
+        for seq in list(self._waiting):
+            error = self._unfittable(seq)
+            if error is not None:
+                self.finish(seq, FinishReason.ERROR, error)
+                out.errored.append(seq)
+
+    def _unfittable(self, seq: Sequence) -> str | None:
+        """Why ``seq`` can never run, or None if it can."""
+        if seq.num_prompt_tokens == 0:
+            return "request has an empty prompt"
+        bm = self.block_manager
+        total = seq.num_prompt_tokens + seq.params.max_tokens
+        if bm.blocks_needed(total) <= bm.num_blocks:
+            return None
+        return (
+            f"request needs {total} tokens (prompt {seq.num_prompt_tokens} + max_tokens "
+            f"{seq.params.max_tokens}) but the KV cache holds {bm.max_tokens} tokens "
+            f"({bm.num_blocks} blocks of {bm.block_size})"
+        )
+
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        i = 0
+        while i < len(self._running):
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if budget <= 0:
+                return
+            seq = self._running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute until the engine appends a token
+                i += 1
+                continue
+            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
+                return  # seq itself was preempted; it was the last running one
+            self._schedule(seq, num_new, out)
+            i += 1
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the most recently arrived running sequences until ``seq`` can cover
+        ``num_tokens`` positions. False if ``seq`` itself had to go."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = self._running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self._waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput) -> None:
+        admitted: list[Sequence] = []
+        for seq in self._waiting:
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if budget <= 0 or len(self._running) >= self.max_num_seqs:
+                break
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                break  # FCFS: later requests do not overtake one that waits for blocks
+            if not self.adapter_ready(seq):
+                continue
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self._running, seq, key=self._order.__getitem__)
+            self._schedule(seq, num_new, out)
+            admitted.append(seq)
+        for seq in admitted:
+            self._waiting.remove(seq)
+
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+        out.scheduled.append(ScheduledSeq(seq, num_new))
+        out.num_batched_tokens += num_new

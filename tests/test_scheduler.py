@@ -1,0 +1,334 @@
+"""Scheduler and block manager: budget, chunked prefill, admission, preemption, cancellation.
+No torch: an engine loop is simulated by advancing ``num_computed_tokens`` by hand."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nolaserve.server.engine.block_manager import BlockManager, OutOfBlocksError
+from nolaserve.server.engine.scheduler import Scheduler, SchedulerOutput
+from nolaserve.server.engine.sequence import (
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+)
+
+
+def make_seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens))
+
+
+def make_sched(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, ready=None):
+    bm = BlockManager(num_blocks, block_size)
+    kwargs = {} if ready is None else {"adapter_ready": ready}
+    return Scheduler(bm, max_num_seqs, budget, **kwargs)
+
+
+def run_step(sched: Scheduler, out: SchedulerOutput) -> None:
+    """What the engine does after the model ran: advance, sample, finish at max_tokens."""
+    for item in out.scheduled:
+        seq = item.seq
+        samples = item.samples
+        seq.num_computed_tokens += item.num_new_tokens
+        if samples:
+            seq.output_token_ids.append(7)
+            if len(seq.output_token_ids) >= seq.params.max_tokens:
+                sched.finish(seq, FinishReason.LENGTH)
+
+
+def step(sched: Scheduler) -> SchedulerOutput:
+    out = sched.schedule()
+    run_step(sched, out)
+    return out
+
+
+def tokens_of(out: SchedulerOutput) -> dict[str, int]:
+    return {item.seq.request_id: item.num_new_tokens for item in out.scheduled}
+
+
+# ---------------------------------------------------------------- block manager
+
+
+def test_block_manager_allocate_extend_free():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    seq = make_seq("a", 6)
+    assert [bm.blocks_needed(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+    bm.allocate(seq, 6)
+    assert len(seq.block_table) == 2 and bm.num_free_blocks == 3
+    bm.allocate(seq, 8)  # already covered
+    assert len(seq.block_table) == 2
+    bm.allocate(seq, 9)
+    assert len(seq.block_table) == 3 and len(set(seq.block_table)) == 3
+    other = make_seq("b", 12)
+    assert not bm.can_allocate(other, 12)
+    with pytest.raises(OutOfBlocksError, match="only 2 of 5"):
+        bm.allocate(other, 12)
+    assert other.block_table == [] and bm.num_free_blocks == 2  # nothing half-allocated
+    bm.free(seq)
+    assert seq.block_table == [] and bm.num_free_blocks == 5
+    bm.allocate(other, 12)
+    assert len(other.block_table) == 3
+
+
+def test_block_manager_rejects_bad_input():
+    with pytest.raises(ValueError):
+        BlockManager(0, 4)
+    with pytest.raises(ValueError):
+        BlockManager(4, 0)
+    bm = BlockManager(4, 4)
+    seq = make_seq("a", 4)
+    seq.block_table = [3]  # never handed out
+    with pytest.raises(ValueError, match="not allocated"):
+        bm.free(seq)
+
+
+def test_modules_import_no_torch():
+    code = (
+        "import sys\n"
+        "import nolaserve.server.engine.block_manager, nolaserve.server.engine.scheduler\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- scheduling policy
+
+
+def test_budget_respected_every_step():
+    sched = make_sched(budget=10, max_num_seqs=6)
+    for i in range(12):
+        sched.add(make_seq(f"r{i}", 3 + 2 * i, max_tokens=5))
+    for _ in range(200):
+        if not sched.has_unfinished():
+            break
+        out = step(sched)
+        assert out.num_batched_tokens == sum(tokens_of(out).values()) <= 10
+        assert all(n > 0 for n in tokens_of(out).values())
+        assert sched.num_running <= 6
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == 64
+
+
+def test_chunked_prefill_never_stalls_decode():
+    sched = make_sched(budget=16)
+    a = make_seq("a", 4, max_tokens=20)
+    sched.add(a)
+    assert tokens_of(step(sched)) == {"a": 4}
+    b = make_seq("b", 50, max_tokens=2)
+    sched.add(b)
+    chunks = []
+    while b.num_computed_tokens < 50:
+        out = step(sched)
+        assert out.scheduled[0].seq is a and out.scheduled[0].num_new_tokens == 1
+        chunks.append(tokens_of(out)["b"])
+        assert out.num_batched_tokens <= 16
+    assert chunks == [15, 15, 15, 5]
+    assert len(b.output_token_ids) == 1  # sampled at the end of the last chunk only
+    assert tokens_of(step(sched)) == {"a": 1, "b": 1}  # both decode in the same step
+
+
+def test_max_num_seqs_caps_running():
+    sched = make_sched(max_num_seqs=2, budget=100)
+    seqs = [make_seq(f"r{i}", 3, max_tokens=3) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out = step(sched)
+    assert list(tokens_of(out)) == ["r0", "r1"] and sched.num_waiting == 2
+    while seqs[0].status is not SequenceStatus.FINISHED:
+        assert sched.num_running == 2
+        step(sched)
+    assert "r2" in tokens_of(step(sched))
+
+
+def test_fcfs_order_of_admission():
+    sched = make_sched(budget=8, max_num_seqs=8)
+    for i in range(5):
+        sched.add(make_seq(f"r{i}", 5, max_tokens=2))
+    admitted: list[str] = []
+    for _ in range(10):
+        out = step(sched)
+        admitted += [rid for rid in tokens_of(out) if rid not in admitted]
+    assert admitted == ["r0", "r1", "r2", "r3", "r4"]
+    assert [s.request_id for s in sched.running] == sorted(s.request_id for s in sched.running)
+
+
+def test_cold_adapter_is_skipped_then_admitted():
+    ready = {"hot1", "hot2"}
+    sched = make_sched(ready=lambda s: s.request_id in ready)
+    cold, hot1, hot2 = make_seq("cold", 3), make_seq("hot1", 3), make_seq("hot2", 3)
+    for s in (cold, hot1, hot2):
+        sched.add(s)
+    out = step(sched)
+    assert list(tokens_of(out)) == ["hot1", "hot2"]  # FCFS among ready ones
+    assert cold.status is SequenceStatus.WAITING and sched.waiting == (cold,)
+    assert "cold" not in tokens_of(step(sched))
+    ready.add("cold")
+    assert tokens_of(step(sched))["cold"] == 3
+    assert cold.status is SequenceStatus.RUNNING
+
+
+def test_adapter_ready_not_called_when_nothing_fits():
+    calls: list[str] = []
+    sched = make_sched(max_num_seqs=1, ready=lambda s: calls.append(s.request_id) or True)
+    sched.add(make_seq("a", 3))
+    sched.add(make_seq("b", 3))
+    sched.schedule()
+    assert calls == ["a"]  # b is not probed: max_num_seqs is reached
+
+
+def test_preemption_most_recent_requeued_at_front_and_finishes():
+    sched = make_sched(num_blocks=4, block_size=4, budget=64)
+    a, b, c = make_seq("a", 4, max_tokens=8), make_seq("b", 4, max_tokens=8), make_seq("c", 2)
+    for s in (a, b, c):
+        sched.add(s)
+    assert tokens_of(step(sched)) == {"a": 4, "b": 4, "c": 2}
+    assert sched.block_manager.num_free_blocks == 1
+    out = step(sched)  # a needs a 2nd block (the free one), b needs one: c (newest) goes
+    assert out.preempted == [c] and tokens_of(out) == {"a": 1, "b": 1}
+    assert c.block_table == [] and c.num_computed_tokens == 0
+    assert c.status is SequenceStatus.WAITING and c.output_token_ids == [7]
+    for _ in range(3):
+        step(sched)
+    out = step(sched)  # a needs a 3rd block: b goes, to the front, ahead of c
+    assert out.preempted == [b] and tokens_of(out) == {"a": 1}
+    assert sched.waiting == (b, c) and b.num_computed_tokens == 0
+    assert len(b.output_token_ids) == 5  # kept, recomputed as part of its prefix later
+    for _ in range(100):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+    assert all(s.finish_reason is FinishReason.LENGTH for s in (a, b, c))
+    assert [len(s.output_token_ids) for s in (a, b, c)] == [8, 8, 4]
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_seq_that_cannot_grow_preempts_itself():
+    sched = make_sched(num_blocks=3, block_size=2, budget=64)
+    a, b = make_seq("a", 3, max_tokens=3), make_seq("b", 2, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    assert tokens_of(step(sched)) == {"a": 3, "b": 2}
+    out = step(sched)  # a fits in its 2nd block; b is newest and needs a 3rd block
+    assert out.preempted == [b] and tokens_of(out) == {"a": 1}
+    assert sched.waiting == (b,) and b.block_table == []
+
+
+def test_abort_frees_blocks_immediately():
+    sched = make_sched(num_blocks=8, block_size=4)
+    run, wait = make_seq("run", 10), make_seq("wait", 3)
+    sched.add(run)
+    sched.schedule()
+    sched.add(wait)
+    assert sched.block_manager.num_free_blocks == 5
+    sched.abort(run)
+    assert sched.block_manager.num_free_blocks == 8 and run.block_table == []
+    assert run.is_finished and run.finish_reason is FinishReason.CANCELLED
+    sched.abort(wait)
+    sched.abort(wait)  # idempotent
+    assert sched.num_waiting == 0 and sched.num_running == 0 and not sched.has_unfinished()
+    assert sched.schedule().is_empty
+
+
+def test_never_fitting_request_errors():
+    sched = make_sched(num_blocks=4, block_size=4)
+    big, empty, ok = make_seq("big", 14, max_tokens=3), make_seq("empty", 0), make_seq("ok", 3)
+    for s in (big, empty, ok):
+        sched.add(s)
+    out = sched.schedule()
+    assert out.errored == [big, empty] and tokens_of(out) == {"ok": 3}
+    assert big.finish_reason is FinishReason.ERROR and "holds 16 tokens" in big.error
+    assert "17 tokens" in big.error and "empty prompt" in empty.error
+    assert sched.num_waiting == 0
+
+
+def test_add_twice_and_bad_config_raise():
+    sched = make_sched()
+    seq = make_seq("a", 3)
+    sched.add(seq)
+    with pytest.raises(ValueError, match="already added"):
+        sched.add(seq)
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(4, 4), 0, 8)
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(4, 4), 4, 0)
+
+
+# ---------------------------------------------------------------- random engine loop
+
+
+def check_invariants(sched: Scheduler, out: SchedulerOutput, before: dict, budget: int):
+    bm = sched.block_manager
+    held = [b for s in sched.running for b in s.block_table]
+    assert len(held) == len(set(held)), "block handed out twice"
+    assert len(held) + bm.num_free_blocks == bm.num_blocks
+    assert all(not s.block_table for s in sched.waiting)
+    assert out.num_batched_tokens <= budget and sched.num_running <= sched.max_num_seqs
+    for item in out.scheduled:
+        s = item.seq
+        assert s.num_computed_tokens == before.get(s, 0), "scheduler moved progress"
+        assert 0 < item.num_new_tokens <= s.num_tokens - s.num_computed_tokens
+        need = s.num_computed_tokens + item.num_new_tokens
+        assert len(s.block_table) == bm.blocks_needed(need)
+    for s in out.preempted:
+        assert s.num_computed_tokens == 0 and s.status is SequenceStatus.WAITING
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    num_blocks=st.integers(1, 24),
+    block_size=st.integers(1, 8),
+    max_num_seqs=st.integers(1, 6),
+    budget=st.integers(1, 40),
+    num_requests=st.integers(1, 25),
+)
+def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, budget,
+                                   num_requests):
+    rng = random.Random(seed)
+    capacity = num_blocks * block_size
+    step_no = 0
+    ready_at: dict[Sequence, int] = {}
+    sched = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget,
+                      adapter_ready=lambda s: step_no >= ready_at[s])
+    pending = []
+    for i in range(num_requests):
+        seq = make_seq(f"r{i}", rng.randint(0, capacity), rng.randint(1, capacity))
+        ready_at[seq] = rng.choice([0, 0, 0, rng.randint(0, 30)])
+        pending.append((rng.randint(0, 40), seq))
+    for step_no in range(5000):
+        for arrive, seq in pending:
+            if arrive == step_no:
+                sched.add(seq)
+        if step_no > 40 and not sched.has_unfinished():
+            break
+        before = {s: s.num_computed_tokens for s in sched.running}
+        oldest = sched.running[0] if sched.running else None
+        out = sched.schedule()
+        check_invariants(sched, out, before, budget)
+        if oldest is not None and not oldest.is_finished:
+            assert out.scheduled[0].seq is oldest, "oldest running request must progress"
+        run_step(sched, out)
+        if rng.random() < 0.05:
+            live = [s for t, s in pending if t <= step_no and not s.is_finished]
+            if live:
+                sched.abort(rng.choice(live))
+    else:
+        pytest.fail("requests never drained")
+    assert sched.block_manager.num_free_blocks == num_blocks
+    for _, seq in pending:
+        assert seq.is_finished and seq.block_table == []
+        total = seq.num_prompt_tokens + seq.params.max_tokens
+        fits = seq.num_prompt_tokens > 0 and total <= capacity
+        if seq.finish_reason is FinishReason.ERROR:
+            assert not fits
+        elif seq.finish_reason is FinishReason.LENGTH:
+            assert len(seq.output_token_ids) == seq.params.max_tokens
