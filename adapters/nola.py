@@ -113,10 +113,21 @@ class NolaAdapter:
             beta=st.tensor(tensors, "beta", (*dims, l_), what),
             base_model=meta.str("base_model", ""), description=meta.str("description", ""),
         )
+        _check_stream_space(adapter, what)
         if set(tensors) != {"alpha", "beta"}:
             extra = sorted(set(tensors) - {"alpha", "beta"})
             raise InvalidAdapterError(f"{what}: unexpected tensors {extra}")
         return adapter
+
+
+def _check_stream_space(a: NolaAdapter, what: str) -> None:
+    """Streams are < 2^24 and hold < 2^42 values each (the counter layout of the format)."""
+    if 2 * a.num_layers * len(a.target_modules) > 1 << philox.STREAM_LIMIT_BITS:
+        raise InvalidAdapterError(f"{what}: num_layers * len(target_modules) is too large")
+    k, l_ = a.alpha.shape[2], a.beta.shape[2]
+    for n_in, n_out in a.module_shapes.values():
+        if max(k * a.rank * n_in, l_ * n_out * a.rank) >= 1 << (philox.STREAM_BITS + 2):
+            raise InvalidAdapterError(f"{what}: a basis of this shape exceeds 2^42 values")
 
 
 def random_nola(spec: BaseModelSpec, seed: int, *, targets: list[str] | None = None,

@@ -21,13 +21,14 @@ _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _SCALE = 4.6566127342e-10
-STREAM_BITS = 40
+STREAM_BITS = 40  # counter = stream * 2^40 + e // 4
+STREAM_LIMIT_BITS = 24  # streams are < 2^24, as the C loop checks
 CHUNK = 1 << 19  # basis values per torch step: ~30 MiB of int64 temporaries at most
 
 
-def _philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """Philox4x32-10 of int64 ``counters`` [n] -> the 4 output words as int64 [n, 4]."""
-    c0, c1 = counters & _M32, counters >> 32
+def _philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of counters ``(c0, c1, 0, 0)`` (int64 [n], each word < 2^32) -> the 4
+    output words as int64 [n, 4]."""
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, seed >> 32
@@ -61,8 +62,10 @@ def basis_values(seed: int, stream: int, start: int, count: int,
 def _torch_values(seed: int, stream: int, start: int, count: int,
                   device: torch.device) -> torch.Tensor:
     first, last = start // 4, (start + count + 3) // 4
-    counters = torch.arange(first, last, dtype=torch.int64, device=device) + (stream << STREAM_BITS)
-    words = _philox4x32(seed, counters).reshape(-1)
+    offsets = torch.arange(first, last, dtype=torch.int64, device=device)  # < 2^40
+    # counter = stream * 2^40 + offset, split in words without forming it (it can pass 2^63)
+    hi = (offsets >> 32) + (stream << (STREAM_BITS - 32))
+    words = _philox4x32(seed, offsets & _M32, hi).reshape(-1)
     return _to_symmetric_uniform(words[start - 4 * first : start - 4 * first + count])
 
 

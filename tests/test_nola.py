@@ -51,7 +51,7 @@ def test_spec_vectors_bit_exact(key, expected, backend):
 
 @pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32 + 5, 2**63 - 1])
 @pytest.mark.parametrize(("stream", "start", "count"),
-                         [(0, 0, 37), (5, 3, 41), (123, 2**33 + 1, 9)])
+                         [(0, 0, 37), (5, 3, 41), (123, 2**33 + 1, 9), (2**24 - 1, 2**39, 7)])
 def test_values_match_independent_reference(seed, stream, start, count, backend):
     got = philox.basis_values(seed, stream, start, count)
     want = ref.basis_values(seed, stream, start, count)
@@ -64,6 +64,19 @@ def test_native_and_torch_paths_identical(monkeypatch):
     native = philox.basis_values(9, 4, 1001, 5000)
     monkeypatch.setattr(philox, "_native", None)
     assert torch.equal(native, philox.basis_values(9, 4, 1001, 5000))
+
+
+@pytest.mark.parametrize("seed", [7, 2**32 + 5, 2**63 - 1])
+@pytest.mark.parametrize(("stream", "start", "count"), [
+    (0, 3, 10_000),  # unaligned start and end, many C blocks
+    (2**20, 4 * (2**32 - 40) + 1, 1_000),  # counter low word wraps inside a block
+])
+def test_native_values_bit_identical_to_torch(seed, stream, start, count):
+    if not philox.native_available():
+        pytest.skip("C extension not built")
+    native = philox.basis_values(seed, stream, start, count)
+    want = philox._torch_values(seed, stream, start, count, torch.device("cpu"))
+    assert bits(native) == bits(want)
 
 
 @pytest.mark.parametrize("chunk", [philox.CHUNK, 16, 5])  # whole rows, rows split across chunks
