@@ -60,6 +60,7 @@ class SlotPool:
         self._loads: dict[int, _Load] = {}  # slot -> load in flight
         self._materialize_seconds = 0.0
         r = spec.max_rank
+        self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
             (layer, name): (
                 torch.zeros(num_slots, r, d_in, device=device, dtype=dtype),  # A
@@ -171,9 +172,15 @@ class SlotPool:
             self._materialize_seconds += time.perf_counter() - start
         load.done.set()
 
+    def modules_of(self, slots: set[int]) -> frozenset[str]:
+        """The module names that any of ``slots`` adapts (in some layer): a linear whose
+        module no slot of the step adapts can skip the low-rank op."""
+        return frozenset().union(*(self._slot_modules[s] for s in slots))
+
     def _write(self, slot: int, factors: AdapterFactors) -> None:
         """Copy ``factors`` into ``slot``, zero-padding rank and absent modules."""
         self._check(factors)
+        self._slot_modules[slot] = frozenset(name for _, name in factors.modules)
         with torch.no_grad():
             for key, (a, b, scale) in self._buffers.items():
                 f = factors.modules.get(key)

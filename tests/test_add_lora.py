@@ -22,7 +22,9 @@ from nolaserve.adapters.ops import (
 RANKS = (8, 4, 1, 0, 8, 3)  # per slot; r_max = 8, the rest zero-padded (rank 0: all zeros)
 S, R_MAX = len(RANKS), max(RANKS)
 SPREADS = ("distinct", "uniform", "zipf", "identical", "skewed", "none", "mixed", "sorted",
-           "sorted_mixed")  # sorted: already grouped by slot; sorted_mixed: -1 rows first
+           "sorted_mixed", "consecutive")
+# sorted: already grouped by slot; sorted_mixed: -1 rows first; consecutive: one token per
+# slot over a run of consecutive slots in shuffled order (gather_bmm takes views)
 NUM_TOKENS = (1, 3, 7, 133)
 SHAPES = ((32, 48), (48, 16))  # (in, out)
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -61,6 +63,11 @@ def token_slots(spread: str, n: int, gen: torch.Generator) -> torch.Tensor:  # [
         return slots
     if spread == "none":
         return torch.full((n,), -1, dtype=torch.long)
+    if spread == "consecutive":
+        k = min(n, S - 1)
+        slots = torch.full((n,), -1, dtype=torch.long)
+        slots[torch.randperm(n, generator=gen)[:k]] = 1 + torch.randperm(k, generator=gen)
+        return slots
     raise ValueError(spread)
 
 

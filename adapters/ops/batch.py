@@ -34,6 +34,9 @@ class LoraBatch:
     seg_starts: tuple[int, ...]  # [N + 1] offsets into sorted_tokens, seg_starts[-1] = T_a
     max_slot: int  # -1 when no token has a slot
     identity_order: bool  # every token has a slot and sorted_tokens == arange(T)
+    # first slot when the active tokens hold consecutive slots, one token each (a decode
+    # step over distinct adapters): the factors are then a view, not a gather; else -1
+    consecutive_from: int = -1
 
     @classmethod
     def from_token_slot(cls, token_slot: torch.Tensor) -> LoraBatch:
@@ -67,15 +70,18 @@ class LoraBatch:
         uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
         # Stable sort of an already non-decreasing slot vector is the identity.
         identity = num_none == 0 and bool((slots[1:] >= slots[:-1]).all())
+        seg_slots = tuple(uniq.tolist())
+        consecutive = len(seg_slots) == len(sorted_slots) == seg_slots[-1] - seg_slots[0] + 1
         return cls(
             token_slot=slots,
             sorted_tokens=order,
             sorted_slots=sorted_slots,
-            seg_slots=tuple(uniq.tolist()),
+            seg_slots=seg_slots,
             seg_slot_index=uniq,
             seg_starts=(0, *itertools.accumulate(counts.tolist())),
             max_slot=hi,
             identity_order=identity,
+            consecutive_from=seg_slots[0] if consecutive else -1,
         )
 
     @classmethod

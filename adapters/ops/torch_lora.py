@@ -80,9 +80,14 @@ def gather_bmm(
     xs = x if batch.identity_order else x.index_select(0, rows)  # [T_a, in]
     # index_select, not A[slots]: several times faster on CPU. Row-vector bmm
     # ([n, 1, k] @ [n, k, m]) is several times faster than matrix-vector on CPU.
-    v = torch.bmm(xs.unsqueeze(1), A.index_select(0, slots).mT)  # [T_a, 1, r_max]
-    v = v * scale.to(x.dtype).index_select(0, slots).view(-1, 1, 1)
-    delta = torch.bmm(v, B.index_select(0, slots).mT).squeeze(1)  # [T_a, out]
+    if batch.consecutive_from >= 0:  # one token per slot, consecutive slots: views
+        sl = slice(batch.consecutive_from, batch.consecutive_from + len(slots))
+        a, b, s = A[sl], B[sl], scale[sl]
+    else:
+        a, b, s = A.index_select(0, slots), B.index_select(0, slots), scale.index_select(0, slots)
+    v = torch.bmm(xs.unsqueeze(1), a.mT)  # [T_a, 1, r_max]
+    v = v * s.to(x.dtype).view(-1, 1, 1)
+    delta = torch.bmm(v, b.mT).squeeze(1)  # [T_a, out]
     if batch.identity_order:
         return y.add_(delta)
     return y.index_add_(0, rows, delta)
