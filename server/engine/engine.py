@@ -1,0 +1,188 @@
+"""The synchronous engine: validate and queue requests, then ``step()``: schedule, run,
+postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nolaserve.adapters.errors import IncompatibleAdapterError
+from nolaserve.adapters.store import AdapterStore
+
+from .admission import AdapterAdmission
+from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequestError, QueueFullError, RequestTooLargeError
+from .model_runner import ModelRunner, StepBatch
+from .sampler import Sampler, make_generator
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import FinishReason, SamplingParams, Sequence
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new text and token ids; the last output of
+    a request has ``finished`` set with the reason and the token counts."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_prompt_tokens: int
+    max_tokens_limit: int
+    max_model_len: int
+    max_queued_requests: int
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+class Engine:
+    """Continuous batching over one model: requests for many adapters share each step."""
+
+    def __init__(self, runner: ModelRunner, tokenizer, scheduler: Scheduler,
+                 admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int]):
+        self.runner, self.tokenizer, self.scheduler = runner, tokenizer, scheduler
+        self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+
+    @property
+    def store(self) -> AdapterStore | None:
+        return self.admission.store
+
+    # -- requests -------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None = None) -> None:
+        """Validate and queue a request; raises a typed error before it reaches the model."""
+        self._validate(request_id, prompt_token_ids, params, adapter_id)
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request: its KV blocks and adapter slot are freed now."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.CANCELLED)
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Finish every request with an error (a step raised): nothing stays wedged."""
+        return [self._finish(r, FinishReason.ERROR, error) for r in list(self.requests.values())]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                  adapter_id: str | None) -> None:
+        lim = self.limits
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: send at least one token of text")
+        if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; the limit is "
+                f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
+            )
+        params.validate(lim.max_tokens_limit)
+        total = len(prompt) + params.max_tokens
+        if total > lim.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {lim.max_model_len} tokens: lower max_tokens"
+            )
+        capacity = self.scheduler.block_manager.num_blocks * self.scheduler.block_manager.block_size
+        if total > capacity:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
+            )
+        if len(self.requests) >= lim.max_queued_requests:
+            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
+        if adapter_id:
+            self._check_adapter(adapter_id)
+
+    def _check_adapter(self, adapter_id: str) -> None:
+        if self.store is None:
+            raise IncompatibleAdapterError("this engine serves the base model only")
+        record = self.store.registry.get(adapter_id)  # AdapterNotFoundError if unknown
+        if record.kind == "rmm-basis":
+            raise IncompatibleAdapterError(
+                f"{adapter_id!r} is an RMM basis; request one of its tasks instead"
+            )
+        self.store.parsed(adapter_id).validate(self.store.spec)  # e.g. registered for another model
+
+    # -- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over every scheduled request; returns what each produced."""
+        failed = self._fail_admissions()
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
+        logits = self.runner.execute(self._step_batch(sched)) if sched.scheduled else None
+        return failed + self._postprocess(sched, logits)
+
+    def _step_batch(self, sched: SchedulerOutput) -> StepBatch:
+        batch = StepBatch()
+        for s in sched.scheduled:
+            start = s.seq.num_computed_tokens
+            batch.add(s.seq.token_ids[start:start + s.num_new_tokens], start,
+                      s.seq.block_table, s.seq.adapter_slot, s.samples)
+        return batch
+
+    def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor | None
+                     ) -> list[RequestOutput]:
+        outputs = [self._finish(self.requests[seq.request_id], FinishReason.ERROR, seq.error)
+                   for seq in sched.errored]
+        sampling = []
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            if s.seq.num_computed_tokens == s.seq.num_tokens:
+                sampling.append(self.requests[s.seq.request_id])
+        if not sampling:
+            return outputs
+        tokens = self.sampler.sample(logits, [r.seq.params for r in sampling],
+                                     [r.generator for r in sampling])
+        return outputs + [self._append(req, tok) for req, tok in zip(sampling, tokens)]
+
+    def _append(self, req: _Request, token: int) -> RequestOutput:
+        seq = req.seq
+        seq.output_token_ids.append(token)
+        text = req.detokenizer.add([token])
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return self._finish(req, FinishReason.EOS, text=text, token_ids=[token])
+        if req.detokenizer.stopped:
+            return self._finish(req, FinishReason.STOP, text=text, token_ids=[token])
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            return self._finish(req, FinishReason.LENGTH, text=text, token_ids=[token])
+        return RequestOutput(seq.request_id, text, [token])
+
+    def _finish(self, req: _Request, reason: FinishReason, error: str | None = None,
+                text: str = "", token_ids: list[int] | None = None) -> RequestOutput:
+        seq = req.seq
+        if not req.detokenizer.stopped:
+            text += req.detokenizer.flush()
+        self.scheduler.finish(seq, reason, error)
+        self.admission.release(seq)
+        del self.requests[seq.request_id]
+        return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
+                             seq.num_prompt_tokens, len(seq.output_token_ids), error)
+
+    def _fail_admissions(self) -> list[RequestOutput]:
+        failed, self.admission.failed = self.admission.failed, []
+        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, error)
+                for seq, error in failed if seq.request_id in self.requests]

@@ -1,0 +1,62 @@
+"""Helpers for engine tests: build an engine over a tiny model and run requests to the end,
+and the greedy reference from transformers ``generate`` with the tie rule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from nolaserve.server.config import Config
+from nolaserve.server.engine.build import build_engine
+from nolaserve.server.engine.engine import Engine
+from nolaserve.server.engine.sequence import SamplingParams
+
+TIE_GAP = 1e-3
+
+
+def make_engine(model, tokenizer, **overrides) -> Engine:
+    cfg = dict(device="cpu", dtype="float32", registry_path=":memory:", num_slots=4,
+               max_rank=8, block_size=4, kv_cache_bytes=4 << 20, max_num_batched_tokens=48,
+               max_num_seqs=16, max_tokens_limit=256)
+    return build_engine(Config(**{**cfg, **overrides}), model=copy.deepcopy(model),
+                        tokenizer=tokenizer)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams, str | None]],
+        max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Submit every request, step until all finish; returns the output token ids."""
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    for rid, (prompt, params, adapter) in requests.items():
+        engine.add_request(rid, prompt, params, adapter)
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return tokens
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    raise AssertionError("engine did not finish")
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers ``generate`` greedy, EOS off: tokens and per-step logits."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), [s[0] for s in out.logits]
+
+
+def assert_same_or_tie(got: list[int], want: list[int], logits: list[torch.Tensor]) -> None:
+    """Equal tokens, or the first difference is a numerical tie in the reference (its top-2
+    logit gap at that step is below ``TIE_GAP``); anything else fails."""
+    for step, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            top2 = logits[step].float().topk(2).values
+            gap = float(top2[0] - top2[1])
+            assert gap < TIE_GAP, (
+                f"token {step} differs ({g} vs reference {w}) with a top-2 gap of {gap:.2e}")
+            return
+    assert len(got) == len(want), f"{len(got)} tokens, reference has {len(want)}"
