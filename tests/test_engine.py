@@ -116,9 +116,17 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(model, bytebpe):
 
 
 def test_stress_everything_ends_and_nothing_leaks(model, bytebpe):
-    engine = make_engine(model, bytebpe, num_slots=3, kv_cache_bytes=1 << 20,
-                         max_num_seqs=12)
+    engine = make_engine(model, bytebpe, num_slots=3, kv_cache_bytes=48 << 10,
+                         max_num_seqs=12)  # 48 KV blocks: not enough for 12 seqs, preempts
     spec, rng = engine.store.spec, random.Random(5)
+    preempted, schedule = [], engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        preempted.extend(out.preempted)
+        return out
+
+    engine.scheduler.schedule = spy
     ids = [f"n{i}" for i in range(8)]
     for i, aid in enumerate(ids):
         engine.store.register(aid, random_nola(spec, seed=i, rank=4, num_basis=16,
@@ -140,6 +148,7 @@ def test_stress_everything_ends_and_nothing_leaks(model, bytebpe):
                 assert out.error is None, out.error
                 finished[out.request_id] = out.finish_reason
     assert len(finished) == 200 and FinishReason.CANCELLED in finished.values()
+    assert preempted, "the KV cache is small enough that some sequences must be preempted"
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     table = engine.store.slots.table

@@ -203,3 +203,15 @@ def test_peak_memory_stays_under_64_mib(path, k, n_cols):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, path, str(k), str(n_cols)],
                          capture_output=True, text=True, check=True)
     assert float(out.stdout) <= 64, f"peak grew by {out.stdout.strip()} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_materialize_on_cuda_matches_cpu():
+    a = random_nola(SPEC, seed=5, rank=3, num_basis=7)
+    assert torch.equal(philox.basis_values(5, 1, 3, 999, device="cuda").cpu(),
+                       philox.basis_values(5, 1, 3, 999))
+    cpu, gpu = a.materialize(), a.materialize("cuda")
+    for key, f in cpu.modules.items():
+        torch.testing.assert_close(gpu.modules[key].A.cpu(), f.A)
+        torch.testing.assert_close(gpu.modules[key].B.cpu(), f.B)
