@@ -5,7 +5,13 @@ Every key, its default and its meaning are listed in docs/configuration.md.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import types
+import typing
 from dataclasses import dataclass, field
+
+import yaml
 
 
 @dataclass
@@ -32,12 +38,22 @@ class Config:
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 2048
     max_queued_requests: int = 1024
+    max_message_bytes: int = 64 << 20
+    # service
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090  # Prometheus text format over HTTP; 0 = off
+    admin_token: str = ""  # non-empty: Admin RPCs need "authorization: Bearer <token>"
+    inference_token: str = ""  # same for Inference RPCs
+    tls_cert: str = ""  # PEM paths; both set = TLS
+    tls_key: str = ""
+    grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "block_size",
                     "kv_cache_bytes", "max_prompt_tokens", "max_tokens_limit",
-                    "max_queued_requests")
+                    "max_queued_requests", "max_message_bytes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -46,7 +62,49 @@ class Config:
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("config port and metrics_port must be in [0, 65535]")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("config tls_cert and tls_key must be given together")
+        if not self.grace_period_s >= 0:
+            raise ValueError(f"config grace_period_s must be >= 0, got {self.grace_period_s}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(
                 f"config device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: object) -> Config:
+        """The YAML file at ``path`` (a mapping of keys above), then ``overrides`` (CLI
+        flags; ``None`` values are ignored). Unknown keys and wrong types raise
+        ``ValueError`` naming the key."""
+        values: dict = {}
+        if path is not None:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the config file must be a YAML mapping of keys")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ValueError(f"unknown config key {key!r}; see docs/configuration.md")
+            _check_type(key, value, typing.get_type_hints(cls)[key])
+        return cls(**values)
+
+
+def _check_type(key: str, value: object, hint: object) -> None:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(hint, types.UnionType):
+        ok = isinstance(value, typing.get_args(hint))
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ValueError(f"config {key} has the wrong type: {value!r}")
