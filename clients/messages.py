@@ -1,0 +1,190 @@
+"""The client's value types and their proto conversions (no logic beyond that).
+
+Imports neither torch nor the server: a client machine needs grpcio and protobuf only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
+
+import grpc
+
+from .api import admin_pb2, inference_pb2
+
+T = TypeVar("T")
+ChatMessage = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} or (role, text)
+
+
+class NolaserveError(grpc.RpcError):
+    """A failed RPC: ``code`` is the status code name (``"NOT_FOUND"``; an attribute, not
+    grpc's ``code()`` method), ``status_code`` the ``grpc.StatusCode``, ``message`` the
+    server's details; ``str(e)`` is ``"NOT_FOUND: adapter 'x' is not registered"``. It is a
+    ``grpc.RpcError``, and the original one is ``__cause__``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status_code = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Re-raise any ``grpc.RpcError`` in the block as ``NolaserveError``."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = e.details() if hasattr(e, "details") else str(e)
+        raise NolaserveError(code.name, details or "") from e
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerateResult:
+    """A whole completion. ``finish_reason``: length | stop | eos | cancelled."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+
+
+@dataclass
+class StreamChunk:
+    """New text and token ids; ``finish_reason`` and ``usage`` are set on the last chunk."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class AdapterInfo:
+    """A registered adapter. ``kind``: nola | lora | rmm-task | rmm-basis."""
+
+    adapter_id: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    rank: int
+    target_modules: list[str]
+    created_at: float  # unix seconds
+    description: str
+    base_model: str
+    basis_id: str  # rmm-task: its basis
+    pinned: bool
+
+
+@dataclass
+class RmmTask:
+    adapter_id: str  # "<basis_id>/<source id>"
+    source_adapter_id: str
+    relative_error: float  # ||dW~ - dW||_F / ||dW||_F
+
+
+@dataclass
+class RmmResult:
+    basis_id: str
+    tasks: list[RmmTask]
+
+
+@dataclass
+class ModuleShape:
+    name: str  # relative to a decoder layer, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class ServerInfo:
+    """The base model, its adaptable linears and the server's limits."""
+
+    base_model: str
+    dtype: str
+    device: str
+    num_layers: int
+    max_rank: int
+    num_slots: int
+    host_cache_entries: int
+    host_cache_bytes: int
+    max_prompt_tokens: int
+    max_tokens_limit: int
+    max_queued_requests: int
+    max_message_bytes: int
+    version: str
+    target_modules: list[ModuleShape] = field(default_factory=list)
+
+
+def _copy(cls: type[T], message: object, **extra: object) -> T:
+    """``cls`` built from the same-named fields of ``message`` (``extra`` wins)."""
+    values = {f.name: getattr(message, f.name) for f in fields(cls) if f.name not in extra}
+    return cls(**values, **extra)
+
+
+def finish_reason(value: int) -> str | None:
+    """``FINISH_REASON_LENGTH`` -> ``"length"``; unspecified (not finished) -> None."""
+    if value == inference_pb2.FINISH_REASON_UNSPECIFIED:
+        return None
+    return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def generate_result(r: inference_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(text=r.text, token_ids=list(r.token_ids),
+                          finish_reason=finish_reason(r.finish_reason) or "",
+                          prompt_tokens=r.usage.prompt_tokens,
+                          completion_tokens=r.usage.completion_tokens, request_id=r.request_id)
+
+
+def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
+    usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
+    return StreamChunk(text=r.text, token_ids=list(r.token_ids),
+                       finish_reason=finish_reason(r.finish_reason), usage=usage)
+
+
+def adapter_info(m: admin_pb2.AdapterInfo) -> AdapterInfo:
+    return _copy(AdapterInfo, m, target_modules=list(m.target_modules))
+
+
+def rmm_result(m: admin_pb2.BuildRmmBasisResponse) -> RmmResult:
+    return RmmResult(basis_id=m.basis_id, tasks=[_copy(RmmTask, t) for t in m.tasks])
+
+
+def server_info(m: admin_pb2.ServerInfo) -> ServerInfo:
+    return _copy(ServerInfo, m, target_modules=[_copy(ModuleShape, t) for t in m.target_modules])
+
+
+def _chat(messages: Sequence[ChatMessage]) -> inference_pb2.ChatMessages:
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.append(inference_pb2.ChatMessage(role=role, content=content))
+    return inference_pb2.ChatMessages(messages=out)
+
+
+def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
+                     adapter_id: str, max_tokens: int, temperature: float | None,
+                     top_p: float | None, top_k: int, seed: int | None, stop: Sequence[str],
+                     ignore_eos: bool, request_id: str) -> inference_pb2.GenerateRequest:
+    """The request for exactly one of ``prompt`` and ``messages``; None leaves a sampling
+    field unset (the server's default)."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
+    sampling = inference_pb2.SamplingParams(
+        max_tokens=max_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
+        **{k: v for k, v in optional.items() if v is not None})
+    input_ = {"prompt": prompt} if prompt is not None else {"messages": _chat(messages or ())}
+    return inference_pb2.GenerateRequest(adapter_id=adapter_id, sampling=sampling,
+                                         request_id=request_id, **input_)
