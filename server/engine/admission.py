@@ -6,6 +6,8 @@ while the step loop keeps decoding everyone else.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from nolaserve.adapters.errors import NoFreeSlotError
@@ -22,6 +24,7 @@ class AdapterAdmission:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         self._loads: dict[Sequence, Future] = {}
         self.failed: list[tuple[Sequence, str]] = []  # drained by the engine
+        self.on_materialize: Callable[[float], None] | None = None  # seconds of a cold load
 
     def ready(self, seq: Sequence) -> bool:
         if not seq.needs_adapter:
@@ -32,8 +35,16 @@ class AdapterAdmission:
         if slot is not None:
             seq.adapter_slot = slot
             return True
-        self._loads[seq] = self._worker.submit(self.store.acquire, seq.adapter_id)
+        self._loads[seq] = self._worker.submit(self._acquire_cold, seq.adapter_id)
         return False
+
+    def _acquire_cold(self, adapter_id: str) -> int:
+        """``store.acquire`` on the worker, timed for ``on_materialize``."""
+        start = time.perf_counter()
+        slot = self.store.acquire(adapter_id)
+        if self.on_materialize is not None:
+            self.on_materialize(time.perf_counter() - start)
+        return slot
 
     def wait(self, timeout: float) -> None:
         """Block until a pending load finishes (or ``timeout``), instead of spinning."""

@@ -3,6 +3,7 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,16 @@ class EngineLimits:
     max_queued_requests: int
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one step ran, for metrics: sequences, tokens and distinct adapters (the base
+    model not counted)."""
+
+    num_seqs: int
+    num_tokens: int
+    num_adapters: int
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
@@ -58,6 +69,7 @@ class Engine:
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
+        self.step_observer: Callable[[StepStats], None] | None = None  # called on the step thread
 
     @property
     def store(self) -> AdapterStore | None:
@@ -131,10 +143,17 @@ class Engine:
         """One forward pass over every scheduled request; returns what each produced."""
         failed = self._fail_admissions()
         sched = self.scheduler.schedule()
+        self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
         logits = self.runner.execute(self._step_batch(sched)) if sched.scheduled else None
         return failed + self._postprocess(sched, logits)
+
+    def _observe(self, sched: SchedulerOutput) -> None:
+        if self.step_observer is not None and sched.scheduled:
+            adapters = {s.seq.adapter_id for s in sched.scheduled} - {None}
+            self.step_observer(StepStats(len(sched.scheduled), sched.num_batched_tokens,
+                                         len(adapters)))
 
     def _step_batch(self, sched: SchedulerOutput) -> StepBatch:
         batch = StepBatch()

@@ -1,0 +1,101 @@
+"""The Admin service: proto in, ``AdapterStore`` out. Store and registry calls block
+(parsing, SQLite, materialization), so each runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from nolaserve.adapters.registry import AdapterRecord
+from nolaserve.adapters.store import AdapterStore
+from nolaserve.clients.api import admin_pb2, admin_pb2_grpc
+
+from . import convert
+from .config import Config
+from .engine.engine import Engine
+from .metrics import Metrics
+from .rpc import Gate, rpc
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, engine: Engine, config: Config, metrics: Metrics, gate: Gate) -> None:
+        if engine.store is None:
+            raise ValueError("the Admin service needs an engine with an adapter store")
+        self.engine, self.config, self.metrics, self.gate = engine, config, metrics, gate
+        self.store: AdapterStore = engine.store
+
+    async def _info_of(self, adapter_id: str) -> admin_pb2.AdapterInfo:
+        return self._info(await asyncio.to_thread(self.store.registry.get, adapter_id))
+
+    def _info(self, record: AdapterRecord) -> admin_pb2.AdapterInfo:
+        return convert.adapter_info(record, self.store.slots.table.is_pinned(record.id))
+
+    @rpc
+    async def RegisterAdapter(self, request: admin_pb2.RegisterAdapterRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.AdapterInfo:
+        """Validate the adapter file against the base model and store it durably."""
+        record = await asyncio.to_thread(self.store.register, request.adapter_id,
+                                         bytes(request.data), request.replace)
+        return self._info(record)
+
+    @rpc
+    async def GetAdapter(self, request: admin_pb2.AdapterRef,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.AdapterInfo:
+        """The registered adapter's metadata; NOT_FOUND if unknown."""
+        return await self._info_of(request.adapter_id)
+
+    @rpc
+    async def ListAdapters(self, request: admin_pb2.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.ListAdaptersResponse:
+        """One page of adapters in id order, the next page's token and the total count."""
+        def page() -> tuple[list[AdapterRecord], str, int]:
+            records, token = self.store.registry.list(request.page_size, request.page_token)
+            return records, token, self.store.registry.count()
+
+        records, token, total = await asyncio.to_thread(page)
+        return admin_pb2.ListAdaptersResponse(adapters=[self._info(r) for r in records],
+                                              next_page_token=token, total=total)
+
+    @rpc
+    async def DeleteAdapter(self, request: admin_pb2.AdapterRef,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.DeleteAdapterResponse:
+        """Delete the adapter: in-flight requests finish with it, new ones get NOT_FOUND."""
+        await asyncio.to_thread(self.store.delete, request.adapter_id)
+        return admin_pb2.DeleteAdapterResponse()
+
+    @rpc
+    async def PinAdapter(self, request: admin_pb2.AdapterRef,
+                         context: grpc.aio.ServicerContext) -> admin_pb2.AdapterInfo:
+        """Materialize the adapter into a device slot and keep it there until unpinned."""
+        cold = self.store.slots.table.ready_slot_of(request.adapter_id) is None
+        start = time.perf_counter()
+        await asyncio.to_thread(self.store.pin, request.adapter_id)
+        if cold:  # this pin loaded it: the same histogram as the engine's cold loads
+            self.metrics.materialize.observe(time.perf_counter() - start)
+        return await self._info_of(request.adapter_id)
+
+    @rpc
+    async def UnpinAdapter(self, request: admin_pb2.AdapterRef,
+                           context: grpc.aio.ServicerContext) -> admin_pb2.AdapterInfo:
+        """Let the adapter's slot be evicted again (a no-op if it is not pinned)."""
+        await asyncio.to_thread(self.store.unpin, request.adapter_id)
+        return await self._info_of(request.adapter_id)
+
+    @rpc
+    async def BuildRmmBasis(self, request: admin_pb2.BuildRmmBasisRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> admin_pb2.BuildRmmBasisResponse:
+        """Compress the source adapters into a K-model RMM basis plus one task per source,
+        registered as ``<basis_id>`` and ``<basis_id>/<source id>``."""
+        sources = list(request.source_adapter_ids)
+        result = await asyncio.to_thread(self.store.build_rmm, sources, request.basis_size,
+                                         request.basis_id)
+        return convert.rmm_response(result, sources)
+
+    @rpc
+    async def GetServerInfo(self, request: admin_pb2.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.ServerInfo:
+        """The base model, its adaptable linears, capacities, limits and version."""
+        return convert.server_info(self.engine, self.config)

@@ -1,0 +1,159 @@
+"""Assemble and run the server: engine, gRPC services (Inference, Admin, health,
+reflection), token auth, optional TLS, Prometheus metrics and SIGTERM draining.
+
+    serve(config) -> exit code            # blocking; what `nolaserve serve` calls
+    await start(config, engine) -> RunningServer   # in-process (tests): .port, .stop(grace)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nolaserve.clients.api import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from .admin import AdminServicer
+from .auth import TokenAuthInterceptor
+from .config import Config
+from .engine.async_engine import AsyncEngine
+from .engine.build import build_engine
+from .engine.engine import Engine
+from .metrics import Metrics
+from .rpc import Gate
+from .service import InferenceServicer
+
+log = logging.getLogger("nolaserve.server")
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server. ``stop`` drains it: new RPCs get UNAVAILABLE and health reports
+    NOT_SERVING while in-flight ones get up to ``grace`` seconds; then everything stops."""
+
+    config: Config
+    server: grpc.aio.Server
+    engine: AsyncEngine
+    metrics: Metrics
+    gate: Gate
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int | None
+    owns_engine: bool
+    _stopping: asyncio.Task | None = field(default=None, init=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain for up to ``grace`` seconds (default ``config.grace_period_s``), cancel
+        what is left, stop the engine and the metrics endpoint. A second call waits for
+        the first."""
+        if self._stopping is None:
+            grace = self.config.grace_period_s if grace is None else grace
+            self._stopping = asyncio.create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        if not await self.gate.drain(grace):
+            log.warning("%d requests still running after %.1f s; cancelling them",
+                        self.gate.in_flight, grace)
+        await self.server.stop(0)  # cancels what is left: their engine requests abort
+        await asyncio.to_thread(self.engine.stop)
+        self.metrics.close()
+        if self.owns_engine:
+            self.engine.engine.admission.close()
+            if self.engine.engine.store is not None:
+                self.engine.engine.store.registry.close()
+
+
+async def start(config: Config, engine: Engine | None = None) -> RunningServer:
+    """Build the engine (unless given), bind ``host:port`` (port 0 picks a free one), start
+    the services and, with ``metrics_port`` > 0, the metrics endpoint."""
+    owns = engine is None
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, config)
+    metrics = Metrics()
+    metrics.bind(engine)
+    gate, health_servicer = Gate(), health.aio.HealthServicer()
+    tokens = {ADMIN: (config.admin_token, "admin_token"),
+              INFERENCE: (config.inference_token, "inference_token")}
+    limit = config.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[TokenAuthInterceptor(tokens, metrics)],
+        options=[("grpc.max_receive_message_length", limit),
+                 ("grpc.max_send_message_length", limit)])
+    aengine = AsyncEngine(engine)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(aengine, metrics, gate), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(engine, config, metrics, gate), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = _bind(server, config)
+        await server.start()
+        metrics_port = (metrics.serve_http(config.host, config.metrics_port)
+                        if config.metrics_port else None)
+    except BaseException:
+        await server.stop(0)
+        aengine.stop()
+        raise
+    for name in ("", INFERENCE, ADMIN):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
+                         metrics_port, owns)
+
+
+def _bind(server: grpc.aio.Server, config: Config) -> int:
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    address = f"{host}:{config.port}"
+    if config.tls_cert:
+        pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}: is the port in use? set another port")
+    return port
+
+
+async def serve_async(config: Config, engine: Engine | None = None) -> int:
+    """Start, print the bound address, run until SIGTERM or SIGINT, drain, return 0."""
+    started = time.perf_counter()
+    running = await start(config, engine)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = f":{running.metrics_port}" if running.metrics_port else " off"
+    log.info("started in %.1f s", time.perf_counter() - started)
+    print(f"nolaserve listening on {running.address} (metrics{metrics})", flush=True)
+    try:
+        await stop.wait()
+        log.info("signal received: draining for up to %.1f s", config.grace_period_s)
+        await running.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    print("nolaserve stopped", flush=True)
+    return 0
+
+
+def serve(config: Config, engine: Engine | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit code (0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    return asyncio.run(serve_async(config, engine))

@@ -1,0 +1,160 @@
+"""Prometheus metrics of one server, in their own ``CollectorRegistry`` (several servers
+can share a process). Names start with ``nolaserve_``; no label carries an adapter id.
+
+Recorded where the work happens: request counts and latencies by the RPC layer
+(``count_request``, ``RequestTimer``), batch shape by the engine step (``observe_step``,
+set as ``Engine.step_observer``), cold adapter loads by the admission worker
+(``AdapterAdmission.on_materialize``). State (queues, KV blocks, slots, caches, registry)
+is read at scrape time by ``EngineCollector``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .engine.engine import Engine, RequestOutput, StepStats
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TOKENS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
+_ADAPTERS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+_LOAD = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every instrument of one server."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter("nolaserve_requests", "RPCs by method and final status code",
+                                ["rpc", "code"], registry=r)
+        self.ttft = Histogram("nolaserve_time_to_first_token_seconds",
+                              "RPC start to the first generated token", buckets=_LATENCY,
+                              registry=r)
+        self.tpot = Histogram("nolaserve_time_per_output_token_seconds",
+                              "Mean time between generated tokens of a request",
+                              buckets=_PER_TOKEN, registry=r)
+        self.latency = Histogram("nolaserve_request_latency_seconds",
+                                 "RPC start to the last token of a finished request",
+                                 buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("nolaserve_prompt_tokens",
+                                     "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("nolaserve_generation_tokens",
+                                         "Generated tokens of finished requests", registry=r)
+        self.batch_tokens = Histogram("nolaserve_batch_tokens", "Tokens computed per step",
+                                      buckets=_TOKENS, registry=r)
+        self.batch_adapters = Histogram("nolaserve_batch_distinct_adapters",
+                                        "Distinct adapters per step (base model not counted)",
+                                        buckets=_ADAPTERS, registry=r)
+        self.materialize = Histogram("nolaserve_adapter_materialize_seconds",
+                                     "Loading a cold adapter into a device slot",
+                                     buckets=_LOAD, registry=r)
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def bind(self, engine: Engine) -> None:
+        """Observe ``engine``: per-step stats, cold loads and scrape-time state."""
+        engine.step_observer = self.observe_step
+        engine.admission.on_materialize = self.materialize.observe
+        self.registry.register(EngineCollector(engine))
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.batch_tokens.observe(stats.num_tokens)
+        self.batch_adapters.observe(stats.num_adapters)
+
+    def count_request(self, rpc: str, code: grpc.StatusCode) -> None:
+        self.requests.labels(rpc, code.name).inc()
+
+    def request_timer(self) -> RequestTimer:
+        return RequestTimer(self)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
+        self._http, self._http_thread = start_http_server(port, addr=host,
+                                                          registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class RequestTimer:
+    """Feed it a request's outputs; it observes TTFT, time per output token, latency and
+    token counts when the request finishes normally."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        if self.first is None and out.token_ids:
+            self.first = now
+            self.metrics.ttft.observe(now - self.start)
+        if not out.finished:
+            return
+        m = self.metrics
+        m.latency.observe(now - self.start)
+        m.prompt_tokens.inc(out.prompt_tokens)
+        m.generation_tokens.inc(out.completion_tokens)
+        if self.first is not None and out.completion_tokens > 1:
+            m.tpot.observe((now - self.first) / (out.completion_tokens - 1))
+
+
+class EngineCollector(Collector):
+    """Gauges and counters read from the engine and the adapter store at each scrape."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        sched = self.engine.scheduler
+        bm = sched.block_manager
+        yield _gauge("nolaserve_requests_running", "Requests holding KV blocks",
+                     sched.num_running)
+        yield _gauge("nolaserve_requests_waiting", "Requests waiting to be scheduled",
+                     sched.num_waiting)
+        yield _gauge("nolaserve_kv_cache_blocks_used", "KV-cache blocks in use",
+                     bm.num_blocks - bm.num_free_blocks)
+        yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", bm.num_blocks)
+        store = self.engine.store
+        if store is not None:
+            yield from self._store_metrics(store)
+
+    def _store_metrics(self, store) -> Iterator[Metric]:
+        host, pool = store.host.stats, store.slots.stats
+        counters = {"hits": (host.hits, pool.hits), "misses": (host.misses, pool.misses),
+                    "evictions": (host.evictions, pool.evictions)}
+        for what, (host_n, slot_n) in counters.items():
+            family = CounterMetricFamily(f"nolaserve_adapter_cache_{what}",
+                                         f"Adapter cache {what} (host: parsed adapters, "
+                                         "slot: device slots)", labels=["cache"])
+            family.add_metric(["host"], host_n)
+            family.add_metric(["slot"], slot_n)
+            yield family
+        yield _gauge("nolaserve_adapter_slots_used", "Device slots holding an adapter",
+                     pool.slots_used)
+        yield _gauge("nolaserve_adapter_slots_total", "Device slots", pool.slots_total)
+        yield _gauge("nolaserve_adapter_slots_pinned", "Pinned device slots", pool.pinned)
+        yield _gauge("nolaserve_host_cache_bytes", "Bytes of parsed adapters in host memory",
+                     host.bytes)
+        yield _gauge("nolaserve_host_cache_entries", "Parsed adapters in host memory",
+                     host.entries)
+        yield _gauge("nolaserve_adapters_registered", "Adapters in the registry",
+                     store.registry.count())
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

@@ -1,0 +1,116 @@
+"""What every servicer method shares: typed errors to gRPC status codes, the drain gate,
+and the per-RPC request counter. Servicers decorate their methods with ``@rpc``."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from .metrics import Metrics
+
+log = logging.getLogger("nolaserve.server")
+T = TypeVar("T")
+
+
+class ServerDrainingError(Exception):
+    """The server got SIGTERM and takes no new requests (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class RequestFailedError(Exception):
+    """The engine finished a request with an error, e.g. its adapter failed to load."""
+
+    def __init__(self, message: str, grpc_code: str = "FAILED_PRECONDITION"):
+        super().__init__(message)
+        self.grpc_code = grpc_code
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a failed RPC: a typed error's ``grpc_code``, a
+    ``ValueError`` (bad config or request value) is INVALID_ARGUMENT, anything else
+    INTERNAL (and logged with its traceback)."""
+    code_name = getattr(error, "grpc_code", None)
+    if isinstance(code_name, str) and code_name in grpc.StatusCode.__members__:
+        return grpc.StatusCode[code_name], str(error)
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    log.exception("unexpected error in an RPC", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}: " \
+                                     f"{error}); the server log has the traceback"
+
+
+class Gate:
+    """Counts RPCs in flight and turns new ones away once draining starts."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise ServerDrainingError("the server is shutting down and takes no new "
+                                      "requests; retry on another replica or after restart")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new RPCs; wait up to ``timeout`` s for those in flight. True if none left."""
+        self.draining = True
+        if self.in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class Servicer(Protocol):
+    gate: Gate
+    metrics: Metrics
+
+
+S = TypeVar("S", bound=Servicer)
+Method = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[T]]
+
+
+def rpc(method: Method) -> Method:
+    """Wrap a servicer method: refuse it while draining, count it by status code, and turn
+    any exception into an aborted RPC with the mapped code and a message. Cancellation
+    (client gone, deadline passed) propagates so the work below it stops."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> T:
+        code = grpc.StatusCode.OK
+        try:
+            self.gate.enter()
+            try:
+                return await method(self, request, context)
+            finally:
+                self.gate.exit()
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code, details = status_of(e)
+            await context.abort(code, details)
+        finally:
+            self.metrics.count_request(name, code)
+
+    return wrapper

@@ -1,0 +1,92 @@
+"""Helpers for the gRPC server tests: an in-process server on a free port over a tiny
+engine, raw stubs, and a slowed-down model runner for drain and deadline tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from nolaserve.clients.api import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from nolaserve.server.app import RunningServer, start
+from nolaserve.server.config import Config
+from nolaserve.server.engine.engine import Engine
+
+
+@dataclass
+class Client:
+    running: RunningServer
+    channel: grpc.aio.Channel
+    inference: inference_pb2_grpc.InferenceStub
+    admin: admin_pb2_grpc.AdminStub
+
+
+@asynccontextmanager
+async def serving(engine: Engine, credentials: grpc.ChannelCredentials | None = None,
+                  **config) -> AsyncIterator[Client]:
+    """A server for ``engine`` on a free port of 127.0.0.1 and a channel to it."""
+    cfg = Config(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config})
+    running = await start(cfg, engine)
+    target = f"127.0.0.1:{running.port}"
+    channel = (grpc.aio.secure_channel(target, credentials) if credentials
+               else grpc.aio.insecure_channel(target))
+    try:
+        yield Client(running, channel, inference_pb2_grpc.InferenceStub(channel),
+                     admin_pb2_grpc.AdminStub(channel))
+    finally:
+        await channel.close()
+        await running.stop(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(prompt: str = "héllo wörld", max_tokens: int = 8, adapter: str = "",
+            **sampling) -> inference_pb2.GenerateRequest:
+    """A greedy request (temperature 0, EOS ignored) unless ``sampling`` says otherwise."""
+    params = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True) | sampling
+    return inference_pb2.GenerateRequest(prompt=prompt, adapter_id=adapter,
+                                         sampling=inference_pb2.SamplingParams(**params))
+
+
+def slow_down(engine: Engine, seconds: float) -> None:
+    """Make every model step take at least ``seconds`` (long generations for drain and
+    deadline tests)."""
+    execute = engine.runner.execute
+
+    def slow_execute(batch):
+        time.sleep(seconds)
+        return execute(batch)
+
+    engine.runner.execute = slow_execute
+
+
+async def expect_code(code: grpc.StatusCode, call, match: str = "") -> str:
+    """Await ``call`` (a unary call or a stream, drained) and check it fails with ``code``
+    and a message containing ``match``; returns the message."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details()
+    return info.value.details()
+
+
+async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+    """Until the engine holds no request (aborts are applied between steps)."""
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished():
+        assert time.monotonic() < deadline, "the engine still has requests"
+        await asyncio.sleep(0.01)

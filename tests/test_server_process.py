@@ -1,0 +1,84 @@
+"""`serve(config)` as a real process over a tiny checkpoint: it prints its address, and on
+SIGTERM finishes the stream in flight, refuses new requests, and exits 0."""
+
+import asyncio
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import yaml
+from conftest import tiny_llama
+from server_helpers import expect_code, request
+
+from nolaserve.clients.api import inference_pb2, inference_pb2_grpc
+
+SERVE = ("import sys; from nolaserve.server.app import serve; "
+         "from nolaserve.server.config import Config; "
+         "sys.exit(serve(Config.load(sys.argv[1])))")
+
+
+def write_config(tmp_path, bytebpe) -> str:
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab_size=300, max_position_embeddings=1024).save_pretrained(model_dir)
+    bytebpe.save_pretrained(model_dir)
+    config = dict(model=str(model_dir), device="cpu", dtype="float32",
+                  cache_dir=str(tmp_path / "cache"), registry_path=":memory:", num_slots=2,
+                  max_rank=8, kv_cache_bytes=4 << 20, port=0, metrics_port=0,
+                  grace_period_s=30.0)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def read_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
+                     daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}"
+            continue
+        match = re.match(r"nolaserve listening on 127\.0\.0\.1:(\d+) \(metrics off\)", line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError("serve printed no address")
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path, bytebpe):
+    config = write_config(tmp_path, bytebpe)
+    with open(tmp_path / "stderr.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SERVE, config], text=True,
+                                stdout=subprocess.PIPE, stderr=err)
+    try:
+        port = read_port(proc)
+
+        async def main():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                stream = stub.GenerateStream(request(max_tokens=400))
+                tokens = list((await stream.read()).token_ids)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                await expect_code(grpc.StatusCode.UNAVAILABLE, stub.Generate(request()),
+                                  "shutting down")
+                while (m := await stream.read()) is not grpc.aio.EOF:
+                    tokens += m.token_ids
+                    last = m
+                return tokens, last
+
+        tokens, last = asyncio.run(main())
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(tokens) == 400 and last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert "draining" in (tmp_path / "stderr.log").read_text()
