@@ -157,7 +157,11 @@ def _serve(args: argparse.Namespace, connect: Connect) -> int:
           file=sys.stderr, flush=True)
     from nolaserve.server.app import serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except (OSError, ValueError, RuntimeError) as e:  # model load, bind, bad model dir
+        print(f"nolaserve failed to start: {e}", file=sys.stderr)
+        return 1
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:

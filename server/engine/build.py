@@ -24,13 +24,14 @@ def build_engine(config: Config, model=None, tokenizer=None,
     config would load (tests pass tiny models and in-memory registries)."""
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     cache_dir = Path(config.cache_dir).expanduser()
+    name = config.model or getattr(model, "name_or_path", "") or "SmolLM2-135M-Instruct"
     if model is None:
         model, tokenizer = load_model(config.model or None, device=device, dtype=dtype,
                                       cache_dir=cache_dir / "models")
     model = model.to(device=device, dtype=dtype).eval()
     spec = model_spec(model, config.target_modules or None, max_rank=config.max_rank,
                       max_num_basis=config.max_num_basis,
-                      name=config.model or "SmolLM2-135M-Instruct")
+                      name=name)
     if registry is None:
         registry = Registry(_registry_path(config, cache_dir))
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
