@@ -10,6 +10,8 @@ and the C loop in ``_philox.c`` (CPU fast path, used when it was built).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -76,6 +78,8 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
     without ever holding more than ``CHUNK`` basis values.
     """
     coeffs = coeffs.to(torch.float32)
+    if coeffs.device.type == "cuda" and (kernel := _cuda_contract()) is not None:
+        return kernel(seed, stream, coeffs, n_cols)
     if _native is not None and coeffs.device.type == "cpu":
         out = torch.zeros(n_cols, dtype=torch.float32)
         _native.contract(seed, stream, coeffs.contiguous().numpy().tobytes(), n_cols, out.numpy())
@@ -95,6 +99,17 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
             out[n0:n1] += coeffs[j] * _torch_values(seed, stream, j * n_cols + n0, n1 - n0,
                                                     coeffs.device)
     return out
+
+
+@functools.cache
+def _cuda_contract():
+    """``nola_triton.contract`` (same values, Philox in GPU registers), or None without
+    triton; imported on first use so CPU-only processes never import triton."""
+    try:
+        from .nola_triton import contract as kernel
+    except ImportError:
+        return None
+    return kernel
 
 
 def native_available() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -77,10 +78,24 @@ def choose_backend(x: torch.Tensor, batch: LoraBatch) -> Backend:
     batch spans several slots with fewer than ``GATHER_MAX_TOKENS_PER_SLOT`` tokens each
     on average (decode over many adapters), otherwise ``segment`` (one adapter, prefill).
     """
+    if x.is_cuda and (sgmv := cuda_backend()) is not None:
+        return sgmv
     num_segments = batch.num_segments
     if num_segments > 1 and batch.num_active < GATHER_MAX_TOKENS_PER_SLOT * num_segments:
         return gather_bmm
     return segment
+
+
+@functools.cache
+def cuda_backend() -> Backend | None:
+    """The Triton SGMV backend (``triton_lora.sgmv``), or None when triton does not import.
+
+    Imported on first use, so CPU-only processes never import triton."""
+    try:
+        from .triton_lora import sgmv
+    except ImportError:
+        return None
+    return sgmv
 
 
 def _check(

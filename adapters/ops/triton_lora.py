@@ -1,0 +1,153 @@
+"""Triton backend of ``add_lora``: one fused SGMV kernel (shrink and expand in one launch).
+
+Same signature and meaning as the torch backends, ``(y, x, A, B, scale, batch) -> y``::
+
+    for i in range(T):
+        if idx[i] >= 0:  # -1: the row is never loaded nor stored
+            y[i] += (x[i] @ A[idx[i]].T) @ B[idx[i]].T * scale[idx[i]]
+
+Tokens are grouped by slot with ``batch.sorted_tokens`` (the segments of ``LoraBatch``);
+each program takes ``BLOCK_T`` tokens of one segment, computes their ``[BLOCK_T, r_max]``
+shrink in fp32 registers once, then expands it over a chunk of the output columns. Only
+rows of active tokens are written, each by exactly one program, so no atomics are needed.
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Ranks
+above ``MAX_FUSED_RANK`` do not fit the fused kernel's registers: they go to the torch
+``segment`` backend (cuBLAS per slot).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .batch import LoraBatch
+from .torch_lora import segment
+
+MAX_FUSED_RANK = 64
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_K = 64  # input columns per shrink step
+BLOCK_O = 64  # output columns per expand step
+TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132 SMs): enough to fill the GPU
+
+
+@triton.jit
+def _sgmv_kernel(
+    y, x, A, B, scale, tokens, seg_slots, seg_starts,
+    num_segments, num_active, d_in, d_out, r_max, out_chunk,
+    sy0, sy1, sx0, sx1, sa0, sa1, sa2, sb0, sb1, sb2,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr, FP32: tl.constexpr,
+):
+    """Program ``(seg, tile, chunk)``, with ``rows = sorted_tokens[a:b]`` (its tokens of
+    segment ``seg``, slot ``s``) and ``cols`` (its chunk of the output columns)::
+
+        v = (x[rows].float() @ A[s].float().T) * scale[s]            # [BLOCK_T, r_max]
+        y[rows, cols] = (y[rows, cols].float() + v @ B[s, cols].T).to(y.dtype)
+
+    ``v`` is rounded to ``x``'s dtype before the expand for fp16/bf16 (tensor cores);
+    fp32 uses IEEE fp32 dots (no TF32).
+    """
+    seg = tl.program_id(0)
+    start = tl.load(seg_starts + seg)
+    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
+    t0 = start + tl.program_id(1) * BLOCK_T
+    if t0 < end:
+        slot = tl.load(seg_slots + seg)
+        s = tl.load(scale + slot).to(tl.float32)
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < r_max
+        kk = tl.arange(0, BLOCK_K)
+        v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < d_in
+            xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+            at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
+                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+            v = tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
+        v = v * s
+        if not FP32:
+            v = v.to(x.dtype.element_ty)
+        o_begin = tl.program_id(2) * out_chunk
+        o_end = tl.minimum(o_begin + out_chunk, d_out)
+        for o0 in range(o_begin, o_end, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            o_ok = o < o_end
+            bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
+            d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
+            ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
+            m = row_ok[:, None] & o_ok[None, :]
+            yt = tl.load(ptr, mask=m)
+            tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+def _check(y, x, A, B, scale, batch: LoraBatch) -> None:
+    """The launcher's own checks (it may be called without ``add_lora``'s)."""
+    from .dispatch import _check as check_common  # dispatch imports this module lazily
+
+    check_common(y, x, A, B, scale, batch)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the Triton backend takes fp16, bf16 or fp32, got {x.dtype}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the Triton backend needs CUDA tensors, got {x.device}")
+    for name, t in (("sorted_tokens", batch.sorted_tokens), ("seg_slot_index",
+                                                              batch.seg_slot_index)):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError(f"batch.{name} must be contiguous int64, got {t.dtype}")
+    if not scale.is_contiguous():
+        raise ValueError("scale must be contiguous")
+
+
+def _blocks(batch: LoraBatch, d_out: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only."""
+    starts = batch.seg_starts
+    longest = max(b - a for a, b in zip(starts, starts[1:]))
+    block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
+    tiles = triton.cdiv(longest, block_t)
+    busy = sum(triton.cdiv(b - a, block_t) for a, b in zip(starts, starts[1:]))
+    out_tiles = triton.cdiv(d_out, BLOCK_O)
+    chunks = max(1, min(out_tiles, TARGET_PROGRAMS // busy))  # fewer chunks: less recompute
+    return block_t, tiles, triton.cdiv(out_tiles, chunks) * BLOCK_O
+
+
+def sgmv(
+    y: torch.Tensor,  # [T, out]
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [S, r_max, in]
+    B: torch.Tensor,  # [S, out, r_max]
+    scale: torch.Tensor,  # [S]
+    batch: LoraBatch,
+) -> torch.Tensor:
+    """``add_lora`` on the GPU in one launch (see the module docstring for the semantics).
+
+    fp16/bf16/fp32 with fp32 accumulation; any strides for ``x``, ``y``, ``A`` and ``B``
+    (``y`` may be a column slice of a fused qkv output). ``r_max > MAX_FUSED_RANK`` runs
+    ``segment``. Raises ``ValueError`` on bad shapes, dtypes or devices.
+    """
+    _check(y, x, A, B, scale, batch)
+    if not batch.has_adapters:
+        return y
+    r_max = A.shape[1]
+    if r_max > MAX_FUSED_RANK:
+        return segment(y, x, A, B, scale, batch)
+    # [N] start of each segment in sorted_tokens, on the device: no host sync
+    seg_starts = torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
+    block_t, tiles, out_chunk = _blocks(batch, y.shape[1])
+    grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
+    _sgmv_kernel[grid](
+        y, x, A, B, scale, batch.sorted_tokens, batch.seg_slot_index, seg_starts,
+        batch.num_segments, batch.num_active, x.shape[1], y.shape[1], r_max, out_chunk,
+        *y.stride(), *x.stride(), *A.stride(), *B.stride(),
+        BLOCK_T=block_t, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(r_max)),
+        BLOCK_O=BLOCK_O, FP32=x.dtype == torch.float32,
+    )
+    return y

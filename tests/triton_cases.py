@@ -1,0 +1,166 @@
+"""Triton kernels held to the CPU references; run by ``test_triton_kernels.py`` in a child
+process, under ``TRITON_INTERPRET=1`` on CPU tensors or natively on CUDA.
+
+Not collected on its own (the name does not start with ``test_``): the interpreter must be
+switched on before triton is imported, which only a fresh process can guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_add_lora import make_case, token_slots
+
+from nolaserve.adapters import nola_triton, philox
+from nolaserve.adapters.nola import random_nola
+from nolaserve.adapters.ops import LoraBatch, add_lora, choose_backend, reference
+from nolaserve.adapters.ops.triton_lora import MAX_FUSED_RANK, sgmv
+from nolaserve.adapters.spec import BaseModelSpec
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+SPREADS = ("distinct", "uniform", "zipf", "identical", "skewed", "mixed", "sorted_mixed",
+           "consecutive", "none")
+NUM_TOKENS = (1, 3, 7, 33)
+# the interpreter's bf16 tl.dot is broken (it reads bf16 bits as garbage): fp16 stands in
+DTYPES = (torch.float32, torch.float16) if INTERPRETED else (
+    torch.float32, torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+             torch.float16: dict(atol=2e-2, rtol=2e-2),
+             torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", NUM_TOKENS)
+@pytest.mark.parametrize("spread", SPREADS)
+def test_sgmv_matches_reference(spread, n, dtype):
+    """Small odd shapes: in = 40 spans a partial BLOCK_K, out = 70 a partial BLOCK_O."""
+    A, B, _, scale, x, y, gen = make_case(n, 40, 70, dtype, seed=n)
+    slots = token_slots(spread, n, gen)
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    A, B, scale, x, y, slots = on_device(A, B, scale, x, y, slots)
+    out = add_lora(y, x, A, B, scale, slots, backend=sgmv)
+    assert out is y and out.dtype == dtype
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+
+
+def test_minus_one_rows_untouched_bit_for_bit():
+    A, B, _, scale, x, y, _ = make_case(7, 32, 48, torch.float32)
+    slots = torch.tensor([-1, 2, -1, -1, 0, 2, -1])
+    none = slots < 0
+    y[none] = torch.tensor([-0.0, float("nan"), float("inf"), -0.0]).repeat(48).view(4, 48)
+    x[none] = float("nan")
+    before = y.clone()
+    A, B, scale, x, y, slots = on_device(A, B, scale, x, y, slots)
+    y = add_lora(y, x, A, B, scale, slots, backend=sgmv).cpu()
+    assert torch.equal(y[none].view(torch.int32), before[none].view(torch.int32))
+    assert torch.isfinite(y[~none]).all() and not torch.equal(y[~none], before[~none])
+
+
+def test_strided_views_and_many_tokens_per_slot():
+    """y a column slice of a fused output, x a transposed view; 100 tokens in 3 slots
+    (several BLOCK_T tiles per segment)."""
+    n = 100
+    A, B, _, scale, x, y, gen = make_case(n, 32, 16, torch.float32)
+    slots = torch.randint(-1, 3, (n,), generator=gen)
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    fused = torch.randn(n, 48, generator=gen)
+    fused[:, 16:32] = y
+    A, B, scale, slots, fused = on_device(A, B, scale, slots, fused)
+    x_view = x.T.contiguous().to(DEVICE).T  # [n, 32], strides (1, n)
+    add_lora(fused[:, 16:32], x_view, A, B, scale, slots, backend=sgmv)
+    torch.testing.assert_close(fused[:, 16:32].cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_large_rank_falls_back_and_agrees():
+    r, n = MAX_FUSED_RANK + 8, 5
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, r, 24, generator=gen), torch.randn(2, 20, r, generator=gen)
+    x, y, scale = torch.randn(n, 24, generator=gen), torch.randn(n, 20), torch.ones(2)
+    slots = torch.tensor([1, -1, 0, 1, 1])
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    A, B, scale, x, y, slots = on_device(A, B, scale, x, y, slots)
+    out = sgmv(y, x, A, B, scale, LoraBatch.from_token_slot(slots))
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_launcher_rejects_bad_inputs():
+    A, B, _, scale, x, y, _ = make_case(3, 32, 48, torch.float32)
+    A, B, scale, x, y = on_device(A, B, scale, x, y)
+    batch = LoraBatch.from_token_slot(torch.tensor([0, 1, -1], device=DEVICE))
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        sgmv(y.double(), x.double(), A.double(), B.double(), scale, batch)
+    with pytest.raises(ValueError, match="must be"):
+        sgmv(y, x, A[:, :4], B, scale, batch)
+
+
+def test_auto_choice_on_cuda_is_triton():
+    x = torch.zeros(2, 4, device=DEVICE)
+    batch = LoraBatch.from_token_slot(torch.tensor([0, 1], device=DEVICE))
+    assert (choose_backend(x, batch) is sgmv) == (DEVICE == "cuda")
+
+
+def bits(t: torch.Tensor) -> list[int]:
+    return t.cpu().view(torch.int32).tolist()
+
+
+@pytest.mark.parametrize(("seed", "stream", "start", "count"), [
+    (0, 0, 0, 9), (1, 1, 3, 37), (42, 3, 7, 5), ((1 << 32) + 5, 17, 1000003, 40),
+    (1099511627853, 17, 1000003, 3), ((1 << 63) - 1, 1, 123456789, 20),
+    ((1 << 63) - 1, (1 << 24) - 1, (1 << 42) - 64, 64), (7, 1 << 23, 1 << 33, 11),
+])
+def test_basis_values_bit_identical(seed, stream, start, count):
+    expected = philox.basis_values(seed, stream, start, count)  # C loop (or torch) on CPU
+    assert bits(nola_triton.basis_values(seed, stream, start, count, DEVICE)) == bits(expected)
+
+
+@pytest.mark.parametrize(("seed", "stream", "k", "n_cols"), [
+    (0, 0, 5, 24), ((1 << 40) + 3, 9, 7, 13), ((1 << 63) - 1, (1 << 24) - 2, 3, 1),
+    (5, 1, 4, 2), ((1 << 32) + 1, 1 << 23, 6, 4100), (3, 2, 1, 1030),
+])
+def test_contract_matches_cpu(seed, stream, k, n_cols):
+    coeffs = torch.randn(k, generator=torch.Generator().manual_seed(stream))
+    expected = philox.contract(seed, stream, coeffs, n_cols)
+    got = nola_triton.contract(seed, stream, coeffs.to(DEVICE), n_cols)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_contract_with_one_hot_coeffs_is_the_basis_row_bit_for_bit():
+    for n_cols in (12, 13):
+        coeffs = torch.zeros(3)
+        coeffs[2] = 1.0
+        row = philox.basis_values(9, 4, 2 * n_cols, n_cols)
+        assert bits(nola_triton.contract(9, 4, coeffs.to(DEVICE), n_cols)) == bits(row)
+
+
+def test_materialize_matches_cpu():
+    """On CUDA, ``NolaAdapter.materialize`` goes through the kernel (``philox.contract``'s
+    hook); interpreted, the same per-module contraction is written out by hand."""
+    spec = BaseModelSpec(num_layers=2, module_shapes={"q": (8, 6), "v": (7, 3)}, max_rank=8)
+    adapter = random_nola(spec, seed=(1 << 40) + 11, rank=4, num_basis=16)
+    cpu = adapter.materialize("cpu")
+    if DEVICE == "cuda":
+        assert philox._cuda_contract() is nola_triton.contract
+        got = {key: (f.A, f.B) for key, f in adapter.materialize("cuda").modules.items()}
+    else:
+        got = {}
+        for i in range(adapter.num_layers):
+            for t, name in enumerate(adapter.target_modules):
+                n_in, n_out = adapter.module_shapes[name]
+                s, r = adapter.stream(i, t), adapter.rank
+                a = nola_triton.contract(adapter.seed, s, adapter.alpha[i, t], r * n_in)
+                b = nola_triton.contract(adapter.seed, s + 1, adapter.beta[i, t], n_out * r)
+                got[i, name] = (a.view(r, n_in) / 4.0, b.view(n_out, r) / 4.0)  # sqrt(16)
+    assert got.keys() == cpu.modules.keys()
+    for key, f in cpu.modules.items():
+        torch.testing.assert_close(got[key][0].cpu(), f.A, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[key][1].cpu(), f.B, atol=1e-5, rtol=1e-5)
