@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import cli_adapters
+from . import bench_cli, cli_adapters
 from .cli_adapters import Connect, UsageError
 from .client import DEFAULT_TARGET, Client, NolaserveError
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("basis_id", metavar="BASIS_ID")
     p.add_argument("source_ids", metavar="SOURCE_ID", nargs="+")
     p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K")
+    bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     command("info", _info, "print the server's model and limits as JSON")
     command("health", _health, "print the grpc.health.v1 status (exit 1 unless SERVING)")
     return parser
