@@ -13,8 +13,11 @@ from nolaserve.adapters.ops import (
     BACKENDS,
     LoraBatch,
     add_lora,
+    add_lora_multi,
     choose_backend,
+    choose_multi_backend,
     gather_bmm,
+    loop_modules,
     reference,
     segment,
 )
@@ -255,3 +258,37 @@ def test_bad_inputs_raise_value_error(name):
     args = {**_args(), **override}
     with pytest.raises(ValueError, match=message):
         add_lora(**args)
+
+
+@pytest.mark.parametrize("n", (1, 7, 133))
+@pytest.mark.parametrize("spread", ("distinct", "uniform", "mixed", "identical", "none"))
+@pytest.mark.parametrize("modules", (1, 2, 3))
+def test_add_lora_multi_is_the_loop(modules, spread, n):
+    """Modules with their own out size and r_max (module 1: r_max 5, B a strided view),
+    one x and one slot vector; bit-equal to looping add_lora, -1 rows untouched."""
+    cases = [make_case(n, 32, out, torch.float32, seed=n + m)
+             for m, out in enumerate((48, 16, 40)[:modules])]
+    x, gen = cases[0][4], cases[0][6]
+    As = [c[0][:, :5] if m == 1 else c[0] for m, c in enumerate(cases)]
+    Bs = [c[1][:, :, :5] if m == 1 else c[1] for m, c in enumerate(cases)]
+    scales, ys = [c[3] for c in cases], [c[5] for c in cases]
+    slots = token_slots(spread, n, gen)
+    expected = [add_lora(y.clone(), x, A, B, s, slots) for y, A, B, s in zip(ys, As, Bs, scales)]
+    before = [y.clone() for y in ys]
+    assert choose_multi_backend(x) is loop_modules
+    out = add_lora_multi(ys, x, As, Bs, scales, slots)
+    assert out is ys
+    none = slots < 0
+    for got, want, old in zip(out, expected, before, strict=True):
+        assert torch.equal(got, want)
+        assert torch.equal(got[none], old[none])
+
+
+def test_add_lora_multi_checks_every_module():
+    A, B, _, scale, x, y, _ = make_case(4, 32, 48, torch.float32)
+    slots = torch.tensor([0, -1, 5, 1])
+    with pytest.raises(ValueError, match="one entry per module"):
+        add_lora_multi([y, y], x, [A], [B], [scale], slots)
+    with pytest.raises(ValueError, match=r"it must be \[6, 48, 8\]"):
+        add_lora_multi([y, y.clone()], x, [A, A], [B, B[:, :47]], [scale, scale], slots)
+    assert add_lora_multi([], x, [], [], [], slots) == []

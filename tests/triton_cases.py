@@ -15,8 +15,16 @@ from test_add_lora import make_case, token_slots
 
 from nolaserve.adapters import nola_triton, philox
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.ops import LoraBatch, add_lora, choose_backend, reference
+from nolaserve.adapters.ops import (
+    LoraBatch,
+    add_lora,
+    add_lora_multi,
+    choose_backend,
+    choose_multi_backend,
+    reference,
+)
 from nolaserve.adapters.ops.triton_lora import MAX_FUSED_RANK, sgmv
+from nolaserve.adapters.ops.triton_multi import sgmv_multi
 from nolaserve.adapters.spec import BaseModelSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,6 +115,95 @@ def test_auto_choice_on_cuda_is_triton():
     x = torch.zeros(2, 4, device=DEVICE)
     batch = LoraBatch.from_token_slot(torch.tensor([0, 1], device=DEVICE))
     assert (choose_backend(x, batch) is sgmv) == (DEVICE == "cuda")
+
+
+MULTI_OUTS = (70, 24, 130)  # per module: a partial BLOCK_O, one tile, three tiles
+
+
+def multi_case(modules: int, n: int, dtype: torch.dtype, seed: int = 0):
+    """``modules`` (y, A, B, scale) sharing one x (in = 40): module 0 has r_max 8, module 1
+    r_max 5 as strided views of padded weights, module 2 r_max 20, all dense."""
+    ys, As, Bs, scales = [], [], [], []
+    for m in range(modules):
+        A, B, _, scale, x, y, gen = make_case(n, 40, MULTI_OUTS[m], dtype, seed=seed)
+        if m == 1:
+            A, B = A[:, :5], B[:, :, :5]  # B's rows strided by 8
+        if m == 2:
+            A = torch.randn(A.shape[0], 20, 40, generator=gen).div(40**0.5).to(dtype)
+            B = torch.randn(B.shape[0], MULTI_OUTS[m], 20, generator=gen).to(dtype)
+        ys.append(torch.randn(n, MULTI_OUTS[m], generator=gen).to(dtype))
+        As.append(A), Bs.append(B), scales.append(scale + m)
+    return ys, x, As, Bs, scales, gen
+
+
+def looped_reference(ys, x, As, Bs, scales, slots) -> list[torch.Tensor]:
+    batch = LoraBatch.from_token_slot(slots)
+    return [reference(y.clone(), x, A, B, s, batch) for y, A, B, s in zip(ys, As, Bs, scales)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("n", (1, 7, 33))
+@pytest.mark.parametrize("spread", ("distinct", "uniform", "mixed", "identical"))
+@pytest.mark.parametrize("modules", (1, 2, 3))
+def test_sgmv_multi_matches_looped_reference(modules, spread, n, dtype):
+    ys, x, As, Bs, scales, gen = multi_case(modules, n, dtype, seed=n)
+    slots = token_slots(spread, n, gen)
+    expected = looped_reference(ys, x, As, Bs, scales, slots)
+    ys, As, Bs, scales = (on_device(*t) for t in (ys, As, Bs, scales))
+    x, slots = on_device(x, slots)
+    out = add_lora_multi(ys, x, As, Bs, scales, slots, backend=sgmv_multi)
+    assert out is ys
+    for got, want in zip(out, expected, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu(), want, **TOLERANCE[dtype])
+
+
+def test_sgmv_multi_minus_one_rows_untouched_and_fused_slices():
+    """q, k, v as column slices of one fused output; -1 rows bit-for-bit unchanged, even
+    -0.0 and NaN, and NaN in their x; more than three modules take two launches."""
+    n, outs = 7, (16, 8, 8, 12)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 40, generator=gen)
+    As = [torch.randn(6, 8, 40, generator=gen) / 6 for _ in outs]
+    Bs = [torch.randn(6, o, 8, generator=gen) for o in outs]
+    scales = [torch.rand(6, generator=gen) + 0.5 for _ in outs]
+    slots = torch.tensor([-1, 2, -1, -1, 0, 2, 5])
+    none = slots < 0
+    fused = torch.randn(n, sum(outs) + 3, generator=gen)
+    fused[none] = torch.tensor([-0.0, float("nan"), float("inf")]).repeat(20)[:sum(outs) + 3]
+    x[none] = float("nan")
+    edges = [0, *torch.tensor(outs).cumsum(0).tolist()]
+    expected = looped_reference([fused[:, a:b] for a, b in zip(edges, edges[1:])], x, As, Bs,
+                                scales, slots)
+    before = fused.clone()
+    fused, x, slots = on_device(fused, x, slots)
+    As, Bs, scales = (on_device(*t) for t in (As, Bs, scales))
+    ys = [fused[:, a:b] for a, b in zip(edges, edges[1:])]
+    add_lora_multi(ys, x, As, Bs, scales, slots, backend=sgmv_multi)
+    fused = fused.cpu()
+    assert torch.equal(fused[none].view(torch.int32), before[none].view(torch.int32))
+    assert torch.equal(fused[:, -3:].view(torch.int32), before[:, -3:].view(torch.int32))
+    for (a, b), want in zip(zip(edges, edges[1:]), expected, strict=True):
+        torch.testing.assert_close(fused[:, a:b], want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_sgmv_multi_large_rank_module_and_bad_inputs():
+    ys, x, As, Bs, scales, gen = multi_case(2, 5, torch.float32)
+    As[1] = torch.randn(6, MAX_FUSED_RANK + 8, 40, generator=gen) / 8
+    Bs[1] = torch.randn(6, ys[1].shape[1], MAX_FUSED_RANK + 8, generator=gen)
+    slots = torch.tensor([1, -1, 0, 1, 4])
+    expected = looped_reference(ys, x, As, Bs, scales, slots)
+    ys, As, Bs, scales = (on_device(*t) for t in (ys, As, Bs, scales))
+    x, slots = on_device(x, slots)
+    sgmv_multi(ys, x, As, Bs, scales, LoraBatch.from_token_slot(slots))
+    for got, want in zip(ys, expected, strict=True):
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    batch = LoraBatch.from_token_slot(slots)
+    with pytest.raises(ValueError, match="one entry per module"):
+        sgmv_multi(ys, x, As[:1], Bs, scales, batch)
+    with pytest.raises(ValueError, match="must not overlap"):
+        sgmv_multi([ys[0], ys[0]], x, [As[0]] * 2, [Bs[0]] * 2, [scales[0]] * 2, batch)
+    assert (choose_multi_backend(x) is sgmv_multi) == (DEVICE == "cuda")
 
 
 def bits(t: torch.Tensor) -> list[int]:

@@ -2,21 +2,36 @@
 
 ``add_lora(y, x, A, B, scale, token_slot)`` adds, for every token ``i`` with
 ``token_slot[i] >= 0``, ``(x[i] @ A[s].T) @ B[s].T * scale[s]`` (``s = token_slot[i]``)
-to ``y[i]`` in place; ``-1`` adds nothing. See ``add_lora`` for shapes and
-``LoraBatch`` for the per-step batch description that every layer's call shares.
+to ``y[i]`` in place; ``-1`` adds nothing. ``add_lora_multi(ys, x, As, Bs, scales,
+token_slot)`` is ``add_lora`` looped over modules that share ``x`` (q, k, v), in one
+launch on CUDA. See ``add_lora`` for shapes and ``LoraBatch`` for the per-step batch
+description that every layer's call shares.
 """
 
 from .batch import LoraBatch
-from .dispatch import BACKENDS, Backend, add_lora, choose_backend
+from .dispatch import (
+    BACKENDS,
+    Backend,
+    MultiBackend,
+    add_lora,
+    add_lora_multi,
+    choose_backend,
+    choose_multi_backend,
+    loop_modules,
+)
 from .torch_lora import gather_bmm, reference, segment
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "LoraBatch",
+    "MultiBackend",
     "add_lora",
+    "add_lora_multi",
     "choose_backend",
+    "choose_multi_backend",
     "gather_bmm",
+    "loop_modules",
     "reference",
     "segment",
 ]

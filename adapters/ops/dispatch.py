@@ -1,9 +1,10 @@
-"""The public batched low-rank op ``add_lora`` and its backend choice."""
+"""The public batched low-rank ops ``add_lora`` and ``add_lora_multi`` and their
+backend choice."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +18,9 @@ Backend = Callable[
 
 # Every backend, for tests and benchmarks to iterate; all must agree with ``reference``.
 BACKENDS: tuple[Backend, ...] = (reference, segment, gather_bmm)
+
+Tensors = Sequence[torch.Tensor]
+MultiBackend = Callable[[Tensors, torch.Tensor, Tensors, Tensors, Tensors, LoraBatch], Tensors]
 
 # ``gather_bmm`` beats ``segment`` on CPU below about this many tokens per distinct slot
 # (measured on SmolLM2's q_proj, 576 -> 576, r = 8; see ``choose_backend``).
@@ -96,6 +100,86 @@ def cuda_backend() -> Backend | None:
     except ImportError:
         return None
     return sgmv
+
+
+def add_lora_multi(
+    ys: Tensors,
+    x: torch.Tensor,
+    As: Tensors,
+    Bs: Tensors,
+    scales: Tensors,
+    token_slot: LoraBatch | torch.Tensor,
+    *,
+    backend: MultiBackend | None = None,
+) -> Tensors:
+    """``add_lora`` for several modules that read the same ``x`` (q, k, v); returns ``ys``.
+
+    Exactly equal to::
+
+        for y, A, B, scale in zip(ys, As, Bs, scales):
+            add_lora(y, x, A, B, scale, token_slot)
+
+    Shapes, per module ``m`` (each its own ``out_m``, ``r_m`` and slot count ``S_m``;
+    one ``x``, one ``token_slot``, one dtype)::
+
+        ys[m]:      [T, out_m]         updated in place; must not overlap one another
+                                       (column slices of one fused qkv output are fine)
+        x:          [T, in]
+        As[m]:      [S_m, r_m, in]
+        Bs[m]:      [S_m, out_m, r_m]
+        scales[m]:  [S_m]
+        token_slot: [T] integer in [-1, min S_m), or a ``LoraBatch``
+
+    ``backend`` is ``loop_modules`` (the torch loop above) or, on CUDA,
+    ``triton_multi.sgmv_multi`` (one launch per three modules, reading ``x`` once per
+    launch); ``None`` picks with ``choose_multi_backend``. Raises ``ValueError`` like
+    ``add_lora``, and when the lists differ in length.
+    """
+    batch = token_slot if isinstance(token_slot, LoraBatch) else LoraBatch.from_token_slot(
+        token_slot
+    )
+    if not len(ys) == len(As) == len(Bs) == len(scales):
+        raise ValueError(
+            f"ys, As, Bs, scales must have one entry per module; got {len(ys)}, {len(As)}, "
+            f"{len(Bs)}, {len(scales)}"
+        )
+    for y, A, B, scale in zip(ys, As, Bs, scales):
+        _check(y, x, A, B, scale, batch)
+    if not batch.has_adapters:
+        return ys
+    if backend is None:
+        backend = choose_multi_backend(x)
+    return backend(ys, x, As, Bs, scales, batch)
+
+
+def loop_modules(
+    ys: Tensors, x: torch.Tensor, As: Tensors, Bs: Tensors, scales: Tensors, batch: LoraBatch
+) -> Tensors:
+    """The torch backend of ``add_lora_multi``: its definition, one ``add_lora`` backend
+    call per module (``choose_backend``'s pick, made once)."""
+    backend = choose_backend(x, batch)
+    for y, A, B, scale in zip(ys, As, Bs, scales):
+        backend(y, x, A, B, scale, batch)
+    return ys
+
+
+def choose_multi_backend(x: torch.Tensor) -> MultiBackend:
+    """``triton_multi.sgmv_multi`` for CUDA tensors when triton imports, else
+    ``loop_modules``."""
+    if x.is_cuda and (multi := cuda_multi_backend()) is not None:
+        return multi
+    return loop_modules
+
+
+@functools.cache
+def cuda_multi_backend() -> MultiBackend | None:
+    """``triton_multi.sgmv_multi``, or None when triton does not import (lazy, like
+    ``cuda_backend``)."""
+    try:
+        from .triton_multi import sgmv_multi
+    except ImportError:
+        return None
+    return sgmv_multi
 
 
 def _check(

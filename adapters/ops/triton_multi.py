@@ -1,0 +1,183 @@
+"""Triton backend of ``add_lora_multi``: up to three modules that share one input (q, k, v)
+in one launch, with each tile of ``x`` loaded once for all of their shrinks.
+
+Same meaning as looping ``sgmv`` (``triton_lora.py``) over the modules::
+
+    for y, A, B, scale in zip(ys, As, Bs, scales):
+        for i in range(T):
+            if idx[i] >= 0:  # -1: the row is never loaded nor stored
+                y[i] += (x[i] @ A[idx[i]].T) @ B[idx[i]].T * scale[idx[i]]
+
+The grid is ``sgmv``'s, ``(segment, token tile, output chunk)``, and every program serves
+all the modules: it streams ``x[rows]`` over ``in`` once, feeding each ``[BLOCK_T, BLOCK_K]``
+tile to every module's shrink (one fp32 ``[BLOCK_T, r_max_m]`` accumulator each), then
+expands chunk ``c`` of each module's output columns (module ``m`` is cut into as many
+chunks as the others, of ``out_chunk_m`` columns). A module axis in the grid would give
+each module its own programs and so its own reads of ``x``: what this kernel avoids.
+Only rows of active tokens are written, each column by exactly one program: no atomics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .batch import LoraBatch
+from .triton_lora import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, _blocks, sgmv
+from .triton_lora import _check as check_module
+
+MAX_MODULES = 3  # per launch; more are launched in groups of three
+
+
+@triton.jit
+def _shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
+            BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+    """``v += xt @ A[slot, :, k].T`` for one ``[BLOCK_T, BLOCK_K]`` tile ``xt`` of ``x``."""
+    r = tl.arange(0, BLOCK_R)
+    at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
+                 mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+    return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
+
+
+@triton.jit
+def _expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
+            sy0, sy1, sb0, sb1, sb2, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+            FP32: tl.constexpr):
+    """``y[rows, cols] += (v * scale[slot]) @ B[slot, cols].T`` over this program's chunk
+    ``cols`` of one module's output columns; ``sgmv``'s expand, rounding included."""
+    v = v * tl.load(scale + slot).to(tl.float32)
+    if not FP32:
+        v = v.to(y.dtype.element_ty)  # tensor cores; fp32 stays IEEE
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < r_max
+    o_begin = chunk * out_chunk
+    o_end = tl.minimum(o_begin + out_chunk, d_out)
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        o_ok = o < o_end
+        bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
+                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
+        d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
+        ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
+        m = row_ok[:, None] & o_ok[None, :]
+        yt = tl.load(ptr, mask=m)
+        tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+@triton.jit
+def _sgmv_multi_kernel(
+    x, tokens, seg_slots, seg_starts, num_segments, num_active, d_in, sx0, sx1,
+    y0, A0, B0, sc0, d_out0, r0, chunk0, sy00, sy01, sa00, sa01, sa02, sb00, sb01, sb02,
+    y1, A1, B1, sc1, d_out1, r1, chunk1, sy10, sy11, sa10, sa11, sa12, sb10, sb11, sb12,
+    y2, A2, B2, sc2, d_out2, r2, chunk2, sy20, sy21, sa20, sa21, sa22, sb20, sb21, sb22,
+    M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_R0: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """Program ``(seg, tile, c)``: rows ``sorted_tokens[a:b]`` of segment ``seg`` (slot
+    ``s``); for each module ``m < M`` (unused modules' arguments repeat module 0's)::
+
+        v_m = x[rows].float() @ A_m[s].float().T                     # [BLOCK_T, r_m]
+        y_m[rows, cols_m(c)] += v_m * scale_m[s] @ B_m[s, cols_m(c)].T
+    """
+    seg = tl.program_id(0)
+    start = tl.load(seg_starts + seg)
+    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
+    t0 = start + tl.program_id(1) * BLOCK_T
+    if t0 < end:
+        slot = tl.load(seg_slots + seg)
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
+        kk = tl.arange(0, BLOCK_K)
+        v0 = tl.zeros([BLOCK_T, BLOCK_R0], dtype=tl.float32)
+        v1 = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
+        v2 = tl.zeros([BLOCK_T, BLOCK_R2], dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < d_in
+            xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # loaded once
+            v0 = _shrink(v0, xt, A0, slot, k, k_ok, r0, sa00, sa01, sa02, BLOCK_R0, FP32)
+            if M > 1:
+                v1 = _shrink(v1, xt, A1, slot, k, k_ok, r1, sa10, sa11, sa12, BLOCK_R1, FP32)
+            if M > 2:
+                v2 = _shrink(v2, xt, A2, slot, k, k_ok, r2, sa20, sa21, sa22, BLOCK_R2, FP32)
+        c = tl.program_id(2)
+        _expand(v0, y0, B0, sc0, slot, tok, row_ok, c, chunk0, d_out0, r0,
+                sy00, sy01, sb00, sb01, sb02, BLOCK_R0, BLOCK_O, FP32)
+        if M > 1:
+            _expand(v1, y1, B1, sc1, slot, tok, row_ok, c, chunk1, d_out1, r1,
+                    sy10, sy11, sb10, sb11, sb12, BLOCK_R1, BLOCK_O, FP32)
+        if M > 2:
+            _expand(v2, y2, B2, sc2, slot, tok, row_ok, c, chunk2, d_out2, r2,
+                    sy20, sy21, sb20, sb21, sb22, BLOCK_R2, BLOCK_O, FP32)
+
+
+def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
+    """Each module passes ``sgmv``'s checks; outputs may not share storage."""
+    if not len(ys) == len(As) == len(Bs) == len(scales):
+        raise ValueError(
+            f"ys, As, Bs, scales must have one entry per module; got {len(ys)}, {len(As)}, "
+            f"{len(Bs)}, {len(scales)}"
+        )
+    for y, A, B, scale in zip(ys, As, Bs, scales):
+        check_module(y, x, A, B, scale, batch)
+    ptrs = [y.data_ptr() for y in ys if y.numel()]
+    if len(set(ptrs)) != len(ptrs):
+        raise ValueError("the outputs ys must not overlap (column slices of one tensor are fine)")
+
+
+def _launch(ys, x, As, Bs, scales, batch: LoraBatch, seg_starts: torch.Tensor) -> None:
+    """One kernel launch for up to ``MAX_MODULES`` modules."""
+    d_max = max(1, *(y.shape[1] for y in ys))
+    block_t, tiles, widest = _blocks(batch, d_max)
+    chunks = triton.cdiv(d_max, widest)  # every module is cut into this many chunks
+    args, block_r = [], []
+    for m in range(MAX_MODULES):
+        i = m if m < len(ys) else 0  # unused modules repeat module 0 (never read)
+        y, A, B, scale = ys[i], As[i], Bs[i], scales[i]
+        out_chunk = triton.cdiv(triton.cdiv(y.shape[1], BLOCK_O), chunks) * BLOCK_O
+        args += [y, A, B, scale, y.shape[1], A.shape[1], out_chunk,
+                 *y.stride(), *A.stride(), *B.stride()]
+        block_r.append(max(16, triton.next_power_of_2(A.shape[1])))
+    _sgmv_multi_kernel[(batch.num_segments, tiles, chunks)](
+        x, batch.sorted_tokens, batch.seg_slot_index, seg_starts, batch.num_segments,
+        batch.num_active, x.shape[1], *x.stride(), *args,
+        M=len(ys), BLOCK_T=block_t, BLOCK_K=BLOCK_K, BLOCK_O=BLOCK_O,
+        BLOCK_R0=block_r[0], BLOCK_R1=block_r[1], BLOCK_R2=block_r[2],
+        FP32=x.dtype == torch.float32,
+    )
+
+
+def sgmv_multi(
+    ys: Sequence[torch.Tensor],  # M x [T, out_m]
+    x: torch.Tensor,  # [T, in]
+    As: Sequence[torch.Tensor],  # M x [S_m, r_m, in]
+    Bs: Sequence[torch.Tensor],  # M x [S_m, out_m, r_m]
+    scales: Sequence[torch.Tensor],  # M x [S_m]
+    batch: LoraBatch,
+) -> Sequence[torch.Tensor]:
+    """``add_lora_multi`` on the GPU: ``ceil(M / 3)`` launches (see the module docstring).
+
+    Per module the conventions of ``sgmv``: fp16/bf16/fp32 with fp32 accumulation, any
+    strides, its own ``out`` and ``r_max``. Modules with ``r_max > MAX_FUSED_RANK`` run
+    ``sgmv`` (hence ``segment``) on their own. Returns ``ys``; raises ``ValueError`` on bad
+    shapes, dtypes or devices, or on outputs that share storage.
+    """
+    _check(ys, x, As, Bs, scales, batch)
+    if not batch.has_adapters:
+        return ys
+    fused = [m for m, A in enumerate(As) if A.shape[1] <= MAX_FUSED_RANK]
+    for m in sorted(set(range(len(ys))) - set(fused)):
+        sgmv(ys[m], x, As[m], Bs[m], scales[m], batch)
+    # [N] start of each segment in sorted_tokens, on the device: no host sync
+    seg_starts = torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
+    for g in range(0, len(fused), MAX_MODULES):
+        group = fused[g : g + MAX_MODULES]
+        _launch([ys[m] for m in group], x, [As[m] for m in group], [Bs[m] for m in group],
+                [scales[m] for m in group], batch, seg_starts)
+    return ys
