@@ -1,0 +1,100 @@
+"""``nolaserve train-nola``: train a NOLA adapter on a JSONL file and write it (format v1),
+optionally registering it on a running server. torch is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .cli_adapters import Connect, UsageError, _describe, human_size
+
+if TYPE_CHECKING:
+    from nolaserve.adapters.nola import NolaAdapter
+
+DEFAULT_TARGETS = ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``train-nola``."""
+    p.add_argument("data", metavar="DATA.jsonl",
+                   help='one JSON object a line: {"prompt", "completion"} or {"messages"} '
+                        "(the last message is the assistant's answer)")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint directory, hub id or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="basis, init and shuffle seed")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--num-basis", type=int, default=256, metavar="K",
+                   help="basis size of A and of B (k = l)")
+    p.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, metavar="NAME",
+                   help="linears relative to a decoder layer")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-eos", action="store_true",
+                   help="do not train the adapter to end its answers with EOS")
+    p.add_argument("--description", default="")
+    p.add_argument("--register", metavar="ID", help="register the adapter under ID when done "
+                                                     "(on --target, with --admin-token)")
+    p.add_argument("--replace", action="store_true", help="with --register: replace")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def command(args: argparse.Namespace, connect: Connect) -> int:
+    """Load the model, train, write the adapter, report its size, register it if asked."""
+    if args.rank < 1 or args.num_basis < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--rank, --num-basis, --steps and --batch-size must be positive")
+    import torch
+    from tqdm import tqdm
+
+    from nolaserve.adapters.train import export, make_trainable
+    from nolaserve.adapters.train_loop import fit, load_jsonl
+    from nolaserve.server.engine.model_loader import ModelLoadError, load_model
+
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype="float32")
+        examples = load_jsonl(args.data, tokenizer, add_eos=not args.no_eos)
+        make_trainable(model, seed=args.seed, targets=args.targets, rank=args.rank,
+                       num_basis=args.num_basis, lora_alpha=args.lora_alpha)
+    except (ModelLoadError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    torch.manual_seed(args.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with tqdm(total=args.steps, desc="train-nola", unit="step", disable=args.quiet,
+              file=sys.stderr) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        losses = fit(model, examples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                     seed=args.seed, pad_id=pad_id, on_step=on_step)
+    name = args.model or "SmolLM2-135M-Instruct"
+    adapter = export(model, base_model=name, description=args.description)
+    data = adapter.to_bytes()
+    Path(args.out).write_bytes(data)
+    lora_bytes = equivalent_lora_bytes(adapter)
+    print(f"trained {len(examples)} examples x {args.steps} steps, final loss {losses[-1]:.4f}")
+    print(f"wrote {args.out}: nola seed {args.seed}, rank {args.rank}, k=l={args.num_basis}, "
+          f"{adapter.num_layers} layers x {args.targets}")
+    print(f"storage: NOLA {human_size(len(data))} ({len(data)} B) vs the same-rank LoRA "
+          f"{human_size(lora_bytes)} ({lora_bytes} B): {lora_bytes / len(data):.1f}x smaller")
+    if args.register:
+        with connect() as client:
+            info = client.register_adapter(args.register, data, args.replace)
+        print("registered", _describe(info))
+    return 0
+
+
+def equivalent_lora_bytes(adapter: NolaAdapter) -> int:
+    """Bytes of the LoRA format v1 file holding the same factors (materialized, written)."""
+    from nolaserve.adapters.lora import LoraAdapter
+
+    lora = LoraAdapter(target_modules=list(adapter.target_modules),
+                       module_shapes=dict(adapter.module_shapes),
+                       num_layers=adapter.num_layers, factors=adapter.materialize(),
+                       base_model=adapter.base_model, description=adapter.description)
+    return len(lora.to_bytes())
