@@ -97,3 +97,17 @@ def bytebpe():
     )
     tok.train_from_iterator(["héllo wörld 😀 中文字 こんにちは 🎉 naïve café"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("nolaserve soak")
+    group.addoption("--soak-adapters", type=int, default=200,
+                    help="adapters rotated through the churn soak (CI 200; the issue asks "
+                         "for 1000 in a long run)")
+    group.addoption("--soak-seconds", type=float, default=6.0,
+                    help="how long the churn soak keeps traffic going (CI 6 s)")
+
+
+@pytest.fixture
+def soak_size(request) -> tuple[int, float]:
+    return request.config.getoption("--soak-adapters"), request.config.getoption("--soak-seconds")

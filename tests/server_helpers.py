@@ -90,3 +90,55 @@ async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
     while engine.has_unfinished():
         assert time.monotonic() < deadline, "the engine still has requests"
         await asyncio.sleep(0.01)
+
+
+class BackgroundServer:
+    """``serving(engine)`` on its own event loop in a thread, for synchronous clients
+    (hypothesis tests, many-threaded storms): ``.port``, ``.engine``, ``.call(coro)``."""
+
+    def __init__(self, engine: Engine, **config) -> None:
+        import threading
+
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._cm = serving(engine, **config)
+        self.client: Client = self.call(self._cm.__aenter__())
+        self.port = self.client.running.port
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run ``coro`` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self._cm.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
+def assert_healthy(port: int, timeout: float = 10.0) -> None:
+    """Health reports SERVING and a short greedy Generate on a fresh channel succeeds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=timeout)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        out = inference_pb2_grpc.InferenceStub(channel).Generate(request(max_tokens=2),
+                                                                 timeout=timeout)
+        assert len(out.token_ids) == 2
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    """No request in the engine, every KV block free, no slot reference or load left."""
+    assert not engine.has_unfinished(), list(engine.requests)
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    if engine.store is not None:
+        table = engine.store.slots.table
+        table.check_invariants()
+        assert [table.refcount(s) for s in range(table.num_slots)] == [0] * table.num_slots
+        assert not engine.admission._loads

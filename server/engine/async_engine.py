@@ -44,7 +44,13 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt_token_ids, params, adapter_id)
             self._queues[request_id] = (loop, queue)
 
-        await asyncio.wrap_future(self._submit(add))
+        try:
+            await asyncio.wrap_future(self._submit(add))
+        except asyncio.CancelledError:
+            # The caller went away (deadline, cancel) while the add sat in the inbox or ran:
+            # a skipped add leaves nothing, one that ran is aborted (only if it is ours).
+            self._submit(lambda: self._abort(request_id, queue))
+            raise
         finished = False
         try:
             while not finished:
@@ -53,10 +59,15 @@ class AsyncEngine:
                 yield out
         finally:
             if not finished:
-                self._submit(lambda: self._abort(request_id))
+                self._submit(lambda: self._abort(request_id, queue))
 
-    def _abort(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+    def _abort(self, request_id: str, queue: asyncio.Queue) -> None:
+        """Abort ``request_id`` if it is still the request that fed ``queue`` (a request
+        with the same client-chosen id, submitted by someone else, is left alone)."""
+        target = self._queues.get(request_id)
+        if target is None or target[1] is not queue:
+            return
+        del self._queues[request_id]
         self.engine.abort(request_id)
 
     def _submit(self, fn) -> Future:
@@ -78,6 +89,8 @@ class AsyncEngine:
                     return
                 inbox, self._inbox = self._inbox, []
             for fn, future in inbox:
+                if not future.set_running_or_notify_cancel():
+                    continue  # the submitter gave up (deadline) before it ran: skip it
                 try:
                     future.set_result(fn())
                 except Exception as e:  # typed request errors go back to the caller
