@@ -35,6 +35,31 @@ TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132 SMs): enough to fill
 
 
 @triton.jit
+def _expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
+            sy0, sy1, sb0, sb1, sb2, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+            FP32: tl.constexpr):
+    """``y[rows, cols] += (v * scale[slot]) @ B[slot, cols].T`` over this program's chunk
+    ``cols`` of one module's output columns; ``sgmv``'s expand, rounding included."""
+    v = v * tl.load(scale + slot).to(tl.float32)
+    if not FP32:
+        v = v.to(y.dtype.element_ty)  # tensor cores; fp32 stays IEEE
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < r_max
+    o_begin = chunk * out_chunk
+    o_end = tl.minimum(o_begin + out_chunk, d_out)
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        o_ok = o < o_end
+        bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
+                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
+        d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
+        ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
+        m = row_ok[:, None] & o_ok[None, :]
+        yt = tl.load(ptr, mask=m)
+        tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+@triton.jit
 def _sgmv_kernel(
     y, x, A, B, scale, tokens, seg_slots, seg_starts,
     num_segments, num_active, d_in, d_out, r_max, out_chunk,
@@ -57,7 +82,6 @@ def _sgmv_kernel(
     t0 = start + tl.program_id(1) * BLOCK_T
     if t0 < end:
         slot = tl.load(seg_slots + seg)
-        s = tl.load(scale + slot).to(tl.float32)
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
         tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
@@ -73,21 +97,8 @@ def _sgmv_kernel(
             at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
             v = tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
-        v = v * s
-        if not FP32:
-            v = v.to(x.dtype.element_ty)
-        o_begin = tl.program_id(2) * out_chunk
-        o_end = tl.minimum(o_begin + out_chunk, d_out)
-        for o0 in range(o_begin, o_end, BLOCK_O):
-            o = o0 + tl.arange(0, BLOCK_O)
-            o_ok = o < o_end
-            bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
-                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
-            d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
-            ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
-            m = row_ok[:, None] & o_ok[None, :]
-            yt = tl.load(ptr, mask=m)
-            tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+        _expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(2), out_chunk, d_out, r_max,
+                sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
 
 
 def _check(y, x, A, B, scale, batch: LoraBatch) -> None:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .batch import LoraBatch
-from .triton_lora import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, _blocks, sgmv
+from .triton_lora import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, _blocks, _expand, sgmv
 from .triton_lora import _check as check_module
 
 MAX_MODULES = 3  # per launch; more are launched in groups of three
@@ -40,31 +40,6 @@ def _shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
     at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
                  mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
     return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
-
-
-@triton.jit
-def _expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
-            sy0, sy1, sb0, sb1, sb2, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-            FP32: tl.constexpr):
-    """``y[rows, cols] += (v * scale[slot]) @ B[slot, cols].T`` over this program's chunk
-    ``cols`` of one module's output columns; ``sgmv``'s expand, rounding included."""
-    v = v * tl.load(scale + slot).to(tl.float32)
-    if not FP32:
-        v = v.to(y.dtype.element_ty)  # tensor cores; fp32 stays IEEE
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < r_max
-    o_begin = chunk * out_chunk
-    o_end = tl.minimum(o_begin + out_chunk, d_out)
-    for o0 in range(o_begin, o_end, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_ok = o < o_end
-        bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
-                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
-        d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
-        ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
-        m = row_ok[:, None] & o_ok[None, :]
-        yt = tl.load(ptr, mask=m)
-        tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
 
 
 @triton.jit
