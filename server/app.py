@@ -3,6 +3,8 @@ reflection), token auth, optional TLS, Prometheus metrics and SIGTERM draining.
 
     serve(config) -> exit code            # blocking; what `nolaserve serve` calls
     await start(config, engine) -> RunningServer   # in-process (tests): .port, .stop(grace)
+
+Every port is bound before the model loads (``ports.py``): a port in use fails at once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .engine.async_engine import AsyncEngine
 from .engine.build import build_engine
 from .engine.engine import Engine
 from .metrics import Metrics
+from .ports import GRPC_OPTIONS, add_grpc_port, bind_tcp
 from .rpc import Gate
 from .service import InferenceServicer
 
@@ -79,21 +82,47 @@ class RunningServer:
 
 
 async def start(config: Config, engine: Engine | None = None) -> RunningServer:
-    """Build the engine (unless given), bind ``host:port`` (port 0 picks a free one), start
-    the services and, with ``metrics_port`` > 0, the metrics endpoint."""
-    owns = engine is None
-    if engine is None:
-        engine = await asyncio.to_thread(build_engine, config)
+    """Bind every port first (``host:port``, port 0 picks a free one, and ``metrics_port``
+    unless 0), so that a port in use fails with ``PortInUseError`` before the model loads;
+    then build the engine (unless given) and start the services."""
     metrics = Metrics()
-    metrics.bind(engine)
-    gate, health_servicer = Gate(), health.aio.HealthServicer()
     tokens = {ADMIN: (config.admin_token, "admin_token"),
               INFERENCE: (config.inference_token, "inference_token")}
     limit = config.max_message_bytes
     server = grpc.aio.server(
         interceptors=[TokenAuthInterceptor(tokens, metrics)],
-        options=[("grpc.max_receive_message_length", limit),
+        options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
+    metrics_sock, aengine = None, None
+    try:
+        port = add_grpc_port(server, config.host, config.port, "--port", _credentials(config))
+        if config.metrics_port:
+            metrics_sock = bind_tcp(config.host, config.metrics_port, "--metrics-port")
+        owns = engine is None
+        if engine is None:
+            log.info("ports bound; loading model %s", config.model or "(embedded SmolLM2)")
+            engine = await asyncio.to_thread(build_engine, config)
+        aengine, health_servicer, gate = _add_services(server, engine, config, metrics)
+        await server.start()
+        metrics_port = metrics.serve_http(metrics_sock) if metrics_sock else None
+    except BaseException:
+        await server.stop(0)
+        if aengine is not None:
+            aengine.stop()
+        if metrics_sock is not None:
+            metrics_sock.close()
+        raise
+    for name in ("", INFERENCE, ADMIN):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
+                         metrics_port, owns)
+
+
+def _add_services(server: grpc.aio.Server, engine: Engine, config: Config, metrics: Metrics
+                  ) -> tuple[AsyncEngine, health.aio.HealthServicer, Gate]:
+    """Inference, Admin, health and reflection on ``server``, over ``engine``."""
+    metrics.bind(engine)
+    gate, health_servicer = Gate(), health.aio.HealthServicer()
     aengine = AsyncEngine(engine)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(aengine, metrics, gate), server)
@@ -102,32 +131,14 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        port = _bind(server, config)
-        await server.start()
-        metrics_port = (metrics.serve_http(config.host, config.metrics_port)
-                        if config.metrics_port else None)
-    except BaseException:
-        await server.stop(0)
-        aengine.stop()
-        raise
-    for name in ("", INFERENCE, ADMIN):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
-                         metrics_port, owns)
+    return aengine, health_servicer, gate
 
 
-def _bind(server: grpc.aio.Server, config: Config) -> int:
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    address = f"{host}:{config.port}"
-    if config.tls_cert:
-        pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {address}: is the port in use? set another port")
-    return port
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+    return grpc.ssl_server_credentials([pair])
 
 
 async def serve_async(config: Config, engine: Engine | None = None) -> int:

@@ -10,14 +10,16 @@ is read at scrape time by ``EngineCollector``.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .engine.engine import Engine, RequestOutput, StepStats
@@ -76,10 +78,14 @@ class Metrics:
     def request_timer(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
-        self._http, self._http_thread = start_http_server(port, addr=host,
-                                                          registry=self.registry)
+    def serve_http(self, sock: socket.socket) -> int:
+        """Serve ``/metrics`` on the listening socket ``sock`` (``ports.bind_tcp``, bound
+        before the model loaded) from a daemon thread; returns its port."""
+        self._http = _PreboundServer(sock)
+        self._http.set_app(make_wsgi_app(self.registry))
+        self._http_thread = threading.Thread(target=self._http.serve_forever,
+                                             name="nolaserve-metrics", daemon=True)
+        self._http_thread.start()
         return self._http.server_port
 
     def close(self) -> None:
@@ -87,6 +93,24 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # no line per scrape
+        pass
+
+
+class _PreboundServer(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server over a socket that is already bound."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.address_family = sock.family
+        host, port = sock.getsockname()[:2]
+        super().__init__((host, port), _QuietHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket, self.server_address = sock, (host, port)
+        self.server_name, self.server_port = host, port
+        self.setup_environ()
 
 
 class RequestTimer:

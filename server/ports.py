@@ -1,0 +1,75 @@
+"""Bind every listening port before the model loads.
+
+A port that is taken must fail at once, naming the address and the flag that changes it,
+not after a minute of model loading. Nor may a port ever be shared silently: gRPC sets
+``SO_REUSEPORT`` by default, which lets a second server bind an address in use and take
+half of its connections (two different models behind one address); ``GRPC_OPTIONS``
+turns it off. ``bind_tcp`` sets only ``SO_REUSEADDR`` (restart while old connections sit
+in TIME_WAIT), never ``SO_REUSEPORT``.
+
+    sock = bind_tcp(host, port, "--metrics-port")          # listening, or PortInUseError
+    port = add_grpc_port(server, host, port, "--port", creds)   # bound now, served at start
+
+Adding a port (an HTTP front end, say): bind it with ``bind_tcp`` in ``app.start`` next to
+the others, before the engine is built, and hand the socket to its server (uvicorn:
+``await uvicorn.Server(config).serve(sockets=[sock])``; close it if startup fails).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+
+GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class PortInUseError(OSError):
+    """A listening address cannot be bound; the message names it and the flag to change."""
+
+    def __init__(self, address: str, flag: str, reason: str) -> None:
+        key = flag.removeprefix("--").replace("-", "_")
+        super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
+                         f"(config key {key}) or stop the process using it")
+        self.address, self.flag = address, flag
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening (port 0 picks a free one).
+    Raises ``PortInUseError`` naming the address and ``flag`` when it cannot bind."""
+    address = format_address(host, port)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PortInUseError(address, flag, f"unknown host: {e.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise PortInUseError(address, flag, e.strerror or str(e)) from None
+    return sock
+
+
+def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str,
+                  credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind ``host:port`` on a gRPC server made with ``GRPC_OPTIONS`` (gRPC binds at this
+    call and serves from ``server.start()``); returns the bound port."""
+    address = format_address(host, port)
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise PortInUseError(address, flag, "address already in use or not local")
+    return bound

@@ -1,0 +1,89 @@
+"""Every port is bound before the model loads: a port in use (gRPC or metrics) fails at
+once, naming the address and the flag, and never shares the address (SO_REUSEPORT off)."""
+
+import asyncio
+import socket
+
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine
+from server_helpers import serving
+
+from nolaserve.clients import cli
+from nolaserve.server import app
+from nolaserve.server.config import Config
+from nolaserve.server.ports import PortInUseError, bind_tcp
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the server tries to build its engine (load the model)."""
+    calls = []
+
+    def build_engine(config):
+        calls.append(config)
+        raise AssertionError("the model was loaded although a port is in use")
+
+    monkeypatch.setattr(app, "build_engine", build_engine)
+    return calls
+
+
+def reuseport_listener() -> socket.socket:
+    """A listening socket with SO_REUSEPORT, as gRPC's default makes them: a second
+    socket that also sets SO_REUSEPORT could bind the same address."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_grpc_port_in_use_fails_before_the_model_loads(no_model_load):
+    with reuseport_listener() as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUseError) as info:
+            asyncio.run(app.start(Config(port=port, metrics_port=0)))
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "--port" in str(info.value)
+    assert no_model_load == []
+
+
+def test_metrics_port_in_use_fails_before_the_model_loads(no_model_load):
+    with reuseport_listener() as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUseError) as info:
+            asyncio.run(app.start(Config(port=0, metrics_port=port)))
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "--metrics-port" in str(info.value)
+    assert no_model_load == []
+
+
+def test_a_second_server_on_the_same_port_is_refused(no_model_load):
+    """Two real servers: the second fails at once instead of splitting the traffic."""
+    engine = make_engine(tiny_llama(), None)
+
+    async def main():
+        async with serving(engine) as first:
+            with pytest.raises(PortInUseError, match=f":{first.running.port}\\b"):
+                await app.start(Config(port=first.running.port, metrics_port=0))
+
+    asyncio.run(main())
+    assert no_model_load == []
+
+
+def test_serve_command_reports_the_address_and_flag(no_model_load, capsys):
+    with reuseport_listener() as busy:
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", "--port", str(port), "--metrics-port", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"127.0.0.1:{port}" in err and "--port" in err
+    assert no_model_load == []
+
+
+def test_bind_tcp_holds_the_port_until_closed():
+    with bind_tcp("127.0.0.1", 0, "--metrics-port") as sock:
+        port = sock.getsockname()[1]
+        with pytest.raises(PortInUseError, match="--metrics-port"):
+            bind_tcp("127.0.0.1", port, "--metrics-port")
+    bind_tcp("127.0.0.1", port, "--metrics-port").close()
