@@ -32,7 +32,8 @@ DEFAULT_DEADLINE_S = 600.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` flags (the connection flags come from the parent parser)."""
     a = p.add_argument_group("adapters (default: the base model)")
-    a.add_argument("--adapters", nargs="+", metavar="ID", help="registered adapter ids")
+    a.add_argument("--adapters", nargs="+", metavar="ID",
+                   help="registered adapter ids (default: the base model)")
     a.add_argument("--adapter-prefix", metavar="PREFIX",
                    help="ids PREFIX0 .. PREFIX{N-1}; with --register, the new ids' prefix")
     a.add_argument("--num-adapters", type=int, metavar="N", help="adapters in a run "
@@ -51,10 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="punica batch spread instead of the power law")
     t.add_argument("--batch", type=int, default=8, help="--spread: requests per group")
     t.add_argument("--num-requests", type=int, metavar="N", help="default: rate x duration")
-    t.add_argument("--duration", type=float, default=10.0, metavar="S")
-    t.add_argument("--input-len", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"))
-    t.add_argument("--output-len", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--duration", type=float, default=10.0, metavar="S",
+                   help="seconds of arrivals (with --rate)")
+    t.add_argument("--input-len", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"),
+                   help="prompt tokens, uniform in [LO, HI]")
+    t.add_argument("--output-len", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"),
+                   help="generated tokens, uniform in [LO, HI] (EOS ignored)")
+    t.add_argument("--seed", type=int, default=0, help="trace seed")
     t.add_argument("--sweep-n", type=int, nargs="+", metavar="N", help="one run per n")
     t.add_argument("--sweep-rate", type=float, nargs="+", metavar="R", help="one run per rate")
     o = p.add_argument_group("report")

@@ -14,9 +14,12 @@ config error. Neither torch nor the server is imported unless a command needs it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -25,16 +28,33 @@ from . import bench_cli, cli_adapters, cli_train
 from .cli_adapters import Connect, UsageError
 from .client import DEFAULT_TARGET, Client, NolaserveError
 
-# Config keys that `serve` takes as flags (--num-slots for num_slots); list keys take 1+ values.
-SERVE_FLAGS: dict[str, type] = {
-    "model": str, "device": str, "dtype": str, "cache_dir": str, "target_modules": list,
-    "registry_path": str, "num_slots": int, "max_rank": int, "max_num_basis": int,
-    "host_cache_entries": int, "host_cache_bytes": int, "max_num_seqs": int,
-    "max_num_batched_tokens": int, "block_size": int, "kv_cache_bytes": int,
-    "max_prompt_tokens": int, "max_tokens_limit": int, "max_queued_requests": int,
-    "max_message_bytes": int, "host": str, "port": int, "metrics_port": int,
-    "tls_cert": str, "tls_key": str, "grace_period_s": float,
-}
+# The connection flags' own keys (`serve` takes --admin-token/--inference-token as config).
+_TOKEN_KEYS = ("admin_token", "inference_token")
+# API words in server messages -> the flags a CLI user types.
+_CLI_WORDS = [(re.compile(r"\breplace=true\b"), "--replace"),
+              (re.compile(r"(?<![\w-])(max_tokens|top_p|top_k|page_size|page_token|basis_size)"
+                          r"(?!\w)"), lambda m: "--" + m.group(1).replace("_", "-"))]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless it has none (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "(default" in text or not action.option_strings
+                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            return text
+        shown = '""' if action.default == "" else "%(default)s"
+        if isinstance(action.default, list):
+            shown = " ".join(map(str, action.default)) or "none"
+        return f"{text} (default: {shown})"
+
+
+def cli_words(message: str) -> str:
+    """A server message in CLI words: ``pass replace=true`` -> ``pass --replace``."""
+    for pattern, repl in _CLI_WORDS:
+        message = pattern.sub(repl, message)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, lambda: open_client(args))
     except NolaserveError as e:
-        print(e, file=sys.stderr)
+        print(cli_words(str(e)), file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,56 +91,69 @@ def open_client(args: argparse.Namespace) -> Client:
 
 
 def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
-    """The connection flags; subcommands repeat them without defaults so that they are
-    accepted before or after the subcommand name."""
+    """The connection flags of client commands; the top level takes them too (hidden from
+    its help) so that they may come before the command name."""
     def default(value: object) -> object:
         return value if with_defaults else argparse.SUPPRESS
+
+    def help(text: str) -> str:
+        return argparse.SUPPRESS if with_defaults else text
 
     env = os.environ
     parser.add_argument("--target", metavar="HOST:PORT",
                         default=default(env.get("NOLASERVE_TARGET", DEFAULT_TARGET)),
-                        help="server address host:port (env NOLASERVE_TARGET)")
+                        help=help(f"server address (env NOLASERVE_TARGET; default: "
+                                  f"{DEFAULT_TARGET})"))
     parser.add_argument("--admin-token", metavar="TOKEN",
                         default=default(env.get("NOLASERVE_ADMIN_TOKEN")),
-                        help="bearer token of Admin calls (env NOLASERVE_ADMIN_TOKEN); "
-                             "`serve` requires it of clients")
+                        help=help("bearer token of Admin calls (env NOLASERVE_ADMIN_TOKEN; "
+                                  "default: none)"))
     parser.add_argument("--inference-token", metavar="TOKEN",
                         default=default(env.get("NOLASERVE_INFERENCE_TOKEN")),
-                        help="bearer token of Inference calls (env NOLASERVE_INFERENCE_TOKEN); "
-                             "`serve` requires it of clients")
+                        help=help("bearer token of Inference calls (env "
+                                  "NOLASERVE_INFERENCE_TOKEN; default: none)"))
     parser.add_argument("--tls-root-cert", metavar="PEM", default=default(None),
-                        help="connect with TLS, trusting this root certificate")
+                        help=help("connect with TLS, trusting this root certificate "
+                                  "(default: plaintext)"))
     parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default(None),
-                        help="deadline of each call")
+                        help=help("deadline of each call (default: none)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nolaserve", description="Serve thousands of NOLA/LoRA/RMM adapters over one LLM.")
+        prog="nolaserve", description="Serve thousands of NOLA/LoRA/RMM adapters over one LLM. "
+        "`nolaserve COMMAND --help` shows a command's flags and their defaults.",
+        formatter_class=HelpFormatter)
     _connection_flags(parser, with_defaults=True)
-    common = argparse.ArgumentParser(add_help=False)
-    _connection_flags(common, with_defaults=False)
+    client = argparse.ArgumentParser(add_help=False)
+    _connection_flags(client, with_defaults=False)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    def group(name: str, text: str) -> argparse._SubParsersAction:
+        return sub.add_parser(name, help=text, description=text,
+                              formatter_class=HelpFormatter).add_subparsers(
+            title="commands", metavar="COMMAND", required=True)
+
     def command(name: str, func: Callable[..., int], text: str,
-                where: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:
-        p = where.add_parser(name, help=text, description=text, parents=[common])
+                where: argparse._SubParsersAction = sub, *,
+                connects: bool = True) -> argparse.ArgumentParser:
+        p = where.add_parser(name, help=text, description=text, formatter_class=HelpFormatter,
+                             parents=[client] if connects else [])
         p.set_defaults(func=func)
         return p
 
-    _add_serve(command("serve", _serve, "run the gRPC server"))
+    _add_serve(command("serve", _serve, "run the gRPC server", connects=False))
     _add_generate(command("generate", _generate, "generate text with the base model or an "
                                                  "adapter"))
-    cli_adapters.add_commands(sub.add_parser("adapters", help="register and manage adapters")
-                              .add_subparsers(title="commands", metavar="COMMAND",
-                                              required=True), command)
-    rmm = sub.add_parser("rmm", help="Reversible Model Merging").add_subparsers(
-        title="commands", metavar="COMMAND", required=True)
+    cli_adapters.add_commands(group("adapters", "register and manage adapters"), command)
     p = command("build", _rmm_build, "compress registered adapters into K basis models "
-                                     "(tasks become BASIS_ID/SOURCE_ID)", rmm)
-    p.add_argument("basis_id", metavar="BASIS_ID")
-    p.add_argument("source_ids", metavar="SOURCE_ID", nargs="+")
-    p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K")
+                                     "(tasks become BASIS_ID/SOURCE_ID)",
+                group("rmm", "Reversible Model Merging"))
+    p.add_argument("basis_id", metavar="BASIS_ID", help="id of the new basis")
+    p.add_argument("source_ids", metavar="SOURCE_ID", nargs="+",
+                   help="registered adapters to compress (same target modules)")
+    p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K",
+                   help="basis models K (K < the number of sources loses information)")
     bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     cli_train.add_arguments(command("train-nola", cli_train.command, "train a NOLA adapter"))
     command("info", _info, "print the server's model and limits as JSON")
@@ -129,59 +162,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML config (docs/configuration.md); "
-                                                    "flags override its keys")
-    for key, kind in SERVE_FLAGS.items():
-        flag = "--" + key.replace("_", "-")
-        if kind is list:
-            p.add_argument(flag, dest=f"cfg_{key}", nargs="+", metavar="NAME", help=f"config {key}")
+    """One flag per Config key (--num-slots for num_slots), its help and default taken from
+    the field; the flags' argparse default is None so that --config's values stay."""
+    from nolaserve.server.config import Config, describe
+
+    p.add_argument("--config", metavar="FILE", help="YAML file of config keys "
+                   "(docs/configuration.md); flags override its keys (default: none)")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        shown, meaning = describe(f)
+        text = f"{meaning} (default: {shown})".replace("`", "")
+        if f.name in _TOKEN_KEYS:
+            text += f"; env NOLASERVE_{f.name.upper()}"
+        flag = "--" + f.name.replace("_", "-")
+        if typing.get_origin(hints[f.name]) is list:
+            p.add_argument(flag, dest=f"cfg_{f.name}", nargs="+", metavar="NAME", help=text)
         else:
-            p.add_argument(flag, dest=f"cfg_{key}", type=kind, help=f"config {key}",
-                           metavar=key.split("_")[-1].upper())
+            p.add_argument(flag, dest=f"cfg_{f.name}", type=hints[f.name], help=text,
+                           metavar=f.name.split("_")[-1].upper())
 
 
 def _serve(args: argparse.Namespace, connect: Connect) -> int:
-    """Load the config (YAML, then flags, then the token flags) and run the server."""
+    """Load the config (YAML, then flags; tokens also from the environment) and serve."""
     import yaml
 
     from nolaserve.server.config import Config
 
-    overrides = {key: getattr(args, f"cfg_{key}") for key in SERVE_FLAGS}
-    overrides.update(admin_token=args.admin_token, inference_token=args.inference_token)
+    overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items()
+                 if k.startswith("cfg_")}
+    env = os.environ
+    for key in _TOKEN_KEYS:  # before the command name, or from the environment
+        if overrides[key] is None:
+            overrides[key] = getattr(args, key, None) or env.get(f"NOLASERVE_{key.upper()}")
     try:
         config = Config.load(args.config, **overrides)
     except (ValueError, OSError, yaml.YAMLError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {_flag_words(str(e))}", file=sys.stderr)
         return 2
-    model = config.model or "SmolLM2-135M-Instruct (embedded)"
-    first_start = " (first start converts the GGUF once, ~1 min)"
-    gguf = not config.model or config.model.endswith(".gguf")
-    print(f"loading model {model} on {config.device}{first_start if gguf else ''} ...",
-          file=sys.stderr, flush=True)
     from nolaserve.server.app import serve
 
     try:
         return serve(config)
-    except (OSError, ValueError, RuntimeError) as e:  # model load, bind, bad model dir
+    except (OSError, ValueError, RuntimeError) as e:  # a port in use, model load, bad model
         print(f"nolaserve failed to start: {e}", file=sys.stderr)
         return 1
 
 
+def _flag_words(message: str) -> str:
+    """``config num_slots must ...`` -> ``--num-slots (config num_slots) must ...``."""
+    return re.sub(r"\bconfig (?!key\b|file\b)(\w+)\b",
+                  lambda m: f"--{m.group(1).replace('_', '-')} (config {m.group(1)})", message)
+
+
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
-    p.add_argument("--adapter", default="", metavar="ID", help="adapter id (default: base model)")
+    p.add_argument("--adapter", default="", metavar="ID",
+                   help="adapter id; \"\" = the base model")
     p.add_argument("--stream", action="store_true", help="print the text as it is produced")
-    p.add_argument("--max-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1)")
-    p.add_argument("--top-p", type=float, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K")
-    p.add_argument("--seed", type=int, metavar="S", help="reproducible sampling")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N",
+                   help="most tokens to generate")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="0 = greedy (default: 1)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="reproducible sampling (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message (the model's chat template)")
-    p.add_argument("--request-id", default="", metavar="ID")
+    p.add_argument("--request-id", default="", metavar="ID",
+                   help="id in the server's logs; \"\" = the server picks one")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print finish reason and token counts on stderr")
 

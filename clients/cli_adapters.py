@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,18 +29,21 @@ class UsageError(Exception):
 def add_commands(sub: argparse._SubParsersAction, command: AddCommand) -> None:
     """Add the ``adapters`` subcommands; ``command`` adds one with the connection flags."""
     p = command("register", _register, "register an adapter file (NOLA, LoRA, RMM)", sub)
-    p.add_argument("adapter_id", metavar="ID")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("adapter_id", metavar="ID", help="id to register it under")
+    p.add_argument("file", metavar="FILE", help="adapter file (.safetensors)")
     p.add_argument("--replace", action="store_true", help="replace an adapter with this id")
     p = command("list", _list, "list registered adapters", sub)
-    p.add_argument("--page-size", type=int, default=0, metavar="N", help="0 = server default")
-    p.add_argument("--page-token", default="", metavar="TOKEN")
+    p.add_argument("--page-size", type=int, default=0, metavar="N",
+                   help="adapters per page; 0 = the server's default (100)")
+    p.add_argument("--page-token", default="", metavar="TOKEN",
+                   help="the token a previous page printed; \"\" = the first page")
     p.add_argument("--all", action="store_true", help="walk every page")
     for name, func, text in (("show", _show, "print an adapter's info as JSON"),
                              ("delete", _delete, "delete an adapter"),
                              ("pin", _pin, "keep an adapter in a device slot"),
                              ("unpin", _unpin, "let an adapter be evicted again")):
-        command(name, func, text, sub).add_argument("adapter_id", metavar="ID")
+        command(name, func, text, sub).add_argument("adapter_id", metavar="ID",
+                                                    help="a registered adapter id")
     p = command("import-peft", _import_peft, "convert a PEFT LoRA directory to a nolaserve "
                                              "LoRA file (offline)", sub)
     p.add_argument("directory", metavar="DIR", help="adapter_config.json + "
@@ -50,22 +54,25 @@ def add_commands(sub: argparse._SubParsersAction, command: AddCommand) -> None:
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="OUT.safetensors")
-    p.add_argument("--description", default="")
-    p.add_argument("--register", metavar="ID", help="also register the file under ID")
+    p.add_argument("out", metavar="OUT.safetensors", help="file to write")
+    p.add_argument("--description", default="", help="free text stored in the file")
+    p.add_argument("--register", metavar="ID", help="also register the file under ID "
+                   "(on --target)")
     p.add_argument("--replace", action="store_true", help="with --register: replace")
 
 
 def _add_create_nola(p: argparse.ArgumentParser) -> None:
     _output_flags(p)
     p.add_argument("--seed", type=int, required=True, help="basis and coefficient seed")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="rank r of each adapted linear")
     p.add_argument("--num-basis", type=int, default=256, metavar="K",
                    help="basis matrices per A and per B")
     p.add_argument("--targets", nargs="+", default=["self_attn.q_proj", "self_attn.v_proj"],
                    metavar="NAME", help="linears relative to a decoder layer")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--coeff-std", type=float, default=1.0)
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="scale = lora_alpha / rank")
+    p.add_argument("--coeff-std", type=float, default=1.0,
+                   help="std of the random coefficients (random = gibberish, by design)")
     p.add_argument("--layers", type=int, metavar="N",
                    help="offline: the base model's decoder layers (else asked of --target)")
     p.add_argument("--shapes", nargs="+", metavar="NAME=IN,OUT",
@@ -116,8 +123,16 @@ def _list(args: argparse.Namespace, connect: Connect) -> int:
 
 def _show(args: argparse.Namespace, connect: Connect) -> int:
     with connect() as client:
-        print(json.dumps(asdict(client.get_adapter(args.adapter_id)), indent=2))
+        info = asdict(client.get_adapter(args.adapter_id))
+    info["created_at"] = iso_time(info["created_at"])
+    print(json.dumps(info, indent=2))
     return 0
+
+
+def iso_time(seconds: float) -> str:
+    """Unix seconds as ISO-8601 UTC: ``1764582000.5`` -> ``"2025-12-01T09:40:00Z"``."""
+    when = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return when.replace("+00:00", "Z")
 
 
 def _delete(args: argparse.Namespace, connect: Connect) -> int:

@@ -21,23 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA.jsonl",
                    help='one JSON object a line: {"prompt", "completion"} or {"messages"} '
                         "(the last message is the assistant's answer)")
-    p.add_argument("--out", required=True, metavar="OUT.safetensors")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="file to write")
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory, hub id or .gguf (default: embedded SmolLM2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="basis, init and shuffle seed")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="rank r of each adapted linear")
     p.add_argument("--num-basis", type=int, default=256, metavar="K",
                    help="basis size of A and of B (k = l)")
     p.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, metavar="NAME",
                    help="linears relative to a decoder layer")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="scale = lora_alpha / rank")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
     p.add_argument("--no-eos", action="store_true",
                    help="do not train the adapter to end its answers with EOS")
-    p.add_argument("--description", default="")
+    p.add_argument("--description", default="", help="free text stored in the file")
     p.add_argument("--register", metavar="ID", help="register the adapter under ID when done "
                                                      "(on --target, with --admin-token)")
     p.add_argument("--replace", action="store_true", help="with --register: replace")

