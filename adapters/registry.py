@@ -3,6 +3,12 @@
 SQLite runs in WAL mode with ``synchronous=FULL``: once ``register`` returns, the row
 survives ``kill -9`` and power loss; a write interrupted before that leaves nothing.
 Pure Python: no tensors here.
+
+Scoping: a registry opened with ``scope`` (the base model's fingerprint; the registry
+treats it as an opaque string) writes it into each row it registers and reads only rows
+of that scope, plus rows without one (written before scoping existed, or by an unscoped
+registry). A row of another scope looks absent, and its id cannot be taken. Files of the
+older schema gain the column when opened (``NULL`` for their rows) and lose nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ KINDS = ("nola", "lora", "rmm-task", "rmm-basis")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _TOKEN_PREFIX = "v1:"
-_COLUMNS = "id, kind, size, sha256, metadata, parent, created_at"
+_COLUMNS = "id, kind, size, sha256, metadata, parent, created_at, base_model_fingerprint"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     id TEXT PRIMARY KEY,
@@ -46,6 +52,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 CREATE INDEX IF NOT EXISTS adapters_parent ON adapters(parent) WHERE parent IS NOT NULL;
 """
+_SCOPE_COLUMN = "base_model_fingerprint"  # added in place to files of the first schema
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class AdapterRecord:
     metadata: dict = field(hash=False)
     parent: str | None
     created_at: float
+    base_model_fingerprint: str | None = None  # the scope it was registered under
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,17 @@ class NewAdapter:
 class Registry:
     """Thread-safe adapter registry over one SQLite connection guarded by a lock.
 
-    ``path`` is a file path or ``":memory:"``. Use as a context manager or call ``close``.
+    ``path`` is a file path or ``":memory:"``; ``scope`` (None: every row) restricts reads
+    and writes to one base model (module docstring). Use as a context manager or call
+    ``close``.
     """
 
-    def __init__(self, path: str | os.PathLike = ":memory:") -> None:
+    def __init__(self, path: str | os.PathLike = ":memory:", scope: str | None = None) -> None:
+        self.path, self.scope = os.fspath(path), scope
+        # appended to WHERE clauses: this scope's rows and unscoped ones
+        self._in_scope = "" if scope is None else (
+            f" AND ({_SCOPE_COLUMN} IS NULL OR {_SCOPE_COLUMN} = ?)")
+        self._scope_args: tuple = () if scope is None else (scope,)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
             os.fspath(path), check_same_thread=False, isolation_level=None, timeout=30.0
@@ -86,6 +101,7 @@ class Registry:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        _migrate(self._conn)
 
     def close(self) -> None:
         """Close the connection; later calls fail."""
@@ -125,11 +141,11 @@ class Registry:
                 self._check_write(row, rows, replace)
             self._conn.executemany(
                 "INSERT OR REPLACE INTO adapters "
-                "(id, kind, data, size, sha256, metadata, parent, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*row, now) for row in rows],
+                f"(id, kind, data, size, sha256, metadata, parent, created_at, {_SCOPE_COLUMN}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now, self.scope) for row in rows],
             )
-        return [AdapterRecord(i, k, size, sha, json.loads(m), p, now)
+        return [AdapterRecord(i, k, size, sha, json.loads(m), p, now, self.scope)
                 for i, k, _, size, sha, m, p in rows]
 
     def delete(self, adapter_id: str) -> None:
@@ -145,8 +161,13 @@ class Registry:
 
     def _check_write(self, row: tuple, batch: list[tuple], replace: bool) -> None:
         adapter_id, kind, parent = row[0], row[1], row[6]
-        exists = self._conn.execute(
-            "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
+        owner = self._conn.execute(
+            f"SELECT {_SCOPE_COLUMN} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        exists = owner is not None
+        if exists and self.scope is not None and owner[0] not in (None, self.scope):
+            raise AdapterExistsError(
+                f"adapter id {adapter_id!r} is taken by an adapter of another base model "
+                f"in this registry file; pick another id")
         if exists and not replace:
             raise AdapterExistsError(
                 f"adapter {adapter_id!r} is already registered; pass replace=true to overwrite"
@@ -181,10 +202,10 @@ class Registry:
     def data(self, adapter_id: str) -> bytes:
         """The stored adapter file bytes."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT data FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
-        if row is None:
-            raise _not_found(adapter_id)
+            row = self._conn.execute(f"SELECT data FROM adapters WHERE id = ?{self._in_scope}",
+                                     (adapter_id, *self._scope_args)).fetchone()
+            if row is None:
+                raise self._not_found(adapter_id)
         return bytes(row[0])
 
     def contains(self, adapter_id: str) -> bool:
@@ -196,8 +217,10 @@ class Registry:
 
     def count(self) -> int:
         """Number of registered adapters."""
+        where = f"WHERE 1{self._in_scope}"
         with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+            return self._conn.execute(f"SELECT COUNT(*) FROM adapters {where}",
+                                      self._scope_args).fetchone()[0]
 
     def list(self, page_size: int = DEFAULT_PAGE_SIZE,
              page_token: str = "") -> tuple[list[AdapterRecord], str]:
@@ -213,8 +236,9 @@ class Registry:
         after = _decode_token(page_token)
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM adapters WHERE id > ? ORDER BY id LIMIT ?",
-                (after, page_size + 1),
+                f"SELECT {_COLUMNS} FROM adapters WHERE id > ?{self._in_scope} "
+                "ORDER BY id LIMIT ?",
+                (after, *self._scope_args, page_size + 1),
             ).fetchall()
         records = [_record(r) for r in rows[:page_size]]
         token = _encode_token(records[-1].id) if len(rows) > page_size else ""
@@ -243,20 +267,30 @@ class Registry:
 
     def _get(self, adapter_id: str) -> AdapterRecord:
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+            f"SELECT {_COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
+            (adapter_id, *self._scope_args)).fetchone()
         if row is None:
-            raise _not_found(adapter_id)
+            raise self._not_found(adapter_id)
         return _record(row)
 
     def _kind_of(self, adapter_id: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT kind FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        row = self._conn.execute(f"SELECT kind FROM adapters WHERE id = ?{self._in_scope}",
+                                 (adapter_id, *self._scope_args)).fetchone()
         return None if row is None else row[0]
 
     def _dependents(self, adapter_id: str) -> list[str]:
         rows = self._conn.execute(
             "SELECT id FROM adapters WHERE parent = ? ORDER BY id", (adapter_id,))
         return [r[0] for r in rows]
+
+    def _not_found(self, adapter_id: str) -> AdapterError:
+        elsewhere = self.scope is not None and self._conn.execute(
+            "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
+        if elsewhere:
+            return AdapterNotFoundError(
+                f"no adapter {adapter_id!r} for this base model: that id belongs to an "
+                "adapter of another base model in this registry file")
+        return _not_found(adapter_id)
 
 
 @contextmanager
@@ -296,9 +330,20 @@ def _validated(item: NewAdapter) -> tuple:
             item.parent)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file of an older schema up to date in place, keeping every row."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(adapters)")}
+    if _SCOPE_COLUMN not in columns:
+        with _transaction(conn):
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(adapters)")}
+            if _SCOPE_COLUMN not in columns:  # another process may have just done it
+                conn.execute(f"ALTER TABLE adapters ADD COLUMN {_SCOPE_COLUMN} TEXT")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS adapters_scope ON adapters({_SCOPE_COLUMN}, id)")
+
+
 def _record(row: tuple) -> AdapterRecord:
-    adapter_id, kind, size, sha, meta, parent, created = row
-    return AdapterRecord(adapter_id, kind, size, sha, json.loads(meta), parent, created)
+    adapter_id, kind, size, sha, meta, parent, created, scope = row
+    return AdapterRecord(adapter_id, kind, size, sha, json.loads(meta), parent, created, scope)
 
 
 def _not_found(adapter_id: str) -> AdapterError:

@@ -3,6 +3,7 @@ materialized low-rank factors that every kind turns into."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,23 @@ class BaseModelSpec:
     max_rank: int = 64
     max_num_basis: int = 4096  # NOLA k and l, RMM K
     name: str = ""
+    fingerprint: str = ""  # of the architecture and weight shapes; scopes the registry
+    aliases: tuple[str, ...] = ()  # other names of the same model (path, hub id, GGUF stem)
+
+    def check_base_model(self, recorded: str) -> None:
+        """Raise ``IncompatibleAdapterError`` when an adapter's recorded ``base_model``
+        names another model. Names compare by ``model_key``
+        (``HuggingFaceTB/SmolLM2-135M-Instruct`` = ``smollm2-135m-instruct.q4_1.gguf``); the
+        fingerprint matches itself. An empty name on either side matches anything."""
+        names = {model_key(n) for n in (self.name, *self.aliases) if n}
+        if not recorded or not names or recorded == self.fingerprint:
+            return
+        if model_key(recorded) not in names:
+            raise IncompatibleAdapterError(
+                f"the adapter was made for base model {recorded!r} but this server serves "
+                f"{self.name!r} (fingerprint {self.fingerprint or 'n/a'}); register it on a "
+                f"server of that model, or rebuild it for this one (import-peft --base-model "
+                f"sets the name a PEFT adapter records)")
 
     def check_targets(self, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int) -> None:
         """Raise ``IncompatibleAdapterError`` unless layers, module shapes and rank fit."""
@@ -51,6 +69,16 @@ class BaseModelSpec:
             raise LimitExceededError(
                 f"{what} = {n} exceeds the configured limit max_num_basis = {self.max_num_basis}"
             )
+
+
+def model_key(name: str) -> str:
+    """The comparable form of a model name: its last path component, lower case, without
+    ``.gguf``, a GGUF quantization suffix or the converted copy's cache suffix:
+    ``"./models/Foo.Q4_K_M.gguf"`` and ``"~/.cache/nolaserve/models/Foo.Q4_K_M-0123456789ab"``
+    are ``"foo"``."""
+    key = name.strip().rstrip("/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+    key = re.sub(r"-[0-9a-f]{12}$", "", key)
+    return re.sub(r"[.-](i?q\d\w*|f16|f32|bf16)$", "", key)
 
 
 @dataclass

@@ -67,6 +67,7 @@ class AdapterStore:
         check_adapter_id(adapter_id)
         adapter = parse_adapter(data)
         adapter.validate(self.spec)
+        self.spec.check_base_model(getattr(adapter, "base_model", ""))
         parent = self._check_basis_of(adapter) if isinstance(adapter, RmmTask) else None
         record = self.registry.register(adapter_id, adapter.kind, data, _summary(adapter),
                                         parent=parent, replace=replace)

@@ -48,6 +48,9 @@ def add_commands(sub: argparse._SubParsersAction, command: AddCommand) -> None:
                                              "LoRA file (offline)", sub)
     p.add_argument("directory", metavar="DIR", help="adapter_config.json + "
                                                     "adapter_model.safetensors")
+    p.add_argument("--base-model", metavar="NAME",
+                   help="base model name to record (the server refuses adapters of another "
+                        "model; default: the PEFT config's base_model_name_or_path)")
     _output_flags(p)
     _add_create_nola(command("create-nola", _create_nola, "write a NOLA adapter with random "
                                                           "coefficients (demos, tests)", sub))
@@ -174,6 +177,8 @@ def _import_peft(args: argparse.Namespace, connect: Connect) -> int:
     except AdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.base_model is not None:
+        lora.base_model = args.base_model
     what = f"lora rank {lora.rank}, {lora.num_layers} layers x {lora.target_modules}"
     return _write(args, connect, lora.to_bytes(), what)
 

@@ -3,6 +3,7 @@ scheduler and admission."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from nolaserve.adapters.registry import Registry
@@ -13,9 +14,17 @@ from .admission import AdapterAdmission
 from .attention import kv_cache_blocks
 from .block_manager import BlockManager
 from .engine import Engine, EngineLimits
-from .model_loader import load_model, model_spec, resolve_device_dtype
+from .model_loader import (
+    load_model,
+    model_fingerprint,
+    model_names,
+    model_spec,
+    resolve_device_dtype,
+)
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
+
+log = logging.getLogger("nolaserve.server")
 
 
 def build_engine(config: Config, model=None, tokenizer=None,
@@ -24,16 +33,17 @@ def build_engine(config: Config, model=None, tokenizer=None,
     config would load (tests pass tiny models and in-memory registries)."""
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     cache_dir = Path(config.cache_dir).expanduser()
-    name = config.model or getattr(model, "name_or_path", "") or "SmolLM2-135M-Instruct"
+    names = model_names(config.model, model)
     if model is None:
         model, tokenizer = load_model(config.model or None, device=device, dtype=dtype,
                                       cache_dir=cache_dir / "models")
     model = model.to(device=device, dtype=dtype).eval()
+    fingerprint = model_fingerprint(model)
     spec = model_spec(model, config.target_modules or None, max_rank=config.max_rank,
-                      max_num_basis=config.max_num_basis,
-                      name=name)
+                      max_num_basis=config.max_num_basis, name=names[0] if names else "",
+                      fingerprint=fingerprint, aliases=names[1:])
     if registry is None:
-        registry = Registry(_registry_path(config, cache_dir))
+        registry = Registry(registry_path(config, cache_dir, fingerprint), scope=fingerprint)
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
                          host_max_bytes=config.host_cache_bytes)
@@ -48,11 +58,19 @@ def build_engine(config: Config, model=None, tokenizer=None,
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer))
 
 
-def _registry_path(config: Config, cache_dir: Path) -> str:
+def registry_path(config: Config, cache_dir: Path, fingerprint: str) -> str:
+    """``registry_path`` if set, else ``<cache_dir>/registries/<fingerprint>.db``: one
+    default registry per base model. The registry is scoped to the fingerprint either way
+    (``Registry``), so a shared file lists only what this model can serve."""
     if config.registry_path:
         return config.registry_path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return str(cache_dir / "registry.db")
+    legacy = cache_dir / "registry.db"  # the one shared default before per-model registries
+    if legacy.is_file():
+        log.warning("adapters registered before per-model registries are in %s; serve them "
+                    "with --registry-path %s (the file is upgraded in place, nothing is lost)",
+                    legacy, legacy)
+    (cache_dir / "registries").mkdir(parents=True, exist_ok=True)
+    return str(cache_dir / "registries" / f"{fingerprint}.db")
 
 
 def _num_blocks(config: Config, text, dtype) -> int:
