@@ -266,6 +266,14 @@ def _merge_module(sources: dict[str, AdapterFactors], key: Key, layout: RmmLayou
     return v, basis_a, basis_b, err2, _frob2_of_product(b, a)
 
 
+def _some(pairs: list[Key], n: int = 3) -> str:
+    """``"60 (e.g. (0, 'mlp.up_proj'), (1, 'mlp.up_proj') ...)"``: a count and the first few."""
+    if not pairs:
+        return "0"
+    shown = ", ".join(repr(p) for p in pairs[:n])
+    return f"{len(pairs)} ({shown}{', ...' if len(pairs) > n else ''})"
+
+
 def _check_sources(sources: dict[str, AdapterFactors], k: int) -> tuple[RmmLayout, set[Key]]:
     """The dense layout the sources fit, or ``InvalidAdapterError`` saying what differs."""
     for sid, src in sources.items():
@@ -281,8 +289,8 @@ def _check_sources(sources: dict[str, AdapterFactors], k: int) -> tuple[RmmLayou
         if set(src.modules) != keys:
             missing, extra = sorted(keys - set(src.modules)), sorted(set(src.modules) - keys)
             raise InvalidAdapterError(
-                f"source {sid!r} must adapt the same (layer, module) pairs as {first_id!r}: "
-                f"missing {missing}, extra {extra}")
+                f"source {sid!r} must adapt the same (layer, module) pairs as {first_id!r} "
+                f"(one basis serves them all): {_some(missing)} missing, {_some(extra)} extra")
         for key, f in src.modules.items():
             _check_factors(sid, key, f, shapes, ranks)
     layout = RmmLayout(num_layers=max(i for i, _ in keys) + 1, rank=max(ranks.values()),

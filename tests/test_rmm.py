@@ -258,3 +258,14 @@ def test_truncated_or_mutated_bytes_raise_only_invalid(cls, data, name):
         mutated[pos] = rng.randrange(256)
         with contextlib.suppress(InvalidAdapterError):  # a mutated float may still parse
             cls.from_bytes(bytes(mutated))
+
+
+def test_same_modules_error_names_a_few_mismatches_and_a_count():
+    many = tuple(range(30))
+    sources = {"wide": lora(1, 1.0, layers=many), "narrow": lora(2, 1.0, layers=(0,))}
+    with pytest.raises(InvalidAdapterError) as info:
+        build_rmm(sources, 1)
+    text = str(info.value)
+    missing = (len(many) - 1) * len(SHAPES)
+    assert f"{missing} ((1, " in text and ", ...) missing, 0 extra" in text
+    assert text.count("(") < 12  # a few pairs, not all of them
