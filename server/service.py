@@ -11,6 +11,7 @@ from contextlib import aclosing
 
 import grpc
 
+from nolaserve.adapters.errors import RequestFailedError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
@@ -18,7 +19,7 @@ from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
 from .engine.sequence import FinishReason
 from .metrics import Metrics
-from .rpc import Gate, RequestFailedError, rpc
+from .rpc import Gate, rpc
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
