@@ -115,3 +115,17 @@ class ModelLoadError(ServingError, ValueError):
     (INVALID_ARGUMENT)."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class PortInUseError(ServingError, OSError):
+    """A listening address cannot be bound at start (``server/ports.py``); the message
+    names the address and the flag to change. Raised before the model loads, never by an
+    RPC (UNAVAILABLE if it ever were)."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, address: str, flag: str, reason: str) -> None:
+        key = flag.removeprefix("--").replace("-", "_")
+        super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
+                         f"(config key {key}) or stop the process using it")
+        self.address, self.flag = address, flag

@@ -21,17 +21,10 @@ import socket
 
 import grpc
 
+from nolaserve.adapters.errors import PortInUseError
+
 GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
-
-
-class PortInUseError(OSError):
-    """A listening address cannot be bound; the message names it and the flag to change."""
-
-    def __init__(self, address: str, flag: str, reason: str) -> None:
-        key = flag.removeprefix("--").replace("-", "_")
-        super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
-                         f"(config key {key}) or stop the process using it")
-        self.address, self.flag = address, flag
+__all__ = ["GRPC_OPTIONS", "PortInUseError", "add_grpc_port", "bind_tcp", "format_address"]
 
 
 def format_address(host: str, port: int) -> str:
