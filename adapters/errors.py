@@ -52,3 +52,10 @@ class LimitExceededError(AdapterError):
 
 class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
+
+
+class PathNotAllowedError(AdapterError):
+    """A file path outside the directories the server may read adapters from
+    (PERMISSION_DENIED)."""
+
+    grpc_code = "PERMISSION_DENIED"

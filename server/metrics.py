@@ -132,6 +132,9 @@ class EngineCollector(Collector):
         store = self.engine.store
         if store is not None:
             yield from self._store_metrics(store)
+            yield lora_requests_info(sched, store.slots.num_slots)
+        yield from router_gauges(sched.num_waiting, sched.num_running,
+                                 (bm.num_blocks - bm.num_free_blocks) / bm.num_blocks)
 
     def _store_metrics(self, store) -> Iterator[Metric]:
         host, pool = store.host.stats, store.slots.stats
@@ -154,6 +157,52 @@ class EngineCollector(Collector):
                      host.entries)
         yield _gauge("nolaserve_adapters_registered", "Adapters in the registry",
                      store.registry.count())
+
+
+def lora_requests_info(scheduler, max_lora: int) -> GaugeMetricFamily:
+    """vLLM's ``vllm:lora_requests_info``, which LoRA-affinity routers (the Gateway API
+    Inference Extension's endpoint picker, llm-d, KServe) read: one sample whose labels are
+    ``max_lora`` (adapters the device holds at once: ``num_slots``) and the comma-separated
+    ids of adapters with running and with waiting requests, each capped at ``max_lora`` ids
+    and ``LORA_LABEL_CHARS`` characters; its value is the time of the scrape, as in vLLM."""
+    family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                               labels=["max_lora", "running_lora_adapters",
+                                       "waiting_lora_adapters"])
+    running = _adapter_list(_snapshot(lambda: scheduler.running), max_lora)
+    waiting = _adapter_list(_snapshot(lambda: scheduler.waiting), max_lora)
+    family.add_metric([str(max_lora), running, waiting], time.time())
+    return family
+
+
+LORA_LABEL_CHARS = 4096
+
+
+def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:
+    """The vLLM series that the Gateway API Inference Extension's endpoint picker scores
+    replicas by (queue length and KV-cache use, a fraction in [0, 1]); the KV one under its
+    older and its newer name."""
+    yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed", waiting)
+    yield _gauge("vllm:num_requests_running", "Requests running on the device", running)
+    for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+        yield _gauge(name, "KV-cache usage; 1 means 100 percent usage", kv_usage)
+
+
+def _snapshot(read) -> tuple:
+    """The scheduler's queue, read from the scrape thread while the step thread runs."""
+    for _ in range(3):
+        try:
+            return read()
+        except RuntimeError:  # deque mutated during iteration: read again
+            continue
+    return ()
+
+
+def _adapter_list(seqs, cap: int) -> str:
+    ids = list(dict.fromkeys(s.adapter_id for s in seqs if s.adapter_id))[:cap]
+    text = ",".join(ids)
+    if len(text) > LORA_LABEL_CHARS:
+        text = text[:LORA_LABEL_CHARS].rpartition(",")[0]
+    return text
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

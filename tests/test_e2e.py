@@ -30,7 +30,8 @@ def server(tmp_path_factory, smollm2):
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nolaserve.clients.cli", "serve", "--port", str(port),
-         "--metrics-port", str(mport), "--registry-path", str(tmp / "registry.db"),
+         "--metrics-port", str(mport), "--http-port", "0",
+         "--registry-path", str(tmp / "registry.db"),
          "--admin-token", TOKEN, "--num-slots", "8", "--max-rank", "8",
          "--target-modules", "self_attn.q_proj", "self_attn.v_proj",
          "--kv-cache-bytes", str(256 << 20), "--grace-period-s", "60"],

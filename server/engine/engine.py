@@ -3,6 +3,7 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +80,11 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: str | None = None) -> None:
         """Validate and queue a request; raises a typed error before it reaches the model."""
+        if params.max_tokens is None:
+            bm = self.scheduler.block_manager
+            room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
+            params = dataclasses.replace(params, max_tokens=max(1, min(
+                self.limits.max_tokens_limit, room - len(prompt_token_ids))))
         self._validate(request_id, prompt_token_ids, params, adapter_id)
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)

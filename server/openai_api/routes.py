@@ -1,0 +1,219 @@
+"""The OpenAI-compatible endpoints, vLLM's shapes: JSON in, a ``GenerateRequest`` to the
+shared ``Generation``, JSON or server-sent events out. Every handler runs behind the same
+drain ``Gate`` and request counter as the gRPC servicers, and maps the same typed errors
+through one table (``errors.HTTP_STATUS``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..auth import check_bearer
+from ..engine.engine import RequestOutput
+from ..generation import Generation
+from ..metrics import Metrics
+from ..rpc import Gate
+from .admin import AdapterEndpoints
+from .errors import HTTP_STATUS, error_body, error_of, sse_error
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import DONE, Responses
+
+OK = grpc.StatusCode.OK
+
+
+class ClientGoneError(Exception):
+    """The client closed the connection before the response (CANCELLED)."""
+
+    grpc_code = "CANCELLED"
+
+
+class Endpoints:
+    """The handlers of one server, bound to its engine, gate and metrics."""
+
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate,
+                 inference_token: str) -> None:
+        self.generation, self.metrics, self.gate = generation, metrics, gate
+        self.inference_token = inference_token
+
+    def auth(self, name: str, token: str, key: str) -> Callable[[Request], None]:
+        """A route dependency (it runs before the body is parsed): raise
+        ``Unauthenticated`` unless the request carries ``authorization: Bearer <token>``."""
+        def check(request: Request) -> None:
+            if not token:
+                return
+            header = request.headers.get("authorization")
+            metadata = [("authorization", header)] if header is not None else []
+            error = check_bearer(metadata, token, f"HTTP {name}", key)
+            if error is not None:
+                self.metrics.count_request(name, grpc.StatusCode.UNAUTHENTICATED)
+                raise Unauthenticated(error)
+
+        return check
+
+    async def unary(self, name: str, fn: Callable[[], Awaitable[Response]]) -> Response:
+        """Run ``fn`` behind the gate; count it; a typed error becomes its HTTP error."""
+        code = OK
+        try:
+            self.gate.enter()
+            try:
+                return await fn()
+            finally:
+                self.gate.exit()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code, status, body = error_of(e)
+            return JSONResponse(body, status)
+        finally:
+            self.metrics.count_request(name, code)
+
+    async def generate(self, name: str, body: CompletionRequest | ChatCompletionRequest,
+                       request: Request) -> Response:
+        try:
+            self.gate.enter()
+        except Exception as e:
+            return self._failed(name, e)
+        try:
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            responses = Responses(isinstance(body, ChatCompletionRequest), body.model,
+                                  request_id, body.return_token_ids)
+            outputs = self.generation.outputs(body.generate_request(), request_id)
+            first = await until_disconnect(request, anext(outputs))
+        except BaseException as e:
+            self.gate.exit()
+            if not isinstance(e, Exception):
+                raise
+            return self._failed(name, e)
+        if body.stream:
+            events = self._events(name, responses, first, outputs, body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        code = OK
+        try:
+            text, ids, last = await until_disconnect(request, _collect(first, outputs))
+            return JSONResponse(responses.complete(text, ids, last))
+        except Exception as e:
+            code, status, error = error_of(e)
+            return JSONResponse(error, status)
+        finally:
+            await outputs.aclose()
+            self.gate.exit()
+            self.metrics.count_request(name, code)
+
+    async def _events(self, name: str, responses: Responses, out: RequestOutput,
+                      outputs: AsyncIterator[RequestOutput], include_usage: bool
+                      ) -> AsyncIterator[bytes]:
+        """The SSE stream; a disconnect cancels it, which closes ``outputs`` (the engine
+        request is aborted at once)."""
+        code = OK
+        try:
+            if (head := responses.first_chunk()) is not None:
+                yield head
+            while True:
+                if (chunk := responses.chunk(out, include_usage)) is not None:
+                    yield chunk
+                if out.finished:
+                    break
+                out = await anext(outputs)
+            if include_usage:
+                yield responses.usage_chunk(out)
+            yield DONE
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code = error_of(e)[0]
+            yield sse_error(e)
+            yield DONE
+        finally:
+            await outputs.aclose()
+            self.gate.exit()
+            self.metrics.count_request(name, code)
+
+    def _failed(self, name: str, e: Exception) -> JSONResponse:
+        code, status, body = error_of(e)
+        self.metrics.count_request(name, code)
+        return JSONResponse(body, status)
+
+
+class Unauthenticated(Exception):
+    grpc_code = "UNAUTHENTICATED"
+
+
+async def _collect(first: RequestOutput, outputs: AsyncIterator[RequestOutput]
+                   ) -> tuple[str, list[int], RequestOutput]:
+    text, ids, out = [first.text], list(first.token_ids), first
+    while not out.finished:
+        out = await anext(outputs)
+        text.append(out.text)
+        ids += out.token_ids
+    return "".join(text), ids, out
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable):
+    """Await ``awaitable`` unless the client disconnects first (then it is cancelled and
+    ``ClientGoneError`` raised): a request nobody waits for stops using the engine."""
+    task = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGoneError("the client disconnected")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAPI:
+    """The FastAPI application: inference, models, health, metrics and adapter admin."""
+    app = FastAPI(title="nolaserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}"
+        return JSONResponse(error_body(400, message, where[0] if where else None), 400)
+
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(request: Request, exc: Unauthenticated) -> JSONResponse:
+        return JSONResponse(error_body(HTTP_STATUS["UNAUTHENTICATED"], str(exc)), 401)
+
+    def inference(path: str) -> list:
+        token = endpoints.inference_token
+        return [Depends(endpoints.auth(path, token, "inference_token"))]
+
+    @app.post("/v1/completions", dependencies=inference("/v1/completions"))
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await endpoints.generate("/v1/completions", body, request)
+
+    @app.post("/v1/chat/completions", dependencies=inference("/v1/chat/completions"))
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await endpoints.generate("/v1/chat/completions", body, request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if endpoints.gate.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(endpoints.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    if adapters is not None:
+        adapters.add_routes(app, endpoints, inference("/v1/models"))
+    return app
