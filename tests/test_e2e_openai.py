@@ -57,7 +57,7 @@ def register(target: str, url: str, tmp) -> None:
     assert cli.main(["--target", target, "--admin-token", TOKEN, "adapters", "create-nola",
                      str(nola), "--seed", "3", "--rank", "4", "--num-basis", "64",
                      "--coeff-std", "3.0"]) == 0
-    lora = peft_lora_dir(tmp, Client(target, admin_token=TOKEN).server_info())
+    lora = peft_lora_dir(tmp, Client(target, admin_token=TOKEN).server_info(), lora_alpha=32)
     headers = {"authorization": f"Bearer {TOKEN}"}
     base = url.removesuffix("/v1")
     r = httpx.post(f"{base}/v1/adapters", params={"adapter_id": "nola"},

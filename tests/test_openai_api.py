@@ -5,6 +5,7 @@ disconnects: test_openai_admin.py. SmolLM2 end to end: test_e2e_openai.py."""
 
 import asyncio
 import logging
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -15,6 +16,7 @@ from server_helpers import request
 
 from nolaserve.adapters.nola import random_nola
 from nolaserve.clients.api import inference_pb2
+from nolaserve.server.metrics import LORA_LABEL_CHARS, lora_requests_info
 from nolaserve.server.openai_api import HTTP_STATUS
 
 PROMPT = "héllo wörld"
@@ -183,3 +185,20 @@ def test_health_metrics_and_the_status_table(engine):
     assert "vllm:num_requests_waiting" in metrics
     assert 'nolaserve_requests_total{code="OK",rpc="/v1/completions"} 1.0' in metrics
     assert HTTP_STATUS["NOT_FOUND"] == 404 and HTTP_STATUS["RESOURCE_EXHAUSTED"] == 429
+
+
+def test_lora_requests_info_lists_running_and_waiting_adapters_capped():
+    def seqs(ids):
+        return tuple(SimpleNamespace(adapter_id=a) for a in ids)
+
+    sched = SimpleNamespace(running=seqs(["a", None, "b", "a"]),
+                            waiting=seqs([f"w{i}" for i in range(10)]))
+    (sample,) = lora_requests_info(sched, max_lora=4).samples
+    assert sample.name == "vllm:lora_requests_info" and sample.value > 1e9
+    assert sample.labels == {"max_lora": "4", "running_lora_adapters": "a,b",
+                             "waiting_lora_adapters": "w0,w1,w2,w3"}
+    long_ids = [f"{i:03d}" + "x" * 125 for i in range(64)]
+    sched = SimpleNamespace(running=seqs(long_ids), waiting=())
+    (sample,) = lora_requests_info(sched, max_lora=64).samples
+    running = sample.labels["running_lora_adapters"]
+    assert len(running) <= LORA_LABEL_CHARS and running.split(",") == long_ids[:31]

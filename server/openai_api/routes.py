@@ -93,8 +93,9 @@ class Endpoints:
                 raise
             return self._failed(name, e)
         if body.stream:
-            events = self._events(name, responses, first, outputs, body.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            call = _StreamCall(self, name, outputs)
+            events = call.events(responses, first, body.include_usage)
+            return EventStream(events, call.close)
         code = OK
         try:
             text, ids, last = await until_disconnect(request, _collect(first, outputs))
@@ -107,12 +108,24 @@ class Endpoints:
             self.gate.exit()
             self.metrics.count_request(name, code)
 
-    async def _events(self, name: str, responses: Responses, out: RequestOutput,
-                      outputs: AsyncIterator[RequestOutput], include_usage: bool
-                      ) -> AsyncIterator[bytes]:
-        """The SSE stream; a disconnect cancels it, which closes ``outputs`` (the engine
-        request is aborted at once)."""
-        code = OK
+    def _failed(self, name: str, e: Exception) -> JSONResponse:
+        code, status, body = error_of(e)
+        self.metrics.count_request(name, code)
+        return JSONResponse(body, status)
+
+
+class _StreamCall:
+    """One streamed request: its events, and the cleanup that runs however the response
+    ends (finished, failed, or the client disconnected, even before the first event)."""
+
+    def __init__(self, endpoints: Endpoints, name: str,
+                 outputs: AsyncIterator[RequestOutput]) -> None:
+        self.endpoints, self.name, self.outputs = endpoints, name, outputs
+        self.code = grpc.StatusCode.CANCELLED  # until the stream ends on its own
+        self.closed = False
+
+    async def events(self, responses: Responses, out: RequestOutput, include_usage: bool
+                     ) -> AsyncIterator[bytes]:
         try:
             if (head := responses.first_chunk()) is not None:
                 yield head
@@ -121,26 +134,42 @@ class Endpoints:
                     yield chunk
                 if out.finished:
                     break
-                out = await anext(outputs)
+                out = await anext(self.outputs)
             if include_usage:
                 yield responses.usage_chunk(out)
+            self.code = OK
             yield DONE
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
         except Exception as e:
-            code = error_of(e)[0]
+            self.code = error_of(e)[0]
             yield sse_error(e)
             yield DONE
-        finally:
-            await outputs.aclose()
-            self.gate.exit()
-            self.metrics.count_request(name, code)
 
-    def _failed(self, name: str, e: Exception) -> JSONResponse:
-        code, status, body = error_of(e)
-        self.metrics.count_request(name, code)
-        return JSONResponse(body, status)
+    async def close(self) -> None:
+        """Abort the engine request if it still runs; leave the gate; count the call."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.outputs.aclose()
+        finally:
+            self.endpoints.gate.exit()
+            self.endpoints.metrics.count_request(self.name, self.code)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose ``on_close`` runs when the response ends, whichever way
+    (a disconnect cancels the send loop, possibly before the body iterator started)."""
+
+    def __init__(self, events: AsyncIterator[bytes],
+                 on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 class Unauthenticated(Exception):
