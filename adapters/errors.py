@@ -59,3 +59,7 @@ class PathNotAllowedError(AdapterError):
     (PERMISSION_DENIED)."""
 
     grpc_code = "PERMISSION_DENIED"
+
+
+class ModelLoadError(ValueError):
+    """The model source is missing, unreadable or not a supported decoder-only LM."""

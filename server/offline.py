@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.sources import read_adapter_source
 
+from .build import build_engine
 from .config import Config
-from .engine.build import build_engine
 from .engine.engine import Engine
 from .engine.sequence import FinishReason, SamplingParams
 from .generation import ChatMessage, GenerateRequest, engine_input, failure

@@ -15,9 +15,9 @@ from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_
 from server_helpers import request
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import inference_pb2
 from nolaserve.server.metrics import LORA_LABEL_CHARS, lora_requests_info
 from nolaserve.server.openai_api import HTTP_STATUS
+from nolaserve.v1 import inference_pb2
 
 PROMPT = "héllo wörld"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -20,11 +19,9 @@ from nolaserve.adapters.store import AdapterStore
 
 from .. import convert
 from ..config import Config
+from .calls import Endpoints
 from .protocol import LoadLoraRequest, UnloadLoraRequest
 from .responses import adapter_card, model_card
-
-if TYPE_CHECKING:
-    from .routes import Endpoints
 
 
 class AdapterEndpoints:

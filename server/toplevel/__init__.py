@@ -1,8 +1,8 @@
 """nolaserve: one base LLM, thousands of NOLA, LoRA and RMM adapters.
 
-This is the top-level package (pyproject maps ``nolaserve`` to ``server/toplevel``; the
-subpackages ``nolaserve.server``, ``nolaserve.adapters`` and ``nolaserve.clients`` live in
-their own folders). Its names load lazily, so ``import nolaserve.clients`` imports no torch:
+This is the top-level package (pyproject maps ``nolaserve`` to ``server/toplevel``; every
+subpackage lives in its own folder). Its names load lazily, so that importing the
+torch-free client package through it imports no torch:
 
     from nolaserve import LLM, SamplingParams     # the offline API (server/offline.py)
 """

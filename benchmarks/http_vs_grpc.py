@@ -2,8 +2,9 @@
 ``AsyncClient``), on one server, with the same open-loop trace, in one run: output tok/s
 and TTFT/TPOT per protocol, rounds alternating between the two.
 
-    python -m nolaserve.clients.bench_http                      # spawns `nolaserve serve`
-    python -m nolaserve.clients.bench_http --target 127.0.0.1:50051 --url http://127.0.0.1:8000/v1
+    python -m nolaserve.benchmarks.http_vs_grpc               # spawns `nolaserve serve`
+    python -m nolaserve.benchmarks.http_vs_grpc --target 127.0.0.1:50051 \
+        --url http://127.0.0.1:8000/v1
 
 Every request streams (``stream_options.include_usage`` over HTTP), ignores EOS and uses
 one of ``--num-adapters`` random NOLA adapters (power-law trace, ``bench_load``). Spawning
@@ -21,9 +22,9 @@ import sys
 import threading
 import time
 
-from . import bench_load as load
-from .bench_cli import register_nola
-from .client import AsyncClient, NolaserveError
+from nolaserve.clients import bench_load as load
+from nolaserve.clients.bench_cli import register_nola
+from nolaserve.clients.client import AsyncClient, NolaserveError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
