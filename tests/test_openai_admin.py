@@ -1,4 +1,4 @@
-"""The OpenAI HTTP API's guards over a tiny model: bearer tokens (401), adapter paths
+"""The OpenAI HTTP API's guards over a tiny model: bearer tokens (401), TLS, adapter paths
 confined to adapter_dirs (403, nothing read), bodies over the limit refused before
 parsing (413), adapter management like vLLM's, and a client that disconnects mid-stream
 (its KV blocks and slot are freed)."""
@@ -7,7 +7,9 @@ import asyncio
 import copy
 import os
 import socket
+import ssl
 
+import httpx
 import openai
 import pytest
 from conftest import tiny_llama
@@ -15,8 +17,11 @@ from engine_helpers import make_engine
 from openai_helpers import http, http_serving, openai_client
 from peft import LoraConfig, get_peft_model
 from server_helpers import assert_no_leaks, slow_down, wait_idle
+from test_server_admin import self_signed
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.app import start
+from nolaserve.server.config import Config
 
 ADMIN, INFERENCE = "adm1n", "inf3r"
 
@@ -185,3 +190,34 @@ def test_disconnect_mid_stream_frees_the_kv_blocks(engine):
     bm = engine.scheduler.block_manager
     assert used < bm.num_blocks  # the stream held blocks while it ran
     assert_no_leaks(engine)
+
+
+def test_tls_covers_the_http_port(engine, tmp_path):
+    pytest.importorskip("cryptography")
+    cert, key = self_signed(tmp_path)
+
+    async def main():
+        async with http_serving(engine, tls_cert=str(cert), tls_key=str(key),
+                                inference_token=INFERENCE) as (c, url):
+            trust = ssl.create_default_context(cafile=str(cert))
+            async with httpx.AsyncClient(verify=trust) as tls:
+                oa = openai.AsyncOpenAI(base_url=url, api_key=INFERENCE, http_client=tls,
+                                        max_retries=0)
+                out = await oa.completions.create(model="", prompt="hi", max_tokens=2)
+            async with httpx.AsyncClient() as plain:
+                with pytest.raises(httpx.HTTPError):
+                    await plain.get(url.replace("https://", "http://") + "/models")
+            return url, out
+
+    url, out = asyncio.run(main())
+    assert url.startswith("https://127.0.0.1:") and out.usage.completion_tokens == 2
+
+
+def test_http_port_in_use_fails_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = Config(model=str(tmp_path / "no-such-model"), port=0, metrics_port=0,
+                        http_port=taken.getsockname()[1], registry_path=":memory:")
+        with pytest.raises(OSError, match="HTTP port"):  # not the model's error
+            asyncio.run(start(config))
