@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError
+
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine, RequestOutput
-from .engine.errors import InvalidRequestError
 from .engine.sequence import FinishReason, SamplingParams
 from .metrics import Metrics
-from .rpc import RequestFailedError
 
 
 @dataclass

@@ -71,3 +71,50 @@ def expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
         m = row_ok[:, None] & o_ok[None, :]
         yt = tl.load(ptr, mask=m)
         tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+def segment_starts(batch: LoraBatch) -> torch.Tensor:
+    """``[N]`` start of each segment in ``batch.sorted_tokens``, computed on the device:
+    the launchers pass it to the kernels without a host sync."""
+    return torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
+
+
+@triton.jit
+def segment_tile(tokens, seg_slots, seg_starts, num_segments, num_active,
+                 BLOCK_T: tl.constexpr):
+    """Every SGMV kernel's prologue: program ``(seg, tile, ...)`` takes rows
+    ``sorted_tokens[t0 : t0 + BLOCK_T]`` of segment ``seg``, clipped to the segment.
+
+    Returns ``(slot, tok, row_ok, busy)``: the segment's slot, the ``[BLOCK_T]`` token
+    indices of the rows, which rows are real, and whether the tile holds any row (a
+    segment shorter than the longest has idle tiles)."""
+    seg = tl.program_id(0)
+    start = tl.load(seg_starts + seg)
+    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
+    t0 = start + tl.program_id(1) * BLOCK_T
+    slot = tl.load(seg_slots + seg)
+    rows = t0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < end
+    tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
+    return slot, tok, row_ok, t0 < end
+
+
+@triton.jit
+def x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K: tl.constexpr):
+    """``(xt, k, k_ok)``: the ``[BLOCK_T, BLOCK_K]`` tile ``x[tok, k0 : k0 + BLOCK_K]``
+    (zeros outside the rows and columns), its column indices and which are real."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < d_in
+    xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return xt, k, k_ok
+
+
+@triton.jit
+def shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
+           BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+    """``v += xt @ A[slot, :, k].T`` for one ``[BLOCK_T, BLOCK_K]`` tile ``xt`` of ``x``."""
+    r = tl.arange(0, BLOCK_R)
+    at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
+                 mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+    return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)

@@ -13,6 +13,8 @@ import grpc
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from nolaserve.adapters.errors import ClientGoneError, UnauthenticatedError
+
 from ..auth import check_bearer
 from ..engine.engine import RequestOutput
 from ..generation import Generation
@@ -25,12 +27,6 @@ from .responses import DONE, Responses
 OK = grpc.StatusCode.OK
 
 
-class ClientGoneError(Exception):
-    """The client closed the connection before the response (CANCELLED)."""
-
-    grpc_code = "CANCELLED"
-
-
 class Endpoints:
     """The handlers of one server, bound to its engine, gate and metrics."""
 
@@ -41,7 +37,7 @@ class Endpoints:
 
     def auth(self, name: str, token: str, key: str) -> Callable[[Request], None]:
         """A route dependency (it runs before the body is parsed): raise
-        ``Unauthenticated`` unless the request carries ``authorization: Bearer <token>``."""
+        ``UnauthenticatedError`` unless the request carries ``authorization: Bearer <token>``."""
         def check(request: Request) -> None:
             if not token:
                 return
@@ -50,7 +46,7 @@ class Endpoints:
             error = check_bearer(metadata, token, f"HTTP {name}", key)
             if error is not None:
                 self.metrics.count_request(name, grpc.StatusCode.UNAUTHENTICATED)
-                raise Unauthenticated(error)
+                raise UnauthenticatedError(error)
 
         return check
 
@@ -167,10 +163,6 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.on_close()
-
-
-class Unauthenticated(Exception):
-    grpc_code = "UNAUTHENTICATED"
 
 
 async def _collect(first: RequestOutput, outputs: AsyncIterator[RequestOutput]

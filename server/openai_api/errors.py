@@ -12,7 +12,6 @@ from http import HTTPStatus
 
 import grpc
 
-from ..engine.errors import InvalidRequestError
 from ..rpc import status_of
 
 HTTP_STATUS: dict[str, int] = {
@@ -35,15 +34,6 @@ _TYPE = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDen
          404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
          429: "RateLimitError", 499: "CancelledError", 500: "InternalServerError",
          501: "NotImplementedError", 503: "ServiceUnavailableError", 504: "TimeoutError"}
-
-
-class UnsupportedFieldError(InvalidRequestError):
-    """A request field that would change the output but is not supported (400, naming
-    the field in ``param``)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

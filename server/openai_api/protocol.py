@@ -11,9 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from nolaserve.adapters.errors import UnsupportedFieldError
+
 from ..engine.sequence import SamplingParams
 from ..generation import ChatMessage, GenerateRequest
-from .errors import UnsupportedFieldError
 
 log = logging.getLogger("nolaserve.http")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
+from nolaserve.adapters.errors import EngineStoppedError
 from nolaserve.adapters.registry import AdapterRecord
 
 from ..engine.engine import RequestOutput
-from ..engine.errors import EngineStoppedError
 from ..engine.sequence import FinishReason
 
 OWNED_BY = "nolaserve"

@@ -8,8 +8,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nolaserve.adapters.errors import UnauthenticatedError
+
 from .admin import AdapterEndpoints
-from .calls import Endpoints, Unauthenticated
+from .calls import Endpoints
 from .errors import HTTP_STATUS, error_body
 from .protocol import ChatCompletionRequest, CompletionRequest
 
@@ -25,8 +27,8 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
         message = f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}"
         return JSONResponse(error_body(400, message, where[0] if where else None), 400)
 
-    @app.exception_handler(Unauthenticated)
-    async def unauthenticated(request: Request, exc: Unauthenticated) -> JSONResponse:
+    @app.exception_handler(UnauthenticatedError)
+    async def unauthenticated(request: Request, exc: UnauthenticatedError) -> JSONResponse:
         return JSONResponse(error_body(HTTP_STATUS["UNAUTHENTICATED"], str(exc)), 401)
 
     def inference(path: str) -> list:
