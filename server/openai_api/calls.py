@@ -93,6 +93,9 @@ class Endpoints:
         try:
             text, ids, last = await until_disconnect(request, _collect(first, outputs))
             return JSONResponse(responses.complete(text, ids, last))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as e:
             code, status, error = error_of(e)
             return JSONResponse(error, status)
