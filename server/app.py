@@ -88,12 +88,8 @@ class RunningServer:
         await self.server.stop(0)  # cancels what is left: their engine requests abort
         if self.http is not None:
             await self.http.stop()
-        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.engine.close if self.owns_engine else self.engine.stop)
         self.metrics.close()
-        if self.owns_engine:
-            self.engine.engine.admission.close()
-            if self.engine.engine.store is not None:
-                self.engine.engine.store.registry.close()
 
 
 async def start(config: Config, engine: Engine | None = None) -> RunningServer:
@@ -128,7 +124,8 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    http = http_server(config, generation, metrics, gate, http_sock) if http_sock else None
+    http = (http_server(config, generation, engine.store, engine.limits.max_model_len,
+                        metrics, gate, http_sock) if http_sock else None)
     try:
         port = _bind(server, config)
         await server.start()

@@ -3,7 +3,7 @@ request dataclass they each build from their wire format, the naming of the mode
 adapter, the prompt (text, token ids or chat messages rendered with the chat template),
 and the typed failure of a request the engine finished with an error.
 
-    GenerateRequest(...) -> engine_input(engine, request) -> (prompt ids, params, adapter)
+    GenerateRequest(...) -> engine_input(tokenizer, base, request) -> (ids, params, adapter)
     Generation(async_engine, metrics).outputs(request, request_id) -> RequestOutput stream
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError
 
 from .engine.async_engine import AsyncEngine
-from .engine.engine import Engine, RequestOutput
+from .engine.engine import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
 from .metrics import Metrics
 
@@ -78,12 +78,12 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def engine_input(engine: Engine, request: GenerateRequest
+def engine_input(tokenizer, base_model: str, request: GenerateRequest
                  ) -> tuple[list[int], SamplingParams, str | None]:
     """What ``Engine.add_request`` takes for ``request`` (tokenizing blocks: call it from a
     worker thread in async code)."""
-    adapter = resolve_adapter(request.model, engine.runner.spec.name)
-    return prompt_token_ids(engine.tokenizer, request), request.params, adapter
+    adapter = resolve_adapter(request.model, base_model)
+    return prompt_token_ids(tokenizer, request), request.params, adapter
 
 
 def failure(out: RequestOutput) -> RequestFailedError:
@@ -102,7 +102,7 @@ class Generation:
 
     @property
     def base_model(self) -> str:
-        return self.engine.engine.runner.spec.name
+        return self.engine.model_name
 
     async def outputs(self, request: GenerateRequest, request_id: str
                       ) -> AsyncIterator[RequestOutput]:
@@ -110,8 +110,8 @@ class Generation:
         queue full) raise before the first one, an engine-side failure raises when it
         comes. Closing the iterator early aborts the engine request."""
         timer = self.metrics.request_timer()
-        prompt, params, adapter = await asyncio.to_thread(engine_input, self.engine.engine,
-                                                          request)
+        prompt, params, adapter = await asyncio.to_thread(
+            engine_input, self.engine.tokenizer, self.engine.model_name, request)
         outputs = self.engine.generate(prompt, params, adapter, request_id)
         async with aclosing(outputs):
             async for out in outputs:

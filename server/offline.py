@@ -121,10 +121,8 @@ class LLM:
                 bar.close()
 
     def close(self) -> None:
-        """Stop the adapter loader and close the registry."""
-        self.engine.admission.close()
-        if self.engine.store is not None:
-            self.engine.store.registry.close()
+        """Stop the adapter loader and close the adapter store."""
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -160,7 +158,8 @@ class _Batch:
         return [self.results[i] for i in self.request_ids]
 
     def _add(self, request_id: str, request: GenerateRequest) -> None:
-        prompt, params, adapter = engine_input(self.engine, request)
+        prompt, params, adapter = engine_input(self.engine.tokenizer,
+                                               self.engine.model_name, request)
         self.engine.add_request(request_id, prompt, params, adapter)
         self.results[request_id] = RequestOutput(request_id, prompt, adapter)
         self.text[request_id] = []

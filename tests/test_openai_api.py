@@ -5,7 +5,6 @@ disconnects: test_openai_admin.py. SmolLM2 end to end: test_e2e_openai.py."""
 
 import asyncio
 import logging
-from types import SimpleNamespace
 
 import openai
 import pytest
@@ -15,6 +14,7 @@ from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_
 from server_helpers import request
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.metrics import LORA_LABEL_CHARS, lora_requests_info
 from nolaserve.server.openai_api import HTTP_STATUS
 from nolaserve.v1 import inference_pb2
@@ -188,17 +188,24 @@ def test_health_metrics_and_the_status_table(engine):
 
 
 def test_lora_requests_info_lists_running_and_waiting_adapters_capped():
-    def seqs(ids):
-        return tuple(SimpleNamespace(adapter_id=a) for a in ids)
-
-    sched = SimpleNamespace(running=seqs(["a", None, "b", "a"]),
-                            waiting=seqs([f"w{i}" for i in range(10)]))
-    (sample,) = lora_requests_info(sched, max_lora=4).samples
+    waiting = [f"w{i}" for i in range(10)]
+    (sample,) = lora_requests_info(["a", "b", "a"], waiting, max_lora=4).samples
     assert sample.name == "vllm:lora_requests_info" and sample.value > 1e9
     assert sample.labels == {"max_lora": "4", "running_lora_adapters": "a,b",
                              "waiting_lora_adapters": "w0,w1,w2,w3"}
     long_ids = [f"{i:03d}" + "x" * 125 for i in range(64)]
-    sched = SimpleNamespace(running=seqs(long_ids), waiting=())
-    (sample,) = lora_requests_info(sched, max_lora=64).samples
+    (sample,) = lora_requests_info(long_ids, [], max_lora=64).samples
     running = sample.labels["running_lora_adapters"]
     assert len(running) <= LORA_LABEL_CHARS and running.split(",") == long_ids[:31]
+
+
+def test_engine_stats_name_the_adapters_of_running_and_waiting_requests(engine):
+    engine.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=4), "n")
+    engine.add_request("r2", [1, 2, 3], SamplingParams(max_tokens=4), None)
+    stats = engine.stats
+    assert stats.waiting_adapters == ("n",) and stats.running_adapters == ()
+    while not engine.stats.running_adapters:
+        engine.step()
+    assert engine.stats.running_adapters == ("n",)
+    for request_id in ("r1", "r2"):
+        engine.abort(request_id)

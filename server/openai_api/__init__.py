@@ -2,13 +2,15 @@
 drain gate and metrics as the gRPC services (see README "OpenAI API").
 
     sock = bind_http(config)            # before the model loads; None when http_port = 0
-    http = http_server(config, generation, metrics, gate, sock); await http.start()
+    http = http_server(config, generation, store, max_model_len, metrics, gate, sock)
 """
 
 from __future__ import annotations
 
 import socket
 import time
+
+from nolaserve.adapters.store import AdapterStore
 
 from ..config import Config
 from ..generation import Generation
@@ -22,13 +24,13 @@ from .server import HttpServer, bind_http
 __all__ = ["HTTP_STATUS", "HttpServer", "bind_http", "http_server"]
 
 
-def http_server(config: Config, generation: Generation, metrics: Metrics, gate: Gate,
+def http_server(config: Config, generation: Generation, store: AdapterStore | None,
+                max_model_len: int, metrics: Metrics, gate: Gate,
                 sock: socket.socket) -> HttpServer:
-    """The HTTP server of one nolaserve process, on the pre-bound ``sock``."""
-    engine = generation.engine.engine
+    """The HTTP server of one nolaserve process, on the pre-bound ``sock``; without a
+    store, only completions, chat, health and metrics."""
     endpoints = Endpoints(generation, metrics, gate, config.inference_token)
     adapters = None
-    if engine.store is not None:
-        adapters = AdapterEndpoints(engine.store, config, engine.limits.max_model_len,
-                                    time.time())
+    if store is not None:
+        adapters = AdapterEndpoints(store, config, max_model_len, time.time())
     return HttpServer(build_app(endpoints, adapters), sock, config)
