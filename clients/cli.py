@@ -5,6 +5,7 @@
     nolaserve adapters register|list|show|delete|pin|unpin|import-peft|create-nola ...
     nolaserve rmm build BASIS_ID SOURCE_ID... --basis-size K
     nolaserve train-nola DATA.jsonl --out OUT.safetensors [--register ID] ...
+    nolaserve registry check PATH
     nolaserve info | health
 
 Exit codes: 0 ok, 1 a failed RPC (``CODE: message`` on stderr) or file error, 2 usage or
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import bench_cli, cli_adapters, cli_train
+from . import bench_cli, cli_adapters, cli_registry, cli_train
 from .cli_adapters import Connect, UsageError
 from .client import DEFAULT_TARGET, Client, NolaserveError
 
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_serve(command("serve", _serve, "run the gRPC server", connects=False))
+    _add_serve(command("serve", _serve, "run the server (gRPC and the OpenAI HTTP API)",
+                       connects=False))
     _add_generate(command("generate", _generate, "generate text with the base model or an "
                                                  "adapter"))
     cli_adapters.add_commands(group("adapters", "register and manage adapters"), command)
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered adapters to compress (same target modules)")
     p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K",
                    help="basis models K (K < the number of sources loses information)")
+    cli_registry.add_commands(group("registry", "inspect a registry file"), command)
     bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     cli_train.add_arguments(command("train-nola", cli_train.command, "train a NOLA adapter"))
     command("info", _info, "print the server's model and limits as JSON")

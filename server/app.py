@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,9 @@ from .build import build_engine
 from .config import Config
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine
+from .generation import Generation
 from .metrics import Metrics
+from .openai_api import HttpServer, bind_http, http_server
 from .ports import GRPC_OPTIONS, add_grpc_port, bind_tcp
 from .rpc import Gate
 from .service import InferenceServicer
@@ -52,11 +55,25 @@ class RunningServer:
     port: int
     metrics_port: int | None
     owns_engine: bool
+    http: HttpServer | None = None
     _stopping: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI API's base URL (``.../v1``), or None when ``http_port`` is 0."""
+        if self.http is None:
+            return None
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        scheme = "https" if self.http.tls else "http"
+        return f"{scheme}://{host}:{self.http.port}/v1"
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain for up to ``grace`` seconds (default ``config.grace_period_s``), cancel
@@ -73,18 +90,16 @@ class RunningServer:
             log.warning("%d requests still running after %.1f s; cancelling them",
                         self.gate.in_flight, grace)
         await self.server.stop(0)  # cancels what is left: their engine requests abort
-        await asyncio.to_thread(self.engine.stop)
+        if self.http is not None:
+            await self.http.stop()
+        await asyncio.to_thread(self.engine.close if self.owns_engine else self.engine.stop)
         self.metrics.close()
-        if self.owns_engine:
-            self.engine.engine.admission.close()
-            if self.engine.engine.store is not None:
-                self.engine.engine.store.registry.close()
 
 
 async def start(config: Config, engine: Engine | None = None) -> RunningServer:
-    """Bind every port first (``host:port``, port 0 picks a free one, and ``metrics_port``
-    unless 0), so that a port in use fails with ``PortInUseError`` before the model loads;
-    then build the engine (unless given) and start the services."""
+    """Bind every port first (``host:port``, port 0 picks a free one; ``metrics_port`` and
+    ``http_port`` unless 0), so that a port in use fails with ``PortInUseError`` before the
+    model loads; then build the engine (unless given) and start the services."""
     metrics = Metrics()
     tokens = {ADMIN: (config.admin_token, "admin_token"),
               INFERENCE: (config.inference_token, "inference_token")}
@@ -93,45 +108,62 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
         interceptors=[TokenAuthInterceptor(tokens, metrics)],
         options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
-    metrics_sock, aengine = None, None
+    metrics_sock = http_sock = aengine = http = None
     try:
         port = add_grpc_port(server, config.host, config.port, "--port", _credentials(config))
         if config.metrics_port:
             metrics_sock = bind_tcp(config.host, config.metrics_port, "--metrics-port")
+        http_sock = bind_http(config)
         owns = engine is None
         if engine is None:
             log.info("ports bound; loading model %s", config.model or "(embedded SmolLM2)")
             engine = await asyncio.to_thread(build_engine, config)
-        aengine, health_servicer, gate = _add_services(server, engine, config, metrics)
+        aengine, generation, health_servicer, gate = _add_services(server, engine, config,
+                                                                   metrics)
+        if http_sock is not None:
+            http = http_server(config, generation, engine.store, engine.limits.max_model_len,
+                               metrics, gate, http_sock)
         await server.start()
         metrics_port = metrics.serve_http(metrics_sock) if metrics_sock else None
+        if http is not None:
+            await http.start()
     except BaseException:
-        await server.stop(0)
-        if aengine is not None:
-            aengine.stop()
-        if metrics_sock is not None:
-            metrics_sock.close()
+        await _abort(server, aengine, http, metrics_sock, http_sock)
         raise
     for name in ("", INFERENCE, ADMIN):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
-                         metrics_port, owns)
+                         metrics_port, owns, http)
+
+
+async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
+                 http: HttpServer | None, *socks: socket.socket | None) -> None:
+    """Undo a start that failed part way: stop what started, close the bound sockets."""
+    await server.stop(0)
+    if http is not None:
+        await http.stop()
+    if aengine is not None:
+        aengine.stop()
+    for sock in socks:
+        if sock is not None:
+            sock.close()
 
 
 def _add_services(server: grpc.aio.Server, engine: Engine, config: Config, metrics: Metrics
-                  ) -> tuple[AsyncEngine, health.aio.HealthServicer, Gate]:
+                  ) -> tuple[AsyncEngine, Generation, health.aio.HealthServicer, Gate]:
     """Inference, Admin, health and reflection on ``server``, over ``engine``."""
     metrics.bind(engine)
     gate, health_servicer = Gate(), health.aio.HealthServicer()
     aengine = AsyncEngine(engine)
+    generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(aengine, metrics, gate), server)
+        InferenceServicer(generation, metrics, gate), server)
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(engine, config, metrics, gate), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return aengine, health_servicer, gate
+    return aengine, generation, health_servicer, gate
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -152,6 +184,8 @@ async def serve_async(config: Config, engine: Engine | None = None) -> int:
     metrics = f":{running.metrics_port}" if running.metrics_port else " off"
     log.info("started in %.1f s", time.perf_counter() - started)
     print(f"nolaserve listening on {running.address} (metrics{metrics})", flush=True)
+    if running.http_url is not None:
+        print(f"nolaserve OpenAI API on {running.http_url}", flush=True)
     try:
         await stop.wait()
         log.info("signal received: draining for up to %.1f s", config.grace_period_s)

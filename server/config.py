@@ -63,8 +63,9 @@ class Config:
     max_queued_requests: int = option(1024, "requests in flight before new ones get "
                                       "`RESOURCE_EXHAUSTED`")
     max_message_bytes: int = option(64 << 20, "largest gRPC message either way (adapter "
-                                    "uploads); larger -> `RESOURCE_EXHAUSTED`",
-                                    shown="64 MiB")
+                                    "uploads); larger -> `RESOURCE_EXHAUSTED`; also the largest "
+                                    "HTTP request body (larger -> 413, before it is parsed) and "
+                                    "adapter file read by `load_lora_adapter`", shown="64 MiB")
     # service
     host: str = option("127.0.0.1", "address to bind; `0.0.0.0` for every interface")
     port: int = option(50051, "gRPC port; 0 picks a free one (printed at start); a port in "
@@ -72,11 +73,19 @@ class Config:
     metrics_port: int = option(9090, "Prometheus text format at "
                                "`http://host:metrics_port/metrics`; 0 = off; bound before "
                                "the model loads, like `port`")
+    http_port: int = option(8000, "the OpenAI-compatible HTTP API (`/v1/completions`, "
+                            "`/v1/chat/completions`, ...); 0 = off. Bound before the model "
+                            "loads")
+    adapter_dirs: list[str] = option([], "directories `POST /v1/load_lora_adapter` may read "
+                                     "adapters from (symlinks resolved); `[]` = it refuses "
+                                     "every path (403)")
     admin_token: str = option("", "non-empty: Admin RPCs need `authorization: Bearer <token>` "
-                              "metadata")
+                              "metadata; over HTTP the adapter endpoints need the same header")
     inference_token: str = option("", "non-empty: the same for Inference RPCs (health and "
-                                  "reflection stay open)")
-    tls_cert: str = option("", "PEM certificate; with `tls_key`, the port speaks TLS")
+                                  "reflection stay open) and for HTTP `/v1/completions`, "
+                                  "`/v1/chat/completions`, `/v1/models` (`/health`, `/metrics` "
+                                  "stay open)")
+    tls_cert: str = option("", "PEM certificate; with `tls_key`, gRPC and HTTP speak TLS")
     tls_key: str = option("", "PEM private key of `tls_cert`")
     grace_period_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take "
                                    "to finish", shown="30")
@@ -94,8 +103,9 @@ class Config:
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("config port and metrics_port must be in [0, 65535]")
+        for name in ("port", "metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"config {name} must be in [0, 65535]")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
         if not self.grace_period_s >= 0:

@@ -49,6 +49,6 @@ def test_a_hub_id_without_network_fails_with_a_hint(monkeypatch):
 
 def test_serve_reports_a_missing_model_directory(capsys):
     code = cli.main(["serve", "--model", "./nonexistent-dir", "--port", "0",
-                     "--metrics-port", "0", "--registry-path", ":memory:"])
+                     "--metrics-port", "0", "--http-port", "0", "--registry-path", ":memory:"])
     assert code == 1
     assert "no such directory: ./nonexistent-dir" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_grpc_port_in_use_fails_before_the_model_loads(no_model_load):
     with reuseport_listener() as busy:
         port = busy.getsockname()[1]
         with pytest.raises(PortInUseError) as info:
-            asyncio.run(app.start(Config(port=port, metrics_port=0)))
+            asyncio.run(app.start(Config(port=port, metrics_port=0, http_port=0)))
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "--port" in str(info.value)
     assert no_model_load == []
@@ -52,9 +52,19 @@ def test_metrics_port_in_use_fails_before_the_model_loads(no_model_load):
     with reuseport_listener() as busy:
         port = busy.getsockname()[1]
         with pytest.raises(PortInUseError) as info:
-            asyncio.run(app.start(Config(port=0, metrics_port=port)))
+            asyncio.run(app.start(Config(port=0, metrics_port=port, http_port=0)))
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "--metrics-port" in str(info.value)
+    assert no_model_load == []
+
+
+def test_http_port_in_use_fails_before_the_model_loads(no_model_load):
+    with reuseport_listener() as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUseError) as info:
+            asyncio.run(app.start(Config(port=0, metrics_port=0, http_port=port)))
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "--http-port" in str(info.value)
     assert no_model_load == []
 
 
@@ -65,7 +75,7 @@ def test_a_second_server_on_the_same_port_is_refused(no_model_load):
     async def main():
         async with serving(engine) as first:
             with pytest.raises(PortInUseError, match=f":{first.running.port}\\b"):
-                await app.start(Config(port=first.running.port, metrics_port=0))
+                await app.start(Config(port=first.running.port, metrics_port=0, http_port=0))
 
     asyncio.run(main())
     assert no_model_load == []
@@ -74,7 +84,7 @@ def test_a_second_server_on_the_same_port_is_refused(no_model_load):
 def test_serve_command_reports_the_address_and_flag(no_model_load, capsys):
     with reuseport_listener() as busy:
         port = busy.getsockname()[1]
-        code = cli.main(["serve", "--port", str(port), "--metrics-port", "0"])
+        code = cli.main(["serve", "--port", str(port), "--metrics-port", "0", "--http-port", "0"])
     err = capsys.readouterr().err
     assert code == 1
     assert f"127.0.0.1:{port}" in err and "--port" in err
