@@ -134,9 +134,10 @@ def test_one_millisecond_deadlines_leave_no_work_and_no_wedged_engine(engine):
     slow_down(engine, 0.05)  # the inbox is only read between steps: widen the window
 
     async def one(i: int) -> Code:
+        req = request(max_tokens=100, adapter="n" * (i % 2))
+        req.request_id = f"short-{i}"
         try:
-            await c_ref[0].inference.Generate(request(max_tokens=100, adapter="n" * (i % 2)),
-                                              timeout=(0.001, 0.01, 0.03, 0.07)[i % 4])
+            await c_ref[0].inference.Generate(req, timeout=(0.001, 0.01, 0.03, 0.07)[i % 4])
             return Code.OK
         except grpc.aio.AioRpcError as e:
             return e.code()
@@ -150,10 +151,15 @@ def test_one_millisecond_deadlines_leave_no_work_and_no_wedged_engine(engine):
             await busy.read()
             codes = await asyncio.gather(*[one(i) for i in range(100)])
             assert set(codes) == {Code.DEADLINE_EXCEEDED}, set(codes)
+            await until(lambda: c.running.gate.in_flight == 1, "the 100 RPCs to end")
+            since = engine.probe.mark()
             assert c.running.engine._thread.is_alive()
             await answered(c, engine, adapter="n")
             busy.cancel()
-            await wait_idle(engine)  # none of the 100 runs on: all aborted
+            await wait_idle(engine)
+            return since
 
-    asyncio.run(main())
+    since = asyncio.run(main())
+    # none of the 100 runs on once its RPC ended: each is aborted within two steps
+    assert all(engine.probe.steps_holding(f"short-{i}", since) <= 2 for i in range(100))
     assert_no_leaks(engine)

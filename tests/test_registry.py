@@ -147,6 +147,30 @@ def test_invalid_page_size(reg, size):
         reg.list(size)
 
 
+def test_page_size_bound_and_strict_tokens(reg):
+    """1000 is a valid page size; a valid token with junk appended is refused, not read
+    past."""
+    assert reg.list(1000) == ([], "")
+    reg.register_many([NewAdapter(i, "lora", b"x") for i in ("a", "b", "c")])
+    page, token = reg.list(1)
+    assert [r.id for r in page] == ["a"] and token
+    assert [r.id for r in reg.list(1, token)[0]] == ["b"]
+    with pytest.raises(InvalidAdapterError, match="page_token"):
+        reg.list(1, token + "!!")
+
+
+def test_verify_reports_rows_whose_bytes_do_not_match(tmp_path):
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register("good", "lora", b"x")
+        r.register("bad", "lora", b"y")
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE adapters SET sha256 = ? WHERE id = 'bad'",
+                         (hashlib.sha256(b"z").hexdigest(),))
+        problems = r.verify()
+        assert len(problems) == 1 and "'bad'" in problems[0] and "sha256" in problems[0]
+
+
 def test_register_many_is_all_or_nothing(reg):
     reg.register("taken", "lora", b"x")
     batch = _basis_and_tasks("basis", 3) + [NewAdapter("taken", "lora", b"y")]
@@ -162,6 +186,8 @@ def test_register_many_is_all_or_nothing(reg):
     assert reg.count() == 1
     records = reg.register_many(_basis_and_tasks("basis", 3))
     assert [r.id for r in records] == ["basis", "basis-t0", "basis-t1", "basis-t2"]
+    assert [r.parent for r in records] == [None, "basis", "basis", "basis"]
+    assert records == [reg.get(r.id) for r in records]
     assert reg.count() == 5
 
 
