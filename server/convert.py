@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.store import RmmResult
-from nolaserve.clients.api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 from .config import Config
 from .engine.engine import Engine, RequestOutput
-from .engine.errors import InvalidRequestError
 from .engine.sequence import FinishReason, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16

@@ -11,14 +11,15 @@ from contextlib import aclosing
 
 import grpc
 
-from nolaserve.clients.api import inference_pb2, inference_pb2_grpc
+from nolaserve.adapters.errors import RequestFailedError
+from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
 from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
 from .engine.sequence import FinishReason
 from .metrics import Metrics
-from .rpc import Gate, RequestFailedError, rpc
+from .rpc import Gate, rpc
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):

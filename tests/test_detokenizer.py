@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.server.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
-from nolaserve.server.engine.errors import InvalidRequestError
 
 MULTIBYTE = "aé中文字😀🎉こんにちは 🇫🇷 naïve\n."
 TEXT = st.text(alphabet=st.sampled_from(MULTIBYTE) | st.characters(codec="utf-8"), max_size=40)

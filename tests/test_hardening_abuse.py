@@ -21,7 +21,7 @@ from server_helpers import (
 )
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2, inference_pb2_grpc
+from nolaserve.v1 import admin_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
 # A normal request of ``max_tokens`` decode steps is answered within this many more steps

@@ -28,7 +28,7 @@ from server_helpers import (
 )
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2
+from nolaserve.v1 import admin_pb2
 
 Code = grpc.StatusCode
 PROMPTS = ["héllo wörld", "naïve café 😀", "中文字 こんにちは", "🎉 wörld"]

@@ -21,7 +21,7 @@ from server_helpers import (
 )
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 Code = grpc.StatusCode
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -17,7 +17,7 @@ from conftest import tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import HANG_GUARD, expect_code, request
 
-from nolaserve.clients.api import inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVE = ("import sys; from nolaserve.server.app import serve; "
          "from nolaserve.server.config import Config; "

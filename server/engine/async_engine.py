@@ -13,8 +13,9 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 
+from nolaserve.adapters.errors import EngineStoppedError
+
 from .engine import Engine, RequestOutput
-from .errors import EngineStoppedError
 from .sequence import SamplingParams
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError
 
 REPLACEMENT_CHAR = "\ufffd"
 

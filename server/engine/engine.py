@@ -8,12 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from nolaserve.adapters.errors import IncompatibleAdapterError
+from nolaserve.adapters.errors import (
+    IncompatibleAdapterError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTooLargeError,
+)
 from nolaserve.adapters.store import AdapterStore
 
 from .admission import AdapterAdmission
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from .model_runner import ModelRunner, StepBatch
 from .sampler import Sampler, make_generator
 from .scheduler import Scheduler, SchedulerOutput

@@ -12,7 +12,6 @@ from torch import nn
 from nolaserve.adapters.ops import LoraBatch
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
-from nolaserve.adapters.store import AdapterStore
 
 from .attention import AttentionMetadata, KVCache, register_attention
 from .lora_layers import LoraLinear, wrap_model
@@ -87,11 +86,11 @@ class StepContext:
 
 class ModelRunner:
     """Owns the KV cache and the step context, wraps the model's target linears with
-    ``LoraLinear`` (unless ``store_or_pool`` is ``None``: base model only) and selects the
-    paged attention. Modifies ``model`` in place."""
+    ``LoraLinear`` reading the adapter slots of ``pool`` (``None``: base model only) and
+    selects the paged attention. Modifies ``model`` in place."""
 
     def __init__(self, model: nn.Module, spec: BaseModelSpec,
-                 store_or_pool: AdapterStore | SlotPool | None, num_kv_blocks: int,
+                 pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         model_dtype = next(model.parameters()).dtype
@@ -99,8 +98,7 @@ class ModelRunner:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
         self.model, self.spec = model.eval(), spec
         self.device = torch.device(device)
-        self.pool = store_or_pool.slots if isinstance(store_or_pool, AdapterStore) \
-            else store_or_pool
+        self.pool = pool
         self.ctx = StepContext()
         self.lora_layers: list[LoraLinear] = []
         if self.pool is not None:

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError
 
 
 class SequenceStatus(enum.Enum):

@@ -6,16 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.spec import model_spec
 from nolaserve.adapters.store import AdapterStore
-from nolaserve.server.config import Config
 
-from .admission import AdapterAdmission
-from .attention import kv_cache_blocks
-from .block_manager import BlockManager
-from .engine import Engine, EngineLimits
-from .model_loader import load_model, model_spec, resolve_device_dtype
-from .model_runner import ModelRunner
-from .scheduler import Scheduler
+from .config import Config
+from .engine.admission import AdapterAdmission
+from .engine.attention import kv_cache_blocks
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine, EngineLimits
+from .engine.model_loader import load_model, resolve_device_dtype
+from .engine.model_runner import ModelRunner
+from .engine.scheduler import Scheduler
 
 
 def build_engine(config: Config, model=None, tokenizer=None,
@@ -38,7 +39,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
                          host_max_bytes=config.host_cache_bytes)
     text = model.config.get_text_config()
-    runner = ModelRunner(model, spec, store, _num_blocks(config, text, dtype),
+    runner = ModelRunner(model, spec, store.slots, _num_blocks(config, text, dtype),
                          config.block_size, device, dtype)
     admission = AdapterAdmission(store)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),

@@ -1,6 +1,6 @@
 """In-process engine throughput on SmolLM2, base model against many adapters, side by side.
 
-    python -m nolaserve.clients.bench_engine [--requests 64] [--max-tokens 32]
+    python -m nolaserve.benchmarks.engine [--requests 64] [--max-tokens 32]
 
 One engine, the same prompts and ``max_tokens``, greedy, EOS ignored. Scenarios:
 base only; every request on one NOLA adapter; 64 distinct NOLA adapters (uniform);
@@ -18,8 +18,8 @@ import time
 import torch
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
 
@@ -38,13 +38,18 @@ def run_batch(engine: Engine, prompts: list[list[int]], adapters: list[str | Non
     return generated / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the engine workload, shared with ``benchmarks.compare``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 48))
     parser.add_argument("--registered", type=int, default=1000)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = workload_parser(__doc__.splitlines()[0]).parse_args()
     config = Config(registry_path=":memory:", num_slots=64, max_rank=8,
                     max_num_seqs=args.requests, max_num_batched_tokens=1024,
                     kv_cache_bytes=256 << 20)
