@@ -56,14 +56,6 @@ class HostCache:
         with self._lock:
             return self._lookup(adapter_id)
 
-    def put(self, adapter_id: str, obj: Any) -> bool:
-        """Cache ``obj`` under ``adapter_id``, replacing any previous entry. Returns False
-        (and caches nothing) when ``obj`` alone exceeds ``max_bytes``."""
-        nbytes = _nbytes(obj)
-        with self._lock:
-            self._loads.pop(adapter_id, None)  # a load in flight would now be stale
-            return self._insert(adapter_id, obj, nbytes)
-
     def pop(self, adapter_id: str) -> Any | None:
         """Drop ``adapter_id`` (deleted or replaced) and return its object, or None.
 

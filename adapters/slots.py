@@ -33,6 +33,14 @@ class PoolStats:
     pinned: int
 
 
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """Which adapters are in a slot, read at one instant under the pool's lock."""
+
+    ready: frozenset[str]  # resident and loaded
+    pinned: frozenset[str]
+
+
 class SlotPool:
     """Preallocated stacked factor buffers for ``num_slots`` adapters, filled on demand.
 
@@ -52,6 +60,7 @@ class SlotPool:
         self._lock = threading.Lock()
         self._loads: dict[int, Flight] = {}  # slot -> load in flight
         self._materialize_seconds = 0.0
+        self._load_observers: list[Callable[[float], None]] = []
         r = spec.max_rank
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
@@ -70,8 +79,19 @@ class SlotPool:
 
     @property
     def table(self) -> SlotTable:
-        """The slot policy; read it under no assumption of stability while others run."""
+        """The slot policy itself, for tests that check its invariants when nothing runs;
+        while others run, read ``snapshot()`` or ``stats`` instead."""
         return self._table
+
+    def snapshot(self) -> SlotSnapshot:
+        """The resident and the pinned adapters, consistent with each other."""
+        with self._lock:
+            return SlotSnapshot(self._table.ready_ids(), self._table.pinned_ids())
+
+    def observe_loads(self, callback: Callable[[float], None]) -> None:
+        """Call ``callback(seconds)`` after each load into a slot completes (on the loading
+        thread: the admission worker, or a pin's caller)."""
+        self._load_observers.append(callback)
 
     def buffers(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A [S, r_max, in], B [S, out, r_max], scale [S])`` of one adapted linear."""
@@ -156,7 +176,10 @@ class SlotPool:
                     self._table.abort(slot)
                     return
                 self._table.loaded(slot)
-                self._materialize_seconds += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                self._materialize_seconds += seconds
+            for observe in self._load_observers:
+                observe(seconds)
 
         flight.run(lambda: self._write(slot, self._loader(adapter_id)), settle)
 

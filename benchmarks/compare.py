@@ -91,7 +91,7 @@ def bench_nolaserve(args, model, tokenizer, prompts, scenarios) -> tuple[list[Ro
             run_engine(engine, prompts, adapters, 1)
         tps, first[name] = run_engine(engine, prompts, adapters, args.max_tokens)
         rows.append(("nolaserve", name, tps))
-    stats = engine.store.slots.stats
+    stats = engine.store.stats.slots
     print(f"nolaserve slot pool: {stats.misses} loads, {stats.evictions} evictions, "
           f"{stats.materialize_seconds:.1f} s materializing")
     return rows, first

@@ -85,7 +85,7 @@ def main() -> None:
     print(f"{'scenario':34s} {'tok/s':>8s} {'x base':>7s}")
     for name, tps in results.items():
         print(f"{name:34s} {tps:8.1f} {tps / base:7.2f}")
-    stats = engine.store.slots.stats
+    stats = engine.store.stats.slots
     print(f"slot pool: {stats.misses} loads, {stats.evictions} evictions, "
           f"{stats.materialize_seconds:.1f} s materializing")
 

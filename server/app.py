@@ -70,12 +70,8 @@ class RunningServer:
             log.warning("%d requests still running after %.1f s; cancelling them",
                         self.gate.in_flight, grace)
         await self.server.stop(0)  # cancels what is left: their engine requests abort
-        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.engine.close if self.owns_engine else self.engine.stop)
         self.metrics.close()
-        if self.owns_engine:
-            self.engine.engine.admission.close()
-            if self.engine.engine.store is not None:
-                self.engine.engine.store.registry.close()
 
 
 async def start(config: Config, engine: Engine | None = None) -> RunningServer:

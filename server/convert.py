@@ -91,14 +91,14 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
     runner, limits = engine.runner, engine.limits
     spec = runner.spec
     store = engine.store
+    host_entries, host_bytes = store.host_limits if store else (0, 0)
     return admin_pb2.ServerInfo(
         base_model=spec.name, dtype=str(runner.kv_cache.k.dtype).removeprefix("torch."),
         device=str(runner.device), num_layers=spec.num_layers,
         target_modules=[admin_pb2.ModuleShape(name=n, in_features=i, out_features=o)
                         for n, (i, o) in sorted(spec.module_shapes.items())],
-        max_rank=spec.max_rank, num_slots=store.slots.num_slots if store else 0,
-        host_cache_entries=store.host.max_entries if store else 0,
-        host_cache_bytes=store.host.max_bytes if store else 0,
+        max_rank=spec.max_rank, num_slots=store.num_slots if store else 0,
+        host_cache_entries=host_entries, host_cache_bytes=host_bytes,
         max_prompt_tokens=min(limits.max_prompt_tokens, limits.max_model_len - 1),
         max_tokens_limit=limits.max_tokens_limit,
         max_queued_requests=limits.max_queued_requests,

@@ -2,10 +2,10 @@
 can share a process). Names start with ``nolaserve_``; no label carries an adapter id.
 
 Recorded where the work happens: request counts and latencies by the RPC layer
-(``count_request``, ``RequestTimer``), batch shape by the engine step (``observe_step``,
-set as ``Engine.step_observer``), cold adapter loads by the admission worker
-(``AdapterAdmission.on_materialize``). State (queues, KV blocks, slots, caches, registry)
-is read at scrape time by ``EngineCollector``.
+(``count_request``, ``RequestTimer``), batch shape by the engine step and adapter loads by
+the slot pool that does them (``observe_step`` and ``materialize.observe``, passed to
+``Engine.observe``). State (queues, KV blocks, slots, caches, registry) is read at scrape
+time by ``EngineCollector`` from ``Engine.stats``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from nolaserve.adapters.store import StoreStats
 
 from .engine.engine import Engine, RequestOutput, StepStats
 
@@ -62,8 +64,7 @@ class Metrics:
 
     def bind(self, engine: Engine) -> None:
         """Observe ``engine``: per-step stats, cold loads and scrape-time state."""
-        engine.step_observer = self.observe_step
-        engine.admission.on_materialize = self.materialize.observe
+        engine.observe(on_step=self.observe_step, on_load=self.materialize.observe)
         self.registry.register(EngineCollector(engine))
 
     def observe_step(self, stats: StepStats) -> None:
@@ -120,21 +121,18 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        sched = self.engine.scheduler
-        bm = sched.block_manager
-        yield _gauge("nolaserve_requests_running", "Requests holding KV blocks",
-                     sched.num_running)
+        stats = self.engine.stats
+        yield _gauge("nolaserve_requests_running", "Requests holding KV blocks", stats.running)
         yield _gauge("nolaserve_requests_waiting", "Requests waiting to be scheduled",
-                     sched.num_waiting)
+                     stats.waiting)
         yield _gauge("nolaserve_kv_cache_blocks_used", "KV-cache blocks in use",
-                     bm.num_blocks - bm.num_free_blocks)
-        yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", bm.num_blocks)
-        store = self.engine.store
-        if store is not None:
-            yield from self._store_metrics(store)
+                     stats.kv_blocks_used)
+        yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
+        if stats.store is not None:
+            yield from self._store_metrics(stats.store)
 
-    def _store_metrics(self, store) -> Iterator[Metric]:
-        host, pool = store.host.stats, store.slots.stats
+    def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
+        host, pool = store.host, store.slots
         counters = {"hits": (host.hits, pool.hits), "misses": (host.misses, pool.misses),
                     "evictions": (host.evictions, pool.evictions)}
         for what, (host_n, slot_n) in counters.items():
@@ -153,7 +151,7 @@ class EngineCollector(Collector):
         yield _gauge("nolaserve_host_cache_entries", "Parsed adapters in host memory",
                      host.entries)
         yield _gauge("nolaserve_adapters_registered", "Adapters in the registry",
-                     store.registry.count())
+                     store.registered)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

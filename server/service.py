@@ -55,7 +55,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for ``request``; an engine-side failure raises."""
         timer = self.metrics.request_timer()
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         prompt = await asyncio.to_thread(convert.prompt_token_ids, tokenizer, request)
         params = convert.sampling_params(request.sampling)
         outputs = self.engine.generate(prompt, params, request.adapter_id or None, request_id)

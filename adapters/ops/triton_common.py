@@ -4,12 +4,11 @@ below both kernels, so neither reaches into the other's private names."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..gpu import sm_count, triton_interpreted
 from .batch import LoraBatch
 from .checks import check_lora_args
 
@@ -17,7 +16,7 @@ MAX_FUSED_RANK = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_K = 64  # input columns per shrink step
 BLOCK_O = 64  # output columns per expand step
-TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132 SMs): enough to fill the GPU
+PROGRAMS_PER_SM = 4  # programs the grid aims at per SM of the device: enough to fill it
 
 
 def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
@@ -26,7 +25,7 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
     check_lora_args(y, x, A, B, scale, batch)
     if x.dtype not in DTYPES:
         raise ValueError(f"the Triton backend takes fp16, bf16 or fp32, got {x.dtype}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"the Triton backend needs CUDA tensors, got {x.device}")
     for name, t in (("sorted_tokens", batch.sorted_tokens), ("seg_slot_index",
                                                               batch.seg_slot_index)):
@@ -36,15 +35,17 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
         raise ValueError("scale must be contiguous")
 
 
-def blocks(batch: LoraBatch, d_out: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only."""
+def blocks(batch: LoraBatch, d_out: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only: the
+    output is cut into as few chunks as fill ``PROGRAMS_PER_SM`` programs per SM."""
     starts = batch.seg_starts
     longest = max(b - a for a, b in zip(starts, starts[1:]))
     block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
     tiles = triton.cdiv(longest, block_t)
     busy = sum(triton.cdiv(b - a, block_t) for a, b in zip(starts, starts[1:]))
     out_tiles = triton.cdiv(d_out, BLOCK_O)
-    chunks = max(1, min(out_tiles, TARGET_PROGRAMS // busy))  # fewer chunks: less recompute
+    target = PROGRAMS_PER_SM * sm_count(device)
+    chunks = max(1, min(out_tiles, target // busy))  # fewer chunks: less recompute
     return block_t, tiles, triton.cdiv(out_tiles, chunks) * BLOCK_O
 
 

@@ -71,7 +71,7 @@ def sgmv(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, batch: LoraB
     if r_max > tc.MAX_FUSED_RANK:
         return segment(y, x, A, B, scale, batch)
     seg_starts = tc.segment_starts(batch)
-    block_t, tiles, out_chunk = tc.blocks(batch, y.shape[1])
+    block_t, tiles, out_chunk = tc.blocks(batch, y.shape[1], y.device)
     grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
     _sgmv_kernel[grid](
         y, x, A, B, scale, batch.sorted_tokens, batch.seg_slot_index, seg_starts,

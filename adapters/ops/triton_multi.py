@@ -87,7 +87,7 @@ def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
 def _launch(ys, x, As, Bs, scales, batch: LoraBatch, seg_starts: torch.Tensor) -> None:
     """One kernel launch for up to ``MAX_MODULES`` modules."""
     d_max = max(1, *(y.shape[1] for y in ys))
-    block_t, tiles, widest = tc.blocks(batch, d_max)
+    block_t, tiles, widest = tc.blocks(batch, d_max, x.device)
     chunks = triton.cdiv(d_max, widest)  # every module is cut into this many chunks
     args, block_r = [], []
     for m in range(MAX_MODULES):

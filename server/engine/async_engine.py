@@ -31,6 +31,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, for front ends that turn text into prompt ids."""
+        return self.engine.tokenizer
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
@@ -127,3 +132,8 @@ class AsyncEngine:
         self._thread.join()
         if not future.done():
             future.cancel()
+
+    def close(self) -> None:
+        """``stop``, then close the engine it drives (admission worker, adapter store)."""
+        self.stop()
+        self.engine.close()

@@ -14,7 +14,7 @@ from nolaserve.adapters.errors import (
     QueueFullError,
     RequestTooLargeError,
 )
-from nolaserve.adapters.store import AdapterStore
+from nolaserve.adapters.store import AdapterStore, StoreStats
 
 from .admission import AdapterAdmission
 from .detokenizer import IncrementalDetokenizer
@@ -57,6 +57,17 @@ class StepStats:
     num_adapters: int
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A scrape of the engine's state: requests, KV blocks, the adapter store."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    store: StoreStats | None
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
@@ -73,7 +84,29 @@ class Engine:
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
-        self.step_observer: Callable[[StepStats], None] | None = None  # called on the step thread
+        self._step_observers: list[Callable[[StepStats], None]] = []
+
+    def observe(self, on_step: Callable[[StepStats], None],
+                on_load: Callable[[float], None] | None = None) -> None:
+        """Call ``on_step(stats)`` after each step that ran something (on the step thread)
+        and ``on_load(seconds)`` after each adapter load into a device slot."""
+        self._step_observers.append(on_step)
+        if on_load is not None and self.store is not None:
+            self.store.observe_loads(on_load)
+
+    @property
+    def stats(self) -> EngineStats:
+        """Queues and KV blocks now, and the adapter store's counters."""
+        sched, bm = self.scheduler, self.scheduler.block_manager
+        return EngineStats(sched.num_running, sched.num_waiting,
+                           bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
+                           self.store.stats if self.store is not None else None)
+
+    def close(self) -> None:
+        """Stop the admission worker and close the adapter store (its registry)."""
+        self.admission.close()
+        if self.store is not None:
+            self.store.close()
 
     @property
     def store(self) -> AdapterStore | None:
@@ -85,7 +118,7 @@ class Engine:
         """Validate and queue a request; raises a typed error before it reaches the model."""
         self._validate(request_id, prompt_token_ids, params, adapter_id)
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
         self.scheduler.add(seq)
 
@@ -122,7 +155,7 @@ class Engine:
                 f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {lim.max_model_len} tokens: lower max_tokens"
             )
-        capacity = self.scheduler.block_manager.num_blocks * self.scheduler.block_manager.block_size
+        capacity = self.scheduler.block_manager.max_tokens
         if total > capacity:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
@@ -135,7 +168,7 @@ class Engine:
     def _check_adapter(self, adapter_id: str) -> None:
         if self.store is None:
             raise IncompatibleAdapterError("this engine serves the base model only")
-        record = self.store.registry.get(adapter_id)  # AdapterNotFoundError if unknown
+        record = self.store.get(adapter_id)  # AdapterNotFoundError if unknown
         if record.kind == "rmm-basis":
             raise IncompatibleAdapterError(
                 f"{adapter_id!r} is an RMM basis; request one of its tasks instead"
@@ -154,10 +187,11 @@ class Engine:
         return failed + self._postprocess(sched, logits)
 
     def _observe(self, sched: SchedulerOutput) -> None:
-        if self.step_observer is not None and sched.scheduled:
+        if self._step_observers and sched.scheduled:
             adapters = {s.seq.adapter_id for s in sched.scheduled} - {None}
-            self.step_observer(StepStats(len(sched.scheduled), sched.num_batched_tokens,
-                                         len(adapters)))
+            stats = StepStats(len(sched.scheduled), sched.num_batched_tokens, len(adapters))
+            for observe in self._step_observers:
+                observe(stats)
 
     def _step_batch(self, sched: SchedulerOutput) -> StepBatch:
         batch = StepBatch()
