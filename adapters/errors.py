@@ -68,6 +68,13 @@ class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
 
 
+class PathNotAllowedError(AdapterError):
+    """A file path outside the directories the server may read adapters from
+    (PERMISSION_DENIED)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 class RequestError(ServingError):
     """A request the engine refuses or cannot run."""
 
@@ -94,6 +101,27 @@ class EngineStoppedError(RequestError):
     """The engine is shutting down (UNAVAILABLE)."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class UnsupportedFieldError(InvalidRequestError):
+    """A request field that would change the output but is not supported
+    (INVALID_ARGUMENT; ``param`` names the field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnauthenticatedError(ServingError):
+    """A missing or wrong bearer token (UNAUTHENTICATED)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class ClientGoneError(ServingError):
+    """The client closed the connection before the response (CANCELLED)."""
+
+    grpc_code = "CANCELLED"
 
 
 class ServerDrainingError(ServingError):

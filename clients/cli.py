@@ -34,7 +34,8 @@ SERVE_FLAGS: dict[str, type] = {
     "max_num_batched_tokens": int, "block_size": int, "kv_cache_bytes": int,
     "max_prompt_tokens": int, "max_tokens_limit": int, "max_queued_requests": int,
     "max_message_bytes": int, "host": str, "port": int, "metrics_port": int,
-    "tls_cert": str, "tls_key": str, "grace_period_s": float,
+    "http_port": int, "adapter_dirs": list, "tls_cert": str, "tls_key": str,
+    "grace_period_s": float,
 }
 
 
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_serve(command("serve", _serve, "run the gRPC server"))
+    _add_serve(command("serve", _serve, "run the server (gRPC and the OpenAI HTTP API)"))
     _add_generate(command("generate", _generate, "generate text with the base model or an "
                                                  "adapter"))
     cli_adapters.add_commands(sub.add_parser("adapters", help="register and manage adapters")

@@ -12,6 +12,7 @@ from nolaserve.v1 import admin_pb2, inference_pb2
 from .config import Config
 from .engine.engine import Engine, RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
+from .generation import ChatMessage, GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
 _FINISH = {
@@ -36,26 +37,18 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def prompt_token_ids(tokenizer, request: inference_pb2.GenerateRequest) -> list[int]:
-    """Tokenize ``prompt``, or render ``messages`` with the chat template (generation
-    prompt added) and tokenize that. Raises ``InvalidRequestError`` on a bad input."""
+def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
+    """The front-end-neutral request: ``adapter_id`` names the model (see
+    ``generation.resolve_adapter``), ``prompt`` or chat ``messages`` the input."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("set either prompt or messages in the GenerateRequest")
-    if tokenizer is None:
-        raise InvalidRequestError("this engine has no tokenizer; it cannot take text input")
-    if which == "prompt":
-        return list(tokenizer(request.prompt)["input_ids"])
-    messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-    if not messages:
-        raise InvalidRequestError("messages is empty: send at least one chat message")
-    if any(not m["role"] for m in messages):
-        raise InvalidRequestError("every chat message needs a role (system, user, assistant)")
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("the model's tokenizer has no chat template: send a "
-                                  "plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    messages = None
+    if which == "messages":
+        messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+    return GenerateRequest(model=request.adapter_id,
+                           prompt=request.prompt if which == "prompt" else None,
+                           messages=messages, params=sampling_params(request.sampling))
 
 
 def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.GenerateResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -130,6 +130,10 @@ class EngineCollector(Collector):
         yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
         if stats.store is not None:
             yield from self._store_metrics(stats.store)
+            yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
+                                     stats.store.slots.slots_total)
+        yield from router_gauges(stats.waiting, stats.running,
+                                 stats.kv_blocks_used / stats.kv_blocks_total)
 
     def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
         host, pool = store.host, store.slots
@@ -152,6 +156,42 @@ class EngineCollector(Collector):
                      host.entries)
         yield _gauge("nolaserve_adapters_registered", "Adapters in the registry",
                      store.registered)
+
+
+def lora_requests_info(running: Sequence[str], waiting: Sequence[str], max_lora: int
+                       ) -> GaugeMetricFamily:
+    """vLLM's ``vllm:lora_requests_info``, which LoRA-affinity routers (the Gateway API
+    Inference Extension's endpoint picker, llm-d, KServe) read: one sample whose labels are
+    ``max_lora`` (adapters the device holds at once: ``num_slots``) and the comma-separated
+    ids of adapters with running and with waiting requests, each capped at ``max_lora`` ids
+    and ``LORA_LABEL_CHARS`` characters; its value is the time of the scrape, as in vLLM."""
+    family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                               labels=["max_lora", "running_lora_adapters",
+                                       "waiting_lora_adapters"])
+    family.add_metric([str(max_lora), _adapter_list(running, max_lora),
+                       _adapter_list(waiting, max_lora)], time.time())
+    return family
+
+
+LORA_LABEL_CHARS = 4096
+
+
+def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:
+    """The vLLM series that the Gateway API Inference Extension's endpoint picker scores
+    replicas by (queue length and KV-cache use, a fraction in [0, 1]); the KV one under its
+    older and its newer name."""
+    yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed", waiting)
+    yield _gauge("vllm:num_requests_running", "Requests running on the device", running)
+    for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+        yield _gauge(name, "KV-cache usage; 1 means 100 percent usage", kv_usage)
+
+
+def _adapter_list(adapter_ids: Sequence[str], cap: int) -> str:
+    ids = list(dict.fromkeys(adapter_ids))[:cap]
+    text = ",".join(ids)
+    if len(text) > LORA_LABEL_CHARS:
+        text = text[:LORA_LABEL_CHARS].rpartition(",")[0]
+    return text
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -1,9 +1,8 @@
-"""The Inference service: proto in, ``AsyncEngine.generate`` out. Closing the engine's
+"""The Inference service: proto in, ``Generation.outputs`` out. Closing the engine's
 iterator (the RPC was cancelled or its deadline passed) aborts the engine request."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -11,20 +10,18 @@ from contextlib import aclosing
 
 import grpc
 
-from nolaserve.adapters.errors import RequestFailedError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
-from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
-from .engine.sequence import FinishReason
+from .generation import Generation
 from .metrics import Metrics
 from .rpc import Gate, rpc
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, gate: Gate) -> None:
-        self.engine, self.metrics, self.gate = engine, metrics, gate
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate) -> None:
+        self.generation, self.metrics, self.gate = generation, metrics, gate
 
     @rpc
     async def Generate(self, request: inference_pb2.GenerateRequest,
@@ -51,24 +48,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for out in outputs:
                 await context.write(convert.generate_response(request_id, out))
 
-    async def _outputs(self, request: inference_pb2.GenerateRequest,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for ``request``; an engine-side failure raises."""
-        timer = self.metrics.request_timer()
-        tokenizer = self.engine.tokenizer
-        prompt = await asyncio.to_thread(convert.prompt_token_ids, tokenizer, request)
-        params = convert.sampling_params(request.sampling)
-        outputs = self.engine.generate(prompt, params, request.adapter_id or None, request_id)
-        async with aclosing(outputs):
-            async for out in outputs:
-                if out.finish_reason is FinishReason.ERROR:
-                    raise _failure(out)
-                timer.observe(out)
-                yield out
-
-
-def _failure(out: RequestOutput) -> RequestFailedError:
-    error = out.error or "unknown engine error"
-    if error.startswith("internal error"):  # AsyncEngine's message for a failed step
-        return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
-    return RequestFailedError(f"the request failed: {error}")
+    def _outputs(self, request: inference_pb2.GenerateRequest,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.generation.outputs(convert.generate_request(request), request_id)

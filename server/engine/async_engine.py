@@ -36,6 +36,11 @@ class AsyncEngine:
         """The engine's tokenizer, for front ends that turn text into prompt ids."""
         return self.engine.tokenizer
 
+    @property
+    def model_name(self) -> str:
+        """The base model's id, for front ends that resolve model names."""
+        return self.engine.model_name
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:

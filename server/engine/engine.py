@@ -3,6 +3,7 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     store: StoreStats | None
+    running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
+    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
 
 
 @dataclass(eq=False)
@@ -100,7 +103,14 @@ class Engine:
         sched, bm = self.scheduler, self.scheduler.block_manager
         return EngineStats(sched.num_running, sched.num_waiting,
                            bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
-                           self.store.stats if self.store is not None else None)
+                           self.store.stats if self.store is not None else None,
+                           _adapters_of(lambda: sched.running),
+                           _adapters_of(lambda: sched.waiting))
+
+    @property
+    def model_name(self) -> str:
+        """The base model's id (what ``/v1/models`` lists and ``model`` may name)."""
+        return self.runner.spec.name
 
     def close(self) -> None:
         """Stop the admission worker and close the adapter store (its registry)."""
@@ -116,6 +126,11 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: str | None = None) -> None:
         """Validate and queue a request; raises a typed error before it reaches the model."""
+        if params.max_tokens is None:
+            bm = self.scheduler.block_manager
+            room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
+            params = dataclasses.replace(params, max_tokens=max(1, min(
+                self.limits.max_tokens_limit, room - len(prompt_token_ids))))
         self._validate(request_id, prompt_token_ids, params, adapter_id)
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -243,3 +258,14 @@ class Engine:
         failed, self.admission.failed = self.admission.failed, []
         return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, error)
                 for seq, error in failed if seq.request_id in self.requests]
+
+
+def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:
+    """Adapter ids of a scheduler queue, read from a scrape thread while the step thread
+    runs (a queue changed during the read is read again)."""
+    for _ in range(3):
+        try:
+            return tuple(s.adapter_id for s in snapshot() if s.adapter_id)
+        except RuntimeError:  # deque mutated during iteration
+            continue
+    return ()
