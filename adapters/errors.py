@@ -52,3 +52,12 @@ class LimitExceededError(AdapterError):
 
 class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
+
+
+def short(value: object, limit: int = 64) -> str:
+    """``repr(value)`` of a caller-supplied value for an error message, cut to about
+    ``limit`` characters so that a huge id or token is never echoed whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

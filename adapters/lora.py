@@ -15,7 +15,7 @@ import torch
 
 from . import safetensors_io as st
 from .errors import IncompatibleAdapterError, InvalidAdapterError
-from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
+from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
 
 FORMAT = "nolaserve.lora"
 KIND = "lora"
@@ -55,6 +55,13 @@ class LoraAdapter:
             raise IncompatibleAdapterError(
                 f"adapter adapts layers {layers} but the base model has {spec.num_layers}"
             )
+
+    def check_bounds(self) -> None:
+        """``InvalidAdapterError`` unless every module's factors and delta are bounded
+        (``spec.check_bounds``): the maxima of |A| and |B| are read directly."""
+        check_bounds([ModuleBound(i, name, f.rank, float(f.A.abs().max()),
+                                  float(f.B.abs().max()), abs(f.scale))
+                      for (i, name), f in sorted(self.factors.modules.items())], "LoRA adapter")
 
     def materialize(self, device: torch.device | str = "cpu") -> AdapterFactors:
         """Copies of the factors on ``device`` (the adapter itself stays on CPU)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleAdapterError
+from .errors import IncompatibleAdapterError, InvalidAdapterError
 from .slot_table import Acquired, SlotTable
 from .spec import AdapterFactors, BaseModelSpec
 
@@ -211,3 +211,19 @@ class SlotPool:
                     f"layer {layer} {name!r}: A {list(f.A.shape)} and B {list(f.B.shape)} do "
                     f"not form a [out, r] @ [r, in] pair for [in, out] = {[d_in, d_out]}"
                 )
+        self._check_finite(factors)
+
+    def _check_finite(self, factors: AdapterFactors) -> None:
+        """No NaN or Inf enters a slot, in the pool's dtype (one host sync per adapter)."""
+        if not factors.modules:
+            return
+        dtype = next(iter(self._buffers.values()))[0].dtype
+        ok = torch.stack([f.A.to(dtype).isfinite().all() & f.B.to(dtype).isfinite().all()
+                          for f in factors.modules.values()])
+        scales = torch.tensor([float(f.scale) for f in factors.modules.values()])
+        ok = ok.cpu() & scales.to(dtype).isfinite()
+        if not bool(ok.all()):
+            layer, name = list(factors.modules)[int((~ok).nonzero()[0])]
+            raise InvalidAdapterError(
+                f"adapter factors at layer {layer} module {name!r} hold NaN or Inf in "
+                f"{dtype}; the adapter cannot be served (re-register a bounded version)")

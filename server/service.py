@@ -68,6 +68,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def _failure(out: RequestOutput) -> RequestFailedError:
     error = out.error or "unknown engine error"
-    if error.startswith("internal error"):  # AsyncEngine's message for a failed step
+    if out.error_code == "INTERNAL":
         return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
-    return RequestFailedError(f"the request failed: {error}")
+    return RequestFailedError(f"the request failed: {error}", out.error_code)

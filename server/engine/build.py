@@ -3,6 +3,7 @@ scheduler and admission."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from nolaserve.adapters.registry import Registry
@@ -10,12 +11,14 @@ from nolaserve.adapters.store import AdapterStore
 from nolaserve.server.config import Config
 
 from .admission import AdapterAdmission
-from .attention import kv_cache_blocks
+from .attention import kv_cache_blocks, servable_context
 from .block_manager import BlockManager
 from .engine import Engine, EngineLimits
 from .model_loader import load_model, model_spec, resolve_device_dtype
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
+
+log = logging.getLogger("nolaserve.engine")
 
 
 def build_engine(config: Config, model=None, tokenizer=None,
@@ -43,8 +46,13 @@ def build_engine(config: Config, model=None, tokenizer=None,
     admission = AdapterAdmission(store)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready)
+    max_model_len = servable_context(text)
+    if max_model_len < text.max_position_embeddings:
+        log.warning("the model's sliding window is %d tokens: max_model_len capped from %d "
+                    "to %d (paged attention serves full attention only)", max_model_len,
+                    text.max_position_embeddings, max_model_len)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
-                          text.max_position_embeddings, config.max_queued_requests)
+                          max_model_len, config.max_queued_requests)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer))
 
 

@@ -3,12 +3,13 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from nolaserve.adapters.errors import IncompatibleAdapterError
+from nolaserve.adapters.errors import IncompatibleAdapterError, short
 from nolaserve.adapters.store import AdapterStore
 
 from .admission import AdapterAdmission
@@ -16,8 +17,10 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from .model_runner import ModelRunner, StepBatch
 from .sampler import Sampler, make_generator
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger("nolaserve.engine")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str = "FAILED_PRECONDITION"  # the grpc.StatusCode name of ``error``
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ class Engine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Finish every request with an error (a step raised): nothing stays wedged."""
-        return [self._finish(r, FinishReason.ERROR, error) for r in list(self.requests.values())]
+        return [self._finish(r, FinishReason.ERROR, error, code="INTERNAL")
+                for r in list(self.requests.values())]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -146,8 +151,30 @@ class Engine:
         self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
-        logits = self.runner.execute(self._step_batch(sched)) if sched.scheduled else None
-        return failed + self._postprocess(sched, logits)
+        logits, errored = self._execute(sched)
+        return failed + errored + self._postprocess(sched, logits)
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestOutput]]:
+        """The step's logits. If the batch raises, each sequence is rerun alone: those that
+        raise alone fail (INTERNAL), the rest go on; ``sched.scheduled`` loses the failed."""
+        if not sched.scheduled:
+            return None, []
+        try:
+            return self.runner.execute(self._step_batch(sched.scheduled)), []
+        except Exception:
+            log.exception("engine step failed; retrying its %d requests one at a time",
+                          len(sched.scheduled))
+        kept, rows, failed = [], [], []
+        for s in sched.scheduled:
+            try:
+                rows.append(self.runner.execute(self._step_batch([s])))
+                kept.append(s)
+            except Exception as e:
+                failed.append(self._finish(self.requests[s.seq.request_id], FinishReason.ERROR,
+                                           f"internal error in engine step: {e!r:.200}",
+                                           code="INTERNAL"))
+        sched.scheduled = kept
+        return (torch.cat(rows) if rows else None), failed
 
     def _observe(self, sched: SchedulerOutput) -> None:
         if self.step_observer is not None and sched.scheduled:
@@ -155,9 +182,9 @@ class Engine:
             self.step_observer(StepStats(len(sched.scheduled), sched.num_batched_tokens,
                                          len(adapters)))
 
-    def _step_batch(self, sched: SchedulerOutput) -> StepBatch:
+    def _step_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         batch = StepBatch()
-        for s in sched.scheduled:
+        for s in scheduled:
             start = s.seq.num_computed_tokens
             batch.add(s.seq.token_ids[start:start + s.num_new_tokens], start,
                       s.seq.block_table, s.seq.adapter_slot, s.samples)
@@ -174,9 +201,35 @@ class Engine:
                 sampling.append(self.requests[s.seq.request_id])
         if not sampling:
             return outputs
-        tokens = self.sampler.sample(logits, [r.seq.params for r in sampling],
-                                     [r.generator for r in sampling])
-        return outputs + [self._append(req, tok) for req, tok in zip(sampling, tokens)]
+        for req, tok in zip(sampling, self._sample(logits, sampling)):
+            if isinstance(tok, int):
+                outputs.append(self._append(req, tok))
+            else:
+                outputs.append(self._finish(req, FinishReason.ERROR, tok.message, code=tok.code))
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowError]:
+        """One token per request, or the error of its row only: rows with NaN/Inf logits
+        fail; if the batched draw raises, rows are drawn one by one."""
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        out: list[int | _RowError] = [_non_finite(r.seq) for r in reqs]
+        good = [i for i, ok in enumerate(finite) if ok]
+        if not good:
+            return out
+        try:
+            tokens = self.sampler.sample(logits[good], [reqs[i].seq.params for i in good],
+                                         [reqs[i].generator for i in good])
+        except Exception:
+            tokens = [self._sample_one(logits[i:i + 1], reqs[i]) for i in good]
+        for i, tok in zip(good, tokens):
+            out[i] = tok
+        return out
+
+    def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowError:
+        try:
+            return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
+        except Exception as e:
+            return _RowError(f"internal error sampling this request: {e!r:.200}", "INTERNAL")
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq
@@ -191,7 +244,8 @@ class Engine:
         return RequestOutput(seq.request_id, text, [token])
 
     def _finish(self, req: _Request, reason: FinishReason, error: str | None = None,
-                text: str = "", token_ids: list[int] | None = None) -> RequestOutput:
+                text: str = "", token_ids: list[int] | None = None,
+                code: str = "FAILED_PRECONDITION") -> RequestOutput:
         seq = req.seq
         if not req.detokenizer.stopped:
             text += req.detokenizer.flush()
@@ -199,9 +253,26 @@ class Engine:
         self.admission.release(seq)
         del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids), error)
+                             seq.num_prompt_tokens, len(seq.output_token_ids), error, code)
 
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []
-        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, error)
+        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, str(error),
+                             code=getattr(error, "grpc_code", "FAILED_PRECONDITION"))
                 for seq, error in failed if seq.request_id in self.requests]
+
+
+@dataclass(frozen=True)
+class _RowError:
+    message: str
+    code: str
+
+
+def _non_finite(seq: Sequence) -> _RowError:
+    token = len(seq.output_token_ids)
+    if seq.adapter_id is None:
+        return _RowError(f"internal error: the base model produced NaN or Inf logits at "
+                         f"output token {token}", "INTERNAL")
+    return _RowError(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
+                     f"token {token}: its weights are numerically unusable with this model; "
+                     "re-register a bounded version", "FAILED_PRECONDITION")
