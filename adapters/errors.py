@@ -57,7 +57,9 @@ class NoFreeSlotError(LimitExceededError):
 def short(value: object, limit: int = 64) -> str:
     """``repr(value)`` of a caller-supplied value for an error message, cut to about
     ``limit`` characters so that a huge id or token is never echoed whole."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

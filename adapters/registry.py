@@ -25,6 +25,7 @@ from .errors import (
     AdapterInUseError,
     AdapterNotFoundError,
     InvalidAdapterError,
+    short,
 )
 from .ids import check_adapter_id
 
@@ -73,24 +74,56 @@ class NewAdapter:
 
 
 class Registry:
-    """Thread-safe adapter registry over one SQLite connection guarded by a lock.
+    """Thread-safe adapter registry over SQLite.
 
-    ``path`` is a file path or ``":memory:"``. Use as a context manager or call ``close``.
+    Writes go through one connection guarded by a lock. On a file, every reading thread
+    has its own read-only connection and takes no lock: in WAL mode a read never waits
+    for a write's transaction or fsync, so a registration burst never stalls a lookup or
+    a metrics scrape. ``":memory:"`` (tests) has one connection for both, under the lock.
+    Use as a context manager or call ``close``.
     """
 
     def __init__(self, path: str | os.PathLike = ":memory:") -> None:
+        self._path = os.fspath(path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
-            os.fspath(path), check_same_thread=False, isolation_level=None, timeout=30.0
+            self._path, check_same_thread=False, isolation_level=None, timeout=30.0
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        self._shared_reads = self._path == ":memory:" or self._path == ""
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._closed = False
 
     def close(self) -> None:
-        """Close the connection; later calls fail."""
+        """Close every connection; later calls fail."""
         with self._lock:
-            self._conn.close()
+            self._closed = True
+            for conn in [self._conn, *self._readers]:
+                conn.close()
+            self._readers.clear()
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection to read from: this thread's own, or the shared one under the lock."""
+        if self._shared_reads:
+            with self._lock:
+                yield self._conn
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+            conn.execute("PRAGMA query_only=ON")
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                self._readers.append(conn)
+            self._local.conn = conn
+        yield conn
 
     def __enter__(self) -> Registry:
         return self
@@ -135,11 +168,11 @@ class Registry:
     def delete(self, adapter_id: str) -> None:
         """Remove an adapter. ``AdapterInUseError`` if tasks still name it as parent."""
         with self._lock, _transaction(self._conn):
-            self._get(adapter_id)
-            users = self._dependents(adapter_id)
+            _get(self._conn, adapter_id)
+            users = _dependents(self._conn, adapter_id)
             if users:
                 raise AdapterInUseError(
-                    f"adapter {adapter_id!r} is the basis of {_few(users)}; delete those first"
+                    f"adapter {short(adapter_id)} is the basis of {_few(users)}; delete those first"
                 )
             self._conn.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
 
@@ -149,55 +182,56 @@ class Registry:
             "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
         if exists and not replace:
             raise AdapterExistsError(
-                f"adapter {adapter_id!r} is already registered; pass replace=true to overwrite"
+                f"adapter {short(adapter_id)} is already registered; pass replace=true to overwrite"
             )
         batch_ids = {r[0] for r in batch}
         if exists:
-            users = [u for u in self._dependents(adapter_id) if u not in batch_ids]
+            users = [u for u in _dependents(self._conn, adapter_id) if u not in batch_ids]
             if users:
                 raise AdapterInUseError(
-                    f"cannot replace {adapter_id!r}: it is the basis of {_few(users)}; "
+                    f"cannot replace {short(adapter_id)}: it is the basis of {_few(users)}; "
                     "replace them in the same batch or delete them first"
                 )
         if parent is not None:
             parent_kind = next((r[1] for r in batch if r[0] == parent), None)
-            parent_kind = parent_kind or self._kind_of(parent)
+            parent_kind = parent_kind or _kind_of(self._conn, parent)
             if parent_kind is None:
                 raise AdapterNotFoundError(
-                    f"{kind} {adapter_id!r} names basis {parent!r}, which is not registered"
+                    f"{kind} {short(adapter_id)} names basis {short(parent)}, which is not "
+                    f"registered"
                 )
             if parent_kind != "rmm-basis":
                 raise InvalidAdapterError(
-                    f"{adapter_id!r} names {parent!r} as its basis, but that is a {parent_kind}"
+                    f"{short(adapter_id)} names {short(parent)} as its basis, but that is a "
+                    f"{parent_kind}"
                 )
 
     # -- reads --------------------------------------------------------------------------
 
     def get(self, adapter_id: str) -> AdapterRecord:
         """The record of ``adapter_id`` or ``AdapterNotFoundError``."""
-        with self._lock:
-            return self._get(adapter_id)
+        with self._reading() as conn:
+            return _get(conn, adapter_id)
 
     def data(self, adapter_id: str) -> bytes:
         """The stored adapter file bytes."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT data FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT data FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
         if row is None:
             raise _not_found(adapter_id)
         return bytes(row[0])
 
     def contains(self, adapter_id: str) -> bool:
         """Whether ``adapter_id`` is registered."""
-        with self._lock:
-            return self._kind_of(adapter_id) is not None
+        with self._reading() as conn:
+            return _kind_of(conn, adapter_id) is not None
 
     __contains__ = contains
 
     def count(self) -> int:
         """Number of registered adapters."""
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+        with self._reading() as conn:
+            return conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 
     def list(self, page_size: int = DEFAULT_PAGE_SIZE,
              page_token: str = "") -> tuple[list[AdapterRecord], str]:
@@ -208,11 +242,12 @@ class Registry:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not (
             0 <= page_size <= MAX_PAGE_SIZE
         ):
-            raise InvalidAdapterError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size!r}")
+            raise InvalidAdapterError(f"page_size must be 1..{MAX_PAGE_SIZE}, got "
+                                      f"{short(page_size)}")
         page_size = page_size or DEFAULT_PAGE_SIZE
         after = _decode_token(page_token)
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM adapters WHERE id > ? ORDER BY id LIMIT ?",
                 (after, page_size + 1),
             ).fetchall()
@@ -222,9 +257,9 @@ class Registry:
 
     def dependents(self, adapter_id: str) -> list[str]:
         """Ids of the rows that name ``adapter_id`` as parent, sorted."""
-        with self._lock:
-            self._get(adapter_id)
-            return self._dependents(adapter_id)
+        with self._reading() as conn:
+            _get(conn, adapter_id)
+            return _dependents(conn, adapter_id)
 
     def verify(self) -> list[str]:
         """Check the database: SQLite's ``integrity_check`` plus the size and sha256 of every
@@ -235,28 +270,28 @@ class Registry:
             cursor = self._conn.execute("SELECT id, size, sha256, data FROM adapters")
             for adapter_id, size, sha, data in cursor:
                 if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-                    problems.append(f"adapter {adapter_id!r}: stored bytes do not match "
+                    problems.append(f"adapter {short(adapter_id)}: stored bytes do not match "
                                     "their size or sha256")
         return problems
 
-    # -- helpers (called with the lock held) ------------------------------------------
 
-    def _get(self, adapter_id: str) -> AdapterRecord:
-        row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
-        if row is None:
-            raise _not_found(adapter_id)
-        return _record(row)
 
-    def _kind_of(self, adapter_id: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT kind FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
-        return None if row is None else row[0]
+def _get(conn: sqlite3.Connection, adapter_id: str) -> AdapterRecord:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?",
+                       (adapter_id,)).fetchone()
+    if row is None:
+        raise _not_found(adapter_id)
+    return _record(row)
 
-    def _dependents(self, adapter_id: str) -> list[str]:
-        rows = self._conn.execute(
-            "SELECT id FROM adapters WHERE parent = ? ORDER BY id", (adapter_id,))
-        return [r[0] for r in rows]
+
+def _kind_of(conn: sqlite3.Connection, adapter_id: str) -> str | None:
+    row = conn.execute("SELECT kind FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _dependents(conn: sqlite3.Connection, adapter_id: str) -> list[str]:
+    rows = conn.execute("SELECT id FROM adapters WHERE parent = ? ORDER BY id", (adapter_id,))
+    return [r[0] for r in rows]
 
 
 @contextmanager
@@ -276,21 +311,22 @@ def _validated(item: NewAdapter) -> tuple:
     """``item`` as a row tuple ``(id, kind, data, size, sha256, metadata_json, parent)``."""
     check_adapter_id(item.id)
     if item.kind not in KINDS:
-        raise InvalidAdapterError(f"adapter {item.id!r}: kind {item.kind!r} is not one of {KINDS}")
+        raise InvalidAdapterError(f"adapter {short(item.id)}: kind {short(item.kind)} is not "
+                                  f"one of {KINDS}")
     if not isinstance(item.data, (bytes, bytearray, memoryview)):
-        raise InvalidAdapterError(f"adapter {item.id!r}: data must be bytes")
+        raise InvalidAdapterError(f"adapter {short(item.id)}: data must be bytes")
     if (item.kind == "rmm-task") != (item.parent is not None):
         raise InvalidAdapterError(
-            f"adapter {item.id!r}: an rmm-task needs a parent basis and other kinds take none"
+            f"adapter {short(item.id)}: an rmm-task needs a parent basis and other kinds take none"
         )
     if item.parent is not None:
         check_adapter_id(item.parent)
     if not isinstance(item.metadata, dict):
-        raise InvalidAdapterError(f"adapter {item.id!r}: metadata must be a JSON object")
+        raise InvalidAdapterError(f"adapter {short(item.id)}: metadata must be a JSON object")
     try:
         meta = json.dumps(item.metadata, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise InvalidAdapterError(f"adapter {item.id!r}: metadata is not JSON: {e}") from None
+        raise InvalidAdapterError(f"adapter {short(item.id)}: metadata is not JSON: {e}") from None
     data = bytes(item.data)
     return (item.id, item.kind, data, len(data), hashlib.sha256(data).hexdigest(), meta,
             item.parent)
@@ -302,7 +338,7 @@ def _record(row: tuple) -> AdapterRecord:
 
 
 def _not_found(adapter_id: str) -> AdapterError:
-    return AdapterNotFoundError(f"no adapter is registered under id {adapter_id!r}")
+    return AdapterNotFoundError(f"no adapter is registered under id {short(adapter_id)}")
 
 
 def _few(ids: list[str], n: int = 5) -> str:
@@ -325,7 +361,7 @@ def _decode_token(token: str) -> str:
         return check_adapter_id(text[len(_TOKEN_PREFIX):])
     except (TypeError, ValueError, binascii.Error):
         raise InvalidAdapterError(
-            f"invalid page_token {token!r}: pass the next_page_token of a previous page"
+            f"invalid page_token {short(token)}: pass the next_page_token of a previous page"
         ) from None
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import safetensors_io as st
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HostCache
-from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapterError
+from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapterError, short
 from .ids import check_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
@@ -36,7 +36,7 @@ def parse_adapter(data: bytes) -> Adapter:
     fmt = st.read_format(data)
     if fmt not in FORMATS:
         raise InvalidAdapterError(
-            f"unknown adapter format {fmt!r}; expected one of {sorted(FORMATS)}"
+            f"unknown adapter format {short(fmt)}; expected one of {sorted(FORMATS)}"
         )
     return FORMATS[fmt].from_bytes(data)
 
@@ -159,7 +159,7 @@ class AdapterStore:
         if basis.kind != "rmm-basis" or basis.sha256 != task.basis_sha256:
             raise IncompatibleAdapterError(
                 f"RMM task was built from a basis with sha256 {task.basis_sha256[:12]}..., but "
-                f"{task.basis_id!r} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
+                f"{short(task.basis_id)} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
             )
         return task.basis_id
 

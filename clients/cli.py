@@ -34,6 +34,7 @@ SERVE_FLAGS: dict[str, type] = {
     "max_prompt_tokens": int, "max_tokens_limit": int, "max_queued_requests": int,
     "max_message_bytes": int, "host": str, "port": int, "metrics_port": int,
     "tls_cert": str, "tls_key": str, "grace_period_s": float,
+    "admin_token_file": str, "inference_token_file": str,
 }
 
 

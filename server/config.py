@@ -43,8 +43,12 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090  # Prometheus text format over HTTP; 0 = off
-    admin_token: str = ""  # non-empty: Admin RPCs need "authorization: Bearer <token>"
-    inference_token: str = ""  # same for Inference RPCs
+    # Tokens: prefer the environment (NOLASERVE_ADMIN_TOKEN, NOLASERVE_INFERENCE_TOKEN) or a
+    # file; a --admin-token flag is visible to every local user in /proc/<pid>/cmdline.
+    admin_token: str = field(default="", repr=False)  # non-empty: Admin RPCs need a bearer
+    inference_token: str = field(default="", repr=False)  # same for Inference RPCs
+    admin_token_file: str = ""  # read admin_token from this file (surrounding space dropped)
+    inference_token_file: str = ""  # same for inference_token
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
     grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
@@ -72,6 +76,12 @@ class Config:
             raise ValueError(
                 f"config device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
+        for key in ("admin_token", "inference_token"):
+            path = getattr(self, f"{key}_file")
+            if path and getattr(self, key):
+                raise ValueError(f"config sets both {key} and {key}_file: keep one")
+            if path:
+                setattr(self, key, _read_token(path, f"{key}_file"))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: object) -> Config:
@@ -86,12 +96,30 @@ class Config:
                 raise ValueError(f"{path}: the config file must be a YAML mapping of keys")
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for key, env in TOKEN_ENV.items():  # the environment, unless set another way
+            if not values.get(key) and not values.get(f"{key}_file") and os.environ.get(env):
+                values[key] = os.environ[env]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in values.items():
             if key not in fields:
                 raise ValueError(f"unknown config key {key!r}; see docs/configuration.md")
             _check_type(key, value, typing.get_type_hints(cls)[key])
         return cls(**values)
+
+
+TOKEN_ENV = {"admin_token": "NOLASERVE_ADMIN_TOKEN",
+             "inference_token": "NOLASERVE_INFERENCE_TOKEN"}
+
+
+def _read_token(path: str, key: str) -> str:
+    try:
+        with open(os.path.expanduser(path)) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"config {key}: cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise ValueError(f"config {key}: {path} is empty")
+    return token
 
 
 def _check_type(key: str, value: object, hint: object) -> None:

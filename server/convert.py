@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from nolaserve.adapters.errors import short
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.store import RmmResult
 from nolaserve.clients.api import admin_pb2, inference_pb2
 
 from .config import Config
 from .engine.engine import Engine, RequestOutput
-from .engine.errors import InvalidRequestError
+from .engine.errors import InvalidRequestError, RequestTooLargeError
 from .engine.sequence import FinishReason, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
+# A prompt longer than this many bytes per allowed token is refused before tokenizing:
+# real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
+PROMPT_BYTES_PER_TOKEN = 32
+# Tool roles ("tool", with tool_calls on assistant messages) join this list together with
+# tool-calling support; until then any other role is refused rather than rendered raw.
+CHAT_ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -36,9 +43,26 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
     )
 
 
+def check_prompt_size(request: inference_pb2.GenerateRequest, max_prompt_tokens: int) -> None:
+    """``RequestTooLargeError`` unless the prompt (or all chat messages) is at most
+    ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of UTF-8: checked before any
+    tokenizing, which costs memory and CPU in proportion to the text."""
+    limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
+    if request.WhichOneof("input") == "messages":
+        texts = [t for m in request.messages.messages for t in (m.role, m.content)]
+    else:
+        texts = [request.prompt]
+    chars = sum(len(t) for t in texts)
+    if chars > limit or (4 * chars > limit and sum(len(t.encode()) for t in texts) > limit):
+        raise RequestTooLargeError(
+            f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
+            f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
+
+
 def prompt_token_ids(tokenizer, request: inference_pb2.GenerateRequest) -> list[int]:
     """Tokenize ``prompt``, or render ``messages`` with the chat template (generation
-    prompt added) and tokenize that. Raises ``InvalidRequestError`` on a bad input."""
+    prompt added) and tokenize that. Raises ``InvalidRequestError`` on a bad input.
+    Call ``check_prompt_size`` first."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("set either prompt or messages in the GenerateRequest")
@@ -49,8 +73,11 @@ def prompt_token_ids(tokenizer, request: inference_pb2.GenerateRequest) -> list[
     messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one chat message")
-    if any(not m["role"] for m in messages):
-        raise InvalidRequestError("every chat message needs a role (system, user, assistant)")
+    for m in messages:
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"chat role {short(m['role'])} is not supported: use one of "
+                f"{', '.join(CHAT_ROLES)}")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("the model's tokenizer has no chat template: send a "
                                   "plain prompt instead of messages")

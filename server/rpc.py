@@ -15,6 +15,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("nolaserve.server")
 T = TypeVar("T")
+MAX_DETAILS = 1024  # status details longer than this are cut (gRPC metadata has limits)
 
 
 class ServerDrainingError(Exception):
@@ -34,15 +35,52 @@ class RequestFailedError(Exception):
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message of a failed RPC: a typed error's ``grpc_code``, a
     ``ValueError`` (bad config or request value) is INVALID_ARGUMENT, anything else
-    INTERNAL (and logged with its traceback)."""
+    INTERNAL (and logged with its traceback). Messages are cut to ``MAX_DETAILS`` chars."""
     code_name = getattr(error, "grpc_code", None)
     if isinstance(code_name, str) and code_name in grpc.StatusCode.__members__:
-        return grpc.StatusCode[code_name], str(error)
+        return grpc.StatusCode[code_name], _cut(str(error))
     if isinstance(error, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, _cut(str(error))
     log.exception("unexpected error in an RPC", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}: " \
-                                     f"{error}); the server log has the traceback"
+    return grpc.StatusCode.INTERNAL, _cut(f"internal server error ({type(error).__name__}: "
+                                          f"{error}); the server log has the traceback")
+
+
+def _cut(details: str) -> str:
+    return details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + " [cut]"
+
+
+class MalformedRequest:
+    """What ``safe_decoding`` hands a servicer for bytes that are not its request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class MalformedRequestError(ValueError):
+    """The request body is not a valid protobuf message of the RPC (INVALID_ARGUMENT)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Decodes request bodies without raising: malformed bytes reach ``@rpc`` as a
+    ``MalformedRequest`` and are answered INVALID_ARGUMENT (grpc itself would say UNKNOWN
+    with a Python class name)."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe(data: bytes) -> object:
+            try:
+                return decode(data)
+            except Exception as e:  # DecodeError, or a RecursionError on deep nesting
+                return MalformedRequest(e)
+
+        return handler._replace(request_deserializer=safe)
 
 
 class Gate:
@@ -97,6 +135,10 @@ def rpc(method: Method) -> Method:
     async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> T:
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, MalformedRequest):
+                raise MalformedRequestError(
+                    f"the request body is not a valid {name} request message: "
+                    f"{str(request.error)[:200]}")
             self.gate.enter()
             try:
                 return await method(self, request, context)
@@ -108,6 +150,9 @@ def rpc(method: Method) -> Method:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
+            if context.cancelled():  # the client went away, e.g. mid-write of a stream
+                code = grpc.StatusCode.CANCELLED
+                return None
             code, details = status_of(e)
             await context.abort(code, details)
         finally:

@@ -81,9 +81,15 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_id: str | None = None) -> None:
-        """Validate and queue a request; raises a typed error before it reaches the model."""
-        self._validate(request_id, prompt_token_ids, params, adapter_id)
+                    adapter_id: str | None = None, *, adapter_checked: bool = False) -> None:
+        """Validate and queue a request; raises a typed error before it reaches the model.
+        ``adapter_checked``: the caller ran ``check_request`` already (``AsyncEngine`` does,
+        on a worker thread), so the adapter is not looked up again here."""
+        self.check_request(prompt_token_ids, params, None if adapter_checked else adapter_id)
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
+        if len(self.requests) >= self.limits.max_queued_requests:
+            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
@@ -104,11 +110,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                  adapter_id: str | None) -> None:
+    def check_request(self, prompt: list[int], params: SamplingParams,
+                      adapter_id: str | None) -> None:
+        """Every check of a request that needs no engine state: limits, sampling and the
+        adapter (registered, servable: this reads the registry, so callers on the step
+        thread pass ``adapter_id=None``). Safe on any thread."""
         lim = self.limits
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         if not prompt:
             raise InvalidRequestError("prompt is empty: send at least one token of text")
         if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
@@ -128,8 +135,6 @@ class Engine:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
             )
-        if len(self.requests) >= lim.max_queued_requests:
-            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         if adapter_id:
             self._check_adapter(adapter_id)
 
@@ -139,7 +144,7 @@ class Engine:
         record = self.store.registry.get(adapter_id)  # AdapterNotFoundError if unknown
         if record.kind == "rmm-basis":
             raise IncompatibleAdapterError(
-                f"{adapter_id!r} is an RMM basis; request one of its tasks instead"
+                f"{short(adapter_id)} is an RMM basis; request one of its tasks instead"
             )
         self.store.parsed(adapter_id).validate(self.store.spec)  # e.g. registered for another model
 
