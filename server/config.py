@@ -32,6 +32,7 @@ class Config:
     # scheduling and KV cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    batch_invariant: bool = False  # each request's output independent of its batch (slower)
     block_size: int = 16
     kv_cache_bytes: int = 512 << 20
     # request limits

@@ -45,7 +45,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
                          config.block_size, device, dtype)
     admission = AdapterAdmission(store)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
-                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready)
+                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
+                          fixed_chunks=config.batch_invariant)
     max_model_len = servable_context(text)
     if max_model_len < text.max_position_embeddings:
         log.warning("the model's sliding window is %d tokens: max_model_len capped from %d "
@@ -53,7 +54,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
                     text.max_position_embeddings, max_model_len)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
                           max_model_len, config.max_queued_requests)
-    return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer))
+    return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),
+                  batch_invariant=config.batch_invariant)
 
 
 def _registry_path(config: Config, cache_dir: Path) -> str:

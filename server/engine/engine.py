@@ -68,9 +68,14 @@ class Engine:
     """Continuous batching over one model: requests for many adapters share each step."""
 
     def __init__(self, runner: ModelRunner, tokenizer, scheduler: Scheduler,
-                 admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int]):
+                 admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int],
+                 batch_invariant: bool = False):
+        """``batch_invariant``: run every sequence of a step in its own forward pass (and
+        let the scheduler cut prefill chunks at fixed boundaries), so that a request's
+        logits never depend on its batch-mates; costs throughput (docs/operations.md)."""
         self.runner, self.tokenizer, self.scheduler = runner, tokenizer, scheduler
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
+        self.batch_invariant = batch_invariant
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self.step_observer: Callable[[StepStats], None] | None = None  # called on the step thread
@@ -161,14 +166,16 @@ class Engine:
 
     def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestOutput]]:
         """The step's logits. If the batch raises, each sequence is rerun alone: those that
-        raise alone fail (INTERNAL), the rest go on; ``sched.scheduled`` loses the failed."""
+        raise alone fail (INTERNAL), the rest go on; ``sched.scheduled`` loses the failed.
+        In batch-invariant mode every sequence runs alone from the start."""
         if not sched.scheduled:
             return None, []
-        try:
-            return self.runner.execute(self._step_batch(sched.scheduled)), []
-        except Exception:
-            log.exception("engine step failed; retrying its %d requests one at a time",
-                          len(sched.scheduled))
+        if not self.batch_invariant:
+            try:
+                return self.runner.execute(self._step_batch(sched.scheduled)), []
+            except Exception:
+                log.exception("engine step failed; retrying its %d requests one at a time",
+                              len(sched.scheduled))
         kept, rows, failed = [], [], []
         for s in sched.scheduled:
             try:
