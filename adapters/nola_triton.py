@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import STREAM_BITS
+from .philox_layout import counter_base
 
 TARGET_PROGRAMS = 264  # ~2 programs per SM of an H100
 
@@ -91,18 +91,10 @@ def _values_kernel(out, seed, c_base, start, count, BLOCK: tl.constexpr):
              mask=i < count.to(tl.uint64))
 
 
-def _check(seed: int, stream: int) -> int:
-    if not 0 <= seed < 1 << 63:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    if not 0 <= stream < 1 << 24:
-        raise ValueError(f"stream must be in [0, 2^24), got {stream}")
-    return stream << STREAM_BITS
-
-
 def basis_values(seed: int, stream: int, start: int, count: int,
                  device: torch.device | str = "cuda") -> torch.Tensor:
     """Same values and bits as ``philox.basis_values``: float32 [count]."""
-    c_base = _check(seed, stream)
+    c_base = counter_base(seed, stream)
     out = torch.empty(count, dtype=torch.float32, device=device)
     if count:
         block = 256
@@ -115,7 +107,7 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
     """``coeffs @ basis_values(seed, stream, 0, k * n_cols).view(k, n_cols)`` as float32
     [n_cols] on ``coeffs``' device, without ever storing the basis (``philox.contract``
     on the GPU)."""
-    c_base = _check(seed, stream)
+    c_base = counter_base(seed, stream)
     if coeffs.dim() != 1 or n_cols < 1:
         raise ValueError(f"coeffs must be [k] and n_cols >= 1, got {list(coeffs.shape)}, "
                          f"{n_cols}")

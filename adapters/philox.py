@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from .philox_layout import STREAM_BITS
+
 try:
     from . import _philox as _native
 except ImportError:  # built without a C compiler: the torch path gives the same values
@@ -23,8 +25,6 @@ _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _SCALE = 4.6566127342e-10
-STREAM_BITS = 40  # counter = stream * 2^40 + e // 4
-STREAM_LIMIT_BITS = 24  # streams are < 2^24, as the C loop checks
 CHUNK = 1 << 19  # basis values per torch step: ~30 MiB of int64 temporaries at most
 
 

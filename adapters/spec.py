@@ -1,13 +1,20 @@
-"""Value types shared by every adapter kind: what the base model accepts, and the
-materialized low-rank factors that every kind turns into."""
+"""Value types shared by every adapter kind: what the base model accepts (and
+``model_spec``, which reads it off a transformers model), and the materialized low-rank
+factors that every kind turns into."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .errors import IncompatibleAdapterError, InvalidAdapterError, LimitExceededError
+from .errors import (
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    LimitExceededError,
+    ModelLoadError,
+)
 
 # Registration refuses an adapter unless, for every (layer, module), the cheap upper bounds
 # of its factors' entries (|A|, |B|, |scale|) and of its delta's entries
@@ -90,6 +97,40 @@ class AdapterFactors:
     @property
     def nbytes(self) -> int:
         return sum(f.A.nbytes + f.B.nbytes for f in self.modules.values())
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers (``model.model.layers`` for Llama-style models)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and (n is None or len(layers) == n):
+        return layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def model_spec(model: nn.Module, target_modules: list[str] | tuple[str, ...] | None = None,
+               max_rank: int = 64, max_num_basis: int = 4096, name: str = "") -> BaseModelSpec:
+    """The adaptable linears of ``model``: names relative to a decoder layer
+    (``"self_attn.q_proj"``) with their ``(in, out)`` read from layer 0. By default every
+    ``nn.Linear`` inside a decoder layer."""
+    layers = decoder_layers(model)
+    layer0 = layers[0]
+    linears = {n: m for n, m in layer0.named_modules() if isinstance(m, nn.Linear)}
+    names = list(linears) if target_modules is None else list(target_modules)
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear in its decoder layers")
+    for n in names:
+        if n not in linears:
+            raise ModelLoadError(
+                f"target module {n!r} is not an nn.Linear of a decoder layer; "
+                f"choose from {sorted(linears)}")
+    shapes = {n: (linears[n].in_features, linears[n].out_features) for n in names}
+    return BaseModelSpec(num_layers=len(layers), module_shapes=shapes, max_rank=max_rank,
+                         max_num_basis=max_num_basis, name=name)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,9 @@ import math
 import torch
 from torch import nn
 
-from nolaserve.server.engine.model_loader import decoder_layers, model_spec
-
 from . import philox
 from .nola import MAX_SEED, NolaAdapter
+from .spec import decoder_layers, model_spec
 
 DEFAULT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 

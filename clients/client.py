@@ -18,8 +18,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+
 from . import messages as m
-from .api import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from .messages import (
     AdapterInfo,
     ChatMessage,

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from .api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 T = TypeVar("T")
 ChatMessage = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} or (role, text)

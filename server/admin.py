@@ -10,7 +10,7 @@ import grpc
 
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.store import AdapterStore
-from nolaserve.clients.api import admin_pb2, admin_pb2_grpc
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc
 
 from . import convert
 from .config import Config

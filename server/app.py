@@ -18,13 +18,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nolaserve.clients.api import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .admin import AdminServicer
 from .auth import TokenAuthInterceptor
+from .build import build_engine
 from .config import Config
 from .engine.async_engine import AsyncEngine
-from .engine.build import build_engine
 from .engine.engine import Engine
 from .metrics import Metrics
 from .rpc import DecodeInterceptor, Gate

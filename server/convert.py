@@ -7,7 +7,7 @@ import importlib.metadata
 from nolaserve.adapters.errors import short
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.store import RmmResult
-from nolaserve.clients.api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 from .config import Config
 from .engine.engine import Engine, RequestOutput

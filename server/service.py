@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 import grpc
 
-from nolaserve.clients.api import inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
 from .engine.async_engine import AsyncEngine

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nolaserve.clients.api import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 SHAPES = {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}
 

@@ -7,8 +7,8 @@ import copy
 
 import torch
 
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
 

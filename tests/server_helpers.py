@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from nolaserve.clients.api import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from nolaserve.server.app import RunningServer, start
 from nolaserve.server.config import Config
 from nolaserve.server.engine.engine import Engine
+from nolaserve.v1 import admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 
 @dataclass

@@ -14,10 +14,10 @@ from engine_helpers import make_engine
 from server_helpers import expect_code, request, serving, slow_down, wait_idle
 
 from nolaserve.adapters.errors import InvalidAdapterError
-from nolaserve.clients.api import admin_pb2, inference_pb2
 from nolaserve.server.auth import _denying
 from nolaserve.server.config import Config
 from nolaserve.server.convert import PROMPT_BYTES_PER_TOKEN
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 Code = grpc.StatusCode
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -19,7 +19,7 @@ from server_helpers import (
 )
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2, inference_pb2_grpc
+from nolaserve.v1 import admin_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
 ANSWER_WITHIN = 10.0  # s: a normal request's bound while abusers are at it

@@ -19,8 +19,8 @@ from test_server_process import SERVE, read_port, write_config
 
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.registry import Registry
-from nolaserve.clients.api import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
-from nolaserve.server.engine.model_loader import model_spec
+from nolaserve.adapters.spec import model_spec
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
 CLIENTS = 4
 ACKED_BEFORE_KILL = 40

@@ -16,7 +16,7 @@ from server_helpers import BackgroundServer, assert_healthy, assert_no_leaks, wa
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
-from nolaserve.clients.api import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
 CALLER_ERRORS = {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION,

@@ -18,7 +18,7 @@ from engine_helpers import greedy, make_engine, run
 from server_helpers import assert_no_leaks, expect_code, request, serving, slow_down, wait_idle
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2
+from nolaserve.v1 import admin_pb2
 
 Code = grpc.StatusCode
 PROMPTS = ["héllo wörld", "naïve café 😀", "中文字 こんにちは", "🎉 wörld"]

@@ -13,8 +13,8 @@ from server_helpers import expect_code, request, serving, slow_down
 
 from nolaserve.adapters.errors import AdapterExistsError
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2
 from nolaserve.server.engine.sequence import FinishReason
+from nolaserve.v1 import admin_pb2
 
 PROMPT = [5, 17, 33, 9]
 

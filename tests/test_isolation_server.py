@@ -89,7 +89,7 @@ def test_step_thread_never_calls_the_registry_even_while_its_lock_is_held(model,
 
 
 def _ref(adapter_id: str):
-    from nolaserve.clients.api import admin_pb2
+    from nolaserve.v1 import admin_pb2
 
     return admin_pb2.AdapterRef(adapter_id=adapter_id)
 
@@ -142,7 +142,7 @@ def test_serve_exits_non_zero_when_the_step_thread_dies(model, bytebpe):
             health = health_pb2_grpc.HealthStub(channel)
             await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30)
             kill_step_thread(engine)
-            from nolaserve.clients.api import inference_pb2_grpc
+            from nolaserve.v1 import inference_pb2_grpc
 
             with pytest.raises(grpc.aio.AioRpcError):  # wakes the step thread, which dies
                 await inference_pb2_grpc.InferenceStub(channel).Generate(request(), timeout=10)

@@ -13,7 +13,7 @@ import torch
 from conftest import merged, spec_of, tiny_llama
 
 from nolaserve.adapters.slots import SlotPool
-from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
+from nolaserve.adapters.spec import AdapterFactors, ModuleFactors, model_spec
 from nolaserve.server.engine import model_loader
 from nolaserve.server.engine.attention import (
     ATTN_IMPLEMENTATION,
@@ -213,7 +213,7 @@ def test_other_architectures(arch):
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=256)).eval()
     ref = copy.deepcopy(model)
-    spec = model_loader.model_spec(model, max_rank=4)
+    spec = model_spec(model, max_rank=4)
     pool = SlotPool(spec, 2, lambda i: random_factors(i, spec))
     slot = pool.acquire("x")
     ps = prompts([5, 11], seed=7)
@@ -258,12 +258,12 @@ def test_kv_cache_shape_and_sizing():
 
 
 def test_model_spec_and_device_dtype(llama):
-    spec = model_loader.model_spec(llama, max_rank=8)
+    spec = model_spec(llama, max_rank=8)
     assert spec == spec_of(llama, max_rank=8)
-    only_q = model_loader.model_spec(llama, ["self_attn.q_proj"])
+    only_q = model_spec(llama, ["self_attn.q_proj"])
     assert only_q.module_shapes == {"self_attn.q_proj": (64, 64)} and only_q.num_layers == 2
     with pytest.raises(model_loader.ModelLoadError, match="not an nn.Linear"):
-        model_loader.model_spec(llama, ["self_attn.nope"])
+        model_spec(llama, ["self_attn.nope"])
     assert model_loader.resolve_device_dtype("cpu", "auto") == (torch.device("cpu"),
                                                                 torch.float32)
     assert model_loader.resolve_device_dtype("cpu", "bf16")[1] is torch.bfloat16

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import expect_code, request, serving, slow_down, wait_idle
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 Code = grpc.StatusCode
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import expect_code, free_port, request, serving, slow_down
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.clients.api import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, inference_pb2
 
 Code = grpc.StatusCode
 

@@ -15,7 +15,7 @@ import yaml
 from conftest import tiny_llama
 from server_helpers import expect_code, request
 
-from nolaserve.clients.api import inference_pb2, inference_pb2_grpc
+from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 SERVE = ("import sys; from nolaserve.server.app import serve; "
          "from nolaserve.server.config import Config; "

@@ -205,7 +205,7 @@ def test_two_trained_adapters_are_served_and_each_does_its_task(base, bytebpe, t
 
     async def main():
         async with serving(make_engine(base, bytebpe, max_rank=8)) as c:
-            from nolaserve.clients.api import admin_pb2
+            from nolaserve.v1 import admin_pb2
 
             for name, data in adapters.items():
                 await c.admin.RegisterAdapter(admin_pb2.RegisterAdapterRequest(

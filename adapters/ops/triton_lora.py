@@ -18,45 +18,20 @@ above ``MAX_FUSED_RANK`` do not fit the fused kernel's registers: they go to the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .batch import LoraBatch
 from .torch_lora import segment
-
-MAX_FUSED_RANK = 64
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCK_K = 64  # input columns per shrink step
-BLOCK_O = 64  # output columns per expand step
-TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132 SMs): enough to fill the GPU
-
-
-@triton.jit
-def _expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
-            sy0, sy1, sb0, sb1, sb2, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-            FP32: tl.constexpr):
-    """``y[rows, cols] += (v * scale[slot]) @ B[slot, cols].T`` over this program's chunk
-    ``cols`` of one module's output columns; ``sgmv``'s expand, rounding included."""
-    v = v * tl.load(scale + slot).to(tl.float32)
-    if not FP32:
-        v = v.to(y.dtype.element_ty)  # tensor cores; fp32 stays IEEE
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < r_max
-    o_begin = chunk * out_chunk
-    o_end = tl.minimum(o_begin + out_chunk, d_out)
-    for o0 in range(o_begin, o_end, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
-        o_ok = o < o_end
-        bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
-                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_O]
-        d = tl.dot(v, bt, input_precision="ieee") if FP32 else tl.dot(v, bt)
-        ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
-        m = row_ok[:, None] & o_ok[None, :]
-        yt = tl.load(ptr, mask=m)
-        tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+from .triton_common import (
+    BLOCK_K,
+    BLOCK_O,
+    MAX_FUSED_RANK,
+    blocks,
+    check_triton_args,
+    expand,
+)
 
 
 @triton.jit
@@ -97,37 +72,8 @@ def _sgmv_kernel(
             at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
             v = tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
-        _expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(2), out_chunk, d_out, r_max,
-                sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
-
-
-def _check(y, x, A, B, scale, batch: LoraBatch) -> None:
-    """The launcher's own checks (it may be called without ``add_lora``'s)."""
-    from .dispatch import _check as check_common  # dispatch imports this module lazily
-
-    check_common(y, x, A, B, scale, batch)
-    if x.dtype not in DTYPES:
-        raise ValueError(f"the Triton backend takes fp16, bf16 or fp32, got {x.dtype}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton backend needs CUDA tensors, got {x.device}")
-    for name, t in (("sorted_tokens", batch.sorted_tokens), ("seg_slot_index",
-                                                              batch.seg_slot_index)):
-        if t.dtype != torch.int64 or not t.is_contiguous():
-            raise ValueError(f"batch.{name} must be contiguous int64, got {t.dtype}")
-    if not scale.is_contiguous():
-        raise ValueError("scale must be contiguous")
-
-
-def _blocks(batch: LoraBatch, d_out: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only."""
-    starts = batch.seg_starts
-    longest = max(b - a for a, b in zip(starts, starts[1:]))
-    block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
-    tiles = triton.cdiv(longest, block_t)
-    busy = sum(triton.cdiv(b - a, block_t) for a, b in zip(starts, starts[1:]))
-    out_tiles = triton.cdiv(d_out, BLOCK_O)
-    chunks = max(1, min(out_tiles, TARGET_PROGRAMS // busy))  # fewer chunks: less recompute
-    return block_t, tiles, triton.cdiv(out_tiles, chunks) * BLOCK_O
+        expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(2), out_chunk, d_out, r_max,
+               sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
 
 
 def sgmv(
@@ -144,7 +90,7 @@ def sgmv(
     (``y`` may be a column slice of a fused qkv output). ``r_max > MAX_FUSED_RANK`` runs
     ``segment``. Raises ``ValueError`` on bad shapes, dtypes or devices.
     """
-    _check(y, x, A, B, scale, batch)
+    check_triton_args(y, x, A, B, scale, batch)
     if not batch.has_adapters:
         return y
     r_max = A.shape[1]
@@ -152,7 +98,7 @@ def sgmv(
         return segment(y, x, A, B, scale, batch)
     # [N] start of each segment in sorted_tokens, on the device: no host sync
     seg_starts = torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
-    block_t, tiles, out_chunk = _blocks(batch, y.shape[1])
+    block_t, tiles, out_chunk = blocks(batch, y.shape[1])
     grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
     _sgmv_kernel[grid](
         y, x, A, B, scale, batch.sorted_tokens, batch.seg_slot_index, seg_starts,

@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .batch import LoraBatch
-from .triton_lora import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, _blocks, _expand, sgmv
-from .triton_lora import _check as check_module
+from .checks import check_module_lists
+from .triton_common import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, blocks, check_triton_args, expand
+from .triton_lora import sgmv
 
 MAX_MODULES = 3  # per launch; more are launched in groups of three
 
@@ -82,25 +83,21 @@ def _sgmv_multi_kernel(
             if M > 2:
                 v2 = _shrink(v2, xt, A2, slot, k, k_ok, r2, sa20, sa21, sa22, BLOCK_R2, FP32)
         c = tl.program_id(2)
-        _expand(v0, y0, B0, sc0, slot, tok, row_ok, c, chunk0, d_out0, r0,
-                sy00, sy01, sb00, sb01, sb02, BLOCK_R0, BLOCK_O, FP32)
+        expand(v0, y0, B0, sc0, slot, tok, row_ok, c, chunk0, d_out0, r0,
+               sy00, sy01, sb00, sb01, sb02, BLOCK_R0, BLOCK_O, FP32)
         if M > 1:
-            _expand(v1, y1, B1, sc1, slot, tok, row_ok, c, chunk1, d_out1, r1,
-                    sy10, sy11, sb10, sb11, sb12, BLOCK_R1, BLOCK_O, FP32)
+            expand(v1, y1, B1, sc1, slot, tok, row_ok, c, chunk1, d_out1, r1,
+                   sy10, sy11, sb10, sb11, sb12, BLOCK_R1, BLOCK_O, FP32)
         if M > 2:
-            _expand(v2, y2, B2, sc2, slot, tok, row_ok, c, chunk2, d_out2, r2,
-                    sy20, sy21, sb20, sb21, sb22, BLOCK_R2, BLOCK_O, FP32)
+            expand(v2, y2, B2, sc2, slot, tok, row_ok, c, chunk2, d_out2, r2,
+                   sy20, sy21, sb20, sb21, sb22, BLOCK_R2, BLOCK_O, FP32)
 
 
 def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
     """Each module passes ``sgmv``'s checks; outputs may not share storage."""
-    if not len(ys) == len(As) == len(Bs) == len(scales):
-        raise ValueError(
-            f"ys, As, Bs, scales must have one entry per module; got {len(ys)}, {len(As)}, "
-            f"{len(Bs)}, {len(scales)}"
-        )
+    check_module_lists(ys, As, Bs, scales)
     for y, A, B, scale in zip(ys, As, Bs, scales):
-        check_module(y, x, A, B, scale, batch)
+        check_triton_args(y, x, A, B, scale, batch)
     ptrs = [y.data_ptr() for y in ys if y.numel()]
     if len(set(ptrs)) != len(ptrs):
         raise ValueError("the outputs ys must not overlap (column slices of one tensor are fine)")
@@ -109,7 +106,7 @@ def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
 def _launch(ys, x, As, Bs, scales, batch: LoraBatch, seg_starts: torch.Tensor) -> None:
     """One kernel launch for up to ``MAX_MODULES`` modules."""
     d_max = max(1, *(y.shape[1] for y in ys))
-    block_t, tiles, widest = _blocks(batch, d_max)
+    block_t, tiles, widest = blocks(batch, d_max)
     chunks = triton.cdiv(d_max, widest)  # every module is cut into this many chunks
     args, block_r = [], []
     for m in range(MAX_MODULES):

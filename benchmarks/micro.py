@@ -1,7 +1,7 @@
 """Microbenchmarks: add_lora backends, NOLA materialization by shape, RegisterAdapter over
 gRPC, and resident memory per registered NOLA adapter.
 
-    python -m nolaserve.clients.bench_micro [--adapters 10000] [--skip memory ops ...]
+    python -m nolaserve.benchmarks.micro [--adapters 10000] [--skip memory ops ...]
 
 - ``memory`` (first, in a fresh process): VmRSS before and after registering
   ``--adapters`` NOLA adapters of the default shape (SQLite registry on disk, as the server
@@ -41,8 +41,8 @@ from nolaserve.adapters.ops import (
 from nolaserve.adapters.registry import Registry
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
-from nolaserve.clients.bench_adapters import SMOLLM2
-from nolaserve.clients.bench_engine import TARGETS
+from nolaserve.benchmarks.adapters import SMOLLM2
+from nolaserve.benchmarks.engine import TARGETS
 
 SPREADS = ("distinct", "uniform", "skewed", "identical")
 BACKENDS = {"reference": reference, "segment": segment, "gather_bmm": gather_bmm, "auto": None}
@@ -172,8 +172,8 @@ def bench_memory(n: int, registry_kind: str) -> None:
 def bench_register_grpc(n: int) -> None:
     from nolaserve.clients.client import Client
     from nolaserve.server.app import start
+    from nolaserve.server.build import build_engine
     from nolaserve.server.config import Config
-    from nolaserve.server.engine.build import build_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(registry_path=str(Path(tmp) / "r.db"), port=0, metrics_port=0)

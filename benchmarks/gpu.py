@@ -1,6 +1,6 @@
 """GPU benchmarks of the Triton kernels and the engine, on one CUDA device.
 
-    python -m nolaserve.clients.bench_gpu [--only ops,regen,engine] [--requests 64]
+    python -m nolaserve.benchmarks.gpu [--only ops,regen,engine] [--requests 64]
 
 - ops: ``add_lora`` Triton SGMV (``triton_lora.sgmv``) against torch ``gather_bmm`` and
   ``segment``, bf16, 4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens.
@@ -108,9 +108,9 @@ def bench_regen() -> None:
 
 def bench_engine_on(label: str, requests: int, max_tokens: int, model=None,
                     tokenizer=None) -> None:
-    from nolaserve.clients.bench_engine import run_batch
+    from nolaserve.benchmarks.engine import run_batch
+    from nolaserve.server.build import build_engine
     from nolaserve.server.config import Config
-    from nolaserve.server.engine.build import build_engine
 
     config = Config(registry_path=":memory:", device="cuda", num_slots=64, max_rank=8,
                     max_num_seqs=requests, max_num_batched_tokens=2048,
@@ -166,13 +166,13 @@ def main() -> None:
     if unknown := parts - {"ops", "regen", "engine"}:
         parser.error(f"unknown parts {sorted(unknown)}")
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; nothing to measure (the Triton kernels are "
+        print("benchmarks.gpu: no CUDA device here; nothing to measure (the Triton kernels are "
               "tested on CPU by tests/test_triton_kernels.py under TRITON_INTERPRET=1)")
         return
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("bench_gpu: triton is not installed (pip install 'nolaserve[gpu]'); skipping")
+        print("benchmarks.gpu: triton is not installed (pip install 'nolaserve[gpu]'); skipping")
         return
     print(f"device: {torch.cuda.get_device_name()}")
     if "ops" in parts:

@@ -1,22 +1,21 @@
-"""Regenerate the Python stubs in this folder from protos/nolaserve/v1/*.proto.
+"""Regenerate the Python stubs in this folder from the .proto files beside them.
 
-    python -m nolaserve.clients.api._generate          # write
-    python -m nolaserve.clients.api._generate --check  # exit 1 if the stubs are stale
+    python -m nolaserve.v1._generate          # write
+    python -m nolaserve.v1._generate --check  # exit 1 if the stubs are stale
 
-grpc_tools writes ``from nolaserve.v1 import x_pb2``; the stubs live in
-``nolaserve.clients.api``, so those imports are made relative.
+The stubs live next to their sources and import as ``nolaserve.v1``, the proto package,
+so grpc_tools' output (``from nolaserve.v1 import x_pb2``) is kept as it is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTO_ROOT = HERE.parent.parent / "protos"
+PROTO_ROOT = HERE.parent.parent  # protos/: the include root of nolaserve/v1/*.proto
 PROTOS = ("nolaserve/v1/inference.proto", "nolaserve/v1/admin.proto")
 
 
@@ -29,12 +28,8 @@ def generate() -> dict[str, str]:
                 f"--grpc_python_out={out}", *PROTOS]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-        files = {}
-        for path in sorted((Path(out) / "nolaserve" / "v1").iterdir()):
-            text = re.sub(r"^from nolaserve\.v1 import ", "from . import ", path.read_text(),
-                          flags=re.M)
-            files[path.name] = text
-        return files
+        return {path.name: path.read_text()
+                for path in sorted((Path(out) / "nolaserve" / "v1").iterdir())}
 
 
 def main() -> None:
@@ -46,7 +41,7 @@ def main() -> None:
              if not (HERE / n).exists() or (HERE / n).read_text() != t]
     if args.check:
         if stale:
-            print(f"stale stubs: {stale}; run python -m nolaserve.clients.api._generate")
+            print(f"stale stubs: {stale}; run python -m nolaserve.v1._generate")
             sys.exit(1)
         return
     for name, text in files.items():

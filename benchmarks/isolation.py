@@ -1,7 +1,7 @@
 """Does a busy registry stall decoding? Inter-token gaps of one stream on SmolLM2 while
 the registry is quiet, while its lock is held for 0.5 s, and during a registration burst.
 
-    python -m nolaserve.clients.bench_isolation [--max-tokens 96]
+    python -m nolaserve.benchmarks.isolation [--max-tokens 96]
 
 The engine runs in-process behind ``AsyncEngine`` (the server's step thread) over a file
 registry in a temporary directory (WAL, ``synchronous=FULL``: real fsyncs). The stream's
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.registry import Registry
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.async_engine import AsyncEngine
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.sequence import SamplingParams
 
 TARGETS = ["self_attn.q_proj", "self_attn.v_proj"]

@@ -1,6 +1,6 @@
 """In-process engine throughput on SmolLM2, base model against many adapters, side by side.
 
-    python -m nolaserve.clients.bench_engine [--requests 64] [--max-tokens 32]
+    python -m nolaserve.benchmarks.engine [--requests 64] [--max-tokens 32]
 
 One engine, the same prompts and ``max_tokens``, greedy, EOS ignored. Scenarios:
 base only; every request on one NOLA adapter; 64 distinct NOLA adapters (uniform);
@@ -18,8 +18,8 @@ import time
 import torch
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
 

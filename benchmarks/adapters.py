@@ -1,6 +1,6 @@
 """Adapter-core microbenchmarks: NOLA materialization and registration latency.
 
-    python -m nolaserve.clients.bench_adapters [--repeat 7]
+    python -m nolaserve.benchmarks.adapters [--repeat 7]
 
 Prints, for the default NOLA shape (SmolLM2-135M, q_proj + v_proj, r=8, k=l=256, about
 118 million basis values), the materialization time of the C path and of the torch path

@@ -1,6 +1,6 @@
 """nolaserve against HF PEFT and vLLM: generated tokens/s, same machine, model, adapters.
 
-    python -m nolaserve.clients.bench_compare [--requests 64] [--max-tokens 32]
+    python -m nolaserve.benchmarks.compare [--requests 64] [--max-tokens 32]
 
 One run, the embedded SmolLM2-135M-Instruct (fp32), the same prompts (random token ids),
 greedy, EOS ignored, the same ``max_tokens``. The adapters are NOLA adapters (q_proj +
@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import save_file
 
 from nolaserve.adapters.nola import NolaAdapter, random_nola
-from nolaserve.clients.bench_engine import TARGETS
+from nolaserve.benchmarks.engine import TARGETS
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_loader as ml
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
 
@@ -154,7 +154,7 @@ def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: 
     (tmp / "vllm_job.json").write_text(json.dumps(job))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                HF_HUB_OFFLINE="1")
-    worker = Path(__file__).with_name("bench_vllm_worker.py")
+    worker = Path(__file__).with_name("vllm_worker.py")
     proc = subprocess.run([python, str(worker), str(tmp / "vllm_job.json")], env=env,
                           capture_output=True, text=True, timeout=args.vllm_timeout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

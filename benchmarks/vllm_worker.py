@@ -1,6 +1,6 @@
-"""vLLM side of ``bench_compare``, run by the vLLM virtualenv's python (imports no nolaserve).
+"""vLLM side of ``benchmarks.compare``, run by the vLLM virtualenv's python (imports no nolaserve).
 
-    /opt/vllm-venv/bin/python bench_vllm_worker.py job.json
+    /opt/vllm-venv/bin/python vllm_worker.py job.json
 
 ``job.json``: ``model`` (local checkpoint dir), ``adapters`` (PEFT LoRA dirs), ``prompts``
 (token ids), ``max_tokens``, ``max_loras``, ``max_cpu_loras``, ``dtype`` and

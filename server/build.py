@@ -7,16 +7,17 @@ import logging
 from pathlib import Path
 
 from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.spec import model_spec
 from nolaserve.adapters.store import AdapterStore
-from nolaserve.server.config import Config
 
-from .admission import AdapterAdmission
-from .attention import kv_cache_blocks, servable_context
-from .block_manager import BlockManager
-from .engine import Engine, EngineLimits
-from .model_loader import load_model, model_spec, resolve_device_dtype
-from .model_runner import ModelRunner
-from .scheduler import Scheduler
+from .config import Config
+from .engine.admission import AdapterAdmission
+from .engine.attention import kv_cache_blocks, servable_context
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine, EngineLimits
+from .engine.model_loader import load_model, resolve_device_dtype
+from .engine.model_runner import ModelRunner
+from .engine.scheduler import Scheduler
 
 log = logging.getLogger("nolaserve.engine")
 

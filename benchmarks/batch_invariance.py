@@ -1,7 +1,7 @@
 """How often does batching change a greedy output? Each request run alone vs the same
 requests run together, on SmolLM2, with the top-2 logit gap where they part.
 
-    python -m nolaserve.clients.bench_batch_invariance [--requests 32] [--max-tokens 32]
+    python -m nolaserve.benchmarks.batch_invariance [--requests 32] [--max-tokens 32]
 
 Batch composition changes the floating-point reduction order (matmul blocking over the
 step's token count, attention padding to the longest context, LoRA segments), so logits
@@ -21,8 +21,8 @@ import time
 import torch
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
-from nolaserve.server.engine.build import build_engine
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
 

@@ -1,0 +1,142 @@
+"""The package's import graph: no cycles, and every layer imports only the layers below.
+
+    nolaserve.v1 (stubs) <- adapters <- server.engine <- server (service) <- clients <- benchmarks
+
+Every import counts, function-local ones included: a lazy import that dodges a cycle is
+still a cycle in the design. Read from the source with ``ast``; nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {  # package -> folder, as pyproject.toml maps them
+    "nolaserve.v1": ROOT / "protos" / "nolaserve" / "v1",
+    "nolaserve.adapters": ROOT / "adapters",
+    "nolaserve.server": ROOT / "server",
+    "nolaserve.clients": ROOT / "clients",
+    "nolaserve.benchmarks": ROOT / "benchmarks",
+}
+# layer -> the layers it may import (besides itself); longest prefix wins
+MAY_IMPORT = {
+    "nolaserve.v1": set(),
+    "nolaserve.adapters": {"nolaserve.v1"},
+    "nolaserve.server.engine": {"nolaserve.v1", "nolaserve.adapters"},
+    "nolaserve.server": {"nolaserve.v1", "nolaserve.adapters", "nolaserve.server.engine"},
+    "nolaserve.clients": {"nolaserve.v1", "nolaserve.adapters", "nolaserve.server.engine",
+                          "nolaserve.server"},
+    "nolaserve.benchmarks": {"nolaserve.v1", "nolaserve.adapters", "nolaserve.server.engine",
+                             "nolaserve.server", "nolaserve.clients"},
+}
+
+
+def modules() -> dict[str, Path]:
+    """Module name -> file of every module of every package."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The nolaserve modules that ``name`` imports, anywhere in its file (a name that is no
+    module of ours is kept, for ``test_every_import_names_a_module`` to report)."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                base = ".".join(anchor + ([base] if base else []))
+            # ``from pkg import mod`` imports the module; ``from mod import f`` the module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                       for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t.startswith("nolaserve.") and t != name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {t for t in imports_of(name, path, known) if t in known}
+            for name, path in known.items()}
+
+
+def test_every_import_names_a_module():
+    known = modules()
+    missing = sorted(f"{name} -> {t}" for name, path in known.items()
+                     for t in imports_of(name, path, known)
+                     if t not in known and t != "nolaserve.adapters._philox")  # C extension
+    assert not missing, f"imports of modules that do not exist: {missing}"
+
+
+def layer(name: str) -> str:
+    return max((p for p in MAY_IMPORT if name == p or name.startswith(p + ".")), key=len)
+
+
+def test_the_walk_sees_the_whole_package():
+    g = graph()
+    assert "nolaserve.server.engine.engine" in g and "nolaserve.v1.admin_pb2" in g
+    assert "nolaserve.adapters.store" in g["nolaserve.server.engine.engine"]
+    assert "nolaserve.adapters.ops.triton_lora" in g["nolaserve.adapters.ops.dispatch"]
+
+
+def test_no_import_cycles():
+    g = graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(g[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("lower", ["nolaserve.v1", "nolaserve.adapters",
+                                   "nolaserve.server.engine", "nolaserve.server",
+                                   "nolaserve.clients"])
+def test_a_layer_imports_only_the_layers_below_it(lower):
+    g = graph()
+    wrong = sorted(f"{a} -> {b}" for a, deps in g.items() if layer(a) == lower
+                   for b in deps if layer(b) != lower and layer(b) not in MAY_IMPORT[lower])
+    assert not wrong, f"{lower} imports a layer above it: {wrong}"
+
+
+def test_no_server_or_adapter_code_names_the_clients():
+    hits = [f"{p.relative_to(ROOT)}:{i}" for folder in (ROOT / "server", ROOT / "adapters")
+            for p in folder.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if "nolaserve.clients" in line]
+    assert not hits, hits
