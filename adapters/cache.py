@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .single_flight import Flight
+
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 2 << 30
 
@@ -26,15 +28,6 @@ class CacheStats:
     evictions: int
     entries: int
     bytes: int
-
-
-class _Load:
-    """One loader call in flight; other callers for the same id wait on it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
 
 
 class HostCache:
@@ -54,7 +47,7 @@ class HostCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # id -> (obj, nbytes)
-        self._loads: dict[str, _Load] = {}
+        self._loads: dict[str, Flight] = {}
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
 
@@ -62,14 +55,6 @@ class HostCache:
         """The cached object (now most recently used), or None; counts a hit or a miss."""
         with self._lock:
             return self._lookup(adapter_id)
-
-    def put(self, adapter_id: str, obj: Any) -> bool:
-        """Cache ``obj`` under ``adapter_id``, replacing any previous entry. Returns False
-        (and caches nothing) when ``obj`` alone exceeds ``max_bytes``."""
-        nbytes = _nbytes(obj)
-        with self._lock:
-            self._loads.pop(adapter_id, None)  # a load in flight would now be stale
-            return self._insert(adapter_id, obj, nbytes)
 
     def pop(self, adapter_id: str) -> Any | None:
         """Drop ``adapter_id`` (deleted or replaced) and return its object, or None.
@@ -92,37 +77,29 @@ class HostCache:
             obj = self._lookup(adapter_id)
             if obj is not None:
                 return obj
-            load = self._loads.get(adapter_id)
-            if load is None:
-                load = self._loads[adapter_id] = _Load()
-                owner = True
-            else:
+            flight = self._loads.get(adapter_id)
+            if flight is not None:
                 owner = False
+            else:
+                flight = self._loads[adapter_id] = Flight()
+                owner = True
         if not owner:
-            load.done.wait()
-            if load.error is not None:
-                raise load.error
-            return load.value
-        return self._run_load(adapter_id, loader, load)
+            return flight.wait()
 
-    def _run_load(self, adapter_id: str, loader: Callable[[str], Any], load: _Load) -> Any:
-        try:
+        def load() -> Any:
             value = loader(adapter_id)
-            nbytes = _nbytes(value)
-        except BaseException as e:
-            load.error = e
+            _nbytes(value)  # an uncacheable value fails the load, for every waiter
+            return value
+
+        def settle(value: Any, error: BaseException | None) -> None:
             with self._lock:
-                if self._loads.get(adapter_id) is load:
-                    del self._loads[adapter_id]
-            load.done.set()
-            raise
-        with self._lock:
-            if self._loads.get(adapter_id) is load:  # not popped or replaced meanwhile
+                if self._loads.get(adapter_id) is not flight:
+                    return  # popped meanwhile (deleted or replaced): keep it out
                 del self._loads[adapter_id]
-                self._insert(adapter_id, value, nbytes)
-        load.value = value
-        load.done.set()
-        return value
+                if error is None:
+                    self._insert(adapter_id, value, _nbytes(value))
+
+        return flight.run(load, settle)
 
     @property
     def stats(self) -> CacheStats:

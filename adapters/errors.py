@@ -1,13 +1,27 @@
-"""Typed adapter errors. Each carries a message that says what to fix.
+"""Every typed error nolaserve raises on purpose, in one hierarchy. Each carries a message
+that says what to fix.
 
-The server maps them to gRPC status codes (see ``grpc_code``); nothing here imports grpc.
+``ServingError.grpc_code`` names the matching ``grpc.StatusCode`` member: the one table a
+front end maps errors through (``server/rpc.py`` for gRPC). This module sits in the lowest
+layer so that every layer raises these and none imports grpc for them.
+
+    ServingError
+      AdapterError           the adapter store, registry and formats
+      RequestError           a request the engine refuses or cannot run
+      ServerDrainingError    the server is shutting down
+      RequestFailedError     the engine finished a request with an error
+      ModelLoadError         the base model cannot be loaded or introspected
 """
 
 
-class AdapterError(Exception):
+class ServingError(Exception):
     """Base class. ``grpc_code`` names the matching ``grpc.StatusCode`` member."""
 
     grpc_code = "INTERNAL"
+
+
+class AdapterError(ServingError):
+    """An adapter that cannot be registered, found, changed or served."""
 
 
 class InvalidAdapterError(AdapterError, ValueError):
@@ -54,8 +68,81 @@ class NoFreeSlotError(LimitExceededError):
     """Every device slot is pinned or in use; retry when a request finishes (RESOURCE_EXHAUSTED)."""
 
 
-class ModelLoadError(ValueError):
-    """The model source is missing, unreadable or not a supported decoder-only LM."""
+class PathNotAllowedError(AdapterError):
+    """A file path outside the directories the server may read adapters from
+    (PERMISSION_DENIED)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class RequestError(ServingError):
+    """A request the engine refuses or cannot run."""
+
+
+class InvalidRequestError(RequestError, ValueError):
+    """A request field is out of range or malformed (INVALID_ARGUMENT)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class RequestTooLargeError(RequestError):
+    """The request can never fit the KV cache or the configured limits (RESOURCE_EXHAUSTED)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class QueueFullError(RequestError):
+    """Too many requests are waiting; retry later (RESOURCE_EXHAUSTED)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class EngineStoppedError(RequestError):
+    """The engine is shutting down (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class UnsupportedFieldError(InvalidRequestError):
+    """A request field that would change the output but is not supported
+    (INVALID_ARGUMENT; ``param`` names the field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnauthenticatedError(ServingError):
+    """A missing or wrong bearer token (UNAUTHENTICATED)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class ClientGoneError(ServingError):
+    """The client closed the connection before the response (CANCELLED)."""
+
+    grpc_code = "CANCELLED"
+
+
+class ServerDrainingError(ServingError):
+    """The server got SIGTERM and takes no new requests (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class RequestFailedError(ServingError):
+    """The engine finished a request with an error, e.g. its adapter failed to load."""
+
+    def __init__(self, message: str, grpc_code: str = "FAILED_PRECONDITION"):
+        super().__init__(message)
+        self.grpc_code = grpc_code
+
+
+class ModelLoadError(ServingError, ValueError):
+    """The model source is missing, unreadable or not a supported decoder-only LM
+    (INVALID_ARGUMENT)."""
+
+    grpc_code = "INVALID_ARGUMENT"
 
 
 def short(value: object, limit: int = 64) -> str:

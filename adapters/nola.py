@@ -24,8 +24,7 @@ from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, che
 FORMAT = "nolaserve.nola"
 KIND = "nola"
 MAX_SEED = (1 << 63) - 1
-_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
-                           thread_name_prefix="nola-regen")
+MAX_REGEN_THREADS = 8  # CPU regeneration: streams contracted in parallel, one per thread
 
 
 @dataclass
@@ -91,7 +90,12 @@ class NolaAdapter:
                                  B=b.view(n_out, self.rank) / math.sqrt(beta.shape[2]),
                                  scale=self.scale)
 
-        results = _POOL.map(one, jobs) if alpha.device.type == "cpu" else map(one, jobs)
+        if alpha.device.type != "cpu":
+            results = list(map(one, jobs))
+        else:  # the C loop releases the GIL: streams regenerate in parallel
+            workers = max(1, min(MAX_REGEN_THREADS, os.cpu_count() or 1, len(jobs)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="nola-regen") as pool:
+                results = list(pool.map(one, jobs))
         return AdapterFactors({(i, name): f for (i, _, name), f in zip(jobs, results)})
 
     def to_bytes(self) -> bytes:

@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpu import sm_count
 from .philox_layout import counter_base
 
-TARGET_PROGRAMS = 264  # ~2 programs per SM of an H100
+PROGRAMS_PER_SM = 2  # programs the grid aims at per SM of the device
 
 
 @triton.jit
@@ -115,7 +116,8 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
     out = torch.empty(n_cols, dtype=torch.float32, device=coeffs.device)
     aligned = n_cols % 4 == 0
     lanes = n_cols // 4 if aligned else n_cols  # counters (aligned) or columns per row
-    block = min(256, max(16, triton.next_power_of_2(triton.cdiv(lanes, TARGET_PROGRAMS))))
+    target = PROGRAMS_PER_SM * sm_count(coeffs.device)
+    block = min(256, max(16, triton.next_power_of_2(triton.cdiv(lanes, target))))
     _contract_kernel[(triton.cdiv(lanes, block),)](
         out, coeffs, seed, c_base, coeffs.shape[0], n_cols, BLOCK=block, ALIGNED=aligned)
     return out

@@ -71,6 +71,13 @@ class SlotTable:
         slot = self._by_id.get(adapter_id)
         return None if slot is None or self._slots[slot].loading else slot
 
+    def ready_ids(self) -> frozenset[str]:
+        """The adapters resident and loaded."""
+        return frozenset(i for i, s in self._by_id.items() if not self._slots[s].loading)
+
+    def pinned_ids(self) -> frozenset[str]:
+        return frozenset(i for i, s in self._by_id.items() if self._slots[s].pinned)
+
     def refcount(self, slot: int) -> int:
         return self._slots[slot].refcount
 

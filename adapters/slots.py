@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import IncompatibleAdapterError, InvalidAdapterError, short
+from .single_flight import Flight
 from .slot_table import Acquired, SlotTable
 from .spec import AdapterFactors, BaseModelSpec
 
@@ -32,12 +33,12 @@ class PoolStats:
     pinned: int
 
 
-class _Load:
-    """One loader call in flight; acquirers of the same adapter wait on it."""
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """Which adapters are in a slot, read at one instant under the pool's lock."""
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.error: BaseException | None = None
+    ready: frozenset[str]  # resident and loaded
+    pinned: frozenset[str]
 
 
 class SlotPool:
@@ -57,8 +58,9 @@ class SlotPool:
         self._loader = loader
         self._table = SlotTable(num_slots)
         self._lock = threading.Lock()
-        self._loads: dict[int, _Load] = {}  # slot -> load in flight
+        self._loads: dict[int, Flight] = {}  # slot -> load in flight
         self._materialize_seconds = 0.0
+        self._load_observers: list[Callable[[float], None]] = []
         r = spec.max_rank
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
@@ -77,8 +79,19 @@ class SlotPool:
 
     @property
     def table(self) -> SlotTable:
-        """The slot policy; read it under no assumption of stability while others run."""
+        """The slot policy itself, for tests that check its invariants when nothing runs;
+        while others run, read ``snapshot()`` or ``stats`` instead."""
         return self._table
+
+    def snapshot(self) -> SlotSnapshot:
+        """The resident and the pinned adapters, consistent with each other."""
+        with self._lock:
+            return SlotSnapshot(self._table.ready_ids(), self._table.pinned_ids())
+
+    def observe_loads(self, callback: Callable[[float], None]) -> None:
+        """Call ``callback(seconds)`` after each load into a slot completes (on the loading
+        thread: the admission worker, or a pin's caller)."""
+        self._load_observers.append(callback)
 
     def buffers(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A [S, r_max, in], B [S, out, r_max], scale [S])`` of one adapted linear."""
@@ -98,17 +111,15 @@ class SlotPool:
         with self._lock:
             slot, found = self._table.acquire(adapter_id)
             if found is Acquired.LOAD:
-                load = self._loads[slot] = _Load()
+                flight = self._loads[slot] = Flight()
             elif found is Acquired.WAIT:
-                load = self._loads[slot]
+                flight = self._loads[slot]
         if found is Acquired.HIT:
             return slot
         if found is Acquired.WAIT:
-            load.done.wait()
-            if load.error is not None:
-                raise load.error
-            return slot
-        self._load(adapter_id, slot, load)
+            flight.wait()
+        else:
+            self._load(adapter_id, slot, flight)
         return slot
 
     def try_acquire(self, adapter_id: str) -> int | None:
@@ -155,22 +166,22 @@ class SlotPool:
             return PoolStats(t.hits, t.misses, t.evictions, self._materialize_seconds,
                              t.used, t.num_slots, t.pinned)
 
-    def _load(self, adapter_id: str, slot: int, load: _Load) -> None:
+    def _load(self, adapter_id: str, slot: int, flight: Flight) -> None:
         start = time.perf_counter()
-        try:
-            self._write(slot, self._loader(adapter_id))
-        except BaseException as e:
+
+        def settle(_: None, error: BaseException | None) -> None:
             with self._lock:
-                self._table.abort(slot)
                 del self._loads[slot]
-            load.error = e
-            load.done.set()
-            raise
-        with self._lock:
-            self._table.loaded(slot)
-            del self._loads[slot]
-            self._materialize_seconds += time.perf_counter() - start
-        load.done.set()
+                if error is not None:
+                    self._table.abort(slot)
+                    return
+                self._table.loaded(slot)
+                seconds = time.perf_counter() - start
+                self._materialize_seconds += seconds
+            for observe in self._load_observers:
+                observe(seconds)
+
+        flight.run(lambda: self._write(slot, self._loader(adapter_id)), settle)
 
     def modules_of(self, slots: set[int]) -> frozenset[str]:
         """The module names that any of ``slots`` adapts (in some layer): a linear whose

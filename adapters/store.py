@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from . import safetensors_io as st
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, HostCache
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache
 from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapterError, short
 from .ids import check_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
 from .registry import AdapterRecord, NewAdapter, Registry
 from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask, build_rmm
-from .slots import SlotPool
+from .slots import PoolStats, SlotPool, SlotSnapshot
 from .spec import AdapterFactors, BaseModelSpec
 
 Adapter = NolaAdapter | LoraAdapter | RmmBasis | RmmTask
@@ -51,6 +51,15 @@ class RmmResult:
     errors: list[float]
 
 
+@dataclass(frozen=True)
+class StoreStats:
+    """The counters of the host cache and the slot pool, and the registry's size."""
+
+    host: CacheStats
+    slots: PoolStats
+    registered: int
+
+
 class AdapterStore:
     """Register, look up and load adapters for one base model."""
 
@@ -61,6 +70,42 @@ class AdapterStore:
         self.spec, self.registry, self.device = spec, registry, torch.device(device)
         self.host = HostCache(host_max_entries, host_max_bytes)
         self.slots = SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype)
+
+    def close(self) -> None:
+        """Close the registry; later calls that need it fail."""
+        self.registry.close()
+
+    # -- reads ----------------------------------------------------------------------
+    def get(self, adapter_id: str) -> AdapterRecord:
+        """The registered adapter's record; ``AdapterNotFoundError`` if unknown."""
+        return self.registry.get(adapter_id)
+
+    def list_page(self, page_size: int, page_token: str
+                  ) -> tuple[list[AdapterRecord], str, int]:
+        """One page of records in id order, the next page's token and the total count."""
+        records, token = self.registry.list(page_size, page_token)
+        return records, token, self.registry.count()
+
+    def slot_snapshot(self) -> SlotSnapshot:
+        """Which adapters are in a device slot, and which are pinned, at one instant."""
+        return self.slots.snapshot()
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.num_slots
+
+    @property
+    def host_limits(self) -> tuple[int, int]:
+        """``(max entries, max bytes)`` of the host cache of parsed adapters."""
+        return self.host.max_entries, self.host.max_bytes
+
+    @property
+    def stats(self) -> StoreStats:
+        return StoreStats(self.host.stats, self.slots.stats, self.registry.count())
+
+    def observe_loads(self, callback) -> None:
+        """``callback(seconds)`` after each adapter materialized into a device slot."""
+        self.slots.observe_loads(callback)
 
     # -- registration ---------------------------------------------------------------
     def register(self, adapter_id: str, data: bytes, replace: bool = False) -> AdapterRecord:
@@ -130,6 +175,10 @@ class AdapterStore:
     def acquire(self, adapter_id: str) -> int:
         """A device slot holding the adapter (blocking on a cold load); pair with release."""
         return self.slots.acquire(adapter_id)
+
+    def try_acquire(self, adapter_id: str) -> int | None:
+        """``acquire`` when the adapter is already in a slot (never blocks), else None."""
+        return self.slots.try_acquire(adapter_id)
 
     def release(self, slot: int) -> None:
         self.slots.release(slot)

@@ -19,7 +19,6 @@ Prints a table: system, scenario, tok/s, ratio to nolaserve base only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from nolaserve.adapters.nola import NolaAdapter, random_nola
-from nolaserve.benchmarks.engine import TARGETS
+from nolaserve.benchmarks.engine import TARGETS, workload_parser
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_loader as ml
@@ -92,7 +91,7 @@ def bench_nolaserve(args, model, tokenizer, prompts, scenarios) -> tuple[list[Ro
             run_engine(engine, prompts, adapters, 1)
         tps, first[name] = run_engine(engine, prompts, adapters, args.max_tokens)
         rows.append(("nolaserve", name, tps))
-    stats = engine.store.slots.stats
+    stats = engine.store.stats.slots
     print(f"nolaserve slot pool: {stats.misses} loads, {stats.evictions} evictions, "
           f"{stats.materialize_seconds:.1f} s materializing")
     return rows, first
@@ -168,11 +167,7 @@ def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 48))
-    parser.add_argument("--registered", type=int, default=1000)
+    parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--peft-batch", type=int, default=64)
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)

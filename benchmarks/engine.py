@@ -38,13 +38,18 @@ def run_batch(engine: Engine, prompts: list[list[int]], adapters: list[str | Non
     return generated / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the engine workload, shared with ``benchmarks.compare``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 48))
     parser.add_argument("--registered", type=int, default=1000)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = workload_parser(__doc__.splitlines()[0]).parse_args()
     config = Config(registry_path=":memory:", num_slots=64, max_rank=8,
                     max_num_seqs=args.requests, max_num_batched_tokens=1024,
                     kv_cache_bytes=256 << 20)
@@ -80,7 +85,7 @@ def main() -> None:
     print(f"{'scenario':34s} {'tok/s':>8s} {'x base':>7s}")
     for name, tps in results.items():
         print(f"{name:34s} {tps:8.1f} {tps / base:7.2f}")
-    stats = engine.store.slots.stats
+    stats = engine.store.stats.slots
     print(f"slot pool: {stats.misses} loads, {stats.evictions} evictions, "
           f"{stats.materialize_seconds:.1f} s materializing")
 

@@ -154,7 +154,7 @@ def bench_memory(n: int, registry_kind: str) -> None:
         for i in range(n):
             store.parsed(f"nola-{i}")
         gc.collect()
-        loaded, entries = rss_bytes(), store.host.stats.entries
+        loaded, entries = rss_bytes(), store.stats.host.entries
         blob = len(make(0))
         print(f"\n{n:,} NOLA adapters (q+v, r=8, k=l=256; coefficients {coeff:,} B, file "
               f"{blob:,} B), registry {registry_kind}, registered in {seconds:.1f} s")
@@ -164,7 +164,7 @@ def bench_memory(n: int, registry_kind: str) -> None:
             print(f"  {what:30s}: RSS +{(rss - before) / 2**20:8.1f} MiB, "
                   f"{per:10,.0f} B/adapter = {per / coeff:5.3f}x coefficient bytes")
         print(f"  host cache entries after loading: {entries:,}")
-        store.registry.close()
+        store.close()
         del store
         gc.collect()
 
@@ -195,7 +195,7 @@ def bench_register_grpc(n: int) -> None:
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
-        engine.store.registry.close()
+        engine.store.close()
     times.sort()
     print(f"\nRegisterAdapter over gRPC (in-process server, SQLite WAL on disk, "
           f"synchronous=FULL), NOLA {len(blobs[0]):,} B: p50 {times[n // 2] * 1e3:.2f} ms, "

@@ -5,6 +5,7 @@
     nolaserve adapters register|list|show|delete|pin|unpin|import-peft|create-nola ...
     nolaserve rmm build BASIS_ID SOURCE_ID... --basis-size K
     nolaserve train-nola DATA.jsonl --out OUT.safetensors [--register ID] ...
+    nolaserve registry check PATH
     nolaserve info | health
 
 Exit codes: 0 ok, 1 a failed RPC (``CODE: message`` on stderr) or file error, 2 usage or
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import bench_cli, cli_adapters, cli_train
+from . import bench_cli, cli_adapters, cli_registry, cli_train
 from .cli_adapters import Connect, UsageError
 from .client import DEFAULT_TARGET, Client, NolaserveError
 
@@ -33,8 +34,9 @@ SERVE_FLAGS: dict[str, type] = {
     "max_num_batched_tokens": int, "block_size": int, "kv_cache_bytes": int,
     "max_prompt_tokens": int, "max_tokens_limit": int, "max_queued_requests": int,
     "max_message_bytes": int, "host": str, "port": int, "metrics_port": int,
-    "tls_cert": str, "tls_key": str, "grace_period_s": float,
-    "admin_token_file": str, "inference_token_file": str,
+    "http_port": int, "adapter_dirs": list, "tls_cert": str, "tls_key": str,
+    "grace_period_s": float,
+        "admin_token_file": str, "inference_token_file": str,
 }
 
 
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_serve(command("serve", _serve, "run the gRPC server"))
+    _add_serve(command("serve", _serve, "run the server (gRPC and the OpenAI HTTP API)"))
     _add_generate(command("generate", _generate, "generate text with the base model or an "
                                                  "adapter"))
     cli_adapters.add_commands(sub.add_parser("adapters", help="register and manage adapters")
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("basis_id", metavar="BASIS_ID")
     p.add_argument("source_ids", metavar="SOURCE_ID", nargs="+")
     p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K")
+    cli_registry.add_commands(sub.add_parser("registry", help="inspect a registry file")
+                              .add_subparsers(title="commands", metavar="COMMAND",
+                                              required=True), command)
     bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     cli_train.add_arguments(command("train-nola", cli_train.command, "train a NOLA adapter"))
     command("info", _info, "print the server's model and limits as JSON")

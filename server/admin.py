@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 
@@ -27,10 +26,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.store: AdapterStore = engine.store
 
     async def _info_of(self, adapter_id: str) -> admin_pb2.AdapterInfo:
-        return self._info(await asyncio.to_thread(self.store.registry.get, adapter_id))
+        return self._info(await asyncio.to_thread(self.store.get, adapter_id))
 
-    def _info(self, record: AdapterRecord) -> admin_pb2.AdapterInfo:
-        return convert.adapter_info(record, self.store.slots.table.is_pinned(record.id))
+    def _info(self, record: AdapterRecord,
+              pinned: frozenset[str] | None = None) -> admin_pb2.AdapterInfo:
+        pinned = self.store.slot_snapshot().pinned if pinned is None else pinned
+        return convert.adapter_info(record, record.id in pinned)
 
     @rpc
     async def RegisterAdapter(self, request: admin_pb2.RegisterAdapterRequest,
@@ -50,18 +51,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListAdapters(self, request: admin_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> admin_pb2.ListAdaptersResponse:
         """One page of adapters in id order, the next page's token and the total count."""
-        def page() -> tuple[list[AdapterRecord], str, int]:
-            records, token = self.store.registry.list(request.page_size, request.page_token)
-            return records, token, self.store.registry.count()
-
-        records, token, total = await asyncio.to_thread(page)
-        return admin_pb2.ListAdaptersResponse(adapters=[self._info(r) for r in records],
+        records, token, total = await asyncio.to_thread(
+            self.store.list_page, request.page_size, request.page_token)
+        pinned = self.store.slot_snapshot().pinned
+        return admin_pb2.ListAdaptersResponse(adapters=[self._info(r, pinned) for r in records],
                                               next_page_token=token, total=total)
 
     @rpc
     async def DeleteAdapter(self, request: admin_pb2.AdapterRef,
                             context: grpc.aio.ServicerContext) -> admin_pb2.DeleteAdapterResponse:
-        """Delete the adapter: in-flight requests finish with it, new ones get NOT_FOUND."""
+        """Delete the adapter. Requests already running on it (holding its slot) finish with its
+        weights; requests still waiting for it fail; new ones get NOT_FOUND."""
         await asyncio.to_thread(self.store.delete, request.adapter_id)
         return admin_pb2.DeleteAdapterResponse()
 
@@ -69,11 +69,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def PinAdapter(self, request: admin_pb2.AdapterRef,
                          context: grpc.aio.ServicerContext) -> admin_pb2.AdapterInfo:
         """Materialize the adapter into a device slot and keep it there until unpinned."""
-        cold = self.store.slots.table.ready_slot_of(request.adapter_id) is None
-        start = time.perf_counter()
-        await asyncio.to_thread(self.store.pin, request.adapter_id)
-        if cold:  # this pin loaded it: the same histogram as the engine's cold loads
-            self.metrics.materialize.observe(time.perf_counter() - start)
+        await asyncio.to_thread(self.store.pin, request.adapter_id)  # the pool times a load
         return await self._info_of(request.adapter_id)
 
     @rpc

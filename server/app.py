@@ -26,7 +26,9 @@ from .build import build_engine
 from .config import Config
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine
+from .generation import Generation
 from .metrics import Metrics
+from .openai_api import HttpServer, bind_http, http_server
 from .rpc import DecodeInterceptor, Gate
 from .service import InferenceServicer
 
@@ -49,12 +51,26 @@ class RunningServer:
     port: int
     metrics_port: int | None
     owns_engine: bool
+    http: HttpServer | None = None
     died: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # step thread ended
     _stopping: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI API's base URL (``.../v1``), or None when ``http_port`` is 0."""
+        if self.http is None:
+            return None
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        scheme = "https" if self.http.tls else "http"
+        return f"{scheme}://{host}:{self.http.port}/v1"
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain for up to ``grace`` seconds (default ``config.grace_period_s``), cancel
@@ -90,20 +106,25 @@ class RunningServer:
             log.warning("%d requests still running after %.1f s; cancelling them",
                         self.gate.in_flight, grace)
         await self.server.stop(0)  # cancels what is left: their engine requests abort
-        await asyncio.to_thread(self.engine.stop)
+        if self.http is not None:
+            await self.http.stop()
+        await asyncio.to_thread(self.engine.close if self.owns_engine else self.engine.stop)
         self.metrics.close()
-        if self.owns_engine:
-            self.engine.engine.admission.close()
-            if self.engine.engine.store is not None:
-                self.engine.engine.store.registry.close()
 
 
 async def start(config: Config, engine: Engine | None = None) -> RunningServer:
     """Build the engine (unless given), bind ``host:port`` (port 0 picks a free one), start
-    the services and, with ``metrics_port`` > 0, the metrics endpoint."""
+    the services and, with ``metrics_port`` > 0, the metrics endpoint; with ``http_port``
+    > 0 the OpenAI HTTP API (its port bound before the model loads)."""
     owns = engine is None
-    if engine is None:
-        engine = await asyncio.to_thread(build_engine, config)
+    http_sock = bind_http(config)
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, config)
+    except BaseException:
+        if http_sock is not None:
+            http_sock.close()
+        raise
     metrics = Metrics()
     metrics.bind(engine)
     gate, health_servicer = Gate(), health.aio.HealthServicer()
@@ -115,26 +136,33 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
     aengine = AsyncEngine(engine)
+    generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(aengine, metrics, gate), server)
+        InferenceServicer(generation, metrics, gate), server)
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(engine, config, metrics, gate), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    http = (http_server(config, generation, engine.store, engine.limits.max_model_len,
+                        metrics, gate, http_sock) if http_sock else None)
     try:
         port = _bind(server, config)
         await server.start()
         metrics_port = (metrics.serve_http(config.host, config.metrics_port)
                         if config.metrics_port else None)
+        if http is not None:
+            await http.start()
     except BaseException:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
         aengine.stop()
         raise
     for name in ("", INFERENCE, ADMIN):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
-                            metrics_port, owns)
+                            metrics_port, owns, http)
     running.watch_engine()
     return running
 
@@ -164,6 +192,8 @@ async def serve_async(config: Config, engine: Engine | None = None) -> int:
     metrics = f":{running.metrics_port}" if running.metrics_port else " off"
     log.info("started in %.1f s", time.perf_counter() - started)
     print(f"nolaserve listening on {running.address} (metrics{metrics})", flush=True)
+    if running.http_url is not None:
+        print(f"nolaserve OpenAI API on {running.http_url}", flush=True)
     try:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.died.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -42,7 +42,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
                          host_max_bytes=config.host_cache_bytes)
     text = model.config.get_text_config()
-    runner = ModelRunner(model, spec, store, _num_blocks(config, text, dtype),
+    runner = ModelRunner(model, spec, store.slots, _num_blocks(config, text, dtype),
                          config.block_size, device, dtype)
     admission = AdapterAdmission(store)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),

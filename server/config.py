@@ -44,6 +44,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090  # Prometheus text format over HTTP; 0 = off
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 = off
+    adapter_dirs: list[str] = field(default_factory=list)  # load_lora_adapter reads only here
     # Tokens: prefer the environment (NOLASERVE_ADMIN_TOKEN, NOLASERVE_INFERENCE_TOKEN) or a
     # file; a --admin-token flag is visible to every local user in /proc/<pid>/cmdline.
     admin_token: str = field(default="", repr=False)  # non-empty: Admin RPCs need a bearer
@@ -67,8 +69,9 @@ class Config:
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("config port and metrics_port must be in [0, 65535]")
+        for name in ("port", "metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"config {name} must be in [0, 65535]")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
         if not self.grace_period_s >= 0:

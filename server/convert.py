@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from nolaserve.adapters.errors import short
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.store import RmmResult
 from nolaserve.v1 import admin_pb2, inference_pb2
 
 from .config import Config
 from .engine.engine import Engine, RequestOutput
-from .engine.errors import InvalidRequestError, RequestTooLargeError
 from .engine.sequence import FinishReason, SamplingParams
+from .generation import ChatMessage, GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
-# A prompt longer than this many bytes per allowed token is refused before tokenizing:
-# real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
-PROMPT_BYTES_PER_TOKEN = 32
-# Tool roles ("tool", with tool_calls on assistant messages) join this list together with
-# tool-calling support; until then any other role is refused rather than rendered raw.
-CHAT_ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -43,46 +37,18 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def check_prompt_size(request: inference_pb2.GenerateRequest, max_prompt_tokens: int) -> None:
-    """``RequestTooLargeError`` unless the prompt (or all chat messages) is at most
-    ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of UTF-8: checked before any
-    tokenizing, which costs memory and CPU in proportion to the text."""
-    limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
-    if request.WhichOneof("input") == "messages":
-        texts = [t for m in request.messages.messages for t in (m.role, m.content)]
-    else:
-        texts = [request.prompt]
-    chars = sum(len(t) for t in texts)
-    if chars > limit or (4 * chars > limit and sum(len(t.encode()) for t in texts) > limit):
-        raise RequestTooLargeError(
-            f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
-            f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
-
-
-def prompt_token_ids(tokenizer, request: inference_pb2.GenerateRequest) -> list[int]:
-    """Tokenize ``prompt``, or render ``messages`` with the chat template (generation
-    prompt added) and tokenize that. Raises ``InvalidRequestError`` on a bad input.
-    Call ``check_prompt_size`` first."""
+def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
+    """The front-end-neutral request: ``adapter_id`` names the model (see
+    ``generation.resolve_adapter``), ``prompt`` or chat ``messages`` the input."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("set either prompt or messages in the GenerateRequest")
-    if tokenizer is None:
-        raise InvalidRequestError("this engine has no tokenizer; it cannot take text input")
-    if which == "prompt":
-        return list(tokenizer(request.prompt)["input_ids"])
-    messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-    if not messages:
-        raise InvalidRequestError("messages is empty: send at least one chat message")
-    for m in messages:
-        if m["role"] not in CHAT_ROLES:
-            raise InvalidRequestError(
-                f"chat role {short(m['role'])} is not supported: use one of "
-                f"{', '.join(CHAT_ROLES)}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("the model's tokenizer has no chat template: send a "
-                                  "plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    messages = None
+    if which == "messages":
+        messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+    return GenerateRequest(model=request.adapter_id,
+                           prompt=request.prompt if which == "prompt" else None,
+                           messages=messages, params=sampling_params(request.sampling))
 
 
 def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.GenerateResponse:
@@ -118,14 +84,14 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
     runner, limits = engine.runner, engine.limits
     spec = runner.spec
     store = engine.store
+    host_entries, host_bytes = store.host_limits if store else (0, 0)
     return admin_pb2.ServerInfo(
         base_model=spec.name, dtype=str(runner.kv_cache.k.dtype).removeprefix("torch."),
         device=str(runner.device), num_layers=spec.num_layers,
         target_modules=[admin_pb2.ModuleShape(name=n, in_features=i, out_features=o)
                         for n, (i, o) in sorted(spec.module_shapes.items())],
-        max_rank=spec.max_rank, num_slots=store.slots.num_slots if store else 0,
-        host_cache_entries=store.host.max_entries if store else 0,
-        host_cache_bytes=store.host.max_bytes if store else 0,
+        max_rank=spec.max_rank, num_slots=store.num_slots if store else 0,
+        host_cache_entries=host_entries, host_cache_bytes=host_bytes,
         max_prompt_tokens=min(limits.max_prompt_tokens, limits.max_model_len - 1),
         max_tokens_limit=limits.max_tokens_limit,
         max_queued_requests=limits.max_queued_requests,

@@ -2,23 +2,25 @@
 can share a process). Names start with ``nolaserve_``; no label carries an adapter id.
 
 Recorded where the work happens: request counts and latencies by the RPC layer
-(``count_request``, ``RequestTimer``), batch shape by the engine step (``observe_step``,
-set as ``Engine.step_observer``), cold adapter loads by the admission worker
-(``AdapterAdmission.on_materialize``). State (queues, KV blocks, slots, caches, registry)
-is read at scrape time by ``EngineCollector``.
+(``count_request``, ``RequestTimer``), batch shape by the engine step and adapter loads by
+the slot pool that does them (``observe_step`` and ``materialize.observe``, passed to
+``Engine.observe``). State (queues, KV blocks, slots, caches, registry) is read at scrape
+time by ``EngineCollector`` from ``Engine.stats``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from nolaserve.adapters.store import StoreStats
 
 from .engine.engine import Engine, RequestOutput, StepStats
 
@@ -62,8 +64,7 @@ class Metrics:
 
     def bind(self, engine: Engine) -> None:
         """Observe ``engine``: per-step stats, cold loads and scrape-time state."""
-        engine.step_observer = self.observe_step
-        engine.admission.on_materialize = self.materialize.observe
+        engine.observe(on_step=self.observe_step, on_load=self.materialize.observe)
         self.registry.register(EngineCollector(engine))
 
     def observe_step(self, stats: StepStats) -> None:
@@ -120,21 +121,22 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        sched = self.engine.scheduler
-        bm = sched.block_manager
-        yield _gauge("nolaserve_requests_running", "Requests holding KV blocks",
-                     sched.num_running)
+        stats = self.engine.stats
+        yield _gauge("nolaserve_requests_running", "Requests holding KV blocks", stats.running)
         yield _gauge("nolaserve_requests_waiting", "Requests waiting to be scheduled",
-                     sched.num_waiting)
+                     stats.waiting)
         yield _gauge("nolaserve_kv_cache_blocks_used", "KV-cache blocks in use",
-                     bm.num_blocks - bm.num_free_blocks)
-        yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", bm.num_blocks)
-        store = self.engine.store
-        if store is not None:
-            yield from self._store_metrics(store)
+                     stats.kv_blocks_used)
+        yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
+        if stats.store is not None:
+            yield from self._store_metrics(stats.store)
+            yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
+                                     stats.store.slots.slots_total)
+        yield from router_gauges(stats.waiting, stats.running,
+                                 stats.kv_blocks_used / stats.kv_blocks_total)
 
-    def _store_metrics(self, store) -> Iterator[Metric]:
-        host, pool = store.host.stats, store.slots.stats
+    def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
+        host, pool = store.host, store.slots
         counters = {"hits": (host.hits, pool.hits), "misses": (host.misses, pool.misses),
                     "evictions": (host.evictions, pool.evictions)}
         for what, (host_n, slot_n) in counters.items():
@@ -153,7 +155,43 @@ class EngineCollector(Collector):
         yield _gauge("nolaserve_host_cache_entries", "Parsed adapters in host memory",
                      host.entries)
         yield _gauge("nolaserve_adapters_registered", "Adapters in the registry",
-                     store.registry.count())
+                     store.registered)
+
+
+def lora_requests_info(running: Sequence[str], waiting: Sequence[str], max_lora: int
+                       ) -> GaugeMetricFamily:
+    """vLLM's ``vllm:lora_requests_info``, which LoRA-affinity routers (the Gateway API
+    Inference Extension's endpoint picker, llm-d, KServe) read: one sample whose labels are
+    ``max_lora`` (adapters the device holds at once: ``num_slots``) and the comma-separated
+    ids of adapters with running and with waiting requests, each capped at ``max_lora`` ids
+    and ``LORA_LABEL_CHARS`` characters; its value is the time of the scrape, as in vLLM."""
+    family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                               labels=["max_lora", "running_lora_adapters",
+                                       "waiting_lora_adapters"])
+    family.add_metric([str(max_lora), _adapter_list(running, max_lora),
+                       _adapter_list(waiting, max_lora)], time.time())
+    return family
+
+
+LORA_LABEL_CHARS = 4096
+
+
+def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:
+    """The vLLM series that the Gateway API Inference Extension's endpoint picker scores
+    replicas by (queue length and KV-cache use, a fraction in [0, 1]); the KV one under its
+    older and its newer name."""
+    yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed", waiting)
+    yield _gauge("vllm:num_requests_running", "Requests running on the device", running)
+    for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+        yield _gauge(name, "KV-cache usage; 1 means 100 percent usage", kv_usage)
+
+
+def _adapter_list(adapter_ids: Sequence[str], cap: int) -> str:
+    ids = list(dict.fromkeys(adapter_ids))[:cap]
+    text = ",".join(ids)
+    if len(text) > LORA_LABEL_CHARS:
+        text = text[:LORA_LABEL_CHARS].rpartition(",")[0]
+    return text
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -11,6 +11,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from nolaserve.adapters.errors import ServerDrainingError, ServingError
+
 from .metrics import Metrics
 
 log = logging.getLogger("nolaserve.server")
@@ -18,27 +20,12 @@ T = TypeVar("T")
 MAX_DETAILS = 1024  # status details longer than this are cut (gRPC metadata has limits)
 
 
-class ServerDrainingError(Exception):
-    """The server got SIGTERM and takes no new requests (UNAVAILABLE)."""
-
-    grpc_code = "UNAVAILABLE"
-
-
-class RequestFailedError(Exception):
-    """The engine finished a request with an error, e.g. its adapter failed to load."""
-
-    def __init__(self, message: str, grpc_code: str = "FAILED_PRECONDITION"):
-        super().__init__(message)
-        self.grpc_code = grpc_code
-
-
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message of a failed RPC: a typed error's ``grpc_code``, a
+    """The status code and message of a failed RPC: a ``ServingError``'s ``grpc_code``, a
     ``ValueError`` (bad config or request value) is INVALID_ARGUMENT, anything else
     INTERNAL (and logged with its traceback). Messages are cut to ``MAX_DETAILS`` chars."""
-    code_name = getattr(error, "grpc_code", None)
-    if isinstance(code_name, str) and code_name in grpc.StatusCode.__members__:
-        return grpc.StatusCode[code_name], _cut(str(error))
+    if isinstance(error, ServingError) and error.grpc_code in grpc.StatusCode.__members__:
+        return grpc.StatusCode[error.grpc_code], _cut(str(error))
     if isinstance(error, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, _cut(str(error))
     log.exception("unexpected error in an RPC", exc_info=error)

@@ -1,9 +1,8 @@
-"""The Inference service: proto in, ``AsyncEngine.generate`` out. Closing the engine's
+"""The Inference service: proto in, ``Generation.outputs`` out. Closing the engine's
 iterator (the RPC was cancelled or its deadline passed) aborts the engine request."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -11,22 +10,21 @@ from contextlib import aclosing
 
 import grpc
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
-from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
-from .engine.errors import InvalidRequestError
-from .engine.sequence import FinishReason
+from .generation import Generation
 from .metrics import Metrics
-from .rpc import Gate, RequestFailedError, rpc
+from .rpc import Gate, rpc
 
 MAX_REQUEST_ID_BYTES = 128
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, gate: Gate) -> None:
-        self.engine, self.metrics, self.gate = engine, metrics, gate
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate) -> None:
+        self.generation, self.metrics, self.gate = generation, metrics, gate
 
     @rpc
     async def Generate(self, request: inference_pb2.GenerateRequest,
@@ -53,24 +51,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for out in outputs:
                 await context.write(convert.generate_response(request_id, out))
 
-    async def _outputs(self, request: inference_pb2.GenerateRequest
-                       ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for ``request``; an engine-side failure raises."""
-        timer = self.metrics.request_timer()
-        tokenizer, limits = self.engine.engine.tokenizer, self.engine.engine.limits
-        convert.check_prompt_size(request, min(limits.max_prompt_tokens,
-                                               limits.max_model_len - 1))
-        prompt = await asyncio.to_thread(convert.prompt_token_ids, tokenizer, request)
-        params = convert.sampling_params(request.sampling)
-        # The engine's id is its own: a client's request_id is only echoed back, so two
-        # clients choosing the same id never meet.
-        outputs = self.engine.generate(prompt, params, request.adapter_id or None)
-        async with aclosing(outputs):
-            async for out in outputs:
-                if out.finish_reason is FinishReason.ERROR:
-                    raise _failure(out)
-                timer.observe(out)
-                yield out
+    def _outputs(self, request: inference_pb2.GenerateRequest,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.generation.outputs(convert.generate_request(request), request_id)
 
 
 def _request_id(request: inference_pb2.GenerateRequest) -> str:
@@ -80,10 +63,3 @@ def _request_id(request: inference_pb2.GenerateRequest) -> str:
         raise InvalidRequestError(f"request_id is {len(request.request_id.encode())} bytes; "
                                   f"the limit is {MAX_REQUEST_ID_BYTES}")
     return request.request_id or uuid.uuid4().hex
-
-
-def _failure(out: RequestOutput) -> RequestFailedError:
-    error = out.error or "unknown engine error"
-    if out.error_code == "INTERNAL":
-        return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
-    return RequestFailedError(f"the request failed: {error}", out.error_code)

@@ -31,7 +31,8 @@ class Client:
 async def serving(engine: Engine, credentials: grpc.ChannelCredentials | None = None,
                   **config) -> AsyncIterator[Client]:
     """A server for ``engine`` on a free port of 127.0.0.1 and a channel to it."""
-    cfg = Config(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config})
+    cfg = Config(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0,
+                    **config})
     running = await start(cfg, engine)
     target = f"127.0.0.1:{running.port}"
     channel = (grpc.aio.secure_channel(target, credentials) if credentials

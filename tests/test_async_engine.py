@@ -7,11 +7,11 @@ import pytest
 from conftest import tiny_llama
 from engine_helpers import greedy, hf_greedy, make_engine, run
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.async_engine import AsyncEngine
-from nolaserve.server.engine.errors import InvalidRequestError
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams
 
 

@@ -4,6 +4,7 @@ INVALID_ARGUMENT, auth before decoding, client cancels counted as CANCELLED, cha
 checked; tokens from the environment or a file, never shown."""
 
 import asyncio
+import copy
 import json
 import struct
 
@@ -16,7 +17,7 @@ from server_helpers import expect_code, request, serving, slow_down, wait_idle
 from nolaserve.adapters.errors import InvalidAdapterError
 from nolaserve.server.auth import _denying
 from nolaserve.server.config import Config
-from nolaserve.server.convert import PROMPT_BYTES_PER_TOKEN
+from nolaserve.server.generation import PROMPT_BYTES_PER_TOKEN
 from nolaserve.v1 import admin_pb2, inference_pb2
 
 Code = grpc.StatusCode
@@ -53,10 +54,17 @@ def chat(*pairs: tuple[str, str], **sampling) -> inference_pb2.GenerateRequest:
     return req
 
 
+def with_template(tokenizer):
+    """A copy of the session tokenizer with a chat template (the fixture stays as it is)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def test_prompts_are_bounded_before_tokenizing(model, bytebpe):
-    bytebpe.chat_template = CHAT_TEMPLATE
-    engine = make_engine(model, bytebpe, max_prompt_tokens=64)
-    tokenizer = engine.tokenizer = CountingTokenizer(bytebpe)
+    chat_tok = with_template(bytebpe)
+    engine = make_engine(model, chat_tok, max_prompt_tokens=64)
+    tokenizer = engine.tokenizer = CountingTokenizer(chat_tok)
     limit = PROMPT_BYTES_PER_TOKEN * 64
 
     async def main():
@@ -164,8 +172,7 @@ def test_client_cancel_is_counted_as_cancelled(model, bytebpe):
 
 
 def test_chat_roles_are_checked(model, bytebpe):
-    bytebpe.chat_template = CHAT_TEMPLATE
-    engine = make_engine(model, bytebpe)
+    engine = make_engine(model, with_template(bytebpe))
 
     async def main():
         async with serving(engine) as c:

@@ -19,49 +19,57 @@ class Blob:
     nbytes: int
 
 
-def test_get_put_and_stats():
+def load(c: HostCache, key: str, obj) -> bool:
+    """``obj`` loaded under ``key`` (after ``pop``, as ``AdapterStore`` replaces one);
+    whether the cache kept it."""
+    c.pop(key)
+    assert c.get_or_load(key, lambda _: obj) is obj
+    return key in c
+
+
+def test_get_load_and_stats():
     c = HostCache()
     assert c.get("a") is None
     a = Blob("a", 10)
-    assert c.put("a", a) is True
+    assert load(c, "a", a) is True  # a miss too
     assert c.get("a") is a and "a" in c and len(c) == 1
-    assert c.stats == CacheStats(hits=1, misses=1, evictions=0, entries=1, bytes=10)
+    assert c.stats == CacheStats(hits=1, misses=2, evictions=0, entries=1, bytes=10)
 
 
 def test_evicts_least_recently_used_by_count():
     c = HostCache(max_entries=3)
     for k in "abc":
-        c.put(k, Blob(k, 1))
+        load(c, k, Blob(k, 1))
     c.get("a")  # order now b, c, a
-    c.put("d", Blob("d", 1))
+    load(c, "d", Blob("d", 1))
     assert "b" not in c and all(k in c for k in "acd")
-    c.put("c", Blob("c2", 1))  # replacing refreshes: order a, d, c
-    c.put("e", Blob("e", 1))
-    c.put("f", Blob("f", 1))
+    load(c, "c", Blob("c2", 1))  # replacing refreshes: order a, d, c
+    load(c, "e", Blob("e", 1))
+    load(c, "f", Blob("f", 1))
     assert sorted(c._entries) == ["c", "e", "f"]
     assert c.stats.evictions == 3 and c.stats.entries == 3
 
 
 def test_byte_capacity():
     c = HostCache(max_bytes=100)
-    c.put("a", Blob("a", 40))
-    c.put("b", Blob("b", 40))
-    c.put("c", Blob("c", 30))  # 110 > 100: a goes
+    load(c, "a", Blob("a", 40))
+    load(c, "b", Blob("b", 40))
+    load(c, "c", Blob("c", 30))  # 110 > 100: a goes
     assert "a" not in c and c.stats.bytes == 70
-    c.put("b", Blob("b", 60))  # replace updates the byte count: 60 + 30
+    load(c, "b", Blob("b", 60))  # replace updates the byte count: 60 + 30
     assert c.stats.bytes == 90 and c.stats.entries == 2
     big = Blob("big", 101)
-    assert c.put("big", big) is False  # too large alone: not cached, nothing evicted
+    assert load(c, "big", big) is False  # too large alone: not cached, nothing evicted
     assert "big" not in c and c.stats.bytes == 90 and c.stats.evictions == 1
     assert c.get_or_load("big", lambda _: big) is big and "big" not in c
-    c.put("b", Blob("b", 101))  # an oversized replacement drops the old entry too
+    load(c, "b", Blob("b", 101))  # an oversized replacement drops the old entry too
     assert "b" not in c and c.stats.bytes == 30
 
 
 def test_pop():
     c = HostCache()
     a = Blob("a", 5)
-    c.put("a", a)
+    load(c, "a", a)
     assert c.pop("a") is a and c.pop("a") is None
     assert c.stats.entries == 0 and c.stats.bytes == 0
 
@@ -69,10 +77,10 @@ def test_pop():
 def test_takes_nbytes_from_the_object():
     f = AdapterFactors({(0, "q"): ModuleFactors(torch.zeros(4, 8), torch.zeros(8, 4), 1.0)})
     c = HostCache()
-    c.put("f", f)
+    load(c, "f", f)
     assert c.stats.bytes == f.nbytes == 256
     with pytest.raises(TypeError, match="nbytes"):
-        c.put("x", object())
+        load(c, "x", object())
     with pytest.raises(ValueError):
         HostCache(max_entries=0)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.server.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
-from nolaserve.server.engine.errors import InvalidRequestError
 
 MULTIBYTE = "aé中文字😀🎉こんにちは 🇫🇷 naïve\n."
 TEXT = st.text(alphabet=st.sampled_from(MULTIBYTE) | st.characters(codec="utf-8"), max_size=40)
@@ -46,7 +46,7 @@ def tokenizer(request):
 
 def stream(tok, ids, stop=(), chunks=None, skip_special_tokens=True):
     """Feed ``ids`` in ``chunks`` (sizes, cycled; default 1); flush unless stopped."""
-    detok = IncrementalDetokenizer(tok, [1, 2, 3], list(stop), skip_special_tokens)
+    detok = IncrementalDetokenizer(tok, list(stop), skip_special_tokens)
     sizes, pieces, i, j = chunks or [1], [], 0, 0
     while i < len(ids):
         n = sizes[j % len(sizes)]
@@ -118,7 +118,7 @@ def test_split_character_is_held_until_complete(bytebpe):
     ids = bytebpe.encode("a😀", add_special_tokens=False)
     raw = [bytebpe.encode(ch, add_special_tokens=False) for ch in "a😀"]
     assert len(raw[1]) > 1, "the emoji must span tokens for this test to mean anything"
-    detok = IncrementalDetokenizer(bytebpe, [], [])
+    detok = IncrementalDetokenizer(bytebpe, [])
     pieces = [detok.add([i]) for i in ids]
     assert pieces[0] == "a"
     assert pieces[1:-1] == [""] * (len(ids) - 2)
@@ -128,7 +128,7 @@ def test_split_character_is_held_until_complete(bytebpe):
 
 def test_smollm2_emoji_split_across_tokens(smollm2):
     ids = smollm2.encode("ok 😀 中文字", add_special_tokens=False)
-    detok = IncrementalDetokenizer(smollm2, [], [])
+    detok = IncrementalDetokenizer(smollm2, [])
     pieces = [detok.add([i]) for i in ids]
     assert detok.text == "ok 😀 中文字"
     assert detok.flush() == ""
@@ -170,7 +170,7 @@ def test_stop_strings(smollm2, stop, expected):
 def test_stop_prefix_is_held_then_released(smollm2):
     ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
     words = [smollm2.decode([i]) for i in ids]
-    detok = IncrementalDetokenizer(smollm2, [], ["the end!"])
+    detok = IncrementalDetokenizer(smollm2, ["the end!"])
     texts = []
     for i in ids:
         detok.add([i])
@@ -185,7 +185,7 @@ def test_stop_prefix_is_held_then_released(smollm2):
 
 def test_flush_releases_held_text_and_ignores_later_calls(smollm2):
     ids = smollm2.encode("say STO", add_special_tokens=False)
-    detok = IncrementalDetokenizer(smollm2, [], ["STOP"])
+    detok = IncrementalDetokenizer(smollm2, ["STOP"])
     assert "".join(detok.add([i]) for i in ids) == "say "
     assert detok.flush() == "STO"
     assert detok.text == "say STO"
@@ -194,7 +194,7 @@ def test_flush_releases_held_text_and_ignores_later_calls(smollm2):
 
 
 def test_tokens_after_stop_are_ignored(smollm2):
-    detok = IncrementalDetokenizer(smollm2, [], ["STOP"])
+    detok = IncrementalDetokenizer(smollm2, ["STOP"])
     assert detok.add(smollm2.encode("a STOP b", add_special_tokens=False)) == "a "
     assert detok.stopped
     assert detok.add(smollm2.encode(" more", add_special_tokens=False)) == ""
@@ -220,4 +220,4 @@ def test_stop_truncates_at_first_occurrence(tokenizer, data, text, chunks):
 
 def test_empty_stop_string_is_rejected(bytebpe):
     with pytest.raises(InvalidRequestError, match="non-empty"):
-        IncrementalDetokenizer(bytebpe, [], ["ok", ""])
+        IncrementalDetokenizer(bytebpe, ["ok", ""])

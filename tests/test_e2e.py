@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 from server_helpers import free_port
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,7 +31,8 @@ def server(tmp_path_factory, smollm2):
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nolaserve.clients.cli", "serve", "--port", str(port),
-         "--metrics-port", str(mport), "--registry-path", str(tmp / "registry.db"),
+         "--metrics-port", str(mport), "--http-port", "0",
+         "--registry-path", str(tmp / "registry.db"),
          "--admin-token", TOKEN, "--num-slots", "8", "--max-rank", "8",
          "--target-modules", "self_attn.q_proj", "self_attn.v_proj",
          "--kv-cache-bytes", str(256 << 20), "--grace-period-s", "60"],
@@ -51,15 +53,18 @@ def admin(target: str, *args: str) -> int:
     return cli.main(["--target", target, "--admin-token", TOKEN, *args])
 
 
-def peft_lora_dir(tmp, info):
-    """A peft LoRA (random non-zero B) on a model with the server's q/v shapes."""
+def peft_lora_dir(tmp, info, lora_alpha: float = 4, seed: int = 0):
+    """A peft LoRA (random non-zero B, from ``seed``) on a model with the server's q/v
+    shapes."""
+    torch.manual_seed(seed)
     shapes = {m.name: (m.in_features, m.out_features) for m in info.target_modules}
     hidden, kv = shapes["self_attn.q_proj"][0], shapes["self_attn.v_proj"][1]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=64, vocab_size=64,
                          num_hidden_layers=info.num_layers, num_attention_heads=9,
                          num_key_value_heads=9 * kv // hidden)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
-        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        r=4, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False))
     model.save_pretrained(tmp / "peft")
     return tmp / "peft"
 

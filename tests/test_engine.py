@@ -10,10 +10,14 @@ from conftest import tiny_llama
 from engine_helpers import assert_same_or_tie, greedy, hf_greedy, make_engine, run
 from peft import LoraConfig, get_peft_model
 
-from nolaserve.adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
+from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    InvalidRequestError,
+    RequestTooLargeError,
+)
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.peft_import import import_peft
-from nolaserve.server.engine.errors import InvalidRequestError, RequestTooLargeError
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams
 
 VOCAB = 300

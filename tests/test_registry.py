@@ -261,3 +261,22 @@ def test_acknowledged_registrations_survive_sigkill(tmp_path):
     assert len(stored) == len(bases) * 4 + sum(i.startswith("a-") for i in stored)
     with Registry(db) as r:
         assert r.verify() == [] and r.count() == len(rows)
+
+
+def test_registry_check_command_verifies_every_row(tmp_path, capsys):
+    from nolaserve.clients.cli import main
+
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register_many(_basis_and_tasks("b", 2))
+        r.register("x", "nola", b"\x01" * 100)
+    assert main(["registry", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 adapters (nola 1, rmm-basis 1, rmm-task 2)" in out and out.endswith("ok\n")
+    with sqlite3.connect(path) as conn:  # one flipped byte in a stored file
+        conn.execute("UPDATE adapters SET data = ? WHERE id = 'x'", (b"\x02" + b"\x01" * 99,))
+    assert main(["registry", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "adapter 'x': stored bytes do not match their size or sha256" in out
+    assert main(["registry", "check", str(tmp_path / "missing.db")]) == 1
+    assert not (tmp_path / "missing.db").exists()  # checking never creates a registry

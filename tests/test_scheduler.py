@@ -229,13 +229,13 @@ def test_abort_frees_blocks_immediately():
     sched.schedule()
     sched.add(wait)
     assert sched.block_manager.num_free_blocks == 5
-    sched.abort(run)
+    sched.finish(run, FinishReason.CANCELLED)
     assert sched.block_manager.num_free_blocks == 8 and run.block_table == []
     assert run.is_finished and run.finish_reason is FinishReason.CANCELLED
-    sched.abort(wait)
-    sched.abort(wait)  # idempotent
+    sched.finish(wait, FinishReason.CANCELLED)
+    sched.finish(wait, FinishReason.CANCELLED)  # idempotent
     assert sched.num_waiting == 0 and sched.num_running == 0 and not sched.has_unfinished()
-    assert sched.schedule().is_empty
+    assert not sched.schedule().scheduled
 
 
 def test_never_fitting_request_errors():
@@ -320,7 +320,7 @@ def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, b
         if rng.random() < 0.05:
             live = [s for t, s in pending if t <= step_no and not s.is_finished]
             if live:
-                sched.abort(rng.choice(live))
+                sched.finish(rng.choice(live), FinishReason.CANCELLED)
     else:
         pytest.fail("requests never drained")
     assert sched.block_manager.num_free_blocks == num_blocks

@@ -28,7 +28,7 @@ def write_config(tmp_path, bytebpe) -> str:
     bytebpe.save_pretrained(model_dir)
     config = dict(model=str(model_dir), device="cpu", dtype="float32",
                   cache_dir=str(tmp_path / "cache"), registry_path=":memory:", num_slots=2,
-                  max_rank=8, kv_cache_bytes=4 << 20, port=0, metrics_port=0,
+                  max_rank=8, kv_cache_bytes=4 << 20, port=0, metrics_port=0, http_port=0,
                   grace_period_s=30.0)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

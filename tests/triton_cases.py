@@ -23,7 +23,8 @@ from nolaserve.adapters.ops import (
     choose_multi_backend,
     reference,
 )
-from nolaserve.adapters.ops.triton_lora import MAX_FUSED_RANK, sgmv
+from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
+from nolaserve.adapters.ops.triton_lora import sgmv
 from nolaserve.adapters.ops.triton_multi import sgmv_multi
 from nolaserve.adapters.spec import BaseModelSpec
 

@@ -1,8 +1,10 @@
 """``LoraBatch``: which adapter slot each token of one engine step uses.
 
-Built once per step from the token -> slot tensor and shared by every layer's
-``add_lora`` call, so the sort, the scan for out-of-range slots and the host sync
-for segment boundaries happen once per step, not once per linear.
+Built once per step from the token -> adapter slot tensor and shared by every layer's
+``add_lora`` call, so the sort, the scan for out-of-range slots and the host syncs
+happen once per step, not once per linear. ``from_token_slot`` syncs six times (the
+min and the max, the count of ``-1`` tokens, the identity-order test, the segment slots
+and their lengths); the kernels then launch without another.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ adding zero, which would turn ``-0.0`` into ``0.0`` and ``NaN`` inputs into outp
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .batch import LoraBatch
 
@@ -20,7 +21,10 @@ def reference(
     scale: torch.Tensor,  # [S]
     batch: LoraBatch,
 ) -> torch.Tensor:
-    """Ground truth: a per-token loop in fp32, rounded once into ``y``'s dtype."""
+    """Ground truth: a per-token loop in fp32, rounded once into ``y``'s dtype.
+
+    Every backend (``segment`` and ``gather_bmm`` below, ``triton_lora.sgmv``) takes these
+    arguments with these shapes and gives these values."""
     for t, s in enumerate(batch.token_slot.tolist()):
         if s < 0:
             continue
@@ -30,14 +34,7 @@ def reference(
     return y
 
 
-def segment(
-    y: torch.Tensor,  # [T, out]
-    x: torch.Tensor,  # [T, in]
-    A: torch.Tensor,  # [S, r_max, in]
-    B: torch.Tensor,  # [S, out, r_max]
-    scale: torch.Tensor,  # [S]
-    batch: LoraBatch,
-) -> torch.Tensor:
+def segment(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, batch: LoraBatch) -> Tensor:
     """Tokens grouped by slot (``batch`` sorted them once), then two matmuls per distinct
     slot over that slot's tokens and one scatter back. The Python loop costs a fixed
     ~20 us per distinct slot on CPU; the matmuls use every token of a slot at once.
@@ -62,14 +59,8 @@ def segment(
     return y.index_add_(0, rows, delta)
 
 
-def gather_bmm(
-    y: torch.Tensor,  # [T, out]
-    x: torch.Tensor,  # [T, in]
-    A: torch.Tensor,  # [S, r_max, in]
-    B: torch.Tensor,  # [S, out, r_max]
-    scale: torch.Tensor,  # [S]
-    batch: LoraBatch,
-) -> torch.Tensor:
+def gather_bmm(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+               batch: LoraBatch) -> Tensor:
     """Gather each token's factors and run two batched matvecs; no Python loop, but it
     copies ``T_a * r_max * (in + out)`` weights. Computes in ``x``'s dtype.
 

@@ -4,12 +4,11 @@ below both kernels, so neither reaches into the other's private names."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..gpu import sm_count, triton_interpreted
 from .batch import LoraBatch
 from .checks import check_lora_args
 
@@ -17,7 +16,7 @@ MAX_FUSED_RANK = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_K = 64  # input columns per shrink step
 BLOCK_O = 64  # output columns per expand step
-TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132 SMs): enough to fill the GPU
+PROGRAMS_PER_SM = 4  # programs the grid aims at per SM of the device: enough to fill it
 
 
 def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
@@ -26,7 +25,7 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
     check_lora_args(y, x, A, B, scale, batch)
     if x.dtype not in DTYPES:
         raise ValueError(f"the Triton backend takes fp16, bf16 or fp32, got {x.dtype}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"the Triton backend needs CUDA tensors, got {x.device}")
     for name, t in (("sorted_tokens", batch.sorted_tokens), ("seg_slot_index",
                                                               batch.seg_slot_index)):
@@ -36,15 +35,17 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
         raise ValueError("scale must be contiguous")
 
 
-def blocks(batch: LoraBatch, d_out: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only."""
+def blocks(batch: LoraBatch, d_out: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only: the
+    output is cut into as few chunks as fill ``PROGRAMS_PER_SM`` programs per SM."""
     starts = batch.seg_starts
     longest = max(b - a for a, b in zip(starts, starts[1:]))
     block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
     tiles = triton.cdiv(longest, block_t)
     busy = sum(triton.cdiv(b - a, block_t) for a, b in zip(starts, starts[1:]))
     out_tiles = triton.cdiv(d_out, BLOCK_O)
-    chunks = max(1, min(out_tiles, TARGET_PROGRAMS // busy))  # fewer chunks: less recompute
+    target = PROGRAMS_PER_SM * sm_count(device)
+    chunks = max(1, min(out_tiles, target // busy))  # fewer chunks: less recompute
     return block_t, tiles, triton.cdiv(out_tiles, chunks) * BLOCK_O
 
 
@@ -71,3 +72,50 @@ def expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
         m = row_ok[:, None] & o_ok[None, :]
         yt = tl.load(ptr, mask=m)
         tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+def segment_starts(batch: LoraBatch) -> torch.Tensor:
+    """``[N]`` start of each segment in ``batch.sorted_tokens``, computed on the device:
+    the launchers pass it to the kernels without a host sync."""
+    return torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
+
+
+@triton.jit
+def segment_tile(tokens, seg_slots, seg_starts, num_segments, num_active,
+                 BLOCK_T: tl.constexpr):
+    """Every SGMV kernel's prologue: program ``(seg, tile, ...)`` takes rows
+    ``sorted_tokens[t0 : t0 + BLOCK_T]`` of segment ``seg``, clipped to the segment.
+
+    Returns ``(slot, tok, row_ok, busy)``: the segment's slot, the ``[BLOCK_T]`` token
+    indices of the rows, which rows are real, and whether the tile holds any row (a
+    segment shorter than the longest has idle tiles)."""
+    seg = tl.program_id(0)
+    start = tl.load(seg_starts + seg)
+    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
+    t0 = start + tl.program_id(1) * BLOCK_T
+    slot = tl.load(seg_slots + seg)
+    rows = t0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < end
+    tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
+    return slot, tok, row_ok, t0 < end
+
+
+@triton.jit
+def x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K: tl.constexpr):
+    """``(xt, k, k_ok)``: the ``[BLOCK_T, BLOCK_K]`` tile ``x[tok, k0 : k0 + BLOCK_K]``
+    (zeros outside the rows and columns), its column indices and which are real."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < d_in
+    xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return xt, k, k_ok
+
+
+@triton.jit
+def shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
+           BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+    """``v += xt @ A[slot, :, k].T`` for one ``[BLOCK_T, BLOCK_K]`` tile ``xt`` of ``x``."""
+    r = tl.arange(0, BLOCK_R)
+    at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
+                 mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+    return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)

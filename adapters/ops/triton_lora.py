@@ -21,17 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from . import triton_common as tc
 from .batch import LoraBatch
 from .torch_lora import segment
-from .triton_common import (
-    BLOCK_K,
-    BLOCK_O,
-    MAX_FUSED_RANK,
-    blocks,
-    check_triton_args,
-    expand,
-)
+from .triton_common import expand, segment_tile, shrink, x_tile
 
 
 @triton.jit
@@ -51,60 +46,38 @@ def _sgmv_kernel(
     ``v`` is rounded to ``x``'s dtype before the expand for fp16/bf16 (tensor cores);
     fp32 uses IEEE fp32 dots (no TF32).
     """
-    seg = tl.program_id(0)
-    start = tl.load(seg_starts + seg)
-    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
-    t0 = start + tl.program_id(1) * BLOCK_T
-    if t0 < end:
-        slot = tl.load(seg_slots + seg)
-        rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < end
-        tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < r_max
-        kk = tl.arange(0, BLOCK_K)
+    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, num_segments,
+                                           num_active, BLOCK_T)
+    if busy:
         v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, d_in, BLOCK_K):
-            k = k0 + kk
-            k_ok = k < d_in
-            xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-            at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
-                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-            v = tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
+            xt, k, k_ok = x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K)
+            v = shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2, BLOCK_R, FP32)
         expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(2), out_chunk, d_out, r_max,
                sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
 
 
-def sgmv(
-    y: torch.Tensor,  # [T, out]
-    x: torch.Tensor,  # [T, in]
-    A: torch.Tensor,  # [S, r_max, in]
-    B: torch.Tensor,  # [S, out, r_max]
-    scale: torch.Tensor,  # [S]
-    batch: LoraBatch,
-) -> torch.Tensor:
+def sgmv(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, batch: LoraBatch) -> Tensor:
     """``add_lora`` on the GPU in one launch (see the module docstring for the semantics).
 
     fp16/bf16/fp32 with fp32 accumulation; any strides for ``x``, ``y``, ``A`` and ``B``
     (``y`` may be a column slice of a fused qkv output). ``r_max > MAX_FUSED_RANK`` runs
     ``segment``. Raises ``ValueError`` on bad shapes, dtypes or devices.
     """
-    check_triton_args(y, x, A, B, scale, batch)
+    tc.check_triton_args(y, x, A, B, scale, batch)
     if not batch.has_adapters:
         return y
     r_max = A.shape[1]
-    if r_max > MAX_FUSED_RANK:
+    if r_max > tc.MAX_FUSED_RANK:
         return segment(y, x, A, B, scale, batch)
-    # [N] start of each segment in sorted_tokens, on the device: no host sync
-    seg_starts = torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
-    block_t, tiles, out_chunk = blocks(batch, y.shape[1])
+    seg_starts = tc.segment_starts(batch)
+    block_t, tiles, out_chunk = tc.blocks(batch, y.shape[1], y.device)
     grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
     _sgmv_kernel[grid](
         y, x, A, B, scale, batch.sorted_tokens, batch.seg_slot_index, seg_starts,
         batch.num_segments, batch.num_active, x.shape[1], y.shape[1], r_max, out_chunk,
         *y.stride(), *x.stride(), *A.stride(), *B.stride(),
-        BLOCK_T=block_t, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(r_max)),
-        BLOCK_O=BLOCK_O, FP32=x.dtype == torch.float32,
+        BLOCK_T=block_t, BLOCK_K=tc.BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(r_max)),
+        BLOCK_O=tc.BLOCK_O, FP32=x.dtype == torch.float32,
     )
     return y

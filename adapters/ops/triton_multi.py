@@ -25,22 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_common as tc
 from .batch import LoraBatch
 from .checks import check_module_lists
-from .triton_common import BLOCK_K, BLOCK_O, MAX_FUSED_RANK, blocks, check_triton_args, expand
+from .triton_common import expand, segment_tile, shrink, x_tile
 from .triton_lora import sgmv
 
 MAX_MODULES = 3  # per launch; more are launched in groups of three
-
-
-@triton.jit
-def _shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
-            BLOCK_R: tl.constexpr, FP32: tl.constexpr):
-    """``v += xt @ A[slot, :, k].T`` for one ``[BLOCK_T, BLOCK_K]`` tile ``xt`` of ``x``."""
-    r = tl.arange(0, BLOCK_R)
-    at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
-                 mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-    return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
 
 
 @triton.jit
@@ -59,29 +50,19 @@ def _sgmv_multi_kernel(
         v_m = x[rows].float() @ A_m[s].float().T                     # [BLOCK_T, r_m]
         y_m[rows, cols_m(c)] += v_m * scale_m[s] @ B_m[s, cols_m(c)].T
     """
-    seg = tl.program_id(0)
-    start = tl.load(seg_starts + seg)
-    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
-    t0 = start + tl.program_id(1) * BLOCK_T
-    if t0 < end:
-        slot = tl.load(seg_slots + seg)
-        rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < end
-        tok = tl.load(tokens + rows, mask=row_ok, other=0)  # [BLOCK_T] token indices
-        kk = tl.arange(0, BLOCK_K)
+    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, num_segments,
+                                           num_active, BLOCK_T)
+    if busy:
         v0 = tl.zeros([BLOCK_T, BLOCK_R0], dtype=tl.float32)
         v1 = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
         v2 = tl.zeros([BLOCK_T, BLOCK_R2], dtype=tl.float32)
         for k0 in range(0, d_in, BLOCK_K):
-            k = k0 + kk
-            k_ok = k < d_in
-            xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # loaded once
-            v0 = _shrink(v0, xt, A0, slot, k, k_ok, r0, sa00, sa01, sa02, BLOCK_R0, FP32)
+            xt, k, k_ok = x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K)  # loaded once
+            v0 = shrink(v0, xt, A0, slot, k, k_ok, r0, sa00, sa01, sa02, BLOCK_R0, FP32)
             if M > 1:
-                v1 = _shrink(v1, xt, A1, slot, k, k_ok, r1, sa10, sa11, sa12, BLOCK_R1, FP32)
+                v1 = shrink(v1, xt, A1, slot, k, k_ok, r1, sa10, sa11, sa12, BLOCK_R1, FP32)
             if M > 2:
-                v2 = _shrink(v2, xt, A2, slot, k, k_ok, r2, sa20, sa21, sa22, BLOCK_R2, FP32)
+                v2 = shrink(v2, xt, A2, slot, k, k_ok, r2, sa20, sa21, sa22, BLOCK_R2, FP32)
         c = tl.program_id(2)
         expand(v0, y0, B0, sc0, slot, tok, row_ok, c, chunk0, d_out0, r0,
                sy00, sy01, sb00, sb01, sb02, BLOCK_R0, BLOCK_O, FP32)
@@ -97,7 +78,7 @@ def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
     """Each module passes ``sgmv``'s checks; outputs may not share storage."""
     check_module_lists(ys, As, Bs, scales)
     for y, A, B, scale in zip(ys, As, Bs, scales):
-        check_triton_args(y, x, A, B, scale, batch)
+        tc.check_triton_args(y, x, A, B, scale, batch)
     ptrs = [y.data_ptr() for y in ys if y.numel()]
     if len(set(ptrs)) != len(ptrs):
         raise ValueError("the outputs ys must not overlap (column slices of one tensor are fine)")
@@ -106,20 +87,20 @@ def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
 def _launch(ys, x, As, Bs, scales, batch: LoraBatch, seg_starts: torch.Tensor) -> None:
     """One kernel launch for up to ``MAX_MODULES`` modules."""
     d_max = max(1, *(y.shape[1] for y in ys))
-    block_t, tiles, widest = blocks(batch, d_max)
+    block_t, tiles, widest = tc.blocks(batch, d_max, x.device)
     chunks = triton.cdiv(d_max, widest)  # every module is cut into this many chunks
     args, block_r = [], []
     for m in range(MAX_MODULES):
         i = m if m < len(ys) else 0  # unused modules repeat module 0 (never read)
         y, A, B, scale = ys[i], As[i], Bs[i], scales[i]
-        out_chunk = triton.cdiv(triton.cdiv(y.shape[1], BLOCK_O), chunks) * BLOCK_O
+        out_chunk = triton.cdiv(triton.cdiv(y.shape[1], tc.BLOCK_O), chunks) * tc.BLOCK_O
         args += [y, A, B, scale, y.shape[1], A.shape[1], out_chunk,
                  *y.stride(), *A.stride(), *B.stride()]
         block_r.append(max(16, triton.next_power_of_2(A.shape[1])))
     _sgmv_multi_kernel[(batch.num_segments, tiles, chunks)](
         x, batch.sorted_tokens, batch.seg_slot_index, seg_starts, batch.num_segments,
         batch.num_active, x.shape[1], *x.stride(), *args,
-        M=len(ys), BLOCK_T=block_t, BLOCK_K=BLOCK_K, BLOCK_O=BLOCK_O,
+        M=len(ys), BLOCK_T=block_t, BLOCK_K=tc.BLOCK_K, BLOCK_O=tc.BLOCK_O,
         BLOCK_R0=block_r[0], BLOCK_R1=block_r[1], BLOCK_R2=block_r[2],
         FP32=x.dtype == torch.float32,
     )
@@ -143,11 +124,10 @@ def sgmv_multi(
     _check(ys, x, As, Bs, scales, batch)
     if not batch.has_adapters:
         return ys
-    fused = [m for m, A in enumerate(As) if A.shape[1] <= MAX_FUSED_RANK]
+    fused = [m for m, A in enumerate(As) if A.shape[1] <= tc.MAX_FUSED_RANK]
     for m in sorted(set(range(len(ys))) - set(fused)):
         sgmv(ys[m], x, As[m], Bs[m], scales[m], batch)
-    # [N] start of each segment in sorted_tokens, on the device: no host sync
-    seg_starts = torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
+    seg_starts = tc.segment_starts(batch)
     for g in range(0, len(fused), MAX_MODULES):
         group = fused[g : g + MAX_MODULES]
         _launch([ys[m] for m in group], x, [As[m] for m in group], [Bs[m] for m in group],

@@ -1,13 +1,14 @@
 """Adapter admission: a request is scheduled only once its adapter holds a device slot.
 
-Hot adapters are taken without blocking; a cold one is materialized on a worker thread
-while the step loop keeps decoding everyone else.
+Hot adapters are taken without blocking; a cold one is materialized (factors regenerated
+and copied into a slot) on a worker thread while the step loop keeps decoding everyone
+else. Parsing its bytes is not kept off the step loop: ``Engine.add_request`` validates
+the adapter first, on the thread that calls it (the step thread under ``AsyncEngine``),
+and that parse fills the host cache the worker then reads.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from nolaserve.adapters.errors import NoFreeSlotError
@@ -24,27 +25,18 @@ class AdapterAdmission:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         self._loads: dict[Sequence, Future] = {}
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
-        self.on_materialize: Callable[[float], None] | None = None  # seconds of a cold load
 
     def ready(self, seq: Sequence) -> bool:
         if not seq.needs_adapter:
             return True
         if seq in self._loads:
             return self._collect(seq)
-        slot = self.store.slots.try_acquire(seq.adapter_id)
+        slot = self.store.try_acquire(seq.adapter_id)
         if slot is not None:
             seq.adapter_slot = slot
             return True
-        self._loads[seq] = self._worker.submit(self._acquire_cold, seq.adapter_id)
+        self._loads[seq] = self._worker.submit(self.store.acquire, seq.adapter_id)
         return False
-
-    def _acquire_cold(self, adapter_id: str) -> int:
-        """``store.acquire`` on the worker, timed for ``on_materialize``."""
-        start = time.perf_counter()
-        slot = self.store.acquire(adapter_id)
-        if self.on_materialize is not None:
-            self.on_materialize(time.perf_counter() - start)
-        return slot
 
     def wait(self, timeout: float) -> None:
         """Block until a pending load finishes (or ``timeout``), instead of spinning."""

@@ -15,8 +15,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
+from nolaserve.adapters.errors import EngineStoppedError
+
 from .engine import Engine, RequestOutput
-from .errors import EngineStoppedError
 from .sequence import FinishReason, SamplingParams
 
 
@@ -34,6 +35,16 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, for front ends that turn text into prompt ids."""
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """The base model's id, for front ends that resolve model names."""
+        return self.engine.model_name
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
@@ -45,6 +56,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         # The adapter lookup reads the registry: here, on a worker thread, never on the
         # step thread (which a slow registry would stall for every request).
+        params = self.engine.with_default_max_tokens(prompt_token_ids, params)
         await asyncio.to_thread(self.engine.check_request, prompt_token_ids, params,
                                 adapter_id)
 
@@ -163,3 +175,8 @@ class AsyncEngine:
         self._thread.join()
         if not future.done():
             future.cancel()
+
+    def close(self) -> None:
+        """``stop``, then close the engine it drives (admission worker, adapter store)."""
+        self.stop()
+        self.engine.close()

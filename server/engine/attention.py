@@ -28,9 +28,9 @@ class KVCache:
     """Key/value storage in fixed-size blocks for every layer.
 
     ``k`` and ``v`` are ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``;
-    the token at position ``p`` of a sequence with block table ``bt`` lives in flat slot
-    ``bt[p // block_size] * block_size + p % block_size`` of a layer's
-    ``[num_blocks * block_size, Hkv, D]`` view.
+    the token at position ``p`` of a sequence with block table ``bt`` lives in KV slot
+    ``bt[p // block_size] * block_size + p % block_size`` (a row of a layer's
+    ``[num_blocks * block_size, Hkv, D]`` view; not to be confused with an adapter slot).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -56,12 +56,12 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
+    def write(self, layer: int, kv_slot: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        """Store the step's keys/values ``[T, Hkv, D]`` at flat slots ``slot_mapping [T]``."""
+        """Store the step's keys/values ``[T, Hkv, D]`` at KV slots ``kv_slot [T]``."""
         kl, vl = self.k[layer], self.v[layer]
-        kl.view(-1, *kl.shape[2:]).index_copy_(0, slot_mapping, k)
-        vl.view(-1, *vl.shape[2:]).index_copy_(0, slot_mapping, v)
+        kl.view(-1, *kl.shape[2:]).index_copy_(0, kv_slot, k)
+        vl.view(-1, *vl.shape[2:]).index_copy_(0, kv_slot, v)
 
     def gather(self, layer: int,
                block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,7 @@ class AttentionMetadata:
     """
 
     kv_cache: KVCache
-    slot_mapping: torch.Tensor  # [T] int64 flat cache slot of each new token
+    kv_slot: torch.Tensor  # [T] int64 KV-cache slot of each new token
     num_decode: int
     decode_block_tables: torch.Tensor  # [num_decode, max_nb] int64, padded with block 0
     decode_mask: torch.Tensor  # [num_decode, 1, 1, max_nb * block_size] bool, pos < ctx_len
@@ -136,11 +136,11 @@ class AttentionMetadata:
         """From per-sequence lists in packed order, decode sequences (``q_len == 1``) first.
         Raises ``ValueError`` when a block table does not cover its positions."""
         bs = cache.block_size
-        slots: list[int] = []
+        kv_slot: list[int] = []
         ctx_lens = [s + q for s, q in zip(start_pos, q_lens)]
         for q, s, bt, ctx in zip(q_lens, start_pos, block_tables, ctx_lens):
             _check_table(bt, ctx, bs, cache.num_blocks)
-            slots += [bt[p // bs] * bs + p % bs for p in range(s, ctx)]
+            kv_slot += [bt[p // bs] * bs + p % bs for p in range(s, ctx)]
         n_dec = 0
         while n_dec < len(q_lens) and q_lens[n_dec] == 1:
             n_dec += 1
@@ -160,7 +160,7 @@ class AttentionMetadata:
             row += q
         stale = (~mask).view(n_dec, max_nb * bs, 1, 1)
         mask = mask.view(n_dec, 1, 1, max_nb * bs)
-        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device), n_dec,
+        return cls(cache, torch.tensor(kv_slot, dtype=torch.long, device=device), n_dec,
                    tables.to(device), mask.to(device), stale.to(device), tuple(prefills),
                    max(ctx_lens, default=0))
 
@@ -208,7 +208,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                          f"({window}), which paged attention does not implement")
     layer = module.layer_idx
     q = query[0]  # [H, T, D]
-    meta.kv_cache.write(layer, meta.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    meta.kv_cache.write(layer, meta.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
     H, T, D = q.shape
     Hkv = key.shape[1]
     out = q.new_empty(T, H, D)  # [T, H, D]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -29,8 +29,7 @@ class IncrementalDetokenizer:
 
     Text is held back while it ends in half a UTF-8 character or in a prefix of a stop
     string. The output is decoded on its own, not after the prompt, so that it equals
-    ``decode(output_ids)``: ``prompt_token_ids`` is taken for interface parity with vLLM's
-    detokenizer but is not used as decoding context. One known gap, shared with vLLM: a
+    ``decode(output_ids)``. One known gap, shared with vLLM: a
     byte-fallback tokenizer (``<0xNN>`` tokens, Llama 2 style) turns a whole run of byte
     tokens into U+FFFDs once one byte in it is invalid UTF-8, so for such malformed output
     the stream may show a valid character where ``decode`` of the whole shows U+FFFD.
@@ -39,14 +38,12 @@ class IncrementalDetokenizer:
     def __init__(
         self,
         tokenizer: Any,
-        prompt_token_ids: list[int],
         stop: list[str],
         skip_special_tokens: bool = True,
     ) -> None:
         if any(not s for s in stop):
             raise InvalidRequestError("stop strings must be non-empty")
         self.tokenizer = tokenizer
-        self.prompt_token_ids = prompt_token_ids
         self.stop = list(stop)
         self.skip_special_tokens = skip_special_tokens
         self.output_token_ids: list[int] = []

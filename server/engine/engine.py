@@ -3,18 +3,24 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from nolaserve.adapters.errors import IncompatibleAdapterError, short
-from nolaserve.adapters.store import AdapterStore
+from nolaserve.adapters.errors import (
+    IncompatibleAdapterError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTooLargeError,
+    short,
+)
+from nolaserve.adapters.store import AdapterStore, StoreStats
 
 from .admission import AdapterAdmission
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from .model_runner import ModelRunner, StepBatch
 from .sampler import Sampler, make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -57,6 +63,19 @@ class StepStats:
     num_adapters: int
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A scrape of the engine's state: requests, KV blocks, the adapter store."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    store: StoreStats | None
+    running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
+    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
@@ -78,7 +97,36 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
-        self.step_observer: Callable[[StepStats], None] | None = None  # called on the step thread
+        self._step_observers: list[Callable[[StepStats], None]] = []
+
+    def observe(self, on_step: Callable[[StepStats], None],
+                on_load: Callable[[float], None] | None = None) -> None:
+        """Call ``on_step(stats)`` after each step that ran something (on the step thread)
+        and ``on_load(seconds)`` after each adapter load into a device slot."""
+        self._step_observers.append(on_step)
+        if on_load is not None and self.store is not None:
+            self.store.observe_loads(on_load)
+
+    @property
+    def stats(self) -> EngineStats:
+        """Queues and KV blocks now, and the adapter store's counters."""
+        sched, bm = self.scheduler, self.scheduler.block_manager
+        return EngineStats(sched.num_running, sched.num_waiting,
+                           bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
+                           self.store.stats if self.store is not None else None,
+                           _adapters_of(lambda: sched.running),
+                           _adapters_of(lambda: sched.waiting))
+
+    @property
+    def model_name(self) -> str:
+        """The base model's id (what ``/v1/models`` lists and ``model`` may name)."""
+        return self.runner.spec.name
+
+    def close(self) -> None:
+        """Stop the admission worker and close the adapter store (its registry)."""
+        self.admission.close()
+        if self.store is not None:
+            self.store.close()
 
     @property
     def store(self) -> AdapterStore | None:
@@ -90,13 +138,14 @@ class Engine:
         """Validate and queue a request; raises a typed error before it reaches the model.
         ``adapter_checked``: the caller ran ``check_request`` already (``AsyncEngine`` does,
         on a worker thread), so the adapter is not looked up again here."""
+        params = self.with_default_max_tokens(prompt_token_ids, params)
         self.check_request(prompt_token_ids, params, None if adapter_checked else adapter_id)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
         if len(self.requests) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
         self.scheduler.add(seq)
 
@@ -114,6 +163,16 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def with_default_max_tokens(self, prompt: list[int], params: SamplingParams
+                                ) -> SamplingParams:
+        """``params`` with an unset ``max_tokens`` filled in: as many as fit."""
+        if params.max_tokens is not None:
+            return params
+        bm = self.scheduler.block_manager
+        room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
+        return dataclasses.replace(params, max_tokens=max(1, min(
+            self.limits.max_tokens_limit, room - len(prompt))))
 
     def check_request(self, prompt: list[int], params: SamplingParams,
                       adapter_id: str | None) -> None:
@@ -135,7 +194,7 @@ class Engine:
                 f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {lim.max_model_len} tokens: lower max_tokens"
             )
-        capacity = self.scheduler.block_manager.num_blocks * self.scheduler.block_manager.block_size
+        capacity = self.scheduler.block_manager.max_tokens
         if total > capacity:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
@@ -146,7 +205,7 @@ class Engine:
     def _check_adapter(self, adapter_id: str) -> None:
         if self.store is None:
             raise IncompatibleAdapterError("this engine serves the base model only")
-        record = self.store.registry.get(adapter_id)  # AdapterNotFoundError if unknown
+        record = self.store.get(adapter_id)  # AdapterNotFoundError if unknown
         if record.kind == "rmm-basis":
             raise IncompatibleAdapterError(
                 f"{short(adapter_id)} is an RMM basis; request one of its tasks instead"
@@ -189,10 +248,11 @@ class Engine:
         return (torch.cat(rows) if rows else None), failed
 
     def _observe(self, sched: SchedulerOutput) -> None:
-        if self.step_observer is not None and sched.scheduled:
+        if self._step_observers and sched.scheduled:
             adapters = {s.seq.adapter_id for s in sched.scheduled} - {None}
-            self.step_observer(StepStats(len(sched.scheduled), sched.num_batched_tokens,
-                                         len(adapters)))
+            stats = StepStats(len(sched.scheduled), sched.num_batched_tokens, len(adapters))
+            for observe in self._step_observers:
+                observe(stats)
 
     def _step_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         batch = StepBatch()
@@ -288,3 +348,14 @@ def _non_finite(seq: Sequence) -> _RowError:
     return _RowError(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
                      f"token {token}: its weights are numerically unusable with this model; "
                      "re-register a bounded version", "FAILED_PRECONDITION")
+
+
+def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:
+    """Adapter ids of a scheduler queue, read from a scrape thread while the step thread
+    runs (a queue changed during the read is read again)."""
+    for _ in range(3):
+        try:
+            return tuple(s.adapter_id for s in snapshot() if s.adapter_id)
+        except RuntimeError:  # deque mutated during iteration
+            continue
+    return ()

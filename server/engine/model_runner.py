@@ -12,7 +12,6 @@ from torch import nn
 from nolaserve.adapters.ops import LoraBatch
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
-from nolaserve.adapters.store import AdapterStore
 
 from .attention import AttentionMetadata, KVCache, register_attention
 from .lora_layers import LoraLinear, wrap_model
@@ -87,11 +86,11 @@ class StepContext:
 
 class ModelRunner:
     """Owns the KV cache and the step context, wraps the model's target linears with
-    ``LoraLinear`` (unless ``store_or_pool`` is ``None``: base model only) and selects the
-    paged attention. Modifies ``model`` in place."""
+    ``LoraLinear`` reading the adapter slots of ``pool`` (``None``: base model only) and
+    selects the paged attention. Modifies ``model`` in place."""
 
     def __init__(self, model: nn.Module, spec: BaseModelSpec,
-                 store_or_pool: AdapterStore | SlotPool | None, num_kv_blocks: int,
+                 pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         model_dtype = next(model.parameters()).dtype
@@ -99,8 +98,7 @@ class ModelRunner:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
         self.model, self.spec = model.eval(), spec
         self.device = torch.device(device)
-        self.pool = store_or_pool.slots if isinstance(store_or_pool, AdapterStore) \
-            else store_or_pool
+        self.pool = pool
         self.ctx = StepContext()
         self.lora_layers: list[LoraLinear] = []
         if self.pool is not None:
@@ -125,20 +123,20 @@ class ModelRunner:
         batch.validate()
         if batch.num_seqs == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
-        self._check_slots(batch.adapter_slot)
+        self._check_adapter_slots(batch.adapter_slot)
         # Packed order: decode sequences (1 new token) first, then prefill chunks, each
-        # group by slot, so decode rows are one slice and LoRA segments are contiguous.
+        # group by adapter slot, so decode rows are one slice and LoRA segments are contiguous.
         q_lens = [len(t) for t in batch.token_ids]
         order = sorted(range(batch.num_seqs), key=lambda i: (q_lens[i] > 1, batch.adapter_slot[i]))
         ids: list[int] = []
         positions: list[int] = []
-        token_slots: list[int] = []
+        adapter_slot: list[int] = []  # per token; KV slots are the attention metadata's
         last_row = [0] * batch.num_seqs
         for i in order:
             s, q = batch.start_pos[i], q_lens[i]
             ids += batch.token_ids[i]
             positions += range(s, s + q)
-            token_slots += [batch.adapter_slot[i]] * q
+            adapter_slot += [batch.adapter_slot[i]] * q
             last_row[i] = len(ids) - 1
         keep = [last_row[i] for i in range(batch.num_seqs) if batch.sample[i]]
         dev = self.device
@@ -147,9 +145,9 @@ class ModelRunner:
             ctx.attn = AttentionMetadata.build(
                 self.kv_cache, [q_lens[i] for i in order], [batch.start_pos[i] for i in order],
                 [batch.block_table[i] for i in order], dev)
-            if self.pool is not None and max(token_slots, default=-1) >= 0:
-                ctx.lora_batch = LoraBatch.from_token_slot(torch.tensor(token_slots, device=dev))
-                ctx.active_modules = self.pool.modules_of(set(token_slots) - {-1})
+            if self.pool is not None and max(adapter_slot, default=-1) >= 0:
+                ctx.lora_batch = LoraBatch.from_token_slot(torch.tensor(adapter_slot, device=dev))
+                ctx.active_modules = self.pool.modules_of(set(adapter_slot) - {-1})
             with torch.inference_mode():
                 out = self.model(
                     input_ids=torch.tensor([ids], device=dev),  # [1, T]
@@ -164,7 +162,7 @@ class ModelRunner:
         # A copy made outside inference mode: callers may modify it in place.
         return out.logits[0].to(torch.float32, copy=True)  # [num_sampled, vocab]
 
-    def _check_slots(self, slots: list[int]) -> None:
+    def _check_adapter_slots(self, slots: list[int]) -> None:
         if not slots:
             return
         lo, hi = min(slots), max(slots)

@@ -20,7 +20,8 @@ GREEDY_EPS = 1e-5
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """The per-request RNG: ``None`` without a seed (the default RNG is used), else a
     ``torch.Generator`` on ``device`` seeded with ``seed``. Create one per request and keep
-    it for the request's lifetime; put it on the logits' device to avoid a copy per step."""
+    it for the request's lifetime. The engine keeps it on the CPU, so a seed draws the same
+    tokens on every device; ``Sampler`` then copies that row's probabilities to it."""
     if seed is None:
         return None
     gen = torch.Generator(device=device)

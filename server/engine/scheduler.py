@@ -48,11 +48,6 @@ class SchedulerOutput:
     errored: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
 
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to run this step."""
-        return not self.scheduled
-
 
 class Scheduler:
     """Decides which sequences run each step and how many tokens each computes.
@@ -140,10 +135,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error
-
-    def abort(self, seq: Sequence) -> None:
-        """Cancel ``seq``: its blocks are freed at once."""
-        self.finish(seq, FinishReason.CANCELLED)
 
     # ---------------------------------------------------------------- schedule
 

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError
 
 
 class SequenceStatus(enum.Enum):
@@ -29,9 +29,10 @@ class FinishReason(str, enum.Enum):
 class SamplingParams:
     """Per-request sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and
     ``top_p == 1`` turn those filters off; ``seed`` makes sampling reproducible whatever
-    else is in the batch."""
+    else is in the batch. ``max_tokens=None`` is as many as the context and
+    ``max_tokens_limit`` allow (``Engine.add_request`` fills it in)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -40,7 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, max_tokens_limit: int) -> None:
-        if not 1 <= self.max_tokens <= max_tokens_limit:
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError(
                 f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}"
             )

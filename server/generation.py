@@ -1,0 +1,155 @@
+"""What every front end (gRPC, the OpenAI HTTP API, the offline ``LLM``) shares: the one
+request dataclass they each build from their wire format, the naming of the model or
+adapter, the prompt (text, token ids or chat messages rendered with the chat template),
+and the typed failure of a request the engine finished with an error.
+
+    GenerateRequest(...) -> engine_input(tokenizer, base, request) -> (ids, params, adapter)
+    Generation(async_engine, metrics).outputs(request, request_id) -> RequestOutput stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from nolaserve.adapters.errors import (
+    InvalidRequestError,
+    RequestFailedError,
+    RequestTooLargeError,
+    short,
+)
+
+from .engine.async_engine import AsyncEngine
+from .engine.engine import RequestOutput
+from .engine.sequence import FinishReason, SamplingParams
+from .metrics import Metrics
+
+# A prompt longer than this many bytes per allowed token is refused before tokenizing:
+# real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
+PROMPT_BYTES_PER_TOKEN = 32
+# Tool roles ("tool", with tool_calls on assistant messages) join this list together with
+# tool-calling support; until then any other role is refused rather than rendered raw.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request as every front end sees it. ``model`` names what serves it:
+    ``""`` or the base model's id is the base model, ``<base id>:<adapter id>`` (SGLang's
+    form) or a bare adapter id (an RMM task is ``<basis>/<source>``) an adapter. Exactly
+    one of ``prompt``, ``prompt_token_ids`` and ``messages`` is set."""
+
+    model: str = ""
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def resolve_adapter(model: str, base_model: str) -> str | None:
+    """The adapter id that ``model`` names, or None for the base model."""
+    if model in ("", base_model):
+        return None
+    prefix = base_model + ":"
+    if model.startswith(prefix) and len(model) > len(prefix):
+        return model[len(prefix):]
+    return model
+
+
+def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
+    """``RequestTooLargeError`` unless the prompt (or all chat messages) is at most
+    ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of UTF-8: checked before any
+    tokenizing, which costs memory and CPU in proportion to the text."""
+    limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
+    if request.messages is not None:
+        texts = [t for m in request.messages for t in (m.role, m.content)]
+    else:
+        texts = [request.prompt or ""]
+    chars = sum(len(t) for t in texts)
+    if chars > limit or (4 * chars > limit and sum(len(t.encode()) for t in texts) > limit):
+        raise RequestTooLargeError(
+            f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
+            f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
+
+
+def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
+    """Tokenize ``prompt``, take ``prompt_token_ids`` as they are, or render ``messages``
+    with the chat template (generation prompt added) and tokenize that. Raises
+    ``InvalidRequestError`` on a bad input."""
+    given = [x is not None for x in (request.prompt, request.prompt_token_ids,
+                                     request.messages)]
+    if sum(given) != 1:
+        raise InvalidRequestError("set exactly one of prompt, prompt token ids or messages")
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids)
+    if tokenizer is None:
+        raise InvalidRequestError("this engine has no tokenizer; it cannot take text input")
+    if request.prompt is not None:
+        return list(tokenizer(request.prompt)["input_ids"])
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    if not messages:
+        raise InvalidRequestError("messages is empty: send at least one chat message")
+    for m in messages:
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"chat role {short(m['role'])} is not supported: use one of "
+                f"{', '.join(CHAT_ROLES)}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("the model's tokenizer has no chat template: send a "
+                                  "plain prompt instead of messages")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def engine_input(tokenizer, base_model: str, request: GenerateRequest
+                 ) -> tuple[list[int], SamplingParams, str | None]:
+    """What ``Engine.add_request`` takes for ``request`` (tokenizing blocks: call it from a
+    worker thread in async code)."""
+    adapter = resolve_adapter(request.model, base_model)
+    return prompt_token_ids(tokenizer, request), request.params, adapter
+
+
+def failure(out: RequestOutput) -> RequestFailedError:
+    """The typed error of a request the engine finished with ``FinishReason.ERROR``."""
+    error = out.error or "unknown engine error"
+    if out.error_code == "INTERNAL":
+        return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
+    return RequestFailedError(f"the request failed: {error}", out.error_code)
+
+
+class Generation:
+    """Runs ``GenerateRequest``s on the ``AsyncEngine`` for the async front ends."""
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics) -> None:
+        self.engine, self.metrics = engine, metrics
+
+    @property
+    def base_model(self) -> str:
+        return self.engine.model_name
+
+    async def outputs(self, request: GenerateRequest, request_id: str
+                      ) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for ``request``; typed errors (bad input, unknown adapter,
+        queue full) raise before the first one, an engine-side failure raises when it
+        comes. Closing the iterator early aborts the engine request."""
+        timer = self.metrics.request_timer()
+        check_prompt_size(request, self.engine.max_prompt_tokens)
+        prompt, params, adapter = await asyncio.to_thread(
+            engine_input, self.engine.tokenizer, self.engine.model_name, request)
+        # The engine's id is its own: the front end's request_id is only echoed back, so
+        # two clients choosing the same id never meet.
+        outputs = self.engine.generate(prompt, params, adapter)
+        async with aclosing(outputs):
+            async for out in outputs:
+                if out.finish_reason is FinishReason.ERROR:
+                    raise failure(out)
+                timer.observe(out)
+                yield out

@@ -1,0 +1,196 @@
+"""The offline Python API, as vLLM users have it: the same engine and adapter store as the
+server, in-process, for batch jobs and benchmarks. No server, no event loop.
+
+    from nolaserve import LLM, SamplingParams
+
+    llm = LLM(device="cpu")                      # the embedded SmolLM2 unless model=...
+    llm.register_adapter("demo", "demo.safetensors")   # a file, a PEFT dir or bytes
+    outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=8, temperature=0),
+                        adapter_ids=["demo", None])
+    print(outs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nolaserve.adapters.registry import AdapterRecord
+from nolaserve.adapters.sources import read_adapter_source
+
+from .build import build_engine
+from .config import Config
+from .engine.engine import Engine
+from .engine.sequence import FinishReason, SamplingParams
+from .generation import ChatMessage, GenerateRequest, engine_input, failure
+
+Prompt = str | list[int]
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class CompletionOutput:
+    """One completion, as vLLM's: text, token ids and ``stop``/``length``/``eos``."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    """What ``LLM.generate`` returns per prompt, in input order (``outputs[0]`` is the one
+    completion; ``text`` and ``token_ids`` are its shortcuts)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    adapter_id: str | None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+
+class LLM:
+    """An engine built from ``Config(model=model, **config)``: the same keys as the
+    server's YAML (docs/configuration.md); ``registry_path`` defaults to ``:memory:``
+    here (pass a path to use a server's durable registry)."""
+
+    def __init__(self, model: str = "", **config: object) -> None:
+        config.setdefault("registry_path", ":memory:")
+        self.config = Config.load(None, model=model, **config)
+        self.engine: Engine = build_engine(self.config)
+        self._ids = itertools.count()
+
+    def register_adapter(self, adapter_id: str, source: bytes | str | os.PathLike,
+                         replace: bool = False) -> AdapterRecord:
+        """Register an adapter file's bytes, an adapter file or a PEFT LoRA directory."""
+        data = source if isinstance(source, bytes) else read_adapter_source(
+            source, None, self.config.max_message_bytes)
+        return self.engine.store.register(adapter_id, data, replace)
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self.engine.store.delete(adapter_id)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter_ids: str | None | Sequence[str | None] = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids) with the base model or the adapter at
+        the same index; outputs come back in input order. A progress bar shows for more
+        than 8 prompts unless ``use_tqdm`` says otherwise."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests = [GenerateRequest(prompt=p) if isinstance(p, str)
+                    else GenerateRequest(prompt_token_ids=list(p)) for p in prompts]
+        return self._run(requests, sampling_params, adapter_ids, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             adapter_ids: str | None | Sequence[str | None] = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Answer each conversation (a list of ``{"role", "content"}``), rendered with the
+        model's chat template; ``sampling_params`` default to as many tokens as fit."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        requests = [GenerateRequest(messages=[ChatMessage(m["role"], m["content"])
+                                              for m in conv]) for conv in messages]
+        if sampling_params is None:
+            sampling_params = SamplingParams(max_tokens=None)
+        return self._run(requests, sampling_params, adapter_ids, use_tqdm)
+
+    def _run(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm
+             ) -> list[RequestOutput]:
+        n = len(requests)
+        for req, params, adapter in zip(requests, _each(sampling, n, SamplingParams()),
+                                        _each(adapters, n, None)):
+            req.params, req.model = params, adapter or ""
+        bar = _progress(n, use_tqdm)
+        try:
+            return _Batch(self.engine, requests, self._ids, bar).run()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def close(self) -> None:
+        """Stop the adapter loader and close the adapter store."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Batch:
+    """Feed the engine up to ``max_queued_requests`` at a time and step it to the end."""
+
+    def __init__(self, engine: Engine, requests: list[GenerateRequest], ids, bar) -> None:
+        self.engine, self.requests, self.bar = engine, requests, bar
+        self.request_ids = [f"offline-{next(ids)}" for _ in requests]
+        self.results: dict[str, RequestOutput] = {}
+        self.text: dict[str, list[str]] = {}
+
+    def run(self) -> list[RequestOutput]:
+        pending = iter(zip(self.request_ids, self.requests))
+        limit = self.engine.limits.max_queued_requests
+        try:
+            while True:
+                while len(self.engine.requests) < limit and (item := next(pending, None)):
+                    self._add(*item)
+                if not self.engine.has_unfinished():
+                    break
+                for out in self.engine.step():
+                    self._collect(out)
+        except BaseException:
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+            raise
+        return [self.results[i] for i in self.request_ids]
+
+    def _add(self, request_id: str, request: GenerateRequest) -> None:
+        prompt, params, adapter = engine_input(self.engine.tokenizer,
+                                               self.engine.model_name, request)
+        self.engine.add_request(request_id, prompt, params, adapter)
+        self.results[request_id] = RequestOutput(request_id, prompt, adapter)
+        self.text[request_id] = []
+
+    def _collect(self, out) -> None:
+        if out.finish_reason is FinishReason.ERROR:
+            raise failure(out)
+        result = self.results[out.request_id]
+        self.text[out.request_id].append(out.text)
+        if not result.outputs:
+            result.outputs.append(CompletionOutput(0, "", [], ""))
+        result.outputs[0].token_ids += out.token_ids
+        if out.finished:
+            result.outputs[0].text = "".join(self.text.pop(out.request_id))
+            result.outputs[0].finish_reason = out.finish_reason.value
+            if self.bar is not None:
+                self.bar.update(1)
+
+
+def _each(value, n: int, default) -> list:
+    """One value per request: a single value (or None = ``default``) repeats."""
+    if value is None or not isinstance(value, (list, tuple)):
+        return [default if value is None else value] * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} values for {n} prompts; pass one or one each")
+    return [default if v is None else v for v in value]
+
+
+def _progress(n: int, use_tqdm: bool | None):
+    if not (use_tqdm if use_tqdm is not None else n > 8):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc="generating", unit="req")

@@ -1,0 +1,94 @@
+"""``/v1/models`` and adapter management like vLLM's runtime LoRA API, over the same
+``AdapterStore`` (and the same typed errors) as the gRPC Admin service:
+
+    POST /v1/load_lora_adapter   {"lora_name", "lora_path"}  a path under adapter_dirs
+    POST /v1/unload_lora_adapter {"lora_name"}
+    POST /v1/adapters?adapter_id=ID[&replace=true]  raw adapter file bytes (RegisterAdapter)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from nolaserve.adapters.registry import MAX_PAGE_SIZE
+from nolaserve.adapters.sources import read_adapter_source
+from nolaserve.adapters.store import AdapterStore
+
+from .. import convert
+from ..config import Config
+from .calls import Endpoints
+from .protocol import LoadLoraRequest, UnloadLoraRequest
+from .responses import adapter_card, model_card
+
+
+class AdapterEndpoints:
+    def __init__(self, store: AdapterStore, config: Config, max_model_len: int,
+                 started: float) -> None:
+        self.store, self.config = store, config
+        self.max_model_len, self.started = max_model_len, started
+
+    def add_routes(self, app: FastAPI, endpoints: Endpoints, inference: list) -> None:
+        def admin(path: str) -> list:
+            return [Depends(endpoints.auth(path, self.config.admin_token, "admin_token"))]
+
+        @app.get("/v1/models", dependencies=inference)
+        async def models(limit: int = MAX_PAGE_SIZE, page_token: str = "") -> Response:
+            return await endpoints.unary("/v1/models",
+                                         lambda: self.models(endpoints, limit, page_token))
+
+        @app.post("/v1/load_lora_adapter", dependencies=admin("/v1/load_lora_adapter"))
+        async def load(body: LoadLoraRequest) -> Response:
+            return await endpoints.unary("/v1/load_lora_adapter", lambda: self.load(body))
+
+        @app.post("/v1/unload_lora_adapter", dependencies=admin("/v1/unload_lora_adapter"))
+        async def unload(body: UnloadLoraRequest) -> Response:
+            return await endpoints.unary("/v1/unload_lora_adapter", lambda: self.unload(body))
+
+        @app.post("/v1/adapters", dependencies=admin("/v1/adapters"))
+        async def register(request: Request, adapter_id: str, replace: bool = False
+                           ) -> Response:
+            return await endpoints.unary(
+                "/v1/adapters", lambda: self.register(request, adapter_id, replace))
+
+    async def models(self, endpoints: Endpoints, limit: int, page_token: str) -> Response:
+        """The base model (first page only) and one page of registered adapters."""
+        records, token = await asyncio.to_thread(self.store.registry.list, limit,
+                                                 page_token)
+        base = endpoints.generation.base_model
+        data = [] if page_token else [model_card(base, self.started, None, base,
+                                                 self.max_model_len)]
+        data += [adapter_card(r, base) for r in records]
+        return JSONResponse({"object": "list", "data": data, "has_more": bool(token),
+                             "next_page_token": token or None})
+
+    async def load(self, body: LoadLoraRequest) -> Response:
+        """Read a PEFT LoRA directory or an adapter file under ``adapter_dirs`` (nothing
+        outside them is opened) and register it."""
+        data = await asyncio.to_thread(read_adapter_source, body.lora_path,
+                                       list(self.config.adapter_dirs),
+                                       self.config.max_message_bytes)
+        await asyncio.to_thread(self.store.register, body.lora_name, data)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added "
+                                 "successfully.")
+
+    async def unload(self, body: UnloadLoraRequest) -> Response:
+        await asyncio.to_thread(self.store.delete, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                 "successfully.")
+
+    async def register(self, request: Request, adapter_id: str, replace: bool) -> Response:
+        """RegisterAdapter over HTTP: the body is the adapter file; the reply is the same
+        AdapterInfo as the gRPC one, as JSON."""
+        data = await request.body()
+        record = await asyncio.to_thread(self.store.register, adapter_id, data, replace)
+        info = convert.adapter_info(record, self.store.slots.table.is_pinned(record.id))
+        return JSONResponse({f.name: _plain(getattr(info, f.name))
+                             for f in info.DESCRIPTOR.fields})
+
+
+def _plain(value):
+    """A proto field's value as JSON (repeated fields as lists; int64 stays a number)."""
+    return value if isinstance(value, (str, int, float, bool)) else list(value)

@@ -1,0 +1,84 @@
+"""The offline API (``nolaserve.LLM``) against a server built from the same checkpoint:
+the same requests give the same outputs, for the base model, a NOLA and a PEFT LoRA
+adapter, greedy and seeded sampling, plain prompts, token ids and chat; outputs keep the
+input order."""
+
+import asyncio
+
+import pytest
+from conftest import tiny_llama
+from openai_helpers import GREEDY, openai_client, with_chat_template
+from peft import LoraConfig, get_peft_model
+from server_helpers import free_port
+
+from nolaserve import LLM, SamplingParams
+from nolaserve.adapters.nola import random_nola
+from nolaserve.clients.client import AsyncClient
+from nolaserve.server.app import start
+from nolaserve.server.config import Config
+
+PROMPTS = ["héllo wörld", "café naïve", "こんにちは", "🎉 中文字"]
+CHAT = [{"role": "user", "content": "héllo"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, bytebpe):
+    """A tiny Llama with a chat template, a NOLA file and a PEFT LoRA directory."""
+    tmp = tmp_path_factory.mktemp("offline")
+    model = tiny_llama(vocab_size=300, max_position_embeddings=1024)
+    model.save_pretrained(tmp / "model")
+    with_chat_template(bytebpe).save_pretrained(tmp / "model")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(tmp / "peft")
+    return tmp
+
+
+def settings(tmp) -> dict:
+    return dict(device="cpu", dtype="float32", cache_dir=str(tmp / "cache"), num_slots=2,
+                max_rank=8, kv_cache_bytes=4 << 20)
+
+
+def test_offline_outputs_equal_the_servers(checkpoint, capfd):
+    llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
+    nola = random_nola(llm.engine.store.spec, seed=3, rank=4, num_basis=16).to_bytes()
+    llm.register_adapter("n", nola)
+    llm.register_adapter("l", checkpoint / "peft")
+    lora = llm.engine.store.registry.data("l")
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=5, ignore_eos=True)
+    cases = [(p, a, s) for p in PROMPTS for a in (None, "n", "l") for s in (greedy, seeded)]
+    outs = llm.generate([p for p, _, _ in cases], [s for _, _, s in cases],
+                        adapter_ids=[a for _, a, _ in cases])
+    by_ids = llm.generate(outs[0].prompt_token_ids, greedy)
+    chat = llm.chat(CHAT, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                    adapter_ids="n")
+    llm.close()
+    assert "generating" in capfd.readouterr().err  # 24 prompts: a progress bar
+
+    served, chat_served = asyncio.run(_served(checkpoint, cases, {"n": nola, "l": lora}))
+    assert [o.token_ids for o in outs] == [s.token_ids for s in served]
+    assert [o.text for o in outs] == [s.text for s in served]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(cases)
+    assert by_ids[0].token_ids == outs[0].token_ids
+    assert chat[0].token_ids == chat_served
+    assert len({tuple(o.token_ids) for o in outs}) > len(PROMPTS) * 2  # adapters matter
+
+
+async def _served(tmp, cases, adapters: dict[str, bytes]):
+    config = Config(model=str(tmp / "model"), registry_path=":memory:", port=0,
+                    metrics_port=0, http_port=free_port(), **settings(tmp))
+    running = await start(config)
+    try:
+        async with AsyncClient(running.address) as client:
+            for adapter_id, data in adapters.items():
+                await client.register_adapter(adapter_id, data)
+            outs = [await client.generate(p, adapter_id=a or "", max_tokens=s.max_tokens,
+                                          temperature=s.temperature, top_k=s.top_k,
+                                          seed=s.seed, ignore_eos=True)
+                    for p, a, s in cases]
+        chat = await openai_client(running.http_url).chat.completions.create(
+            model="n", messages=CHAT, max_tokens=5, temperature=0, extra_body=GREEDY)
+        return outs, chat.choices[0].token_ids
+    finally:
+        await running.stop(0)
