@@ -33,7 +33,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_id = _request_id(request)
         text: list[str] = []
         token_ids: list[int] = []
-        async with aclosing(self._outputs(request)) as outputs:
+        async with aclosing(self._outputs(request, request_id)) as outputs:
             async for out in outputs:
                 text.append(out.text)
                 token_ids += out.token_ids
@@ -47,7 +47,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         one finish_reason and usage. Written with ``context.write`` so that cancellation
         lands inside this coroutine and closes the engine request at once."""
         request_id = _request_id(request)
-        async with aclosing(self._outputs(request)) as outputs:
+        async with aclosing(self._outputs(request, request_id)) as outputs:
             async for out in outputs:
                 await context.write(convert.generate_response(request_id, out))
 

@@ -36,6 +36,12 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the engine takes (its limit and the model's context)."""
+        limits = self.engine.limits
+        return min(limits.max_prompt_tokens, limits.max_model_len - 1)
+
+    @property
     def tokenizer(self):
         """The engine's tokenizer, for front ends that turn text into prompt ids."""
         return self.engine.tokenizer
