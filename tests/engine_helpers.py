@@ -4,6 +4,8 @@ and the greedy reference from transformers ``generate`` with the tie rule."""
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import torch
 
@@ -21,6 +23,56 @@ def make_engine(model, tokenizer, **overrides) -> Engine:
                max_num_seqs=16, max_tokens_limit=256)
     return build_engine(Config(**{**cfg, **overrides}), model=copy.deepcopy(model),
                         tokenizer=tokenizer)
+
+
+class StepProbe:
+    """Wraps ``engine.step``: records, for every step, the request ids the engine held when
+    the step began. Tests count steps, never seconds: "the request was gone within two
+    steps of the cancel" holds on any machine. ``delay`` makes each step slower, so that a
+    long request is still running when the test acts on it."""
+
+    def __init__(self, engine: Engine, delay: float = 0.0) -> None:
+        self.engine = engine
+        self.held: list[frozenset[str]] = []
+        self.delay = delay
+        self._step = engine.step
+        engine.step = self._probed
+
+    def _probed(self):
+        self.held.append(frozenset(self.engine.requests))
+        if self.delay:
+            time.sleep(self.delay)
+        return self._step()
+
+    def mark(self) -> int:
+        """The number of steps begun so far."""
+        return len(self.held)
+
+    def steps_holding(self, request_id: str, since: int = 0) -> int:
+        """How many steps begun after ``since`` still held ``request_id``."""
+        return sum(request_id in ids for ids in self.held[since:])
+
+
+class BlockingLoad:
+    """Makes the store's cold loads of ``adapter_id`` wait until ``release()``: the loader
+    is stuck while the test watches the rest of the engine. ``guard`` seconds only turn a
+    wedged test into a failure (``timed_out``); a passing run never waits for it."""
+
+    def __init__(self, store, adapter_id: str, guard: float = 120.0) -> None:
+        self.started, self._go = threading.Event(), threading.Event()
+        self.timed_out = False
+        acquire = store.acquire
+
+        def blocking_acquire(name: str, *args, **kwargs):
+            if name == adapter_id:
+                self.started.set()
+                self.timed_out = not self._go.wait(guard)
+            return acquire(name, *args, **kwargs)
+
+        store.acquire = blocking_acquire
+
+    def release(self) -> None:
+        self._go.set()
 
 
 def greedy(max_tokens: int) -> SamplingParams:

@@ -85,12 +85,22 @@ async def expect_code(code: grpc.StatusCode, call, match: str = "") -> str:
     return info.value.details()
 
 
-async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+HANG_GUARD = 300.0  # s: only turns a hang into a failure; no passing run comes near it
+
+
+async def until(condition, what: str, guard: float = HANG_GUARD) -> None:
+    """Poll ``condition()`` until it holds. No timing is asserted: ``guard`` is there so a
+    wedged server fails the test instead of hanging the run."""
+    deadline = time.monotonic() + guard
+    while not condition():
+        assert time.monotonic() < deadline, f"hung waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def wait_idle(engine: Engine, guard: float = HANG_GUARD) -> None:
     """Until the engine holds no request (aborts are applied between steps)."""
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished():
-        assert time.monotonic() < deadline, "the engine still has requests"
-        await asyncio.sleep(0.01)
+    await until(lambda: not engine.has_unfinished(),
+                f"the engine to finish {list(engine.requests)}", guard)
 
 
 class BackgroundServer:

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 from conftest import tiny_llama
-from engine_helpers import greedy, hf_greedy, make_engine, run
+from engine_helpers import BlockingLoad, StepProbe, greedy, hf_greedy, make_engine, run
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.nola import random_nola
@@ -13,6 +13,8 @@ from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.async_engine import AsyncEngine
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams
+
+LONG = SamplingParams(max_tokens=200, ignore_eos=True)
 
 
 @pytest.fixture
@@ -48,25 +50,96 @@ def test_concurrent_streams_match_sync_runs(engine, bytebpe):
         assert "".join(o.text for o in outs) == bytebpe.decode(alone[rid])
 
 
-def test_errors_raise_and_cancel_frees_within_a_step(engine):
+def test_errors_raise_and_cancel_frees_within_two_steps(engine):
+    """Closing the stream (the client went away) aborts the request: at most the step
+    already running when it closed, and one more, still hold it; the natural end would
+    take 200 steps. The KV blocks and the slot are free afterwards."""
+    probe = StepProbe(engine, delay=0.005)
     aeng = AsyncEngine(engine)
 
     async def main():
         with pytest.raises(InvalidRequestError, match="empty"):
             await collect(aeng, [], greedy(4))
-        stream = aeng.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "n")
+        stream = aeng.generate([5, 6, 7], LONG, "n", request_id="gone")
         first = await stream.__anext__()
         assert not first.finished
         await stream.aclose()  # the client went away
-        for _ in range(100):
-            if not engine.has_unfinished():
-                break
-            await asyncio.sleep(0.01)
+        since = probe.mark()
+        await until_gone(engine, "gone")
+        return since
 
     try:
-        asyncio.run(main())
+        since = asyncio.run(main())
     finally:
         aeng.stop()
+    assert probe.steps_holding("gone") >= 1 and probe.steps_holding("gone", since) <= 2
+    assert_freed(engine)
+
+
+def test_a_cancelled_consumer_aborts_its_request_within_two_steps(engine):
+    """A deadline or a cancelled RPC cancels the task that iterates ``generate``: the
+    request is aborted, not left to run to max_tokens."""
+    probe = StepProbe(engine, delay=0.005)
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        got_one = asyncio.Event()
+
+        async def consume():
+            async for _ in aeng.generate([5, 6, 7], LONG, "n", request_id="late"):
+                got_one.set()
+
+        task = asyncio.create_task(consume())
+        await got_one.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        since = probe.mark()
+        await until_gone(engine, "late")
+        return since
+
+    try:
+        since = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert probe.steps_holding("late", since) <= 2
+    assert_freed(engine)
+
+
+def test_a_cold_load_does_not_stop_others_decoding(engine):
+    """While an adapter's cold load is stuck, requests already running keep getting tokens
+    and finish; the stuck request is served once its load completes."""
+    blocked = BlockingLoad(engine.store, "n")
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        base = aeng.generate([4, 5], greedy(24), None, request_id="base")
+        first = await base.__anext__()
+        cold = asyncio.create_task(collect(aeng, [5, 6, 7], greedy(3), "n"))
+        await asyncio.to_thread(blocked.started.wait)  # the loader is stuck from here on
+        rest = [out async for out in base]
+        done_while_stuck = not blocked._go.is_set() and not blocked.timed_out
+        blocked.release()
+        return [first, *rest], await cold, done_while_stuck
+
+    try:
+        base, cold, done_while_stuck = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert done_while_stuck, "the base request waited for another adapter's load"
+    assert sum(len(o.token_ids) for o in base) == 24 and base[-1].finished
+    assert sum(len(o.token_ids) for o in cold) == 3 and cold[-1].finished
+    assert not blocked.timed_out
+    assert_freed(engine)
+
+
+async def until_gone(engine, request_id: str) -> None:
+    """Until the engine no longer holds ``request_id`` (aborted, or at its natural end)."""
+    while request_id in engine.requests:
+        await asyncio.sleep(0.002)
+
+
+def assert_freed(engine) -> None:
     bm = engine.scheduler.block_manager
     assert not engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
     table = engine.store.slots.table

@@ -133,7 +133,6 @@ def test_async_client_round_trips(served):
 
 
 def test_tls_root_cert(tmp_path):
-    pytest.importorskip("cryptography")
     cert, key = self_signed_cert()
     server, target, _ = start_fake(grpc.ssl_server_credentials([(key, cert)]))
     try:

@@ -119,6 +119,22 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(model, bytebpe):
     assert len(run(engine, {"ok": ([5, 6, 7], greedy(4), None)})["ok"]) == 4
 
 
+def test_stop_string_limits_at_and_over_the_bound(model, bytebpe):
+    """At most 16 stop strings of 1..256 characters (characters, not bytes: "é" * 256 is
+    fine): the bound is accepted and runs, one more string or character is refused."""
+    engine = make_engine(model, bytebpe)
+    at_bound = [["x" * 256] * 16, ["é" * 256], [f"\x01stop{i}" for i in range(16)]]
+    over = [["x"] * 17, ["x" * 257], ["é" * 257], ["ok", ""], ["x" * 256] * 17]
+    for stop in over:
+        with pytest.raises(InvalidRequestError, match="stop"):
+            engine.add_request("x", [5, 6], SamplingParams(max_tokens=2, stop=stop), None)
+    assert not engine.has_unfinished()
+    requests = {f"ok{i}": ([5, 6], SamplingParams(max_tokens=3, temperature=0, stop=stop,
+                                                   ignore_eos=True), None)
+                for i, stop in enumerate(at_bound)}
+    assert all(len(t) == 3 for t in run(engine, requests).values())
+
+
 def test_stress_everything_ends_and_nothing_leaks(model, bytebpe):
     engine = make_engine(model, bytebpe, num_slots=3, kv_cache_bytes=48 << 10,
                          max_num_seqs=12)  # 48 KV blocks: not enough for 12 seqs, preempts

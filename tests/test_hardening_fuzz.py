@@ -2,6 +2,7 @@
 model: whatever a client sends, the server answers within a deadline with a status of the
 caller-error family (never INTERNAL or UNKNOWN), and stays healthy afterwards."""
 
+import math
 import struct
 
 import grpc
@@ -49,7 +50,7 @@ def server(bytebpe):
     yield srv
     try:
         assert_healthy(srv.port)
-        srv.call(wait_idle(engine, timeout=30))
+        srv.call(wait_idle(engine))
         assert_no_leaks(engine)
     finally:
         channel.close()
@@ -106,8 +107,30 @@ def test_generate_fields(server, adapter, prompt, params, request_id, stream):
     req = generate_request(adapter, prompt, params, request_id)
     method = server.inference.GenerateStream if stream else server.inference.Generate
     code = outcome(lambda: method(req, timeout=DEADLINE))
-    if code is Code.OK:
-        assert adapter in ("", "n", "l") and prompt
+    valid = is_valid(server, adapter, prompt, req.sampling)
+    assert (code is Code.OK) == valid, (code, valid, adapter, prompt[:40], params)
+
+
+def is_valid(server, adapter: str, prompt: str, sampling) -> bool:
+    """Written from the documented limits (README, docs/operations.md), independently of
+    the server's checks: a valid request must get OK, any other a caller error."""
+    limits = server.engine.limits
+    prompt_tokens = len(server.engine.tokenizer(prompt)["input_ids"])
+    max_tokens = sampling.max_tokens or 16
+    bm = server.engine.scheduler.block_manager
+    fits = (0 < prompt_tokens <= min(limits.max_prompt_tokens, limits.max_model_len - 1)
+            and prompt_tokens + max_tokens <= min(limits.max_model_len,
+                                                  bm.num_blocks * bm.block_size))
+
+    def number(field: str, ok) -> bool:
+        value = getattr(sampling, field)
+        return not sampling.HasField(field) or (math.isfinite(value) and ok(value))
+
+    return (adapter in ("", "n", "l") and fits and 1 <= max_tokens <= limits.max_tokens_limit
+            and number("temperature", lambda t: t >= 0)
+            and number("top_p", lambda p: 0 < p <= 1)
+            and (not sampling.HasField("seed") or sampling.seed < 2**63)
+            and len(sampling.stop) <= 16 and all(1 <= len(s) <= 256 for s in sampling.stop))
 
 
 @FUZZ
@@ -223,9 +246,11 @@ def test_adapter_bytes(server, replace):
             adapter_id=adapter_id, data=data, replace=replace), timeout=DEADLINE))
         if code is not Code.OK:
             return
-        # whatever was accepted must serve (or fail as a caller error, never INTERNAL)
-        req = generate_request(adapter_id, "héllo", {"max_tokens": 2, "temperature": 0.0}, "")
-        outcome(lambda: server.inference.Generate(req, timeout=DEADLINE))
+        # whatever was accepted must serve
+        req = generate_request(adapter_id, "héllo", {"max_tokens": 2, "temperature": 0.0,
+                                                      "ignore_eos": True}, "")
+        out = server.inference.Generate(req, timeout=DEADLINE)
+        assert len(out.token_ids) == 2 and out.finish_reason == inference_pb2.FINISH_REASON_LENGTH
 
     try:
         check()

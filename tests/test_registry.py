@@ -41,6 +41,7 @@ def _basis_and_tasks(basis: str, n: int) -> list[NewAdapter]:
 
 def test_round_trip(reg):
     data = os.urandom(1000)
+    before = time.time()
     rec = reg.register("team/a-1", "nola", data, {"rank": 4, "note": "x"})
     assert rec.size == 1000 and rec.sha256 == hashlib.sha256(data).hexdigest()
     assert reg.get("team/a-1") == rec
@@ -48,7 +49,7 @@ def test_round_trip(reg):
     assert reg.contains("team/a-1") and "team/a-1" in reg and "other" not in reg
     assert reg.count() == 1
     assert reg.get("team/a-1").metadata == {"rank": 4, "note": "x"}
-    assert reg.get("team/a-1").created_at == pytest.approx(time.time(), abs=60)
+    assert before <= reg.get("team/a-1").created_at <= time.time()
 
 
 def test_not_found_messages(reg):
@@ -146,6 +147,30 @@ def test_invalid_page_size(reg, size):
         reg.list(size)
 
 
+def test_page_size_bound_and_strict_tokens(reg):
+    """1000 is a valid page size; a valid token with junk appended is refused, not read
+    past."""
+    assert reg.list(1000) == ([], "")
+    reg.register_many([NewAdapter(i, "lora", b"x") for i in ("a", "b", "c")])
+    page, token = reg.list(1)
+    assert [r.id for r in page] == ["a"] and token
+    assert [r.id for r in reg.list(1, token)[0]] == ["b"]
+    with pytest.raises(InvalidAdapterError, match="page_token"):
+        reg.list(1, token + "!!")
+
+
+def test_verify_reports_rows_whose_bytes_do_not_match(tmp_path):
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register("good", "lora", b"x")
+        r.register("bad", "lora", b"y")
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE adapters SET sha256 = ? WHERE id = 'bad'",
+                         (hashlib.sha256(b"z").hexdigest(),))
+        problems = r.verify()
+        assert len(problems) == 1 and "'bad'" in problems[0] and "sha256" in problems[0]
+
+
 def test_register_many_is_all_or_nothing(reg):
     reg.register("taken", "lora", b"x")
     batch = _basis_and_tasks("basis", 3) + [NewAdapter("taken", "lora", b"y")]
@@ -161,6 +186,8 @@ def test_register_many_is_all_or_nothing(reg):
     assert reg.count() == 1
     records = reg.register_many(_basis_and_tasks("basis", 3))
     assert [r.id for r in records] == ["basis", "basis-t0", "basis-t1", "basis-t2"]
+    assert [r.parent for r in records] == [None, "basis", "basis", "basis"]
+    assert records == [reg.get(r.id) for r in records]
     assert reg.count() == 5
 
 
@@ -195,6 +222,49 @@ def test_persistence_across_reopen(tmp_path):
         assert r.verify() == []
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_every_connection_is_wal_with_synchronous_full(tmp_path):
+    """Power-loss durability: WAL alone survives kill -9, but only synchronous=FULL fsyncs
+    the WAL on every commit. The pragma is per connection, so check the registry's own."""
+    with Registry(tmp_path / "reg.db") as r:
+        assert r._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
+        assert r._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_failure_between_two_inserts_of_a_batch_leaves_nothing(tmp_path):
+    """A batch fails after its first rows are written (here a trigger refuses the last row,
+    as a full disk would): none of the batch is stored, for this or any other connection,
+    and the registry stays usable."""
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register("before", "lora", b"x")
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON adapters "
+                         "WHEN NEW.id = 'basis-t2' BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            r.register_many(_basis_and_tasks("basis", 3))
+        assert r.count() == 1 and "basis" not in r and "basis-t0" not in r
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT id FROM adapters").fetchall() == [("before",)]
+        r.register("after", "lora", b"y")  # no transaction was left open
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 2
+
+
+def test_a_failed_delete_leaves_the_row(tmp_path):
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register("a", "lora", b"x")
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON adapters "
+                         "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            r.delete("a")
+        assert r.data("a") == b"x"
+        r.register("b", "lora", b"y")
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 2
 
 
 def test_threads_share_one_registry(reg):
@@ -238,12 +308,18 @@ def test_acknowledged_registrations_survive_sigkill(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     acked: list[str] = []
-    reader = threading.Thread(target=lambda: acked.extend(
-        i for line in proc.stdout for i in line.split()))
+    enough = threading.Event()  # 60 acknowledged, or the storm died (stdout closed)
+
+    def read() -> None:
+        for line in proc.stdout:
+            acked.extend(line.split())
+            if len(acked) >= 60:
+                enough.set()
+        enough.set()
+
+    reader = threading.Thread(target=read)
     reader.start()
-    deadline = time.monotonic() + 15
-    while len(acked) < 60 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    enough.wait()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     reader.join(timeout=10)

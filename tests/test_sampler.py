@@ -115,6 +115,15 @@ def test_rows_are_filtered_independently():
         assert torch.equal(batch[i], Sampler().probabilities(logits[i : i + 1], [p])[0])
 
 
+def test_top_p_one_keeps_even_the_tokens_float_rounding_would_drop():
+    """top_p = 1 is off for its row even when another row of the batch filters: its tail
+    tokens (probability ~1e-13, so their cumulative mass rounds to 1.0) stay samplable."""
+    logits = torch.tensor([[0.0, -30.0, -30.0, -30.0]] * 2)
+    probs = Sampler().probabilities(logits, [SamplingParams(), SamplingParams(top_p=0.5)])
+    assert torch.nonzero(probs[0] > 0).flatten().tolist() == [0, 1, 2, 3]
+    assert torch.nonzero(probs[1] > 0).flatten().tolist() == [0]
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     logits=st.lists(st.floats(-8, 8, width=32), min_size=1, max_size=12),

@@ -8,9 +8,17 @@ import copy
 import grpc
 import pytest
 from conftest import tiny_llama
-from engine_helpers import greedy, make_engine, run
+from engine_helpers import StepProbe, greedy, make_engine, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_helpers import expect_code, request, serving, slow_down, wait_idle
+from server_helpers import (
+    HANG_GUARD,
+    expect_code,
+    request,
+    serving,
+    slow_down,
+    until,
+    wait_idle,
+)
 
 from nolaserve.adapters.nola import random_nola
 from nolaserve.v1 import admin_pb2, inference_pb2
@@ -135,24 +143,54 @@ def test_queue_full_is_resource_exhausted(model, bytebpe):
 
 
 def test_deadline_and_cancel_stop_the_engine_request(engine):
-    slow_down(engine, 0.01)
+    """A deadline (unary or stream) or a client cancel ends the engine request: once the
+    RPC has ended on the server, at most two more steps hold it (the natural end would be
+    200 steps away). Slow steps keep the request running while the client acts."""
+    probe = StepProbe(engine, delay=0.01)
+
+    def long(request_id: str):
+        req = request(max_tokens=200, adapter="n")
+        req.request_id = request_id
+        return req
+
+    async def ended(c, method: str, count: int) -> int:
+        """Wait until the server counted ``count`` ``method`` RPCs, with any code (a stream
+        whose client deadline passed may count as CANCELLED: the client's cancel can
+        arrive before the server's own deadline). Its engine request is closed by then."""
+        def counted() -> float:
+            return sum(s.value for family in c.running.metrics.requests.collect()
+                       for s in family.samples
+                       if s.name.endswith("_total") and s.labels["rpc"] == method)
+
+        await until(lambda: counted() >= count, f"{count} {method} RPCs to end")
+        return probe.mark()
 
     async def main():
+        marks = {}
         async with serving(engine) as c:
-            long = request(max_tokens=200, adapter="n")
-            await expect_code(Code.DEADLINE_EXCEEDED, c.inference.Generate(long, timeout=0.2))
-            await wait_idle(engine)
             await expect_code(Code.DEADLINE_EXCEEDED,
-                              c.inference.GenerateStream(long, timeout=0.2))
-            await wait_idle(engine)
-            stream = c.inference.GenerateStream(long)
+                              c.inference.Generate(long("unary"), timeout=1.5))
+            marks["unary"] = await ended(c, "Generate", 1)
+            stream = c.inference.GenerateStream(long("stream"), timeout=1.5)
+            assert (await stream.read()).token_ids
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await stream.read() is not grpc.aio.EOF:
+                    pass
+            assert info.value.code() == Code.DEADLINE_EXCEEDED
+            marks["stream"] = await ended(c, "GenerateStream", 1)
+            stream = c.inference.GenerateStream(long("cancel"))
             assert (await stream.read()).token_ids
             stream.cancel()
+            marks["cancel"] = await ended(c, "GenerateStream", 2)
             await wait_idle(engine)
             counted = c.running.metrics.requests
             assert counted.labels("Generate", "DEADLINE_EXCEEDED")._value.get() == 1
+        return marks
 
-    asyncio.run(main())
+    marks = asyncio.run(main())
+    for request_id, since in marks.items():
+        assert probe.steps_holding(request_id) >= 1, f"{request_id} never reached the engine"
+        assert probe.steps_holding(request_id, since) <= 2, request_id
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     table = engine.store.slots.table
@@ -191,8 +229,8 @@ def test_drain_finishes_in_flight_and_refuses_new_requests(engine):
             health = health_pb2_grpc.HealthStub(c.channel)
             stream = c.inference.GenerateStream(request(max_tokens=80, adapter="n"))
             tokens = list((await stream.read()).token_ids)
-            stopping = asyncio.create_task(c.running.stop(10))
-            await asyncio.sleep(0.05)
+            stopping = asyncio.create_task(c.running.stop(HANG_GUARD))
+            await until(lambda: c.running.gate.draining, "the server to start draining")
             await expect_code(Code.UNAVAILABLE, c.inference.Generate(request()),
                               "shutting down")
             await expect_code(Code.UNAVAILABLE, c.admin.GetAdapter(

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import expect_code, free_port, request, serving, slow_down
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.v1 import admin_pb2, inference_pb2
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
 
@@ -48,6 +48,7 @@ def ref(adapter_id: str) -> admin_pb2.AdapterRef:
 
 def test_register_get_list_pin_and_server_info(engine):
     data = nola_bytes(engine, 1, "demo")
+    before = time.time()
 
     async def main():
         async with serving(engine) as c:
@@ -73,7 +74,7 @@ def test_register_get_list_pin_and_server_info(engine):
     assert (info.adapter_id, info.kind, info.rank, info.description) == ("a", "nola", 4, "demo")
     assert info.size_bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
     assert list(info.target_modules) == sorted(spec.module_shapes)
-    assert info.base_model == spec.name and abs(info.created_at - time.time()) < 60
+    assert info.base_model == spec.name and before <= info.created_at <= time.time()
     assert [a.adapter_id for a in first.adapters] == ["a", "b"] and first.total == 3
     assert [a.adapter_id for a in second.adapters] == ["c"] and not second.next_page_token
     assert [p.pinned for p in pins] == [True, True, False]
@@ -212,7 +213,8 @@ def test_metrics_endpoint(engine):
 
 
 def test_tls(engine, tmp_path):
-    pytest.importorskip("cryptography")
+    """With tls_cert and tls_key the port speaks TLS only: a client trusting the certificate
+    is served; a plaintext channel is refused and reaches neither service."""
     cert, key = self_signed(tmp_path)
 
     async def main():
@@ -221,10 +223,19 @@ def test_tls(engine, tmp_path):
                            tls_key=str(key)) as c:
             info = await c.admin.GetServerInfo(admin_pb2.GetServerInfoRequest())
             out = await c.inference.Generate(request(max_tokens=2))
-            return info, out
+            target = f"127.0.0.1:{c.running.port}"
+            async with grpc.aio.insecure_channel(target) as plain:
+                await expect_code(Code.UNAVAILABLE, inference_pb2_grpc.InferenceStub(
+                    plain).Generate(request(max_tokens=2)))
+                await expect_code(Code.UNAVAILABLE, admin_pb2_grpc.AdminStub(
+                    plain).GetServerInfo(admin_pb2.GetServerInfoRequest()))
+            served = c.running.metrics.requests
+            return info, out, {k: served.labels(k, "OK")._value.get()
+                               for k in ("Generate", "GetServerInfo")}
 
-    info, out = asyncio.run(main())
+    info, out, served = asyncio.run(main())
     assert info.num_layers == 2 and out.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert served == {"Generate": 1, "GetServerInfo": 1}  # the plaintext calls never ran
 
 
 def self_signed(tmp_path):

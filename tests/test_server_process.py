@@ -11,9 +11,11 @@ import threading
 import time
 
 import grpc
+import pytest
 import yaml
 from conftest import tiny_llama
-from server_helpers import expect_code, request
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_helpers import HANG_GUARD, expect_code, request
 
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
@@ -22,20 +24,20 @@ SERVE = ("import sys; from nolaserve.server.app import serve; "
          "sys.exit(serve(Config.load(sys.argv[1])))")
 
 
-def write_config(tmp_path, bytebpe) -> str:
+def write_config(tmp_path, bytebpe, grace_period_s: float = 30.0) -> str:
     model_dir = tmp_path / "model"
     tiny_llama(vocab_size=300, max_position_embeddings=1024).save_pretrained(model_dir)
     bytebpe.save_pretrained(model_dir)
     config = dict(model=str(model_dir), device="cpu", dtype="float32",
                   cache_dir=str(tmp_path / "cache"), registry_path=":memory:", num_slots=2,
                   max_rank=8, kv_cache_bytes=4 << 20, port=0, metrics_port=0, http_port=0,
-                  grace_period_s=30.0)
+                  grace_period_s=grace_period_s)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
-def read_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
+def read_port(proc: subprocess.Popen, timeout: float = HANG_GUARD) -> int:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
                      daemon=True).start()
@@ -52,21 +54,31 @@ def read_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
     raise AssertionError("serve printed no address")
 
 
-def test_sigterm_drains_and_exits_zero(tmp_path, bytebpe):
-    config = write_config(tmp_path, bytebpe)
+def start_serve(tmp_path, config: str) -> tuple[subprocess.Popen, int]:
     with open(tmp_path / "stderr.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", SERVE, config], text=True,
                                 stdout=subprocess.PIPE, stderr=err)
-    try:
-        port = read_port(proc)
+    return proc, read_port(proc)
 
+
+async def until_draining(channel) -> None:
+    """Until health reports NOT_SERVING: the server has seen the signal and drains."""
+    health = health_pb2_grpc.HealthStub(channel)
+    while (await health.Check(health_pb2.HealthCheckRequest())).status != \
+            health_pb2.HealthCheckResponse.NOT_SERVING:
+        await asyncio.sleep(0.01)
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path, bytebpe):
+    proc, port = start_serve(tmp_path, write_config(tmp_path, bytebpe))
+    try:
         async def main():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = inference_pb2_grpc.InferenceStub(channel)
                 stream = stub.GenerateStream(request(max_tokens=400))
                 tokens = list((await stream.read()).token_ids)
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
+                await until_draining(channel)
                 await expect_code(grpc.StatusCode.UNAVAILABLE, stub.Generate(request()),
                                   "shutting down")
                 while (m := await stream.read()) is not grpc.aio.EOF:
@@ -75,10 +87,38 @@ def test_sigterm_drains_and_exits_zero(tmp_path, bytebpe):
                 return tokens, last
 
         tokens, last = asyncio.run(main())
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=HANG_GUARD) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert len(tokens) == 400 and last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert "draining" in (tmp_path / "stderr.log").read_text()
+
+
+def test_sigterm_grace_running_out_cancels_what_is_left_and_exits_zero(tmp_path, bytebpe):
+    """grace_period_s = 0.05 and a stream of 1,000 tokens (far more than 0.05 s of work on
+    any machine): the stream is cut short, the process says so and still exits 0."""
+    proc, port = start_serve(tmp_path, write_config(tmp_path, bytebpe, grace_period_s=0.05))
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                stream = stub.GenerateStream(request(max_tokens=1000))
+                tokens = list((await stream.read()).token_ids)
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(grpc.aio.AioRpcError) as cut:
+                    while (m := await stream.read()) is not grpc.aio.EOF:
+                        tokens += m.token_ids
+                return tokens, cut.value.code()
+
+        tokens, code = asyncio.run(main())
+        assert proc.wait(timeout=HANG_GUARD) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(tokens) < 1000 and code in (grpc.StatusCode.CANCELLED,
+                                           grpc.StatusCode.UNAVAILABLE), code
+    log = (tmp_path / "stderr.log").read_text()
+    assert "still running after" in log and "cancelling them" in log, log

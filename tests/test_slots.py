@@ -348,3 +348,22 @@ def test_try_acquire_only_takes_ready_slots():
     pool.release(slot)
     pool.release(slot)
     assert pool.table.refcount(slot) == 0 and calls == ["a"]
+
+
+def test_pin_count_follows_unpin_and_invalidate():
+    """The pin counter (which bounds pins to num_slots - 1) drops by one per unpin, and an
+    invalidated pinned adapter leaves no pinned slot behind."""
+    t = SlotTable(5)
+    for name in "abc":
+        slot, _ = t.acquire(name)
+        t.loaded(slot)
+        t.release(slot)
+        t.pin(name)
+    t.unpin("a")
+    assert t.pinned == 2 and t.pinned_ids() == {"b", "c"}
+    slot, _ = t.acquire("b")  # in use while invalidated: turns stale, and unpinned
+    t.invalidate("b")
+    assert t.pinned == 1 and not t._slots[slot].pinned
+    t.release(slot)
+    t.check_invariants()
+    assert t.pinned == 1 and t.pinned_ids() == {"c"}
