@@ -85,6 +85,10 @@ class InvalidRequestError(RequestError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class MalformedRequestError(InvalidRequestError):
+    """The request body is not a valid protobuf message of the RPC (INVALID_ARGUMENT)."""
+
+
 class RequestTooLargeError(RequestError):
     """The request can never fit the KV cache or the configured limits (RESOURCE_EXHAUSTED)."""
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from nolaserve.adapters.errors import ServerDrainingError, ServingError
+from nolaserve.adapters.errors import MalformedRequestError, ServerDrainingError, ServingError
 
 from .metrics import Metrics
 
@@ -42,12 +42,6 @@ class MalformedRequest:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
-
-
-class MalformedRequestError(ValueError):
-    """The request body is not a valid protobuf message of the RPC (INVALID_ARGUMENT)."""
-
-    grpc_code = "INVALID_ARGUMENT"
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):

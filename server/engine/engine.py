@@ -280,11 +280,11 @@ class Engine:
                 outputs.append(self._finish(req, FinishReason.ERROR, tok.message, code=tok.code))
         return outputs
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowError]:
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowFailure]:
         """One token per request, or the error of its row only: rows with NaN/Inf logits
         fail; if the batched draw raises, rows are drawn one by one."""
         finite = torch.isfinite(logits).all(dim=1).tolist()
-        out: list[int | _RowError] = [_non_finite(r.seq) for r in reqs]
+        out: list[int | _RowFailure] = [_non_finite(r.seq) for r in reqs]
         good = [i for i, ok in enumerate(finite) if ok]
         if not good:
             return out
@@ -297,11 +297,11 @@ class Engine:
             out[i] = tok
         return out
 
-    def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowError:
+    def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowFailure:
         try:
             return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
         except Exception as e:
-            return _RowError(f"internal error sampling this request: {e!r:.200}", "INTERNAL")
+            return _RowFailure(f"internal error sampling this request: {e!r:.200}", "INTERNAL")
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq
@@ -335,17 +335,17 @@ class Engine:
 
 
 @dataclass(frozen=True)
-class _RowError:
+class _RowFailure:
     message: str
     code: str
 
 
-def _non_finite(seq: Sequence) -> _RowError:
+def _non_finite(seq: Sequence) -> _RowFailure:
     token = len(seq.output_token_ids)
     if seq.adapter_id is None:
-        return _RowError(f"internal error: the base model produced NaN or Inf logits at "
+        return _RowFailure(f"internal error: the base model produced NaN or Inf logits at "
                          f"output token {token}", "INTERNAL")
-    return _RowError(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
+    return _RowFailure(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
                      f"token {token}: its weights are numerically unusable with this model; "
                      "re-register a bounded version", "FAILED_PRECONDITION")
 
