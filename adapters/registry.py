@@ -7,8 +7,6 @@ Pure Python: no tensors here.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -17,22 +15,27 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from .errors import (
-    AdapterError,
     AdapterExistsError,
     AdapterInUseError,
     AdapterNotFoundError,
     InvalidAdapterError,
     short,
 )
-from .ids import check_adapter_id
+from .registry_rows import (
+    AdapterRecord,
+    NewAdapter,
+    decode_token,
+    encode_token,
+    few,
+    not_found,
+    record_of,
+    validated_row,
+)
 
-KINDS = ("nola", "lora", "rmm-task", "rmm-basis")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_TOKEN_PREFIX = "v1:"
 _COLUMNS = "id, kind, size, sha256, metadata, parent, created_at"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -47,30 +50,6 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 CREATE INDEX IF NOT EXISTS adapters_parent ON adapters(parent) WHERE parent IS NOT NULL;
 """
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One registered adapter, without its bytes (``Registry.data`` returns those)."""
-
-    id: str
-    kind: str
-    size: int
-    sha256: str
-    metadata: dict = field(hash=False)
-    parent: str | None
-    created_at: float
-
-
-@dataclass(frozen=True)
-class NewAdapter:
-    """One item of ``Registry.register_many``; ``parent`` is the basis of an ``rmm-task``."""
-
-    id: str
-    kind: str
-    data: bytes
-    metadata: dict = field(default_factory=dict, hash=False)
-    parent: str | None = None
 
 
 class Registry:
@@ -148,7 +127,7 @@ class Registry:
                       replace: bool = False) -> list[AdapterRecord]:
         """Store several adapters (an RMM basis and its tasks) in one transaction: all or
         nothing. A basis may be replaced together with every task that names it."""
-        rows = [_validated(item) for item in items]
+        rows = [validated_row(item) for item in items]
         ids = [r[0] for r in rows]
         if len(set(ids)) != len(ids):
             raise InvalidAdapterError(f"register_many: duplicate ids in one batch: {ids}")
@@ -172,7 +151,7 @@ class Registry:
             users = _dependents(self._conn, adapter_id)
             if users:
                 raise AdapterInUseError(
-                    f"adapter {short(adapter_id)} is the basis of {_few(users)}; delete those first"
+                    f"adapter {short(adapter_id)} is the basis of {few(users)}; delete those first"
                 )
             self._conn.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
 
@@ -189,7 +168,7 @@ class Registry:
             users = [u for u in _dependents(self._conn, adapter_id) if u not in batch_ids]
             if users:
                 raise AdapterInUseError(
-                    f"cannot replace {short(adapter_id)}: it is the basis of {_few(users)}; "
+                    f"cannot replace {short(adapter_id)}: it is the basis of {few(users)}; "
                     "replace them in the same batch or delete them first"
                 )
         if parent is not None:
@@ -218,7 +197,7 @@ class Registry:
         with self._reading() as conn:
             row = conn.execute("SELECT data FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
         if row is None:
-            raise _not_found(adapter_id)
+            raise not_found(adapter_id)
         return bytes(row[0])
 
     def contains(self, adapter_id: str) -> bool:
@@ -245,14 +224,14 @@ class Registry:
             raise InvalidAdapterError(f"page_size must be 1..{MAX_PAGE_SIZE}, got "
                                       f"{short(page_size)}")
         page_size = page_size or DEFAULT_PAGE_SIZE
-        after = _decode_token(page_token)
+        after = decode_token(page_token)
         with self._reading() as conn:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM adapters WHERE id > ? ORDER BY id LIMIT ?",
                 (after, page_size + 1),
             ).fetchall()
-        records = [_record(r) for r in rows[:page_size]]
-        token = _encode_token(records[-1].id) if len(rows) > page_size else ""
+        records = [record_of(r) for r in rows[:page_size]]
+        token = encode_token(records[-1].id) if len(rows) > page_size else ""
         return records, token
 
     def dependents(self, adapter_id: str) -> list[str]:
@@ -280,8 +259,8 @@ def _get(conn: sqlite3.Connection, adapter_id: str) -> AdapterRecord:
     row = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?",
                        (adapter_id,)).fetchone()
     if row is None:
-        raise _not_found(adapter_id)
-    return _record(row)
+        raise not_found(adapter_id)
+    return record_of(row)
 
 
 def _kind_of(conn: sqlite3.Connection, adapter_id: str) -> str | None:
@@ -305,64 +284,6 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-
-
-def _validated(item: NewAdapter) -> tuple:
-    """``item`` as a row tuple ``(id, kind, data, size, sha256, metadata_json, parent)``."""
-    check_adapter_id(item.id)
-    if item.kind not in KINDS:
-        raise InvalidAdapterError(f"adapter {short(item.id)}: kind {short(item.kind)} is not "
-                                  f"one of {KINDS}")
-    if not isinstance(item.data, (bytes, bytearray, memoryview)):
-        raise InvalidAdapterError(f"adapter {short(item.id)}: data must be bytes")
-    if (item.kind == "rmm-task") != (item.parent is not None):
-        raise InvalidAdapterError(
-            f"adapter {short(item.id)}: an rmm-task needs a parent basis and other kinds take none"
-        )
-    if item.parent is not None:
-        check_adapter_id(item.parent)
-    if not isinstance(item.metadata, dict):
-        raise InvalidAdapterError(f"adapter {short(item.id)}: metadata must be a JSON object")
-    try:
-        meta = json.dumps(item.metadata, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidAdapterError(f"adapter {short(item.id)}: metadata is not JSON: {e}") from None
-    data = bytes(item.data)
-    return (item.id, item.kind, data, len(data), hashlib.sha256(data).hexdigest(), meta,
-            item.parent)
-
-
-def _record(row: tuple) -> AdapterRecord:
-    adapter_id, kind, size, sha, meta, parent, created = row
-    return AdapterRecord(adapter_id, kind, size, sha, json.loads(meta), parent, created)
-
-
-def _not_found(adapter_id: str) -> AdapterError:
-    return AdapterNotFoundError(f"no adapter is registered under id {short(adapter_id)}")
-
-
-def _few(ids: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:n])
-    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
-
-
-def _encode_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    """The id after which the page starts ("" for the first page)."""
-    if token == "":
-        return ""
-    try:
-        text = base64.b64decode(token, altchars=b"-_", validate=True).decode()
-        if not text.startswith(_TOKEN_PREFIX):
-            raise ValueError(text)
-        return check_adapter_id(text[len(_TOKEN_PREFIX):])
-    except (TypeError, ValueError, binascii.Error):
-        raise InvalidAdapterError(
-            f"invalid page_token {short(token)}: pass the next_page_token of a previous page"
-        ) from None
 
 
 def iter_all(registry: Registry, page_size: int = MAX_PAGE_SIZE) -> Iterator[AdapterRecord]:

@@ -19,8 +19,10 @@ from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapt
 from .ids import check_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
-from .registry import AdapterRecord, NewAdapter, Registry
-from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask, build_rmm
+from .registry import Registry
+from .registry_rows import AdapterRecord, NewAdapter
+from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask
+from .rmm_build import build_rmm
 from .slots import PoolStats, SlotPool, SlotSnapshot
 from .spec import AdapterFactors, BaseModelSpec
 

@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 
-from nolaserve.adapters.registry import AdapterRecord
+from nolaserve.adapters.registry_rows import AdapterRecord
 from nolaserve.adapters.store import AdapterStore
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc
 

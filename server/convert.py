@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from nolaserve.adapters.errors import InvalidRequestError
-from nolaserve.adapters.registry import AdapterRecord
+from nolaserve.adapters.registry_rows import AdapterRecord
 from nolaserve.adapters.store import RmmResult
 from nolaserve.v1 import admin_pb2, inference_pb2
 

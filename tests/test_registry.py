@@ -24,7 +24,8 @@ from nolaserve.adapters.errors import (
     InvalidAdapterIdError,
 )
 from nolaserve.adapters.ids import ADAPTER_ID_PATTERN
-from nolaserve.adapters.registry import NewAdapter, Registry, iter_all
+from nolaserve.adapters.registry import Registry, iter_all
+from nolaserve.adapters.registry_rows import NewAdapter
 
 
 @pytest.fixture
@@ -284,7 +285,8 @@ def test_threads_share_one_registry(reg):
 
 STORM = textwrap.dedent("""
     import os, sys
-    from nolaserve.adapters.registry import NewAdapter, Registry
+    from nolaserve.adapters.registry import Registry
+    from nolaserve.adapters.registry_rows import NewAdapter
     reg = Registry(sys.argv[1])
     i = 0
     while True:

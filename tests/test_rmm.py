@@ -18,7 +18,8 @@ from nolaserve.adapters.errors import (
     LimitExceededError,
 )
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.rmm import RmmBasis, RmmTask, build_rmm
+from nolaserve.adapters.rmm import RmmBasis, RmmTask
+from nolaserve.adapters.rmm_build import build_rmm
 from nolaserve.adapters.spec import AdapterFactors, BaseModelSpec, ModuleFactors
 
 SHAPES = {"self_attn.q_proj": (32, 16), "self_attn.o_proj": (16, 32)}  # name -> (in, out)

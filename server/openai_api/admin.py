@@ -55,8 +55,7 @@ class AdapterEndpoints:
 
     async def models(self, endpoints: Endpoints, limit: int, page_token: str) -> Response:
         """The base model (first page only) and one page of registered adapters."""
-        records, token = await asyncio.to_thread(self.store.registry.list, limit,
-                                                 page_token)
+        records, token, _ = await asyncio.to_thread(self.store.list_page, limit, page_token)
         base = endpoints.generation.base_model
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
@@ -84,7 +83,7 @@ class AdapterEndpoints:
         AdapterInfo as the gRPC one, as JSON."""
         data = await request.body()
         record = await asyncio.to_thread(self.store.register, adapter_id, data, replace)
-        info = convert.adapter_info(record, self.store.slots.table.is_pinned(record.id))
+        info = convert.adapter_info(record, record.id in self.store.slot_snapshot().pinned)
         return JSONResponse({f.name: _plain(getattr(info, f.name))
                              for f in info.DESCRIPTOR.fields})
 

@@ -8,7 +8,7 @@ import json
 import time
 
 from nolaserve.adapters.errors import EngineStoppedError
-from nolaserve.adapters.registry import AdapterRecord
+from nolaserve.adapters.registry_rows import AdapterRecord
 
 from ..engine.engine import RequestOutput
 from ..engine.sequence import FinishReason

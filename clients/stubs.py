@@ -1,0 +1,52 @@
+"""What ``Client`` and ``AsyncClient`` share: the channel, the stubs, the bearer metadata
+and the request builders that are not in ``messages``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+Metadata = tuple[tuple[str, str], ...]
+
+
+def bearer(token: str | None) -> Metadata:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class Stubs:
+    """A channel to ``target`` (``grpc`` or ``grpc.aio``, TLS when ``tls_root_cert`` is
+    given), the three services' stubs on it, and each service's call metadata and timeout."""
+
+    def __init__(self, channels: ModuleType, target: str, admin_token: str | None,
+                 inference_token: str | None, tls_root_cert: bytes | None,
+                 timeout: float | None, max_message_bytes: int) -> None:
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        if tls_root_cert is None:
+            channel = channels.insecure_channel(target, options)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+            channel = channels.secure_channel(target, creds, options)
+        self.target = target
+        self._channel = channel
+        self._admin = admin_pb2_grpc.AdminStub(channel)
+        self._inference = inference_pb2_grpc.InferenceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._admin_kw = {"metadata": bearer(admin_token), "timeout": timeout}
+        self._inference_kw = {"metadata": bearer(inference_token), "timeout": timeout}
+
+
+def ref(adapter_id: str) -> admin_pb2.AdapterRef:
+    return admin_pb2.AdapterRef(adapter_id=adapter_id)
+
+
+def rmm_request(source_ids: Sequence[str], basis_size: int, basis_id: str
+                 ) -> admin_pb2.BuildRmmBasisRequest:
+    return admin_pb2.BuildRmmBasisRequest(source_adapter_ids=list(source_ids),
+                                          basis_size=basis_size, basis_id=basis_id)
