@@ -85,6 +85,10 @@ class InvalidRequestError(RequestError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class MalformedRequestError(InvalidRequestError):
+    """The request body is not a valid protobuf message of the RPC (INVALID_ARGUMENT)."""
+
+
 class RequestTooLargeError(RequestError):
     """The request can never fit the KV cache or the configured limits (RESOURCE_EXHAUSTED)."""
 
@@ -157,3 +161,12 @@ class PortInUseError(ServingError, OSError):
         super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
                          f"(config key {key}) or stop the process using it")
         self.address, self.flag = address, flag
+def short(value: object, limit: int = 64) -> str:
+    """``repr(value)`` of a caller-supplied value for an error message, cut to about
+    ``limit`` characters so that a huge id or token is never echoed whole."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -2,7 +2,7 @@
 
 import re
 
-from .errors import InvalidAdapterIdError
+from .errors import InvalidAdapterIdError, short
 
 ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -10,7 +10,7 @@ ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 def check_adapter_id(adapter_id: str) -> str:
     if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
         raise InvalidAdapterIdError(
-            f"invalid adapter id {adapter_id!r}: use 1-128 characters from "
+            f"invalid adapter id {short(adapter_id)}: use 1-128 characters from "
             "[A-Za-z0-9._:/-], starting with a letter or digit"
         )
     return adapter_id

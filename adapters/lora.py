@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from . import safetensors_io as st
-from .errors import IncompatibleAdapterError, InvalidAdapterError
-from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
+from .errors import IncompatibleAdapterError, InvalidAdapterError, short
+from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
 
 FORMAT = "nolaserve.lora"
 KIND = "lora"
@@ -55,6 +55,13 @@ class LoraAdapter:
             raise IncompatibleAdapterError(
                 f"adapter adapts layers {layers} but the base model has {spec.num_layers}"
             )
+
+    def check_bounds(self) -> None:
+        """``InvalidAdapterError`` unless every module's factors and delta are bounded
+        (``spec.check_bounds``): the maxima of |A| and |B| are read directly."""
+        check_bounds([ModuleBound(i, name, f.rank, float(f.A.abs().max()),
+                                  float(f.B.abs().max()), abs(f.scale))
+                      for (i, name), f in sorted(self.factors.modules.items())], "LoRA adapter")
 
     def materialize(self, device: torch.device | str = "cpu") -> AdapterFactors:
         """Copies of the factors on ``device`` (the adapter itself stays on CPU)."""
@@ -96,15 +103,16 @@ class LoraAdapter:
         for name in tensors:
             m = _NAME.fullmatch(name)
             if not m:
-                raise InvalidAdapterError(f"{what}: unexpected tensor {name!r}")
+                raise InvalidAdapterError(f"{what}: unexpected tensor {short(name)}")
             i, module = int(m[1]), m[2]
             if i >= n_layers:
                 raise InvalidAdapterError(
-                    f"{what}: tensor {name!r} has layer index {i} >= num_layers {n_layers}"
+                    f"{what}: tensor {short(name)} has layer index {i} >= num_layers {n_layers}"
                 )
             if module not in shapes:
                 raise InvalidAdapterError(
-                    f"{what}: tensor {name!r} names module {module!r}, not in target_modules"
+                    f"{what}: tensor {short(name)} names module {short(module)}, not in "
+                    f"target_modules"
                 )
             keys.add((i, module))
         if not keys:
@@ -121,7 +129,8 @@ def _read_module(tensors: dict[str, torch.Tensor], key: tuple[int, str],
     a, b = tensors.get(prefix + "lora_A"), tensors.get(prefix + "lora_B")
     for part, t in (("lora_A", a), ("lora_B", b)):
         if t is None or t.dim() != 2:
-            raise InvalidAdapterError(f"{what}: tensor {prefix + part!r} is missing or not 2-D")
+            raise InvalidAdapterError(f"{what}: tensor {short(prefix + part)} is missing or not "
+                                      f"2-D")
     r = check_rank(a.shape[0], b.shape[1], prefix, what)
     n_in, n_out = shape
     scale = st.tensor(tensors, prefix + "scale", (1,), what)

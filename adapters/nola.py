@@ -19,7 +19,7 @@ from . import philox
 from . import safetensors_io as st
 from .errors import InvalidAdapterError
 from .philox_layout import STREAM_BITS, STREAM_LIMIT_BITS
-from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
+from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
 
 FORMAT = "nolaserve.nola"
 KIND = "nola"
@@ -61,6 +61,17 @@ class NolaAdapter:
         spec.check_num_basis("num_basis_a", self.alpha.shape[2])
         spec.check_num_basis("num_basis_b", self.beta.shape[2])
         spec.check_targets(self.num_layers, self.module_shapes, self.rank)
+
+    def check_bounds(self) -> None:
+        """``InvalidAdapterError`` unless every module is bounded (``spec.check_bounds``).
+        Basis values lie in [-1, 1], so ``|A| <= sum|alpha[i, t]| / sqrt(k)`` and
+        ``|B| <= sum|beta[i, t]| / sqrt(l)``."""
+        a = self.alpha.double().abs().sum(-1) / math.sqrt(self.alpha.shape[2])  # [L, T]
+        b = self.beta.double().abs().sum(-1) / math.sqrt(self.beta.shape[2])  # [L, T]
+        a, b = a.tolist(), b.tolist()
+        check_bounds([ModuleBound(i, name, self.rank, a[i][t], b[i][t], abs(self.scale))
+                      for i in range(self.num_layers)
+                      for t, name in enumerate(self.target_modules)], "NOLA adapter")
 
     def materialize(self, device: torch.device | str = "cpu") -> AdapterFactors:
         """Regenerate every (layer, module)'s ``A = alpha @ A_basis / sqrt(k)`` [r, in] and

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as st
-from .errors import InvalidAdapterError
+from .errors import InvalidAdapterError, short
 from .lora import MAX_LAYERS, LoraAdapter, check_rank
 from .spec import AdapterFactors, ModuleFactors
 
@@ -65,7 +65,7 @@ def import_peft(directory: str | os.PathLike[str], description: str = "") -> Lor
         )
     try:
         config = json.loads(config_path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidAdapterError(f"{what}: adapter_config.json is not valid JSON: {e}") from None
     _peft_config(config, what)  # refuse what PEFT cannot give us before asking for a re-save
     if not weights.is_file():
@@ -96,7 +96,7 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], what: str = "PEFT 
         if shapes.setdefault(name, shape) != shape:
             raise InvalidAdapterError(
                 f"{what}: {key}: [in, out] = {list(shape)} differs from {list(shapes[name])} "
-                f"of {name!r} in another layer"
+                f"of {short(name)} in another layer"
             )
         modules[(i, name)] = f
     base = config.get("base_model_name_or_path")
@@ -110,7 +110,7 @@ def _peft_config(config: object, what: str) -> _PeftConfig:
         raise InvalidAdapterError(f"{what}: adapter_config.json must hold a JSON object")
     if config.get("peft_type") != "LORA":
         raise InvalidAdapterError(
-            f"{what}: peft_type is {config.get('peft_type')!r}; only PEFT LoRA adapters "
+            f"{what}: peft_type is {short(config.get('peft_type'))}; only PEFT LoRA adapters "
             "(peft_type 'LORA') can be imported"
         )
     for key, message in _REFUSED.items():
@@ -118,13 +118,13 @@ def _peft_config(config: object, what: str) -> _PeftConfig:
             raise InvalidAdapterError(f"{what}: {message}")
     if config.get("bias", "none") != "none":
         raise InvalidAdapterError(
-            f"{what}: bias={config['bias']!r} trains base-model biases, which is not "
+            f"{what}: bias={short(config['bias'])} trains base-model biases, which is not "
             "supported; retrain with bias='none'"
         )
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(_MUTATED_BASE_INITS):
         raise InvalidAdapterError(
-            f"{what}: init_lora_weights={init!r} makes the adapter fit only a base model that "
+            f"{what}: init_lora_weights={short(init)} makes the adapter fit only a base model that "
             "this initialization modified; convert it to plain LoRA with save_pretrained("
             "..., path_initial_model_for_weight_conversion=...)"
         )
@@ -138,9 +138,9 @@ def _peft_config(config: object, what: str) -> _PeftConfig:
             try:
                 re.compile(rf"(.*\.)?({k})$")
             except re.error as e:
-                raise InvalidAdapterError(f"{what}: {name} key {k!r} is not a valid regular "
+                raise InvalidAdapterError(f"{what}: {name} key {short(k)} is not a valid regular "
                                           f"expression: {e}") from None
-            _check_number(v, f"{what}: {name}[{k!r}]", positive_int)
+            _check_number(v, f"{what}: {name}[{short(k)}]", positive_int)
     return _PeftConfig(r=_check_number(config.get("r", 8), f"{what}: r", True),
                        lora_alpha=_check_number(config.get("lora_alpha", 8), f"{what}: lora_alpha"),
                        use_rslora=bool(config.get("use_rslora", False)),
@@ -150,9 +150,9 @@ def _peft_config(config: object, what: str) -> _PeftConfig:
 def _check_number(value: object, where: str, positive_int: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if positive_int and not (ok and isinstance(value, int) and value > 0):
-        raise InvalidAdapterError(f"{where} must be a positive integer, got {value!r}")
+        raise InvalidAdapterError(f"{where} must be a positive integer, got {short(value)}")
     if not ok:
-        raise InvalidAdapterError(f"{where} must be a finite number, got {value!r}")
+        raise InvalidAdapterError(f"{where} must be a finite number, got {short(value)}")
     return value
 
 
@@ -181,22 +181,22 @@ def _peft_pairs(tensors: dict[str, torch.Tensor], what: str
         m = _PEFT_FACTOR.fullmatch(name.removeprefix(_PEFT_PREFIX))
         if not m:
             raise InvalidAdapterError(
-                f"{what}: tensor {name!r} is not a LoRA factor (full weights from "
+                f"{what}: tensor {short(name)} is not a LoRA factor (full weights from "
                 "modules_to_save, trained biases or tokens are not supported); save only LoRA"
             )
         key, part = m[1], m[2]
         layer = _DECODER_LAYER.search(key)
         if not layer:
             raise InvalidAdapterError(
-                f"{what}: LoRA on {key!r}, outside the decoder layers (e.g. lm_head), is not "
+                f"{what}: LoRA on {short(key)}, outside the decoder layers (e.g. lm_head), is not "
                 "supported; retrain without it in target_modules"
             )
         i = int(layer[1])
         if i >= MAX_LAYERS:
-            raise InvalidAdapterError(f"{what}: {name!r} has layer index {i} >= {MAX_LAYERS}")
+            raise InvalidAdapterError(f"{what}: {short(name)} has layer index {i} >= {MAX_LAYERS}")
         entry = pairs.setdefault((i, layer[2]), (key, {}))
         if entry[0] != key or part in entry[1]:
-            raise InvalidAdapterError(f"{what}: {name!r} duplicates layer {i} {layer[2]!r}")
+            raise InvalidAdapterError(f"{what}: {short(name)} duplicates layer {i} {layer[2]!r}")
         entry[1][part] = t
     if not pairs:
         raise InvalidAdapterError(f"{what}: adapter_model.safetensors holds no LoRA factors")

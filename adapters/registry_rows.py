@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from .errors import AdapterError, AdapterNotFoundError, InvalidAdapterError
+from .errors import AdapterError, AdapterNotFoundError, InvalidAdapterError, short
 from .ids import check_adapter_id
 
 KINDS = ("nola", "lora", "rmm-task", "rmm-basis")
@@ -72,7 +72,7 @@ def record_of(row: tuple) -> AdapterRecord:
 
 
 def not_found(adapter_id: str) -> AdapterError:
-    return AdapterNotFoundError(f"no adapter is registered under id {adapter_id!r}")
+    return AdapterNotFoundError(f"no adapter is registered under id {short(adapter_id)}")
 
 
 def few(ids: list[str], n: int = 5) -> str:
@@ -95,5 +95,5 @@ def decode_token(token: str) -> str:
         return check_adapter_id(text[len(_TOKEN_PREFIX):])
     except (TypeError, ValueError, binascii.Error):
         raise InvalidAdapterError(
-            f"invalid page_token {token!r}: pass the next_page_token of a previous page"
+            f"invalid page_token {short(token)}: pass the next_page_token of a previous page"
         ) from None

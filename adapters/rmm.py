@@ -24,7 +24,7 @@ import torch
 from . import safetensors_io as st
 from .errors import IncompatibleAdapterError, InvalidAdapterError
 from .ids import check_adapter_id
-from .spec import AdapterFactors, BaseModelSpec, ModuleFactors
+from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
 
 BASIS_FORMAT, TASK_FORMAT = "nolaserve.rmm-basis", "nolaserve.rmm-task"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -157,6 +157,20 @@ class RmmTask(RmmLayout):
                     b = torch.einsum("k,kor->or", c[i, t], basis.B[(i, name)].to(device))
                     out[(i, name)] = ModuleFactors(A=a, B=b, scale=1.0)
         return AdapterFactors(out)
+
+    def check_bounds(self, basis: RmmBasis) -> None:
+        """``InvalidAdapterError`` unless every module rebuilt from ``basis`` is bounded
+        (``spec.check_bounds``): ``|A| <= sum_k |c_k| * max|basis.A[k]|``, same for B."""
+        self._check_basis(basis)
+        c = self.coefficients.double().abs()  # [L, T, K]
+        bounds = []
+        for i in range(self.num_layers):
+            for t, name in enumerate(self.target_modules):
+                a_max = basis.A[(i, name)].double().abs().flatten(1).amax(1)  # [K]
+                b_max = basis.B[(i, name)].double().abs().flatten(1).amax(1)  # [K]
+                bounds.append(ModuleBound(i, name, self.rank, float(c[i, t] @ a_max),
+                                          float(c[i, t] @ b_max), 1.0))
+        check_bounds(bounds, "RMM task")
 
     def _check_basis(self, basis: RmmBasis) -> None:
         pairs = {"num_layers": (self.num_layers, basis.num_layers),

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from .errors import InvalidAdapterError
+from .errors import InvalidAdapterError, short
 
 MAX_HEADER_BYTES = 16 << 20
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -70,6 +70,8 @@ def _read_header(data: bytes, what: str) -> dict:
         )
     try:
         header = json.loads(bytes(data[8 : 8 + n]))
+    except RecursionError:
+        raise InvalidAdapterError(f"{what}: safetensors header nests JSON too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidAdapterError(f"{what}: safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -79,18 +81,20 @@ def _read_header(data: bytes, what: str) -> dict:
 
 def _check_entry(name: str, info: object, body: int, what: str) -> None:
     if not isinstance(info, dict):
-        raise InvalidAdapterError(f"{what}: tensor {name!r} has a malformed header entry")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} has a malformed header entry")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in _ITEMSIZE:
-        raise InvalidAdapterError(f"{what}: tensor {name!r} has unsupported dtype {dtype!r}")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} has unsupported dtype "
+                                  f"{short(dtype)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise InvalidAdapterError(f"{what}: tensor {name!r} has an invalid shape {shape!r}")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} has an invalid shape "
+                                  f"{short(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= body):
-        raise InvalidAdapterError(f"{what}: tensor {name!r} has data offsets outside the file")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} has data offsets outside the file")
     if math.prod(shape) * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
         raise InvalidAdapterError(
-            f"{what}: tensor {name!r} declares shape {shape} but holds "
+            f"{what}: tensor {short(name)} declares shape {shape} but holds "
             f"{offsets[1] - offsets[0]} bytes"
         )
 
@@ -104,19 +108,19 @@ class Metadata:
     def str(self, key: str, default: str | None = None) -> str:
         value = self.raw.get(key, default)
         if value is None:
-            raise InvalidAdapterError(f"{self.what}: metadata key {key!r} is missing")
+            raise InvalidAdapterError(f"{self.what}: metadata key {short(key)} is missing")
         return value
 
     def int(self, key: str, lo: int, hi: int) -> int:
         text = self.str(key)
         if not text.isascii() or not text.isdigit():
             raise InvalidAdapterError(
-                f"{self.what}: metadata {key!r} must be a decimal integer, got {text!r}"
+                f"{self.what}: metadata {short(key)} must be a decimal integer, got {short(text)}"
             )
         value = int(text)
         if not lo <= value <= hi:
             raise InvalidAdapterError(
-                f"{self.what}: metadata {key!r} = {value} is outside [{lo}, {hi}]"
+                f"{self.what}: metadata {short(key)} = {value} is outside [{lo}, {hi}]"
             )
         return value
 
@@ -126,31 +130,33 @@ class Metadata:
             value = float(text)
         except ValueError:
             raise InvalidAdapterError(
-                f"{self.what}: metadata {key!r} must be a number, got {text!r}"
+                f"{self.what}: metadata {short(key)} must be a number, got {short(text)}"
             ) from None
         if not math.isfinite(value):
-            raise InvalidAdapterError(f"{self.what}: metadata {key!r} must be finite")
+            raise InvalidAdapterError(f"{self.what}: metadata {short(key)} must be finite")
         return value
 
     def json(self, key: str, kind: type) -> object:
         try:
             value = json.loads(self.str(key))
-        except ValueError:
-            raise InvalidAdapterError(f"{self.what}: metadata {key!r} is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise InvalidAdapterError(f"{self.what}: metadata {short(key)} is not valid "
+                                      f"JSON") from None
         if not isinstance(value, kind):
             raise InvalidAdapterError(
-                f"{self.what}: metadata {key!r} must be a JSON {kind.__name__}"
+                f"{self.what}: metadata {short(key)} must be a JSON {kind.__name__}"
             )
         return value
 
     def check_format(self, fmt: str, version: str = "1") -> None:
         if self.raw.get("format") != fmt:
             raise InvalidAdapterError(
-                f"{self.what}: metadata 'format' is {self.raw.get('format')!r}, expected {fmt!r}"
+                f"{self.what}: metadata 'format' is {short(self.raw.get('format'))}, expected "
+                f"{fmt!r}"
             )
         if self.raw.get("format_version") != version:
             raise InvalidAdapterError(
-                f"{self.what}: unsupported format_version {self.raw.get('format_version')!r} "
+                f"{self.what}: unsupported format_version {short(self.raw.get('format_version'))} "
                 f"for {fmt}; this server reads version {version}"
             )
 
@@ -159,16 +165,16 @@ def tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], 
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The named tensor, checked for dtype, shape and finiteness."""
     if name not in tensors:
-        raise InvalidAdapterError(f"{what}: tensor {name!r} is missing")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} is missing")
     t = tensors[name]
     if t.dtype != dtype:
-        raise InvalidAdapterError(f"{what}: tensor {name!r} must be {dtype}, got {t.dtype}")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} must be {dtype}, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise InvalidAdapterError(
-            f"{what}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
+            f"{what}: tensor {short(name)} has shape {list(t.shape)}, expected {list(shape)}"
         )
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise InvalidAdapterError(f"{what}: tensor {name!r} contains NaN or Inf")
+        raise InvalidAdapterError(f"{what}: tensor {short(name)} contains NaN or Inf")
     return t
 
 
@@ -184,7 +190,7 @@ def module_shapes(meta: Metadata, targets: list[str]) -> dict[str, tuple[int, in
         if not (isinstance(shape, list) and len(shape) == 2
                 and all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)):
             raise InvalidAdapterError(
-                f"{meta.what}: module_shapes[{name!r}] must be [in_features, out_features]"
+                f"{meta.what}: module_shapes[{short(name)}] must be [in_features, out_features]"
             )
         shapes[name] = (shape[0], shape[1])
     return shapes

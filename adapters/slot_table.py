@@ -15,6 +15,7 @@ from .errors import (
     AdapterNotFoundError,
     LimitExceededError,
     NoFreeSlotError,
+    short,
 )
 
 
@@ -133,7 +134,7 @@ class SlotTable:
         pinned."""
         if not self.is_pinned(adapter_id) and self.pinned + 1 >= self.num_slots:
             raise LimitExceededError(
-                f"cannot pin {adapter_id!r}: {self.pinned} of {self.num_slots} slots are "
+                f"cannot pin {short(adapter_id)}: {self.pinned} of {self.num_slots} slots are "
                 "pinned and at least one must stay unpinned; unpin an adapter first"
             )
 
@@ -141,7 +142,8 @@ class SlotTable:
         """Keep the resident ``adapter_id`` in its slot until ``unpin`` or ``invalidate``."""
         slot = self._by_id.get(adapter_id)
         if slot is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not resident; load it first")
+            raise AdapterNotFoundError(f"adapter {short(adapter_id)} is not resident; load it "
+                                       f"first")
         self.check_pin(adapter_id)
         s = self._slots[slot]
         if not s.pinned:

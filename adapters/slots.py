@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleAdapterError
+from .errors import IncompatibleAdapterError, InvalidAdapterError, short
 from .single_flight import Flight
 from .slot_table import Acquired, SlotTable
 from .spec import AdapterFactors, BaseModelSpec
@@ -99,7 +99,7 @@ class SlotPool:
             return self._buffers[(layer, module)]
         except KeyError:
             raise IncompatibleAdapterError(
-                f"layer {layer} module {module!r} is not an adaptable linear of the base model"
+                f"layer {layer} module {short(module)} is not an adaptable linear of the base model"
             ) from None
 
     def acquire(self, adapter_id: str) -> int:
@@ -207,18 +207,34 @@ class SlotPool:
         for (layer, name), f in factors.modules.items():
             if (layer, name) not in self._buffers:
                 raise IncompatibleAdapterError(
-                    f"adapter targets layer {layer} module {name!r}, which the base model "
+                    f"adapter targets layer {layer} module {short(name)}, which the base model "
                     f"does not adapt (layers 0..{self.spec.num_layers - 1}, modules "
                     f"{sorted(self.spec.module_shapes)})"
                 )
             d_in, d_out = self.spec.module_shapes[name]
             if f.rank > self.spec.max_rank:
                 raise IncompatibleAdapterError(
-                    f"adapter rank {f.rank} at layer {layer} {name!r} exceeds the server's "
+                    f"adapter rank {f.rank} at layer {layer} {short(name)} exceeds the server's "
                     f"max_rank {self.spec.max_rank}"
                 )
             if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
                 raise IncompatibleAdapterError(
-                    f"layer {layer} {name!r}: A {list(f.A.shape)} and B {list(f.B.shape)} do "
+                    f"layer {layer} {short(name)}: A {list(f.A.shape)} and B {list(f.B.shape)} do "
                     f"not form a [out, r] @ [r, in] pair for [in, out] = {[d_in, d_out]}"
                 )
+        self._check_finite(factors)
+
+    def _check_finite(self, factors: AdapterFactors) -> None:
+        """No NaN or Inf enters a slot, in the pool's dtype (one host sync per adapter)."""
+        if not factors.modules:
+            return
+        dtype = next(iter(self._buffers.values()))[0].dtype
+        ok = torch.stack([f.A.to(dtype).isfinite().all() & f.B.to(dtype).isfinite().all()
+                          for f in factors.modules.values()])
+        scales = torch.tensor([float(f.scale) for f in factors.modules.values()])
+        ok = ok.cpu() & scales.to(dtype).isfinite()
+        if not bool(ok.all()):
+            layer, name = list(factors.modules)[int((~ok).nonzero()[0])]
+            raise InvalidAdapterError(
+                f"adapter factors at layer {layer} module {short(name)} hold NaN or Inf in "
+                f"{dtype}; the adapter cannot be served (re-register a bounded version)")

@@ -10,7 +10,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import IncompatibleAdapterError, LimitExceededError, ModelLoadError
+from .errors import (
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    LimitExceededError,
+    ModelLoadError,
+)
+
+# Registration refuses an adapter unless, for every (layer, module), the cheap upper bounds
+# of its factors' entries (|A|, |B|, |scale|) and of its delta's entries
+# (|scale| * r * max|A| * max|B| >= max|delta W|) are all <= MAGNITUDE_BOUND: 2^16 fits
+# float16 (max 65504 ~ 2^16) up to rounding and is far above any trained adapter
+# (docs/adapter-format.md, "Magnitude bounds").
+MAGNITUDE_BOUND = 2.0**16
 
 
 @dataclass(frozen=True)
@@ -149,3 +161,34 @@ def model_spec(model: nn.Module, target_modules: list[str] | tuple[str, ...] | N
     return BaseModelSpec(num_layers=len(layers), module_shapes=shapes, max_rank=max_rank,
                          max_num_basis=max_num_basis, name=name, fingerprint=fingerprint,
                          aliases=aliases)
+
+
+@dataclass(frozen=True)
+class ModuleBound:
+    """Upper bounds of one (layer, module)'s materialized entries: ``a`` >= max|A|,
+    ``b`` >= max|B|, ``scale`` = |scale|; ``delta`` >= max|scale * B @ A|."""
+
+    layer: int
+    module: str
+    rank: int
+    a: float
+    b: float
+    scale: float
+
+    @property
+    def delta(self) -> float:
+        return self.scale * self.rank * self.a * self.b
+
+
+def check_bounds(bounds: list[ModuleBound], what: str,
+                 limit: float = MAGNITUDE_BOUND) -> None:
+    """``InvalidAdapterError`` naming the first (layer, module) whose factor or delta bound
+    exceeds ``limit`` (or is not finite)."""
+    for m in bounds:
+        for name, value in (("|A|", m.a), ("|B|", m.b), ("|scale|", m.scale),
+                            ("|delta W| = |scale| * r * max|A| * max|B|", m.delta)):
+            if not value <= limit:  # also catches NaN and inf
+                raise InvalidAdapterError(
+                    f"{what}: layer {m.layer} module {m.module!r}: {name} may reach "
+                    f"{value:.3g}, above the bound {limit:.6g}; the adapter would overflow "
+                    "the serving dtype (see docs/adapter-format.md, magnitude bounds)")

@@ -8,13 +8,14 @@ the parsed copy and lets in-flight users of the old slot finish.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from . import safetensors_io as st
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache
-from .errors import IncompatibleAdapterError, InvalidAdapterError
+from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapterError, short
 from .ids import check_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
@@ -37,7 +38,7 @@ def parse_adapter(data: bytes) -> Adapter:
     fmt = st.read_format(data)
     if fmt not in FORMATS:
         raise InvalidAdapterError(
-            f"unknown adapter format {fmt!r}; expected one of {sorted(FORMATS)}"
+            f"unknown adapter format {short(fmt)}; expected one of {sorted(FORMATS)}"
         )
     return FORMATS[fmt].from_bytes(data)
 
@@ -110,16 +111,37 @@ class AdapterStore:
 
     # -- registration ---------------------------------------------------------------
     def register(self, adapter_id: str, data: bytes, replace: bool = False) -> AdapterRecord:
-        """Validate ``data`` against the base model and store it durably under ``adapter_id``."""
+        """Validate ``data`` against the base model (shapes, then magnitude bounds) and store
+        it durably under ``adapter_id``. The same bytes again under the same id return the
+        existing record (so a client may retry after a lost acknowledgement)."""
         check_adapter_id(adapter_id)
+        existing = self._same_bytes(adapter_id, data)
+        if existing is not None:  # a retry after a lost acknowledgement: nothing to do
+            return existing
         adapter = parse_adapter(data)
         adapter.validate(self.spec)
         self.spec.check_base_model(getattr(adapter, "base_model", ""))
         parent = self._check_basis_of(adapter) if isinstance(adapter, RmmTask) else None
+        self._check_bounds(adapter)
         record = self.registry.register(adapter_id, adapter.kind, data, _summary(adapter),
                                         parent=parent, replace=replace)
         self._forget(adapter_id)
         return record
+
+    def _same_bytes(self, adapter_id: str, data: bytes) -> AdapterRecord | None:
+        """The record of ``adapter_id`` if it holds exactly ``data`` (same sha256), else None."""
+        try:
+            record = self.registry.get(adapter_id)
+        except AdapterNotFoundError:
+            return None
+        return record if record.sha256 == hashlib.sha256(data).hexdigest() else None
+
+    def _check_bounds(self, adapter: Adapter) -> None:
+        """Refuse an adapter whose materialized factors or delta could overflow."""
+        if isinstance(adapter, RmmTask):
+            adapter.check_bounds(self.parsed(adapter.basis_id))
+        elif not isinstance(adapter, RmmBasis):  # a basis is checked through its tasks
+            adapter.check_bounds()
 
     def delete(self, adapter_id: str) -> None:
         """Delete an adapter; requests already holding its slot finish with it."""
@@ -189,7 +211,7 @@ class AdapterStore:
         if basis.kind != "rmm-basis" or basis.sha256 != task.basis_sha256:
             raise IncompatibleAdapterError(
                 f"RMM task was built from a basis with sha256 {task.basis_sha256[:12]}..., but "
-                f"{task.basis_id!r} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
+                f"{short(task.basis_id)} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
             )
         return task.basis_id
 

@@ -175,11 +175,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         shown, meaning = describe(f)
         text = f"{meaning} (default: {shown})".replace("`", "")
-        if f.name in _TOKEN_KEYS:
-            text += f"; env NOLASERVE_{f.name.upper()}"
         flag = "--" + f.name.replace("_", "-")
         if typing.get_origin(hints[f.name]) is list:
             p.add_argument(flag, dest=f"cfg_{f.name}", nargs="+", metavar="NAME", help=text)
+        elif hints[f.name] is bool:
+            p.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction,
+                           default=None, help=text)
         else:
             p.add_argument(flag, dest=f"cfg_{f.name}", type=hints[f.name], help=text,
                            metavar=f.name.split("_")[-1].upper())
@@ -193,10 +194,9 @@ def _serve(args: argparse.Namespace, connect: Connect) -> int:
 
     overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items()
                  if k.startswith("cfg_")}
-    env = os.environ
-    for key in _TOKEN_KEYS:  # before the command name, or from the environment
-        if overrides[key] is None:
-            overrides[key] = getattr(args, key, None) or env.get(f"NOLASERVE_{key.upper()}")
+    for key in _TOKEN_KEYS:  # given before the command name (Config.load reads the env)
+        if overrides[key] is None and not overrides.get(f"{key}_file"):
+            overrides[key] = getattr(args, key, None)
     try:
         config = Config.load(args.config, **overrides)
     except (ValueError, OSError, yaml.YAMLError) as e:

@@ -33,7 +33,7 @@ from .generation import Generation
 from .metrics import Metrics
 from .openai_api import HttpServer, bind_http, http_server
 from .ports import GRPC_OPTIONS, add_grpc_port, bind_tcp
-from .rpc import Gate
+from .rpc import DecodeInterceptor, Gate
 from .service import InferenceServicer
 
 log = logging.getLogger("nolaserve.server")
@@ -56,6 +56,7 @@ class RunningServer:
     metrics_port: int | None
     owns_engine: bool
     http: HttpServer | None = None
+    died: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # step thread ended
     _stopping: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     @property
@@ -84,6 +85,25 @@ class RunningServer:
             self._stopping = asyncio.create_task(self._stop(grace))
         await asyncio.shield(self._stopping)
 
+    def watch_engine(self) -> None:
+        """If the step thread ends unasked: health NOT_SERVING at once and ``died`` set
+        (``serve_async`` then exits non-zero so that a supervisor restarts the process).
+        The engine already failed every request with UNAVAILABLE."""
+        loop = asyncio.get_running_loop()
+
+        def on_death(error: BaseException) -> None:
+            log.critical("the engine step thread ended: %r; reporting NOT_SERVING and "
+                         "exiting", error, exc_info=error)
+            asyncio.run_coroutine_threadsafe(self._engine_died(), loop)
+
+        self.engine.on_death = on_death
+        if self.engine.dead is not None:
+            on_death(self.engine.dead)
+
+    async def _engine_died(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.died.set()
+
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         if not await self.gate.drain(grace):
@@ -105,7 +125,7 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
               INFERENCE: (config.inference_token, "inference_token")}
     limit = config.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[TokenAuthInterceptor(tokens, metrics)],
+        interceptors=[TokenAuthInterceptor(tokens, metrics), DecodeInterceptor()],
         options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
     metrics_sock = http_sock = aengine = http = None
@@ -132,8 +152,10 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
         raise
     for name in ("", INFERENCE, ADMIN):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
-                         metrics_port, owns, http)
+    running = RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
+                            metrics_port, owns, http)
+    running.watch_engine()
+    return running
 
 
 async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
@@ -174,7 +196,8 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
 
 
 async def serve_async(config: Config, engine: Engine | None = None) -> int:
-    """Start, print the bound address, run until SIGTERM or SIGINT, drain, return 0."""
+    """Start, print the bound address, run until SIGTERM or SIGINT, drain, return 0; if
+    the engine's step thread dies, stop at once and return 1."""
     started = time.perf_counter()
     running = await start(config, engine)
     stop = asyncio.Event()
@@ -187,7 +210,14 @@ async def serve_async(config: Config, engine: Engine | None = None) -> int:
     if running.http_url is not None:
         print(f"nolaserve OpenAI API on {running.http_url}", flush=True)
     try:
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.died.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if running.died.is_set():
+            await running.stop(0)
+            print("nolaserve stopped: the engine failed (see the log)", flush=True)
+            return 1
         log.info("signal received: draining for up to %.1f s", config.grace_period_s)
         await running.stop()
     finally:
@@ -198,7 +228,8 @@ async def serve_async(config: Config, engine: Engine | None = None) -> int:
 
 
 def serve(config: Config, engine: Engine | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit code (0)."""
+    """Run the server until SIGTERM/SIGINT; returns the process exit code (0, or 1 when
+    the engine failed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     return asyncio.run(serve_async(config, engine))

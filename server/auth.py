@@ -57,8 +57,8 @@ def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     async def deny(request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    codec = dict(request_deserializer=handler.request_deserializer,
-                 response_serializer=handler.response_serializer)
+    # No request deserializer: an unauthenticated body is never decoded.
+    codec = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny, **codec)
     if handler.request_streaming:

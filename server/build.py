@@ -12,7 +12,7 @@ from nolaserve.adapters.store import AdapterStore
 
 from .config import Config
 from .engine.admission import AdapterAdmission
-from .engine.attention import kv_cache_blocks
+from .engine.attention import kv_cache_blocks, servable_context
 from .engine.block_manager import BlockManager
 from .engine.engine import Engine, EngineLimits
 from .engine.model_loader import (
@@ -24,7 +24,7 @@ from .engine.model_loader import (
 from .engine.model_runner import ModelRunner
 from .engine.scheduler import Scheduler
 
-log = logging.getLogger("nolaserve.server")
+log = logging.getLogger("nolaserve.engine")
 
 
 def build_engine(config: Config, model=None, tokenizer=None,
@@ -52,10 +52,17 @@ def build_engine(config: Config, model=None, tokenizer=None,
                          config.block_size, device, dtype)
     admission = AdapterAdmission(store)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
-                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready)
+                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
+                          fixed_chunks=config.batch_invariant)
+    max_model_len = servable_context(text)
+    if max_model_len < text.max_position_embeddings:
+        log.warning("the model's sliding window is %d tokens: max_model_len capped from %d "
+                    "to %d (paged attention serves full attention only)", max_model_len,
+                    text.max_position_embeddings, max_model_len)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
-                          text.max_position_embeddings, config.max_queued_requests)
-    return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer))
+                          max_model_len, config.max_queued_requests)
+    return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),
+                  batch_invariant=config.batch_invariant)
 
 
 def registry_path(config: Config, cache_dir: Path, fingerprint: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 
-def option(default: object, help: str, *, shown: str | None = None) -> Any:
+def option(default: object, help: str, *, shown: str | None = None, repr: bool = True) -> Any:
     """A config field: its default, its meaning and how the docs show the default.
 
     ``help`` (markdown) is the one description of the key: ``nolaserve serve --help``
@@ -24,8 +24,8 @@ def option(default: object, help: str, *, shown: str | None = None) -> Any:
     """
     meta = {"help": help, "shown": shown}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: list(default), metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
 
 
 @dataclass
@@ -53,6 +53,8 @@ class Config:
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "
                                          "tokens)")
+    batch_invariant: bool = option(False, "each request's output independent of the batch "
+                                   "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
     kv_cache_bytes: int = option(512 << 20, "KV-cache memory budget; sets the number of "
                                  "blocks", shown="512 MiB")
@@ -79,12 +81,19 @@ class Config:
     adapter_dirs: list[str] = option([], "directories `POST /v1/load_lora_adapter` may read "
                                      "adapters from (symlinks resolved); `[]` = it refuses "
                                      "every path (403)")
+    # Tokens: prefer the environment or a file; a --admin-token flag is visible to every
+    # local user in /proc/<pid>/cmdline.
     admin_token: str = option("", "non-empty: Admin RPCs need `authorization: Bearer <token>` "
-                              "metadata; over HTTP the adapter endpoints need the same header")
+                              "metadata (over HTTP the adapter endpoints need the same "
+                              "header); default from the environment variable "
+                              "`NOLASERVE_ADMIN_TOKEN`", repr=False)
     inference_token: str = option("", "non-empty: the same for Inference RPCs (health and "
-                                  "reflection stay open) and for HTTP `/v1/completions`, "
-                                  "`/v1/chat/completions`, `/v1/models` (`/health`, `/metrics` "
-                                  "stay open)")
+                                  "reflection stay open; HTTP completions and models too); "
+                                  "default from `NOLASERVE_INFERENCE_TOKEN`", repr=False)
+    admin_token_file: str = option("", "read `admin_token` from this file instead "
+                                   "(surrounding whitespace dropped); setting both a token "
+                                   "and its file is an error")
+    inference_token_file: str = option("", "the same for `inference_token`")
     tls_cert: str = option("", "PEM certificate; with `tls_key`, gRPC and HTTP speak TLS")
     tls_key: str = option("", "PEM private key of `tls_cert`")
     grace_period_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take "
@@ -114,6 +123,12 @@ class Config:
             raise ValueError(
                 f"config device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
+        for key in ("admin_token", "inference_token"):
+            path = getattr(self, f"{key}_file")
+            if path and getattr(self, key):
+                raise ValueError(f"config sets both {key} and {key}_file: keep one")
+            if path:
+                setattr(self, key, _read_token(path, f"{key}_file"))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: object) -> Config:
@@ -128,12 +143,30 @@ class Config:
                 raise ValueError(f"{path}: the config file must be a YAML mapping of keys")
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for key, env in TOKEN_ENV.items():  # the environment, unless set another way
+            if not values.get(key) and not values.get(f"{key}_file") and os.environ.get(env):
+                values[key] = os.environ[env]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in values.items():
             if key not in fields:
                 raise ValueError(f"unknown config key {key!r}; see docs/configuration.md")
             _check_type(key, value, typing.get_type_hints(cls)[key])
         return cls(**values)
+
+
+TOKEN_ENV = {"admin_token": "NOLASERVE_ADMIN_TOKEN",
+             "inference_token": "NOLASERVE_INFERENCE_TOKEN"}
+
+
+def _read_token(path: str, key: str) -> str:
+    try:
+        with open(os.path.expanduser(path)) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"config {key}: cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise ValueError(f"config {key}: {path} is empty")
+    return token
 
 
 def _check_type(key: str, value: object, hint: object) -> None:

@@ -14,12 +14,24 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError
+from nolaserve.adapters.errors import (
+    InvalidRequestError,
+    RequestFailedError,
+    RequestTooLargeError,
+    short,
+)
 
 from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
 from .metrics import Metrics
+
+# A prompt longer than this many bytes per allowed token is refused before tokenizing:
+# real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
+PROMPT_BYTES_PER_TOKEN = 32
+# Tool roles ("tool", with tool_calls on assistant messages) join this list together with
+# tool-calling support; until then any other role is refused rather than rendered raw.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -52,6 +64,22 @@ def resolve_adapter(model: str, base_model: str) -> str | None:
     return model
 
 
+def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
+    """``RequestTooLargeError`` unless the prompt (or all chat messages) is at most
+    ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of UTF-8: checked before any
+    tokenizing, which costs memory and CPU in proportion to the text."""
+    limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
+    if request.messages is not None:
+        texts = [t for m in request.messages for t in (m.role, m.content)]
+    else:
+        texts = [request.prompt or ""]
+    chars = sum(len(t) for t in texts)
+    if chars > limit or (4 * chars > limit and sum(len(t.encode()) for t in texts) > limit):
+        raise RequestTooLargeError(
+            f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
+            f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
+
+
 def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     """Tokenize ``prompt``, take ``prompt_token_ids`` as they are, or render ``messages``
     with the chat template (generation prompt added) and tokenize that. Raises
@@ -69,8 +97,11 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one chat message")
-    if any(not m["role"] for m in messages):
-        raise InvalidRequestError("every chat message needs a role (system, user, assistant)")
+    for m in messages:
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"chat role {short(m['role'])} is not supported: use one of "
+                f"{', '.join(CHAT_ROLES)}")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("the model's tokenizer has no chat template: send a "
                                   "plain prompt instead of messages")
@@ -89,9 +120,9 @@ def engine_input(tokenizer, base_model: str, request: GenerateRequest
 def failure(out: RequestOutput) -> RequestFailedError:
     """The typed error of a request the engine finished with ``FinishReason.ERROR``."""
     error = out.error or "unknown engine error"
-    if error.startswith("internal error"):  # AsyncEngine's message for a failed step
+    if out.error_code == "INTERNAL":
         return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
-    return RequestFailedError(f"the request failed: {error}")
+    return RequestFailedError(f"the request failed: {error}", out.error_code)
 
 
 class Generation:
@@ -110,9 +141,12 @@ class Generation:
         queue full) raise before the first one, an engine-side failure raises when it
         comes. Closing the iterator early aborts the engine request."""
         timer = self.metrics.request_timer()
+        check_prompt_size(request, self.engine.max_prompt_tokens)
         prompt, params, adapter = await asyncio.to_thread(
             engine_input, self.engine.tokenizer, self.engine.model_name, request)
-        outputs = self.engine.generate(prompt, params, adapter, request_id)
+        # The engine's id is its own: the front end's request_id is only echoed back, so
+        # two clients choosing the same id never meet.
+        outputs = self.engine.generate(prompt, params, adapter)
         async with aclosing(outputs):
             async for out in outputs:
                 if out.finish_reason is FinishReason.ERROR:

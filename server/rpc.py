@@ -11,25 +11,57 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from nolaserve.adapters.errors import ServerDrainingError, ServingError
+from nolaserve.adapters.errors import MalformedRequestError, ServerDrainingError, ServingError
 
 from .metrics import Metrics
 
 log = logging.getLogger("nolaserve.server")
 T = TypeVar("T")
+MAX_DETAILS = 1024  # status details longer than this are cut (gRPC metadata has limits)
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message of a failed RPC: a ``ServingError``'s ``grpc_code``, a
     ``ValueError`` (bad config or request value) is INVALID_ARGUMENT, anything else
-    INTERNAL (and logged with its traceback)."""
+    INTERNAL (and logged with its traceback). Messages are cut to ``MAX_DETAILS`` chars."""
     if isinstance(error, ServingError) and error.grpc_code in grpc.StatusCode.__members__:
-        return grpc.StatusCode[error.grpc_code], str(error)
+        return grpc.StatusCode[error.grpc_code], _cut(str(error))
     if isinstance(error, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, _cut(str(error))
     log.exception("unexpected error in an RPC", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}: " \
-                                     f"{error}); the server log has the traceback"
+    return grpc.StatusCode.INTERNAL, _cut(f"internal server error ({type(error).__name__}: "
+                                          f"{error}); the server log has the traceback")
+
+
+def _cut(details: str) -> str:
+    return details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + " [cut]"
+
+
+class MalformedRequest:
+    """What ``safe_decoding`` hands a servicer for bytes that are not its request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Decodes request bodies without raising: malformed bytes reach ``@rpc`` as a
+    ``MalformedRequest`` and are answered INVALID_ARGUMENT (grpc itself would say UNKNOWN
+    with a Python class name)."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe(data: bytes) -> object:
+            try:
+                return decode(data)
+            except Exception as e:  # DecodeError, or a RecursionError on deep nesting
+                return MalformedRequest(e)
+
+        return handler._replace(request_deserializer=safe)
 
 
 class Gate:
@@ -84,6 +116,10 @@ def rpc(method: Method) -> Method:
     async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> T:
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, MalformedRequest):
+                raise MalformedRequestError(
+                    f"the request body is not a valid {name} request message: "
+                    f"{str(request.error)[:200]}")
             self.gate.enter()
             try:
                 return await method(self, request, context)
@@ -95,6 +131,9 @@ def rpc(method: Method) -> Method:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
+            if context.cancelled():  # the client went away, e.g. mid-write of a stream
+                code = grpc.StatusCode.CANCELLED
+                return None
             code, details = status_of(e)
             await context.abort(code, details)
         finally:

@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import grpc
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
@@ -17,6 +18,8 @@ from .engine.engine import RequestOutput
 from .generation import Generation
 from .metrics import Metrics
 from .rpc import Gate, rpc
+
+MAX_REQUEST_ID_BYTES = 128
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -27,7 +30,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         """Run the request to the end; one response with the whole text and token ids."""
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request)
         text: list[str] = []
         token_ids: list[int] = []
         async with aclosing(self._outputs(request, request_id)) as outputs:
@@ -43,7 +46,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Stream the completion: each message has the new text and token ids, the last
         one finish_reason and usage. Written with ``context.write`` so that cancellation
         lands inside this coroutine and closes the engine request at once."""
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request)
         async with aclosing(self._outputs(request, request_id)) as outputs:
             async for out in outputs:
                 await context.write(convert.generate_response(request_id, out))
@@ -51,3 +54,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _outputs(self, request: inference_pb2.GenerateRequest,
                  request_id: str) -> AsyncIterator[RequestOutput]:
         return self.generation.outputs(convert.generate_request(request), request_id)
+
+
+def _request_id(request: inference_pb2.GenerateRequest) -> str:
+    """The id echoed in every response: the client's (at most MAX_REQUEST_ID_BYTES) or a
+    fresh uuid."""
+    if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequestError(f"request_id is {len(request.request_id.encode())} bytes; "
+                                  f"the limit is {MAX_REQUEST_ID_BYTES}")
+    return request.request_id or uuid.uuid4().hex

@@ -123,7 +123,7 @@ def _check_errors(target: str, client: Client, nola: bytes) -> None:
         (lambda: Client(target).list_adapters(), "UNAUTHENTICATED"),
         (lambda: Client(target, admin_token="wrong").get_adapter("nola-0"), "UNAUTHENTICATED"),
         (lambda: client.generate("hi", adapter_id="nope"), "NOT_FOUND"),
-        (lambda: client.register_adapter("nola-0", nola), "ALREADY_EXISTS"),
+        (lambda: client.register_adapter("nola-1", nola), "ALREADY_EXISTS"),
         (lambda: client.register_adapter("junk", b"x" * 64), "INVALID_ARGUMENT"),
         (lambda: client.generate("hi", top_p=1.5), "INVALID_ARGUMENT"),
         (lambda: client.generate("", max_tokens=4), "INVALID_ARGUMENT"),
@@ -132,6 +132,9 @@ def _check_errors(target: str, client: Client, nola: bytes) -> None:
         with pytest.raises(NolaserveError) as err:
             call()
         assert err.value.code == code, err.value
+    # The same bytes under the same id again (a retry after a lost acknowledgement): OK.
+    again = client.register_adapter("nola-0", nola)
+    assert again.sha256 == client.get_adapter("nola-0").sha256
 
 
 def _check_drain(proc: subprocess.Popen, target: str) -> None:

@@ -151,7 +151,7 @@ def test_base_model_names_match_loosely_but_not_across_models():
 def test_the_old_shared_default_registry_is_pointed_to(small, tmp_path, caplog):
     with sqlite3.connect(tmp_path / "registry.db") as conn:
         conn.executescript(OLD_SCHEMA)
-    with caplog.at_level("WARNING", logger="nolaserve.server"):
+    with caplog.at_level("WARNING", logger="nolaserve.engine"):
         engine = make_engine(small, None, registry_path="", cache_dir=str(tmp_path))
     assert f"--registry-path {tmp_path / 'registry.db'}" in caplog.text
     assert engine.store.registry.path != str(tmp_path / "registry.db")

@@ -53,7 +53,10 @@ def test_register_get_list_pin_and_server_info(engine):
     async def main():
         async with serving(engine) as c:
             info = await register(c, "a", data)
-            await expect_code(Code.ALREADY_EXISTS, register(c, "a", data), "replace")
+            again = await register(c, "a", data)  # same bytes: idempotent, the same record
+            assert (again.sha256, again.created_at) == (info.sha256, info.created_at)
+            await expect_code(Code.ALREADY_EXISTS, register(c, "a", nola_bytes(engine, 9)),
+                              "replace")
             await register(c, "a", data, replace=True)
             for i, name in enumerate(("b", "c")):
                 await register(c, name, nola_bytes(engine, 2 + i))

@@ -24,7 +24,7 @@ class AdapterAdmission:
         self.store = store
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         self._loads: dict[Sequence, Future] = {}
-        self.failed: list[tuple[Sequence, str]] = []  # drained by the engine
+        self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
 
     def ready(self, seq: Sequence) -> bool:
         if not seq.needs_adapter:
@@ -62,7 +62,7 @@ class AdapterAdmission:
         except NoFreeSlotError:
             return False  # every slot busy: try again on a later step
         except Exception as e:  # unknown, deleted or broken adapter: fail this request only
-            self.failed.append((seq, str(e)))
+            self.failed.append((seq, e))
             return False
         return True
 

@@ -2,7 +2,9 @@
 
 One background thread runs ``Engine.step()`` in a loop. Submissions and cancellations
 from the event loop are applied between steps, so a cancellation frees the request's KV
-blocks and adapter slot within one step.
+blocks and adapter slot within one step. If that thread ends for any reason other than
+``stop()``, every request in flight and every later submission gets ``EngineStoppedError``
+(UNAVAILABLE) at once, and ``on_death`` is called (the server turns NOT_SERVING and exits).
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
 from nolaserve.adapters.errors import EngineStoppedError
 
 from .engine import Engine, RequestOutput
-from .sequence import SamplingParams
+from .sequence import FinishReason, SamplingParams
 
 
 class AsyncEngine:
@@ -28,8 +30,16 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self.dead: BaseException | None = None  # why the step thread ended unasked
+        self.on_death: Callable[[BaseException], None] | None = None  # called on that thread
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the engine takes (its limit and the model's context)."""
+        limits = self.engine.limits
+        return min(limits.max_prompt_tokens, limits.max_model_len - 1)
 
     @property
     def tokenizer(self):
@@ -50,9 +60,15 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        # The adapter lookup reads the registry: here, on a worker thread, never on the
+        # step thread (which a slow registry would stall for every request).
+        params = self.engine.with_default_max_tokens(prompt_token_ids, params)
+        await asyncio.to_thread(self.engine.check_request, prompt_token_ids, params,
+                                adapter_id)
 
         def add() -> None:
-            self.engine.add_request(request_id, prompt_token_ids, params, adapter_id)
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter_id,
+                                    adapter_checked=True)
             self._queues[request_id] = (loop, queue)
 
         try:
@@ -85,13 +101,41 @@ class AsyncEngine:
         future: Future = Future()
         with self._wake:
             if self._stopped:
-                future.set_exception(EngineStoppedError("the engine is shutting down"))
+                why = "has stopped" if self.dead is not None else "is shutting down"
+                future.set_exception(EngineStoppedError(f"the engine {why}; retry on "
+                                                        "another replica or in a moment"))
                 return future
             self._inbox.append((fn, future))
             self._wake.notify()
         return future
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may hang on it
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        """The step thread is ending unasked: fail everything now, tell ``on_death``."""
+        with self._wake:
+            self._stopped = True
+            self.dead = error
+            inbox, self._inbox = self._inbox, []
+        message = (f"the engine stopped ({type(error).__name__}); the server is restarting: "
+                   "retry on another replica or in a moment")
+        for _, future in inbox:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStoppedError(message))
+        queues, self._queues = self._queues, {}
+        for request_id, (loop, queue) in queues.items():
+            out = RequestOutput(request_id, "", [], True, FinishReason.ERROR, error=message,
+                                error_code="UNAVAILABLE")
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+        if self.on_death is not None:
+            self.on_death(error)
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._inbox and not self.engine.has_unfinished() and not self._stopped:

@@ -75,6 +75,26 @@ class KVCache:
         return k, v
 
 
+def servable_context(text_config) -> int:
+    """The longest context ``paged_attention_forward`` serves exactly for a model config:
+    ``max_position_embeddings``, capped at a sliding window (within the window, sliding
+    attention equals full attention). ``ValueError`` for attention logit soft-capping,
+    which it does not implement."""
+    if getattr(text_config, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"the model uses attention logit soft-capping "
+            f"(attn_logit_softcapping = {text_config.attn_logit_softcapping}), which "
+            f"{ATTN_IMPLEMENTATION!r} attention does not implement; this model cannot be served")
+    length = text_config.max_position_embeddings
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    sliding = ("sliding_attention" in types) if types else \
+        getattr(text_config, "use_sliding_window", True)
+    if window and sliding and window < length:
+        return window
+    return length
+
+
 def kv_cache_blocks(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int,
                     head_dim: int, dtype: torch.dtype) -> int:
     """How many blocks fit in ``budget_bytes`` (keys and values of every layer)."""
@@ -90,6 +110,7 @@ class PrefillChunk:
     q_len: int
     block_table: torch.Tensor | None  # [1, nb]; None when the chunk is the whole context
     mask: torch.Tensor | None  # [q_len, nb * block_size] bool, True = attend
+    stale: torch.Tensor | None = None  # [1, nb * block_size, 1, 1] bool, key pos >= ctx_len
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +125,8 @@ class AttentionMetadata:
     num_decode: int
     decode_block_tables: torch.Tensor  # [num_decode, max_nb] int64, padded with block 0
     decode_mask: torch.Tensor  # [num_decode, 1, 1, max_nb * block_size] bool, pos < ctx_len
+    # [num_decode, max_nb * block_size, 1, 1] bool, ~decode_mask: padding and stale positions
+    decode_stale: torch.Tensor
     prefills: tuple[PrefillChunk, ...]
     max_ctx_len: int
 
@@ -135,9 +158,11 @@ class AttentionMetadata:
                                nb[n_dec:]):
             prefills.append(_prefill_chunk(row, q, s, bt[:k], bs, device))
             row += q
+        stale = (~mask).view(n_dec, max_nb * bs, 1, 1)
         mask = mask.view(n_dec, 1, 1, max_nb * bs)
         return cls(cache, torch.tensor(kv_slot, dtype=torch.long, device=device), n_dec,
-                   tables.to(device), mask.to(device), tuple(prefills), max(ctx_lens, default=0))
+                   tables.to(device), mask.to(device), stale.to(device), tuple(prefills),
+                   max(ctx_lens, default=0))
 
 
 def _check_table(block_table: list[int], ctx_len: int, block_size: int, num_blocks: int) -> None:
@@ -156,8 +181,9 @@ def _prefill_chunk(start: int, q_len: int, start_pos: int, blocks: list[int], bl
     key_pos = torch.arange(len(blocks) * block_size)
     query_pos = torch.arange(start_pos, start_pos + q_len).view(-1, 1)
     mask = key_pos <= query_pos  # [q_len, nb * bs], causal with offset start_pos
+    stale = (key_pos >= start_pos + q_len).view(1, -1, 1, 1)
     table = torch.tensor([blocks], dtype=torch.long, device=device)
-    return PrefillChunk(start, q_len, table, mask.to(device))
+    return PrefillChunk(start, q_len, table, mask.to(device), stale.to(device))
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -189,6 +215,10 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     n = meta.num_decode
     if n:
         k, v = meta.kv_cache.gather(layer, meta.decode_block_tables)  # [n, L, Hkv, D]
+        # Select, not multiply: a masked key/value may hold anything (another request's
+        # values, NaN); zeroed, it gets weight 0 and adds 0 (0 * NaN would be NaN).
+        k.masked_fill_(meta.decode_stale, 0)
+        v.masked_fill_(meta.decode_stale, 0)
         # One query per sequence: the G = H / Hkv heads sharing a KV head become G query rows.
         qd = q[:, :n].transpose(0, 1).reshape(n, Hkv, H // Hkv, D)  # [n, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
@@ -203,6 +233,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                                is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
             k, v = meta.kv_cache.gather(layer, p.block_table)  # [1, L, Hkv, D]
+            k.masked_fill_(p.stale, 0)  # positions past the context: stale, maybe NaN
+            v.masked_fill_(p.stale, 0)
             o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=p.mask, scale=scaling, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)  # [q_len, H, D]

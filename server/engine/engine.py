@@ -4,6 +4,7 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from nolaserve.adapters.errors import (
     InvalidRequestError,
     QueueFullError,
     RequestTooLargeError,
+    short,
 )
 from nolaserve.adapters.store import AdapterStore, StoreStats
 
@@ -21,8 +23,10 @@ from .admission import AdapterAdmission
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepBatch
 from .sampler import Sampler, make_generator
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger("nolaserve.engine")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str = "FAILED_PRECONDITION"  # the grpc.StatusCode name of ``error``
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,14 @@ class Engine:
     """Continuous batching over one model: requests for many adapters share each step."""
 
     def __init__(self, runner: ModelRunner, tokenizer, scheduler: Scheduler,
-                 admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int]):
+                 admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int],
+                 batch_invariant: bool = False):
+        """``batch_invariant``: run every sequence of a step in its own forward pass (and
+        let the scheduler cut prefill chunks at fixed boundaries), so that a request's
+        logits never depend on its batch-mates; costs throughput (docs/operations.md)."""
         self.runner, self.tokenizer, self.scheduler = runner, tokenizer, scheduler
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
+        self.batch_invariant = batch_invariant
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._step_observers: list[Callable[[StepStats], None]] = []
@@ -124,14 +134,16 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_id: str | None = None) -> None:
-        """Validate and queue a request; raises a typed error before it reaches the model."""
-        if params.max_tokens is None:
-            bm = self.scheduler.block_manager
-            room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
-            params = dataclasses.replace(params, max_tokens=max(1, min(
-                self.limits.max_tokens_limit, room - len(prompt_token_ids))))
-        self._validate(request_id, prompt_token_ids, params, adapter_id)
+                    adapter_id: str | None = None, *, adapter_checked: bool = False) -> None:
+        """Validate and queue a request; raises a typed error before it reaches the model.
+        ``adapter_checked``: the caller ran ``check_request`` already (``AsyncEngine`` does,
+        on a worker thread), so the adapter is not looked up again here."""
+        params = self.with_default_max_tokens(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params, None if adapter_checked else adapter_id)
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
+        if len(self.requests) >= self.limits.max_queued_requests:
+            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
@@ -146,16 +158,28 @@ class Engine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Finish every request with an error (a step raised): nothing stays wedged."""
-        return [self._finish(r, FinishReason.ERROR, error) for r in list(self.requests.values())]
+        return [self._finish(r, FinishReason.ERROR, error, code="INTERNAL")
+                for r in list(self.requests.values())]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                  adapter_id: str | None) -> None:
+    def with_default_max_tokens(self, prompt: list[int], params: SamplingParams
+                                ) -> SamplingParams:
+        """``params`` with an unset ``max_tokens`` filled in: as many as fit."""
+        if params.max_tokens is not None:
+            return params
+        bm = self.scheduler.block_manager
+        room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
+        return dataclasses.replace(params, max_tokens=max(1, min(
+            self.limits.max_tokens_limit, room - len(prompt))))
+
+    def check_request(self, prompt: list[int], params: SamplingParams,
+                      adapter_id: str | None) -> None:
+        """Every check of a request that needs no engine state: limits, sampling and the
+        adapter (registered, servable: this reads the registry, so callers on the step
+        thread pass ``adapter_id=None``). Safe on any thread."""
         lim = self.limits
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         if not prompt:
             raise InvalidRequestError("prompt is empty: send at least one token of text")
         if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
@@ -175,8 +199,6 @@ class Engine:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
             )
-        if len(self.requests) >= lim.max_queued_requests:
-            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         if adapter_id:
             self._check_adapter(adapter_id)
 
@@ -186,7 +208,7 @@ class Engine:
         record = self.store.get(adapter_id)  # AdapterNotFoundError if unknown
         if record.kind == "rmm-basis":
             raise IncompatibleAdapterError(
-                f"{adapter_id!r} is an RMM basis; request one of its tasks instead"
+                f"{short(adapter_id)} is an RMM basis; request one of its tasks instead"
             )
         self.store.parsed(adapter_id).validate(self.store.spec)  # e.g. registered for another model
 
@@ -198,8 +220,32 @@ class Engine:
         self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
-        logits = self.runner.execute(self._step_batch(sched)) if sched.scheduled else None
-        return failed + self._postprocess(sched, logits)
+        logits, errored = self._execute(sched)
+        return failed + errored + self._postprocess(sched, logits)
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestOutput]]:
+        """The step's logits. If the batch raises, each sequence is rerun alone: those that
+        raise alone fail (INTERNAL), the rest go on; ``sched.scheduled`` loses the failed.
+        In batch-invariant mode every sequence runs alone from the start."""
+        if not sched.scheduled:
+            return None, []
+        if not self.batch_invariant:
+            try:
+                return self.runner.execute(self._step_batch(sched.scheduled)), []
+            except Exception:
+                log.exception("engine step failed; retrying its %d requests one at a time",
+                              len(sched.scheduled))
+        kept, rows, failed = [], [], []
+        for s in sched.scheduled:
+            try:
+                rows.append(self.runner.execute(self._step_batch([s])))
+                kept.append(s)
+            except Exception as e:
+                failed.append(self._finish(self.requests[s.seq.request_id], FinishReason.ERROR,
+                                           f"internal error in engine step: {e!r:.200}",
+                                           code="INTERNAL"))
+        sched.scheduled = kept
+        return (torch.cat(rows) if rows else None), failed
 
     def _observe(self, sched: SchedulerOutput) -> None:
         if self._step_observers and sched.scheduled:
@@ -208,9 +254,9 @@ class Engine:
             for observe in self._step_observers:
                 observe(stats)
 
-    def _step_batch(self, sched: SchedulerOutput) -> StepBatch:
+    def _step_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         batch = StepBatch()
-        for s in sched.scheduled:
+        for s in scheduled:
             start = s.seq.num_computed_tokens
             batch.add(s.seq.token_ids[start:start + s.num_new_tokens], start,
                       s.seq.block_table, s.seq.adapter_slot, s.samples)
@@ -227,9 +273,35 @@ class Engine:
                 sampling.append(self.requests[s.seq.request_id])
         if not sampling:
             return outputs
-        tokens = self.sampler.sample(logits, [r.seq.params for r in sampling],
-                                     [r.generator for r in sampling])
-        return outputs + [self._append(req, tok) for req, tok in zip(sampling, tokens)]
+        for req, tok in zip(sampling, self._sample(logits, sampling)):
+            if isinstance(tok, int):
+                outputs.append(self._append(req, tok))
+            else:
+                outputs.append(self._finish(req, FinishReason.ERROR, tok.message, code=tok.code))
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowFailure]:
+        """One token per request, or the error of its row only: rows with NaN/Inf logits
+        fail; if the batched draw raises, rows are drawn one by one."""
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        out: list[int | _RowFailure] = [_non_finite(r.seq) for r in reqs]
+        good = [i for i, ok in enumerate(finite) if ok]
+        if not good:
+            return out
+        try:
+            tokens = self.sampler.sample(logits[good], [reqs[i].seq.params for i in good],
+                                         [reqs[i].generator for i in good])
+        except Exception:
+            tokens = [self._sample_one(logits[i:i + 1], reqs[i]) for i in good]
+        for i, tok in zip(good, tokens):
+            out[i] = tok
+        return out
+
+    def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowFailure:
+        try:
+            return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
+        except Exception as e:
+            return _RowFailure(f"internal error sampling this request: {e!r:.200}", "INTERNAL")
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq
@@ -244,7 +316,8 @@ class Engine:
         return RequestOutput(seq.request_id, text, [token])
 
     def _finish(self, req: _Request, reason: FinishReason, error: str | None = None,
-                text: str = "", token_ids: list[int] | None = None) -> RequestOutput:
+                text: str = "", token_ids: list[int] | None = None,
+                code: str = "FAILED_PRECONDITION") -> RequestOutput:
         seq = req.seq
         if not req.detokenizer.stopped:
             text += req.detokenizer.flush()
@@ -252,12 +325,29 @@ class Engine:
         self.admission.release(seq)
         del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids), error)
+                             seq.num_prompt_tokens, len(seq.output_token_ids), error, code)
 
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []
-        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, error)
+        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, str(error),
+                             code=getattr(error, "grpc_code", "FAILED_PRECONDITION"))
                 for seq, error in failed if seq.request_id in self.requests]
+
+
+@dataclass(frozen=True)
+class _RowFailure:
+    message: str
+    code: str
+
+
+def _non_finite(seq: Sequence) -> _RowFailure:
+    token = len(seq.output_token_ids)
+    if seq.adapter_id is None:
+        return _RowFailure(f"internal error: the base model produced NaN or Inf logits at "
+                         f"output token {token}", "INTERNAL")
+    return _RowFailure(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
+                     f"token {token}: its weights are numerically unusable with this model; "
+                     "re-register a bounded version", "FAILED_PRECONDITION")
 
 
 def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:

@@ -66,6 +66,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         adapter_ready: Callable[[Sequence], bool] = lambda s: True,
+        fixed_chunks: bool = False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -77,6 +78,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_ready = adapter_ready
+        # Prefill chunks always end at multiples of max_num_batched_tokens (a sequence
+        # waits rather than take a shorter chunk), as when it runs alone: batch-invariant.
+        self.fixed_chunks = fixed_chunks
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # sorted by arrival order
         self._order: dict[Sequence, int] = {}  # arrival number, assigned by add()
@@ -171,8 +175,8 @@ class Scheduler:
             if budget <= 0:
                 return
             seq = self._running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute until the engine appends a token
+            num_new = self._chunk(seq, budget)
+            if num_new <= 0:  # nothing to compute (or no fixed chunk fits) this step
                 i += 1
                 continue
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
@@ -204,7 +208,9 @@ class Scheduler:
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget <= 0 or len(self._running) >= self.max_num_seqs:
                 break
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._chunk(seq, budget)
+            if num_new <= 0:
+                break  # FCFS: its fixed chunk does not fit what is left of the budget
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
                 break  # FCFS: later requests do not overtake one that waits for blocks
             if not self.adapter_ready(seq):
@@ -215,6 +221,15 @@ class Scheduler:
             admitted.append(seq)
         for seq in admitted:
             self._waiting.remove(seq)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of ``seq`` to compute now: as many as the budget allows, or with
+        ``fixed_chunks`` its next whole chunk or nothing."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        if not self.fixed_chunks:
+            return min(left, budget)
+        chunk = min(left, self.max_num_batched_tokens)
+        return chunk if chunk <= budget else 0
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
