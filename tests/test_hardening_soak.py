@@ -38,11 +38,10 @@ CHURN_IDS = [f"churn-{i}" for i in range(6)]
 # VmRSS may grow by a fixed allowance (allocator and caches settling) plus a little per
 # RPC, so the bound scales with the soak's length; the measured growth is a few MiB.
 RSS_BASE, RSS_PER_RPC = 32 << 20, 4 << 10
-# Codes a request may get when a delete of its adapter overlapped it (or the adapter was not
-# registered when it started). The decided contract: NOT_FOUND if deleted before admission;
-# once admitted it completes. FAILED_PRECONDITION is today's code for "deleted between
-# validation and admission"; it goes once the contract is implemented.
-DELETED = {Code.NOT_FOUND, Code.FAILED_PRECONDITION}
+# The code a request gets when a delete of its adapter overlapped it (or the adapter was not
+# registered when it started): the deletion contract says NOT_FOUND if deleted before
+# admission; once admitted it completes (docs/operations.md).
+DELETED = {Code.NOT_FOUND}
 
 
 @pytest.fixture(scope="module")
