@@ -144,9 +144,9 @@ class Generation:
         check_prompt_size(request, self.engine.max_prompt_tokens)
         prompt, params, adapter = await asyncio.to_thread(
             engine_input, self.engine.tokenizer, self.engine.model_name, request)
-        # The engine's id is its own: the front end's request_id is only echoed back, so
-        # two clients choosing the same id never meet.
-        outputs = self.engine.generate(prompt, params, adapter)
+        # The engine's id is its own: the front end's request_id is only a label, so two
+        # clients choosing the same id never meet.
+        outputs = self.engine.generate(prompt, params, adapter, label=request_id)
         async with aclosing(outputs):
             async for out in outputs:
                 if out.finish_reason is FinishReason.ERROR:

@@ -49,8 +49,12 @@ class StepProbe:
         return len(self.held)
 
     def steps_holding(self, request_id: str, since: int = 0) -> int:
-        """How many steps begun after ``since`` still held ``request_id``."""
-        return sum(request_id in ids for ids in self.held[since:])
+        """How many steps begun after ``since`` still held ``request_id``: the engine's own
+        id, or the front end's, which the engine id carries as its label (``req-<n>/<id>``)."""
+        def held(ids: frozenset[str]) -> bool:
+            return any(i == request_id or i.endswith("/" + request_id) for i in ids)
+
+        return sum(held(ids) for ids in self.held[since:])
 
 
 class BlockingLoad:

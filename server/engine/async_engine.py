@@ -52,12 +52,14 @@ class AsyncEngine:
         return self.engine.model_name
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter_id: str | None = None, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       adapter_id: str | None = None, request_id: str | None = None,
+                       label: str = "") -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs; the last one has ``finished`` set.
         Raises the engine's typed errors (bad input, unknown adapter, queue full) before
-        yielding anything. Closing the iterator early cancels the request."""
-        request_id = request_id or f"req-{next(self._ids)}"
+        yielding anything. Closing the iterator early cancels the request. Without a
+        ``request_id`` the engine names it ``req-<n>/<label>``: unique whatever the label
+        (a front end's client-chosen id), which only makes it traceable."""
+        request_id = request_id or f"req-{next(self._ids)}/{label}"
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # The adapter lookup reads the registry: here, on a worker thread, never on the
