@@ -183,8 +183,12 @@ def test_deadline_and_cancel_stop_the_engine_request(engine):
             stream.cancel()
             marks["cancel"] = await ended(c, "GenerateStream", 2)
             await wait_idle(engine)
+            # The client's deadline fires first (the server's is later by the transit
+            # time), so on a loaded machine its cancel may arrive before the server's own
+            # timer: either code, counted once.
             counted = c.running.metrics.requests
-            assert counted.labels("Generate", "DEADLINE_EXCEEDED")._value.get() == 1
+            assert sum(counted.labels("Generate", code)._value.get()
+                       for code in ("DEADLINE_EXCEEDED", "CANCELLED")) == 1
         return marks
 
     marks = asyncio.run(main())
