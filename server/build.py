@@ -12,9 +12,10 @@ from nolaserve.adapters.store import AdapterStore
 
 from .config import Config
 from .engine.admission import AdapterAdmission
-from .engine.attention import kv_cache_blocks, servable_context
+from .engine.attention import servable_context
 from .engine.block_manager import BlockManager
 from .engine.engine import Engine, EngineLimits
+from .engine.kv_cache import kv_cache_blocks
 from .engine.model_loader import (
     load_model,
     model_fingerprint,

@@ -146,7 +146,8 @@ class Engine:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
+        self.requests[request_id] = _Request(seq, detok,
+                                            make_generator(params.seed, self.runner.device))
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
