@@ -56,8 +56,16 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
-    kv_cache_bytes: int = option(512 << 20, "KV-cache memory budget; sets the number of "
-                                 "blocks", shown="512 MiB")
+    kv_cache_bytes: int = option(0, "KV-cache memory budget, overriding the two below; "
+                                 "`0` = sized from memory (docs/configuration.md)")
+    gpu_memory_utilization: float = option(0.9, "on CUDA: the share of the GPU's memory "
+                                           "this process may use; what the model, the slot "
+                                           "pool and the largest step leave of it goes to "
+                                           "KV blocks", shown="0.9")
+    cpu_kv_cache_fraction: float = option(0.1, "on CPU: the share of the RAM available at "
+                                          "startup given to KV blocks (capped at what "
+                                          "`max_num_seqs` full-length sequences use)",
+                                          shown="0.1")
     # request limits
     max_prompt_tokens: int = option(4096, "longest prompt accepted (also bounded by the "
                                     "model's context)")
@@ -102,12 +110,17 @@ class Config:
     def __post_init__(self) -> None:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                    "kv_cache_bytes", "max_prompt_tokens", "max_tokens_limit",
+                    "max_prompt_tokens", "max_tokens_limit",
                     "max_queued_requests", "max_message_bytes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
+            raise ValueError(f"config kv_cache_bytes must be >= 0, got {self.kv_cache_bytes!r}")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"config {name} must be in (0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"

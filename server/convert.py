@@ -96,6 +96,8 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
         max_tokens_limit=limits.max_tokens_limit,
         max_queued_requests=limits.max_queued_requests,
         max_message_bytes=config.max_message_bytes, version=_version(),
+        kv_cache_blocks=runner.num_kv_blocks, block_size=runner.block_size,
+        max_context_tokens=min(limits.max_model_len, runner.num_kv_blocks * runner.block_size),
     )
 
 

@@ -24,8 +24,10 @@ class KVCache:
                 f"block_size={block_size} kv_heads={num_kv_heads} head_dim={head_dim}")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialized: attention never reads a position before it is written (masked or
+        # not loaded), and on CPU untouched pages are never committed.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -84,10 +84,35 @@ class ModelRunner:
     def num_kv_blocks(self) -> int:
         return self.kv_cache.num_blocks
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        """Replace the cache by one of ``num_blocks`` blocks (its contents are dropped):
+        the engine sizes the cache after a profiling step on a small one."""
+        c = self.kv_cache
+        shape = c.k.shape
+        self.kv_cache = None  # free the old one first
+        self.kv_cache = KVCache(shape[0], num_blocks, c.block_size, shape[3], shape[4],
+                                self.device, c.k.dtype)
+
+    def warm_up(self, max_num_seqs: int, max_num_batched_tokens: int,
+                max_model_len: int) -> int:
+        """Run one step of each shape the engine will run: the largest prefill and decode
+        batches of 1, 2, 4, ... up to ``max_num_seqs`` sequences, each on adapter slots
+        with every wrapped linear's low-rank path on, so that kernels compile and the slot
+        pool is touched before the first request. Writes only into the KV cache (blocks
+        that no sequence holds yet). Returns the number of steps."""
+        num_slots = self.pool.num_slots if self.pool is not None else 0
+        batches = warm_up_batches(max_num_seqs, max_num_batched_tokens, max_model_len,
+                                  self.num_kv_blocks, self.block_size, num_slots)
+        for batch in batches:
+            self.execute(batch, all_modules=True)
+        return len(batches)
+
+    def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:
         """Run one step; returns float32 logits ``[num_sampled, vocab]``, one row per
         sequence with ``sample`` set, in ``batch`` order. Writes the new tokens' keys and
-        values into the cache. Raises ``ValueError`` on an inconsistent batch."""
+        values into the cache. Raises ``ValueError`` on an inconsistent batch.
+        ``all_modules``: run every wrapped linear's low-rank op, also for slots that adapt
+        none of it (warm-up)."""
         batch.validate()
         if batch.num_seqs == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
@@ -95,23 +120,25 @@ class ModelRunner:
         inputs = build_step_inputs(batch, self.kv_cache, self.staging, self.kernel,
                                    with_lora=self.pool is not None)
         try:
-            self._fill_context(inputs)
-            with torch.inference_mode():
+            self._fill_context(inputs, all_modules)
+            # no_grad, not inference_mode: the logits are ordinary tensors that callers may
+            # modify in place, without a copy of [num_sampled, vocab].
+            with torch.no_grad():
                 out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
                                  use_cache=False, logits_to_keep=inputs.logits_rows,
                                  attn_metadata=inputs.attn)
         finally:
             self.ctx.clear()
-        # A copy made outside inference mode: callers may modify it in place.
-        return out.logits[0].to(torch.float32, copy=True)  # [num_sampled, vocab]
+        return out.logits[0].to(torch.float32)  # [num_sampled, vocab]
 
-    def _fill_context(self, inputs: StepInputs) -> None:
+    def _fill_context(self, inputs: StepInputs, all_modules: bool) -> None:
         ctx = self.ctx
         ctx.attn = inputs.attn
         if inputs.lora is not None:
             ctx.lora_batch = inputs.lora
             ctx.lora_backend, ctx.lora_multi_backend = step_backends(inputs.lora, self.device)
-            ctx.active_modules = self.pool.modules_of(set(inputs.slots))
+            ctx.active_modules = frozenset(self.spec.module_shapes) if all_modules else \
+                self.pool.modules_of(set(inputs.slots))
 
     def _check_adapter_slots(self, slots: list[int]) -> None:
         if not slots:
@@ -122,6 +149,34 @@ class ModelRunner:
             raise ValueError(
                 f"adapter slots must be -1 (base) or in [0, {limit}), got {lo}..{hi}"
                 + ("" if self.pool is not None else "; this runner serves the base model only"))
+
+
+def warm_up_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                    num_blocks: int, block_size: int, num_slots: int) -> list[StepBatch]:
+    """The steps of ``ModelRunner.warm_up``: the largest prefill (``max_num_batched_tokens``
+    tokens in chunks of at most ``max_model_len - 1``), then decode batches of 1, 2, 4, ...
+    ``max_num_seqs`` sequences at position 0. Sequence ``i`` uses adapter slot
+    ``i % num_slots`` (-1 without slots). Block ids wrap around a small cache (the values
+    are never read back as anyone's context)."""
+    next_block = iter(range(1 << 62))
+
+    def table(positions: int) -> list[int]:
+        return [next(next_block) % num_blocks for _ in range(-(-positions // block_size))]
+
+    def slot(i: int) -> int:
+        return i % num_slots if num_slots else -1
+
+    prefill, left = StepBatch(), max_num_batched_tokens
+    while left > 0 and prefill.num_seqs < max_num_seqs:
+        n = min(left, max(1, max_model_len - 1))
+        prefill.add([0] * n, 0, table(n), slot(prefill.num_seqs))
+        left -= n
+    batches = [prefill]
+    sizes = sorted({*(1 << k for k in range(max_num_seqs.bit_length())), max_num_seqs})
+    for size in (s for s in sizes if s <= max_num_seqs):
+        batches.append(StepBatch.from_seqs([([0], 0, table(1), slot(i), True)
+                                            for i in range(size)]))
+    return batches
 
 
 def attention_kernel(choice: str, device: torch.device):
