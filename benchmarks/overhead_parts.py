@@ -148,7 +148,7 @@ class _one_group:
 def roofline(n: int = 2048) -> None:
     """A large fp32 matmul's FLOP/s, then SmolLM2-135M base-only decode at batch 64 as a
     fraction of it (2 FLOP per weight per token, embeddings excluded, lm_head included)."""
-    from nolaserve.benchmarks.overhead import run
+    from nolaserve.benchmarks.engine import run_batch
     from nolaserve.server.build import build_engine
     from nolaserve.server.config import Config
     from nolaserve.server.engine import model_loader as ml
@@ -164,7 +164,7 @@ def roofline(n: int = 2048) -> None:
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 49152) for _ in range(rng.randint(16, 48))]
                for _ in range(64)]
-    tps = run(engine, prompts, [None] * 64, 16)
+    tps = run_batch(engine, prompts, [None] * 64, 16)
     engine.close()
     flops = tps * 2 * weights
     print(f"\nroofline: fp32 matmul {n}^3: {peak / 1e9:.1f} GFLOP/s; SmolLM2-135M base-only "
