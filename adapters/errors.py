@@ -58,6 +58,12 @@ class AdapterInUseError(AdapterError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class RegistryUnavailableError(AdapterError):
+    """The registry's database cannot be reached; retry when it is back (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class LimitExceededError(AdapterError):
     """A configured limit would be exceeded: basis size, pins, file size (RESOURCE_EXHAUSTED)."""
 

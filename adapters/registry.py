@@ -1,26 +1,37 @@
-"""Durable adapter registry: one SQLite row per adapter, holding its file bytes.
+"""The durable adapter registry: one interface, two backends.
 
-SQLite runs in WAL mode with ``synchronous=FULL``: once ``register`` returns, the row
-survives ``kill -9`` and power loss; a write interrupted before that leaves nothing.
-Pure Python: no tensors here.
+    open_registry("sqlite:///path" | "postgresql://user@host:port/db" | path, scope)
 
-Scoping: a registry opened with ``scope`` (the base model's fingerprint; the registry
-treats it as an opaque string) writes it into each row it registers and reads only rows
-of that scope, plus rows without one (written before scoping existed, or by an unscoped
-registry). A row of another scope looks absent, and its id cannot be taken. Files of the
-older schema gain the column when opened (``NULL`` for their rows) and lose nothing.
+``Registry`` holds every rule both backends share, written once in SQL that SQLite and
+PostgreSQL both accept (``?`` placeholders; the PostgreSQL backend rewrites them):
+
+- register and register_many are atomic (an RMM basis with its tasks: all or nothing) and
+  durable once they return (the acknowledgement is the database's commit);
+- a taken id is refused unless ``replace``; an RMM basis that tasks name cannot change alone;
+- ``list`` pages in id order; ``count`` and ``list`` read the ``adapters`` table only: the
+  bytes live in ``adapter_blobs``;
+- every register, replace and delete bumps the adapter's version in ``adapter_versions``
+  (one counter per registry, taken under the write lock, so versions commit in order):
+  ``changes_since(v)`` is what other processes poll (``registry_watch.py``);
+- scoping: a registry opened with ``scope`` (the base model's fingerprint, an opaque
+  string) writes it into each row and reads only rows of that scope plus unscoped ones; a
+  row of another scope looks absent and its id cannot be taken;
+- the schema carries its version; ``registry_schema.py`` migrates older ones at open.
+
+Backends (``registry_sqlite.py``, ``registry_pg.py``) supply connections, transactions
+and the fault mapping: a database that cannot be reached raises
+``RegistryUnavailableError`` (UNAVAILABLE). Pure Python: no tensors here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sqlite3
-import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from typing import Any
 
 from .errors import (
     AdapterError,
@@ -43,80 +54,87 @@ from .registry_rows import (
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_COLUMNS = "id, kind, size, sha256, metadata, parent, created_at, base_model_fingerprint"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    data BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    parent TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS adapters_parent ON adapters(parent) WHERE parent IS NOT NULL;
-"""
-_SCOPE_COLUMN = "base_model_fingerprint"  # added in place to files of the first schema
+SCOPE_COLUMN = "base_model_fingerprint"
+_COLUMNS = f"id, kind, size, sha256, metadata, parent, created_at, {SCOPE_COLUMN}"
+_UPSERT = (f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+           "ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, size = excluded.size, "
+           "sha256 = excluded.sha256, metadata = excluded.metadata, parent = excluded.parent, "
+           f"created_at = excluded.created_at, {SCOPE_COLUMN} = excluded.{SCOPE_COLUMN}")
+_UPSERT_BLOB = ("INSERT INTO adapter_blobs (id, data) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET data = excluded.data")
+_BUMP = ("INSERT INTO adapter_versions (id, version, deleted) VALUES (?, ?, ?) "
+         "ON CONFLICT (id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted")
+Change = tuple[str, int]  # (adapter id, version)
 
 
-class Registry:
-    """Thread-safe adapter registry over SQLite.
+class Registry(ABC):
+    """Thread-safe adapter registry. Use as a context manager or call ``close``.
 
-    Writes go through one connection guarded by a lock. On a file, every reading thread
-    has its own read-only connection and takes no lock: in WAL mode a read never waits
-    for a write's transaction or fsync, so a registration burst never stalls a lookup or
-    a metrics scrape. ``":memory:"`` (tests) has one connection for both, under the lock.
-    Use as a context manager or call ``close``.
+    A backend implements ``_writing`` (a connection inside a write transaction that holds
+    the registry's write lock), ``_reading`` (a connection to read from), ``_run`` (one
+    statement), ``_announce`` (tell other processes about a committed version), ``close``
+    and ``verify``.
     """
 
-    def __init__(self, path: str | os.PathLike = ":memory:", scope: str | None = None) -> None:
-        self._path = self.path = os.fspath(path)
+    def __init__(self, scope: str | None) -> None:
         self.scope = scope  # None: every row; else this base model's (module docstring)
-        # appended to WHERE clauses: this scope's rows and unscoped ones
         self._in_scope = "" if scope is None else (
-            f" AND ({_SCOPE_COLUMN} IS NULL OR {_SCOPE_COLUMN} = ?)")
+            f" AND ({SCOPE_COLUMN} IS NULL OR {SCOPE_COLUMN} = ?)")
         self._scope_args: tuple = () if scope is None else (scope,)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self._path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        _migrate(self._conn)
-        self._shared_reads = self._path == ":memory:" or self._path == ""
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._closed = False
+        self._own: set[int] | None = None  # versions this object wrote, once watched
 
+    # -- what a backend supplies -----------------------------------------------------
+
+    @abstractmethod
+    def _writing(self) -> AbstractContextManager[Any]: ...
+
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[Any]: ...
+
+    @abstractmethod
+    def _run(self, conn: Any, sql: str, args: tuple = ()) -> Any:
+        """Execute one statement written with ``?`` placeholders; returns the cursor."""
+
+    @abstractmethod
     def close(self) -> None:
         """Close every connection; later calls fail."""
-        with self._lock:
-            self._closed = True
-            for conn in [self._conn, *self._readers]:
-                conn.close()
-            self._readers.clear()
 
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A connection to read from: this thread's own, or the shared one under the lock."""
-        if self._shared_reads:
-            with self._lock:
-                yield self._conn
-            return
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-            conn.execute("PRAGMA query_only=ON")
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-                self._readers.append(conn)
-            self._local.conn = conn
-        yield conn
+    @abstractmethod
+    def verify(self) -> list[str]:
+        """Check the stored bytes of every row against its size and sha256 (plus the
+        backend's own integrity check); returns the problems found."""
+
+    def _announce(self, conn: Any, version: int) -> None:
+        """Inside the write transaction: tell listeners ``version`` commits (default: no
+        one listens; pollers see it through ``changes_since``)."""
+
+    def listener(self) -> Any | None:
+        """An object whose ``wait(timeout)`` returns True when another process announced
+        a change, or None when the backend has no announcements (then only polling)."""
+        return None
+
+    def track_own_writes(self) -> None:
+        """From now on remember the versions this object writes (``wrote``), so that a
+        watcher of this process skips its own changes."""
+        if self._own is None:
+            self._own = set()
+
+    def wrote(self, version: int) -> bool:
+        """Whether this object wrote ``version`` (forgets it: each is asked about once)."""
+        own = self._own
+        if own is None or version not in own:
+            return False
+        own.discard(version)
+        return True
+
+    def _wrote(self, version: int) -> None:
+        if self._own is not None:
+            self._own.add(version)
+
+    @property
+    def location(self) -> str:
+        """Where the registry lives, for messages (no credentials)."""
+        return type(self).__name__
 
     def __enter__(self) -> Registry:
         return self
@@ -146,45 +164,57 @@ class Registry:
         if len(set(ids)) != len(ids):
             raise InvalidAdapterError(f"register_many: duplicate ids in one batch: {ids}")
         now = time.time()
-        with self._lock, _transaction(self._conn):
+        with self._writing() as conn:
             for row in rows:
-                self._check_write(row, rows, replace)
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO adapters "
-                f"(id, kind, data, size, sha256, metadata, parent, created_at, {_SCOPE_COLUMN}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*row, now, self.scope) for row in rows],
-            )
+                self._check_write(conn, row, rows, replace)
+            version = self._next_version(conn)
+            for adapter_id, kind, data, size, sha, meta, parent in rows:
+                self._run(conn, _UPSERT, (adapter_id, kind, size, sha, meta, parent, now,
+                                          self.scope))
+                self._run(conn, _UPSERT_BLOB, (adapter_id, data))
+                self._run(conn, _BUMP, (adapter_id, version, 0))
+            self._announce(conn, version)
+        self._wrote(version)
         return [AdapterRecord(i, k, size, sha, json.loads(m), p, now, self.scope)
                 for i, k, _, size, sha, m, p in rows]
 
     def delete(self, adapter_id: str) -> None:
         """Remove an adapter. ``AdapterInUseError`` if tasks still name it as parent."""
-        with self._lock, _transaction(self._conn):
-            self._get(self._conn, adapter_id)
-            users = _dependents(self._conn, adapter_id)
+        with self._writing() as conn:
+            self._get(conn, adapter_id)
+            users = self._dependents(conn, adapter_id)
             if users:
                 raise AdapterInUseError(
                     f"adapter {short(adapter_id)} is the basis of {few(users)}; delete those first"
                 )
-            self._conn.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+            version = self._next_version(conn)
+            self._run(conn, "DELETE FROM adapter_blobs WHERE id = ?", (adapter_id,))
+            self._run(conn, "DELETE FROM adapters WHERE id = ?", (adapter_id,))
+            self._run(conn, _BUMP, (adapter_id, version, 1))
+            self._announce(conn, version)
+        self._wrote(version)
 
-    def _check_write(self, row: tuple, batch: list[tuple], replace: bool) -> None:
+    def _next_version(self, conn: Any) -> int:
+        """One past the newest version; the write lock makes versions commit in order."""
+        return self._run(conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions"
+                         ).fetchone()[0]
+
+    def _check_write(self, conn: Any, row: tuple, batch: list[tuple], replace: bool) -> None:
         adapter_id, kind, parent = row[0], row[1], row[6]
-        owner = self._conn.execute(
-            f"SELECT {_SCOPE_COLUMN} FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
+        owner = self._run(conn, f"SELECT {SCOPE_COLUMN} FROM adapters WHERE id = ?",
+                          (adapter_id,)).fetchone()
         exists = owner is not None
         if exists and self.scope is not None and owner[0] not in (None, self.scope):
             raise AdapterExistsError(
                 f"adapter id {short(adapter_id)} is taken by an adapter of another base model "
-                "in this registry file; pick another id")
+                "in this registry; pick another id")
         if exists and not replace:
             raise AdapterExistsError(
                 f"adapter {short(adapter_id)} is already registered; pass replace=true to overwrite"
             )
         batch_ids = {r[0] for r in batch}
         if exists:
-            users = [u for u in _dependents(self._conn, adapter_id) if u not in batch_ids]
+            users = [u for u in self._dependents(conn, adapter_id) if u not in batch_ids]
             if users:
                 raise AdapterInUseError(
                     f"cannot replace {short(adapter_id)}: it is the basis of {few(users)}; "
@@ -192,7 +222,7 @@ class Registry:
                 )
         if parent is not None:
             parent_kind = next((r[1] for r in batch if r[0] == parent), None)
-            parent_kind = parent_kind or self._kind_of(self._conn, parent)
+            parent_kind = parent_kind or self._kind_of(conn, parent)
             if parent_kind is None:
                 raise AdapterNotFoundError(
                     f"{kind} {short(adapter_id)} names basis {short(parent)}, which is not "
@@ -214,8 +244,9 @@ class Registry:
     def data(self, adapter_id: str) -> bytes:
         """The stored adapter file bytes."""
         with self._reading() as conn:
-            row = conn.execute(f"SELECT data FROM adapters WHERE id = ?{self._in_scope}",
-                               (adapter_id, *self._scope_args)).fetchone()
+            row = self._run(conn, "SELECT b.data FROM adapter_blobs b JOIN adapters a "
+                            f"ON a.id = b.id WHERE a.id = ?{self._in_scope}",
+                            (adapter_id, *self._scope_args)).fetchone()
             if row is None:
                 raise self._not_found(conn, adapter_id)
         return bytes(row[0])
@@ -230,8 +261,8 @@ class Registry:
     def count(self) -> int:
         """Number of registered adapters."""
         with self._reading() as conn:
-            return conn.execute(f"SELECT COUNT(*) FROM adapters WHERE 1{self._in_scope}",
-                                self._scope_args).fetchone()[0]
+            return self._run(conn, f"SELECT COUNT(*) FROM adapters WHERE TRUE{self._in_scope}",
+                             self._scope_args).fetchone()[0]
 
     def list(self, page_size: int = DEFAULT_PAGE_SIZE,
              page_token: str = "") -> tuple[list[AdapterRecord], str]:
@@ -247,11 +278,9 @@ class Registry:
         page_size = page_size or DEFAULT_PAGE_SIZE
         after = decode_token(page_token)
         with self._reading() as conn:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM adapters WHERE id > ?{self._in_scope} "
-                "ORDER BY id LIMIT ?",
-                (after, *self._scope_args, page_size + 1),
-            ).fetchall()
+            rows = self._run(conn, f"SELECT {_COLUMNS} FROM adapters WHERE id > ?"
+                             f"{self._in_scope} ORDER BY id LIMIT ?",
+                             (after, *self._scope_args, page_size + 1)).fetchall()
         records = [record_of(r) for r in rows[:page_size]]
         token = encode_token(records[-1].id) if len(rows) > page_size else ""
         return records, token
@@ -260,72 +289,81 @@ class Registry:
         """Ids of the rows that name ``adapter_id`` as parent, sorted."""
         with self._reading() as conn:
             self._get(conn, adapter_id)
-            return _dependents(conn, adapter_id)
+            return self._dependents(conn, adapter_id)
 
-    def verify(self) -> list[str]:
-        """Check the database: SQLite's ``integrity_check`` plus the size and sha256 of every
-        row. Returns the problems found (empty when all is well)."""
-        with self._lock:
-            problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
-            problems = [] if problems == ["ok"] else problems
-            cursor = self._conn.execute("SELECT id, size, sha256, data FROM adapters")
-            for adapter_id, size, sha, data in cursor:
-                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-                    problems.append(f"adapter {short(adapter_id)}: stored bytes do not match "
-                                    "their size or sha256")
+    def changes_since(self, version: int) -> tuple[list[Change], int]:
+        """``(adapter id, version)`` of every register, replace and delete committed after
+        ``version``, oldest first, and the newest version (``version`` if none)."""
+        with self._reading() as conn:
+            rows = self._run(conn, "SELECT id, version FROM adapter_versions "
+                             "WHERE version > ? ORDER BY version", (version,)).fetchall()
+        changes = [(r[0], r[1]) for r in rows]
+        return changes, max([version, *(v for _, v in changes)])
+
+    def version(self) -> int:
+        """The newest committed version (0 for a registry never written)."""
+        with self._reading() as conn:
+            return self._run(conn, "SELECT COALESCE(MAX(version), 0) FROM adapter_versions"
+                             ).fetchone()[0]
+
+    def _check_rows(self, conn: Any) -> list[str]:
+        """Every row's stored bytes against its size and sha256."""
+        problems = []
+        cursor = self._run(conn, "SELECT a.id, a.size, a.sha256, b.data FROM adapters a "
+                           "LEFT JOIN adapter_blobs b ON a.id = b.id ORDER BY a.id")
+        for adapter_id, size, sha, data in cursor:
+            if data is None:
+                problems.append(f"adapter {short(adapter_id)}: its stored bytes are missing")
+            elif len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                problems.append(f"adapter {short(adapter_id)}: stored bytes do not match "
+                                "their size or sha256")
         return problems
 
-    # -- scoped lookups (``conn``: the write connection under the lock, or a reader) ---
+    # -- scoped lookups (``conn``: the write transaction's or a reader's) -------------
 
-    def _get(self, conn: sqlite3.Connection, adapter_id: str) -> AdapterRecord:
-        row = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
-                           (adapter_id, *self._scope_args)).fetchone()
+    def _get(self, conn: Any, adapter_id: str) -> AdapterRecord:
+        row = self._run(conn, f"SELECT {_COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
+                        (adapter_id, *self._scope_args)).fetchone()
         if row is None:
             raise self._not_found(conn, adapter_id)
         return record_of(row)
 
-    def _kind_of(self, conn: sqlite3.Connection, adapter_id: str) -> str | None:
-        row = conn.execute(f"SELECT kind FROM adapters WHERE id = ?{self._in_scope}",
-                           (adapter_id, *self._scope_args)).fetchone()
+    def _kind_of(self, conn: Any, adapter_id: str) -> str | None:
+        row = self._run(conn, f"SELECT kind FROM adapters WHERE id = ?{self._in_scope}",
+                        (adapter_id, *self._scope_args)).fetchone()
         return None if row is None else row[0]
 
-    def _not_found(self, conn: sqlite3.Connection, adapter_id: str) -> AdapterError:
-        elsewhere = self.scope is not None and conn.execute(
-            "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
+    def _dependents(self, conn: Any, adapter_id: str) -> list[str]:
+        rows = self._run(conn, "SELECT id FROM adapters WHERE parent = ? ORDER BY id",
+                         (adapter_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    def _not_found(self, conn: Any, adapter_id: str) -> AdapterError:
+        elsewhere = self.scope is not None and self._run(
+            conn, "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
         if elsewhere:
             return AdapterNotFoundError(
                 f"no adapter {short(adapter_id)} for this base model: that id belongs to an "
-                "adapter of another base model in this registry file")
+                "adapter of another base model in this registry")
         return not_found(adapter_id)
 
 
-def _dependents(conn: sqlite3.Connection, adapter_id: str) -> list[str]:
-    rows = conn.execute("SELECT id FROM adapters WHERE parent = ? ORDER BY id", (adapter_id,))
-    return [r[0] for r in rows]
+def open_registry(url: str, scope: str | None = None, **options: Any) -> Registry:
+    """The registry at ``url``: ``postgresql://...`` (or ``postgres://``), ``sqlite:///path``,
+    ``sqlite://:memory:``, or a bare SQLite path. ``options`` go to the backend."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .registry_pg import PostgresRegistry
 
+        return PostgresRegistry(url, scope=scope, **options)
+    from .registry_sqlite import SqliteRegistry
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a file of an older schema up to date in place, keeping every row."""
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(adapters)")}
-    if _SCOPE_COLUMN not in columns:
-        with _transaction(conn):
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(adapters)")}
-            if _SCOPE_COLUMN not in columns:  # another process may have just done it
-                conn.execute(f"ALTER TABLE adapters ADD COLUMN {_SCOPE_COLUMN} TEXT")
-    conn.execute(f"CREATE INDEX IF NOT EXISTS adapters_scope ON adapters({_SCOPE_COLUMN}, id)")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    if url.startswith("sqlite://"):  # sqlite:///abs/path.db, sqlite:///:memory:
+        url = url[len("sqlite://"):]
+        url = url[1:] if url == "/:memory:" else url
+    elif "://" in url:
+        raise InvalidAdapterError(f"registry url {short(url)}: use sqlite:///path or "
+                                  "postgresql://user@host:port/db")
+    return SqliteRegistry(url or ":memory:", scope=scope, **options)
 
 
 def iter_all(registry: Registry, page_size: int = MAX_PAGE_SIZE) -> Iterator[AdapterRecord]:

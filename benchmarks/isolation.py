@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.async_engine import AsyncEngine
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=0.5, help="seconds the lock is held")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        registry = Registry(Path(tmp) / "registry.db")
+        registry = SqliteRegistry(Path(tmp) / "registry.db")
         engine = build_engine(Config(registry_path=str(Path(tmp) / "registry.db"), max_rank=8),
                               registry=registry)
         spec = engine.store.spec

@@ -44,6 +44,15 @@ class Config:
     registry_path: str = option("", "SQLite file; `\"\"` = `<cache_dir>/registries/"
                                 "<fingerprint>.db`, one per base model; `:memory:` for a "
                                 "throwaway one")
+    registry_url: str = option("", "`postgresql://user@host:port/db`: a registry shared by "
+                               "every replica (docs/operations.md, Running a fleet); "
+                               "`sqlite:///path` = `registry_path`; `\"\"` = "
+                               "`registry_path`. Keep the password in `PGPASSWORD` or "
+                               "`~/.pgpass`", repr=False)
+    registry_poll_interval_s: float = option(1.0, "how often the registry is polled for "
+                                             "other replicas' changes (besides LISTEN/"
+                                             "NOTIFY): the bound on serving a replaced "
+                                             "adapter's old weights", shown="1")
     num_slots: int = option(32, "device slots: adapters materialized at once")
     max_rank: int = option(16, "largest adapter rank accepted; slot buffers are sized for it")
     max_num_basis: int = option(4096, "largest NOLA `k`/`l` and RMM `K` accepted")
@@ -117,6 +126,14 @@ class Config:
                 raise ValueError(f"config {name} must be in [0, 65535]")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
+        if self.registry_url and self.registry_path:
+            raise ValueError("config sets both registry_url and registry_path: keep one")
+        if self.registry_url and not self.registry_url.startswith(
+                ("postgresql://", "postgres://", "sqlite://")):
+            raise ValueError("config registry_url must start with postgresql:// or sqlite://")
+        if not self.registry_poll_interval_s > 0:
+            raise ValueError("config registry_poll_interval_s must be > 0, got "
+                             f"{self.registry_poll_interval_s}")
         if not self.grace_period_s >= 0:
             raise ValueError(f"config grace_period_s must be >= 0, got {self.grace_period_s}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
