@@ -9,13 +9,17 @@ default): a replica killed after it loses nothing. Each write also sends
 ``NOTIFY nolaserve_adapters`` with its version, delivered at commit to every listener.
 
 A database that cannot be reached (refused, timed out, dropped mid-query) raises
-``RegistryUnavailableError``; the pool reconnects by itself once it is back. The URL's
+``RegistryUnavailableError``; the pool reconnects by itself once it is back. After a
+fault, calls fail at once for ``retry_s`` seconds instead of each waiting ``timeout_s``
+for a connection (the hot path of a request reads the registry: it must not stall
+while the database is down); the first call after that tries the database again. The URL's
 password never appears in a message; prefer ``PGPASSWORD`` or ``~/.pgpass`` to a password
 in the URL.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,9 +43,10 @@ class PostgresRegistry(Registry):
     types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "id": 'TEXT COLLATE "C"'}
 
     def __init__(self, url: str, scope: str | None = None, *, pool_size: int = 8,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, retry_s: float = 1.0) -> None:
         super().__init__(scope)
-        self._url, self._timeout = url, timeout_s
+        self._url, self._timeout, self._retry_s = url, timeout_s, retry_s
+        self._down: tuple[float, str] | None = None  # (when, message) of the last fault
         try:
             info = conninfo_to_dict(url)
         except psycopg.ProgrammingError as e:
@@ -99,15 +104,20 @@ class PostgresRegistry(Registry):
 
     @contextmanager
     def _faults(self) -> Iterator[None]:
+        down = self._down
+        if down is not None and time.monotonic() - down[0] < self._retry_s:
+            raise RegistryUnavailableError(down[1])
         try:
             yield
         except _FAULTS as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RegistryUnavailableError(
-                f"the adapter registry ({self._where}) is unreachable: {detail[:200]}. "
-                "Adapters this replica already holds keep serving; registrations and "
-                "adapters it does not hold fail until the database is back (retrying "
-                "the same registration is safe)") from None
+            message = (f"the adapter registry ({self._where}) is unreachable: {detail[:200]}. "
+                       "Adapters this replica already holds keep serving; registrations and "
+                       "adapters it does not hold fail until the database is back (retrying "
+                       "the same registration is safe)")
+            self._down = (time.monotonic(), message)
+            raise RegistryUnavailableError(message) from None
+        self._down = None
 
     @contextmanager
     def _writing(self) -> Iterator[psycopg.Connection]:
