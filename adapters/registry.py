@@ -25,7 +25,6 @@ and the fault mapping: a database that cannot be reached raises
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -35,7 +34,6 @@ from typing import Any
 
 from .errors import (
     AdapterError,
-    AdapterExistsError,
     AdapterInUseError,
     AdapterNotFoundError,
     InvalidAdapterError,
@@ -44,11 +42,13 @@ from .errors import (
 from .registry_rows import (
     AdapterRecord,
     NewAdapter,
+    check_write,
     decode_token,
     encode_token,
     few,
     not_found,
     record_of,
+    row_problems,
     validated_row,
 )
 
@@ -200,39 +200,10 @@ class Registry(ABC):
                          ).fetchone()[0]
 
     def _check_write(self, conn: Any, row: tuple, batch: list[tuple], replace: bool) -> None:
-        adapter_id, kind, parent = row[0], row[1], row[6]
         owner = self._run(conn, f"SELECT {SCOPE_COLUMN} FROM adapters WHERE id = ?",
-                          (adapter_id,)).fetchone()
-        exists = owner is not None
-        if exists and self.scope is not None and owner[0] not in (None, self.scope):
-            raise AdapterExistsError(
-                f"adapter id {short(adapter_id)} is taken by an adapter of another base model "
-                "in this registry; pick another id")
-        if exists and not replace:
-            raise AdapterExistsError(
-                f"adapter {short(adapter_id)} is already registered; pass replace=true to overwrite"
-            )
-        batch_ids = {r[0] for r in batch}
-        if exists:
-            users = [u for u in self._dependents(conn, adapter_id) if u not in batch_ids]
-            if users:
-                raise AdapterInUseError(
-                    f"cannot replace {short(adapter_id)}: it is the basis of {few(users)}; "
-                    "replace them in the same batch or delete them first"
-                )
-        if parent is not None:
-            parent_kind = next((r[1] for r in batch if r[0] == parent), None)
-            parent_kind = parent_kind or self._kind_of(conn, parent)
-            if parent_kind is None:
-                raise AdapterNotFoundError(
-                    f"{kind} {short(adapter_id)} names basis {short(parent)}, which is not "
-                    f"registered"
-                )
-            if parent_kind != "rmm-basis":
-                raise InvalidAdapterError(
-                    f"{short(adapter_id)} names {short(parent)} as its basis, but that is a "
-                    f"{parent_kind}"
-                )
+                          (row[0],)).fetchone()
+        check_write(row, batch, replace, self.scope, owner,
+                    lambda i: self._dependents(conn, i), lambda i: self._kind_of(conn, i))
 
     # -- reads --------------------------------------------------------------------------
 
@@ -308,16 +279,9 @@ class Registry(ABC):
 
     def _check_rows(self, conn: Any) -> list[str]:
         """Every row's stored bytes against its size and sha256."""
-        problems = []
-        cursor = self._run(conn, "SELECT a.id, a.size, a.sha256, b.data FROM adapters a "
-                           "LEFT JOIN adapter_blobs b ON a.id = b.id ORDER BY a.id")
-        for adapter_id, size, sha, data in cursor:
-            if data is None:
-                problems.append(f"adapter {short(adapter_id)}: its stored bytes are missing")
-            elif len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-                problems.append(f"adapter {short(adapter_id)}: stored bytes do not match "
-                                "their size or sha256")
-        return problems
+        return row_problems(self._run(conn, "SELECT a.id, a.size, a.sha256, b.data FROM "
+                                      "adapters a LEFT JOIN adapter_blobs b ON a.id = b.id "
+                                      "ORDER BY a.id"))
 
     # -- scoped lookups (``conn``: the write transaction's or a reader's) -------------
 
