@@ -42,7 +42,7 @@ class PostgresRegistry(Registry):
     # ids compare bytewise ("C"), as in SQLite: the same page order on both backends
     types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "id": 'TEXT COLLATE "C"'}
 
-    def __init__(self, url: str, scope: str | None = None, *, pool_size: int = 8,
+    def __init__(self, url: str, scope: str | None = None, *, pool_size: int = 16,
                  timeout_s: float = 5.0, retry_s: float = 1.0) -> None:
         super().__init__(scope)
         self._url, self._timeout, self._retry_s = url, timeout_s, retry_s

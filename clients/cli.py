@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     cli_train.add_arguments(command("train-nola", cli_train.command, "train a NOLA adapter"))
     command("info", _info, "print the server's model and limits as JSON")
-    command("health", _health, "print the grpc.health.v1 status (exit 1 unless SERVING)")
+    p = command("health", _health, "print the grpc.health.v1 status (exit 1 unless SERVING)")
+    p.add_argument("--service", default="", help="a sub-service: `registry` (the adapter "
+                   "registry's database), or a gRPC service name; default: the server")
     return parser
 
 
@@ -287,7 +289,7 @@ def _info(args: argparse.Namespace, connect: Connect) -> int:
 
 def _health(args: argparse.Namespace, connect: Connect) -> int:
     with connect() as client:
-        status = client.health()
+        status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1
 
