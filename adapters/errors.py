@@ -64,6 +64,12 @@ class RegistryUnavailableError(AdapterError):
     grpc_code = "UNAVAILABLE"
 
 
+class RegistrySchemaError(AdapterError):
+    """The registry's schema is newer than this nolaserve knows (FAILED_PRECONDITION)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class LimitExceededError(AdapterError):
     """A configured limit would be exceeded: basis size, pins, file size (RESOURCE_EXHAUSTED)."""
 

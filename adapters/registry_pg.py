@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import RegistryUnavailableError
-from .registry import Registry
+from .registry_base import Registry
 from .registry_schema import migrate
 
 CHANNEL = "nolaserve_adapters"

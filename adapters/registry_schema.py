@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .errors import RegistrySchemaError
+
 _V1 = [
     "CREATE TABLE adapters (id {id} PRIMARY KEY, kind TEXT NOT NULL, data {blob} NOT NULL, "
     "size INTEGER NOT NULL, sha256 TEXT NOT NULL, metadata TEXT NOT NULL, parent TEXT, "
@@ -59,10 +61,6 @@ class Dialect(Protocol):
     def _columns(self, conn: Any, table: str) -> set[str]: ...
 
 
-class SchemaTooNewError(RuntimeError):
-    """The database was migrated by a newer nolaserve."""
-
-
 def current_version(db: Dialect, conn: Any) -> int:
     tables = db._tables(conn)
     if "schema_version" in tables:
@@ -79,7 +77,7 @@ def migrate(db: Dialect, conn: Any) -> int:
     keeping every row; returns the version it was at."""
     found = current_version(db, conn)
     if found > SCHEMA_VERSION:
-        raise SchemaTooNewError(
+        raise RegistrySchemaError(
             f"the registry's schema is version {found}, newer than this nolaserve's "
             f"{SCHEMA_VERSION}: upgrade nolaserve (a newer replica migrated it)")
     if found == SCHEMA_VERSION:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .registry import Registry
+from .registry_base import Registry
 from .registry_schema import migrate
 
 

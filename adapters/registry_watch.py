@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 
 from .errors import RegistryUnavailableError
-from .registry import Registry
+from .registry_base import Registry
 
 log = logging.getLogger("nolaserve.registry")
 

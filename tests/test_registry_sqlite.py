@@ -10,7 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nolaserve.adapters.errors import InvalidAdapterError, InvalidAdapterIdError
+from nolaserve.adapters.errors import (
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    RegistrySchemaError,
+)
 from nolaserve.adapters.ids import ADAPTER_ID_PATTERN
 from nolaserve.adapters.registry import iter_all
 from nolaserve.adapters.registry_rows import NewAdapter
@@ -158,5 +162,5 @@ def test_a_newer_schema_is_refused(tmp_path):
     Registry(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(RuntimeError, match="upgrade nolaserve"):
+    with pytest.raises(RegistrySchemaError, match="upgrade nolaserve"):
         Registry(path)
