@@ -9,6 +9,7 @@ the parsed copy and lets in-flight users of the old slot finish.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,15 @@ class AdapterStore:
     def __init__(self, spec: BaseModelSpec, registry: Registry, *, num_slots: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  host_max_entries: int = DEFAULT_MAX_ENTRIES,
-                 host_max_bytes: int = DEFAULT_MAX_BYTES):
+                 host_max_bytes: int = DEFAULT_MAX_BYTES,
+                 slots: Callable[[AdapterStore], SlotPool] | None = None):
+        """``slots``: makes the device-slot manager from the store, for an engine that
+        keeps adapters on the device itself (vLLM: ``VllmLoras``); default a ``SlotPool``
+        of ``num_slots`` filled through ``factors``."""
         self.spec, self.registry, self.device = spec, registry, torch.device(device)
         self.host = HostCache(host_max_entries, host_max_bytes)
-        self.slots = SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype)
+        self.slots = (slots(self) if slots is not None else
+                      SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
 
     def close(self) -> None:
         """Close the registry; later calls that need it fail."""
@@ -174,6 +180,15 @@ class AdapterStore:
     def factors(self, adapter_id: str) -> AdapterFactors:
         """Materialize an adapter's factors on the store's device (the slot pool's loader)."""
         return self._materialize(self.parsed(adapter_id), self.device)
+
+    def version_factors(self, adapter_id: str, sha256: str) -> AdapterFactors | None:
+        """The adapter's factors on the CPU, materialized from exactly the registered bytes
+        whose sha256 is ``sha256``; None if ``adapter_id`` now holds other bytes (replaced
+        since the caller read its record)."""
+        data = self.registry.data(adapter_id)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return self._materialize(parse_adapter(data), "cpu")
 
     def acquire(self, adapter_id: str) -> int:
         """A device slot holding the adapter (blocking on a cold load); pair with release."""
