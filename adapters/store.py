@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,15 @@ class AdapterStore:
     def __init__(self, spec: BaseModelSpec, registry: Registry, *, num_slots: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  host_max_entries: int = DEFAULT_MAX_ENTRIES,
-                 host_max_bytes: int = DEFAULT_MAX_BYTES):
+                 host_max_bytes: int = DEFAULT_MAX_BYTES,
+                 slots: Callable[[AdapterStore], SlotPool] | None = None):
+        """``slots``: makes the device-slot manager from the store, for an engine that
+        keeps adapters on the device itself (vLLM: ``VllmLoras``); default a ``SlotPool``
+        of ``num_slots`` filled through ``factors``."""
         self.spec, self.registry, self.device = spec, registry, torch.device(device)
         self.host = HostCache(host_max_entries, host_max_bytes)
-        self.slots = SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype)
+        self.slots = (slots(self) if slots is not None else
+                      SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
         # the last record read of each recent adapter: answers for hot adapters while the
         # registry is unreachable; bounded like the host cache
         self._records: OrderedDict[str, AdapterRecord] = OrderedDict()
@@ -206,6 +212,15 @@ class AdapterStore:
     def factors(self, adapter_id: str) -> AdapterFactors:
         """Materialize an adapter's factors on the store's device (the slot pool's loader)."""
         return self._materialize(self.parsed(adapter_id), self.device)
+
+    def version_factors(self, adapter_id: str, sha256: str) -> AdapterFactors | None:
+        """The adapter's factors on the CPU, materialized from exactly the registered bytes
+        whose sha256 is ``sha256``; None if ``adapter_id`` now holds other bytes (replaced
+        since the caller read its record)."""
+        data = self.registry.data(adapter_id)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return self._materialize(parse_adapter(data), "cpu")
 
     def acquire(self, adapter_id: str) -> int:
         """A device slot holding the adapter (blocking on a cold load); pair with release."""
