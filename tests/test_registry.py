@@ -411,3 +411,15 @@ def test_open_registry_urls(tmp_path):
         assert r.count() == 0
     with pytest.raises(InvalidAdapterError, match="sqlite:///path"):
         open_registry("mysql://x")
+
+
+def test_registry_check_command_takes_a_url(backend, reg, capsys):
+    from nolaserve.clients.cli import main
+
+    reg.register_many(_basis_and_tasks("b", 2))
+    assert main(["registry", "check", backend.url]) == 0
+    out = capsys.readouterr().out
+    assert "3 adapters (rmm-basis 1, rmm-task 2)" in out and out.endswith("ok\n")
+    backend.sql("UPDATE adapter_blobs SET data = data || data WHERE id = 'b'")
+    assert main(["registry", "check", backend.url]) == 1
+    assert "adapter 'b': stored bytes do not match" in capsys.readouterr().out
