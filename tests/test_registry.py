@@ -423,3 +423,28 @@ def test_registry_check_command_takes_a_url(backend, reg, capsys):
     backend.sql("UPDATE adapter_blobs SET data = data || data WHERE id = 'b'")
     assert main(["registry", "check", backend.url]) == 1
     assert "adapter 'b': stored bytes do not match" in capsys.readouterr().out
+
+
+def test_registry_copy_moves_a_sqlite_registry_into_another_whole(backend, tmp_path, capsys):
+    from nolaserve.clients.cli import main
+
+    source = tmp_path / "source.db"
+    with open_registry(str(source), scope="f1") as src:
+        src.register_many(_basis_and_tasks("b", 2))
+        src.register("x", "nola", b"\x01" * 100, {"rank": 2})
+    with open_registry(str(source)) as src:
+        src.register("old", "lora", b"o")  # unscoped, as before scoping
+    assert main(["registry", "copy", str(source), backend.url]) == 0
+    assert "copied 5 adapters, skipped 0" in capsys.readouterr().out
+    assert main(["registry", "copy", str(source), backend.url]) == 0  # rerun: nothing new
+    assert "copied 0 adapters, skipped 5" in capsys.readouterr().out
+    with backend.open("f1") as dst, open_registry(str(source), scope="f1") as src:
+        assert [r.id for r in iter_all(dst)] == ["b", "b-t0", "b-t1", "old", "x"]
+        for r in iter_all(src):
+            got = dst.get(r.id)
+            assert (got.kind, got.sha256, got.metadata, got.parent,
+                    got.base_model_fingerprint) == (r.kind, r.sha256, r.metadata, r.parent,
+                                                    r.base_model_fingerprint)
+            assert dst.data(r.id) == src.data(r.id)
+    with backend.open("f2") as other:
+        assert [r.id for r in iter_all(other)] == ["old"]  # scopes kept
