@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry import Registry, open_registry
 from nolaserve.adapters.spec import model_spec
 from nolaserve.adapters.store import AdapterStore
 
@@ -45,7 +45,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
                       max_num_basis=config.max_num_basis, name=names[0] if names else "",
                       fingerprint=fingerprint, aliases=names[1:])
     if registry is None:
-        registry = Registry(registry_path(config, cache_dir, fingerprint), scope=fingerprint)
+        registry = open_registry(registry_path(config, cache_dir, fingerprint),
+                                 scope=fingerprint)
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
                          host_max_bytes=config.host_cache_bytes)
@@ -73,9 +74,12 @@ def build_engine(config: Config, model=None, tokenizer=None,
 
 
 def registry_path(config: Config, cache_dir: Path, fingerprint: str) -> str:
-    """``registry_path`` if set, else ``<cache_dir>/registries/<fingerprint>.db``: one
-    default registry per base model. The registry is scoped to the fingerprint either way
-    (``Registry``), so a shared file lists only what this model can serve."""
+    """``registry_url`` or ``registry_path`` if set, else
+    ``<cache_dir>/registries/<fingerprint>.db``: one default registry per base model. The
+    registry is scoped to the fingerprint either way (``Registry``), so a shared file or
+    database lists only what this model can serve."""
+    if config.registry_url:
+        return config.registry_url
     if config.registry_path:
         return config.registry_path
     legacy = cache_dir / "registry.db"  # the one shared default before per-model registries

@@ -71,7 +71,7 @@ def test_engine_sizes_its_cache_warms_up_and_reports_it(monkeypatch, llama):
     # the tiny Llama (256 positions, block 4) x 4 sequences caps the budget
     assert engine.runner.num_kv_blocks == 4 * 64 == engine.scheduler.block_manager.num_blocks
     assert steps == [1 + 3]  # the prefill and decode batches of 1, 2, 4
-    info = server_info(engine, Config())
+    info = server_info(engine, Config(block_size=4))
     assert (info.kv_cache_blocks, info.block_size, info.max_context_tokens) == (256, 4, 256)
     engine.close()
 
