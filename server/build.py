@@ -60,7 +60,11 @@ def build_engine(config: Config, model=None, tokenizer=None,
                          device, dtype)
     _size_kv_cache(config, runner, text, dtype, max_model_len)
     start = time.perf_counter()
-    steps = runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+    # On CPU nothing compiles: a one-block prefill stands for the prefill bucket (the full
+    # max_num_batched_tokens one is the profiling forward on CUDA).
+    prefill = config.max_num_batched_tokens if runner.device.type == "cuda" else \
+        min(config.max_num_batched_tokens, config.block_size)
+    steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
     log.info("warm-up: %d steps (one per shape bucket) in %.2f s", steps,
              time.perf_counter() - start)
     admission = AdapterAdmission(store)
