@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -61,6 +61,11 @@ class Metrics:
         self.materialize = Histogram("nolaserve_adapter_materialize_seconds",
                                      "Loading a cold adapter into a device slot",
                                      buckets=_LOAD, registry=r)
+        self.registry_up = Gauge("nolaserve_registry_up", "1 while the adapter registry's "
+                                 "database answers this replica, else 0", registry=r)
+        self.registry_changes = Counter("nolaserve_registry_changes_applied",
+                                        "Adapters registered, replaced or deleted by other "
+                                        "replicas and applied here", registry=r)
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -157,7 +162,8 @@ class EngineCollector(Collector):
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
         yield from router_gauges(stats.waiting, stats.running,
-                                 stats.kv_blocks_used / stats.kv_blocks_total)
+                                 stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+        yield from self.engine.extra_metrics(VLLM_NAMES)
 
     def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
         host, pool = store.host, store.slots
@@ -198,6 +204,10 @@ def lora_requests_info(running: Sequence[str], waiting: Sequence[str], max_lora:
 
 
 LORA_LABEL_CHARS = 4096
+# the vllm: series nolaserve exports itself (a backend's own ones of these names are dropped)
+VLLM_NAMES = {"vllm:lora_requests_info", "vllm:num_requests_waiting",
+              "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
+              "vllm:kv_cache_usage_perc"}
 
 
 def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:
