@@ -46,14 +46,17 @@ def build_engine(config: Config, model=None, tokenizer=None,
         registry = Registry(registry_path(config, cache_dir, fingerprint), scope=fingerprint)
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
-                         host_max_bytes=config.host_cache_bytes)
+                         host_max_bytes=config.host_cache_bytes,
+                         materialize_threads=config.materialize_threads,
+                         warm_cache_bytes=config.warm_cache_bytes)
     text = model.config.get_text_config()
     runner = ModelRunner(model, spec, store.slots, _num_blocks(config, text, dtype),
                          config.block_size, device, dtype)
-    admission = AdapterAdmission(store)
+    admission = AdapterAdmission(store, config.admission_aging_steps)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
-                          fixed_chunks=config.batch_invariant)
+                          fixed_chunks=config.batch_invariant,
+                          adapter_overdue=admission.overdue)
     max_model_len = servable_context(text)
     if max_model_len < text.max_position_embeddings:
         log.warning("the model's sliding window is %d tokens: max_model_len capped from %d "
