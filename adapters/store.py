@@ -9,6 +9,7 @@ the parsed copy and lets in-flight users of the old slot finish.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -77,14 +78,19 @@ class AdapterStore:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  host_max_entries: int = DEFAULT_MAX_ENTRIES,
                  host_max_bytes: int = DEFAULT_MAX_BYTES,
-                 materialize_threads: int | None = None, warm_cache_bytes: int = 0):
+                 materialize_threads: int | None = None, warm_cache_bytes: int = 0,
+                 slots: Callable[[AdapterStore], SlotPool] | None = None):
+        """``slots``: makes the device-slot manager from the store, for an engine that
+        keeps adapters on the device itself (vLLM: ``VllmLoras``); default a ``SlotPool``
+        of ``num_slots`` filled through ``factors``."""
         self.spec, self.registry, self.device = spec, registry, torch.device(device)
         self.dtype = dtype
         self.host = HostCache(host_max_entries, host_max_bytes)
         self.warm = warm_tier(warm_cache_bytes)
         self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen")
                        if materialize_threads else None)
-        self.slots = SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype)
+        self.slots = (slots(self) if slots is not None else
+                      SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
 
     def close(self) -> None:
         """Close the registry; later calls that need it fail."""
@@ -208,6 +214,15 @@ class AdapterStore:
 
     def unwant(self, adapter_id: str) -> None:
         self.slots.unwant(adapter_id)
+
+    def version_factors(self, adapter_id: str, sha256: str) -> AdapterFactors | None:
+        """The adapter's factors on the CPU, materialized from exactly the registered bytes
+        whose sha256 is ``sha256``; None if ``adapter_id`` now holds other bytes (replaced
+        since the caller read its record)."""
+        data = self.registry.data(adapter_id)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return self._materialize(parse_adapter(data), "cpu")
 
     def acquire(self, adapter_id: str) -> int:
         """A device slot holding the adapter (blocking on a cold load); pair with release."""

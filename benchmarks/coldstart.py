@@ -131,10 +131,10 @@ def bench_vllm(args, traces: dict, tmp: Path) -> dict | None:
         write_peft_dir(make_adapter(SMOLLM2, i), d, model_dir)
     job = {"model": model_dir, "adapters": [str(d) for d in dirs], "max_loras": args.slots,
            "max_cpu_loras": 2 * args.slots, "max_lora_rank": 8, "dtype": "float32",
-           "traces": traces}
+           "threads": args.threads, "traces": traces}
     (tmp / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
     worker = Path(__file__).with_name("vllm_trace.py")
     proc = subprocess.run([python, str(worker), str(tmp / "job.json")], env=env,
                           capture_output=True, text=True, timeout=args.vllm_timeout)
@@ -174,10 +174,13 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--warm-mib", type=int, default=256)
     parser.add_argument("--materialize-threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the step (both systems)")
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=1800)
     parser.add_argument("--skip", nargs="*", default=[], choices=["vllm", "warm", "nowarm"])
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     traces, masks = {}, {}
     for k, alpha in enumerate(args.alphas):
         trace = make_trace(args.requests, args.rate, alpha, 4 * args.slots, 49152,

@@ -12,7 +12,10 @@ get their materialized factors as PEFT LoRA directories (same ``delta W``). Syst
 - HF PEFT: ``PeftModel`` with the adapters loaded, mixed-batch
   ``generate(..., adapter_names=[...])``, left padding, ``--peft-batch`` rows a call;
 - vLLM (``--vllm-python``, a separate virtualenv) with ``enable_lora``, ``max_loras``
-  below the number of distinct adapters in flight, ``max_cpu_loras`` holding them all.
+  below the number of distinct adapters in flight, ``max_cpu_loras`` holding them all;
+- nolaserve with ``engine: vllm`` (``--vllm-backend-python``, a virtualenv with vLLM and
+  nolaserve): the same vLLM settings, the adapters registered as NOLA and materialized by
+  nolaserve into PEFT directories, every request through ``VllmEngine.generate``.
 
 Prints a table: system, scenario, tok/s, ratio to nolaserve base only.
 """
@@ -166,6 +169,36 @@ def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: 
     return rows, result["first"]
 
 
+def bench_vllm_backend(args, model_dir: str, prompts, scenarios, tmp: Path
+                       ) -> tuple[list[Row], dict]:
+    """nolaserve's ``engine: vllm`` in the virtualenv of ``--vllm-backend-python`` (vLLM
+    and nolaserve both installed), same prompts and NOLA adapters, served as NOLA."""
+    python = args.vllm_backend_python
+    if not python or subprocess.run([python, "-c", "import vllm, nolaserve"],
+                                    capture_output=True).returncode != 0:
+        print(f"no python with vLLM and nolaserve ({python!r}): docs/vllm.md, Install")
+        return [], {}
+    job = {"model": model_dir, "prompts": prompts, "max_tokens": args.max_tokens,
+           "max_loras": args.max_loras, "max_cpu_loras": 64, "num_adapters": 64,
+           "scenarios": scenarios}
+    (tmp / "backend_job.json").write_text(json.dumps(job))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run([python, "-m", "nolaserve.benchmarks.vllm_backend_worker",
+                           str(tmp / "backend_job.json")], env=env, capture_output=True,
+                          text=True, timeout=args.vllm_timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"nolaserve (vllm backend) failed (exit {proc.returncode}):\n"
+              f"{proc.stderr[-3000:]}")
+        return [], {}
+    result = json.loads(lines[-1][len("RESULT "):])
+    rows = [("nolaserve (vllm backend)",
+             f"{name} (max_loras {args.max_loras})" if name != "base only" else name, tps)
+            for name, tps in result["tok_s"].items()]
+    return rows, result["first"]
+
+
 def main() -> None:
     parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--peft-batch", type=int, default=64)
@@ -174,7 +207,12 @@ def main() -> None:
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--vllm-compile", action="store_true",
                         help="let vLLM compile (slow to start on CPU); default enforce_eager")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "vllm"])
+    parser.add_argument("--vllm-backend-python",
+                        default=os.environ.get("NOLASERVE_VLLM_PYTHON", ""),
+                        help="python of a virtualenv with vLLM and nolaserve, for the "
+                             "'nolaserve (vllm backend)' rows")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["peft", "vllm", "vllm-backend"])
     args = parser.parse_args()
     n = args.requests
     model, tokenizer = ml.load_model(device="cpu", dtype="float32")
@@ -204,7 +242,9 @@ def main() -> None:
             write_peft_dir(make_adapter(spec, i), d, model_dir)
         for system, fn in (("peft", lambda: bench_peft(args, dirs, prompts, others)),
                            ("vllm", lambda: bench_vllm(args, model_dir, dirs, prompts,
-                                                       others, tmp))):
+                                                       others, tmp)),
+                           ("vllm-backend", lambda: bench_vllm_backend(
+                               args, model_dir, prompts, others, tmp))):
             if system not in args.skip:
                 more, first = fn()
                 rows += more
@@ -214,9 +254,9 @@ def main() -> None:
 
 def print_table(rows: list[Row], firsts: dict) -> None:
     base = rows[0][2]
-    print(f"\n{'system':10s} {'scenario':40s} {'tok/s':>8s} {'x nolaserve base':>17s}")
+    print(f"\n{'system':24s} {'scenario':40s} {'tok/s':>8s} {'x nolaserve base':>17s}")
     for system, name, tps in rows:
-        print(f"{system:10s} {name:40s} {tps:8.1f} {tps / base:17.2f}")
+        print(f"{system:24s} {name:40s} {tps:8.1f} {tps / base:17.2f}")
     ref = firsts.get("64 distinct adapters", [])
     for key, tokens in firsts.items():
         if key.endswith("64 distinct adapters") and key != "64 distinct adapters":

@@ -51,6 +51,8 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     job = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+    torch.set_num_threads(job.get("threads", torch.get_num_threads()))
     t = time.perf_counter()
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"],
               enable_lora=True, max_loras=job["max_loras"], max_lora_rank=job["max_lora_rank"],

@@ -26,9 +26,11 @@ from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2
 from .admin import AdminServicer
 from .auth import TokenAuthInterceptor
 from .build import build_engine
+from .build_vllm import build_vllm_engine
 from .config import Config
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine
+from .engine.vllm_engine import VllmEngine
 from .generation import Generation
 from .metrics import Metrics
 from .openai_api import HttpServer, bind_http, http_server
@@ -48,7 +50,7 @@ class RunningServer:
 
     config: Config
     server: grpc.aio.Server
-    engine: AsyncEngine
+    engine: AsyncEngine | VllmEngine
     metrics: Metrics
     gate: Gate
     health: health.aio.HealthServicer
@@ -116,7 +118,7 @@ class RunningServer:
         self.metrics.close()
 
 
-async def start(config: Config, engine: Engine | None = None) -> RunningServer:
+async def start(config: Config, engine: Engine | VllmEngine | None = None) -> RunningServer:
     """Bind every port first (``host:port``, port 0 picks a free one; ``metrics_port`` and
     ``http_port`` unless 0), so that a port in use fails with ``PortInUseError`` before the
     model loads; then build the engine (unless given) and start the services."""
@@ -137,7 +139,8 @@ async def start(config: Config, engine: Engine | None = None) -> RunningServer:
         owns = engine is None
         if engine is None:
             log.info("ports bound; loading model %s", config.model or "(embedded SmolLM2)")
-            engine = await asyncio.to_thread(build_engine, config)
+            engine = (await build_vllm_engine(config) if config.engine == "vllm" else
+                      await asyncio.to_thread(build_engine, config))
         aengine, generation, health_servicer, gate = _add_services(server, engine, config,
                                                                    metrics)
         if http_sock is not None:
@@ -171,12 +174,15 @@ async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
             sock.close()
 
 
-def _add_services(server: grpc.aio.Server, engine: Engine, config: Config, metrics: Metrics
-                  ) -> tuple[AsyncEngine, Generation, health.aio.HealthServicer, Gate]:
+def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: Config,
+                  metrics: Metrics
+                  ) -> tuple[AsyncEngine | VllmEngine, Generation, health.aio.HealthServicer,
+                             Gate]:
     """Inference, Admin, health and reflection on ``server``, over ``engine``."""
     metrics.bind(engine)
     gate, health_servicer = Gate(), health.aio.HealthServicer()
-    aengine = AsyncEngine(engine)
+    # vLLM's engine is asynchronous itself; the native one gets its step thread here
+    aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(engine)
     generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(generation, metrics, gate), server)

@@ -77,6 +77,31 @@ class Config:
                                     "uploads); larger -> `RESOURCE_EXHAUSTED`; also the largest "
                                     "HTTP request body (larger -> 413, before it is parsed) and "
                                     "adapter file read by `load_lora_adapter`", shown="64 MiB")
+    # engine backend (docs/vllm.md): vLLM keys go to vLLM by name; 0 / "" = its default
+    engine: str = option("native", "`native` (this package's engine) or `vllm` (vLLM's "
+                         "AsyncLLM in this process: tensor/pipeline parallel, multi-node, "
+                         "quantized bases; needs vLLM installed)")
+    tensor_parallel_size: int = option(1, "vLLM: GPUs each model is split across")
+    pipeline_parallel_size: int = option(1, "vLLM: pipeline stages (nodes or GPUs)")
+    distributed_executor_backend: str = option("", "vLLM: `mp` or `ray` (multi-node); `\"\"` "
+                                               "= vLLM picks")
+    gpu_memory_utilization: float = option(0.9, "vLLM: fraction of GPU memory it may use",
+                                           shown="0.9")
+    max_model_len: int = option(0, "vLLM: context length; 0 = the model's")
+    quantization: str = option("", "vLLM: quantization of the base (`awq`, `gptq`, "
+                               "`bitsandbytes`, ...); `\"\"` = from the checkpoint")
+    enforce_eager: bool = option(False, "vLLM: no CUDA graphs / compilation")
+    max_loras: int = option(0, "vLLM: adapters in one batch (its device slots); 0 = "
+                            "`num_slots`")
+    max_cpu_loras: int = option(0, "vLLM: adapters in its CPU cache; 0 = vLLM's default "
+                                "(`max_loras`)")
+    max_lora_rank: int = option(0, "vLLM: largest rank (1, 8, 16, 32, 64, ...); 0 = the "
+                                "smallest that holds `max_rank`")
+    peft_cache_dir: str = option("", "vLLM: where adapters are materialized as PEFT "
+                                 "directories; `\"\"` = a fresh directory on /dev/shm (else "
+                                 "the temp dir)")
+    peft_cache_bytes: int = option(1 << 30, "vLLM: bytes of those directories (LRU; one in "
+                                   "use is never removed)", shown="1 GiB")
     # service
     host: str = option("127.0.0.1", "address to bind; `0.0.0.0` for every interface")
     port: int = option(50051, "gRPC port; 0 picks a free one (printed at start); a port in "
@@ -113,7 +138,7 @@ class Config:
                     "host_cache_bytes", "materialize_threads", "admission_aging_steps",
                     "max_num_seqs", "max_num_batched_tokens", "block_size",
                     "kv_cache_bytes", "max_prompt_tokens", "max_tokens_limit",
-                    "max_queued_requests", "max_message_bytes")
+                    "max_queued_requests", "max_message_bytes", "peft_cache_bytes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -121,6 +146,19 @@ class Config:
         if not isinstance(self.warm_cache_bytes, int) or self.warm_cache_bytes < 0:
             raise ValueError(f"config warm_cache_bytes must be an integer >= 0, got "
                              f"{self.warm_cache_bytes!r}")
+        if self.engine not in ("native", "vllm"):
+            raise ValueError(f"config engine must be native or vllm, got {self.engine!r}")
+        if self.distributed_executor_backend not in ("", "mp", "ray", "uni"):
+            raise ValueError("config distributed_executor_backend must be mp, ray, uni or "
+                             f"\"\", got {self.distributed_executor_backend!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name} must be >= 1")
+        for name in ("max_model_len", "max_loras", "max_cpu_loras", "max_lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config {name} must be >= 0 (0 = the default)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("config gpu_memory_utilization must be in (0, 1]")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"

@@ -81,13 +81,11 @@ def rmm_response(result: RmmResult, source_ids: list[str]) -> admin_pb2.BuildRmm
 
 def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
     """What the server runs: the base model, its adaptable linears, capacities, limits."""
-    runner, limits = engine.runner, engine.limits
-    spec = runner.spec
-    store = engine.store
+    limits, spec, store = engine.limits, engine.spec, engine.store
+    dtype, device = engine.placement
     host_entries, host_bytes = store.host_limits if store else (0, 0)
     return admin_pb2.ServerInfo(
-        base_model=spec.name, dtype=str(runner.kv_cache.k.dtype).removeprefix("torch."),
-        device=str(runner.device), num_layers=spec.num_layers,
+        base_model=spec.name, dtype=dtype, device=device, num_layers=spec.num_layers,
         target_modules=[admin_pb2.ModuleShape(name=n, in_features=i, out_features=o)
                         for n, (i, o) in sorted(spec.module_shapes.items())],
         max_rank=spec.max_rank, num_slots=store.num_slots if store else 0,

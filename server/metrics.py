@@ -157,7 +157,8 @@ class EngineCollector(Collector):
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
         yield from router_gauges(stats.waiting, stats.running,
-                                 stats.kv_blocks_used / stats.kv_blocks_total)
+                                 stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+        yield from self.engine.extra_metrics(VLLM_NAMES)
 
     def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
         host, pool = store.host, store.slots
@@ -198,6 +199,10 @@ def lora_requests_info(running: Sequence[str], waiting: Sequence[str], max_lora:
 
 
 LORA_LABEL_CHARS = 4096
+# the vllm: series nolaserve exports itself (a backend's own ones of these names are dropped)
+VLLM_NAMES = {"vllm:lora_requests_info", "vllm:num_requests_waiting",
+              "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
+              "vllm:kv_cache_usage_perc"}
 
 
 def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:

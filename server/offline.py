@@ -67,6 +67,9 @@ class LLM:
     def __init__(self, model: str = "", **config: object) -> None:
         config.setdefault("registry_path", ":memory:")
         self.config = Config.load(None, model=model, **config)
+        if self.config.engine != "native":
+            raise ValueError("the offline LLM runs the native engine; serve vLLM with "
+                             "`nolaserve serve --engine vllm` (docs/vllm.md)")
         self.engine: Engine = build_engine(self.config)
         self._ids = itertools.count()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from nolaserve.adapters.errors import (
     RequestTooLargeError,
     short,
 )
+from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore, StoreStats
 
 from .admission import AdapterAdmission
@@ -122,6 +123,21 @@ class Engine:
         """The base model's id (what ``/v1/models`` lists and ``model`` may name)."""
         return self.runner.spec.name
 
+    @property
+    def spec(self) -> BaseModelSpec:
+        """The base model's adaptable linears and limits."""
+        return self.runner.spec
+
+    @property
+    def placement(self) -> tuple[str, str]:
+        """``(dtype, device)`` the model serves in, e.g. ``("float32", "cpu")``."""
+        return (str(self.runner.kv_cache.k.dtype).removeprefix("torch."),
+                str(self.runner.device))
+
+    def extra_metrics(self, emitted: set[str]) -> Iterator:
+        """Series of the backend's own beyond ``Engine.stats``: none here (vLLM has some)."""
+        return iter(())
+
     def close(self) -> None:
         """Stop the admission worker and close the adapter store (its registry)."""
         self.admission.close()
@@ -180,21 +196,8 @@ class Engine:
         """Every check of a request that needs no engine state: limits, sampling and the
         adapter (registered, servable: this reads the registry, so callers on the step
         thread pass ``adapter_id=None``). Safe on any thread."""
-        lim = self.limits
-        if not prompt:
-            raise InvalidRequestError("prompt is empty: send at least one token of text")
-        if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} tokens; the limit is "
-                f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
-            )
-        params.validate(lim.max_tokens_limit)
+        check_limits(self.limits, prompt, params)
         total = len(prompt) + params.max_tokens
-        if total > lim.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context of {lim.max_model_len} tokens: lower max_tokens"
-            )
         capacity = self.scheduler.block_manager.max_tokens
         if total > capacity:
             raise RequestTooLargeError(
@@ -333,6 +336,24 @@ class Engine:
         return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, str(error),
                              code=getattr(error, "grpc_code", "FAILED_PRECONDITION"))
                 for seq, error in failed if seq.request_id in self.requests]
+
+
+def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:
+    """The request checks every backend makes: a prompt, within the limits, sampling
+    parameters valid, prompt + max_tokens within the model's context."""
+    if not prompt:
+        raise InvalidRequestError("prompt is empty: send at least one token of text")
+    if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
+        raise InvalidRequestError(
+            f"prompt has {len(prompt)} tokens; the limit is "
+            f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
+        )
+    params.validate(lim.max_tokens_limit)
+    if len(prompt) + params.max_tokens > lim.max_model_len:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context of {lim.max_model_len} tokens: lower max_tokens"
+        )
 
 
 @dataclass(frozen=True)

