@@ -58,6 +58,18 @@ class AdapterInUseError(AdapterError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class RegistryUnavailableError(AdapterError):
+    """The registry's database cannot be reached; retry when it is back (UNAVAILABLE)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class RegistrySchemaError(AdapterError):
+    """The registry's schema is newer than this nolaserve knows (FAILED_PRECONDITION)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class LimitExceededError(AdapterError):
     """A configured limit would be exceeded: basis size, pins, file size (RESOURCE_EXHAUSTED)."""
 

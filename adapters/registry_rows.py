@@ -1,6 +1,6 @@
-"""The registry's rows, apart from the SQLite store that keeps them: the record and
-new-item types, how an item is checked and turned into a row, and page tokens. Pure
-Python."""
+"""The registry's rows, apart from the backends that keep them: the record and new-item
+types, how an item is checked and turned into a row, the write rules, and page tokens.
+Pure Python."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import AdapterError, AdapterNotFoundError, InvalidAdapterError, short
+from .errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    short,
+)
 from .ids import check_adapter_id
 
 KINDS = ("nola", "lora", "rmm-task", "rmm-basis")
@@ -64,6 +72,54 @@ def validated_row(item: NewAdapter) -> tuple:
     data = bytes(item.data)
     return (item.id, item.kind, data, len(data), hashlib.sha256(data).hexdigest(), meta,
             item.parent)
+
+
+def check_write(row: tuple, batch: list[tuple], replace: bool, scope: str | None,
+                owner: tuple | None, dependents: Callable[[str], list[str]],
+                kind_of: Callable[[str], str | None]) -> None:
+    """Whether ``row`` (of ``batch``) may be written: ``owner`` is the stored row's
+    ``(scope,)`` or None; ``dependents``/``kind_of`` look up stored rows. Raises
+    ``AdapterExistsError``, ``AdapterInUseError``, ``AdapterNotFoundError`` or
+    ``InvalidAdapterError``."""
+    adapter_id, kind, parent = row[0], row[1], row[6]
+    exists = owner is not None
+    if exists and scope is not None and owner[0] not in (None, scope):
+        raise AdapterExistsError(
+            f"adapter id {short(adapter_id)} is taken by an adapter of another base model "
+            "in this registry; pick another id")
+    if exists and not replace:
+        raise AdapterExistsError(
+            f"adapter {short(adapter_id)} is already registered; pass replace=true to overwrite")
+    batch_ids = {r[0] for r in batch}
+    if exists:
+        users = [u for u in dependents(adapter_id) if u not in batch_ids]
+        if users:
+            raise AdapterInUseError(
+                f"cannot replace {short(adapter_id)}: it is the basis of {few(users)}; "
+                "replace them in the same batch or delete them first")
+    if parent is not None:
+        parent_kind = next((r[1] for r in batch if r[0] == parent), None) or kind_of(parent)
+        if parent_kind is None:
+            raise AdapterNotFoundError(
+                f"{kind} {short(adapter_id)} names basis {short(parent)}, which is not "
+                "registered")
+        if parent_kind != "rmm-basis":
+            raise InvalidAdapterError(
+                f"{short(adapter_id)} names {short(parent)} as its basis, but that is a "
+                f"{parent_kind}")
+
+
+def row_problems(rows: Iterable[tuple]) -> list[str]:
+    """Problems of ``(id, size, sha256, data)`` rows whose bytes are missing or do not
+    match their size and sha256."""
+    problems = []
+    for adapter_id, size, sha, data in rows:
+        if data is None:
+            problems.append(f"adapter {short(adapter_id)}: its stored bytes are missing")
+        elif len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            problems.append(f"adapter {short(adapter_id)}: stored bytes do not match "
+                            "their size or sha256")
+    return problems
 
 
 def record_of(row: tuple) -> AdapterRecord:

@@ -8,7 +8,10 @@ the parsed copy and lets in-flight users of the old slot finish.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +20,13 @@ import torch
 
 from . import safetensors_io as st
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache
-from .errors import AdapterNotFoundError, IncompatibleAdapterError, InvalidAdapterError, short
+from .errors import (
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    RegistryUnavailableError,
+    short,
+)
 from .ids import check_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
@@ -91,6 +100,11 @@ class AdapterStore:
                        if materialize_threads else None)
         self.slots = (slots(self) if slots is not None else
                       SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
+        # the last record read of each recent adapter: answers for hot adapters while the
+        # registry is unreachable; bounded like the host cache
+        self._records: OrderedDict[str, AdapterRecord] = OrderedDict()
+        self._records_lock = threading.Lock()
+        self._registered = 0  # the last count read, for scrapes while it is unreachable
 
     def close(self) -> None:
         """Close the registry; later calls that need it fail."""
@@ -100,8 +114,23 @@ class AdapterStore:
 
     # -- reads ----------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:
-        """The registered adapter's record; ``AdapterNotFoundError`` if unknown."""
-        return self.registry.get(adapter_id)
+        """The registered adapter's record; ``AdapterNotFoundError`` if unknown. While the
+        registry is unreachable, an adapter held in the host cache answers from its last
+        record (so it keeps serving); others raise ``RegistryUnavailableError``."""
+        try:
+            record = self.registry.get(adapter_id)
+        except RegistryUnavailableError:
+            with self._records_lock:
+                record = self._records.get(adapter_id)
+            if record is None or adapter_id not in self.host:
+                raise
+            return record
+        with self._records_lock:
+            self._records[adapter_id] = record
+            self._records.move_to_end(adapter_id)
+            while len(self._records) > self.host.max_entries:
+                self._records.popitem(last=False)
+        return record
 
     def list_page(self, page_size: int, page_token: str
                   ) -> tuple[list[AdapterRecord], str, int]:
@@ -124,7 +153,10 @@ class AdapterStore:
 
     @property
     def stats(self) -> StoreStats:
-        return StoreStats(self.host.stats, self.slots.stats, self.registry.count(),
+        """Counters; ``registered`` is the last count read while the registry is down."""
+        with contextlib.suppress(RegistryUnavailableError):
+            self._registered = self.registry.count()
+        return StoreStats(self.host.stats, self.slots.stats, self._registered,
                           self.warm.stats if self.warm is not None else None)
 
     def observe_loads(self, callback) -> None:
@@ -147,7 +179,7 @@ class AdapterStore:
         self._check_bounds(adapter)
         record = self.registry.register(adapter_id, adapter.kind, data, _summary(adapter),
                                         parent=parent, replace=replace)
-        self._forget(adapter_id)
+        self.forget(adapter_id)
         return record
 
     def _same_bytes(self, adapter_id: str, data: bytes) -> AdapterRecord | None:
@@ -168,7 +200,7 @@ class AdapterStore:
     def delete(self, adapter_id: str) -> None:
         """Delete an adapter; requests already holding its slot finish with it."""
         self.registry.delete(adapter_id)
-        self._forget(adapter_id)
+        self.forget(adapter_id)
 
     def build_rmm(self, source_ids: list[str], basis_size: int, basis_id: str) -> RmmResult:
         """Compress registered adapters into an RMM basis plus one task per source, registered
@@ -266,7 +298,13 @@ class AdapterStore:
             )
         return task.basis_id
 
-    def _forget(self, adapter_id: str) -> None:
+    def forget(self, adapter_id: str) -> None:
+        """The adapter was registered, replaced or deleted (here, or by another replica:
+        ``RegistryWatcher``): drop its parsed copy and record, and mark its slot stale, so
+        that requests from now on read the registry again; in-flight users of the old slot
+        finish with it."""
+        with self._records_lock:
+            self._records.pop(adapter_id, None)
         self.host.pop(adapter_id)
         if self.warm is not None:
             self.warm.pop(adapter_id)

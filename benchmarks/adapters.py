@@ -20,7 +20,7 @@ import torch
 
 from nolaserve.adapters import philox
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
 
@@ -56,7 +56,7 @@ def bench_materialize(repeat: int) -> None:
 
 def bench_register(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = AdapterStore(SMOLLM2, Registry(Path(tmp) / "r.db"), num_slots=1)
+        store = AdapterStore(SMOLLM2, SqliteRegistry(Path(tmp) / "r.db"), num_slots=1)
         blobs = [random_nola(SMOLLM2, seed=i).to_bytes() for i in range(n)]
         times = []
         for i, data in enumerate(blobs):

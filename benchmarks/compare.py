@@ -11,8 +11,9 @@ get their materialized factors as PEFT LoRA directories (same ``delta W``). Syst
   1,000 registered adapters over 64 slots;
 - HF PEFT: ``PeftModel`` with the adapters loaded, mixed-batch
   ``generate(..., adapter_names=[...])``, left padding, ``--peft-batch`` rows a call;
-- vLLM (``--vllm-python``, a separate virtualenv) with ``enable_lora``, ``max_loras``
-  below the number of distinct adapters in flight, ``max_cpu_loras`` holding them all;
+- vLLM (``--vllm-python``, a separate virtualenv) with ``enable_lora``, once per
+  ``--max-loras`` value (default 8, below the number of distinct adapters in flight, and
+  64, its best setting for 64 distinct adapters), ``max_cpu_loras`` holding them all;
 - nolaserve with ``engine: vllm`` (``--vllm-backend-python``, a virtualenv with vLLM and
   nolaserve): the same vLLM settings, the adapters registered as NOLA and materialized by
   nolaserve into PEFT directories, every request through ``VllmEngine.generate``.
@@ -22,6 +23,7 @@ Prints a table: system, scenario, tok/s, ratio to nolaserve base only.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -169,6 +171,25 @@ def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: 
     return rows, result["first"]
 
 
+def bench_vllm_each(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: Path
+                    ) -> tuple[list[Row], dict]:
+    """``bench_vllm`` once per ``--max-loras`` value (base only with the first alone)."""
+    rows, first, values = [], {}, list(args.max_loras)
+    for i, max_loras in enumerate(values):
+        one = argparse.Namespace(**{**vars(args), "max_loras": max_loras})
+        wanted = scenarios if i == 0 else {k: v for k, v in scenarios.items()
+                                           if k != "base only"}
+        more, firsts = bench_vllm(one, model_dir, dirs, prompts, wanted, tmp)
+        rows += more
+        first.update({f"{k} (max_loras {max_loras})": v for k, v in firsts.items()})
+    return rows, first
+
+
+def first_max_loras(args) -> argparse.Namespace:
+    """``args`` with the first ``--max-loras`` value alone (for a single vLLM run)."""
+    return argparse.Namespace(**{**vars(args), "max_loras": args.max_loras[0]})
+
+
 def bench_vllm_backend(args, model_dir: str, prompts, scenarios, tmp: Path
                        ) -> tuple[list[Row], dict]:
     """nolaserve's ``engine: vllm`` in the virtualenv of ``--vllm-backend-python`` (vLLM
@@ -202,7 +223,7 @@ def bench_vllm_backend(args, model_dir: str, prompts, scenarios, tmp: Path
 def main() -> None:
     parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--peft-batch", type=int, default=64)
-    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--max-loras", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--vllm-compile", action="store_true",
@@ -241,10 +262,10 @@ def main() -> None:
         for i, d in enumerate(dirs):
             write_peft_dir(make_adapter(spec, i), d, model_dir)
         for system, fn in (("peft", lambda: bench_peft(args, dirs, prompts, others)),
-                           ("vllm", lambda: bench_vllm(args, model_dir, dirs, prompts,
-                                                       others, tmp)),
+                           ("vllm", lambda: bench_vllm_each(args, model_dir, dirs, prompts,
+                                                            others, tmp)),
                            ("vllm-backend", lambda: bench_vllm_backend(
-                               args, model_dir, prompts, others, tmp))):
+                               first_max_loras(args), model_dir, prompts, others, tmp))):
             if system not in args.skip:
                 more, first = fn()
                 rows += more
@@ -259,7 +280,7 @@ def print_table(rows: list[Row], firsts: dict) -> None:
         print(f"{system:24s} {name:40s} {tps:8.1f} {tps / base:17.2f}")
     ref = firsts.get("64 distinct adapters", [])
     for key, tokens in firsts.items():
-        if key.endswith("64 distinct adapters") and key != "64 distinct adapters":
+        if "64 distinct adapters" in key and key != "64 distinct adapters":
             same = sum(a == b for a, b in zip(ref, tokens))
             print(f"request 0 (adapter 0), {key}: {same}/{len(ref)} tokens equal to nolaserve's")
 

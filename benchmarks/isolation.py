@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.async_engine import AsyncEngine
@@ -71,7 +71,7 @@ def main() -> None:
     if args.model == "tiny":
         model = tiny_model(len(tokenizer))
     with tempfile.TemporaryDirectory() as tmp:
-        registry = Registry(Path(tmp) / "registry.db")
+        registry = SqliteRegistry(Path(tmp) / "registry.db")
         engine = build_engine(Config(registry_path=str(Path(tmp) / "registry.db"), max_rank=8),
                               model=model, tokenizer=tokenizer, registry=registry)
         spec = engine.store.spec

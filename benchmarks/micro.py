@@ -38,7 +38,7 @@ from nolaserve.adapters.ops import (
     reference,
     segment,
 )
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
 from nolaserve.benchmarks.adapters import SMOLLM2
@@ -136,7 +136,7 @@ def bench_materialize(repeat: int) -> None:
 def bench_memory(n: int, registry_kind: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = ":memory:" if registry_kind == "memory" else str(Path(tmp) / "r.db")
-        store = AdapterStore(SMOLLM2, Registry(path), num_slots=1)
+        store = AdapterStore(SMOLLM2, SqliteRegistry(path), num_slots=1)
 
         def make(i: int) -> bytes:
             return random_nola(SMOLLM2, seed=i, targets=TARGETS, coeff_std=0.1).to_bytes()

@@ -5,7 +5,7 @@
     nolaserve adapters register|list|show|delete|pin|unpin|import-peft|create-nola ...
     nolaserve rmm build BASIS_ID SOURCE_ID... --basis-size K
     nolaserve train-nola DATA.jsonl --out OUT.safetensors [--register ID] ...
-    nolaserve registry check PATH
+    nolaserve registry check PATH|URL | copy SOURCE TARGET
     nolaserve info | health
 
 Exit codes: 0 ok, 1 a failed RPC (``CODE: message`` on stderr) or file error, 2 usage or
@@ -156,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered adapters to compress (same target modules)")
     p.add_argument("--basis-size", "-k", type=int, required=True, metavar="K",
                    help="basis models K (K < the number of sources loses information)")
-    cli_registry.add_commands(group("registry", "inspect a registry file"), command)
+    cli_registry.add_commands(group("registry", "check or copy a registry"), command)
     bench_cli.add_arguments(command("bench", bench_cli.command, "open-loop load generator"))
     cli_train.add_arguments(command("train-nola", cli_train.command, "train a NOLA adapter"))
     command("info", _info, "print the server's model and limits as JSON")
-    command("health", _health, "print the grpc.health.v1 status (exit 1 unless SERVING)")
+    p = command("health", _health, "print the grpc.health.v1 status (exit 1 unless SERVING)")
+    p.add_argument("--service", default="", help="a sub-service: `registry` (the adapter "
+                   "registry's database), or a gRPC service name; default: the server")
     return parser
 
 
@@ -287,7 +289,7 @@ def _info(args: argparse.Namespace, connect: Connect) -> int:
 
 def _health(args: argparse.Namespace, connect: Connect) -> int:
     with connect() as client:
-        status = client.health()
+        status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -1,8 +1,15 @@
-"""``nolaserve registry check PATH``: verify an adapter registry file offline.
+"""``nolaserve registry check PATH|URL`` and ``nolaserve registry copy SOURCE TARGET``.
 
-Opens the SQLite registry (a running server may hold it: WAL readers do not block it),
-runs ``Registry.verify`` (SQLite's integrity check plus every row's size and sha256) and
-counts the adapters by kind with ``iter_all``. Exit 0 when it is sound, 1 otherwise.
+``check`` opens the registry, a SQLite file or a ``postgresql://`` URL (a running server
+may hold it: readers do not block it), runs ``Registry.verify`` (SQLite's integrity check,
+then every row's size and sha256) and counts the adapters by kind with ``iter_all``. Exit
+0 when it is sound, 1 otherwise.
+
+``copy`` copies every adapter of one registry into another (a SQLite file into the
+PostgreSQL registry of a fleet): each keeps its id, bytes, summary, basis and base-model
+scope; bases go before the tasks that name them. Adapters the target already holds with
+the same bytes are skipped, so a copy can be rerun; one held with other bytes is an
+error (nothing of its batch is written).
 """
 
 from __future__ import annotations
@@ -16,22 +23,66 @@ from pathlib import Path
 def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     p = command("check", check, "verify a registry file: integrity, sizes and sha256 of "
                                 "every adapter", sub, connects=False)
-    p.add_argument("path", metavar="PATH", help="the registry's SQLite file "
-                                                "(the server's registry_path)")
+    p.add_argument("path", metavar="PATH", help="the registry's SQLite file (the server's "
+                                                "registry_path) or its registry_url")
+    p = command("copy", copy, "copy every adapter of one registry into another (e.g. a "
+                              "SQLite file into a fleet's PostgreSQL)", sub, connects=False)
+    p.add_argument("source", help="SQLite file or registry URL to read")
+    p.add_argument("target", help="registry URL (or SQLite file) to write")
 
 
 def check(args: argparse.Namespace, _connect: Callable) -> int:
-    from nolaserve.adapters.registry import Registry, iter_all
+    from nolaserve.adapters.registry import iter_all, open_registry
 
-    path = Path(args.path)
-    if not path.is_file():
-        raise OSError(f"no registry file at {str(path)!r}")
-    with Registry(path) as registry:
+    path = args.path
+    if "://" not in path and not Path(path).is_file():
+        raise OSError(f"no registry file at {path!r}")
+    with open_registry(path) as registry:
         problems = registry.verify()
         kinds = Counter(record.kind for record in iter_all(registry))
+        where = registry.location if "://" in path else path  # a URL may hold a password
     summary = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())) or "empty"
-    print(f"{path}: {sum(kinds.values())} adapters ({summary})")
+    print(f"{where}: {sum(kinds.values())} adapters ({summary})")
     for problem in problems:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problem(s) found")
     return 0 if not problems else 1
+
+
+def copy(args: argparse.Namespace, _connect: Callable) -> int:
+    from nolaserve.adapters.registry import iter_all, open_registry
+
+    if "://" not in args.source and not Path(args.source).is_file():
+        raise OSError(f"no registry file at {args.source!r}")
+    copied = skipped = 0
+    with open_registry(args.source) as source:
+        records = list(iter_all(source))
+        scopes = dict.fromkeys(r.base_model_fingerprint for r in records)
+        for scope in scopes:  # each target registry object writes its own scope
+            mine = [r for r in records if r.base_model_fingerprint == scope]
+            mine.sort(key=lambda r: r.kind == "rmm-task")  # bases before their tasks
+            with open_registry(args.target, scope=scope) as target:
+                n, k = _copy_scope(source, target, mine)
+            copied, skipped = copied + n, skipped + k
+    print(f"copied {copied} adapters, skipped {skipped} already there")
+    return 0
+
+
+def _copy_scope(source, target, records: list, batch: int = 100) -> tuple[int, int]:
+    from nolaserve.adapters.errors import AdapterNotFoundError
+    from nolaserve.adapters.registry_rows import NewAdapter
+
+    copied = skipped = 0
+    for start in range(0, len(records), batch):
+        items = []
+        for r in records[start:start + batch]:
+            try:
+                if target.get(r.id).sha256 == r.sha256:
+                    skipped += 1
+                    continue
+            except AdapterNotFoundError:
+                pass
+            items.append(NewAdapter(r.id, r.kind, source.data(r.id), r.metadata, r.parent))
+        target.register_many(items)
+        copied += len(items)
+    return copied, skipped

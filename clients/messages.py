@@ -125,6 +125,9 @@ class ServerInfo:
     max_message_bytes: int
     version: str
     target_modules: list[ModuleShape] = field(default_factory=list)
+    kv_cache_blocks: int = 0
+    block_size: int = 0
+    max_context_tokens: int = 0
 
 
 def _copy(cls: type[T], message: object, **extra: object) -> T:

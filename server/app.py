@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nolaserve.adapters.registry_watch import RegistryWatcher
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .admin import AdminServicer
@@ -39,6 +40,7 @@ from .rpc import DecodeInterceptor, Gate
 from .service import InferenceServicer
 
 log = logging.getLogger("nolaserve.server")
+REGISTRY = "registry"  # the health sub-service of the adapter registry's database
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -58,6 +60,7 @@ class RunningServer:
     metrics_port: int | None
     owns_engine: bool
     http: HttpServer | None = None
+    watcher: RegistryWatcher | None = None
     died: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # step thread ended
     _stopping: asyncio.Task | None = field(default=None, init=False, repr=False)
 
@@ -114,6 +117,8 @@ class RunningServer:
         await self.server.stop(0)  # cancels what is left: their engine requests abort
         if self.http is not None:
             await self.http.stop()
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
         await asyncio.to_thread(self.engine.close if self.owns_engine else self.engine.stop)
         self.metrics.close()
 
@@ -130,7 +135,7 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
         interceptors=[TokenAuthInterceptor(tokens, metrics), DecodeInterceptor()],
         options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
-    metrics_sock = http_sock = aengine = http = None
+    metrics_sock = http_sock = aengine = http = watcher = None
     try:
         port = add_grpc_port(server, config.host, config.port, "--port", _credentials(config))
         if config.metrics_port:
@@ -150,15 +155,39 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
         metrics_port = metrics.serve_http(metrics_sock) if metrics_sock else None
         if http is not None:
             await http.start()
+        for name in ("", INFERENCE, ADMIN, REGISTRY):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        watcher = watch_registry(engine, config, health_servicer, metrics)
     except BaseException:
         await _abort(server, aengine, http, metrics_sock, http_sock)
         raise
-    for name in ("", INFERENCE, ADMIN):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
-                            metrics_port, owns, http)
+                            metrics_port, owns, http, watcher)
     running.watch_engine()
     return running
+
+
+def watch_registry(engine: Engine | VllmEngine, config: Config,
+                   health_servicer: health.aio.HealthServicer,
+                   metrics: Metrics) -> RegistryWatcher:
+    """Apply other replicas' registry changes to ``engine``'s store (``RegistryWatcher``)
+    and report the registry's reachability as the ``registry`` health sub-service and the
+    ``nolaserve_registry_up`` gauge. The whole server stays SERVING: hot adapters serve."""
+    loop, store = asyncio.get_running_loop(), engine.store
+    status = health_pb2.HealthCheckResponse
+
+    def on_health(up: bool, message: str) -> None:
+        metrics.registry_up.set(1 if up else 0)
+        asyncio.run_coroutine_threadsafe(
+            health_servicer.set(REGISTRY, status.SERVING if up else status.NOT_SERVING), loop)
+
+    def on_change(adapter_id: str) -> None:
+        metrics.registry_changes.inc()
+        store.forget(adapter_id)
+
+    metrics.registry_up.set(1)
+    return RegistryWatcher(store.registry, on_change, on_health=on_health,
+                           interval_s=config.registry_poll_interval_s).start()
 
 
 async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,

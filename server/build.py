@@ -4,17 +4,19 @@ scheduler and admission."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry import Registry, open_registry
 from nolaserve.adapters.spec import model_spec
 from nolaserve.adapters.store import AdapterStore
 
 from .config import Config
 from .engine.admission import AdapterAdmission
-from .engine.attention import kv_cache_blocks, servable_context
+from .engine.attention import servable_context
 from .engine.block_manager import BlockManager
 from .engine.engine import Engine, EngineLimits
+from .engine.memory import KVSizing, bytes_per_block, size_kv_cache
 from .engine.model_loader import (
     load_model,
     model_fingerprint,
@@ -43,25 +45,35 @@ def build_engine(config: Config, model=None, tokenizer=None,
                       max_num_basis=config.max_num_basis, name=names[0] if names else "",
                       fingerprint=fingerprint, aliases=names[1:])
     if registry is None:
-        registry = Registry(registry_path(config, cache_dir, fingerprint), scope=fingerprint)
+        registry = open_registry(registry_path(config, cache_dir, fingerprint),
+                                 scope=fingerprint)
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
                          host_max_bytes=config.host_cache_bytes,
                          materialize_threads=config.materialize_threads,
                          warm_cache_bytes=config.warm_cache_bytes)
     text = model.config.get_text_config()
-    runner = ModelRunner(model, spec, store.slots, _num_blocks(config, text, dtype),
-                         config.block_size, device, dtype)
-    admission = AdapterAdmission(store, config.admission_aging_steps)
-    scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
-                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
-                          fixed_chunks=config.batch_invariant,
-                          adapter_overdue=admission.overdue)
     max_model_len = servable_context(text)
     if max_model_len < text.max_position_embeddings:
         log.warning("the model's sliding window is %d tokens: max_model_len capped from %d "
                     "to %d (paged attention serves full attention only)", max_model_len,
                     text.max_position_embeddings, max_model_len)
+    runner = ModelRunner(model, spec, store.slots, _warm_up_blocks(config), config.block_size,
+                         device, dtype)
+    _size_kv_cache(config, runner, text, dtype, max_model_len)
+    start = time.perf_counter()
+    # On CPU nothing compiles: a one-block prefill stands for the prefill bucket (the full
+    # max_num_batched_tokens one is the profiling forward on CUDA).
+    prefill = config.max_num_batched_tokens if runner.device.type == "cuda" else \
+        min(config.max_num_batched_tokens, config.block_size)
+    steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
+    log.info("warm-up: %d steps (one per shape bucket) in %.2f s", steps,
+             time.perf_counter() - start)
+    admission = AdapterAdmission(store, config.admission_aging_steps)
+    scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
+                          config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
+                          fixed_chunks=config.batch_invariant,
+                          adapter_overdue=admission.overdue)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
                           max_model_len, config.max_queued_requests)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),
@@ -69,9 +81,12 @@ def build_engine(config: Config, model=None, tokenizer=None,
 
 
 def registry_path(config: Config, cache_dir: Path, fingerprint: str) -> str:
-    """``registry_path`` if set, else ``<cache_dir>/registries/<fingerprint>.db``: one
-    default registry per base model. The registry is scoped to the fingerprint either way
-    (``Registry``), so a shared file lists only what this model can serve."""
+    """``registry_url`` or ``registry_path`` if set, else
+    ``<cache_dir>/registries/<fingerprint>.db``: one default registry per base model. The
+    registry is scoped to the fingerprint either way (``Registry``), so a shared file or
+    database lists only what this model can serve."""
+    if config.registry_url:
+        return config.registry_url
     if config.registry_path:
         return config.registry_path
     legacy = cache_dir / "registry.db"  # the one shared default before per-model registries
@@ -83,15 +98,30 @@ def registry_path(config: Config, cache_dir: Path, fingerprint: str) -> str:
     return str(cache_dir / "registries" / f"{fingerprint}.db")
 
 
-def _num_blocks(config: Config, text, dtype) -> int:
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    blocks = kv_cache_blocks(config.kv_cache_bytes, text.num_hidden_layers, config.block_size,
-                             kv_heads, head_dim, dtype)
-    if blocks < 1:
-        raise ValueError(f"kv_cache_bytes = {config.kv_cache_bytes} holds no KV block; raise it")
-    return blocks
+def _warm_up_blocks(config: Config) -> int:
+    """A cache just large enough for the warm-up steps (the real one is sized after)."""
+    return -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs + 1
+
+
+def _size_kv_cache(config: Config, runner: ModelRunner, text, dtype,
+                   max_model_len: int) -> KVSizing:
+    """Size the cache from memory (``memory.size_kv_cache``: the warm-up steps are the
+    profiling forward on CUDA), resize the runner's and log what fits."""
+    def profile() -> None:
+        runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+
+    sizing = size_kv_cache(
+        kv_cache_bytes=config.kv_cache_bytes, device=runner.device,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        cpu_fraction=config.cpu_kv_cache_fraction, block_size=config.block_size,
+        bytes_per_block=bytes_per_block(text, config.block_size, dtype),
+        max_seqs=config.max_num_seqs, max_model_len=max_model_len, profile=profile)
+    runner.resize_kv_cache(sizing.num_blocks)
+    log.info("KV cache: %d blocks of %d tokens, %.1f MiB (%s); the longest context that "
+             "fits is %d tokens (max_model_len %d)", sizing.num_blocks, sizing.block_size,
+             runner.kv_cache.nbytes / 2**20, sizing.source,
+             min(sizing.max_tokens, max_model_len), max_model_len)
+    return sizing
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nolaserve.adapters.errors import ModelLoadError
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry import Registry, open_registry
 from nolaserve.adapters.spec import decoder_layers, model_spec
 from nolaserve.adapters.store import AdapterStore
 
@@ -60,7 +60,8 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
     model_dir, spec, fingerprint, prefix, tokenizer = await asyncio.to_thread(
         _describe_model, config, cache_dir)
     if registry is None:
-        registry = Registry(registry_path(config, cache_dir, fingerprint), scope=fingerprint)
+        registry = open_registry(registry_path(config, cache_dir, fingerprint),
+                                 scope=fingerprint)
     root = Path(config.peft_cache_dir).expanduser() if config.peft_cache_dir else default_root()
     dirs, backend = PeftDirCache(root, config.peft_cache_bytes), AsyncLlmLoras()
     max_loras = config.max_loras or config.num_slots

@@ -44,6 +44,15 @@ class Config:
     registry_path: str = option("", "SQLite file; `\"\"` = `<cache_dir>/registries/"
                                 "<fingerprint>.db`, one per base model; `:memory:` for a "
                                 "throwaway one")
+    registry_url: str = option("", "`postgresql://user@host:port/db`: a registry shared by "
+                               "every replica (docs/operations.md, Running a fleet); "
+                               "`sqlite:///path` = `registry_path`; `\"\"` = "
+                               "`registry_path`. Keep the password in `PGPASSWORD` or "
+                               "`~/.pgpass`", repr=False)
+    registry_poll_interval_s: float = option(1.0, "how often the registry is polled for "
+                                             "other replicas' changes (besides LISTEN/"
+                                             "NOTIFY): the bound on serving a replaced "
+                                             "adapter's old weights", shown="1")
     num_slots: int = option(32, "device slots: adapters materialized at once")
     max_rank: int = option(16, "largest adapter rank accepted; slot buffers are sized for it")
     max_num_basis: int = option(4096, "largest NOLA `k`/`l` and RMM `K` accepted")
@@ -65,8 +74,17 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
-    kv_cache_bytes: int = option(512 << 20, "KV-cache memory budget; sets the number of "
-                                 "blocks", shown="512 MiB")
+    kv_cache_bytes: int = option(0, "KV-cache memory budget, overriding the two below; "
+                                 "`0` = sized from memory (docs/concepts.md)")
+    gpu_memory_utilization: float = option(0.9, "on CUDA: the share of the GPU's memory "
+                                           "this process may use; what the model, the slot "
+                                           "pool and the largest step leave of it goes to "
+                                           "KV blocks (`engine: vllm` passes it to vLLM)",
+                                           shown="0.9")
+    cpu_kv_cache_fraction: float = option(0.1, "on CPU: the share of the RAM available at "
+                                          "startup given to KV blocks (capped at what "
+                                          "`max_num_seqs` full-length sequences use)",
+                                          shown="0.1")
     # request limits
     max_prompt_tokens: int = option(4096, "longest prompt accepted (also bounded by the "
                                     "model's context)")
@@ -85,8 +103,6 @@ class Config:
     pipeline_parallel_size: int = option(1, "vLLM: pipeline stages (nodes or GPUs)")
     distributed_executor_backend: str = option("", "vLLM: `mp` or `ray` (multi-node); `\"\"` "
                                                "= vLLM picks")
-    gpu_memory_utilization: float = option(0.9, "vLLM: fraction of GPU memory it may use",
-                                           shown="0.9")
     max_model_len: int = option(0, "vLLM: context length; 0 = the model's")
     quantization: str = option("", "vLLM: quantization of the base (`awq`, `gptq`, "
                                "`bitsandbytes`, ...); `\"\"` = from the checkpoint")
@@ -137,7 +153,7 @@ class Config:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "materialize_threads", "admission_aging_steps",
                     "max_num_seqs", "max_num_batched_tokens", "block_size",
-                    "kv_cache_bytes", "max_prompt_tokens", "max_tokens_limit",
+                    "max_prompt_tokens", "max_tokens_limit",
                     "max_queued_requests", "max_message_bytes", "peft_cache_bytes")
         for name in positive:
             value = getattr(self, name)
@@ -146,6 +162,11 @@ class Config:
         if not isinstance(self.warm_cache_bytes, int) or self.warm_cache_bytes < 0:
             raise ValueError(f"config warm_cache_bytes must be an integer >= 0, got "
                              f"{self.warm_cache_bytes!r}")
+        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
+            raise ValueError(f"config kv_cache_bytes must be >= 0, got {self.kv_cache_bytes!r}")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"config {name} must be in (0, 1], got {getattr(self, name)}")
         if self.engine not in ("native", "vllm"):
             raise ValueError(f"config engine must be native or vllm, got {self.engine!r}")
         if self.distributed_executor_backend not in ("", "mp", "ray", "uni"):
@@ -157,8 +178,6 @@ class Config:
         for name in ("max_model_len", "max_loras", "max_cpu_loras", "max_lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config {name} must be >= 0 (0 = the default)")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("config gpu_memory_utilization must be in (0, 1]")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
@@ -168,6 +187,14 @@ class Config:
                 raise ValueError(f"config {name} must be in [0, 65535]")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
+        if self.registry_url and self.registry_path:
+            raise ValueError("config sets both registry_url and registry_path: keep one")
+        if self.registry_url and not self.registry_url.startswith(
+                ("postgresql://", "postgres://", "sqlite://")):
+            raise ValueError("config registry_url must start with postgresql:// or sqlite://")
+        if not self.registry_poll_interval_s > 0:
+            raise ValueError("config registry_poll_interval_s must be > 0, got "
+                             f"{self.registry_poll_interval_s}")
         if not self.grace_period_s >= 0:
             raise ValueError(f"config grace_period_s must be >= 0, got {self.grace_period_s}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

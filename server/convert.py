@@ -84,6 +84,7 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
     limits, spec, store = engine.limits, engine.spec, engine.store
     dtype, device = engine.placement
     host_entries, host_bytes = store.host_limits if store else (0, 0)
+    blocks = engine.stats.kv_blocks_total  # block_size: the native engine's (vLLM: its own)
     return admin_pb2.ServerInfo(
         base_model=spec.name, dtype=dtype, device=device, num_layers=spec.num_layers,
         target_modules=[admin_pb2.ModuleShape(name=n, in_features=i, out_features=o)
@@ -94,6 +95,8 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
         max_tokens_limit=limits.max_tokens_limit,
         max_queued_requests=limits.max_queued_requests,
         max_message_bytes=config.max_message_bytes, version=_version(),
+        kv_cache_blocks=blocks, block_size=config.block_size,
+        max_context_tokens=min(limits.max_model_len, blocks * config.block_size),
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -61,6 +61,11 @@ class Metrics:
         self.materialize = Histogram("nolaserve_adapter_materialize_seconds",
                                      "Loading a cold adapter into a device slot",
                                      buckets=_LOAD, registry=r)
+        self.registry_up = Gauge("nolaserve_registry_up", "1 while the adapter registry's "
+                                 "database answers this replica, else 0", registry=r)
+        self.registry_changes = Counter("nolaserve_registry_changes_applied",
+                                        "Adapters registered, replaced or deleted by other "
+                                        "replicas and applied here", registry=r)
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 

@@ -65,7 +65,8 @@ class LLM:
     here (pass a path to use a server's durable registry)."""
 
     def __init__(self, model: str = "", **config: object) -> None:
-        config.setdefault("registry_path", ":memory:")
+        if not config.get("registry_url"):
+            config.setdefault("registry_path", ":memory:")
         self.config = Config.load(None, model=model, **config)
         if self.config.engine != "native":
             raise ValueError("the offline LLM runs the native engine; serve vLLM with "

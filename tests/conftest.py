@@ -111,3 +111,13 @@ def pytest_addoption(parser):
 @pytest.fixture
 def soak_size(request) -> tuple[int, float]:
     return request.config.getoption("--soak-adapters"), request.config.getoption("--soak-seconds")
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL URL in a fresh schema of its own (``pg_helpers``; skips without a
+    server, fails under CI)."""
+    import pg_helpers
+
+    with pg_helpers.fresh_schema() as url:
+        yield url

@@ -47,7 +47,8 @@ def test_every_flag_has_help_showing_its_default(name, parser):
         if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             assert "(default: " in text, f"{name} {action.option_strings[0]}: {text!r}"
     assert "(default: " in parser.format_help() or name in (
-        "nolaserve info", "nolaserve health", "nolaserve registry check")
+        "nolaserve info", "nolaserve health", "nolaserve registry check",
+        "nolaserve registry copy")
 
 
 def test_serve_flags_are_the_config_fields_with_their_defaults():

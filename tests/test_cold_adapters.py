@@ -11,7 +11,7 @@ from engine_helpers import greedy, make_engine
 from nolaserve.adapters import philox
 from nolaserve.adapters.errors import NoFreeSlotError
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.slot_table import Acquired, SlotTable
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
@@ -156,9 +156,9 @@ def test_the_warm_tier_returns_bit_identical_factors(dtype):
         return [t[slot].clone() for key in store.slots._buffers
                 for t in store.slots.buffers(*key)]
 
-    warm = AdapterStore(SPEC, Registry(":memory:"), num_slots=1, dtype=dtype,
+    warm = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, dtype=dtype,
                         warm_cache_bytes=1 << 20)
-    cold = AdapterStore(SPEC, Registry(":memory:"), num_slots=1, dtype=dtype)
+    cold = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, dtype=dtype)
     for store in (warm, cold):
         store.register("x", nola(SPEC, 1))
         store.register("y", nola(SPEC, 2))
@@ -177,7 +177,7 @@ def test_the_warm_tier_returns_bit_identical_factors(dtype):
 
 
 def test_a_replaced_adapter_is_not_served_from_the_warm_tier():
-    store = AdapterStore(SPEC, Registry(":memory:"), num_slots=1, warm_cache_bytes=1 << 20)
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, warm_cache_bytes=1 << 20)
     store.register("x", nola(SPEC, 1))
     store.release(store.acquire("x"))
     store.register("x", nola(SPEC, 7), replace=True)
@@ -197,7 +197,7 @@ def test_regeneration_runs_on_materialize_threads_only(monkeypatch, threads):
         return contract(*args)
 
     monkeypatch.setattr(philox, "contract", spy)
-    store = AdapterStore(SPEC, Registry(":memory:"), num_slots=2, materialize_threads=threads)
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=2, materialize_threads=threads)
     store.register("x", nola(SPEC, 1))
     store.register("y", nola(SPEC, 2))
     loads = [threading.Thread(target=store.acquire, args=(n,)) for n in "xy"]
@@ -216,7 +216,7 @@ def test_cuda_slot_writes_are_ordered_after_the_steps_that_read_the_slot(monkeyp
     """A read of slot 0 queued on the compute stream behind a long kernel still sees the
     old adapter; the load waits for it by an event (no device-wide sync) and the new
     contents are in place once the load returns."""
-    store = AdapterStore(SPEC, Registry(":memory:"), num_slots=1, device="cuda")
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, device="cuda")
     store.register("x", nola(SPEC, 1))
     store.register("y", nola(SPEC, 2))
     store.release(store.acquire("x"))

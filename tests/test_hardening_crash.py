@@ -18,7 +18,7 @@ from server_helpers import HANG_GUARD, request
 from test_server_process import SERVE, read_port, write_config
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import model_spec
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
@@ -89,7 +89,7 @@ def test_sigkill_during_register_storm_keeps_every_acknowledged_adapter(tmp_path
         assert len(acked_now) >= ACKED_BEFORE_KILL
         assert len(set(sent)) > len(acked_now) or len(sent) == len(payloads)
 
-        with Registry(values["registry_path"]) as registry:  # the file after the crash
+        with SqliteRegistry(values["registry_path"]) as registry:  # the file after the crash
             assert registry.verify() == []
 
         proc, port = start(config, log)

@@ -14,12 +14,8 @@ from conftest import merged, spec_of, tiny_llama
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import AdapterFactors, ModuleFactors, model_spec
 from nolaserve.server.engine import model_loader
-from nolaserve.server.engine.attention import (
-    ATTN_IMPLEMENTATION,
-    KVCache,
-    kv_cache_blocks,
-    register_attention,
-)
+from nolaserve.server.engine.attention import ATTN_IMPLEMENTATION, register_attention
+from nolaserve.server.engine.kv_cache import KVCache, kv_cache_blocks
 from nolaserve.server.engine.lora_layers import LoraLinear
 from nolaserve.server.engine.model_runner import ModelRunner, StepBatch
 

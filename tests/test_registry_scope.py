@@ -19,7 +19,7 @@ from nolaserve.adapters.errors import (
     IncompatibleAdapterError,
 )
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
@@ -90,7 +90,7 @@ def test_a_shared_registry_file_lists_only_this_models_adapters(small, wide, tmp
         b.store.registry.data("x")
     with pytest.raises(AdapterExistsError, match="another base model"):
         b.store.register("x", nola(b.store.spec), replace=True)
-    with Registry(path) as everything:  # unscoped: every row, as before scoping
+    with SqliteRegistry(path) as everything:  # unscoped: every row, as before scoping
         assert [r.id for r in everything.list()[0]] == ["x", "y"]
 
 
@@ -98,14 +98,14 @@ def test_an_old_schema_file_is_upgraded_in_place_and_loses_nothing(tmp_path):
     path = tmp_path / "registry.db"
     with sqlite3.connect(path) as conn:
         conn.executescript(OLD_SCHEMA)
-    with Registry(path, scope="f1") as reg:
+    with SqliteRegistry(path, scope="f1") as reg:
         assert reg.get("old").base_model_fingerprint is None  # visible to every model
         assert reg.data("old") == b"\x00" and reg.count() == 1
         reg.register("new", "nola", b"\x01")
         assert reg.verify() == []
-    with Registry(path, scope="f2") as other:
+    with SqliteRegistry(path, scope="f2") as other:
         assert [r.id for r in other.list()[0]] == ["old"]
-    with Registry(path) as reg:
+    with SqliteRegistry(path) as reg:
         assert {r.id: r.base_model_fingerprint for r in reg.list()[0]} == {"old": None,
                                                                           "new": "f1"}
 

@@ -201,3 +201,38 @@ def test_batch_mismatch_is_a_value_error():
         Sampler().sample(torch.zeros(2, 5), [GREEDY], [None, None])
     with pytest.raises(ValueError, match=r"\[N, V\]"):
         Sampler().sample(torch.zeros(5), [GREEDY], [None])
+
+
+def test_only_rows_that_ask_are_filtered_and_only_top_p_sorts(monkeypatch):
+    from nolaserve.server.engine import sampler as sampler_mod
+
+    calls = []
+    real = sampler_mod.apply_top_k_top_p
+
+    def recording(logits, top_k, top_p, **kw):
+        calls.append((logits.shape[0], kw["use_p"]))
+        return real(logits, top_k, top_p, **kw)
+
+    monkeypatch.setattr(sampler_mod, "apply_top_k_top_p", recording)
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort",
+                        lambda self, *a, **kw: sorts.append(self.shape) or real_sort(self, *a,
+                                                                                     **kw))
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))
+    params = [GREEDY, SamplingParams(top_k=3), SamplingParams(), SamplingParams(top_p=0.5),
+              SamplingParams(top_k=2)]
+    Sampler().sample(logits, params, [None] * 5)
+    assert sorted(calls) == [(1, True), (2, False)]  # greedy and plain rows untouched
+    assert sorts == [torch.Size([1, 40])]  # one sorted row: the top-p one
+    calls.clear()
+    Sampler().sample(logits, [SamplingParams()] * 5, [None] * 5)
+    assert calls == []
+
+
+def test_seeded_draw_uses_the_generator_on_its_device():
+    gen = make_generator(3, "cpu")
+    assert gen.device.type == "cpu"
+    a = Sampler().sample(FOUR.repeat(4, 1), [SamplingParams(seed=3)] * 4, [make_generator(3)] * 4)
+    b = Sampler().sample(FOUR.repeat(4, 1), [SamplingParams(seed=3)] * 4, [make_generator(3)] * 4)
+    assert a == b

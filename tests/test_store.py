@@ -12,7 +12,7 @@ from nolaserve.adapters.errors import (
 )
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import AdapterFactors, BaseModelSpec, ModuleFactors
 from nolaserve.adapters.store import AdapterStore, parse_adapter
 
@@ -21,7 +21,7 @@ SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (8, 8), "v": (8, 4)}, max
 
 @pytest.fixture
 def store(tmp_path):
-    return AdapterStore(SPEC, Registry(tmp_path / "reg.db"), num_slots=3)
+    return AdapterStore(SPEC, SqliteRegistry(tmp_path / "reg.db"), num_slots=3)
 
 
 def nola_bytes(seed: int, **kw) -> bytes:
@@ -135,8 +135,8 @@ def test_rmm_task_upload_needs_its_basis(store):
 
 
 def test_registrations_survive_reopen(tmp_path):
-    first = AdapterStore(SPEC, Registry(tmp_path / "r.db"), num_slots=2)
+    first = AdapterStore(SPEC, SqliteRegistry(tmp_path / "r.db"), num_slots=2)
     first.register("a", nola_bytes(1))
     first.registry.close()
-    again = AdapterStore(SPEC, Registry(tmp_path / "r.db"), num_slots=2)
+    again = AdapterStore(SPEC, SqliteRegistry(tmp_path / "r.db"), num_slots=2)
     assert again.registry.get("a").kind == "nola" and again.acquire("a") >= 0

@@ -1,5 +1,6 @@
-"""The Triton kernels (``ops/triton_lora.py``, ``nola_triton.py``) against their CPU
-references. The cases live in ``triton_cases.py`` and run in a child process: under
+"""The Triton kernels (``ops/triton_lora.py``, ``nola_triton.py``,
+``server/engine/paged_triton.py``) against their CPU references. The cases live in
+``triton_cases.py`` and ``triton_attention_cases.py`` and run in a child process: under
 ``TRITON_INTERPRET=1`` on CPU here (the variable must be set before triton is imported),
 natively on CUDA when a GPU is present."""
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CASES = Path(__file__).with_name("triton_cases.py")
+CASES = [Path(__file__).with_name(n) for n in ("triton_cases.py", "triton_attention_cases.py")]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
@@ -24,8 +25,9 @@ def run_cases(interpret: bool) -> None:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(CASES)],
-        cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         *map(str, CASES)],
+        cwd=CASES[0].parent.parent, env=env, capture_output=True, text=True, timeout=1200,
     )
     summary = proc.stdout.strip().splitlines()[-1:] or [""]
     assert proc.returncode == 0 and " passed" in summary[0], proc.stdout[-6000:] + proc.stderr

@@ -14,7 +14,7 @@ from test_store import SPEC, lora_bytes, nola_bytes
 from nolaserve.adapters.errors import AdapterNotFoundError, LimitExceededError
 from nolaserve.adapters.peft_export import write_peft_dir
 from nolaserve.adapters.peft_import import import_peft
-from nolaserve.adapters.registry import Registry
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.store import AdapterStore, parse_adapter
 from nolaserve.server.engine.peft_dirs import PeftDirCache
 from nolaserve.server.engine.vllm_loras import VllmLoras
@@ -75,7 +75,7 @@ def loras(tmp_path):
     thread.start()
     fake = FakeVllm()
     dirs = PeftDirCache(tmp_path / "peft", 1 << 20)
-    store = AdapterStore(SPEC, Registry(":memory:"),
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"),
                          slots=lambda s: VllmLoras(s, dirs, fake, max_loras=2, max_lora_rank=8))
     store.slots.loop = loop
     yield store, store.slots, fake, loop

@@ -8,7 +8,7 @@ launch on CUDA. See ``add_lora`` for shapes and ``LoraBatch`` for the per-step b
 description that every layer's call shares.
 """
 
-from .batch import LoraBatch
+from .batch import LoraBatch, SegmentPlan
 from .dispatch import (
     BACKENDS,
     Backend,
@@ -18,6 +18,7 @@ from .dispatch import (
     choose_backend,
     choose_multi_backend,
     loop_modules,
+    step_backends,
 )
 from .torch_lora import gather_bmm, reference, segment
 
@@ -26,6 +27,7 @@ __all__ = [
     "Backend",
     "LoraBatch",
     "MultiBackend",
+    "SegmentPlan",
     "add_lora",
     "add_lora_multi",
     "choose_backend",
@@ -34,4 +36,5 @@ __all__ = [
     "loop_modules",
     "reference",
     "segment",
+    "step_backends",
 ]

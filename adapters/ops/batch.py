@@ -1,14 +1,16 @@
 """``LoraBatch``: which adapter slot each token of one engine step uses.
 
-Built once per step from the token -> adapter slot tensor and shared by every layer's
-``add_lora`` call, so the sort, the scan for out-of-range slots and the host syncs
-happen once per step, not once per linear. ``from_token_slot`` syncs six times (the
-min and the max, the count of ``-1`` tokens, the identity-order test, the segment slots
-and their lengths); the kernels then launch without another.
+Built once per step and shared by every layer's ``add_lora`` call. The segments (tokens
+grouped by slot) are planned on the host from the step's Python list of slots
+(``SegmentPlan``, pure Python, no tensor) and reach the device with the rest of the step's
+inputs in one copy (``server.engine.step_inputs``); the kernels then launch without a
+host sync. ``from_token_slot`` is the same for a caller holding a tensor: one copy to the
+host, one back.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -16,16 +18,63 @@ import torch
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
+# the host lists of a plan that become device tensors, in packing order
+PLAN_FIELDS = ("token_slot", "sorted_tokens", "sorted_slots", "seg_slots", "seg_starts")
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentPlan:
+    """The host side of a ``LoraBatch``: plain lists, derived from ``token_slot`` alone.
+
+    ``sorted_tokens`` lists the tokens with a slot, stably sorted by slot; segment ``i`` is
+    ``sorted_tokens[seg_starts[i]:seg_starts[i + 1]]``, all on slot ``seg_slots[i]``, in
+    ascending slot order.
+    """
+
+    token_slot: list[int]  # [T], values in [-1, max_slot]
+    sorted_tokens: list[int]  # [T_a]
+    sorted_slots: list[int]  # [T_a], non-decreasing
+    seg_slots: list[int]  # [N], strictly increasing
+    seg_starts: list[int]  # [N + 1], seg_starts[-1] = T_a
+    max_slot: int
+    identity_order: bool
+    consecutive_from: int
+
+    @classmethod
+    def of(cls, token_slot: list[int]) -> SegmentPlan:
+        """Plan ``token_slot`` (``-1`` = no adapter). Raises ``ValueError`` below ``-1``."""
+        lo = min(token_slot, default=-1)
+        if lo < -1:
+            raise ValueError(
+                f"token_slot values must be >= -1 (-1 = no adapter), got {lo} "
+                f"at token {token_slot.index(lo)}")
+        sorted_tokens = sorted((t for t, s in enumerate(token_slot) if s >= 0),
+                               key=token_slot.__getitem__)
+        sorted_slots = [token_slot[t] for t in sorted_tokens]
+        seg_slots, counts = [], []
+        for slot, group in itertools.groupby(sorted_slots):
+            seg_slots.append(slot)
+            counts.append(sum(1 for _ in group))
+        n_active = len(sorted_tokens)
+        identity = n_active == len(token_slot) > 0 and sorted_tokens[-1] == n_active - 1 and \
+            all(a <= b for a, b in zip(token_slot, token_slot[1:]))
+        consecutive = bool(seg_slots) and \
+            len(seg_slots) == n_active == seg_slots[-1] - seg_slots[0] + 1
+        return cls(list(token_slot), sorted_tokens, sorted_slots, seg_slots,
+                   [0, *itertools.accumulate(counts)], max(token_slot, default=-1), identity,
+                   seg_slots[0] if consecutive else -1)
+
+    def lists(self) -> dict[str, list[int]]:
+        """The lists that go to the device, by ``PLAN_FIELDS`` name."""
+        return {name: getattr(self, name) for name in PLAN_FIELDS}
+
 
 @dataclass(frozen=True, eq=False)
 class LoraBatch:
     """Tokens grouped by adapter slot; ``-1`` means "no adapter" and adds nothing.
 
-    Invariants (established by ``from_token_slot``):
-    ``sorted_tokens`` lists the tokens with a slot, stably sorted by slot;
-    segment ``i`` is ``sorted_tokens[seg_starts[i]:seg_starts[i + 1]]``, all with slot
-    ``seg_slots[i]``; the segments are in ascending slot order, so
-    ``len(seg_slots)`` is the number of distinct slots in the batch.
+    The tensors are ``SegmentPlan``'s lists on the device (int64); the tuples stay on the
+    host for the Python loops and grid shapes of the backends.
     """
 
     token_slot: torch.Tensor  # [T] int64, values in [-1, max_slot]
@@ -38,7 +87,17 @@ class LoraBatch:
     identity_order: bool  # every token has a slot and sorted_tokens == arange(T)
     # first slot when the active tokens hold consecutive slots, one token each (a decode
     # step over distinct adapters): the factors are then a view, not a gather; else -1
-    consecutive_from: int = -1
+    consecutive_from: int
+    seg_start_index: torch.Tensor  # [N + 1] int64, seg_starts on the device
+
+    @classmethod
+    def from_plan(cls, plan: SegmentPlan, tensors: dict[str, torch.Tensor]) -> LoraBatch:
+        """The batch of ``plan`` whose lists are already on the device as ``tensors``
+        (keys ``PLAN_FIELDS``, int64)."""
+        return cls(tensors["token_slot"], tensors["sorted_tokens"], tensors["sorted_slots"],
+                   tuple(plan.seg_slots), tensors["seg_slots"], tuple(plan.seg_starts),
+                   plan.max_slot, plan.identity_order, plan.consecutive_from,
+                   tensors["seg_starts"])
 
     @classmethod
     def from_token_slot(cls, token_slot: torch.Tensor) -> LoraBatch:
@@ -53,43 +112,10 @@ class LoraBatch:
             raise ValueError(f"token_slot must be 1-D [T], got shape {list(token_slot.shape)}")
         if token_slot.dtype not in _INT_DTYPES:
             raise ValueError(f"token_slot must have an integer dtype, got {token_slot.dtype}")
-        slots = token_slot.long()
-        if slots.numel() == 0:
-            return cls._without_adapters(slots)
-        lo, hi = torch.aminmax(slots)
-        lo, hi = int(lo), int(hi)
-        if lo < -1:
-            raise ValueError(
-                f"token_slot values must be >= -1 (-1 = no adapter), got {lo} "
-                f"at token {int((slots < -1).nonzero()[0, 0])}"
-            )
-        if hi < 0:
-            return cls._without_adapters(slots)
-
-        sorted_slots, order = torch.sort(slots, stable=True)
-        num_none = int((sorted_slots < 0).sum()) if lo < 0 else 0
-        sorted_slots, order = sorted_slots[num_none:], order[num_none:]
-        uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-        # Stable sort of an already non-decreasing slot vector is the identity.
-        identity = num_none == 0 and bool((slots[1:] >= slots[:-1]).all())
-        seg_slots = tuple(uniq.tolist())
-        consecutive = len(seg_slots) == len(sorted_slots) == seg_slots[-1] - seg_slots[0] + 1
-        return cls(
-            token_slot=slots,
-            sorted_tokens=order,
-            sorted_slots=sorted_slots,
-            seg_slots=seg_slots,
-            seg_slot_index=uniq,
-            seg_starts=(0, *itertools.accumulate(counts.tolist())),
-            max_slot=hi,
-            identity_order=identity,
-            consecutive_from=seg_slots[0] if consecutive else -1,
-        )
-
-    @classmethod
-    def _without_adapters(cls, slots: torch.Tensor) -> LoraBatch:
-        empty = slots.new_empty(0)
-        return cls(slots, empty, empty, (), empty, (0,), max_slot=-1, identity_order=False)
+        plan = SegmentPlan.of(token_slot.tolist())
+        device = token_slot.device
+        return cls.from_plan(plan, {k: torch.tensor(v, dtype=torch.long).to(device)
+                                    for k, v in plan.lists().items()})
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +130,15 @@ class LoraBatch:
     def num_segments(self) -> int:
         """Distinct slots in the batch."""
         return len(self.seg_slots)
+
+    @functools.cached_property
+    def tiles(self) -> tuple[int, int, int]:
+        """``(BLOCK_T, token tiles of the longest segment, busy tiles of all segments)``
+        for the SGMV grids; computed once per batch, not once per launch."""
+        lengths = [b - a for a, b in zip(self.seg_starts, self.seg_starts[1:])]
+        longest = max(lengths, default=0)
+        block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
+        return block_t, -(-longest // block_t), sum(-(-n // block_t) for n in lengths)
 
     @property
     def has_adapters(self) -> bool:

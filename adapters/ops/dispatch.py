@@ -92,15 +92,28 @@ def choose_backend(x: torch.Tensor, batch: LoraBatch) -> Backend:
 
 
 @functools.cache
-def cuda_backend() -> Backend | None:
-    """The Triton SGMV backend (``triton_lora.sgmv``), or None when triton does not import.
+def cuda_backend(checked: bool = True) -> Backend | None:
+    """The Triton SGMV backend (``triton_lora.sgmv``; ``checked=False``: its launcher
+    without the argument checks), or None when triton does not import.
 
     Imported on first use, so CPU-only processes never import triton."""
     try:
-        from .triton_lora import sgmv
+        from .triton_lora import sgmv, sgmv_launch
     except ImportError:
         return None
-    return sgmv
+    return sgmv if checked else sgmv_launch
+
+
+def step_backends(batch: LoraBatch, device: torch.device) -> tuple[Backend, MultiBackend]:
+    """The ``add_lora`` and ``add_lora_multi`` backends for one engine step, chosen once
+    per step (the batch decides) and then called by every adapted linear without checks:
+    the caller validated shapes and dtypes when it wrapped the model and the slots when it
+    built ``batch``. On CUDA: the Triton launchers; else the torch pick of
+    ``choose_backend`` and a ``loop_modules`` bound to it."""
+    if device.type == "cuda" and (one := cuda_backend(False)) is not None:
+        return one, cuda_multi_backend(False)
+    one = choose_backend(batch.token_slot, batch)
+    return one, functools.partial(loop_modules, backend=one)
 
 
 def add_lora_multi(
@@ -150,11 +163,13 @@ def add_lora_multi(
 
 
 def loop_modules(
-    ys: Tensors, x: torch.Tensor, As: Tensors, Bs: Tensors, scales: Tensors, batch: LoraBatch
+    ys: Tensors, x: torch.Tensor, As: Tensors, Bs: Tensors, scales: Tensors, batch: LoraBatch,
+    backend: Backend | None = None,
 ) -> Tensors:
     """The torch backend of ``add_lora_multi``: its definition, one ``add_lora`` backend
-    call per module (``choose_backend``'s pick, made once)."""
-    backend = choose_backend(x, batch)
+    call per module (``backend``, or ``choose_backend``'s pick, made once)."""
+    if backend is None:
+        backend = choose_backend(x, batch)
     for y, A, B, scale in zip(ys, As, Bs, scales):
         backend(y, x, A, B, scale, batch)
     return ys
@@ -169,11 +184,11 @@ def choose_multi_backend(x: torch.Tensor) -> MultiBackend:
 
 
 @functools.cache
-def cuda_multi_backend() -> MultiBackend | None:
-    """``triton_multi.sgmv_multi``, or None when triton does not import (lazy, like
-    ``cuda_backend``)."""
+def cuda_multi_backend(checked: bool = True) -> MultiBackend | None:
+    """``triton_multi.sgmv_multi`` (``checked=False``: its unchecked launcher), or None
+    when triton does not import (lazy, like ``cuda_backend``)."""
     try:
-        from .triton_multi import sgmv_multi
+        from .triton_multi import sgmv_multi, sgmv_multi_launch
     except ImportError:
         return None
-    return sgmv_multi
+    return sgmv_multi if checked else sgmv_multi_launch

@@ -38,11 +38,7 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
 def blocks(batch: LoraBatch, d_out: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_T, token tiles per segment, output columns per program)``, host-only: the
     output is cut into as few chunks as fill ``PROGRAMS_PER_SM`` programs per SM."""
-    starts = batch.seg_starts
-    longest = max(b - a for a, b in zip(starts, starts[1:]))
-    block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
-    tiles = triton.cdiv(longest, block_t)
-    busy = sum(triton.cdiv(b - a, block_t) for a, b in zip(starts, starts[1:]))
+    block_t, tiles, busy = batch.tiles
     out_tiles = triton.cdiv(d_out, BLOCK_O)
     target = PROGRAMS_PER_SM * sm_count(device)
     chunks = max(1, min(out_tiles, target // busy))  # fewer chunks: less recompute
@@ -74,12 +70,6 @@ def expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
         tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
 
 
-def segment_starts(batch: LoraBatch) -> torch.Tensor:
-    """``[N]`` start of each segment in ``batch.sorted_tokens``, computed on the device:
-    the launchers pass it to the kernels without a host sync."""
-    return torch.searchsorted(batch.sorted_slots, batch.seg_slot_index)
-
-
 @triton.jit
 def segment_tile(tokens, seg_slots, seg_starts, num_segments, num_active,
                  BLOCK_T: tl.constexpr):
@@ -91,7 +81,7 @@ def segment_tile(tokens, seg_slots, seg_starts, num_segments, num_active,
     segment shorter than the longest has idle tiles)."""
     seg = tl.program_id(0)
     start = tl.load(seg_starts + seg)
-    end = tl.load(seg_starts + seg + 1, mask=seg + 1 < num_segments, other=num_active)
+    end = tl.load(seg_starts + seg + 1)  # seg_starts [N + 1]
     t0 = start + tl.program_id(1) * BLOCK_T
     slot = tl.load(seg_slots + seg)
     rows = t0 + tl.arange(0, BLOCK_T)

@@ -65,12 +65,19 @@ def sgmv(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, batch: LoraB
     ``segment``. Raises ``ValueError`` on bad shapes, dtypes or devices.
     """
     tc.check_triton_args(y, x, A, B, scale, batch)
+    return sgmv_launch(y, x, A, B, scale, batch)
+
+
+def sgmv_launch(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                batch: LoraBatch) -> Tensor:
+    """``sgmv`` without its checks, for a caller that validated the shapes once (the
+    engine: at wrap time and once per step)."""
     if not batch.has_adapters:
         return y
     r_max = A.shape[1]
     if r_max > tc.MAX_FUSED_RANK:
         return segment(y, x, A, B, scale, batch)
-    seg_starts = tc.segment_starts(batch)
+    seg_starts = batch.seg_start_index
     block_t, tiles, out_chunk = tc.blocks(batch, y.shape[1], y.device)
     grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
     _sgmv_kernel[grid](

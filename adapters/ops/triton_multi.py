@@ -29,7 +29,7 @@ from . import triton_common as tc
 from .batch import LoraBatch
 from .checks import check_module_lists
 from .triton_common import expand, segment_tile, shrink, x_tile
-from .triton_lora import sgmv
+from .triton_lora import sgmv_launch
 
 MAX_MODULES = 3  # per launch; more are launched in groups of three
 
@@ -122,12 +122,20 @@ def sgmv_multi(
     shapes, dtypes or devices, or on outputs that share storage.
     """
     _check(ys, x, As, Bs, scales, batch)
+    return sgmv_multi_launch(ys, x, As, Bs, scales, batch)
+
+
+def sgmv_multi_launch(ys: Sequence[torch.Tensor], x: torch.Tensor,
+                      As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                      scales: Sequence[torch.Tensor], batch: LoraBatch
+                      ) -> Sequence[torch.Tensor]:
+    """``sgmv_multi`` without its checks (the engine validates once, see ``sgmv_launch``)."""
     if not batch.has_adapters:
         return ys
     fused = [m for m, A in enumerate(As) if A.shape[1] <= tc.MAX_FUSED_RANK]
     for m in sorted(set(range(len(ys))) - set(fused)):
-        sgmv(ys[m], x, As[m], Bs[m], scales[m], batch)
-    seg_starts = tc.segment_starts(batch)
+        sgmv_launch(ys[m], x, As[m], Bs[m], scales[m], batch)
+    seg_starts = batch.seg_start_index
     for g in range(0, len(fused), MAX_MODULES):
         group = fused[g : g + MAX_MODULES]
         _launch([ys[m] for m in group], x, [As[m] for m in group], [Bs[m] for m in group],

@@ -1,5 +1,5 @@
-"""Paged KV cache and the attention function that runs transformers' own modeling code on
-a packed, unpadded batch.
+"""The attention function that runs transformers' own modeling code on a packed, unpadded
+batch over the paged KV cache (``kv_cache.KVCache``).
 
 The runner packs every scheduled sequence's new tokens into one row (``input_ids`` and
 ``position_ids`` of shape ``[1, T]``), decode tokens (``q_len == 1``) first, then the
@@ -7,6 +7,12 @@ prefill chunks. The model is switched to ``ATTN_IMPLEMENTATION``; each attention
 calls ``paged_attention_forward`` with its RoPE'd ``q``/``k``/``v`` and the step's
 ``AttentionMetadata``, which the runner passes as the ``attn_metadata`` keyword of the model
 forward (transformers hands unknown forward kwargs down to the attention function).
+
+Two paths compute the same thing: on CUDA the Triton kernel (``paged_triton``) reads K/V
+in place through the block table for every token at once; the torch path (CPU) gathers
+each group of decode sequences of similar length (``length_groups``: padding stays under
+2x, never to the longest of the whole batch) and each prefill chunk's context, then calls
+SDPA.
 
 The name is registered only with ``AttentionInterface``, deliberately not with
 ``AttentionMaskInterface``: for an implementation absent from the mask registry,
@@ -16,63 +22,17 @@ causal or padding mask is ever built; the masks live in ``AttentionMetadata``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import KVCache
+
 ATTN_IMPLEMENTATION = "nolaserve_paged"
-
-
-class KVCache:
-    """Key/value storage in fixed-size blocks for every layer.
-
-    ``k`` and ``v`` are ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``;
-    the token at position ``p`` of a sequence with block table ``bt`` lives in KV slot
-    ``bt[p // block_size] * block_size + p % block_size`` (a row of a layer's
-    ``[num_blocks * block_size, Hkv, D]`` view; not to be confused with an adapter slot).
-    """
-
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) < 1:
-            raise ValueError(
-                f"KV cache dimensions must be >= 1, got layers={num_layers} blocks={num_blocks} "
-                f"block_size={block_size} kv_heads={num_kv_heads} head_dim={head_dim}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        """Bytes of keys plus values that one block takes over all layers."""
-        elem = torch.empty(0, dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def write(self, layer: int, kv_slot: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """Store the step's keys/values ``[T, Hkv, D]`` at KV slots ``kv_slot [T]``."""
-        kl, vl = self.k[layer], self.v[layer]
-        kl.view(-1, *kl.shape[2:]).index_copy_(0, kv_slot, k)
-        vl.view(-1, *vl.shape[2:]).index_copy_(0, kv_slot, v)
-
-    def gather(self, layer: int,
-               block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of ``block_tables [N, nb]``: two ``[N, nb * block_size, Hkv, D]``
-        copies, position ``p`` of row ``i`` at index ``p``."""
-        n, nb = block_tables.shape
-        idx = block_tables.reshape(-1)
-        kl, vl = self.k[layer], self.v[layer]  # [num_blocks, bs, Hkv, D]
-        k = kl.index_select(0, idx).view(n, nb * self.block_size, *kl.shape[2:])
-        v = vl.index_select(0, idx).view(n, nb * self.block_size, *vl.shape[2:])
-        return k, v
+# decode sequences of up to this many blocks share a group whatever their lengths
+GROUP_MIN_BLOCKS = 8
 
 
 def servable_context(text_config) -> int:
@@ -95,74 +55,66 @@ def servable_context(text_config) -> int:
     return length
 
 
-def kv_cache_blocks(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int,
-                    head_dim: int, dtype: torch.dtype) -> int:
-    """How many blocks fit in ``budget_bytes`` (keys and values of every layer)."""
-    per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-    return max(0, int(budget_bytes) // per_block)
+def length_groups(num_blocks: list[int]) -> list[int]:
+    """A group id per sequence, by length: shortest first, a new group starts when a
+    sequence needs more than twice the blocks of its group's shortest (and more than
+    ``GROUP_MIN_BLOCKS``). Gathering a group pads it to its longest: at most 2x its size."""
+    out = [0] * len(num_blocks)
+    gid, first = -1, 0
+    for i in sorted(range(len(num_blocks)), key=num_blocks.__getitem__):
+        if gid < 0 or num_blocks[i] > max(2 * first, GROUP_MIN_BLOCKS):
+            gid, first = gid + 1, num_blocks[i]
+        out[i] = gid
+    return out
 
 
 @dataclass(frozen=True, eq=False)
-class PrefillChunk:
-    """One sequence with ``q_len > 1`` new tokens at rows ``[start, start + q_len)``."""
+class AttentionPlan:
+    """The host side of ``AttentionMetadata``: int lists to copy (``lists``) and the layout."""
 
-    start: int
-    q_len: int
-    block_table: torch.Tensor | None  # [1, nb]; None when the chunk is the whole context
-    mask: torch.Tensor | None  # [q_len, nb * block_size] bool, True = attend
-    stale: torch.Tensor | None = None  # [1, nb * block_size, 1, 1] bool, key pos >= ctx_len
-
-
-@dataclass(frozen=True, eq=False)
-class AttentionMetadata:
-    """Everything the attention layers need for one step; built once, shared by all layers.
-
-    Rows ``[0, num_decode)`` are decode tokens, one per sequence; ``prefills`` follow.
-    """
-
-    kv_cache: KVCache
-    kv_slot: torch.Tensor  # [T] int64 KV-cache slot of each new token
+    lists: dict[str, list[int]]  # kv_slot [T], token_seq [T], seq_lens [N], block_tables
     num_decode: int
-    decode_block_tables: torch.Tensor  # [num_decode, max_nb] int64, padded with block 0
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_nb * block_size] bool, pos < ctx_len
-    # [num_decode, max_nb * block_size, 1, 1] bool, ~decode_mask: padding and stale positions
-    decode_stale: torch.Tensor
-    prefills: tuple[PrefillChunk, ...]
+    max_nb: int  # block_tables is [N, max_nb], padded with block 0
+    groups: list[tuple[int, int, int]]  # decode (first row, rows, blocks), rows contiguous
+    prefills: list[tuple[int, int, int, int]]  # (first row, q_len, start_pos, blocks)
     max_ctx_len: int
 
-    @classmethod
-    def build(cls, cache: KVCache, q_lens: list[int], start_pos: list[int],
-              block_tables: list[list[int]], device: torch.device) -> AttentionMetadata:
-        """From per-sequence lists in packed order, decode sequences (``q_len == 1``) first.
-        Raises ``ValueError`` when a block table does not cover its positions."""
-        bs = cache.block_size
-        kv_slot: list[int] = []
-        ctx_lens = [s + q for s, q in zip(start_pos, q_lens)]
-        for q, s, bt, ctx in zip(q_lens, start_pos, block_tables, ctx_lens):
-            _check_table(bt, ctx, bs, cache.num_blocks)
-            kv_slot += [bt[p // bs] * bs + p % bs for p in range(s, ctx)]
-        n_dec = 0
-        while n_dec < len(q_lens) and q_lens[n_dec] == 1:
-            n_dec += 1
-        if any(q < 1 for q in q_lens) or any(q == 1 for q in q_lens[n_dec:]):
-            raise ValueError("every sequence needs >= 1 new token, decode (1 token) ones first")
-        nb = [-(-c // bs) for c in ctx_lens]
-        max_nb = max(nb[:n_dec], default=0)
-        tables = torch.tensor([bt[:k] + [0] * (max_nb - k)
-                               for bt, k in zip(block_tables[:n_dec], nb[:n_dec])],
-                              dtype=torch.long).view(n_dec, max_nb)
-        key_pos = torch.arange(max_nb * bs)
-        mask = key_pos < torch.tensor(ctx_lens[:n_dec], dtype=torch.long).view(-1, 1)
-        prefills, row = [], n_dec
-        for q, s, bt, k in zip(q_lens[n_dec:], start_pos[n_dec:], block_tables[n_dec:],
-                               nb[n_dec:]):
-            prefills.append(_prefill_chunk(row, q, s, bt[:k], bs, device))
-            row += q
-        stale = (~mask).view(n_dec, max_nb * bs, 1, 1)
-        mask = mask.view(n_dec, 1, 1, max_nb * bs)
-        return cls(cache, torch.tensor(kv_slot, dtype=torch.long, device=device), n_dec,
-                   tables.to(device), mask.to(device), stale.to(device), tuple(prefills),
-                   max(ctx_lens, default=0))
+
+def plan_attention(block_size: int, num_blocks: int, q_lens: list[int], start_pos: list[int],
+                   block_tables: list[list[int]]) -> AttentionPlan:
+    """From per-sequence lists in packed order, decode sequences (``q_len == 1``) first.
+    Raises ``ValueError`` when a block table does not cover its positions."""
+    bs = block_size
+    n_dec = 0
+    while n_dec < len(q_lens) and q_lens[n_dec] == 1:
+        n_dec += 1
+    if any(q < 1 for q in q_lens) or any(q == 1 for q in q_lens[n_dec:]):
+        raise ValueError("every sequence needs >= 1 new token, decode (1 token) ones first")
+    ctx_lens = [s + q for s, q in zip(start_pos, q_lens)]
+    nb = [-(-c // bs) for c in ctx_lens]
+    max_nb = max(nb, default=0)
+    kv_slot: list[int] = []
+    token_seq: list[int] = []
+    tables: list[int] = []
+    for i, (s, bt, ctx, k) in enumerate(zip(start_pos, block_tables, ctx_lens, nb)):
+        _check_table(bt, ctx, bs, num_blocks)
+        kv_slot += [bt[p // bs] * bs + p % bs for p in range(s, ctx)]
+        token_seq += [i] * (ctx - s)
+        tables += bt[:k] + [0] * (max_nb - k)
+    gid = length_groups(nb[:n_dec])
+    groups, row = [], 0
+    while row < n_dec:
+        end = row
+        while end < n_dec and gid[end] == gid[row]:
+            end += 1
+        groups.append((row, end - row, max(nb[row:end])))
+        row = end
+    prefills = []
+    for i in range(n_dec, len(q_lens)):
+        prefills.append((row, q_lens[i], start_pos[i], nb[i]))
+        row += q_lens[i]
+    lists = dict(kv_slot=kv_slot, token_seq=token_seq, seq_lens=ctx_lens, block_tables=tables)
+    return AttentionPlan(lists, n_dec, max_nb, groups, prefills, max(ctx_lens, default=0))
 
 
 def _check_table(block_table: list[int], ctx_len: int, block_size: int, num_blocks: int) -> None:
@@ -174,16 +126,68 @@ def _check_table(block_table: list[int], ctx_len: int, block_size: int, num_bloc
         raise ValueError(f"block ids must be in [0, {num_blocks}), got {needed}")
 
 
-def _prefill_chunk(start: int, q_len: int, start_pos: int, blocks: list[int], block_size: int,
-                   device: torch.device) -> PrefillChunk:
-    if start_pos == 0:  # the context is exactly the new tokens: plain causal attention
-        return PrefillChunk(start, q_len, None, None)
-    key_pos = torch.arange(len(blocks) * block_size)
-    query_pos = torch.arange(start_pos, start_pos + q_len).view(-1, 1)
-    mask = key_pos <= query_pos  # [q_len, nb * bs], causal with offset start_pos
-    stale = (key_pos >= start_pos + q_len).view(1, -1, 1, 1)
-    table = torch.tensor([blocks], dtype=torch.long, device=device)
-    return PrefillChunk(start, q_len, table, mask.to(device), stale.to(device))
+@dataclass(frozen=True, eq=False)
+class TorchBatch:
+    """One gather-then-SDPA unit of the torch path: query rows ``[start, start + q_len *
+    n)``; ``tables [n, nb]``; ``mask`` True = attend; ``stale`` = ``~mask`` per key."""
+
+    start: int
+    rows: int
+    tables: torch.Tensor | None  # None: a prefill chunk that is its whole context
+    mask: torch.Tensor | None  # decode [n, 1, 1, L]; prefill [q_len, L]
+    stale: torch.Tensor | None  # [n, L, 1, 1]
+    decode: bool
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMetadata:
+    """Everything the attention layers need for one step; built once, shared by all layers.
+
+    Rows ``[0, num_decode)`` are decode tokens, one per sequence; prefill chunks follow.
+    """
+
+    kv_cache: KVCache
+    kv_slot: torch.Tensor  # [T] int64 KV-cache slot of each new token
+    num_decode: int
+    block_tables: torch.Tensor  # [N, max_nb] int64, padded with block 0
+    token_seq: torch.Tensor  # [T] sequence of each token
+    positions: torch.Tensor  # [T] position of each token (its causal limit)
+    max_ctx_len: int
+    # the Triton kernel (CUDA), or None for the torch path over ``units``
+    kernel: Callable | None = None
+    units: tuple[TorchBatch, ...] = field(default=())
+
+    @classmethod
+    def from_plan(cls, plan: AttentionPlan, cache: KVCache, tensors: dict[str, torch.Tensor],
+                  positions: torch.Tensor, kernel: Callable | None = None) -> AttentionMetadata:
+        """The metadata of ``plan`` whose lists are on the device as ``tensors``; the torch
+        path's masks are made there from the sequence lengths (no host tensors)."""
+        n_seqs = len(plan.lists["seq_lens"])
+        tables = tensors["block_tables"].view(n_seqs, plan.max_nb)
+        units = () if kernel is not None else _torch_units(plan, cache.block_size, tables,
+                                                            tensors["seq_lens"])
+        return cls(cache, tensors["kv_slot"], plan.num_decode, tables, tensors["token_seq"],
+                   positions, plan.max_ctx_len, kernel, units)
+
+
+def _torch_units(plan: AttentionPlan, bs: int, tables: torch.Tensor,
+                 seq_lens: torch.Tensor) -> tuple[TorchBatch, ...]:
+    units = []
+    for row, n, nb in plan.groups:
+        key_pos = torch.arange(nb * bs, device=tables.device)
+        mask = key_pos < seq_lens[row:row + n].view(-1, 1)  # [n, L]
+        units.append(TorchBatch(row, n, tables[row:row + n, :nb], mask.view(n, 1, 1, -1),
+                                (~mask).view(n, -1, 1, 1), True))
+    for i, (row, q_len, start, nb) in enumerate(plan.prefills, start=plan.num_decode):
+        if start == 0:  # the context is exactly the new tokens: plain causal attention
+            units.append(TorchBatch(row, q_len, None, None, None, False))
+            continue
+        key_pos = torch.arange(nb * bs, device=tables.device)
+        query_pos = torch.arange(start, start + q_len, device=tables.device).view(-1, 1)
+        stale = (key_pos >= start + q_len).view(1, -1, 1, 1)
+        units.append(TorchBatch(row, q_len, tables[i:i + 1, :nb], key_pos <= query_pos,
+                                stale, False))
+    return tuple(units)
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -207,38 +211,53 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError(f"context of {meta.max_ctx_len} tokens exceeds the sliding window "
                          f"({window}), which paged attention does not implement")
     layer = module.layer_idx
+    cache = meta.kv_cache
+    cache.write(layer, meta.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    D = query.shape[3]
+    if scaling is None:
+        scaling = D ** -0.5
+    if meta.kernel is not None:
+        q = query[0].transpose(0, 1)  # [T, H, D], last dimension contiguous
+        out = meta.kernel(q, cache.k[layer], cache.v[layer], meta.block_tables,
+                          meta.token_seq, meta.positions, scaling)
+        return out.unsqueeze(0), None
+    return _torch_attention(meta, layer, query, key, value, scaling).unsqueeze(0), None
+
+
+def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     q = query[0]  # [H, T, D]
-    meta.kv_cache.write(layer, meta.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
     H, T, D = q.shape
     Hkv = key.shape[1]
     out = q.new_empty(T, H, D)  # [T, H, D]
-    n = meta.num_decode
-    if n:
-        k, v = meta.kv_cache.gather(layer, meta.decode_block_tables)  # [n, L, Hkv, D]
-        # Select, not multiply: a masked key/value may hold anything (another request's
-        # values, NaN); zeroed, it gets weight 0 and adds 0 (0 * NaN would be NaN).
-        k.masked_fill_(meta.decode_stale, 0)
-        v.masked_fill_(meta.decode_stale, 0)
-        # One query per sequence: the G = H / Hkv heads sharing a KV head become G query rows.
-        qd = q[:, :n].transpose(0, 1).reshape(n, Hkv, H // Hkv, D)  # [n, Hkv, G, D]
-        o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=meta.decode_mask, scale=scaling)
-        out[:n] = o.reshape(n, H, D)
     gqa = Hkv != H
-    for p in meta.prefills:
-        rows = slice(p.start, p.start + p.q_len)
+    for u in meta.units:
+        if u.decode:
+            n = u.rows
+            k, v = meta.kv_cache.gather(layer, u.tables)  # [n, L, Hkv, D]
+            # Select, not multiply: a masked key/value may hold anything (another request's
+            # values, NaN); zeroed, it gets weight 0 and adds 0 (0 * NaN would be NaN).
+            k.masked_fill_(u.stale, 0)
+            v.masked_fill_(u.stale, 0)
+            # One query per sequence: the G = H / Hkv heads sharing a KV head become G rows.
+            qd = q[:, u.start:u.start + n].transpose(0, 1).reshape(n, Hkv, H // Hkv, D)
+            o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=u.mask, scale=scaling)
+            out[u.start:u.start + n] = o.reshape(n, H, D)
+            continue
+        rows = slice(u.start, u.start + u.rows)
         qp = query[:, :, rows]  # [1, H, q_len, D]
-        if p.block_table is None:
+        if u.tables is None:
             o = F.scaled_dot_product_attention(qp, key[:, :, rows], value[:, :, rows],
                                                is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
-            k, v = meta.kv_cache.gather(layer, p.block_table)  # [1, L, Hkv, D]
-            k.masked_fill_(p.stale, 0)  # positions past the context: stale, maybe NaN
-            v.masked_fill_(p.stale, 0)
+            k, v = meta.kv_cache.gather(layer, u.tables)  # [1, L, Hkv, D]
+            k.masked_fill_(u.stale, 0)  # positions past the context: stale, maybe NaN
+            v.masked_fill_(u.stale, 0)
             o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=p.mask, scale=scaling, enable_gqa=gqa)
+                                               attn_mask=u.mask, scale=scaling, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)  # [q_len, H, D]
-    return out.unsqueeze(0), None
+    return out
 
 
 def register_attention() -> str:

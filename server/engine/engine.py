@@ -162,7 +162,8 @@ class Engine:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
+        self.requests[request_id] = _Request(seq, detok,
+                                            make_generator(params.seed, self.runner.device))
         self.scheduler.add(seq)
         self.admission.accepted(seq)  # a cold adapter starts loading now (a prefetch)
 
@@ -287,13 +288,16 @@ class Engine:
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowFailure]:
         """One token per request, or the error of its row only: rows with NaN/Inf logits
         fail; if the batched draw raises, rows are drawn one by one."""
-        finite = torch.isfinite(logits).all(dim=1).tolist()
+        # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
+        # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
+        finite = torch.isfinite(logits.sum(dim=1)).tolist()
         out: list[int | _RowFailure] = [_non_finite(r.seq) for r in reqs]
         good = [i for i, ok in enumerate(finite) if ok]
         if not good:
             return out
+        rows = logits if len(good) == len(reqs) else logits[good]
         try:
-            tokens = self.sampler.sample(logits[good], [reqs[i].seq.params for i in good],
+            tokens = self.sampler.sample(rows, [reqs[i].seq.params for i in good],
                                          [reqs[i].generator for i in good])
         except Exception:
             tokens = [self._sample_one(logits[i:i + 1], reqs[i]) for i in good]

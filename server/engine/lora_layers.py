@@ -3,6 +3,13 @@
 ``wrap_model`` swaps every target ``nn.Linear`` of every decoder layer for a ``LoraLinear``
 that holds the base linear, its slot-pool buffers and the runner's step context; the
 model's own modeling code is unchanged and calls the wrapper like the linear it replaced.
+
+Linears of one layer that read the same input (``q/k/v_proj``, ``gate/up_proj``) form a
+``SharedInput`` group: the first of them called in a step computes every member's base
+output and adds all their deltas with one ``add_lora_multi`` launch; the others return
+their output from the step context. A member called with another tensor than the group
+leader (``x is`` test) computes its own, so a model that feeds them different inputs
+stays exact.
 """
 
 from __future__ import annotations
@@ -12,26 +19,34 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from nolaserve.adapters.ops import LoraBatch, add_lora
+from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec, decoder_layers
 
+# leaf names of linears that transformers' decoder layers call on one shared input
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 class LoraContext(Protocol):
-    """What a ``LoraLinear`` reads each step: the token -> slot batch, or ``None`` when no
-    token of the step has an adapter."""
+    """What a ``LoraLinear`` reads each step: the token -> slot batch (``None`` when no
+    token of the step has an adapter), the modules its slots adapt, the backends chosen
+    for the step and the outputs that a shared-input group computed ahead."""
 
     lora_batch: LoraBatch | None
     active_modules: frozenset[str]
+    lora_backend: Backend | None
+    lora_multi_backend: MultiBackend | None
+    shared: dict
 
 
 class LoraLinear(nn.Module):
-    """``y = base(x)``, then ``add_lora`` adds ``scale[s] * B[s] @ A[s] @ x`` for each token
-    whose slot ``s`` (from ``ctx.lora_batch``) is ``>= 0``.
+    """``y = base(x)``, then the step's backend adds ``scale[s] * B[s] @ A[s] @ x`` for
+    each token whose slot ``s`` (from ``ctx.lora_batch``) is ``>= 0``.
 
     ``A [S, r_max, in]``, ``B [S, out, r_max]`` and ``scale [S]`` are the slot pool's
     buffers for this layer and module, held by reference: loading an adapter into a slot
     updates them in place. ``ctx`` is the runner's step context, also held by reference.
+    Shapes and dtypes are checked here, once; the slots once per step by the runner.
     """
 
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
@@ -41,12 +56,19 @@ class LoraLinear(nn.Module):
             raise ValueError(
                 f"slot buffers A {list(A.shape)}, B {list(B.shape)} do not fit a linear "
                 f"{base.in_features} -> {base.out_features}")
-        if A.dtype != base.weight.dtype:
+        if tuple(B.shape) != (A.shape[0], base.out_features, A.shape[1]) or \
+                tuple(scale.shape) != (A.shape[0],):
+            raise ValueError(f"slot buffers A {list(A.shape)}, B {list(B.shape)}, scale "
+                             f"{list(scale.shape)} disagree on slots or rank")
+        if A.dtype != base.weight.dtype or B.dtype != A.dtype:
             raise ValueError(f"slot buffers are {A.dtype} but the model is {base.weight.dtype}")
+        if len({A.device, B.device, scale.device, base.weight.device}) != 1:
+            raise ValueError("slot buffers and the model must be on one device")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.A, self.B, self.scale = A, B, scale  # plain attributes: not model parameters
         self.ctx, self.name = ctx, name  # name relative to the decoder layer
+        self.group: SharedInput | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -54,28 +76,57 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        ctx = self.ctx
+        batch = ctx.lora_batch
+        if batch is None or self.name not in ctx.active_modules:
+            return self.base(x)
+        if self.group is not None:
+            return self.group.output(self, x)
         y = self.base(x)
-        batch = self.ctx.lora_batch
-        if batch is None or self.name not in self.ctx.active_modules:
-            return y
-        # y is fresh from the linear, so the 2-D view aliases it and add_lora updates it.
-        add_lora(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                 self.A, self.B, self.scale, batch)
+        # y is fresh from the linear, so the 2-D view aliases it and the backend updates it.
+        ctx.lora_backend(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
+                         self.A, self.B, self.scale, batch)
         return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.A.shape[0]}"
 
 
+class SharedInput:
+    """Wrapped linears of one layer that read one input; see the module docstring."""
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        for m in members:
+            m.group = self
+
+    def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        ctx = member.ctx
+        x_done, outputs = ctx.shared.get(self, (None, {}))
+        if x_done is x and member in outputs:
+            return outputs.pop(member)
+        active = [m for m in self.members if m.name in ctx.active_modules]
+        ys = {m: m.base(x) for m in active}
+        ctx.lora_multi_backend([ys[m].view(-1, m.out_features) for m in active],
+                               x.reshape(-1, member.in_features), [m.A for m in active],
+                               [m.B for m in active], [m.scale for m in active],
+                               ctx.lora_batch)
+        y = ys.pop(member)
+        ctx.shared[self] = (x, ys)
+        return y
+
+
 def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,
                ctx: LoraContext) -> list[LoraLinear]:
-    """Replace each ``spec`` module of each decoder layer with a ``LoraLinear`` (in place).
-    Returns the wrappers. Raises ``ValueError`` if the model does not match ``spec``."""
+    """Replace each ``spec`` module of each decoder layer with a ``LoraLinear`` (in place)
+    and group the ones that share an input. Returns the wrappers. Raises ``ValueError``
+    if the model does not match ``spec``."""
     layers = decoder_layers(model)
     if len(layers) != spec.num_layers:
         raise ValueError(f"spec has {spec.num_layers} layers but the model has {len(layers)}")
     wrapped = []
     for i, layer in enumerate(layers):
+        mine = {}
         for name in spec.module_shapes:
             parent_name, _, attr = name.rpartition(".")
             try:
@@ -90,4 +141,19 @@ def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,
             lora = LoraLinear(base, *pool.buffers(i, name), ctx, name)
             setattr(parent, attr, lora)
             wrapped.append(lora)
+            mine[name] = lora
+        _group(mine)
     return wrapped
+
+
+def _group(wrapped: dict[str, LoraLinear]) -> None:
+    """Form ``SharedInput`` groups of two or more wrapped siblings with one input width."""
+    by_parent: dict[tuple[str, int], list[LoraLinear]] = {}
+    for name, lora in wrapped.items():
+        parent, _, leaf = name.rpartition(".")
+        for g, leaves in enumerate(SHARED_INPUT_GROUPS):
+            if leaf in leaves:
+                by_parent.setdefault((parent, g), []).append(lora)
+    for members in by_parent.values():
+        if len(members) > 1 and len({m.in_features for m in members}) == 1:
+            SharedInput(members)

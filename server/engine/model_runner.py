@@ -1,98 +1,64 @@
-"""The tensor side of one engine step: pack the scheduled sequences into one unpadded row,
-run the (wrapped, otherwise unchanged) transformers model over it, return sampled logits.
-"""
+"""The tensor side of one engine step: pack the scheduled sequences into one unpadded row
+(``step_inputs``), run the (wrapped, otherwise unchanged) transformers model over it,
+return the sampled rows' logits."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from nolaserve.adapters.ops import LoraBatch
+from nolaserve.adapters.gpu import triton_interpreted
+from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, step_backends
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
-from .attention import AttentionMetadata, KVCache, register_attention
+from .attention import AttentionMetadata, register_attention
+from .kv_cache import KVCache
 from .lora_layers import LoraLinear, wrap_model
+from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
 
+__all__ = ["ModelRunner", "StepBatch", "StepContext"]
 
-@dataclass
-class StepBatch:
-    """One step's scheduled sequences as plain lists, entry ``i`` describing sequence ``i``.
-
-    ``token_ids[i]``: the new tokens to compute (prompt chunk or last sampled token);
-    ``start_pos[i]``: tokens already in the KV cache before this step;
-    ``block_table[i]``: KV block ids covering positions ``[0, start_pos + len(token_ids))``;
-    ``adapter_slot[i]``: slot-pool slot, ``-1`` for the base model;
-    ``sample[i]``: produce logits at the sequence's last new token.
-    """
-
-    token_ids: list[list[int]] = field(default_factory=list)
-    start_pos: list[int] = field(default_factory=list)
-    block_table: list[list[int]] = field(default_factory=list)
-    adapter_slot: list[int] = field(default_factory=list)
-    sample: list[bool] = field(default_factory=list)
-
-    @classmethod
-    def from_seqs(cls, seqs: list[tuple[list[int], int, list[int], int, bool]]) -> StepBatch:
-        """From ``(token_ids, start_pos, block_table, adapter_slot, sample)`` tuples."""
-        batch = cls()
-        for seq in seqs:
-            batch.add(*seq)
-        return batch
-
-    def add(self, token_ids: list[int], start_pos: int, block_table: list[int],
-            adapter_slot: int = -1, sample: bool = True) -> None:
-        """Append one sequence."""
-        self.token_ids.append(token_ids)
-        self.start_pos.append(start_pos)
-        self.block_table.append(block_table)
-        self.adapter_slot.append(adapter_slot)
-        self.sample.append(sample)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` on ragged fields, empty token lists or negative positions."""
-        n = self.num_seqs
-        lengths = {len(self.start_pos), len(self.block_table), len(self.adapter_slot),
-                   len(self.sample)}
-        if lengths != {n}:
-            raise ValueError(f"StepBatch fields have different lengths: {lengths | {n}}")
-        if any(not t for t in self.token_ids) or any(s < 0 for s in self.start_pos):
-            raise ValueError("every sequence needs >= 1 new token and start_pos >= 0")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(eq=False)
 class StepContext:
     """The current step's per-layer inputs, owned by the runner and refilled every step.
 
-    The ``LoraLinear`` wrappers hold this object and read ``lora_batch``; ``attn`` reaches
-    the attention function as the ``attn_metadata`` keyword of the model forward. Both are
-    ``None`` between steps.
+    The ``LoraLinear`` wrappers hold this object and read ``lora_batch`` and the backends
+    chosen for the step; ``attn`` reaches the attention function as the ``attn_metadata``
+    keyword of the model forward. All are empty between steps.
     """
 
     lora_batch: LoraBatch | None = None
     active_modules: frozenset[str] = frozenset()  # modules some slot of the step adapts
     attn: AttentionMetadata | None = None
+    lora_backend: Backend | None = None
+    lora_multi_backend: MultiBackend | None = None
+    shared: dict = field(default_factory=dict)  # outputs of SharedInput groups, this step
+
+    def clear(self) -> None:
+        self.lora_batch = self.attn = self.lora_backend = self.lora_multi_backend = None
+        self.active_modules = frozenset()
+        self.shared.clear()
 
 
 class ModelRunner:
     """Owns the KV cache and the step context, wraps the model's target linears with
     ``LoraLinear`` reading the adapter slots of ``pool`` (``None``: base model only) and
-    selects the paged attention. Modifies ``model`` in place."""
+    selects the paged attention. Modifies ``model`` in place.
+
+    ``attention``: ``auto`` (the Triton kernel on CUDA when triton imports, else torch),
+    ``torch``, or ``triton`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
 
     def __init__(self, model: nn.Module, spec: BaseModelSpec,
                  pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, attention: str = "auto") -> None:
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
@@ -111,56 +77,68 @@ class ModelRunner:
         self.kv_cache = KVCache(cfg.num_hidden_layers, num_kv_blocks, block_size,
                                 self.num_kv_heads, self.head_dim, self.device, dtype)
         self.block_size, self.vocab_size = block_size, cfg.vocab_size
+        self.kernel = attention_kernel(attention, self.device)
+        self.staging = HostStaging(self.device)
 
     @property
     def num_kv_blocks(self) -> int:
         return self.kv_cache.num_blocks
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        """Replace the cache by one of ``num_blocks`` blocks (its contents are dropped):
+        the engine sizes the cache after a profiling step on a small one."""
+        c = self.kv_cache
+        shape = c.k.shape
+        self.kv_cache = None  # free the old one first
+        self.kv_cache = KVCache(shape[0], num_blocks, c.block_size, shape[3], shape[4],
+                                self.device, c.k.dtype)
+
+    def warm_up(self, max_num_seqs: int, max_num_batched_tokens: int,
+                max_model_len: int) -> int:
+        """Run one step of each shape the engine will run: the largest prefill and decode
+        batches of 1, 2, 4, ... up to ``max_num_seqs`` sequences, each on adapter slots
+        with every wrapped linear's low-rank path on, so that kernels compile and the slot
+        pool is touched before the first request. Writes only into the KV cache (blocks
+        that no sequence holds yet). Returns the number of steps."""
+        num_slots = self.pool.num_slots if self.pool is not None else 0
+        batches = warm_up_batches(max_num_seqs, max_num_batched_tokens, max_model_len,
+                                  self.num_kv_blocks, self.block_size, num_slots)
+        for batch in batches:
+            self.execute(batch, all_modules=True)
+        return len(batches)
+
+    def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:
         """Run one step; returns float32 logits ``[num_sampled, vocab]``, one row per
         sequence with ``sample`` set, in ``batch`` order. Writes the new tokens' keys and
-        values into the cache. Raises ``ValueError`` on an inconsistent batch."""
+        values into the cache. Raises ``ValueError`` on an inconsistent batch.
+        ``all_modules``: run every wrapped linear's low-rank op, also for slots that adapt
+        none of it (warm-up)."""
         batch.validate()
         if batch.num_seqs == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         self._check_adapter_slots(batch.adapter_slot)
-        # Packed order: decode sequences (1 new token) first, then prefill chunks, each
-        # group by adapter slot, so decode rows are one slice and LoRA segments are contiguous.
-        q_lens = [len(t) for t in batch.token_ids]
-        order = sorted(range(batch.num_seqs), key=lambda i: (q_lens[i] > 1, batch.adapter_slot[i]))
-        ids: list[int] = []
-        positions: list[int] = []
-        adapter_slot: list[int] = []  # per token; KV slots are the attention metadata's
-        last_row = [0] * batch.num_seqs
-        for i in order:
-            s, q = batch.start_pos[i], q_lens[i]
-            ids += batch.token_ids[i]
-            positions += range(s, s + q)
-            adapter_slot += [batch.adapter_slot[i]] * q
-            last_row[i] = len(ids) - 1
-        keep = [last_row[i] for i in range(batch.num_seqs) if batch.sample[i]]
-        dev = self.device
-        ctx = self.ctx
+        inputs = build_step_inputs(batch, self.kv_cache, self.staging, self.kernel,
+                                   with_lora=self.pool is not None)
         try:
-            ctx.attn = AttentionMetadata.build(
-                self.kv_cache, [q_lens[i] for i in order], [batch.start_pos[i] for i in order],
-                [batch.block_table[i] for i in order], dev)
-            if self.pool is not None and max(adapter_slot, default=-1) >= 0:
-                ctx.lora_batch = LoraBatch.from_token_slot(torch.tensor(adapter_slot, device=dev))
-                ctx.active_modules = self.pool.modules_of(set(adapter_slot) - {-1})
-            with torch.inference_mode():
-                out = self.model(
-                    input_ids=torch.tensor([ids], device=dev),  # [1, T]
-                    position_ids=torch.tensor([positions], device=dev),  # [1, T]
-                    use_cache=False,
-                    logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
-                    attn_metadata=ctx.attn,
-                )
+            self._fill_context(inputs, all_modules)
+            # no_grad, not inference_mode: the logits are ordinary tensors that callers may
+            # modify in place, without a copy of [num_sampled, vocab].
+            with torch.no_grad():
+                out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
+                                 use_cache=False, logits_to_keep=inputs.logits_rows,
+                                 attn_metadata=inputs.attn)
         finally:
-            ctx.attn = ctx.lora_batch = None
-            ctx.active_modules = frozenset()
-        # A copy made outside inference mode: callers may modify it in place.
-        return out.logits[0].to(torch.float32, copy=True)  # [num_sampled, vocab]
+            self.ctx.clear()
+        return out.logits[0].to(torch.float32)  # [num_sampled, vocab]
+
+    def _fill_context(self, inputs: StepInputs, all_modules: bool) -> None:
+        ctx = self.ctx
+        ctx.attn = inputs.attn
+        if inputs.lora is not None:
+            ctx.lora_batch = inputs.lora
+            ctx.lora_backend, ctx.lora_multi_backend = step_backends(inputs.lora, self.device)
+            ctx.active_modules = frozenset(self.spec.module_shapes) if all_modules else \
+                self.pool.modules_of(set(inputs.slots))
 
     def _check_adapter_slots(self, slots: list[int]) -> None:
         if not slots:
@@ -171,3 +149,56 @@ class ModelRunner:
             raise ValueError(
                 f"adapter slots must be -1 (base) or in [0, {limit}), got {lo}..{hi}"
                 + ("" if self.pool is not None else "; this runner serves the base model only"))
+
+
+def warm_up_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                    num_blocks: int, block_size: int, num_slots: int) -> list[StepBatch]:
+    """The steps of ``ModelRunner.warm_up``: the largest prefill (``max_num_batched_tokens``
+    tokens in chunks of at most ``max_model_len - 1``), then decode batches of 1, 2, 4, ...
+    ``max_num_seqs`` sequences at position 0. Sequence ``i`` uses adapter slot
+    ``i % num_slots`` (-1 without slots). Block ids wrap around a small cache (the values
+    are never read back as anyone's context)."""
+    next_block = iter(range(1 << 62))
+
+    def table(positions: int) -> list[int]:
+        return [next(next_block) % num_blocks for _ in range(-(-positions // block_size))]
+
+    def slot(i: int) -> int:
+        return i % num_slots if num_slots else -1
+
+    prefill, left = StepBatch(), max_num_batched_tokens
+    while left > 0 and prefill.num_seqs < max_num_seqs:
+        n = min(left, max(1, max_model_len - 1))
+        prefill.add([0] * n, 0, table(n), slot(prefill.num_seqs))
+        left -= n
+    batches = [prefill]
+    sizes = sorted({*(1 << k for k in range(max_num_seqs.bit_length())), max_num_seqs})
+    for size in (s for s in sizes if s <= max_num_seqs):
+        batches.append(StepBatch.from_seqs([([0], 0, table(1), slot(i), True)
+                                            for i in range(size)]))
+    return batches
+
+
+def attention_kernel(choice: str, device: torch.device):
+    """The Triton paged-attention launcher for ``choice`` on ``device``, or None for the
+    torch path. Raises ``ValueError`` for an unknown choice or ``triton`` where it cannot
+    run."""
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {choice!r}")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return None
+    kernel = _triton_kernel()
+    if kernel is None and choice == "triton":
+        raise ValueError("attention 'triton' needs the triton package")
+    if choice == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError("attention 'triton' needs a CUDA device or TRITON_INTERPRET=1")
+    return kernel
+
+
+@functools.cache
+def _triton_kernel():
+    try:
+        from .paged_triton import paged_attention
+    except ImportError:
+        return None
+    return paged_attention

@@ -1,8 +1,13 @@
 """Next-token sampling for a whole batch: greedy, temperature, top-k and top-p at once.
 
-Every filter works on ``[N, V]`` tensors with one parameter per row; the only Python loop
-is over rows that carry their own seeded ``torch.Generator``, so that a request's tokens
-depend on its seed and its logits alone, never on what else is in the batch.
+Every filter works on ``[N, V]`` tensors with one parameter per row. Which rows are
+greedy, which need top-k or top-p, is decided on the host from the requests' parameters,
+so the sampler never asks the device; the one host sync is the final list of tokens.
+Filters touch only the rows that ask for them: top-k alone takes ``topk``, only top-p
+sorts the vocabulary. A row is drawn by the exponential race (``argmax(p / E)``, ``E ~
+Exp(1)``, which picks token ``i`` with probability ``p[i]``); a row with its own seeded
+generator draws its ``E`` from it, so a request's tokens depend on its seed and its
+logits alone, never on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -19,9 +24,8 @@ GREEDY_EPS = 1e-5
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """The per-request RNG: ``None`` without a seed (the default RNG is used), else a
-    ``torch.Generator`` on ``device`` seeded with ``seed``. Create one per request and keep
-    it for the request's lifetime. The engine keeps it on the CPU, so a seed draws the same
-    tokens on every device; ``Sampler`` then copies that row's probabilities to it."""
+    ``torch.Generator`` on ``device`` (the engine passes the logits' device) seeded with
+    ``seed``. Create one per request and keep it for the request's lifetime."""
     if seed is None:
         return None
     gen = torch.Generator(device=device)
@@ -36,7 +40,8 @@ def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
     return logits / safe.unsqueeze(1)
 
 
-def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, *,
+                      k_max: int | None = None, use_p: bool | None = None) -> Tensor:
     """Filtered copy of ``logits`` [N, V]: dropped entries become ``-inf``.
 
     Row ``i`` keeps every token whose logit is >= its ``top_k[i]``-th largest (ties at the
@@ -44,23 +49,33 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     probable tokens whose probability sums to >= ``top_p[i]`` (``top_p >= 1`` is off). The
     most probable token is always kept. Equal logits are ordered by token index (stable
     sort), so the result of a row does not depend on the other rows.
+
+    ``k_max`` (the largest ``top_k``) and ``use_p`` (any ``top_p < 1``) are what the caller
+    knows on the host; left ``None`` they are read from the tensors (a host sync). Without
+    top-p the vocabulary is not sorted: the ``k``-th largest comes from ``topk(k_max)``.
     """
-    use_k = bool((top_k > 0).any())
-    use_p = bool((top_p < 1).any())
-    if not (use_k or use_p):
-        return logits
+    if k_max is None:
+        k_max = int(top_k.max()) if top_k.numel() else 0
+    if use_p is None:
+        use_p = bool((top_p < 1).any())
     vocab = logits.shape[1]
+    if k_max <= 0 and not use_p:
+        return logits
+    if not use_p:
+        k = top_k.clamp(1, min(k_max, vocab))
+        kth = logits.topk(min(k_max, vocab), dim=1).values.gather(1, (k - 1).unsqueeze(1))
+        kth = kth.masked_fill((top_k <= 0).unsqueeze(1), float("-inf"))  # [N, 1]
+        return logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, order = logits.sort(dim=1, descending=True, stable=True)  # [N, V]
-    if use_k:
+    if k_max > 0:
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(1, vocab)
         kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # [N, 1]
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    if use_p:
-        probs = sorted_logits.softmax(dim=1)
-        mass_before = probs.cumsum(dim=1) - probs  # mass of the more probable tokens
-        drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs  # mass of the more probable tokens
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
@@ -69,8 +84,8 @@ class Sampler:
 
     Rows with ``temperature == 0`` take ``argmax`` (ties go to the lowest index, as in
     transformers' greedy search). Other rows are divided by their temperature, filtered by
-    top-k then top-p (:func:`apply_top_k_top_p`) and sampled from the softmax: rows with a
-    generator one at a time with that generator, the rest together with the default RNG.
+    top-k then top-p (:func:`apply_top_k_top_p`) and drawn from the softmax (the module
+    docstring): rows with a generator from that generator, the rest from the default RNG.
     """
 
     def sample(
@@ -84,43 +99,64 @@ class Sampler:
         _check_batch(logits, params, generators)
         logits = logits.float()
         greedy_ids = logits.argmax(dim=1)  # [N]
-        temperature = _row_tensor([p.temperature for p in params], torch.float32, logits)
-        greedy = temperature < GREEDY_EPS  # [N]
-        if bool(greedy.all()):
+        rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPS]
+        if not rows:
             return greedy_ids.tolist()
-        probs = self.probabilities(logits, params, temperature)
-        sampled = _draw(probs, generators, [not g for g in greedy.tolist()])
-        return torch.where(greedy, greedy_ids, sampled).tolist()
+        if len(rows) < len(params):
+            index = _row_tensor(rows, torch.int64, logits)
+            sub = self.probabilities(logits.index_select(0, index), [params[i] for i in rows])
+            drawn = _draw(sub, [generators[i] for i in rows])
+            return greedy_ids.index_copy(0, index, drawn).tolist()
+        return _draw(self.probabilities(logits, params), generators).tolist()
 
-    def probabilities(
-        self, logits: Tensor, params: list[SamplingParams], temperature: Tensor | None = None
-    ) -> Tensor:
+    def probabilities(self, logits: Tensor, params: list[SamplingParams],
+                      temperature: Tensor | None = None) -> Tensor:
         """The distribution ``[N, V]`` that non-greedy rows are sampled from: softmax of the
-        temperature-scaled, top-k/top-p filtered logits (filtered tokens have probability 0)."""
+        temperature-scaled, top-k/top-p filtered logits (filtered tokens have probability 0).
+        Only rows that ask for top-k or top-p are filtered."""
         if temperature is None:
             temperature = _row_tensor([p.temperature for p in params], torch.float32, logits)
-        top_k = _row_tensor([p.top_k for p in params], torch.int64, logits)
-        top_p = _row_tensor([p.top_p for p in params], torch.float32, logits)
         scaled = apply_temperature(logits.float(), temperature)
-        return apply_top_k_top_p(scaled, top_k, top_p).softmax(dim=1)
+        k_only = [i for i, p in enumerate(params) if p.top_k > 0 and p.top_p >= 1]
+        with_p = [i for i, p in enumerate(params) if p.top_p < 1]
+        for rows, use_p in ((k_only, False), (with_p, True)):
+            if rows:
+                _filter_rows(scaled, rows, [params[i] for i in rows], use_p)
+        return scaled.softmax(dim=1)
 
 
-def _draw(probs: Tensor, generators: list[torch.Generator | None], active: list[bool]) -> Tensor:
-    """One sample per row of ``probs`` [N, V]; rows not ``active`` get 0 (they are greedy)."""
-    out = torch.zeros(probs.shape[0], dtype=torch.int64, device=probs.device)
-    unseeded = [i for i, (g, a) in enumerate(zip(generators, active)) if a and g is None]
-    if unseeded:
-        rows = torch.tensor(unseeded, device=probs.device)
-        out[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
-    for i, (gen, act) in enumerate(zip(generators, active)):
-        if act and gen is not None:
-            pick = torch.multinomial(probs[i].to(gen.device), 1, generator=gen)
-            out[i : i + 1] = pick.to(out.device)
-    return out
+def _filter_rows(scaled: Tensor, rows: list[int], params: list[SamplingParams],
+                 use_p: bool) -> None:
+    """Filter ``scaled[rows]`` in place (all of ``scaled`` without an index when ``rows``
+    is every row)."""
+    top_k = _row_tensor([p.top_k for p in params], torch.int64, scaled)
+    top_p = _row_tensor([p.top_p for p in params], torch.float32, scaled)
+    k_max = max(p.top_k for p in params)
+    if len(rows) == scaled.shape[0]:
+        scaled.copy_(apply_top_k_top_p(scaled, top_k, top_p, k_max=k_max, use_p=use_p))
+        return
+    index = _row_tensor(rows, torch.int64, scaled)
+    sub = apply_top_k_top_p(scaled.index_select(0, index), top_k, top_p, k_max=k_max,
+                            use_p=use_p)
+    scaled.index_copy_(0, index, sub)
+
+
+def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """One sample per row of ``probs`` [N, V] by the exponential race; no host sync."""
+    noise = torch.empty_like(probs)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        noise.exponential_()  # the default RNG; seeded rows are overwritten below
+    for i in seeded:
+        gen = generators[i]
+        row = torch.empty(probs.shape[1], device=gen.device).exponential_(generator=gen)
+        noise[i] = row if row.device == probs.device else row.to(probs.device)
+    # A zero E would divide a zero probability into NaN; the floor keeps it 0.
+    return (probs / noise.clamp_min_(1e-30)).argmax(dim=1)
 
 
 def _row_tensor(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=like.device)
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
 
 
 def _check_batch(

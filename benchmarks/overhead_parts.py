@@ -1,0 +1,172 @@
+"""The measurements of ``benchmarks.overhead`` that need no engine run: per-linear costs,
+the compute floor, transformers' eager step, the context-length sweep and the roofline."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nolaserve.server.engine import attention, step_inputs
+from nolaserve.server.engine.engine import Engine
+from nolaserve.server.engine.model_runner import ModelRunner
+from nolaserve.server.engine.step_inputs import StepBatch, build_step_inputs
+
+
+def median_us(fn, repeat: int = 200, warm: int = 10) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(times)
+
+
+def print_linear_costs(engine: Engine) -> None:
+    """One decode step's context over 64 distinct slots, then one adapted linear called
+    alone: the wrapper, its LoRA backend alone and the base linear."""
+    runner = engine.runner
+    lin = runner.lora_layers[0]  # layer 0 q_proj (grouped with v_proj)
+    batch = StepBatch.from_seqs([([1], 3, [i], i, True) for i in range(64)])
+    inputs = build_step_inputs(batch, runner.kv_cache, runner.staging, runner.kernel, True)
+    runner._fill_context(inputs, all_modules=True)
+    x = torch.randn(1, 64, lin.in_features)
+    y = torch.empty(64, lin.out_features)
+    x2 = x.view(64, -1)
+    ctx = runner.ctx
+    try:
+        with torch.inference_mode():
+            base = median_us(lambda: lin.base(x))
+            op = median_us(lambda: ctx.lora_backend(y, x2, lin.A, lin.B, lin.scale,
+                                                    ctx.lora_batch))
+            group = median_us(lambda: (ctx.shared.clear(), lin(x)))
+            members = len(lin.group.members) if lin.group else 1
+    finally:
+        ctx.clear()
+    print(f"\nper adapted linear, 64 tokens on 64 slots ({lin.in_features} -> "
+          f"{lin.out_features}, r={lin.A.shape[1]}, {ctx.__class__.__name__} filled):")
+    print(f"  base linear alone            {base:8.1f} us")
+    print(f"  LoRA backend call alone      {op:8.1f} us ({ctx_backend_name(runner)})")
+    print(f"  grouped wrapper call         {group:8.1f} us for {members} linears "
+          f"(base + one add_lora_multi); host us per adapted linear beyond base + op: "
+          f"{(group - members * (base + op)) / members:.1f}")
+
+
+def ctx_backend_name(runner: ModelRunner) -> str:
+    batch = StepBatch.from_seqs([([1], 3, [i], i, True) for i in range(64)])
+    inputs = build_step_inputs(batch, runner.kv_cache, runner.staging, runner.kernel, True)
+    from nolaserve.adapters.ops import step_backends
+
+    return getattr(step_backends(inputs.lora, runner.device)[0], "__name__", "?")
+
+
+def compute_floor(model, num_seqs: int, ctx_len: int) -> float:
+    """ms of one decode step's matmuls, attention and lm_head alone, back to back."""
+    cfg = model.config
+    layers = model.model.layers
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    x = torch.randn(num_seqs, cfg.hidden_size)
+    k = torch.randn(num_seqs, Hkv, ctx_len, D)
+    v = torch.randn(num_seqs, Hkv, ctx_len, D)
+    head = model.lm_head.weight
+
+    def step() -> None:
+        h = x
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            q = F.linear(h, a.q_proj.weight).view(num_seqs, Hkv, H // Hkv, D)
+            F.linear(h, a.k_proj.weight)
+            F.linear(h, a.v_proj.weight)
+            o = F.scaled_dot_product_attention(q, k, v).reshape(num_seqs, -1)
+            h = F.linear(o, a.o_proj.weight)
+            g = F.linear(h, m.gate_proj.weight) * F.linear(h, m.up_proj.weight)
+            h = F.linear(g, m.down_proj.weight)
+        F.linear(h, head).argmax(-1)
+
+    with torch.inference_mode():
+        return median_us(step, repeat=50) / 1e3
+
+
+def hf_step_ms(model, num_seqs: int = 64, ctx_len: int = 48) -> float:
+    """transformers' eager forward of one decode token per sequence over a DynamicCache
+    of ``ctx_len`` tokens (the cache reset to that length between repeats)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (num_seqs, ctx_len))
+    with torch.inference_mode():
+        times = []
+        for _ in range(8):
+            cache = DynamicCache()
+            out = model(ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            model(nxt, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[2:])
+
+
+def context_sweep(model, num_seqs: int = 16, block_size: int = 16) -> None:
+    """Decode step ms of ``num_seqs`` sequences at several context lengths, through the
+    runner, with the torch attention path: one padded gather of the whole batch (before)
+    against length groups (after). The cache holds random values (attention's cost does
+    not depend on them)."""
+    cases = {"256": [256] * num_seqs, "1k": [1024] * num_seqs, "4k": [4096] * num_seqs,
+             "ragged 15x256 + 1x4k": [256] * (num_seqs - 1) + [4096]}
+    blocks = sum(-(-n // block_size) for n in cases["4k"]) + 1
+    runner = ModelRunner(model, None, None, blocks, block_size)
+    runner.kv_cache.k.normal_()
+    runner.kv_cache.v.normal_()
+    print(f"\ndecode step, {num_seqs} sequences, torch attention path, block {block_size}:")
+    print(f"  {'context':24s} {'before (ms)':>12s} {'after (ms)':>12s}")
+    for name, lens in cases.items():
+        free = list(range(blocks))
+        random.Random(0).shuffle(free)
+        tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+        batch = StepBatch.from_seqs([([1], n - 1, t, -1, True) for n, t in zip(lens, tables)])
+        after = median_us(lambda: runner.execute(batch), repeat=15, warm=2) / 1e3
+        with _one_group():
+            before = median_us(lambda: runner.execute(batch), repeat=15, warm=2) / 1e3
+        print(f"  {name:24s} {before:12.2f} {after:12.2f}")
+
+
+class _one_group:
+    """Every decode sequence in one group: the padded whole-batch gather of before."""
+
+    def __enter__(self):
+        self.saved = attention.length_groups, step_inputs.length_groups
+        attention.length_groups = step_inputs.length_groups = lambda nb: [0] * len(nb)
+
+    def __exit__(self, *exc):
+        attention.length_groups, step_inputs.length_groups = self.saved
+
+
+def roofline(n: int = 2048) -> None:
+    """A large fp32 matmul's FLOP/s, then SmolLM2-135M base-only decode at batch 64 as a
+    fraction of it (2 FLOP per weight per token, embeddings excluded, lm_head included)."""
+    from nolaserve.benchmarks.engine import run_batch
+    from nolaserve.server.build import build_engine
+    from nolaserve.server.config import Config
+    from nolaserve.server.engine import model_loader as ml
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    peak = 2 * n ** 3 / (median_us(lambda: a @ b, repeat=7, warm=2) / 1e6)
+    model, tok = ml.load_model(device="cpu", dtype="float32")
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    weights += model.lm_head.weight.numel()  # tied: counted once more as the lm_head matmul
+    engine = build_engine(Config(registry_path=":memory:", num_slots=1, max_num_seqs=64,
+                                 max_num_batched_tokens=1024, kv_cache_bytes=256 << 20),
+                          model=model, tokenizer=tok)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 49152) for _ in range(rng.randint(16, 48))]
+               for _ in range(64)]
+    tps = run_batch(engine, prompts, [None] * 64, 16)
+    engine.close()
+    flops = tps * 2 * weights
+    print(f"\nroofline: fp32 matmul {n}^3: {peak / 1e9:.1f} GFLOP/s; SmolLM2-135M base-only "
+          f"decode at 64 sequences: {tps:.1f} tok/s = {flops / 1e9:.1f} GFLOP/s = "
+          f"{flops / peak:.0%} of the matmul peak (prefill included in the tok/s)")

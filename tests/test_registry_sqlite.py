@@ -1,0 +1,166 @@
+"""What only the SQLite backend has (the contract both hold is tests/test_registry.py):
+every valid id round trips, WAL with synchronous=FULL, SQLite's own integrity check, files
+of older schemas migrated in place, and the ``registry check`` command."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nolaserve.adapters.errors import (
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    RegistrySchemaError,
+)
+from nolaserve.adapters.ids import ADAPTER_ID_PATTERN
+from nolaserve.adapters.registry import iter_all
+from nolaserve.adapters.registry_rows import NewAdapter
+from nolaserve.adapters.registry_schema import SCHEMA_VERSION
+from nolaserve.adapters.registry_sqlite import SqliteRegistry as Registry
+
+V1_FILE = """
+CREATE TABLE adapters (id TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, metadata TEXT NOT NULL, parent TEXT,
+    created_at REAL NOT NULL);
+CREATE INDEX adapters_parent ON adapters(parent) WHERE parent IS NOT NULL;
+INSERT INTO adapters VALUES ('b', 'rmm-basis', x'0102', 2,
+    'a12871fee210fb8619291eaea194581cbd2531e4b23759d225f6806923f63222', '{}', NULL, 1.0);
+INSERT INTO adapters VALUES ('b/t', 'rmm-task', x'03', 1,
+    '084fed08b978af4d7d196a7446a86b58009e636b611db16211b65a9aadff29c5', '{"r": 1}', 'b', 2.0);
+"""
+
+
+def _basis_and_tasks(basis: str, n: int) -> list[NewAdapter]:
+    items = [NewAdapter(basis, "rmm-basis", b"B" * 64, {"K": 8})]
+    items += [NewAdapter(f"{basis}-t{i}", "rmm-task", b"T%d" % i, {}, basis) for i in range(n)]
+    return items
+
+
+@pytest.fixture
+def reg():
+    with Registry() as r:
+        yield r
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.from_regex(ADAPTER_ID_PATTERN, fullmatch=True))
+def test_valid_ids_round_trip(adapter_id):
+    with Registry() as r:
+        r.register(adapter_id, "lora", adapter_id.encode())
+        assert r.get(adapter_id).id == adapter_id
+        assert r.data(adapter_id) == adapter_id.encode()
+        assert [x.id for x in r.list()[0]] == [adapter_id]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.text(max_size=140), st.sampled_from(["", "-a", ".a", "a b", "a\n", "é",
+                                                          "a" * 129, "/x", "a\x00"])))
+def test_invalid_ids_raise(adapter_id):
+    if ADAPTER_ID_PATTERN.fullmatch(adapter_id):
+        return
+    with Registry() as r:
+        with pytest.raises(InvalidAdapterIdError):
+            r.register(adapter_id, "lora", b"d")
+        assert r.count() == 0
+
+
+def test_pagination_sees_inserts_behind_and_ahead(reg):
+    reg.register_many([NewAdapter(f"m{i}", "lora", b"x") for i in range(4)])
+    page, token = reg.list(2)
+    reg.register("a0", "lora", b"x")  # behind the cursor: not seen
+    reg.register("z0", "lora", b"x")  # ahead: seen
+    rest = [r.id for r in iter_all_from(reg, token)]
+    assert [r.id for r in page] == ["m0", "m1"] and rest == ["m2", "m3", "z0"]
+
+
+def iter_all_from(reg, token):
+    while True:
+        page, token = reg.list(2, token)
+        yield from page
+        if not token:
+            return
+
+
+def test_page_size_bound_and_strict_tokens(reg):
+    """1000 is a valid page size; a valid token with junk appended is refused, not read
+    past."""
+    assert reg.list(1000) == ([], "")
+    reg.register_many([NewAdapter(i, "lora", b"x") for i in ("a", "b", "c")])
+    page, token = reg.list(1)
+    assert [r.id for r in page] == ["a"] and token
+    assert [r.id for r in reg.list(1, token)[0]] == ["b"]
+    with pytest.raises(InvalidAdapterError, match="page_token"):
+        reg.list(1, token + "!!")
+
+
+def test_every_connection_is_wal_with_synchronous_full(tmp_path):
+    """Power-loss durability: WAL alone survives kill -9, but only synchronous=FULL fsyncs
+    the WAL on every commit. The pragma is per connection, so check the registry's own."""
+    with Registry(tmp_path / "reg.db") as r:
+        assert r._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
+        assert r._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_failed_delete_leaves_the_row(tmp_path):
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register("a", "lora", b"x")
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON adapters "
+                         "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+            r.delete("a")
+        assert r.data("a") == b"x"
+        r.register("b", "lora", b"y")
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 2
+
+
+def test_registry_check_command_verifies_every_row(tmp_path, capsys):
+    from nolaserve.clients.cli import main
+
+    path = tmp_path / "reg.db"
+    with Registry(path) as r:
+        r.register_many(_basis_and_tasks("b", 2))
+        r.register("x", "nola", b"\x01" * 100)
+    assert main(["registry", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 adapters (nola 1, rmm-basis 1, rmm-task 2)" in out and out.endswith("ok\n")
+    with sqlite3.connect(path) as conn:  # one flipped byte in a stored file
+        conn.execute("UPDATE adapter_blobs SET data = ? WHERE id = 'x'",
+                     (b"\x02" + b"\x01" * 99,))
+    assert main(["registry", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "adapter 'x': stored bytes do not match their size or sha256" in out
+    assert main(["registry", "check", str(tmp_path / "missing.db")]) == 1
+    assert not (tmp_path / "missing.db").exists()  # checking never creates a registry
+
+
+def test_a_file_of_the_first_schema_is_migrated_in_place(tmp_path):
+    """Version 1 (bytes inside ``adapters``, no scope, no version table): opening it moves
+    the bytes to ``adapter_blobs`` and records the schema version; nothing is lost."""
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_FILE)
+    with Registry(path) as r:
+        assert [x.id for x in iter_all(r)] == ["b", "b/t"] and r.verify() == []
+        assert r.data("b") == b"\x01\x02" and r.get("b/t").metadata == {"r": 1}
+        assert r.dependents("b") == ["b/t"] and r.version() == 0
+        r.register("new", "lora", b"n")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == \
+            [(SCHEMA_VERSION,)]
+        columns = {c[1] for c in conn.execute("PRAGMA table_info(adapters)")}
+        assert "data" not in columns and "base_model_fingerprint" in columns
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Registry(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(RegistrySchemaError, match="upgrade nolaserve"):
+        Registry(path)
