@@ -61,9 +61,10 @@ class Config:
     materialize_threads: int = option(1, "CPU threads that regenerate cold NOLA adapters, "
                                       "shared by all loads (the step thread's cores are not "
                                       "among them; see docs/operations.md)")
-    warm_cache_bytes: int = option(0, "warm tier: host RAM for the materialized factors of "
-                                   "recently loaded adapters (slot dtype, pinned on CUDA); "
-                                   "reloading one is a copy, not a regeneration; 0 = off")
+    warm_cache_bytes: int = option(256 << 20, "warm tier: host RAM for the materialized "
+                                   "factors of recently loaded adapters (slot dtype, pinned "
+                                   "on CUDA); reloading one is a copy, not a regeneration; "
+                                   "0 = off", shown="256 MiB")
     admission_aging_steps: int = option(16, "a request whose adapter found every slot busy "
                                         "this many times stops later requests from being "
                                         "admitted ahead of it (aging bound)")
