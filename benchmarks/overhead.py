@@ -56,20 +56,23 @@ def tiny_model():
 
 
 class StepTimer:
-    """Wraps the engine's stages with timers (benchmark only): seconds per stage per step."""
+    """Wraps the engine's stages with timers until ``restore()`` (benchmark only): seconds
+    per stage per step, into ``times`` (shared between timers of one scenario)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.times: dict[str, list[float]] = defaultdict(list)
+    def __init__(self, engine: Engine, times: dict[str, list[float]] | None = None) -> None:
+        self.times = defaultdict(list) if times is None else times
         self.on = False
         sched, runner = engine.scheduler, engine.runner
-        sched.schedule = self._timed("schedule", sched.schedule)
-        runner.model.forward = self._timed("forward", runner.model.forward)
-        engine._sample = self._timed("sample", engine._sample)
-        engine._postprocess = self._timed("postprocess (incl. sample)", engine._postprocess)
-        engine.step = self._timed("step", engine.step)
-        self._build = getattr(model_runner, "build_step_inputs", None)  # absent before
-        if self._build is not None:
-            model_runner.build_step_inputs = self._timed("build inputs", self._build)
+        self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in (
+            (sched, "schedule"), (runner.model, "forward"), (engine, "_sample"),
+            (engine, "_postprocess"), (engine, "step"))]
+        names = ("schedule", "forward", "sample", "postprocess (incl. sample)", "step")
+        for (obj, attr, fn), name in zip(self._saved, names):
+            setattr(obj, attr, self._timed(name, fn))
+        if hasattr(model_runner, "build_step_inputs"):  # absent before
+            fn = model_runner.build_step_inputs
+            self._saved.append((model_runner, "build_step_inputs", fn))
+            model_runner.build_step_inputs = self._timed("build inputs", fn)
 
     def _timed(self, name: str, fn):
         def wrapper(*args, **kwargs):
@@ -82,8 +85,8 @@ class StepTimer:
         return wrapper
 
     def restore(self) -> None:
-        if self._build is not None:
-            model_runner.build_step_inputs = self._build
+        for obj, attr, fn in self._saved:
+            setattr(obj, attr, fn)
 
     def medians_ms(self) -> dict[str, float]:
         return {k: 1e3 * statistics.median(v) for k, v in self.times.items() if v}
@@ -117,14 +120,18 @@ def bench_engine(args, model, prompts) -> tuple[dict, Engine]:
     for i in range(64):
         engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
     run(engine, prompts, [f"nola-{i}" for i in range(64)], 1)  # load the 64 adapters
-    out: dict = {}
-    for name, adapters in (("base only", [None] * 64),
-                           ("64 distinct adapters", [f"nola-{i}" for i in range(64)])):
-        timer = StepTimer(engine)
-        tps = [run(engine, prompts, adapters, args.max_tokens, timer) for _ in range(2)]
-        timer.restore()
-        out[name] = (max(tps), timer.medians_ms())
-    return out, engine
+    scenarios = {"base only": [None] * 64,
+                 "64 distinct adapters": [f"nola-{i}" for i in range(64)]}
+    times: dict[str, dict] = {name: defaultdict(list) for name in scenarios}
+    tps: dict[str, list[float]] = {name: [] for name in scenarios}
+    for _ in range(args.rounds):  # interleaved: a load change hits both scenarios alike
+        for name, adapters in scenarios.items():
+            timer = StepTimer(engine, times[name])
+            tps[name].append(run(engine, prompts, adapters, args.max_tokens, timer))
+            timer.restore()
+    medians = {name: {k: 1e3 * statistics.median(v) for k, v in t.items() if v}
+               for name, t in times.items()}
+    return {name: (max(tps[name]), medians[name]) for name in scenarios}, engine
 
 
 def smollm2_tokenizer():
@@ -141,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="base / adapters runs, interleaved; the best of each counts")
     parser.add_argument("--before", default="",
                         help="a source tree of an older commit: its engine runs the same "
                              "workload first (in a child process), for before/after")
@@ -199,7 +208,7 @@ def run_before(args) -> dict:
     """This file's engine workload over the tree ``args.before`` (its own nolaserve)."""
     env = dict(os.environ, PYTHONPATH=args.before)
     cmd = [sys.executable, __file__, "--engine-only", "--max-tokens", str(args.max_tokens),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--rounds", str(args.rounds)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:

@@ -166,3 +166,12 @@ def lora_layers_backends(batch):
     from nolaserve.adapters.ops import step_backends
 
     return step_backends(batch, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_copy_to_cuda_twice():
+    staging = HostStaging(torch.device("cuda"))
+    for values in ([1, 2, 3], list(range(10_000))):
+        views = staging.to_device({"a": values, "b": [7]})
+        assert views["a"].is_cuda and views["a"].tolist() == values and views["b"].tolist() == [7]

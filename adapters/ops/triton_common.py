@@ -27,8 +27,9 @@ def check_triton_args(y, x, A, B, scale, batch: LoraBatch) -> None:
         raise ValueError(f"the Triton backend takes fp16, bf16 or fp32, got {x.dtype}")
     if x.device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"the Triton backend needs CUDA tensors, got {x.device}")
-    for name, t in (("sorted_tokens", batch.sorted_tokens), ("seg_slot_index",
-                                                              batch.seg_slot_index)):
+    for name, t in (("sorted_tokens", batch.sorted_tokens),
+                    ("seg_slot_index", batch.seg_slot_index),
+                    ("seg_start_index", batch.seg_start_index)):
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError(f"batch.{name} must be contiguous int64, got {t.dtype}")
     if not scale.is_contiguous():
