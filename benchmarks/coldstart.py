@@ -21,10 +21,8 @@ the number of adapters, so it reloads from disk).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
 import tempfile
 import time
 from collections import OrderedDict
@@ -32,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from nolaserve.benchmarks.compare import VLLM_INSTALL, VLLM_PYTHON, make_adapter, write_peft_dir
+from nolaserve.benchmarks.compare import (
+    VLLM_PYTHON,
+    make_adapter,
+    run_vllm_job,
+    vllm_available,
+    write_peft_dir,
+)
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_loader as ml
@@ -119,10 +123,7 @@ def bench_nolaserve(args, traces: dict, warm_bytes: int) -> tuple[dict, list[str
 
 
 def bench_vllm(args, traces: dict, tmp: Path) -> dict | None:
-    python = args.vllm_python
-    if not Path(python).exists() or subprocess.run(
-            [python, "-c", "import vllm"], capture_output=True).returncode != 0:
-        print(f"vLLM not installed: {VLLM_INSTALL}")
+    if not vllm_available(args.vllm_python):
         return None
     model_dir = str(ml.gguf_cache_path(ml.default_model_path(), ml.default_cache_dir()))
     from nolaserve.benchmarks.adapters import SMOLLM2
@@ -132,17 +133,8 @@ def bench_vllm(args, traces: dict, tmp: Path) -> dict | None:
     job = {"model": model_dir, "adapters": [str(d) for d in dirs], "max_loras": args.slots,
            "max_cpu_loras": 2 * args.slots, "max_lora_rank": 8, "dtype": "float32",
            "threads": args.threads, "traces": traces}
-    (tmp / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-    worker = Path(__file__).with_name("vllm_trace.py")
-    proc = subprocess.run([python, str(worker), str(tmp / "job.json")], env=env,
-                          capture_output=True, text=True, timeout=args.vllm_timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_vllm_job(args.vllm_python, "vllm_trace.py", job, tmp, args.vllm_timeout,
+                        OMP_NUM_THREADS=str(args.threads))
 
 
 def pct(values: list[float], q: float) -> float:
