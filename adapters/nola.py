@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +73,12 @@ class NolaAdapter:
                       for i in range(self.num_layers)
                       for t, name in enumerate(self.target_modules)], "NOLA adapter")
 
-    def materialize(self, device: torch.device | str = "cpu") -> AdapterFactors:
+    def materialize(self, device: torch.device | str = "cpu",
+                    executor: Executor | None = None) -> AdapterFactors:
         """Regenerate every (layer, module)'s ``A = alpha @ A_basis / sqrt(k)`` [r, in] and
-        ``B = beta @ B_basis / sqrt(l)`` [out, r], streams in parallel on CPU."""
+        ``B = beta @ B_basis / sqrt(l)`` [out, r], streams in parallel on CPU: on
+        ``executor``'s threads if given (the store's bounded ``materialize_threads``),
+        else on a pool of one thread per core (at most ``MAX_REGEN_THREADS``)."""
         jobs = [(i, t, name) for i in range(self.num_layers)
                 for t, name in enumerate(self.target_modules)]
         alpha, beta = self.alpha.to(device), self.beta.to(device)
@@ -92,6 +95,8 @@ class NolaAdapter:
 
         if alpha.device.type != "cpu":
             results = list(map(one, jobs))
+        elif executor is not None:
+            results = list(executor.map(one, jobs))
         else:  # the C loop releases the GIL: streams regenerate in parallel
             workers = max(1, min(MAX_REGEN_THREADS, os.cpu_count() or 1, len(jobs)))
             with ThreadPoolExecutor(workers, thread_name_prefix="nola-regen") as pool:

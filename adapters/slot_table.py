@@ -1,7 +1,7 @@
 """Which adapter lives in which device slot: the slot policy in pure Python (no torch).
 
-Refcounts, pins, LRU eviction of idle slots and invalidation; ``SlotPool`` (slots.py) owns
-the tensors and drives this table.
+Refcounts, pins, LRU eviction of idle slots (preferring adapters no queued request wants)
+and invalidation; ``SlotPool`` (slots.py) owns the tensors and drives this table.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ class SlotTable:
 
     A slot is free, loading or ready. Ready slots with refcount 0 that are neither pinned
     nor stale are idle and kept in LRU order; a miss takes a free slot first, else the least
-    recently used idle one. Counters: ``hits`` (acquires that started no load), ``misses``
-    (loads started) and ``evictions`` (resident adapters pushed out by a miss).
+    recently used idle one whose adapter is not *wanted* (no queued request for it, see
+    ``want``), else the least recently used idle one. A miss with ``steal=False`` (a
+    prefetch) never evicts a wanted adapter. Counters: ``hits`` (acquires that started no
+    load), ``misses`` (loads started) and ``evictions`` (resident adapters pushed out by a miss).
     """
 
     def __init__(self, num_slots: int) -> None:
@@ -54,6 +56,7 @@ class SlotTable:
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: slot 0 is used first
         self._idle: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._by_id: dict[str, int] = {}  # current (not stale) slot of each resident id
+        self._wanted: dict[str, int] = {}  # adapter id -> queued requests that want it
         self.hits = self.misses = self.evictions = 0
         self.pinned = 0
 
@@ -85,12 +88,28 @@ class SlotTable:
         slot = self._by_id.get(adapter_id)
         return slot is not None and self._slots[slot].pinned
 
-    def acquire(self, adapter_id: str) -> tuple[int, Acquired]:
+    def want(self, adapter_id: str) -> None:
+        """A queued request wants ``adapter_id``: evict it only when no other idle slot is
+        left. Pair with ``unwant`` when the request is admitted or ends."""
+        self._wanted[adapter_id] = self._wanted.get(adapter_id, 0) + 1
+
+    def unwant(self, adapter_id: str) -> None:
+        n = self._wanted.get(adapter_id, 0) - 1
+        if n > 0:
+            self._wanted[adapter_id] = n
+        else:
+            self._wanted.pop(adapter_id, None)
+
+    def is_wanted(self, adapter_id: str) -> bool:
+        return adapter_id in self._wanted
+
+    def acquire(self, adapter_id: str, steal: bool = True) -> tuple[int, Acquired]:
         """Take a reference on the slot of ``adapter_id``, reserving one on a miss.
 
         On ``LOAD`` the caller must fill the slot and call ``loaded`` or ``abort``; on
         ``WAIT`` another caller is loading it. Raises ``NoFreeSlotError`` when every slot is
-        in use, loading, stale or pinned.
+        in use, loading, stale or pinned, or (``steal=False``) when the only idle slots hold
+        wanted adapters.
         """
         slot = self._by_id.get(adapter_id)
         if slot is not None:
@@ -99,7 +118,7 @@ class SlotTable:
             self._idle.pop(slot, None)
             self.hits += 1
             return slot, Acquired.WAIT if s.loading else Acquired.HIT
-        slot = self._take_slot()
+        slot = self._take_slot(steal)
         self._slots[slot] = _Slot(adapter_id, refcount=1, loading=True)
         self._by_id[adapter_id] = slot
         self.misses += 1
@@ -196,15 +215,19 @@ class SlotTable:
         if any(problems):
             raise AdapterError(f"slot table is inconsistent: {self._slots}")
 
-    def _take_slot(self) -> int:
+    def _take_slot(self, steal: bool) -> int:
         if self._free:
             return self._free.pop()
-        if not self._idle:
+        slot = next((i for i in self._idle if self._slots[i].adapter_id not in self._wanted),
+                    None)
+        if slot is None and steal and self._idle:
+            slot = next(iter(self._idle))
+        if slot is None:
             raise NoFreeSlotError(
                 f"all {self.num_slots} adapter slots are in use or pinned ({self.pinned} "
                 "pinned); retry when a request finishes"
             )
-        slot, _ = self._idle.popitem(last=False)
+        del self._idle[slot]
         del self._by_id[self._slots[slot].adapter_id]
         self.evictions += 1
         return slot

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleAdapterError, InvalidAdapterError, short
+from .errors import IncompatibleAdapterError, InvalidAdapterError, NoFreeSlotError, short
 from .single_flight import Flight
 from .slot_table import Acquired, SlotTable
 from .spec import AdapterFactors, BaseModelSpec
@@ -62,6 +62,10 @@ class SlotPool:
         self._materialize_seconds = 0.0
         self._load_observers: list[Callable[[float], None]] = []
         r = spec.max_rank
+        device = torch.device(device)
+        # CUDA: loads run on a side stream; ``_compute`` is the stream the steps run on.
+        self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
             (layer, name): (
@@ -134,6 +138,34 @@ class SlotPool:
         with self._lock:
             self._table.release(slot)
 
+    def prefetch(self, adapter_id: str) -> bool:
+        """Load ``adapter_id`` into a slot ahead of its request's admission and leave it
+        idle (most recently used). Takes only a free slot or an idle one whose adapter no
+        queued request wants: never a slot in use, pinned or wanted. False if the adapter
+        was resident or loading already, or no such slot is left; the loader's errors
+        propagate (the request's own acquire meets them again)."""
+        with self._lock:
+            if self._table.slot_of(adapter_id) is not None:
+                return False
+            try:
+                slot, _ = self._table.acquire(adapter_id, steal=False)
+            except NoFreeSlotError:
+                return False
+            flight = self._loads[slot] = Flight()
+        self._load(adapter_id, slot, flight)  # a failed load aborts the slot: nothing to release
+        self.release(slot)
+        return True
+
+    def want(self, adapter_id: str) -> None:
+        """A queued request wants ``adapter_id``: evictions prefer other adapters."""
+        with self._lock:
+            self._table.want(adapter_id)
+
+    def unwant(self, adapter_id: str) -> None:
+        """The request that ``want``ed ``adapter_id`` was admitted or ended."""
+        with self._lock:
+            self._table.unwant(adapter_id)
+
     def pin(self, adapter_id: str) -> int:
         """Load ``adapter_id`` if needed and keep it resident until ``unpin``; returns its
         slot. ``LimitExceededError`` if that would leave no unpinned slot."""
@@ -181,7 +213,24 @@ class SlotPool:
             for observe in self._load_observers:
                 observe(seconds)
 
-        flight.run(lambda: self._write(slot, self._loader(adapter_id)), settle)
+        flight.run(lambda: self._fill(slot, adapter_id), settle)
+
+    def _fill(self, slot: int, adapter_id: str) -> None:
+        """Materialize ``adapter_id`` and write it into ``slot``. On CUDA both run on the
+        pool's side stream; the write waits (an event, not a device sync) for the steps
+        already queued on the compute stream, which may still read the slot's old
+        contents, and the slot is marked ready only once the write's event completed: the
+        loading thread waits for it, the step thread never does."""
+        if self._stream is None:
+            self._write(slot, self._loader(adapter_id))
+            return
+        with torch.cuda.stream(self._stream):
+            factors = self._loader(adapter_id)
+            self._stream.wait_stream(self._compute)
+            self._write(slot, factors)
+            written = torch.cuda.Event()
+            written.record(self._stream)
+        written.synchronize()
 
     def modules_of(self, slots: set[int]) -> frozenset[str]:
         """The module names that any of ``slots`` adapts (in some layer): a linear whose
@@ -196,9 +245,9 @@ class SlotPool:
             for key, (a, b, scale) in self._buffers.items():
                 f = factors.modules.get(key)
                 r = 0 if f is None else f.rank
-                if f is not None:
-                    a[slot, :r].copy_(f.A)
-                    b[slot, :, :r].copy_(f.B)
+                if f is not None:  # non_blocking: from pinned host memory on CUDA
+                    a[slot, :r].copy_(f.A, non_blocking=True)
+                    b[slot, :, :r].copy_(f.B, non_blocking=True)
                 a[slot, r:].zero_()
                 b[slot, :, r:].zero_()
                 scale[slot] = 0.0 if f is None else float(f.scale)

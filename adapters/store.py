@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask
 from .rmm_build import build_rmm
 from .slots import PoolStats, SlotPool, SlotSnapshot
 from .spec import AdapterFactors, BaseModelSpec
+from .warm import host_copy, warm_tier
 
 Adapter = NolaAdapter | LoraAdapter | RmmBasis | RmmTask
 FORMATS: dict[str, type] = {
@@ -65,26 +67,37 @@ class RmmResult:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """The counters of the host cache and the slot pool, and the registry's size."""
+    """The counters of the host cache, the slot pool and the warm tier (None when off),
+    and the registry's size."""
 
     host: CacheStats
     slots: PoolStats
     registered: int
+    warm: CacheStats | None = None
 
 
 class AdapterStore:
-    """Register, look up and load adapters for one base model."""
+    """Register, look up and load adapters for one base model.
+
+    ``materialize_threads``: threads that regenerate NOLA bases on CPU, shared by every
+    load (None: one pool per load, one thread per core). ``warm_cache_bytes``: the warm
+    tier's budget (warm.py), 0 = off."""
 
     def __init__(self, spec: BaseModelSpec, registry: Registry, *, num_slots: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  host_max_entries: int = DEFAULT_MAX_ENTRIES,
                  host_max_bytes: int = DEFAULT_MAX_BYTES,
+                 materialize_threads: int | None = None, warm_cache_bytes: int = 0,
                  slots: Callable[[AdapterStore], SlotPool] | None = None):
         """``slots``: makes the device-slot manager from the store, for an engine that
         keeps adapters on the device itself (vLLM: ``VllmLoras``); default a ``SlotPool``
         of ``num_slots`` filled through ``factors``."""
         self.spec, self.registry, self.device = spec, registry, torch.device(device)
+        self.dtype = dtype
         self.host = HostCache(host_max_entries, host_max_bytes)
+        self.warm = warm_tier(warm_cache_bytes)
+        self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen")
+                       if materialize_threads else None)
         self.slots = (slots(self) if slots is not None else
                       SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
         # the last record read of each recent adapter: answers for hot adapters while the
@@ -96,6 +109,8 @@ class AdapterStore:
     def close(self) -> None:
         """Close the registry; later calls that need it fail."""
         self.registry.close()
+        if self._regen is not None:
+            self._regen.shutdown(wait=False)
 
     # -- reads ----------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -141,7 +156,8 @@ class AdapterStore:
         """Counters; ``registered`` is the last count read while the registry is down."""
         with contextlib.suppress(RegistryUnavailableError):
             self._registered = self.registry.count()
-        return StoreStats(self.host.stats, self.slots.stats, self._registered)
+        return StoreStats(self.host.stats, self.slots.stats, self._registered,
+                          self.warm.stats if self.warm is not None else None)
 
     def observe_loads(self, callback) -> None:
         """``callback(seconds)`` after each adapter materialized into a device slot."""
@@ -210,8 +226,26 @@ class AdapterStore:
                                      lambda i: parse_adapter(self.registry.data(i)))
 
     def factors(self, adapter_id: str) -> AdapterFactors:
-        """Materialize an adapter's factors on the store's device (the slot pool's loader)."""
-        return self._materialize(self.parsed(adapter_id), self.device)
+        """An adapter's factors for a slot (the slot pool's loader): from the warm tier if
+        it holds them (a copy), else materialized on the store's device."""
+        if self.warm is None:
+            return self._materialize(self.parsed(adapter_id), self.device)
+        return self.warm.get_or_load(adapter_id, self._warm_entry)
+
+    def _warm_entry(self, adapter_id: str) -> AdapterFactors:
+        factors = self._materialize(self.parsed(adapter_id), self.device)
+        return host_copy(factors, self.dtype, pin=self.device.type == "cuda")
+
+    def prefetch(self, adapter_id: str) -> bool:
+        """Load the adapter into an idle slot ahead of its request (``SlotPool.prefetch``)."""
+        return self.slots.prefetch(adapter_id)
+
+    def want(self, adapter_id: str) -> None:
+        """A queued request wants the adapter: evictions prefer others (pair with unwant)."""
+        self.slots.want(adapter_id)
+
+    def unwant(self, adapter_id: str) -> None:
+        self.slots.unwant(adapter_id)
 
     def version_factors(self, adapter_id: str, sha256: str) -> AdapterFactors | None:
         """The adapter's factors on the CPU, materialized from exactly the registered bytes
@@ -249,6 +283,8 @@ class AdapterStore:
             )
         if isinstance(adapter, RmmTask):
             return adapter.materialize(self.parsed(adapter.basis_id), device)
+        if isinstance(adapter, NolaAdapter):
+            return adapter.materialize(device, self._regen)
         return adapter.materialize(device)
 
     def _check_basis_of(self, task: RmmTask) -> str:
@@ -270,6 +306,8 @@ class AdapterStore:
         with self._records_lock:
             self._records.pop(adapter_id, None)
         self.host.pop(adapter_id)
+        if self.warm is not None:
+            self.warm.pop(adapter_id)
         self.slots.invalidate(adapter_id)
 
 

@@ -143,29 +143,45 @@ def bench_peft(args, dirs: list[Path], prompts, scenarios) -> tuple[list[Row], d
     return rows, first
 
 
+def vllm_available(python: str) -> bool:
+    """Whether ``python`` (a vLLM virtualenv's interpreter) imports vllm; says how to
+    install it if not."""
+    if Path(python).exists() and subprocess.run(
+            [python, "-c", "import vllm"], capture_output=True).returncode == 0:
+        return True
+    print(f"vLLM not installed: {VLLM_INSTALL}")
+    return False
+
+
+def run_vllm_job(python: str, worker: str, job: dict, tmp: Path, timeout: float,
+                 **env: str) -> dict | None:
+    """Run the standalone script ``worker`` (beside this file) in vLLM's virtualenv on
+    ``job`` (written to ``tmp``); its last ``RESULT <json>`` line, or None on failure."""
+    path = tmp / f"{Path(worker).stem}_job.json"
+    path.write_text(json.dumps(job))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               HF_HUB_OFFLINE="1", **env)
+    proc = subprocess.run([python, str(Path(__file__).with_name(worker)), str(path)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: Path
                ) -> tuple[list[Row], dict]:
-    python = args.vllm_python
-    if not Path(python).exists() or subprocess.run(
-            [python, "-c", "import vllm"], capture_output=True).returncode != 0:
-        print(f"vLLM not installed: {VLLM_INSTALL}")
+    if not vllm_available(args.vllm_python):
         return [], {}
     job = {"model": model_dir, "adapters": [str(d) for d in dirs], "prompts": prompts,
            "max_tokens": args.max_tokens, "max_loras": args.max_loras,
            "max_cpu_loras": max(len(dirs), args.max_loras), "dtype": "float32",
            "enforce_eager": not args.vllm_compile,
            "scenarios": scenarios}
-    (tmp / "vllm_job.json").write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               HF_HUB_OFFLINE="1")
-    worker = Path(__file__).with_name("vllm_worker.py")
-    proc = subprocess.run([python, str(worker), str(tmp / "vllm_job.json")], env=env,
-                          capture_output=True, text=True, timeout=args.vllm_timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = run_vllm_job(args.vllm_python, "vllm_worker.py", job, tmp, args.vllm_timeout)
+    if result is None:
         return [], {}
-    result = json.loads(lines[-1][len("RESULT "):])
     rows = [("vLLM", f"{name} (max_loras {args.max_loras})" if name != "base only" else name,
              tps) for name, tps in result["tok_s"].items()]
     return rows, result["first"]

@@ -49,7 +49,9 @@ def build_engine(config: Config, model=None, tokenizer=None,
                                  scope=fingerprint)
     store = AdapterStore(spec, registry, num_slots=config.num_slots, device=device,
                          dtype=dtype, host_max_entries=config.host_cache_entries,
-                         host_max_bytes=config.host_cache_bytes)
+                         host_max_bytes=config.host_cache_bytes,
+                         materialize_threads=config.materialize_threads,
+                         warm_cache_bytes=config.warm_cache_bytes)
     text = model.config.get_text_config()
     max_model_len = servable_context(text)
     if max_model_len < text.max_position_embeddings:
@@ -67,10 +69,11 @@ def build_engine(config: Config, model=None, tokenizer=None,
     steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
     log.info("warm-up: %d steps (one per shape bucket) in %.2f s", steps,
              time.perf_counter() - start)
-    admission = AdapterAdmission(store)
+    admission = AdapterAdmission(store, config.admission_aging_steps)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
-                          fixed_chunks=config.batch_invariant)
+                          fixed_chunks=config.batch_invariant,
+                          adapter_overdue=admission.overdue)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
                           max_model_len, config.max_queued_requests)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),

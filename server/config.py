@@ -58,6 +58,16 @@ class Config:
     max_num_basis: int = option(4096, "largest NOLA `k`/`l` and RMM `K` accepted")
     host_cache_entries: int = option(10_000, "parsed adapters kept in host memory, by count")
     host_cache_bytes: int = option(2 << 30, "... and by bytes", shown="2 GiB")
+    materialize_threads: int = option(1, "CPU threads that regenerate cold NOLA adapters, "
+                                      "shared by all loads (the step thread's cores are not "
+                                      "among them; see docs/operations.md)")
+    warm_cache_bytes: int = option(256 << 20, "warm tier: host RAM for the materialized "
+                                   "factors of recently loaded adapters (slot dtype, pinned "
+                                   "on CUDA); reloading one is a copy, not a regeneration; "
+                                   "0 = off", shown="256 MiB")
+    admission_aging_steps: int = option(16, "a request whose adapter found every slot busy "
+                                        "this many times stops later requests from being "
+                                        "admitted ahead of it (aging bound)")
     # scheduling and KV cache
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "
@@ -142,13 +152,17 @@ class Config:
 
     def __post_init__(self) -> None:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
-                    "host_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                    "host_cache_bytes", "materialize_threads", "admission_aging_steps",
+                    "max_num_seqs", "max_num_batched_tokens", "block_size",
                     "max_prompt_tokens", "max_tokens_limit",
                     "max_queued_requests", "max_message_bytes", "peft_cache_bytes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.warm_cache_bytes, int) or self.warm_cache_bytes < 0:
+            raise ValueError(f"config warm_cache_bytes must be an integer >= 0, got "
+                             f"{self.warm_cache_bytes!r}")
         if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
             raise ValueError(f"config kv_cache_bytes must be >= 0, got {self.kv_cache_bytes!r}")
         for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):

@@ -65,15 +65,17 @@ class BlockingLoad:
     def __init__(self, store, adapter_id: str, guard: float = 120.0) -> None:
         self.started, self._go = threading.Event(), threading.Event()
         self.timed_out = False
-        acquire = store.acquire
 
-        def blocking_acquire(name: str, *args, **kwargs):
-            if name == adapter_id:
-                self.started.set()
-                self.timed_out = not self._go.wait(guard)
-            return acquire(name, *args, **kwargs)
+        def blocking(load):
+            def blocked(name: str, *args, **kwargs):
+                if name == adapter_id:
+                    self.started.set()
+                    self.timed_out = not self._go.wait(guard)
+                return load(name, *args, **kwargs)
+            return blocked
 
-        store.acquire = blocking_acquire
+        store.acquire = blocking(store.acquire)  # the admission's load ...
+        store.prefetch = blocking(store.prefetch)  # ... and the prefetch at acceptance
 
     def release(self) -> None:
         self._go.set()

@@ -7,6 +7,7 @@ health and metrics work as over the native engine."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -60,8 +61,9 @@ class Setup:
         for name, data in self.files.items():
             self.native.store.register(name, data)
         self.native.store.build_rmm(["lora", "src2"], 2, "rb")
-        self.metrics_port = free_port()
-        config = write_config(tmp / "config.yaml", tmp / "model", self.metrics_port)
+        self.metrics_port, self.http_port = free_port(), free_port()
+        config = write_config(tmp / "config.yaml", tmp / "model", self.metrics_port,
+                              self.http_port)
         self.server = VllmServer(python, config, tmp / "serve.log")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
@@ -129,10 +131,14 @@ def test_mixed_adapters_match_the_native_engine(setup):
 
 
 def test_replace_is_served_with_the_new_weights(setup):
-    prompt = PROMPTS[0]
-    before = list(generate(setup, prompt, "swap").token_ids)  # fills vLLM's prefix cache
+    prompt = " ".join(PROMPTS * 16)  # ~300 tokens: full KV blocks, which vLLM caches
+    before = list(generate(setup, prompt, "swap").token_ids)
     assert before == setup.reference(prompt, "swap") or setup.tie_at(
         prompt, "swap", setup.reference(prompt, "swap"), before)
+    hits = counter(setup, "vllm:prefix_cache_hits_total")
+    assert list(generate(setup, prompt, "swap").token_ids) == before
+    assert counter(setup, "vllm:prefix_cache_hits_total") > hits, (
+        "the same request again hit no prefix cache: the trap below would not be armed")
     new = lora_file(spec_of(setup.model, max_rank=8), 42)
     setup.register("swap", new, replace=True)
     setup.native.store.register("swap", new, replace=True)
@@ -151,6 +157,26 @@ def test_deleted_adapter_is_not_served(setup):
     with pytest.raises(grpc.RpcError) as info:
         generate(setup, PROMPTS[1], "never-registered")
     assert info.value.code() == Code.NOT_FOUND
+
+
+def test_typed_errors(setup):
+    for code, adapter, kw in ((Code.FAILED_PRECONDITION, "rb", {}),  # an RMM basis
+                              (Code.INVALID_ARGUMENT, "", {"top_p": 2.0}),
+                              (Code.INVALID_ARGUMENT, "nola", {"max_tokens": 10**6})):
+        with pytest.raises(grpc.RpcError) as info:
+            setup.inference.Generate(request(PROMPTS[0], kw.pop("max_tokens", MAX_TOKENS),
+                                             adapter, **kw), timeout=300)
+        assert info.value.code() == code, (adapter, kw, info.value.details())
+
+
+def test_openai_http_api_over_vllm(setup):
+    body = json.dumps({"model": "lora", "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{setup.http_port}/v1/completions",
+                                 body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        text = json.loads(r.read())["choices"][0]["text"]
+    assert text == generate(setup, PROMPTS[2], "lora").text
 
 
 def test_pin_and_unpin(setup):
@@ -216,6 +242,12 @@ def wait_running(setup: Setup, ok, guard: float = 60.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def counter(setup: Setup, name: str) -> float:
+    """The sum of every sample of ``name`` (all label sets)."""
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$",
+                                            scrape(setup), re.M))
 
 
 def scrape(setup: Setup) -> str:

@@ -46,25 +46,27 @@ def save_model(directory: Path, tokenizer, seed: int = 0):
     return model
 
 
-def write_config(path: Path, model_dir: Path, metrics_port: int, **overrides) -> Path:
+def write_config(path: Path, model_dir: Path, metrics_port: int, http_port: int = 0,
+                 **overrides) -> Path:
     config = dict(engine="vllm", model=str(model_dir), device="cpu", dtype="float32",
                   cache_dir=str(path.parent / "cache"), registry_path=":memory:",
-                  num_slots=4, max_rank=8, max_model_len=256, enforce_eager=True,
-                  max_num_seqs=16, port=0, metrics_port=metrics_port, http_port=0,
+                  num_slots=4, max_rank=8, max_model_len=512, enforce_eager=True,
+                  max_num_seqs=16, port=0, metrics_port=metrics_port, http_port=http_port,
                   peft_cache_dir=str(path.parent / "peft"), grace_period_s=5.0, **overrides)
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 class VllmServer:
-    """``python -m nolaserve.clients.cli serve --config CONFIG`` under ``python``."""
+    """``nolaserve serve --engine vllm --config CONFIG`` under ``python``."""
 
     def __init__(self, python: str, config: Path, log: Path) -> None:
         env = {**os.environ, **VLLM_ENV, "PYTHONUNBUFFERED": "1"}
         self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(
-                [python, "-m", "nolaserve.clients.cli", "serve", "--config", str(config)],
+                [python, "-m", "nolaserve.clients.cli", "serve", "--engine", "vllm",
+                 "--config", str(config)],
                 env=env, text=True, stdout=subprocess.PIPE, stderr=err)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout],

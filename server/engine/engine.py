@@ -165,6 +165,7 @@ class Engine:
         self.requests[request_id] = _Request(seq, detok,
                                             make_generator(params.seed, self.runner.device))
         self.scheduler.add(seq)
+        self.admission.accepted(seq)  # a cold adapter starts loading now (a prefetch)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request: its KV blocks and adapter slot are freed now."""

@@ -53,9 +53,12 @@ class Scheduler:
     """Decides which sequences run each step and how many tokens each computes.
 
     ``adapter_ready(seq)`` gates admission: a waiting sequence whose adapter is not ready is
-    skipped (the queue does not stall behind a cold adapter); ready ones keep FCFS order.
-    It is called only for a sequence that budget, ``max_num_seqs`` and free blocks would
-    admit this step, so it may have side effects (take a slot, start loading the adapter).
+    skipped (the queue does not stall behind a cold adapter: hot ones run first); ready
+    ones keep FCFS order. It is called only for a sequence that budget, ``max_num_seqs``
+    and free blocks would admit this step, so it may have side effects (take a slot, start
+    loading the adapter). ``adapter_overdue(seq)``, asked of a skipped sequence, is the
+    aging bound: when true, no sequence behind it is admitted this step, as for one that
+    waits for KV blocks, so that it cannot be overtaken forever.
     The scheduler never advances ``num_computed_tokens`` (the engine does, after the model
     ran); it only resets it to 0 on preemption.
     """
@@ -67,6 +70,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         adapter_ready: Callable[[Sequence], bool] = lambda s: True,
         fixed_chunks: bool = False,
+        adapter_overdue: Callable[[Sequence], bool] = lambda s: False,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -78,6 +82,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_ready = adapter_ready
+        self.adapter_overdue = adapter_overdue
         # Prefill chunks always end at multiples of max_num_batched_tokens (a sequence
         # waits rather than take a shorter chunk), as when it runs alone: batch-invariant.
         self.fixed_chunks = fixed_chunks
@@ -214,6 +219,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
                 break  # FCFS: later requests do not overtake one that waits for blocks
             if not self.adapter_ready(seq):
+                if self.adapter_overdue(seq):
+                    break  # aging: later requests do not overtake it any longer
                 continue
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=self._order.__getitem__)

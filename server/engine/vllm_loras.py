@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,6 @@ class VllmLoras:
             with self._lock:
                 lora_int_id = self._int_ids.setdefault(name, next(self._ids))
                 self._users[name] = self._users.get(name, 0) + 1
-                if name not in self._stale:
-                    self._current[adapter_id] = name
             try:
                 path = self.dirs.acquire(name, lambda p: self._write(adapter_id, record, p))
             except _Changed:
@@ -99,6 +98,9 @@ class VllmLoras:
             except BaseException:
                 self._drop_user(name)
                 raise
+            with self._lock:
+                if name not in self._stale:
+                    self._current[adapter_id] = name
             return Version(adapter_id, name, lora_int_id, str(path))
         raise RequestFailedError(f"adapter {short(adapter_id)} kept changing while it was "
                                  "loaded: retry", "UNAVAILABLE")
@@ -117,8 +119,6 @@ class VllmLoras:
                 f"adapter {short(adapter_id)} has rank {factors.rank} (as materialized) but "
                 f"vLLM serves at most max_lora_rank = {self.max_lora_rank}: raise "
                 "max_lora_rank")
-        import time
-
         start = time.perf_counter()
         size = write_peft_dir(factors, path, layer_prefix=self.layer_prefix)
         seconds = time.perf_counter() - start

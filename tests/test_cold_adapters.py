@@ -1,0 +1,234 @@
+"""Cold adapters: prefetch at acceptance, a bounded regeneration pool, the warm tier and
+adapter-aware admission with its aging bound. Step counts and events, never seconds."""
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_llama
+from engine_helpers import greedy, make_engine
+
+from nolaserve.adapters import philox
+from nolaserve.adapters.errors import NoFreeSlotError
+from nolaserve.adapters.nola import random_nola
+from nolaserve.adapters.registry_sqlite import SqliteRegistry
+from nolaserve.adapters.slot_table import Acquired, SlotTable
+from nolaserve.adapters.spec import BaseModelSpec
+from nolaserve.adapters.store import AdapterStore
+from nolaserve.server.engine.block_manager import BlockManager
+from nolaserve.server.engine.scheduler import Scheduler
+from nolaserve.server.engine.sequence import Sequence
+
+PROMPT = [5, 17, 33, 9]
+SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (16, 16), "v": (16, 8)}, max_rank=8)
+GUARD = 60.0  # seconds an event may take before the test fails; a pass never waits for it
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300)
+
+
+def nola(spec, seed: int) -> bytes:
+    return random_nola(spec, seed=seed, rank=4, num_basis=16).to_bytes()
+
+
+def on_prefetch(store) -> threading.Event:
+    """An event set each time a prefetch returns (whether it loaded anything)."""
+    done, prefetch = threading.Event(), store.prefetch
+
+    def spy(adapter_id: str) -> bool:
+        try:
+            return prefetch(adapter_id)
+        finally:
+            done.set()
+
+    store.prefetch = spy
+    return done
+
+
+def test_prefetch_starts_before_admission(model, bytebpe):
+    engine = make_engine(model, bytebpe, max_num_seqs=1)
+    engine.store.register("x", nola(engine.store.spec, 1))
+    loaded = threading.Event()
+    engine.store.observe_loads(lambda seconds: loaded.set())
+    engine.add_request("first", PROMPT, greedy(6), None)  # holds the only running seat
+    engine.add_request("queued", PROMPT, greedy(4), "x")
+    assert loaded.wait(GUARD), "accepting the request did not start its adapter's load"
+    assert engine.requests["queued"].seq.adapter_slot < 0  # loaded, not admitted
+    assert "x" in engine.store.slot_snapshot().ready
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.store.stats.slots
+    assert stats.misses == 1, "admission loaded the adapter again"
+    assert stats.slots_used == 1 and engine.store.slots.table.refcount(0) == 0
+
+
+def test_a_prefetch_never_evicts_a_running_requests_slot(model, bytebpe):
+    engine = make_engine(model, bytebpe, num_slots=2)
+    for i, name in enumerate("abc"):
+        engine.store.register(name, nola(engine.store.spec, i))
+    engine.add_request("ra", PROMPT, greedy(12), "a")
+    engine.add_request("rb", PROMPT, greedy(12), "b")
+    out: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+
+    while any(engine.requests[r].seq.adapter_slot < 0 for r in ("ra", "rb")):
+        step()  # both admitted, both slots referenced
+    slots = {r: engine.requests[r].seq.adapter_slot for r in ("ra", "rb")}
+    prefetched = on_prefetch(engine.store)
+    engine.add_request("rc", PROMPT, greedy(2), "c")
+    assert prefetched.wait(GUARD)
+    stats = engine.store.stats.slots
+    assert stats.evictions == 0 and "c" not in engine.store.slot_snapshot().ready
+    assert {r: engine.requests[r].seq.adapter_slot for r in slots} == slots
+    while engine.has_unfinished():
+        step()
+    assert [len(out[r]) for r in ("ra", "rb", "rc")] == [12, 12, 2]
+
+
+def test_evictions_prefer_adapters_no_queued_request_wants():
+    table = SlotTable(2)
+    for name in ("old", "new"):
+        slot, found = table.acquire(name)
+        assert found is Acquired.LOAD
+        table.loaded(slot)
+        table.release(slot)  # "old" is the least recently used idle slot
+    table.want("old")
+    slot, _ = table.acquire("x")
+    assert table.slot_of("new") is None and table.slot_of("old") is not None
+    table.loaded(slot)
+    table.release(slot)
+    table.want("x")
+    with pytest.raises(NoFreeSlotError):
+        table.acquire("y", steal=False)  # a prefetch: every idle slot is wanted
+    table.acquire("y")  # an admission may still evict the least recently used one
+    assert table.slot_of("old") is None
+    table.unwant("old")
+    assert not table.is_wanted("old") and table.is_wanted("x")
+    table.check_invariants()
+
+
+def _a_cold_request_finishes(model, bytebpe, aging_steps: int, max_steps: int) -> bool:
+    """One slot kept busy by a new request for "a" every step; is the request for "b"
+    (accepted at step 3) served within ``max_steps``?"""
+    engine = make_engine(model, bytebpe, num_slots=1, admission_aging_steps=aging_steps)
+    for i, name in enumerate("ab"):
+        engine.store.register(name, nola(engine.store.spec, i))
+    finished = set()
+    for step in range(max_steps):
+        engine.add_request(f"a{step}", PROMPT, greedy(3), "a")
+        if step == 3:
+            engine.add_request("b", PROMPT, greedy(2), "b")
+        finished |= {o.request_id for o in engine.step() if o.finished}
+        if "b" in finished:
+            return True
+    return False
+
+
+def test_no_cold_request_starves_behind_a_hot_adapter(model, bytebpe):
+    assert _a_cold_request_finishes(model, bytebpe, aging_steps=4, max_steps=200)
+    # the same traffic without the bound: every slot is always in use, "b" never loads
+    assert not _a_cold_request_finishes(model, bytebpe, aging_steps=10**9, max_steps=60)
+
+
+def test_an_overdue_request_blocks_later_admissions():
+    seqs = [Sequence(f"s{i}", [1, 2], greedy(2), adapter) for i, adapter in
+            enumerate(["cold", "hot", "hot"])]
+    overdue = {"s0": False}
+    sched = Scheduler(BlockManager(64, 4), 8, 64, adapter_ready=lambda s: s.adapter_id == "hot",
+                      adapter_overdue=lambda s: overdue[s.request_id])
+    sched.add(seqs[0])
+    sched.add(seqs[1])
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["s1"]  # hot first
+    overdue["s0"] = True
+    sched.add(seqs[2])
+    assert sched.schedule().scheduled[0].seq.request_id == "s1"  # running, not admitted
+    assert seqs[2] in sched.waiting  # not admitted ahead of the overdue one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_warm_tier_returns_bit_identical_factors(dtype):
+    def slot_contents(store, slot: int) -> list[torch.Tensor]:
+        return [t[slot].clone() for key in store.slots._buffers
+                for t in store.slots.buffers(*key)]
+
+    warm = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, dtype=dtype,
+                        warm_cache_bytes=1 << 20)
+    cold = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, dtype=dtype)
+    for store in (warm, cold):
+        store.register("x", nola(SPEC, 1))
+        store.register("y", nola(SPEC, 2))
+    regenerated = []
+    for store in (warm, cold):
+        for name in ("x", "y", "x"):  # x, evicted by y, back: from the warm tier in `warm`
+            slot = store.acquire(name)
+            regenerated.append(slot_contents(store, slot))
+            store.release(slot)
+    assert warm.stats.warm.hits == 1 and warm.stats.slots.misses == 3
+    assert cold.stats.warm is None
+    first, _, reloaded, regen_x, _, regen_again = regenerated
+    for a, b, c in zip(first, reloaded, regen_x):
+        assert torch.equal(a, b) and torch.equal(b, c)  # bitwise, NaN-free factors
+    assert all(torch.equal(a, b) for a, b in zip(regen_x, regen_again))
+
+
+def test_a_replaced_adapter_is_not_served_from_the_warm_tier():
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, warm_cache_bytes=1 << 20)
+    store.register("x", nola(SPEC, 1))
+    store.release(store.acquire("x"))
+    store.register("x", nola(SPEC, 7), replace=True)
+    slot = store.acquire("x")
+    assert store.stats.warm.hits == 0
+    want = random_nola(SPEC, seed=7, rank=4, num_basis=16).materialize()
+    a, _, _ = store.slots.buffers(0, "q")
+    assert torch.equal(a[slot, :4], want.modules[(0, "q")].A)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_regeneration_runs_on_materialize_threads_only(monkeypatch, threads):
+    names, contract = set(), philox.contract
+
+    def spy(*args):
+        names.add(threading.current_thread().name)
+        return contract(*args)
+
+    monkeypatch.setattr(philox, "contract", spy)
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=2, materialize_threads=threads)
+    store.register("x", nola(SPEC, 1))
+    store.register("y", nola(SPEC, 2))
+    loads = [threading.Thread(target=store.acquire, args=(n,)) for n in "xy"]
+    for t in loads:
+        t.start()
+    for t in loads:
+        t.join()
+    assert names and all(n.startswith("nola-regen") for n in names)
+    assert len(names) <= threads
+    store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_slot_writes_are_ordered_after_the_steps_that_read_the_slot(monkeypatch):
+    """A read of slot 0 queued on the compute stream behind a long kernel still sees the
+    old adapter; the load waits for it by an event (no device-wide sync) and the new
+    contents are in place once the load returns."""
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, device="cuda")
+    store.register("x", nola(SPEC, 1))
+    store.register("y", nola(SPEC, 2))
+    store.release(store.acquire("x"))
+    a, _, _ = store.slots.buffers(0, "q")
+    old = a[0].clone()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: pytest.fail("device sync"))
+    torch.cuda._sleep(1 << 28)  # keeps the compute stream busy
+    seen = a[0].clone()  # queued behind the sleep: must read x's factors
+    store.release(store.acquire("y"))  # evicts x; writes on the side stream
+    new = a[0].clone()  # queued after the load returned: y's factors
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(seen, old)
+    want = random_nola(SPEC, seed=2, rank=4, num_basis=16).materialize("cuda")
+    assert torch.equal(new[:4], want.modules[(0, "q")].A.to(new.dtype))
+    assert not torch.equal(new, old)
