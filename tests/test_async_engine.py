@@ -2,6 +2,7 @@
 frees KV blocks and the adapter slot within one step, and SmolLM2 end to end."""
 
 import asyncio
+import threading
 
 import pytest
 from conftest import tiny_llama
@@ -103,6 +104,46 @@ def test_a_cancelled_consumer_aborts_its_request_within_two_steps(engine):
     finally:
         aeng.stop()
     assert probe.steps_holding("late", since) <= 2
+    assert_freed(engine)
+
+
+def test_a_caller_cancelled_during_its_add_is_aborted_once_the_add_ran(engine, monkeypatch):
+    """The caller's deadline can pass while the step thread is inside ``add_request``:
+    the add cannot be skipped any more, so the request it created must be aborted right
+    after it, not left to run to max_tokens with nobody reading it."""
+    probe = StepProbe(engine, delay=0.005)
+    inside, go, added = threading.Event(), threading.Event(), threading.Event()
+    add_request = engine.add_request
+
+    def slow_add(*args, **kwargs):
+        inside.set()
+        go.wait(120)  # only a guard: the test releases it as soon as the caller is gone
+        add_request(*args, **kwargs)
+        added.set()
+
+    monkeypatch.setattr(engine, "add_request", slow_add)
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        task = asyncio.create_task(collect(aeng, [5, 6, 7], LONG, "n"))
+        await asyncio.to_thread(inside.wait, 120)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        since = probe.mark()
+        go.set()
+        await asyncio.to_thread(added.wait, 120)
+        while engine.has_unfinished():
+            await asyncio.sleep(0.002)
+        return since
+
+    try:
+        since = asyncio.run(main())
+    finally:
+        go.set()
+        aeng.stop()
+    assert added.is_set()
+    assert sum(bool(ids) for ids in probe.held[since:]) <= 2  # 200 if never aborted
     assert_freed(engine)
 
 
