@@ -1,0 +1,198 @@
+"""What every servicer method shares (``server/rpc.py``), without a server: typed errors
+to status codes, the cut of long details, malformed bodies, the drain gate and the per-RPC
+count. The served contract is in test_server.py."""
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
+    LimitExceededError,
+    QueueFullError,
+    ServingError,
+)
+from nolaserve.server.metrics import Metrics
+from nolaserve.server.rpc import (
+    MAX_DETAILS,
+    DecodeInterceptor,
+    Gate,
+    MalformedRequest,
+    rpc,
+    status_of,
+)
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    def __init__(self, remaining=None, cancelled=False):
+        self.remaining, self._cancelled = remaining, cancelled
+
+    def time_remaining(self):
+        return self.remaining
+
+    def cancelled(self):
+        return self._cancelled
+
+    async def abort(self, code, message):
+        raise Aborted(code, message)
+
+
+class Servicer:
+    def __init__(self):
+        self.gate, self.metrics = Gate(), Metrics()
+        self.seen_in_flight = None
+
+    @rpc
+    async def Echo(self, request, context):
+        self.seen_in_flight = self.gate.in_flight
+        if isinstance(request, BaseException):
+            raise request
+        if request == "wait":
+            await asyncio.sleep(3600)
+        return request
+
+    def count(self, code: str) -> float:
+        return self.metrics.registry.get_sample_value(
+            "nolaserve_requests_total", {"rpc": "Echo", "code": code}) or 0.0
+
+
+class Odd(ServingError):
+    grpc_code = "NOT_A_CODE"
+
+
+@pytest.mark.parametrize("error, code", [
+    (AdapterNotFoundError("no adapter 'a'"), grpc.StatusCode.NOT_FOUND),
+    (QueueFullError("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LimitExceededError("too many"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError("bad value"), grpc.StatusCode.INVALID_ARGUMENT),
+    (Odd("odd"), grpc.StatusCode.INTERNAL),
+    (KeyError("bug"), grpc.StatusCode.INTERNAL),
+])
+def test_status_of_maps_typed_errors(error, code, caplog):
+    with caplog.at_level(logging.ERROR, logger="nolaserve.server"):
+        got, message = status_of(error)
+    assert got is code
+    internal = code is grpc.StatusCode.INTERNAL
+    assert (f"{type(error).__name__}: " in message) is internal
+    assert (str(error) in message)
+    assert ("unexpected error in an RPC" in caplog.text) is internal
+
+
+@pytest.mark.parametrize("error", [ValueError, AdapterNotFoundError, KeyError])
+def test_long_details_are_cut(error):
+    for n in (MAX_DETAILS // 2, MAX_DETAILS + 1, 4 * MAX_DETAILS):
+        _, message = status_of(error("y" * n))
+        if len(message) <= MAX_DETAILS:
+            assert "y" * n in message
+        else:
+            assert len(message) == MAX_DETAILS + len(" [cut]") and message.endswith("y [cut]")
+    assert status_of(ValueError("y" * MAX_DETAILS))[1] == "y" * MAX_DETAILS
+
+
+def call(servicer, request, context=None):
+    return asyncio.run(servicer.Echo(request, context or Context()))
+
+
+def test_a_served_call_counts_ok_and_leaves_the_gate_idle():
+    s = Servicer()
+    assert call(s, "hi") == "hi"
+    assert s.seen_in_flight == 1 and s.gate.in_flight == 0 and s.count("OK") == 1
+    assert s.Echo.__name__ == "Echo"
+
+
+def test_a_failing_call_aborts_with_its_code_and_counts_it():
+    s = Servicer()
+    with pytest.raises(Aborted) as e:
+        call(s, AdapterNotFoundError("no adapter 'a'"))
+    assert e.value.args == (grpc.StatusCode.NOT_FOUND, "no adapter 'a'")
+    assert s.count("NOT_FOUND") == 1 and s.count("OK") == 0 and s.gate.in_flight == 0
+
+
+def test_a_malformed_body_is_invalid_argument_and_never_reaches_the_method():
+    s = Servicer()
+    with pytest.raises(Aborted) as e:
+        call(s, MalformedRequest(ValueError("truncated message")))
+    code, message = e.value.args
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid Echo request message: truncated message" in message
+    assert s.seen_in_flight is None and s.count("INVALID_ARGUMENT") == 1
+
+
+def test_an_error_after_the_client_left_is_counted_cancelled_without_an_abort():
+    s = Servicer()
+    assert call(s, RuntimeError("write failed"), Context(cancelled=True)) is None
+    assert s.count("CANCELLED") == 1 and s.count("INTERNAL") == 0
+
+
+@pytest.mark.parametrize("remaining, code", [(None, "CANCELLED"), (5.0, "CANCELLED"),
+                                             (0.0, "DEADLINE_EXCEEDED"),
+                                             (-1.0, "DEADLINE_EXCEEDED")])
+def test_cancellation_propagates_and_is_counted_by_the_deadline(remaining, code):
+    s = Servicer()
+
+    async def main():
+        task = asyncio.create_task(s.Echo("wait", Context(remaining)))
+        while s.seen_in_flight is None:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert s.count(code) == 1 and s.gate.in_flight == 0
+
+
+def test_draining_refuses_new_calls_and_waits_for_those_in_flight():
+    s = Servicer()
+
+    async def main():
+        assert await s.gate.drain(0) is True  # nothing in flight: at once
+        s.gate.draining = False
+        task = asyncio.create_task(s.Echo("wait", Context()))
+        while s.seen_in_flight is None:
+            await asyncio.sleep(0)
+        assert await s.gate.drain(0.01) is False  # still in flight
+        with pytest.raises(Aborted) as e:
+            await s.Echo("late", Context())
+        assert e.value.args[0] is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in e.value.args[1]
+        drained = asyncio.create_task(s.gate.drain(3600))
+        await asyncio.sleep(0)
+        assert not drained.done()
+        task.cancel()
+        assert await drained is True
+
+    asyncio.run(main())
+    assert s.gate.in_flight == 0 and s.count("UNAVAILABLE") == 1
+
+
+def test_decode_interceptor_turns_bad_bytes_into_a_malformed_request():
+    def decode(data: bytes) -> str:
+        if data == b"deep":
+            raise RecursionError("nested too deep")
+        return data.decode()
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda r, c: r, request_deserializer=decode)
+
+    async def continuation(details):
+        return handler
+
+    got = asyncio.run(DecodeInterceptor().intercept_service(continuation, None))
+    assert got.unary_unary is handler.unary_unary
+    assert got.request_deserializer(b"fine") == "fine"
+    bad = got.request_deserializer(b"deep")
+    assert isinstance(bad, MalformedRequest) and isinstance(bad.error, RecursionError)
+
+
+@pytest.mark.parametrize("handler", [None, grpc.unary_unary_rpc_method_handler(lambda r, c: r)])
+def test_decode_interceptor_leaves_handlers_without_a_decoder(handler):
+    async def continuation(details):
+        return handler
+
+    assert asyncio.run(DecodeInterceptor().intercept_service(continuation, None)) is handler
