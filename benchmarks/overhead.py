@@ -64,8 +64,12 @@ class StepTimer:
         self.times = defaultdict(list) if times is None else times
         self.on = False
         sched, runner = engine.scheduler, engine.runner
+        # the runner's own forward call where it has one: a timer inside the model's
+        # forward would be traced by torch.compile (compile_decode)
+        forward = (runner, "_forward") if hasattr(runner, "_forward") else \
+            (runner.model, "forward")
         self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in (
-            (sched, "schedule"), (runner.model, "forward"), (engine, "_sample"),
+            (sched, "schedule"), forward, (engine, "_sample"),
             (engine, "_postprocess"), (engine, "step"))]
         names = ("schedule", "forward", "sample", "postprocess (incl. sample)", "step")
         for (obj, attr, fn), name in zip(self._saved, names):
