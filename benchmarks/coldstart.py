@@ -13,7 +13,8 @@ A request is *cold* when its adapter is not among the ``slots`` most recently re
 ones at its arrival (an LRU over the trace, the same split for every system), else *hot*.
 Reported per system and trace: TTFT p50/p99 of hot and of cold requests, generated tok/s
 over the makespan against the base-only copy, and nolaserve's loads, evictions and warm
-tier hits. Systems: nolaserve with the warm tier off and on (``--warm-mib``); vLLM
+tier hits, how long its loads took and how long cold requests waited for their slot (the
+loader, or a free slot), and what reloading an evicted adapter costs. Systems: nolaserve with the warm tier off and on (``--warm-mib``); vLLM
 (``--vllm-python``) with ``max_loras = slots`` and ``max_cpu_loras = 2 x slots`` (below
 the number of adapters, so it reloads from disk).
 """
@@ -92,14 +93,63 @@ def replay(engine: Engine, trace: list[dict]) -> dict:
                 first[out.request_id] = time.perf_counter() - start
             tokens += len(out.token_ids)
     ttft = [first[str(i)] - r["arrival"] for i, r in enumerate(trace)]
-    return {"ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - start}
+    return {"ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - start,
+            "start": start}
+
+
+class LoadProbe:
+    """Benchmark only: how long each of an engine's loads took (``observe_loads``) and when
+    each request got its slot (it wraps the admission's private ``_admitted``), to tell a
+    wait for the loader from a wait for a free slot."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.loads: list[float] = []
+        self.admitted: dict[str, float] = {}
+        engine.store.observe_loads(self.loads.append)
+        admission, admitted = engine.admission, engine.admission._admitted
+
+        def probe(seq, slot: int) -> None:
+            self.admitted.setdefault(seq.request_id, time.perf_counter())
+            admitted(seq, slot)
+
+        admission._admitted = probe
+
+    def clear(self) -> None:
+        self.loads.clear()
+        self.admitted.clear()
+
+    def summary(self, result: dict, trace: list[dict], mask: list[bool]) -> str:
+        waits = [self.admitted[str(i)] - result["start"] - r["arrival"]
+                 for i, r in enumerate(trace) if mask[i] and str(i) in self.admitted]
+        if not self.loads or not waits:
+            return "no loads"
+        return (f"loads median {pct(self.loads, .5) * 1e3:.0f} ms, max "
+                f"{max(self.loads) * 1e3:.0f} ms, {sum(self.loads):.1f} s in all; cold "
+                f"requests' wait for their slot p50 {pct(waits, .5):.2f} s, p99 "
+                f"{pct(waits, .99):.2f} s")
+
+
+def reload_ms(engine: Engine, n: int) -> float:
+    """Median ms of acquiring each of adapters ``0..n-1`` after all were loaded once and the
+    first ones evicted again (``n`` > slots): a regeneration, or a warm-tier copy."""
+    def acquire_all() -> list[float]:
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            engine.store.release(engine.store.acquire(f"nola-{i}"))
+            times.append(time.perf_counter() - t)
+        return times
+
+    acquire_all()
+    return pct(acquire_all(), .5) * 1e3
 
 
 def base_only(trace: list[dict]) -> list[dict]:
     return [dict(r, adapter=-1) for r in trace]
 
 
-def bench_nolaserve(args, traces: dict, warm_bytes: int) -> tuple[dict, list[str]]:
+def bench_nolaserve(args, traces: dict, masks: dict, warm_bytes: int
+                    ) -> tuple[dict, list[str]]:
     model, tokenizer = ml.load_model(device="cpu", dtype="float32")
     config = Config(registry_path=":memory:", num_slots=args.slots, max_rank=8,
                     max_num_seqs=64, max_num_batched_tokens=1024, kv_cache_bytes=256 << 20,
@@ -109,15 +159,20 @@ def bench_nolaserve(args, traces: dict, warm_bytes: int) -> tuple[dict, list[str
         engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
     replay(engine, [{"arrival": 0.0, "prompt": [100, 101, 102], "adapter": -1,
                      "max_tokens": 2}])  # warm-up
-    results, notes = {}, []
+    notes = [f"reloading an evicted adapter: {reload_ms(engine, 2 * args.slots):.1f} ms "
+             "(median)"]
+    results, probe = {}, LoadProbe(engine)
     for name, trace in traces.items():
         before = engine.store.stats
+        probe.clear()
         results[name] = replay(engine, trace)
         after = engine.store.stats
         warm = (f", warm tier {after.warm.hits - before.warm.hits} hits / "
                 f"{after.warm.misses - before.warm.misses} misses" if after.warm else "")
         notes.append(f"{name}: {after.slots.misses - before.slots.misses} loads, "
                      f"{after.slots.evictions - before.slots.evictions} evictions{warm}")
+        if name in masks:
+            notes[-1] += "; " + probe.summary(results[name], trace, masks[name])
     engine.close()
     return results, notes
 
@@ -190,9 +245,9 @@ def main() -> None:
                                             args.warm_mib << 20, "warm")]
     for system, warm, key in systems:
         if key not in args.skip:
-            results, notes = bench_nolaserve(args, traces, warm)
+            results, notes = bench_nolaserve(args, traces, masks, warm)
             print_rows(system, results, masks)
-            print("    " + "; ".join(notes))
+            print("\n".join("    " + note for note in notes))
     if "vllm" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
             results = bench_vllm(args, traces, Path(tmp))
