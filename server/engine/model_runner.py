@@ -5,6 +5,7 @@ return the sampled rows' logits."""
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, step_backen
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
-from .attention import AttentionMetadata, register_attention
+from .attention import COMPILED_STEPS, AttentionMetadata, register_attention
 from .kv_cache import KVCache
 from .lora_layers import LoraLinear, wrap_model
 from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
@@ -23,6 +24,7 @@ from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
 __all__ = ["ModelRunner", "StepBatch", "StepContext"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+_KEYS = itertools.count()
 
 
 @dataclass(eq=False)
@@ -58,7 +60,8 @@ class ModelRunner:
     def __init__(self, model: nn.Module, spec: BaseModelSpec,
                  pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, attention: str = "auto") -> None:
+                 dtype: torch.dtype = torch.float32, attention: str = "auto",
+                 compile_decode: bool = False) -> None:
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
@@ -79,6 +82,10 @@ class ModelRunner:
         self.block_size, self.vocab_size = block_size, cfg.vocab_size
         self.kernel = attention_kernel(attention, self.device)
         self.staging = HostStaging(self.device)
+        self.key = next(_KEYS)  # this runner's entry in attention.COMPILED_STEPS
+        # decode-only steps through torch.compile (one graph, dynamic in the batch size);
+        # the LoRA and attention work stays eager, in opaque ops that read the step context
+        self._compiled = torch.compile(model, dynamic=True) if compile_decode else None
 
     @property
     def num_kv_blocks(self) -> int:
@@ -124,12 +131,19 @@ class ModelRunner:
             # no_grad, not inference_mode: the logits are ordinary tensors that callers may
             # modify in place, without a copy of [num_sampled, vocab].
             with torch.no_grad():
-                out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
-                                 use_cache=False, logits_to_keep=inputs.logits_rows,
-                                 attn_metadata=inputs.attn)
+                out = self._forward(inputs)
         finally:
             self.ctx.clear()
+            COMPILED_STEPS.pop(self.key, None)
         return out.logits[0].to(torch.float32)  # [num_sampled, vocab]
+
+    def _forward(self, inputs: StepInputs):
+        model, meta = self.model, inputs.attn
+        if self._compiled is not None and meta.num_decode == inputs.input_ids.shape[1]:
+            COMPILED_STEPS[self.key] = meta
+            model, meta = self._compiled, self.key
+        return model(input_ids=inputs.input_ids, position_ids=inputs.positions,
+                     use_cache=False, logits_to_keep=inputs.logits_rows, attn_metadata=meta)
 
     def _fill_context(self, inputs: StepInputs, all_modules: bool) -> None:
         ctx = self.ctx
