@@ -174,6 +174,30 @@ def test_a_cold_load_does_not_stop_others_decoding(engine):
     assert_freed(engine)
 
 
+def test_a_request_arriving_while_only_a_cold_load_is_pending_is_served(engine):
+    """With nothing to run but a stuck cold load, the step loop waits for the load with a
+    timeout, never for it alone: a request that arrives meanwhile is served at once."""
+    blocked = BlockingLoad(engine.store, "n")
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        cold = asyncio.create_task(collect(aeng, [5, 6, 7], greedy(3), "n"))
+        await asyncio.to_thread(blocked.started.wait)  # only the stuck load is pending
+        base = await collect(aeng, [4, 5], greedy(4), None)
+        done_while_stuck = not blocked._go.is_set() and not blocked.timed_out
+        blocked.release()
+        return base, await cold, done_while_stuck
+
+    try:
+        base, cold, done_while_stuck = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert done_while_stuck, "the new request waited for another adapter's load"
+    assert sum(len(o.token_ids) for o in base) == 4 and base[-1].finished
+    assert sum(len(o.token_ids) for o in cold) == 3 and cold[-1].finished
+    assert_freed(engine)
+
+
 async def until_gone(engine, request_id: str) -> None:
     """Until the engine no longer holds ``request_id`` (aborted, or at its natural end)."""
     while request_id in engine.requests:

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_llama
-from engine_helpers import greedy, make_engine
+from engine_helpers import greedy, make_engine, run
 
 from nolaserve.adapters import philox
 from nolaserve.adapters.errors import NoFreeSlotError
@@ -45,6 +45,35 @@ def on_prefetch(store) -> threading.Event:
 
     store.prefetch = spy
     return done
+
+
+def test_more_adapters_than_slots_each_request_gets_its_own_adapters_tokens(model, bytebpe,
+                                                                          monkeypatch):
+    """Three adapters over one slot: requests wait for the slot in turn, and none is run
+    before its adapter is in it (it would get the base model's tokens). Slow loads (a
+    sleep before each admission-time load) keep loads pending across steps."""
+    def engine_of_three():
+        engine = make_engine(model, bytebpe, num_slots=1)
+        for i in range(3):
+            engine.store.register(f"a{i}", random_nola(engine.store.spec, seed=i, rank=4,
+                                                       num_basis=16,
+                                                       coeff_std=0.5).to_bytes())
+        return engine
+
+    reqs = {f"r{i}": (PROMPT, greedy(6), f"a{i}") for i in range(3)}
+    solo = engine_of_three()
+    alone = {rid: run(solo, {rid: req})[rid] for rid, req in reqs.items()}
+    base = run(solo, {"b": (PROMPT, greedy(6), None)})["b"]
+    assert all(tokens != base for tokens in alone.values())  # the adapters matter
+    engine = engine_of_three()
+    acquire = engine.store.acquire
+
+    def slow_acquire(adapter_id: str) -> int:
+        threading.Event().wait(0.05)  # not a threshold: only keeps the load pending
+        return acquire(adapter_id)
+
+    monkeypatch.setattr(engine.store, "acquire", slow_acquire)
+    assert run(engine, reqs) == alone
 
 
 def test_prefetch_starts_before_admission(model, bytebpe):
