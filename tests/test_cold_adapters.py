@@ -15,6 +15,7 @@ from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.slot_table import Acquired, SlotTable
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
+from nolaserve.server.engine.admission import AdapterAdmission
 from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.scheduler import Scheduler
 from nolaserve.server.engine.sequence import Sequence
@@ -261,3 +262,47 @@ def test_cuda_slot_writes_are_ordered_after_the_steps_that_read_the_slot(monkeyp
     want = random_nola(SPEC, seed=2, rank=4, num_basis=16).materialize("cuda")
     assert torch.equal(new[:4], want.modules[(0, "q")].A.to(new.dtype))
     assert not torch.equal(new, old)
+
+
+class HeldLoads:
+    """A store whose prefetch finds no idle slot and whose admission-time loads wait for
+    ``go``, then return slot 3 or raise; it records every slot released."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.started, self.go = threading.Event(), threading.Event()
+        self.fails, self.released = fails, []
+
+    def want(self, adapter_id): pass
+
+    def unwant(self, adapter_id): pass
+
+    def prefetch(self, adapter_id): return False
+
+    def try_acquire(self, adapter_id): return None
+
+    def acquire(self, adapter_id):
+        self.started.set()
+        self.go.wait(GUARD)
+        if self.fails:
+            raise NoFreeSlotError("every slot is busy")
+        return 3
+
+    def release(self, slot):
+        self.released.append(slot)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_request_aborted_during_its_load_gets_its_slot_returned(fails):
+    """A request aborted while its admission-time load runs holds nothing afterwards: the
+    slot the load returns is released once, and a failed load releases nothing."""
+    store = HeldLoads(fails)
+    admission = AdapterAdmission(store)
+    seq = Sequence("s", [1, 2], greedy(2), "a")
+    admission.accepted(seq)
+    admission.wait(GUARD)  # the prefetch found no slot
+    assert not admission.ready(seq)  # the load is submitted ...
+    assert store.started.wait(GUARD)  # ... and runs, held
+    admission.release(seq)  # aborted meanwhile
+    store.go.set()
+    admission.close()  # waits for the load and its callback
+    assert store.released == ([] if fails else [3])
