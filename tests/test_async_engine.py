@@ -16,6 +16,7 @@ from nolaserve.server.engine.async_engine import AsyncEngine
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams
 
 LONG = SamplingParams(max_tokens=200, ignore_eos=True)
+GUARD_S = 60  # only turns a wedged stream into a failure; a pass never waits for it
 
 
 @pytest.fixture
@@ -196,6 +197,34 @@ def test_a_request_arriving_while_only_a_cold_load_is_pending_is_served(engine):
     assert sum(len(o.token_ids) for o in base) == 4 and base[-1].finished
     assert sum(len(o.token_ids) for o in cold) == 3 and cold[-1].finished
     assert_freed(engine)
+
+
+def test_a_late_abort_leaves_a_newer_request_with_the_same_id_alone(engine):
+    """A client id can come back once its request finished. If the first consumer leaves
+    before reading its last output, its abort must not touch the newer request."""
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        first = aeng.generate([5, 6, 7], greedy(2), "n", request_id="same")
+        await first.__anext__()
+        await until_gone(engine, "same")  # finished; its last output is still unread
+        second = aeng.generate([5, 6, 7], greedy(12), "n", request_id="same")
+        outs = [await second.__anext__()]
+        await first.aclose()  # the first consumer leaves: its abort is submitted
+        outs += await asyncio.wait_for(collect_rest(second), GUARD_S)
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert sum(len(o.token_ids) for o in outs) == 12
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+    assert_freed(engine)
+
+
+async def collect_rest(stream) -> list:
+    return [out async for out in stream]
 
 
 async def until_gone(engine, request_id: str) -> None:
