@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_llama
 from engine_helpers import BlockingLoad, StepProbe, greedy, hf_greedy, make_engine, run
 
-from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.adapters.errors import EngineStoppedError, InvalidRequestError
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
@@ -221,6 +221,18 @@ def test_a_late_abort_leaves_a_newer_request_with_the_same_id_alone(engine):
     assert sum(len(o.token_ids) for o in outs) == 12
     assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
     assert_freed(engine)
+
+
+def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
+    aeng = AsyncEngine(engine)
+    aeng.stop()
+
+    async def main():
+        with pytest.raises(EngineStoppedError, match="the engine is shutting down"):
+            await collect(aeng, [5, 6], greedy(2))
+
+    asyncio.run(main())
+    assert aeng.dead is None
 
 
 async def collect_rest(stream) -> list:

@@ -24,8 +24,7 @@ from .sequence import FinishReason, SamplingParams
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition()
         self._inbox: list = []  # (callable, Future) applied by the step thread
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
