@@ -225,6 +225,7 @@ def test_a_late_abort_leaves_a_newer_request_with_the_same_id_alone(engine):
 
 def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
     aeng = AsyncEngine(engine)
+    assert aeng._thread.daemon  # a program that never stops its engine can still exit
     aeng.stop()
 
     async def main():
@@ -233,6 +234,25 @@ def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
 
     asyncio.run(main())
     assert aeng.dead is None
+
+
+def test_an_unset_max_tokens_fills_what_fits(engine):
+    """``max_tokens`` left unset: as many tokens as fit the context and the limit."""
+    aeng = AsyncEngine(engine)
+    prompt = [5, 6, 7]
+    unset = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    expected = engine.with_default_max_tokens(prompt, unset)
+
+    async def main():
+        return await collect(aeng, prompt, unset)
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert expected.max_tokens > 16  # not the default of 16
+    assert sum(len(o.token_ids) for o in outs) == expected.max_tokens
+    assert outs[-1].finish_reason is FinishReason.LENGTH
 
 
 async def collect_rest(stream) -> list:
