@@ -14,9 +14,10 @@ ones at its arrival (an LRU over the trace, the same split for every system), el
 Reported per system and trace: TTFT p50/p99 of hot and of cold requests, generated tok/s
 over the makespan against the base-only copy, and nolaserve's loads, evictions and warm
 tier hits, how long its loads took and how long cold requests waited for their slot (the
-loader, or a free slot), and what reloading an evicted adapter costs. Systems: nolaserve with the warm tier off and on (``--warm-mib``); vLLM
-(``--vllm-python``) with ``max_loras = slots`` and ``max_cpu_loras = 2 x slots`` (below
-the number of adapters, so it reloads from disk).
+loader, or a free slot), and what reloading an evicted adapter costs. Systems: nolaserve
+with the warm tier off and on (``--warm-mib``); vLLM (``--vllm-python``) with
+``max_loras = slots`` and ``max_cpu_loras = 2 x slots`` (below the number of adapters, so
+it reloads from disk).
 """
 
 from __future__ import annotations
