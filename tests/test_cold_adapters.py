@@ -15,7 +15,6 @@ from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.slot_table import Acquired, SlotTable
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
-from nolaserve.server.engine.admission import AdapterAdmission
 from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.scheduler import Scheduler
 from nolaserve.server.engine.sequence import Sequence
@@ -23,7 +22,6 @@ from nolaserve.server.engine.sequence import Sequence
 PROMPT = [5, 17, 33, 9]
 SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (16, 16), "v": (16, 8)}, max_rank=8)
 GUARD = 60.0  # seconds an event may take before the test fails; a pass never waits for it
-HELD = 3600.0  # seconds a held fake load waits for its cue: a wait that ignores it hangs
 
 
 @pytest.fixture(scope="module")
@@ -263,84 +261,3 @@ def test_cuda_slot_writes_are_ordered_after_the_steps_that_read_the_slot(monkeyp
     want = random_nola(SPEC, seed=2, rank=4, num_basis=16).materialize("cuda")
     assert torch.equal(new[:4], want.modules[(0, "q")].A.to(new.dtype))
     assert not torch.equal(new, old)
-
-
-class HeldLoads:
-    """A store whose prefetch finds no idle slot and whose admission-time loads of adapter
-    "a" or "b" each wait for their ``go`` event, then return slot 3 or raise; it records
-    every slot released. A held load outlasts any wait of a test (``HELD``)."""
-
-    def __init__(self, fails: bool = False) -> None:
-        self.started = {x: threading.Event() for x in "ab"}
-        self.go = {x: threading.Event() for x in "ab"}
-        self.fails, self.released = fails, []
-
-    def want(self, adapter_id): pass
-
-    def unwant(self, adapter_id): pass
-
-    def prefetch(self, adapter_id): return False
-
-    def try_acquire(self, adapter_id): return None
-
-    def acquire(self, adapter_id):
-        self.started[adapter_id].set()
-        self.go[adapter_id].wait(HELD)
-        if self.fails:
-            raise NoFreeSlotError("every slot is busy")
-        return 3
-
-    def release(self, slot):
-        self.released.append(slot)
-
-
-@pytest.mark.parametrize("fails", [False, True])
-def test_a_request_aborted_during_its_load_gets_its_slot_returned(fails):
-    """A request aborted while its admission-time load runs holds nothing afterwards: the
-    slot the load returns is released once, and a failed load releases nothing."""
-    store = HeldLoads(fails)
-    admission = AdapterAdmission(store)
-    seq = Sequence("s", [1, 2], greedy(2), "a")
-    admission.accepted(seq)
-    admission.wait(GUARD)  # the prefetch found no slot
-    assert not admission.ready(seq)  # the load is submitted ...
-    assert store.started["a"].wait(GUARD)  # ... and runs, held
-    admission.release(seq)  # aborted meanwhile
-    store.go["a"].set()
-    admission.close()  # waits for the load and its callback
-    assert store.released == ([] if fails else [3])
-
-
-def start_held_loads(admission: AdapterAdmission, store: HeldLoads, *seqs: Sequence) -> None:
-    for seq in seqs:
-        assert not admission.ready(seq)  # submits its load (no prefetch ran) ...
-        assert store.started[seq.adapter_id].wait(GUARD)  # ... which runs, held
-
-
-def test_the_idle_wait_returns_when_the_first_load_finishes():
-    """With only cold requests the step loop sleeps in ``wait`` until a load finishes: not
-    less (it would spin), not longer (a request would wait while its slot is ready)."""
-    store = HeldLoads()
-    admission = AdapterAdmission(store)
-    a, b = (Sequence(f"s{x}", [1, 2], greedy(2), x) for x in "ab")
-    start_held_loads(admission, store, a, b)
-    assert not admission.ready(a) and a.adapter_slot == -1  # held: not admitted
-    threading.Timer(0.2, store.go["a"].set).start()  # lets wait fall asleep first
-    admission.wait(HELD)  # returns with a's load, not with b's (held for an hour)
-    assert admission.ready(a) and a.adapter_slot == 3
-    assert not admission.ready(b)
-    store.go["b"].set()
-    admission.close()
-
-
-def test_the_idle_wait_gives_up_after_its_timeout():
-    """A long load never holds the step loop past ``wait``'s timeout: requests that arrive
-    meanwhile are scheduled at the next step."""
-    store = HeldLoads()
-    admission = AdapterAdmission(store)
-    seq = Sequence("s", [1, 2], greedy(2), "a")
-    start_held_loads(admission, store, seq)
-    admission.wait(0.01)  # returns while the load is held (an hour)
-    assert not admission.ready(seq)
-    store.go["a"].set()
-    admission.close()
