@@ -3,7 +3,9 @@ queued request wants, when a load is collected, the aging count, the idle wait, 
 worker pool and its shutdown. Events and counts, never seconds: a pass never waits for a
 guard, and a wait that ignores its bound hangs (mutmut counts that caught)."""
 
+import gc
 import threading
+import weakref
 from collections import Counter
 
 import pytest
@@ -111,6 +113,8 @@ def test_a_queued_request_is_wanted_until_admitted_and_its_adapter_prefetched_on
     admission.accepted(first)
     admission.accepted(second)  # while the first one's prefetch runs
     assert store.wanted == {"a": 2}
+    assert not admission.ready(first)  # waits for the prefetch ...
+    assert not store.started["a"].wait(NOT_YET)  # ... rather than load a second time
     store.prefetch_gate.set()
     admission.wait(GUARD)
     store.go["a"].set()
@@ -134,6 +138,25 @@ def test_the_aging_bound_counts_each_attempt_that_found_every_slot_busy_once():
     assert attempt(admission, seq) and seq.adapter_slot == 3
     assert not admission.overdue(seq)  # a slot at last: the count starts over
     admission.close()
+
+
+def test_a_request_that_left_is_not_kept():
+    """No leak under churn: a released request is not referenced any more, whether it left
+    from the queue or after its load found every slot busy."""
+    store = HeldLoads({"a": NoFreeSlotError("every slot is busy")})
+    store.go["a"].set()
+    admission = AdapterAdmission(store)
+    waited, queued = seq_of("a"), seq_of("b")
+    assert not attempt(admission, waited)
+    admission.accepted(queued)
+    admission.release(waited)
+    admission.release(queued)
+    admission.close()
+    store.fails.clear()  # the one error raised holds the frames it passed through
+    refs = [weakref.ref(waited), weakref.ref(queued)]
+    del waited, queued
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
 
 
 def test_a_failed_load_fails_its_request_only():
