@@ -2,6 +2,7 @@
 frees KV blocks and the adapter slot within one step, and SmolLM2 end to end."""
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -234,6 +235,50 @@ def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
 
     asyncio.run(main())
     assert aeng.dead is None
+
+
+class Kill(BaseException):
+    """What no step handler catches: the step thread ends."""
+
+
+def test_a_dead_step_thread_fails_every_request_at_once_as_unavailable(engine):
+    """If the step thread dies, the request in flight ends with an UNAVAILABLE error, a
+    submission waiting for the thread fails with the same message, and so does every later
+    one; ``dead`` and ``on_death`` get the error."""
+    entered, proceed, died = threading.Event(), threading.Event(), []
+    error = Kill("the step thread is gone")
+    aeng = AsyncEngine(engine)
+    aeng.on_death = died.append
+    message = (r"the engine stopped \(Kill\); the server is restarting: retry on another "
+               r"replica or in a moment")
+
+    def dying_step():
+        entered.set()
+        proceed.wait(GUARD_S)  # until a submission waits in the inbox
+        raise error
+
+    async def main():
+        stream = aeng.generate([5, 6, 7], LONG, "n", request_id="inflight")
+        await anext(stream)  # the request runs
+        engine.step = dying_step
+        await asyncio.to_thread(entered.wait, GUARD_S)
+        pending = asyncio.ensure_future(collect(aeng, [5, 6], greedy(2)))
+        while not aeng._inbox:  # its add waits for the step thread
+            await asyncio.sleep(0.002)
+        proceed.set()
+        last = await asyncio.wait_for(collect_rest(stream), GUARD_S)
+        with pytest.raises(EngineStoppedError, match=message):
+            await asyncio.wait_for(pending, GUARD_S)
+        with pytest.raises(EngineStoppedError, match="the engine has stopped"):
+            await asyncio.wait_for(collect(aeng, [5, 6], greedy(2)), GUARD_S)
+        return last[-1]
+
+    last = asyncio.run(main())
+    assert entered.is_set() and aeng.dead is error and died == [error]
+    assert (last.request_id, last.text, last.token_ids, last.finished) == ("inflight", "", [],
+                                                                          True)
+    assert last.finish_reason is FinishReason.ERROR and last.error_code == "UNAVAILABLE"
+    assert re.fullmatch(message, last.error)
 
 
 def test_an_unset_max_tokens_fills_what_fits(engine):
