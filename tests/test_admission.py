@@ -25,7 +25,10 @@ class HeldLoads:
     admission-time load of adapter x (one of "abc") waits for ``go[x]``, then raises
     ``fails[x]`` if set, else returns slot 3. It records what it is told."""
 
+    made: list["HeldLoads"] = []  # released at each test's teardown
+
     def __init__(self, fails: dict[str, Exception] | None = None) -> None:
+        HeldLoads.made.append(self)
         self.started = {x: threading.Event() for x in "abc"}
         self.go = {x: threading.Event() for x in "abc"}
         self.prefetch_gate = threading.Event()
@@ -60,6 +63,21 @@ class HeldLoads:
 
     def release(self, slot):
         self.released.append(slot)
+
+    def release_all(self) -> None:
+        self.prefetch_gate.set()
+        for go in self.go.values():
+            go.set()
+
+
+@pytest.fixture(autouse=True)
+def release_held_loads():
+    """A test that fails must not leave loads held for an hour: the worker threads would
+    hold up the interpreter's exit."""
+    yield
+    for store in HeldLoads.made:
+        store.release_all()
+    HeldLoads.made.clear()
 
 
 def seq_of(adapter_id: str) -> Sequence:
@@ -193,6 +211,7 @@ def test_close_waits_for_running_loads_and_cancels_queued_ones():
     store = HeldLoads()
     admission = AdapterAdmission(store, workers=1)
     start_held_loads(admission, store, seq_of("a"))
+    store.go["b"].set()  # were b's load to run, close would not wait an hour for it
     assert not admission.ready(seq_of("b"))  # queued behind a's load
     threading.Timer(NOT_YET, store.go["a"].set).start()  # lets close fall asleep first
     admission.close()
