@@ -118,3 +118,25 @@ def assert_same_or_tie(got: list[int], want: list[int], logits: list[torch.Tenso
                 f"token {step} differs ({g} vs reference {w}) with a top-2 gap of {gap:.2e}")
             return
     assert len(got) == len(want), f"{len(got)} tokens, reference has {len(want)}"
+
+
+class RegistrySpy:
+    """Stands in for the registry: records the thread of every method call."""
+
+    def __init__(self, real) -> None:
+        self.real, self.threads = real, []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.threads.append(threading.current_thread().name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class Kill(BaseException):
+    """Escapes every ``except Exception``: ends the step thread like a bug would."""

@@ -7,7 +7,16 @@ import threading
 
 import pytest
 from conftest import tiny_llama
-from engine_helpers import BlockingLoad, StepProbe, greedy, hf_greedy, make_engine, run
+from engine_helpers import (
+    BlockingLoad,
+    Kill,
+    RegistrySpy,
+    StepProbe,
+    greedy,
+    hf_greedy,
+    make_engine,
+    run,
+)
 
 from nolaserve.adapters.errors import EngineStoppedError, InvalidRequestError
 from nolaserve.adapters.nola import random_nola
@@ -237,10 +246,6 @@ def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
     assert aeng.dead is None
 
 
-class Kill(BaseException):
-    """What no step handler catches: the step thread ends."""
-
-
 def test_a_dead_step_thread_fails_every_request_at_once_as_unavailable(engine):
     """If the step thread dies, the request in flight ends with an UNAVAILABLE error, a
     submission waiting for the thread fails with the same message, and so does every later
@@ -279,6 +284,34 @@ def test_a_dead_step_thread_fails_every_request_at_once_as_unavailable(engine):
                                                                           True)
     assert last.finish_reason is FinishReason.ERROR and last.error_code == "UNAVAILABLE"
     assert re.fullmatch(message, last.error)
+
+
+def test_stop_cancels_the_requests_in_flight(engine):
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        stream = aeng.generate([5, 6, 7], LONG, "n")
+        await anext(stream)  # in flight
+        await asyncio.to_thread(aeng.stop)
+        return await asyncio.wait_for(collect_rest(stream), GUARD_S)
+
+    rest = asyncio.run(main())
+    assert rest[-1].finished and rest[-1].finish_reason is FinishReason.CANCELLED
+    assert_freed(engine)
+
+
+def test_the_step_thread_never_reads_the_registry(engine):
+    """``generate`` looks the adapter up on a worker thread; the add on the step thread
+    does not look again (a slow registry would stall every request)."""
+    spy = RegistrySpy(engine.store.registry)
+    engine.store.registry = spy
+    aeng = AsyncEngine(engine)
+    try:
+        outs = asyncio.run(collect(aeng, [5, 6, 7], greedy(3), "n"))
+    finally:
+        aeng.stop()
+    assert sum(len(o.token_ids) for o in outs) == 3
+    assert spy.threads and "engine-step" not in spy.threads, sorted(set(spy.threads))
 
 
 def test_an_unset_max_tokens_fills_what_fits(engine):

@@ -8,7 +8,7 @@ import threading
 import grpc
 import pytest
 from conftest import tiny_llama
-from engine_helpers import make_engine
+from engine_helpers import Kill, RegistrySpy, make_engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import expect_code, free_port, request, serving, slow_down
 
@@ -22,28 +22,6 @@ Code = grpc.StatusCode
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(vocab_size=300)
-
-
-class RegistrySpy:
-    """Stands in for the registry: records the thread of every method call."""
-
-    def __init__(self, real) -> None:
-        self.real, self.threads = real, []
-
-    def __getattr__(self, name: str):
-        attr = getattr(self.real, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            self.threads.append(threading.current_thread().name)
-            return attr(*args, **kwargs)
-
-        return call
-
-
-class Kill(BaseException):
-    """Escapes every ``except Exception``: ends the step thread like a bug would."""
 
 
 def test_step_thread_never_calls_the_registry_even_while_its_lock_is_held(model, bytebpe):
