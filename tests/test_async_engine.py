@@ -18,7 +18,11 @@ from engine_helpers import (
     run,
 )
 
-from nolaserve.adapters.errors import EngineStoppedError, InvalidRequestError
+from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
+    EngineStoppedError,
+    InvalidRequestError,
+)
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
@@ -72,6 +76,8 @@ def test_errors_raise_and_cancel_frees_within_two_steps(engine):
     async def main():
         with pytest.raises(InvalidRequestError, match="empty"):
             await collect(aeng, [], greedy(4))
+        with pytest.raises(AdapterNotFoundError, match="nope"):  # before any output
+            await collect(aeng, [5, 6], greedy(4), "nope")
         stream = aeng.generate([5, 6, 7], LONG, "n", request_id="gone")
         first = await stream.__anext__()
         assert not first.finished
