@@ -2,6 +2,7 @@
 frees KV blocks and the adapter slot within one step, and SmolLM2 end to end."""
 
 import asyncio
+import dataclasses
 import re
 import threading
 
@@ -22,6 +23,7 @@ from nolaserve.adapters.errors import (
     AdapterNotFoundError,
     EngineStoppedError,
     InvalidRequestError,
+    QueueFullError,
 )
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.build import build_engine
@@ -245,7 +247,8 @@ def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
     aeng.stop()
 
     async def main():
-        with pytest.raises(EngineStoppedError, match="the engine is shutting down"):
+        with pytest.raises(EngineStoppedError, match="the engine is shutting down; retry on "
+                                                     "another replica or in a moment"):
             await collect(aeng, [5, 6], greedy(2))
 
     asyncio.run(main())
@@ -290,6 +293,41 @@ def test_a_dead_step_thread_fails_every_request_at_once_as_unavailable(engine):
                                                                           True)
     assert last.finish_reason is FinishReason.ERROR and last.error_code == "UNAVAILABLE"
     assert re.fullmatch(message, last.error)
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    """A bug in one step fails the requests it held (INTERNAL), not the engine: the step
+    thread lives, the next request is served, and a full queue still refuses with its
+    typed error."""
+    step, broken = engine.step, threading.Event()
+
+    def step_once_broken():
+        if not broken.is_set():
+            broken.set()
+            raise RuntimeError("a bug")
+        return step()
+
+    monkeypatch.setattr(engine, "step", step_once_broken)
+    monkeypatch.setattr(engine, "limits", dataclasses.replace(engine.limits,
+                                                              max_queued_requests=1))
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        failed = await asyncio.wait_for(collect(aeng, [5, 6], greedy(2)), GUARD_S)
+        stream = aeng.generate([5, 6, 7], LONG)
+        await anext(stream)
+        with pytest.raises(QueueFullError, match="retry later"):
+            await collect(aeng, [5, 6], greedy(2))
+        await stream.aclose()
+        return failed, await asyncio.wait_for(collect(aeng, [5, 6], greedy(2)), GUARD_S)
+
+    try:
+        failed, served = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert failed[-1].finish_reason is FinishReason.ERROR and failed[-1].error_code == "INTERNAL"
+    assert "internal error in engine step: RuntimeError('a bug')" in failed[-1].error
+    assert aeng.dead is None and sum(len(o.token_ids) for o in served) == 2
 
 
 def test_stop_cancels_the_requests_in_flight(engine):
