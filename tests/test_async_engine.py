@@ -244,6 +244,7 @@ def test_a_late_abort_leaves_a_newer_request_with_the_same_id_alone(engine):
 def test_after_stop_new_requests_are_refused_as_a_shutdown(engine):
     aeng = AsyncEngine(engine)
     assert aeng._thread.daemon  # a program that never stops its engine can still exit
+    assert aeng._thread.name == "engine-step"  # as thread dumps and the isolation tests know it
     aeng.stop()
 
     async def main():
