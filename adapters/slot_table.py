@@ -103,6 +103,11 @@ class SlotTable:
     def is_wanted(self, adapter_id: str) -> bool:
         return adapter_id in self._wanted
 
+    def can_take(self, adapter_id: str) -> bool:
+        """Whether ``acquire(adapter_id)`` would not raise ``NoFreeSlotError``: the adapter
+        is resident (or loading), or a slot is free or idle."""
+        return adapter_id in self._by_id or bool(self._free) or bool(self._idle)
+
     def acquire(self, adapter_id: str, steal: bool = True) -> tuple[int, Acquired]:
         """Take a reference on the slot of ``adapter_id``, reserving one on a miss.
 

@@ -133,6 +133,11 @@ class SlotPool:
                 return None
             return self._table.acquire(adapter_id)[0]
 
+    def can_take(self, adapter_id: str) -> bool:
+        """Whether an ``acquire`` now would find ``adapter_id`` a slot (``SlotTable``)."""
+        with self._lock:
+            return self._table.can_take(adapter_id)
+
     def release(self, slot: int) -> None:
         """Drop the reference taken by one ``acquire`` that returned ``slot``."""
         with self._lock:

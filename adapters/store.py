@@ -237,8 +237,14 @@ class AdapterStore:
         return host_copy(factors, self.dtype, pin=self.device.type == "cuda")
 
     def prefetch(self, adapter_id: str) -> bool:
-        """Load the adapter into an idle slot ahead of its request (``SlotPool.prefetch``)."""
-        return self.slots.prefetch(adapter_id)
+        """Load the adapter into an idle slot ahead of its request (``SlotPool.prefetch``).
+        With no such slot, materialize it into the warm tier (if on), so that the slot it
+        gets later is filled by a copy. True if it went into a slot."""
+        if self.slots.prefetch(adapter_id):
+            return True
+        if self.warm is not None and adapter_id not in self.slots.snapshot().ready:
+            self.warm.get_or_load(adapter_id, self._warm_entry)
+        return False
 
     def want(self, adapter_id: str) -> None:
         """A queued request wants the adapter: evictions prefer others (pair with unwant)."""
@@ -263,6 +269,10 @@ class AdapterStore:
     def try_acquire(self, adapter_id: str) -> int | None:
         """``acquire`` when the adapter is already in a slot (never blocks), else None."""
         return self.slots.try_acquire(adapter_id)
+
+    def can_take(self, adapter_id: str) -> bool:
+        """Whether ``acquire`` would find the adapter a slot now (no ``NoFreeSlotError``)."""
+        return self.slots.can_take(adapter_id)
 
     def release(self, slot: int) -> None:
         self.slots.release(slot)

@@ -13,9 +13,11 @@ A request is *cold* when its adapter is not among the ``slots`` most recently re
 ones at its arrival (an LRU over the trace, the same split for every system), else *hot*.
 Reported per system and trace: TTFT p50/p99 of hot and of cold requests, generated tok/s
 over the makespan against the base-only copy, and nolaserve's loads, evictions and warm
-tier hits, how long its loads took and how long cold requests waited for their slot (the
-loader, or a free slot), and what reloading an evicted adapter costs. Systems: nolaserve
-with the warm tier off and on (``--warm-mib``); vLLM (``--vllm-python``) with
+tier hits, requests parked by time slicing, how long its loads took and how long cold
+requests waited for their slot (the loader, or a free slot), and what reloading an evicted
+adapter costs. Systems: nolaserve with time slicing (``--quantum``) and the warm tier
+(``--warm-mib``), without the warm tier, and without time slicing; vLLM
+(``--vllm-python``) with
 ``max_loras = slots`` and ``max_cpu_loras = 2 x slots`` (below the number of adapters, so
 it reloads from disk).
 """
@@ -149,12 +151,13 @@ def base_only(trace: list[dict]) -> list[dict]:
     return [dict(r, adapter=-1) for r in trace]
 
 
-def bench_nolaserve(args, traces: dict, masks: dict, warm_bytes: int
+def bench_nolaserve(args, traces: dict, masks: dict, warm_bytes: int, quantum_steps: int
                     ) -> tuple[dict, list[str]]:
     model, tokenizer = ml.load_model(device="cpu", dtype="float32")
     config = Config(registry_path=":memory:", num_slots=args.slots, max_rank=8,
                     max_num_seqs=64, max_num_batched_tokens=1024, kv_cache_bytes=256 << 20,
-                    warm_cache_bytes=warm_bytes, materialize_threads=args.materialize_threads)
+                    warm_cache_bytes=warm_bytes, materialize_threads=args.materialize_threads,
+                    admission_quantum_steps=quantum_steps)
     engine = build_engine(config, model=model, tokenizer=tokenizer)
     for i in range(4 * args.slots):
         engine.store.register(f"nola-{i}", make_adapter(engine.store.spec, i).to_bytes())
@@ -164,14 +167,15 @@ def bench_nolaserve(args, traces: dict, masks: dict, warm_bytes: int
              "(median)"]
     results, probe = {}, LoadProbe(engine)
     for name, trace in traces.items():
-        before = engine.store.stats
+        before, parked = engine.store.stats, engine.admission.parked
         probe.clear()
         results[name] = replay(engine, trace)
         after = engine.store.stats
         warm = (f", warm tier {after.warm.hits - before.warm.hits} hits / "
                 f"{after.warm.misses - before.warm.misses} misses" if after.warm else "")
         notes.append(f"{name}: {after.slots.misses - before.slots.misses} loads, "
-                     f"{after.slots.evictions - before.slots.evictions} evictions{warm}")
+                     f"{after.slots.evictions - before.slots.evictions} evictions{warm}, "
+                     f"{engine.admission.parked - parked} requests parked")
         if name in masks:
             notes[-1] += "; " + probe.summary(results[name], trace, masks[name])
     engine.close()
@@ -226,7 +230,10 @@ def main() -> None:
                         help="torch threads of the step (both systems)")
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=1800)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["vllm", "warm", "nowarm"])
+    parser.add_argument("--quantum", type=int, default=Config.admission_quantum_steps,
+                        help="admission_quantum_steps of the time-slicing systems")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["vllm", "warm", "nowarm", "noslice"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     traces, masks = {}, {}
@@ -242,11 +249,13 @@ def main() -> None:
     print(f"{'system':22s} {'trace':10s} {'cold':>7s} {'hot p50':>7s} {'hot p99':>7s} "
           f"{'cold50':>7s} {'cold99':>7s} {'c/h99':>6s} {'all p99':>7s} {'tok/s':>6s} "
           f"{'xbase':>5s}   (TTFT ms)")
-    systems = [("nolaserve", 0, "nowarm"), (f"nolaserve warm {args.warm_mib} MiB",
-                                            args.warm_mib << 20, "warm")]
-    for system, warm, key in systems:
+    warm = args.warm_mib << 20
+    systems = [("nolaserve, no warm tier", 0, args.quantum, "nowarm"),
+               ("nolaserve", warm, args.quantum, "warm"),
+               ("nolaserve, no slicing", warm, 0, "noslice")]
+    for system, warm_bytes, quantum, key in systems:
         if key not in args.skip:
-            results, notes = bench_nolaserve(args, traces, masks, warm)
+            results, notes = bench_nolaserve(args, traces, masks, warm_bytes, quantum)
             print_rows(system, results, masks)
             print("\n".join("    " + note for note in notes))
     if "vllm" not in args.skip:

@@ -69,7 +69,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
     steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
     log.info("warm-up: %d steps (one per shape bucket) in %.2f s", steps,
              time.perf_counter() - start)
-    admission = AdapterAdmission(store, config.admission_aging_steps)
+    admission = AdapterAdmission(store, config.admission_aging_steps,
+                                 quantum_steps=config.admission_quantum_steps)
     scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
                           fixed_chunks=config.batch_invariant,

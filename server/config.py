@@ -68,6 +68,10 @@ class Config:
     admission_aging_steps: int = option(16, "a request whose adapter found every slot busy "
                                         "this many times stops later requests from being "
                                         "admitted ahead of it (aging bound)")
+    admission_quantum_steps: int = option(8, "time slicing: when a request waits because "
+                                          "every slot is busy, the adapter that has held its "
+                                          "slot longest, once its requests each ran this many "
+                                          "steps, is parked and its slot handed over; 0 = off")
     # scheduling and KV cache
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "
@@ -163,9 +167,10 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.warm_cache_bytes, int) or self.warm_cache_bytes < 0:
-            raise ValueError(f"config warm_cache_bytes must be an integer >= 0, got "
-                             f"{self.warm_cache_bytes!r}")
+        for name in ("warm_cache_bytes", "admission_quantum_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config {name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
             raise ValueError(f"config kv_cache_bytes must be >= 0, got {self.kv_cache_bytes!r}")
         for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):

@@ -158,6 +158,9 @@ class EngineCollector(Collector):
                      stats.kv_blocks_used)
         yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
         if stats.store is not None:
+            yield CounterMetricFamily("nolaserve_requests_parked",
+                                      "Requests parked by time slicing (their adapter's slot "
+                                      "handed to a waiting request)", stats.parked)
             yield from self._store_metrics(stats.store)
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)

@@ -12,6 +12,7 @@ import pytest
 from engine_helpers import greedy
 
 from nolaserve.adapters.errors import AdapterNotFoundError, NoFreeSlotError
+from nolaserve.adapters.slots import SlotSnapshot
 from nolaserve.server.engine.admission import AdapterAdmission
 from nolaserve.server.engine.sequence import Sequence
 
@@ -23,7 +24,9 @@ NOT_YET = 0.2  # how long a test looks for a thread that must not start
 class HeldLoads:
     """A fake store. Its prefetch finds no idle slot (once ``prefetch_gate`` is open); its
     admission-time load of adapter x (one of "abc") waits for ``go[x]``, then raises
-    ``fails[x]`` if set, else returns slot 3. It records what it is told."""
+    ``fails[x]`` if set, else returns slot 3; adapters in ``hot`` are taken at once, in
+    their slot; ``can_take`` says there is room unless ``full``. It records what it is
+    told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
@@ -38,6 +41,9 @@ class HeldLoads:
         self.wanted: Counter[str] = Counter()
         self.prefetches: Counter[str] = Counter()
         self.threads: set[str] = set()
+        self.hot: dict[str, int] = {}
+        self.pinned: frozenset[str] = frozenset()
+        self.full = False
 
     def want(self, adapter_id):
         self.wanted[adapter_id] += 1
@@ -51,7 +57,13 @@ class HeldLoads:
         return False
 
     def try_acquire(self, adapter_id):
-        return None
+        return self.hot.get(adapter_id)
+
+    def can_take(self, adapter_id):
+        return not self.full or adapter_id in self.hot
+
+    def slot_snapshot(self):
+        return SlotSnapshot(frozenset(self.hot), self.pinned)
 
     def acquire(self, adapter_id):
         self.threads.add(threading.current_thread().name)
@@ -245,4 +257,129 @@ def test_the_idle_wait_gives_up_after_its_timeout():
     admission.wait(0.01)  # returns while the load is held (an hour)
     assert not admission.ready(seq)
     store.go["a"].set()
+    admission.close()
+
+
+def busy_slots(quantum_steps: int, pinned: frozenset[str] = frozenset()):
+    """Adapters a (slot 0) and b (slot 1) hot and each taken by a running request, a at
+    step 0 and b at step 1; the request for c found every slot busy once."""
+    store = HeldLoads({"c": NoFreeSlotError("every slot is busy")})
+    store.hot, store.pinned = {"a": 0, "b": 1}, pinned
+    store.go["c"].set()
+    admission = AdapterAdmission(store, quantum_steps=quantum_steps)
+    a, b, c = seq_of("a"), seq_of("b"), seq_of("c")
+    assert admission.ready(a)
+    admission.time_slice((a,))
+    assert admission.ready(b)
+    assert not attempt(admission, c)
+    return store, admission, a, b, c
+
+
+def test_time_slicing_parks_the_adapter_that_held_its_slot_longest_once_ripe():
+    """Parked: the adapter whose requests each have a token and ``quantum_steps`` steps in
+    their slot, the one that got it first; its slot is given back and wanted again."""
+    store, admission, a, b, c = busy_slots(quantum_steps=3)
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))  # step 2: a has held its slot 2 steps of 3
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))  # step 3: a ripe (3 steps); b has had 2
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 1)
+    assert store.released == [0] and store.wanted == {"a": 1}
+    admission.close()
+
+
+def test_time_slicing_never_parks_a_request_before_its_first_token():
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    for _ in range(5):
+        admission.time_slice((a, b))  # ripe by steps, but neither has a token
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert (a.adapter_slot, b.adapter_slot) == (0, -1)  # a still waits for its token
+    admission.close()
+
+
+def test_time_slicing_never_parks_a_pinned_adapter_or_without_a_waiting_request():
+    store, admission, a, b, c = busy_slots(quantum_steps=1, pinned=frozenset({"a"}))
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert a.adapter_slot == 0 and admission.parked == 0  # pinned; b has no token
+    admission.release(c)  # nobody waits for a slot any more
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert b.adapter_slot == 1 and admission.parked == 0
+    admission.close()
+
+
+def test_a_parked_adapter_waits_until_the_handoff_settles_or_expires():
+    """Until the request it was parked for has a slot or found every slot busy again, no
+    request of the parked adapter takes a slot, though its own is still loaded: the slot
+    would bounce back. A handoff whose request never tries again expires after
+    ``quantum_steps`` steps, and only one handoff runs at a time."""
+    store, admission, a, b, c = busy_slots(quantum_steps=2)
+    a.output_token_ids.append(7)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))  # step 2: a parked for c
+    assert a.adapter_slot == -1
+    assert not admission.ready(a) and not admission.ready(seq_of("a"))  # a still in "hot"
+    admission.time_slice((a, b))  # step 3: b is ripe too, but c's handoff is under way
+    assert b.adapter_slot == 1
+    assert not attempt(admission, c)  # every slot busy again: the handoff is over
+    assert admission.ready(a) and a.adapter_slot == 0
+    admission.time_slice((a, b))  # step 4: b parked for c (a has its slot again)
+    assert b.adapter_slot == -1
+    for _ in range(2):
+        admission.time_slice((a, b))  # c never tries again: steps 5 and 6 ...
+        assert not admission.ready(b)
+    admission.time_slice((a, b))  # ... and at step 7 the handoff is given up
+    assert admission.ready(b) and b.adapter_slot == 1
+    admission.close()
+
+
+@pytest.mark.parametrize("end", ["gets a slot", "leaves"])
+def test_a_handoff_ends_when_its_request_gets_a_slot_or_leaves(end):
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))  # a parked for c
+    assert not admission.ready(a)
+    if end == "leaves":
+        admission.release(c)
+    else:
+        del store.fails["c"]
+        assert attempt(admission, c) and c.adapter_slot == 3
+    assert admission.ready(a) and a.adapter_slot == 0
+    admission.close()
+
+
+def test_with_every_slot_busy_no_load_starts_and_each_look_counts_toward_aging():
+    """Acceptance and each admission attempt that find every slot busy count once toward
+    the aging bound, and start no load (it could only fail); once a slot is free the load
+    runs."""
+    store = HeldLoads()
+    store.full = True
+    store.go["a"].set()
+    admission = AdapterAdmission(store, aging_steps=3)
+    seq = seq_of("a")
+    admission.accepted(seq)  # 1
+    admission.wait(GUARD)  # its prefetch (which finds no slot) returned
+    assert not admission.ready(seq) and not admission.overdue(seq)  # 2
+    assert not admission.ready(seq) and admission.overdue(seq)  # 3
+    assert not store.started["a"].is_set()
+    store.full = False
+    assert attempt(admission, seq) and seq.adapter_slot == 3
+    admission.close()
+
+
+def test_a_handoff_starts_its_requests_load_at_once():
+    """The load of the request a slot is handed to starts when the adapter is parked, not a
+    step later when the scheduler asks for it."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    del store.fails["c"]
+    store.started["c"].clear()
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert store.started["c"].wait(GUARD)  # no ready(c) yet
+    admission.wait(GUARD)
+    assert admission.ready(c) and c.adapter_slot == 3
     admission.close()

@@ -179,6 +179,81 @@ def test_an_overdue_request_blocks_later_admissions():
     assert seqs[2] in sched.waiting  # not admitted ahead of the overdue one
 
 
+def settled_steps(engine, requests: dict) -> tuple[list[list[str]], dict[str, list[int]]]:
+    """Submit ``requests``, then step until every request finishes, letting each pending
+    adapter load settle before a step (so the run is the same on any machine): the ids
+    that got a token, per step, and each request's tokens."""
+    for rid, (prompt, params, adapter) in requests.items():
+        engine.add_request(rid, prompt, params, adapter)
+    steps, tokens = [], {}
+    while engine.has_unfinished():
+        for _ in range(4):  # each returns at once when no load is pending
+            engine.admission.wait(GUARD)
+        outs = [o for o in engine.step() if o.token_ids]
+        steps.append([o.request_id for o in outs])
+        for o in outs:
+            tokens.setdefault(o.request_id, []).extend(o.token_ids)
+        assert len(steps) < 1000, "the engine did not finish"
+    return steps, tokens
+
+
+def sliced_engine(model, bytebpe, quantum_steps: int):
+    engine = make_engine(model, bytebpe, num_slots=1, admission_quantum_steps=quantum_steps)
+    for i, name in enumerate("ab"):
+        engine.store.register(name, random_nola(engine.store.spec, seed=i, rank=4,
+                                                num_basis=16, coeff_std=0.5).to_bytes())
+    return engine
+
+
+def holds_nothing(engine) -> bool:
+    bm = engine.scheduler.block_manager
+    return bm.num_free_blocks == bm.num_blocks and engine.store.slots.table.refcount(0) == 0
+
+
+LONG, COLD = (PROMPT, greedy(40), "a"), (PROMPT[::-1], greedy(3), "b")
+
+
+@pytest.fixture(scope="module")
+def alone(model, bytebpe) -> dict[str, list[int]]:
+    """The tokens of LONG and COLD, each run by itself."""
+    return {rid: run(sliced_engine(model, bytebpe, 0), {rid: req})[rid]
+            for rid, req in (("long", LONG), ("cold", COLD))}
+
+
+@pytest.mark.parametrize("quantum_steps", [0, 2])
+def test_time_slicing_gives_a_cold_request_its_first_token_before_a_long_one_ends(
+        model, bytebpe, alone, quantum_steps):
+    """One slot, held by a long request: with time slicing the cold request's first token
+    comes within a few steps, and parking changes no request's tokens; without it, the
+    cold request waits for the long one to finish."""
+    engine = sliced_engine(model, bytebpe, quantum_steps)
+    engine.add_request("long", *LONG)
+    first = []
+    while not first:
+        first = engine.step()  # the long request has its first token
+    steps, tokens = settled_steps(engine, {"cold": COLD})
+    first_cold = next(i for i, ids in enumerate(steps) if "cold" in ids)
+    long_before = sum("long" in ids for ids in steps[:first_cold])
+    if quantum_steps:
+        assert long_before <= quantum_steps + 4 and engine.admission.parked >= 1
+    else:
+        assert long_before == 39 and engine.admission.parked == 0
+    assert {"long": first[0].token_ids + tokens["long"], "cold": tokens["cold"]} == alone
+    assert holds_nothing(engine)
+
+
+def test_two_long_requests_over_one_slot_take_turns(model, bytebpe, alone):
+    engine = sliced_engine(model, bytebpe, 2)
+    both = {"long": LONG, "other": (PROMPT[::-1], greedy(40), "b")}
+    steps, tokens = settled_steps(engine, both)
+    turns = [ids[0] for ids in steps if ids]
+    switches = sum(x != y for x, y in zip(turns, turns[1:]))
+    assert switches >= 4 and engine.stats.parked >= 4  # by turns, not one then the other
+    assert tokens["long"] == alone["long"]
+    assert tokens["other"] == run(sliced_engine(model, bytebpe, 0), {"o": both["other"]})["o"]
+    assert holds_nothing(engine)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_warm_tier_returns_bit_identical_factors(dtype):
     def slot_contents(store, slot: int) -> list[torch.Tensor]:
@@ -203,6 +278,22 @@ def test_the_warm_tier_returns_bit_identical_factors(dtype):
     for a, b, c in zip(first, reloaded, regen_x):
         assert torch.equal(a, b) and torch.equal(b, c)  # bitwise, NaN-free factors
     assert all(torch.equal(a, b) for a, b in zip(regen_x, regen_again))
+
+
+def test_a_prefetch_with_no_slot_free_fills_the_warm_tier():
+    """Every slot is in use: the prefetch regenerates into the warm tier instead, and the
+    slot the adapter gets later is filled by a copy."""
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1, warm_cache_bytes=1 << 20)
+    store.register("x", nola(SPEC, 1))
+    store.register("y", nola(SPEC, 2))
+    slot = store.acquire("x")  # in use
+    assert not store.prefetch("y")
+    assert "y" in store.warm and store.stats.slots.misses == 1
+    assert not store.prefetch("x")  # resident: nothing to do
+    assert store.stats.warm.hits == 0
+    store.release(slot)
+    store.release(store.acquire("y"))
+    assert store.stats.warm.hits == 1 and store.stats.warm.misses == 2
 
 
 def test_a_replaced_adapter_is_not_served_from_the_warm_tier():

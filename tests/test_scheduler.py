@@ -176,6 +176,24 @@ def test_cold_adapter_is_skipped_then_admitted():
     assert cold.status is SequenceStatus.RUNNING
 
 
+def test_a_running_sequence_whose_adapter_is_not_ready_sits_out_and_keeps_its_blocks():
+    """A parked sequence (its adapter gave its slot to another request) is skipped while it
+    is not ready, keeps its KV blocks and its progress, and resumes where it stopped."""
+    ready = {"a", "b"}
+    sched = make_sched(ready=lambda s: s.request_id in ready)
+    a, b = make_seq("a", 3, max_tokens=8), make_seq("b", 3, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    ready.discard("a")
+    blocks, computed = list(a.block_table), a.num_computed_tokens
+    assert tokens_of(step(sched)) == {"b": 1}
+    assert sched.running == (a, b) and a.status is SequenceStatus.RUNNING
+    assert (a.block_table, a.num_computed_tokens) == (blocks, computed)
+    ready.add("a")
+    assert tokens_of(step(sched)) == {"a": 1, "b": 1}
+
+
 def test_adapter_ready_not_called_when_nothing_fits():
     calls: list[str] = []
     sched = make_sched(max_num_seqs=1, ready=lambda s: calls.append(s.request_id) or True)

@@ -210,6 +210,7 @@ def test_metrics_endpoint(engine):
     assert value("nolaserve_adapter_slots_used") == 2
     assert value("nolaserve_adapters_registered") == 2
     assert value("nolaserve_host_cache_bytes") > 0
+    assert value("nolaserve_requests_parked_total") == 0  # 4 slots: nobody waited for one
 
 
 def test_tls(engine, tmp_path):

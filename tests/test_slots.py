@@ -108,15 +108,19 @@ def test_lru_victim_and_contents():
 
 def test_in_use_slots_are_never_evicted_and_no_free_slot():
     pool, _ = make_pool(2)
+    assert pool.can_take("held")  # free slots
     held = pool.acquire("held")
     for n in range(10):
         pool.release(pool.acquire(f"x{n}"))
     assert pool.table.slot_of("held") == held and slot_matches(pool, held, factors("held"))
+    assert pool.can_take("third")  # x9's slot is idle
     other = pool.acquire("other")
+    assert not pool.can_take("third") and pool.can_take("other")  # "other" is resident
     with pytest.raises(NoFreeSlotError, match="all 2 adapter slots are in use or pinned"):
         pool.acquire("third")
     pool.table.check_invariants()
     pool.release(other)
+    assert pool.can_take("third")
     pool.release(pool.acquire("third"))
     pool.release(held)
     assert pool.table.refcount(held) == 0

@@ -75,6 +75,7 @@ class EngineStats:
     store: StoreStats | None
     running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
     waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
+    parked: int = 0  # requests parked by time slicing so far (AdapterAdmission.time_slice)
 
 
 @dataclass(eq=False)
@@ -116,7 +117,7 @@ class Engine:
                            bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
                            self.store.stats if self.store is not None else None,
                            _adapters_of(lambda: sched.running),
-                           _adapters_of(lambda: sched.waiting))
+                           _adapters_of(lambda: sched.waiting), self.admission.parked)
 
     @property
     def model_name(self) -> str:
@@ -221,6 +222,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over every scheduled request; returns what each produced."""
         failed = self._fail_admissions()
+        self.admission.time_slice(self.scheduler.running)
         sched = self.scheduler.schedule()
         self._observe(sched)
         if not sched.scheduled:

@@ -54,9 +54,11 @@ class Scheduler:
 
     ``adapter_ready(seq)`` gates admission: a waiting sequence whose adapter is not ready is
     skipped (the queue does not stall behind a cold adapter: hot ones run first); ready
-    ones keep FCFS order. It is called only for a sequence that budget, ``max_num_seqs``
-    and free blocks would admit this step, so it may have side effects (take a slot, start
-    loading the adapter). ``adapter_overdue(seq)``, asked of a skipped sequence, is the
+    ones keep FCFS order. A running sequence whose adapter is not ready (it was parked:
+    ``AdapterAdmission.time_slice``) keeps its blocks and sits the step out. It is asked
+    only of a sequence that the budget (and, if waiting, ``max_num_seqs`` and free blocks)
+    would let run this step, so it may have side effects (take a slot, start loading the
+    adapter). ``adapter_overdue(seq)``, asked of a skipped sequence, is the
     aging bound: when true, no sequence behind it is admitted this step, as for one that
     waits for KV blocks, so that it cannot be overtaken forever.
     The scheduler never advances ``num_computed_tokens`` (the engine does, after the model
@@ -181,8 +183,8 @@ class Scheduler:
                 return
             seq = self._running[i]
             num_new = self._chunk(seq, budget)
-            if num_new <= 0:  # nothing to compute (or no fixed chunk fits) this step
-                i += 1
+            if num_new <= 0 or not self.adapter_ready(seq):  # nothing to compute (or no
+                i += 1  # fixed chunk fits) this step, or it is parked: its adapter lost its slot
                 continue
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
                 return  # seq itself was preempted; it was the last running one
