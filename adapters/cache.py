@@ -56,6 +56,12 @@ class HostCache:
         with self._lock:
             return self._lookup(adapter_id)
 
+    def peek(self, adapter_id: str) -> Any | None:
+        """The cached object, or None, without touching the LRU order or the counters."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            return None if entry is None else entry[0]
+
     def pop(self, adapter_id: str) -> Any | None:
         """Drop ``adapter_id`` (deleted or replaced) and return its object, or None.
 

@@ -106,8 +106,10 @@ class SlotPool:
                 f"layer {layer} module {short(module)} is not an adaptable linear of the base model"
             ) from None
 
-    def acquire(self, adapter_id: str) -> int:
+    def acquire(self, adapter_id: str, factors: AdapterFactors | None = None) -> int:
         """The slot holding ``adapter_id``, loading it on a miss; blocks until it is ready.
+        ``factors``: what a miss loads instead of calling the loader (a parked request's
+        own factors, under a key of its own).
 
         Each call takes a reference: pass the slot to ``release`` when the request ends.
         Raises ``NoFreeSlotError`` when no slot can be had, or whatever the loader raised.
@@ -123,7 +125,7 @@ class SlotPool:
         if found is Acquired.WAIT:
             flight.wait()
         else:
-            self._load(adapter_id, slot, flight)
+            self._load(adapter_id, slot, flight, factors)
         return slot
 
     def try_acquire(self, adapter_id: str) -> int | None:
@@ -137,6 +139,12 @@ class SlotPool:
         """Whether an ``acquire`` now would find ``adapter_id`` a slot (``SlotTable``)."""
         with self._lock:
             return self._table.can_take(adapter_id)
+
+    def is_current(self, adapter_id: str, slot: int) -> bool:
+        """Whether ``slot`` is ``adapter_id``'s slot, loaded (not one it was invalidated
+        out of)."""
+        with self._lock:
+            return self._table.ready_slot_of(adapter_id) == slot
 
     def release(self, slot: int) -> None:
         """Drop the reference taken by one ``acquire`` that returned ``slot``."""
@@ -203,7 +211,8 @@ class SlotPool:
             return PoolStats(t.hits, t.misses, t.evictions, self._materialize_seconds,
                              t.used, t.num_slots, t.pinned)
 
-    def _load(self, adapter_id: str, slot: int, flight: Flight) -> None:
+    def _load(self, adapter_id: str, slot: int, flight: Flight,
+              factors: AdapterFactors | None = None) -> None:
         start = time.perf_counter()
 
         def settle(_: None, error: BaseException | None) -> None:
@@ -218,19 +227,21 @@ class SlotPool:
             for observe in self._load_observers:
                 observe(seconds)
 
-        flight.run(lambda: self._fill(slot, adapter_id), settle)
+        flight.run(lambda: self._fill(slot, adapter_id, factors), settle)
 
-    def _fill(self, slot: int, adapter_id: str) -> None:
-        """Materialize ``adapter_id`` and write it into ``slot``. On CUDA both run on the
+    def _fill(self, slot: int, adapter_id: str, factors: AdapterFactors | None) -> None:
+        """Materialize ``adapter_id`` (unless ``factors`` are given) and write it into
+        ``slot``. On CUDA both run on the
         pool's side stream; the write waits (an event, not a device sync) for the steps
         already queued on the compute stream, which may still read the slot's old
         contents, and the slot is marked ready only once the write's event completed: the
         loading thread waits for it, the step thread never does."""
         if self._stream is None:
-            self._write(slot, self._loader(adapter_id))
+            self._write(slot, self._loader(adapter_id) if factors is None else factors)
             return
         with torch.cuda.stream(self._stream):
-            factors = self._loader(adapter_id)
+            if factors is None:
+                factors = self._loader(adapter_id)
             self._stream.wait_stream(self._compute)
             self._write(slot, factors)
             written = torch.cuda.Event()

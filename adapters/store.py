@@ -262,9 +262,22 @@ class AdapterStore:
             return None
         return self._materialize(parse_adapter(data), "cpu")
 
-    def acquire(self, adapter_id: str) -> int:
-        """A device slot holding the adapter (blocking on a cold load); pair with release."""
-        return self.slots.acquire(adapter_id)
+    def acquire(self, adapter_id: str, factors: AdapterFactors | None = None) -> int:
+        """A device slot holding the adapter (blocking on a cold load); pair with release.
+        ``factors``: load these on a miss (``held_factors``), under ``adapter_id`` as key."""
+        return self.slots.acquire(adapter_id, factors)
+
+    def held_factors(self, adapter_id: str, slot: int) -> AdapterFactors | None:
+        """The factors in the adapter's ``slot``, by reference, for requests parked off it:
+        the warm tier's entry, if it holds one and ``slot`` is still the adapter's current
+        slot. That is checked after the read, and a replace or delete drops the entry
+        before it retires the slot, so the entry is the version in the slot. None if the
+        warm tier is off or evicted the entry, or the slot was retired."""
+        if self.warm is None:
+            return None
+        factors = self.warm.peek(adapter_id)
+        return factors if factors is not None and self.slots.is_current(adapter_id, slot) \
+            else None
 
     def try_acquire(self, adapter_id: str) -> int | None:
         """``acquire`` when the adapter is already in a slot (never blocks), else None."""
@@ -317,7 +330,7 @@ class AdapterStore:
             self._records.pop(adapter_id, None)
         self.host.pop(adapter_id)
         if self.warm is not None:
-            self.warm.pop(adapter_id)
+            self.warm.pop(adapter_id)  # before the slot: ``held_factors`` relies on it
         self.slots.invalidate(adapter_id)
 
 

@@ -69,9 +69,10 @@ class Config:
                                         "this many times stops later requests from being "
                                         "admitted ahead of it (aging bound)")
     admission_quantum_steps: int = option(8, "time slicing: when a request waits because "
-                                          "every slot is busy, the adapter that has held its "
-                                          "slot longest, once its requests each ran this many "
-                                          "steps, is parked and its slot handed over; 0 = off")
+                                          "every slot is busy, the requests of the slot held "
+                                          "longest, once each ran this many steps in it, are "
+                                          "parked (KV kept) and the slot handed over; needs "
+                                          "the warm tier; 0 = off")
     # scheduling and KV cache
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "

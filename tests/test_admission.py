@@ -24,9 +24,10 @@ NOT_YET = 0.2  # how long a test looks for a thread that must not start
 class HeldLoads:
     """A fake store. Its prefetch finds no idle slot (once ``prefetch_gate`` is open); its
     admission-time load of adapter x (one of "abc") waits for ``go[x]``, then raises
-    ``fails[x]`` if set, else returns slot 3; adapters in ``hot`` are taken at once, in
-    their slot; ``can_take`` says there is room unless ``full``. It records what it is
-    told."""
+    ``fails[x]`` if set, else returns slot 3 (a parked key ``x#parked-<n>`` counts as x);
+    adapters in ``hot`` are taken at once, in their slot; ``can_take`` says there is room
+    unless ``full``; it holds factors ``"factors of x"`` for x unless x is in ``unheld``.
+    It records what it is told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
@@ -44,6 +45,8 @@ class HeldLoads:
         self.hot: dict[str, int] = {}
         self.pinned: frozenset[str] = frozenset()
         self.full = False
+        self.unheld: set[str] = set()
+        self.loaded: list[tuple[str, object]] = []  # (key, factors) of each acquire
 
     def want(self, adapter_id):
         self.wanted[adapter_id] += 1
@@ -65,13 +68,18 @@ class HeldLoads:
     def slot_snapshot(self):
         return SlotSnapshot(frozenset(self.hot), self.pinned)
 
-    def acquire(self, adapter_id):
+    def acquire(self, key, factors=None):
+        adapter_id = key.partition("#")[0]
         self.threads.add(threading.current_thread().name)
+        self.loaded.append((key, factors))
         self.started[adapter_id].set()
         self.go[adapter_id].wait(HELD)
         if adapter_id in self.fails:
             raise self.fails[adapter_id]
         return 3
+
+    def held_factors(self, adapter_id, slot):
+        return None if adapter_id in self.unheld else f"factors of {adapter_id}"
 
     def release(self, slot):
         self.released.append(slot)
@@ -272,12 +280,15 @@ def busy_slots(quantum_steps: int, pinned: frozenset[str] = frozenset()):
     admission.time_slice((a,))
     assert admission.ready(b)
     assert not attempt(admission, c)
+    store.started["c"].clear()
     return store, admission, a, b, c
 
 
-def test_time_slicing_parks_the_adapter_that_held_its_slot_longest_once_ripe():
-    """Parked: the adapter whose requests each have a token and ``quantum_steps`` steps in
-    their slot, the one that got it first; its slot is given back and wanted again."""
+def test_time_slicing_parks_the_slot_held_longest_once_ripe_and_starts_the_handoff():
+    """Parked: the requests of the slot whose requests each have a token and
+    ``quantum_steps`` steps in it, the one taken first. The slot is given back, the
+    parked ones want their own key, and the load of the request it is handed to starts
+    at once (not a step later, when the scheduler asks for it)."""
     store, admission, a, b, c = busy_slots(quantum_steps=3)
     a.output_token_ids.append(7)
     admission.time_slice((a, b))  # step 2: a has held its slot 2 steps of 3
@@ -285,7 +296,8 @@ def test_time_slicing_parks_the_adapter_that_held_its_slot_longest_once_ripe():
     b.output_token_ids.append(7)
     admission.time_slice((a, b))  # step 3: a ripe (3 steps); b has had 2
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 1)
-    assert store.released == [0] and store.wanted == {"a": 1}
+    assert store.released == [0] and store.wanted == {"a#parked-0": 1}
+    assert store.started["c"].wait(GUARD) and store.loaded[-1] == ("c", None)  # no factors
     admission.close()
 
 
@@ -300,55 +312,76 @@ def test_time_slicing_never_parks_a_request_before_its_first_token():
     admission.close()
 
 
-def test_time_slicing_never_parks_a_pinned_adapter_or_without_a_waiting_request():
-    store, admission, a, b, c = busy_slots(quantum_steps=1, pinned=frozenset({"a"}))
+@pytest.mark.parametrize("why", ["pinned", "no factors held"])
+def test_time_slicing_parks_neither_a_pinned_adapter_nor_one_without_factors(why):
+    """Without its factors held (the warm tier off, or its entry evicted) a parked request
+    could not resume with the same weights: it is not parked. Nor is a pinned adapter."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1, pinned=frozenset(
+        {"a"} if why == "pinned" else ()))
+    if why != "pinned":
+        store.unheld.add("a")
     a.output_token_ids.append(7)
     admission.time_slice((a, b))
-    assert a.adapter_slot == 0 and admission.parked == 0  # pinned; b has no token
-    admission.release(c)  # nobody waits for a slot any more
+    assert a.adapter_slot == 0 and admission.parked == 0  # and b has no token
     b.output_token_ids.append(7)
     admission.time_slice((a, b))
-    assert b.adapter_slot == 1 and admission.parked == 0
+    assert b.adapter_slot == -1 and admission.parked == 1
     admission.close()
 
 
-def test_a_parked_adapter_waits_until_the_handoff_settles_or_expires():
-    """Until the request it was parked for has a slot or found every slot busy again, no
-    request of the parked adapter takes a slot, though its own is still loaded: the slot
-    would bounce back. A handoff whose request never tries again expires after
-    ``quantum_steps`` steps, and only one handoff runs at a time."""
+def test_time_slicing_parks_nobody_when_no_request_waits_for_a_slot():
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    admission.release(c)
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert a.adapter_slot == 0 and admission.parked == 0
+    admission.close()
+
+
+def test_a_handoff_holds_the_slot_for_its_request_until_it_settles_or_expires():
+    """Until the load of the request the slot is handed to settles, nobody takes the slot
+    back (the adapter's other requests) or starts a load (the parked ones); only one
+    handoff runs at a time. A parked request then resumes from its own factors, under its
+    own key. A handoff whose request never collects its load expires after
+    ``quantum_steps`` steps."""
     store, admission, a, b, c = busy_slots(quantum_steps=2)
+    store.go["a"].set()
     a.output_token_ids.append(7)
     b.output_token_ids.append(7)
     admission.time_slice((a, b))  # step 2: a parked for c
     assert a.adapter_slot == -1
-    assert not admission.ready(a) and not admission.ready(seq_of("a"))  # a still in "hot"
-    admission.time_slice((a, b))  # step 3: b is ripe too, but c's handoff is under way
+    assert not admission.ready(seq_of("a"))  # a's slot is still loaded, and held for c
+    assert not admission.ready(a) and not store.started["a"].is_set()  # no load meanwhile
+    admission.time_slice((a, b))  # step 3: b is ripe too, but c's handoff runs
     assert b.adapter_slot == 1
-    assert not attempt(admission, c)  # every slot busy again: the handoff is over
-    assert admission.ready(a) and a.adapter_slot == 0
-    admission.time_slice((a, b))  # step 4: b parked for c (a has its slot again)
+    admission.wait(GUARD)
+    assert not admission.ready(c)  # every slot busy again: the handoff is over
+    assert attempt(admission, a) and a.adapter_slot == 3
+    assert store.loaded[-1] == ("a#parked-0", "factors of a")
+    admission.time_slice((a, b))  # step 4: b parked for c (a got its slot at step 3)
     assert b.adapter_slot == -1
     for _ in range(2):
-        admission.time_slice((a, b))  # c never tries again: steps 5 and 6 ...
-        assert not admission.ready(b)
+        admission.time_slice((a, b))  # c never collects its load: steps 5 and 6 ...
+        assert not admission.ready(seq_of("b"))
     admission.time_slice((a, b))  # ... and at step 7 the handoff is given up
-    assert admission.ready(b) and b.adapter_slot == 1
+    assert admission.ready(seq_of("b"))
     admission.close()
 
 
 @pytest.mark.parametrize("end", ["gets a slot", "leaves"])
 def test_a_handoff_ends_when_its_request_gets_a_slot_or_leaves(end):
     store, admission, a, b, c = busy_slots(quantum_steps=1)
+    if end == "gets a slot":
+        del store.fails["c"]
     a.output_token_ids.append(7)
     admission.time_slice((a, b))  # a parked for c
-    assert not admission.ready(a)
+    assert not admission.ready(seq_of("a"))
     if end == "leaves":
         admission.release(c)
     else:
-        del store.fails["c"]
-        assert attempt(admission, c) and c.adapter_slot == 3
-    assert admission.ready(a) and a.adapter_slot == 0
+        admission.wait(GUARD)
+        assert admission.ready(c) and c.adapter_slot == 3
+    assert admission.ready(seq_of("a"))
     admission.close()
 
 
@@ -368,18 +401,4 @@ def test_with_every_slot_busy_no_load_starts_and_each_look_counts_toward_aging()
     assert not store.started["a"].is_set()
     store.full = False
     assert attempt(admission, seq) and seq.adapter_slot == 3
-    admission.close()
-
-
-def test_a_handoff_starts_its_requests_load_at_once():
-    """The load of the request a slot is handed to starts when the adapter is parked, not a
-    step later when the scheduler asks for it."""
-    store, admission, a, b, c = busy_slots(quantum_steps=1)
-    del store.fails["c"]
-    store.started["c"].clear()
-    a.output_token_ids.append(7)
-    admission.time_slice((a, b))
-    assert store.started["c"].wait(GUARD)  # no ready(c) yet
-    admission.wait(GUARD)
-    assert admission.ready(c) and c.adapter_slot == 3
     admission.close()

@@ -68,9 +68,9 @@ def test_more_adapters_than_slots_each_request_gets_its_own_adapters_tokens(mode
     engine = engine_of_three()
     acquire = engine.store.acquire
 
-    def slow_acquire(adapter_id: str) -> int:
+    def slow_acquire(adapter_id: str, factors=None) -> int:
         threading.Event().wait(0.05)  # not a threshold: only keeps the load pending
-        return acquire(adapter_id)
+        return acquire(adapter_id, factors)
 
     monkeypatch.setattr(engine.store, "acquire", slow_acquire)
     assert run(engine, reqs) == alone
@@ -179,10 +179,12 @@ def test_an_overdue_request_blocks_later_admissions():
     assert seqs[2] in sched.waiting  # not admitted ahead of the overdue one
 
 
-def settled_steps(engine, requests: dict) -> tuple[list[list[str]], dict[str, list[int]]]:
+def settled_steps(engine, requests: dict, after_step=lambda: None
+                  ) -> tuple[list[list[str]], dict[str, list[int]]]:
     """Submit ``requests``, then step until every request finishes, letting each pending
-    adapter load settle before a step (so the run is the same on any machine): the ids
-    that got a token, per step, and each request's tokens."""
+    adapter load settle before a step (so the run is the same on any machine) and calling
+    ``after_step()`` after each: the ids that got a token, per step, and each request's
+    tokens."""
     for rid, (prompt, params, adapter) in requests.items():
         engine.add_request(rid, prompt, params, adapter)
     steps, tokens = [], {}
@@ -193,6 +195,7 @@ def settled_steps(engine, requests: dict) -> tuple[list[list[str]], dict[str, li
         steps.append([o.request_id for o in outs])
         for o in outs:
             tokens.setdefault(o.request_id, []).extend(o.token_ids)
+        after_step()
         assert len(steps) < 1000, "the engine did not finish"
     return steps, tokens
 
@@ -254,6 +257,28 @@ def test_two_long_requests_over_one_slot_take_turns(model, bytebpe, alone):
     assert holds_nothing(engine)
 
 
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_parked_request_keeps_its_weights_when_its_adapter_is_replaced_or_deleted(
+        model, bytebpe, alone, change):
+    """A parked request resumes from the factors it was using, not from whatever the
+    registry holds now: it finishes with its adapter's old weights, as a running one."""
+    engine = sliced_engine(model, bytebpe, 2)
+    long = engine.requests.get
+
+    def change_when_parked() -> None:
+        if not changed and long("long") is not None and long("long").seq.adapter_slot < 0:
+            if change == "replaced":
+                engine.store.register("a", nola(engine.store.spec, 9), replace=True)
+            else:
+                engine.store.delete("a")
+            changed.append(change)
+
+    changed: list[str] = []
+    _, tokens = settled_steps(engine, {"long": LONG, "cold": COLD}, change_when_parked)
+    assert changed and tokens == alone
+    assert holds_nothing(engine)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_warm_tier_returns_bit_identical_factors(dtype):
     def slot_contents(store, slot: int) -> list[torch.Tensor]:
@@ -294,6 +319,22 @@ def test_a_prefetch_with_no_slot_free_fills_the_warm_tier():
     store.release(slot)
     store.release(store.acquire("y"))
     assert store.stats.warm.hits == 1 and store.stats.warm.misses == 2
+
+
+def test_held_factors_are_the_warm_entry_of_the_adapters_current_slot_only():
+    """What a parked request holds: the warm tier's entry (by reference) while the slot
+    is still the adapter's current one; nothing once a replace retired the slot, or with
+    the warm tier off."""
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=2, warm_cache_bytes=1 << 20)
+    store.register("x", nola(SPEC, 1))
+    slot = store.acquire("x")
+    assert store.held_factors("x", slot) is store.warm.peek("x") is not None
+    assert store.held_factors("x", 1 - slot) is None  # not x's slot
+    store.register("x", nola(SPEC, 2), replace=True)  # the slot is retired (still in use)
+    assert store.held_factors("x", slot) is None
+    off = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1)
+    off.register("x", nola(SPEC, 1))
+    assert off.held_factors("x", off.acquire("x")) is None
 
 
 def test_a_replaced_adapter_is_not_served_from_the_warm_tier():

@@ -126,6 +126,15 @@ def test_in_use_slots_are_never_evicted_and_no_free_slot():
     assert pool.table.refcount(held) == 0
 
 
+def test_acquire_with_factors_loads_them_without_the_loader():
+    pool, loader = make_pool(2)
+    own = factors("x", version=1)
+    slot = pool.acquire("x#parked-0", own)
+    assert loader.calls == [] and slot_matches(pool, slot, own)
+    assert pool.acquire("x#parked-0", factors("y")) == slot  # a hit: nothing is loaded
+    assert slot_matches(pool, slot, own)
+
+
 def test_pin_rules():
     pool, loader = make_pool(3)
     pool.pin("a")  # not resident: loads it

@@ -9,14 +9,15 @@ idle, so it never holds or evicts a slot that running or queued requests need. E
 queued request ``want``s its adapter: evictions prefer adapters nobody is waiting for.
 
 Time slicing: when a request waits because every slot is busy, ``time_slice`` parks the
-running requests of the adapter that has held its slot longest, once each of them has
-produced a token and run ``quantum_steps`` steps since it got the slot. A parked request
-keeps its KV blocks and its place among the running ones, but gives back its slot and
-stays out of the batch until its adapter is in a slot again (a copy from the warm tier).
-The slot is handed to the request that has waited longest: until that request's load
-settles (or ``quantum_steps`` steps pass), no request of the parked adapter takes a slot.
-So a cold request waits for one load, not for a whole request to finish; the parked ones
-pay in time per output token.
+running requests of the slot held longest, once each of them has produced a token and
+run ``quantum_steps`` steps since it got the slot. A parked request keeps its KV blocks
+and its place among the running ones, gives back its slot, holds its factors (the warm
+tier's entry, by reference) and sits steps out until they are copied into a slot again,
+under a key of its own: a replace or delete meanwhile does not change its weights. The
+slot is handed to the request that has waited longest: until that request's load
+settles (or ``quantum_steps`` steps pass), nobody takes the slot back or starts another
+load. So a cold request waits for one load, not for a whole request to finish; the
+parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
 the scheduler then admits nobody behind it (``Scheduler.adapter_overdue``), so running
@@ -32,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from nolaserve.adapters.errors import NoFreeSlotError
+from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
 
 from .sequence import Sequence
@@ -60,7 +62,8 @@ class AdapterAdmission:
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._loads: dict[Sequence, Future] = {}
         self._prefetches: dict[str, Future] = {}  # adapter id -> its prefetch
-        self._wanting: set[Sequence] = set()  # queued, counted in the store's ``want``
+        self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
+        self._held: dict[Sequence, tuple[str, AdapterFactors]] = {}  # parked: key, factors
         self._slot_waits: dict[Sequence, int] = {}  # loads that found every slot busy
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
 
@@ -68,8 +71,7 @@ class AdapterAdmission:
         """``seq`` was queued: mark its adapter wanted and start loading it now."""
         if not seq.needs_adapter:
             return
-        self.store.want(seq.adapter_id)
-        self._wanting.add(seq)
+        self._want(seq, seq.adapter_id)
         running = self._prefetches.get(seq.adapter_id)
         if running is None or running.done():
             self._prefetches[seq.adapter_id] = self._worker.submit(self._prefetch,
@@ -80,22 +82,26 @@ class AdapterAdmission:
     def ready(self, seq: Sequence) -> bool:
         if not seq.needs_adapter:
             return True
-        if self._handoff is not None and seq.adapter_id == self._handoff.adapter_id:
-            return False  # its adapter's slot is being handed to another request
+        key = self._key(seq)
+        if self._handoff is not None and key == self._handoff.key:
+            return False  # its slot is being handed to another request
         if seq in self._loads:
             return self._collect(seq)
-        slot = self.store.try_acquire(seq.adapter_id)
+        slot = self.store.try_acquire(key)
         if slot is not None:
             self._admitted(seq, slot)
             return True
-        if not self.store.can_take(seq.adapter_id):
+        if not self.store.can_take(key):
             self._busy(seq)  # every slot busy: no load to start
             return False
-        prefetch = self._prefetches.get(seq.adapter_id)
-        if prefetch is not None and not prefetch.done():
-            return False  # its prefetch is loading it (or queued to)
-        self._prefetches.pop(seq.adapter_id, None)
-        self._loads[seq] = self._worker.submit(self.store.acquire, seq.adapter_id)
+        if self._handoff is not None:
+            return False  # the slot that is free is the handoff's target's
+        if seq not in self._held:  # a parked one loads its own factors: no prefetch
+            prefetch = self._prefetches.get(key)
+            if prefetch is not None and not prefetch.done():
+                return False  # its prefetch is loading it (or queued to)
+            self._prefetches.pop(key, None)
+        self._load(seq)
         return False
 
     def overdue(self, seq: Sequence) -> bool:
@@ -104,9 +110,9 @@ class AdapterAdmission:
 
     def time_slice(self, running: tuple[Sequence, ...]) -> None:
         """Before a step: if a request waits for a slot (every slot was busy) and no handoff
-        is under way, park the running requests of the adapter that has held its slot
-        longest, among those whose requests each have a token and ``quantum_steps`` steps
-        in it (none is pinned); its slot goes to the request that has waited longest."""
+        is under way, park the running requests of the slot held longest, among those
+        whose requests each have a token and ``quantum_steps`` steps in it (not pinned,
+        factors held: ``_victims``); it goes to the request that has waited longest."""
         self._steps += 1
         handoff = self._handoff
         if handoff is not None and self._steps - handoff.step > self.quantum_steps:
@@ -114,36 +120,62 @@ class AdapterAdmission:
         if not self.quantum_steps or handoff is not None:
             return
         target = next((s for s in self._slot_waits if s not in self._loads), None)
-        victims = self._victims(running) if target is not None else []
-        if victims:
-            self._handoff = _Handoff(target, victims[0].adapter_id, self._steps)
-            for seq in victims:
-                self._park(seq)
-            # its load starts now, not when the scheduler reaches it (a step later)
-            self._loads[target] = self._worker.submit(self.store.acquire, target.adapter_id)
+        victims = self._victims(running) if target is not None else None
+        if victims is not None:
+            seqs, held = victims
+            self._handoff = _Handoff(target, self._key(seqs[0]), self._steps)
+            for seq in seqs:
+                self._park(seq, held)
+            self._load(target)  # now, not when the scheduler reaches it (a step later)
 
-    def _victims(self, running: tuple[Sequence, ...]) -> list[Sequence]:
-        """The running requests of the adapter to park, or [] if none may be."""
-        by_adapter: dict[str, list[Sequence]] = {}
+    def _victims(self, running: tuple[Sequence, ...]
+                 ) -> tuple[list[Sequence], tuple[str, AdapterFactors]] | None:
+        """The requests to park (all those of one slot) and the key and factors they will
+        resume with, or None. A request parked for the first time gets a key of its own
+        (``<adapter id>#parked-<n>``: no adapter id has a ``#``) and holds the factors of
+        its slot by reference (``AdapterStore.held_factors``), so that a replace or delete
+        meanwhile does not change its weights; without them (warm tier off) it is not
+        parked."""
+        by_slot: dict[int, list[Sequence]] = {}
         for seq in running:
             if seq.adapter_id is not None and seq.adapter_slot >= 0:
-                by_adapter.setdefault(seq.adapter_id, []).append(seq)
-        pinned = self.store.slot_snapshot().pinned if by_adapter else frozenset()
-        ripe = [(max(self._since[s] for s in seqs), seqs) for adapter, seqs in by_adapter.items()
-                if adapter not in pinned and all(self._ripe(s) for s in seqs)]
-        return min(ripe, key=lambda r: r[0])[1] if ripe else []
+                by_slot.setdefault(seq.adapter_slot, []).append(seq)
+        pinned = self.store.slot_snapshot().pinned if by_slot else frozenset()
+        ripe = sorted((max(self._since[s] for s in seqs), slot, seqs)
+                      for slot, seqs in by_slot.items()
+                      if self._key(seqs[0]) not in pinned and all(map(self._ripe, seqs)))
+        for _, slot, seqs in ripe:
+            held = self._held.get(seqs[0])
+            if held is None:
+                factors = self.store.held_factors(seqs[0].adapter_id, slot)
+                held = None if factors is None else \
+                    (f"{seqs[0].adapter_id}#parked-{self.parked}", factors)
+            if held is not None:
+                return seqs, held
+        return None
 
     def _ripe(self, seq: Sequence) -> bool:
         return bool(seq.output_token_ids) and \
             self._steps - self._since[seq] >= self.quantum_steps
 
-    def _park(self, seq: Sequence) -> None:
+    def _park(self, seq: Sequence, held: tuple[str, AdapterFactors]) -> None:
         self.store.release(seq.adapter_slot)
         seq.adapter_slot = -1
         del self._since[seq]
-        self.store.want(seq.adapter_id)
-        self._wanting.add(seq)
+        self._held[seq] = held
+        self._want(seq, held[0])
         self.parked += 1
+
+    def _key(self, seq: Sequence) -> str:
+        """The slot key ``seq`` takes: its adapter id, or once parked a key of its own."""
+        held = self._held.get(seq)
+        return seq.adapter_id if held is None else held[0]
+
+    def _load(self, seq: Sequence) -> None:
+        """Start ``seq``'s admission-time load (of its parked key and factors, if held)."""
+        held = self._held.get(seq)
+        args = (seq.adapter_id,) if held is None else held
+        self._loads[seq] = self._worker.submit(self.store.acquire, *args)
 
     def _end_handoff(self, seq: Sequence) -> None:
         if self._handoff is not None and self._handoff.target is seq:
@@ -161,6 +193,7 @@ class AdapterAdmission:
         self._unwant(seq)
         self._slot_waits.pop(seq, None)
         self._since.pop(seq, None)
+        self._held.pop(seq, None)
         self._end_handoff(seq)
         prefetch = self._prefetches.get(seq.adapter_id) if seq.adapter_id else None
         if prefetch is not None and prefetch.done():
@@ -185,10 +218,14 @@ class AdapterAdmission:
         self._slot_waits.pop(seq, None)
         self._end_handoff(seq)
 
+    def _want(self, seq: Sequence, key: str) -> None:
+        self.store.want(key)
+        self._wanting[seq] = key
+
     def _unwant(self, seq: Sequence) -> None:
-        if seq in self._wanting:
-            self._wanting.remove(seq)
-            self.store.unwant(seq.adapter_id)
+        key = self._wanting.pop(seq, None)
+        if key is not None:
+            self.store.unwant(key)
 
     def _collect(self, seq: Sequence) -> bool:
         load = self._loads[seq]
@@ -221,8 +258,9 @@ class AdapterAdmission:
 
 @dataclass(frozen=True)
 class _Handoff:
-    """``adapter_id``'s requests were parked at ``step`` so that ``target`` gets a slot."""
+    """The requests of slot key ``key`` were parked at ``step`` so that ``target`` gets
+    their slot: until it settles, nobody takes that slot back or starts another load."""
 
     target: Sequence
-    adapter_id: str
+    key: str
     step: int
