@@ -169,7 +169,7 @@ def test_invalid_page_token(reg, token):
 
 @pytest.mark.parametrize("size", [-1, 1001, 2.5, True])
 def test_invalid_page_size(reg, size):
-    with pytest.raises(InvalidAdapterError, match="page_size"):
+    with pytest.raises(InvalidAdapterError, match=rf"page_size must be 1\.\.1000, got {size}"):
         reg.list(size)
 
 
@@ -197,7 +197,8 @@ def test_parent_protection(reg):
     reg.register_many(_basis_and_tasks("basis", 7))
     reg.register("lora1", "lora", b"l")
     assert reg.dependents("basis") == [f"basis-t{i}" for i in range(7)]
-    with pytest.raises(AdapterInUseError, match=r"basis-t0.*and 2 more"):
+    with pytest.raises(AdapterInUseError,
+                       match=r"adapter 'basis' is the basis of .*basis-t0.*and 2 more"):
         reg.delete("basis")
     with pytest.raises(AdapterInUseError, match="basis-t0"):
         reg.register("basis", "rmm-basis", b"new", replace=True)
@@ -216,9 +217,16 @@ def test_scopes_share_one_database_without_seeing_each_other(backend):
         assert "mine" not in two and two.count() == 0 and every.count() == 1
         with pytest.raises(AdapterExistsError, match="another base model"):
             two.register("mine", "lora", b"2", replace=True)
-        with pytest.raises(AdapterNotFoundError, match="another base model"):
+        with pytest.raises(AdapterNotFoundError, match="no adapter 'mine' for this base "
+                           "model: that id belongs to an adapter of another base model in "
+                           "this registry"):
             two.data("mine")
+        with pytest.raises(AdapterNotFoundError) as unknown:
+            two.get("nope")  # in no scope: the plain message
+        assert "another base model" not in str(unknown.value)
         assert one.get("mine").base_model_fingerprint == "f1"
+        batch = one.register_many(_basis_and_tasks("b", 1))
+        assert [r.base_model_fingerprint for r in batch] == ["f1", "f1"]
 
 
 def test_every_write_bumps_a_version_in_commit_order(reg):

@@ -5,6 +5,7 @@ of older schemas migrated in place, and the ``registry check`` command."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -155,6 +156,64 @@ def test_a_file_of_the_first_schema_is_migrated_in_place(tmp_path):
             [(SCHEMA_VERSION,)]
         columns = {c[1] for c in conn.execute("PRAGMA table_info(adapters)")}
         assert "data" not in columns and "base_model_fingerprint" in columns
+
+
+def test_a_file_of_the_second_schema_without_a_version_table_is_migrated(tmp_path):
+    """Version 2 (the scope column) was told from version 1 by its columns alone."""
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_FILE + "ALTER TABLE adapters ADD COLUMN base_model_fingerprint "
+                           "TEXT; UPDATE adapters SET base_model_fingerprint = 'f1';")
+    with Registry(path) as r:
+        assert r.get("b").base_model_fingerprint == "f1" and r.verify() == []
+
+
+def test_an_anonymous_temporary_file_shares_its_one_connection():
+    """``""`` is a private temporary database per connection, like ``":memory:"``: reads
+    must share the writer's connection or they would see an empty database."""
+    with Registry("") as r:
+        r.register("a", "lora", b"x")
+        assert r.data("a") == b"x" and r.count() == 1
+
+
+def test_a_closed_registry_refuses_later_calls_even_from_a_new_thread(tmp_path):
+    """A thread that never read would open its own read connection: not once closed."""
+    r = Registry(tmp_path / "reg.db")
+    r.register("a", "lora", b"x")
+    r.close()
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            outcome.append(r.get("a"))
+        except sqlite3.ProgrammingError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join()
+    assert isinstance(outcome[0], sqlite3.ProgrammingError)
+    with pytest.raises(sqlite3.ProgrammingError):
+        r.register("b", "lora", b"y")
+
+
+def test_verify_reports_sqlites_own_integrity_problems(tmp_path):
+    """A row that breaks a NOT NULL constraint (written behind SQLite's back) is reported
+    by ``integrity_check``, not only rows whose bytes do not match."""
+    path = tmp_path / "reg.db"
+    Registry(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("UPDATE sqlite_master SET sql = replace(sql, 'kind TEXT NOT NULL', "
+                     "'kind TEXT') WHERE name = 'adapters'")
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO adapters (id, kind, size, sha256, metadata, created_at) "
+                     "VALUES ('x', NULL, 0, '', '{}', 0)")
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("UPDATE sqlite_master SET sql = replace(sql, 'kind TEXT,', "
+                     "'kind TEXT NOT NULL,') WHERE name = 'adapters'")
+    with Registry(path) as r:
+        assert "NULL value in adapters.kind" in r.verify()
 
 
 def test_a_newer_schema_is_refused(tmp_path):

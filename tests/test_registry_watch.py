@@ -32,7 +32,8 @@ def test_other_processes_writes_reach_the_watcher_and_its_own_do_not(url, listen
         here.register("before", "lora", b"0")  # older than the watcher: not a change
         watcher = RegistryWatcher(here, changes.put, interval_s=0.2, listen=listen).start()
         try:
-            here.register("mine", "lora", b"1")  # this process's own: skipped
+            here.register("mine", "lora", b"1")  # this process's own: skipped ...
+            here.delete("mine")  # ... deletions too
             there.register("a", "lora", b"1")
             assert next_change(changes) == "a"
             there.register("a", "lora", b"2", replace=True)
