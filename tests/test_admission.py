@@ -23,18 +23,18 @@ NOT_YET = 0.2  # how long a test looks for a thread that must not start
 
 class HeldLoads:
     """A fake store. Its prefetch finds no idle slot (once ``prefetch_gate`` is open); its
-    admission-time load of adapter x (one of "abc") waits for ``go[x]``, then raises
+    admission-time load of adapter x (one of "abcd") waits for ``go[x]``, then raises
     ``fails[x]`` if set, else returns slot 3 (a parked key ``x#parked-<n>`` counts as x);
     adapters in ``hot`` are taken at once, in their slot; ``can_take`` says there is room
-    unless ``full``; it holds factors ``"factors of x"`` for x unless x is in ``unheld``.
-    It records what it is told."""
+    unless ``full``; it holds factors ``"factors of x"`` for x in its slot (its ``hot``
+    one, else 3) unless x is in ``unheld``. It records what it is told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
     def __init__(self, fails: dict[str, Exception] | None = None) -> None:
         HeldLoads.made.append(self)
-        self.started = {x: threading.Event() for x in "abc"}
-        self.go = {x: threading.Event() for x in "abc"}
+        self.started = {x: threading.Event() for x in "abcd"}
+        self.go = {x: threading.Event() for x in "abcd"}
         self.prefetch_gate = threading.Event()
         self.prefetch_gate.set()
         self.fails = fails or {}
@@ -47,6 +47,7 @@ class HeldLoads:
         self.full = False
         self.unheld: set[str] = set()
         self.loaded: list[tuple[str, object]] = []  # (key, factors) of each acquire
+        self.looked: list[str] = []  # the key of each try_acquire
 
     def want(self, adapter_id):
         self.wanted[adapter_id] += 1
@@ -60,6 +61,7 @@ class HeldLoads:
         return False
 
     def try_acquire(self, adapter_id):
+        self.looked.append(adapter_id)
         return self.hot.get(adapter_id)
 
     def can_take(self, adapter_id):
@@ -79,7 +81,9 @@ class HeldLoads:
         return 3
 
     def held_factors(self, adapter_id, slot):
-        return None if adapter_id in self.unheld else f"factors of {adapter_id}"
+        if adapter_id in self.unheld or slot != self.hot.get(adapter_id, 3):
+            return None
+        return f"factors of {adapter_id}"
 
     def release(self, slot):
         self.released.append(slot)
@@ -401,4 +405,86 @@ def test_with_every_slot_busy_no_load_starts_and_each_look_counts_toward_aging()
     assert not store.started["a"].is_set()
     store.full = False
     assert attempt(admission, seq) and seq.adapter_slot == 3
+    admission.close()
+
+
+@pytest.mark.parametrize("quantum_steps", [-1, 0])
+def test_a_negative_quantum_is_refused_and_zero_turns_time_slicing_off(quantum_steps):
+    if quantum_steps < 0:
+        with pytest.raises(ValueError, match=r"quantum_steps \(-1\) >= 0"):
+            AdapterAdmission(HeldLoads(), quantum_steps=quantum_steps)
+        return
+    store, admission, a, b, c = busy_slots(quantum_steps=0)
+    a.output_token_ids.append(7)
+    for _ in range(3):
+        admission.time_slice((a, b))
+    assert a.adapter_slot == 0 and admission.parked == 0
+    admission.close()
+
+
+def test_a_request_without_an_adapter_or_holding_its_slot_is_ready_and_slot_0_returned():
+    store = HeldLoads()
+    store.full, store.hot = True, {"a": 0}
+    admission = AdapterAdmission(store, aging_steps=1)
+    assert admission.ready(Sequence("base", [1], greedy(1), None))
+    seq = seq_of("a")
+    admission.accepted(seq)  # every slot busy, but "a" is in one: no wait counted
+    assert not admission.overdue(seq)
+    assert admission.ready(seq) and admission.ready(seq)  # holds slot 0 from now on
+    admission.release(seq)
+    assert store.released == [0] and seq.adapter_slot == -1  # slot 0 too is given back
+    admission.close()
+    ref = weakref.ref(seq)
+    del seq
+    gc.collect()
+    assert ref() is None  # an admitted request is not kept once released
+
+
+def test_a_parked_request_is_parked_again_under_its_own_key_and_forgotten_once_released():
+    """Resumed and parked again, a request keeps its key and the factors it held first
+    (not what the store holds now); one handoff runs at a time, even for a second waiting
+    request; once released, nothing of it is wanted or kept."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    store.go["a"].set()
+    store.fails["d"] = NoFreeSlotError("every slot is busy")
+    store.go["d"].set()
+    d = seq_of("d")
+    assert not attempt(admission, d)
+    a.output_token_ids.append(7)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))  # step 2: a parked for c
+    admission.time_slice((a, b))  # step 3: d waits too, but c's handoff is under way
+    assert b.adapter_slot == 1 and admission.parked == 1
+    admission.wait(GUARD)
+    assert not admission.ready(c)  # c's load found every slot busy: its handoff is over
+    assert attempt(admission, a) and a.adapter_slot == 3
+    assert store.looked[-1] == "a#parked-0"
+    store.unheld.add("a")  # what the store holds for "a" now is no longer a's
+    admission.time_slice((a, b))  # step 4: b parked for d (a got its slot at step 3)
+    admission.time_slice((a, b))  # step 5: a ripe again, but d's handoff is under way
+    admission.wait(GUARD)
+    assert not admission.ready(d)  # d's handoff is over
+    admission.time_slice((a, b))  # step 6: a parked again, for c, with what it held
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, -1, 3)
+    assert store.wanted["a#parked-0"] == 1 and "a#parked-3" not in store.wanted
+    admission.release(a)
+    assert store.wanted["a#parked-0"] == 0
+    for seq in (b, c, d):
+        admission.release(seq)
+    admission.close()
+    store.fails.clear()
+    ref = weakref.ref(a)
+    del a
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_slot_ripens_after_quantum_steps_counted_from_when_it_was_taken():
+    store, admission, a, b, c = busy_slots(quantum_steps=3)  # b took slot 1 at step 1
+    b.output_token_ids.append(7)  # a has no token: never parked
+    for _ in range(2):
+        admission.time_slice((a, b))  # steps 2 and 3: b has had 1, then 2 steps
+        assert b.adapter_slot == 1
+    admission.time_slice((a, b))  # step 4: 3 steps
+    assert b.adapter_slot == -1
     admission.close()
