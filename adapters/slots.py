@@ -257,6 +257,7 @@ class SlotPool:
         """Copy ``factors`` into ``slot``, zero-padding rank and absent modules."""
         self._check(factors)
         self._slot_modules[slot] = frozenset(name for _, name in factors.modules)
+        r_max = self.spec.max_rank
         with torch.no_grad():
             for key, (a, b, scale) in self._buffers.items():
                 f = factors.modules.get(key)
@@ -264,8 +265,9 @@ class SlotPool:
                 if f is not None:  # non_blocking: from pinned host memory on CUDA
                     a[slot, :r].copy_(f.A, non_blocking=True)
                     b[slot, :, :r].copy_(f.B, non_blocking=True)
-                a[slot, r:].zero_()
-                b[slot, :, r:].zero_()
+                if r < r_max:  # a full-rank adapter has no padding to zero
+                    a[slot, r:].zero_()
+                    b[slot, :, r:].zero_()
                 scale[slot] = 0.0 if f is None else float(f.scale)
 
     def _check(self, factors: AdapterFactors) -> None:
@@ -290,14 +292,19 @@ class SlotPool:
         self._check_finite(factors)
 
     def _check_finite(self, factors: AdapterFactors) -> None:
-        """No NaN or Inf enters a slot, in the pool's dtype (one host sync per adapter)."""
+        """No NaN or Inf enters a slot, in the pool's dtype (one host sync per adapter).
+        Per tensor, its largest magnitude cast to that dtype: NaN if any value is NaN, Inf
+        if any is Inf or overflows the dtype (the cast is monotonic). One ``_foreach`` op
+        for all of them: a per-tensor ``isfinite`` took 7 ms of a 15 ms SmolLM2 q+v load."""
         if not factors.modules:
             return
         dtype = next(iter(self._buffers.values()))[0].dtype
-        ok = torch.stack([f.A.to(dtype).isfinite().all() & f.B.to(dtype).isfinite().all()
-                          for f in factors.modules.values()])
+        tensors = [t if t.numel() else t.new_zeros(1)  # rank 0: nothing to check
+                   for f in factors.modules.values() for t in (f.A, f.B)]
+        largest = torch.stack(torch._foreach_max(torch._foreach_abs(tensors)))
+        ok = largest.to(dtype).isfinite().view(-1, 2).all(1).cpu()
         scales = torch.tensor([float(f.scale) for f in factors.modules.values()])
-        ok = ok.cpu() & scales.to(dtype).isfinite()
+        ok = ok & scales.to(dtype).isfinite()
         if not bool(ok.all()):
             layer, name = list(factors.modules)[int((~ok).nonzero()[0])]
             raise InvalidAdapterError(
