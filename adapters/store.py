@@ -279,6 +279,11 @@ class AdapterStore:
         return factors if factors is not None and self.slots.is_current(adapter_id, slot) \
             else None
 
+    def warm_holds(self, adapter_id: str) -> bool:
+        """Whether the warm tier holds the adapter's factors: an ``acquire`` now is a copy
+        (unless the entry is evicted first)."""
+        return self.warm is not None and adapter_id in self.warm
+
     def try_acquire(self, adapter_id: str) -> int | None:
         """``acquire`` when the adapter is already in a slot (never blocks), else None."""
         return self.slots.try_acquire(adapter_id)

@@ -12,14 +12,14 @@ same traces, and a base-only copy of them (no adapters), in the same order.
 A request is *cold* when its adapter is not among the ``slots`` most recently requested
 ones at its arrival (an LRU over the trace, the same split for every system), else *hot*.
 Reported per system and trace: TTFT p50/p99 of hot and of cold requests, generated tok/s
-over the makespan against the base-only copy, and nolaserve's loads, evictions and warm
-tier hits, requests parked by time slicing, how long its loads took and how long cold
-requests waited for their slot (the loader, or a free slot), and what reloading an evicted
-adapter costs. Systems: nolaserve with time slicing (``--quantum``) and the warm tier
-(``--warm-mib``), without the warm tier, and without time slicing; vLLM
-(``--vllm-python``) with
-``max_loras = slots`` and ``max_cpu_loras = 2 x slots`` (below the number of adapters, so
-it reloads from disk).
+over the makespan against the base-only copy, the base-only copy's TTFT p99 (what the
+system does with no adapters at all: a floor for the adapter trace's), and nolaserve's
+loads, evictions and warm tier hits, requests parked by time slicing, how long its loads
+took and how long cold requests waited for their slot (the loader, or a free slot), and
+what reloading an evicted adapter costs. Systems: nolaserve with time slicing
+(``--quantum``) and the warm tier (``--warm-mib``), without the warm tier, and without
+time slicing; vLLM (``--vllm-python``) with ``max_loras = slots`` and ``max_cpu_loras =
+2 x slots`` (below the number of adapters, so it reloads from disk).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def print_rows(system: str, results: dict, masks: dict) -> None:
               f"{pct(hot, .5) * 1e3:7.0f} {pct(hot, .99) * 1e3:7.0f} "
               f"{pct(cold, .5) * 1e3:7.0f} {pct(cold, .99) * 1e3:7.0f} "
               f"{pct(cold, .99) / pct(hot, .99):6.2f} {pct(r['ttft'], .99) * 1e3:7.0f} "
-              f"{tps:6.1f} {tps / base_tps:5.2f}")
+              f"{tps:6.1f} {tps / base_tps:5.2f} {pct(base['ttft'], .99) * 1e3:7.0f}")
 
 
 def main() -> None:
@@ -248,7 +248,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'system':22s} {'trace':10s} {'cold':>7s} {'hot p50':>7s} {'hot p99':>7s} "
           f"{'cold50':>7s} {'cold99':>7s} {'c/h99':>6s} {'all p99':>7s} {'tok/s':>6s} "
-          f"{'xbase':>5s}   (TTFT ms)")
+          f"{'xbase':>5s} {'base99':>7s}   (TTFT ms; base99: all p99 of the base-only copy)")
     warm = args.warm_mib << 20
     systems = [("nolaserve, no warm tier", 0, args.quantum, "nowarm"),
                ("nolaserve", warm, args.quantum, "warm"),

@@ -68,11 +68,11 @@ class Config:
     admission_aging_steps: int = option(16, "a request whose adapter found every slot busy "
                                         "this many times stops later requests from being "
                                         "admitted ahead of it (aging bound)")
-    admission_quantum_steps: int = option(8, "time slicing: when a request waits because "
-                                          "every slot is busy, the requests of the slot held "
+    admission_quantum_steps: int = option(2, "time slicing: when requests wait because "
+                                          "every slot is busy, the requests of the slots held "
                                           "longest, once each ran this many steps in it, are "
-                                          "parked (KV kept) and the slot handed over; needs "
-                                          "the warm tier; 0 = off")
+                                          "parked (KV kept) and each slot handed to a waiting "
+                                          "request; needs the warm tier; 0 = off")
     # scheduling and KV cache
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(512, "tokens per step (prefill chunks + decode "

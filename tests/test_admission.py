@@ -23,18 +23,19 @@ NOT_YET = 0.2  # how long a test looks for a thread that must not start
 
 class HeldLoads:
     """A fake store. Its prefetch finds no idle slot (once ``prefetch_gate`` is open); its
-    admission-time load of adapter x (one of "abcd") waits for ``go[x]``, then raises
+    admission-time load of adapter x (one of "abcde") waits for ``go[x]``, then raises
     ``fails[x]`` if set, else returns slot 3 (a parked key ``x#parked-<n>`` counts as x);
     adapters in ``hot`` are taken at once, in their slot; ``can_take`` says there is room
     unless ``full``; it holds factors ``"factors of x"`` for x in its slot (its ``hot``
-    one, else 3) unless x is in ``unheld``. It records what it is told."""
+    one, else 3) unless x is in ``unheld``; its warm tier holds every adapter not in
+    ``cold``. It records what it is told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
     def __init__(self, fails: dict[str, Exception] | None = None) -> None:
         HeldLoads.made.append(self)
-        self.started = {x: threading.Event() for x in "abcd"}
-        self.go = {x: threading.Event() for x in "abcd"}
+        self.started = {x: threading.Event() for x in "abcde"}
+        self.go = {x: threading.Event() for x in "abcde"}
         self.prefetch_gate = threading.Event()
         self.prefetch_gate.set()
         self.fails = fails or {}
@@ -46,6 +47,7 @@ class HeldLoads:
         self.pinned: frozenset[str] = frozenset()
         self.full = False
         self.unheld: set[str] = set()
+        self.cold: set[str] = set()
         self.loaded: list[tuple[str, object]] = []  # (key, factors) of each acquire
         self.looked: list[str] = []  # the key of each try_acquire
 
@@ -84,6 +86,9 @@ class HeldLoads:
         if adapter_id in self.unheld or slot != self.hot.get(adapter_id, 3):
             return None
         return f"factors of {adapter_id}"
+
+    def warm_holds(self, adapter_id):
+        return adapter_id not in self.cold
 
     def release(self, slot):
         self.released.append(slot)
@@ -272,13 +277,14 @@ def test_the_idle_wait_gives_up_after_its_timeout():
     admission.close()
 
 
-def busy_slots(quantum_steps: int, pinned: frozenset[str] = frozenset()):
+def busy_slots(quantum_steps: int, pinned: frozenset[str] = frozenset(), aging_steps: int = 16):
     """Adapters a (slot 0) and b (slot 1) hot and each taken by a running request, a at
-    step 0 and b at step 1; the request for c found every slot busy once."""
+    step 0 and b at step 1; the request for c found every slot busy once (its load fails
+    with that until a test drops ``store.fails["c"]``)."""
     store = HeldLoads({"c": NoFreeSlotError("every slot is busy")})
     store.hot, store.pinned = {"a": 0, "b": 1}, pinned
     store.go["c"].set()
-    admission = AdapterAdmission(store, quantum_steps=quantum_steps)
+    admission = AdapterAdmission(store, quantum_steps=quantum_steps, aging_steps=aging_steps)
     a, b, c = seq_of("a"), seq_of("b"), seq_of("c")
     assert admission.ready(a)
     admission.time_slice((a,))
@@ -288,12 +294,13 @@ def busy_slots(quantum_steps: int, pinned: frozenset[str] = frozenset()):
     return store, admission, a, b, c
 
 
-def test_time_slicing_parks_the_slot_held_longest_once_ripe_and_starts_the_handoff():
+def test_time_slicing_parks_the_slot_held_longest_once_ripe_and_loads_the_waiting_one_now():
     """Parked: the requests of the slot whose requests each have a token and
-    ``quantum_steps`` steps in it, the one taken first. The slot is given back, the
-    parked ones want their own key, and the load of the request it is handed to starts
-    at once (not a step later, when the scheduler asks for it)."""
+    ``quantum_steps`` steps in it, the one taken first. The slot is given back and the
+    parked ones want their own key. The waiting request's load (a copy: its factors are in
+    the warm tier) runs on the step's thread, so the scheduler admits it in this step."""
     store, admission, a, b, c = busy_slots(quantum_steps=3)
+    del store.fails["c"]
     a.output_token_ids.append(7)
     admission.time_slice((a, b))  # step 2: a has held its slot 2 steps of 3
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
@@ -301,7 +308,58 @@ def test_time_slicing_parks_the_slot_held_longest_once_ripe_and_starts_the_hando
     admission.time_slice((a, b))  # step 3: a ripe (3 steps); b has had 2
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 1)
     assert store.released == [0] and store.wanted == {"a#parked-0": 1}
-    assert store.started["c"].wait(GUARD) and store.loaded[-1] == ("c", None)  # no factors
+    assert store.loaded[-1] == ("c", None) and "MainThread" in store.threads
+    assert admission.ready(c) and c.adapter_slot == 3
+    admission.close()
+
+
+def waiting_for_a_slot(admission: AdapterAdmission, store: HeldLoads, adapter_id: str,
+                       looks: int = 1) -> Sequence:
+    """A request for ``adapter_id`` that found every slot busy ``looks`` times; its
+    factors are at hand unless the adapter is in ``store.cold``."""
+    seq = seq_of(adapter_id)
+    store.fails[adapter_id] = NoFreeSlotError("every slot is busy")
+    store.go[adapter_id].set()
+    for _ in range(looks):
+        assert not attempt(admission, seq)
+    del store.fails[adapter_id]
+    return seq
+
+
+@pytest.mark.parametrize("overdue", [False, True])
+def test_each_ripe_slot_goes_to_a_waiting_request_overdue_then_fewest_tokens_first(overdue):
+    """One step hands over as many slots as are ripe, one to each waiting request whose
+    factors are at hand: overdue ones first, then those with the fewest tokens (a first
+    token before a parked request's next one), then the one that waited longest. A
+    request whose adapter the warm tier lacks (a regeneration, not a copy) is handed none:
+    its prefetch fills the tier first."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1, aging_steps=2)
+    admission.release(c)
+    store.cold.add("d")
+    e = waiting_for_a_slot(admission, store, "e", looks=2 if overdue else 1)
+    e.output_token_ids.append(7)  # a request that ran before (parked, or preempted)
+    d = waiting_for_a_slot(admission, store, "d")
+    c = waiting_for_a_slot(admission, store, "c")
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))  # only a is ripe: one slot to hand over
+    first = e if overdue else c
+    assert store.loaded[-1] == (first.adapter_id, None)
+    assert admission.ready(first) and not admission.ready(d)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b))  # b too: the other one of c and e gets it
+    second = c if overdue else e
+    assert store.loaded[-1] == (second.adapter_id, None) and admission.ready(second)
+    assert admission.parked == 2 and store.loaded.count(("d", None)) == 1  # its look only
+    admission.close()
+
+
+def test_a_request_that_leaves_after_a_slot_was_loaded_for_it_gives_the_slot_back():
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    del store.fails["c"]
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))  # a parked, c's slot loaded ...
+    admission.release(c)  # ... and c leaves before the scheduler admits it
+    assert store.released == [0, 3]
     admission.close()
 
 
@@ -339,53 +397,6 @@ def test_time_slicing_parks_nobody_when_no_request_waits_for_a_slot():
     a.output_token_ids.append(7)
     admission.time_slice((a, b))
     assert a.adapter_slot == 0 and admission.parked == 0
-    admission.close()
-
-
-def test_a_handoff_holds_the_slot_for_its_request_until_it_settles_or_expires():
-    """Until the load of the request the slot is handed to settles, nobody takes the slot
-    back (the adapter's other requests) or starts a load (the parked ones); only one
-    handoff runs at a time. A parked request then resumes from its own factors, under its
-    own key. A handoff whose request never collects its load expires after
-    ``quantum_steps`` steps."""
-    store, admission, a, b, c = busy_slots(quantum_steps=2)
-    store.go["a"].set()
-    a.output_token_ids.append(7)
-    b.output_token_ids.append(7)
-    admission.time_slice((a, b))  # step 2: a parked for c
-    assert a.adapter_slot == -1
-    assert not admission.ready(seq_of("a"))  # a's slot is still loaded, and held for c
-    assert not admission.ready(a) and not store.started["a"].is_set()  # no load meanwhile
-    admission.time_slice((a, b))  # step 3: b is ripe too, but c's handoff runs
-    assert b.adapter_slot == 1
-    admission.wait(GUARD)
-    assert not admission.ready(c)  # every slot busy again: the handoff is over
-    assert attempt(admission, a) and a.adapter_slot == 3
-    assert store.loaded[-1] == ("a#parked-0", "factors of a")
-    admission.time_slice((a, b))  # step 4: b parked for c (a got its slot at step 3)
-    assert b.adapter_slot == -1
-    for _ in range(2):
-        admission.time_slice((a, b))  # c never collects its load: steps 5 and 6 ...
-        assert not admission.ready(seq_of("b"))
-    admission.time_slice((a, b))  # ... and at step 7 the handoff is given up
-    assert admission.ready(seq_of("b"))
-    admission.close()
-
-
-@pytest.mark.parametrize("end", ["gets a slot", "leaves"])
-def test_a_handoff_ends_when_its_request_gets_a_slot_or_leaves(end):
-    store, admission, a, b, c = busy_slots(quantum_steps=1)
-    if end == "gets a slot":
-        del store.fails["c"]
-    a.output_token_ids.append(7)
-    admission.time_slice((a, b))  # a parked for c
-    assert not admission.ready(seq_of("a"))
-    if end == "leaves":
-        admission.release(c)
-    else:
-        admission.wait(GUARD)
-        assert admission.ready(c) and c.adapter_slot == 3
-    assert admission.ready(seq_of("a"))
     admission.close()
 
 
@@ -442,37 +453,27 @@ def test_a_request_without_an_adapter_or_holding_its_slot_is_ready_and_slot_0_re
 
 def test_a_parked_request_is_parked_again_under_its_own_key_and_forgotten_once_released():
     """Resumed and parked again, a request keeps its key and the factors it held first
-    (not what the store holds now); one handoff runs at a time, even for a second waiting
-    request; once released, nothing of it is wanted or kept."""
+    (not what the store holds now); once released, nothing of it is wanted or kept."""
     store, admission, a, b, c = busy_slots(quantum_steps=1)
+    del store.fails["c"]
     store.go["a"].set()
-    store.fails["d"] = NoFreeSlotError("every slot is busy")
-    store.go["d"].set()
-    d = seq_of("d")
-    assert not attempt(admission, d)
     a.output_token_ids.append(7)
-    b.output_token_ids.append(7)
-    admission.time_slice((a, b))  # step 2: a parked for c
-    admission.time_slice((a, b))  # step 3: d waits too, but c's handoff is under way
-    assert b.adapter_slot == 1 and admission.parked == 1
-    admission.wait(GUARD)
-    assert not admission.ready(c)  # c's load found every slot busy: its handoff is over
-    assert attempt(admission, a) and a.adapter_slot == 3
-    assert store.looked[-1] == "a#parked-0"
+    admission.time_slice((a, b))  # step 2: a parked for c (b has no token yet)
+    assert admission.ready(c)
+    admission.release(c)
+    assert attempt(admission, a) and a.adapter_slot == 3  # a free slot: a resumes
+    assert store.loaded[-1] == ("a#parked-0", "factors of a")
     store.unheld.add("a")  # what the store holds for "a" now is no longer a's
-    admission.time_slice((a, b))  # step 4: b parked for d (a got its slot at step 3)
-    admission.time_slice((a, b))  # step 5: a ripe again, but d's handoff is under way
-    admission.wait(GUARD)
-    assert not admission.ready(d)  # d's handoff is over
-    admission.time_slice((a, b))  # step 6: a parked again, for c, with what it held
-    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, -1, 3)
-    assert store.wanted["a#parked-0"] == 1 and "a#parked-3" not in store.wanted
+    d = waiting_for_a_slot(admission, store, "d")
+    admission.time_slice((a, b))  # step 3: a ripe again (a step in its slot): parked for d
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 2)
+    assert store.loaded[-1] == ("d", None)
+    assert store.wanted["a#parked-0"] == 1 and "a#parked-1" not in store.wanted
     admission.release(a)
     assert store.wanted["a#parked-0"] == 0
-    for seq in (b, c, d):
+    for seq in (b, d):
         admission.release(seq)
     admission.close()
-    store.fails.clear()
     ref = weakref.ref(a)
     del a
     gc.collect()

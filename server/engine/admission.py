@@ -8,15 +8,16 @@ takes only a free slot or an idle one that no queued request wants, and leaves t
 idle, so it never holds or evicts a slot that running or queued requests need. Every
 queued request ``want``s its adapter: evictions prefer adapters nobody is waiting for.
 
-Time slicing: when a request waits because every slot is busy, ``time_slice`` parks the
-running requests of the slot held longest, once each of them has produced a token and
-run ``quantum_steps`` steps since it got the slot. A parked request keeps its KV blocks
-and its place among the running ones, gives back its slot, holds its factors (the warm
-tier's entry, by reference) and sits steps out until they are copied into a slot again,
-under a key of its own: a replace or delete meanwhile does not change its weights. The
-slot is handed to the request that has waited longest: until that request's load
-settles (or ``quantum_steps`` steps pass), nobody takes the slot back or starts another
-load. So a cold request waits for one load, not for a whole request to finish; the
+Time slicing: when requests wait because every slot is busy, ``time_slice`` parks the
+running requests of the slots held longest, once each of them has produced a token and
+run ``quantum_steps`` steps since it got the slot: one slot for each waiting request
+whose factors are a copy away (in the warm tier, or held by a parked one), overdue ones
+first, then those with the fewest tokens. A parked request keeps its KV blocks and its
+place among the running ones, gives back its slot, holds its factors (the warm tier's
+entry, by reference) and sits steps out until they are copied into a slot again, under a
+key of its own: a replace or delete meanwhile does not change its weights. The waiting
+request's copy runs at once, on the step thread (a few ms), so the slot is not left idle
+for a step: a cold request waits for one copy, not for a whole request to finish; the
 parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
 from nolaserve.adapters.errors import NoFreeSlotError
 from nolaserve.adapters.spec import AdapterFactors
@@ -40,7 +40,7 @@ from .sequence import Sequence
 
 log = logging.getLogger("nolaserve.engine")
 DEFAULT_AGING_STEPS = 16
-DEFAULT_QUANTUM_STEPS = 8
+DEFAULT_QUANTUM_STEPS = 2
 
 
 class AdapterAdmission:
@@ -57,7 +57,6 @@ class AdapterAdmission:
         self.store, self.aging_steps, self.quantum_steps = store, aging_steps, quantum_steps
         self._steps = 0  # time_slice calls
         self._since: dict[Sequence, int] = {}  # the step each seq holding a slot got it
-        self._handoff: _Handoff | None = None
         self.parked = 0  # requests parked so far
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._loads: dict[Sequence, Future] = {}
@@ -83,8 +82,6 @@ class AdapterAdmission:
         if not seq.needs_adapter:
             return True
         key = self._key(seq)
-        if self._handoff is not None and key == self._handoff.key:
-            return False  # its slot is being handed to another request
         if seq in self._loads:
             return self._collect(seq)
         slot = self.store.try_acquire(key)
@@ -94,8 +91,6 @@ class AdapterAdmission:
         if not self.store.can_take(key):
             self._busy(seq)  # every slot busy: no load to start
             return False
-        if self._handoff is not None:
-            return False  # the slot that is free is the handoff's target's
         if seq not in self._held:  # a parked one loads its own factors: no prefetch
             prefetch = self._prefetches.get(key)
             if prefetch is not None and not prefetch.done():
@@ -109,24 +104,30 @@ class AdapterAdmission:
         return self._slot_waits.get(seq, 0) >= self.aging_steps
 
     def time_slice(self, running: tuple[Sequence, ...]) -> None:
-        """Before a step: if a request waits for a slot (every slot was busy) and no handoff
-        is under way, park the running requests of the slot held longest, among those
-        whose requests each have a token and ``quantum_steps`` steps in it (not pinned,
-        factors held: ``_victims``); it goes to the request that has waited longest."""
+        """Before a step: hand slots to the requests that wait because every slot was busy
+        and whose factors are at hand (``_targets``), one slot each while ripe ones last
+        (``_victims``): park that slot's requests, then load the waiting one's factors
+        into a slot on this thread, a copy, so the scheduler admits it in this step."""
         self._steps += 1
-        handoff = self._handoff
-        if handoff is not None and self._steps - handoff.step > self.quantum_steps:
-            self._handoff = handoff = None  # its target never took the slot: give up
-        if not self.quantum_steps or handoff is not None:
+        if not self.quantum_steps:
             return
-        target = next((s for s in self._slot_waits if s not in self._loads), None)
-        victims = self._victims(running) if target is not None else None
-        if victims is not None:
+        for target in self._targets():
+            victims = self._victims(running)
+            if victims is None:
+                return
             seqs, held = victims
-            self._handoff = _Handoff(target, self._key(seqs[0]), self._steps)
             for seq in seqs:
                 self._park(seq, held)
-            self._load(target)  # now, not when the scheduler reaches it (a step later)
+            self._load_now(target)
+
+    def _targets(self) -> list[Sequence]:
+        """Requests that found every slot busy and whose factors are a copy away (held by
+        a parked one, or in the warm tier): overdue ones first, then those with fewer
+        tokens so far (a first token before a parked request's next one), then the one
+        that has waited longest."""
+        waiting = [s for s in self._slot_waits if s not in self._loads
+                   and (s in self._held or self.store.warm_holds(s.adapter_id))]
+        return sorted(waiting, key=lambda s: (not self.overdue(s), len(s.output_token_ids)))
 
     def _victims(self, running: tuple[Sequence, ...]
                  ) -> tuple[list[Sequence], tuple[str, AdapterFactors]] | None:
@@ -172,14 +173,23 @@ class AdapterAdmission:
         return seq.adapter_id if held is None else held[0]
 
     def _load(self, seq: Sequence) -> None:
-        """Start ``seq``'s admission-time load (of its parked key and factors, if held)."""
-        held = self._held.get(seq)
-        args = (seq.adapter_id,) if held is None else held
-        self._loads[seq] = self._worker.submit(self.store.acquire, *args)
+        """Start ``seq``'s admission-time load on a worker."""
+        self._loads[seq] = self._worker.submit(self.store.acquire, *self._load_args(seq))
 
-    def _end_handoff(self, seq: Sequence) -> None:
-        if self._handoff is not None and self._handoff.target is seq:
-            self._handoff = None
+    def _load_now(self, seq: Sequence) -> None:
+        """``_load`` on this thread: its result is there for the scheduler's ``ready``."""
+        load: Future = Future()
+        try:
+            load.set_result(self.store.acquire(*self._load_args(seq)))
+        except Exception as e:  # ``_collect`` sorts it out, as for a worker's load
+            load.set_exception(e)
+        self._loads[seq] = load
+
+    def _load_args(self, seq: Sequence) -> tuple:
+        """``acquire``'s arguments for ``seq``: its adapter, or once parked its own key and
+        factors."""
+        held = self._held.get(seq)
+        return (seq.adapter_id,) if held is None else held
 
     def wait(self, timeout: float) -> None:
         """Block until a pending load finishes (or ``timeout``), instead of spinning."""
@@ -194,7 +204,6 @@ class AdapterAdmission:
         self._slot_waits.pop(seq, None)
         self._since.pop(seq, None)
         self._held.pop(seq, None)
-        self._end_handoff(seq)
         prefetch = self._prefetches.get(seq.adapter_id) if seq.adapter_id else None
         if prefetch is not None and prefetch.done():
             del self._prefetches[seq.adapter_id]
@@ -216,7 +225,6 @@ class AdapterAdmission:
         self._since[seq] = self._steps
         self._unwant(seq)
         self._slot_waits.pop(seq, None)
-        self._end_handoff(seq)
 
     def _want(self, seq: Sequence, key: str) -> None:
         self.store.want(key)
@@ -236,7 +244,6 @@ class AdapterAdmission:
             slot = load.result()
         except NoFreeSlotError:
             self._busy(seq)
-            self._end_handoff(seq)  # another load took the slot handed to it
             return False  # every slot busy: try again on a later step
         except Exception as e:  # unknown, deleted or broken adapter: fail this request only
             self.failed.append((seq, e))
@@ -255,12 +262,3 @@ class AdapterAdmission:
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-
-@dataclass(frozen=True)
-class _Handoff:
-    """The requests of slot key ``key`` were parked at ``step`` so that ``target`` gets
-    their slot: until it settles, nobody takes that slot back or starts another load."""
-
-    target: Sequence
-    key: str
-    step: int
