@@ -353,6 +353,18 @@ def test_each_ripe_slot_goes_to_a_waiting_request_overdue_then_fewest_tokens_fir
     admission.close()
 
 
+def test_a_handed_over_copy_that_fails_fails_its_request_only():
+    """The waiting request's adapter was deleted meanwhile: its copy, on the step thread,
+    raises; the request fails as for a worker's load, and the step goes on."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    gone = AdapterNotFoundError("adapter 'c' not found")
+    store.fails["c"] = gone
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert not admission.ready(c) and admission.failed == [(c, gone)]
+    admission.close()
+
+
 def test_a_request_that_leaves_after_a_slot_was_loaded_for_it_gives_the_slot_back():
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
