@@ -100,14 +100,15 @@ def format_table(infos: Sequence[AdapterInfo]) -> list[str]:
     return ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[5]]).rstrip() for r in rows]
 
 
-def _describe(info: AdapterInfo) -> str:
+def describe(info: AdapterInfo) -> str:
+    """One line: id, kind, rank and size (what register, pin and train print)."""
     return f"{info.adapter_id} ({info.kind}, rank {info.rank}, {human_size(info.size_bytes)})"
 
 
 def _register(args: argparse.Namespace, connect: Connect) -> int:
     data = Path(args.file).read_bytes()
     with connect() as client:
-        print("registered", _describe(client.register_adapter(args.adapter_id, data,
+        print("registered", describe(client.register_adapter(args.adapter_id, data,
                                                                args.replace)))
     return 0
 
@@ -147,13 +148,13 @@ def _delete(args: argparse.Namespace, connect: Connect) -> int:
 
 def _pin(args: argparse.Namespace, connect: Connect) -> int:
     with connect() as client:
-        print("pinned", _describe(client.pin_adapter(args.adapter_id)))
+        print("pinned", describe(client.pin_adapter(args.adapter_id)))
     return 0
 
 
 def _unpin(args: argparse.Namespace, connect: Connect) -> int:
     with connect() as client:
-        print("unpinned", _describe(client.unpin_adapter(args.adapter_id)))
+        print("unpinned", describe(client.unpin_adapter(args.adapter_id)))
     return 0
 
 
@@ -163,7 +164,7 @@ def _write(args: argparse.Namespace, connect: Connect, data: bytes, what: str) -
     print(f"wrote {args.out}: {what}, {human_size(len(data))}")
     if args.register:
         with connect() as client:
-            print("registered", _describe(client.register_adapter(args.register, data,
+            print("registered", describe(client.register_adapter(args.register, data,
                                                                    args.replace)))
     return 0
 

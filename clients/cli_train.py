@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli_adapters import Connect, UsageError, _describe, human_size
+from .cli_adapters import Connect, UsageError, describe, human_size
 
 if TYPE_CHECKING:
     from nolaserve.adapters.nola import NolaAdapter
@@ -85,7 +85,7 @@ def command(args: argparse.Namespace, connect: Connect) -> int:
     if args.register:
         with connect() as client:
             info = client.register_adapter(args.register, data, args.replace)
-        print("registered", _describe(info))
+        print("registered", describe(info))
     return 0
 
 
