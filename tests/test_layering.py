@@ -9,6 +9,8 @@ still a cycle in the design. Read from the source with ``ast``; nothing is impor
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,14 @@ def test_every_typed_error_is_a_serving_error_with_a_status_code():
              if line.startswith("class ") and "Error" in line.split("(")[0]
              and line[6:].split("(")[0] not in internal]
     assert not stray, f"error classes outside adapters/errors.py: {stray}"
+
+
+def test_the_top_package_loads_under_one_name_only():
+    """server/toplevel is the package ``nolaserve``; the editable install also finds it as
+    ``nolaserve.server.toplevel``, which would load a second copy."""
+    import nolaserve
+
+    with pytest.raises(ImportError, match="import nolaserve"):
+        importlib.import_module("nolaserve.server.toplevel")
+    assert "nolaserve.server.toplevel" not in sys.modules
+    assert nolaserve.SamplingParams.__module__ == "nolaserve.server.engine.sequence"

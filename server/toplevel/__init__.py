@@ -12,6 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# This folder sits inside server/, so an editable install could also import it as
+# ``nolaserve.server.toplevel``: a second copy of the top package. Only one name is its own.
+if __name__ != "nolaserve":
+    raise ImportError(f"{__name__} is the top-level package nolaserve: import nolaserve")
+
 _LAZY = {
     "LLM": "nolaserve.server.offline",
     "RequestOutput": "nolaserve.server.offline",
