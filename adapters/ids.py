@@ -14,3 +14,16 @@ def check_adapter_id(adapter_id: str) -> str:
             "[A-Za-z0-9._:/-], starting with a letter or digit"
         )
     return adapter_id
+
+
+def check_new_adapter_id(adapter_id: str, base_model: str) -> str:
+    """``check_adapter_id`` for an id being registered, which must also not collide with a
+    model name: the base model's own id names the base model, and ``<base id>:<x>``
+    (SGLang's form) names the adapter ``x``."""
+    check_adapter_id(adapter_id)
+    if adapter_id == base_model or adapter_id.startswith(base_model + ":"):
+        raise InvalidAdapterIdError(
+            f"adapter id {short(adapter_id)} equals the base model's id or starts with "
+            f"'{base_model}:', which requests use to name the base model or another "
+            "adapter: register it under another id")
+    return adapter_id

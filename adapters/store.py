@@ -27,7 +27,7 @@ from .errors import (
     RegistryUnavailableError,
     short,
 )
-from .ids import check_adapter_id
+from .ids import check_adapter_id, check_new_adapter_id
 from .lora import LoraAdapter
 from .nola import NolaAdapter
 from .registry import Registry
@@ -168,7 +168,7 @@ class AdapterStore:
         """Validate ``data`` against the base model (shapes, then magnitude bounds) and store
         it durably under ``adapter_id``. The same bytes again under the same id return the
         existing record (so a client may retry after a lost acknowledgement)."""
-        check_adapter_id(adapter_id)
+        check_new_adapter_id(adapter_id, self.spec.name)
         existing = self._same_bytes(adapter_id, data)
         if existing is not None:  # a retry after a lost acknowledgement: nothing to do
             return existing
@@ -205,7 +205,7 @@ class AdapterStore:
     def build_rmm(self, source_ids: list[str], basis_size: int, basis_id: str) -> RmmResult:
         """Compress registered adapters into an RMM basis plus one task per source, registered
         atomically as ``basis_id`` and ``basis_id/<source id>``."""
-        check_adapter_id(basis_id)
+        check_new_adapter_id(basis_id, self.spec.name)
         if len(set(source_ids)) != len(source_ids):
             raise InvalidAdapterError("source adapter ids must be distinct")
         task_ids = [check_adapter_id(f"{basis_id}/{sid}") for sid in source_ids]
