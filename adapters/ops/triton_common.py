@@ -72,8 +72,7 @@ def expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
 
 
 @triton.jit
-def segment_tile(tokens, seg_slots, seg_starts, num_segments, num_active,
-                 BLOCK_T: tl.constexpr):
+def segment_tile(tokens, seg_slots, seg_starts, BLOCK_T: tl.constexpr):
     """Every SGMV kernel's prologue: program ``(seg, tile, ...)`` takes rows
     ``sorted_tokens[t0 : t0 + BLOCK_T]`` of segment ``seg``, clipped to the segment.
 

@@ -31,8 +31,7 @@ from .triton_common import expand, segment_tile, shrink, x_tile
 
 @triton.jit
 def _sgmv_kernel(
-    y, x, A, B, scale, tokens, seg_slots, seg_starts,
-    num_segments, num_active, d_in, d_out, r_max, out_chunk,
+    y, x, A, B, scale, tokens, seg_slots, seg_starts, d_in, d_out, r_max, out_chunk,
     sy0, sy1, sx0, sx1, sa0, sa1, sa2, sb0, sb1, sb2,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr, FP32: tl.constexpr,
@@ -46,8 +45,7 @@ def _sgmv_kernel(
     ``v`` is rounded to ``x``'s dtype before the expand for fp16/bf16 (tensor cores);
     fp32 uses IEEE fp32 dots (no TF32).
     """
-    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, num_segments,
-                                           num_active, BLOCK_T)
+    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, BLOCK_T)
     if busy:
         v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, d_in, BLOCK_K):
@@ -82,7 +80,7 @@ def sgmv_launch(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
     grid = (batch.num_segments, tiles, triton.cdiv(y.shape[1], out_chunk))
     _sgmv_kernel[grid](
         y, x, A, B, scale, batch.sorted_tokens, batch.seg_slot_index, seg_starts,
-        batch.num_segments, batch.num_active, x.shape[1], y.shape[1], r_max, out_chunk,
+        x.shape[1], y.shape[1], r_max, out_chunk,
         *y.stride(), *x.stride(), *A.stride(), *B.stride(),
         BLOCK_T=block_t, BLOCK_K=tc.BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(r_max)),
         BLOCK_O=tc.BLOCK_O, FP32=x.dtype == torch.float32,

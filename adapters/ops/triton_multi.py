@@ -36,7 +36,7 @@ MAX_MODULES = 3  # per launch; more are launched in groups of three
 
 @triton.jit
 def _sgmv_multi_kernel(
-    x, tokens, seg_slots, seg_starts, num_segments, num_active, d_in, sx0, sx1,
+    x, tokens, seg_slots, seg_starts, d_in, sx0, sx1,
     y0, A0, B0, sc0, d_out0, r0, chunk0, sy00, sy01, sa00, sa01, sa02, sb00, sb01, sb02,
     y1, A1, B1, sc1, d_out1, r1, chunk1, sy10, sy11, sa10, sa11, sa12, sb10, sb11, sb12,
     y2, A2, B2, sc2, d_out2, r2, chunk2, sy20, sy21, sa20, sa21, sa22, sb20, sb21, sb22,
@@ -50,8 +50,7 @@ def _sgmv_multi_kernel(
         v_m = x[rows].float() @ A_m[s].float().T                     # [BLOCK_T, r_m]
         y_m[rows, cols_m(c)] += v_m * scale_m[s] @ B_m[s, cols_m(c)].T
     """
-    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, num_segments,
-                                           num_active, BLOCK_T)
+    slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, BLOCK_T)
     if busy:
         v0 = tl.zeros([BLOCK_T, BLOCK_R0], dtype=tl.float32)
         v1 = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
@@ -98,8 +97,8 @@ def _launch(ys, x, As, Bs, scales, batch: LoraBatch, seg_starts: torch.Tensor) -
                  *y.stride(), *A.stride(), *B.stride()]
         block_r.append(max(16, triton.next_power_of_2(A.shape[1])))
     _sgmv_multi_kernel[(batch.num_segments, tiles, chunks)](
-        x, batch.sorted_tokens, batch.seg_slot_index, seg_starts, batch.num_segments,
-        batch.num_active, x.shape[1], *x.stride(), *args,
+        x, batch.sorted_tokens, batch.seg_slot_index, seg_starts, x.shape[1], *x.stride(),
+        *args,
         M=len(ys), BLOCK_T=block_t, BLOCK_K=tc.BLOCK_K, BLOCK_O=tc.BLOCK_O,
         BLOCK_R0=block_r[0], BLOCK_R1=block_r[1], BLOCK_R2=block_r[2],
         FP32=x.dtype == torch.float32,
