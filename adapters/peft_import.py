@@ -8,18 +8,21 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import safetensors_io as st
 from .errors import InvalidAdapterError, short
+from .files import open_checked, os_errors, read_fd, shown
 from .lora import MAX_LAYERS, LoraAdapter, check_rank
 from .spec import AdapterFactors, ModuleFactors
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_FACTOR = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
 _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.([0-9]+)\.(.+)")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # linear: no overlap
+_ANY_PARENT = r".*\."  # what PEFT's weight conversion writes before a module name
+MAX_PATTERN_KEY = 1024
 _MUTATED_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _VARIANTS = ("alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
              "monteclora_config", "arrow_config")
@@ -45,8 +48,8 @@ class _PeftConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
+    rank_pattern: dict[str, tuple[int, int]]  # module name -> (position in the file, rank)
+    alpha_pattern: dict[str, tuple[int, float]]
 
 
 def import_peft(directory: str | os.PathLike[str], description: str = "") -> LoraAdapter:
@@ -55,28 +58,53 @@ def import_peft(directory: str | os.PathLike[str], description: str = "") -> Lor
     Raises ``InvalidAdapterError`` saying what to do for anything that is not plain LoRA on
     decoder-layer linears, and never unpickles ``adapter_model.bin``.
     """
-    path = Path(directory)
-    what = f"PEFT adapter {str(path)!r}"
-    config_path, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_path.is_file():
+    with os_errors(directory), open_checked(directory, None) as fd:
+        return import_peft_fd(fd, directory, None, None, description)
+
+
+def import_peft_fd(fd: int, directory: str | os.PathLike[str], allowed_dirs: list[str] | None,
+                   max_bytes: int | None, description: str = "") -> LoraAdapter:
+    """``import_peft`` of the directory open on ``fd`` (named ``directory`` in messages):
+    its files are opened relative to ``fd``, each checked against ``allowed_dirs`` (if
+    given) and bounded by ``max_bytes`` (if given)."""
+    what = f"PEFT adapter {shown(directory)}"
+
+    def member(name: str) -> bytes | None:
+        try:
+            with open_checked(name, allowed_dirs, dir_fd=fd) as file:
+                return read_fd(file, name, max_bytes)
+        except FileNotFoundError:
+            return None
+
+    config_bytes = member("adapter_config.json")
+    if config_bytes is None:
         raise InvalidAdapterError(
             f"{what}: adapter_config.json is missing; save the adapter with "
             "PeftModel.save_pretrained(directory)"
         )
     try:
-        config = json.loads(config_path.read_bytes())
+        config = json.loads(config_bytes)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidAdapterError(f"{what}: adapter_config.json is not valid JSON: {e}") from None
     _peft_config(config, what)  # refuse what PEFT cannot give us before asking for a re-save
-    if not weights.is_file():
-        if (path / "adapter_model.bin").exists():
+    weights = member("adapter_model.safetensors")
+    if weights is None:
+        if _exists("adapter_model.bin", fd):
             raise InvalidAdapterError(
                 f"{what}: only adapter_model.bin (pickle) is present, which is never unpickled; "
                 "re-save the adapter with save_pretrained(directory, safe_serialization=True)"
             )
         raise InvalidAdapterError(f"{what}: adapter_model.safetensors is missing")
-    _, tensors = st.read(weights.read_bytes(), what)
+    _, tensors = st.read(weights, what)
     return from_peft(config, tensors, what=what, description=description)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def from_peft(config: dict, tensors: dict[str, torch.Tensor], what: str = "PEFT adapter",
@@ -128,19 +156,8 @@ def _peft_config(config: object, what: str) -> _PeftConfig:
             "this initialization modified; convert it to plain LoRA with save_pretrained("
             "..., path_initial_model_for_weight_conversion=...)"
         )
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    for name, pattern, positive_int in (("rank_pattern", rank_pattern, True),
-                                        ("alpha_pattern", alpha_pattern, False)):
-        if not isinstance(pattern, dict):
-            raise InvalidAdapterError(f"{what}: {name} must be a JSON object")
-        for k, v in pattern.items():
-            try:
-                re.compile(rf"(.*\.)?({k})$")
-            except re.error as e:
-                raise InvalidAdapterError(f"{what}: {name} key {short(k)} is not a valid regular "
-                                          f"expression: {e}") from None
-            _check_number(v, f"{what}: {name}[{short(k)}]", positive_int)
+    rank_pattern = _pattern(config, "rank_pattern", what, positive_int=True)
+    alpha_pattern = _pattern(config, "alpha_pattern", what, positive_int=False)
     return _PeftConfig(r=_check_number(config.get("r", 8), f"{what}: r", True),
                        lora_alpha=_check_number(config.get("lora_alpha", 8), f"{what}: lora_alpha"),
                        use_rslora=bool(config.get("use_rslora", False)),
@@ -156,13 +173,42 @@ def _check_number(value: object, where: str, positive_int: bool = False) -> floa
     return value
 
 
-def _pattern_key(keys: list[str], current_key: str) -> str:
-    """The first pattern that matches ``current_key`` as ``peft.utils.other.get_pattern_key``
-    matches it (peft 0.21), else ``current_key`` itself."""
-    for key in keys:
-        if re.match(rf"(.*\.)?({key})$", current_key):
-            return key
-    return current_key
+def _pattern(config: dict, name: str, what: str, positive_int: bool
+             ) -> dict[str, tuple[int, float]]:
+    """``rank_pattern`` / ``alpha_pattern`` as ``module name -> (position, value)``. PEFT
+    matches each key as the regex ``(.*\\.)?(key)$``; running a file's regexes would let it
+    stall the server, so only plain module names are accepted (and ``.*\\.name``, which
+    PEFT's weight conversion writes), matched literally with PEFT's suffix rule."""
+    pattern = config.get(name) or {}
+    if not isinstance(pattern, dict):
+        raise InvalidAdapterError(f"{what}: {name} must be a JSON object")
+    plain: dict[str, tuple[int, float]] = {}
+    for i, (key, value) in enumerate(pattern.items()):
+        module = key.removeprefix(_ANY_PARENT).replace("\\.", ".")
+        if len(module) > MAX_PATTERN_KEY or not _MODULE_NAME.fullmatch(module):
+            raise InvalidAdapterError(
+                f"{what}: {name} key {short(key)} is not a module name; list module names "
+                "(e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj', at most "
+                f"{MAX_PATTERN_KEY} characters of letters, digits, '_' and '.'), not regular "
+                "expressions: a key applies to every module whose path ends with it")
+        plain.setdefault(module, (i, _check_number(value, f"{what}: {name}[{short(key)}]",
+                                                   positive_int)))
+    return plain
+
+
+def pattern_value(pattern: dict[str, tuple[int, float]], module: str, default: float) -> float:
+    """The value of the first key (in file order) that is ``module`` or a dotted suffix of it,
+    as ``peft.utils.other.get_pattern_key`` picks it for plain names; else ``default``."""
+    hits = []
+    dot = len(module)
+    while dot >= 0:
+        dot = module.rfind(".", 0, dot)  # -1 at last: the whole name
+        suffix = module[dot + 1 :]
+        if len(suffix) > MAX_PATTERN_KEY:
+            break
+        if suffix in pattern:
+            hits.append(pattern[suffix])
+    return min(hits)[1] if hits else default
 
 
 def _peft_pairs(tensors: dict[str, torch.Tensor], what: str
@@ -216,13 +262,13 @@ def _peft_module(key: str, ab: dict[str, torch.Tensor], cfg: _PeftConfig,
         if not bool(torch.isfinite(ab[part]).all()):
             raise InvalidAdapterError(f"{what}: {key}.{part}.weight contains NaN or Inf")
     r = check_rank(ab["lora_A"].shape[0], ab["lora_B"].shape[1], key, what)
-    expected = cfg.rank_pattern.get(_pattern_key(list(cfg.rank_pattern), key), cfg.r)
+    expected = pattern_value(cfg.rank_pattern, key, cfg.r)
     if r != expected:
         raise InvalidAdapterError(
             f"{what}: {key} has rank {r} but adapter_config.json (r / rank_pattern) says "
             f"{expected}"
         )
-    alpha = cfg.alpha_pattern.get(_pattern_key(list(cfg.alpha_pattern), key), cfg.lora_alpha)
+    alpha = pattern_value(cfg.alpha_pattern, key, cfg.lora_alpha)
     scale = alpha / (math.sqrt(r) if cfg.use_rslora else r)
     # Rounded to float32, as stored, so that to_bytes/from_bytes is exact.
     return ModuleFactors(A=ab["lora_A"], B=ab["lora_B"],

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from nolaserve.adapters import safetensors_io as st
 from nolaserve.adapters.errors import IncompatibleAdapterError, InvalidAdapterError
 from nolaserve.adapters.lora import LoraAdapter
-from nolaserve.adapters.peft_import import _pattern_key, from_peft, import_peft
+from nolaserve.adapters.peft_import import from_peft, import_peft, pattern_value
 from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
 
 SHORT = [name.split(".")[1] for name in LINEARS]  # q_proj, ..., down_proj
@@ -28,9 +28,11 @@ PEFT_CASES = {
     "all_linears": dict(target_modules=SHORT, r=3, lora_alpha=5),
     "patterns": dict(
         target_modules=SHORT, r=4, lora_alpha=8,
-        rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6, r"model\.layers\.1\.mlp\..*": 5},
+        # plain module names only (regex keys are refused); ".*\\." is what PEFT writes
+        rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6, "model.layers.1.mlp.up_proj": 5,
+                      r"model\.layers\.1\.mlp\.gate_proj": 5, r".*\.1.mlp.down_proj": 5},
         # first match wins: layer 1 q_proj takes 3, not 32
-        alpha_pattern={r"layers\.1\..*q_proj": 3, "q_proj": 32, "mlp.down_proj": 7},
+        alpha_pattern={"layers.1.self_attn.q_proj": 3, "q_proj": 32, "mlp.down_proj": 7},
     ),
     "rslora": dict(target_modules=["q_proj", "k_proj", "down_proj"], r=8, lora_alpha=4,
                    use_rslora=True),
@@ -104,10 +106,37 @@ def test_import_details(llama, tmp_path):
 
 @pytest.mark.parametrize("key", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj",
                                  "model.layers.11.self_attn.v_proj", "q_proj"])
-def test_pattern_key_is_peft(key):
-    patterns = ["v_proj", r"layers\.1\..*", "layers.0.self_attn.q_proj", "proj", "mlp.up_proj"]
+def test_pattern_value_is_peft_for_module_names(key):
+    patterns = ["v_proj", "layers.0.self_attn.q_proj", "proj", "mlp.up_proj", "up_proj",
+                "model.layers.11.self_attn.v_proj", "q_proj"]
     for keys in (patterns, patterns[::-1], []):
-        assert _pattern_key(keys, key) == get_pattern_key(keys, key)
+        plain = {k: (i, i) for i, k in reversed(list(enumerate(keys)))}
+        got = pattern_value(plain, key, -1)
+        assert (keys[got] if got >= 0 else key) == get_pattern_key(keys, key)
+
+
+@pytest.mark.parametrize("key", ["(a|a)*X", "q_proj$", "^model", ".*", "layers\\.[0-9]+",
+                                 "q_proj|v_proj", "a" * 1025, "", "mlp..up_proj"])
+def test_regex_pattern_keys_are_refused(qv_dir, key):
+    config, tensors = peft_files(qv_dir)
+    for name in ("rank_pattern", "alpha_pattern"):
+        with pytest.raises(InvalidAdapterError, match=f"{name} key .* is not a module name"):
+            from_peft({**config, name: {key: 4}}, tensors)
+
+
+def test_no_regex_from_the_file_is_ever_run(qv_dir, monkeypatch):
+    """The issue's ReDoS: rank_pattern {"(a|a)*X": 8} with a long key held the GIL 9.9 s.
+    With ``re`` gone from the importer, a config with patterns still imports: nothing
+    compiles or matches a pattern from the file."""
+    from nolaserve.adapters import peft_import
+
+    config, tensors = peft_files(qv_dir)
+    config["rank_pattern"] = {"q_proj": 4, r".*\.v_proj": 4}
+    config["alpha_pattern"] = {"model.layers.0.self_attn.q_proj": 2}
+    monkeypatch.setattr(peft_import, "re", None)
+    adapter = from_peft(config, tensors)
+    assert adapter.factors.modules[(0, "self_attn.q_proj")].scale == 0.5  # 2 / 4
+    assert adapter.factors.modules[(1, "self_attn.q_proj")].scale == 4.0  # 16 / 4
 
 
 @pytest.mark.parametrize(("key", "layer", "module"), [
@@ -186,7 +215,7 @@ CONFIG_REFUSALS = [
     ({"lora_alpha": "8"}, "lora_alpha must be a finite number"),
     ({"rank_pattern": {"q_proj": 5}}, r"rank 4 but adapter_config.json .* says 5"),
     ({"rank_pattern": ["q_proj"]}, "rank_pattern must be a JSON object"),
-    ({"alpha_pattern": {"q_proj(": 2}}, "not a valid regular expression"),
+    ({"alpha_pattern": {"q_proj(": 2}}, "alpha_pattern key .* is not a module name"),
 ]
 
 

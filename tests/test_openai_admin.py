@@ -110,6 +110,7 @@ def test_load_lora_adapter_reads_only_under_adapter_dirs(engine, model, tmp_path
             refused = [await asyncio.wait_for(load(h, "x", p), 30) for p in
                        (fifo, allowed / "link", allowed / "dirlink" / "fifo",
                         allowed / ".." / "outside" / "fifo")]
+            too_long = await load(h, "x", allowed / ("a" * 5000))  # ENAMETOOLONG: was 500
             loaded = [await load(h, "nola", allowed / "n.safetensors"),
                       await load(h, "lora", lora)]
             out = await openai_client(url).completions.create(model="lora", prompt="hi",
@@ -118,11 +119,12 @@ def test_load_lora_adapter_reads_only_under_adapter_dirs(engine, model, tmp_path
             gone = await h.post("/v1/unload_lora_adapter", json={"lora_name": "lora"})
         async with http_serving(engine) as (c, url), http(url) as h:
             no_dirs = await load(h, "y", allowed / "n.safetensors")
-        return refused, loaded, out, unloaded, gone, no_dirs
+        return refused, too_long, loaded, out, unloaded, gone, no_dirs
 
-    refused, loaded, out, unloaded, gone, no_dirs = asyncio.run(main())
+    refused, too_long, loaded, out, unloaded, gone, no_dirs = asyncio.run(main())
     for status, text in refused:
         assert status == 403 and "adapter_dirs" in text, text
+    assert too_long[0] == 400 and "too long" in too_long[1] and len(too_long[1]) < 1000
     assert [s for s, _ in loaded] == [200, 200] and "lora" in loaded[1][1]
     assert engine.store.registry.get("nola").kind == "nola"
     assert out.usage.completion_tokens == 2

@@ -14,6 +14,7 @@ from nolaserve.adapters.errors import (
 )
 
 from .engine import RequestOutput
+from .model_loader import resolve_device_dtype
 from .sequence import FinishReason, SamplingParams
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
@@ -29,9 +30,18 @@ def lora_rank(config) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= config.max_rank), VLLM_LORA_RANKS[-1])
 
 
-def engine_args(config, model_dir: str, dtype: str):
-    """``AsyncEngineArgs`` for ``config``: the vLLM keys passed through by name (0 or ""
-    leaves vLLM's own default), LoRA on, nolaserve's scheduling limits."""
+def vllm_dtype(dtype: str, device: str) -> str:
+    """The dtype vLLM runs on ``device``: ``dtype`` resolved as the native engine resolves
+    it (``auto``: fp32 on CPU, bf16 on CUDA). vLLM's own ``auto`` would take the
+    checkpoint's dtype, so SmolLM2 would run in bf16 on a CPU where the native engine runs
+    fp32, and the two engines would no longer give the same tokens."""
+    return str(resolve_device_dtype(device, dtype)[1]).removeprefix("torch.")
+
+
+def engine_args(config, model_dir: str, device: str):
+    """``AsyncEngineArgs`` for ``config`` on ``device`` (``cpu`` or ``cuda``): the vLLM
+    keys passed through by name (0 or "" leaves vLLM's own default), ``dtype`` resolved by
+    ``vllm_dtype``, LoRA on, nolaserve's scheduling limits."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
     except ImportError as e:
@@ -41,7 +51,7 @@ def engine_args(config, model_dir: str, dtype: str):
                 "max_model_len": config.max_model_len, "quantization": config.quantization,
                 "max_cpu_loras": config.max_cpu_loras}
     return AsyncEngineArgs(
-        model=model_dir, tokenizer=model_dir, dtype=dtype, seed=0,
+        model=model_dir, tokenizer=model_dir, dtype=vllm_dtype(config.dtype, device), seed=0,
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization,
