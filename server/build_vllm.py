@@ -70,9 +70,9 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
                          host_max_bytes=config.host_cache_bytes,
                          slots=lambda s: VllmLoras(s, dirs, backend, max_loras,
                                                    vllm_args.lora_rank(config), prefix))
-    dtype = "auto" if config.dtype == "auto" else config.dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     stats = VllmStats()
-    args = vllm_args.engine_args(config, model_dir, dtype)
+    args = vllm_args.engine_args(config, model_dir, device)
     log.info("starting vLLM on %s (tensor parallel %d, pipeline parallel %d)", model_dir,
              config.tensor_parallel_size, config.pipeline_parallel_size)
     try:
@@ -85,7 +85,6 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
     model_config = llm.model_config
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
                           model_config.max_model_len, config.max_queued_requests)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     served = str(model_config.dtype).removeprefix("torch.")
     return VllmEngine(llm, store, store.slots, tokenizer, limits, stats, served, device)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
+import types
 import urllib.request
 
 import grpc
@@ -24,6 +26,8 @@ from vllm_helpers import VllmServer, save_model, vllm_python, write_config
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
+from nolaserve.server.config import Config
+from nolaserve.server.engine.vllm_args import engine_args
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -254,3 +258,18 @@ def scrape(setup: Setup) -> str:
     url = f"http://127.0.0.1:{setup.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read().decode()
+
+
+@pytest.mark.parametrize(("dtype", "device", "want"), [
+    ("auto", "cpu", "float32"), ("auto", "cuda", "bfloat16"),
+    ("float32", "cuda", "float32"), ("bfloat16", "cpu", "bfloat16")])
+def test_vllm_gets_the_dtype_the_native_engine_runs(monkeypatch, dtype, device, want):
+    """``dtype: auto`` reaches vLLM resolved as the native engine resolves it (fp32 on CPU),
+    not as vLLM's own ``auto`` (the checkpoint's dtype: bf16 for SmolLM2). Needs no vLLM:
+    ``AsyncEngineArgs`` is replaced by a recorder."""
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.AsyncEngineArgs = dict
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    args = engine_args(Config(registry_path=":memory:", dtype=dtype), "/models/m", device)
+    assert args["dtype"] == want
+    assert args["model"] == "/models/m" and args["enable_lora"]
