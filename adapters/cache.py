@@ -156,3 +156,28 @@ def _nbytes(obj: Any) -> int:
         raise TypeError(f"cannot cache {type(obj).__name__}: it needs an integer 'nbytes' "
                         "attribute >= 0")
     return nbytes
+
+
+class RecentRecords:
+    """The last value put under each of the ``max_entries`` most recently put keys
+    (thread-safe): the store's last registry record of each recent adapter."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)

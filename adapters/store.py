@@ -10,49 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from . import safetensors_io as st
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache
+from . import kinds
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache, RecentRecords
 from .errors import (
     AdapterNotFoundError,
-    IncompatibleAdapterError,
     InvalidAdapterError,
     RegistryUnavailableError,
-    short,
 )
 from .ids import check_adapter_id, check_new_adapter_id
-from .lora import LoraAdapter
-from .nola import NolaAdapter
+from .kinds import Adapter, parse_adapter, summary
 from .registry import Registry
 from .registry_rows import AdapterRecord, NewAdapter
-from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask
+from .rmm import RmmTask
 from .rmm_build import build_rmm
 from .slots import PoolStats, SlotPool, SlotSnapshot
 from .spec import AdapterFactors, BaseModelSpec
 from .warm import host_copy, warm_tier
-
-Adapter = NolaAdapter | LoraAdapter | RmmBasis | RmmTask
-FORMATS: dict[str, type] = {
-    "nolaserve.nola": NolaAdapter, "nolaserve.lora": LoraAdapter,
-    BASIS_FORMAT: RmmBasis, TASK_FORMAT: RmmTask,
-}
-
-
-def parse_adapter(data: bytes) -> Adapter:
-    """Parse adapter file bytes of any kind; the ``format`` metadata key picks the kind."""
-    fmt = st.read_format(data)
-    if fmt not in FORMATS:
-        raise InvalidAdapterError(
-            f"unknown adapter format {short(fmt)}; expected one of {sorted(FORMATS)}"
-        )
-    return FORMATS[fmt].from_bytes(data)
 
 
 @dataclass(frozen=True)
@@ -100,10 +79,8 @@ class AdapterStore:
                        if materialize_threads else None)
         self.slots = (slots(self) if slots is not None else
                       SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
-        # the last record read of each recent adapter: answers for hot adapters while the
-        # registry is unreachable; bounded like the host cache
-        self._records: OrderedDict[str, AdapterRecord] = OrderedDict()
-        self._records_lock = threading.Lock()
+        # answers for hot adapters while the registry is unreachable
+        self._records = RecentRecords(host_max_entries)
         self._registered = 0  # the last count read, for scrapes while it is unreachable
 
     def close(self) -> None:
@@ -120,16 +97,11 @@ class AdapterStore:
         try:
             record = self.registry.get(adapter_id)
         except RegistryUnavailableError:
-            with self._records_lock:
-                record = self._records.get(adapter_id)
+            record = self._records.get(adapter_id)
             if record is None or adapter_id not in self.host:
                 raise
             return record
-        with self._records_lock:
-            self._records[adapter_id] = record
-            self._records.move_to_end(adapter_id)
-            while len(self._records) > self.host.max_entries:
-                self._records.popitem(last=False)
+        self._records.put(adapter_id, record)
         return record
 
     def list_page(self, page_size: int, page_token: str
@@ -175,9 +147,10 @@ class AdapterStore:
         adapter = parse_adapter(data)
         adapter.validate(self.spec)
         self.spec.check_base_model(getattr(adapter, "base_model", ""))
-        parent = self._check_basis_of(adapter) if isinstance(adapter, RmmTask) else None
-        self._check_bounds(adapter)
-        record = self.registry.register(adapter_id, adapter.kind, data, _summary(adapter),
+        parent = kinds.basis_of_task(adapter, self.registry.get) \
+            if isinstance(adapter, RmmTask) else None
+        kinds.check_bounds(adapter, self.parsed)
+        record = self.registry.register(adapter_id, adapter.kind, data, summary(adapter),
                                         parent=parent, replace=replace)
         self.forget(adapter_id)
         return record
@@ -189,13 +162,6 @@ class AdapterStore:
         except AdapterNotFoundError:
             return None
         return record if record.sha256 == hashlib.sha256(data).hexdigest() else None
-
-    def _check_bounds(self, adapter: Adapter) -> None:
-        """Refuse an adapter whose materialized factors or delta could overflow."""
-        if isinstance(adapter, RmmTask):
-            adapter.check_bounds(self.parsed(adapter.basis_id))
-        elif not isinstance(adapter, RmmBasis):  # a basis is checked through its tasks
-            adapter.check_bounds()
 
     def delete(self, adapter_id: str) -> None:
         """Delete an adapter; requests already holding its slot finish with it."""
@@ -212,9 +178,9 @@ class AdapterStore:
         sources = {sid: self._materialize(self.parsed(sid), "cpu") for sid in source_ids}
         build = build_rmm(sources, basis_size, self.spec, basis_id=basis_id)
         items = [NewAdapter(basis_id, build.basis.kind, build.basis.to_bytes(),
-                            _summary(build.basis))]
+                            summary(build.basis))]
         items += [NewAdapter(tid, "rmm-task", build.tasks[sid].to_bytes(),
-                             _summary(build.tasks[sid]), parent=basis_id)
+                             summary(build.tasks[sid]), parent=basis_id)
                   for tid, sid in zip(task_ids, source_ids)]
         records = self.registry.register_many(items)
         return RmmResult(records[0], records[1:], [build.errors[sid] for sid in source_ids])
@@ -245,6 +211,20 @@ class AdapterStore:
         if self.warm is not None and adapter_id not in self.slots.snapshot().ready:
             self.warm.get_or_load(adapter_id, self._warm_entry)
         return False
+
+    def load_cost(self, adapter_id: str, factors: AdapterFactors | None = None) -> int:
+        """The estimated cost of ``acquire(adapter_id, factors)`` (``kinds.load_cost``),
+        which orders the admission's load queue; never blocks on the registry: 0 if the
+        adapter is in a slot, a copy's bytes for ``factors`` or a warm-tier entry, else the
+        parsed copy's estimate, or ``worst_load_cost`` when the host cache holds none."""
+        if factors is None and adapter_id in self.slots.snapshot().ready:
+            return 0
+        if factors is None and self.warm is not None:
+            factors = self.warm.peek(adapter_id)
+        if factors is not None:
+            return factors.nbytes
+        adapter = self.host.peek(adapter_id)
+        return kinds.worst_load_cost(self.spec) if adapter is None else kinds.load_cost(adapter)
 
     def want(self, adapter_id: str) -> None:
         """A queued request wants the adapter: evictions prefer others (pair with unwant)."""
@@ -304,46 +284,16 @@ class AdapterStore:
         self.slots.unpin(adapter_id)
 
     def _materialize(self, adapter: Adapter, device: torch.device | str) -> AdapterFactors:
-        if isinstance(adapter, RmmBasis):
-            raise IncompatibleAdapterError(
-                "an RMM basis is not served by itself; request one of its tasks "
-                "(ids '<basis id>/<source id>')"
-            )
-        if isinstance(adapter, RmmTask):
-            return adapter.materialize(self.parsed(adapter.basis_id), device)
-        if isinstance(adapter, NolaAdapter):
-            return adapter.materialize(device, self._regen)
-        return adapter.materialize(device)
-
-    def _check_basis_of(self, task: RmmTask) -> str:
-        if not task.basis_id:
-            raise InvalidAdapterError("RMM task names no basis_id; register it with its basis")
-        basis = self.registry.get(task.basis_id)
-        if basis.kind != "rmm-basis" or basis.sha256 != task.basis_sha256:
-            raise IncompatibleAdapterError(
-                f"RMM task was built from a basis with sha256 {task.basis_sha256[:12]}..., but "
-                f"{short(task.basis_id)} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
-            )
-        return task.basis_id
+        return kinds.materialize(adapter, device, self.parsed, self._regen)
 
     def forget(self, adapter_id: str) -> None:
         """The adapter was registered, replaced or deleted (here, or by another replica:
         ``RegistryWatcher``): drop its parsed copy and record, and mark its slot stale, so
         that requests from now on read the registry again; in-flight users of the old slot
         finish with it."""
-        with self._records_lock:
-            self._records.pop(adapter_id, None)
+        self._records.pop(adapter_id)
         self.host.pop(adapter_id)
         if self.warm is not None:
             self.warm.pop(adapter_id)  # before the slot: ``held_factors`` relies on it
         self.slots.invalidate(adapter_id)
 
-
-def _summary(adapter: Adapter) -> dict:
-    """What the registry keeps next to the bytes, to answer GetAdapter without parsing."""
-    out = {"rank": adapter.rank, "target_modules": list(adapter.target_modules),
-           "num_layers": adapter.num_layers}
-    for key in ("base_model", "description", "basis_id"):
-        if getattr(adapter, key, ""):
-            out[key] = getattr(adapter, key)
-    return out

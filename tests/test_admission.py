@@ -28,7 +28,7 @@ class HeldLoads:
     adapters in ``hot`` are taken at once, in their slot; ``can_take`` says there is room
     unless ``full``; it holds factors ``"factors of x"`` for x in its slot (its ``hot``
     one, else 3) unless x is in ``unheld``; its warm tier holds every adapter not in
-    ``cold``. It records what it is told."""
+    ``cold``; loading x costs ``costs[x]`` (default 1). It records what it is told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
@@ -50,6 +50,8 @@ class HeldLoads:
         self.cold: set[str] = set()
         self.loaded: list[tuple[str, object]] = []  # (key, factors) of each acquire
         self.looked: list[str] = []  # the key of each try_acquire
+        self.costs: dict[str, int] = {}
+        self.order: list[str] = []  # the adapter of each acquire, in the order they started
 
     def want(self, adapter_id):
         self.wanted[adapter_id] += 1
@@ -61,6 +63,9 @@ class HeldLoads:
         self.prefetches[adapter_id] += 1
         self.prefetch_gate.wait(HELD)
         return False
+
+    def load_cost(self, key, factors=None):
+        return self.costs.get(key.partition("#")[0], 1)
 
     def try_acquire(self, adapter_id):
         self.looked.append(adapter_id)
@@ -76,6 +81,7 @@ class HeldLoads:
         adapter_id = key.partition("#")[0]
         self.threads.add(threading.current_thread().name)
         self.loaded.append((key, factors))
+        self.order.append(adapter_id)
         self.started[adapter_id].set()
         self.go[adapter_id].wait(HELD)
         if adapter_id in self.fails:
@@ -234,6 +240,23 @@ def test_loads_run_on_two_named_worker_threads():
         store.go[x].set()
     admission.close()
     assert store.threads and all(t.startswith("adapter-load") for t in store.threads)
+
+
+def test_a_small_load_queued_behind_large_ones_starts_next():
+    """Issue #29: one tenant's large loads (b, c, d) queued behind a running one (a) do not
+    hold another tenant's small load (e) behind all of them: e starts as soon as a's worker
+    is free, and the large ones then run in arrival order."""
+    store = HeldLoads()
+    store.costs = {x: 1000 for x in "abcd"} | {"e": 1}
+    admission = AdapterAdmission(store, workers=1)
+    start_held_loads(admission, store, seq_of("a"))
+    for x in "bcde":
+        assert not admission.ready(seq_of(x))  # queued behind a's load
+    for x in "abcde":
+        store.go[x].set()
+    assert store.started["d"].wait(GUARD)  # the last one to start
+    admission.close()
+    assert store.order == list("aebcd")
 
 
 def test_close_waits_for_running_loads_and_cancels_queued_ones():

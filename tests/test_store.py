@@ -10,11 +10,12 @@ from nolaserve.adapters.errors import (
     InvalidAdapterError,
     InvalidAdapterIdError,
 )
+from nolaserve.adapters.kinds import parse_adapter
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.spec import AdapterFactors, BaseModelSpec, ModuleFactors
-from nolaserve.adapters.store import AdapterStore, parse_adapter
+from nolaserve.adapters.store import AdapterStore
 
 SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (8, 8), "v": (8, 4)}, max_rank=8)
 

@@ -12,10 +12,11 @@ import torch
 from test_store import SPEC, lora_bytes, nola_bytes
 
 from nolaserve.adapters.errors import AdapterNotFoundError, LimitExceededError
+from nolaserve.adapters.kinds import parse_adapter
 from nolaserve.adapters.peft_export import write_peft_dir
 from nolaserve.adapters.peft_import import import_peft
 from nolaserve.adapters.registry_sqlite import SqliteRegistry
-from nolaserve.adapters.store import AdapterStore, parse_adapter
+from nolaserve.adapters.store import AdapterStore
 from nolaserve.server.engine.peft_dirs import PeftDirCache
 from nolaserve.server.engine.vllm_loras import VllmLoras
 

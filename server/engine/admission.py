@@ -3,7 +3,9 @@
 Hot adapters are taken without blocking; a cold one is materialized (factors regenerated,
 or copied from the warm tier, and written into a slot) on worker threads while the step
 loop keeps decoding everyone else. The load starts when the request is *accepted*
-(``accepted``: a prefetch, in queue order), not when the scheduler reaches it; a prefetch
+(``accepted``: a prefetch), not when the scheduler reaches it; queued loads start in
+``LoadQueue`` order, cheapest first, so one tenant's costly loads do not hold another's
+small one behind all of them; a prefetch
 takes only a free slot or an idle one that no queued request wants, and leaves the slot
 idle, so it never holds or evicts a slot that running or queued requests need. Every
 queued request ``want``s its adapter: evictions prefer adapters nobody is waiting for.
@@ -30,12 +32,15 @@ it (a worker thread under ``AsyncEngine``).
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from nolaserve.adapters.errors import NoFreeSlotError
 from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
 
+from .load_queue import LoadQueue
 from .sequence import Sequence
 
 log = logging.getLogger("nolaserve.engine")
@@ -47,7 +52,8 @@ class AdapterAdmission:
     """``ready(seq)`` is the scheduler's admission test, ``overdue(seq)`` its aging test;
     ``accepted(seq)`` starts the prefetch; ``release(seq)`` returns the slot;
     ``time_slice(running)`` runs once before each step. All of them run on the step thread;
-    loads run on ``workers`` threads (FIFO). ``quantum_steps=0``: never park."""
+    loads run on ``workers`` threads, in ``LoadQueue`` order. ``quantum_steps=0``: never
+    park."""
 
     def __init__(self, store: AdapterStore | None, aging_steps: int = DEFAULT_AGING_STEPS,
                  workers: int = 2, quantum_steps: int = DEFAULT_QUANTUM_STEPS):
@@ -59,6 +65,8 @@ class AdapterAdmission:
         self._since: dict[Sequence, int] = {}  # the step each seq holding a slot got it
         self.parked = 0  # requests parked so far
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._queue: LoadQueue[tuple[Future, Callable, tuple]] = LoadQueue()
+        self._queue_lock = threading.Lock()
         self._loads: dict[Sequence, Future] = {}
         self._prefetches: dict[str, Future] = {}  # adapter id -> its prefetch
         self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
@@ -73,8 +81,8 @@ class AdapterAdmission:
         self._want(seq, seq.adapter_id)
         running = self._prefetches.get(seq.adapter_id)
         if running is None or running.done():
-            self._prefetches[seq.adapter_id] = self._worker.submit(self._prefetch,
-                                                                   seq.adapter_id)
+            self._prefetches[seq.adapter_id] = self._submit(
+                self.store.load_cost(seq.adapter_id), self._prefetch, seq.adapter_id)
         if not self.store.can_take(seq.adapter_id):
             self._busy(seq)  # the next time_slice may hand it a slot
 
@@ -174,7 +182,26 @@ class AdapterAdmission:
 
     def _load(self, seq: Sequence) -> None:
         """Start ``seq``'s admission-time load on a worker."""
-        self._loads[seq] = self._worker.submit(self.store.acquire, *self._load_args(seq))
+        args = self._load_args(seq)
+        self._loads[seq] = self._submit(self.store.load_cost(*args), self.store.acquire, *args)
+
+    def _submit(self, cost: int, fn: Callable, *args) -> Future:
+        """Queue ``fn(*args)``, of estimated ``cost``, for the workers."""
+        future: Future = Future()
+        with self._queue_lock:
+            self._queue.push((future, fn, args), cost)
+        self._worker.submit(self._run_next)
+        return future
+
+    def _run_next(self) -> None:
+        """On a worker, once per ``_submit``: run the job the queue puts first."""
+        with self._queue_lock:
+            future, fn, args = self._queue.pop()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # as ThreadPoolExecutor does: the caller sees it
+                future.set_exception(e)
 
     def _load_now(self, seq: Sequence) -> None:
         """``_load`` on this thread: its result is there for the scheduler's ``ready``."""
@@ -260,5 +287,9 @@ class AdapterAdmission:
             self.store.release(load.result())
 
     def close(self) -> None:
+        """Wait for the running loads; cancel the queued ones."""
         self._worker.shutdown(wait=True, cancel_futures=True)
+        with self._queue_lock:
+            for future, _, _ in self._queue.drain():
+                future.cancel()
 
