@@ -119,8 +119,7 @@ class LoraAdapter:
             raise InvalidAdapterError(f"{what}: holds no LoRA factors")
         modules = {key: _read_module(tensors, key, shapes[key[1]], what) for key in sorted(keys)}
         return cls(targets, shapes, n_layers, AdapterFactors(modules),
-                   base_model=meta.str("base_model", ""),
-                   description=meta.str("description", ""))
+                   base_model=meta.text("base_model"), description=meta.text("description"))
 
 
 def _read_module(tensors: dict[str, torch.Tensor], key: tuple[int, str],

@@ -132,7 +132,7 @@ class NolaAdapter:
             lora_alpha=meta.float("lora_alpha"), target_modules=targets, module_shapes=shapes,
             alpha=st.tensor(tensors, "alpha", (*dims, k), what),
             beta=st.tensor(tensors, "beta", (*dims, l_), what),
-            base_model=meta.str("base_model", ""), description=meta.str("description", ""),
+            base_model=meta.text("base_model"), description=meta.text("description"),
         )
         _check_stream_space(adapter, what)
         if set(tensors) != {"alpha", "beta"}:

@@ -128,9 +128,10 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], what: str = "PEFT 
             )
         modules[(i, name)] = f
     base = config.get("base_model_name_or_path")
+    base = st.check_text("base_model", base if isinstance(base, str) else "", what)
     return LoraAdapter(sorted(shapes), shapes, max(i for i, _ in modules) + 1,
-                       AdapterFactors(modules), base_model=base if isinstance(base, str) else "",
-                       description=description)
+                       AdapterFactors(modules), base_model=base,
+                       description=st.check_text("description", description, what))
 
 
 def _peft_config(config: object, what: str) -> _PeftConfig:

@@ -18,6 +18,9 @@ from safetensors.torch import save as _st_save
 from .errors import InvalidAdapterError, short
 
 MAX_HEADER_BYTES = 16 << 20
+# Free-text metadata: bytes of UTF-8 at most (docs/adapter-format.md). Registration refuses
+# more; listings cut what an older registry may hold to the same size.
+MAX_TEXT_BYTES = {"description": 4096, "base_model": 1024}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1}
 
@@ -111,6 +114,10 @@ class Metadata:
             raise InvalidAdapterError(f"{self.what}: metadata key {short(key)} is missing")
         return value
 
+    def text(self, key: str) -> str:
+        """Optional free text (``MAX_TEXT_BYTES``), "" when absent."""
+        return check_text(key, self.raw.get(key, ""), self.what)
+
     def int(self, key: str, lo: int, hi: int) -> int:
         text = self.str(key)
         if not text.isascii() or not text.isdigit():
@@ -159,6 +166,30 @@ class Metadata:
                 f"{self.what}: unsupported format_version {short(self.raw.get('format_version'))} "
                 f"for {fmt}; this server reads version {version}"
             )
+
+
+def check_text(key: str, value: str, what: str) -> str:
+    """``value`` if it is valid UTF-8 of at most ``MAX_TEXT_BYTES[key]`` bytes, else
+    ``InvalidAdapterError`` naming the field and the limit."""
+    limit = MAX_TEXT_BYTES[key]
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidAdapterError(f"{what}: metadata {key!r} is not valid UTF-8 (a lone "
+                                  "surrogate); write plain text") from None
+    if size > limit:
+        raise InvalidAdapterError(f"{what}: metadata {key!r} has {size} bytes; the limit is "
+                                  f"{limit} bytes of UTF-8: shorten it")
+    return value
+
+
+def cut_text(key: str, value: str) -> str:
+    """``value`` as valid UTF-8 of at most ``MAX_TEXT_BYTES[key]`` bytes (for listing what
+    an older registry holds; a cut one ends with " [cut]")."""
+    data, limit = value.encode(errors="replace"), MAX_TEXT_BYTES[key]
+    if len(data) > limit:
+        return data[: limit - 6].decode(errors="ignore") + " [cut]"
+    return data.decode()
 
 
 def tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], what: str,

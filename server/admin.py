@@ -7,7 +7,8 @@ import asyncio
 
 import grpc
 
-from nolaserve.adapters.registry_rows import AdapterRecord
+from nolaserve.adapters.errors import LimitExceededError, short
+from nolaserve.adapters.registry_rows import AdapterRecord, encode_token
 from nolaserve.adapters.store import AdapterStore
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc
 
@@ -16,6 +17,9 @@ from .config import Config
 from .engine.engine import Engine
 from .metrics import Metrics
 from .rpc import Gate, rpc
+
+PAGE_SLACK_BYTES = 1024  # next_page_token, total and framing of a ListAdaptersResponse
+ENTRY_OVERHEAD_BYTES = 8  # field tag and length prefix of one adapters entry
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -54,8 +58,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         records, token, total = await asyncio.to_thread(
             self.store.list_page, request.page_size, request.page_token)
         pinned = self.store.slot_snapshot().pinned
-        return admin_pb2.ListAdaptersResponse(adapters=[self._info(r, pinned) for r in records],
-                                              next_page_token=token, total=total)
+        infos, token = fit_page([self._info(r, pinned) for r in records], token,
+                                self.config.max_message_bytes - PAGE_SLACK_BYTES)
+        return admin_pb2.ListAdaptersResponse(adapters=infos, next_page_token=token, total=total)
 
     @rpc
     async def DeleteAdapter(self, request: admin_pb2.AdapterRef,
@@ -95,3 +100,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                             context: grpc.aio.ServicerContext) -> admin_pb2.ServerInfo:
         """The base model, its adaptable linears, capacities, limits and version."""
         return convert.server_info(self.engine, self.config)
+
+
+def fit_page(infos: list[admin_pb2.AdapterInfo], token: str, budget: int
+             ) -> tuple[list[admin_pb2.AdapterInfo], str]:
+    """The longest prefix of ``infos`` whose encoding fits ``budget`` bytes, and the token
+    that continues after it: a page never exceeds the gRPC message limit, whatever the
+    registry holds (the client pages on). ``LimitExceededError`` if not even one fits."""
+    size = 0
+    for n, info in enumerate(infos):
+        size += info.ByteSize() + ENTRY_OVERHEAD_BYTES
+        if size <= budget:
+            continue
+        if n == 0:
+            raise LimitExceededError(
+                f"the listing entry of adapter {short(info.adapter_id)} has {info.ByteSize()} "
+                f"bytes, more than max_message_bytes allows; raise max_message_bytes")
+        return infos[:n], encode_token(infos[n - 1].adapter_id)
+    return infos, token

@@ -6,6 +6,7 @@ import importlib.metadata
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry_rows import AdapterRecord
+from nolaserve.adapters.safetensors_io import cut_text
 from nolaserve.adapters.store import RmmResult
 from nolaserve.v1 import admin_pb2, inference_pb2
 
@@ -63,12 +64,15 @@ def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.Gene
 
 
 def adapter_info(record: AdapterRecord, pinned: bool) -> admin_pb2.AdapterInfo:
+    """The record as AdapterInfo; free text is cut to the registration limits, so a huge
+    description an older registry holds cannot break a listing."""
     meta = record.metadata
     return admin_pb2.AdapterInfo(
         adapter_id=record.id, kind=record.kind, size_bytes=record.size, sha256=record.sha256,
         rank=int(meta.get("rank", 0)), target_modules=list(meta.get("target_modules", [])),
-        created_at=record.created_at, description=str(meta.get("description", "")),
-        base_model=str(meta.get("base_model", "")),
+        created_at=record.created_at,
+        description=cut_text("description", str(meta.get("description", ""))),
+        base_model=cut_text("base_model", str(meta.get("base_model", ""))),
         basis_id=str(meta.get("basis_id", "") or record.parent or ""), pinned=pinned,
     )
 

@@ -366,3 +366,15 @@ def test_damaged_bytes_raise_only_invalid_adapter(tmp_path):
         (tmp_path / "adapter_model.safetensors").write_bytes(body[:n])
         with pytest.raises(InvalidAdapterError, match=re.escape(str(tmp_path))):
             import_peft(tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("base_model_name_or_path", "m" * 1025, "'base_model' has 1025 bytes; the limit is 1024"),
+    ("base_model_name_or_path", "\ud800", "'base_model' is not valid UTF-8"),
+])
+def test_peft_free_text_is_bounded(qv_dir, field, value, match):
+    config, tensors = peft_files(qv_dir)
+    with pytest.raises(InvalidAdapterError, match=match):
+        from_peft({**config, field: value}, tensors)
+    with pytest.raises(InvalidAdapterError, match="'description' has 4097 bytes"):
+        from_peft(config, tensors, description="d" * 4097)

@@ -267,3 +267,76 @@ def self_signed(tmp_path):
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def test_free_text_metadata_is_bounded_at_registration(engine):
+    """Issue #29: a 15 MiB description was accepted, then broke ListAdapters for everyone."""
+    # a JSON escape of a lone surrogate in the header (safetensors cannot write one)
+    lone_surrogate = nola_bytes(engine, 4, "QQQQQQ").replace(b"QQQQQQ", rb"\ud800")
+
+    async def main():
+        async with serving(engine) as c:
+            await register(c, "ok", nola_bytes(engine, 1, "é" * 2048))  # 4,096 bytes: the limit
+            huge = await expect_code(Code.INVALID_ARGUMENT,
+                                     register(c, "huge", nola_bytes(engine, 2, "x" * (15 << 20))),
+                                     "'description' has 15728640 bytes; the limit is 4096")
+            over = await expect_code(Code.INVALID_ARGUMENT,
+                                     register(c, "over", nola_bytes(engine, 3, "é" * 2049)),
+                                     "description")
+            lone = await expect_code(Code.INVALID_ARGUMENT,
+                                     register(c, "lone", lone_surrogate))
+            listed = await c.admin.ListAdapters(admin_pb2.ListAdaptersRequest())
+            return huge, over, lone, listed
+
+    huge, over, lone, listed = asyncio.run(main())
+    assert len(huge) < 1100 and "shorten it" in huge
+    assert [(a.adapter_id, len(a.description)) for a in listed.adapters] == [("ok", 2048)]
+
+
+def test_listings_fit_the_message_limit_whatever_the_registry_holds(engine):
+    """An older registry may hold a huge description: listing cuts it and pages by bytes,
+    so one entry never breaks the listing, and the metrics count what the client got."""
+    store = engine.store
+    data = nola_bytes(engine, 1)
+    for i in range(40):
+        store.registry.register(f"old{i:02}", "nola", data, {
+            "rank": 4, "description": "d" * (15 << 20 if i == 7 else 8000) + "\ud800"})
+    limit = 64 << 10  # 40 entries of ~4 KiB each need about 3 pages
+
+    async def main():
+        async with serving(engine, max_message_bytes=limit, metrics_port=free_port()) as c:
+            pages, token = [], ""
+            while True:
+                page = await c.admin.ListAdapters(admin_pb2.ListAdaptersRequest(
+                    page_size=1000, page_token=token))
+                pages.append(page)
+                if not (token := page.next_page_token):
+                    break
+            one = await c.admin.GetAdapter(ref("old07"))
+            return pages, one, await asyncio.to_thread(scrape, c.running.metrics_port)
+
+    pages, one, metrics = asyncio.run(main())
+    ids = [a.adapter_id for p in pages for a in p.adapters]
+    assert ids == [f"old{i:02}" for i in range(40)] and len(pages) >= 3
+    assert all(p.ByteSize() <= limit and p.total == 40 for p in pages)
+    assert all(len(a.description.encode()) <= 4096 for p in pages for a in p.adapters)
+    assert one.description.endswith(" [cut]") and len(one.description) <= 4096
+    ok = ("nolaserve_requests_total", (("code", "OK"), ("rpc", "ListAdapters")))
+    assert metrics[ok] == len(pages)
+
+
+def test_a_listing_entry_over_the_limit_is_resource_exhausted(engine):
+    engine.store.registry.register("big", "nola", nola_bytes(engine, 1),
+                                   {"rank": 4, "description": "d" * 4096})
+
+    async def main():
+        async with serving(engine, max_message_bytes=4096, metrics_port=free_port()) as c:
+            await expect_code(Code.RESOURCE_EXHAUSTED,
+                              c.admin.ListAdapters(admin_pb2.ListAdaptersRequest()),
+                              "raise max_message_bytes")
+            return await asyncio.to_thread(scrape, c.running.metrics_port)
+
+    metrics = asyncio.run(main())
+    listed = {labels: v for (name, labels), v in metrics.items()
+              if name == "nolaserve_requests_total" and ("rpc", "ListAdapters") in labels}
+    assert listed == {(("code", "RESOURCE_EXHAUSTED"), ("rpc", "ListAdapters")): 1}
