@@ -1,8 +1,8 @@
 """Device slots for adapters: a fixed pool of stacked low-rank buffers that batched kernels
 index by slot, filled on demand through a loader.
 
-``SlotTable`` (slot_table.py) is the policy; ``SlotPool`` owns the tensors, calls the loader
-and writes factors into slots.
+``SlotTable`` (slot_table.py) is the policy; ``SlotPool`` owns the tensors, calls the loader,
+checks the factors (slot_checks.py) and writes them into slots.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleAdapterError, InvalidAdapterError, NoFreeSlotError, short
+from .errors import IncompatibleAdapterError, NoFreeSlotError, short
 from .single_flight import Flight
+from .slot_checks import check_factors
 from .slot_table import Acquired, SlotTable
 from .spec import AdapterFactors, BaseModelSpec
 
@@ -64,6 +65,7 @@ class SlotPool:
         r = spec.max_rank
         device = torch.device(device)
         # CUDA: loads run on a side stream; ``_compute`` is the stream the steps run on.
+        self._dtype = dtype
         self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
@@ -230,19 +232,24 @@ class SlotPool:
         flight.run(lambda: self._fill(slot, adapter_id, factors), settle)
 
     def _fill(self, slot: int, adapter_id: str, factors: AdapterFactors | None) -> None:
-        """Materialize ``adapter_id`` (unless ``factors`` are given) and write it into
-        ``slot``. On CUDA both run on the
-        pool's side stream; the write waits (an event, not a device sync) for the steps
-        already queued on the compute stream, which may still read the slot's old
-        contents, and the slot is marked ready only once the write's event completed: the
-        loading thread waits for it, the step thread never does."""
+        """Materialize ``adapter_id`` (unless ``factors`` are given), check the factors
+        (``check_factors``) and write them into ``slot``. On CUDA all three run on the
+        pool's side stream, which first waits for the steps already queued on the
+        compute stream (they may still read the slot's old contents): a stream wait on an
+        event, not a device sync. The slot is marked ready only once the write's event
+        completed. The thread that loads waits, in the check's host sync and for that
+        event: an admission worker or a pin's caller, or, for a time-slicing handoff (a
+        copy of held factors), the step thread itself."""
         if self._stream is None:
-            self._write(slot, self._loader(adapter_id) if factors is None else factors)
+            factors = self._loader(adapter_id) if factors is None else factors
+            check_factors(factors, self.spec, self._dtype)
+            self._write(slot, factors)
             return
         with torch.cuda.stream(self._stream):
             if factors is None:
                 factors = self._loader(adapter_id)
             self._stream.wait_stream(self._compute)
+            check_factors(factors, self.spec, self._dtype)
             self._write(slot, factors)
             written = torch.cuda.Event()
             written.record(self._stream)
@@ -254,8 +261,7 @@ class SlotPool:
         return frozenset().union(*(self._slot_modules[s] for s in slots))
 
     def _write(self, slot: int, factors: AdapterFactors) -> None:
-        """Copy ``factors`` into ``slot``, zero-padding rank and absent modules."""
-        self._check(factors)
+        """Copy checked ``factors`` into ``slot``, zero-padding rank and absent modules."""
         self._slot_modules[slot] = frozenset(name for _, name in factors.modules)
         r_max = self.spec.max_rank
         with torch.no_grad():
@@ -269,44 +275,3 @@ class SlotPool:
                     a[slot, r:].zero_()
                     b[slot, :, r:].zero_()
                 scale[slot] = 0.0 if f is None else float(f.scale)
-
-    def _check(self, factors: AdapterFactors) -> None:
-        for (layer, name), f in factors.modules.items():
-            if (layer, name) not in self._buffers:
-                raise IncompatibleAdapterError(
-                    f"adapter targets layer {layer} module {short(name)}, which the base model "
-                    f"does not adapt (layers 0..{self.spec.num_layers - 1}, modules "
-                    f"{sorted(self.spec.module_shapes)})"
-                )
-            d_in, d_out = self.spec.module_shapes[name]
-            if f.rank > self.spec.max_rank:
-                raise IncompatibleAdapterError(
-                    f"adapter rank {f.rank} at layer {layer} {short(name)} exceeds the server's "
-                    f"max_rank {self.spec.max_rank}"
-                )
-            if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
-                raise IncompatibleAdapterError(
-                    f"layer {layer} {short(name)}: A {list(f.A.shape)} and B {list(f.B.shape)} do "
-                    f"not form a [out, r] @ [r, in] pair for [in, out] = {[d_in, d_out]}"
-                )
-        self._check_finite(factors)
-
-    def _check_finite(self, factors: AdapterFactors) -> None:
-        """No NaN or Inf enters a slot, in the pool's dtype (one host sync per adapter).
-        Per tensor, its largest magnitude cast to that dtype: NaN if any value is NaN, Inf
-        if any is Inf or overflows the dtype (the cast is monotonic). One ``_foreach`` op
-        for all of them: a per-tensor ``isfinite`` took 7 ms of a 15 ms SmolLM2 q+v load."""
-        if not factors.modules:
-            return
-        dtype = next(iter(self._buffers.values()))[0].dtype
-        tensors = [t if t.numel() else t.new_zeros(1)  # rank 0: nothing to check
-                   for f in factors.modules.values() for t in (f.A, f.B)]
-        largest = torch.stack(torch._foreach_max(torch._foreach_abs(tensors)))
-        ok = largest.to(dtype).isfinite().view(-1, 2).all(1).cpu()
-        scales = torch.tensor([float(f.scale) for f in factors.modules.values()])
-        ok = ok & scales.to(dtype).isfinite()
-        if not bool(ok.all()):
-            layer, name = list(factors.modules)[int((~ok).nonzero()[0])]
-            raise InvalidAdapterError(
-                f"adapter factors at layer {layer} module {short(name)} hold NaN or Inf in "
-                f"{dtype}; the adapter cannot be served (re-register a bounded version)")
