@@ -4,6 +4,7 @@ lora_int_ids, replace/delete retire the old version once unused, pins) over a fa
 ``LoraBackend`` that records what vLLM would have been asked."""
 
 import asyncio
+import errno
 import json
 import threading
 
@@ -53,6 +54,19 @@ def test_dir_cache_lru_never_removes_a_directory_in_use(tmp_path):
     assert not a.exists()
     stats = cache.stats
     assert (stats.misses, stats.evictions) == (4, 1)
+
+
+def test_a_full_disk_is_a_typed_limit_and_leaves_nothing_behind(tmp_path):
+    cache = PeftDirCache(tmp_path / "c", max_bytes=1000)
+
+    def full(path):
+        (path / "w").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(LimitExceededError, match="peft_cache_bytes"):
+        cache.acquire("a", full)
+    assert list((tmp_path / "c").iterdir()) == [] and cache.in_use() == frozenset()
+    assert (cache.acquire("a", lambda p: 0) / "..").exists()  # the next try works
 
 
 class FakeVllm:

@@ -10,17 +10,20 @@ directory. Pure Python and the file system; thread-safe.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from nolaserve.adapters.errors import LimitExceededError
 from nolaserve.adapters.single_flight import Flight
 
 
@@ -86,17 +89,29 @@ class PeftDirCache:
 
     def _write(self, path: Path, write: Callable[[Path], int]) -> int:
         start = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
-        try:
-            size = write(staging)
-            shutil.rmtree(path, ignore_errors=True)
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with self._disk_full_is_a_limit():
+            staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
+            try:
+                size = write(staging)
+                shutil.rmtree(path, ignore_errors=True)
+                staging.rename(path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         with self._lock:
             self._write_seconds += time.perf_counter() - start
         return size
+
+    @contextlib.contextmanager
+    def _disk_full_is_a_limit(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LimitExceededError(
+                f"no space left under {self.root} for an adapter directory ({e.strerror}); "
+                "lower peft_cache_bytes or free space there, then retry") from None
 
     def _settle(self, version: str, size: int | None) -> None:
         with self._lock:
