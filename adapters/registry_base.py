@@ -1,6 +1,5 @@
 """The registry interface. ``Registry`` holds every rule both backends share, written
-once in SQL that SQLite and PostgreSQL both accept (``?`` placeholders; the PostgreSQL
-backend rewrites them):
+once in SQL that SQLite and PostgreSQL both accept (``registry_sql.py``):
 
 - register and register_many are atomic (an RMM basis with its tasks: all or nothing) and
   durable once they return (the acknowledgement is the database's commit);
@@ -29,6 +28,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from . import registry_sql as sql
 from .errors import (
     AdapterError,
     AdapterInUseError,
@@ -51,16 +51,6 @@ from .registry_rows import (
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-SCOPE_COLUMN = "base_model_fingerprint"
-_COLUMNS = f"id, kind, size, sha256, metadata, parent, created_at, {SCOPE_COLUMN}"
-_UPSERT = (f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-           "ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, size = excluded.size, "
-           "sha256 = excluded.sha256, metadata = excluded.metadata, parent = excluded.parent, "
-           f"created_at = excluded.created_at, {SCOPE_COLUMN} = excluded.{SCOPE_COLUMN}")
-_UPSERT_BLOB = ("INSERT INTO adapter_blobs (id, data) VALUES (?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET data = excluded.data")
-_BUMP = ("INSERT INTO adapter_versions (id, version, deleted) VALUES (?, ?, ?) "
-         "ON CONFLICT (id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted")
 Change = tuple[str, int]  # (adapter id, version)
 
 
@@ -75,9 +65,7 @@ class Registry(ABC):
 
     def __init__(self, scope: str | None) -> None:
         self.scope = scope  # None: every row; else this base model's (module docstring)
-        self._in_scope = "" if scope is None else (
-            f" AND ({SCOPE_COLUMN} IS NULL OR {SCOPE_COLUMN} = ?)")
-        self._scope_args: tuple = () if scope is None else (scope,)
+        self._in_scope, self._scope_args = sql.scope_clause(scope)
         self._own: set[int] | None = None  # versions this object wrote, once watched
 
     # -- what a backend supplies -----------------------------------------------------
@@ -166,10 +154,10 @@ class Registry(ABC):
                 self._check_write(conn, row, rows, replace)
             version = self._next_version(conn)
             for adapter_id, kind, data, size, sha, meta, parent in rows:
-                self._run(conn, _UPSERT, (adapter_id, kind, size, sha, meta, parent, now,
+                self._run(conn, sql.UPSERT, (adapter_id, kind, size, sha, meta, parent, now,
                                           self.scope))
-                self._run(conn, _UPSERT_BLOB, (adapter_id, data))
-                self._run(conn, _BUMP, (adapter_id, version, 0))
+                self._run(conn, sql.UPSERT_BLOB, (adapter_id, data))
+                self._run(conn, sql.BUMP, (adapter_id, version, 0))
             self._announce(conn, version)
         self._wrote(version)
         return [AdapterRecord(i, k, size, sha, json.loads(m), p, now, self.scope)
@@ -187,17 +175,16 @@ class Registry(ABC):
             version = self._next_version(conn)
             self._run(conn, "DELETE FROM adapter_blobs WHERE id = ?", (adapter_id,))
             self._run(conn, "DELETE FROM adapters WHERE id = ?", (adapter_id,))
-            self._run(conn, _BUMP, (adapter_id, version, 1))
+            self._run(conn, sql.BUMP, (adapter_id, version, 1))
             self._announce(conn, version)
         self._wrote(version)
 
     def _next_version(self, conn: Any) -> int:
         """One past the newest version; the write lock makes versions commit in order."""
-        return self._run(conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions"
-                         ).fetchone()[0]
+        return self._run(conn, sql.NEXT_VERSION).fetchone()[0]
 
     def _check_write(self, conn: Any, row: tuple, batch: list[tuple], replace: bool) -> None:
-        owner = self._run(conn, f"SELECT {SCOPE_COLUMN} FROM adapters WHERE id = ?",
+        owner = self._run(conn, f"SELECT {sql.SCOPE_COLUMN} FROM adapters WHERE id = ?",
                           (row[0],)).fetchone()
         check_write(row, batch, replace, self.scope, owner,
                     lambda i: self._dependents(conn, i), lambda i: self._kind_of(conn, i))
@@ -246,7 +233,7 @@ class Registry(ABC):
         page_size = page_size or DEFAULT_PAGE_SIZE
         after = decode_token(page_token)
         with self._reading() as conn:
-            rows = self._run(conn, f"SELECT {_COLUMNS} FROM adapters WHERE id > ?"
+            rows = self._run(conn, f"SELECT {sql.COLUMNS} FROM adapters WHERE id > ?"
                              f"{self._in_scope} ORDER BY id LIMIT ?",
                              (after, *self._scope_args, page_size + 1)).fetchall()
         records = [record_of(r) for r in rows[:page_size]]
@@ -263,27 +250,23 @@ class Registry(ABC):
         """``(adapter id, version)`` of every register, replace and delete committed after
         ``version``, oldest first, and the newest version (``version`` if none)."""
         with self._reading() as conn:
-            rows = self._run(conn, "SELECT id, version FROM adapter_versions "
-                             "WHERE version > ? ORDER BY version", (version,)).fetchall()
+            rows = self._run(conn, sql.CHANGES_SINCE, (version,)).fetchall()
         changes = [(r[0], r[1]) for r in rows]
         return changes, max([version, *(v for _, v in changes)])
 
     def version(self) -> int:
         """The newest committed version (0 for a registry never written)."""
         with self._reading() as conn:
-            return self._run(conn, "SELECT COALESCE(MAX(version), 0) FROM adapter_versions"
-                             ).fetchone()[0]
+            return self._run(conn, sql.NEWEST_VERSION).fetchone()[0]
 
     def _check_rows(self, conn: Any) -> list[str]:
         """Every row's stored bytes against its size and sha256."""
-        return row_problems(self._run(conn, "SELECT a.id, a.size, a.sha256, b.data FROM "
-                                      "adapters a LEFT JOIN adapter_blobs b ON a.id = b.id "
-                                      "ORDER BY a.id"))
+        return row_problems(self._run(conn, sql.ROWS_WITH_BYTES))
 
     # -- scoped lookups (``conn``: the write transaction's or a reader's) -------------
 
     def _get(self, conn: Any, adapter_id: str) -> AdapterRecord:
-        row = self._run(conn, f"SELECT {_COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
+        row = self._run(conn, f"SELECT {sql.COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
                         (adapter_id, *self._scope_args)).fetchone()
         if row is None:
             raise self._not_found(conn, adapter_id)
