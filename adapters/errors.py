@@ -1,8 +1,9 @@
 """Every typed error nolaserve raises on purpose, in one hierarchy. Each carries a message
 that says what to fix.
 
-``ServingError.grpc_code`` names the matching ``grpc.StatusCode`` member: the one table a
-front end maps errors through (``server/rpc.py`` for gRPC). This module sits in the lowest
+``ServingError.status`` is a ``Status``: the one vocabulary of outcomes that each front end
+maps to its own codes through one table (``server/rpc.py`` ``GRPC_CODE`` for gRPC,
+``server/openai_api/errors.py`` ``HTTP_STATUS`` for HTTP). This module sits in the lowest
 layer so that every layer raises these and none imports grpc for them.
 
     ServingError
@@ -13,11 +14,32 @@ layer so that every layer raises these and none imports grpc for them.
       ModelLoadError         the base model cannot be loaded or introspected
 """
 
+import enum
+
+
+class Status(enum.Enum):
+    """The outcome of a request, as every layer names it. The names are gRPC's (and the
+    ``code`` label values of the request metrics)."""
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
 
 class ServingError(Exception):
-    """Base class. ``grpc_code`` names the matching ``grpc.StatusCode`` member."""
+    """Base class. ``status`` is what the front ends map to their codes."""
 
-    grpc_code = "INTERNAL"
+    status = Status.INTERNAL
 
 
 class AdapterError(ServingError):
@@ -27,7 +49,7 @@ class AdapterError(ServingError):
 class InvalidAdapterError(AdapterError, ValueError):
     """Malformed adapter bytes, metadata or tensors (INVALID_ARGUMENT)."""
 
-    grpc_code = "INVALID_ARGUMENT"
+    status = Status.INVALID_ARGUMENT
 
 
 class InvalidAdapterIdError(InvalidAdapterError):
@@ -37,43 +59,43 @@ class InvalidAdapterIdError(InvalidAdapterError):
 class IncompatibleAdapterError(AdapterError):
     """A well-formed adapter that does not fit the loaded base model (FAILED_PRECONDITION)."""
 
-    grpc_code = "FAILED_PRECONDITION"
+    status = Status.FAILED_PRECONDITION
 
 
 class AdapterNotFoundError(AdapterError):
     """No adapter is registered under that id (NOT_FOUND)."""
 
-    grpc_code = "NOT_FOUND"
+    status = Status.NOT_FOUND
 
 
 class AdapterExistsError(AdapterError):
     """The id is taken and ``replace`` was not asked for (ALREADY_EXISTS)."""
 
-    grpc_code = "ALREADY_EXISTS"
+    status = Status.ALREADY_EXISTS
 
 
 class AdapterInUseError(AdapterError):
     """The adapter cannot change now: an RMM basis that tasks still need (FAILED_PRECONDITION)."""
 
-    grpc_code = "FAILED_PRECONDITION"
+    status = Status.FAILED_PRECONDITION
 
 
 class RegistryUnavailableError(AdapterError):
     """The registry's database cannot be reached; retry when it is back (UNAVAILABLE)."""
 
-    grpc_code = "UNAVAILABLE"
+    status = Status.UNAVAILABLE
 
 
 class RegistrySchemaError(AdapterError):
     """The registry's schema is newer than this nolaserve knows (FAILED_PRECONDITION)."""
 
-    grpc_code = "FAILED_PRECONDITION"
+    status = Status.FAILED_PRECONDITION
 
 
 class LimitExceededError(AdapterError):
     """A configured limit would be exceeded: basis size, pins, file size (RESOURCE_EXHAUSTED)."""
 
-    grpc_code = "RESOURCE_EXHAUSTED"
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class NoFreeSlotError(LimitExceededError):
@@ -84,7 +106,7 @@ class PathNotAllowedError(AdapterError):
     """A file path outside the directories the server may read adapters from
     (PERMISSION_DENIED)."""
 
-    grpc_code = "PERMISSION_DENIED"
+    status = Status.PERMISSION_DENIED
 
 
 class RequestError(ServingError):
@@ -94,7 +116,7 @@ class RequestError(ServingError):
 class InvalidRequestError(RequestError, ValueError):
     """A request field is out of range or malformed (INVALID_ARGUMENT)."""
 
-    grpc_code = "INVALID_ARGUMENT"
+    status = Status.INVALID_ARGUMENT
 
 
 class MalformedRequestError(InvalidRequestError):
@@ -104,19 +126,19 @@ class MalformedRequestError(InvalidRequestError):
 class RequestTooLargeError(RequestError):
     """The request can never fit the KV cache or the configured limits (RESOURCE_EXHAUSTED)."""
 
-    grpc_code = "RESOURCE_EXHAUSTED"
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class QueueFullError(RequestError):
     """Too many requests are waiting; retry later (RESOURCE_EXHAUSTED)."""
 
-    grpc_code = "RESOURCE_EXHAUSTED"
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class EngineStoppedError(RequestError):
     """The engine is shutting down (UNAVAILABLE)."""
 
-    grpc_code = "UNAVAILABLE"
+    status = Status.UNAVAILABLE
 
 
 class UnsupportedFieldError(InvalidRequestError):
@@ -128,51 +150,33 @@ class UnsupportedFieldError(InvalidRequestError):
         self.param = param
 
 
-class UnauthenticatedError(ServingError):
-    """A missing or wrong bearer token (UNAUTHENTICATED)."""
-
-    grpc_code = "UNAUTHENTICATED"
-
-
 class ClientGoneError(ServingError):
     """The client closed the connection before the response (CANCELLED)."""
 
-    grpc_code = "CANCELLED"
+    status = Status.CANCELLED
 
 
 class ServerDrainingError(ServingError):
     """The server got SIGTERM and takes no new requests (UNAVAILABLE)."""
 
-    grpc_code = "UNAVAILABLE"
+    status = Status.UNAVAILABLE
 
 
 class RequestFailedError(ServingError):
     """The engine finished a request with an error, e.g. its adapter failed to load."""
 
-    def __init__(self, message: str, grpc_code: str = "FAILED_PRECONDITION"):
+    def __init__(self, message: str, status: Status = Status.FAILED_PRECONDITION):
         super().__init__(message)
-        self.grpc_code = grpc_code
+        self.status = status
 
 
 class ModelLoadError(ServingError, ValueError):
     """The model source is missing, unreadable or not a supported decoder-only LM
     (INVALID_ARGUMENT)."""
 
-    grpc_code = "INVALID_ARGUMENT"
+    status = Status.INVALID_ARGUMENT
 
 
-class PortInUseError(ServingError, OSError):
-    """A listening address cannot be bound at start (``server/ports.py``); the message
-    names the address and the flag to change. Raised before the model loads, never by an
-    RPC (UNAVAILABLE if it ever were)."""
-
-    grpc_code = "UNAVAILABLE"
-
-    def __init__(self, address: str, flag: str, reason: str) -> None:
-        key = flag.removeprefix("--").replace("-", "_")
-        super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
-                         f"(config key {key}) or stop the process using it")
-        self.address, self.flag = address, flag
 def short(value: object, limit: int = 64) -> str:
     """``repr(value)`` of a caller-supplied value for an error message, cut to about
     ``limit`` characters so that a huge id or token is never echoed whole."""

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from nolaserve.adapters.errors import Status
+
 from .metrics import Metrics
 
 
@@ -32,7 +34,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         error = check_bearer(details.invocation_metadata or (), token, service, key)
         if error is None:
             return handler
-        self.metrics.count_request(method, grpc.StatusCode.UNAUTHENTICATED)
+        self.metrics.count_request(method, Status.UNAUTHENTICATED)
         return _denying(handler, error)
 
 

@@ -76,7 +76,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
                           fixed_chunks=config.batch_invariant,
                           adapter_overdue=admission.overdue)
     limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
-                          max_model_len, config.max_queued_requests)
+                          max_model_len, config.max_queued_requests, runner.vocab_size)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),
                   batch_invariant=config.batch_invariant)
 

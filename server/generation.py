@@ -10,16 +10,19 @@ and the typed failure of a request the engine finished with an error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
     InvalidRequestError,
     RequestFailedError,
     RequestTooLargeError,
+    Status,
     short,
 )
+from nolaserve.adapters.store import AdapterStore
 
 from .engine.async_engine import AsyncEngine
 from .engine.engine import RequestOutput
@@ -54,14 +57,33 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
-def resolve_adapter(model: str, base_model: str) -> str | None:
-    """The adapter id that ``model`` names, or None for the base model."""
+def resolve_adapter(model: str, base_model: str, registered: Callable[[str], bool]
+                    ) -> str | None:
+    """The adapter id that ``model`` names, or None for the base model. A ``model`` that
+    is itself a registered adapter id (``registered(model)``, asked only of the
+    ``<base id>:<x>`` form) names that adapter, never ``x``: registering such ids is
+    refused now, but ones registered before must not serve another tenant's adapter."""
     if model in ("", base_model):
         return None
     prefix = base_model + ":"
-    if model.startswith(prefix) and len(model) > len(prefix):
+    if model.startswith(prefix) and len(model) > len(prefix) and not registered(model):
         return model[len(prefix):]
     return model
+
+
+def registered_in(store: AdapterStore | None) -> Callable[[str], bool]:
+    """``registered(adapter_id)`` for ``resolve_adapter``: is it in ``store`` (this reads
+    the registry: call it off the event loop and the step thread)."""
+    def registered(adapter_id: str) -> bool:
+        if store is None:
+            return False
+        try:
+            store.get(adapter_id)
+        except AdapterNotFoundError:
+            return False
+        return True
+
+    return registered
 
 
 def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
@@ -74,7 +96,8 @@ def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
     else:
         texts = [request.prompt or ""]
     chars = sum(len(t) for t in texts)
-    if chars > limit or (4 * chars > limit and sum(len(t.encode()) for t in texts) > limit):
+    if chars > limit or (4 * chars > limit and sum(
+            len(t.encode(errors="surrogatepass")) for t in texts) > limit):
         raise RequestTooLargeError(
             f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
             f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
@@ -93,11 +116,14 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     if tokenizer is None:
         raise InvalidRequestError("this engine has no tokenizer; it cannot take text input")
     if request.prompt is not None:
+        check_utf8(request.prompt, "prompt")
         return list(tokenizer(request.prompt)["input_ids"])
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one chat message")
-    for m in messages:
+    for i, m in enumerate(messages):
+        check_utf8(m["role"], f"messages[{i}].role")
+        check_utf8(m["content"], f"messages[{i}].content")
         if m["role"] not in CHAT_ROLES:
             raise InvalidRequestError(
                 f"chat role {short(m['role'])} is not supported: use one of "
@@ -109,19 +135,32 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def engine_input(tokenizer, base_model: str, request: GenerateRequest
+def check_utf8(text: str, field: str) -> None:
+    """``InvalidRequestError`` naming ``field`` unless ``text`` encodes as UTF-8 (a JSON
+    ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) "
+            f"at character {e.start}; send text that encodes as UTF-8") from None
+
+
+def engine_input(tokenizer, base_model: str, request: GenerateRequest,
+                 registered: Callable[[str], bool]
                  ) -> tuple[list[int], SamplingParams, str | None]:
-    """What ``Engine.add_request`` takes for ``request`` (tokenizing blocks: call it from a
-    worker thread in async code)."""
-    adapter = resolve_adapter(request.model, base_model)
+    """What ``Engine.add_request`` takes for ``request`` (tokenizing and ``registered``
+    block: call it from a worker thread in async code)."""
+    adapter = resolve_adapter(request.model, base_model, registered)
     return prompt_token_ids(tokenizer, request), request.params, adapter
 
 
 def failure(out: RequestOutput) -> RequestFailedError:
     """The typed error of a request the engine finished with ``FinishReason.ERROR``."""
     error = out.error or "unknown engine error"
-    if out.error_code == "INTERNAL":
-        return RequestFailedError(f"{error}; retry, and report it if it persists", "INTERNAL")
+    if out.error_code is Status.INTERNAL:
+        return RequestFailedError(f"{error}; retry, and report it if it persists",
+                                  Status.INTERNAL)
     return RequestFailedError(f"the request failed: {error}", out.error_code)
 
 
@@ -143,7 +182,8 @@ class Generation:
         timer = self.metrics.request_timer()
         check_prompt_size(request, self.engine.max_prompt_tokens)
         prompt, params, adapter = await asyncio.to_thread(
-            engine_input, self.engine.tokenizer, self.engine.model_name, request)
+            engine_input, self.engine.tokenizer, self.engine.model_name, request,
+            registered_in(self.engine.store))
         # The engine's id is its own: the front end's request_id is only a label, so two
         # clients choosing the same id never meet.
         outputs = self.engine.generate(prompt, params, adapter, label=request_id)

@@ -16,12 +16,12 @@ import time
 from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from nolaserve.adapters.errors import Status
 from nolaserve.adapters.store import StoreStats
 
 from .engine.engine import Engine, RequestOutput, StepStats
@@ -78,7 +78,8 @@ class Metrics:
         self.batch_tokens.observe(stats.num_tokens)
         self.batch_adapters.observe(stats.num_adapters)
 
-    def count_request(self, rpc: str, code: grpc.StatusCode) -> None:
+    def count_request(self, rpc: str, code: Status) -> None:
+        """Count one request by its final status (the label is the status's name)."""
         self.requests.labels(rpc, code.name).inc()
 
     def request_timer(self) -> RequestTimer:

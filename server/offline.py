@@ -24,7 +24,7 @@ from .build import build_engine
 from .config import Config
 from .engine.engine import Engine
 from .engine.sequence import FinishReason, SamplingParams
-from .generation import ChatMessage, GenerateRequest, engine_input, failure
+from .generation import ChatMessage, GenerateRequest, engine_input, failure, registered_in
 
 Prompt = str | list[int]
 Conversation = list[dict[str, str]]
@@ -163,7 +163,8 @@ class _Batch:
 
     def _add(self, request_id: str, request: GenerateRequest) -> None:
         prompt, params, adapter = engine_input(self.engine.tokenizer,
-                                               self.engine.model_name, request)
+                                               self.engine.model_name, request,
+                                               registered_in(self.engine.store))
         self.engine.add_request(request_id, prompt, params, adapter)
         self.results[request_id] = RequestOutput(request_id, prompt, adapter)
         self.text[request_id] = []

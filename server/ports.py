@@ -21,10 +21,20 @@ import socket
 
 import grpc
 
-from nolaserve.adapters.errors import PortInUseError
-
 GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
 __all__ = ["GRPC_OPTIONS", "PortInUseError", "add_grpc_port", "bind_tcp", "format_address"]
+
+
+class PortInUseError(OSError):
+    """A listening address cannot be bound at start; the message names the address and
+    the flag to change. A startup error of the server, raised before the model loads and
+    never by a request (so no ``ServingError``)."""
+
+    def __init__(self, address: str, flag: str, reason: str) -> None:
+        key = flag.removeprefix("--").replace("-", "_")
+        super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
+                         f"(config key {key}) or stop the process using it")
+        self.address, self.flag = address, flag
 
 
 def format_address(host: str, port: int) -> str:

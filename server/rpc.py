@@ -1,5 +1,6 @@
-"""What every servicer method shares: typed errors to gRPC status codes, the drain gate,
-and the per-RPC request counter. Servicers decorate their methods with ``@rpc``."""
+"""What every servicer method shares: typed errors to gRPC status codes (``status_of``
+names the ``Status`` of any exception, ``GRPC_CODE`` is the one table to gRPC), the drain
+gate, and the per-RPC request counter. Servicers decorate their methods with ``@rpc``."""
 
 from __future__ import annotations
 
@@ -11,26 +12,33 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from nolaserve.adapters.errors import MalformedRequestError, ServerDrainingError, ServingError
+from nolaserve.adapters.errors import (
+    MalformedRequestError,
+    ServerDrainingError,
+    ServingError,
+    Status,
+)
 
 from .metrics import Metrics
 
 log = logging.getLogger("nolaserve.server")
 T = TypeVar("T")
 MAX_DETAILS = 1024  # status details longer than this are cut (gRPC metadata has limits)
+# Status -> gRPC code, the one table (the names are the same by design)
+GRPC_CODE: dict[Status, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in Status}
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message of a failed RPC: a ``ServingError``'s ``grpc_code``, a
+def status_of(error: BaseException) -> tuple[Status, str]:
+    """The status and message of a failed request: a ``ServingError``'s ``status``, a
     ``ValueError`` (bad config or request value) is INVALID_ARGUMENT, anything else
     INTERNAL (and logged with its traceback). Messages are cut to ``MAX_DETAILS`` chars."""
-    if isinstance(error, ServingError) and error.grpc_code in grpc.StatusCode.__members__:
-        return grpc.StatusCode[error.grpc_code], _cut(str(error))
+    if isinstance(error, ServingError) and isinstance(error.status, Status):
+        return error.status, _cut(str(error))
     if isinstance(error, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, _cut(str(error))
+        return Status.INVALID_ARGUMENT, _cut(str(error))
     log.exception("unexpected error in an RPC", exc_info=error)
-    return grpc.StatusCode.INTERNAL, _cut(f"internal server error ({type(error).__name__}: "
-                                          f"{error}); the server log has the traceback")
+    return Status.INTERNAL, _cut(f"internal server error ({type(error).__name__}: "
+                                 f"{error}); the server log has the traceback")
 
 
 def _cut(details: str) -> str:
@@ -114,7 +122,7 @@ def rpc(method: Method) -> Method:
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> T:
-        code = grpc.StatusCode.OK
+        code = Status.OK
         try:
             if isinstance(request, MalformedRequest):
                 raise MalformedRequestError(
@@ -128,14 +136,14 @@ def rpc(method: Method) -> Method:
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = Status.DEADLINE_EXCEEDED if expired else Status.CANCELLED
             raise
         except Exception as e:
             if context.cancelled():  # the client went away, e.g. mid-write of a stream
-                code = grpc.StatusCode.CANCELLED
+                code = Status.CANCELLED
                 return None
             code, details = status_of(e)
-            await context.abort(code, details)
+            await context.abort(GRPC_CODE[code], details)
         finally:
             self.metrics.count_request(name, code)
 

@@ -24,6 +24,7 @@ from nolaserve.adapters.errors import (
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
+    Status,
 )
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.build import build_engine
@@ -292,7 +293,7 @@ def test_a_dead_step_thread_fails_every_request_at_once_as_unavailable(engine):
     assert entered.is_set() and aeng.dead is error and died == [error]
     assert (last.request_id, last.text, last.token_ids, last.finished) == ("inflight", "", [],
                                                                           True)
-    assert last.finish_reason is FinishReason.ERROR and last.error_code == "UNAVAILABLE"
+    assert last.finish_reason is FinishReason.ERROR and last.error_code is Status.UNAVAILABLE
     assert re.fullmatch(message, last.error)
 
 
@@ -326,7 +327,8 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, mo
         failed, served = asyncio.run(main())
     finally:
         aeng.stop()
-    assert failed[-1].finish_reason is FinishReason.ERROR and failed[-1].error_code == "INTERNAL"
+    assert failed[-1].finish_reason is FinishReason.ERROR
+    assert failed[-1].error_code is Status.INTERNAL
     assert "internal error in engine step: RuntimeError('a bug')" in failed[-1].error
     assert aeng.dead is None and sum(len(o.token_ids) for o in served) == 2
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 
-from nolaserve.adapters.errors import InvalidAdapterError
+from nolaserve.adapters.errors import InvalidAdapterError, Status
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.spec import MAGNITUDE_BOUND, AdapterFactors, ModuleFactors
@@ -136,7 +136,7 @@ def test_bad_request_error_names_the_adapter(model, bytebpe):
     engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4), "bad")
     outs = [o for _ in range(10) for o in engine.step()]
     assert outs[-1].finish_reason is FinishReason.ERROR
-    assert outs[-1].error_code == "FAILED_PRECONDITION" and "'bad'" in outs[-1].error
+    assert outs[-1].error_code is Status.FAILED_PRECONDITION and "'bad'" in outs[-1].error
 
 
 def test_a_step_exception_fails_only_the_request_that_raises(model, bytebpe):
@@ -151,13 +151,13 @@ def test_a_step_exception_fails_only_the_request_that_raises(model, bytebpe):
     engine.runner.execute = picky
     reqs = {f"r{i}": (p, greedy(5), None) for i, p in enumerate(prompts(5, seed=7))}
     got, last = run_all(engine, {"bad": ([7, 4, 9], greedy(5), None), **reqs})
-    assert last["bad"].error_code == "INTERNAL" and "boom" in last["bad"].error
+    assert last["bad"].error_code is Status.INTERNAL and "boom" in last["bad"].error
     del got["bad"]
     assert got == run(fresh, reqs)
     engine.runner.execute = lambda batch: (_ for _ in ()).throw(RuntimeError("always"))
     engine.add_request("x", [5, 6], greedy(2), None)
     outs = [o for _ in range(3) for o in engine.step()]
-    assert outs[-1].error_code == "INTERNAL" and "always" in outs[-1].error
+    assert outs[-1].error_code is Status.INTERNAL and "always" in outs[-1].error
     engine.runner.execute = execute  # the engine stays alive: the next request runs
     assert len(run(engine, {"y": ([5, 6], greedy(3), None)})["y"]) == 3
 

@@ -11,7 +11,7 @@ from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 from server_helpers import expect_code, request, serving, slow_down
 
-from nolaserve.adapters.errors import AdapterExistsError
+from nolaserve.adapters.errors import AdapterExistsError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine.sequence import FinishReason
 from nolaserve.v1 import admin_pb2
@@ -45,7 +45,7 @@ def test_deleted_before_admission_fails_not_found(model, bytebpe, resident):
     engine.store.delete("x")
     outs = {o.request_id: o for o in steps(engine, 20) if o.finished}
     assert outs["queued"].finish_reason is FinishReason.ERROR
-    assert outs["queued"].error_code == "NOT_FOUND" and "'x'" in outs["queued"].error
+    assert outs["queued"].error_code is Status.NOT_FOUND and "'x'" in outs["queued"].error
     assert outs["first"].finish_reason is FinishReason.LENGTH
 
 

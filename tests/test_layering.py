@@ -144,9 +144,7 @@ def test_no_server_or_adapter_code_names_the_clients():
     assert not hits, hits
 
 
-def test_every_typed_error_is_a_serving_error_with_a_status_code():
-    import grpc
-
+def test_every_typed_error_is_a_serving_error_with_a_status():
     from nolaserve.adapters import errors
 
     classes = [c for c in vars(errors).values()
@@ -154,15 +152,29 @@ def test_every_typed_error_is_a_serving_error_with_a_status_code():
     assert len(classes) > 10
     for cls in classes:
         assert issubclass(cls, errors.ServingError), cls
-        assert cls.grpc_code in grpc.StatusCode.__members__, cls
-    # outside errors.py only a broken invariant (a bug, INTERNAL) may have its own class
-    internal = {"OutOfBlocksError"}
+        assert isinstance(cls.status, errors.Status), cls
+    # outside errors.py only a broken invariant (a bug, INTERNAL) may have its own class,
+    # and the server's startup error (never a request's)
+    internal = {"OutOfBlocksError", "PortInUseError"}
     stray = [f"{p.relative_to(ROOT)}: {line}" for folder in ("adapters", "server")
              for p in (ROOT / folder).rglob("*.py") if p.name != "errors.py"
              for line in p.read_text().splitlines()
              if line.startswith("class ") and "Error" in line.split("(")[0]
              and line[6:].split("(")[0] not in internal]
     assert not stray, f"error classes outside adapters/errors.py: {stray}"
+
+
+def test_no_http_module_imports_grpc():
+    """The HTTP front end maps ``Status`` to HTTP itself; gRPC is another front end's."""
+    folder = ROOT / "server" / "openai_api"
+    hits = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            hits += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "grpc"]
+    assert len(list(folder.rglob("*.py"))) >= 5
+    assert not hits, f"server/openai_api imports grpc: {hits}"
 
 
 def test_the_top_package_loads_under_one_name_only():

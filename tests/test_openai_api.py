@@ -13,6 +13,7 @@ from engine_helpers import make_engine
 from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_template
 from server_helpers import request
 
+from nolaserve.adapters.errors import Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.metrics import LORA_LABEL_CHARS, lora_requests_info
@@ -184,7 +185,8 @@ def test_health_metrics_and_the_status_table(engine):
     assert 'vllm:lora_requests_info{max_lora="' in metrics
     assert "vllm:num_requests_waiting" in metrics
     assert 'nolaserve_requests_total{code="OK",rpc="/v1/completions"} 1.0' in metrics
-    assert HTTP_STATUS["NOT_FOUND"] == 404 and HTTP_STATUS["RESOURCE_EXHAUSTED"] == 429
+    assert HTTP_STATUS[Status.NOT_FOUND] == 404
+    assert HTTP_STATUS[Status.RESOURCE_EXHAUSTED] == 429
 
 
 def test_lora_requests_info_lists_running_and_waiting_adapters_capped():

@@ -13,9 +13,11 @@ from nolaserve.adapters.errors import (
     LimitExceededError,
     QueueFullError,
     ServingError,
+    Status,
 )
 from nolaserve.server.metrics import Metrics
 from nolaserve.server.rpc import (
+    GRPC_CODE,
     MAX_DETAILS,
     DecodeInterceptor,
     Gate,
@@ -71,26 +73,31 @@ class Servicer:
 
 
 class Odd(ServingError):
-    grpc_code = "NOT_A_CODE"
+    status = "NOT_A_CODE"
 
 
 @pytest.mark.parametrize("error, code", [
-    (AdapterNotFoundError("no adapter 'a'"), grpc.StatusCode.NOT_FOUND),
-    (QueueFullError("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (LimitExceededError("too many"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ValueError("bad value"), grpc.StatusCode.INVALID_ARGUMENT),
-    (Odd("odd"), grpc.StatusCode.INTERNAL),
-    (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    (AdapterNotFoundError("no adapter 'a'"), Status.NOT_FOUND),
+    (QueueFullError("queue full"), Status.RESOURCE_EXHAUSTED),
+    (LimitExceededError("too many"), Status.RESOURCE_EXHAUSTED),
+    (ValueError("bad value"), Status.INVALID_ARGUMENT),
+    (Odd("odd"), Status.INTERNAL),
+    (KeyError("bug"), Status.INTERNAL),
 ])
 def test_status_of_maps_typed_errors(error, code, caplog):
     with caplog.at_level(logging.ERROR, logger="nolaserve.server"):
         got, message = status_of(error)
     assert got is code
-    internal = code is grpc.StatusCode.INTERNAL
+    internal = code is Status.INTERNAL
     assert (f"{type(error).__name__}: " in message) is internal
     assert (str(error) in message)
     logged = [(r.getMessage(), r.exc_info and r.exc_info[1]) for r in caplog.records]
     assert logged == ([("unexpected error in an RPC", error)] if internal else [])
+
+
+def test_every_status_maps_to_the_grpc_code_of_its_name():
+    assert {s: c.name for s, c in GRPC_CODE.items()} == {s: s.name for s in Status}
+    assert GRPC_CODE[Status.NOT_FOUND] is grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("error", [ValueError, AdapterNotFoundError, KeyError])

@@ -15,7 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
-from nolaserve.adapters.errors import EngineStoppedError
+from nolaserve.adapters.errors import EngineStoppedError, Status
+from nolaserve.adapters.store import AdapterStore
 
 from .engine import Engine, RequestOutput
 from .sequence import FinishReason, SamplingParams
@@ -44,6 +45,11 @@ class AsyncEngine:
     def tokenizer(self):
         """The engine's tokenizer, for front ends that turn text into prompt ids."""
         return self.engine.tokenizer
+
+    @property
+    def store(self) -> AdapterStore | None:
+        """The engine's adapter store (None: it serves the base model only)."""
+        return self.engine.store
 
     @property
     def model_name(self) -> str:
@@ -130,7 +136,7 @@ class AsyncEngine:
         queues, self._queues = self._queues, {}
         for request_id, (loop, queue) in queues.items():
             out = RequestOutput(request_id, "", [], True, FinishReason.ERROR, error=message,
-                                error_code="UNAVAILABLE")
+                                error_code=Status.UNAVAILABLE)
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, out)
         if self.on_death is not None:

@@ -15,6 +15,8 @@ from nolaserve.adapters.errors import (
     InvalidRequestError,
     QueueFullError,
     RequestTooLargeError,
+    ServingError,
+    Status,
     short,
 )
 from nolaserve.adapters.spec import BaseModelSpec
@@ -43,7 +45,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    error_code: str = "FAILED_PRECONDITION"  # the grpc.StatusCode name of ``error``
+    error_code: Status = Status.FAILED_PRECONDITION  # the kind of ``error``
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class EngineLimits:
     max_tokens_limit: int
     max_model_len: int
     max_queued_requests: int
+    vocab_size: int = 0  # prompt token ids must be below it (0: not known, not checked)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class Engine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Finish every request with an error (a step raised): nothing stays wedged."""
-        return [self._finish(r, FinishReason.ERROR, error, code="INTERNAL")
+        return [self._finish(r, FinishReason.ERROR, error, code=Status.INTERNAL)
                 for r in list(self.requests.values())]
 
     def has_unfinished(self) -> bool:
@@ -250,7 +253,7 @@ class Engine:
             except Exception as e:
                 failed.append(self._finish(self.requests[s.seq.request_id], FinishReason.ERROR,
                                            f"internal error in engine step: {e!r:.200}",
-                                           code="INTERNAL"))
+                                           code=Status.INTERNAL))
         sched.scheduled = kept
         return (torch.cat(rows) if rows else None), failed
 
@@ -311,7 +314,7 @@ class Engine:
         try:
             return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
         except Exception as e:
-            return _RowFailure(f"internal error sampling this request: {e!r:.200}", "INTERNAL")
+            return _RowFailure(f"internal error sampling this request: {e!r:.200}", Status.INTERNAL)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq
@@ -327,7 +330,7 @@ class Engine:
 
     def _finish(self, req: _Request, reason: FinishReason, error: str | None = None,
                 text: str = "", token_ids: list[int] | None = None,
-                code: str = "FAILED_PRECONDITION") -> RequestOutput:
+                code: Status = Status.FAILED_PRECONDITION) -> RequestOutput:
         seq = req.seq
         if not req.detokenizer.stopped:
             text += req.detokenizer.flush()
@@ -340,13 +343,15 @@ class Engine:
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []
         return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, str(error),
-                             code=getattr(error, "grpc_code", "FAILED_PRECONDITION"))
+                             code=error.status if isinstance(error, ServingError)
+                             else Status.FAILED_PRECONDITION)
                 for seq, error in failed if seq.request_id in self.requests]
 
 
 def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:
-    """The request checks every backend makes: a prompt, within the limits, sampling
-    parameters valid, prompt + max_tokens within the model's context."""
+    """The request checks every backend makes: a prompt of token ids in the vocabulary,
+    within the limits, sampling parameters valid, prompt + max_tokens within the model's
+    context."""
     if not prompt:
         raise InvalidRequestError("prompt is empty: send at least one token of text")
     if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
@@ -354,6 +359,11 @@ def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -
             f"prompt has {len(prompt)} tokens; the limit is "
             f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
         )
+    bad = next((t for t in prompt if t < 0 or 0 < lim.vocab_size <= t), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"prompt token id {short(bad)} is out of range: token ids are 0 to "
+            f"{lim.vocab_size - 1 if lim.vocab_size else 'the vocabulary size - 1'}")
     params.validate(lim.max_tokens_limit)
     if len(prompt) + params.max_tokens > lim.max_model_len:
         raise InvalidRequestError(
@@ -365,17 +375,17 @@ def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -
 @dataclass(frozen=True)
 class _RowFailure:
     message: str
-    code: str
+    code: Status
 
 
 def _non_finite(seq: Sequence) -> _RowFailure:
     token = len(seq.output_token_ids)
     if seq.adapter_id is None:
         return _RowFailure(f"internal error: the base model produced NaN or Inf logits at "
-                         f"output token {token}", "INTERNAL")
+                         f"output token {token}", Status.INTERNAL)
     return _RowFailure(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
                      f"token {token}: its weights are numerically unusable with this model; "
-                     "re-register a bounded version", "FAILED_PRECONDITION")
+                     "re-register a bounded version", Status.FAILED_PRECONDITION)
 
 
 def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:

@@ -149,10 +149,12 @@ class Sampler:
 def _filter_rows(scaled: Tensor, rows: list[int], params: list[SamplingParams],
                  use_p: bool) -> None:
     """Filter ``scaled[rows]`` in place (all of ``scaled`` without an index when ``rows``
-    is every row)."""
-    top_k = _row_tensor([p.top_k for p in params], torch.int64, scaled)
+    is every row). A ``top_k`` at or over the vocabulary size keeps every token (however
+    large: it never reaches the int64 tensor)."""
+    ks = [min(p.top_k, scaled.shape[1]) for p in params]
+    top_k = _row_tensor(ks, torch.int64, scaled)
     top_p = _row_tensor([p.top_p for p in params], torch.float32, scaled)
-    k_max = max(p.top_k for p in params)
+    k_max = max(ks)
     if len(rows) == scaled.shape[0]:
         scaled.copy_(apply_top_k_top_p(scaled, top_k, top_p, k_max=k_max, use_p=use_p))
         return

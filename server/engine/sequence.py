@@ -52,7 +52,8 @@ class SamplingParams:
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise InvalidRequestError(
+                f"top_k must be >= 0 (0 = off; -1 also means off over HTTP), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):

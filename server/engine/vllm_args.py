@@ -11,6 +11,7 @@ from nolaserve.adapters.errors import (
     QueueFullError,
     RequestFailedError,
     ServingError,
+    Status,
 )
 
 from .engine import RequestOutput
@@ -89,7 +90,7 @@ def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: 
     reason = finish_reason(c.finish_reason, c.stop_reason) if out.finished else None
     error = "vLLM finished the request with an error" if reason is FinishReason.ERROR else None
     return RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
-                         prompt_tokens, completion_tokens, error, "INTERNAL")
+                         prompt_tokens, completion_tokens, error, Status.INTERNAL)
 
 
 def typed_error(error: BaseException) -> ServingError:
@@ -114,4 +115,4 @@ def typed_error(error: BaseException) -> ServingError:
     if isinstance(error, (VLLMClientError, ValueError, TypeError)):
         return InvalidRequestError(f"vLLM refused the request: {message}")
     return RequestFailedError(f"internal error in vLLM: {message}; retry, and report it if it "
-                              "persists", "INTERNAL")
+                              "persists", Status.INTERNAL)

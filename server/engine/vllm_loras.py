@@ -30,6 +30,7 @@ from nolaserve.adapters.errors import (
     IncompatibleAdapterError,
     LimitExceededError,
     RequestFailedError,
+    Status,
     short,
 )
 from nolaserve.adapters.peft_export import write_peft_dir
@@ -103,7 +104,7 @@ class VllmLoras:
                     self._current[adapter_id] = name
             return Version(adapter_id, name, lora_int_id, str(path))
         raise RequestFailedError(f"adapter {short(adapter_id)} kept changing while it was "
-                                 "loaded: retry", "UNAVAILABLE")
+                                 "loaded: retry", Status.UNAVAILABLE)
 
     def done(self, version: Version) -> None:
         """The request (or pin) that ``use`` served is over."""
@@ -222,7 +223,7 @@ class VllmLoras:
         """Run ``coro`` on the engine's loop from a worker thread and wait for it."""
         if self.loop is None:
             coro.close()
-            raise RequestFailedError("the vLLM engine has not started", "UNAVAILABLE")
+            raise RequestFailedError("the vLLM engine has not started", Status.UNAVAILABLE)
         asyncio.run_coroutine_threadsafe(coro, self.loop).result(PIN_TIMEOUT_S)
 
 

@@ -18,8 +18,8 @@ from ..metrics import Metrics
 from ..rpc import Gate
 from .admin import AdapterEndpoints
 from .errors import HTTP_STATUS
-from .routes import Endpoints, build_app
-from .server import HttpServer, bind_http
+from .routes import Endpoints, build_app, token_rules
+from .server import BearerAuth, BodyLimit, HttpServer, bind_http
 
 __all__ = ["HTTP_STATUS", "HttpServer", "bind_http", "http_server"]
 
@@ -29,8 +29,10 @@ def http_server(config: Config, generation: Generation, store: AdapterStore | No
                 sock: socket.socket) -> HttpServer:
     """The HTTP server of one nolaserve process, on the pre-bound ``sock``; without a
     store, only completions, chat, health and metrics."""
-    endpoints = Endpoints(generation, metrics, gate, config.inference_token)
+    endpoints = Endpoints(generation, metrics, gate)
     adapters = None
     if store is not None:
         adapters = AdapterEndpoints(store, config, max_model_len, time.time())
-    return HttpServer(build_app(endpoints, adapters), sock, config)
+    app = BodyLimit(build_app(endpoints, adapters), config.max_message_bytes)
+    rules = token_rules(config.inference_token, config.admin_token)
+    return HttpServer(BearerAuth(app, rules, metrics), sock, config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from nolaserve.adapters.registry import MAX_PAGE_SIZE
@@ -23,6 +23,8 @@ from .calls import Endpoints
 from .protocol import LoadLoraRequest, UnloadLoraRequest
 from .responses import adapter_card, model_card
 
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters")
+
 
 class AdapterEndpoints:
     def __init__(self, store: AdapterStore, config: Config, max_model_len: int,
@@ -30,36 +32,37 @@ class AdapterEndpoints:
         self.store, self.config = store, config
         self.max_model_len, self.started = max_model_len, started
 
-    def add_routes(self, app: FastAPI, endpoints: Endpoints, inference: list) -> None:
-        def admin(path: str) -> list:
-            return [Depends(endpoints.auth(path, self.config.admin_token, "admin_token"))]
-
-        @app.get("/v1/models", dependencies=inference)
+    def add_routes(self, app: FastAPI, endpoints: Endpoints) -> None:
+        """The routes; their tokens are checked before them (``routes.token_rules``)."""
+        @app.get("/v1/models")
         async def models(limit: int = MAX_PAGE_SIZE, page_token: str = "") -> Response:
             return await endpoints.unary("/v1/models",
                                          lambda: self.models(endpoints, limit, page_token))
 
-        @app.post("/v1/load_lora_adapter", dependencies=admin("/v1/load_lora_adapter"))
+        @app.post("/v1/load_lora_adapter")
         async def load(body: LoadLoraRequest) -> Response:
             return await endpoints.unary("/v1/load_lora_adapter", lambda: self.load(body))
 
-        @app.post("/v1/unload_lora_adapter", dependencies=admin("/v1/unload_lora_adapter"))
+        @app.post("/v1/unload_lora_adapter")
         async def unload(body: UnloadLoraRequest) -> Response:
             return await endpoints.unary("/v1/unload_lora_adapter", lambda: self.unload(body))
 
-        @app.post("/v1/adapters", dependencies=admin("/v1/adapters"))
+        @app.post("/v1/adapters")
         async def register(request: Request, adapter_id: str, replace: bool = False
                            ) -> Response:
             return await endpoints.unary(
                 "/v1/adapters", lambda: self.register(request, adapter_id, replace))
 
     async def models(self, endpoints: Endpoints, limit: int, page_token: str) -> Response:
-        """The base model (first page only) and one page of registered adapters."""
+        """The base model (first page only) and one page of registered adapters, each
+        under the name that serves it: an adapter registered under the base model's id
+        (refused now, kept if registered before) is ``<base id>:<base id>``."""
         records, token, _ = await asyncio.to_thread(self.store.list_page, limit, page_token)
         base = endpoints.generation.base_model
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
-        data += [adapter_card(r, base) for r in records]
+        data += [adapter_card(r, base, f"{base}:{base}" if r.id == base else r.id)
+                 for r in records]
         return JSONResponse({"object": "list", "data": data, "has_more": bool(token),
                              "next_page_token": token or None})
 

@@ -1,7 +1,8 @@
-"""How an HTTP request is served: bearer-token checks, the same drain ``Gate`` and
-request counter as the gRPC servicers, typed errors mapped through one table
-(``errors.HTTP_STATUS``), and generation (JSON in, a ``GenerateRequest`` to the shared
-``Generation``, JSON or server-sent events out) that stops when the client goes away."""
+"""How an HTTP request is served (its bearer token was checked before it, by
+``server.BearerAuth``): the same drain ``Gate`` and request counter as the gRPC servicers,
+typed errors mapped through one table (``errors.HTTP_STATUS``), and generation (JSON in,
+a ``GenerateRequest`` to the shared ``Generation``, JSON or server-sent events out) that
+stops when the client goes away."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import grpc
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from nolaserve.adapters.errors import ClientGoneError, UnauthenticatedError
+from nolaserve.adapters.errors import ClientGoneError, Status
 
-from ..auth import check_bearer
 from ..engine.engine import RequestOutput
 from ..generation import Generation
 from ..metrics import Metrics
@@ -24,31 +23,14 @@ from .errors import error_of, sse_error
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import DONE, Responses
 
-OK = grpc.StatusCode.OK
+OK = Status.OK
 
 
 class Endpoints:
     """The handlers of one server, bound to its engine, gate and metrics."""
 
-    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate,
-                 inference_token: str) -> None:
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate) -> None:
         self.generation, self.metrics, self.gate = generation, metrics, gate
-        self.inference_token = inference_token
-
-    def auth(self, name: str, token: str, key: str) -> Callable[[Request], None]:
-        """A route dependency (it runs before the body is parsed): raise
-        ``UnauthenticatedError`` unless the request carries ``authorization: Bearer <token>``."""
-        def check(request: Request) -> None:
-            if not token:
-                return
-            header = request.headers.get("authorization")
-            metadata = [("authorization", header)] if header is not None else []
-            error = check_bearer(metadata, token, f"HTTP {name}", key)
-            if error is not None:
-                self.metrics.count_request(name, grpc.StatusCode.UNAUTHENTICATED)
-                raise UnauthenticatedError(error)
-
-        return check
 
     async def unary(self, name: str, fn: Callable[[], Awaitable[Response]]) -> Response:
         """Run ``fn`` behind the gate; count it; a typed error becomes its HTTP error."""
@@ -60,7 +42,7 @@ class Endpoints:
             finally:
                 self.gate.exit()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = Status.CANCELLED
             raise
         except Exception as e:
             code, status, body = error_of(e)
@@ -94,7 +76,7 @@ class Endpoints:
             text, ids, last = await until_disconnect(request, _collect(first, outputs))
             return JSONResponse(responses.complete(text, ids, last))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = Status.CANCELLED
             raise
         except Exception as e:
             code, status, error = error_of(e)
@@ -117,7 +99,7 @@ class _StreamCall:
     def __init__(self, endpoints: Endpoints, name: str,
                  outputs: AsyncIterator[RequestOutput]) -> None:
         self.endpoints, self.name, self.outputs = endpoints, name, outputs
-        self.code = grpc.StatusCode.CANCELLED  # until the stream ends on its own
+        self.code = Status.CANCELLED  # until the stream ends on its own
         self.closed = False
 
     async def events(self, responses: Responses, out: RequestOutput, include_usage: bool

@@ -1,8 +1,8 @@
-"""One table from the gRPC status code of a typed error to its HTTP status, and vLLM's
-nested error body ``{"error": {"message", "type", "param", "code"}}``.
+"""One table from the ``Status`` of a typed error to its HTTP status, and vLLM's nested
+error body ``{"error": {"message", "type", "param", "code"}}``.
 
 The HTTP API raises and catches the same typed errors as the gRPC service; ``status_of``
-(``server/rpc.py``) names the gRPC code of any exception, this table the HTTP status.
+(``server/rpc.py``) names the ``Status`` of any exception, this table the HTTP status.
 """
 
 from __future__ import annotations
@@ -10,25 +10,24 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-import grpc
+from nolaserve.adapters.errors import Status
 
 from ..rpc import status_of
 
-HTTP_STATUS: dict[str, int] = {
-    "OK": 200,
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
-    "INTERNAL": 500,
-    "UNKNOWN": 500,
-    "UNIMPLEMENTED": 501,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
+HTTP_STATUS: dict[Status, int] = {
+    Status.OK: 200,
+    Status.INVALID_ARGUMENT: 400,
+    Status.FAILED_PRECONDITION: 400,
+    Status.UNAUTHENTICATED: 401,
+    Status.PERMISSION_DENIED: 403,
+    Status.NOT_FOUND: 404,
+    Status.ALREADY_EXISTS: 409,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.CANCELLED: 499,  # nginx's "client closed request"; no HTTPStatus member
+    Status.INTERNAL: 500,
+    Status.UNIMPLEMENTED: 501,
+    Status.UNAVAILABLE: 503,
+    Status.DEADLINE_EXCEEDED: 504,
 }
 _TYPE = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
          404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
@@ -38,16 +37,24 @@ _TYPE = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDen
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """vLLM's (and OpenAI's) error shape; ``code`` is the HTTP status."""
-    kind = _TYPE.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+    kind = _TYPE.get(status) or _type_of(status)
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_of(exc: BaseException) -> tuple[grpc.StatusCode, int, dict]:
-    """The gRPC code, HTTP status and error body of ``exc`` (a typed error, a
+def _type_of(status: int) -> str:
+    """``NameOfThePhraseError``, or ``Error`` for a status that ``HTTPStatus`` lacks."""
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    except ValueError:
+        return "Error"
+
+
+def error_of(exc: BaseException) -> tuple[Status, int, dict]:
+    """The ``Status``, HTTP status and error body of ``exc`` (a typed error, a
     ``ValueError`` = INVALID_ARGUMENT, anything else INTERNAL, logged)."""
-    code, message = status_of(exc)
-    status = HTTP_STATUS.get(code.name, 500)
-    return code, status, error_body(status, message, getattr(exc, "param", None))
+    status, message = status_of(exc)
+    code = HTTP_STATUS.get(status, 500)
+    return status, code, error_body(code, message, getattr(exc, "param", None))
 
 
 def sse_error(exc: BaseException) -> bytes:

@@ -111,6 +111,7 @@ def model_card(model_id: str, created: float, parent: str | None, root: str,
     return card
 
 
-def adapter_card(record: AdapterRecord, base_model: str) -> dict:
-    """An adapter in ``/v1/models``: ``root`` and ``parent`` are the base model's id."""
-    return model_card(record.id, record.created_at, base_model, base_model)
+def adapter_card(record: AdapterRecord, base_model: str, name: str) -> dict:
+    """An adapter in ``/v1/models`` under ``name``, the model name that serves it;
+    ``root`` and ``parent`` are the base model's id."""
+    return model_card(name, record.created_at, base_model, base_model)

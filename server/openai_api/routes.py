@@ -1,19 +1,29 @@
 """The OpenAI-compatible routes, vLLM's shapes: completions, chat, models, health,
-metrics and adapter management, each a thin call into ``calls.Endpoints``."""
+metrics and adapter management, each a thin call into ``calls.Endpoints``; and which of
+them need which bearer token (``token_rules``, checked by ``server.BearerAuth`` before a
+body is read)."""
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nolaserve.adapters.errors import UnauthenticatedError
-
-from .admin import AdapterEndpoints
+from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
-from .errors import HTTP_STATUS, error_body
+from .errors import error_body
 from .protocol import ChatCompletionRequest, CompletionRequest
+
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def token_rules(inference_token: str, admin_token: str) -> dict[str, tuple[str, str]]:
+    """Path -> (the token it needs, the config key that sets it); /health and /metrics
+    are open, as is every path whose token is empty."""
+    rules = {path: (inference_token, "inference_token") for path in INFERENCE_PATHS}
+    rules.update({path: (admin_token, "admin_token") for path in ADMIN_PATHS})
+    return {path: rule for path, rule in rules.items() if rule[0]}
 
 
 def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAPI:
@@ -27,19 +37,11 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
         message = f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}"
         return JSONResponse(error_body(400, message, where[0] if where else None), 400)
 
-    @app.exception_handler(UnauthenticatedError)
-    async def unauthenticated(request: Request, exc: UnauthenticatedError) -> JSONResponse:
-        return JSONResponse(error_body(HTTP_STATUS["UNAUTHENTICATED"], str(exc)), 401)
-
-    def inference(path: str) -> list:
-        token = endpoints.inference_token
-        return [Depends(endpoints.auth(path, token, "inference_token"))]
-
-    @app.post("/v1/completions", dependencies=inference("/v1/completions"))
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await endpoints.generate("/v1/completions", body, request)
 
-    @app.post("/v1/chat/completions", dependencies=inference("/v1/chat/completions"))
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await endpoints.generate("/v1/chat/completions", body, request)
 
@@ -53,5 +55,5 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
                         media_type=CONTENT_TYPE_LATEST)
 
     if adapters is not None:
-        adapters.add_routes(app, endpoints, inference("/v1/models"))
+        adapters.add_routes(app, endpoints)
     return app

@@ -1,6 +1,9 @@
 """The HTTP front end's transport: a socket bound before the model loads, uvicorn served
 as a task of the gRPC server's asyncio loop (its signal handling left to ``serve``), TLS
-from the same ``tls_cert``/``tls_key``, and a body limit checked before anything parses.
+from the same ``tls_cert``/``tls_key``, and two ASGI layers in front of the app: the bearer
+token, checked before the body is read, then a body limit checked before anything parses.
+
+    app = BearerAuth(BodyLimit(fastapi_app, max_bytes), token_rules(...), metrics)
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import socket
 
 import uvicorn
 
+from nolaserve.adapters.errors import Status
+
+from ..auth import check_bearer
 from ..config import Config
+from ..metrics import Metrics
 from ..ports import bind_tcp
-from .errors import error_body
+from .errors import HTTP_STATUS, error_body
 
 log = logging.getLogger("nolaserve.http")
 
@@ -29,6 +36,38 @@ def bind_http(config: Config) -> socket.socket | None:
     sock = bind_tcp(config.host, config.http_port, "--http-port")
     sock.setblocking(False)
     return sock
+
+
+class BearerAuth:
+    """ASGI middleware: a request to a path of ``rules`` (path -> (token, config key))
+    without ``authorization: Bearer <token>`` gets 401 before its body is read (a client
+    without the token costs no memory), counted in the request metrics."""
+
+    def __init__(self, app, rules: dict[str, tuple[str, str]], metrics: Metrics) -> None:
+        self.app, self.rules, self.metrics = app, rules, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        rule = self.rules.get(scope["path"]) if scope["type"] == "http" else None
+        if rule is not None:
+            path, (token, key) = scope["path"], rule
+            metadata = [(k.decode("latin-1"), v) for k, v in scope["headers"]
+                        if k == b"authorization"]
+            error = check_bearer(metadata, token, f"HTTP {path}", key)
+            if error is not None:
+                self.metrics.count_request(path, Status.UNAUTHENTICATED)
+                return await send_error(send, HTTP_STATUS[Status.UNAUTHENTICATED], error)
+        await self.app(scope, receive, send)
+
+
+async def send_error(send, status: int, message: str) -> None:
+    """Answer ``status`` with vLLM's error body and close the connection (the request body
+    may be unread)."""
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -67,13 +106,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(413, f"the request body is over max_message_bytes = "
-                                          f"{self.max_bytes} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"the request body is over max_message_bytes = "
+                                    f"{self.max_bytes} bytes")
 
 
 class _Server(uvicorn.Server):
@@ -83,14 +117,14 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    """uvicorn over ``app`` on a pre-bound socket, in the running event loop."""
+    """uvicorn over the ASGI ``app`` on a pre-bound socket, in the running event loop."""
 
     def __init__(self, app, sock: socket.socket, config: Config) -> None:
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         self.tls = bool(config.tls_cert)
         self.server = _Server(uvicorn.Config(
-            BodyLimit(app, config.max_message_bytes), lifespan="off", log_config=None,
+            app, lifespan="off", log_config=None,
             access_log=False, ssl_certfile=config.tls_cert or None,
             ssl_keyfile=config.tls_key or None, timeout_graceful_shutdown=5))
         self._task: asyncio.Task | None = None
