@@ -14,6 +14,7 @@ from nolaserve.adapters.ops import (
     LoraBatch,
     add_lora,
     add_lora_multi,
+    add_lora_rows,
     choose_backend,
     choose_multi_backend,
     gather_bmm,
@@ -294,3 +295,23 @@ def test_add_lora_multi_checks_every_module():
     with pytest.raises(ValueError, match=r"it must be \[6, 48, 8\]"):
         add_lora_multi([y, y.clone()], x, [A, A], [B, B[:, :47]], [scale, scale], slots)
     assert add_lora_multi([], x, [], [], [], slots) == []
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+@pytest.mark.parametrize("n", NUM_TOKENS)
+@pytest.mark.parametrize("spread", SPREADS)
+def test_rows_backend_matches_reference(spread, n, dtype):
+    """``add_lora_rows`` (CPU: ``gather_rows``) reads the token -> slot tensor alone: same
+    values as the reference, ``-1`` rows (NaN and -0.0 included) left bit for bit."""
+    A, B, _, scale, x, y, gen = make_case(n, 32, 48, dtype, seed=n)
+    slots = token_slots(spread, n, gen)
+    none = slots < 0
+    y[none] = -0.0
+    x[none] = float("nan")
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    out = add_lora_rows(y, x, A, B, scale, slots)
+    assert out is y
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+    assert torch.equal(out[none].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected[none].view(torch.int16 if dtype == torch.bfloat16
+                                           else torch.int32))

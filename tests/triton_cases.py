@@ -26,6 +26,7 @@ from nolaserve.adapters.ops import (
 from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
 from nolaserve.adapters.ops.triton_lora import sgmv
 from nolaserve.adapters.ops.triton_multi import sgmv_multi
+from nolaserve.adapters.ops.triton_rows import bgmv
 from nolaserve.adapters.spec import BaseModelSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -262,3 +263,32 @@ def test_materialize_matches_cpu():
     for key, f in cpu.modules.items():
         torch.testing.assert_close(got[key][0].cpu(), f.A, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[key][1].cpu(), f.B, atol=1e-5, rtol=1e-5)
+
+
+def rows_case(n: int, rank: int, dtype: torch.dtype, spread: str):
+    """``make_case``'s weights, re-padded to ``rank`` (1, 8, 16, 64: one tile of BLOCK_R
+    and beyond), with ``spread``'s slots."""
+    gen = torch.Generator().manual_seed(n * 100 + rank)
+    A = torch.randn(6, rank, 40, generator=gen) / 40**0.5
+    B = torch.randn(6, 70, rank, generator=gen)
+    scale, x, y = torch.rand(6, generator=gen) + 0.5, torch.randn(n, 40, generator=gen), \
+        torch.randn(n, 70, generator=gen)
+    return A.to(dtype), B.to(dtype), scale, x.to(dtype), y.to(dtype), token_slots(spread, n, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", (1, 8, 16, 64))
+@pytest.mark.parametrize("n", (1, 2, 3, 16, 17))  # bucket edges: 1, 2 and 16, then + 1
+@pytest.mark.parametrize("spread", ("distinct", "mixed", "identical", "none", "zipf"))
+def test_rows_kernel_matches_reference(spread, n, rank, dtype):
+    """``add_lora_rows``'s Triton kernel (a CUDA-graph decode step's LoRA) against the
+    reference, over spreads, ranks and bucket edges; ``-1`` rows bit for bit."""
+    A, B, scale, x, y, slots = rows_case(n, rank, dtype, spread)
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    A, B, scale, x, y, slots = on_device(A, B, scale, x, y, slots)
+    before = y.clone()
+    out = bgmv(y, x, A, B, scale, slots)
+    assert out is y
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+    none = (slots < 0).cpu()
+    assert torch.equal(out.cpu()[none], before.cpu()[none])

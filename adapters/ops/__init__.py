@@ -5,7 +5,8 @@
 to ``y[i]`` in place; ``-1`` adds nothing. ``add_lora_multi(ys, x, As, Bs, scales,
 token_slot)`` is ``add_lora`` looped over modules that share ``x`` (q, k, v), in one
 launch on CUDA. See ``add_lora`` for shapes and ``LoraBatch`` for the per-step batch
-description that every layer's call shares.
+description that every layer's call shares. ``add_lora_rows`` is ``add_lora`` from the
+token -> slot tensor alone, for steps captured in a CUDA graph.
 """
 
 from .batch import LoraBatch, SegmentPlan
@@ -20,6 +21,7 @@ from .dispatch import (
     loop_modules,
     step_backends,
 )
+from .rows import add_lora_rows, gather_rows
 from .torch_lora import gather_bmm, reference, segment
 
 __all__ = [
@@ -30,9 +32,11 @@ __all__ = [
     "SegmentPlan",
     "add_lora",
     "add_lora_multi",
+    "add_lora_rows",
     "choose_backend",
     "choose_multi_backend",
     "gather_bmm",
+    "gather_rows",
     "loop_modules",
     "reference",
     "segment",
