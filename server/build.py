@@ -59,7 +59,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
                     "to %d (paged attention serves full attention only)", max_model_len,
                     text.max_position_embeddings, max_model_len)
     runner = ModelRunner(model, spec, store.slots, _warm_up_blocks(config), config.block_size,
-                         device, dtype, compile_decode=config.compile_decode)
+                         device, dtype, compile_decode=config.compile_decode,
+                         enforce_eager=config.enforce_eager)
     _size_kv_cache(config, runner, text, dtype, max_model_len)
     start = time.perf_counter()
     # On CPU nothing compiles: a one-block prefill stands for the prefill bucket (the full
@@ -67,7 +68,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
     prefill = config.max_num_batched_tokens if runner.device.type == "cuda" else \
         min(config.max_num_batched_tokens, config.block_size)
     steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
-    log.info("warm-up: %d steps (one per shape bucket) in %.2f s", steps,
+    log.info("warm-up: %d steps and graphs (one per shape bucket) in %.2f s", steps,
              time.perf_counter() - start)
     admission = AdapterAdmission(store, config.admission_aging_steps,
                                  quantum_steps=config.admission_quantum_steps)
@@ -109,7 +110,8 @@ def _size_kv_cache(config: Config, runner: ModelRunner, text, dtype,
     """Size the cache from memory (``memory.size_kv_cache``: the warm-up steps are the
     profiling forward on CUDA), resize the runner's and log what fits."""
     def profile() -> None:
-        runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+                       capture=False)
 
     sizing = size_kv_cache(
         kv_cache_bytes=config.kv_cache_bytes, device=runner.device,

@@ -83,6 +83,10 @@ class Config:
     compile_decode: bool = option(False, "native engine: run decode-only steps through "
                                   "`torch.compile` (compiled at warm-up, before SERVING; "
                                   "measured gain and compile time in docs/benchmarks.md)")
+    enforce_eager: bool = option(False, "native engine: run every step eagerly, through the "
+                                 "packed path; off = decode-only steps run at fixed bucket "
+                                 "shapes, replayed as CUDA graphs captured at warm-up on CUDA "
+                                 "(as vLLM's flag of the same name)")
     kv_cache_bytes: int = option(0, "KV-cache memory budget, overriding the two below; "
                                  "`0` = sized from memory (docs/concepts.md)")
     gpu_memory_utilization: float = option(0.9, "on CUDA: the share of the GPU's memory "

@@ -241,7 +241,9 @@ def test_transformers_builds_no_mask_for_the_paged_implementation(pair):
 
 def test_kv_cache_shape_and_sizing():
     cache = KVCache(2, 10, 4, 2, 16)
-    assert cache.k.shape == (2, 10, 4, 2, 16) and cache.nbytes == 2 * 2 * 10 * 4 * 2 * 16 * 4
+    # 10 blocks for sequences, one more (the scratch block) for decode padding rows
+    assert cache.num_blocks == cache.scratch_block == 10
+    assert cache.k.shape == (2, 11, 4, 2, 16) and cache.nbytes == 2 * 2 * 11 * 4 * 2 * 16 * 4
     per_block = KVCache.bytes_per_block(2, 4, 2, 16, torch.float32)
     assert kv_cache_blocks(10 * per_block + 1, 2, 4, 2, 16, torch.float32) == 10
     assert kv_cache_blocks(per_block - 1, 2, 4, 2, 16, torch.float32) == 0

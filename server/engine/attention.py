@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+from .step_buffers import StepBuffers
 
 ATTN_IMPLEMENTATION = "nolaserve_paged"
 # decode sequences of up to this many blocks share a group whatever their lengths
@@ -210,6 +211,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         return torch.ops.nolaserve.paged_attention(query, key, value, module.layer_idx,
                                                    scaling, attn_metadata), None
     meta = attn_metadata
+    if isinstance(meta, StepBuffers):
+        return decode_attend(meta, module.layer_idx, query, key, value, scaling), None
     if not isinstance(meta, AttentionMetadata):
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention needs the step's attn_metadata; "
                          f"run the model through ModelRunner")
@@ -250,6 +253,45 @@ def attend(meta: AttentionMetadata, layer: int, query: torch.Tensor, key: torch.
     return _torch_attention(meta, layer, query, key, value, scaling).unsqueeze(0)
 
 
+def decode_attend(buf: StepBuffers, layer: int, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``attend`` for a decode step in ``StepBuffers`` (row ``i`` = sequence ``i``, one
+    token each): reads only the buffers' tensors and ``buf.shape``, so a CUDA graph can
+    replay it. Returns ``[1, rows, H, D]``."""
+    cache, shape = buf.cache, buf.shape
+    n = shape.rows
+    cache.write(layer, buf.kv_slot[:n], key[0].transpose(0, 1), value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)  # [n, H, D]
+    if buf.kernel is not None:
+        out = buf.kernel(q, cache.k[layer], cache.v[layer], buf.block_tables[:n],
+                         buf.rows[:n], buf.positions[:n], scaling)
+        return out.unsqueeze(0)
+    key_pos = torch.arange(shape.width * cache.block_size, device=q.device)
+    mask = key_pos < buf.seq_lens[:n].view(-1, 1)  # [n, L]
+    out = _decode_rows(cache, layer, q, buf.block_tables[:n, :shape.width],
+                       mask.view(n, 1, 1, -1), (~mask).view(n, -1, 1, 1), scaling)
+    return out.unsqueeze(0)
+
+
+def _decode_rows(cache: KVCache, layer: int, q: torch.Tensor, tables: torch.Tensor,
+                 mask: torch.Tensor, stale: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One query token per sequence, ``q [n, H, D]``, over its gathered context
+    ``tables [n, nb]``; ``mask`` ``[n, 1, 1, L]`` True = attend, ``stale`` its negation
+    ``[n, L, 1, 1]``. Returns ``[n, H, D]``."""
+    n, H, D = q.shape
+    k, v = cache.gather(layer, tables)  # [n, L, Hkv, D]
+    # Select, not multiply: a masked key/value may hold anything (another request's
+    # values, NaN); zeroed, it gets weight 0 and adds 0 (0 * NaN would be NaN).
+    k.masked_fill_(stale, 0)
+    v.masked_fill_(stale, 0)
+    # One query per sequence: the G = H / Hkv heads sharing a KV head become G rows.
+    Hkv = k.shape[2]
+    qd = q.reshape(n, Hkv, H // Hkv, D)
+    o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scaling)
+    return o.reshape(n, H, D)
+
+
 def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     q = query[0]  # [H, T, D]
@@ -259,17 +301,9 @@ def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,
     gqa = Hkv != H
     for u in meta.units:
         if u.decode:
-            n = u.rows
-            k, v = meta.kv_cache.gather(layer, u.tables)  # [n, L, Hkv, D]
-            # Select, not multiply: a masked key/value may hold anything (another request's
-            # values, NaN); zeroed, it gets weight 0 and adds 0 (0 * NaN would be NaN).
-            k.masked_fill_(u.stale, 0)
-            v.masked_fill_(u.stale, 0)
-            # One query per sequence: the G = H / Hkv heads sharing a KV head become G rows.
-            qd = q[:, u.start:u.start + n].transpose(0, 1).reshape(n, Hkv, H // Hkv, D)
-            o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=u.mask, scale=scaling)
-            out[u.start:u.start + n] = o.reshape(n, H, D)
+            rows = slice(u.start, u.start + u.rows)
+            out[rows] = _decode_rows(meta.kv_cache, layer, q[:, rows].transpose(0, 1),
+                                     u.tables, u.mask, u.stale, scaling)
             continue
         rows = slice(u.start, u.start + u.rows)
         qp = query[:, :, rows]  # [1, H, q_len, D]

@@ -13,6 +13,8 @@ class KVCache:
     the token at position ``p`` of a sequence with block table ``bt`` lives in KV slot
     ``bt[p // block_size] * block_size + p % block_size`` (a row of a layer's
     ``[num_blocks * block_size, Hkv, D]`` view; not to be confused with an adapter slot).
+    One more block, ``scratch_block`` (id ``num_blocks``), is held by no sequence: the
+    padding rows of a decode bucket write and read only there.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -23,7 +25,8 @@ class KVCache:
                 f"KV cache dimensions must be >= 1, got layers={num_layers} blocks={num_blocks} "
                 f"block_size={block_size} kv_heads={num_kv_heads} head_dim={head_dim}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Uninitialized: attention never reads a position before it is written (masked or
         # not loaded), and on CPU untouched pages are never committed.
         self.k = torch.empty(shape, device=device, dtype=dtype)

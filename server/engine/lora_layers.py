@@ -21,9 +21,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend
+from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, add_lora_rows
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec, decoder_layers
+
+from .step_buffers import StepBuffers
 
 # leaf names of linears that transformers' decoder layers call on one shared input
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -39,6 +41,7 @@ class LoraContext(Protocol):
     lora_backend: Backend | None
     lora_multi_backend: MultiBackend | None
     shared: dict
+    decode: StepBuffers | None  # a decode step at a fixed shape (``decode_step``)
 
 
 class LoraLinear(nn.Module):
@@ -80,6 +83,8 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        if (buf := self.ctx.decode) is not None:
+            return self.decode_forward(x, buf)
         if torch.compiler.is_compiling():  # the step context is read inside the op only
             y = self.base(x)
             torch.ops.nolaserve.add_lora_delta(y, x, self.key)
@@ -90,6 +95,15 @@ class LoraLinear(nn.Module):
             return self.group.output(self, x)
         y = self.base(x)
         self.add_delta(y, x)
+        return y
+
+    def decode_forward(self, x: torch.Tensor, buf: StepBuffers) -> torch.Tensor:
+        """``base(x)`` plus, when the step's shape says so, every row's delta by the
+        buffers' token -> slot tensor alone (``add_lora_rows``): what a graph replays."""
+        y = self.base(x)
+        if buf.shape.lora:
+            add_lora_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
+                          self.A, self.B, self.scale, buf.token_slot[:buf.shape.rows])
         return y
 
     def active(self) -> bool:

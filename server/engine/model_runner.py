@@ -17,8 +17,10 @@ from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
 from .attention import COMPILED_STEPS, AttentionMetadata, register_attention
+from .decode_step import DecodeStep
 from .kv_cache import KVCache
 from .lora_layers import LoraLinear, wrap_model
+from .step_buffers import StepBuffers
 from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
 
 __all__ = ["ModelRunner", "StepBatch", "StepContext"]
@@ -42,6 +44,7 @@ class StepContext:
     lora_backend: Backend | None = None
     lora_multi_backend: MultiBackend | None = None
     shared: dict = field(default_factory=dict)  # outputs of SharedInput groups, this step
+    decode: StepBuffers | None = None  # set while a decode step runs (``DecodeStep``)
 
     def clear(self) -> None:
         self.lora_batch = self.attn = self.lora_backend = self.lora_multi_backend = None
@@ -61,7 +64,7 @@ class ModelRunner:
                  pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, attention: str = "auto",
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, enforce_eager: bool = False) -> None:
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
@@ -86,6 +89,8 @@ class ModelRunner:
         # decode-only steps through torch.compile (one graph, dynamic in the batch size);
         # the LoRA and attention work stays eager, in opaque ops that read the step context
         self._compiled = torch.compile(model, dynamic=True) if compile_decode else None
+        self.enforce_eager = enforce_eager or compile_decode
+        self.decode: DecodeStep | None = None  # made by warm_up, for the final cache
 
     @property
     def num_kv_blocks(self) -> int:
@@ -96,23 +101,30 @@ class ModelRunner:
         the engine sizes the cache after a profiling step on a small one."""
         c = self.kv_cache
         shape = c.k.shape
-        self.kv_cache = None  # free the old one first
+        self.kv_cache = self.decode = None  # free the old ones first (graphs hold the cache)
         self.kv_cache = KVCache(shape[0], num_blocks, c.block_size, shape[3], shape[4],
                                 self.device, c.k.dtype)
 
     def warm_up(self, max_num_seqs: int, max_num_batched_tokens: int,
-                max_model_len: int) -> int:
+                max_model_len: int, capture: bool = True) -> int:
         """Run one step of each shape the engine will run: the largest prefill and decode
         batches of 1, 2, 4, ... up to ``max_num_seqs`` sequences, each on adapter slots
         with every wrapped linear's low-rank path on, so that kernels compile and the slot
         pool is touched before the first request. Writes only into the KV cache (blocks
-        that no sequence holds yet). Returns the number of steps."""
+        that no sequence holds yet). Then, unless ``enforce_eager``, set up the decode path
+        (``DecodeStep``) and, with ``capture`` on CUDA, capture its graphs. Returns the
+        number of steps and graphs."""
         num_slots = self.pool.num_slots if self.pool is not None else 0
         batches = warm_up_batches(max_num_seqs, max_num_batched_tokens, max_model_len,
                                   self.num_kv_blocks, self.block_size, num_slots)
         for batch in batches:
             self.execute(batch, all_modules=True)
-        return len(batches)
+        if self.enforce_eager:
+            return len(batches)
+        self.decode = DecodeStep(self.model, self.ctx, self.kv_cache, self.kernel,
+                                 max_num_seqs, max_model_len, graphs=capture,
+                                 with_lora=self.pool is not None)
+        return len(batches) + self.decode.capture()
 
     def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:
         """Run one step; returns float32 logits ``[num_sampled, vocab]``, one row per
@@ -124,6 +136,9 @@ class ModelRunner:
         if batch.num_seqs == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         self._check_adapter_slots(batch.adapter_slot)
+        if self.decode is not None and not all_modules and self.decode.takes(batch):
+            self._check_decode_tables(batch)
+            return self.decode.run(batch)
         inputs = build_step_inputs(batch, self.kv_cache, self.staging, self.kernel,
                                    with_lora=self.pool is not None)
         try:
@@ -153,6 +168,16 @@ class ModelRunner:
             ctx.lora_backend, ctx.lora_multi_backend = step_backends(inputs.lora, self.device)
             ctx.active_modules = frozenset(self.spec.module_shapes) if all_modules else \
                 self.pool.modules_of(set(inputs.slots))
+
+    def _check_decode_tables(self, batch: StepBatch) -> None:
+        """``ValueError`` unless every block table covers its position with real blocks
+        (what ``plan_attention`` checks on the packed path)."""
+        bs, limit = self.block_size, self.num_kv_blocks
+        for pos, table in zip(batch.start_pos, batch.block_table):
+            used = table[:pos // bs + 1]
+            if len(used) * bs <= pos or min(used) < 0 or max(used) >= limit:
+                raise ValueError(f"block table {used} cannot hold position {pos} in "
+                                 f"blocks [0, {limit})")
 
     def _check_adapter_slots(self, slots: list[int]) -> None:
         if not slots:

@@ -1,0 +1,101 @@
+"""Decode-only steps at fixed shapes: the model forward reads nothing but ``StepBuffers``,
+so one CUDA graph per ``DecodeShape``, captured at warm-up, replays any decode step of that
+bucket; on CPU (or with ``enforce_eager``) the same forward runs eagerly.
+
+Steps with a prefill chunk stay on the packed eager path (``step_inputs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .step_buffers import DecodeShape, StepBuffers, bucket_of, decode_buckets, width_of
+from .step_inputs import StepBatch
+
+
+class DecodeStep:
+    """Runs decode steps of up to ``max_num_seqs`` sequences through ``StepBuffers``.
+
+    ``graphs``: capture one CUDA graph per bucket (needs CUDA and the Triton attention);
+    without them every size is its own bucket (no padding: on CPU a padded row costs as
+    much as a real one). ``buckets`` overrides the sizes (tests pad on CPU with them).
+    ``with_lora``: the model has wrapped linears; with graphs they always launch (a row
+    without an adapter exits on the device), eagerly only in steps that have an adapter.
+    """
+
+    def __init__(self, model: nn.Module, ctx, cache: KVCache, kernel: Callable | None,
+                 max_num_seqs: int, max_model_len: int, *, graphs: bool, with_lora: bool,
+                 buckets: list[int] | None = None) -> None:
+        self.model, self.ctx, self.with_lora = model, ctx, with_lora
+        self.graphs_on = graphs and kernel is not None and cache.k.is_cuda
+        if buckets is None:
+            buckets = decode_buckets(max_num_seqs) if self.graphs_on else \
+                list(range(1, max_num_seqs + 1))
+        self.buckets = buckets
+        max_blocks = -(-max_model_len // cache.block_size)
+        self.buffers = StepBuffers(buckets[-1], max_blocks, cache, kernel)
+        self.graphs: dict[DecodeShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def takes(self, batch: StepBatch) -> bool:
+        """Whether ``batch`` is a decode step this path runs: one new token per sequence,
+        every sequence sampled, at most the largest bucket."""
+        return batch.num_seqs <= self.buckets[-1] and all(batch.sample) and \
+            all(len(t) == 1 for t in batch.token_ids)
+
+    def shape_of(self, batch: StepBatch) -> DecodeShape:
+        rows = bucket_of(batch.num_seqs, self.buckets)
+        lora = self.with_lora and (self.graphs_on or max(batch.adapter_slot) >= 0)
+        if self.buffers.kernel is not None:
+            return DecodeShape(rows, 0, lora)
+        blocks = max(p // self.buffers.block_size + 1 for p in batch.start_pos)
+        return DecodeShape(rows, width_of(blocks, self.buffers.max_blocks), lora)
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Float32 logits ``[num_seqs, vocab]`` of a ``takes``-accepted batch, in its order."""
+        shape = self.shape_of(batch)
+        self.buffers.fill([t[0] for t in batch.token_ids], batch.start_pos, batch.block_table,
+                          batch.adapter_slot, shape)
+        graph = self.graphs.get(shape)
+        if graph is None:
+            return self.forward(shape)[:batch.num_seqs].float()
+        graph[0].replay()
+        return graph[1][:batch.num_seqs].to(torch.float32, copy=True)  # out is the graph's
+
+    def forward(self, shape: DecodeShape) -> torch.Tensor:
+        """The model over the buffers' first ``shape.rows`` rows: logits ``[rows, vocab]``."""
+        buf, n = self.buffers, shape.rows
+        self.ctx.decode = buf
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=buf.input_ids[:n].view(1, -1),
+                                 position_ids=buf.positions[:n].view(1, -1), use_cache=False,
+                                 attn_metadata=buf)
+        finally:
+            self.ctx.decode = None
+        return out.logits[0]
+
+    def capture(self) -> int:
+        """Capture one graph per bucket, largest first (they share one memory pool), each on
+        all-padding buffers: only the scratch block is written. Returns the graphs made."""
+        if not self.graphs_on:
+            return 0
+        for rows in reversed(self.buckets):
+            shape = DecodeShape(rows, 0, self.with_lora)
+            self.buffers.fill([], [], [], [], shape)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.forward(shape)  # lazy inits and Triton compiles happen outside capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.forward(shape)
+            self._pool = graph.pool()
+            self.graphs[shape] = (graph, out)
+        torch.cuda.synchronize()
+        return len(self.graphs)
