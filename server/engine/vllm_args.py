@@ -61,13 +61,18 @@ def engine_args(config, model_dir: str, device: str):
         disable_log_stats=False, **{k: v for k, v in optional.items() if v})
 
 
+ALL_TOKENS = 1 << 31  # a top_k at least this large is "every token" (no int32 overflow)
+
+
 def sampling(params: SamplingParams):
     """vLLM ``SamplingParams`` for ours, returning deltas (one message per new text)."""
     from vllm import SamplingParams as VllmSampling
     from vllm.sampling_params import RequestOutputKind
 
+    # top_k beyond any vocabulary means every token, as in the native sampler (vLLM: -1)
+    top_k = params.top_k if 0 < params.top_k < ALL_TOKENS else -1
     return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
-                        top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                        top_p=params.top_p, top_k=top_k, seed=params.seed,
                         stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
                         output_kind=RequestOutputKind.DELTA)
 
