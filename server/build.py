@@ -15,7 +15,8 @@ from .config import Config
 from .engine.admission import AdapterAdmission
 from .engine.attention import servable_context
 from .engine.block_manager import BlockManager
-from .engine.engine import Engine, EngineLimits
+from .engine.engine import Engine
+from .engine.engine_types import EngineLimits
 from .engine.memory import KVSizing, bytes_per_block, size_kv_cache
 from .engine.model_loader import (
     load_model,

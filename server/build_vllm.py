@@ -23,7 +23,7 @@ from .build import registry_path
 from .config import Config
 from .engine import model_loader as ml
 from .engine import vllm_args
-from .engine.engine import EngineLimits
+from .engine.engine_types import EngineLimits
 from .engine.peft_dirs import PeftDirCache, default_root
 from .engine.vllm_engine import VllmEngine
 from .engine.vllm_loras import Version, VllmLoras

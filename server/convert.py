@@ -11,7 +11,8 @@ from nolaserve.adapters.store import RmmResult
 from nolaserve.v1 import admin_pb2, inference_pb2
 
 from .config import Config
-from .engine.engine import Engine, RequestOutput
+from .engine.engine import Engine
+from .engine.engine_types import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
 from .generation import ChatMessage, GenerateRequest
 

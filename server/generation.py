@@ -25,7 +25,7 @@ from nolaserve.adapters.errors import (
 from nolaserve.adapters.store import AdapterStore
 
 from .engine.async_engine import AsyncEngine
-from .engine.engine import RequestOutput
+from .engine.engine_types import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
 from .metrics import Metrics
 

@@ -24,7 +24,8 @@ from prometheus_client.registry import Collector
 from nolaserve.adapters.errors import Status
 from nolaserve.adapters.store import StoreStats
 
-from .engine.engine import Engine, RequestOutput, StepStats
+from .engine.engine import Engine
+from .engine.engine_types import RequestOutput, StepStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -14,7 +14,7 @@ from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
-from .engine.engine import RequestOutput
+from .engine.engine_types import RequestOutput
 from .generation import Generation
 from .metrics import Metrics
 from .rpc import Gate, rpc

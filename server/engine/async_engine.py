@@ -18,7 +18,8 @@ from concurrent.futures import Future
 from nolaserve.adapters.errors import EngineStoppedError, Status
 from nolaserve.adapters.store import AdapterStore
 
-from .engine import Engine, RequestOutput
+from .engine import Engine
+from .engine_types import RequestOutput
 from .sequence import FinishReason, SamplingParams
 
 

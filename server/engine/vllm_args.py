@@ -14,7 +14,7 @@ from nolaserve.adapters.errors import (
     Status,
 )
 
-from .engine import RequestOutput
+from .engine_types import RequestOutput
 from .model_loader import resolve_device_dtype
 from .sequence import FinishReason, SamplingParams
 

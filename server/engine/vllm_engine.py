@@ -23,7 +23,7 @@ from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.adapters.store import AdapterStore
 
 from . import vllm_args
-from .engine import EngineLimits, EngineStats, RequestOutput, StepStats, check_limits
+from .engine_types import EngineLimits, EngineStats, RequestOutput, StepStats, check_limits
 from .sequence import SamplingParams
 from .vllm_loras import Version, VllmLoras
 from .vllm_stats import VllmStats

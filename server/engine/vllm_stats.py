@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .engine import StepStats
+from .engine_types import StepStats
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from nolaserve.adapters.errors import ClientGoneError, Status
 
-from ..engine.engine import RequestOutput
+from ..engine.engine_types import RequestOutput
 from ..generation import Generation
 from ..metrics import Metrics
 from ..rpc import Gate

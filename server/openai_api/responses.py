@@ -10,7 +10,7 @@ import time
 from nolaserve.adapters.errors import EngineStoppedError
 from nolaserve.adapters.registry_rows import AdapterRecord
 
-from ..engine.engine import RequestOutput
+from ..engine.engine_types import RequestOutput
 from ..engine.sequence import FinishReason
 
 OWNED_BY = "nolaserve"

@@ -1,0 +1,85 @@
+"""The engine's data at its boundary, shared by every backend (the native ``Engine`` and
+``VllmEngine``): the limits and the request check they make, what a step hands back per
+request, and what metrics scrape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nolaserve.adapters.errors import InvalidRequestError, Status, short
+from nolaserve.adapters.store import StoreStats
+
+from .sequence import FinishReason, SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new text and token ids; the last output of
+    a request has ``finished`` set with the reason and the token counts."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_code: Status = Status.FAILED_PRECONDITION  # the kind of ``error``
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_prompt_tokens: int
+    max_tokens_limit: int
+    max_model_len: int
+    max_queued_requests: int
+    vocab_size: int = 0  # prompt token ids must be below it (0: not known, not checked)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step ran, for metrics: sequences, tokens and distinct adapters (the base
+    model not counted)."""
+
+    num_seqs: int
+    num_tokens: int
+    num_adapters: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A scrape of the engine's state: requests, KV blocks, the adapter store."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    store: StoreStats | None
+    running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
+    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
+    parked: int = 0  # requests parked by time slicing so far (AdapterAdmission.time_slice)
+
+
+def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:
+    """The request checks every backend makes: a prompt of token ids in the vocabulary,
+    within the limits, sampling parameters valid, prompt + max_tokens within the model's
+    context."""
+    if not prompt:
+        raise InvalidRequestError("prompt is empty: send at least one token of text")
+    if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
+        raise InvalidRequestError(
+            f"prompt has {len(prompt)} tokens; the limit is "
+            f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
+        )
+    bad = next((t for t in prompt if t < 0 or 0 < lim.vocab_size <= t), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"prompt token id {short(bad)} is out of range: token ids are 0 to "
+            f"{lim.vocab_size - 1 if lim.vocab_size else 'the vocabulary size - 1'}")
+    params.validate(lim.max_tokens_limit)
+    if len(prompt) + params.max_tokens > lim.max_model_len:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context of {lim.max_model_len} tokens: lower max_tokens"
+        )
