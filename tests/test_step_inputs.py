@@ -170,8 +170,8 @@ def lora_layers_backends(batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_pinned_copy_to_cuda_twice():
+def test_pinned_copies_to_cuda_take_the_two_buffers_in_turn():
     staging = HostStaging(torch.device("cuda"))
-    for values in ([1, 2, 3], list(range(10_000))):
+    for values in ([1, 2, 3], list(range(10_000)), [5] * 7, list(range(20_000))):
         views = staging.to_device({"a": values, "b": [7]})
         assert views["a"].is_cuda and views["a"].tolist() == values and views["b"].tolist() == [7]

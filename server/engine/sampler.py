@@ -179,7 +179,10 @@ def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
 
 
 def _row_tensor(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
-    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
+    """``values`` on ``like``'s device; from pinned memory on CUDA, so the copy is queued
+    without waiting for the device (a pageable one would wait)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=like.is_cuda)
+    return host.to(like.device, non_blocking=True)
 
 
 def _check_batch(

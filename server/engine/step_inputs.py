@@ -1,7 +1,10 @@
-"""One step's inputs, built once on the host from plain lists and copied to the device in
-one go: packed token ids and positions, the rows to sample, the attention metadata (KV
-slots, block tables, sequence lengths) and the LoRA segments. Every layer reads them;
-none converts or validates anything per call.
+"""One packed step's inputs (prefill chunks, mixed steps; a decode-only step goes through
+``decode_step`` instead), built once on the host from plain lists and copied to the
+device in one go: packed token ids and positions, the rows to sample, the attention
+metadata (KV slots, block tables, sequence lengths) and the LoRA segments. Every layer
+reads them; none converts or validates anything per call. The torch attention path makes
+its masks on the device from these tensors, and the LoRA backends keep a few host tuples
+(segments) from the plan.
 """
 
 from __future__ import annotations
@@ -72,14 +75,18 @@ class StepBatch:
 
 
 class HostStaging:
-    """Copies a step's integer lists to ``device`` as one int64 tensor: on CUDA through one
-    reusable pinned buffer and one non-blocking copy; on CPU the host tensor is used as is.
-    Returns a view per list."""
+    """Copies a step's integer lists to ``device`` as one int64 tensor: on CUDA through
+    one of two reusable pinned buffers, taken in turn, and one non-blocking copy; on CPU
+    the host tensor is used as is. Returns a view per list.
+
+    A buffer is rewritten two steps after its copy was queued; the wait for that copy
+    (its event) has long been over by then, so the step does not stall on it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     def to_device(self, lists: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         flat = torch.tensor(list(itertools.chain.from_iterable(lists.values())),
@@ -93,16 +100,19 @@ class HostStaging:
         return views
 
     def _copy_pinned(self, flat: torch.Tensor) -> torch.Tensor:
-        n = flat.numel()
-        if self._copied is not None:
-            self._copied.synchronize()  # the last step's copy has left the buffer
-        if self._pinned is None or self._pinned.numel() < n:
-            self._pinned = torch.empty(max(n, 4096), dtype=torch.long, pin_memory=True)
-        host = self._pinned[:n]
+        n, i = flat.numel(), self._turn
+        self._turn = 1 - i
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()  # this buffer's copy, two steps ago, is done
+        pinned = self._pinned[i]
+        if pinned is None or pinned.numel() < n:
+            pinned = self._pinned[i] = torch.empty(max(n, 4096), dtype=torch.long,
+                                                   pin_memory=True)
+        host = pinned[:n]
         host.copy_(flat)
         out = host.to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied[i] = torch.cuda.Event()
+        self._copied[i].record()
         return out
 
 
