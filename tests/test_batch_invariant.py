@@ -46,18 +46,18 @@ def logits_of(engine, reqs: dict) -> dict[str, list[torch.Tensor]]:
     by their own ``SamplingParams`` object)."""
     owner = {id(params): rid for rid, (_, params, _) in reqs.items()}
     out: dict[str, list[torch.Tensor]] = {rid: [] for rid in reqs}
-    sample = engine.sampler.sample
+    sample = engine.sampler.sample_ids
 
     def spy(logits, params, generators):
         for row, p in zip(logits, params):
             out[owner[id(p)]].append(row.double().clone())
         return sample(logits, params, generators)
 
-    engine.sampler.sample = spy
+    engine.sampler.sample_ids = spy
     try:
         run(engine, reqs)
     finally:
-        engine.sampler.sample = sample
+        engine.sampler.sample_ids = sample
     return out
 
 

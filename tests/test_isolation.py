@@ -127,6 +127,23 @@ def test_nan_logits_fail_only_their_request(model, bytebpe):
     assert run(engine, later) == run(fresh, later)
 
 
+def test_a_failing_batched_draw_falls_back_to_rows_alone(model, bytebpe):
+    """The engine samples a step with one batched draw read back together with its finite
+    check; if that draw raises, each row is drawn alone and gets the same tokens."""
+    engine, fresh = make_engine(model, bytebpe), make_engine(model, bytebpe)
+    requests = {f"r{i}": (p, greedy(6), None) for i, p in enumerate(prompts(3, seed=7))}
+
+    alone = engine.sampler.sample_ids
+
+    def broken(logits, params, generators):  # a draw of several rows fails, one row works
+        if logits.shape[0] > 1:
+            raise RuntimeError("batched draw failed")
+        return alone(logits, params, generators)
+
+    engine.sampler.sample_ids = broken
+    assert run(engine, requests) == run(fresh, requests)
+
+
 def test_bad_request_error_names_the_adapter(model, bytebpe):
     engine = make_engine(model, bytebpe)
     engine.store.register("bad", random_nola(engine.store.spec, seed=1, rank=4,

@@ -250,29 +250,26 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowFailure]:
         """One token per request, or the error of its row only: rows with NaN/Inf logits
-        fail; if the batched draw raises, rows are drawn one by one."""
+        fail; if the batched draw raises, rows are drawn one by one. The tokens and the
+        finite check come back in one device-to-host copy, the step's only sync."""
         # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
         # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
-        finite = torch.isfinite(logits.sum(dim=1)).tolist()
-        out: list[int | _RowFailure] = [_non_finite(r.seq) for r in reqs]
-        good = [i for i, ok in enumerate(finite) if ok]
-        if not good:
-            return out
-        rows = logits if len(good) == len(reqs) else logits[good]
+        finite = torch.isfinite(logits.sum(dim=1))
         try:
-            tokens = self.sampler.sample(rows, [reqs[i].seq.params for i in good],
-                                         [reqs[i].generator for i in good])
+            ids = self.sampler.sample_ids(logits, [r.seq.params for r in reqs],
+                                          [r.generator for r in reqs])
         except Exception:
-            tokens = [self._sample_one(logits[i:i + 1], reqs[i]) for i in good]
-        for i, tok in zip(good, tokens):
-            out[i] = tok
-        return out
+            return [self._sample_one(logits[i:i + 1], r) if ok else _non_finite(r.seq)
+                    for i, (r, ok) in enumerate(zip(reqs, finite.tolist()))]
+        tokens, ok = torch.stack([ids, finite.long()]).tolist()
+        return [t if good else _non_finite(r.seq) for t, good, r in zip(tokens, ok, reqs)]
 
     def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowFailure:
         try:
             return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
         except Exception as e:
-            return _RowFailure(f"internal error sampling this request: {e!r:.200}", Status.INTERNAL)
+            return _RowFailure(f"internal error sampling this request: {e!r:.200}",
+                               Status.INTERNAL)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq

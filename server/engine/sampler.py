@@ -117,18 +117,28 @@ class Sampler:
     ) -> list[int]:
         """One token id per row. ``generators[i]`` is row ``i``'s request RNG (see
         :func:`make_generator`) or ``None``."""
+        return self.sample_ids(logits, params, generators).tolist()
+
+    def sample_ids(
+        self,
+        logits: Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> Tensor:
+        """``sample`` as an int64 ``[N]`` tensor on the logits' device, not read back (the
+        engine reads it with the step's other results in one copy)."""
         _check_batch(logits, params, generators)
         logits = logits.float()
         greedy_ids = row_argmax(logits)  # [N]
         rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPS]
         if not rows:
-            return greedy_ids.tolist()
+            return greedy_ids
         if len(rows) < len(params):
             index = _row_tensor(rows, torch.int64, logits)
             sub = self.probabilities(logits.index_select(0, index), [params[i] for i in rows])
             drawn = _draw(sub, [generators[i] for i in rows])
-            return greedy_ids.index_copy(0, index, drawn).tolist()
-        return _draw(self.probabilities(logits, params), generators).tolist()
+            return greedy_ids.index_copy(0, index, drawn)
+        return _draw(self.probabilities(logits, params), generators)
 
     def probabilities(self, logits: Tensor, params: list[SamplingParams],
                       temperature: Tensor | None = None) -> Tensor:
