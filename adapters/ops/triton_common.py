@@ -109,3 +109,18 @@ def shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2,
     at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
                  mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
     return tl.dot(xt, at, v, input_precision="ieee") if FP32 else tl.dot(xt, at, v)
+
+
+@triton.jit
+def shrink_expand(y, x, A, B, scale, slot, tok, row_ok, chunk, d_in, d_out, r_max,
+                  out_chunk, sy0, sy1, sx0, sx1, sa0, sa1, sa2, sb0, sb1, sb2,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_O: tl.constexpr, FP32: tl.constexpr):
+    """One slot's whole delta for ``ROWS`` rows ``tok`` (``row_ok`` the real ones) over
+    output chunk ``chunk``: the shrink in fp32 over every input column, then ``expand``."""
+    v = tl.zeros([ROWS, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        xt, k, k_ok = x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K)
+        v = shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2, BLOCK_R, FP32)
+    expand(v, y, B, scale, slot, tok, row_ok, chunk, out_chunk, d_out, r_max,
+           sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import triton_common as tc
 from .batch import LoraBatch
 from .torch_lora import segment
-from .triton_common import expand, segment_tile, shrink, x_tile
+from .triton_common import segment_tile, shrink_expand
 
 
 @triton.jit
@@ -47,12 +47,9 @@ def _sgmv_kernel(
     """
     slot, tok, row_ok, busy = segment_tile(tokens, seg_slots, seg_starts, BLOCK_T)
     if busy:
-        v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            xt, k, k_ok = x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K)
-            v = shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2, BLOCK_R, FP32)
-        expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(2), out_chunk, d_out, r_max,
-               sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
+        shrink_expand(y, x, A, B, scale, slot, tok, row_ok, tl.program_id(2), d_in, d_out,
+                      r_max, out_chunk, sy0, sy1, sx0, sx1, sa0, sa1, sa2, sb0, sb1, sb2,
+                      BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_O, FP32)
 
 
 def sgmv(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, batch: LoraBatch) -> Tensor:

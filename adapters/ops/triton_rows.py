@@ -3,9 +3,9 @@ its grid a function of the tensors' shapes only, so a CUDA graph captures it onc
 batch bucket and replays it for any adapters.
 
 Program ``(t, chunk)`` reads ``s = token_slot[t]`` on the device and exits when it is
-``-1``; else it computes the row's ``[r_max]`` shrink in fp32 (``shrink`` of the SGMV
-kernels, on a 16-row tile of which only row 0 is real, as ``tl.dot`` needs 16 rows) and
-adds its expand over the chunk's output columns (``expand``, rounding included).
+``-1``; else it computes the row's ``[r_max]`` shrink in fp32 and adds its expand over the
+chunk's output columns (``shrink_expand`` of the SGMV kernel, rounding included, on a
+16-row tile of which only row 0 is real, as ``tl.dot`` needs 16 rows).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_common as tc
-from .triton_common import expand, shrink, x_tile
+from .triton_common import shrink_expand
 
 TILE_ROWS = 16  # the smallest M of tl.dot
 OUT_CHUNKS = 4  # output chunks per row: programs = rows * OUT_CHUNKS
@@ -37,12 +37,9 @@ def _bgmv_kernel(
         lane = tl.arange(0, TILE)
         row_ok = lane == 0
         tok = t + lane * 0  # [TILE] every lane names row t; only lane 0 is loaded/stored
-        v = tl.zeros([TILE, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            xt, k, k_ok = x_tile(x, tok, row_ok, k0, d_in, sx0, sx1, BLOCK_K)
-            v = shrink(v, xt, A, slot, k, k_ok, r_max, sa0, sa1, sa2, BLOCK_R, FP32)
-        expand(v, y, B, scale, slot, tok, row_ok, tl.program_id(1), out_chunk, d_out, r_max,
-               sy0, sy1, sb0, sb1, sb2, BLOCK_R, BLOCK_O, FP32)
+        shrink_expand(y, x, A, B, scale, slot, tok, row_ok, tl.program_id(1), d_in, d_out,
+                      r_max, out_chunk, sy0, sy1, sx0, sx1, sa0, sa1, sa2, sb0, sb1, sb2,
+                      TILE, BLOCK_K, BLOCK_R, BLOCK_O, FP32)
 
 
 def bgmv(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
