@@ -7,9 +7,10 @@ Reports, in one run (about 5 minutes on an H100/H200):
 
 - the physical limit: weight bytes / measured HBM bandwidth (a large device copy) = the
   shortest decode step, and the tok/s it allows at ``--requests`` sequences;
-- nolaserve decode tok/s for base only, 64 distinct NOLA adapters (q/k/v/o, r=16,
-  k=l=128) and 1,000 registered adapters over 64 slots, the KV cache sized by
-  ``gpu_memory_utilization``;
+- nolaserve's decode step (ms, and x the floor) and tok/s at ``--batches`` sequences (1,
+  64, 256) for base only, 64 distinct NOLA adapters (q/k/v/o, r=16, k=l=128) and 1,000
+  registered adapters over 64 slots, graphed (the decode road, CUDA graphs) and eager,
+  the KV cache sized by ``gpu_memory_utilization``;
 - HF PEFT mixed-batch ``generate`` on the same weights with 64 LoRA adapters of the same
   shape (``adapter_names`` per row).
 
@@ -64,11 +65,12 @@ def unwrap(model) -> None:
                 setattr(module, name, child.base)
 
 
-def hbm_bound(model, requests: int) -> None:
+def hbm_bound(model, requests: int) -> float:
+    """Prints and returns the shortest decode step in seconds (0 without CUDA)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not torch.cuda.is_available():
         print(f"weights {weight_bytes / 2**30:.2f} GiB (no HBM to measure)")
-        return
+        return 0.0
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -84,16 +86,17 @@ def hbm_bound(model, requests: int) -> None:
     print(f"weights {weight_bytes / 2**30:.1f} GiB; measured HBM bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s; decode step >= {1e3 * step:.2f} ms, so at most "
           f"{requests / step:,.0f} tok/s at {requests} sequences")
+    return step
 
 
-def decode_tps(engine, prompts, adapters, max_tokens: int) -> tuple[float, float]:
-    """(tok/s over the whole run, tok/s over decode steps only)."""
+def decode_tps(engine, prompts, adapters, max_tokens: int) -> tuple[float, float, float]:
+    """(tok/s over the whole run, tok/s over decode steps only, ms per decode step)."""
     from nolaserve.server.engine.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         engine.add_request(f"g{i}", p, params, a)
-    start, generated, decode_s, decode_tokens = time.perf_counter(), 0, 0.0, 0
+    start, generated, decode_s, decode_tokens, steps = time.perf_counter(), 0, 0.0, 0, 0
     while engine.has_unfinished():
         prefilling = any(s.num_computed_tokens < s.num_prompt_tokens
                          for s in engine.scheduler.running) or engine.scheduler.num_waiting
@@ -102,24 +105,29 @@ def decode_tps(engine, prompts, adapters, max_tokens: int) -> tuple[float, float
         if not prefilling:
             decode_s += time.perf_counter() - t
             decode_tokens += n
+            steps += 1
         generated += n
-    return generated / (time.perf_counter() - start), decode_tokens / max(decode_s, 1e-9)
+    return (generated / (time.perf_counter() - start), decode_tokens / max(decode_s, 1e-9),
+            1e3 * decode_s / max(steps, 1))
 
 
-def bench_nolaserve(model, args) -> None:
+def bench_nolaserve(model, args, floor: float) -> None:
+    """Every batch size and scenario, with the decode road (CUDA graphs) and without it
+    (``enforce_eager``: the packed eager path), on one engine: the road is switched off by
+    setting ``runner.decode`` aside."""
     from nolaserve.adapters.nola import random_nola
     from nolaserve.server.build import build_engine
     from nolaserve.server.config import Config
 
     config = Config(registry_path=":memory:", device=args.device, dtype="bfloat16",
-                    num_slots=64,
-                    max_rank=16, max_num_seqs=args.requests, max_num_batched_tokens=4096,
-                    target_modules=TARGETS)
+                    num_slots=64, max_rank=16, max_num_seqs=max(args.batches),
+                    max_num_batched_tokens=4096, target_modules=TARGETS)
     t = time.perf_counter()
     engine = build_engine(config, model=model, tokenizer=NullTokenizer())
-    bm = engine.scheduler.block_manager
-    print(f"engine built in {time.perf_counter() - t:.1f} s (incl. profiling and warm-up): "
-          f"{bm.num_blocks} KV blocks = {bm.max_tokens:,} tokens")
+    bm, road = engine.scheduler.block_manager, engine.runner.decode
+    graphs = len(road.graphs) if road is not None else 0
+    print(f"engine built in {time.perf_counter() - t:.1f} s (profiling, warm-up, {graphs} "
+          f"CUDA graphs): {bm.num_blocks} KV blocks = {bm.max_tokens:,} tokens")
     t = time.perf_counter()
     for i in range(1000):
         engine.store.register(f"n{i}", random_nola(engine.store.spec, seed=i, rank=16,
@@ -127,19 +135,22 @@ def bench_nolaserve(model, args) -> None:
                                                    coeff_std=0.05).to_bytes())
     print(f"registered 1,000 NOLA adapters in {time.perf_counter() - t:.1f} s")
     rng = random.Random(0)
-    n = args.requests
-    prompts = [[rng.randrange(100, args.vocab) for _ in range(args.prompt_tokens)]
-               for _ in range(n)]
-    scenarios = {"base only": [None] * n,
-                 "64 distinct adapters": [f"n{i % 64}" for i in range(n)],
-                 "1,000 adapters / 64 slots": [f"n{rng.randrange(1000)}" for _ in range(n)]}
-    decode_tps(engine, prompts, scenarios["64 distinct adapters"], 2)  # loads 64 adapters
-    base = None
-    for name, adapters in scenarios.items():
-        total, decode = decode_tps(engine, prompts, adapters, args.max_tokens)
-        base = base or decode
-        print(f"nolaserve {name:28s} {total:9.1f} tok/s overall, {decode:9.1f} decode "
-              f"({decode / base:.2f}x base)")
+    for n in args.batches:
+        prompts = [[rng.randrange(100, args.vocab) for _ in range(args.prompt_tokens)]
+                   for _ in range(n)]
+        scenarios = {"base only": [None] * n,
+                     "64 distinct adapters": [f"n{i % 64}" for i in range(n)],
+                     "1,000 adapters / 64 slots": [f"n{rng.randrange(1000)}" for _ in range(n)]}
+        decode_tps(engine, prompts, scenarios["64 distinct adapters"], 2)  # loads adapters
+        for mode, decode in (("graphed", road), ("eager", None)):
+            engine.runner.decode, base = decode, None
+            for name, adapters in scenarios.items():
+                total, tps, step = decode_tps(engine, prompts, adapters, args.max_tokens)
+                base = base or tps
+                vs = f", {step / (1e3 * floor):.2f}x the HBM floor" if floor else ""
+                print(f"batch {n:3d} {mode:7s} {name:26s} step {step:7.2f} ms{vs}; "
+                      f"{tps:9.1f} tok/s decode ({tps / base:.2f}x base), {total:9.1f} overall")
+    engine.runner.decode = road
     engine.close()
 
 
@@ -178,7 +189,9 @@ def sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=64, help="batch of the PEFT run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256],
+                        help="decode batch sizes of the nolaserve runs")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "nolaserve"])
@@ -200,9 +213,9 @@ def main() -> None:
     model = random_llama(shape, args.device)
     print(f"random Llama-3-8B-shaped model ({'tiny' if args.tiny else 'full'}) built in "
           f"{time.perf_counter() - t:.1f} s")
-    hbm_bound(model, args.requests)
+    floor = hbm_bound(model, args.requests)
     if "nolaserve" not in args.skip:
-        bench_nolaserve(model, args)
+        bench_nolaserve(model, args, floor)
         unwrap(model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
