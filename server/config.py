@@ -80,9 +80,6 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
-    compile_decode: bool = option(False, "native engine: run decode-only steps through "
-                                  "`torch.compile` (compiled at warm-up, before SERVING; "
-                                  "measured gain and compile time in docs/benchmarks.md)")
     enforce_eager: bool = option(False, "native engine: run every step eagerly, through the "
                                  "packed path; off = decode-only steps run at fixed bucket "
                                  "shapes, replayed as CUDA graphs captured at warm-up on CUDA "

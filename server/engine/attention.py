@@ -194,22 +194,18 @@ def _torch_units(plan: AttentionPlan, bs: int, tables: torch.Tensor,
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, attention_mask: torch.Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0, *,
-                            attn_metadata: AttentionMetadata | int | None = None,
+                            attn_metadata: AttentionMetadata | StepBuffers | None = None,
                             **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, H, T, D]``, ``key``/``value``
     ``[1, Hkv, T, D]`` (RoPE applied) -> ``([1, T, H, D], None)``, like
     ``eager_attention_forward``. Writes the step's keys/values into the cache, then each
-    sequence attends to its whole cached context, causally. Under ``torch.compile``
-    ``attn_metadata`` is the key of the step's metadata in ``COMPILED_STEPS`` and the work
-    runs in the opaque op ``nolaserve::paged_attention``."""
+    sequence attends to its whole cached context, causally. ``attn_metadata`` is the
+    packed step's ``AttentionMetadata`` or a decode step's ``StepBuffers``."""
     if attention_mask is not None or kwargs.get("softcap") is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention supports neither model-built "
                          f"masks nor logit soft-capping")
     if scaling is None:
         scaling = query.shape[3] ** -0.5
-    if torch.compiler.is_compiling():
-        return torch.ops.nolaserve.paged_attention(query, key, value, module.layer_idx,
-                                                   scaling, attn_metadata), None
     meta = attn_metadata
     if isinstance(meta, StepBuffers):
         return decode_attend(meta, module.layer_idx, query, key, value, scaling), None
@@ -221,22 +217,6 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError(f"context of {meta.max_ctx_len} tokens exceeds the sliding window "
                          f"({window}), which paged attention does not implement")
     return attend(meta, module.layer_idx, query, key, value, scaling), None
-
-
-# The metadata of the step a compiled forward runs, by runner key: compiled code passes
-# ints to the opaque op, not Python objects (whose every change would recompile).
-COMPILED_STEPS: dict[int, AttentionMetadata] = {}
-
-
-@torch.library.custom_op("nolaserve::paged_attention", mutates_args=())
-def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        layer: int, scaling: float, step: int) -> torch.Tensor:
-    return attend(COMPILED_STEPS[step], layer, query, key, value, scaling)
-
-
-@_paged_attention_op.register_fake
-def _(query, key, value, layer, scaling, step):
-    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def attend(meta: AttentionMetadata, layer: int, query: torch.Tensor, key: torch.Tensor,

@@ -14,8 +14,6 @@ stays exact.
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from typing import Protocol
 
 import torch
@@ -74,8 +72,6 @@ class LoraLinear(nn.Module):
         self.A, self.B, self.scale = A, B, scale  # plain attributes: not model parameters
         self.ctx, self.name = ctx, name  # name relative to the decoder layer
         self.group: SharedInput | None = None
-        self.key = next(_KEYS)  # how compiled code names this wrapper to the opaque op
-        _WRAPPERS[self.key] = self
 
     @property
     def weight(self) -> torch.Tensor:
@@ -85,10 +81,6 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         if (buf := self.ctx.decode) is not None:
             return self.decode_forward(x, buf)
-        if torch.compiler.is_compiling():  # the step context is read inside the op only
-            y = self.base(x)
-            torch.ops.nolaserve.add_lora_delta(y, x, self.key)
-            return y
         if not self.active():
             return self.base(x)
         if self.group is not None:
@@ -143,23 +135,6 @@ class SharedInput:
         y = ys.pop(member)
         ctx.shared[self] = (x, ys)
         return y
-
-
-_KEYS = itertools.count()
-_WRAPPERS: weakref.WeakValueDictionary[int, LoraLinear] = weakref.WeakValueDictionary()
-
-
-@torch.library.custom_op("nolaserve::add_lora_delta", mutates_args=("y",))
-def _add_lora_delta(y: torch.Tensor, x: torch.Tensor, key: int) -> None:
-    """``LoraLinear`` ``key``'s delta added to ``y`` if the step activates it, else nothing."""
-    wrapper = _WRAPPERS[key]
-    if wrapper.active():
-        wrapper.add_delta(y, x)
-
-
-@_add_lora_delta.register_fake
-def _(y, x, key):
-    return None
 
 
 def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,

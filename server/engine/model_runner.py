@@ -5,7 +5,6 @@ return the sampled rows' logits."""
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +15,7 @@ from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, step_backen
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
-from .attention import COMPILED_STEPS, AttentionMetadata, register_attention
+from .attention import AttentionMetadata, register_attention
 from .decode_step import DecodeStep
 from .kv_cache import KVCache
 from .lora_layers import LoraLinear, wrap_model
@@ -26,7 +25,6 @@ from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
 __all__ = ["ModelRunner", "StepBatch", "StepContext"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-_KEYS = itertools.count()
 
 
 @dataclass(eq=False)
@@ -64,7 +62,7 @@ class ModelRunner:
                  pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, attention: str = "auto",
-                 compile_decode: bool = False, enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False) -> None:
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
@@ -85,11 +83,7 @@ class ModelRunner:
         self.block_size, self.vocab_size = block_size, cfg.vocab_size
         self.kernel = attention_kernel(attention, self.device)
         self.staging = HostStaging(self.device)
-        self.key = next(_KEYS)  # this runner's entry in attention.COMPILED_STEPS
-        # decode-only steps through torch.compile (one graph, dynamic in the batch size);
-        # the LoRA and attention work stays eager, in opaque ops that read the step context
-        self._compiled = torch.compile(model, dynamic=True) if compile_decode else None
-        self.enforce_eager = enforce_eager or compile_decode
+        self.enforce_eager = enforce_eager
         self.decode: DecodeStep | None = None  # made by warm_up, for the final cache
 
     @property
@@ -149,16 +143,12 @@ class ModelRunner:
                 out = self._forward(inputs)
         finally:
             self.ctx.clear()
-            COMPILED_STEPS.pop(self.key, None)
         return out.logits[0].to(torch.float32)  # [num_sampled, vocab]
 
     def _forward(self, inputs: StepInputs):
-        model, meta = self.model, inputs.attn
-        if self._compiled is not None and meta.num_decode == inputs.input_ids.shape[1]:
-            COMPILED_STEPS[self.key] = meta
-            model, meta = self._compiled, self.key
-        return model(input_ids=inputs.input_ids, position_ids=inputs.positions,
-                     use_cache=False, logits_to_keep=inputs.logits_rows, attn_metadata=meta)
+        return self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
+                          use_cache=False, logits_to_keep=inputs.logits_rows,
+                          attn_metadata=inputs.attn)
 
     def _fill_context(self, inputs: StepInputs, all_modules: bool) -> None:
         ctx = self.ctx
