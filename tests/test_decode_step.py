@@ -44,7 +44,7 @@ def runner(model, eager: bool, buckets=None) -> tuple[ModelRunner, list[int]]:
     r.warm_up(MAX_SEQS, 32, MAX_LEN)
     if not eager:
         r.decode = DecodeStep(r.model, r.ctx, r.kv_cache, r.kernel, MAX_SEQS, MAX_LEN,
-                              graphs=False, with_lora=True, buckets=buckets)
+                              graphs=False, pool=pool, buckets=buckets)
     return r, slots
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nolaserve.adapters.slots import SlotPool
+
 from .kv_cache import KVCache
 from .step_buffers import DecodeShape, StepBuffers, bucket_of, decode_buckets, width_of
 from .step_inputs import StepBatch
@@ -23,14 +25,17 @@ class DecodeStep:
     ``graphs``: capture one CUDA graph per bucket (needs CUDA and the Triton attention);
     without them every size is its own bucket (no padding: on CPU a padded row costs as
     much as a real one). ``buckets`` overrides the sizes (tests pad on CPU with them).
-    ``with_lora``: the model has wrapped linears; with graphs they always launch (a row
-    without an adapter exits on the device), eagerly only in steps that have an adapter.
+    ``pool``: the slot pool of the wrapped linears (None: base model only). With graphs
+    every wrapped linear launches (a row without an adapter exits on the device); eagerly
+    only the modules that the step's adapters adapt.
     """
 
     def __init__(self, model: nn.Module, ctx, cache: KVCache, kernel: Callable | None,
-                 max_num_seqs: int, max_model_len: int, *, graphs: bool, with_lora: bool,
-                 buckets: list[int] | None = None) -> None:
-        self.model, self.ctx, self.with_lora = model, ctx, with_lora
+                 max_num_seqs: int, max_model_len: int, *, graphs: bool,
+                 pool: SlotPool | None, buckets: list[int] | None = None) -> None:
+        self.model, self.ctx, self.pool = model, ctx, pool
+        self.all_modules = frozenset(pool.spec.module_shapes) if pool is not None else \
+            frozenset()
         self.graphs_on = graphs and kernel is not None and cache.k.is_cuda
         if buckets is None:
             buckets = decode_buckets(max_num_seqs) if self.graphs_on else \
@@ -39,7 +44,7 @@ class DecodeStep:
         max_blocks = -(-max_model_len // cache.block_size)
         self.buffers = StepBuffers(buckets[-1], max_blocks, cache, kernel)
         self.graphs: dict[DecodeShape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._graph_pool = None
 
     def takes(self, batch: StepBatch) -> bool:
         """Whether ``batch`` is a decode step this path runs: one new token per sequence,
@@ -49,7 +54,11 @@ class DecodeStep:
 
     def shape_of(self, batch: StepBatch) -> DecodeShape:
         rows = bucket_of(batch.num_seqs, self.buckets)
-        lora = self.with_lora and (self.graphs_on or max(batch.adapter_slot) >= 0)
+        slots = set(batch.adapter_slot) - {-1}
+        if self.graphs_on:
+            lora = self.all_modules
+        else:
+            lora = self.pool.modules_of(slots) if slots else frozenset()
         if self.buffers.kernel is not None:
             return DecodeShape(rows, 0, lora)
         blocks = max(p // self.buffers.block_size + 1 for p in batch.start_pos)
@@ -85,7 +94,7 @@ class DecodeStep:
         if not self.graphs_on:
             return 0
         for rows in reversed(self.buckets):
-            shape = DecodeShape(rows, 0, self.with_lora)
+            shape = DecodeShape(rows, 0, self.all_modules)
             self.buffers.fill([], [], [], [], shape)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -93,9 +102,9 @@ class DecodeStep:
                 self.forward(shape)  # lazy inits and Triton compiles happen outside capture
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 out = self.forward(shape)
-            self._pool = graph.pool()
+            self._graph_pool = graph.pool()
             self.graphs[shape] = (graph, out)
         torch.cuda.synchronize()
         return len(self.graphs)

@@ -90,10 +90,10 @@ class LoraLinear(nn.Module):
         return y
 
     def decode_forward(self, x: torch.Tensor, buf: StepBuffers) -> torch.Tensor:
-        """``base(x)`` plus, when the step's shape says so, every row's delta by the
-        buffers' token -> slot tensor alone (``add_lora_rows``): what a graph replays."""
+        """``base(x)`` plus, when the step's shape names this module, every row's delta by
+        the buffers' token -> slot tensor alone (``add_lora_rows``): what a graph replays."""
         y = self.base(x)
-        if buf.shape.lora:
+        if self.name in buf.shape.lora:
             add_lora_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
                           self.A, self.B, self.scale, buf.token_slot[:buf.shape.rows])
         return y

@@ -116,8 +116,7 @@ class ModelRunner:
         if self.enforce_eager:
             return len(batches)
         self.decode = DecodeStep(self.model, self.ctx, self.kv_cache, self.kernel,
-                                 max_num_seqs, max_model_len, graphs=capture,
-                                 with_lora=self.pool is not None)
+                                 max_num_seqs, max_model_len, graphs=capture, pool=self.pool)
         return len(batches) + self.decode.capture()
 
     def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:

@@ -51,11 +51,11 @@ def width_of(num_blocks: int, max_blocks: int) -> int:
 class DecodeShape:
     """What is fixed for one captured graph: ``rows`` (the bucket), ``width`` (KV blocks the
     torch attention gathers per row; 0 with the Triton kernel, which reads the lengths)
-    and ``lora`` (whether the wrapped linears add their deltas)."""
+    and ``lora`` (the wrapped linears that add their deltas: all of them in a graph)."""
 
     rows: int
     width: int
-    lora: bool
+    lora: frozenset[str]
 
 
 class StepBuffers:
@@ -80,7 +80,7 @@ class StepBuffers:
         self._device = self._host if device.type == "cpu" else torch.zeros(
             size, dtype=torch.long, device=device)
         self._np = self._host.numpy()
-        self.shape = DecodeShape(max_rows, 0, False)
+        self.shape = DecodeShape(max_rows, 0, frozenset())
         for i, name in enumerate(self.FIELDS):
             setattr(self, name, self._device[i * max_rows:(i + 1) * max_rows])
         self.block_tables = self._device[len(self.FIELDS) * max_rows:].view(max_rows, max_blocks)
