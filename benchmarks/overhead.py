@@ -76,7 +76,9 @@ class StepTimer:
                 (runner.model, "forward")
             build = (model_runner, "build_step_inputs")
         stages = {"schedule": (sched, "schedule"), "forward": forward,
-                  "sample": (engine, "_sample"),
+                  "sample": (engine.sampler, "sample_rows") if hasattr(engine.sampler,
+                                                                      "sample_rows")
+                  else (engine, "_sample"),  # older trees
                   "postprocess (incl. sample)": (engine, "_postprocess"),
                   "step": (engine, "step"), "build inputs": build}
         self._saved = []

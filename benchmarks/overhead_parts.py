@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nolaserve.server.engine import attention, step_inputs
+from nolaserve.server.engine import attention_plan, step_inputs
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.model_runner import ModelRunner
 from nolaserve.server.engine.step_inputs import StepBatch, build_step_inputs
@@ -138,11 +138,11 @@ class _one_group:
     """Every decode sequence in one group: the padded whole-batch gather of before."""
 
     def __enter__(self):
-        self.saved = attention.length_groups, step_inputs.length_groups
-        attention.length_groups = step_inputs.length_groups = lambda nb: [0] * len(nb)
+        self.saved = attention_plan.length_groups, step_inputs.length_groups
+        attention_plan.length_groups = step_inputs.length_groups = lambda nb: [0] * len(nb)
 
     def __exit__(self, *exc):
-        attention.length_groups, step_inputs.length_groups = self.saved
+        attention_plan.length_groups, step_inputs.length_groups = self.saved
 
 
 def roofline(n: int = 2048) -> None:

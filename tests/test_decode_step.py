@@ -137,6 +137,21 @@ def test_the_forward_reads_nothing_but_the_buffers():
     torch.testing.assert_close(replayed, dec.forward(shape)[:7], atol=0, rtol=0)
 
 
+def test_ragged_contexts_take_the_packed_path_without_the_kernel():
+    """The torch attention gathers every row to the longest context: a ragged decode batch
+    (which ``length_groups`` would split) is left to the packed path."""
+    r, _ = runner(tiny_llama(), eager=False)
+
+    def batch(positions):
+        return StepBatch.from_seqs([([1], p, list(range(p // BLOCK + 1)), -1, True)
+                                    for p in positions])
+
+    assert r.decode.takes(batch([3, 30, 31]))  # 1 to 8 blocks: within GROUP_MIN_BLOCKS
+    assert r.decode.takes(batch([40, 60]))  # 11 and 16 blocks: within 2x
+    assert not r.decode.takes(batch([3, 60]))  # 1 and 16 blocks
+    assert not r.decode.takes(StepBatch.from_seqs([([1, 2], 0, [0], -1, True)]))  # prefill
+
+
 def test_enforce_eager_turns_the_decode_path_off():
     model = tiny_llama()
     assert make_engine(model, None).runner.decode is not None

@@ -13,7 +13,7 @@ from test_model_runner import Blocks, hf_last_logits, prompts, random_factors, r
 
 from nolaserve.adapters.ops import LoraBatch, SegmentPlan, add_lora, reference
 from nolaserve.adapters.slots import SlotPool
-from nolaserve.server.engine.attention import length_groups
+from nolaserve.server.engine.attention_plan import length_groups
 from nolaserve.server.engine.kv_cache import KVCache
 from nolaserve.server.engine.lora_layers import LoraLinear, SharedInput
 from nolaserve.server.engine.step_inputs import (

@@ -16,7 +16,8 @@ import torch
 from conftest import spec_of, tiny_llama
 from test_model_runner import Blocks, hf_last_logits, prompts
 
-from nolaserve.server.engine.attention import AttentionMetadata, _torch_attention, plan_attention
+from nolaserve.server.engine.attention import AttentionMetadata, _torch_attention
+from nolaserve.server.engine.attention_plan import plan_attention
 from nolaserve.server.engine.kv_cache import KVCache
 from nolaserve.server.engine.model_runner import ModelRunner
 from nolaserve.server.engine.paged_triton import paged_attention, paged_reference

@@ -14,6 +14,7 @@ from torch import nn
 
 from nolaserve.adapters.slots import SlotPool
 
+from .attention_plan import GROUP_MIN_BLOCKS
 from .kv_cache import KVCache
 from .step_buffers import DecodeShape, StepBuffers, bucket_of, decode_buckets, width_of
 from .step_inputs import StepBatch
@@ -48,9 +49,16 @@ class DecodeStep:
 
     def takes(self, batch: StepBatch) -> bool:
         """Whether ``batch`` is a decode step this path runs: one new token per sequence,
-        every sequence sampled, at most the largest bucket."""
-        return batch.num_seqs <= self.buckets[-1] and all(batch.sample) and \
-            all(len(t) == 1 for t in batch.token_ids)
+        every sequence sampled, at most the largest bucket. Without the Triton kernel the
+        attention gathers every row to the longest context, so a batch of ragged contexts
+        (``length_groups`` would split it) goes to the packed path instead."""
+        if batch.num_seqs > self.buckets[-1] or not all(batch.sample) or \
+                any(len(t) != 1 for t in batch.token_ids):
+            return False
+        if self.buffers.kernel is not None:
+            return True
+        blocks = [p // self.buffers.block_size + 1 for p in batch.start_pos]
+        return max(blocks) <= max(2 * min(blocks), GROUP_MIN_BLOCKS)
 
     def shape_of(self, batch: StepBatch) -> DecodeShape:
         rows = bucket_of(batch.num_seqs, self.buckets)

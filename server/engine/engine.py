@@ -32,7 +32,8 @@ from .engine_types import (
     check_limits,
 )
 from .model_runner import ModelRunner, StepBatch
-from .sampler import Sampler, make_generator
+from .row_sampling import RowSampler
+from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
 
@@ -58,7 +59,7 @@ class Engine:
         self.runner, self.tokenizer, self.scheduler = runner, tokenizer, scheduler
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.batch_invariant = batch_invariant
-        self.sampler = Sampler()
+        self.sampler = RowSampler()
         self.requests: dict[str, _Request] = {}
         self._step_observers: list[Callable[[StepStats], None]] = []
 
@@ -241,35 +242,14 @@ class Engine:
                 sampling.append(self.requests[s.seq.request_id])
         if not sampling:
             return outputs
-        for req, tok in zip(sampling, self._sample(logits, sampling)):
+        tokens = self.sampler.sample_rows(logits, [r.seq for r in sampling],
+                                          [r.generator for r in sampling])
+        for req, tok in zip(sampling, tokens):
             if isinstance(tok, int):
                 outputs.append(self._append(req, tok))
             else:
                 outputs.append(self._finish(req, FinishReason.ERROR, tok.message, code=tok.code))
         return outputs
-
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | _RowFailure]:
-        """One token per request, or the error of its row only: rows with NaN/Inf logits
-        fail; if the batched draw raises, rows are drawn one by one. The tokens and the
-        finite check come back in one device-to-host copy, the step's only sync."""
-        # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
-        # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
-        finite = torch.isfinite(logits.sum(dim=1))
-        try:
-            ids = self.sampler.sample_ids(logits, [r.seq.params for r in reqs],
-                                          [r.generator for r in reqs])
-        except Exception:
-            return [self._sample_one(logits[i:i + 1], r) if ok else _non_finite(r.seq)
-                    for i, (r, ok) in enumerate(zip(reqs, finite.tolist()))]
-        tokens, ok = torch.stack([ids, finite.long()]).tolist()
-        return [t if good else _non_finite(r.seq) for t, good, r in zip(tokens, ok, reqs)]
-
-    def _sample_one(self, row: torch.Tensor, req: _Request) -> int | _RowFailure:
-        try:
-            return self.sampler.sample(row, [req.seq.params], [req.generator])[0]
-        except Exception as e:
-            return _RowFailure(f"internal error sampling this request: {e!r:.200}",
-                               Status.INTERNAL)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq
@@ -301,22 +281,6 @@ class Engine:
                              code=error.status if isinstance(error, ServingError)
                              else Status.FAILED_PRECONDITION)
                 for seq, error in failed if seq.request_id in self.requests]
-
-
-@dataclass(frozen=True)
-class _RowFailure:
-    message: str
-    code: Status
-
-
-def _non_finite(seq: Sequence) -> _RowFailure:
-    token = len(seq.output_token_ids)
-    if seq.adapter_id is None:
-        return _RowFailure(f"internal error: the base model produced NaN or Inf logits at "
-                         f"output token {token}", Status.INTERNAL)
-    return _RowFailure(f"adapter {short(seq.adapter_id)} produced NaN or Inf logits at output "
-                     f"token {token}: its weights are numerically unusable with this model; "
-                     "re-register a bounded version", Status.FAILED_PRECONDITION)
 
 
 def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ import torch
 
 from nolaserve.adapters.ops.batch import LoraBatch, SegmentPlan
 
-from .attention import AttentionMetadata, length_groups, plan_attention
+from .attention import AttentionMetadata
+from .attention_plan import length_groups, plan_attention
 from .kv_cache import KVCache
 
 
