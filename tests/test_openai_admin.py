@@ -14,7 +14,7 @@ import openai
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
-from openai_helpers import http, http_serving, openai_client
+from openai_helpers import http, http_serving, openai_client, with_chat_template
 from peft import LoraConfig, get_peft_model
 from server_helpers import assert_no_leaks, slow_down, wait_idle
 from test_server_admin import self_signed
@@ -223,3 +223,51 @@ def test_http_port_in_use_fails_before_the_model_loads(tmp_path):
                         http_port=taken.getsockname()[1], registry_path=":memory:")
         with pytest.raises(OSError, match="--http-port"):  # not the model's error
             asyncio.run(start(config))
+
+
+def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeypatch):
+    """What vLLM serves beside generation, through the official client where it has a
+    call: ``models.retrieve`` (base, bare adapter id, ``<base>:<id>``, unknown: 404),
+    ``/v1/models`` listing every adapter unless paging is asked, ``/tokenize`` (prompt and
+    chat), ``/detokenize`` and ``/version``; a token guards the parameterized path too."""
+    from nolaserve.server.openai_api import admin
+
+    monkeypatch.setattr(admin, "MAX_PAGE_SIZE", 2)  # listing all must follow the pages
+    named = copy.deepcopy(model)
+    named.name_or_path = "tiny-base"
+    engine = make_engine(named, with_chat_template(bytebpe))
+    for i in range(5):
+        engine.store.register(f"ad{i}", nola_bytes(engine, i + 1))
+    base = engine.model_name
+
+    async def main():
+        async with http_serving(engine, inference_token=INFERENCE) as (c, url):
+            client = openai_client(url, INFERENCE)
+            cards = [await client.models.retrieve(m) for m in (base, "ad3", f"{base}:ad3")]
+            with pytest.raises(openai.NotFoundError):
+                await client.models.retrieve("nope")
+            listed = await client.models.list()
+            async with http(url, INFERENCE) as h:
+                page = (await h.get("/v1/models", params={"limit": 2})).json()
+                tok = (await h.post("/tokenize", json={"model": "ad1", "prompt": "héllo"})).json()
+                chat = await h.post("/tokenize", json={"messages": [
+                    {"role": "user", "content": "hi"}]})
+                detok = (await h.post("/detokenize", json={"tokens": tok["tokens"]})).json()
+                bad = await h.post("/detokenize", json={"tokens": [10 ** 6]})
+                unknown = await h.post("/tokenize", json={"model": "nope", "prompt": "x"})
+                ver = (await h.get("/version")).json()
+            async with http(url) as h:
+                guarded = await h.get("/v1/models/ad3")
+            return cards, listed, page, tok, chat, detok, bad, unknown, ver, guarded
+
+    cards, listed, page, tok, chat, detok, bad, unknown, ver, guarded = asyncio.run(main())
+    assert [c.id for c in cards] == [base, "ad3", f"{base}:ad3"]
+    assert cards[1].root == base and cards[0].object == "model"
+    assert [m.id for m in listed.data] == [base] + [f"ad{i}" for i in range(5)]
+    assert len(page["data"]) == 3 and page["has_more"] and page["next_page_token"]
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] > 0
+    assert detok["prompt"].endswith("héllo")
+    assert chat.status_code == 200 and chat.json()["count"] > 0
+    assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
+    assert unknown.status_code == 404
+    assert ver["version"] and guarded.status_code == 401

@@ -19,7 +19,7 @@ from nolaserve.adapters.errors import EngineStoppedError, Status
 from nolaserve.adapters.store import AdapterStore
 
 from .engine import Engine
-from .engine_types import RequestOutput
+from .engine_types import EngineLimits, RequestOutput
 from .sequence import FinishReason, SamplingParams
 
 
@@ -41,6 +41,11 @@ class AsyncEngine:
         """The longest prompt the engine takes (its limit and the model's context)."""
         limits = self.engine.limits
         return min(limits.max_prompt_tokens, limits.max_model_len - 1)
+
+    @property
+    def limits(self) -> EngineLimits:
+        """The engine's limits: context length, vocabulary size, queue."""
+        return self.engine.limits
 
     @property
     def tokenizer(self):

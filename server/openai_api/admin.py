@@ -19,6 +19,7 @@ from nolaserve.adapters.store import AdapterStore
 
 from .. import convert
 from ..config import Config
+from ..generation import registered_in, resolve_adapter
 from .calls import Endpoints
 from .protocol import LoadLoraRequest, UnloadLoraRequest
 from .responses import adapter_card, model_card
@@ -35,9 +36,14 @@ class AdapterEndpoints:
     def add_routes(self, app: FastAPI, endpoints: Endpoints) -> None:
         """The routes; their tokens are checked before them (``routes.token_rules``)."""
         @app.get("/v1/models")
-        async def models(limit: int = MAX_PAGE_SIZE, page_token: str = "") -> Response:
+        async def models(limit: int | None = None, page_token: str = "") -> Response:
             return await endpoints.unary("/v1/models",
                                          lambda: self.models(endpoints, limit, page_token))
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str) -> Response:
+            return await endpoints.unary("/v1/models/{id}",
+                                         lambda: self.model(endpoints, model_id))
 
         @app.post("/v1/load_lora_adapter")
         async def load(body: LoadLoraRequest) -> Response:
@@ -53,11 +59,18 @@ class AdapterEndpoints:
             return await endpoints.unary(
                 "/v1/adapters", lambda: self.register(request, adapter_id, replace))
 
-    async def models(self, endpoints: Endpoints, limit: int, page_token: str) -> Response:
-        """The base model (first page only) and one page of registered adapters, each
-        under the name that serves it: an adapter registered under the base model's id
-        (refused now, kept if registered before) is ``<base id>:<base id>``."""
-        records, token, _ = await asyncio.to_thread(self.store.list_page, limit, page_token)
+    async def models(self, endpoints: Endpoints, limit: int | None, page_token: str
+                     ) -> Response:
+        """The base model and every registered adapter, as vLLM lists them; with ``limit``
+        (or ``page_token``) one page of adapters (the base model on the first page only).
+        Each adapter is under the name that serves it: one registered under the base
+        model's id (refused now, kept if registered before) is ``<base id>:<base id>``."""
+        if limit is None and not page_token:
+            records = await asyncio.to_thread(self._all_records)
+            token = ""
+        else:
+            records, token, _ = await asyncio.to_thread(
+                self.store.list_page, MAX_PAGE_SIZE if limit is None else limit, page_token)
         base = endpoints.generation.base_model
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
@@ -65,6 +78,25 @@ class AdapterEndpoints:
                  for r in records]
         return JSONResponse({"object": "list", "data": data, "has_more": bool(token),
                              "next_page_token": token or None})
+
+    async def model(self, endpoints: Endpoints, model_id: str) -> Response:
+        """``/v1/models/{id}``: the card of the base model or of the adapter that the name
+        serves (``AdapterNotFoundError``, 404, for any other name)."""
+        base = endpoints.generation.base_model
+        if model_id == base:
+            return JSONResponse(model_card(base, self.started, None, base, self.max_model_len))
+        registered = registered_in(self.store)
+        adapter = await asyncio.to_thread(resolve_adapter, model_id, base, registered)
+        record = await asyncio.to_thread(self.store.get, adapter)
+        return JSONResponse(adapter_card(record, base, model_id))
+
+    def _all_records(self) -> list:
+        records, token = [], ""
+        while True:
+            page, token, _ = self.store.list_page(MAX_PAGE_SIZE, token)
+            records += page
+            if not token:
+                return records
 
     async def load(self, body: LoadLoraRequest) -> Response:
         """Read a PEFT LoRA directory or an adapter file under ``adapter_dirs`` (nothing

@@ -155,3 +155,22 @@ class LoadLoraRequest(BaseModel):
 class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     lora_name: str
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (rendered as chat does)."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool = True
+
+    def generate_request(self) -> GenerateRequest:
+        messages = None if self.messages is None else \
+            [ChatMessage(m.role, m.text()) for m in self.messages]
+        return GenerateRequest(self.model, prompt=self.prompt, messages=messages)
+
+
+class DetokenizeRequest(BaseModel):
+    model: str = ""
+    tokens: list[int]

@@ -1,7 +1,7 @@
-"""The OpenAI-compatible routes, vLLM's shapes: completions, chat, models, health,
-metrics and adapter management, each a thin call into ``calls.Endpoints``; and which of
-them need which bearer token (``token_rules``, checked by ``server.BearerAuth`` before a
-body is read)."""
+"""The OpenAI-compatible routes, vLLM's shapes: completions, chat, models, tokenize,
+detokenize, version, health, metrics and adapter management, each a thin call into
+``calls.Endpoints``; and which of them need which bearer token (``token_rules``, checked
+by ``server.BearerAuth`` before a body is read)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
 from .errors import error_body
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from .tokens import TokenEndpoints, version
 
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models",
+                   "/v1/models/{model_id:path}", "/tokenize", "/detokenize", "/version")
 
 
 def token_rules(inference_token: str, admin_token: str) -> dict[str, tuple[str, str]]:
@@ -44,6 +51,20 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await endpoints.generate("/v1/chat/completions", body, request)
+
+    tokens = TokenEndpoints(endpoints.generation)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await endpoints.unary("/tokenize", lambda: tokens.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await endpoints.unary("/detokenize", lambda: tokens.detokenize(body))
+
+    @app.get("/version")
+    async def get_version() -> Response:
+        return JSONResponse({"version": version()})
 
     @app.get("/health")
     async def health() -> Response:

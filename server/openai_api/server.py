@@ -45,9 +45,19 @@ class BearerAuth:
 
     def __init__(self, app, rules: dict[str, tuple[str, str]], metrics: Metrics) -> None:
         self.app, self.rules, self.metrics = app, rules, metrics
+        # a rule of a route with a path parameter covers every path under its prefix
+        self.prefixes = [(path.split("{")[0], rule) for path, rule in rules.items()
+                         if "{" in path]
+
+    def rule(self, path: str) -> tuple[str, str] | None:
+        """The token rule of a request path: its route's exact rule or a prefix's."""
+        if path in self.rules:
+            return self.rules[path]
+        return next((rule for prefix, rule in self.prefixes if path.startswith(prefix)),
+                    None)
 
     async def __call__(self, scope, receive, send) -> None:
-        rule = self.rules.get(scope["path"]) if scope["type"] == "http" else None
+        rule = self.rule(scope["path"]) if scope["type"] == "http" else None
         if rule is not None:
             path, (token, key) = scope["path"], rule
             metadata = [(k.decode("latin-1"), v) for k, v in scope["headers"]
