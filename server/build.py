@@ -76,7 +76,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
                           fixed_chunks=config.batch_invariant,
                           adapter_overdue=admission.overdue)
-    limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
+    limits = EngineLimits.resolved(config.max_prompt_tokens, config.max_tokens_limit,
                           max_model_len, config.max_queued_requests, runner.vocab_size)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),
                   batch_invariant=config.batch_invariant)

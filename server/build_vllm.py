@@ -83,7 +83,7 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
         raise
     backend.llm = llm
     model_config = llm.model_config
-    limits = EngineLimits(config.max_prompt_tokens, config.max_tokens_limit,
+    limits = EngineLimits.resolved(config.max_prompt_tokens, config.max_tokens_limit,
                           model_config.max_model_len, config.max_queued_requests,
                           model_config.get_vocab_size())
     served = str(model_config.dtype).removeprefix("torch.")

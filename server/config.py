@@ -96,9 +96,10 @@ class Config:
                                           "`max_num_seqs` full-length sequences use)",
                                           shown="0.1")
     # request limits
-    max_prompt_tokens: int = option(4096, "longest prompt accepted (also bounded by the "
-                                    "model's context)")
-    max_tokens_limit: int = option(2048, "largest `max_tokens` accepted")
+    max_prompt_tokens: int = option(0, "longest prompt accepted (also bounded by the "
+                                    "model's context); `0` = the model's context - 1")
+    max_tokens_limit: int = option(0, "largest `max_tokens` accepted; `0` = the model's "
+                                   "context (`max_model_len`, as vLLM bounds it)")
     max_queued_requests: int = option(1024, "requests in flight before new ones get "
                                       "`RESOURCE_EXHAUSTED`")
     max_message_bytes: int = option(64 << 20, "largest gRPC message either way (adapter "
@@ -163,13 +164,13 @@ class Config:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "materialize_threads", "admission_aging_steps",
                     "max_num_seqs", "max_num_batched_tokens", "block_size",
-                    "max_prompt_tokens", "max_tokens_limit",
                     "max_queued_requests", "max_message_bytes", "peft_cache_bytes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config {name} must be a positive integer, got {value!r}")
-        for name in ("warm_cache_bytes", "admission_quantum_steps"):
+        for name in ("warm_cache_bytes", "admission_quantum_steps", "max_prompt_tokens",
+                     "max_tokens_limit"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"config {name} must be an integer >= 0, got {value!r}")

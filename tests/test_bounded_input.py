@@ -14,9 +14,10 @@ from conftest import tiny_llama
 from engine_helpers import make_engine
 from server_helpers import expect_code, request, serving, slow_down, wait_idle
 
-from nolaserve.adapters.errors import InvalidAdapterError
+from nolaserve.adapters.errors import InvalidAdapterError, InvalidRequestError
 from nolaserve.server.auth import _denying
 from nolaserve.server.config import Config
+from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.generation import PROMPT_BYTES_PER_TOKEN
 from nolaserve.v1 import admin_pb2, inference_pb2
 
@@ -217,3 +218,16 @@ def test_tokens_come_from_the_environment_or_a_file_and_never_show(tmp_path, mon
         Config(admin_token="x", admin_token_file=str(secret))
     with pytest.raises(ValueError, match="cannot read"):
         Config(inference_token_file=str(tmp_path / "missing"))
+
+
+def test_request_limits_default_to_the_models_context(bytebpe):
+    """As vLLM bounds a request by ``max_model_len``: unset (0), ``max_prompt_tokens`` and
+    ``max_tokens_limit`` are the model's context (here 128 positions)."""
+    engine = make_engine(tiny_llama(max_position_embeddings=128), bytebpe,
+                         max_tokens_limit=0, kv_cache_bytes=16 << 20)
+    limits = engine.limits
+    assert (limits.max_prompt_tokens, limits.max_tokens_limit, limits.max_model_len) == \
+        (127, 128, 128)
+    engine.add_request("long", [5] * 100, SamplingParams(max_tokens=28))  # 128 in all
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context of 128"):
+        engine.add_request("over", [5] * 100, SamplingParams(max_tokens=29))

@@ -36,6 +36,14 @@ class EngineLimits:
     max_queued_requests: int
     vocab_size: int = 0  # prompt token ids must be below it (0: not known, not checked)
 
+    @classmethod
+    def resolved(cls, max_prompt_tokens: int, max_tokens_limit: int, max_model_len: int,
+                 max_queued_requests: int, vocab_size: int = 0) -> EngineLimits:
+        """The limits with the config's ``0`` (the model's context, as vLLM bounds a
+        request by ``max_model_len``) replaced by that context."""
+        return cls(max_prompt_tokens or max_model_len - 1, max_tokens_limit or max_model_len,
+                   max_model_len, max_queued_requests, vocab_size)
+
 
 @dataclass(frozen=True)
 class StepStats:
