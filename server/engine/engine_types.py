@@ -12,10 +12,23 @@ from nolaserve.adapters.store import StoreStats
 from .sequence import FinishReason, SamplingParams
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log probability (the raw ``log_softmax`` of the model's logits, before
+    bias, penalties, grammar masks and temperature, as vLLM reports by default) and the
+    ``k`` most likely ``(token id, logprob)`` of that position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request: new text and token ids; the last output of
-    a request has ``finished`` set with the reason and the token counts."""
+    a request has ``finished`` set with the reason and the token counts. ``logprobs``: one
+    per entry of ``token_ids`` when the request asks; ``prompt_logprobs``: on the request's
+    first output only, one per prompt token (the first is ``None``)."""
 
     request_id: str
     text: str
@@ -26,6 +39,8 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     error_code: Status = Status.FAILED_PRECONDITION  # the kind of ``error``
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +100,7 @@ def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -
         raise InvalidRequestError(
             f"prompt token id {short(bad)} is out of range: token ids are 0 to "
             f"{lim.vocab_size - 1 if lim.vocab_size else 'the vocabulary size - 1'}")
-    params.validate(lim.max_tokens_limit)
+    params.validate(lim.max_tokens_limit, lim.vocab_size)
     if len(prompt) + params.max_tokens > lim.max_model_len:
         raise InvalidRequestError(
             f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "

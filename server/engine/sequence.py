@@ -39,8 +39,17 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = 0.0  # OpenAI: over the output tokens so far
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output tokens
+    min_tokens: int = 0  # EOS and stop strings do not end the request before it
 
-    def validate(self, max_tokens_limit: int) -> None:
+    def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
+        """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
+        known) bounds ``logit_bias``'s token ids."""
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError(
                 f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}"
@@ -58,6 +67,52 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters")
+        self._validate_processing(max_tokens_limit, vocab_size)
+
+    def _validate_processing(self, max_tokens_limit: int, vocab_size: int) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequestError(
+                    f"{name} must be between 0 and {MAX_LOGPROBS} (or unset), got {k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequestError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got "
+                f"{self.repetition_penalty}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got "
+                f"{self.min_tokens}")
+        _validate_logit_bias(self.logit_bias, vocab_size)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits of this request's rows are changed before sampling (bias,
+        penalties or ``min_tokens``); rows that do not ask cost nothing."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.min_tokens)
+
+
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+
+
+def _validate_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+    for token, value in bias.items():
+        if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
+            top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
+            raise InvalidRequestError(
+                f"logit_bias token id {str(token)[:20]} is out of range: token ids are 0 to {top}")
+        if not (isinstance(value, int | float) and math.isfinite(value) and -100 <= value <= 100):
+            raise InvalidRequestError(
+                f"logit_bias for token {token} must be in [-100, 100], got {str(value)[:20]}")
 
 
 @dataclass(eq=False)
