@@ -7,6 +7,7 @@ CPU path never holds a whole basis (see docs/adapter-format.md for the normative
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -82,6 +83,8 @@ class NolaAdapter:
         jobs = [(i, t, name) for i in range(self.num_layers)
                 for t, name in enumerate(self.target_modules)]
         alpha, beta = self.alpha.to(device), self.beta.to(device)
+        if alpha.device.type == "cuda" and (regen := _cuda_regenerate()) is not None:
+            return self._regenerate_fused(regen, alpha, beta)
 
         def one(job: tuple[int, int, str]) -> ModuleFactors:
             i, t, name = job
@@ -102,6 +105,16 @@ class NolaAdapter:
             with ThreadPoolExecutor(workers, thread_name_prefix="nola-regen") as pool:
                 results = list(pool.map(one, jobs))
         return AdapterFactors({(i, name): f for (i, _, name), f in zip(jobs, results)})
+
+    def _regenerate_fused(self, regen, alpha: torch.Tensor, beta: torch.Tensor
+                          ) -> AdapterFactors:
+        """Every module in one launch (``nola_triton.regenerate``), fp32 factors."""
+        outs = {(i, name): (alpha.new_empty(self.rank, self.module_shapes[name][0]),
+                            alpha.new_empty(self.module_shapes[name][1], self.rank))
+                for i in range(self.num_layers) for name in self.target_modules}
+        regen(self.seed, alpha, beta, list(outs.values()))
+        return AdapterFactors({key: ModuleFactors(A=a, B=b, scale=self.scale)
+                               for key, (a, b) in outs.items()})
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -139,6 +152,17 @@ class NolaAdapter:
             extra = sorted(set(tensors) - {"alpha", "beta"})
             raise InvalidAdapterError(f"{what}: unexpected tensors {extra}")
         return adapter
+
+
+@functools.cache
+def _cuda_regenerate():
+    """``nola_triton.regenerate`` (one launch per adapter), or None without triton;
+    imported on first use so CPU-only processes never import triton."""
+    try:
+        from .nola_triton import regenerate
+    except ImportError:
+        return None
+    return regenerate
 
 
 def _check_stream_space(a: NolaAdapter, what: str) -> None:

@@ -7,10 +7,17 @@ give the same float32 bits as ``philox.basis_values``. ``tl.rand4x`` takes the s
 words: the counters here are uint64, the seed is passed as a Python int (< 2^63, typed
 int64 by Triton when it does not fit int32).
 
+``regenerate`` runs a whole adapter (every layer and module, A and B) in one launch and
+writes each factor, divided by ``sqrt(k)`` and rounded to its dtype, straight into the
+tensors it is given (views into a slot's storage, or fresh ones).
+
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -121,3 +128,112 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
     _contract_kernel[(triton.cdiv(lanes, block),)](
         out, coeffs, seed, c_base, coeffs.shape[0], n_cols, BLOCK=block, ALIGNED=aligned)
     return out
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _regen_kernel(jobs, coeffs, divisors, seed, BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Program ``(j, tile)``: columns ``n`` of tile ``tile`` of job ``j``'s stream::
+
+        acc[n] = sum(coeffs[off + i] * basis[i, n] for i in range(k))   # as ``contract``
+        out[n // cols, n % cols] = (acc[n] / divisors[j]).to(out.dtype)  # IEEE division
+
+    A job row is 8 int64: coeff offset, k, counter base (``s << 40``, bits of a uint64),
+    n_cols, the pointer of ``out`` (2-D), its columns and its two strides.
+    Counters of 4 adjacent columns give one Philox call when ``n_cols % 4 == 0``.
+    """
+    row = jobs + tl.program_id(0).to(tl.int64) * 8
+    off, k, c_base = tl.load(row), tl.load(row + 1), tl.load(row + 2).to(tl.uint64, bitcast=True)
+    n_cols, cols, s0, s1 = tl.load(row + 3), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7)
+    out = tl.load(row + 4).to(tl.pointer_type(OUT_DTYPE))
+    div = tl.load(divisors + tl.program_id(0))
+    if n_cols % 4 == 0:
+        q = tl.program_id(1).to(tl.uint64) * BLOCK + tl.arange(0, BLOCK).to(tl.uint64)
+        n_quads = (n_cols // 4).to(tl.uint64)
+        if tl.program_id(1) * BLOCK < n_cols // 4:
+            ok = q < n_quads
+            c = c_base + q
+            acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(k):
+                a = tl.load(coeffs + off + i)
+                u0, u1, u2, u3 = tl.rand4x(seed, c)
+                acc0 += a * _sym(u0)
+                acc1 += a * _sym(u1)
+                acc2 += a * _sym(u2)
+                acc3 += a * _sym(u3)
+                c += n_quads
+            n = (q * 4).to(tl.int64)
+            _put(out, n, acc0, div, ok, cols, s0, s1)
+            _put(out, n + 1, acc1, div, ok, cols, s0, s1)
+            _put(out, n + 2, acc2, div, ok, cols, s0, s1)
+            _put(out, n + 3, acc3, div, ok, cols, s0, s1)
+    elif tl.program_id(1) * BLOCK * 4 < n_cols:  # a program covers 4 * BLOCK columns
+        for part in range(4):
+            e = (tl.program_id(1).to(tl.uint64) * 4 + part) * BLOCK + \
+                tl.arange(0, BLOCK).to(tl.uint64)
+            ok = e < n_cols.to(tl.uint64)
+            n = e
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(k):
+                acc += tl.load(coeffs + off + i) * _sym(_lane(seed, c_base, e))
+                e += n_cols.to(tl.uint64)
+            _put(out, n.to(tl.int64), acc, div, ok, cols, s0, s1)
+
+
+@triton.jit
+def _put(out, n, acc, div, ok, cols, s0, s1):
+    v = tl.math.div_rn(acc, div)  # correctly rounded, as torch's fp32 division
+    tl.store(out + (n // cols) * s0 + (n % cols) * s1, v.to(out.dtype.element_ty), mask=ok)
+
+
+_OUT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+               torch.bfloat16: tl.bfloat16}
+
+
+def regenerate(seed: int, alpha: torch.Tensor, beta: torch.Tensor,
+               outs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Every factor of a NOLA adapter in one launch, written into ``outs``.
+
+    ``alpha [L, T, k]``, ``beta [L, T, l]`` (fp32, on the device); ``outs[i * T + t]`` is
+    ``(A [r, in], B [out, r])`` of layer ``i``, target ``t`` (any strides, one dtype among
+    fp32, fp16, bf16, e.g. ``slot_A[s, :r]`` and ``slot_B[s, :, :r]``). Equal to::
+
+        s = 2 * (i * T + t)                                # NolaAdapter.stream(i, t)
+        A[:] = (contract(seed, s, alpha[i, t], A.numel()).view(A.shape) / sqrt(k)).to(A.dtype)
+        B[:] = (contract(seed, s + 1, beta[i, t], B.numel()).view(B.shape) / sqrt(l)).to(B.dtype)
+
+    Raises ``ValueError`` when ``outs`` does not match ``alpha`` or mixes dtypes/devices.
+    """
+    L, T, k = alpha.shape
+    dests = [t for pair in outs for t in pair]
+    if beta.shape[:2] != (L, T) or len(outs) != L * T:
+        raise ValueError(f"outs must hold one (A, B) pair per (layer, target) of alpha "
+                         f"{list(alpha.shape)} and beta {list(beta.shape)}; got {len(outs)}")
+    if {(t.dtype, t.device, t.dim()) for t in dests} != {(dests[0].dtype, alpha.device, 2)} \
+            or dests[0].dtype not in _OUT_DTYPES:
+        raise ValueError("outs must be 2-D fp32/fp16/bf16 tensors of one dtype on alpha's device")
+    coeffs = torch.cat([alpha.reshape(-1), beta.reshape(-1)]).to(torch.float32)
+    rows, divisors = _job_rows(seed, k, beta.shape[2], L * T, dests)
+    jobs = torch.tensor(rows, dtype=torch.int64).to(alpha.device)
+    divisors = torch.tensor(divisors, dtype=torch.float32).to(alpha.device)
+    block = 128
+    tiles = max(triton.cdiv(t.numel(), 4 * block) for t in dests)
+    _regen_kernel[(len(dests), tiles)](jobs, coeffs, divisors, seed, BLOCK=block,
+                                       OUT_DTYPE=_OUT_DTYPES[dests[0].dtype])
+
+
+def _job_rows(seed: int, k: int, l_: int, modules: int, dests: list[torch.Tensor]
+              ) -> tuple[list[list[int]], list[float]]:
+    """The job table of ``regenerate``: A of module ``j`` is job ``2j`` (stream ``2j``), its
+    B job ``2j + 1``; counter bases as int64 bit patterns (they may pass 2^63)."""
+    rows, divisors = [], []
+    for job, out in enumerate(dests):
+        j, is_b = divmod(job, 2)
+        base = counter_base(seed, job)
+        off = modules * k + j * l_ if is_b else j * k
+        rows.append([off, l_ if is_b else k, base - (1 << 64) if base >= 1 << 63 else base,
+                     out.numel(), out.data_ptr(), out.shape[1], *out.stride()])
+        divisors.append(math.sqrt(l_ if is_b else k))
+    return rows, divisors

@@ -20,14 +20,16 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
 
-def run_cases(interpret: bool) -> None:
+def run_cases(interpret: bool, cases: list[Path] = CASES) -> None:
+    """Run the case files ``cases`` in a child pytest, interpreted or on CUDA; every case
+    must pass and none be skipped."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         *map(str, CASES)],
-        cwd=CASES[0].parent.parent, env=env, capture_output=True, text=True, timeout=1200,
+         *map(str, cases)],
+        cwd=cases[0].parent.parent, env=env, capture_output=True, text=True, timeout=1200,
     )
     summary = proc.stdout.strip().splitlines()[-1:] or [""]
     assert proc.returncode == 0 and " passed" in summary[0], proc.stdout[-6000:] + proc.stderr
