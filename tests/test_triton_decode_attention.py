@@ -1,0 +1,25 @@
+"""Paged decode attention split across programs (flash-decoding, ``paged_triton``) against
+torch SDPA on contiguous K/V; the cases (``triton_decode_attention_cases.py``) run in a
+child process under ``TRITON_INTERPRET=1``, or natively on CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_triton_kernels import needs_triton, run_cases
+
+CASES = [Path(__file__).with_name("triton_decode_attention_cases.py")]
+
+
+@needs_triton
+def test_split_decode_attention_interpreted_on_cpu():
+    run_cases(interpret=True, cases=CASES)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_split_decode_attention_on_cuda():
+    run_cases(interpret=False, cases=CASES)
