@@ -25,6 +25,14 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+@dataclass(frozen=True)
+class StructuredSpec:
+    """Output held to JSON (structured.py): ``json_schema`` (a JSON schema as JSON text)
+    or, when None, any JSON object (OpenAI's ``json_object``)."""
+
+    json_schema: str | None = None
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and
@@ -46,6 +54,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output tokens
     min_tokens: int = 0  # EOS and stop strings do not end the request before it
+    structured: StructuredSpec | None = None  # output held to JSON by a grammar
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
