@@ -188,8 +188,12 @@ class Generation:
         # clients choosing the same id never meet.
         outputs = self.engine.generate(prompt, params, adapter, label=request_id)
         async with aclosing(outputs):
-            async for out in outputs:
-                if out.finish_reason is FinishReason.ERROR:
-                    raise failure(out)
-                timer.observe(out)
-                yield out
+            try:
+                async for out in outputs:
+                    timer.observe(out)
+                    if out.finish_reason is FinishReason.ERROR:
+                        raise failure(out)
+                    yield out
+            except (GeneratorExit, asyncio.CancelledError):
+                timer.aborted()
+                raise

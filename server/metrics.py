@@ -25,7 +25,9 @@ from nolaserve.adapters.errors import Status
 from nolaserve.adapters.store import StoreStats
 
 from .engine.engine import Engine
-from .engine.engine_types import RequestOutput, StepStats
+from .engine.engine_types import FinishReason, RequestOutput, StepStats
+from .metrics_vllm import NAMES as REQUEST_NAMES
+from .metrics_vllm import RequestSeries
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -67,12 +69,15 @@ class Metrics:
         self.registry_changes = Counter("nolaserve_registry_changes_applied",
                                         "Adapters registered, replaced or deleted by other "
                                         "replicas and applied here", registry=r)
+        self.vllm: RequestSeries | None = None  # vLLM's names, once bound to an engine
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
     def bind(self, engine: Engine) -> None:
         """Observe ``engine``: per-step stats, cold loads and scrape-time state."""
         engine.observe(on_step=self.observe_step, on_load=self.materialize.observe)
+        self.vllm = RequestSeries(self.registry, engine.model_name,
+                                  engine.limits.max_model_len)
         self.registry.register(EngineCollector(engine))
 
     def observe_step(self, stats: StepStats) -> None:
@@ -122,27 +127,57 @@ class _PreboundServer(ThreadingWSGIServer):
 
 
 class RequestTimer:
-    """Feed it a request's outputs; it observes TTFT, time per output token, latency and
-    token counts when the request finishes normally."""
+    """Feed it a request's outputs; it observes TTFT, the gaps between tokens, latency and
+    token counts (``nolaserve_`` series for requests that finish normally; vLLM's names
+    for every request that reached the engine, by ``finished_reason``)."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+        self.metrics, self.vllm = metrics, metrics.vllm
         self.start = time.perf_counter()
         self.first: float | None = None
+        self.last = self.start
+        self.tokens = 0
+        self.done = False
 
     def observe(self, out: RequestOutput) -> None:
-        now = time.perf_counter()
-        if self.first is None and out.token_ids:
-            self.first = now
-            self.metrics.ttft.observe(now - self.start)
+        now, m = time.perf_counter(), self.metrics
+        if out.token_ids:
+            self._token_times(now, len(out.token_ids))
         if not out.finished:
             return
-        m = self.metrics
+        self.done = True
+        self._vllm_finished(out.finish_reason, out.prompt_tokens, out.completion_tokens, now)
+        if out.finish_reason is FinishReason.ERROR:
+            return
         m.latency.observe(now - self.start)
         m.prompt_tokens.inc(out.prompt_tokens)
         m.generation_tokens.inc(out.completion_tokens)
         if self.first is not None and out.completion_tokens > 1:
             m.tpot.observe((now - self.first) / (out.completion_tokens - 1))
+
+    def aborted(self) -> None:
+        """The client went away before the request finished (no-op after it finished)."""
+        if not self.done:
+            self.done = True
+            self._vllm_finished(FinishReason.CANCELLED, 0, self.tokens, time.perf_counter())
+
+    def _token_times(self, now: float, tokens: int) -> None:
+        self.tokens += tokens
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.start)
+            if self.vllm is not None:
+                self.vllm.ttft.observe(now - self.start)
+        elif self.vllm is not None:
+            self.vllm.token_gap(now - self.last, tokens)
+        self.last = now
+
+    def _vllm_finished(self, reason: FinishReason | None, prompt_tokens: int,
+                       completion_tokens: int, now: float) -> None:
+        if self.vllm is not None:
+            decode = self.last - self.first if self.first is not None else None
+            self.vllm.finished(reason, prompt_tokens, completion_tokens, now - self.start,
+                               decode)
 
 
 class EngineCollector(Collector):
@@ -167,7 +202,8 @@ class EngineCollector(Collector):
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
         yield from router_gauges(stats.waiting, stats.running,
-                                 stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+                                 stats.kv_blocks_used / max(1, stats.kv_blocks_total),
+                                 self.engine.model_name)
         yield from self.engine.extra_metrics(VLLM_NAMES)
 
     def _store_metrics(self, store: StoreStats) -> Iterator[Metric]:
@@ -212,17 +248,20 @@ LORA_LABEL_CHARS = 4096
 # the vllm: series nolaserve exports itself (a backend's own ones of these names are dropped)
 VLLM_NAMES = {"vllm:lora_requests_info", "vllm:num_requests_waiting",
               "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
-              "vllm:kv_cache_usage_perc"}
+              "vllm:kv_cache_usage_perc", *REQUEST_NAMES}
 
 
-def router_gauges(waiting: int, running: int, kv_usage: float) -> Iterator[Metric]:
+def router_gauges(waiting: int, running: int, kv_usage: float, model_name: str
+                  ) -> Iterator[Metric]:
     """The vLLM series that the Gateway API Inference Extension's endpoint picker scores
     replicas by (queue length and KV-cache use, a fraction in [0, 1]); the KV one under its
-    older and its newer name."""
-    yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed", waiting)
-    yield _gauge("vllm:num_requests_running", "Requests running on the device", running)
+    older and its newer name. Labelled as vLLM labels them (``model_name``, ``engine``)."""
+    yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed", waiting,
+                 model_name)
+    yield _gauge("vllm:num_requests_running", "Requests running on the device", running,
+                 model_name)
     for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
-        yield _gauge(name, "KV-cache usage; 1 means 100 percent usage", kv_usage)
+        yield _gauge(name, "KV-cache usage; 1 means 100 percent usage", kv_usage, model_name)
 
 
 def _adapter_list(adapter_ids: Sequence[str], cap: int) -> str:
@@ -233,5 +272,10 @@ def _adapter_list(adapter_ids: Sequence[str], cap: int) -> str:
     return text
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
+def _gauge(name: str, documentation: str, value: float, model_name: str | None = None
+           ) -> GaugeMetricFamily:
+    if model_name is None:
+        return GaugeMetricFamily(name, documentation, value=value)
+    family = GaugeMetricFamily(name, documentation, labels=["model_name", "engine"])
+    family.add_metric([model_name, "0"], value)
+    return family
