@@ -40,12 +40,16 @@ class IncrementalDetokenizer:
         tokenizer: Any,
         stop: list[str],
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
+        """``min_tokens``: stop strings are not looked for before that many output tokens
+        (the text until then is emitted as it comes), as vLLM does."""
         if any(not s for s in stop):
             raise InvalidRequestError("stop strings must be non-empty")
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.skip_special_tokens = skip_special_tokens
+        self.min_tokens = min_tokens
         self.output_token_ids: list[int] = []
         self.stopped = False
         self._prefix_offset = 0  # window start: ids before it are fully decoded
@@ -100,6 +104,9 @@ class IncrementalDetokenizer:
         """Emit decoded text up to the first stop string, or up to any suffix that could
         still grow into one (unless ``final``)."""
         end = len(self._decoded)
+        if len(self.output_token_ids) < self.min_tokens:  # no stop string yet
+            piece, self._emitted = self._decoded[self._emitted:end], end
+            return piece
         cut = self._find_stop()
         if cut is not None:
             self.stopped = True

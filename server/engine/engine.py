@@ -29,8 +29,11 @@ from .engine_types import (
     EngineStats,
     RequestOutput,
     StepStats,
+    TokenLogprob,
     check_limits,
 )
+from .logits_process import process_logits
+from .logprobs import StepRows, extend_prompt_logprobs, wants_prompt_logits
 from .model_runner import ModelRunner, StepBatch
 from .row_sampling import RowSampler
 from .sampler import make_generator
@@ -45,6 +48,7 @@ class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first output
 
 
 class Engine:
@@ -124,9 +128,10 @@ class Engine:
         if len(self.requests) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, min_tokens=params.min_tokens)
         self.requests[request_id] = _Request(seq, detok,
-                                            make_generator(params.seed, self.runner.device))
+                                            make_generator(params.seed, self.runner.device),
+                                            None if params.prompt_logprobs is None else [None])
         self.scheduler.add(seq)
         self.admission.accepted(seq)  # a cold adapter starts loading now (a prefetch)
 
@@ -228,27 +233,33 @@ class Engine:
         for s in scheduled:
             start = s.seq.num_computed_tokens
             batch.add(s.seq.token_ids[start:start + s.num_new_tokens], start,
-                      s.seq.block_table, s.seq.adapter_slot, s.samples)
+                      s.seq.block_table, s.seq.adapter_slot, s.samples, wants_prompt_logits(s))
         return batch
 
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor | None
                      ) -> list[RequestOutput]:
         outputs = [self._finish(self.requests[seq.request_id], FinishReason.ERROR, seq.error)
                    for seq in sched.errored]
-        sampling = []
+        sampling, rows = [], StepRows.of(sched.scheduled)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             if s.seq.num_computed_tokens == s.seq.num_tokens:
                 sampling.append(self.requests[s.seq.request_id])
-        if not sampling:
+        if not sampling and not rows.prompt:
             return outputs
-        tokens = self.sampler.sample_rows(logits, [r.seq for r in sampling],
-                                          [r.generator for r in sampling])
-        for req, tok in zip(sampling, tokens):
-            if isinstance(tok, int):
-                outputs.append(self._append(req, tok))
-            else:
-                outputs.append(self._finish(req, FinishReason.ERROR, tok.message, code=tok.code))
+        seqs = [r.seq for r in sampling]
+        raw = rows.sampled_logits(logits)
+        processed = process_logits(raw, seqs, self.eos_token_ids)
+        got = self.sampler.sample_rows(raw, seqs, [r.generator for r in sampling], processed,
+                                       rows, logits)
+        for request_id, first, chunk in got.prompt_logprobs:
+            extend_prompt_logprobs(self.requests[request_id].prompt_logprobs, first, chunk)
+        for req, tok, lp in zip(sampling, got.tokens, got.logprobs):
+            out = self._append(req, tok) if isinstance(tok, int) else \
+                self._finish(req, FinishReason.ERROR, tok.message, code=tok.code)
+            out.logprobs, out.prompt_logprobs = [lp] if lp else None, req.prompt_logprobs
+            req.prompt_logprobs = None
+            outputs.append(out)
         return outputs
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

@@ -120,16 +120,17 @@ class ModelRunner:
         return len(batches) + self.decode.capture()
 
     def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:
-        """Run one step; returns float32 logits ``[num_sampled, vocab]``, one row per
-        sequence with ``sample`` set, in ``batch`` order. Writes the new tokens' keys and
-        values into the cache. Raises ``ValueError`` on an inconsistent batch.
-        ``all_modules``: run every wrapped linear's low-rank op, also for slots that adapt
-        none of it (warm-up)."""
+        """Run one step; returns float32 logits ``[num_rows, vocab]``, in ``batch`` order one
+        row per sequence with ``sample`` set, or one per new token with ``all_logits``.
+        Writes the new tokens' keys and values into the cache. Raises ``ValueError`` on an
+        inconsistent batch. ``all_modules``: run every wrapped linear's low-rank op, also
+        for slots that adapt none of it (warm-up)."""
         batch.validate()
         if batch.num_seqs == 0:
             return torch.empty(0, self.vocab_size, device=self.device)
         self._check_adapter_slots(batch.adapter_slot)
-        if self.decode is not None and not all_modules and self.decode.takes(batch):
+        if self.decode is not None and not all_modules and not any(batch.all_logits) and \
+                self.decode.takes(batch):
             self._check_decode_tables(batch)
             return self.decode.run(batch)
         inputs = build_step_inputs(batch, self.kv_cache, self.staging, self.kernel,
@@ -142,7 +143,7 @@ class ModelRunner:
                 out = self._forward(inputs)
         finally:
             self.ctx.clear()
-        return out.logits[0].to(torch.float32)  # [num_sampled, vocab]
+        return out.logits[0].to(torch.float32)  # [num_rows, vocab]
 
     def _forward(self, inputs: StepInputs):
         return self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,

@@ -1,15 +1,17 @@
 """The engine's sampling of a step: one token per sequence, or the failure of that row
-alone, read back from the device in one copy."""
+alone, with the logprobs asked for, read back from the device in one copy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nolaserve.adapters.errors import Status, short
 
-from .sampler import Sampler
+from .engine_types import TokenLogprob
+from .logprobs import StepRows, logprob_values, token_logprobs
+from .sampler import Sampler, row_tensor
 from .sequence import Sequence
 
 
@@ -21,24 +23,69 @@ class RowFailure:
     code: Status
 
 
+@dataclass
+class SampledRows:
+    """A step's read-back: per sampling row its token (or failure) and, when its request
+    asks, the token's ``TokenLogprob``; and the step's prompt logprobs per chunk
+    (``StepRows.prompt_logprobs``)."""
+
+    tokens: list[int | RowFailure]
+    logprobs: list[TokenLogprob | None]
+    prompt_logprobs: list[tuple[str, int, list[TokenLogprob]]] = field(default_factory=list)
+
+
 class RowSampler(Sampler):
     """``Sampler`` plus the rules of a step: a row with NaN/Inf logits fails alone, and if
     the batched draw raises, the rows are drawn one by one."""
 
-    def sample_rows(self, logits: torch.Tensor, seqs: list[Sequence],
-                    generators: list[torch.Generator | None]) -> list[int | RowFailure]:
-        """A token or a ``RowFailure`` per row. The tokens and the finite check come back
+    def sample_rows(self, raw: torch.Tensor, seqs: list[Sequence],
+                    generators: list[torch.Generator | None],
+                    processed: torch.Tensor | None = None,
+                    rows: StepRows | None = None, step_logits: torch.Tensor | None = None
+                    ) -> SampledRows:
+        """Sample ``processed`` (the ``raw`` logits after bias, penalties and masks; ``raw``
+        itself if None). The tokens, the finite check of ``raw``, the logprobs asked for
+        (from ``raw``) and the prompt logprobs of ``rows`` (from ``step_logits``) come back
         in one device-to-host copy, the step's only sync."""
         # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
         # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
-        finite = torch.isfinite(logits.sum(dim=1))
+        finite = torch.isfinite(raw.sum(dim=1))
+        processed = raw if processed is None else processed
+        drawn: list[int | RowFailure] | None = None
         try:
-            ids = self.sample_ids(logits, [s.params for s in seqs], generators)
+            ids = self.sample_ids(processed, [s.params for s in seqs], generators) if seqs \
+                else torch.empty(0, dtype=torch.int64, device=raw.device)
         except Exception:
-            return [self._sample_one(logits[i:i + 1], s, g) if ok else non_finite(s)
-                    for i, (s, g, ok) in enumerate(zip(seqs, generators, finite.tolist()))]
-        tokens, ok = torch.stack([ids, finite.long()]).tolist()
-        return [t if good else non_finite(s) for t, good, s in zip(tokens, ok, seqs)]
+            drawn = [self._sample_one(processed[i:i + 1], s, g) for i, (s, g)
+                     in enumerate(zip(seqs, generators))]
+            ids = row_tensor([t if isinstance(t, int) else 0 for t in drawn], torch.int64, raw)
+        asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        blocks = [ids.double(), finite.double()]
+        if asking:
+            index = row_tensor(asking, torch.int64, raw)
+            blocks.append(logprob_values(raw.index_select(0, index), ids.index_select(0, index),
+                                         max(seqs[i].params.logprobs for i in asking)))
+        prompt = rows.prompt_values(step_logits) if rows is not None else None
+        host = torch.cat(blocks + ([prompt] if prompt is not None else [])).tolist()
+        return self._unpack(host, seqs, asking, drawn, rows, raw.shape[1])
+
+    def _unpack(self, host: list[float], seqs: list[Sequence], asking: list[int],
+                drawn: list[int | RowFailure] | None, rows: StepRows | None,
+                vocab: int) -> SampledRows:
+        n = len(seqs)
+        tokens = [int(t) for t in host[:n]] if drawn is None else drawn
+        tokens = [t if good else non_finite(s) for t, good, s in zip(tokens, host[n:2 * n], seqs)]
+        ks = [seqs[i].params.logprobs for i in asking]
+        width = len(asking) * (1 + 2 * min(max(ks, default=0), vocab))
+        lps = token_logprobs(host[2 * n:2 * n + width],
+                             [t if isinstance(t, int) else 0 for t in
+                              (tokens[i] for i in asking)], ks, vocab)
+        logprobs: list[TokenLogprob | None] = [None] * n
+        for i, lp in zip(asking, lps):
+            logprobs[i] = lp if isinstance(tokens[i], int) else None
+        prompt = rows.prompt_logprobs(host[2 * n + width:], vocab) if rows is not None \
+            and rows.prompt else []
+        return SampledRows(tokens, logprobs, prompt)
 
     def _sample_one(self, row: torch.Tensor, seq: Sequence,
                     generator: torch.Generator | None) -> int | RowFailure:

@@ -134,7 +134,7 @@ class Sampler:
         if not rows:
             return greedy_ids
         if len(rows) < len(params):
-            index = _row_tensor(rows, torch.int64, logits)
+            index = row_tensor(rows, torch.int64, logits)
             sub = self.probabilities(logits.index_select(0, index), [params[i] for i in rows])
             drawn = _draw(sub, [generators[i] for i in rows])
             return greedy_ids.index_copy(0, index, drawn)
@@ -146,7 +146,7 @@ class Sampler:
         temperature-scaled, top-k/top-p filtered logits (filtered tokens have probability 0).
         Only rows that ask for top-k or top-p are filtered."""
         if temperature is None:
-            temperature = _row_tensor([p.temperature for p in params], torch.float32, logits)
+            temperature = row_tensor([p.temperature for p in params], torch.float32, logits)
         scaled = apply_temperature(logits.float(), temperature)
         k_only = [i for i, p in enumerate(params) if p.top_k > 0 and p.top_p >= 1]
         with_p = [i for i, p in enumerate(params) if p.top_p < 1]
@@ -162,13 +162,13 @@ def _filter_rows(scaled: Tensor, rows: list[int], params: list[SamplingParams],
     is every row). A ``top_k`` at or over the vocabulary size keeps every token (however
     large: it never reaches the int64 tensor)."""
     ks = [min(p.top_k, scaled.shape[1]) for p in params]
-    top_k = _row_tensor(ks, torch.int64, scaled)
-    top_p = _row_tensor([p.top_p for p in params], torch.float32, scaled)
+    top_k = row_tensor(ks, torch.int64, scaled)
+    top_p = row_tensor([p.top_p for p in params], torch.float32, scaled)
     k_max = max(ks)
     if len(rows) == scaled.shape[0]:
         scaled.copy_(apply_top_k_top_p(scaled, top_k, top_p, k_max=k_max, use_p=use_p))
         return
-    index = _row_tensor(rows, torch.int64, scaled)
+    index = row_tensor(rows, torch.int64, scaled)
     sub = apply_top_k_top_p(scaled.index_select(0, index), top_k, top_p, k_max=k_max,
                             use_p=use_p)
     scaled.index_copy_(0, index, sub)
@@ -188,7 +188,7 @@ def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
     return (probs / noise.clamp_min_(1e-30)).argmax(dim=1)
 
 
-def _row_tensor(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
+def row_tensor(values: list, dtype: torch.dtype, like: Tensor) -> Tensor:
     """``values`` on ``like``'s device; from pinned memory on CUDA, so the copy is queued
     without waiting for the device (a pageable one would wait)."""
     host = torch.tensor(values, dtype=dtype, pin_memory=like.is_cuda)

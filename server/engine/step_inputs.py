@@ -30,7 +30,9 @@ class StepBatch:
     ``start_pos[i]``: tokens already in the KV cache before this step;
     ``block_table[i]``: KV block ids covering positions ``[0, start_pos + len(token_ids))``;
     ``adapter_slot[i]``: slot-pool slot, ``-1`` for the base model;
-    ``sample[i]``: produce logits at the sequence's last new token.
+    ``sample[i]``: produce logits at the sequence's last new token;
+    ``all_logits[i]``: produce logits at every new token (prompt logprobs), the last one
+    being the sampled row when ``sample[i]``.
     """
 
     token_ids: list[list[int]] = field(default_factory=list)
@@ -38,6 +40,7 @@ class StepBatch:
     block_table: list[list[int]] = field(default_factory=list)
     adapter_slot: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
+    all_logits: list[bool] = field(default_factory=list)
 
     @classmethod
     def from_seqs(cls, seqs: list[tuple[list[int], int, list[int], int, bool]]) -> StepBatch:
@@ -48,13 +51,14 @@ class StepBatch:
         return batch
 
     def add(self, token_ids: list[int], start_pos: int, block_table: list[int],
-            adapter_slot: int = -1, sample: bool = True) -> None:
+            adapter_slot: int = -1, sample: bool = True, all_logits: bool = False) -> None:
         """Append one sequence."""
         self.token_ids.append(token_ids)
         self.start_pos.append(start_pos)
         self.block_table.append(block_table)
         self.adapter_slot.append(adapter_slot)
         self.sample.append(sample)
+        self.all_logits.append(all_logits)
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +72,7 @@ class StepBatch:
         """Raise ``ValueError`` on ragged fields, empty token lists or negative positions."""
         n = self.num_seqs
         lengths = {len(self.start_pos), len(self.block_table), len(self.adapter_slot),
-                   len(self.sample)}
+                   len(self.sample), len(self.all_logits)}
         if lengths != {n}:
             raise ValueError(f"StepBatch fields have different lengths: {lengths | {n}}")
         if any(not t for t in self.token_ids) or any(s < 0 for s in self.start_pos):
@@ -123,7 +127,7 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [1, T]
     positions: torch.Tensor  # [1, T]
-    logits_rows: torch.Tensor  # [num_sampled] packed row of each sampled sequence
+    logits_rows: torch.Tensor  # [num_rows] packed rows whose logits the step returns
     attn: AttentionMetadata
     lora: LoraBatch | None  # None when no token of the step has an adapter
     slots: frozenset[int]  # adapter slots of the step (-1 not included)
@@ -150,14 +154,17 @@ def build_step_inputs(batch: StepBatch, cache: KVCache, staging: HostStaging,
     ids: list[int] = []
     positions: list[int] = []
     token_slot: list[int] = []
-    last_row = [0] * batch.num_seqs
+    first_row, last_row = [0] * batch.num_seqs, [0] * batch.num_seqs
     for i in order:
+        first_row[i] = len(ids)
         s, q = batch.start_pos[i], len(batch.token_ids[i])
         ids += batch.token_ids[i]
         positions += range(s, s + q)
         token_slot += [batch.adapter_slot[i]] * q
         last_row[i] = len(ids) - 1
-    keep = [last_row[i] for i in range(batch.num_seqs) if batch.sample[i]]
+    keep = [r for i in range(batch.num_seqs)
+            for r in (range(first_row[i], last_row[i] + 1) if batch.all_logits[i]
+                      else [last_row[i]] if batch.sample[i] else [])]
     plan = plan_attention(cache.block_size, cache.num_blocks,
                           [len(batch.token_ids[i]) for i in order],
                           [batch.start_pos[i] for i in order],

@@ -1,0 +1,103 @@
+"""A step's per-request logits processing before sampling: ``logit_bias``, then the
+presence, frequency and repetition penalties, then ``min_tokens`` (EOS masked to -inf).
+
+Each is a batched tensor op over the rows that ask for it (rows that ask for none cost
+nothing, and a batch where none asks returns its logits untouched). The per-row values
+reach the device from the host's lists in non-blocking copies; nothing is read back.
+
+Semantics, as vLLM and OpenAI define them:
+- ``logit_bias[t]`` is added to token ``t``'s logit;
+- ``presence_penalty`` is subtracted once from every token that occurs in the output so
+  far, ``frequency_penalty`` once per occurrence;
+- ``repetition_penalty`` (transformers' ``RepetitionPenaltyLogitsProcessor`` over prompt and
+  output tokens): a positive logit of a token seen is divided by it, a negative one
+  multiplied;
+- before ``min_tokens`` output tokens, the EOS tokens (unless ``ignore_eos``) get -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sampler import row_tensor
+from .sequence import Sequence
+
+
+def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> Tensor:
+    """``logits`` ``[N, V]`` (row ``i`` is ``seqs[i]``'s next token) with each row's bias,
+    penalties and ``min_tokens`` applied: a new tensor if some row asks, else ``logits``
+    itself (never modified in place: the engine keeps the raw logits for logprobs)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.processes_logits]
+    if not rows:
+        return logits
+    asking = [seqs[i] for i in rows]
+    if len(rows) == len(seqs):
+        return _process(logits.clone(), asking, eos_token_ids)
+    index = row_tensor(rows, torch.int64, logits)
+    sub = _process(logits.index_select(0, index), asking, eos_token_ids)
+    return logits.index_copy(0, index, sub)
+
+
+def _process(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> Tensor:
+    """Every row of ``logits`` processed in place for its own sequence."""
+    _add_bias(logits, seqs)
+    _penalize(logits, seqs)
+    _mask_eos(logits, seqs, eos)
+    return logits
+
+
+def _add_bias(logits: Tensor, seqs: list[Sequence]) -> None:
+    rows, tokens, values = [], [], []
+    for i, s in enumerate(seqs):
+        rows += [i] * len(s.params.logit_bias)
+        tokens += s.params.logit_bias.keys()
+        values += s.params.logit_bias.values()
+    if rows:
+        logits.index_put_(_pairs(rows, tokens, logits), row_tensor(values, logits.dtype, logits),
+                          accumulate=True)
+
+
+def _penalize(logits: Tensor, seqs: list[Sequence]) -> None:
+    """Presence and frequency over the output tokens, then repetition over all tokens."""
+    pres = [s.params.presence_penalty for s in seqs]
+    freq = [s.params.frequency_penalty for s in seqs]
+    if any(pres) or any(freq):
+        counts = _token_counts(logits, [s.output_token_ids for s in seqs])  # [N, V]
+        penalty = counts * row_tensor(freq, logits.dtype, logits).unsqueeze(1) + \
+            (counts > 0) * row_tensor(pres, logits.dtype, logits).unsqueeze(1)
+        logits.sub_(penalty)
+    rep = [s.params.repetition_penalty for s in seqs]
+    if any(r != 1.0 for r in rep):
+        seen = _token_counts(logits, [s.token_ids for s in seqs]) > 0  # [N, V]
+        r = row_tensor(rep, logits.dtype, logits).unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / r, logits * r)
+        logits.copy_(torch.where(seen, penalized, logits))
+
+
+def _mask_eos(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
+    early = [i for i, s in enumerate(seqs) if not s.params.ignore_eos
+             and len(s.output_token_ids) < s.params.min_tokens]
+    ids = sorted(t for t in eos if 0 <= t < logits.shape[1])
+    if early and ids:
+        rows = [i for i in early for _ in ids]
+        logits.index_put_(_pairs(rows, ids * len(early), logits),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
+def _token_counts(like: Tensor, token_lists: list[list[int]]) -> Tensor:
+    """``counts[i, t]``: how often token ``t`` occurs in ``token_lists[i]`` (``[N, V]``)."""
+    counts = torch.zeros_like(like)
+    rows = [i for i, tokens in enumerate(token_lists) for _ in tokens]
+    if rows:
+        tokens = [t for ts in token_lists for t in ts]
+        counts.index_put_(_pairs(rows, tokens, like), torch.ones(len(rows), dtype=like.dtype,
+                                                                 device=like.device),
+                          accumulate=True)
+    return counts
+
+
+def _pairs(rows: list[int], cols: list[int], like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` as one int64 ``[2, K]`` copy to ``like``'s device, split."""
+    both = row_tensor([rows, cols], torch.int64, like)
+    return both[0], both[1]

@@ -1,0 +1,122 @@
+"""Logprobs of a step, as vLLM reports them by default ("raw"): the ``log_softmax`` of the
+model's logits before bias, penalties, grammar masks and temperature, from the step's own
+logits (no second forward). Each block of rows becomes one flat float64 tensor that the
+step reads back with its sampled tokens in one copy (token ids are exact in float64).
+
+Prompt logprobs need the logits of every prompt position: a chunk of a request that asks
+for them runs with ``all_logits`` (``StepBatch``), so the runner returns one row per new
+token for it (the logits at position ``p`` give token ``p + 1``'s logprob).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .engine_types import TokenLogprob
+from .sampler import row_tensor
+from .scheduler import ScheduledSeq
+
+
+def logprob_values(logits: Tensor, targets: Tensor, k: int) -> Tensor:
+    """Flat float64 ``[R * (1 + 2k)]`` for ``logits`` ``[R, V]``: per row the logprob of
+    ``targets[r]``, then its ``k`` largest logprobs and their token ids."""
+    lsm = logits.float().log_softmax(dim=1)  # [R, V]
+    parts = [lsm.gather(1, targets.view(-1, 1))]
+    k = min(k, logits.shape[1])
+    if k > 0:
+        top = lsm.topk(k, dim=1)
+        parts += [top.values, top.indices]
+    return torch.cat([p.double() for p in parts], dim=1).flatten()
+
+
+def token_logprobs(values: list[float], targets: list[int], ks: list[int],
+                   vocab: int) -> list[TokenLogprob]:
+    """``logprob_values``' read-back as one ``TokenLogprob`` per row, row ``r`` keeping the
+    ``ks[r]`` most likely of the block's ``max(ks)``."""
+    k = min(max(ks, default=0), vocab)
+    width = 1 + 2 * k
+    out = []
+    for r, (target, kr) in enumerate(zip(targets, ks)):
+        row = values[r * width:(r + 1) * width]
+        top = tuple((int(t), v) for v, t in zip(row[1:1 + kr], row[1 + k:1 + k + kr]))
+        out.append(TokenLogprob(target, row[0], top))
+    return out
+
+
+def wants_prompt_logits(s: ScheduledSeq) -> bool:
+    """Whether this chunk of ``s.seq`` needs a row per token: its request asks for prompt
+    logprobs, has none delivered yet (no output token), and some row of the chunk predicts
+    a prompt token."""
+    seq = s.seq
+    return (seq.params.prompt_logprobs is not None and not seq.output_token_ids
+            and seq.num_computed_tokens + 1 < seq.num_prompt_tokens)
+
+
+@dataclass
+class StepRows:
+    """Where a step's sequences are in the runner's logits (read before the step moves
+    their computed counts): the row of each sampling sequence, in order, and the rows
+    that give prompt logprobs, with their targets, their ``k`` and their requests."""
+
+    sampled: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    ks: list[int] = field(default_factory=list)
+    chunks: list[tuple[str, int, int]] = field(default_factory=list)  # (id, first position, n)
+    num_rows: int = 0
+
+    @classmethod
+    def of(cls, scheduled: list[ScheduledSeq]) -> StepRows:
+        rows = cls()
+        for s in scheduled:
+            seq, q = s.seq, s.num_new_tokens
+            if wants_prompt_logits(s):
+                start = seq.num_computed_tokens  # row j predicts position start + 1 + j
+                n = min(start + q, seq.num_prompt_tokens - 1) - start
+                rows.prompt += range(rows.num_rows, rows.num_rows + n)
+                rows.targets += seq.prompt_token_ids[start + 1:start + 1 + n]
+                rows.ks += [seq.params.prompt_logprobs] * n
+                rows.chunks.append((seq.request_id, start + 1, n))
+                rows.num_rows += q
+                if s.samples:
+                    rows.sampled.append(rows.num_rows - 1)
+            elif s.samples:
+                rows.sampled.append(rows.num_rows)
+                rows.num_rows += 1
+        return rows
+
+    def sampled_logits(self, logits: Tensor) -> Tensor:
+        """The rows of the sampling sequences (``logits`` itself when those are all)."""
+        if not self.prompt:
+            return logits
+        return logits.index_select(0, row_tensor(self.sampled, torch.int64, logits))
+
+    def prompt_values(self, logits: Tensor) -> Tensor | None:
+        """``logprob_values`` of the prompt rows, or None without any."""
+        if not self.prompt:
+            return None
+        index = row_tensor([self.prompt, self.targets], torch.int64, logits)
+        return logprob_values(logits.index_select(0, index[0]), index[1], max(self.ks))
+
+    def prompt_logprobs(self, values: list[float], vocab: int
+                        ) -> list[tuple[str, int, list[TokenLogprob]]]:
+        """The prompt rows' read-back per chunk: ``(request id, first position, logprobs)``."""
+        flat = token_logprobs(values, self.targets, self.ks, vocab)
+        out, at = [], 0
+        for request_id, first, n in self.chunks:
+            out.append((request_id, first, flat[at:at + n]))
+            at += n
+        return out
+
+
+def extend_prompt_logprobs(collected: list[TokenLogprob | None], first: int,
+                           new: list[TokenLogprob]) -> None:
+    """Add a chunk's prompt logprobs (positions ``first...``) to ``collected`` (positions
+    ``0...``); positions already there (a chunk recomputed after preemption) are kept, and
+    positions never computed (none today) are ``None``."""
+    if first > len(collected):
+        collected.extend([None] * (first - len(collected)))
+    collected.extend(new[len(collected) - first:])
