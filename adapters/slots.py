@@ -69,6 +69,7 @@ class SlotPool:
         self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self._slot_versions: list[str] = [""] * num_slots  # ``AdapterFactors.version``
         self._buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
             (layer, name): (
                 torch.zeros(num_slots, r, d_in, device=device, dtype=dtype),  # A
@@ -260,9 +261,14 @@ class SlotPool:
         module no slot of the step adapts can skip the low-rank op."""
         return frozenset().union(*(self._slot_modules[s] for s in slots))
 
+    def version_of(self, slot: int) -> str:
+        """The ``AdapterFactors.version`` written into ``slot`` (read by a holder of it)."""
+        return self._slot_versions[slot]
+
     def _write(self, slot: int, factors: AdapterFactors) -> None:
         """Copy checked ``factors`` into ``slot``, zero-padding rank and absent modules."""
         self._slot_modules[slot] = frozenset(name for _, name in factors.modules)
+        self._slot_versions[slot] = factors.version
         r_max = self.spec.max_rank
         with torch.no_grad():
             for key, (a, b, scale) in self._buffers.items():

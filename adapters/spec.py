@@ -5,6 +5,7 @@ factors that every kind turns into."""
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -114,9 +115,11 @@ class ModuleFactors:
 @dataclass
 class AdapterFactors:
     """The materialized form every adapter kind turns into: ``(layer, module) -> factors``.
-    A missing key means no delta for that linear."""
+    A missing key means no delta for that linear. ``version``: a token unique to this
+    materialization (the prefix cache keys KV by it: equal tokens, equal weights)."""
 
     modules: dict[tuple[int, str], ModuleFactors] = field(default_factory=dict)
+    version: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
     def rank(self) -> int:

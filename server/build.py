@@ -72,10 +72,13 @@ def build_engine(config: Config, model=None, tokenizer=None,
              time.perf_counter() - start)
     admission = AdapterAdmission(store, config.admission_aging_steps,
                                  quantum_steps=config.admission_quantum_steps)
-    scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size),
+    # batch-invariant: a cached prefix's KV came from other chunks and batches: no caching
+    caching = config.enable_prefix_caching and not config.batch_invariant
+    scheduler = Scheduler(BlockManager(runner.num_kv_blocks, config.block_size, caching),
                           config.max_num_seqs, config.max_num_batched_tokens, admission.ready,
                           fixed_chunks=config.batch_invariant,
-                          adapter_overdue=admission.overdue)
+                          adapter_overdue=admission.overdue,
+                          prefix_identity=admission.cache_identity if caching else None)
     limits = EngineLimits.resolved(config.max_prompt_tokens, config.max_tokens_limit,
                           max_model_len, config.max_queued_requests, runner.vocab_size)
     return Engine(runner, tokenizer, scheduler, admission, limits, _eos_ids(model, tokenizer),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from .config_checks import check_type, read_token
 
 
 def option(default: object, help: str, *, shown: str | None = None, repr: bool = True) -> Any:
@@ -80,6 +81,10 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
+    enable_prefix_caching: bool = option(True, "reuse the KV of cached full blocks of a "
+                                         "prompt's prefix, keyed by the adapter version "
+                                         "that computed it (docs/concepts.md); off under "
+                                         "`batch_invariant`")
     enforce_eager: bool = option(False, "native engine: run every step eagerly, through the "
                                  "packed path; off = decode-only steps run at fixed bucket "
                                  "shapes, replayed as CUDA graphs captured at warm-up on CUDA "
@@ -218,7 +223,7 @@ class Config:
             if path and getattr(self, key):
                 raise ValueError(f"config sets both {key} and {key}_file: keep one")
             if path:
-                setattr(self, key, _read_token(path, f"{key}_file"))
+                setattr(self, key, read_token(path, f"{key}_file"))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: object) -> Config:
@@ -240,39 +245,12 @@ class Config:
         for key, value in values.items():
             if key not in fields:
                 raise ValueError(f"unknown config key {key!r}; see docs/configuration.md")
-            _check_type(key, value, typing.get_type_hints(cls)[key])
+            check_type(key, value, typing.get_type_hints(cls)[key])
         return cls(**values)
 
 
 TOKEN_ENV = {"admin_token": "NOLASERVE_ADMIN_TOKEN",
              "inference_token": "NOLASERVE_INFERENCE_TOKEN"}
-
-
-def _read_token(path: str, key: str) -> str:
-    try:
-        with open(os.path.expanduser(path)) as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ValueError(f"config {key}: cannot read {path}: {e.strerror}") from None
-    if not token:
-        raise ValueError(f"config {key}: {path} is empty")
-    return token
-
-
-def _check_type(key: str, value: object, hint: object) -> None:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(hint, types.UnionType):
-        ok = isinstance(value, typing.get_args(hint))
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ValueError(f"config {key} has the wrong type: {value!r}")
 
 
 def describe(f: dataclasses.Field) -> tuple[str, str]:

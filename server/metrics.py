@@ -26,6 +26,7 @@ from nolaserve.adapters.store import StoreStats
 
 from .engine.engine import Engine
 from .engine.engine_types import FinishReason, RequestOutput, StepStats
+from .metrics_prefix import prefix_cache_series
 from .metrics_vllm import NAMES as REQUEST_NAMES
 from .metrics_vllm import RequestSeries
 
@@ -201,6 +202,8 @@ class EngineCollector(Collector):
             yield from self._store_metrics(stats.store)
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
+        if stats.prefix_cache is not None:
+            yield from prefix_cache_series(stats.prefix_cache, self.engine.model_name)
         yield from router_gauges(stats.waiting, stats.running,
                                  stats.kv_blocks_used / max(1, stats.kv_blocks_total),
                                  self.engine.model_name)

@@ -41,6 +41,7 @@ from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
 
 from .load_queue import LoadQueue
+from .prefix_cache import BASE_IDENTITY
 from .sequence import Sequence
 
 log = logging.getLogger("nolaserve.engine")
@@ -106,6 +107,13 @@ class AdapterAdmission:
             self._prefetches.pop(key, None)
         self._load(seq)
         return False
+
+    def cache_identity(self, seq: Sequence) -> str:
+        """The weights that compute ``seq``'s KV, for the prefix cache's key (asked once it
+        holds its slot): ``"base"``, or its adapter id and the version in its slot."""
+        if seq.adapter_id is None:
+            return BASE_IDENTITY
+        return f"{seq.adapter_id}@{self.store.slot_version(seq.adapter_slot)}"
 
     def overdue(self, seq: Sequence) -> bool:
         """Whether ``seq`` waited past the aging bound for a slot: admit nobody behind it."""

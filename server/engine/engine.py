@@ -83,7 +83,8 @@ class Engine:
                            bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
                            self.store.stats if self.store is not None else None,
                            _adapters_of(lambda: sched.running),
-                           _adapters_of(lambda: sched.waiting), self.admission.parked)
+                           _adapters_of(lambda: sched.waiting), self.admission.parked,
+                           bm.cache_stats)
 
     @property
     def model_name(self) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from nolaserve.adapters.errors import InvalidRequestError, Status, short
 from nolaserve.adapters.store import StoreStats
 
+from .prefix_cache import PrefixCacheStats
 from .sequence import FinishReason, SamplingParams
 
 
@@ -82,6 +83,7 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
     waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
     parked: int = 0  # requests parked by time slicing so far (AdapterAdmission.time_slice)
+    prefix_cache: PrefixCacheStats | None = None  # native engine (all 0 when off)
 
 
 def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:

@@ -6,8 +6,9 @@ order (a decoding sequence needs one token, a partly prefilled one gets the next
 prompt), then waiting sequences first come, first served, as far as budget, ``max_num_seqs``,
 free KV blocks and adapter readiness allow. When a running sequence cannot get its blocks,
 the most recently arrived running sequence is preempted: its blocks are freed and it is
-recomputed from scratch later, so the oldest request always makes progress. A step that
-preempts admits nobody new, so freed blocks are not handed straight back out (no thrashing).
+recomputed later (from its cached prefix, with prefix caching), so the oldest request
+always makes progress. A step that preempts admits nobody new, so freed blocks are not
+handed straight back out (no thrashing).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Scheduler:
         adapter_ready: Callable[[Sequence], bool] = lambda s: True,
         fixed_chunks: bool = False,
         adapter_overdue: Callable[[Sequence], bool] = lambda s: False,
+        prefix_identity: Callable[[Sequence], str] | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -85,6 +87,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_ready = adapter_ready
         self.adapter_overdue = adapter_overdue
+        # With prefix caching: the identity of the weights computing a sequence's KV, asked
+        # once its adapter is ready; its cached prefix is then not computed again.
+        self.prefix_identity = prefix_identity
         # Prefill chunks always end at multiples of max_num_batched_tokens (a sequence
         # waits rather than take a shorter chunk), as when it runs alone: batch-invariant.
         self.fixed_chunks = fixed_chunks
@@ -138,6 +143,7 @@ class Scheduler:
                 self._running.remove(seq)
             else:
                 self._waiting.remove(seq)
+        self.block_manager.cache_computed(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -148,6 +154,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step and allocate the KV blocks it writes."""
         out = SchedulerOutput()
+        for seq in self._running:  # the blocks the last step filled can be shared now
+            self.block_manager.cache_computed(seq)
         self._error_unfittable(out)
         self._schedule_running(out)
         if not out.preempted:
@@ -203,6 +211,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self._running.remove(seq)
+        self.block_manager.cache_computed(seq)  # its recompute may find them again
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -224,6 +233,10 @@ class Scheduler:
                 if self.adapter_overdue(seq):
                     break  # aging: later requests do not overtake it any longer
                 continue
+            if self.prefix_identity is not None:
+                seq.num_computed_tokens = self.block_manager.match_prefix(
+                    seq, self.prefix_identity(seq))
+                num_new = self._chunk(seq, budget)  # a smaller chunk: it still fits
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=self._order.__getitem__)
             self._schedule(seq, num_new, out)

@@ -42,7 +42,8 @@ def vllm_dtype(dtype: str, device: str) -> str:
 def engine_args(config, model_dir: str, device: str):
     """``AsyncEngineArgs`` for ``config`` on ``device`` (``cpu`` or ``cuda``): the vLLM
     keys passed through by name (0 or "" leaves vLLM's own default), ``dtype`` resolved by
-    ``vllm_dtype``, LoRA on, nolaserve's scheduling limits."""
+    ``vllm_dtype``, LoRA on, nolaserve's scheduling limits and prefix caching (safe across
+    replaced adapters: each version is a LoRA of its own, ``vllm_loras``)."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
     except ImportError as e:
@@ -58,6 +59,7 @@ def engine_args(config, model_dir: str, device: str):
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
         enable_lora=True, max_loras=max_loras, max_lora_rank=lora_rank(config),
+        enable_prefix_caching=config.enable_prefix_caching,
         disable_log_stats=False, **{k: v for k, v in optional.items() if v})
 
 

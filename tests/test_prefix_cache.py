@@ -1,0 +1,251 @@
+"""Automatic prefix caching (issue #31): the pure-Python cache and block manager, then the
+engine: greedy tokens equal with the cache on and off, a replaced adapter never reuses its
+old version's KV, no block leaks, preemption and time slicing, the config key and flag."""
+
+from __future__ import annotations
+
+import random
+import sys
+import types
+
+import pytest
+from conftest import tiny_llama
+from engine_helpers import greedy, make_engine, run
+
+from nolaserve.adapters.errors import RequestFailedError, Status
+from nolaserve.adapters.nola import random_nola
+from nolaserve.server.config import Config
+from nolaserve.server.engine.block_manager import BlockManager
+from nolaserve.server.engine.prefix_cache import PrefixCache, block_hash
+from nolaserve.server.engine.scheduler import SchedulerOutput
+from nolaserve.server.engine.sequence import SamplingParams, Sequence
+from nolaserve.server.engine.vllm_args import engine_args
+
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300)
+
+
+def seq(rid: str, prompt: list[int]) -> Sequence:
+    return Sequence(rid, prompt, SamplingParams(max_tokens=4))
+
+
+def nola(engine, seed: int) -> bytes:
+    return random_nola(engine.store.spec, seed=seed, rank=4, num_basis=16).to_bytes()
+
+
+def check_no_leak(engine) -> None:
+    bm = engine.scheduler.block_manager
+    assert not engine.requests and not bm._refs and not bm._seqs
+    assert bm.num_free_blocks == bm.num_blocks
+    cached = bm.cache.num_free if bm.cache else 0
+    assert len(set(bm._free)) + cached == bm.num_blocks == len(bm._free) + cached
+
+
+# -- the pure-Python cache -----------------------------------------------------------
+def test_block_hash_chains_parent_identity_and_tokens():
+    h = block_hash(b"", "base", [1, 2, 3, 4])
+    assert h == block_hash(b"", "base", [1, 2, 3, 4])
+    assert len({h, block_hash(h, "base", [1, 2, 3, 4]), block_hash(b"", "x@v1", [1, 2, 3, 4]),
+                block_hash(b"", "x@v2", [1, 2, 3, 4]), block_hash(b"", "base", [1, 2, 3, 5])}) == 5
+
+
+def test_cache_lru_evicts_the_least_recently_released():
+    cache = PrefixCache()
+    for block in range(3):
+        cache.insert(block, bytes([block]))
+    cache.insert(7, bytes([0]))  # a second block for a known hash: the first stays
+    assert cache.get(bytes([0])) == 0 and not cache.is_cached(7)
+    cache.release(2)
+    cache.release(0)
+    cache.take(2)  # held again: not evictable
+    assert cache.num_free == 1 and cache.evict() == 0 and cache.evict() is None
+    assert cache.get(bytes([0])) is None and cache.stats.cached_blocks == 2
+
+
+def test_a_new_request_shares_the_full_blocks_but_never_its_last_tokens_block():
+    bm = BlockManager(8, BS, enable_caching=True)
+    a = seq("a", list(range(10)))
+    assert bm.match_prefix(a, "base") == 0
+    bm.allocate(a, 10)
+    a.num_computed_tokens = 10
+    bm.cache_computed(a)  # blocks 0 and 1 are full; block 2 holds 2 tokens
+    b = seq("b", list(range(8)))  # exactly two blocks: the second holds its last token
+    assert bm.match_prefix(b, "base") == 4 and b.block_table == a.block_table[:1]
+    assert bm.match_prefix(seq("c", list(range(12))), "x@v1") == 0  # other weights
+    d = seq("d", list(range(9)))
+    assert bm.match_prefix(d, "base") == 8 and d.block_table == a.block_table[:2]
+    assert bm.cache.stats.hits == 12 and bm.cache.stats.queries == 10 + 8 + 12 + 9
+
+
+def test_shared_blocks_are_reference_counted_and_evicted_only_when_needed():
+    bm = BlockManager(4, BS, enable_caching=True)
+    a, b = seq("a", list(range(9))), seq("b", list(range(9)))
+    bm.match_prefix(a, "base")
+    bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.cache_computed(a)
+    assert bm.match_prefix(b, "base") == 8
+    bm.free(a)
+    assert bm.num_free_blocks == 2  # a's 3rd block and the spare; b holds the shared two
+    bm.free(b)
+    assert bm.num_free_blocks == 4 and bm.cache.num_free == 2
+    c = seq("c", [99] * 12)
+    bm.match_prefix(c, "base")
+    bm.allocate(c, 8)  # two uncached blocks first: the cached ones survive
+    assert bm.cache.num_free == 2
+    bm.allocate(c, 12)  # then the least recently released: the tail went back first
+    assert bm.cache.num_free == 1 and bm.match_prefix(b, "base") == 4
+
+
+def test_writing_into_a_cached_block_is_a_typed_error():
+    bm = BlockManager(4, BS, enable_caching=True)
+    a = seq("a", list(range(9)))
+    bm.match_prefix(a, "base")
+    bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.cache_computed(a)
+    a.num_computed_tokens = 4  # a bug would recompute positions of a shared block
+    with pytest.raises(RequestFailedError, match="cached KV block") as e:
+        bm.allocate(a, 9)
+    assert e.value.status is Status.INTERNAL
+
+
+# -- the engine ----------------------------------------------------------------------
+def workload(seed: int) -> dict:
+    """Ragged prompts over three shared prefixes across block edges, for the base and two
+    adapters; each request's greedy tokens."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, 256) for _ in range(n)] for n in (7, 12, 18)]
+    reqs = {}
+    for i in range(12):
+        prompt = rng.choice(prefixes) + [rng.randrange(3, 256) for _ in range(rng.randrange(6))]
+        reqs[f"r{i}"] = (prompt, greedy(rng.randrange(2, 7)), rng.choice([None, "a", "b"]))
+    return reqs
+
+
+@pytest.mark.parametrize("chunk", [8, 48])
+def test_greedy_tokens_equal_with_the_cache_on_and_off(model, bytebpe, chunk):
+    engines = [make_engine(model, bytebpe, enable_prefix_caching=on,
+                           max_num_batched_tokens=chunk) for on in (True, False)]
+    for e in engines:
+        e.store.register("a", nola(e, 1))
+        e.store.register("b", nola(e, 2))
+    for wave in range(3):  # later waves find the earlier ones' blocks
+        reqs = workload(wave % 2)
+        on, off = (run(e, reqs) for e in engines)
+        assert on == off
+    stats = engines[0].stats.prefix_cache
+    assert stats.hits > 0 and stats.queries > stats.hits
+    assert engines[1].stats.prefix_cache.hits == 0
+    for e in engines:
+        check_no_leak(e)
+
+
+def test_a_replaced_adapter_never_reuses_its_old_versions_blocks(model, bytebpe):
+    engine, cold = make_engine(model, bytebpe), make_engine(model, bytebpe)
+    prompt = list(range(40, 61))
+    engine.store.register("x", nola(engine, 1))
+    old = run(engine, {"old": (prompt, greedy(6), "x")})["old"]
+    assert run(engine, {"again": (prompt, greedy(6), "x")})["again"] == old  # a hit
+    hits = engine.stats.prefix_cache.hits
+    assert hits == 20
+    engine.store.register("x", nola(engine, 2), replace=True)
+    cold.store.register("x", nola(cold, 2))
+    want = run(cold, {"new": (prompt, greedy(6), "x")})["new"]
+    assert want != old  # the versions differ, so stale KV would show
+    assert run(engine, {"new": (prompt, greedy(6), "x")})["new"] == want
+    assert engine.stats.prefix_cache.hits == hits  # nothing of the old version matched
+
+
+def count_preemptions(engine) -> list[int]:
+    """Wrap the scheduler: the returned list grows by one per preempted sequence."""
+    preempted: list[int] = []
+    schedule = engine.scheduler.schedule
+
+    def counted():
+        out = schedule()
+        preempted.extend(1 for _ in out.preempted)
+        return out
+
+    engine.scheduler.schedule = counted
+    return preempted
+
+
+def test_no_leak_after_mixed_runs_aborts_and_preemptions(model, bytebpe):
+    engine = make_engine(model, bytebpe, kv_cache_bytes=12 * 2048, max_num_batched_tokens=16)
+    bm = engine.scheduler.block_manager
+    assert bm.num_blocks == 12  # 2 layers x 4 positions x 2 heads x 16 dims x K,V x fp32
+    preempted = count_preemptions(engine)
+    engine.store.register("a", nola(engine, 1))
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 256) for _ in range(13)]
+    for wave in range(4):
+        for i in range(8):
+            prompt = shared[:rng.randrange(4, 14)] + [rng.randrange(3, 256)] * rng.randrange(3)
+            engine.add_request(f"w{wave}-{i}", prompt, greedy(rng.randrange(1, 12)),
+                               rng.choice([None, "a"]))
+        for step in range(400):
+            if not engine.has_unfinished():
+                break
+            if step == 3:
+                for rid in list(engine.requests)[::3]:
+                    engine.abort(rid)
+            engine.step()
+        check_no_leak(engine)
+    assert preempted and bm.cache.stats.hits > 0
+
+
+def test_preempted_request_recomputes_from_its_cached_prefix(model, bytebpe):
+    engine, cold = make_engine(model, bytebpe), make_engine(model, bytebpe,
+                                                            enable_prefix_caching=False)
+    prompt = list(range(3, 23))
+    want = run(cold, {"r": (prompt, greedy(8), None)})["r"]
+    engine.add_request("r", prompt, greedy(8), None)
+    got = [t for _ in range(3) for out in engine.step() for t in out.token_ids]
+    engine.scheduler._preempt(engine.requests["r"].seq, SchedulerOutput())
+    hits = engine.stats.prefix_cache.hits
+    while engine.has_unfinished():
+        got += [t for out in engine.step() for t in out.token_ids]
+    assert got == want
+    assert engine.stats.prefix_cache.hits == hits + 20  # 22 tokens: 5 full blocks
+    check_no_leak(engine)
+
+
+def test_a_later_request_shares_the_running_ones_blocks(model, bytebpe):
+    engine = make_engine(model, bytebpe)
+    prompt = list(range(3, 20))  # 17 tokens: four full blocks
+    engine.add_request("first", prompt, greedy(10), None)
+    engine.step()
+    engine.add_request("second", prompt, greedy(10), None)
+    engine.step()
+    first, second = (engine.requests[r].seq.block_table for r in ("first", "second"))
+    assert second[:4] == first[:4] and second[4] != first[4]
+    while engine.has_unfinished():
+        engine.step()
+    check_no_leak(engine)
+
+
+def test_the_key_and_flag_turn_it_off(model, bytebpe):
+    from nolaserve.clients.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--no-enable-prefix-caching"])
+    assert args.cfg_enable_prefix_caching is False
+    assert Config(registry_path=":memory:").enable_prefix_caching
+    engine = make_engine(model, bytebpe, enable_prefix_caching=False)
+    assert engine.scheduler.block_manager.cache is None
+    assert engine.scheduler.prefix_identity is None
+    invariant = make_engine(model, bytebpe, batch_invariant=True)
+    assert invariant.scheduler.block_manager.cache is None
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_vllm_gets_the_same_key(monkeypatch, on):
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.AsyncEngineArgs = dict
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    args = engine_args(Config(registry_path=":memory:", enable_prefix_caching=on), "/m", "cpu")
+    assert args["enable_prefix_caching"] is on
