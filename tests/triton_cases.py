@@ -27,6 +27,7 @@ from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
 from nolaserve.adapters.ops.triton_lora import sgmv
 from nolaserve.adapters.ops.triton_multi import sgmv_multi
 from nolaserve.adapters.ops.triton_rows import bgmv
+from nolaserve.adapters.ops.triton_sgmv import sgmv_split
 from nolaserve.adapters.spec import BaseModelSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -116,7 +117,7 @@ def test_launcher_rejects_bad_inputs():
 def test_auto_choice_on_cuda_is_triton():
     x = torch.zeros(2, 4, device=DEVICE)
     batch = LoraBatch.from_token_slot(torch.tensor([0, 1], device=DEVICE))
-    assert (choose_backend(x, batch) is sgmv) == (DEVICE == "cuda")
+    assert (choose_backend(x, batch) is sgmv_split) == (DEVICE == "cuda")
 
 
 MULTI_OUTS = (70, 24, 130)  # per module: a partial BLOCK_O, one tile, three tiles

@@ -93,15 +93,15 @@ def choose_backend(x: torch.Tensor, batch: LoraBatch) -> Backend:
 
 @functools.cache
 def cuda_backend(checked: bool = True) -> Backend | None:
-    """The Triton SGMV backend (``triton_lora.sgmv``; ``checked=False``: its launcher
-    without the argument checks), or None when triton does not import.
+    """The Triton SGMV backend (``triton_sgmv.sgmv_split``, split-K; ``checked=False``: its
+    launcher without the argument checks), or None when triton does not import.
 
     Imported on first use, so CPU-only processes never import triton."""
     try:
-        from .triton_lora import sgmv, sgmv_launch
+        from .triton_sgmv import sgmv_split, sgmv_split_launch
     except ImportError:
         return None
-    return sgmv if checked else sgmv_launch
+    return sgmv_split if checked else sgmv_split_launch
 
 
 def step_backends(batch: LoraBatch, device: torch.device) -> tuple[Backend, MultiBackend]:
