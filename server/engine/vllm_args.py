@@ -14,7 +14,7 @@ from nolaserve.adapters.errors import (
     Status,
 )
 
-from .engine_types import RequestOutput
+from .engine_types import RequestOutput, TokenLogprob
 from .model_loader import resolve_device_dtype
 from .sequence import FinishReason, SamplingParams
 
@@ -76,7 +76,12 @@ def sampling(params: SamplingParams):
     return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
                         top_p=params.top_p, top_k=top_k, seed=params.seed,
                         stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
-                        output_kind=RequestOutputKind.DELTA)
+                        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                        logit_bias=dict(params.logit_bias) or None,
+                        presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty,
+                        repetition_penalty=params.repetition_penalty,
+                        min_tokens=params.min_tokens, output_kind=RequestOutputKind.DELTA)
 
 
 def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | None:
@@ -90,14 +95,30 @@ def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | Non
         reason, FinishReason.ERROR)
 
 
-def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: int
-                   ) -> RequestOutput:
-    """One vLLM delta ``RequestOutput`` as ours (``completion_tokens`` counted so far)."""
+def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: int,
+                   params: SamplingParams | None = None) -> RequestOutput:
+    """One vLLM delta ``RequestOutput`` as ours (``completion_tokens`` counted so far), with
+    the logprobs ``params`` asked for."""
     c = out.outputs[0]
     reason = finish_reason(c.finish_reason, c.stop_reason) if out.finished else None
     error = "vLLM finished the request with an error" if reason is FinishReason.ERROR else None
-    return RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
+    ours = RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
                          prompt_tokens, completion_tokens, error, Status.INTERNAL)
+    if params is not None and params.logprobs is not None and c.logprobs is not None:
+        ours.logprobs = [token_logprob(t, d, params.logprobs)
+                         for t, d in zip(c.token_ids, c.logprobs)]
+    if params is not None and params.prompt_logprobs is not None and out.prompt_logprobs:
+        ours.prompt_logprobs = [None if d is None else token_logprob(t, d, params.prompt_logprobs)
+                                for t, d in zip(out.prompt_token_ids, out.prompt_logprobs)]
+    return ours
+
+
+def token_logprob(token_id: int, position: dict, k: int) -> TokenLogprob:
+    """vLLM's ``{token id: Logprob}`` of one position (the top ``k`` and the chosen token)
+    as a ``TokenLogprob``."""
+    top = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+    return TokenLogprob(token_id, position[token_id].logprob,
+                        tuple((t, lp.logprob) for t, lp in top))
 
 
 def typed_error(error: BaseException) -> ServingError:

@@ -125,7 +125,8 @@ class VllmEngine:
             async with aclosing(stream) as outputs:
                 async for out in outputs:
                     completion += len(out.outputs[0].token_ids)
-                    yield vllm_args.request_output(request_id, out, len(prompt), completion)
+                    yield vllm_args.request_output(request_id, out, len(prompt), completion,
+                                                   params)
         except (ServingError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:

@@ -1,0 +1,70 @@
+"""The vLLM backend's sampling fields: ``vllm_args.sampling`` hands vLLM every field of
+ours, and vLLM's logprobs and prompt logprobs come back through ``request_output`` as the
+``TokenLogprob`` lists the native engine gives, held to transformers' ``log_softmax`` on
+the same tiny model. vLLM runs in its own virtualenv (``NOLASERVE_VLLM_PYTHON``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from vllm_helpers import VLLM_ENV, save_model, vllm_python
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    from vllm import LLM
+    from vllm.sampling_params import RequestOutputKind
+    from nolaserve.server.engine import vllm_args
+    from nolaserve.server.engine.sequence import SamplingParams
+
+    model, prompt = sys.argv[1], json.loads(sys.argv[2])
+    ours = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3,
+                          prompt_logprobs=2, logit_bias={7: -100.0}, presence_penalty=0.5,
+                          frequency_penalty=0.25, repetition_penalty=1.2, min_tokens=2)
+    theirs = vllm_args.sampling(ours)
+    fields = {f: getattr(theirs, f) for f in ("logprobs", "prompt_logprobs", "logit_bias",
+              "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")}
+    plain = vllm_args.sampling(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                              logprobs=3, prompt_logprobs=2))
+    plain.output_kind = RequestOutputKind.FINAL_ONLY
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
+    out = llm.generate({"prompt_token_ids": prompt}, plain)[0]
+    got = vllm_args.request_output("r", out, len(prompt), 6, ours)
+    lp = lambda x: None if x is None else [x.token_id, x.logprob, [list(t) for t in x.top]]
+    print("RESULT " + json.dumps({"fields": fields, "tokens": got.token_ids,
+                                  "logprobs": [lp(x) for x in got.logprobs],
+                                  "prompt_logprobs": [lp(x) for x in got.prompt_logprobs]}))
+''')
+
+
+def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
+    python = vllm_python()
+    model = save_model(tmp_path / "model", bytebpe)
+    prompt = [5, 17, 99, 3, 250, 42, 8]
+    run = subprocess.run([python, "-c", SCRIPT, str(tmp_path / "model"), json.dumps(prompt)],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True,
+                         timeout=900)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, run.stderr[-3000:]
+    got = json.loads(line.removeprefix("RESULT "))
+    assert got["fields"] == {"logprobs": 3, "prompt_logprobs": 2, "logit_bias": {"7": -100.0},
+                             "presence_penalty": 0.5, "frequency_penalty": 0.25,
+                             "repetition_penalty": 1.2, "min_tokens": 2}
+    ids = prompt + got["tokens"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+    assert got["prompt_logprobs"][0] is None and len(got["prompt_logprobs"]) == len(prompt)
+    rows = [(p - 1, e, 2) for p, e in enumerate(got["prompt_logprobs"]) if e is not None]
+    rows += [(len(prompt) - 1 + j, e, 3) for j, e in enumerate(got["logprobs"])]
+    for pos, (token, logprob, top), k in rows:
+        assert token == ids[pos + 1]
+        assert logprob == pytest.approx(ref[pos, token].item(), abs=1e-3)
+        values, top_ids = ref[pos].topk(k)
+        assert [t for t, _ in top] == top_ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-3)
