@@ -114,9 +114,14 @@ class RequestError(ServingError):
 
 
 class InvalidRequestError(RequestError, ValueError):
-    """A request field is out of range or malformed (INVALID_ARGUMENT)."""
+    """A request field is out of range or malformed (INVALID_ARGUMENT; ``param``, when
+    known, names the field, as OpenAI's error body does)."""
 
     status = Status.INVALID_ARGUMENT
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class MalformedRequestError(InvalidRequestError):
@@ -146,8 +151,7 @@ class UnsupportedFieldError(InvalidRequestError):
     (INVALID_ARGUMENT; ``param`` names the field)."""
 
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 class ClientGoneError(ServingError):

@@ -5,14 +5,15 @@ and the typed failure of a request the engine finished with an error.
 
     GenerateRequest(...) -> engine_input(tokenizer, base, request) -> (ids, params, adapter)
     Generation(async_engine, metrics).outputs(request, request_id) -> RequestOutput stream
+    Generation(...).fan_out(requests, n, request_id) -> Fanout: (choice index, output)s
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nolaserve.adapters.errors import (
     AdapterNotFoundError,
@@ -27,7 +28,8 @@ from nolaserve.adapters.store import AdapterStore
 from .engine.async_engine import AsyncEngine
 from .engine.engine_types import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
-from .metrics import Metrics
+from .fanout import Fanout
+from .metrics import Metrics, RequestTimer
 
 # A prompt longer than this many bytes per allowed token is refused before tokenizing:
 # real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
@@ -174,16 +176,50 @@ class Generation:
     def base_model(self) -> str:
         return self.engine.model_name
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (None: it takes token ids only)."""
+        return self.engine.tokenizer
+
     async def outputs(self, request: GenerateRequest, request_id: str
                       ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for ``request``; typed errors (bad input, unknown adapter,
         queue full) raise before the first one, an engine-side failure raises when it
         comes. Closing the iterator early aborts the engine request."""
         timer = self.metrics.request_timer()
-        check_prompt_size(request, self.engine.max_prompt_tokens)
-        prompt, params, adapter = await asyncio.to_thread(
-            engine_input, self.engine.tokenizer, self.engine.model_name, request,
-            registered_in(self.engine.store))
+        ((prompt, params, adapter),) = await self._inputs([request])
+        async with aclosing(self._run(prompt, params, adapter, request_id, timer)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def fan_out(self, requests: list[GenerateRequest], n: int, request_id: str
+                      ) -> Fanout:
+        """``n`` engine requests per request (choice ``i * n + j`` is request ``i``'s
+        ``j``-th, seeded ``seed + j`` when a seed is given, as vLLM seeds them), started:
+        typed errors raise here, with nothing left running."""
+        timers = [self.metrics.request_timer() for _ in range(len(requests) * n)]
+        inputs = await self._inputs(requests)
+        single = len(inputs) * n == 1
+        children = [
+            self._run(prompt, child_params(params, j), adapter,
+                      request_id if single else f"{request_id}-{i * n + j}",
+                      timers[i * n + j])
+            for i, (prompt, params, adapter) in enumerate(inputs) for j in range(n)]
+        fan = Fanout(children, [prompt for prompt, _, _ in inputs])
+        await fan.start()
+        return fan
+
+    async def _inputs(self, requests: list[GenerateRequest]
+                      ) -> list[tuple[list[int], SamplingParams, str | None]]:
+        for request in requests:
+            check_prompt_size(request, self.engine.max_prompt_tokens)
+        engine, registered = self.engine, registered_in(self.engine.store)
+        return await asyncio.to_thread(lambda: [
+            engine_input(engine.tokenizer, engine.model_name, r, registered)
+            for r in requests])
+
+    async def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None,
+                   request_id: str, timer: RequestTimer) -> AsyncGenerator[RequestOutput, None]:
         # The engine's id is its own: the front end's request_id is only a label, so two
         # clients choosing the same id never meet.
         outputs = self.engine.generate(prompt, params, adapter, label=request_id)
@@ -197,3 +233,9 @@ class Generation:
             except (GeneratorExit, asyncio.CancelledError):
                 timer.aborted()
                 raise
+
+
+def child_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The parameters of a request's ``j``-th choice (a copy: each engine request owns
+    its own): its seed is ``seed + j``."""
+    return replace(params, seed=None if params.seed is None else params.seed + j)

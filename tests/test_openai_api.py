@@ -132,10 +132,9 @@ def test_models_list_and_unknown_model(engine):
     assert [m["id"] for m in rest["data"]] == ["n"] and not rest["has_more"]
 
 
-REFUSED = [("logit_bias", {"logit_bias": {"5": 10}}),
-           ("presence_penalty", {"presence_penalty": 0.5}), ("n", {"n": 2}),
-           ("logprobs", {"logprobs": 1}), ("echo", {"echo": True}),
-           ("prompt", {"prompt": ["a", "b"]})]
+REFUSED = [("suffix", {"suffix": "x"}), ("prompt_logprobs", {"prompt_logprobs": 1}),
+           ("best_of", {"best_of": 3}), ("n", {"n": 17}), ("min_p", {"min_p": 0.1}),
+           ("prompt", {"prompt": ["a"] * 65})]
 
 
 def test_unsupported_fields_are_refused_and_unknown_ones_ignored(engine, caplog):

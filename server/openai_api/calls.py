@@ -13,15 +13,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from nolaserve.adapters.errors import ClientGoneError, Status
+from nolaserve.adapters.errors import ClientGoneError, InvalidRequestError, Status
 
-from ..engine.engine_types import RequestOutput
-from ..generation import Generation
+from ..fanout import Fanout
+from ..generation import GenerateRequest, Generation
 from ..metrics import Metrics
 from ..rpc import Gate
 from .errors import error_of, sse_error
+from .logprobs import LogprobFormat
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .responses import DONE, Responses
+from .responses import DONE, Responses, Shape
 
 OK = Status.OK
 
@@ -56,25 +57,27 @@ class Endpoints:
             self.gate.enter()
         except Exception as e:
             return self._failed(name, e)
+        fan = None
         try:
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            responses = Responses(isinstance(body, ChatCompletionRequest), body.model,
-                                  request_id, body.return_token_ids)
-            outputs = self.generation.outputs(body.generate_request(), request_id)
-            first = await until_disconnect(request, anext(outputs))
+            requests = body.generate_requests()
+            fan = await until_disconnect(request, self.generation.fan_out(
+                requests, body.num_choices, request_id))
+            responses = Responses(self._shape(body, request_id, requests, fan))
         except BaseException as e:
+            if fan is not None:
+                await fan.aclose()
             self.gate.exit()
             if not isinstance(e, Exception):
                 raise
             return self._failed(name, e)
         if body.stream:
-            call = _StreamCall(self, name, outputs)
-            events = call.events(responses, first, body.include_usage)
-            return EventStream(events, call.close)
+            call = _StreamCall(self, name, fan)
+            return EventStream(call.events(responses, body.include_usage), call.close)
         code = OK
         try:
-            text, ids, last = await until_disconnect(request, _collect(first, outputs))
-            return JSONResponse(responses.complete(text, ids, last))
+            await until_disconnect(request, _collect(fan, responses))
+            return JSONResponse(responses.complete())
         except asyncio.CancelledError:
             code = Status.CANCELLED
             raise
@@ -82,9 +85,25 @@ class Endpoints:
             code, status, error = error_of(e)
             return JSONResponse(error, status)
         finally:
-            await outputs.aclose()
+            await fan.aclose()
             self.gate.exit()
             self.metrics.count_request(name, code)
+
+    def _shape(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
+               requests: list[GenerateRequest], fan: Fanout) -> Shape:
+        tokenizer = self.generation.tokenizer
+        k = requests[0].params.logprobs
+        echoes = isinstance(body, CompletionRequest) and body.echo
+        if tokenizer is None and (echoes or k is not None):
+            raise InvalidRequestError("this server has no tokenizer to show tokens as text: "
+                                      "leave logprobs and echo unset", "logprobs")
+        echo = None
+        if echoes:
+            echo = [(r.prompt if r.prompt is not None else tokenizer.decode(ids), ids)
+                    for r, ids in zip(requests, fan.prompt_ids)]
+        return Shape(isinstance(body, ChatCompletionRequest), body.model, request_id,
+                     body.return_token_ids, body.num_choices,
+                     None if k is None else LogprobFormat(tokenizer, k), echo)
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)
@@ -96,25 +115,21 @@ class _StreamCall:
     """One streamed request: its events, and the cleanup that runs however the response
     ends (finished, failed, or the client disconnected, even before the first event)."""
 
-    def __init__(self, endpoints: Endpoints, name: str,
-                 outputs: AsyncIterator[RequestOutput]) -> None:
+    def __init__(self, endpoints: Endpoints, name: str, outputs: Fanout) -> None:
         self.endpoints, self.name, self.outputs = endpoints, name, outputs
         self.code = Status.CANCELLED  # until the stream ends on its own
         self.closed = False
 
-    async def events(self, responses: Responses, out: RequestOutput, include_usage: bool
+    async def events(self, responses: Responses, include_usage: bool
                      ) -> AsyncIterator[bytes]:
         try:
-            if (head := responses.first_chunk()) is not None:
+            for head in responses.first_chunks():
                 yield head
-            while True:
-                if (chunk := responses.chunk(out, include_usage)) is not None:
+            async for index, out in self.outputs:
+                if (chunk := responses.chunk(index, out, include_usage)) is not None:
                     yield chunk
-                if out.finished:
-                    break
-                out = await anext(self.outputs)
             if include_usage:
-                yield responses.usage_chunk(out)
+                yield responses.usage_chunk()
             self.code = OK
             yield DONE
         except Exception as e:
@@ -150,14 +165,9 @@ class EventStream(StreamingResponse):
             await self.on_close()
 
 
-async def _collect(first: RequestOutput, outputs: AsyncIterator[RequestOutput]
-                   ) -> tuple[str, list[int], RequestOutput]:
-    text, ids, out = [first.text], list(first.token_ids), first
-    while not out.finished:
-        out = await anext(outputs)
-        text.append(out.text)
-        ids += out.token_ids
-    return "".join(text), ids, out
+async def _collect(fan: Fanout, responses: Responses) -> None:
+    async for index, out in fan:
+        responses.add(index, out)
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable):

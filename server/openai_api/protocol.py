@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from nolaserve.adapters.errors import UnsupportedFieldError
+from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
-from ..engine.sequence import SamplingParams
+from ..engine.sequence import MAX_LOGPROBS, SamplingParams
 from ..generation import ChatMessage, GenerateRequest
 
 log = logging.getLogger("nolaserve.http")
@@ -26,12 +26,11 @@ def _off(value: Any) -> bool:
 
 # Known fields that change the output, with the test for "set to what changes nothing".
 _REFUSED: dict[str, Any] = {
-    "logit_bias": _off, "presence_penalty": _off, "frequency_penalty": _off,
-    "logprobs": _off, "top_logprobs": _off, "prompt_logprobs": _off, "suffix": _off,
-    "echo": _off, "response_format": lambda v: _off(v) or v == {"type": "text"},
+    "prompt_logprobs": _off, "suffix": _off,
+    "echo": _off,  # a completions field; chat has no echo in OpenAI's API
+    "response_format": lambda v: _off(v) or v == {"type": "text"},
     "tools": _off, "tool_choice": lambda v: v in (None, "none"), "functions": _off,
-    "function_call": lambda v: v in (None, "none"), "best_of": lambda v: v in (None, 1),
-    "repetition_penalty": lambda v: v in (None, 1, 1.0), "min_tokens": _off, "min_p": _off,
+    "function_call": lambda v: v in (None, "none"), "min_p": _off,
     "stop_token_ids": _off, "bad_words": _off, "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_json": _off,
     "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
@@ -44,6 +43,8 @@ _REFUSED: dict[str, Any] = {
 # Standard fields that do not change the output.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls",
              "request_id", "priority", "reasoning_effort", "web_search_options"}
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request: prompts x n
 
 
 class StreamOptions(BaseModel):
@@ -62,6 +63,12 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension, as min_tokens
+    min_tokens: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -71,20 +78,54 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_choices(self) -> int:
+        """``n``: the choices of each prompt (checked by ``sampling_params``)."""
+        return 1 if self.n is None else self.n
+
+    def top_logprobs_k(self) -> int | None:
+        """The ``k`` most likely tokens to report beside each sampled one; None: none."""
+        return None
+
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """Check the fields nobody here implements, then the engine's parameters (their
-        ranges are checked by the engine, like the gRPC ones)."""
+        """Check the fields nobody here implements, then map the rest onto the engine's
+        parameters (their ranges are checked by the engine, like the gRPC ones)."""
         self._check_extra()
-        if self.n not in (None, 1):
-            raise UnsupportedFieldError(f"n = {self.n} is not supported: send n separate "
-                                        "requests (with different seeds)", "n")
+        self._check_n()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k in (None, -1) else self.top_k,  # vLLM's -1 = off
-            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+            logprobs=self.top_logprobs_k(), logit_bias=self._logit_bias(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=(1.0 if self.repetition_penalty is None
+                                else self.repetition_penalty),
+            min_tokens=self.min_tokens or 0)
+
+    def _check_n(self) -> None:
+        if not 1 <= self.num_choices <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
+        if self.best_of not in (None, self.num_choices):
+            raise UnsupportedFieldError(
+                f"best_of = {self.best_of} is not supported: only best_of == n "
+                f"({self.num_choices}); leave it unset", "best_of")
+
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's ``{"<token id>": bias}`` with integer ids (their range is the engine's
+        check)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidRequestError(
+                    f"logit_bias key {short(key)} is not a token id: use integer token ids "
+                    "as keys", "logit_bias") from None
+        return bias
 
     def _check_extra(self) -> None:
         ignored = []
@@ -102,19 +143,32 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
 
-    def generate_request(self) -> GenerateRequest:
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or a batch (strings or token-id lists)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [prompt]
+        if len(prompt) * self.num_choices > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"the batch has {len(prompt)} prompts x n = {self.num_choices}; a request "
+                f"makes at most {MAX_CHOICES} choices: split the batch", "prompt")
+        return list(prompt)
+
+    def generate_requests(self) -> list[GenerateRequest]:
+        """One ``GenerateRequest`` per prompt (each fanned out into ``n`` choices)."""
         params = self.sampling_params(DEFAULT_COMPLETION_TOKENS if self.max_tokens is None
                                       else self.max_tokens)
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise UnsupportedFieldError("a batch of prompts is not supported: send one "
-                                            "prompt per request", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return GenerateRequest(self.model, prompt=prompt, params=params)
-        return GenerateRequest(self.model, prompt_token_ids=list(prompt), params=params)
+        if self.echo and params.logprobs is not None:
+            params.prompt_logprobs = params.logprobs
+        return [GenerateRequest(self.model, prompt=p, params=params) if isinstance(p, str)
+                else GenerateRequest(self.model, prompt_token_ids=list(p), params=params)
+                for p in self.prompts()]
 
 
 class ChatMessageIn(BaseModel):
@@ -138,13 +192,27 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
-    def generate_request(self) -> GenerateRequest:
+    def top_logprobs_k(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs: set logprobs to "
+                                          "true, or leave top_logprobs unset", "top_logprobs")
+            return None
+        k = self.top_logprobs or 0
+        if not 0 <= k <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", "top_logprobs")
+        return k
+
+    def generate_requests(self) -> list[GenerateRequest]:
         limit = (self.max_tokens if self.max_completion_tokens is None
                  else self.max_completion_tokens)  # None: as many as fit
         params = self.sampling_params(limit)
         messages = [ChatMessage(m.role, m.text()) for m in self.messages]
-        return GenerateRequest(self.model, messages=messages, params=params)
+        return [GenerateRequest(self.model, messages=messages, params=params)]
 
 
 class LoadLoraRequest(BaseModel):

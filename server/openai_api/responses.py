@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 from nolaserve.adapters.errors import EngineStoppedError
 from nolaserve.adapters.registry_rows import AdapterRecord
 
-from ..engine.engine_types import RequestOutput
+from ..engine.engine_types import RequestOutput, TokenLogprob
 from ..engine.sequence import FinishReason
+from .logprobs import LogprobFormat
 
 OWNED_BY = "nolaserve"
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -29,58 +32,139 @@ def finish_reason(out: RequestOutput) -> str | None:
     return _FINISH[out.finish_reason]
 
 
-class Responses:
-    """The bodies of one request: whole (``complete``) or as stream chunks."""
+@dataclass(frozen=True)
+class Shape:
+    """What one request asked of its response: ``n`` choices per prompt (choice
+    ``i * n + j`` is prompt ``i``'s ``j``-th), logprobs, and (completions' ``echo``) each
+    prompt's text and token ids, put before its choices."""
 
-    def __init__(self, chat: bool, model: str, request_id: str, token_ids: bool) -> None:
-        self.chat, self.model, self.token_ids = chat, model, token_ids
-        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
-        self.object = "chat.completion" if chat else "text_completion"
+    chat: bool
+    model: str
+    request_id: str
+    token_ids: bool = False  # vLLM's return_token_ids
+    n: int = 1
+    logprobs: LogprobFormat | None = None
+    echo: list[tuple[str, list[int]]] | None = None
+
+
+@dataclass
+class _Choice:
+    """One choice so far: what ``add`` collected, or what a stream has sent."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    last: RequestOutput | None = None
+    offset: int = 0  # completions' text_offset of the next token
+    started: bool = False
+
+
+class Responses:
+    """The bodies of one request: whole (``add`` each output, then ``complete``) or as
+    stream chunks, one choice per chunk."""
+
+    def __init__(self, shape: Shape) -> None:
+        self.shape, self.chat = shape, shape.chat
+        self.id = ("chatcmpl-" if shape.chat else "cmpl-") + shape.request_id
+        self.object = "chat.completion" if shape.chat else "text_completion"
         self.created = int(time.time())
+        self._choices: dict[int, _Choice] = defaultdict(_Choice)
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {"id": self.id, "object": obj, "created": self.created,
+                "model": self.shape.model, "choices": choices}
 
-    def _choice(self, text: str, token_ids: list[int], reason: str | None,
-                delta: bool) -> dict:
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": reason}
+    def _choice(self, index: int, text: str, token_ids: list[int], logprobs: dict | None,
+                reason: str | None, delta: bool) -> dict:
+        choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason}
         if not self.chat:
             choice["text"] = text
         elif delta:
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        if self.token_ids:
+        if self.shape.token_ids:
             choice["token_ids"] = token_ids
         return choice
 
-    def complete(self, text: str, token_ids: list[int], last: RequestOutput) -> dict:
-        body = self._envelope(self.object, [self._choice(text, token_ids,
-                                                         finish_reason(last), False)])
-        body["usage"] = usage(last)
+    def _content(self, index: int, text: str, token_ids: list[int],
+                 entries: list[TokenLogprob] | None,
+                 prompt_entries: list[TokenLogprob | None] | None) -> tuple[str, dict | None]:
+        """The text and logprobs of a choice's next piece; its first piece starts with
+        the echoed prompt."""
+        state, fmt = self._choices[index], self.shape.logprobs
+        echo = self.shape.echo[index // self.shape.n] if self.shape.echo else None
+        if echo is not None and not state.started:
+            text = echo[0] + text
+        state.started = True
+        if fmt is None:
+            return text, None
+        if self.chat:
+            return text, fmt.chat(token_ids, entries)
+        if echo is not None and prompt_entries is not None:
+            token_ids, entries = echo[1] + token_ids, prompt_entries + (entries or [])
+        logprobs, state.offset = fmt.completion(token_ids, entries, state.offset)
+        return text, logprobs
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        """Collect an output of choice ``index`` for ``complete``."""
+        choice = self._choices[index]
+        choice.text.append(out.text)
+        choice.token_ids += out.token_ids
+        choice.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
+        choice.last = out
+
+    def complete(self) -> dict:
+        choices = []
+        for index in sorted(self._choices):
+            c = self._choices[index]
+            text, logprobs = self._content(index, "".join(c.text), c.token_ids,
+                                           c.logprobs, c.prompt_logprobs)
+            choices.append(self._choice(index, text, c.token_ids, logprobs,
+                                        finish_reason(c.last), False))
+        body = self._envelope(self.object, choices)
+        body["usage"] = self._usage()
         return body
 
-    def first_chunk(self) -> bytes | None:
-        """Chat streams open with the assistant's role, as OpenAI's do."""
+    def first_chunks(self) -> list[bytes]:
+        """Chat streams open with the assistant's role for each choice, as OpenAI's do."""
         if not self.chat:
-            return None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                  "logprobs": None, "finish_reason": None}
-        return self._sse(choice, with_usage=False)
+            return []
+        return [self._sse({"index": i, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": None, "finish_reason": None}, with_usage=False)
+                for i in range(self.shape.n)]  # a chat request has one prompt
 
-    def chunk(self, out: RequestOutput, with_usage: bool) -> bytes | None:
+    def chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
         """The chunk of one engine output; None for an output with nothing to send."""
         reason = finish_reason(out)
-        if not out.text and reason is None and not (self.token_ids and out.token_ids):
+        if out.finished:
+            self._choices[index].last = out
+        sends_ids = (self.shape.token_ids or self.shape.logprobs) and out.token_ids
+        if (not out.text and reason is None and not sends_ids
+                and (self.shape.echo is None or self._choices[index].started)):
             return None
-        return self._sse(self._choice(out.text, out.token_ids, reason, True), with_usage)
+        text, logprobs = self._content(index, out.text, out.token_ids, out.logprobs,
+                                       out.prompt_logprobs)
+        return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True),
+                         with_usage)
 
-    def usage_chunk(self, last: RequestOutput) -> bytes:
+    def usage_chunk(self) -> bytes:
         """``stream_options.include_usage``: the closing chunk, with empty choices."""
         body = self._envelope(self._chunk_object, [])
-        body["usage"] = usage(last)
+        body["usage"] = self._usage()
         return _event(body)
+
+    def _usage(self) -> dict:
+        """Every choice's completion tokens; each prompt's tokens once (its ``n`` choices
+        share it)."""
+        lasts = [(i, c.last) for i, c in self._choices.items() if c.last is not None]
+        prompt = sum(out.prompt_tokens for i, out in lasts if i % self.shape.n == 0)
+        completion = sum(out.completion_tokens for _, out in lasts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
     @property
     def _chunk_object(self) -> str:
@@ -91,11 +175,6 @@ class Responses:
         if with_usage:
             body["usage"] = None
         return _event(body)
-
-
-def usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
 
 
 def _event(body: dict) -> bytes:

@@ -1,0 +1,329 @@
+"""The OpenAI request and response shapes of issue #30 item 1, driven by the official
+``openai`` client (vLLM's extension fields through ``extra_body`` or raw httpx): ``n``,
+batched prompts, ``echo``, completions and chat logprobs, ``logit_bias``, penalties and
+``min_tokens``, whole and streamed; and ``Fanout``, which runs a request's choices."""
+
+import asyncio
+
+import openai
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine, run
+from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_template
+from server_helpers import slow_down, wait_idle
+
+from nolaserve.server.engine.engine_types import RequestOutput
+from nolaserve.server.engine.sequence import SamplingParams
+from nolaserve.server.fanout import Fanout
+from nolaserve.server.openai_api.logprobs import LOWEST
+
+PROMPT = "héllo wörld"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300)
+
+
+@pytest.fixture
+def engine(model, bytebpe):
+    return make_engine(model, with_chat_template(bytebpe))
+
+
+def serve(engine, fn):
+    """Run ``fn(openai client, httpx client)`` against a server on ``engine``."""
+    async def main():
+        async with http_serving(engine) as (_, url), http(url) as h:
+            return await fn(openai_client(url), h)
+    return asyncio.run(main())
+
+
+async def chunks_of(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+def by_index(chunks, chat: bool = False) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            piece = (c.delta.content or "") if chat else c.text
+            texts[c.index] = texts.get(c.index, "") + piece
+    return texts
+
+
+def test_n_choices_are_seeded_seed_plus_j_with_usage_counting_the_prompt_once(engine):
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=5,
+                  extra_body=GREEDY)
+        whole = await oa.completions.create(n=3, **kw)
+        singles = [await oa.completions.create(**kw | {"seed": 5 + j}) for j in range(3)]
+        stream = await chunks_of(await oa.completions.create(
+            n=3, stream=True, stream_options={"include_usage": True}, **kw))
+        return whole, singles, stream
+
+    whole, singles, stream = serve(engine, fn)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.token_ids for c in whole.choices] == [s.choices[0].token_ids for s in singles]
+    assert len({tuple(c.token_ids) for c in whole.choices}) > 1  # the seeds differ
+    prompt_tokens = singles[0].usage.prompt_tokens
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 18)
+    *body, last = stream
+    assert by_index(body) == {c.index: c.text for c in whole.choices}
+    assert {c.choices[0].finish_reason for c in body if c.choices[0].finish_reason} == {"length"}
+    assert last.choices == [] and last.usage.total_tokens == prompt_tokens + 18
+
+
+def test_chat_n_streams_a_role_chunk_per_choice(engine):
+    async def fn(oa, h):
+        kw = dict(model="", messages=MESSAGES, max_tokens=4, n=2, seed=1, extra_body=GREEDY)
+        whole = await oa.chat.completions.create(**kw)
+        stream = await chunks_of(await oa.chat.completions.create(stream=True, **kw))
+        return whole, stream
+
+    whole, stream = serve(engine, fn)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage.completion_tokens == 8
+    roles = [c.choices[0].index for c in stream if c.choices[0].delta.role == "assistant"]
+    assert roles == [0, 1]
+    assert by_index(stream, chat=True) == {c.index: c.message.content for c in whole.choices}
+
+
+def test_a_batch_of_prompts_is_indexed_prompt_major(engine):
+    prompts = [PROMPT, "café", "naïve"]
+
+    async def fn(oa, h):
+        batch = await oa.completions.create(model="", prompt=prompts, n=2, max_tokens=4,
+                                            temperature=0, extra_body=GREEDY)
+        singles = [await oa.completions.create(model="", prompt=p, max_tokens=4,
+                                               temperature=0, extra_body=GREEDY)
+                   for p in prompts]
+        ids = [[5, 6, 7], [8, 9]]
+        streamed = await chunks_of(await oa.completions.create(
+            model="", prompt=ids, max_tokens=3, temperature=0, stream=True,
+            extra_body=GREEDY))
+        return batch, singles, streamed
+
+    batch, singles, streamed = serve(engine, fn)
+    assert [c.index for c in batch.choices] == list(range(6))
+    for i, single in enumerate(singles):
+        for j in range(2):
+            assert batch.choices[i * 2 + j].token_ids == single.choices[0].token_ids
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 6 * 4
+    assert set(by_index(streamed)) == {0, 1}
+
+
+def test_n_and_batch_bounds_and_best_of_are_checked(engine):
+    async def fn(oa, h):
+        body = {"prompt": PROMPT, "max_tokens": 2}
+        return {label: await h.post("/v1/completions", json=body | extra) for label, extra in [
+            ("n0", {"n": 0}), ("n17", {"n": 17}), ("batch", {"prompt": ["a"] * 17, "n": 4}),
+            ("best_of", {"n": 2, "best_of": 3}), ("best_of_n", {"n": 2, "best_of": 2})]}
+
+    r = serve(engine, fn)
+    for label, param in [("n0", "n"), ("n17", "n"), ("batch", "prompt"),
+                         ("best_of", "best_of")]:
+        assert r[label].status_code == 400, label
+        error = r[label].json()["error"]
+        assert error["param"] == param and error["type"] == "BadRequestError", error
+    assert "between 1 and 16" in r["n17"].json()["error"]["message"]
+    assert "split the batch" in r["batch"].json()["error"]["message"]
+    assert len(r["best_of_n"].json()["choices"]) == 2
+
+
+def test_a_bad_prompt_in_a_batch_fails_the_request_with_no_child_left(engine):
+    async def fn(oa, h):
+        results = []
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                out = await oa.completions.create(
+                    model="", prompt=[[5, 6], [5, 999]], n=3, max_tokens=50,
+                    stream=stream, extra_body=GREEDY)
+                await chunks_of(out) if stream else None
+            results.append(err.value)
+        await wait_idle(engine)
+        return results
+
+    for err in serve(engine, fn):
+        assert "999" in err.body["message"]
+    assert not engine.has_unfinished()
+
+
+def test_a_client_that_goes_away_aborts_every_choice(engine):
+    slow_down(engine, 0.02)
+
+    async def fn(oa, h):
+        body = {"prompt": [PROMPT, "café"], "n": 3, "max_tokens": 200, "stream": True,
+                "ignore_eos": True}
+        async with h.stream("POST", "/v1/completions", json=body) as r:
+            first = await anext(r.aiter_lines())
+            running = len(engine.requests)
+        await wait_idle(engine)
+        return first, running
+
+    first, running = serve(engine, fn)
+    assert first.startswith("data: ") and running == 6
+    assert not engine.has_unfinished()
+
+
+def check_completion_logprobs(lp, num_tokens: int, k: int) -> None:
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == num_tokens
+    offsets = [0]
+    for token in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert LOWEST <= value <= 0 and token in top and len(top) <= k + 1
+        assert value == pytest.approx(max(top.values()), abs=1e-5)  # greedy: the argmax
+
+
+def test_completions_logprobs_whole_and_streamed(engine):
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,
+                  extra_body=GREEDY)
+        whole = await oa.completions.create(**kw)
+        stream = await chunks_of(await oa.completions.create(stream=True, **kw))
+        return whole, stream
+
+    whole, stream = serve(engine, fn)
+    lp = whole.choices[0].logprobs
+    check_completion_logprobs(lp, 5, 3)
+    assert any(len(top) == 4 for top in lp.top_logprobs) or len(set(lp.tokens)) < 5
+    streamed = [t for c in stream if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    offsets = [o for c in stream if c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_chat_logprobs_whole_and_streamed(engine):
+    async def fn(oa, h):
+        kw = dict(model="", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                  top_logprobs=2, extra_body=GREEDY)
+        whole = await oa.chat.completions.create(**kw)
+        stream = await chunks_of(await oa.chat.completions.create(stream=True, **kw))
+        plain = await oa.chat.completions.create(**kw | {"top_logprobs": None})
+        bad = {}
+        for label, extra in [("without", {"logprobs": False}), ("k", {"top_logprobs": 21})]:
+            with pytest.raises(openai.BadRequestError) as err:
+                await oa.chat.completions.create(**kw | extra)
+            bad[label] = err.value.body
+        return whole, stream, plain, bad
+
+    whole, stream, plain, bad = serve(engine, fn)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    streamed = [e for c in stream[1:] if c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert bad["without"]["param"] == bad["k"]["param"] == "top_logprobs"
+    assert "logprobs" in bad["without"]["message"] and "20" in bad["k"]["message"]
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(engine):
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+
+    async def fn(oa, h):
+        kw = dict(model="", max_tokens=3, temperature=0, echo=True, extra_body=GREEDY)
+        text = await oa.completions.create(prompt=PROMPT, **kw)
+        tokens = await oa.completions.create(prompt=ids, logprobs=1, **kw)
+        stream = await chunks_of(await oa.completions.create(prompt=PROMPT, stream=True,
+                                                             **kw))
+        with pytest.raises(openai.BadRequestError) as chat:
+            await oa.chat.completions.create(model="", messages=MESSAGES,
+                                             extra_body={"echo": True})
+        return text, tokens, stream, chat.value.body
+
+    text, tokens, stream, chat = serve(engine, fn)
+    assert text.choices[0].text.startswith(PROMPT)
+    assert len(text.choices[0].text) > len(PROMPT)
+    choice = tokens.choices[0]
+    assert choice.text.startswith(engine.tokenizer.decode(ids))
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 3 == tokens.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert stream[0].choices[0].text.startswith(PROMPT)
+    assert by_index(stream)[0] == text.choices[0].text
+    assert chat["param"] == "echo"
+
+
+def test_logit_bias_and_min_tokens_reach_the_engine(engine):
+    eos = engine.tokenizer.eos_token_id
+
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=6, temperature=0)
+        forced = await oa.completions.create(logit_bias={"7": 100}, extra_body=GREEDY, **kw)
+        stops = await oa.completions.create(logit_bias={str(eos): 100}, **kw)
+        held = await oa.completions.create(logit_bias={str(eos): 100},
+                                           extra_body={"min_tokens": 4}, **kw)
+        bad = [await h.post("/v1/completions", json={"prompt": PROMPT, "logit_bias": b})
+               for b in ({"x": 1}, {"7": 101}, {"300": 1})]
+        return forced, stops, held, bad
+
+    forced, stops, held, bad = serve(engine, fn)
+    assert forced.choices[0].token_ids == [7] * 6
+    assert stops.choices[0].finish_reason == "stop" and stops.usage.completion_tokens == 1
+    assert held.usage.completion_tokens == 5 and held.choices[0].finish_reason == "stop"
+    assert [r.status_code for r in bad] == [400, 400, 400]
+    assert bad[0].json()["error"]["param"] == "logit_bias"
+
+
+def test_penalties_reach_the_engine_as_sampling_params(engine):
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    fields = {"presence_penalty": 1.5, "frequency_penalty": 2.0, "repetition_penalty": 1.3}
+    want = {}
+    for name, value in fields.items():
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, **{name: value})
+        want[name] = run(engine, {name: (ids, params, None)})[name]
+    plain = run(engine, {"p": (ids, SamplingParams(max_tokens=8, temperature=0,
+                                                     ignore_eos=True), None)})["p"]
+
+    async def fn(oa, h):
+        return {name: await oa.completions.create(
+            model="", prompt=PROMPT, max_tokens=8, temperature=0,
+            extra_body=GREEDY | {name: value}) for name, value in fields.items()}
+
+    got = serve(engine, fn)
+    assert {name: out.choices[0].token_ids for name, out in got.items()} == want
+    assert any(w != plain for w in want.values())  # the penalties do change the output
+
+
+async def _child(outputs: list[RequestOutput], closed: list[str], name: str,
+                 fail_after: int | None = None):
+    try:
+        for i, out in enumerate(outputs):
+            if i == fail_after:
+                raise ValueError(f"{name} failed")
+            yield out
+            await asyncio.sleep(0)
+        await asyncio.Event().wait()  # never finishes unless closed
+    finally:
+        closed.append(name)
+
+
+def test_fanout_merges_children_and_closes_all_when_one_fails():
+    def outs(rid: str, n: int) -> list[RequestOutput]:
+        return [RequestOutput(rid, str(i), [i]) for i in range(n)]
+
+    async def main():
+        closed: list[str] = []
+        fan = Fanout([_child(outs("a", 3), closed, "a"),
+                      _child(outs("b", 5), closed, "b", fail_after=2)], [[1], [2]])
+        await fan.start()
+        got = []
+        with pytest.raises(ValueError, match="b failed"):
+            async for index, out in fan:
+                got.append((index, out.text))
+        return closed, got
+
+    closed, got = asyncio.run(main())
+    assert sorted(closed) == ["a", "b"]
+    assert got[:2] == [(0, "0"), (1, "0")]  # every child's first output comes first
+    assert [t for i, t in got if i == 1] == ["0", "1"]
