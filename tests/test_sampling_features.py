@@ -286,3 +286,18 @@ def test_a_failed_batched_draw_still_gives_logprobs(model, bytebpe, monkeypatch)
     for o, w in zip(got, want):
         assert o.logprobs[0].top[0][0] == w.logprobs[0].top[0][0]
         assert o.logprobs[0].logprob == pytest.approx(w.logprobs[0].logprob, abs=1e-5)
+
+
+def test_prompt_logprobs_are_whole_with_prefix_caching(model, bytebpe):
+    engine = make_engine(model, bytebpe, enable_prefix_caching=True)
+    prompt = prompt_of(30, 5)
+    collect(engine, {"warm": (prompt, greedy(2), None)})
+    hits = engine.stats.prefix_cache.hits
+    first = collect(engine, {"p": (prompt, greedy(2, prompt_logprobs=1), None)})["p"][0]
+    assert engine.stats.prefix_cache.hits == hits, "the cached prefix is computed again"
+    ref = reference_logprobs(model, prompt)
+    assert first.prompt_logprobs[0] is None
+    for p in range(1, len(prompt)):
+        assert_logprob(first.prompt_logprobs[p], ref[p - 1], 1)
+    collect(engine, {"again": (prompt, greedy(2), None)})
+    assert engine.stats.prefix_cache.hits > hits, "requests without prompt logprobs still hit"

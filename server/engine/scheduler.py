@@ -233,7 +233,9 @@ class Scheduler:
                 if self.adapter_overdue(seq):
                     break  # aging: later requests do not overtake it any longer
                 continue
-            if self.prefix_identity is not None:
+            # prompt logprobs need the logits of every prompt position, so such a request
+            # computes its cached prefix again (vLLM skips the cache for it too)
+            if self.prefix_identity is not None and seq.params.prompt_logprobs is None:
                 seq.num_computed_tokens = self.block_manager.match_prefix(
                     seq, self.prefix_identity(seq))
                 num_new = self._chunk(seq, budget)  # a smaller chunk: it still fits
