@@ -23,6 +23,7 @@ from nolaserve.adapters.sources import read_adapter_source
 from .build import build_engine
 from .config import Config
 from .engine.engine import Engine
+from .engine.engine_types import TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams
 from .generation import ChatMessage, GenerateRequest, engine_input, failure, registered_in
 
@@ -32,12 +33,14 @@ Conversation = list[dict[str, str]]
 
 @dataclass
 class CompletionOutput:
-    """One completion, as vLLM's: text, token ids and ``stop``/``length``/``eos``."""
+    """One completion, as vLLM's: text, token ids and ``stop``/``length``/``eos``;
+    ``logprobs`` (one per token) when ``SamplingParams.logprobs`` asks."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     adapter_id: str | None
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked; the first is None
 
     @property
     def text(self) -> str:
@@ -177,6 +181,9 @@ class _Batch:
         if not result.outputs:
             result.outputs.append(CompletionOutput(0, "", [], ""))
         result.outputs[0].token_ids += out.token_ids
+        if out.logprobs is not None:
+            result.outputs[0].logprobs = (result.outputs[0].logprobs or []) + out.logprobs
+        result.prompt_logprobs = result.prompt_logprobs or out.prompt_logprobs
         if out.finished:
             result.outputs[0].text = "".join(self.text.pop(out.request_id))
             result.outputs[0].finish_reason = out.finish_reason.value

@@ -301,3 +301,21 @@ def test_prompt_logprobs_are_whole_with_prefix_caching(model, bytebpe):
         assert_logprob(first.prompt_logprobs[p], ref[p - 1], 1)
     collect(engine, {"again": (prompt, greedy(2), None)})
     assert engine.stats.prefix_cache.hits > hits, "requests without prompt logprobs still hit"
+
+
+def test_the_offline_api_returns_logprobs(model, bytebpe, tmp_path):
+    from nolaserve import LLM
+
+    model.save_pretrained(tmp_path / "model")
+    bytebpe.save_pretrained(tmp_path / "model")
+    llm = LLM(str(tmp_path / "model"), device="cpu", dtype="float32", kv_cache_bytes=4 << 20,
+              cache_dir=str(tmp_path / "cache"))
+    prompt = prompt_of(9, 6)
+    out = llm.generate([prompt], greedy(4, logprobs=2, prompt_logprobs=1))[0]
+    llm.close()
+    ref = reference_logprobs(model, prompt + out.token_ids)
+    assert [lp.token_id for lp in out.outputs[0].logprobs] == out.token_ids
+    for j, lp in enumerate(out.outputs[0].logprobs):
+        assert_logprob(lp, ref[len(prompt) - 1 + j], 2)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert_logprob(out.prompt_logprobs[4], ref[3], 1)
