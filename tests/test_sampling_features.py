@@ -319,3 +319,9 @@ def test_the_offline_api_returns_logprobs(model, bytebpe, tmp_path):
         assert_logprob(lp, ref[len(prompt) - 1 + j], 2)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     assert_logprob(out.prompt_logprobs[4], ref[3], 1)
+
+
+def test_min_tokens_reached_costs_nothing():
+    logits = random_logits(2)
+    done = [seq([1], [2, 3], min_tokens=2), seq([1], [], min_tokens=5, ignore_eos=True)]
+    assert process_logits(logits, done, {EOS}) is logits

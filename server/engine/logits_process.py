@@ -28,7 +28,7 @@ def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]
     """``logits`` ``[N, V]`` (row ``i`` is ``seqs[i]``'s next token) with each row's bias,
     penalties and ``min_tokens`` applied: a new tensor if some row asks, else ``logits``
     itself (never modified in place: the engine keeps the raw logits for logprobs)."""
-    rows = [i for i, s in enumerate(seqs) if s.params.processes_logits]
+    rows = [i for i, s in enumerate(seqs) if _asks(s)]
     if not rows:
         return logits
     asking = [seqs[i] for i in rows]
@@ -37,6 +37,17 @@ def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]
     index = row_tensor(rows, torch.int64, logits)
     sub = _process(logits.index_select(0, index), asking, eos_token_ids)
     return logits.index_copy(0, index, sub)
+
+
+def _asks(seq: Sequence) -> bool:
+    """Whether this step changes the row of ``seq``: a bias, a penalty, or EOS to mask."""
+    p = seq.params
+    return bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
+                or p.repetition_penalty != 1.0 or _eos_masked(seq))
+
+
+def _eos_masked(seq: Sequence) -> bool:
+    return not seq.params.ignore_eos and len(seq.output_token_ids) < seq.params.min_tokens
 
 
 def _process(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> Tensor:
@@ -76,8 +87,7 @@ def _penalize(logits: Tensor, seqs: list[Sequence]) -> None:
 
 
 def _mask_eos(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
-    early = [i for i, s in enumerate(seqs) if not s.params.ignore_eos
-             and len(s.output_token_ids) < s.params.min_tokens]
+    early = [i for i, s in enumerate(seqs) if _eos_masked(s)]
     ids = sorted(t for t in eos if 0 <= t < logits.shape[1])
     if early and ids:
         rows = [i for i in early for _ in ids]

@@ -98,13 +98,6 @@ class SamplingParams:
                 f"{self.min_tokens}")
         _validate_logit_bias(self.logit_bias, vocab_size)
 
-    @property
-    def processes_logits(self) -> bool:
-        """Whether the logits of this request's rows are changed before sampling (bias,
-        penalties or ``min_tokens``); rows that do not ask cost nothing."""
-        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty
-                    or self.repetition_penalty != 1.0 or self.min_tokens)
-
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
