@@ -91,8 +91,9 @@ def _mask_eos(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
     ids = sorted(t for t in eos if 0 <= t < logits.shape[1])
     if early and ids:
         rows = [i for i in early for _ in ids]
-        logits.index_put_(_pairs(rows, ids * len(early), logits),
-                          torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        minus_inf = torch.full((len(rows),), float("-inf"), dtype=logits.dtype,
+                               device=logits.device)  # a fill on the device, no copy
+        logits.index_put_(_pairs(rows, ids * len(early), logits), minus_inf)
 
 
 def _token_counts(like: Tensor, token_lists: list[list[int]]) -> Tensor:
