@@ -12,6 +12,7 @@ from engine_helpers import make_engine, run
 from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_template
 from server_helpers import slow_down, wait_idle
 
+from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine.engine_types import RequestOutput
 from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.fanout import Fanout
@@ -293,6 +294,27 @@ def test_penalties_reach_the_engine_as_sampling_params(engine):
     got = serve(engine, fn)
     assert {name: out.choices[0].token_ids for name, out in got.items()} == want
     assert any(w != plain for w in want.values())  # the penalties do change the output
+
+
+def test_choices_keep_their_fields_inside_a_mixed_adapter_batch(engine):
+    engine.store.register("a", random_nola(engine.store.spec, seed=1, rank=4,
+                                           num_basis=16).to_bytes())
+    slow_down(engine, 0.01)  # so that the requests share steps
+
+    async def fn(oa, h):
+        kw = dict(prompt=PROMPT, max_tokens=6, temperature=0, extra_body=GREEDY)
+        solo = await oa.completions.create(model="", **kw)
+        together = await asyncio.gather(
+            oa.completions.create(model="a", n=2, logit_bias={"7": 100}, logprobs=2, **kw),
+            oa.completions.create(model="", **kw),
+            oa.completions.create(model="a", **kw))
+        return solo, together
+
+    solo, (forced, base, adapted) = serve(engine, fn)
+    assert [c.token_ids for c in forced.choices] == [[7] * 6] * 2
+    assert all(len(c.logprobs.tokens) == 6 for c in forced.choices)
+    assert base.choices[0].token_ids == solo.choices[0].token_ids
+    assert adapted.choices[0].token_ids != [7] * 6
 
 
 async def _child(outputs: list[RequestOutput], closed: list[str], name: str,
