@@ -325,3 +325,15 @@ def test_min_tokens_reached_costs_nothing():
     logits = random_logits(2)
     done = [seq([1], [2, 3], min_tokens=2), seq([1], [], min_tokens=5, ignore_eos=True)]
     assert process_logits(logits, done, {EOS}) is logits
+
+
+def test_logprobs_are_raw_before_bias_and_penalties(model, bytebpe):
+    engine = make_engine(model, bytebpe)
+    prompt = prompt_of(8, 7)
+    outs = collect(engine, {"r": (prompt, greedy(4, logprobs=2, logit_bias={42: 100.0},
+                                                 repetition_penalty=1.5), None)})["r"]
+    assert tokens_of(outs) == [42] * 4
+    ref = reference_logprobs(model, prompt + [42] * 4)
+    for j, o in enumerate(outs):
+        assert_logprob(o.logprobs[0], ref[len(prompt) - 1 + j], 2)
+        assert o.logprobs[0].logprob < -1, "the biased logprob would be ~0"
