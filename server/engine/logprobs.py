@@ -22,13 +22,15 @@ from .scheduler import ScheduledSeq
 
 def logprob_values(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     """Flat float64 ``[R * (1 + 2k)]`` for ``logits`` ``[R, V]``: per row the logprob of
-    ``targets[r]``, then its ``k`` largest logprobs and their token ids."""
-    lsm = logits.float().log_softmax(dim=1)  # [R, V]
-    parts = [lsm.gather(1, targets.view(-1, 1))]
+    ``targets[r]``, then its ``k`` largest logprobs and their token ids. ``log_softmax`` is
+    ``logits - logsumexp`` taken only where read, not materialized as another ``[R, V]``."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=1, keepdim=True)  # [R, 1]
+    parts = [logits.gather(1, targets.view(-1, 1)) - lse]
     k = min(k, logits.shape[1])
     if k > 0:
-        top = lsm.topk(k, dim=1)
-        parts += [top.values, top.indices]
+        top = logits.topk(k, dim=1)
+        parts += [top.values - lse, top.indices]
     return torch.cat([p.double() for p in parts], dim=1).flatten()
 
 
