@@ -1,16 +1,19 @@
 """GPU benchmarks of the Triton kernels and the engine, on one CUDA device.
 
-    python -m nolaserve.benchmarks.gpu [--only ops,regen,engine] [--requests 64]
+    python -m nolaserve.benchmarks.gpu [--only ops,attention,regen,engine] [--quick]
 
-- ops: ``add_lora`` Triton SGMV (``triton_lora.sgmv``) against torch ``gather_bmm`` and
-  ``segment``, bf16, 4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens.
-- regen: NOLA regeneration (``NolaAdapter.materialize`` on CUDA = the Triton kernel) for
-  SmolLM2-135M (q/v, r = 8, k = l = 256) and a Llama-2-7B shape (32 layers, all seven
-  linears, r = 16, k = l = 128).
+- ops: ``add_lora`` per call inside a CUDA graph (``gpu_kernels.bench_sgmv``): the split-K
+  SGMV, its token -> slot form, the previous segment SGMV and the row BGMV, bf16,
+  4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens, with GB/s.
+- attention: paged decode attention against SDPA at contexts 512, 4k and 32k, GB/s.
+- regen: NOLA regeneration (``NolaAdapter.materialize`` on CUDA = one Triton launch per
+  adapter) for SmolLM2-135M (q/v, r = 8, k = l = 256) and a Llama-2-7B shape (32 layers,
+  all seven linears, r = 16, k = l = 128).
 - engine: generated tokens/s, base only against 64 distinct and 1,000 registered NOLA
   adapters (64 slots), on SmolLM2-135M and on a random-initialized ~1B Llama.
 
-Without CUDA (or triton) it prints why and exits 0.
+``--quick``: a few sizes of each part (a smoke run). Without CUDA (or triton) it prints why
+and exits 0.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import random
 import torch
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.adapters.ops import LoraBatch, gather_bmm, segment
 from nolaserve.adapters.spec import BaseModelSpec
+from nolaserve.benchmarks import gpu_kernels
 
 SPREADS = ("identical", "distinct", "uniform", "zipf", "skewed")
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+CONTEXTS = (512, 4096, 32768)
+PARTS = ("ops", "attention", "regen", "engine")
 LLAMA7B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
            "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
            "mlp.gate_proj": (4096, 11008), "mlp.up_proj": (4096, 11008),
@@ -65,26 +70,10 @@ def cuda_ms(fn, repeat: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_ops(d: int = 4096, r: int = 16, num_slots: int = 64) -> None:
-    from nolaserve.adapters.ops.triton_lora import sgmv
-
-    dev, dt = "cuda", torch.bfloat16
-    gen = torch.Generator().manual_seed(0)
-    A = (torch.randn(num_slots, r, d, generator=gen) / d**0.5).to(dev, dt)
-    B = torch.randn(num_slots, d, r, generator=gen).to(dev, dt)
-    scale = torch.ones(num_slots, device=dev)
-    print(f"\nadd_lora, bf16, {d} -> {d}, r = {r}, {num_slots} slots: median ms")
-    print(f"{'spread':10s} {'tokens':>6s} {'triton':>8s} {'gather':>8s} {'segment':>8s} "
-          f"{'x gather':>8s}")
-    for spread in SPREADS:
-        for n in TOKENS:
-            x = torch.randn(n, d, generator=gen).to(dev, dt)
-            y = torch.zeros(n, d, device=dev, dtype=dt)
-            batch = LoraBatch.from_token_slot(slots_for(spread, n, num_slots, gen).to(dev))
-            ms = {b.__name__: cuda_ms(lambda b=b: b(y, x, A, B, scale, batch))
-                  for b in (sgmv, gather_bmm, segment)}
-            print(f"{spread:10s} {n:6d} {ms['sgmv']:8.3f} {ms['gather_bmm']:8.3f} "
-                  f"{ms['segment']:8.3f} {ms['gather_bmm'] / ms['sgmv']:8.2f}")
+def regen_values(spec: BaseModelSpec, rank: int, k: int) -> int:
+    """Basis values one adapter's regeneration draws: ``k * r * (in + out)`` per module
+    (k = l) and layer."""
+    return spec.num_layers * sum(k * rank * (i + o) for i, o in spec.module_shapes.values())
 
 
 def bench_regen() -> None:
@@ -99,8 +88,7 @@ def bench_regen() -> None:
     print("\nNOLA regeneration on CUDA (Triton kernel), median of 5")
     for spec, rank, k in ((smollm, 8, 256), (llama, 16, 128)):
         adapter = random_nola(spec, seed=(1 << 40) + 7, rank=rank, num_basis=k)
-        values = sum(k * rank * (i + o) for i, o in spec.module_shapes.values())
-        values *= spec.num_layers
+        values = regen_values(spec, rank, k)
         ms = cuda_ms(lambda a=adapter: a.materialize("cuda"), repeat=5)
         print(f"{spec.name:14s} r={rank:2d} k=l={k:3d}: {ms:8.2f} ms "
               f"({values / ms / 1e6:.1f} G basis values/s)")
@@ -157,13 +145,14 @@ def bench_engine(requests: int, max_tokens: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="ops,regen,engine",
-                        help="comma-separated subset of ops, regen, engine")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--quick", action="store_true", help="a few sizes of each part")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     parts = set(args.only.split(","))
-    if unknown := parts - {"ops", "regen", "engine"}:
+    if unknown := parts - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}")
     if not torch.cuda.is_available():
         print("benchmarks.gpu: no CUDA device here; nothing to measure (the Triton kernels are "
@@ -176,11 +165,14 @@ def main() -> None:
         return
     print(f"device: {torch.cuda.get_device_name()}")
     if "ops" in parts:
-        bench_ops()
+        gpu_kernels.bench_sgmv(slots_for, SPREADS[:2] if args.quick else SPREADS,
+                               TOKENS[3:4] if args.quick else TOKENS)
+    if "attention" in parts:
+        gpu_kernels.bench_attention(CONTEXTS[:1] if args.quick else CONTEXTS)
     if "regen" in parts:
         bench_regen()
     if "engine" in parts:
-        bench_engine(args.requests, args.max_tokens)
+        bench_engine(8 if args.quick else args.requests, 4 if args.quick else args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The one prepared script of a GPU session (../shared/gpu/README.md): after
 #   GPU_EXTRA_WHEELS="pytest pluggy iniconfig" bash ../shared/gpu/prepare.sh
 # here (the image may lack pytest), run `bash benchmarks/gpu_session.sh` on the device
-# with carry [".gpu"] and a timeout of about 540 s. Most valuable first; every step under its own timeout, its log
+# with carry [".gpu"] and a timeout of about 600 s. Most valuable first; every step under its own timeout, its log
 # under $OUT (what is there comes back even if the call times out).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -17,3 +17,7 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$O
 # 2. the 8B-shaped decode: HBM floor, step at batch 1/64/256, graphed against eager
 timeout 300 python3 -m nolaserve.benchmarks.gpu_8b --skip peft --max-tokens 64 \
     2>&1 | tee "$OUT/gpu_8b.log"
+# 3. the kernels of issue #28: SGMV in-graph by spread, paged attention against SDPA at
+#    512/4k/32k, regeneration of both shapes (GB/s and ms; quick sizes if time is short)
+timeout 150 python3 -m nolaserve.benchmarks.gpu --only ops,attention,regen \
+    2>&1 | tee "$OUT/gpu_kernels.log"
