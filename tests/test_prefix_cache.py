@@ -249,3 +249,21 @@ def test_vllm_gets_the_same_key(monkeypatch, on):
     monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
     args = engine_args(Config(registry_path=":memory:", enable_prefix_caching=on), "/m", "cpu")
     assert args["enable_prefix_caching"] is on
+
+
+def test_metrics_count_tokens_as_vllm_does(model, bytebpe):
+    from prometheus_client import generate_latest
+
+    from nolaserve.server.metrics import Metrics
+
+    engine = make_engine(model, bytebpe)
+    metrics = Metrics()
+    metrics.bind(engine)
+    prompt = list(range(3, 14))  # 11 tokens: two full blocks before the last token's
+    run(engine, {"a": (prompt, greedy(2), None)})
+    run(engine, {"b": (prompt, greedy(2), None)})
+    text = generate_latest(metrics.registry).decode()
+    name = engine.model_name
+    assert f'vllm:prefix_cache_queries_total{{model_name="{name}"}} 22.0' in text
+    assert f'vllm:prefix_cache_hits_total{{model_name="{name}"}} 8.0' in text
+    assert "nolaserve_prefix_cache_blocks 3.0" in text  # a's 12 positions; b adds none
