@@ -17,8 +17,8 @@ from nolaserve.adapters.nola import random_nola
 from nolaserve.server.config import Config
 from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.prefix_cache import PrefixCache, block_hash
-from nolaserve.server.engine.scheduler import SchedulerOutput
-from nolaserve.server.engine.sequence import SamplingParams, Sequence
+from nolaserve.server.engine.scheduler import Scheduler, SchedulerOutput
+from nolaserve.server.engine.sequence import FinishReason, SamplingParams, Sequence
 from nolaserve.server.engine.vllm_args import engine_args
 
 BS = 4
@@ -267,3 +267,25 @@ def test_metrics_count_tokens_as_vllm_does(model, bytebpe):
     assert f'vllm:prefix_cache_queries_total{{model_name="{name}"}} 22.0' in text
     assert f'vllm:prefix_cache_hits_total{{model_name="{name}"}} 8.0' in text
     assert "nolaserve_prefix_cache_blocks 3.0" in text  # a's 12 positions; b adds none
+
+
+def test_cached_blocks_taken_off_the_free_list_do_not_overcommit():
+    """A hit whose cached blocks were all the free ones leaves no block for the rest of
+    the chunk: the request waits (nothing taken) instead of failing the step."""
+    bm = BlockManager(6, BS, enable_caching=True)
+    sched = Scheduler(bm, 8, 8, prefix_identity=lambda s: "base")
+    first, other = seq("first", list(range(12))), seq("other", list(range(50, 62)))
+    for s in (first, other):
+        sched.add(s)
+        while s.num_computed_tokens < 12:
+            for sc in sched.schedule().scheduled:
+                sc.seq.num_computed_tokens += sc.num_new_tokens
+    sched.finish(first, FinishReason.LENGTH)  # its 3 blocks cached-free; other holds 3
+    assert bm.cache.num_free == 3 and bm.num_free_blocks == 3
+    late = seq("late", list(range(16)))  # 12 cached tokens + 4 that need a 4th block
+    sched.add(late)
+    assert sched.schedule().scheduled == [] and late.block_table == []
+    assert late.num_computed_tokens == 0 and bm.num_free_blocks == 3
+    sched.finish(other, FinishReason.LENGTH)
+    (scheduled,) = sched.schedule().scheduled
+    assert scheduled.seq is late and late.num_computed_tokens == 12

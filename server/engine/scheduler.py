@@ -236,15 +236,26 @@ class Scheduler:
             # prompt logprobs need the logits of every prompt position, so such a request
             # computes its cached prefix again (vLLM skips the cache for it too)
             if self.prefix_identity is not None and seq.params.prompt_logprobs is None:
-                seq.num_computed_tokens = self.block_manager.match_prefix(
-                    seq, self.prefix_identity(seq))
-                num_new = self._chunk(seq, budget)  # a smaller chunk: it still fits
+                if not self._match_prefix(seq, budget):
+                    break  # FCFS: the cached blocks it took left too few for its chunk
+                num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=self._order.__getitem__)
             self._schedule(seq, num_new, out)
             admitted.append(seq)
         for seq in admitted:
             self._waiting.remove(seq)
+
+    def _match_prefix(self, seq: Sequence, budget: int) -> bool:
+        """Start ``seq`` after its cached prefix. False (and nothing taken) if cached blocks
+        it took came off the free list and the rest of its chunk no longer fits."""
+        bm = self.block_manager
+        seq.num_computed_tokens = bm.match_prefix(seq, self.prefix_identity(seq))
+        if bm.can_allocate(seq, seq.num_computed_tokens + self._chunk(seq, budget)):
+            return True
+        bm.free(seq)
+        seq.num_computed_tokens = 0
+        return False
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of ``seq`` to compute now: as many as the budget allows, or with
