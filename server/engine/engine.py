@@ -39,6 +39,7 @@ from .row_sampling import RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
+from .structured import GrammarState, Grammars, apply_masks
 
 log = logging.getLogger("nolaserve.engine")
 
@@ -49,6 +50,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first output
+    grammar: GrammarState | None = None  # structured output: the JSON so far
 
 
 class Engine:
@@ -64,6 +66,7 @@ class Engine:
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.batch_invariant = batch_invariant
         self.sampler = RowSampler()
+        self.grammars = Grammars(tokenizer, runner.vocab_size, eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._step_observers: list[Callable[[StepStats], None]] = []
 
@@ -132,7 +135,8 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, min_tokens=params.min_tokens)
         self.requests[request_id] = _Request(seq, detok,
                                             make_generator(params.seed, self.runner.device),
-                                            None if params.prompt_logprobs is None else [None])
+                                            None if params.prompt_logprobs is None else [None],
+                                            self.grammars.start(params.structured))
         self.scheduler.add(seq)
         self.admission.accepted(seq)  # a cold adapter starts loading now (a prefetch)
 
@@ -173,6 +177,8 @@ class Engine:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
             )
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # cached: add_request's is a hit
         if adapter_id:
             self._check_adapter(adapter_id)
 
@@ -251,6 +257,7 @@ class Engine:
         seqs = [r.seq for r in sampling]
         raw = rows.sampled_logits(logits)
         processed = process_logits(raw, seqs, self.eos_token_ids)
+        processed = apply_masks(processed, [r.grammar for r in sampling])
         got = self.sampler.sample_rows(raw, seqs, [r.generator for r in sampling], processed,
                                        rows, logits)
         for request_id, first, chunk in got.prompt_logprobs:
@@ -271,6 +278,8 @@ class Engine:
             return self._finish(req, FinishReason.EOS, text=text, token_ids=[token])
         if req.detokenizer.stopped:
             return self._finish(req, FinishReason.STOP, text=text, token_ids=[token])
+        if req.grammar is not None and (ended := req.grammar.accept(token)) is not None:
+            return self._finish(req, text=text, token_ids=[token], **ended)
         if len(seq.output_token_ids) >= seq.params.max_tokens:
             return self._finish(req, FinishReason.LENGTH, text=text, token_ids=[token])
         return RequestOutput(seq.request_id, text, [token])

@@ -1,0 +1,125 @@
+"""Structured output: a request's output held to a JSON schema, or to any JSON object, by
+a grammar (xgrammar, as vLLM and SGLang use; docs/operations.md "Structured output").
+
+A request's ``GrammarState`` lives on the engine's request. After each accepted token it
+fills the request's next-token bitmask on the host (one int32 row of ``ceil(V / 32)``
+words, bit ``t`` set when token ``t`` may follow); a step gathers the rows of the requests
+that have one and applies them to those rows' logits in one op (disallowed -> -inf).
+Rows without a grammar are untouched. When the JSON is complete (only a stop token may
+follow), the request finishes with ``FinishReason.STOP``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from nolaserve.adapters.errors import InvalidRequestError, Status
+
+from .sampler import row_tensor
+from .sequence import FinishReason, StructuredSpec
+
+MAX_SCHEMA_CHARS = 64 * 1024
+CACHE_BYTES = 64 << 20  # compiled grammars kept (LRU by xgrammar) for repeated schemas
+ANY_OBJECT = '{"type": "object"}'
+
+
+class Grammars:
+    """Compiles ``StructuredSpec``s for one tokenizer and vocabulary, cached by schema
+    (bounded by ``CACHE_BYTES``); thread-safe, so the front ends' worker threads compile
+    before a request reaches the step thread, which then hits the cache."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.stop_ids = sorted(t for t in eos_token_ids if 0 <= t < vocab_size)
+        self.non_stop = _non_stop_row(vocab_size, self.stop_ids)
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
+        """The compiled grammar of ``spec``; ``InvalidRequestError`` saying what is wrong."""
+        schema = ANY_OBJECT if spec.json_schema is None else spec.json_schema
+        if len(schema) > MAX_SCHEMA_CHARS:
+            raise InvalidRequestError(f"the JSON schema has {len(schema)} characters; at most "
+                                      f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
+        try:
+            return self._get_compiler().compile_json_schema(schema, any_whitespace=False)
+        except RuntimeError as e:
+            reason = _reason(e)
+            raise InvalidRequestError(
+                f"the JSON schema cannot be enforced: {reason[-300:]}; send a valid JSON "
+                "schema (types, properties, required, enum, items, anyOf)") from None
+
+    def start(self, spec: StructuredSpec | None) -> GrammarState | None:
+        """A new request's grammar state (None without ``spec``)."""
+        if spec is None:
+            return None
+        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), self.non_stop)
+
+    def _get_compiler(self) -> xgr.GrammarCompiler:
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured output needs the model's tokenizer, and "
+                                      "this engine has none: leave response_format unset")
+        with self._lock:  # building the token table takes ~0.15 s on a 49k vocabulary
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1,
+                                                     cache_limit_bytes=CACHE_BYTES)
+            return self._compiler
+
+
+def _reason(error: RuntimeError) -> str:
+    """xgrammar's message without its ``[time] file.cc:line:`` prefix."""
+    lines = str(error).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0]) if lines else type(error).__name__
+
+
+def _non_stop_row(vocab_size: int, stop_ids: list[int]) -> torch.Tensor:
+    """``[1, W]`` int32: every bit set but the stop tokens'."""
+    row = xgr.allocate_token_bitmask(1, vocab_size)  # all bits set
+    for t in stop_ids:
+        row[0, t // 32] &= ~(1 << (t % 32))
+    return row
+
+
+class GrammarState:
+    """One request's matcher and its next-token bitmask (``[1, W]`` int32, on the host)."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, non_stop: torch.Tensor) -> None:
+        self.matcher, self.non_stop = matcher, non_stop
+        self.bitmask = torch.empty_like(non_stop)
+        matcher.fill_next_token_bitmask(self.bitmask)
+
+    def accept(self, token: int) -> dict[str, Any] | None:
+        """Advance by the sampled ``token``; None while the JSON goes on, else how the
+        request finishes (``Engine._finish``'s keywords): STOP once the JSON is complete,
+        an internal error if the token breaks the grammar (masked logits never draw one)."""
+        if not self.matcher.accept_token(token):
+            return {"reason": FinishReason.ERROR, "code": Status.INTERNAL,
+                    "error": f"internal error: token {token} breaks the output's grammar"}
+        if self.matcher.is_terminated():
+            return {"reason": FinishReason.STOP}
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not bool((self.bitmask & self.non_stop).any()):  # only a stop token may follow
+            return {"reason": FinishReason.STOP}
+        return None
+
+
+def apply_masks(logits: torch.Tensor, grammars: list[GrammarState | None]) -> torch.Tensor:
+    """``logits`` ``[N, V]`` with each row that has a grammar masked to the tokens its
+    grammar allows (-inf elsewhere): a new tensor if some row has one, else ``logits``
+    itself (never modified in place: the raw logits give the logprobs)."""
+    rows = [i for i, g in enumerate(grammars) if g is not None]
+    if not rows:
+        return logits
+    bitmask = torch.cat([grammars[i].bitmask for i in rows])  # [R, W]
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    index = row_tensor(rows, torch.int64, logits)
+    sub = logits.index_select(0, index)  # [R, V], a copy
+    xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=logits.shape[1])
+    return logits.index_copy(0, index, sub)
