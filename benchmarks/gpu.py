@@ -4,7 +4,8 @@
 
 - ops: ``add_lora`` per call inside a CUDA graph (``gpu_kernels.bench_sgmv``): the split-K
   SGMV, its token -> slot form, the previous segment SGMV and the row BGMV, bf16,
-  4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens, with GB/s.
+  4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens, with GB/s; and
+  a q/k/v group through the split-K and the previous ``add_lora_multi`` kernels.
 - attention: paged decode attention against SDPA at contexts 512, 4k and 32k, GB/s.
 - regen: NOLA regeneration (``NolaAdapter.materialize`` on CUDA = one Triton launch per
   adapter) for SmolLM2-135M (q/v, r = 8, k = l = 256) and a Llama-2-7B shape (32 layers,
@@ -167,6 +168,7 @@ def main() -> None:
     if "ops" in parts:
         gpu_kernels.bench_sgmv(slots_for, SPREADS[:2] if args.quick else SPREADS,
                                TOKENS[3:4] if args.quick else TOKENS)
+        gpu_kernels.bench_sgmv_multi(slots_for, TOKENS[3:4] if args.quick else TOKENS[:5])
     if "attention" in parts:
         gpu_kernels.bench_attention(CONTEXTS[:1] if args.quick else CONTEXTS)
     if "regen" in parts:

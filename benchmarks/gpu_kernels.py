@@ -125,3 +125,32 @@ def bench_attention(contexts: tuple[int, ...], seqs: int = 16, heads: int = 32,
         sdpa = graph_ms(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True))
         print(f"context {ctx:6d}: paged {paged:7.3f} ({gbps(nbytes, paged):6.0f})  "
               f"SDPA {sdpa:7.3f} ({gbps(nbytes, sdpa):6.0f})")
+
+
+def bench_sgmv_multi(slots_for: Callable, tokens: tuple[int, ...], r: int = 16,
+                     num_slots: int = 64) -> None:
+    """A q/k/v group of an 8B shape (4096 -> 4096, 1024, 1024), distinct adapters: the
+    split-K multi kernel against the previous one, us per call in a CUDA graph (GB/s)."""
+    from nolaserve.adapters.ops.triton_multi import sgmv_multi_launch
+    from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split_launch
+
+    dev, dt, d = "cuda", torch.bfloat16, 4096
+    outs = (4096, 1024, 1024)
+    gen = torch.Generator().manual_seed(1)
+    As = [(torch.randn(num_slots, r, d, generator=gen) / d**0.5).to(dev, dt) for _ in outs]
+    Bs = [torch.randn(num_slots, o, r, generator=gen).to(dev, dt) for o in outs]
+    scales = [torch.ones(num_slots, device=dev) for _ in outs]
+    print(f"\nadd_lora_multi q/k/v in a CUDA graph, bf16, {d} -> {outs}, r = {r}, distinct: "
+          f"us per call (GB/s)")
+    for n in tokens:
+        x = torch.randn(n, d, generator=gen).to(dev, dt)
+        ys = [torch.zeros(n, o, device=dev, dtype=dt) for o in outs]
+        slots = slots_for("distinct", n, num_slots, gen)
+        batch = LoraBatch.from_token_slot(slots.to(dev))
+        distinct = len(set(slots.tolist()))
+        nbytes = sum(sgmv_bytes(n, d, o, r, distinct) for o in outs) - 4 * n * d  # x once
+        cells = []
+        for name, fn in (("split", sgmv_multi_split_launch), ("segment", sgmv_multi_launch)):
+            ms = graph_ms(lambda fn=fn: fn(ys, x, As, Bs, scales, batch))
+            cells.append(f"{name} {ms * 1e3:8.1f} ({gbps(nbytes, ms):5.0f})")
+        print(f"tokens {n:5d}: " + "  ".join(cells))

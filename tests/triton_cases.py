@@ -28,6 +28,7 @@ from nolaserve.adapters.ops.triton_lora import sgmv
 from nolaserve.adapters.ops.triton_multi import sgmv_multi
 from nolaserve.adapters.ops.triton_rows import bgmv
 from nolaserve.adapters.ops.triton_sgmv import sgmv_split
+from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split
 from nolaserve.adapters.spec import BaseModelSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -206,7 +207,7 @@ def test_sgmv_multi_large_rank_module_and_bad_inputs():
         sgmv_multi(ys, x, As[:1], Bs, scales, batch)
     with pytest.raises(ValueError, match="must not overlap"):
         sgmv_multi([ys[0], ys[0]], x, [As[0]] * 2, [Bs[0]] * 2, [scales[0]] * 2, batch)
-    assert (choose_multi_backend(x) is sgmv_multi) == (DEVICE == "cuda")
+    assert (choose_multi_backend(x) is sgmv_multi_split) == (DEVICE == "cuda")
 
 
 def bits(t: torch.Tensor) -> list[int]:

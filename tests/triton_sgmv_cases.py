@@ -1,6 +1,6 @@
-"""``triton_sgmv`` (split-K shrink, tiled expand, grids from shapes only) held to
-``reference`` across adapter spreads, ranks 1-64, dtypes and bucket edges; run by
-``test_triton_sgmv.py`` in a child process, like ``triton_cases.py``."""
+"""``triton_sgmv`` and ``triton_sgmv_multi`` (split-K shrink, tiled expand, grids from
+shapes only) held to ``reference`` across adapter spreads, ranks 1-64, dtypes and bucket
+edges; run by ``test_triton_sgmv.py`` in a child process, like ``triton_cases.py``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import os
 import pytest
 import torch
 from test_add_lora import token_slots
+from triton_cases import looped_reference, multi_case
 
-from nolaserve.adapters.ops import LoraBatch, add_lora, reference
+from nolaserve.adapters.ops import LoraBatch, add_lora, add_lora_multi, reference
 from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
 from nolaserve.adapters.ops.triton_sgmv import BLOCK_K, BLOCK_T, SlotRuns, sgmv_rows, sgmv_split
+from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -99,3 +101,51 @@ def test_strided_output_slice_and_transposed_input():
     x_view = x.T.contiguous().to(DEVICE).T
     sgmv_rows(fused[:, 10:10 + D_OUT], x_view, A, B, scale, slots)
     torch.testing.assert_close(fused[:, 10:10 + D_OUT].cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("n", (1, 17, 33))
+@pytest.mark.parametrize("spread", ("distinct", "mixed", "identical"))
+@pytest.mark.parametrize("modules", (1, 2, 3))
+def test_multi_matches_looped_reference(modules, spread, n, dtype):
+    """q/k/v-like groups: outputs 70, 24 and 130 wide, ranks 8, 5 (strided views) and 20."""
+    ys, x, As, Bs, scales, gen = multi_case(modules, n, dtype, seed=n)
+    slots = token_slots(spread, n, gen)
+    expected = looped_reference(ys, x, As, Bs, scales, slots)
+    ys, As, Bs, scales = ([t.to(DEVICE) for t in ts] for ts in (ys, As, Bs, scales))
+    out = add_lora_multi(ys, x.to(DEVICE), As, Bs, scales, slots.to(DEVICE),
+                         backend=sgmv_multi_split)
+    assert out is ys
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got.cpu(), want, **TOLERANCE[dtype])
+
+
+def test_multi_fused_slices_minus_one_rows_and_large_ranks():
+    """Four modules as column slices of one output (two launch pairs), one of rank 72
+    (torch); -1 rows and the columns past the slices bit for bit unchanged."""
+    n, outs, ranks = 7, (16, 8, 8, 12), (8, 4, MAX_FUSED_RANK + 8, 1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, D_IN, generator=gen)
+    As = [torch.randn(6, r, D_IN, generator=gen) / 12 for r in ranks]
+    Bs = [torch.randn(6, o, r, generator=gen) for o, r in zip(outs, ranks)]
+    scales = [torch.rand(6, generator=gen) + 0.5 for _ in outs]
+    slots = torch.tensor([-1, 2, -1, 5, 0, 2, 5])
+    none = slots < 0
+    fused = torch.randn(n, sum(outs) + 3, generator=gen)
+    x[none] = float("nan")
+    edges = [0, *torch.tensor(outs).cumsum(0).tolist()]
+    expected = looped_reference([fused[:, a:b] for a, b in zip(edges, edges[1:])], x, As, Bs,
+                                scales, slots)
+    before = fused.clone()
+    fused = fused.to(DEVICE)
+    sgmv_multi_split([fused[:, a:b] for a, b in zip(edges, edges[1:])], x.to(DEVICE),
+                     [t.to(DEVICE) for t in As], [t.to(DEVICE) for t in Bs],
+                     [t.to(DEVICE) for t in scales],
+                     LoraBatch.from_token_slot(slots.to(DEVICE)))
+    fused = fused.cpu()
+    assert torch.equal(fused[none], before[none]) and torch.equal(fused[:, -3:], before[:, -3:])
+    for (a, b), want in zip(zip(edges, edges[1:]), expected, strict=True):
+        torch.testing.assert_close(fused[:, a:b], want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="must not overlap"):
+        sgmv_multi_split([fused[:, :16]] * 2, x, As[:1] * 2, Bs[:1] * 2, scales[:1] * 2,
+                         LoraBatch.from_token_slot(slots))

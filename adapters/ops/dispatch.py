@@ -145,9 +145,10 @@ def add_lora_multi(
         token_slot: [T] integer in [-1, min S_m), or a ``LoraBatch``
 
     ``backend`` is ``loop_modules`` (the torch loop above) or, on CUDA,
-    ``triton_multi.sgmv_multi`` (one launch per three modules, reading ``x`` once per
-    launch); ``None`` picks with ``choose_multi_backend``. Raises ``ValueError`` like
-    ``add_lora``, and when the lists differ in length.
+    ``triton_sgmv_multi.sgmv_multi_split`` (split-K, two launches per three modules,
+    each tile of ``x`` loaded once for all three); ``None`` picks with
+    ``choose_multi_backend``. Raises ``ValueError`` like ``add_lora``, and when the lists
+    differ in length.
     """
     batch = token_slot if isinstance(token_slot, LoraBatch) else LoraBatch.from_token_slot(
         token_slot
@@ -176,7 +177,7 @@ def loop_modules(
 
 
 def choose_multi_backend(x: torch.Tensor) -> MultiBackend:
-    """``triton_multi.sgmv_multi`` for CUDA tensors when triton imports, else
+    """``triton_sgmv_multi.sgmv_multi_split`` for CUDA tensors when triton imports, else
     ``loop_modules``."""
     if x.is_cuda and (multi := cuda_multi_backend()) is not None:
         return multi
@@ -185,10 +186,10 @@ def choose_multi_backend(x: torch.Tensor) -> MultiBackend:
 
 @functools.cache
 def cuda_multi_backend(checked: bool = True) -> MultiBackend | None:
-    """``triton_multi.sgmv_multi`` (``checked=False``: its unchecked launcher), or None
-    when triton does not import (lazy, like ``cuda_backend``)."""
+    """``triton_sgmv_multi.sgmv_multi_split`` (``checked=False``: its unchecked launcher),
+    or None when triton does not import (lazy, like ``cuda_backend``)."""
     try:
-        from .triton_multi import sgmv_multi, sgmv_multi_launch
+        from .triton_sgmv_multi import sgmv_multi_split, sgmv_multi_split_launch
     except ImportError:
         return None
-    return sgmv_multi if checked else sgmv_multi_launch
+    return sgmv_multi_split if checked else sgmv_multi_split_launch

@@ -73,7 +73,7 @@ def _sgmv_multi_kernel(
                    sy20, sy21, sb20, sb21, sb22, BLOCK_R2, BLOCK_O, FP32)
 
 
-def _check(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
+def check_multi(ys, x, As, Bs, scales, batch: LoraBatch) -> None:
     """Each module passes ``sgmv``'s checks; outputs may not share storage."""
     check_module_lists(ys, As, Bs, scales)
     for y, A, B, scale in zip(ys, As, Bs, scales):
@@ -120,7 +120,7 @@ def sgmv_multi(
     ``sgmv`` (hence ``segment``) on their own. Returns ``ys``; raises ``ValueError`` on bad
     shapes, dtypes or devices, or on outputs that share storage.
     """
-    _check(ys, x, As, Bs, scales, batch)
+    check_multi(ys, x, As, Bs, scales, batch)
     return sgmv_multi_launch(ys, x, As, Bs, scales, batch)
 
 

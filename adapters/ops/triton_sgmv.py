@@ -56,7 +56,7 @@ class SlotRuns:
 
 
 @triton.jit
-def _run(order, slots, ends, i, T):
+def run_of(slots, ends, i):
     """``(slot, end, lead)``: sorted position ``i``'s slot, its run's end, and whether ``i``
     starts a run of a real slot (the only programs that work)."""
     slot = tl.load(slots + i)
@@ -66,27 +66,79 @@ def _run(order, slots, ends, i, T):
 
 
 @triton.jit
+def a_tile(A, slot, kc, d_in, r_max, sa0, sa1, sa2, BLOCK_K: tl.constexpr,
+           BLOCK_R: tl.constexpr):
+    """``A[slot, :, kc * BLOCK_K ..].T`` as ``[BLOCK_K, BLOCK_R]`` (zeros past ``r_max``)."""
+    k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+    r = tl.arange(0, BLOCK_R)
+    return tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
+                   mask=(r < r_max)[None, :] & (k < d_in)[:, None], other=0.0)
+
+
+@triton.jit
+def x_rows(x, order, t0, end, kc, d_in, sx0, sx1, BLOCK_T: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """``(rows, xt)``: sorted positions ``t0 ..`` (clipped to ``end``) and their tokens'
+    ``[BLOCK_T, BLOCK_K]`` tile of ``x``."""
+    rows = t0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < end
+    k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+    tok = tl.load(order + rows, mask=row_ok, other=0)
+    xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
+                 mask=row_ok[:, None] & (k < d_in)[None, :], other=0.0)
+    return rows, xt
+
+
+@triton.jit
+def put_part(part, xt, at, rows, end, kc, T, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+    """``part[kc, rows] = xt @ at`` (fp32)."""
+    v = tl.dot(xt, at, input_precision="ieee") if FP32 else tl.dot(xt, at)
+    r = tl.arange(0, BLOCK_R)
+    tl.store(part + (kc * T + rows[:, None]) * BLOCK_R + r[None, :], v,
+             mask=(rows < end)[:, None])
+
+
+@triton.jit
+def expand_run(y, part, B, scale, order, slot, i, end, oc, T, d_out, r_max, splits,
+               sy0, sy1, sb0, sb1, sb2, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+               BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+    """Output tile ``oc`` of the run ``i .. end`` on ``slot``: partials summed over the
+    splits in order, times ``scale[slot]``, times ``B[slot]``'s tile (loaded once)."""
+    o = oc * BLOCK_O + tl.arange(0, BLOCK_O)
+    r = tl.arange(0, BLOCK_R)
+    o_ok = o < d_out
+    bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
+                 mask=(r < r_max)[:, None] & o_ok[None, :], other=0.0)  # [BR, BO]
+    s = tl.load(scale + slot).to(tl.float32)
+    for t0 in range(i, end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+        for kc in range(0, splits):  # one fixed order
+            v += tl.load(part + (kc * T + rows[:, None]) * BLOCK_R + r[None, :],
+                         mask=row_ok[:, None], other=0.0)
+        v = v * s  # rounded to y's dtype for fp16/bf16 (tensor cores); fp32 stays IEEE
+        d = tl.dot(v, bt, input_precision="ieee") if FP32 else \
+            tl.dot(v.to(y.dtype.element_ty), bt)
+        tok = tl.load(order + rows, mask=row_ok, other=0)
+        ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
+        m = row_ok[:, None] & o_ok[None, :]
+        yt = tl.load(ptr, mask=m)
+        tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+
+
+@triton.jit
 def _shrink_kernel(part, x, A, order, slots, ends, T, d_in, r_max, sx0, sx1, sa0, sa1, sa2,
                    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    FP32: tl.constexpr):
     i = tl.program_id(0)
     kc = tl.program_id(1)
-    slot, end, lead = _run(order, slots, ends, i, T)
+    slot, end, lead = run_of(slots, ends, i)
     if lead:
-        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        r = tl.arange(0, BLOCK_R)
-        k_ok = k < d_in
-        at = tl.load(A + slot * sa0 + r[None, :] * sa1 + k[:, None] * sa2,
-                     mask=(r < r_max)[None, :] & k_ok[:, None], other=0.0)  # [BK, BR]
+        at = a_tile(A, slot, kc, d_in, r_max, sa0, sa1, sa2, BLOCK_K, BLOCK_R)  # [BK, BR]
         for t0 in range(i, end, BLOCK_T):
-            rows = t0 + tl.arange(0, BLOCK_T)
-            row_ok = rows < end
-            tok = tl.load(order + rows, mask=row_ok, other=0)
-            xt = tl.load(x + tok[:, None] * sx0 + k[None, :] * sx1,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BT, BK]
-            v = tl.dot(xt, at, input_precision="ieee") if FP32 else tl.dot(xt, at)
-            tl.store(part + (kc * T + rows[:, None]) * BLOCK_R + r[None, :], v,
-                     mask=row_ok[:, None])
+            rows, xt = x_rows(x, order, t0, end, kc, d_in, sx0, sx1, BLOCK_T, BLOCK_K)
+            put_part(part, xt, at, rows, end, kc, T, BLOCK_R, FP32)
 
 
 @triton.jit
@@ -94,31 +146,10 @@ def _expand_kernel(y, part, B, scale, order, slots, ends, T, d_out, r_max, split
                    sy0, sy1, sb0, sb1, sb2, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
                    BLOCK_R: tl.constexpr, FP32: tl.constexpr):
     i = tl.program_id(0)
-    slot, end, lead = _run(order, slots, ends, i, T)
+    slot, end, lead = run_of(slots, ends, i)
     if lead:
-        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        r = tl.arange(0, BLOCK_R)
-        o_ok = o < d_out
-        bt = tl.load(B + slot * sb0 + o[None, :] * sb1 + r[:, None] * sb2,
-                     mask=(r < r_max)[:, None] & o_ok[None, :], other=0.0)  # [BR, BO]
-        s = tl.load(scale + slot).to(tl.float32)
-        for t0 in range(i, end, BLOCK_T):
-            rows = t0 + tl.arange(0, BLOCK_T)
-            row_ok = rows < end
-            v = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-            for kc in range(0, splits):  # in order: the same sum for any batch
-                v += tl.load(part + (kc * T + rows[:, None]) * BLOCK_R + r[None, :],
-                             mask=row_ok[:, None], other=0.0)
-            v = v * s
-            if FP32:
-                d = tl.dot(v, bt, input_precision="ieee")
-            else:
-                d = tl.dot(v.to(y.dtype.element_ty), bt)
-            tok = tl.load(order + rows, mask=row_ok, other=0)
-            ptr = y + tok[:, None] * sy0 + o[None, :] * sy1
-            m = row_ok[:, None] & o_ok[None, :]
-            yt = tl.load(ptr, mask=m)
-            tl.store(ptr, (yt.to(tl.float32) + d).to(yt.dtype), mask=m)
+        expand_run(y, part, B, scale, order, slot, i, end, tl.program_id(1), T, d_out, r_max,
+                   splits, sy0, sy1, sb0, sb1, sb2, BLOCK_T, BLOCK_O, BLOCK_R, FP32)
 
 
 def sgmv_rows(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
