@@ -34,15 +34,22 @@ from .metrics import Metrics, RequestTimer
 # A prompt longer than this many bytes per allowed token is refused before tokenizing:
 # real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
 PROMPT_BYTES_PER_TOKEN = 32
-# Tool roles ("tool", with tool_calls on assistant messages) join this list together with
-# tool-calling support; until then any other role is refused rather than rendered raw.
-CHAT_ROLES = ("system", "user", "assistant")
+# Any other role is refused rather than rendered raw.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
 class ChatMessage:
     role: str
     content: str
+    tool_calls: list[dict] | None = None  # an assistant's calls, OpenAI's shape
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
+
+    def template_dict(self) -> dict:
+        """The message as chat templates take it (tool fields only when set)."""
+        tools = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
+        return {"role": self.role, "content": self.content,
+                **{k: v for k, v in tools.items() if v is not None}}
 
 
 @dataclass
@@ -120,7 +127,7 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     if request.prompt is not None:
         check_utf8(request.prompt, "prompt")
         return list(tokenizer(request.prompt)["input_ids"])
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    messages = [m.template_dict() for m in request.messages]
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one chat message")
     for i, m in enumerate(messages):

@@ -39,7 +39,7 @@ from .row_sampling import RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
-from .structured import GrammarState, Grammars, apply_masks
+from .structured import Grammars, GrammarState, apply_masks
 
 log = logging.getLogger("nolaserve.engine")
 

@@ -16,7 +16,7 @@ from nolaserve.adapters.errors import (
 
 from .engine_types import RequestOutput, TokenLogprob
 from .model_loader import resolve_device_dtype
-from .sequence import FinishReason, SamplingParams
+from .sequence import FinishReason, SamplingParams, StructuredSpec
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 INSTALL_HINT = ("engine: vllm needs vLLM in this environment: `pip install -e .[vllm]` on a "
@@ -81,7 +81,19 @@ def sampling(params: SamplingParams):
                         presence_penalty=params.presence_penalty,
                         frequency_penalty=params.frequency_penalty,
                         repetition_penalty=params.repetition_penalty,
-                        min_tokens=params.min_tokens, output_kind=RequestOutputKind.DELTA)
+                        min_tokens=params.min_tokens, output_kind=RequestOutputKind.DELTA,
+                        structured_outputs=structured_outputs(params.structured))
+
+
+def structured_outputs(spec: StructuredSpec | None):
+    """Our ``StructuredSpec`` as vLLM's ``StructuredOutputsParams``: the same JSON, with no
+    free whitespace, as the native engine's grammar (structured.py)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    schema = '{"type": "object"}' if spec.json_schema is None else spec.json_schema
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
 def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | None:

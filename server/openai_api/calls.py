@@ -103,7 +103,8 @@ class Endpoints:
                     for r, ids in zip(requests, fan.prompt_ids)]
         return Shape(isinstance(body, ChatCompletionRequest), body.model, request_id,
                      body.return_token_ids, body.num_choices,
-                     None if k is None else LogprobFormat(tokenizer, k), echo)
+                     None if k is None else LogprobFormat(tokenizer, k), echo,
+                     body.structured_output()[1])
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)

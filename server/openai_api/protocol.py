@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
-from ..engine.sequence import MAX_LOGPROBS, SamplingParams
+from ..engine.sequence import MAX_LOGPROBS, SamplingParams, StructuredSpec
 from ..generation import ChatMessage, GenerateRequest
+from .tool_calls import ToolMode, structured_output
 
 log = logging.getLogger("nolaserve.http")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -28,8 +29,7 @@ def _off(value: Any) -> bool:
 _REFUSED: dict[str, Any] = {
     "prompt_logprobs": _off, "suffix": _off,
     "echo": _off,  # a completions field; chat has no echo in OpenAI's API
-    "response_format": lambda v: _off(v) or v == {"type": "text"},
-    "tools": _off, "tool_choice": lambda v: v in (None, "none"), "functions": _off,
+    "functions": _off,
     "function_call": lambda v: v in (None, "none"), "min_p": _off,
     "stop_token_ids": _off, "bad_words": _off, "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_json": _off,
@@ -41,8 +41,8 @@ _REFUSED: dict[str, Any] = {
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
 }
 # Standard fields that do not change the output.
-_HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-             "request_id", "priority", "reasoning_effort", "web_search_options"}
+_HARMLESS = {"user", "metadata", "store", "service_tier", "request_id", "priority",
+             "reasoning_effort", "web_search_options"}
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request: prompts x n
 
@@ -73,6 +73,16 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: token ids in the choices
+    response_format: Any = None  # these three: tool_calls.py
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def structured_output(self) -> tuple[StructuredSpec | None, ToolMode | None]:
+        """The output's JSON constraint, and how it becomes tool calls (chat only)."""
+        return structured_output(self.response_format, self.tools, self.tool_choice,
+                                 isinstance(self, ChatCompletionRequest),
+                                 self.parallel_tool_calls is not False)
 
     @property
     def include_usage(self) -> bool:
@@ -104,7 +114,7 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=(1.0 if self.repetition_penalty is None
                                 else self.repetition_penalty),
-            min_tokens=self.min_tokens or 0)
+            min_tokens=self.min_tokens or 0, structured=self.structured_output()[0])
 
     def _check_n(self) -> None:
         if not 1 <= self.num_choices <= MAX_N:
@@ -188,6 +198,17 @@ class ChatMessageIn(BaseModel):
             parts.append(part["text"])
         return "".join(parts)
 
+    def message(self) -> ChatMessage:
+        """The message with its tool fields (an assistant's ``tool_calls``, a tool's
+        ``tool_call_id``), which the chat template renders if it knows them."""
+        extra = self.model_extra or {}
+        calls, call_id = extra.get("tool_calls"), extra.get("tool_call_id")
+        if calls is not None and not isinstance(calls, list) or \
+                call_id is not None and not isinstance(call_id, str):
+            raise InvalidRequestError("a message's tool_calls must be a list and its "
+                                      "tool_call_id a string", "messages")
+        return ChatMessage(self.role, self.text(), calls, call_id)
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn]
@@ -211,7 +232,7 @@ class ChatCompletionRequest(_Sampling):
         limit = (self.max_tokens if self.max_completion_tokens is None
                  else self.max_completion_tokens)  # None: as many as fit
         params = self.sampling_params(limit)
-        messages = [ChatMessage(m.role, m.text()) for m in self.messages]
+        messages = [m.message() for m in self.messages]
         return [GenerateRequest(self.model, messages=messages, params=params)]
 
 
@@ -235,7 +256,7 @@ class TokenizeRequest(BaseModel):
 
     def generate_request(self) -> GenerateRequest:
         messages = None if self.messages is None else \
-            [ChatMessage(m.role, m.text()) for m in self.messages]
+            [m.message() for m in self.messages]
         return GenerateRequest(self.model, prompt=self.prompt, messages=messages)
 
 

@@ -15,6 +15,7 @@ from nolaserve.adapters.registry_rows import AdapterRecord
 from ..engine.engine_types import RequestOutput, TokenLogprob
 from ..engine.sequence import FinishReason
 from .logprobs import LogprobFormat
+from .tool_calls import ToolMode
 
 OWNED_BY = "nolaserve"
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -45,6 +46,7 @@ class Shape:
     n: int = 1
     logprobs: LogprobFormat | None = None
     echo: list[tuple[str, list[int]]] | None = None
+    tools: ToolMode | None = None  # the output becomes tool calls (tool_calls.py)
 
 
 @dataclass
@@ -84,6 +86,10 @@ class Responses:
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["message"] = {"role": "assistant", "content": text}
+        if self.chat and self.shape.tools is not None and reason == "stop" and \
+                (calls := self.shape.tools.message(text, delta)) is not None:
+            choice["delta" if delta else "message"] = calls
+            choice["finish_reason"] = "tool_calls"
         if self.shape.token_ids:
             choice["token_ids"] = token_ids
         return choice
@@ -139,6 +145,8 @@ class Responses:
 
     def chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
         """The chunk of one engine output; None for an output with nothing to send."""
+        if self.chat and self.shape.tools is not None:
+            return self._tool_chunk(index, out, with_usage)
         reason = finish_reason(out)
         if out.finished:
             self._choices[index].last = out
@@ -150,6 +158,17 @@ class Responses:
                                        out.prompt_logprobs)
         return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True),
                          with_usage)
+
+    def _tool_chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
+        """Tool calls stream whole, in a choice's last chunk (once the arguments parse)."""
+        state = self._choices[index]
+        state.text.append(out.text)
+        state.token_ids += out.token_ids
+        if not out.finished:
+            return None
+        state.last = out
+        return self._sse(self._choice(index, "".join(state.text), state.token_ids, None,
+                                      finish_reason(out), True), with_usage)
 
     def usage_chunk(self) -> bytes:
         """``stream_options.include_usage``: the closing chunk, with empty choices."""

@@ -1,0 +1,209 @@
+"""Structured output over the OpenAI HTTP API (issue #30 item 2), driven by the official
+``openai`` client and LangChain: ``response_format`` json_object / json_schema on chat and
+completions, ``tools`` with a required or named ``tool_choice`` as OpenAI ``tool_calls``
+(whole and streamed), refusals that say what to send, and tool messages in a chat. The
+random model only picks among the tokens the grammar allows: every output must parse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import jsonschema
+import openai
+import pytest
+from engine_helpers import make_engine
+from openai_helpers import http_serving, openai_client, with_chat_template
+from pydantic import BaseModel, Field
+from test_structured_output import ADAPTERS, SCHEMAS, model  # noqa: F401 (fixture)
+
+from nolaserve.adapters.nola import random_nola
+from nolaserve.server.generation import ChatMessage, GenerateRequest, prompt_token_ids
+
+MESSAGES = [{"role": "user", "content": "héllo"}]
+TOOLS = [
+    {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+        "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+class Answer(BaseModel):
+    ok: bool
+    color: Literal["red", "green"]
+    n: int = Field(ge=0, le=9)
+
+
+@pytest.fixture
+def engine(model, bytebpe):  # noqa: F811
+    engine = make_engine(model, with_chat_template(bytebpe))
+    for seed, name in enumerate(ADAPTERS[1:]):
+        engine.store.register(name, random_nola(engine.store.spec, seed=seed + 1, rank=4,
+                                                num_basis=16).to_bytes())
+    return engine
+
+
+def serve(engine, test):
+    async def main():
+        async with http_serving(engine) as (_, url):
+            await test(openai_client(url), url)
+
+    asyncio.run(main())
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "out", "schema": schema,
+                                                   "strict": True}}
+
+
+def test_json_schema_chat_and_completions_parse_and_match(engine):
+    async def test(oa, _):
+        for i, schema in enumerate(SCHEMAS):
+            for adapter in ADAPTERS:
+                chat = await oa.chat.completions.create(
+                    model=adapter or "", messages=MESSAGES, max_tokens=150, seed=i,
+                    response_format=json_schema(schema))
+                assert chat.choices[0].finish_reason == "stop"
+                jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+                done = await oa.completions.create(
+                    model=adapter or "", prompt="héllo", max_tokens=150, seed=i,
+                    extra_body={"response_format": json_schema(schema)})
+                assert done.choices[0].finish_reason == "stop"
+                jsonschema.validate(json.loads(done.choices[0].text), schema)
+        parsed = await oa.chat.completions.parse(model="a", messages=MESSAGES, max_tokens=60,
+                                                 seed=1, response_format=Answer)
+        assert isinstance(parsed.choices[0].message.parsed, Answer)
+
+    serve(engine, test)
+
+
+def test_json_object_streams_a_json_object(engine):
+    quote, close = engine.tokenizer.convert_tokens_to_ids(['"', "}"])
+
+    async def test(oa, _):
+        stream = await oa.chat.completions.create(
+            model="b", messages=MESSAGES, max_tokens=150, seed=3, stream=True,
+            response_format={"type": "json_object"}, logit_bias={quote: 6, close: 4})
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert isinstance(json.loads(text), dict)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+    serve(engine, test)
+
+
+def check_calls(calls, names: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+async def streamed_calls(oa, **kw):
+    """The tool calls of a streamed chat, put together from the deltas as clients do."""
+    calls: dict[int, dict] = {}
+    reason = None
+    async for chunk in await oa.chat.completions.create(stream=True, **kw):
+        choice = chunk.choices[0]
+        reason = choice.finish_reason or reason
+        for d in choice.delta.tool_calls or []:
+            c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            c["id"] += d.id or ""
+            c["name"] += d.function.name or ""
+            c["arguments"] += d.function.arguments or ""
+    return [openai.types.chat.ChatCompletionMessageToolCall(
+        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
+        for _, c in sorted(calls.items())], reason
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "add"}}])
+def test_tool_calls_whole_and_streamed(engine, choice):
+    names = {"weather", "add"} if choice == "required" else {"add"}
+
+    async def test(oa, _):
+        for seed, adapter in enumerate(ADAPTERS):
+            kw = dict(model=adapter or "", messages=MESSAGES, max_tokens=200, seed=seed,
+                      tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+            out = (await oa.chat.completions.create(**kw)).choices[0]
+            assert out.finish_reason == "tool_calls" and out.message.content is None, out
+            check_calls(out.message.tool_calls, names)
+            calls, reason = await streamed_calls(oa, **kw)
+            assert reason == "tool_calls"
+            check_calls(calls, names)
+
+    serve(engine, test)
+
+
+@pytest.mark.parametrize(("fields", "param", "message"), [
+    ({"tools": TOOLS}, "tool_choice", 'set tool_choice to "required"'),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "no tool-call parser"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice", "names no tool of the request"),
+    ({"tool_choice": "required"}, "tool_choice", "tool_choice needs tools"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "tools[0] must be"),
+    ({"response_format": json_schema({"type": "objec"})}, None, "cannot be enforced"),
+    ({"response_format": {"type": "xml"}}, "response_format", "use text, json_object or"),
+    ({"response_format": {"type": "json_schema"}}, "response_format",
+     "needs json_schema.schema"),
+])
+def test_bad_structured_fields_get_400_saying_what_to_send(engine, fields, param, message):
+    async def test(oa, _):
+        with pytest.raises(openai.BadRequestError) as err:
+            await oa.chat.completions.create(model="", messages=MESSAGES, max_tokens=8,
+                                             extra_body=fields)
+        assert message in err.value.body["message"]
+        if param:
+            assert err.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError, match="tools are a chat field"):
+            await oa.completions.create(model="", prompt="x", max_tokens=8,
+                                        extra_body={"tools": TOOLS})
+
+    serve(engine, test)
+
+
+def test_tool_messages_render_through_the_chat_template(engine):
+    """Multi-turn tool use: an assistant's tool_calls and the tool's answer reach the chat
+    template (one that renders them), and the server takes such a chat."""
+    tok = with_chat_template(engine.tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% for c in m.get('tool_calls') or [] %}{{ c['function']['name'] }}"
+                         "{% endfor %}{% if m.get('tool_call_id') %}@{{ m['tool_call_id'] }}"
+                         "{% endif %}|{% endfor %}")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [ChatMessage("user", "sum"), ChatMessage("assistant", "", [call]),
+                ChatMessage("tool", "3", tool_call_id="call_1")]
+    ids = prompt_token_ids(tok, GenerateRequest(messages=messages))
+    assert tok.decode(ids) == "<user>sum|<assistant>add|<tool>3@call_1|"
+
+    async def test(oa, _):
+        out = await oa.chat.completions.create(
+            model="", max_tokens=4, messages=[
+                {"role": "user", "content": "sum"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "3", "tool_call_id": "call_1"}])
+        assert out.choices[0].finish_reason in ("length", "stop")
+
+    serve(engine, test)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output_returns_the_object(engine, method):
+    from langchain_openai import ChatOpenAI
+
+    async def test(_, url):
+        for seed, adapter in enumerate(ADAPTERS):
+            llm = ChatOpenAI(base_url=url, api_key="none", model=adapter or engine.model_name,
+                             max_tokens=80, seed=seed, max_retries=0)
+            got = await llm.with_structured_output(Answer, method=method).ainvoke("héllo")
+            assert isinstance(got, Answer)
+
+    serve(engine, test)

@@ -1,0 +1,142 @@
+"""Structured output (issue #30 item 2): output held to a JSON schema, or to any JSON object,
+by a grammar (server/engine/structured.py), per row of mixed-adapter batches. The tiny
+random model produces garbage on its own, so the grammar does all the work: every output
+must parse and match its schema (checked with ``jsonschema``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import jsonschema
+import pytest
+from conftest import tiny_llama
+from engine_helpers import greedy, make_engine, run
+from vllm_helpers import vllm_python
+
+from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.adapters.nola import random_nola
+from nolaserve.server.engine.sequence import FinishReason, SamplingParams, StructuredSpec
+from nolaserve.server.engine.structured import MAX_SCHEMA_CHARS
+
+# Schemas whose every output is short enough to complete within max_tokens even when the
+# model picks among the allowed tokens at random (bounded strings via patterns, enums,
+# bounded integers and arrays).
+SCHEMAS = [
+    {"type": "object", "properties": {
+        "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "color": {"enum": ["red", "green", "blue"]}},
+     "required": ["ok", "n", "color"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"},
+     "minItems": 1, "maxItems": 3},
+    {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {
+            "name": {"type": "string", "pattern": "^[A-Z][a-z]{0,5}$"},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+            "required": ["name", "tags"], "additionalProperties": False},
+        "kind": {"anyOf": [{"type": "null"}, {"type": "boolean"},
+                           {"const": "other"}]}},
+     "required": ["user", "kind"], "additionalProperties": False},
+]
+ADAPTERS = (None, "a", "b")
+
+
+@pytest.fixture(scope="module")
+def model():
+    # EOS 0 is the tokenizer's <eos>: LlamaConfig's default (2) is '"' in bytebpe
+    return tiny_llama(vocab_size=300, eos_token_id=0)
+
+
+@pytest.fixture
+def engine(model, bytebpe):
+    engine = make_engine(model, bytebpe)
+    for seed, name in enumerate(ADAPTERS[1:]):
+        engine.store.register(name, random_nola(engine.store.spec, seed=seed + 1, rank=4,
+                                                num_basis=16).to_bytes())
+    return engine
+
+
+def texts(engine, requests: dict[str, tuple[list[int], SamplingParams, str | None]]
+          ) -> dict[str, tuple[str, FinishReason]]:
+    """Run ``requests`` to the end: each one's text and finish reason."""
+    got: dict[str, list] = {rid: ["", None] for rid in requests}
+    for rid, (prompt, params, adapter) in requests.items():
+        engine.add_request(rid, prompt, params, adapter)
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0] += out.text
+            if out.finished:
+                got[out.request_id][1] = out.finish_reason
+    return {rid: (text, reason) for rid, (text, reason) in got.items()}
+
+
+def structured(schema: dict | None, seed: int, **fields) -> SamplingParams:
+    spec = StructuredSpec(None if schema is None else json.dumps(schema))
+    return SamplingParams(**{"max_tokens": 120, "temperature": 1.0, "seed": seed,
+                             "structured": spec, **fields})
+
+
+def test_json_schema_output_always_parses_and_matches(engine):
+    """Several schemas x random adapters x seeds in one mixed batch: every output is JSON
+    that validates, finished by the grammar's end (``stop``), not by max_tokens."""
+    requests = {f"{s}-{a}-{seed}": ([5 + seed, 6, 7], structured(schema, seed), a)
+                for s, schema in enumerate(SCHEMAS) for a in ADAPTERS for seed in range(3)}
+    for rid, (text, reason) in texts(engine, requests).items():
+        assert reason is FinishReason.STOP, (rid, text)
+        jsonschema.validate(json.loads(text), SCHEMAS[int(rid.split("-")[0])])
+
+
+def test_json_object_is_an_object_and_ends_even_with_ignore_eos(engine):
+    """``json_object``: any JSON object; the request ends when the object closes, even with
+    ``ignore_eos`` (a '"' and '}' bias keeps the random model's keys short)."""
+    quote, close = engine.tokenizer.convert_tokens_to_ids(['"', "}"])
+    requests = {f"o{seed}": ([9, seed], structured(None, seed, ignore_eos=True,
+                                                   logit_bias={quote: 6.0, close: 4.0}), a)
+                for seed in range(4) for a in ADAPTERS}
+    for rid, (text, reason) in texts(engine, requests).items():
+        assert reason is FinishReason.STOP, (rid, text)
+        assert isinstance(json.loads(text), dict)
+
+
+def test_rows_without_a_grammar_are_untouched(engine):
+    """A plain request gets the same tokens beside structured ones as alone."""
+    alone = run(engine, {"plain": ([3, 4, 5], greedy(12), "a")})["plain"]
+    mixed = run(engine, {"plain": ([3, 4, 5], greedy(12), "a"),
+                         **{f"s{i}": ([3, 4, 5], structured(SCHEMAS[i], i), "a")
+                            for i in range(3)}})
+    assert mixed["plain"] == alone
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ('{"type": "objec"}', 'the JSON schema cannot be enforced: Unsupported type "objec"'),
+    ('{"type": ', "the JSON schema cannot be enforced"),
+    (json.dumps({"enum": ["x" * MAX_SCHEMA_CHARS]}),
+     f"at most {MAX_SCHEMA_CHARS} are allowed: simplify it"),
+])
+def test_a_schema_that_does_not_compile_is_refused_before_the_model(engine, schema, message):
+    params = SamplingParams(max_tokens=8, structured=StructuredSpec(schema))
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        engine.add_request("bad", [1, 2], params)
+    assert not engine.has_unfinished()
+
+
+def test_structured_output_needs_a_tokenizer(model):
+    engine = make_engine(model, None)
+    with pytest.raises(InvalidRequestError, match="needs the model's tokenizer"):
+        engine.add_request("r", [1, 2], structured(None, 0))
+
+
+@pytest.mark.slow
+def test_the_vllm_backend_gets_the_same_json_constraint():
+    """``--engine vllm``: the spec maps onto vLLM's ``StructuredOutputsParams`` (compact
+    JSON, as the native grammar), checked in the vLLM virtualenv."""
+    python = vllm_python()
+    code = ("from nolaserve.server.engine.vllm_args import sampling\n"
+            "from nolaserve.server.engine.sequence import SamplingParams, StructuredSpec\n"
+            "for spec in (StructuredSpec('{\"type\": \"integer\"}'), StructuredSpec()):\n"
+            "    s = sampling(SamplingParams(structured=spec)).structured_outputs\n"
+            "    print(s.json, s.disable_any_whitespace)\n"
+            "print(sampling(SamplingParams()).structured_outputs)\n")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
+                         check=True).stdout.splitlines()
+    assert out == ['{"type": "integer"} True', '{"type": "object"} True', "None"]
