@@ -73,6 +73,7 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stats = VllmStats()
     args = vllm_args.engine_args(config, model_dir, device)
+    args.served_model_name = spec.name  # vLLM's model_name label, as on nolaserve's series
     log.info("starting vLLM on %s (tensor parallel %d, pipeline parallel %d)", model_dir,
              config.tensor_parallel_size, config.pipeline_parallel_size)
     try:

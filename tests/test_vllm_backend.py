@@ -235,6 +235,9 @@ def test_health_info_and_metrics(setup):
     assert any(f.startswith("vllm:") and f not in ("vllm:lora_requests_info",) and
                "nolaserve" not in f for f in families if f.startswith("vllm:generation")), (
         "vLLM's own series are not exported")
+    # vLLM's series and ours name the same model, so one dashboard variable selects both
+    assert "vllm:e2e_request_latency_seconds_count" in text
+    assert len(set(re.findall(r'^vllm:[^{\s]*\{[^}]*model_name="([^"]*)"', text, re.M))) == 1
 
 
 def wait_running(setup: Setup, ok, guard: float = 60.0) -> bool:
