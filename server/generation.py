@@ -64,6 +64,7 @@ class GenerateRequest:
     prompt_token_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    tools: list[dict] | None = None  # chat: OpenAI's tools, for the chat template
 
 
 def resolve_adapter(model: str, base_model: str, registered: Callable[[str], bool]
@@ -140,7 +141,8 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("the model's tokenizer has no chat template: send a "
                                   "plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=request.tools,
+                                         add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

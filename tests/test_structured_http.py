@@ -20,6 +20,7 @@ from test_structured_output import ADAPTERS, SCHEMAS, model  # noqa: F401 (fixtu
 
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.generation import ChatMessage, GenerateRequest, prompt_token_ids
+from nolaserve.server.openai_api.protocol import ChatCompletionRequest
 
 MESSAGES = [{"role": "user", "content": "héllo"}]
 TOOLS = [
@@ -170,10 +171,11 @@ def test_bad_structured_fields_get_400_saying_what_to_send(engine, fields, param
 
 
 def test_tool_messages_render_through_the_chat_template(engine):
-    """Multi-turn tool use: an assistant's tool_calls and the tool's answer reach the chat
-    template (one that renders them), and the server takes such a chat."""
+    """Multi-turn tool use: the tools, an assistant's tool_calls and the tool's answer reach
+    the chat template (one that renders them), and the server takes such a chat."""
     tok = with_chat_template(engine.tokenizer)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    tok.chat_template = ("{% for t in tools or [] %}{{ t['function']['name'] }};{% endfor %}"
+                         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
                          "{% for c in m.get('tool_calls') or [] %}{{ c['function']['name'] }}"
                          "{% endfor %}{% if m.get('tool_call_id') %}@{{ m['tool_call_id'] }}"
                          "{% endif %}|{% endfor %}")
@@ -181,8 +183,10 @@ def test_tool_messages_render_through_the_chat_template(engine):
             "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
     messages = [ChatMessage("user", "sum"), ChatMessage("assistant", "", [call]),
                 ChatMessage("tool", "3", tool_call_id="call_1")]
-    ids = prompt_token_ids(tok, GenerateRequest(messages=messages))
-    assert tok.decode(ids) == "<user>sum|<assistant>add|<tool>3@call_1|"
+    body = ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required")
+    assert body.generate_requests()[0].tools == TOOLS  # the HTTP request's tools go along
+    ids = prompt_token_ids(tok, GenerateRequest(messages=messages, tools=TOOLS))
+    assert tok.decode(ids) == "weather;add;<user>sum|<assistant>add|<tool>3@call_1|"
 
     async def test(oa, _):
         out = await oa.chat.completions.create(

@@ -233,7 +233,8 @@ class ChatCompletionRequest(_Sampling):
                  else self.max_completion_tokens)  # None: as many as fit
         params = self.sampling_params(limit)
         messages = [m.message() for m in self.messages]
-        return [GenerateRequest(self.model, messages=messages, params=params)]
+        tools = self.tools if params.structured is not None and self.tools else None
+        return [GenerateRequest(self.model, messages=messages, params=params, tools=tools)]
 
 
 class LoadLoraRequest(BaseModel):
