@@ -86,6 +86,21 @@ def test_json_schema_output_always_parses_and_matches(engine):
         jsonschema.validate(json.loads(text), SCHEMAS[int(rid.split("-")[0])])
 
 
+def test_strings_bounded_by_length_hold_no_raw_control_characters(engine):
+    """xgrammar's ``maxLength`` rule alone lets raw control characters in (``json.loads``
+    refuses them); structured.py says the lengths as a pattern too."""
+    schema = {"type": "object", "properties": {
+        "s": {"type": "string", "maxLength": 4},
+        "t": {"type": "string", "minLength": 1, "maxLength": 3},
+        "e": {"enum": [{"type": "string", "maxLength": 1}]}},  # a value, left as it is
+        "required": ["s", "t", "e"], "additionalProperties": False}
+    requests = {f"c{seed}": ([7, seed], structured(schema, seed), ADAPTERS[seed % 3])
+                for seed in range(12)}
+    for rid, (text, reason) in texts(engine, requests).items():
+        assert reason is FinishReason.STOP, (rid, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_json_object_is_an_object_and_ends_even_with_ignore_eos(engine):
     """``json_object``: any JSON object; the request ends when the object closes, even with
     ``ignore_eos`` (a '"' and '}' bias keeps the random model's keys short)."""

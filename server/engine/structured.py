@@ -11,6 +11,7 @@ follow), the request finishes with ``FinishReason.STOP``.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from typing import Any
@@ -47,8 +48,9 @@ class Grammars:
             raise InvalidRequestError(f"the JSON schema has {len(schema)} characters; at most "
                                       f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
         try:
-            return self._get_compiler().compile_json_schema(schema, any_whitespace=False)
-        except RuntimeError as e:
+            return self._get_compiler().compile_json_schema(_lengths_as_patterns(schema),
+                                                            any_whitespace=False)
+        except (RuntimeError, ValueError, RecursionError) as e:
             reason = _reason(e)
             raise InvalidRequestError(
                 f"the JSON schema cannot be enforced: {reason[-300:]}; send a valid JSON "
@@ -73,7 +75,34 @@ class Grammars:
             return self._compiler
 
 
-def _reason(error: RuntimeError) -> str:
+_VALUES = {"enum", "const", "default", "examples"}  # JSON values, not schemas
+
+
+def _lengths_as_patterns(schema: str) -> str:
+    """``schema`` with each plain string's ``minLength``/``maxLength`` (no ``pattern``,
+    ``format``, ``enum`` or ``const``) also said as the pattern ``^.{min,max}$``: xgrammar
+    0.2.9's length rule lets raw control characters into the string, which no strict JSON
+    parser takes; its pattern rule does not (the same strings otherwise)."""
+    root = json.loads(schema)
+    stack, changed = [root], False
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(v for k, v in node.items() if k not in _VALUES)
+        lengths = [node.get("minLength", 0), node.get("maxLength", "")]
+        if node.get("type") == "string" and ("minLength" in node or "maxLength" in node) \
+                and not {"pattern", "format", "enum", "const"} & node.keys() \
+                and all(isinstance(n, int) or n == "" for n in lengths):
+            node["pattern"] = f"^.{{{lengths[0]},{lengths[1]}}}$"
+            changed = True
+    return json.dumps(root) if changed else schema
+
+
+def _reason(error: Exception) -> str:
     """xgrammar's message without its ``[time] file.cc:line:`` prefix."""
     lines = str(error).strip().splitlines()
     return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0]) if lines else type(error).__name__
