@@ -275,10 +275,6 @@ class AdapterStore:
     def release(self, slot: int) -> None:
         self.slots.release(slot)
 
-    def slot_version(self, slot: int) -> str:
-        """``AdapterFactors.version`` of the factors in ``slot`` (the caller holds it)."""
-        return self.slots.version_of(slot)
-
     def pin(self, adapter_id: str) -> int:
         self.registry.get(adapter_id)
         return self.slots.pin(adapter_id)

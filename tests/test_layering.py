@@ -92,7 +92,7 @@ def test_the_walk_sees_the_whole_package():
     g = graph()
     assert "nolaserve.server.engine.engine" in g and "nolaserve.v1.admin_pb2" in g
     assert "nolaserve.adapters.store" in g["nolaserve.server.engine.engine"]
-    assert "nolaserve.adapters.ops.triton_lora" in g["nolaserve.adapters.ops.dispatch"]
+    assert "nolaserve.adapters.ops.triton_sgmv" in g["nolaserve.adapters.ops.dispatch"]
 
 
 def test_no_import_cycles():

@@ -5,10 +5,9 @@ or copied from the warm tier, and written into a slot) on worker threads while t
 loop keeps decoding everyone else. The load starts when the request is *accepted*
 (``accepted``: a prefetch), not when the scheduler reaches it; queued loads start in
 ``LoadQueue`` order, cheapest first, so one tenant's costly loads do not hold another's
-small one behind all of them; a prefetch
-takes only a free slot or an idle one that no queued request wants, and leaves the slot
-idle, so it never holds or evicts a slot that running or queued requests need. Every
-queued request ``want``s its adapter: evictions prefer adapters nobody is waiting for.
+small one behind all of them; a prefetch takes only a free slot or an idle one that no
+queued request wants, and leaves the slot idle, so it never holds or evicts a slot that
+running or queued requests need; evictions prefer adapters no queued request ``want``s.
 
 Time slicing: when requests wait because every slot is busy, ``time_slice`` parks the
 running requests of the slots held longest, once each of them has produced a token and
@@ -109,11 +108,9 @@ class AdapterAdmission:
         return False
 
     def cache_identity(self, seq: Sequence) -> str:
-        """The weights that compute ``seq``'s KV, for the prefix cache's key (asked once it
-        holds its slot): ``"base"``, or its adapter id and the version in its slot."""
-        if seq.adapter_id is None:
-            return BASE_IDENTITY
-        return f"{seq.adapter_id}@{self.store.slot_version(seq.adapter_slot)}"
+        """The prefix cache's key for the weights in ``seq``'s slot: ``id@version``/base."""
+        version = self.store.slots.version_of(seq.adapter_slot) if seq.adapter_id else None
+        return BASE_IDENTITY if version is None else f"{seq.adapter_id}@{version}"
 
     def overdue(self, seq: Sequence) -> bool:
         """Whether ``seq`` waited past the aging bound for a slot: admit nobody behind it."""

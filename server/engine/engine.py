@@ -3,7 +3,6 @@ postprocess, collect. ``AsyncEngine`` (async_engine.py) drives it from a thread.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,10 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from nolaserve.adapters.errors import (
-    IncompatibleAdapterError,
     InvalidRequestError,
     QueueFullError,
-    RequestTooLargeError,
     ServingError,
     Status,
     short,
@@ -30,11 +27,11 @@ from .engine_types import (
     RequestOutput,
     StepStats,
     TokenLogprob,
-    check_limits,
 )
 from .logits_process import process_logits
 from .logprobs import StepRows, extend_prompt_logprobs, wants_prompt_logits
 from .model_runner import ModelRunner, StepBatch
+from .request_checks import RequestChecks
 from .row_sampling import RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -67,6 +64,7 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.sampler = RowSampler()
         self.grammars = Grammars(tokenizer, runner.vocab_size, eos_token_ids)
+        self.checks = RequestChecks(limits, scheduler, self.grammars, lambda: self.store)
         self.requests: dict[str, _Request] = {}
         self._step_observers: list[Callable[[StepStats], None]] = []
 
@@ -158,39 +156,14 @@ class Engine:
     def with_default_max_tokens(self, prompt: list[int], params: SamplingParams
                                 ) -> SamplingParams:
         """``params`` with an unset ``max_tokens`` filled in: as many as fit."""
-        if params.max_tokens is not None:
-            return params
-        bm = self.scheduler.block_manager
-        room = min(self.limits.max_model_len, bm.num_blocks * bm.block_size)
-        return dataclasses.replace(params, max_tokens=max(1, min(
-            self.limits.max_tokens_limit, room - len(prompt))))
+        return self.checks.with_default_max_tokens(prompt, params)
 
     def check_request(self, prompt: list[int], params: SamplingParams,
                       adapter_id: str | None) -> None:
-        """Every check of a request that needs no engine state: limits, sampling and the
-        adapter (registered, servable: this reads the registry, so callers on the step
-        thread pass ``adapter_id=None``). Safe on any thread."""
-        check_limits(self.limits, prompt, params)
-        total = len(prompt) + params.max_tokens
-        capacity = self.scheduler.block_manager.max_tokens
-        if total > capacity:
-            raise RequestTooLargeError(
-                f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
-            )
-        if params.structured is not None:
-            self.grammars.compile(params.structured)  # cached: add_request's is a hit
-        if adapter_id:
-            self._check_adapter(adapter_id)
-
-    def _check_adapter(self, adapter_id: str) -> None:
-        if self.store is None:
-            raise IncompatibleAdapterError("this engine serves the base model only")
-        record = self.store.get(adapter_id)  # AdapterNotFoundError if unknown
-        if record.kind == "rmm-basis":
-            raise IncompatibleAdapterError(
-                f"{short(adapter_id)} is an RMM basis; request one of its tasks instead"
-            )
-        self.store.parsed(adapter_id).validate(self.store.spec)  # e.g. registered for another model
+        """Every check of a request that needs no engine state (``RequestChecks``); safe
+        on any thread, but with an ``adapter_id`` it reads the registry: callers on the
+        step thread pass ``adapter_id=None``."""
+        self.checks.check(prompt, params, adapter_id)
 
     # -- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
