@@ -229,6 +229,23 @@ def test_a_later_request_shares_the_running_ones_blocks(model, bytebpe):
     check_no_leak(engine)
 
 
+def test_requests_arriving_together_share_the_prompt_blocks_one_computes(model, bytebpe):
+    """``n`` choices of one prompt (or one system prompt sent by many at once): the first
+    computes the full blocks, the others wait one step and share them, for the base model
+    and an adapter; tokens as with the cache off."""
+    prompt = list(range(3, 30))  # 27 tokens: six full blocks the others can share
+    reqs = {f"{adapter}-{i}": (prompt, SamplingParams(max_tokens=5, seed=i), adapter)
+            for adapter in (None, "a") for i in range(4)}
+    engines = [make_engine(model, bytebpe, enable_prefix_caching=on) for on in (True, False)]
+    for e in engines:
+        e.store.register("a", nola(e, 1))
+    on, off = (run(e, reqs) for e in engines)
+    assert on == off
+    stats = engines[0].stats.prefix_cache
+    assert stats.hits == 2 * 3 * 6 * 4  # two weights x three followers x six blocks of 4
+    check_no_leak(engines[0])
+
+
 def test_the_key_and_flag_turn_it_off(model, bytebpe):
     from nolaserve.clients.cli import build_parser
 

@@ -146,6 +146,20 @@ class BlockManager:
         self.cache.hits += hit
         return hit
 
+    def computed_by(self, seq: Sequence, identity: str, busy: list[Sequence]) -> bool:
+        """Whether the first block of ``seq``'s prompt that is not cached yet is one that a
+        sequence of ``busy`` (those scheduled this step) computes now, by the same weights:
+        ``seq`` then waits a step and shares it (``n`` choices of one prompt, or requests
+        with one system prompt, arriving together)."""
+        if self.cache is None or not busy:
+            return False
+        usable = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
+        for h in chain_hashes(seq.prompt_token_ids[:usable], self.block_size, identity, []):
+            if self.cache.get(h) is None:
+                return any(h in st.hashes[st.registered:] for st in map(self._seqs.get, busy)
+                           if st is not None and st.identity == identity)
+        return False
+
     def cache_computed(self, seq: Sequence) -> None:
         """Register the full blocks of ``seq`` whose KV is computed by now (a no-op with
         caching off or before ``match_prefix``)."""

@@ -236,6 +236,9 @@ class Scheduler:
             # prompt logprobs need the logits of every prompt position, so such a request
             # computes its cached prefix again (vLLM skips the cache for it too)
             if self.prefix_identity is not None and seq.params.prompt_logprobs is None:
+                if self.block_manager.computed_by(seq, self.prefix_identity(seq),
+                                                  [s.seq for s in out.scheduled]):
+                    continue  # next step it shares the blocks another computes now
                 if not self._match_prefix(seq, budget):
                     break  # FCFS: the cached blocks it took left too few for its chunk
                 num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
