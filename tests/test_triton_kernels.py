@@ -1,8 +1,10 @@
-"""The Triton kernels (``ops/triton_lora.py``, ``nola_triton.py``,
-``server/engine/paged_triton.py``) against their CPU references. The cases live in
-``triton_cases.py`` and ``triton_attention_cases.py`` and run in a child process: under
-``TRITON_INTERPRET=1`` on CPU here (the variable must be set before triton is imported),
-natively on CUDA when a GPU is present."""
+"""The Triton kernels against their CPU references. Each group of cases runs in a child
+process: under ``TRITON_INTERPRET=1`` on CPU here (the variable must be set before triton is
+imported), natively on CUDA when a GPU is present. The groups: ``triton_cases.py`` and
+``triton_attention_cases.py`` (segment SGMV, ``nola_triton``, paged attention),
+``triton_sgmv_cases.py`` (split-K SGMV), ``triton_decode_attention_cases.py`` (paged decode
+attention split across programs, against torch SDPA) and ``triton_regen_cases.py`` (NOLA
+regeneration in one launch per adapter, against the CPU Philox path)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import pytest
 import torch
 
 CASES = [Path(__file__).with_name(n) for n in ("triton_cases.py", "triton_attention_cases.py")]
+GROUPS = {"kernels": CASES, **{name: [Path(__file__).with_name(f"triton_{name}_cases.py")]
+                              for name in ("sgmv", "decode_attention", "regen")}}
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
@@ -37,12 +41,14 @@ def run_cases(interpret: bool, cases: list[Path] = CASES) -> None:
 
 
 @needs_triton
-def test_kernels_interpreted_on_cpu():
-    run_cases(interpret=True)
+@pytest.mark.parametrize("group", GROUPS)
+def test_kernels_interpreted_on_cpu(group):
+    run_cases(interpret=True, cases=GROUPS[group])
 
 
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernels_on_cuda():
-    run_cases(interpret=False)
+@pytest.mark.parametrize("group", GROUPS)
+def test_kernels_on_cuda(group):
+    run_cases(interpret=False, cases=GROUPS[group])

@@ -1,6 +1,6 @@
 """``paged_attention`` with its context split across programs (flash-decoding) held to
 torch SDPA over the same keys and values laid out contiguously; run by
-``test_triton_decode_attention.py`` in a child process, like ``triton_cases.py``."""
+``test_triton_kernels.py`` in a child process, like ``triton_cases.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``nola_triton.regenerate`` (every module of a NOLA adapter in one launch, written into the
 given tensors) held to ``NolaAdapter.materialize("cpu")``, the C Philox loop; run by
-``test_nola_regen_fused.py`` in a child process, like ``triton_cases.py``."""
+``test_triton_kernels.py`` in a child process, like ``triton_cases.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``triton_sgmv`` and ``triton_sgmv_multi`` (split-K shrink, tiled expand, grids from
 shapes only) held to ``reference`` across adapter spreads, ranks 1-64, dtypes and bucket
-edges; run by ``test_triton_sgmv.py`` in a child process, like ``triton_cases.py``."""
+edges; run by ``test_triton_kernels.py`` in a child process, like ``triton_cases.py``."""
 
 from __future__ import annotations
 
