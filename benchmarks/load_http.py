@@ -59,8 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--vllm-python", default=os.environ.get("NOLASERVE_VLLM_PYTHON",
-                                                           VLLM_PYTHON))
+    p.add_argument("--vllm-python", default=VLLM_PYTHON)
     p.add_argument("--skip", nargs="*", default=[], choices=["offline", "vllm-serve"])
     p.add_argument("--out", help="write every figure as JSON")
     args = p.parse_args(argv)

