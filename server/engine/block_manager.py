@@ -141,10 +141,16 @@ class BlockManager:
             self.cache.take(block)
             seq.block_table.append(block)
         self._seqs[seq] = _Hashes(identity, hashes, len(seq.block_table))
-        hit = len(seq.block_table) * self.block_size
-        self.cache.queries += len(tokens)
+        return len(seq.block_table) * self.block_size
+
+    def count_lookup(self, seq: Sequence, hit: int) -> None:
+        """Add ``seq``'s kept prefix lookup (``hit`` tokens cached) to the cache's counters,
+        once per request: not again on a retried admission or a recompute."""
+        if self.cache is None or seq.prefix_counted:
+            return
+        seq.prefix_counted = True
+        self.cache.queries += seq.num_tokens
         self.cache.hits += hit
-        return hit
 
     def computed_by(self, seq: Sequence, identity: str, busy: list[Sequence]) -> bool:
         """Whether the first block of ``seq``'s prompt that is not cached yet is one that a

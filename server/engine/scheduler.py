@@ -255,6 +255,7 @@ class Scheduler:
         bm = self.block_manager
         seq.num_computed_tokens = bm.match_prefix(seq, self.prefix_identity(seq))
         if bm.can_allocate(seq, seq.num_computed_tokens + self._chunk(seq, budget)):
+            bm.count_lookup(seq, seq.num_computed_tokens)
             return True
         bm.free(seq)
         seq.num_computed_tokens = 0

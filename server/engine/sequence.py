@@ -134,6 +134,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    prefix_counted: bool = False  # its prefix-cache lookup is in the counters (once)
 
     @property
     def num_prompt_tokens(self) -> int:
