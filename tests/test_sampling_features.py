@@ -21,7 +21,8 @@ from nolaserve.server.engine.engine_types import (
     TokenLogprob,
     check_limits,
 )
-from nolaserve.server.engine.logits_process import process_logits
+from nolaserve.server.engine.logits_process import process_logits as _process_logits
+from nolaserve.server.engine.penalty_counts import PenaltyCounts
 from nolaserve.server.engine.row_sampling import RowSampler
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, Sequence
 
@@ -64,6 +65,10 @@ def seq(prompt: list[int], output: list[int] = (), **fields) -> Sequence:
     s = Sequence("r", list(prompt), SamplingParams(**fields))
     s.output_token_ids = list(output)
     return s
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos: set[int]) -> torch.Tensor:
+    return _process_logits(logits, seqs, eos, PenaltyCounts())  # each call from scratch
 
 
 def random_logits(n: int, seed: int = 0) -> torch.Tensor:

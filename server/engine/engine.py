@@ -31,6 +31,7 @@ from .engine_types import (
 from .logits_process import process_logits
 from .logprobs import StepRows, extend_prompt_logprobs, wants_prompt_logits
 from .model_runner import ModelRunner, StepBatch
+from .penalty_counts import PenaltyCounts
 from .request_checks import RequestChecks
 from .row_sampling import RowSampler
 from .sampler import make_generator
@@ -63,6 +64,7 @@ class Engine:
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.batch_invariant = batch_invariant
         self.sampler = RowSampler()
+        self.penalty_counts = PenaltyCounts()
         self.grammars = Grammars(tokenizer, runner.vocab_size, eos_token_ids)
         self.checks = RequestChecks(limits, scheduler, self.grammars, lambda: self.store)
         self.requests: dict[str, _Request] = {}
@@ -229,7 +231,7 @@ class Engine:
             return outputs
         seqs = [r.seq for r in sampling]
         raw = rows.sampled_logits(logits)
-        processed = process_logits(raw, seqs, self.eos_token_ids)
+        processed = process_logits(raw, seqs, self.eos_token_ids, self.penalty_counts)
         processed = apply_masks(processed, [r.grammar for r in sampling])
         got = self.sampler.sample_rows(raw, seqs, [r.generator for r in sampling], processed,
                                        rows, logits)

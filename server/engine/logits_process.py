@@ -1,5 +1,6 @@
 """A step's per-request logits processing before sampling: ``logit_bias``, then the
 presence, frequency and repetition penalties, then ``min_tokens`` (EOS masked to -inf).
+The penalties read token counts kept per request across steps (penalty_counts.py).
 
 Each is a batched tensor op over the rows that ask for it (rows that ask for none cost
 nothing, and a batch where none asks returns its logits untouched). The per-row values
@@ -20,40 +21,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .penalty_counts import PenaltyCounts
 from .sampler import row_tensor
 from .sequence import Sequence
 
 
-def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> Tensor:
+def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int],
+                   counts: PenaltyCounts) -> Tensor:
     """``logits`` ``[N, V]`` (row ``i`` is ``seqs[i]``'s next token) with each row's bias,
     penalties and ``min_tokens`` applied: a new tensor if some row asks, else ``logits``
-    itself (never modified in place: the engine keeps the raw logits for logprobs)."""
+    itself (never modified in place: the engine keeps the raw logits for logprobs).
+    ``counts`` keeps the penalized requests' token counts from step to step."""
     rows = [i for i, s in enumerate(seqs) if _asks(s)]
     if not rows:
         return logits
     asking = [seqs[i] for i in rows]
     if len(rows) == len(seqs):
-        return _process(logits.clone(), asking, eos_token_ids)
+        return _process(logits.clone(), asking, eos_token_ids, counts)
     index = row_tensor(rows, torch.int64, logits)
-    sub = _process(logits.index_select(0, index), asking, eos_token_ids)
+    sub = _process(logits.index_select(0, index), asking, eos_token_ids, counts)
     return logits.index_copy(0, index, sub)
 
 
 def _asks(seq: Sequence) -> bool:
     """Whether this step changes the row of ``seq``: a bias, a penalty, or EOS to mask."""
+    return bool(seq.params.logit_bias or _penalized(seq) or _eos_masked(seq))
+
+
+def _penalized(seq: Sequence) -> bool:
     p = seq.params
-    return bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
-                or p.repetition_penalty != 1.0 or _eos_masked(seq))
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
 
 def _eos_masked(seq: Sequence) -> bool:
     return not seq.params.ignore_eos and len(seq.output_token_ids) < seq.params.min_tokens
 
 
-def _process(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> Tensor:
+def _process(logits: Tensor, seqs: list[Sequence], eos: set[int],
+             counts: PenaltyCounts) -> Tensor:
     """Every row of ``logits`` processed in place for its own sequence."""
     _add_bias(logits, seqs)
-    _penalize(logits, seqs)
+    rows = [i for i, s in enumerate(seqs) if _penalized(s)]
+    if len(rows) == len(seqs):
+        _penalize(logits, seqs, counts)
+    elif rows:
+        index = row_tensor(rows, torch.int64, logits)
+        sub = logits.index_select(0, index)
+        _penalize(sub, [seqs[i] for i in rows], counts)
+        logits.index_copy_(0, index, sub)
     _mask_eos(logits, seqs, eos)
     return logits
 
@@ -69,18 +84,19 @@ def _add_bias(logits: Tensor, seqs: list[Sequence]) -> None:
                           accumulate=True)
 
 
-def _penalize(logits: Tensor, seqs: list[Sequence]) -> None:
+def _penalize(logits: Tensor, seqs: list[Sequence], counts: PenaltyCounts) -> None:
     """Presence and frequency over the output tokens, then repetition over all tokens."""
+    out_counts, prompt_seen = counts.gather(seqs, logits)  # [N, V] each
+    out_counts = out_counts.to(logits.dtype)
     pres = [s.params.presence_penalty for s in seqs]
     freq = [s.params.frequency_penalty for s in seqs]
     if any(pres) or any(freq):
-        counts = _token_counts(logits, [s.output_token_ids for s in seqs])  # [N, V]
-        penalty = counts * row_tensor(freq, logits.dtype, logits).unsqueeze(1) + \
-            (counts > 0) * row_tensor(pres, logits.dtype, logits).unsqueeze(1)
+        penalty = out_counts * row_tensor(freq, logits.dtype, logits).unsqueeze(1) + \
+            (out_counts > 0) * row_tensor(pres, logits.dtype, logits).unsqueeze(1)
         logits.sub_(penalty)
     rep = [s.params.repetition_penalty for s in seqs]
     if any(r != 1.0 for r in rep):
-        seen = _token_counts(logits, [s.token_ids for s in seqs]) > 0  # [N, V]
+        seen = prompt_seen | (out_counts > 0)  # [N, V]
         r = row_tensor(rep, logits.dtype, logits).unsqueeze(1)
         penalized = torch.where(logits > 0, logits / r, logits * r)
         logits.copy_(torch.where(seen, penalized, logits))
@@ -94,18 +110,6 @@ def _mask_eos(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
         minus_inf = torch.full((len(rows),), float("-inf"), dtype=logits.dtype,
                                device=logits.device)  # a fill on the device, no copy
         logits.index_put_(_pairs(rows, ids * len(early), logits), minus_inf)
-
-
-def _token_counts(like: Tensor, token_lists: list[list[int]]) -> Tensor:
-    """``counts[i, t]``: how often token ``t`` occurs in ``token_lists[i]`` (``[N, V]``)."""
-    counts = torch.zeros_like(like)
-    rows = [i for i, tokens in enumerate(token_lists) for _ in tokens]
-    if rows:
-        tokens = [t for ts in token_lists for t in ts]
-        counts.index_put_(_pairs(rows, tokens, like), torch.ones(len(rows), dtype=like.dtype,
-                                                                 device=like.device),
-                          accumulate=True)
-    return counts
 
 
 def _pairs(rows: list[int], cols: list[int], like: Tensor) -> tuple[Tensor, Tensor]:
