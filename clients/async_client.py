@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -11,7 +12,15 @@ from grpc_health.v1 import health_pb2
 from nolaserve.v1 import admin_pb2
 
 from . import messages as m
-from .messages import AdapterInfo, ChatMessage, GenerateResult, RmmResult, ServerInfo, StreamChunk
+from .messages import (
+    AdapterInfo,
+    ChatMessage,
+    GenerateResult,
+    RmmResult,
+    SamplingExtras,
+    ServerInfo,
+    StreamChunk,
+)
 from .stubs import DEFAULT_TARGET, Stubs, ref, rmm_request
 
 
@@ -39,10 +48,11 @@ class AsyncClient(Stubs):
                        max_tokens: int = 16, temperature: float | None = None,
                        top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                        stop: Sequence[str] = (), ignore_eos: bool = False,
-                       request_id: str = "") -> GenerateResult:
+                       request_id: str = "", **sampling: Unpack[SamplingExtras]
+                 ) -> GenerateResult:
         """See ``Client.generate``."""
         req = m.generate_request(prompt, messages, adapter_id, max_tokens, temperature, top_p,
-                                 top_k, seed, stop, ignore_eos, request_id)
+                                 top_k, seed, stop, ignore_eos, request_id, sampling)
         with m.rpc_errors():
             return m.generate_result(await self._inference.Generate(req, **self._inference_kw))
 
@@ -52,10 +62,11 @@ class AsyncClient(Stubs):
                               temperature: float | None = None, top_p: float | None = None,
                               top_k: int = 0, seed: int | None = None,
                               stop: Sequence[str] = (), ignore_eos: bool = False,
-                              request_id: str = "") -> AsyncIterator[StreamChunk]:
+                              request_id: str = "", **sampling: Unpack[SamplingExtras]
+                              ) -> AsyncIterator[StreamChunk]:
         """See ``Client.generate_stream``."""
         req = m.generate_request(prompt, messages, adapter_id, max_tokens, temperature, top_p,
-                                 top_k, seed, stop, ignore_eos, request_id)
+                                 top_k, seed, stop, ignore_eos, request_id, sampling)
         call = self._inference.GenerateStream(req, **self._inference_kw)
         try:
             with m.rpc_errors():

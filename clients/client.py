@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -31,15 +32,17 @@ from .messages import (
     NolaserveError,
     RmmResult,
     RmmTask,
+    SamplingExtras,
     ServerInfo,
     StreamChunk,
+    TokenLogprob,
     Usage,
 )
 from .stubs import DEFAULT_TARGET, Stubs, ref, rmm_request
 
 __all__ = ["AdapterInfo", "AsyncClient", "ChatMessage", "Client", "GenerateResult",
-           "ModuleShape", "NolaserveError", "RmmResult", "RmmTask", "ServerInfo",
-           "StreamChunk", "Usage"]
+           "ModuleShape", "NolaserveError", "RmmResult", "RmmTask", "SamplingExtras",
+           "ServerInfo", "StreamChunk", "TokenLogprob", "Usage"]
 
 class Client(Stubs):
     """Blocking client. ``timeout`` (seconds) bounds every call, a stream as a whole."""
@@ -64,11 +67,14 @@ class Client(Stubs):
                  max_tokens: int = 16, temperature: float | None = None,
                  top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] = (), ignore_eos: bool = False,
-                 request_id: str = "") -> GenerateResult:
+                 request_id: str = "", **sampling: Unpack[SamplingExtras]
+                 ) -> GenerateResult:
         """The whole completion of ``prompt`` or chat ``messages`` (exactly one of them);
-        ``adapter_id=""`` is the base model, ``temperature=0`` greedy."""
+        ``adapter_id=""`` is the base model, ``temperature=0`` greedy. ``sampling``:
+        logprobs, prompt_logprobs, logit_bias, presence/frequency/repetition_penalty,
+        min_tokens, json_schema or json_object (``SamplingExtras``), as over HTTP."""
         req = m.generate_request(prompt, messages, adapter_id, max_tokens, temperature, top_p,
-                                 top_k, seed, stop, ignore_eos, request_id)
+                                 top_k, seed, stop, ignore_eos, request_id, sampling)
         with m.rpc_errors():
             return m.generate_result(self._inference.Generate(req, **self._inference_kw))
 
@@ -77,11 +83,12 @@ class Client(Stubs):
                         max_tokens: int = 16, temperature: float | None = None,
                         top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                         stop: Sequence[str] = (), ignore_eos: bool = False,
-                        request_id: str = "") -> Iterator[StreamChunk]:
+                        request_id: str = "", **sampling: Unpack[SamplingExtras]
+                        ) -> Iterator[StreamChunk]:
         """Chunks as they are produced (arguments as ``generate``); closing the iterator
         early cancels the request on the server."""
         req = m.generate_request(prompt, messages, adapter_id, max_tokens, temperature, top_p,
-                                 top_k, seed, stop, ignore_eos, request_id)
+                                 top_k, seed, stop, ignore_eos, request_id, sampling)
         call = self._inference.GenerateStream(req, **self._inference_kw)
         try:
             with m.rpc_errors():

@@ -6,9 +6,10 @@ Imports neither torch nor the server: a client machine needs grpcio and protobuf
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import grpc
 
@@ -16,6 +17,21 @@ from nolaserve.v1 import admin_pb2, inference_pb2
 
 T = TypeVar("T")
 ChatMessage = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ...} or (role, text)
+
+
+class SamplingExtras(TypedDict, total=False):
+    """The optional sampling keywords of ``generate`` (inference.proto's SamplingParams);
+    ``json_schema`` is a schema as a dict or JSON text."""
+
+    logprobs: int
+    prompt_logprobs: int
+    logit_bias: Mapping[int, float]
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    min_tokens: int
+    json_schema: Mapping[str, Any] | str
+    json_object: bool
 
 
 class NolaserveError(grpc.RpcError):
@@ -49,6 +65,15 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's logprob and the ``top`` most likely ``(token id, logprob)`` there."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerateResult:
     """A whole completion. ``finish_reason``: length | stop | eos | cancelled."""
 
@@ -58,6 +83,8 @@ class GenerateResult:
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: one per token
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 2..
 
 
 @dataclass
@@ -68,6 +95,8 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk only
 
 
 @dataclass
@@ -147,13 +176,23 @@ def generate_result(r: inference_pb2.GenerateResponse) -> GenerateResult:
     return GenerateResult(text=r.text, token_ids=list(r.token_ids),
                           finish_reason=finish_reason(r.finish_reason) or "",
                           prompt_tokens=r.usage.prompt_tokens,
-                          completion_tokens=r.usage.completion_tokens, request_id=r.request_id)
+                          completion_tokens=r.usage.completion_tokens, request_id=r.request_id,
+                          **_logprobs(r))
 
 
 def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
     usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
     return StreamChunk(text=r.text, token_ids=list(r.token_ids),
-                       finish_reason=finish_reason(r.finish_reason), usage=usage)
+                       finish_reason=finish_reason(r.finish_reason), usage=usage,
+                       **_logprobs(r))
+
+
+def _logprobs(r: inference_pb2.GenerateResponse) -> dict[str, list[TokenLogprob]]:
+    def entries(es) -> list[TokenLogprob]:
+        return [TokenLogprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top])
+                for e in es]
+
+    return {"logprobs": entries(r.logprobs), "prompt_logprobs": entries(r.prompt_logprobs)}
 
 
 def adapter_info(m: admin_pb2.AdapterInfo) -> AdapterInfo:
@@ -179,7 +218,8 @@ def _chat(messages: Sequence[ChatMessage]) -> inference_pb2.ChatMessages:
 def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
                      adapter_id: str, max_tokens: int, temperature: float | None,
                      top_p: float | None, top_k: int, seed: int | None, stop: Sequence[str],
-                     ignore_eos: bool, request_id: str) -> inference_pb2.GenerateRequest:
+                     ignore_eos: bool, request_id: str,
+                     extras: SamplingExtras | None = None) -> inference_pb2.GenerateRequest:
     """The request for exactly one of ``prompt`` and ``messages``; None leaves a sampling
     field unset (the server's default)."""
     if (prompt is None) == (messages is None):
@@ -187,7 +227,23 @@ def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
     optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
     sampling = inference_pb2.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
-        **{k: v for k, v in optional.items() if v is not None})
+        **{k: v for k, v in optional.items() if v is not None}, **_extras(extras or {}))
     input_ = {"prompt": prompt} if prompt is not None else {"messages": _chat(messages or ())}
     return inference_pb2.GenerateRequest(adapter_id=adapter_id, sampling=sampling,
                                          request_id=request_id, **input_)
+
+
+def _extras(extras: SamplingExtras) -> dict[str, Any]:
+    """``SamplingExtras`` as SamplingParams fields; ``TypeError`` for an unknown name."""
+    unknown = set(extras) - set(SamplingExtras.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown sampling arguments {sorted(unknown)}: use "
+                        f"{', '.join(SamplingExtras.__annotations__)}")
+    fields_ = {k: v for k, v in extras.items() if k not in ("json_schema", "json_object")}
+    schema = extras.get("json_schema")
+    if schema is not None:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        fields_["structured"] = inference_pb2.StructuredOutput(json_schema=text)
+    elif extras.get("json_object"):
+        fields_["structured"] = inference_pb2.StructuredOutput(json_object=True)
+    return fields_

@@ -27,6 +27,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if engine.store is None:
             raise ValueError("the Admin service needs an engine with an adapter store")
         self.engine, self.config, self.metrics, self.gate = engine, config, metrics, gate
+        self.max_message_bytes = config.max_message_bytes
         self.store: AdapterStore = engine.store
 
     async def _info_of(self, adapter_id: str) -> admin_pb2.AdapterInfo:

@@ -214,7 +214,7 @@ def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: 
     aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(engine)
     generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(generation, metrics, gate), server)
+        InferenceServicer(generation, metrics, gate, config.max_message_bytes), server)
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(engine, config, metrics, gate), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

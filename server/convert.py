@@ -12,8 +12,8 @@ from nolaserve.v1 import admin_pb2, inference_pb2
 
 from .config import Config
 from .engine.engine import Engine
-from .engine.engine_types import RequestOutput
-from .engine.sequence import FinishReason, SamplingParams
+from .engine.engine_types import RequestOutput, TokenLogprob
+from .engine.sequence import FinishReason, SamplingParams, StructuredSpec
 from .generation import ChatMessage, GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
@@ -26,8 +26,8 @@ _FINISH = {
 
 
 def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
-    """The proto's defaults applied: max_tokens 0 -> 16, unset temperature/top_p -> 1.0.
-    Ranges are checked by the engine."""
+    """The proto's defaults applied: max_tokens 0 -> 16, unset temperature/top_p/
+    repetition_penalty -> 1.0. Ranges are checked by the engine, as for HTTP."""
     return SamplingParams(
         max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS,
         temperature=p.temperature if p.HasField("temperature") else 1.0,
@@ -36,7 +36,28 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None,
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        logit_bias=dict(p.logit_bias),
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=(p.repetition_penalty if p.HasField("repetition_penalty")
+                            else 1.0),
+        min_tokens=p.min_tokens,
+        structured=structured_spec(p.structured) if p.HasField("structured") else None,
     )
+
+
+def structured_spec(s: inference_pb2.StructuredOutput) -> StructuredSpec:
+    """``InvalidRequestError`` for a StructuredOutput that asks for nothing."""
+    which = s.WhichOneof("format")
+    if which == "json_schema" and s.json_schema.strip():
+        return StructuredSpec(s.json_schema)
+    if which == "json_object" and s.json_object:
+        return StructuredSpec()
+    raise InvalidRequestError(
+        "sampling.structured asks for nothing: set json_schema to a JSON schema or "
+        "json_object to true, or leave structured unset for free text")
 
 
 def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
@@ -61,7 +82,16 @@ def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.Gene
         response.finish_reason = _FINISH[out.finish_reason]
         response.usage.prompt_tokens = out.prompt_tokens
         response.usage.completion_tokens = out.completion_tokens
+    response.logprobs.extend(token_logprob(e) for e in out.logprobs or ())
+    response.prompt_logprobs.extend(token_logprob(e) for e in out.prompt_logprobs or ()
+                                    if e is not None)
     return response
+
+
+def token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:
+    return inference_pb2.TokenLogprob(
+        token_id=entry.token_id, logprob=entry.logprob,
+        top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
 
 
 def adapter_info(record: AdapterRecord, pinned: bool) -> admin_pb2.AdapterInfo:

@@ -14,6 +14,7 @@ import grpc
 
 from nolaserve.adapters.errors import (
     MalformedRequestError,
+    RequestTooLargeError,
     ServerDrainingError,
     ServingError,
     Status,
@@ -108,6 +109,18 @@ class Gate:
 class Servicer(Protocol):
     gate: Gate
     metrics: Metrics
+    max_message_bytes: int  # the server's grpc.max_send_message_length
+
+
+def check_size(response: Any, limit: int) -> None:
+    """``RequestTooLargeError`` for a response grpc would refuse to send (it would fail
+    the call with RESOURCE_EXHAUSTED after the servicer returned, unseen by ``@rpc``)."""
+    size = response.ByteSize()
+    if size > limit:
+        raise RequestTooLargeError(
+            f"the response is {size} bytes, more than max_message_bytes ({limit}) allows: "
+            "ask for fewer tokens or logprobs, use GenerateStream, or raise the server's "
+            "max_message_bytes")
 
 
 S = TypeVar("S", bound=Servicer)
@@ -115,7 +128,8 @@ Method = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[T]]
 
 
 def rpc(method: Method) -> Method:
-    """Wrap a servicer method: refuse it while draining, count it by status code, and turn
+    """Wrap a servicer method: refuse it while draining, count it by status code (a unary
+    response too large to send is RESOURCE_EXHAUSTED, as the client sees it), and turn
     any exception into an aborted RPC with the mapped code and a message. Cancellation
     (client gone, deadline passed) propagates so the work below it stops."""
     name = method.__name__
@@ -130,9 +144,12 @@ def rpc(method: Method) -> Method:
                     f"{str(request.error)[:200]}")
             self.gate.enter()
             try:
-                return await method(self, request, context)
+                response = await method(self, request, context)
             finally:
                 self.gate.exit()
+            if response is not None:  # a unary response; streams check each message
+                check_size(response, self.max_message_bytes)
+            return response
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0

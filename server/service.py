@@ -17,28 +17,27 @@ from . import convert
 from .engine.engine_types import RequestOutput
 from .generation import Generation
 from .metrics import Metrics
-from .rpc import Gate, rpc
+from .rpc import Gate, check_size, rpc
 
 MAX_REQUEST_ID_BYTES = 128
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate) -> None:
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate,
+                 max_message_bytes: int) -> None:
         self.generation, self.metrics, self.gate = generation, metrics, gate
+        self.max_message_bytes = max_message_bytes
 
     @rpc
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         """Run the request to the end; one response with the whole text and token ids."""
         request_id = _request_id(request)
-        text: list[str] = []
-        token_ids: list[int] = []
+        outs: list[RequestOutput] = []
         async with aclosing(self._outputs(request, request_id)) as outputs:
             async for out in outputs:
-                text.append(out.text)
-                token_ids += out.token_ids
-        whole = dataclasses.replace(out, text="".join(text), token_ids=token_ids)
-        return convert.generate_response(request_id, whole)
+                outs.append(out)
+        return convert.generate_response(request_id, _joined(outs))
 
     @rpc
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
@@ -49,11 +48,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_id = _request_id(request)
         async with aclosing(self._outputs(request, request_id)) as outputs:
             async for out in outputs:
-                await context.write(convert.generate_response(request_id, out))
+                response = convert.generate_response(request_id, out)
+                check_size(response, self.max_message_bytes)
+                await context.write(response)
 
     def _outputs(self, request: inference_pb2.GenerateRequest,
                  request_id: str) -> AsyncIterator[RequestOutput]:
         return self.generation.outputs(convert.generate_request(request), request_id)
+
+
+def _joined(outs: list[RequestOutput]) -> RequestOutput:
+    """A request's outputs as one: all text, token ids and logprobs; the first output's
+    prompt logprobs; the last one's finish reason and usage."""
+    return dataclasses.replace(
+        outs[-1], text="".join(out.text for out in outs),
+        token_ids=[t for out in outs for t in out.token_ids],
+        logprobs=[e for out in outs for e in out.logprobs or ()],
+        prompt_logprobs=outs[0].prompt_logprobs)
 
 
 def _request_id(request: inference_pb2.GenerateRequest) -> str:

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 import pytest
+from google.protobuf.wrappers_pb2 import StringValue
 
 from nolaserve.adapters.errors import (
     AdapterNotFoundError,
@@ -55,7 +56,7 @@ async def Echo(self, request, context):  # noqa: N802 - named like a servicer me
         raise request
     if request == "wait":
         await asyncio.sleep(3600)
-    return request
+    return StringValue(value=request)
 
 
 class Servicer:
@@ -64,6 +65,7 @@ class Servicer:
 
     def __init__(self):
         self.gate, self.metrics = Gate(), Metrics()
+        self.max_message_bytes = 64
         self.seen_in_flight = None
         self.Echo = rpc(Echo).__get__(self)
 
@@ -117,9 +119,20 @@ def call(servicer, request, context=None):
 
 def test_a_served_call_counts_ok_and_leaves_the_gate_idle():
     s = Servicer()
-    assert call(s, "hi") == "hi"
+    assert call(s, "hi").value == "hi"
     assert s.seen_in_flight == 1 and s.gate.in_flight == 0 and s.count("OK") == 1
     assert s.Echo.__name__ == "Echo"
+
+
+def test_a_response_too_large_to_send_is_resource_exhausted_not_ok():
+    """grpc would refuse it after the method returned: the count is what the client gets."""
+    s = Servicer()
+    with pytest.raises(Aborted) as info:
+        call(s, "x" * 100)
+    assert info.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than max_message_bytes (64)" in info.value.args[1]
+    assert s.count("RESOURCE_EXHAUSTED") == 1 and s.count("OK") == 0
+    assert s.gate.in_flight == 0
 
 
 def test_a_failing_call_aborts_with_its_code_and_counts_it():

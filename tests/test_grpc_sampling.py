@@ -1,0 +1,233 @@
+"""The OpenAI sampling features over gRPC (parity with HTTP, issue #30's fields): logprobs
+and prompt logprobs equal to the engine's, logit bias / penalties / min_tokens giving the
+engine's tokens, structured JSON output, INVALID_ARGUMENT naming each bad field, old
+requests unchanged, and an oversized response counted as the client saw it."""
+
+import asyncio
+import json
+import math
+import struct
+
+import grpc
+import jsonschema
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine
+from server_helpers import expect_code, request, serving
+
+from nolaserve.clients.async_client import AsyncClient
+from nolaserve.server.convert import sampling_params
+from nolaserve.server.engine.sequence import SamplingParams, StructuredSpec
+from nolaserve.v1 import inference_pb2
+
+Code = grpc.StatusCode
+PROMPT = "héllo wörld"
+SCHEMA = {"type": "object", "properties": {
+    "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    "color": {"enum": ["red", "green"]}},
+    "required": ["ok", "n", "color"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model():
+    # EOS 0 is the tokenizer's <eos> (structured output ends on it)
+    return tiny_llama(vocab_size=300, eos_token_id=0)
+
+
+@pytest.fixture
+def engine(model, bytebpe):
+    return make_engine(model, bytebpe)
+
+
+def offline(model, tokenizer, params: SamplingParams):
+    """The engine's outputs for PROMPT with ``params``, stepped directly."""
+    engine = make_engine(model, tokenizer)
+    engine.add_request("r", tokenizer(PROMPT)["input_ids"], params, None)
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == "r"]
+    return outs
+
+
+def entries(messages) -> list[tuple]:
+    """Engine ``TokenLogprob``s or their proto messages as comparable tuples (float32, as
+    the proto carries them)."""
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    def pair(t) -> tuple[int, float]:
+        return (t[0], f32(t[1])) if isinstance(t, tuple) else (t.token_id, f32(t.logprob))
+
+    return [(e.token_id, f32(e.logprob), [pair(t) for t in e.top]) for e in messages]
+
+
+def test_logprobs_and_prompt_logprobs_equal_the_engines(model, bytebpe, engine):
+    outs = offline(model, bytebpe, SamplingParams(max_tokens=6, temperature=0.0,
+                                                  ignore_eos=True, logprobs=3,
+                                                  prompt_logprobs=2))
+    want = entries([e for o in outs for e in o.logprobs])
+    want_prompt = entries(outs[0].prompt_logprobs[1:])
+
+    async def main():
+        async with serving(engine) as c:
+            req = request(PROMPT, max_tokens=6, logprobs=3, prompt_logprobs=2)
+            one = await c.inference.Generate(req)
+            stream = [m async for m in c.inference.GenerateStream(req)]
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                got = await client.generate(PROMPT, max_tokens=6, temperature=0.0,
+                                            ignore_eos=True, logprobs=3, prompt_logprobs=2)
+            return one, stream, got
+
+    one, stream, got = asyncio.run(main())
+    assert [e[0] for e in want] == list(one.token_ids) and len(want) == 6
+    assert entries(one.logprobs) == want and entries(one.prompt_logprobs) == want_prompt
+    assert all(len(e.top) == 3 for e in one.logprobs)
+    assert entries([e for m in stream for e in m.logprobs]) == want
+    assert entries(stream[0].prompt_logprobs) == want_prompt
+    assert not any(m.prompt_logprobs for m in stream[1:])
+    assert entries(got.logprobs) == want and entries(got.prompt_logprobs) == want_prompt
+
+
+PROCESSED = [
+    dict(logit_bias={7: 100.0}),
+    dict(presence_penalty=2.0, frequency_penalty=1.5),
+    dict(repetition_penalty=3.0),
+    dict(min_tokens=5, max_tokens=8),
+]
+
+
+@pytest.mark.parametrize("fields", PROCESSED)
+def test_bias_penalties_and_min_tokens_give_the_engines_tokens(model, bytebpe, engine, fields):
+    plain = dict(max_tokens=8, temperature=0.0)
+    params = plain | fields
+    want = [t for o in offline(model, bytebpe, SamplingParams(**params)) for t in o.token_ids]
+    default = [t for o in offline(model, bytebpe, SamplingParams(**plain)) for t in o.token_ids]
+
+    async def main():
+        async with serving(engine) as c:
+            return await c.inference.Generate(inference_pb2.GenerateRequest(
+                prompt=PROMPT, sampling=inference_pb2.SamplingParams(**params)))
+
+    assert list(asyncio.run(main()).token_ids) == want
+    assert want != default or "min_tokens" in fields  # the field changes the tokens
+    if "logit_bias" in fields:
+        assert set(want) == {7}
+    if "min_tokens" in fields:
+        assert len(want) >= 5
+
+
+def test_min_tokens_holds_back_eos(model, bytebpe, engine):
+    """With token 0 (EOS) pushed up by a bias, the request ends at once, unless
+    min_tokens holds it back."""
+    async def main(**fields):
+        async with serving(engine) as c:
+            return await c.inference.Generate(request(
+                PROMPT, max_tokens=8, ignore_eos=False, logit_bias={0: 100.0}, **fields))
+
+    plain = asyncio.run(main())
+    assert plain.finish_reason == inference_pb2.FINISH_REASON_EOS
+    assert plain.usage.completion_tokens < 4
+    held = asyncio.run(main(min_tokens=4))
+    assert held.usage.completion_tokens >= 4
+    assert held.finish_reason == inference_pb2.FINISH_REASON_EOS
+
+
+def test_structured_output_is_valid_json(engine):
+    async def main():
+        async with serving(engine) as c:
+            schema = await c.inference.Generate(request(
+                PROMPT, max_tokens=60, ignore_eos=False, temperature=1.0, seed=3,
+                structured=inference_pb2.StructuredOutput(json_schema=json.dumps(SCHEMA))))
+            # a '"' and '}' bias keeps the random model's keys short (as over HTTP)
+            quote, close = engine.tokenizer.convert_tokens_to_ids(['"', "}"])
+            stream = [m async for m in c.inference.GenerateStream(request(
+                PROMPT, max_tokens=150, ignore_eos=False, temperature=1.0, seed=3,
+                logit_bias={quote: 6.0, close: 4.0},
+                structured=inference_pb2.StructuredOutput(json_object=True)))]
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                got = await client.generate(PROMPT, max_tokens=60, temperature=0.5, seed=1,
+                                            json_schema=SCHEMA)
+            assert stream[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
+            return schema, "".join(m.text for m in stream), got.text
+
+    schema, any_object, client_text = asyncio.run(main())
+    jsonschema.validate(json.loads(schema.text), SCHEMA)
+    assert isinstance(json.loads(any_object), dict)
+    jsonschema.validate(json.loads(client_text), SCHEMA)
+
+
+BAD = [
+    (dict(logprobs=21), "logprobs must be between 0 and 20"),
+    (dict(prompt_logprobs=50), "prompt_logprobs must be between 0 and 20"),
+    (dict(logit_bias={100000: 1.0}), "logit_bias token id 100000 is out of range"),
+    (dict(logit_bias={5: 500.0}), "logit_bias for token 5 must be in [-100, 100]"),
+    (dict(presence_penalty=3.0), "presence_penalty must be in [-2, 2]"),
+    (dict(frequency_penalty=math.nan), "frequency_penalty must be in [-2, 2]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(min_tokens=9), "min_tokens must be between 0 and max_tokens (8)"),
+    (dict(structured=inference_pb2.StructuredOutput()), "sampling.structured asks for nothing"),
+    (dict(structured=inference_pb2.StructuredOutput(json_object=False)),
+     "sampling.structured asks for nothing"),
+    (dict(structured=inference_pb2.StructuredOutput(json_schema="{not json")), "JSON schema"),
+]
+
+
+def test_bad_fields_are_invalid_argument_naming_the_field(engine):
+    async def main():
+        async with serving(engine) as c:
+            for fields, message in BAD:
+                for call in (c.inference.Generate, c.inference.GenerateStream):
+                    await expect_code(Code.INVALID_ARGUMENT, call(request(**fields)), message)
+            # the server is still fine
+            return await c.inference.Generate(request(max_tokens=3))
+
+    assert len(asyncio.run(main()).token_ids) == 3
+
+
+def test_a_request_without_the_new_fields_is_unchanged(model, bytebpe, engine):
+    """Bytes an older client sends (fields 1-7 only) parse as before: no logprobs, no
+    penalties, default repetition_penalty (an unset optional, not 0)."""
+    old = inference_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    sampling = sampling_params(old)
+    assert sampling == SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = [t for o in offline(model, bytebpe, sampling) for t in o.token_ids]
+
+    async def main():
+        async with serving(engine) as c:
+            return await c.inference.Generate(inference_pb2.GenerateRequest.FromString(
+                inference_pb2.GenerateRequest(prompt=PROMPT, sampling=old).SerializeToString()))
+
+    got = asyncio.run(main())
+    assert list(got.token_ids) == want and not got.logprobs and not got.prompt_logprobs
+
+
+def test_structured_spec_is_passed_as_the_engine_takes_it():
+    p = inference_pb2.SamplingParams(structured=inference_pb2.StructuredOutput(
+        json_schema='{"type": "object"}'))
+    assert sampling_params(p).structured == StructuredSpec('{"type": "object"}')
+    p = inference_pb2.SamplingParams(structured=inference_pb2.StructuredOutput(json_object=True))
+    assert sampling_params(p).structured == StructuredSpec()
+
+
+def test_a_response_too_large_to_send_is_counted_as_the_client_got_it(engine):
+    """Top-20 prompt logprobs make the first message larger than max_message_bytes: the client gets
+    RESOURCE_EXHAUSTED saying what to change, and the metrics count that, not OK."""
+    def counted(c, method: str, code: str) -> float:
+        return c.running.metrics.registry.get_sample_value(
+            "nolaserve_requests_total", {"rpc": method, "code": code}) or 0.0
+
+    async def main():
+        async with serving(engine, max_message_bytes=2000) as c:
+            big = request(PROMPT * 20, max_tokens=2, prompt_logprobs=20)  # on message 1
+            for call in (c.inference.Generate, c.inference.GenerateStream):
+                await expect_code(Code.RESOURCE_EXHAUSTED, call(big),
+                                  "more than max_message_bytes (2000)")
+            small = await c.inference.Generate(request(max_tokens=2))
+            return small, {(m, code): counted(c, m, code)
+                           for m in ("Generate", "GenerateStream")
+                           for code in ("OK", "RESOURCE_EXHAUSTED")}
+
+    small, counts = asyncio.run(main())
+    assert len(small.token_ids) == 2
+    assert counts == {("Generate", "OK"): 1, ("Generate", "RESOURCE_EXHAUSTED"): 1,
+                      ("GenerateStream", "OK"): 0, ("GenerateStream", "RESOURCE_EXHAUSTED"): 1}
