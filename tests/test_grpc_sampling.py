@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
-from server_helpers import expect_code, request, serving
+from server_helpers import BackgroundServer, expect_code, request, serving
 
-from nolaserve.clients.async_client import AsyncClient
+from nolaserve.clients.client import AsyncClient, Client
 from nolaserve.server.convert import sampling_params
 from nolaserve.server.engine.sequence import SamplingParams, StructuredSpec
 from nolaserve.v1 import inference_pb2
@@ -231,3 +231,23 @@ def test_a_response_too_large_to_send_is_counted_as_the_client_got_it(engine):
     assert len(small.token_ids) == 2
     assert counts == {("Generate", "OK"): 1, ("Generate", "RESOURCE_EXHAUSTED"): 1,
                       ("GenerateStream", "OK"): 0, ("GenerateStream", "RESOURCE_EXHAUSTED"): 1}
+
+
+def test_the_blocking_client_streams_logprobs_and_checks_its_keywords(model, bytebpe, engine):
+    outs = offline(model, bytebpe, SamplingParams(max_tokens=4, temperature=0.0,
+                                                  ignore_eos=True, logprobs=1,
+                                                  prompt_logprobs=0, logit_bias={5: 3.0}))
+    server = BackgroundServer(engine)
+    try:
+        with Client(f"127.0.0.1:{server.port}") as c:
+            chunks = list(c.generate_stream(PROMPT, max_tokens=4, temperature=0.0,
+                                            ignore_eos=True, logprobs=1, prompt_logprobs=0,
+                                            logit_bias={5: 3.0}))
+            with pytest.raises(TypeError, match="unknown sampling arguments \\['top_logprobs'\\]"):
+                c.generate(PROMPT, top_logprobs=2)
+    finally:
+        server.close()
+    assert entries([e for ch in chunks for e in ch.logprobs]) == entries(
+        [e for o in outs for e in o.logprobs])
+    want_prompt = entries(outs[0].prompt_logprobs[1:])
+    assert entries(chunks[0].prompt_logprobs) == want_prompt and len(want_prompt) == 2
