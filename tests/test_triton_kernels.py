@@ -2,7 +2,8 @@
 process: under ``TRITON_INTERPRET=1`` on CPU here (the variable must be set before triton is
 imported), natively on CUDA when a GPU is present. The groups: ``triton_cases.py`` and
 ``triton_attention_cases.py`` (segment SGMV, ``nola_triton``, paged attention),
-``triton_sgmv_cases.py`` (split-K SGMV), ``triton_decode_attention_cases.py`` (paged decode
+``triton_sgmv_cases.py`` (split-K SGMV), ``triton_rows_cases.py`` (the graph-decode ops
+over shared slot runs), ``triton_decode_attention_cases.py`` (paged decode
 attention split across programs, against torch SDPA) and ``triton_regen_cases.py`` (NOLA
 regeneration in one launch per adapter, against the CPU Philox path)."""
 
@@ -19,7 +20,7 @@ import torch
 
 CASES = [Path(__file__).with_name(n) for n in ("triton_cases.py", "triton_attention_cases.py")]
 GROUPS = {"kernels": CASES, **{name: [Path(__file__).with_name(f"triton_{name}_cases.py")]
-                              for name in ("sgmv", "decode_attention", "regen")}}
+                              for name in ("sgmv", "rows", "decode_attention", "regen")}}
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 

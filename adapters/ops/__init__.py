@@ -6,10 +6,11 @@ to ``y[i]`` in place; ``-1`` adds nothing. ``add_lora_multi(ys, x, As, Bs, scale
 token_slot)`` is ``add_lora`` looped over modules that share ``x`` (q, k, v), in one
 launch on CUDA. See ``add_lora`` for shapes and ``LoraBatch`` for the per-step batch
 description that every layer's call shares. ``add_lora_rows`` is ``add_lora`` from the
-token -> slot tensor alone, for steps captured in a CUDA graph.
+token -> slot tensor alone, for steps captured in a CUDA graph, and ``add_lora_multi_rows``
+its shared-input group form; both take the step's ``slot_runs(token_slot)``.
 """
 
-from .batch import LoraBatch, SegmentPlan
+from .batch import LoraBatch, SegmentPlan, SlotRuns, slot_runs
 from .dispatch import (
     BACKENDS,
     Backend,
@@ -21,8 +22,8 @@ from .dispatch import (
     loop_modules,
     step_backends,
 )
-from .rows import add_lora_rows, gather_rows
-from .torch_lora import gather_bmm, reference, segment
+from .rows import add_lora_multi_rows, add_lora_rows
+from .torch_lora import gather_bmm, gather_rows, reference, segment
 
 __all__ = [
     "BACKENDS",
@@ -30,8 +31,10 @@ __all__ = [
     "LoraBatch",
     "MultiBackend",
     "SegmentPlan",
+    "SlotRuns",
     "add_lora",
     "add_lora_multi",
+    "add_lora_multi_rows",
     "add_lora_rows",
     "choose_backend",
     "choose_multi_backend",
@@ -40,5 +43,6 @@ __all__ = [
     "loop_modules",
     "reference",
     "segment",
+    "slot_runs",
     "step_backends",
 ]

@@ -5,7 +5,8 @@ grouped by slot) are planned on the host from the step's Python list of slots
 (``SegmentPlan``, pure Python, no tensor) and reach the device with the rest of the step's
 inputs in one copy (``server.engine.step_inputs``); the kernels then launch without a
 host sync. ``from_token_slot`` is the same for a caller holding a tensor: one copy to the
-host, one back.
+host, one back. ``SlotRuns`` is the graph-capturable form: the tokens grouped by slot on the
+device from the token -> slot tensor alone (``slot_runs``), no host list.
 """
 
 from __future__ import annotations
@@ -144,3 +145,23 @@ class LoraBatch:
     def has_adapters(self) -> bool:
         """False when every token is ``-1``: ``add_lora`` then returns ``y`` untouched."""
         return self.max_slot >= 0
+
+
+@dataclass(frozen=True)
+class SlotRuns:
+    """``token_slot`` grouped by slot on the device, all ``[T]`` (graph-capturable)."""
+
+    order: torch.Tensor  # token indices, stably sorted by slot (-1 tokens first)
+    slots: torch.Tensor  # token_slot[order], non-decreasing
+    ends: torch.Tensor  # ends[i]: one past the last sorted position of slots[i]'s run
+
+    @classmethod
+    def of(cls, token_slot: torch.Tensor) -> SlotRuns:
+        slots, order = torch.sort(token_slot, stable=True)
+        return cls(order, slots, torch.searchsorted(slots, slots, right=True))
+
+
+def slot_runs(token_slot: torch.Tensor) -> SlotRuns:
+    """The step's ``SlotRuns``: a stable sort and a searchsorted on ``token_slot``'s device,
+    no host sync. Compute once per step and pass to every ``*_rows`` call."""
+    return SlotRuns.of(token_slot)

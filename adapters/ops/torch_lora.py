@@ -82,3 +82,16 @@ def gather_bmm(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
     if batch.identity_order:
         return y.add_(delta)
     return y.index_add_(0, rows, delta)
+
+
+def gather_rows(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                token_slot: Tensor) -> Tensor:
+    """The torch backend: every row's factors gathered (a ``-1`` row reads slot 0), two
+    batched matvecs, then a select keeps ``-1`` rows bit for bit. Computes in ``x``'s
+    dtype, in ``gather_bmm``'s order."""
+    slots = token_slot.clamp(min=0)
+    a, b = A.index_select(0, slots), B.index_select(0, slots)  # [T, r, in], [T, out, r]
+    v = torch.bmm(x.unsqueeze(1), a.mT)  # [T, 1, r]
+    v = v * scale.index_select(0, slots).to(x.dtype).view(-1, 1, 1)
+    delta = torch.bmm(v, b.mT).squeeze(1)  # [T, out]
+    return y.copy_(torch.where((token_slot >= 0).unsqueeze(1), y + delta, y))

@@ -1,4 +1,6 @@
-"""Triton backend of ``add_lora_rows`` (``rows.py``): one program per (row, output chunk),
+"""Per-row BGMV: the first Triton backend of ``add_lora_rows``, kept as the GPU benchmark's
+baseline (``add_lora_rows`` now runs ``triton_sgmv.sgmv_rows`` over shared ``SlotRuns``,
+reading each used slot's factors once per step). One program per (row, output chunk),
 its grid a function of the tensors' shapes only, so a CUDA graph captures it once per
 batch bucket and replays it for any adapters.
 

@@ -25,34 +25,19 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import triton_common as tc
-from .batch import LoraBatch
+from .batch import LoraBatch, SlotRuns
+from .torch_lora import gather_rows
 from .triton_lora import sgmv
 
 BLOCK_T = 16  # tokens per tile (the smallest M of tl.dot)
 BLOCK_K = 64  # input columns per shrink program
 BLOCK_O = 64  # output columns per expand program
-
-
-@dataclass(frozen=True)
-class SlotRuns:
-    """``token_slot`` grouped by slot on the device, all ``[T]`` (graph-capturable)."""
-
-    order: Tensor  # token indices, stably sorted by slot (-1 tokens first)
-    slots: Tensor  # token_slot[order], non-decreasing
-    ends: Tensor  # ends[i]: one past the last sorted position of slots[i]'s run
-
-    @classmethod
-    def of(cls, token_slot: Tensor) -> SlotRuns:
-        slots, order = torch.sort(token_slot, stable=True)
-        return cls(order, slots, torch.searchsorted(slots, slots, right=True))
 
 
 @triton.jit
@@ -153,13 +138,16 @@ def _expand_kernel(y, part, B, scale, order, slots, ends, T, d_out, r_max, split
 
 
 def sgmv_rows(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
-              token_slot: Tensor) -> Tensor:
+              token_slot: Tensor, runs: SlotRuns | None = None) -> Tensor:
     """``add_lora`` from the ``[T]`` int64 token -> slot tensor alone (``add_lora_rows``'s
     signature, for a CUDA-graph bucket): two launches of ``T x ceil(in / BLOCK_K)`` and
-    ``T x ceil(out / BLOCK_O)`` programs. Ranks up to ``MAX_FUSED_RANK``; the caller
-    checked the shapes."""
+    ``T x ceil(out / BLOCK_O)`` programs over ``runs`` (``SlotRuns.of(token_slot)`` when
+    None). Ranks above ``MAX_FUSED_RANK`` go to ``gather_rows``; the caller checked the
+    shapes."""
+    if A.shape[1] > tc.MAX_FUSED_RANK:
+        return gather_rows(y, x, A, B, scale, token_slot)
     if y.shape[0]:
-        _launch(y, x, A, B, scale, SlotRuns.of(token_slot))
+        launch_runs(y, x, A, B, scale, runs or SlotRuns.of(token_slot))
     return y
 
 
@@ -180,12 +168,13 @@ def sgmv_split_launch(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
         return sgmv(y, x, A, B, scale, batch)
     if batch.has_adapters:
         slots = batch.sorted_slots
-        _launch(y, x, A, B, scale, SlotRuns(batch.sorted_tokens, slots,
+        launch_runs(y, x, A, B, scale, SlotRuns(batch.sorted_tokens, slots,
                                             torch.searchsorted(slots, slots, right=True)))
     return y
 
 
-def _launch(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor, runs: SlotRuns) -> None:
+def launch_runs(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                runs: SlotRuns) -> None:
     """The two launches over ``runs``' positions (the grids' first axis)."""
     r_max = A.shape[1]
     if r_max > tc.MAX_FUSED_RANK:

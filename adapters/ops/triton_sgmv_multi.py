@@ -25,14 +25,14 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_common as tc
-from .batch import LoraBatch
+from .batch import LoraBatch, SlotRuns
+from .torch_lora import gather_rows
 from .triton_lora import sgmv_launch
 from .triton_multi import check_multi
 from .triton_sgmv import (
     BLOCK_K,
     BLOCK_O,
     BLOCK_T,
-    SlotRuns,
     a_tile,
     expand_run,
     put_part,
@@ -112,14 +112,34 @@ def sgmv_multi_split_launch(ys: Sequence[Tensor], x: Tensor, As: Sequence[Tensor
         sgmv_launch(ys[m], x, As[m], Bs[m], scales[m], batch)
     slots = batch.sorted_slots
     runs = SlotRuns(batch.sorted_tokens, slots, torch.searchsorted(slots, slots, right=True))
-    for g in range(0, len(fused), MAX_MODULES):
-        group = fused[g : g + MAX_MODULES]
-        _launch([ys[m] for m in group], x, [As[m] for m in group], [Bs[m] for m in group],
-                [scales[m] for m in group], runs)
+    launch_groups(ys, x, As, Bs, scales, runs, fused)
     return ys
 
 
-def _launch(ys, x: Tensor, As, Bs, scales, runs: SlotRuns) -> None:
+def sgmv_multi_rows(ys: Sequence[Tensor], x: Tensor, As: Sequence[Tensor],
+                    Bs: Sequence[Tensor], scales: Sequence[Tensor], token_slot: Tensor,
+                    runs: SlotRuns | None = None) -> Sequence[Tensor]:
+    """``add_lora_multi_rows`` on CUDA (a graph bucket): one launch pair per three modules
+    over ``runs`` (``SlotRuns.of(token_slot)`` when None), grids from shapes only; modules
+    with ranks above ``MAX_FUSED_RANK`` go to ``gather_rows``. Returns ``ys``."""
+    if not ys or not ys[0].shape[0]:
+        return ys
+    fused = [m for m, A in enumerate(As) if A.shape[1] <= tc.MAX_FUSED_RANK]
+    for m in sorted(set(range(len(ys))) - set(fused)):
+        gather_rows(ys[m], x, As[m], Bs[m], scales[m], token_slot)
+    launch_groups(ys, x, As, Bs, scales, runs or SlotRuns.of(token_slot), fused)
+    return ys
+
+
+def launch_groups(ys, x: Tensor, As, Bs, scales, runs: SlotRuns, fused: list[int]) -> None:
+    """``launch_runs`` over the modules ``fused``, in groups of ``MAX_MODULES``."""
+    for g in range(0, len(fused), MAX_MODULES):
+        group = fused[g : g + MAX_MODULES]
+        launch_runs([ys[m] for m in group], x, [As[m] for m in group],
+                    [Bs[m] for m in group], [scales[m] for m in group], runs)
+
+
+def launch_runs(ys, x: Tensor, As, Bs, scales, runs: SlotRuns) -> None:
     """The two launches for up to ``MAX_MODULES`` modules; unused modules repeat module 0's
     arguments (never read)."""
     n, d_in = runs.order.shape[0], x.shape[1]
