@@ -15,7 +15,7 @@ from .lora import LoraAdapter
 from .nola import NolaAdapter
 from .registry_rows import AdapterRecord
 from .rmm import BASIS_FORMAT, TASK_FORMAT, RmmBasis, RmmTask
-from .spec import AdapterFactors, BaseModelSpec
+from .spec import AdapterFactors, BaseModelSpec, DirectFactors
 
 Adapter = NolaAdapter | LoraAdapter | RmmBasis | RmmTask
 FORMATS: dict[str, type] = {
@@ -68,6 +68,12 @@ def materialize(adapter: Adapter, device: torch.device | str,
     if isinstance(adapter, NolaAdapter):
         return adapter.materialize(device, regen)
     return adapter.materialize(device)
+
+
+def direct(adapter: Adapter) -> DirectFactors | None:
+    """The adapter as ``DirectFactors`` (written straight into a slot) if its kind can
+    be: NOLA regenerates on the device; LoRA and RMM keep the copy path (None)."""
+    return adapter.direct() if isinstance(adapter, NolaAdapter) else None
 
 
 def load_cost(adapter: Adapter) -> int:

@@ -20,7 +20,15 @@ from . import philox
 from . import safetensors_io as st
 from .errors import InvalidAdapterError
 from .philox_layout import STREAM_BITS, STREAM_LIMIT_BITS
-from .spec import AdapterFactors, BaseModelSpec, ModuleBound, ModuleFactors, check_bounds
+from .spec import (
+    AdapterFactors,
+    BaseModelSpec,
+    DirectFactors,
+    ModuleBound,
+    ModuleFactors,
+    SlotViews,
+    check_bounds,
+)
 
 FORMAT = "nolaserve.nola"
 KIND = "nola"
@@ -115,6 +123,21 @@ class NolaAdapter:
         regen(self.seed, alpha, beta, list(outs.values()))
         return AdapterFactors({key: ModuleFactors(A=a, B=b, scale=self.scale)
                                for key, (a, b) in outs.items()})
+
+    def direct(self) -> DirectFactors | None:
+        """This adapter as ``DirectFactors``: ``nola_triton.regenerate`` writes every module
+        into the slot's views in one launch, in the slot's dtype (no fp32 copy); None
+        without triton."""
+        if _cuda_regenerate() is None:
+            return None
+        ranks = {(i, name): self.rank for i in range(self.num_layers)
+                 for name in self.target_modules}
+        return DirectFactors(ranks, self.scale, self._write_views)
+
+    def _write_views(self, views: SlotViews) -> None:
+        device = next(iter(views.values()))[0].device
+        outs = [views[(i, name)] for i in range(self.num_layers) for name in self.target_modules]
+        _cuda_regenerate()(self.seed, self.alpha.to(device), self.beta.to(device), outs)
 
     def to_bytes(self) -> bytes:
         meta = {

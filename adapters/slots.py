@@ -17,8 +17,9 @@ import torch
 from .errors import IncompatibleAdapterError, NoFreeSlotError, short
 from .single_flight import Flight
 from .slot_checks import check_factors
+from .slot_direct import write_direct
 from .slot_table import Acquired, SlotTable
-from .spec import AdapterFactors, BaseModelSpec
+from .spec import AdapterFactors, BaseModelSpec, DirectFactors
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,18 @@ class SlotPool:
     ``scale[s] * B[s] @ A[s]`` to the base weight. An adapter of rank ``r`` fills rows
     ``:r`` and zeros the rest; modules it does not adapt get zero factors and scale 0.
     Thread-safe; ``loader(adapter_id)`` is called outside the lock, once per miss.
+    ``direct(adapter_id)``, if given, is asked first: ``DirectFactors`` write themselves
+    into the slot (``slot_direct``: NOLA regenerated on the device in the slot's dtype);
+    None falls back to ``loader`` and the copy.
     """
 
     def __init__(self, spec: BaseModelSpec, num_slots: int,
                  loader: Callable[[str], AdapterFactors], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 direct: Callable[[str], DirectFactors | None] | None = None) -> None:
         self.spec = spec
         self._loader = loader
+        self._direct = direct
         self._table = SlotTable(num_slots)
         self._lock = threading.Lock()
         self._loads: dict[int, Flight] = {}  # slot -> load in flight
@@ -233,28 +239,35 @@ class SlotPool:
         flight.run(lambda: self._fill(slot, adapter_id, factors), settle)
 
     def _fill(self, slot: int, adapter_id: str, factors: AdapterFactors | None) -> None:
-        """Materialize ``adapter_id`` (unless ``factors`` are given), check the factors
-        (``check_factors``) and write them into ``slot``. On CUDA all three run on the
-        pool's side stream, which first waits for the steps already queued on the
-        compute stream (they may still read the slot's old contents): a stream wait on an
-        event, not a device sync. The slot is marked ready only once the write's event
-        completed. The thread that loads waits, in the check's host sync and for that
-        event: an admission worker or a pin's caller, or, for a time-slicing handoff (a
-        copy of held factors), the step thread itself."""
+        """Write ``adapter_id`` into ``slot``: directly (``direct``, see the class) or
+        materialized (unless ``factors`` are given), checked (``check_factors``) and copied.
+        On CUDA all of it runs on the pool's side stream, which first waits for the steps
+        already queued on the compute stream (they may still read the slot's old contents):
+        a stream wait on an event, not a device sync. The slot is marked ready only once
+        the write's event completed. The thread that loads waits, in the check's host sync
+        and for that event: an admission worker or a pin's caller, or, for a time-slicing
+        handoff (a copy of held factors), the step thread itself."""
+        direct = self._direct(adapter_id) if factors is None and self._direct else None
         if self._stream is None:
-            factors = self._loader(adapter_id) if factors is None else factors
-            check_factors(factors, self.spec, self._dtype)
-            self._write(slot, factors)
-            return
+            return self._put(slot, adapter_id, factors, direct)
         with torch.cuda.stream(self._stream):
-            if factors is None:
-                factors = self._loader(adapter_id)
-            self._stream.wait_stream(self._compute)
-            check_factors(factors, self.spec, self._dtype)
-            self._write(slot, factors)
+            self._put(slot, adapter_id, factors, direct)
             written = torch.cuda.Event()
             written.record(self._stream)
         written.synchronize()
+
+    def _put(self, slot: int, adapter_id: str, factors: AdapterFactors | None,
+             direct: DirectFactors | None) -> None:
+        if direct is None and factors is None:
+            factors = self._loader(adapter_id)
+        if self._stream is not None:
+            self._stream.wait_stream(self._compute)
+        if direct is None:
+            check_factors(factors, self.spec, self._dtype)
+            return self._write(slot, factors)
+        self._slot_modules[slot] = frozenset(name for _, name in direct.ranks)
+        self._slot_versions[slot] = direct.version
+        write_direct(self._buffers, slot, direct, self.spec)
 
     def modules_of(self, slots: set[int]) -> frozenset[str]:
         """The module names that any of ``slots`` adapts (in some layer): a linear whose

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,21 @@ class AdapterFactors:
     @property
     def nbytes(self) -> int:
         return sum(f.A.nbytes + f.B.nbytes for f in self.modules.values())
+
+
+SlotViews = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # -> (A [r, in], B [out, r])
+
+
+@dataclass(frozen=True)
+class DirectFactors:
+    """An adapter that writes its factors straight into a slot's views (a NOLA adapter
+    regenerating on the device, in the slot's dtype) instead of being copied in:
+    ``write(views)`` fills ``views[(layer, module)]`` for every key of ``ranks``."""
+
+    ranks: dict[tuple[int, str], int]  # the (layer, module)s it adapts -> rank
+    scale: float
+    write: Callable[[SlotViews], None]
+    version: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -77,8 +77,9 @@ class AdapterStore:
         self.warm = warm_tier(warm_cache_bytes)
         self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen")
                        if materialize_threads else None)
-        self.slots = (slots(self) if slots is not None else
-                      SlotPool(spec, num_slots, self.factors, device=device, dtype=dtype))
+        direct = (lambda i: kinds.direct(self.parsed(i))) if self.device.type == "cuda" else None
+        self.slots = (slots(self) if slots is not None else SlotPool(
+            spec, num_slots, self.factors, device=device, dtype=dtype, direct=direct))
         # answers for hot adapters while the registry is unreachable
         self._records = RecentRecords(host_max_entries)
         self._registered = 0  # the last count read, for scrapes while it is unreachable

@@ -4,8 +4,9 @@ imported), natively on CUDA when a GPU is present. The groups: ``triton_cases.py
 ``triton_attention_cases.py`` (segment SGMV, ``nola_triton``, paged attention),
 ``triton_sgmv_cases.py`` (split-K SGMV), ``triton_rows_cases.py`` (the graph-decode ops
 over shared slot runs), ``triton_decode_attention_cases.py`` (paged decode
-attention split across programs, against torch SDPA) and ``triton_regen_cases.py`` (NOLA
-regeneration in one launch per adapter, against the CPU Philox path)."""
+attention split across programs, against torch SDPA), ``triton_regen_cases.py`` (NOLA
+regeneration in one launch per adapter, against the CPU Philox path) and
+``triton_slot_direct_cases.py`` (a NOLA load regenerated straight into its slot)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 
 CASES = [Path(__file__).with_name(n) for n in ("triton_cases.py", "triton_attention_cases.py")]
 GROUPS = {"kernels": CASES, **{name: [Path(__file__).with_name(f"triton_{name}_cases.py")]
-                              for name in ("sgmv", "rows", "decode_attention", "regen")}}
+                              for name in ("sgmv", "rows", "decode_attention", "regen",
+                                           "slot_direct")}}
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
