@@ -5,11 +5,15 @@
 - ops: ``add_lora`` per call inside a CUDA graph (``gpu_kernels.bench_sgmv``): the split-K
   SGMV, its token -> slot form, the previous segment SGMV and the row BGMV, bf16,
   4096 -> 4096, r = 16, 64 slots, over adapter spreads and 1-4096 tokens, with GB/s; and
-  a q/k/v group through the split-K and the previous ``add_lora_multi`` kernels.
+  a q/k/v group through the split-K and the previous ``add_lora_multi`` kernels; and the
+  graphed decode step's ``add_lora_multi_rows`` over q/k/v (64 rows, 64 distinct slots)
+  against the per-row BGMV it replaced.
 - attention: paged decode attention against SDPA at contexts 512, 4k and 32k, GB/s.
 - regen: NOLA regeneration (``NolaAdapter.materialize`` on CUDA = one Triton launch per
   adapter) for SmolLM2-135M (q/v, r = 8, k = l = 256) and a Llama-2-7B shape (32 layers,
-  all seven linears, r = 16, k = l = 128).
+  all seven linears, r = 16, k = l = 128): fp32 factors, and a slot load regenerated
+  straight into bf16 slot buffers (``slot_direct.write_direct``: zeroing, one launch, the
+  finite check's sync).
 - engine: generated tokens/s, base only against 64 distinct and 1,000 registered NOLA
   adapters (64 slots), on SmolLM2-135M and on a random-initialized ~1B Llama.
 
@@ -25,6 +29,7 @@ import random
 import torch
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.adapters.slot_direct import write_direct
 from nolaserve.adapters.spec import BaseModelSpec
 from nolaserve.benchmarks import gpu_kernels
 
@@ -91,8 +96,20 @@ def bench_regen() -> None:
         adapter = random_nola(spec, seed=(1 << 40) + 7, rank=rank, num_basis=k)
         values = regen_values(spec, rank, k)
         ms = cuda_ms(lambda a=adapter: a.materialize("cuda"), repeat=5)
+        bufs = slot_buffers(spec)
+        direct = cuda_ms(lambda a=adapter, b=bufs, s=spec: write_direct(b, 0, a.direct(), s),
+                         repeat=5)
         print(f"{spec.name:14s} r={rank:2d} k=l={k:3d}: {ms:8.2f} ms "
-              f"({values / ms / 1e6:.1f} G basis values/s)")
+              f"({values / ms / 1e6:.1f} G basis values/s); into a bf16 slot {direct:8.2f} ms")
+
+
+def slot_buffers(spec: BaseModelSpec) -> dict:
+    """A ``SlotPool``'s ``(A, B, scale)`` per module, bf16, two slots."""
+    r = spec.max_rank
+    return {(i, name): (torch.empty(2, r, d_in, device="cuda", dtype=torch.bfloat16),
+                        torch.empty(2, d_out, r, device="cuda", dtype=torch.bfloat16),
+                        torch.empty(2, device="cuda", dtype=torch.bfloat16))
+            for i in range(spec.num_layers) for name, (d_in, d_out) in spec.module_shapes.items()}
 
 
 def bench_engine_on(label: str, requests: int, max_tokens: int, model=None,
@@ -169,6 +186,7 @@ def main() -> None:
         gpu_kernels.bench_sgmv(slots_for, SPREADS[:2] if args.quick else SPREADS,
                                TOKENS[3:4] if args.quick else TOKENS)
         gpu_kernels.bench_sgmv_multi(slots_for, TOKENS[3:4] if args.quick else TOKENS[:5])
+        gpu_kernels.bench_decode_lora()
     if "attention" in parts:
         gpu_kernels.bench_attention(CONTEXTS[:1] if args.quick else CONTEXTS)
     if "regen" in parts:

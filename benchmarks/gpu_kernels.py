@@ -22,6 +22,14 @@ def sgmv_bytes(tokens: int, d_in: int, d_out: int, rank: int, distinct: int,
     return elem * (tokens * d_in + 2 * tokens * d_out + distinct * rank * (d_in + d_out))
 
 
+def multi_bytes(tokens: int, d_in: int, outs: tuple[int, ...], rank: int, distinct: int,
+                elem: int = 2) -> int:
+    """Bytes one ``add_lora_multi`` call over modules sharing ``x`` must move at least:
+    ``sgmv_bytes`` of each module, ``x`` read once."""
+    return sum(sgmv_bytes(tokens, d_in, o, rank, distinct, elem) for o in outs) - \
+        (len(outs) - 1) * elem * tokens * d_in
+
+
 def attention_bytes(seqs: int, context: int, kv_heads: int, head_dim: int, heads: int,
                     elem: int = 2) -> int:
     """Bytes one decode step's attention must move at least: every sequence's K and V over
@@ -148,9 +156,42 @@ def bench_sgmv_multi(slots_for: Callable, tokens: tuple[int, ...], r: int = 16,
         slots = slots_for("distinct", n, num_slots, gen)
         batch = LoraBatch.from_token_slot(slots.to(dev))
         distinct = len(set(slots.tolist()))
-        nbytes = sum(sgmv_bytes(n, d, o, r, distinct) for o in outs) - 4 * n * d  # x once
+        nbytes = multi_bytes(n, d, outs, r, distinct)
         cells = []
         for name, fn in (("split", sgmv_multi_split_launch), ("segment", sgmv_multi_launch)):
             ms = graph_ms(lambda fn=fn: fn(ys, x, As, Bs, scales, batch))
             cells.append(f"{name} {ms * 1e3:8.1f} ({gbps(nbytes, ms):5.0f})")
         print(f"tokens {n:5d}: " + "  ".join(cells))
+
+
+def bench_decode_lora(tokens: int = 64, r: int = 16, num_slots: int = 64) -> None:
+    """The graphed decode step's q/k/v LoRA (8B shape, bf16, ``tokens`` rows on distinct
+    slots): ``add_lora_multi_rows`` over the step's ``slot_runs`` (one launch pair) against
+    the per-row BGMV per module (three launches), us per call in a CUDA graph (GB/s); and
+    ``slot_runs`` itself, computed once per step for every layer."""
+    from nolaserve.adapters.ops import add_lora_multi_rows, slot_runs
+    from nolaserve.adapters.ops.triton_rows import bgmv
+
+    dev, dt, d, outs = "cuda", torch.bfloat16, 4096, (4096, 1024, 1024)
+    gen = torch.Generator().manual_seed(2)
+    As = [(torch.randn(num_slots, r, d, generator=gen) / d**0.5).to(dev, dt) for _ in outs]
+    Bs = [torch.randn(num_slots, o, r, generator=gen).to(dev, dt) for o in outs]
+    scales = [torch.ones(num_slots, device=dev) for _ in outs]
+    x = torch.randn(tokens, d, generator=gen).to(dev, dt)
+    ys = [torch.zeros(tokens, o, device=dev, dtype=dt) for o in outs]
+    token_slot = (torch.arange(tokens) % num_slots).to(dev)
+    runs = slot_runs(token_slot)
+    nbytes = multi_bytes(tokens, d, outs, r, min(tokens, num_slots))
+
+    def rows_bgmv() -> None:
+        for y, A, B, s in zip(ys, As, Bs, scales):
+            bgmv(y, x, A, B, s, token_slot)
+
+    fused = graph_ms(lambda: add_lora_multi_rows(ys, x, As, Bs, scales, token_slot, runs))
+    old = graph_ms(rows_bgmv)
+    sort = graph_ms(lambda: slot_runs(token_slot))
+    print(f"\ngraphed decode q/k/v LoRA, bf16, {d} -> {outs}, r = {r}, {tokens} rows on "
+          f"distinct slots: us per call (GB/s)")
+    print(f"add_lora_multi_rows {fused * 1e3:8.1f} ({gbps(nbytes, fused):5.0f})  "
+          f"bgmv x 3 {old * 1e3:8.1f} ({gbps(nbytes, old):5.0f})  "
+          f"slot_runs once per step {sort * 1e3:6.1f}")

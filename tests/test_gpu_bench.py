@@ -22,6 +22,16 @@ def test_sgmv_bytes_count_each_distinct_slot_once():
     assert gpu_kernels.sgmv_bytes(1, 10, 20, 2, 1, elem=4) == 4 * (10 + 40 + 60)
 
 
+def test_multi_bytes_read_x_once_for_the_group():
+    # the graphed decode q/k/v group: 64 rows, 4096 -> (4096, 1024, 1024), 64 distinct slots
+    outs = (4096, 1024, 1024)
+    factors = 64 * 16 * sum(4096 + o for o in outs)
+    assert gpu_kernels.multi_bytes(64, 4096, outs, 16, 64) == \
+        2 * (64 * 4096 + 2 * 64 * sum(outs) + factors)
+    assert gpu_kernels.multi_bytes(64, 4096, (4096,), 16, 64) == \
+        gpu_kernels.sgmv_bytes(64, 4096, 4096, 16, 64)
+
+
 def test_attention_bytes_are_the_kv_of_every_context():
     # 8B shape, 4k context, 16 sequences: 2 GiB of K and V in bf16 (plus q and out)
     kv = 16 * 2 * 4096 * 8 * 128 * 2
