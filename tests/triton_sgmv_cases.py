@@ -11,9 +11,9 @@ import torch
 from test_add_lora import token_slots
 from triton_cases import looped_reference, multi_case
 
-from nolaserve.adapters.ops import LoraBatch, add_lora, add_lora_multi, reference
+from nolaserve.adapters.ops import LoraBatch, SlotRuns, add_lora, add_lora_multi, reference
 from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
-from nolaserve.adapters.ops.triton_sgmv import BLOCK_K, BLOCK_T, SlotRuns, sgmv_rows, sgmv_split
+from nolaserve.adapters.ops.triton_sgmv import BLOCK_K, BLOCK_T, sgmv_rows, sgmv_split
 from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
