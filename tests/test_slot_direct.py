@@ -54,7 +54,8 @@ def test_non_finite_values_abort_the_slot(value, scale):
 
 def test_ranks_and_modules_the_pool_cannot_hold_are_refused():
     p = pool({"big": filler(1.0, {(0, "q"): 5}), "odd": filler(1.0, {(0, "k"): 2})})
-    with pytest.raises(IncompatibleAdapterError, match="rank 5 at layer 0 .q. is outside the server.s 1..max_rank 4"):
+    too_big = "rank 5 at layer 0 .q. is outside the server.s 1..max_rank 4"
+    with pytest.raises(IncompatibleAdapterError, match=too_big):
         p.acquire("big")
     with pytest.raises(IncompatibleAdapterError, match="module 'k', which the base model"):
         p.acquire("odd")
