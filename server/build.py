@@ -60,7 +60,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
                     "to %d (paged attention serves full attention only)", max_model_len,
                     text.max_position_embeddings, max_model_len)
     runner = ModelRunner(model, spec, store.slots, _warm_up_blocks(config), config.block_size,
-                         device, dtype, enforce_eager=config.enforce_eager)
+                         device, dtype, enforce_eager=config.enforce_eager,
+                         max_num_seqs=config.max_num_seqs, max_model_len=max_model_len)
     _size_kv_cache(config, runner, text, dtype, max_model_len)
     start = time.perf_counter()
     # On CPU nothing compiles: a one-block prefill stands for the prefill bucket (the full

@@ -43,8 +43,8 @@ def runner(model, eager: bool, buckets=None) -> tuple[ModelRunner, list[int]]:
                     enforce_eager=eager)
     r.warm_up(MAX_SEQS, 32, MAX_LEN)
     if not eager:
-        r.decode = DecodeStep(r.model, r.ctx, r.kv_cache, r.kernel, MAX_SEQS, MAX_LEN,
-                              graphs=False, pool=pool, buckets=buckets)
+        r.decode = DecodeStep(r.model, r.step, MAX_SEQS, graphs=False, pool=pool,
+                              buckets=buckets)
     return r, slots
 
 
@@ -125,8 +125,8 @@ def test_the_forward_reads_nothing_but_the_buffers():
 
     def fill(batch: StepBatch):
         shape = dec.shape_of(batch)
-        dec.buffers.fill([t[0] for t in batch.token_ids], batch.start_pos, batch.block_table,
-                         batch.adapter_slot, shape)
+        dec.step.fill_decode([t[0] for t in batch.token_ids], batch.start_pos,
+                             batch.block_table, batch.adapter_slot, shape)
         return shape
 
     shape = fill(first)

@@ -13,15 +13,12 @@ from test_model_runner import Blocks, hf_last_logits, prompts, random_factors, r
 
 from nolaserve.adapters.ops import LoraBatch, SegmentPlan, add_lora, reference
 from nolaserve.adapters.slots import SlotPool
+from nolaserve.server.engine.attention import torch_units
 from nolaserve.server.engine.attention_plan import length_groups
 from nolaserve.server.engine.kv_cache import KVCache
 from nolaserve.server.engine.lora_layers import LoraLinear, SharedInput
-from nolaserve.server.engine.step_inputs import (
-    HostStaging,
-    StepBatch,
-    build_step_inputs,
-    packed_order,
-)
+from nolaserve.server.engine.step_buffers import HostStaging, StepBuffers
+from nolaserve.server.engine.step_inputs import StepBatch, packed_order, plan_packed
 
 
 def test_segment_plan_matches_the_tensor_route():
@@ -36,29 +33,27 @@ def test_segment_plan_matches_the_tensor_route():
         SegmentPlan.of([0, -2])
 
 
-def test_one_host_tensor_holds_every_list():
-    views = HostStaging(torch.device("cpu")).to_device({"a": [1, 2], "b": [], "c": [7, 8, 9]})
-    assert [v.tolist() for v in views.values()] == [[1, 2], [], [7, 8, 9]]
-    storages = {v.untyped_storage().data_ptr() for v in views.values()}
-    assert len(storages) == 1
-
-
-def test_step_inputs_share_one_storage_and_order_decodes_first():
+def test_a_packed_step_is_one_copy_and_orders_decodes_first():
     cache = KVCache(1, 64, 4, 1, 8)
+    step = StepBuffers(4, 16, cache, None)
     batch = StepBatch.from_seqs([([1, 2, 3], 0, [0], 1, True), ([4], 5, [1, 2], 0, True),
                                  ([5], 60, list(range(3, 19)), -1, False)])
-    inputs = build_step_inputs(batch, cache, HostStaging(torch.device("cpu")), None, True)
+    with step.placing():
+        step.fill_packed(plan_packed(batch, step.tables, 4, 64, True), frozenset({"q"}))
     assert packed_order(batch, 4) == [1, 2, 0]
-    assert inputs.input_ids.tolist() == [[4, 5, 1, 2, 3]]
-    assert inputs.positions.tolist() == [[5, 60, 0, 1, 2]]
-    assert inputs.logits_rows.tolist() == [4, 0]  # batch order: seq 0 (last row 4), seq 1
-    assert inputs.lora.token_slot.tolist() == [0, -1, 1, 1, 1]
-    assert inputs.attn.kv_slot.tolist() == [2 * 4 + 1, 18 * 4 + 0, 0, 1, 2]
-    tensors = [inputs.input_ids, inputs.positions, inputs.logits_rows, inputs.attn.kv_slot,
-               inputs.attn.block_tables, inputs.lora.sorted_tokens, inputs.lora.seg_start_index]
+    assert step.input_ids.tolist() == [4, 5, 1, 2, 3]
+    assert step.positions.tolist() == [5, 60, 0, 1, 2]
+    assert step.logits_rows.tolist() == [4, 0]  # batch order: seq 0 (last row 4), seq 1
+    assert step.lora.token_slot.tolist() == [0, -1, 1, 1, 1]
+    assert step.kv_slot.tolist() == [2 * 4 + 1, 18 * 4 + 0, 0, 1, 2]
+    tables = step.block_tables[step.seq_rows]
+    assert tables[0, :2].tolist() == [1, 2] and tables[1].tolist() == list(range(3, 19))
+    assert tables[2, 0] == 0
+    tensors = [step.input_ids, step.positions, step.logits_rows, step.kv_slot, step.seq_rows,
+               step.lora.sorted_tokens, step.lora.seg_start_index]
     assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
     # lengths 6 and 61 tokens (2 and 16 blocks): two decode groups, no padding to 16 for both
-    assert [(u.rows, u.tables.shape[1]) for u in inputs.attn.units if u.decode] == [(1, 2),
+    assert [(u.rows, u.tables.shape[1]) for u in torch_units(step) if u.decode] == [(1, 2),
                                                                                     (1, 16)]
 
 
@@ -119,7 +114,7 @@ def test_groups_call_the_multi_op_once_and_match_the_reference_op(monkeypatch):
     real = SharedInput.output
 
     def counting(self, member, x):
-        if runner.ctx.shared.get(self, (None, {}))[0] is not x:
+        if runner.step.shared.get(self, (None, {}))[0] is not x:
             calls.append(self)
         return real(self, member, x)
 
@@ -147,9 +142,9 @@ def test_a_member_called_on_another_input_computes_its_own():
     q = model.model.layers[0].self_attn.q_proj
     k = model.model.layers[0].self_attn.k_proj
     batch = LoraBatch.from_token_slot(torch.tensor([slots[0], slots[1]]))
-    ctx = runner.ctx
-    ctx.lora_batch, ctx.active_modules = batch, frozenset(m.name for m in runner.lora_layers)
-    ctx.lora_backend, ctx.lora_multi_backend = lora_layers_backends(batch)
+    step = runner.step
+    step.lora, step.lora_modules = batch, frozenset(m.name for m in runner.lora_layers)
+    step.lora_backend, step.lora_multi_backend = lora_layers_backends(batch)
     try:
         x1, x2 = torch.randn(2, 64), torch.randn(2, 64)
         with torch.no_grad():
@@ -157,7 +152,7 @@ def test_a_member_called_on_another_input_computes_its_own():
             got = k(x2)  # not x1: the cached k(x1) must not be returned
             expected = k.base(x2)
     finally:
-        ctx.clear()
+        step.clear()
     add_lora(expected, x2, k.A, k.B, k.scale, batch, backend=reference)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -173,5 +168,8 @@ def lora_layers_backends(batch):
 def test_pinned_copies_to_cuda_take_the_two_buffers_in_turn():
     staging = HostStaging(torch.device("cuda"))
     for values in ([1, 2, 3], list(range(10_000)), [5] * 7, list(range(20_000))):
-        views = staging.to_device({"a": values, "b": [7]})
-        assert views["a"].is_cuda and views["a"].tolist() == values and views["b"].tolist() == [7]
+        host = staging.take(len(values))
+        host.numpy()[:] = values
+        dev = torch.empty(len(values), dtype=torch.long, device="cuda")
+        staging.send(host, dev)
+        assert dev.tolist() == values

@@ -16,12 +16,12 @@ import torch
 from conftest import spec_of, tiny_llama
 from test_model_runner import Blocks, hf_last_logits, prompts
 
-from nolaserve.server.engine.attention import AttentionMetadata, _torch_attention
-from nolaserve.server.engine.attention_plan import plan_attention
+from nolaserve.server.engine.attention import _torch_attention, torch_units
 from nolaserve.server.engine.kv_cache import KVCache
 from nolaserve.server.engine.model_runner import ModelRunner
 from nolaserve.server.engine.paged_triton import paged_attention, paged_reference
-from nolaserve.server.engine.step_inputs import StepBatch
+from nolaserve.server.engine.step_buffers import StepBuffers
+from nolaserve.server.engine.step_inputs import StepBatch, plan_packed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -87,7 +87,7 @@ def test_launcher_rejects_bad_inputs():
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_mixed_decode_and_chunked_prefill_match_the_torch_path(block_size):
     """One step of three decodes (1, 40, 300 tokens of context) and two prefill chunks
-    (fresh, and 9 new tokens over 50 cached) through the engine's metadata: the kernel and
+    (fresh, and 9 new tokens over 50 cached) through the engine's step buffers: the kernel and
     the torch path give the same attention for every row."""
     hkv, group, d = 2, 3, 32
     q_lens, starts = [1, 1, 1, 12, 9], [0, 39, 299, 0, 50]
@@ -102,21 +102,21 @@ def test_mixed_decode_and_chunked_prefill_match_the_torch_path(block_size):
         for p in range(c):
             cache.k[0, bt[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g)
             cache.v[0, bt[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g)
-    plan = plan_attention(block_size, 64, q_lens, starts, tables)
-    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in plan.lists.items()}
-    positions = torch.tensor([p for s, q in zip(starts, q_lens) for p in range(s, s + q)])
-    T = len(positions)
+    step = StepBuffers(8, 32, cache, None)
+    batch = StepBatch.from_seqs([([0] * q, s, t, -1, True)
+                                 for q, s, t in zip(q_lens, starts, tables)])
+    with step.placing():
+        step.fill_packed(plan_packed(batch, step.tables, block_size, 64, False), frozenset())
+    step.attn_units = torch_units(step)
+    T = len(step.positions)
     query = torch.randn(1, hkv * group, T, d, generator=g)
-    kv_slot = tensors["kv_slot"]
-    key = cache.k[0].view(-1, hkv, d)[kv_slot].transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
-    value = cache.v[0].view(-1, hkv, d)[kv_slot].transpose(0, 1).unsqueeze(0)
-    torch_meta = AttentionMetadata.from_plan(plan, cache, tensors, positions)
-    expected = _torch_attention(torch_meta, 0, query, key, value, 0.2)  # [T, H, D]
-    meta = AttentionMetadata.from_plan(plan, cache, {k: v.to(DEVICE) for k, v in tensors.items()},
-                                       positions.to(DEVICE), paged_attention)
+    key = cache.k[0].view(-1, hkv, d)[step.kv_slot].transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
+    value = cache.v[0].view(-1, hkv, d)[step.kv_slot].transpose(0, 1).unsqueeze(0)
+    expected = _torch_attention(step, 0, query, key, value, 0.2)  # [T, H, D]
     k_dev, v_dev = cache.k[0].to(DEVICE), cache.v[0].to(DEVICE)
-    out = paged_attention(query[0].transpose(0, 1).to(DEVICE), k_dev, v_dev, meta.block_tables,
-                          meta.token_seq, meta.positions, 0.2)
+    out = paged_attention(query[0].transpose(0, 1).to(DEVICE), k_dev, v_dev,
+                          step.block_tables.to(DEVICE), step.token_rows.to(DEVICE),
+                          step.positions.to(DEVICE), 0.2)
     assert not out.isnan().any()
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 

@@ -3,9 +3,10 @@ batch over the paged KV cache (``kv_cache.KVCache``).
 
 The runner packs every scheduled sequence's new tokens into one row (``input_ids`` and
 ``position_ids`` of shape ``[1, T]``), decode tokens (``q_len == 1``) first, then the
-prefill chunks. The model is switched to ``ATTN_IMPLEMENTATION``; each attention layer then
-calls ``paged_attention_forward`` with its RoPE'd ``q``/``k``/``v`` and the step's
-``AttentionMetadata``, which the runner passes as the ``attn_metadata`` keyword of the model
+prefill chunks; a decode-only step has one row per sequence, padded to its bucket. The
+model is switched to ``ATTN_IMPLEMENTATION``; each attention layer then calls
+``paged_attention_forward`` with its RoPE'd ``q``/``k``/``v`` and the runner's
+``StepBuffers``, which the runner passes as the ``attn_metadata`` keyword of the model
 forward (transformers hands unknown forward kwargs down to the attention function).
 
 Two paths compute the same thing: on CUDA the Triton kernel (``paged_triton``) reads K/V
@@ -17,18 +18,16 @@ SDPA.
 The name is registered only with ``AttentionInterface``, deliberately not with
 ``AttentionMaskInterface``: for an implementation absent from the mask registry,
 transformers 5.x's ``create_causal_mask`` returns ``None`` before doing any work, so no
-causal or padding mask is ever built; the masks live in ``AttentionMetadata``.
+causal or padding mask is ever built; the masks come from the step's sequence lengths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .attention_plan import AttentionPlan
 from .kv_cache import KVCache
 from .step_buffers import StepBuffers
 
@@ -57,8 +56,8 @@ def servable_context(text_config) -> int:
 
 @dataclass(frozen=True, eq=False)
 class TorchBatch:
-    """One gather-then-SDPA unit of the torch path: query rows ``[start, start + q_len *
-    n)``; ``tables [n, nb]``; ``mask`` True = attend; ``stale`` = ``~mask`` per key."""
+    """One gather-then-SDPA unit of the torch path: query rows ``[start, start + rows)``;
+    ``tables [n, nb]``; ``mask`` True = attend; ``stale`` = ``~mask`` per key."""
 
     start: int
     rows: int
@@ -68,116 +67,77 @@ class TorchBatch:
     decode: bool
 
 
-@dataclass(frozen=True, eq=False)
-class AttentionMetadata:
-    """Everything the attention layers need for one step; built once, shared by all layers.
-
-    Rows ``[0, num_decode)`` are decode tokens, one per sequence; prefill chunks follow.
-    """
-
-    kv_cache: KVCache
-    kv_slot: torch.Tensor  # [T] int64 KV-cache slot of each new token
-    num_decode: int
-    block_tables: torch.Tensor  # [N, max_nb] int64, padded with block 0
-    token_seq: torch.Tensor  # [T] sequence of each token
-    positions: torch.Tensor  # [T] position of each token (its causal limit)
-    max_ctx_len: int
-    # the Triton kernel (CUDA), or None for the torch path over ``units``
-    kernel: Callable | None = None
-    units: tuple[TorchBatch, ...] = field(default=())
-
-    @classmethod
-    def from_plan(cls, plan: AttentionPlan, cache: KVCache, tensors: dict[str, torch.Tensor],
-                  positions: torch.Tensor, kernel: Callable | None = None) -> AttentionMetadata:
-        """The metadata of ``plan`` whose lists are on the device as ``tensors``; the torch
-        path's masks are made there from the sequence lengths (no host tensors)."""
-        n_seqs = len(plan.lists["seq_lens"])
-        tables = tensors["block_tables"].view(n_seqs, plan.max_nb)
-        units = () if kernel is not None else _torch_units(plan, cache.block_size, tables,
-                                                            tensors["seq_lens"])
-        return cls(cache, tensors["kv_slot"], plan.num_decode, tables, tensors["token_seq"],
-                   positions, plan.max_ctx_len, kernel, units)
-
-
-def _torch_units(plan: AttentionPlan, bs: int, tables: torch.Tensor,
-                 seq_lens: torch.Tensor) -> tuple[TorchBatch, ...]:
+def torch_units(step: StepBuffers) -> tuple[TorchBatch, ...]:
+    """The torch path's gathers of a packed step (``step.plan``), their masks made on the
+    device from the step's sequence lengths (no host tensors)."""
+    plan, bs = step.plan.attention, step.block_size
     units = []
-    for row, n, nb in plan.groups:
-        key_pos = torch.arange(nb * bs, device=tables.device)
-        mask = key_pos < seq_lens[row:row + n].view(-1, 1)  # [n, L]
-        units.append(TorchBatch(row, n, tables[row:row + n, :nb], mask.view(n, 1, 1, -1),
+    for row, n, nb in plan.groups:  # decode rows: row i is sequence i
+        key_pos = torch.arange(nb * bs, device=step.device)
+        mask = key_pos < step.seq_lens[row:row + n].view(-1, 1)  # [n, L]
+        tables = step.block_tables[step.seq_rows[row:row + n], :nb]
+        units.append(TorchBatch(row, n, tables, mask.view(n, 1, 1, -1),
                                 (~mask).view(n, -1, 1, 1), True))
-    for i, (row, q_len, start, nb) in enumerate(plan.prefills, start=plan.num_decode):
+    for row, q_len, start, nb, i in plan.prefills:
         if start == 0:  # the context is exactly the new tokens: plain causal attention
             units.append(TorchBatch(row, q_len, None, None, None, False))
             continue
-        key_pos = torch.arange(nb * bs, device=tables.device)
-        query_pos = torch.arange(start, start + q_len, device=tables.device).view(-1, 1)
+        key_pos = torch.arange(nb * bs, device=step.device)
+        query_pos = torch.arange(start, start + q_len, device=step.device).view(-1, 1)
         stale = (key_pos >= start + q_len).view(1, -1, 1, 1)
-        units.append(TorchBatch(row, q_len, tables[i:i + 1, :nb], key_pos <= query_pos,
-                                stale, False))
+        tables = step.block_tables[step.seq_rows[i:i + 1], :nb]
+        units.append(TorchBatch(row, q_len, tables, key_pos <= query_pos, stale, False))
     return tuple(units)
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, attention_mask: torch.Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0, *,
-                            attn_metadata: AttentionMetadata | StepBuffers | None = None,
+                            attn_metadata: StepBuffers | None = None,
                             **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, H, T, D]``, ``key``/``value``
     ``[1, Hkv, T, D]`` (RoPE applied) -> ``([1, T, H, D], None)``, like
     ``eager_attention_forward``. Writes the step's keys/values into the cache, then each
     sequence attends to its whole cached context, causally. ``attn_metadata`` is the
-    packed step's ``AttentionMetadata`` or a decode step's ``StepBuffers``."""
+    runner's ``StepBuffers``, filled for the step."""
     if attention_mask is not None or kwargs.get("softcap") is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention supports neither model-built "
                          f"masks nor logit soft-capping")
     if scaling is None:
         scaling = query.shape[3] ** -0.5
-    meta = attn_metadata
-    if isinstance(meta, StepBuffers):
-        return decode_attend(meta, module.layer_idx, query, key, value, scaling), None
-    if not isinstance(meta, AttentionMetadata):
+    step = attn_metadata
+    if not isinstance(step, StepBuffers):
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} attention needs the step's attn_metadata; "
                          f"run the model through ModelRunner")
     window = kwargs.get("sliding_window")
-    if window is not None and meta.max_ctx_len > window:
-        raise ValueError(f"context of {meta.max_ctx_len} tokens exceeds the sliding window "
-                         f"({window}), which paged attention does not implement")
-    return attend(meta, module.layer_idx, query, key, value, scaling), None
+    if window is not None and step.plan is not None and \
+            step.plan.attention.max_ctx_len > window:
+        raise ValueError(f"context of {step.plan.attention.max_ctx_len} tokens exceeds the "
+                         f"sliding window ({window}), which paged attention does not implement")
+    return attend(step, module.layer_idx, query, key, value, scaling), None
 
 
-def attend(meta: AttentionMetadata, layer: int, query: torch.Tensor, key: torch.Tensor,
+def attend(step: StepBuffers, layer: int, query: torch.Tensor, key: torch.Tensor,
            value: torch.Tensor, scaling: float) -> torch.Tensor:
     """``paged_attention_forward``'s work for one layer: the cache write, then the Triton
-    kernel or the torch path; returns ``[1, T, H, D]``."""
-    cache = meta.kv_cache
-    cache.write(layer, meta.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    if meta.kernel is not None:
-        q = query[0].transpose(0, 1)  # [T, H, D], last dimension contiguous
-        out = meta.kernel(q, cache.k[layer], cache.v[layer], meta.block_tables,
-                          meta.token_seq, meta.positions, scaling)
-        return out.unsqueeze(0)
-    return _torch_attention(meta, layer, query, key, value, scaling).unsqueeze(0)
-
-
-def decode_attend(buf: StepBuffers, layer: int, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``attend`` for a decode step in ``StepBuffers`` (row ``i`` = sequence ``i``, one
-    token each): reads only the buffers' tensors and ``buf.shape``, so a CUDA graph can
-    replay it. Returns ``[1, rows, H, D]``."""
-    cache, shape = buf.cache, buf.shape
-    n = shape.rows
-    cache.write(layer, buf.kv_slot[:n], key[0].transpose(0, 1), value[0].transpose(0, 1))
-    q = query[0].transpose(0, 1)  # [n, H, D]
-    if buf.kernel is not None:
-        out = buf.kernel(q, cache.k[layer], cache.v[layer], buf.block_tables[:n],
-                         buf.rows[:n], buf.positions[:n], scaling)
-        return out.unsqueeze(0)
-    key_pos = torch.arange(shape.width * cache.block_size, device=q.device)
-    mask = key_pos < buf.seq_lens[:n].view(-1, 1)  # [n, L]
-    out = _decode_rows(cache, layer, q, buf.block_tables[:n, :shape.width],
-                       mask.view(n, 1, 1, -1), (~mask).view(n, -1, 1, 1), scaling)
+    kernel, or the torch path (a decode step's rows, or a packed step's units); returns
+    ``[1, T, H, D]``. A decode step reads only the step's tensors and ``step.shape``, so
+    a CUDA graph can replay it."""
+    cache = step.cache
+    cache.write(layer, step.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)  # [T, H, D], last dimension contiguous
+    if step.kernel is not None:
+        out = step.kernel(q, cache.k[layer], cache.v[layer], step.block_tables,
+                          step.token_rows, step.positions, scaling)
+    elif step.shape is not None:
+        width = step.shape.width
+        key_pos = torch.arange(width * cache.block_size, device=q.device)
+        mask = key_pos < step.seq_lens.view(-1, 1)  # [n, L]
+        n = mask.shape[0]
+        out = _decode_rows(cache, layer, q, step.block_tables[step.token_rows, :width],
+                           mask.view(n, 1, 1, -1), (~mask).view(n, -1, 1, 1), scaling)
+    else:
+        out = _torch_attention(step, layer, query, key, value, scaling)
     return out.unsqueeze(0)
 
 
@@ -200,17 +160,17 @@ def _decode_rows(cache: KVCache, layer: int, q: torch.Tensor, tables: torch.Tens
     return o.reshape(n, H, D)
 
 
-def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,
+def _torch_attention(step: StepBuffers, layer: int, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     q = query[0]  # [H, T, D]
     H, T, D = q.shape
     Hkv = key.shape[1]
     out = q.new_empty(T, H, D)  # [T, H, D]
     gqa = Hkv != H
-    for u in meta.units:
+    for u in step.attn_units:
         if u.decode:
             rows = slice(u.start, u.start + u.rows)
-            out[rows] = _decode_rows(meta.kv_cache, layer, q[:, rows].transpose(0, 1),
+            out[rows] = _decode_rows(step.cache, layer, q[:, rows].transpose(0, 1),
                                      u.tables, u.mask, u.stale, scaling)
             continue
         rows = slice(u.start, u.start + u.rows)
@@ -219,7 +179,7 @@ def _torch_attention(meta: AttentionMetadata, layer: int, query: torch.Tensor,
             o = F.scaled_dot_product_attention(qp, key[:, :, rows], value[:, :, rows],
                                                is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
-            k, v = meta.kv_cache.gather(layer, u.tables)  # [1, L, Hkv, D]
+            k, v = step.cache.gather(layer, u.tables)  # [1, L, Hkv, D]
             k.masked_fill_(u.stale, 0)  # positions past the context: stale, maybe NaN
             v.masked_fill_(u.stale, 0)
             o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),

@@ -1,6 +1,6 @@
 """The host side of a packed step's attention, pure Python: the KV slot of every new
-token, the padded block tables, and the decode length groups and prefill chunks that the
-torch path gathers one by one (``attention.AttentionMetadata`` takes them to the device).
+token, the block-table row of its sequence, and the decode length groups and prefill
+chunks that the torch path gathers one by one (``attention.torch_units``).
 """
 
 from __future__ import annotations
@@ -26,20 +26,34 @@ def length_groups(num_blocks: list[int]) -> list[int]:
 
 @dataclass(frozen=True, eq=False)
 class AttentionPlan:
-    """The host side of ``AttentionMetadata``: int lists to copy (``lists``) and the layout."""
+    """The host side of a packed step's attention: int lists to copy (``lists``) and the
+    layout that the torch path gathers by."""
 
-    lists: dict[str, list[int]]  # kv_slot [T], token_seq [T], seq_lens [N], block_tables
+    lists: dict[str, list[int]]  # kv_slot [T], token_rows [T], seq_lens [N], seq_rows [N]
     num_decode: int
-    max_nb: int  # block_tables is [N, max_nb], padded with block 0
     groups: list[tuple[int, int, int]]  # decode (first row, rows, blocks), rows contiguous
-    prefills: list[tuple[int, int, int, int]]  # (first row, q_len, start_pos, blocks)
+    prefills: list[tuple[int, int, int, int, int]]  # (first row, q_len, start, blocks, seq)
     max_ctx_len: int
 
 
-def plan_attention(block_size: int, num_blocks: int, q_lens: list[int], start_pos: list[int],
-                   block_tables: list[list[int]]) -> AttentionPlan:
-    """From per-sequence lists in packed order, decode sequences (``q_len == 1``) first.
-    Raises ``ValueError`` when a block table does not cover its positions."""
+def check_tables(block_size: int, num_blocks: int, ctx_lens: list[int],
+                 block_tables: list[list[int]]) -> None:
+    """``ValueError`` unless each table covers its context with blocks in
+    ``[0, num_blocks)``."""
+    for table, ctx in zip(block_tables, ctx_lens):
+        needed = table[: -(-ctx // block_size)]
+        if len(needed) * block_size < ctx:
+            raise ValueError(f"block table of {len(table)} blocks of {block_size} cannot hold "
+                             f"{ctx} positions")
+        if needed and not (min(needed) >= 0 and max(needed) < num_blocks):
+            raise ValueError(f"block ids must be in [0, {num_blocks}), got {needed}")
+
+
+def plan_attention(block_size: int, q_lens: list[int], start_pos: list[int],
+                   block_tables: list[list[int]], table_rows: list[int]) -> AttentionPlan:
+    """From per-sequence lists in packed order, decode sequences (``q_len == 1``) first;
+    ``table_rows``: the block-table row of each sequence on the device. The tables were
+    checked (``check_tables``)."""
     bs = block_size
     n_dec = 0
     while n_dec < len(q_lens) and q_lens[n_dec] == 1:
@@ -48,15 +62,11 @@ def plan_attention(block_size: int, num_blocks: int, q_lens: list[int], start_po
         raise ValueError("every sequence needs >= 1 new token, decode (1 token) ones first")
     ctx_lens = [s + q for s, q in zip(start_pos, q_lens)]
     nb = [-(-c // bs) for c in ctx_lens]
-    max_nb = max(nb, default=0)
     kv_slot: list[int] = []
-    token_seq: list[int] = []
-    tables: list[int] = []
-    for i, (s, bt, ctx, k) in enumerate(zip(start_pos, block_tables, ctx_lens, nb)):
-        _check_table(bt, ctx, bs, num_blocks)
+    token_rows: list[int] = []
+    for s, bt, ctx, row in zip(start_pos, block_tables, ctx_lens, table_rows):
         kv_slot += [bt[p // bs] * bs + p % bs for p in range(s, ctx)]
-        token_seq += [i] * (ctx - s)
-        tables += bt[:k] + [0] * (max_nb - k)
+        token_rows += [row] * (ctx - s)
     gid = length_groups(nb[:n_dec])
     groups, row = [], 0
     while row < n_dec:
@@ -67,16 +77,8 @@ def plan_attention(block_size: int, num_blocks: int, q_lens: list[int], start_po
         row = end
     prefills = []
     for i in range(n_dec, len(q_lens)):
-        prefills.append((row, q_lens[i], start_pos[i], nb[i]))
+        prefills.append((row, q_lens[i], start_pos[i], nb[i], i))
         row += q_lens[i]
-    lists = dict(kv_slot=kv_slot, token_seq=token_seq, seq_lens=ctx_lens, block_tables=tables)
-    return AttentionPlan(lists, n_dec, max_nb, groups, prefills, max(ctx_lens, default=0))
-
-
-def _check_table(block_table: list[int], ctx_len: int, block_size: int, num_blocks: int) -> None:
-    needed = block_table[: -(-ctx_len // block_size)]
-    if len(needed) * block_size < ctx_len:
-        raise ValueError(f"block table of {len(block_table)} blocks of {block_size} cannot hold "
-                         f"{ctx_len} positions")
-    if needed and not (min(needed) >= 0 and max(needed) < num_blocks):
-        raise ValueError(f"block ids must be in [0, {num_blocks}), got {needed}")
+    lists = dict(kv_slot=kv_slot, token_rows=token_rows, seq_lens=ctx_lens,
+                 seq_rows=list(table_rows))
+    return AttentionPlan(lists, n_dec, groups, prefills, max(ctx_lens, default=0))

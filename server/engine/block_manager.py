@@ -120,7 +120,7 @@ class BlockManager:
                 self.cache.release(block)
             else:
                 self._free.append(block)
-        seq.block_table.clear()
+        seq.block_table = []  # a new list: a runner tells a new table from a grown one
 
     def match_prefix(self, seq: Sequence, identity: str) -> int:
         """Start ``seq``'s empty block table with the cached blocks of its longest cached

@@ -1,25 +1,26 @@
 """Adapter-aware linears: the base projection plus each token's batched low-rank delta.
 
 ``wrap_model`` swaps every target ``nn.Linear`` of every decoder layer for a ``LoraLinear``
-that holds the base linear, its slot-pool buffers and the runner's step context; the
+that holds the base linear, its slot-pool buffers and the runner's ``StepBuffers``; the
 model's own modeling code is unchanged and calls the wrapper like the linear it replaced.
 
-Linears of one layer that read the same input (``q/k/v_proj``, ``gate/up_proj``) form a
-``SharedInput`` group: the first of them called in a step computes every member's base
-output and adds all their deltas with one ``add_lora_multi`` launch; the others return
-their output from the step context. A member called with another tensor than the group
+A decode step (``step.shape`` set: what a CUDA graph replays) adds every row's delta from
+the step's token -> slot tensor alone (``add_lora_rows``); a packed step through the
+backends chosen for its ``LoraBatch``. Linears of one layer that read the same input
+(``q/k/v_proj``, ``gate/up_proj``) form a ``SharedInput`` group: the first of them called
+in a step computes every member's base output and adds all their deltas with one
+``add_lora_multi`` (or ``add_lora_multi_rows``) launch; the others return their output from
+``step.shared``. A member called with another tensor than the group
 leader (``x is`` test) computes its own, so a model that feeds them different inputs
 stays exact.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
-from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, add_lora_rows
+from nolaserve.adapters.ops import add_lora_multi_rows, add_lora_rows
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec, decoder_layers
 
@@ -29,31 +30,20 @@ from .step_buffers import StepBuffers
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class LoraContext(Protocol):
-    """What a ``LoraLinear`` reads each step: the token -> slot batch (``None`` when no
-    token of the step has an adapter), the modules its slots adapt, the backends chosen
-    for the step and the outputs that a shared-input group computed ahead."""
-
-    lora_batch: LoraBatch | None
-    active_modules: frozenset[str]
-    lora_backend: Backend | None
-    lora_multi_backend: MultiBackend | None
-    shared: dict
-    decode: StepBuffers | None  # a decode step at a fixed shape (``decode_step``)
-
-
 class LoraLinear(nn.Module):
-    """``y = base(x)``, then the step's backend adds ``scale[s] * B[s] @ A[s] @ x`` for
-    each token whose slot ``s`` (from ``ctx.lora_batch``) is ``>= 0``.
+    """``y = base(x)``, then adds ``scale[s] * B[s] @ A[s] @ x`` for each token whose
+    adapter slot ``s`` (``step.token_slot``) is ``>= 0``, when the step names this module in
+    ``step.lora_modules``.
 
     ``A [S, r_max, in]``, ``B [S, out, r_max]`` and ``scale [S]`` are the slot pool's
     buffers for this layer and module, held by reference: loading an adapter into a slot
-    updates them in place. ``ctx`` is the runner's step context, also held by reference.
-    Shapes and dtypes are checked here, once; the slots once per step by the runner.
+    updates them in place. ``step`` is the runner's ``StepBuffers``, also held by
+    reference. Shapes and dtypes are checked here, once; the slots once per step by the
+    runner.
     """
 
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                 ctx: LoraContext, name: str = "") -> None:
+                 step: StepBuffers, name: str = "") -> None:
         super().__init__()
         if tuple(A.shape[2:]) != (base.in_features,) or B.shape[1] != base.out_features:
             raise ValueError(
@@ -70,7 +60,7 @@ class LoraLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.A, self.B, self.scale = A, B, scale  # plain attributes: not model parameters
-        self.ctx, self.name = ctx, name  # name relative to the decoder layer
+        self.step, self.name = step, name  # name relative to the decoder layer
         self.group: SharedInput | None = None
 
     @property
@@ -79,38 +69,35 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        if (buf := self.ctx.decode) is not None:
-            return self.decode_forward(x, buf)
-        if not self.active():
+        if self.name not in self.step.lora_modules:
             return self.base(x)
         if self.group is not None:
             return self.group.output(self, x)
         y = self.base(x)
-        self.add_delta(y, x)
+        add_deltas(self.step, [y.view(-1, self.out_features)],
+                   x.reshape(-1, self.in_features), [self])
         return y
-
-    def decode_forward(self, x: torch.Tensor, buf: StepBuffers) -> torch.Tensor:
-        """``base(x)`` plus, when the step's shape names this module, every row's delta by
-        the buffers' token -> slot tensor alone (``add_lora_rows``): what a graph replays."""
-        y = self.base(x)
-        if self.name in buf.shape.lora:
-            add_lora_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                          self.A, self.B, self.scale, buf.token_slot[:buf.shape.rows])
-        return y
-
-    def active(self) -> bool:
-        """Whether some token of the step has an adapter that adapts this module."""
-        return self.ctx.lora_batch is not None and self.name in self.ctx.active_modules
-
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """``y += delta(x)`` in place, for an active module; ``y`` fresh from ``base``, so
-        its 2-D view aliases it."""
-        ctx = self.ctx
-        ctx.lora_backend(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                         self.A, self.B, self.scale, ctx.lora_batch)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.A.shape[0]}"
+
+
+def add_deltas(step: StepBuffers, ys: list[torch.Tensor], x: torch.Tensor,
+               modules: list[LoraLinear]) -> None:
+    """``ys[j] += delta_j(x)`` in place for modules sharing the 2-D input ``x``: a decode
+    step by its token -> slot tensor alone (``add_lora_rows``), a packed one by the
+    backends chosen for its ``LoraBatch``."""
+    As, Bs = [m.A for m in modules], [m.B for m in modules]
+    scales = [m.scale for m in modules]
+    if step.shape is not None:
+        if len(modules) == 1:
+            add_lora_rows(ys[0], x, As[0], Bs[0], scales[0], step.token_slot, step.runs)
+        else:
+            add_lora_multi_rows(ys, x, As, Bs, scales, step.token_slot, step.runs)
+    elif len(modules) == 1:
+        step.lora_backend(ys[0], x, As[0], Bs[0], scales[0], step.lora)
+    else:
+        step.lora_multi_backend(ys, x, As, Bs, scales, step.lora)
 
 
 class SharedInput:
@@ -122,23 +109,21 @@ class SharedInput:
             m.group = self
 
     def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        ctx = member.ctx
-        x_done, outputs = ctx.shared.get(self, (None, {}))
+        step = member.step
+        x_done, outputs = step.shared.get(self, (None, {}))
         if x_done is x and member in outputs:
             return outputs.pop(member)
-        active = [m for m in self.members if m.name in ctx.active_modules]
+        active = [m for m in self.members if m.name in step.lora_modules]
         ys = {m: m.base(x) for m in active}
-        ctx.lora_multi_backend([ys[m].view(-1, m.out_features) for m in active],
-                               x.reshape(-1, member.in_features), [m.A for m in active],
-                               [m.B for m in active], [m.scale for m in active],
-                               ctx.lora_batch)
+        add_deltas(step, [ys[m].view(-1, m.out_features) for m in active],
+                   x.reshape(-1, member.in_features), active)
         y = ys.pop(member)
-        ctx.shared[self] = (x, ys)
+        step.shared[self] = (x, ys)
         return y
 
 
 def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,
-               ctx: LoraContext) -> list[LoraLinear]:
+               step: StepBuffers) -> list[LoraLinear]:
     """Replace each ``spec`` module of each decoder layer with a ``LoraLinear`` (in place)
     and group the ones that share an input. Returns the wrappers. Raises ``ValueError``
     if the model does not match ``spec``."""
@@ -159,7 +144,7 @@ def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,
                 raise ValueError(f"layer {i} {name!r} is already wrapped")
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"layer {i} {name!r} is {type(base).__name__}, not nn.Linear")
-            lora = LoraLinear(base, *pool.buffers(i, name), ctx, name)
+            lora = LoraLinear(base, *pool.buffers(i, name), step, name)
             setattr(parent, attr, lora)
             wrapped.append(lora)
             mine[name] = lora

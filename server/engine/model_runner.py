@@ -1,59 +1,38 @@
-"""The tensor side of one engine step: pack the scheduled sequences into one unpadded row
-(``step_inputs``), run the (wrapped, otherwise unchanged) transformers model over it,
-return the sampled rows' logits."""
+"""The tensor side of one engine step: fill the runner's ``StepBuffers`` with the scheduled
+sequences (a decode step through ``DecodeStep``, at a fixed shape; any other packed into
+one unpadded row, ``step_inputs``), run the (wrapped, otherwise unchanged) transformers
+model over it, return the sampled rows' logits."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from nolaserve.adapters.gpu import triton_interpreted
-from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, step_backends
+from nolaserve.adapters.ops import step_backends
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
-from .attention import AttentionMetadata, register_attention
+from .attention import register_attention, torch_units
 from .decode_step import DecodeStep
 from .kv_cache import KVCache
 from .lora_layers import LoraLinear, wrap_model
 from .step_buffers import StepBuffers
-from .step_inputs import HostStaging, StepBatch, StepInputs, build_step_inputs
+from .step_inputs import StepBatch, plan_packed
 
-__all__ = ["ModelRunner", "StepBatch", "StepContext"]
+__all__ = ["ModelRunner", "StepBatch"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
-@dataclass(eq=False)
-class StepContext:
-    """The current step's per-layer inputs, owned by the runner and refilled every step.
-
-    The ``LoraLinear`` wrappers hold this object and read ``lora_batch`` and the backends
-    chosen for the step; ``attn`` reaches the attention function as the ``attn_metadata``
-    keyword of the model forward. All are empty between steps.
-    """
-
-    lora_batch: LoraBatch | None = None
-    active_modules: frozenset[str] = frozenset()  # modules some slot of the step adapts
-    attn: AttentionMetadata | None = None
-    lora_backend: Backend | None = None
-    lora_multi_backend: MultiBackend | None = None
-    shared: dict = field(default_factory=dict)  # outputs of SharedInput groups, this step
-    decode: StepBuffers | None = None  # set while a decode step runs (``DecodeStep``)
-
-    def clear(self) -> None:
-        self.lora_batch = self.attn = self.lora_backend = self.lora_multi_backend = None
-        self.active_modules = frozenset()
-        self.shared.clear()
-
-
 class ModelRunner:
-    """Owns the KV cache and the step context, wraps the model's target linears with
-    ``LoraLinear`` reading the adapter slots of ``pool`` (``None``: base model only) and
-    selects the paged attention. Modifies ``model`` in place.
+    """Owns the KV cache and the ``StepBuffers`` (``step``) of up to ``max_num_seqs``
+    sequences of up to ``max_model_len`` tokens (default: the model's
+    ``max_position_embeddings``), wraps the model's target linears with ``LoraLinear``
+    reading the adapter slots of ``pool`` (``None``: base model only) and selects the paged
+    attention. Modifies ``model`` in place.
 
     ``attention``: ``auto`` (the Triton kernel on CUDA when triton imports, else torch),
     ``torch``, or ``triton`` (also on CPU tensors under ``TRITON_INTERPRET=1``)."""
@@ -62,18 +41,14 @@ class ModelRunner:
                  pool: SlotPool | None, num_kv_blocks: int,
                  block_size: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, attention: str = "auto",
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int | None = None) -> None:
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
             raise ValueError(f"the model is {model_dtype} but the KV cache would be {dtype}")
         self.model, self.spec = model.eval(), spec
         self.device = torch.device(device)
         self.pool = pool
-        self.ctx = StepContext()
-        self.lora_layers: list[LoraLinear] = []
-        if self.pool is not None:
-            self.lora_layers = wrap_model(model, spec, self.pool, self.ctx)
-        model.set_attn_implementation(register_attention())
         cfg = model.config.get_text_config()
         num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
@@ -82,7 +57,13 @@ class ModelRunner:
                                 self.num_kv_heads, self.head_dim, self.device, dtype)
         self.block_size, self.vocab_size = block_size, cfg.vocab_size
         self.kernel = attention_kernel(attention, self.device)
-        self.staging = HostStaging(self.device)
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.step = StepBuffers(max_num_seqs, -(-self.max_model_len // block_size),
+                                self.kv_cache, self.kernel)
+        self.lora_layers: list[LoraLinear] = []
+        if self.pool is not None:
+            self.lora_layers = wrap_model(model, spec, self.pool, self.step)
+        model.set_attn_implementation(register_attention())
         self.enforce_eager = enforce_eager
         self.decode: DecodeStep | None = None  # made by warm_up, for the final cache
 
@@ -95,9 +76,11 @@ class ModelRunner:
         the engine sizes the cache after a profiling step on a small one."""
         c = self.kv_cache
         shape = c.k.shape
-        self.kv_cache = self.decode = None  # free the old ones first (graphs hold the cache)
+        # free the old ones first (the step and the graphs hold the cache)
+        self.kv_cache = self.decode = self.step.cache = None
         self.kv_cache = KVCache(shape[0], num_blocks, c.block_size, shape[3], shape[4],
                                 self.device, c.k.dtype)
+        self.step.set_cache(self.kv_cache)
 
     def warm_up(self, max_num_seqs: int, max_num_batched_tokens: int,
                 max_model_len: int, capture: bool = True) -> int:
@@ -108,6 +91,10 @@ class ModelRunner:
         that no sequence holds yet). Then, unless ``enforce_eager``, set up the decode path
         (``DecodeStep``) and, with ``capture`` on CUDA, capture its graphs. Returns the
         number of steps and graphs."""
+        if max_num_seqs > self.step.max_rows or max_model_len > self.max_model_len:
+            raise ValueError(f"warm-up for {max_num_seqs} sequences of {max_model_len} tokens "
+                             f"exceeds the runner's {self.step.max_rows} of "
+                             f"{self.max_model_len}")
         num_slots = self.pool.num_slots if self.pool is not None else 0
         batches = warm_up_batches(max_num_seqs, max_num_batched_tokens, max_model_len,
                                   self.num_kv_blocks, self.block_size, num_slots)
@@ -115,8 +102,8 @@ class ModelRunner:
             self.execute(batch, all_modules=True)
         if self.enforce_eager:
             return len(batches)
-        self.decode = DecodeStep(self.model, self.ctx, self.kv_cache, self.kernel,
-                                 max_num_seqs, max_model_len, graphs=capture, pool=self.pool)
+        self.decode = DecodeStep(self.model, self.step, max_num_seqs, graphs=capture,
+                                 pool=self.pool)
         return len(batches) + self.decode.capture()
 
     def execute(self, batch: StepBatch, *, all_modules: bool = False) -> torch.Tensor:
@@ -133,31 +120,31 @@ class ModelRunner:
                 self.decode.takes(batch):
             self._check_decode_tables(batch)
             return self.decode.run(batch)
-        inputs = build_step_inputs(batch, self.kv_cache, self.staging, self.kernel,
-                                   with_lora=self.pool is not None)
+        step = self.step
         try:
-            self._fill_context(inputs, all_modules)
+            self._fill_packed(batch, all_modules)
             # no_grad, not inference_mode: the logits are ordinary tensors that callers may
             # modify in place, without a copy of [num_sampled, vocab].
             with torch.no_grad():
-                out = self._forward(inputs)
+                out = self.model(input_ids=step.input_ids.view(1, -1),
+                                 position_ids=step.positions.view(1, -1), use_cache=False,
+                                 logits_to_keep=step.logits_rows, attn_metadata=step)
         finally:
-            self.ctx.clear()
+            step.clear()
         return out.logits[0].to(torch.float32)  # [num_rows, vocab]
 
-    def _forward(self, inputs: StepInputs):
-        return self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
-                          use_cache=False, logits_to_keep=inputs.logits_rows,
-                          attn_metadata=inputs.attn)
-
-    def _fill_context(self, inputs: StepInputs, all_modules: bool) -> None:
-        ctx = self.ctx
-        ctx.attn = inputs.attn
-        if inputs.lora is not None:
-            ctx.lora_batch = inputs.lora
-            ctx.lora_backend, ctx.lora_multi_backend = step_backends(inputs.lora, self.device)
-            ctx.active_modules = frozenset(self.spec.module_shapes) if all_modules else \
-                self.pool.modules_of(set(inputs.slots))
+    def _fill_packed(self, batch: StepBatch, all_modules: bool) -> None:
+        step = self.step
+        with step.placing():
+            plan = plan_packed(batch, step.tables, self.block_size, self.num_kv_blocks,
+                               with_lora=self.pool is not None)
+            modules = frozenset(self.spec.module_shapes) if all_modules else \
+                self.pool.modules_of(set(plan.slots)) if plan.lora is not None else frozenset()
+            step.fill_packed(plan, modules)
+        if step.lora is not None:
+            step.lora_backend, step.lora_multi_backend = step_backends(step.lora, self.device)
+        if self.kernel is None:
+            step.attn_units = torch_units(step)
 
     def _check_decode_tables(self, batch: StepBatch) -> None:
         """``ValueError`` unless every block table covers its position with real blocks

@@ -1,23 +1,37 @@
-"""The decode step's inputs at fixed sizes, owned by the runner: what a CUDA graph captured
-for a batch bucket reads on every replay, and what the same code reads eagerly on CPU.
+"""``StepBuffers``: the one object through which a step's inputs reach the model's layers,
+owned by the runner. Attention and every wrapped linear read only from it.
 
-A decode step of ``n`` sequences runs as a bucket of ``rows >= n`` (``decode_buckets``):
-rows ``[n, rows)`` are padding that reads and writes only the cache's scratch block
-(``KVCache.scratch_block``, held by no sequence), has no adapter and is never sampled.
-Every tensor lives in one flat int64 buffer on the device, filled from one host buffer
-(pinned on CUDA) by one copy per step. The host buffer is rewritten only after the step
-that last read it has handed its sampled tokens back, which waits for that copy.
+Two kinds of step fill it:
+
+- a decode step of ``n`` sequences (one new token each) fills fixed-size tensors at
+  fixed addresses, padded to a bucket of ``rows >= n`` (``decode_buckets``): what a CUDA
+  graph captured for the bucket reads on every replay. Rows ``[n, rows)`` are padding that
+  reads and writes only the cache's scratch block (``KVCache.scratch_block``, held by no
+  sequence), has no adapter and is never sampled;
+- any other step (prefill chunks, mixed) fills the same names with views of a packed copy
+  sized to the step (``step_inputs.PackedPlan``), and runs eagerly.
+
+Either way the host writes one int64 buffer (pinned on CUDA) and the device gets it in one
+copy. Block tables live in a persistent ``[max_rows + 1, max_blocks]`` tensor whose rows
+are kept per sequence across steps (``TableRows``): a step copies only the block ids the
+device does not have yet, scattered in by one ``index_copy_``. The last row is the scratch
+row (every entry the scratch block) that padding rows read.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, SlotRuns
+
 from .kv_cache import KVCache
+from .step_inputs import PackedPlan
+from .table_rows import TableRows
 
 SMALL_BUCKETS = (1, 2, 4, 8, 16)
 BUCKET_STEP = 16  # buckets above the small ones are multiples of this
@@ -58,64 +72,159 @@ class DecodeShape:
     lora: frozenset[str]
 
 
+class HostStaging:
+    """The host side of a step's one copy: int64 buffers that are rewritten every step. On
+    CUDA two pinned buffers, taken in turn: a buffer is rewritten two steps after its copy
+    was queued, and every step with a sampled token waits for its tokens, so the copy's
+    event has long completed and waiting for it does not stall. On CPU there is no copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.pinned = device.type == "cuda"
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        """A host int64 tensor of ``n`` entries to fill, then pass to ``send``."""
+        i = self._turn
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()  # queued two steps ago: done (see the class)
+            self._copied[i] = None
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[i] = torch.empty(max(n, 4096), dtype=torch.long,
+                                                 pin_memory=self.pinned)
+        return buf[:n]
+
+    def send(self, host: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy ``host`` (from ``take``) into ``dst`` without blocking."""
+        i = self._turn
+        self._turn = 1 - i
+        dst.copy_(host, non_blocking=True)
+        if self.pinned:
+            self._copied[i] = torch.cuda.Event()
+            self._copied[i].record()
+
+
 class StepBuffers:
-    """Fixed-size device tensors of a decode step (``[max_rows]`` each unless noted):
+    """A step's tensors (see the module docstring), set by ``fill_decode`` or ``fill_packed``:
 
-    ``input_ids``, ``positions`` (the new token's position), ``kv_slot`` (where its key and
-    value go), ``token_slot`` (adapter slot, -1 none), ``seq_lens`` (context length after
-    this token), ``rows`` (``arange``: row i is sequence i) and ``block_tables``
-    ``[max_rows, max_blocks]``. ``shape`` is the step's ``DecodeShape``: the only thing the
-    forward reads besides the tensors (and the cache and attention kernel, fixed)."""
+    ``input_ids``, ``positions``, ``kv_slot`` (where each new token's key and value go),
+    ``token_slot`` (adapter slot, -1 none) and ``token_rows`` (the block-table row of the
+    token's sequence): one entry per token row of the forward. ``seq_lens``: context length
+    of each sequence after this step. ``block_tables``: ``[max_rows + 1, max_blocks]``.
 
-    FIELDS = ("input_ids", "positions", "kv_slot", "token_slot", "seq_lens", "rows")
+    And the step's host-side state: ``shape`` (a decode step's ``DecodeShape``, else None),
+    ``plan`` (a packed step's ``PackedPlan``, else None), ``logits_rows`` (packed: the rows
+    whose logits the step returns), ``lora_modules`` (the wrapped linears that add deltas),
+    ``runs`` (a decode step's ``slot_runs``, set in its forward), ``lora`` and the LoRA
+    backends (a packed step with adapters), ``attn_units`` (the torch
+    attention's gathers of a packed step) and ``shared`` (outputs of shared-input groups)."""
+
+    DECODE_FIELDS = ("input_ids", "positions", "kv_slot", "token_slot", "seq_lens",
+                     "token_rows")
 
     def __init__(self, max_rows: int, max_blocks: int, cache: KVCache,
                  kernel: Callable | None) -> None:
-        self.max_rows, self.max_blocks = max_rows, max_blocks
-        self.cache, self.kernel = cache, kernel  # what the attention layers use
-        self.block_size, self.scratch_block = cache.block_size, cache.scratch_block
-        device = cache.k.device
-        size = len(self.FIELDS) * max_rows + max_rows * max_blocks
-        self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
-        self._device = self._host if device.type == "cpu" else torch.zeros(
-            size, dtype=torch.long, device=device)
-        self._np = self._host.numpy()
-        self.shape = DecodeShape(max_rows, 0, frozenset())
-        for i, name in enumerate(self.FIELDS):
-            setattr(self, name, self._device[i * max_rows:(i + 1) * max_rows])
-        self.block_tables = self._device[len(self.FIELDS) * max_rows:].view(max_rows, max_blocks)
-        self._pad(0)
-        self._field("rows")[:] = np.arange(max_rows)
+        self.max_rows, self.max_blocks, self.kernel = max_rows, max_blocks, kernel
+        self.device = cache.k.device
+        self.tables = TableRows(max_rows, max_blocks)
+        self.scratch_row = max_rows
+        self.block_tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.long,
+                                        device=self.device)
+        self._fixed = len(self.DECODE_FIELDS) * max_rows
+        # the decode fields at fixed addresses, then room for a step's block-table writes
+        self._decode = torch.zeros(self._fixed + 2 * max_rows * max_blocks, dtype=torch.long,
+                                   device=self.device)
+        self._staging = HostStaging(self.device)
+        self.set_cache(cache)
+        self.clear()
 
-    def fill(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
-             adapter_slots: list[int], shape: DecodeShape) -> None:
-        """Write a decode step of ``len(token_ids)`` sequences (one new token each, at
-        ``positions``) into the buffers, padded to ``shape.rows``, and copy them over."""
-        n, bs = len(token_ids), self.block_size
-        tables = self._np[len(self.FIELDS) * self.max_rows:].reshape(self.max_rows, -1)
-        kv_slot = self._field("kv_slot")
-        for i, (p, table) in enumerate(zip(positions, block_tables)):
-            used = p // bs + 1
-            tables[i, :used] = table[:used]
-            kv_slot[i] = table[p // bs] * bs + p % bs
-        self._field("input_ids")[:n] = token_ids
-        self._field("positions")[:n] = positions
-        self._field("seq_lens")[:n] = np.asarray(positions) + 1
-        self._field("token_slot")[:n] = adapter_slots
-        self._pad(n)
-        self.shape = shape
-        if self._device is not self._host:
-            self._device.copy_(self._host, non_blocking=True)
+    def set_cache(self, cache: KVCache) -> None:
+        """Serve ``cache`` (a new one after resizing): the scratch row names its scratch
+        block and no table row is trusted any longer."""
+        self.cache, self.block_size = cache, cache.block_size
+        self.scratch_block = cache.scratch_block
+        self.block_tables[self.scratch_row] = cache.scratch_block
+        self.tables.reset()
 
-    def _field(self, name: str) -> np.ndarray:
-        i = self.FIELDS.index(name)
-        return self._np[i * self.max_rows:(i + 1) * self.max_rows]
+    def clear(self) -> None:
+        """Drop the step's host-side state (between steps)."""
+        self.shape: DecodeShape | None = None
+        self.plan: PackedPlan | None = None
+        self.logits_rows: torch.Tensor | None = None
+        self.lora_modules: frozenset[str] = frozenset()
+        self.lora: LoraBatch | None = None
+        self.runs: SlotRuns | None = None
+        self.lora_backend: Backend | None = None
+        self.lora_multi_backend: MultiBackend | None = None
+        self.attn_units: tuple = ()
+        self.shared: dict = {}
 
-    def _pad(self, n: int) -> None:
-        """Rows ``[n, max_rows)``: token 0 at position 0 of the scratch block, no adapter."""
-        tables = self._np[len(self.FIELDS) * self.max_rows:].reshape(self.max_rows, -1)
-        tables[n:, 0] = self.scratch_block
-        self._field("kv_slot")[n:] = self.scratch_block * self.block_size
-        for name, value in (("input_ids", 0), ("positions", 0), ("seq_lens", 1),
-                            ("token_slot", -1)):
-            self._field(name)[n:] = value
+    @contextlib.contextmanager
+    def placing(self):
+        """Around placing tables (``self.tables.place``) and writing them: on an error the
+        rows are forgotten, since the device never got the entries they count as written."""
+        try:
+            yield
+        except BaseException:
+            self.tables.reset()
+            raise
+
+    def fill_decode(self, token_ids: list[int], positions: list[int],
+                    block_tables: list[list[int]], adapter_slots: list[int],
+                    shape: DecodeShape) -> None:
+        """A decode step of ``len(token_ids)`` sequences (one new token each, at
+        ``positions``), padded to ``shape.rows``, in one copy."""
+        with self.placing():
+            n, bs, rows = len(token_ids), self.block_size, shape.rows
+            table_rows, index, values = self.tables.place(block_tables,
+                                                          [p // bs + 1 for p in positions])
+            w = len(index)
+            host = self._decode if self._decode.device.type == "cpu" else \
+                self._staging.take(self._fixed + 2 * w)
+            f = host.numpy()[:self._fixed].reshape(len(self.DECODE_FIELDS), self.max_rows)
+            pos = np.asarray(positions, dtype=np.int64)
+            first = np.asarray([t[p // bs] for p, t in zip(positions, block_tables)], np.int64)
+            f[:, :n] = (token_ids, pos, first * bs + pos % bs, adapter_slots, pos + 1, table_rows)
+            f[:, n:rows] = np.asarray((0, 0, self.scratch_block * bs, -1, 1, self.scratch_row),
+                                      dtype=np.int64).reshape(-1, 1)
+            host.numpy()[self._fixed:self._fixed + 2 * w] = index + values
+            if host is not self._decode:
+                self._staging.send(host, self._decode[:self._fixed + 2 * w])
+            self._write_tables(self._decode[self._fixed:self._fixed + 2 * w], w)
+            views = self._decode[:self._fixed].view(len(self.DECODE_FIELDS), self.max_rows)
+            for name, view in zip(self.DECODE_FIELDS, views):
+                setattr(self, name, view[:rows])
+            self.shape, self.lora_modules = shape, shape.lora
+
+    def fill_packed(self, plan: PackedPlan, lora_modules: frozenset[str]) -> None:
+        """A packed step (``step_inputs.plan_packed``, its table rows placed by
+        ``self.tables``; both inside ``placing``), in one copy sized to the step."""
+        lists = plan.lists
+        flat = [v for values in lists.values() for v in values]
+        if self.device.type == "cpu":
+            dev = torch.tensor(flat, dtype=torch.long)
+        else:
+            host = self._staging.take(len(flat))
+            host.numpy()[:] = flat
+            dev = torch.empty(len(flat), dtype=torch.long, device=self.device)
+            self._staging.send(host, dev)
+        views, offset = {}, 0
+        for name, values in lists.items():
+            views[name] = dev[offset:offset + len(values)]
+            offset += len(values)
+        self._write_tables(views["table_writes"], len(lists["table_writes"]) // 2)
+        for name in ("input_ids", "positions", "kv_slot", "token_slot", "token_rows",
+                     "seq_lens", "seq_rows", "logits_rows"):
+            setattr(self, name, views[name])
+        self.plan = plan
+        if plan.lora is not None:
+            self.lora_modules = lora_modules
+            self.lora = LoraBatch.from_plan(plan.lora, {
+                "token_slot": views["token_slot"],
+                **{k[5:]: v for k, v in views.items() if k.startswith("lora.")}})
+
+    def _write_tables(self, index_values: torch.Tensor, w: int) -> None:
+        if w:
+            self.block_tables.view(-1).index_copy_(0, index_values[:w], index_values[w:])

@@ -1,25 +1,18 @@
-"""One packed step's inputs (prefill chunks, mixed steps; a decode-only step goes through
-``decode_step`` instead), built once on the host from plain lists and copied to the
-device in one go: packed token ids and positions, the rows to sample, the attention
-metadata (KV slots, block tables, sequence lengths) and the LoRA segments. Every layer
-reads them; none converts or validates anything per call. The torch attention path makes
-its masks on the device from these tensors, and the LoRA backends keep a few host tuples
-(segments) from the plan.
+"""A step's sequences on the host, pure Python: ``StepBatch`` (what the engine schedules)
+and, for a packed step (prefill chunks, mixed steps; a decode-only step goes through
+``decode_step`` instead), ``PackedPlan``: the token ids and positions in one unpadded row,
+the rows to sample, the attention lists (KV slots, block-table rows, sequence lengths) and
+the LoRA segments, which ``StepBuffers.fill_packed`` takes to the device in one copy.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+from nolaserve.adapters.ops.batch import SegmentPlan
 
-from nolaserve.adapters.ops.batch import LoraBatch, SegmentPlan
-
-from .attention import AttentionMetadata
-from .attention_plan import length_groups, plan_attention
-from .kv_cache import KVCache
+from .attention_plan import AttentionPlan, check_tables, length_groups, plan_attention
+from .table_rows import TableRows
 
 
 @dataclass
@@ -28,7 +21,10 @@ class StepBatch:
 
     ``token_ids[i]``: the new tokens to compute (prompt chunk or last sampled token);
     ``start_pos[i]``: tokens already in the KV cache before this step;
-    ``block_table[i]``: KV block ids covering positions ``[0, start_pos + len(token_ids))``;
+    ``block_table[i]``: KV block ids covering positions ``[0, start_pos + len(token_ids))``:
+    the sequence's own list, which the runner keeps on the device across steps
+    (``TableRows``), so it may only grow while the sequence holds its blocks and must be a
+    new list once they are freed (``BlockManager.free``);
     ``adapter_slot[i]``: slot-pool slot, ``-1`` for the base model;
     ``sample[i]``: produce logits at the sequence's last new token;
     ``all_logits[i]``: produce logits at every new token (prompt logprobs), the last one
@@ -79,57 +75,14 @@ class StepBatch:
             raise ValueError("every sequence needs >= 1 new token and start_pos >= 0")
 
 
-class HostStaging:
-    """Copies a step's integer lists to ``device`` as one int64 tensor: on CUDA through
-    one of two reusable pinned buffers, taken in turn, and one non-blocking copy; on CPU
-    the host tensor is used as is. Returns a view per list.
-
-    A buffer is rewritten two steps after its copy was queued; the wait for that copy
-    (its event) has long been over by then, so the step does not stall on it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._pinned: list[torch.Tensor | None] = [None, None]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
-
-    def to_device(self, lists: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        flat = torch.tensor(list(itertools.chain.from_iterable(lists.values())),
-                            dtype=torch.long)
-        if self.device.type == "cuda":
-            flat = self._copy_pinned(flat)
-        views, offset = {}, 0
-        for name, values in lists.items():
-            views[name] = flat[offset:offset + len(values)]
-            offset += len(values)
-        return views
-
-    def _copy_pinned(self, flat: torch.Tensor) -> torch.Tensor:
-        n, i = flat.numel(), self._turn
-        self._turn = 1 - i
-        if self._copied[i] is not None:
-            self._copied[i].synchronize()  # this buffer's copy, two steps ago, is done
-        pinned = self._pinned[i]
-        if pinned is None or pinned.numel() < n:
-            pinned = self._pinned[i] = torch.empty(max(n, 4096), dtype=torch.long,
-                                                   pin_memory=True)
-        host = pinned[:n]
-        host.copy_(flat)
-        out = host.to(self.device, non_blocking=True)
-        self._copied[i] = torch.cuda.Event()
-        self._copied[i].record()
-        return out
-
-
 @dataclass(frozen=True, eq=False)
-class StepInputs:
-    """What the model forward and every layer read for one step (on the device)."""
+class PackedPlan:
+    """A packed step on the host: the int lists that ``StepBuffers.fill_packed`` copies
+    (by name, in order) and the layout the torch paths read."""
 
-    input_ids: torch.Tensor  # [1, T]
-    positions: torch.Tensor  # [1, T]
-    logits_rows: torch.Tensor  # [num_rows] packed rows whose logits the step returns
-    attn: AttentionMetadata
-    lora: LoraBatch | None  # None when no token of the step has an adapter
+    lists: dict[str, list[int]]
+    attention: AttentionPlan
+    lora: SegmentPlan | None  # None when no token of the step has an adapter
     slots: frozenset[int]  # adapter slots of the step (-1 not included)
 
 
@@ -145,12 +98,20 @@ def packed_order(batch: StepBatch, block_size: int) -> list[int]:
                   key=lambda i: (q_lens[i] > 1, group.get(i, 0), batch.adapter_slot[i]))
 
 
-def build_step_inputs(batch: StepBatch, cache: KVCache, staging: HostStaging,
-                      kernel: Callable | None, with_lora: bool) -> StepInputs:
-    """Pack a validated ``batch`` (``StepBatch.validate``, adapter slots checked) into the
-    step's device inputs with one copy. ``kernel``: the Triton attention or None (torch
-    path); ``with_lora``: plan LoRA segments (False for a base-model-only runner)."""
-    order = packed_order(batch, cache.block_size)
+def plan_packed(batch: StepBatch, tables: TableRows, block_size: int, num_blocks: int,
+                with_lora: bool) -> PackedPlan:
+    """Pack a validated ``batch`` (``StepBatch.validate``, adapter slots checked) in
+    ``packed_order``, its block tables placed in ``tables`` (rows kept across steps).
+    ``with_lora``: plan LoRA segments (False for a base-model-only runner). Raises
+    ``ValueError`` when a block table does not cover its positions."""
+    order = packed_order(batch, block_size)
+    q_lens = [len(batch.token_ids[i]) for i in order]
+    starts = [batch.start_pos[i] for i in order]
+    seq_tables = [batch.block_table[i] for i in order]
+    ctx_lens = [s + q for s, q in zip(starts, q_lens)]
+    check_tables(block_size, num_blocks, ctx_lens, seq_tables)
+    rows, index, values = tables.place(seq_tables, [-(-c // block_size) for c in ctx_lens])
+    attention = plan_attention(block_size, q_lens, starts, seq_tables, rows)
     ids: list[int] = []
     positions: list[int] = []
     token_slot: list[int] = []
@@ -165,18 +126,10 @@ def build_step_inputs(batch: StepBatch, cache: KVCache, staging: HostStaging,
     keep = [r for i in range(batch.num_seqs)
             for r in (range(first_row[i], last_row[i] + 1) if batch.all_logits[i]
                       else [last_row[i]] if batch.sample[i] else [])]
-    plan = plan_attention(cache.block_size, cache.num_blocks,
-                          [len(batch.token_ids[i]) for i in order],
-                          [batch.start_pos[i] for i in order],
-                          [batch.block_table[i] for i in order])
     slots = frozenset(batch.adapter_slot) - {-1}
-    lora_plan = SegmentPlan.of(token_slot) if with_lora and slots else None
-    lists = {"ids": ids, "positions": positions, "keep": keep, **plan.lists}
-    if lora_plan is not None:
-        lists.update({f"lora.{k}": v for k, v in lora_plan.lists().items()})
-    dev = staging.to_device(lists)
-    pos = dev["positions"]
-    lora = None if lora_plan is None else LoraBatch.from_plan(
-        lora_plan, {k[5:]: v for k, v in dev.items() if k.startswith("lora.")})
-    attn = AttentionMetadata.from_plan(plan, cache, dev, pos, kernel)
-    return StepInputs(dev["ids"].view(1, -1), pos.view(1, -1), dev["keep"], attn, lora, slots)
+    lora = SegmentPlan.of(token_slot) if with_lora and slots else None
+    lists = {"input_ids": ids, "positions": positions, "token_slot": token_slot,
+             "logits_rows": keep, **attention.lists, "table_writes": index + values}
+    if lora is not None:
+        lists.update({f"lora.{k}": v for k, v in lora.lists().items() if k != "token_slot"})
+    return PackedPlan(lists, attention, lora, slots)
