@@ -69,12 +69,15 @@ class StepTimer:
         # decode steps: the decode road's buffers and forward where the runner has one;
         # else the packed path's (or, in older trees, the model's own forward)
         road = getattr(runner, "decode", None)
+        buffers = getattr(runner, "step", None)  # older trees: none, or the road's own
         if road is not None:
-            forward, build = (road, "forward"), (road.buffers, "fill")
+            forward = (road, "forward")
+            build = (buffers, "fill_decode") if buffers is not None else (road.buffers, "fill")
         else:
             forward = (runner, "_forward") if hasattr(runner, "_forward") else \
                 (runner.model, "forward")
-            build = (model_runner, "build_step_inputs")
+            build = (buffers, "fill_packed") if buffers is not None else \
+                (model_runner, "build_step_inputs")
         stages = {"schedule": (sched, "schedule"), "forward": forward,
                   "sample": (engine.sampler, "sample_rows") if hasattr(engine.sampler,
                                                                       "sample_rows")
@@ -83,7 +86,7 @@ class StepTimer:
                   "step": (engine, "step"), "build inputs": build}
         self._saved = []
         for name, (obj, attr) in stages.items():
-            if hasattr(obj, attr):  # build_step_inputs is absent in older trees
+            if hasattr(obj, attr):  # stages absent in older trees are not timed
                 self._saved.append((obj, attr, getattr(obj, attr)))
                 setattr(obj, attr, self._timed(name, getattr(obj, attr)))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nolaserve.server.engine import attention_plan, step_inputs
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.model_runner import ModelRunner
-from nolaserve.server.engine.step_inputs import StepBatch, build_step_inputs
+from nolaserve.server.engine.step_inputs import StepBatch
 
 
 def median_us(fn, repeat: int = 200, warm: int = 10) -> float:
@@ -28,41 +28,33 @@ def median_us(fn, repeat: int = 200, warm: int = 10) -> float:
 
 
 def print_linear_costs(engine: Engine) -> None:
-    """One decode step's context over 64 distinct slots, then one adapted linear called
-    alone: the wrapper, its LoRA backend alone and the base linear."""
+    """One packed step of one token on each of 64 distinct slots in the runner's
+    ``StepBuffers``, then one adapted linear called alone: the wrapper, its LoRA backend
+    alone and the base linear."""
     runner = engine.runner
     lin = runner.lora_layers[0]  # layer 0 q_proj (grouped with v_proj)
     batch = StepBatch.from_seqs([([1], 3, [i], i, True) for i in range(64)])
-    inputs = build_step_inputs(batch, runner.kv_cache, runner.staging, runner.kernel, True)
-    runner._fill_context(inputs, all_modules=True)
+    runner._fill_packed(batch, all_modules=True)
     x = torch.randn(1, 64, lin.in_features)
     y = torch.empty(64, lin.out_features)
     x2 = x.view(64, -1)
-    ctx = runner.ctx
+    step = runner.step
+    backend = getattr(step.lora_backend, "__name__", "?")
     try:
         with torch.inference_mode():
             base = median_us(lambda: lin.base(x))
-            op = median_us(lambda: ctx.lora_backend(y, x2, lin.A, lin.B, lin.scale,
-                                                    ctx.lora_batch))
-            group = median_us(lambda: (ctx.shared.clear(), lin(x)))
+            op = median_us(lambda: step.lora_backend(y, x2, lin.A, lin.B, lin.scale, step.lora))
+            group = median_us(lambda: (step.shared.clear(), lin(x)))
             members = len(lin.group.members) if lin.group else 1
     finally:
-        ctx.clear()
+        step.clear()
     print(f"\nper adapted linear, 64 tokens on 64 slots ({lin.in_features} -> "
-          f"{lin.out_features}, r={lin.A.shape[1]}, {ctx.__class__.__name__} filled):")
+          f"{lin.out_features}, r={lin.A.shape[1]}, StepBuffers filled):")
     print(f"  base linear alone            {base:8.1f} us")
-    print(f"  LoRA backend call alone      {op:8.1f} us ({ctx_backend_name(runner)})")
+    print(f"  LoRA backend call alone      {op:8.1f} us ({backend})")
     print(f"  grouped wrapper call         {group:8.1f} us for {members} linears "
           f"(base + one add_lora_multi); host us per adapted linear beyond base + op: "
           f"{(group - members * (base + op)) / members:.1f}")
-
-
-def ctx_backend_name(runner: ModelRunner) -> str:
-    batch = StepBatch.from_seqs([([1], 3, [i], i, True) for i in range(64)])
-    inputs = build_step_inputs(batch, runner.kv_cache, runner.staging, runner.kernel, True)
-    from nolaserve.adapters.ops import step_backends
-
-    return getattr(step_backends(inputs.lora, runner.device)[0], "__name__", "?")
 
 
 def compute_floor(model, num_seqs: int, ctx_len: int) -> float:

@@ -47,3 +47,13 @@ def test_vllm_runs_once_per_max_loras(monkeypatch):
     assert seen == [(8, ["64", "base only"]), (64, ["64"])]
     assert [r[1] for r in rows] == ["base only (max_loras 8)", "64 (max_loras 8)",
                                     "64 (max_loras 64)"]
+
+
+def test_linear_costs_fill_the_runner_step_and_clear_it(llama, capsys):
+    engine = make_engine(llama, None, num_slots=64, max_num_seqs=64, kv_cache_bytes=16 << 20)
+    try:
+        overhead_parts.print_linear_costs(engine)
+        assert engine.runner.step.lora is None  # cleared after
+    finally:
+        engine.close()
+    assert "LoRA backend call alone" in capsys.readouterr().out
