@@ -350,3 +350,41 @@ def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, b
             assert not fits
         elif seq.finish_reason is FinishReason.LENGTH:
             assert len(seq.output_token_ids) == seq.params.max_tokens
+
+
+def test_an_overdue_parked_request_holds_back_newcomers_that_need_a_slot():
+    """A running request parked off its slot (time slicing) that has waited past the aging
+    bound: no waiting request that needs a slot is admitted until it runs again, so the
+    slots running ones free go to it, not to a stream of newcomers (found by the churn
+    soak: a parked request starved while short requests kept taking every freed slot).
+    Those that take no new slot still run: a base-model request, and one that kept its
+    slot through a preemption (holding it back could leave no slot for the parked one)."""
+    parked: set[str] = set()
+    overdue: set[str] = set()
+
+    def ready(seq: Sequence) -> bool:
+        if seq.request_id in parked:
+            return False
+        seq.adapter_slot = 0
+        return True
+
+    def adapted(rid: str, slot: int = -1) -> Sequence:
+        seq = make_seq(rid, 4, max_tokens=8)
+        seq.adapter_id, seq.adapter_slot = "x", slot
+        return seq
+
+    sched = make_sched(ready=ready)
+    sched.adapter_overdue = lambda s: s.request_id in overdue
+    a = adapted("a")
+    sched.add(a)
+    step(sched)
+    parked.add("a")
+    a.adapter_slot = -1
+    sched.add(adapted("b"))
+    assert "b" in tokens_of(step(sched))  # parked, not overdue: newcomers run
+    overdue.add("a")
+    for seq in (adapted("c"), make_seq("base", 4), adapted("kept", slot=0)):
+        sched.add(seq)
+    assert tokens_of(step(sched)) == {"b": 1, "base": 4, "kept": 4}  # c waits for a
+    parked.discard("a")
+    assert set(tokens_of(step(sched))) == {"a", "b", "c", "base", "kept"}

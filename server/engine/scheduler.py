@@ -61,7 +61,8 @@ class Scheduler:
     would let run this step, so it may have side effects (take a slot, start loading the
     adapter). ``adapter_overdue(seq)``, asked of a skipped sequence, is the
     aging bound: when true, no sequence behind it is admitted this step, as for one that
-    waits for KV blocks, so that it cannot be overtaken forever.
+    waits for KV blocks, so that it cannot be overtaken forever; for a parked running
+    sequence, no waiting one that needs a slot is admitted.
     The scheduler never advances ``num_computed_tokens`` (the engine does, after the model
     ran); it only resets it to 0 on preemption.
     """
@@ -157,9 +158,9 @@ class Scheduler:
         for seq in self._running:  # the blocks the last step filled can be shared now
             self.block_manager.cache_computed(seq)
         self._error_unfittable(out)
-        self._schedule_running(out)
+        parked_overdue = self._schedule_running(out)
         if not out.preempted:
-            self._admit_waiting(out)
+            self._admit_waiting(out, take_slots=not parked_overdue)
         return out
 
     def _error_unfittable(self, out: SchedulerOutput) -> None:
@@ -183,21 +184,30 @@ class Scheduler:
             f"({bm.num_blocks} blocks of {bm.block_size})"
         )
 
-    def _schedule_running(self, out: SchedulerOutput) -> None:
-        i = 0
+    def _schedule_running(self, out: SchedulerOutput) -> bool:
+        """Schedule the running sequences; True if a parked one is overdue (aging): then
+        no waiting sequence that needs a slot is admitted this step, so the slots that
+        running ones free go to it rather than to newcomers, which would otherwise
+        overtake it forever."""
+        i, parked_overdue = 0, False
         while i < len(self._running):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget <= 0:
-                return
+                return parked_overdue
             seq = self._running[i]
             num_new = self._chunk(seq, budget)
-            if num_new <= 0 or not self.adapter_ready(seq):  # nothing to compute (or no
-                i += 1  # fixed chunk fits) this step, or it is parked: its adapter lost its slot
+            if num_new <= 0:  # nothing to compute (or no fixed chunk fits) this step
+                i += 1
+                continue
+            if not self.adapter_ready(seq):  # parked: its adapter lost its slot
+                parked_overdue = parked_overdue or self.adapter_overdue(seq)
+                i += 1
                 continue
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
-                return  # seq itself was preempted; it was the last running one
+                return parked_overdue  # seq itself was preempted; the last running one
             self._schedule(seq, num_new, out)
             i += 1
+        return parked_overdue
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Preempt the most recently arrived running sequences until ``seq`` can cover
@@ -218,12 +228,17 @@ class Scheduler:
         self._waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _admit_waiting(self, out: SchedulerOutput) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, take_slots: bool) -> None:
+        """Admit waiting sequences, FCFS. ``take_slots=False``: only those that need no
+        new adapter slot (base model, or one still holding its slot after a preemption),
+        so an overdue parked sequence gets the next slot to free."""
         admitted: list[Sequence] = []
         for seq in self._waiting:
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget <= 0 or len(self._running) >= self.max_num_seqs:
                 break
+            if not take_slots and seq.needs_adapter:
+                continue
             num_new = self._chunk(seq, budget)
             if num_new <= 0:
                 break  # FCFS: its fixed chunk does not fit what is left of the budget
