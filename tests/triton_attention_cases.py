@@ -102,7 +102,7 @@ def test_mixed_decode_and_chunked_prefill_match_the_torch_path(block_size):
         for p in range(c):
             cache.k[0, bt[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g)
             cache.v[0, bt[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g)
-    step = StepBuffers(8, 32, cache, None)
+    step = StepBuffers(8, 64, cache, None)
     batch = StepBatch.from_seqs([([0] * q, s, t, -1, True)
                                  for q, s, t in zip(q_lens, starts, tables)])
     with step.placing():
@@ -114,8 +114,10 @@ def test_mixed_decode_and_chunked_prefill_match_the_torch_path(block_size):
     value = cache.v[0].view(-1, hkv, d)[step.kv_slot].transpose(0, 1).unsqueeze(0)
     expected = _torch_attention(step, 0, query, key, value, 0.2)  # [T, H, D]
     k_dev, v_dev = cache.k[0].to(DEVICE), cache.v[0].to(DEVICE)
+    tables = step.kernel_tables()  # the columns the longest context (300) spans, not 64
+    assert tables.shape[1] == {16: 32, 32: 16}[block_size]
     out = paged_attention(query[0].transpose(0, 1).to(DEVICE), k_dev, v_dev,
-                          step.block_tables.to(DEVICE), step.token_rows.to(DEVICE),
+                          tables.to(DEVICE), step.token_rows.to(DEVICE),
                           step.positions.to(DEVICE), 0.2)
     assert not out.isnan().any()
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)

@@ -127,7 +127,7 @@ def attend(step: StepBuffers, layer: int, query: torch.Tensor, key: torch.Tensor
     cache.write(layer, step.kv_slot, key[0].transpose(0, 1), value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, H, D], last dimension contiguous
     if step.kernel is not None:
-        out = step.kernel(q, cache.k[layer], cache.v[layer], step.block_tables,
+        out = step.kernel(q, cache.k[layer], cache.v[layer], step.kernel_tables(),
                           step.token_rows, step.positions, scaling)
     elif step.shape is not None:
         width = step.shape.width

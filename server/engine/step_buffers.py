@@ -225,6 +225,16 @@ class StepBuffers:
                 "token_slot": views["token_slot"],
                 **{k[5:]: v for k, v in views.items() if k.startswith("lora.")}})
 
+    def kernel_tables(self) -> torch.Tensor:
+        """The block tables the Triton kernel reads: all ``max_blocks`` columns on a
+        decode step (a graph's fixed shape); on a packed step only those its longest context
+        spans (``width_of``), so that its context splits follow the step's contexts, not
+        ``max_model_len``."""
+        if self.plan is None:
+            return self.block_tables
+        blocks = -(-self.plan.attention.max_ctx_len // self.block_size)
+        return self.block_tables[:, :width_of(blocks, self.max_blocks)]
+
     def _write_tables(self, index_values: torch.Tensor, w: int) -> None:
         if w:
             self.block_tables.view(-1).index_copy_(0, index_values[:w], index_values[w:])
