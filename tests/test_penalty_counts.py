@@ -98,3 +98,21 @@ def test_a_finished_requests_row_is_reused():
         gc.collect()
         assert counts.rows_held == 0
     assert counts._counts.shape[0] == 2  # the freed row was taken again, never grown
+
+
+def test_a_released_row_is_free_at_once_while_the_sequence_lives_on():
+    """The engine releases a finished request's row (``Engine._finish``); the Sequence may
+    live on (the caller holds it) and the row is not freed a second time when it goes."""
+    counts = PenaltyCounts(initial_rows=1)
+    kept = []
+    for i in range(3):
+        s = Sequence(str(i), [1, 2], SamplingParams(presence_penalty=1.0))
+        s.output_token_ids = [3] * i
+        got = process_logits(torch.ones(1, VOCAB), [s], set(), counts)
+        assert torch.equal(got, _reference(torch.ones(1, VOCAB), [s]))
+        counts.release(s)
+        assert counts.rows_held == 0
+        kept.append(s)
+    kept.clear()
+    gc.collect()
+    assert counts._counts.shape[0] == 1 and counts._free == [0]

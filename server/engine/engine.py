@@ -267,6 +267,7 @@ class Engine:
             text += req.detokenizer.flush()
         self.scheduler.finish(seq, reason, error)
         self.admission.release(seq)
+        self.penalty_counts.release(seq)
         del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
                              seq.num_prompt_tokens, len(seq.output_token_ids), error, code)

@@ -6,8 +6,8 @@ far; the same row of ``seen`` ``[capacity, V]`` marks its prompt's tokens. A req
 its row at its first penalized step (its prompt marked once); each later step adds only
 the tokens accepted since, for the whole batch in one ``index_put_``. A recompute after
 preemption keeps the output tokens, so the row stays valid; each of ``n`` choices is its
-own Sequence with its own row. The row is freed when its Sequence is collected (the
-request ended and the engine let it go).
+own Sequence with its own row. The engine frees the row when the request finishes
+(``release``); a Sequence collected without that frees its row then.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .sequence import Sequence
 @dataclass
 class _Row:
     slot: int
+    free: weakref.finalize  # gives the slot back, once: at ``release`` or collection
     counted: int = 0  # output tokens already in the row
 
 
@@ -56,13 +57,19 @@ class PenaltyCounts:
     def rows_held(self) -> int:
         return len(self._rows)
 
+    def release(self, seq: Sequence) -> None:
+        """``seq`` finished: its row (if it has one) is free for another request."""
+        row = self._rows.pop(seq, None)
+        if row is not None:
+            row.free()
+
     def _row(self, seq: Sequence, like: Tensor) -> _Row:
         row = self._rows.get(seq)
         if row is not None and row.counted <= len(seq.output_token_ids):
             return row
         if row is None:
-            row = self._rows[seq] = _Row(self._take_slot(like))
-            weakref.finalize(seq, self._free.append, row.slot)
+            slot = self._take_slot(like)
+            row = self._rows[seq] = _Row(slot, weakref.finalize(seq, self._free.append, slot))
         row.counted = 0  # new, or its output shrank (never by the engine): recount
         self._counts[row.slot].zero_()
         self._seen[row.slot].zero_()
