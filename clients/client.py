@@ -72,7 +72,7 @@ class Client(Stubs):
         """The whole completion of ``prompt`` or chat ``messages`` (exactly one of them);
         ``adapter_id=""`` is the base model, ``temperature=0`` greedy. ``sampling``:
         logprobs, prompt_logprobs, logit_bias, presence/frequency/repetition_penalty,
-        min_tokens, json_schema or json_object (``SamplingExtras``), as over HTTP."""
+        min_tokens, json_schema, json_object, regex or choice (``SamplingExtras``), as over HTTP."""
         req = m.generate_request(prompt, messages, adapter_id, max_tokens, temperature, top_p,
                                  top_k, seed, stop, ignore_eos, request_id, sampling)
         with m.rpc_errors():

@@ -21,7 +21,8 @@ ChatMessage = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ..
 
 class SamplingExtras(TypedDict, total=False):
     """The optional sampling keywords of ``generate`` (inference.proto's SamplingParams);
-    ``json_schema`` is a schema as a dict or JSON text."""
+    ``json_schema`` is a schema as a dict or JSON text; at most one of ``json_schema``,
+    ``json_object``, ``regex`` and ``choice`` (StructuredOutput's ``format``)."""
 
     logprobs: int
     prompt_logprobs: int
@@ -32,6 +33,8 @@ class SamplingExtras(TypedDict, total=False):
     min_tokens: int
     json_schema: Mapping[str, Any] | str
     json_object: bool
+    regex: str
+    choice: list[str]
 
 
 class NolaserveError(grpc.RpcError):
@@ -239,11 +242,21 @@ def _extras(extras: SamplingExtras) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown sampling arguments {sorted(unknown)}: use "
                         f"{', '.join(SamplingExtras.__annotations__)}")
-    fields_ = {k: v for k, v in extras.items() if k not in ("json_schema", "json_object")}
-    schema = extras.get("json_schema")
-    if schema is not None:
-        text = schema if isinstance(schema, str) else json.dumps(schema)
-        fields_["structured"] = inference_pb2.StructuredOutput(json_schema=text)
-    elif extras.get("json_object"):
-        fields_["structured"] = inference_pb2.StructuredOutput(json_object=True)
+    formats = {"json_schema", "json_object", "regex", "choice"}
+    fields_ = {k: v for k, v in extras.items() if k not in formats}
+    asked = [k for k in extras if k in formats and extras[k] not in (None, False)]
+    if len(asked) > 1:
+        raise TypeError(f"{asked} each constrain the output: pass one of them")
+    if asked:
+        fields_["structured"] = inference_pb2.StructuredOutput(**_format(asked[0],
+                                                                         extras[asked[0]]))
     return fields_
+
+
+def _format(name: str, value: Any) -> dict[str, Any]:
+    """One StructuredOutput ``format`` field from its ``SamplingExtras`` value."""
+    if name == "json_schema" and not isinstance(value, str):
+        return {name: json.dumps(value)}
+    if name == "choice":
+        return {name: inference_pb2.Choices(values=list(value))}
+    return {name: value}

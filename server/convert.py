@@ -55,9 +55,13 @@ def structured_spec(s: inference_pb2.StructuredOutput) -> StructuredSpec:
         return StructuredSpec(s.json_schema)
     if which == "json_object" and s.json_object:
         return StructuredSpec()
+    if which == "regex" and s.regex:
+        return StructuredSpec(regex=s.regex)
+    if which == "choice":
+        return StructuredSpec(choice=tuple(s.choice.values))  # the engine checks them
     raise InvalidRequestError(
-        "sampling.structured asks for nothing: set json_schema to a JSON schema or "
-        "json_object to true, or leave structured unset for free text")
+        "sampling.structured asks for nothing: set json_schema to a JSON schema, "
+        "json_object to true, regex or choice, or leave structured unset for free text")
 
 
 def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:

@@ -6,6 +6,7 @@ requests unchanged, and an oversized response counted as the client saw it."""
 import asyncio
 import json
 import math
+import re
 import struct
 
 import grpc
@@ -169,6 +170,9 @@ BAD = [
     (dict(structured=inference_pb2.StructuredOutput(json_object=False)),
      "sampling.structured asks for nothing"),
     (dict(structured=inference_pb2.StructuredOutput(json_schema="{not json")), "JSON schema"),
+    (dict(structured=inference_pb2.StructuredOutput(regex="(a")), "the regex cannot be"),
+    (dict(structured=inference_pb2.StructuredOutput(choice=inference_pb2.Choices())),
+     "choice must be a list of non-empty strings"),
 ]
 
 
@@ -207,6 +211,28 @@ def test_structured_spec_is_passed_as_the_engine_takes_it():
     assert sampling_params(p).structured == StructuredSpec('{"type": "object"}')
     p = inference_pb2.SamplingParams(structured=inference_pb2.StructuredOutput(json_object=True))
     assert sampling_params(p).structured == StructuredSpec()
+    p = inference_pb2.SamplingParams(structured=inference_pb2.StructuredOutput(regex="a+"))
+    assert sampling_params(p).structured == StructuredSpec(regex="a+")
+    p = inference_pb2.SamplingParams(structured=inference_pb2.StructuredOutput(
+        choice=inference_pb2.Choices(values=["x", "y"])))
+    assert sampling_params(p).structured == StructuredSpec(choice=("x", "y"))
+
+
+def test_regex_and_choice_over_grpc_and_the_client(engine):
+    async def main():
+        async with serving(engine) as c:
+            regex = await c.inference.Generate(request(
+                PROMPT, max_tokens=20, temperature=1.0, seed=2,
+                structured=inference_pb2.StructuredOutput(regex="[0-9]{2}x")))
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                choice = await client.generate(PROMPT, max_tokens=20, temperature=1.0,
+                                               seed=5, choice=["oui", "non merci"])
+                with pytest.raises(TypeError, match="pass one of them"):
+                    await client.generate(PROMPT, regex="a", choice=["a"])
+            return regex.text, choice.text
+
+    regex, choice = asyncio.run(main())
+    assert re.fullmatch("[0-9]{2}x", regex) and choice in ("oui", "non merci")
 
 
 def test_a_response_too_large_to_send_is_counted_as_the_client_got_it(engine):

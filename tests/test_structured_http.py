@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Literal
 
 import jsonschema
@@ -143,7 +144,56 @@ def test_tool_calls_whole_and_streamed(engine, choice):
     serve(engine, test)
 
 
+GUIDED = [({"structured_outputs": {"choice": ["oui", "non merci"]}}, ("oui", "non merci")),
+          ({"guided_choice": ["oui", "non merci"]}, ("oui", "non merci")),
+          ({"structured_outputs": {"regex": "[a-c]{2,3}", "disable_any_whitespace": True}},
+           r"[a-c]{2,3}"),
+          ({"guided_regex": "[a-c]{2,3}"}, r"[a-c]{2,3}"),
+          ({"structured_outputs": {"json": {"type": "integer"}}}, {"type": "integer"}),
+          ({"guided_json": '{"type": "integer"}'}, {"type": "integer"})]
+
+
+@pytest.mark.parametrize(("fields", "want"), GUIDED)
+def test_vllm_structured_outputs_choice_regex_and_json(engine, fields, want):
+    """vLLM's ``structured_outputs`` (and its older ``guided_*``), as users' code sends
+    them through the openai client's ``extra_body``, on chat and completions."""
+    async def test(oa, _):
+        texts = [(await oa.chat.completions.create(
+            model=name, messages=MESSAGES, max_tokens=24, seed=seed,
+            extra_body=fields)).choices[0].message.content
+            for name in ("", "a") for seed in range(3)]
+        texts.append((await oa.completions.create(model="b", prompt="x", max_tokens=24,
+                                                  extra_body=fields)).choices[0].text)
+        return texts
+
+    for text in asyncio.run(_serve_returning(engine, test)):
+        if isinstance(want, tuple):
+            assert text in want
+        elif isinstance(want, str):
+            assert re.fullmatch(want, text), text
+        else:
+            jsonschema.validate(json.loads(text), want)
+
+
+async def _serve_returning(engine, test):
+    async with http_serving(engine) as (_, url):
+        return await test(openai_client(url), url)
+
+
 @pytest.mark.parametrize(("fields", "param", "message"), [
+    ({"structured_outputs": {"grammar": "root ::= \"a\""}}, "structured_outputs",
+     "set exactly one of choice (a list of strings), regex"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs",
+     "set exactly one of"),
+    ({"structured_outputs": {"choice": "ab"}}, "structured_outputs",
+     "structured_outputs.choice is 'ab': send a list of strings"),
+    ({"guided_choice": []}, None, "choice must be a list of non-empty strings"),
+    ({"guided_regex": "(a"}, None, "the regex cannot be enforced"),
+    ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "guided_choice",
+     "send structured_outputs only"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+     "structured_outputs", "response_format and structured_outputs both constrain"),
+    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar", "is not supported"),
     ({"tools": TOOLS}, "tool_choice", 'set tool_choice to "required"'),
     ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "no tool-call parser"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},

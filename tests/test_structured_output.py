@@ -6,6 +6,7 @@ must parse and match its schema (checked with ``jsonschema``)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import jsonschema
@@ -14,8 +15,9 @@ from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 from vllm_helpers import vllm_python
 
-from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError, Status
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.engine import structured as grammars
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, StructuredSpec
 from nolaserve.server.engine.structured import MAX_SCHEMA_CHARS
 
@@ -122,6 +124,65 @@ def test_rows_without_a_grammar_are_untouched(engine):
     assert mixed["plain"] == alone
 
 
+CHOICES = ("héllo", "wörld 😀", 'a "q" \\', "héllo wörld")  # a prefix of another
+
+
+def test_regex_and_choice_outputs_match_whole_in_a_mixed_batch(engine):
+    """vLLM's ``choice`` and ``regex``: beside JSON and plain rows, across adapters and
+    seeds, each output is one of the choices or matches the regex whole, and ends by the
+    grammar (``stop``: nothing may follow) or by EOS (where the output may also go on:
+    a choice that is a prefix of another, 1-4 letters)."""
+    regex = r"[0-9]{3}-[a-zé]{1,4}"
+    specs = {"choice": StructuredSpec(choice=CHOICES), "regex": StructuredSpec(regex=regex),
+             "json": StructuredSpec(json.dumps(SCHEMAS[0]))}
+    requests = {f"{kind}-{a}-{seed}": ([5 + seed, 6], SamplingParams(
+        max_tokens=60, temperature=1.0, seed=seed, structured=spec), a)
+        for kind, spec in specs.items() for a in ADAPTERS for seed in range(4)}
+    requests["plain"] = ([5, 6], greedy(6), "a")
+    for rid, (text, reason) in texts(engine, requests).items():
+        kind = rid.split("-")[0]
+        if kind in ("choice", "regex"):
+            assert reason in (FinishReason.STOP, FinishReason.EOS), (rid, text)
+            assert text in CHOICES if kind == "choice" else re.fullmatch(regex, text), rid
+        elif kind == "json":
+            jsonschema.validate(json.loads(text), SCHEMAS[0])
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (StructuredSpec(regex="(ab"), "the regex cannot be enforced: .*parenthesis"),
+    (StructuredSpec(choice=()), "choice must be a list of non-empty strings"),
+    (StructuredSpec(choice=("a", "")), "choice must be a list of non-empty strings"),
+    (StructuredSpec(regex="a" * (MAX_SCHEMA_CHARS + 1)), "the regex has .* simplify it"),
+])
+def test_a_bad_regex_or_choice_is_refused_before_the_model(engine, spec, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request("bad", [1, 2], SamplingParams(max_tokens=8, structured=spec))
+    assert not engine.has_unfinished()
+
+
+def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, monkeypatch):
+    """The matcher's time is charged to its request: past the grace plus the per-token
+    share, that request ends with INVALID_ARGUMENT saying what to simplify; a plain request
+    in the same batch gets the tokens it gets alone. (A fake clock: each token's matcher
+    work "takes" 0.1 s, so the third token is over 0.25 s + 3 x 5 ms.)"""
+    alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.1 * next(ticks))
+    costly = SamplingParams(max_tokens=30, ignore_eos=True,
+                            structured=StructuredSpec(regex="[a-z]{10,20}"))
+    engine.add_request("costly", [3, 4], costly)
+    engine.add_request("plain", [3, 4, 5], greedy(8), "a")
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    last = outputs["costly"][-1]
+    assert last.finish_reason is FinishReason.ERROR and last.error_code is Status.INVALID_ARGUMENT
+    assert "ms a token to enforce (at most 5): simplify the regex" in last.error
+    assert sum(len(o.token_ids) for o in outputs["costly"]) == 3
+    assert [t for o in outputs["plain"] for t in o.token_ids] == alone
+
+
 @pytest.mark.parametrize(("schema", "message"), [
     ('{"type": "objec"}', 'the JSON schema cannot be enforced: Unsupported type "objec"'),
     ('{"type": ', "the JSON schema cannot be enforced"),
@@ -148,10 +209,12 @@ def test_the_vllm_backend_gets_the_same_json_constraint():
     python = vllm_python()
     code = ("from nolaserve.server.engine.vllm_args import sampling\n"
             "from nolaserve.server.engine.sequence import SamplingParams, StructuredSpec\n"
-            "for spec in (StructuredSpec('{\"type\": \"integer\"}'), StructuredSpec()):\n"
+            "for spec in (StructuredSpec('{\"type\": \"integer\"}'), StructuredSpec(),\n"
+            "             StructuredSpec(regex='[a-c]+'), StructuredSpec(choice=('x', 'y'))):\n"
             "    s = sampling(SamplingParams(structured=spec)).structured_outputs\n"
-            "    print(s.json, s.disable_any_whitespace)\n"
+            "    print(s.json, s.disable_any_whitespace, s.regex, s.choice)\n"
             "print(sampling(SamplingParams()).structured_outputs)\n")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
                          check=True).stdout.splitlines()
-    assert out == ['{"type": "integer"} True', '{"type": "object"} True', "None"]
+    assert out == ['{"type": "integer"} True None None', '{"type": "object"} True None None',
+                   "None False [a-c]+ None", "None False None ['x', 'y']", "None"]

@@ -27,10 +27,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class StructuredSpec:
-    """Output held to JSON (structured.py): ``json_schema`` (a JSON schema as JSON text)
-    or, when None, any JSON object (OpenAI's ``json_object``)."""
+    """Output held to a grammar (structured.py), one of: ``json_schema`` (a JSON schema as
+    JSON text), ``regex`` (the whole output matches it), ``choice`` (the output is exactly
+    one of these strings); none of them set: any JSON object (OpenAI's ``json_object``)."""
 
     json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -54,7 +57,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output tokens
     min_tokens: int = 0  # EOS and stop strings do not end the request before it
-    structured: StructuredSpec | None = None  # output held to JSON by a grammar
+    structured: StructuredSpec | None = None  # output held to a grammar
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not

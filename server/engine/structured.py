@@ -1,12 +1,19 @@
-"""Structured output: a request's output held to a JSON schema, or to any JSON object, by
-a grammar (xgrammar, as vLLM and SGLang use; docs/operations.md "Structured output").
+"""Structured output: a request's output held to a JSON schema, any JSON object, a regular
+expression or a list of choices, by a grammar (xgrammar, as vLLM and SGLang use;
+docs/operations.md "Structured output").
 
 A request's ``GrammarState`` lives on the engine's request. After each accepted token it
 fills the request's next-token bitmask on the host (one int32 row of ``ceil(V / 32)``
 words, bit ``t`` set when token ``t`` may follow); a step gathers the rows of the requests
 that have one and applies them to those rows' logits in one op (disallowed -> -inf).
-Rows without a grammar are untouched. When the JSON is complete (only a stop token may
+Rows without a grammar are untouched. When the output is complete (only a stop token may
 follow), the request finishes with ``FinishReason.STOP``.
+
+The matcher runs on the step thread, and some grammars cost far more per token than
+others (nested repetition of an optional part, ``(((a?){50}){50}){50}``: 65 ms a token on
+this CPU, against 0.01-0.2 ms for usual ones), which would slow every request in the
+batch. A request whose grammar has cost more than ``GRAMMAR_GRACE_S`` plus
+``GRAMMAR_S_PER_TOKEN`` a token so far ends with INVALID_ARGUMENT saying so.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -27,6 +35,8 @@ from .sequence import FinishReason, StructuredSpec
 MAX_SCHEMA_CHARS = 64 * 1024
 CACHE_BYTES = 64 << 20  # compiled grammars kept (LRU by xgrammar) for repeated schemas
 ANY_OBJECT = '{"type": "object"}'
+GRAMMAR_GRACE_S = 0.25  # matcher time a request may spend beyond its per-token share
+GRAMMAR_S_PER_TOKEN = 0.005
 
 
 class Grammars:
@@ -43,18 +53,15 @@ class Grammars:
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
         """The compiled grammar of ``spec``; ``InvalidRequestError`` saying what is wrong."""
-        schema = ANY_OBJECT if spec.json_schema is None else spec.json_schema
-        if len(schema) > MAX_SCHEMA_CHARS:
-            raise InvalidRequestError(f"the JSON schema has {len(schema)} characters; at most "
+        what, text, build, fix = _source(spec)
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
                                       f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
         try:
-            return self._get_compiler().compile_json_schema(_lengths_as_patterns(schema),
-                                                            any_whitespace=False)
+            return build(self._get_compiler(), text)
         except (RuntimeError, ValueError, RecursionError) as e:
-            reason = _reason(e)
             raise InvalidRequestError(
-                f"the JSON schema cannot be enforced: {reason[-300:]}; send a valid JSON "
-                "schema (types, properties, required, enum, items, anyOf)") from None
+                f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
         """A new request's grammar state (None without ``spec``)."""
@@ -73,6 +80,24 @@ class Grammars:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1,
                                                      cache_limit_bytes=CACHE_BYTES)
             return self._compiler
+
+
+def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
+    """What ``spec`` asks for, its text, how to compile the text, and what to send instead."""
+    if spec.regex is not None:
+        return ("regex", spec.regex, lambda c, text: c.compile_regex(text),
+                "send a regular expression (the output matches it whole)")
+    if spec.choice is not None:
+        if not spec.choice or not all(spec.choice):
+            raise InvalidRequestError("choice must be a list of non-empty strings, got "
+                                      f"{list(spec.choice)!r}")
+        rule = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+        return ("choice list", rule, lambda c, text: c.compile_grammar(text),
+                "send a list of non-empty strings")
+    return ("JSON schema", ANY_OBJECT if spec.json_schema is None else spec.json_schema,
+            lambda c, text: c.compile_json_schema(_lengths_as_patterns(text),
+                                                  any_whitespace=False),
+            "send a valid JSON schema (types, properties, required, enum, items, anyOf)")
 
 
 _VALUES = {"enum", "const", "default", "examples"}  # JSON values, not schemas
@@ -122,12 +147,26 @@ class GrammarState:
     def __init__(self, matcher: xgr.GrammarMatcher, non_stop: torch.Tensor) -> None:
         self.matcher, self.non_stop = matcher, non_stop
         self.bitmask = torch.empty_like(non_stop)
+        self.spent, self.tokens = 0.0, 0  # matcher seconds on the step thread, tokens
         matcher.fill_next_token_bitmask(self.bitmask)
 
     def accept(self, token: int) -> dict[str, Any] | None:
-        """Advance by the sampled ``token``; None while the JSON goes on, else how the
-        request finishes (``Engine._finish``'s keywords): STOP once the JSON is complete,
-        an internal error if the token breaks the grammar (masked logits never draw one)."""
+        """Advance by the sampled ``token``; None while the output goes on, else how the
+        request finishes (``Engine._finish``'s keywords): STOP once the output is complete,
+        an internal error if the token breaks the grammar (masked logits never draw one),
+        INVALID_ARGUMENT once the grammar costs too much (the module docstring)."""
+        start = perf_counter()
+        ended = self._advance(token)
+        self.spent += perf_counter() - start
+        self.tokens += 1
+        if ended is None and self.spent > GRAMMAR_GRACE_S + GRAMMAR_S_PER_TOKEN * self.tokens:
+            return {"reason": FinishReason.ERROR, "code": Status.INVALID_ARGUMENT, "error":
+                    f"the output's grammar costs {1000 * self.spent / self.tokens:.1f} ms a "
+                    f"token to enforce (at most {1000 * GRAMMAR_S_PER_TOKEN:g}): simplify the "
+                    "regex or schema, e.g. no nested repetition of optional parts"}
+        return ended
+
+    def _advance(self, token: int) -> dict[str, Any] | None:
         if not self.matcher.accept_token(token):
             return {"reason": FinishReason.ERROR, "code": Status.INTERNAL,
                     "error": f"internal error: token {token} breaks the output's grammar"}

@@ -86,12 +86,16 @@ def sampling(params: SamplingParams):
 
 
 def structured_outputs(spec: StructuredSpec | None):
-    """Our ``StructuredSpec`` as vLLM's ``StructuredOutputsParams``: the same JSON, with no
-    free whitespace, as the native engine's grammar (structured.py)."""
+    """Our ``StructuredSpec`` as vLLM's ``StructuredOutputsParams``: the same constraint,
+    JSON with no free whitespace, as the native engine's grammar (structured.py)."""
     if spec is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
+    if spec.regex is not None:
+        return StructuredOutputsParams(regex=spec.regex)
+    if spec.choice is not None:
+        return StructuredOutputsParams(choice=list(spec.choice))
     schema = '{"type": "object"}' if spec.json_schema is None else spec.json_schema
     return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 

@@ -32,9 +32,8 @@ _REFUSED: dict[str, Any] = {
     "functions": _off,
     "function_call": lambda v: v in (None, "none"), "min_p": _off,
     "stop_token_ids": _off, "bad_words": _off, "use_beam_search": _off,
-    "length_penalty": lambda v: v in (None, 1, 1.0), "guided_json": _off,
-    "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
-    "structured_outputs": _off, "include_stop_str_in_output": _off,
+    "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
+    "guided_whitespace_pattern": _off, "include_stop_str_in_output": _off,
     "skip_special_tokens": lambda v: v in (None, True), "truncate_prompt_tokens": _off,
     "add_generation_prompt": lambda v: v in (None, True), "continue_final_message": _off,
     "chat_template": _off, "chat_template_kwargs": _off, "logits_processors": _off,
@@ -77,12 +76,26 @@ class _Sampling(BaseModel):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's; and its older guided_*
+    guided_choice: Any = None
+    guided_regex: Any = None
+    guided_json: Any = None
 
     def structured_output(self) -> tuple[StructuredSpec | None, ToolMode | None]:
-        """The output's JSON constraint, and how it becomes tool calls (chat only)."""
+        """The output's constraint, and how it becomes tool calls (chat only)."""
         return structured_output(self.response_format, self.tools, self.tool_choice,
                                  isinstance(self, ChatCompletionRequest),
-                                 self.parallel_tool_calls is not False)
+                                 self.parallel_tool_calls is not False, self._guided())
+
+    def _guided(self) -> dict[str, Any] | None:
+        """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way."""
+        old = {k: v for k, v in (("choice", self.guided_choice), ("regex", self.guided_regex),
+                                 ("json", self.guided_json)) if v is not None}
+        if old and self.structured_outputs is not None:
+            raise InvalidRequestError("structured_outputs and guided_* both constrain the "
+                                      "output: send structured_outputs only", "guided_"
+                                      + next(iter(old)))
+        return old or self.structured_outputs
 
     @property
     def include_usage(self) -> bool:

@@ -3,6 +3,9 @@ tool call as OpenAI's ``tool_calls`` (docs/operations.md "Structured output").
 
 - ``response_format``: ``{"type": "text"}`` (nothing), ``{"type": "json_object"}`` (any
   JSON object), ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``.
+- vLLM's ``structured_outputs``: ``{"choice": [...]}``, ``{"regex": "..."}``, ``{"json":
+  schema}`` or ``{"json_object": true}``; its older ``guided_choice``, ``guided_regex`` and
+  ``guided_json`` mean the same. ``grammar`` and ``structural_tag`` are refused.
 - ``tools`` with ``tool_choice`` a named function: the output is that function's arguments,
   held to its ``parameters`` schema. ``"required"``: the output is a JSON list of
   ``{"name", "parameters"}`` calls of any of the tools (as vLLM does). ``"none"`` ignores
@@ -59,18 +62,52 @@ def _call(name: str, arguments: str) -> dict:
 
 
 def structured_output(response_format: Any, tools: Any, tool_choice: Any, chat: bool,
-                      parallel: bool = True) -> tuple[StructuredSpec | None, ToolMode | None]:
+                      parallel: bool = True, guided: dict[str, Any] | None = None
+                      ) -> tuple[StructuredSpec | None, ToolMode | None]:
     """The engine's spec and the response's tool mode of a request's fields (``parallel``
-    False: ``parallel_tool_calls`` false, at most one call)."""
+    False: ``parallel_tool_calls`` false, at most one call; ``guided``: vLLM's
+    ``structured_outputs``, or its ``guided_*`` fields as such a dict)."""
     if tools is not None and not chat:
         raise UnsupportedFieldError("tools are a chat field: send them to "
                                     "/v1/chat/completions", "tools")
     spec, mode = _tools(tools, tool_choice, parallel)
-    fmt = _response_format(response_format)
-    if spec is not None and fmt is not None:
-        raise InvalidRequestError("response_format and a tool call both constrain the "
-                                  "output: send one of them", "response_format")
-    return spec or fmt, mode
+    asked = [(name, s) for name, s in (("a tool call", spec),
+                                       ("response_format", _response_format(response_format)),
+                                       ("structured_outputs", _guided(guided)))
+             if s is not None]
+    if len(asked) > 1:
+        raise InvalidRequestError(f"{asked[0][0]} and {asked[1][0]} both constrain the "
+                                  "output: send one of them", asked[1][0])
+    return (asked[0][1] if asked else None), mode
+
+
+GUIDED_OPTIONS = {"disable_any_whitespace", "disable_fallback",
+                  "disable_additional_properties"}  # what nolaserve does anyway, or moot
+
+
+def _guided(value: dict[str, Any] | None) -> StructuredSpec | None:
+    """vLLM's ``structured_outputs`` as a spec: exactly one constraint."""
+    if value is None:
+        return None
+    asked = {k: v for k, v in value.items() if k not in GUIDED_OPTIONS and v is not None}
+    if len(asked) != 1 or not asked.keys() <= {"choice", "regex", "json", "json_object"}:
+        raise UnsupportedFieldError(
+            f"structured_outputs asks for {sorted(asked) or 'nothing'}: set exactly one of "
+            "choice (a list of strings), regex, json (a schema) or json_object",
+            "structured_outputs")
+    (kind, v), = asked.items()
+    if kind == "choice" and isinstance(v, list) and all(isinstance(c, str) for c in v):
+        return StructuredSpec(choice=tuple(v))
+    if kind == "regex" and isinstance(v, str):
+        return StructuredSpec(regex=v)
+    if kind == "json" and isinstance(v, dict | str):
+        return StructuredSpec(v if isinstance(v, str) else json.dumps(v))
+    if kind == "json_object" and v is True:
+        return StructuredSpec()
+    raise InvalidRequestError(f"structured_outputs.{kind} is {short(v)}: send "
+                              + {"choice": "a list of strings", "regex": "a string",
+                                 "json": "a JSON schema", "json_object": "true"}[kind],
+                              "structured_outputs")
 
 
 def _response_format(value: Any) -> StructuredSpec | None:
