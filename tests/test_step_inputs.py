@@ -17,7 +17,7 @@ from nolaserve.server.engine.attention import torch_units
 from nolaserve.server.engine.attention_plan import length_groups
 from nolaserve.server.engine.kv_cache import KVCache
 from nolaserve.server.engine.lora_layers import LoraLinear, SharedInput
-from nolaserve.server.engine.step_buffers import HostStaging, StepBuffers
+from nolaserve.server.engine.step_buffers import StepBuffers, pinned
 from nolaserve.server.engine.step_inputs import StepBatch, packed_order, plan_packed
 
 
@@ -165,11 +165,18 @@ def lora_layers_backends(batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_pinned_copies_to_cuda_take_the_two_buffers_in_turn():
-    staging = HostStaging(torch.device("cuda"))
-    for values in ([1, 2, 3], list(range(10_000)), [5] * 7, list(range(20_000))):
-        host = staging.take(len(values))
+def test_pinned_copies_queued_back_to_back_each_land_whole():
+    """Host buffers freed right after their copy was queued, and taken again, with no sync
+    between (a slow kernel first keeps the copies pending): every copy lands whole."""
+    torch.cuda._sleep(100_000_000)  # the stream stays busy while the host goes on
+    sent = []
+    for i in range(64):
+        values = [i] * (7 + 1000 * (i % 5))
+        host = pinned(len(values))
         host.numpy()[:] = values
         dev = torch.empty(len(values), dtype=torch.long, device="cuda")
-        staging.send(host, dev)
+        dev.copy_(host, non_blocking=True)
+        sent.append((dev, values))
+        del host
+    for dev, values in sent:
         assert dev.tolist() == values

@@ -72,38 +72,12 @@ class DecodeShape:
     lora: frozenset[str]
 
 
-class HostStaging:
-    """The host side of a step's one copy: int64 buffers that are rewritten every step. On
-    CUDA two pinned buffers, taken in turn: a buffer is rewritten two steps after its copy
-    was queued, and every step with a sampled token waits for its tokens, so the copy's
-    event has long completed and waiting for it does not stall. On CPU there is no copy."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.pinned = device.type == "cuda"
-        self._buffers: list[torch.Tensor | None] = [None, None]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
-
-    def take(self, n: int) -> torch.Tensor:
-        """A host int64 tensor of ``n`` entries to fill, then pass to ``send``."""
-        i = self._turn
-        if self._copied[i] is not None:
-            self._copied[i].synchronize()  # queued two steps ago: done (see the class)
-            self._copied[i] = None
-        buf = self._buffers[i]
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[i] = torch.empty(max(n, 4096), dtype=torch.long,
-                                                 pin_memory=self.pinned)
-        return buf[:n]
-
-    def send(self, host: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy ``host`` (from ``take``) into ``dst`` without blocking."""
-        i = self._turn
-        self._turn = 1 - i
-        dst.copy_(host, non_blocking=True)
-        if self.pinned:
-            self._copied[i] = torch.cuda.Event()
-            self._copied[i].record()
+def pinned(n: int) -> torch.Tensor:
+    """A pinned host int64 tensor of ``n`` entries, for one non-blocking copy to the device.
+    Taking a fresh one each step never races or waits for an earlier copy: torch's caching
+    host allocator records each copy's event on the block and hands a freed block out
+    again only once those have completed (else it makes a new one)."""
+    return torch.empty(n, dtype=torch.long, pin_memory=True)
 
 
 class StepBuffers:
@@ -136,7 +110,6 @@ class StepBuffers:
         # the decode fields at fixed addresses, then room for a step's block-table writes
         self._decode = torch.zeros(self._fixed + 2 * max_rows * max_blocks, dtype=torch.long,
                                    device=self.device)
-        self._staging = HostStaging(self.device)
         self.set_cache(cache)
         self.clear()
 
@@ -182,7 +155,7 @@ class StepBuffers:
                                                           [p // bs + 1 for p in positions])
             w = len(index)
             host = self._decode if self._decode.device.type == "cpu" else \
-                self._staging.take(self._fixed + 2 * w)
+                pinned(self._fixed + 2 * w)
             f = host.numpy()[:self._fixed].reshape(len(self.DECODE_FIELDS), self.max_rows)
             pos = np.asarray(positions, dtype=np.int64)
             first = np.asarray([t[p // bs] for p, t in zip(positions, block_tables)], np.int64)
@@ -191,7 +164,7 @@ class StepBuffers:
                                       dtype=np.int64).reshape(-1, 1)
             host.numpy()[self._fixed:self._fixed + 2 * w] = index + values
             if host is not self._decode:
-                self._staging.send(host, self._decode[:self._fixed + 2 * w])
+                self._decode[:self._fixed + 2 * w].copy_(host, non_blocking=True)
             self._write_tables(self._decode[self._fixed:self._fixed + 2 * w], w)
             views = self._decode[:self._fixed].view(len(self.DECODE_FIELDS), self.max_rows)
             for name, view in zip(self.DECODE_FIELDS, views):
@@ -206,10 +179,10 @@ class StepBuffers:
         if self.device.type == "cpu":
             dev = torch.tensor(flat, dtype=torch.long)
         else:
-            host = self._staging.take(len(flat))
+            host = pinned(len(flat))
             host.numpy()[:] = flat
             dev = torch.empty(len(flat), dtype=torch.long, device=self.device)
-            self._staging.send(host, dev)
+            dev.copy_(host, non_blocking=True)
         views, offset = {}, 0
         for name, values in lists.items():
             views[name] = dev[offset:offset + len(values)]
