@@ -9,12 +9,19 @@ import os
 import pytest
 import torch
 from test_add_lora import token_slots
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton_cases import looped_reference, multi_case
 
 from nolaserve.adapters.ops import LoraBatch, SlotRuns, add_lora, add_lora_multi, reference
 from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
-from nolaserve.adapters.ops.triton_sgmv import BLOCK_K, BLOCK_T, sgmv_rows, sgmv_split
-from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split
+from nolaserve.adapters.ops.triton_sgmv import (
+    BLOCK_K,
+    BLOCK_T,
+    sgmv_rows,
+    sgmv_split,
+    sgmv_split_launch,
+)
+from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_split, sgmv_multi_split_launch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -89,6 +96,38 @@ def test_backend_form_through_add_lora_and_fallback_for_large_ranks():
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
         sgmv_split(y.double(), x.double(), A.double(), B.double(), scale,
                    LoraBatch.from_token_slot(slots))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_eager_step_groups_its_runs_once_for_every_launch():
+    """The launchers of every layer of a packed step share the batch's ``runs``: one
+    ``searchsorted`` per step, not one per launch; the results are still exact."""
+    A, B, scale, x, y, slots = case(11, 8, torch.float32, "mixed", seed=5)
+    expected = reference(y.clone(), x, A, B, scale, LoraBatch.from_token_slot(slots))
+    A, B, scale, x, slots = (t.to(DEVICE) for t in (A, B, scale, x, slots))
+    batch = LoraBatch.from_token_slot(slots)
+    outs = [y.clone().to(DEVICE) for _ in range(3)]
+    with CountOps() as ops:
+        for _ in range(2):  # two layers: a lone linear, then a q/k-like pair
+            sgmv_split_launch(outs[0], x, A, B, scale, batch)
+            sgmv_multi_split_launch(outs[1:], x, [A, A], [B, B], [scale, scale], batch)
+    expected = reference(expected, x.cpu(), A.cpu(), B.cpu(), scale.cpu(),
+                         LoraBatch.from_token_slot(slots.cpu()))  # the second layer's delta
+    assert ops.counts.get("searchsorted") == 1, ops.counts
+    for got in outs:
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_output_slice_and_transposed_input():

@@ -141,6 +141,12 @@ class LoraBatch:
         block_t = 16 if longest <= 16 else (32 if longest <= 32 else 64)
         return block_t, -(-longest // block_t), sum(-(-n // block_t) for n in lengths)
 
+    @functools.cached_property
+    def runs(self) -> SlotRuns:
+        """The tokens with a slot as ``SlotRuns`` (``sorted_tokens`` and each run's end): one
+        ``searchsorted`` per step, shared by every layer's split-K SGMV launches."""
+        return SlotRuns.grouped(self.sorted_tokens, self.sorted_slots)
+
     @property
     def has_adapters(self) -> bool:
         """False when every token is ``-1``: ``add_lora`` then returns ``y`` untouched."""
@@ -158,6 +164,11 @@ class SlotRuns:
     @classmethod
     def of(cls, token_slot: torch.Tensor) -> SlotRuns:
         slots, order = torch.sort(token_slot, stable=True)
+        return cls.grouped(order, slots)
+
+    @classmethod
+    def grouped(cls, order: torch.Tensor, slots: torch.Tensor) -> SlotRuns:
+        """The runs of tokens ``order`` already sorted by their ``slots``."""
         return cls(order, slots, torch.searchsorted(slots, slots, right=True))
 
 

@@ -161,15 +161,13 @@ def sgmv_split(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
 def sgmv_split_launch(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
                       batch: LoraBatch) -> Tensor:
     """``sgmv_split`` without its checks, for the engine's eager steps: the runs are the
-    batch's own ``sorted_tokens``/``sorted_slots`` (no sort; ``T_a`` positions, the tokens
-    with a slot). Ranks above ``MAX_FUSED_RANK`` go to ``triton_lora.sgmv`` (torch
+    batch's own ``runs`` (no sort, one ``searchsorted`` per step; ``T_a`` positions, the
+    tokens with a slot). Ranks above ``MAX_FUSED_RANK`` go to ``triton_lora.sgmv`` (torch
     ``segment``)."""
     if A.shape[1] > tc.MAX_FUSED_RANK:
         return sgmv(y, x, A, B, scale, batch)
     if batch.has_adapters:
-        slots = batch.sorted_slots
-        launch_runs(y, x, A, B, scale, SlotRuns(batch.sorted_tokens, slots,
-                                            torch.searchsorted(slots, slots, right=True)))
+        launch_runs(y, x, A, B, scale, batch.runs)
     return y
 
 

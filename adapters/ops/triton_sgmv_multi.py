@@ -110,9 +110,7 @@ def sgmv_multi_split_launch(ys: Sequence[Tensor], x: Tensor, As: Sequence[Tensor
     fused = [m for m, A in enumerate(As) if A.shape[1] <= tc.MAX_FUSED_RANK]
     for m in sorted(set(range(len(ys))) - set(fused)):
         sgmv_launch(ys[m], x, As[m], Bs[m], scales[m], batch)
-    slots = batch.sorted_slots
-    runs = SlotRuns(batch.sorted_tokens, slots, torch.searchsorted(slots, slots, right=True))
-    launch_groups(ys, x, As, Bs, scales, runs, fused)
+    launch_groups(ys, x, As, Bs, scales, batch.runs, fused)
     return ys
 
 
