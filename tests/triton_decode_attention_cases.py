@@ -67,6 +67,20 @@ def test_split_count_changes_only_rounding():
                                    atol=1e-6, rtol=1e-6)
 
 
+def test_splits_follow_each_context_not_the_table_width():
+    """The same contexts in a table 40 blocks wider (a graphed decode step's full-width
+    table): the same bits for the same split count, since each context is cut into
+    ``splits`` runs of its own blocks; so a short context does not leave all its work to
+    split 0."""
+    args = cache_case([300, 77, 1], 16, 2, 4, torch.float32, seed=6)
+    tables = args[3]
+    wide = torch.cat([tables, tables[:, :1].expand(-1, 40)], dim=1)  # never read
+    for splits in (1, 4, 19):
+        narrow = paged_attention(*args, scale=0.1, splits=splits)
+        padded = paged_attention(*args[:3], wide, *args[4:], scale=0.1, splits=splits)
+        assert torch.equal(padded, narrow), splits
+
+
 def test_split_count_depends_on_shapes_only_and_bad_counts_are_refused():
     cpu = torch.device("cpu")
     assert num_splits(1, 8, 1024, cpu) > 1  # one long decode: fill the device

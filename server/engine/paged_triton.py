@@ -12,9 +12,11 @@ Decode tokens (``positions[t] + 1`` = the context length) and chunked-prefill to
 its own causal limit) go through the same launch. Program ``(t, kv head, split)`` computes
 the ``G`` query heads that share one KV head (one ``[G, D]`` tile, so each K/V block is
 read once for all of them) with an online softmax over its split of the context, one KV
-block at a time, in fp32. Long contexts are cut into ``splits`` runs of blocks
-(flash-decoding): each program leaves its partial ``(max, sum, acc)``, and a second launch
-of one program per (token, head) merges them::
+block at a time, in fp32. Each token's own context is cut into ``splits`` equal runs of
+blocks, at least ``MIN_SPLIT_BLOCKS`` each (flash-decoding; the runs follow the context,
+not the table's width, so a short context in a wide table still spreads over programs):
+each program leaves its partial ``(max, sum, acc)``, and a second launch of one program
+per (token, head) merges them::
 
     w[i] = exp(m[i] - max(m))                # splits without a key have m = -inf, w = 0
     out = sum(w[i] * acc[i]) / sum(w[i] * l[i])
@@ -43,9 +45,10 @@ MIN_SPLIT_BLOCKS = 4  # KV blocks per split at least: shorter splits cost more t
 @triton.jit
 def _paged_attention_kernel(
     out, part_m, part_l, part_acc, q, k_cache, v_cache, block_tables, token_seq, positions,
-    scale, G, D, blocks_per_split, sq0, sq1, so0, so1, sk0, sk1, sk2, sbt,
+    scale, G, D, sq0, sq1, so0, so1, sk0, sk1, sk2, sbt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+    MIN_BLOCKS: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)  # KV head; query heads h * G .. h * G + G - 1
@@ -62,8 +65,10 @@ def _paged_attention_kernel(
     l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     n = tl.arange(0, BLOCK_N)
-    b0 = tl.program_id(2) * blocks_per_split
-    for b in range(b0, tl.minimum(b0 + blocks_per_split, tl.cdiv(n_ctx, BLOCK_SIZE))):
+    n_blocks = tl.cdiv(n_ctx, BLOCK_SIZE)
+    per_split = tl.maximum(tl.cdiv(n_blocks, tl.num_programs(2)), MIN_BLOCKS)
+    b0 = tl.program_id(2) * per_split
+    for b in range(b0, tl.minimum(b0 + per_split, n_blocks)):
         block = tl.load(block_tables + seq * sbt + b).to(tl.int64)
         ok = (n < BLOCK_SIZE) & (b * BLOCK_SIZE + n < n_ctx)  # [BN]
         offs = block * sk0 + n[:, None] * sk1 + h * sk2 + d[None, :]
@@ -136,17 +141,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if not 1 <= splits <= max(1, max_nb):
         raise ValueError(f"splits must be in [1, {max(1, max_nb)}] (the block table's "
                          f"width), got {splits}")
-    per_split = triton.cdiv(max_nb, splits)
     block_d = max(16, triton.next_power_of_2(D))
     parts = [torch.empty(T, H, splits, *shape, device=q.device, dtype=torch.float32)
              for shape in ((), (), (block_d,))] if splits > 1 else [out] * 3
     _paged_attention_kernel[(T, hkv, splits)](
         out, *parts, q, k_cache, v_cache, block_tables, token_seq, positions, float(scale),
-        H // hkv, D, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        H // hkv, D, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_SIZE=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
         BLOCK_G=max(16, triton.next_power_of_2(H // hkv)), BLOCK_D=block_d,
-        SPLIT=splits > 1, NATIVE=_native_dots(q),
+        SPLIT=splits > 1, NATIVE=_native_dots(q), MIN_BLOCKS=MIN_SPLIT_BLOCKS,
     )
     if splits > 1:
         _merge_kernel[(T, H)](out, *parts, D, out.stride(0), out.stride(1), SPLITS=splits,

@@ -201,7 +201,7 @@ class StepBuffers:
     def kernel_tables(self) -> torch.Tensor:
         """The block tables the Triton kernel reads: all ``max_blocks`` columns on a
         decode step (a graph's fixed shape); on a packed step only those its longest context
-        spans (``width_of``), so that its context splits follow the step's contexts, not
+        spans (``width_of``), so that its split count follows the step's contexts, not
         ``max_model_len``."""
         if self.plan is None:
             return self.block_tables
