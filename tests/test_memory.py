@@ -54,6 +54,7 @@ def test_warm_up_covers_every_shape_bucket():
                               num_blocks=9, block_size=4, num_slots=3)
     prefill = batches[0]
     assert [len(t) for t in prefill.token_ids] == [39, 39, 22]
+    assert all(prefill.all_logits)  # the profile's peak holds a prompt-logprobs step's logits
     assert [b.num_seqs for b in batches[1:]] == [1, 2, 4, 8, 12]
     assert all(max(t) < 9 for b in batches for t in b.block_table)
     assert batches[-1].adapter_slot == [i % 3 for i in range(12)]

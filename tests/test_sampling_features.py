@@ -14,6 +14,7 @@ from engine_helpers import make_engine
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.engine import logprobs
 from nolaserve.server.engine.detokenizer import IncrementalDetokenizer
 from nolaserve.server.engine.engine_types import (
     EngineLimits,
@@ -200,7 +201,12 @@ def test_logprobs_of_sampled_tokens_match_transformers(model, bytebpe):
             assert_logprob(lp, ref[len(prompt) - 1 + j], k)
 
 
-def test_prompt_logprobs_chunk_by_chunk_match_transformers(model, bytebpe):
+@pytest.mark.parametrize("rows_at_once", [256, 5], ids=["whole", "in-slices"])
+def test_prompt_logprobs_chunk_by_chunk_match_transformers(model, bytebpe, monkeypatch,
+                                                           rows_at_once):
+    """Prompts over several 16-token chunks, two requests' rows in one step; their
+    logprobs taken in slices of 5 rows (across the requests) or whole."""
+    monkeypatch.setattr(logprobs, "PROMPT_ROWS_AT_ONCE", rows_at_once)
     engine = make_engine(model, bytebpe, max_num_batched_tokens=16)  # prompts span chunks
     reqs = {f"p{k}": (prompt_of(40 + k, k), greedy(3, prompt_logprobs=k), None) for k in (0, 3)}
     reqs["plain"] = (prompt_of(30, 9), greedy(3), None)

@@ -19,6 +19,10 @@ from .engine_types import TokenLogprob
 from .sampler import row_tensor
 from .scheduler import ScheduledSeq
 
+# prompt rows whose logprobs are taken at once: bounds the [rows, vocab] temporaries of
+# a step of long prompt-logprobs chunks (the logits themselves are in the memory profile)
+PROMPT_ROWS_AT_ONCE = 256
+
 
 def logprob_values(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     """Flat float64 ``[R * (1 + 2k)]`` for ``logits`` ``[R, V]``: per row the logprob of
@@ -97,11 +101,15 @@ class StepRows:
         return logits.index_select(0, row_tensor(self.sampled, torch.int64, logits))
 
     def prompt_values(self, logits: Tensor) -> Tensor | None:
-        """``logprob_values`` of the prompt rows, or None without any."""
+        """``logprob_values`` of the prompt rows (``PROMPT_ROWS_AT_ONCE`` at a time), or
+        None without any."""
         if not self.prompt:
             return None
         index = row_tensor([self.prompt, self.targets], torch.int64, logits)
-        return logprob_values(logits.index_select(0, index[0]), index[1], max(self.ks))
+        k = max(self.ks)
+        return torch.cat([logprob_values(logits.index_select(0, rows), targets, k)
+                          for rows, targets in zip(index[0].split(PROMPT_ROWS_AT_ONCE),
+                                                   index[1].split(PROMPT_ROWS_AT_ONCE))])
 
     def prompt_logprobs(self, values: list[float], vocab: int
                         ) -> list[tuple[str, int, list[TokenLogprob]]]:

@@ -170,10 +170,11 @@ class ModelRunner:
 def warm_up_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                     num_blocks: int, block_size: int, num_slots: int) -> list[StepBatch]:
     """The steps of ``ModelRunner.warm_up``: the largest prefill (``max_num_batched_tokens``
-    tokens in chunks of at most ``max_model_len - 1``), then decode batches of 1, 2, 4, ...
-    ``max_num_seqs`` sequences at position 0. Sequence ``i`` uses adapter slot
-    ``i % num_slots`` (-1 without slots). Block ids wrap around a small cache (the values
-    are never read back as anyone's context)."""
+    tokens in chunks of at most ``max_model_len - 1``, keeping every token's logits, as a
+    step of prompt-logprobs chunks does: so the CUDA memory profile's peak includes them),
+    then decode batches of 1, 2, 4, ... ``max_num_seqs`` sequences at position 0.
+    Sequence ``i`` uses adapter slot ``i % num_slots`` (-1 without slots). Block ids wrap
+    around a small cache (the values are never read back as anyone's context)."""
     next_block = iter(range(1 << 62))
 
     def table(positions: int) -> list[int]:
@@ -185,7 +186,7 @@ def warm_up_batches(max_num_seqs: int, max_num_batched_tokens: int, max_model_le
     prefill, left = StepBatch(), max_num_batched_tokens
     while left > 0 and prefill.num_seqs < max_num_seqs:
         n = min(left, max(1, max_model_len - 1))
-        prefill.add([0] * n, 0, table(n), slot(prefill.num_seqs))
+        prefill.add([0] * n, 0, table(n), slot(prefill.num_seqs), all_logits=True)
         left -= n
     batches = [prefill]
     sizes = sorted({*(1 << k for k in range(max_num_seqs.bit_length())), max_num_seqs})
