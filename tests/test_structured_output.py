@@ -19,7 +19,12 @@ from nolaserve.adapters.errors import InvalidRequestError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine import structured as grammars
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, StructuredSpec
-from nolaserve.server.engine.structured import MAX_SCHEMA_CHARS
+from nolaserve.server.engine.structured import (
+    GRAMMAR_GRACE_S,
+    MAX_SCHEMA_CHARS,
+    GrammarState,
+    SharedGrace,
+)
 
 # Schemas whose every output is short enough to complete within max_tokens even when the
 # model picks among the allowed tokens at random (bounded strings via patterns, enums,
@@ -181,6 +186,41 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
     assert "ms a token to enforce (at most 5): simplify the regex" in last.error
     assert sum(len(o.token_ids) for o in outputs["costly"]) == 3
     assert [t for o in outputs["plain"] for t in o.token_ids] == alone
+
+
+def test_costly_grammars_at_once_share_one_grace(engine, monkeypatch):
+    """Four costly grammars in one batch (each token's matcher work "takes" 0.1 s, as
+    above; alone, each would end after its third token): they draw on one grace, so they
+    end sooner (after 2, 3, 1 and 1 tokens); the plain request gets the tokens it gets
+    alone."""
+    alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.1 * next(ticks))
+    costly = SamplingParams(max_tokens=30, ignore_eos=True,
+                            structured=StructuredSpec(regex="[a-z]{10,20}"))
+    for i in range(4):
+        engine.add_request(f"costly{i}", [3, 4 + i], costly)
+    engine.add_request("plain", [3, 4, 5], greedy(8), "a")
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    tokens = []
+    for i in range(4):
+        last = outputs[f"costly{i}"][-1]
+        assert last.error_code is Status.INVALID_ARGUMENT and "simplify" in last.error
+        tokens.append(sum(len(o.token_ids) for o in outputs[f"costly{i}"]))
+    assert max(tokens) == 3 and sum(tokens) < 4 * 3, tokens
+    assert [t for o in outputs["plain"] for t in o.token_ids] == alone
+
+
+def test_a_grammar_within_its_share_is_never_charged():
+    """``SharedGrace``: a request back within its per-token share leaves the account, and
+    one over it alone may use the whole grace."""
+    grace, a, b = SharedGrace(), object.__new__(GrammarState), object.__new__(GrammarState)
+    assert not grace.charge(a, 0.2) and not grace.charge(b, 0.04)
+    assert grace.charge(b, 0.06)  # 0.2 + 0.06 > 0.25: b ends
+    assert not grace.charge(a, -0.01) and not grace.charge(b, GRAMMAR_GRACE_S)
 
 
 @pytest.mark.parametrize(("schema", "message"), [

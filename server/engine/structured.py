@@ -12,8 +12,12 @@ follow), the request finishes with ``FinishReason.STOP``.
 The matcher runs on the step thread, and some grammars cost far more per token than
 others (nested repetition of an optional part, ``(((a?){50}){50}){50}``: 65 ms a token on
 this CPU, against 0.01-0.2 ms for usual ones), which would slow every request in the
-batch. A request whose grammar has cost more than ``GRAMMAR_GRACE_S`` plus
-``GRAMMAR_S_PER_TOKEN`` a token so far ends with INVALID_ARGUMENT saying so.
+batch. Each request is charged its matcher's time beyond ``GRAMMAR_S_PER_TOKEN`` a token
+so far, and the requests over that share draw on one ``GRAMMAR_GRACE_S`` together
+(``SharedGrace``): the request whose charge takes their total past it ends with
+INVALID_ARGUMENT saying so. A costly grammar alone gets the whole grace; N of them at
+once mostly end after their first token, not after a grace each. A request within its
+share is never charged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import weakref
 from time import perf_counter
 from typing import Any
 
@@ -35,7 +40,7 @@ from .sequence import FinishReason, StructuredSpec
 MAX_SCHEMA_CHARS = 64 * 1024
 CACHE_BYTES = 64 << 20  # compiled grammars kept (LRU by xgrammar) for repeated schemas
 ANY_OBJECT = '{"type": "object"}'
-GRAMMAR_GRACE_S = 0.25  # matcher time a request may spend beyond its per-token share
+GRAMMAR_GRACE_S = 0.25  # matcher time that requests over their per-token share share
 GRAMMAR_S_PER_TOKEN = 0.005
 
 
@@ -50,6 +55,7 @@ class Grammars:
         self.non_stop = _non_stop_row(vocab_size, self.stop_ids)
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
+        self.grace = SharedGrace()
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
         """The compiled grammar of ``spec``; ``InvalidRequestError`` saying what is wrong."""
@@ -67,7 +73,8 @@ class Grammars:
         """A new request's grammar state (None without ``spec``)."""
         if spec is None:
             return None
-        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), self.non_stop)
+        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), self.non_stop,
+                            self.grace)
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self.tokenizer is None:
@@ -141,11 +148,34 @@ def _non_stop_row(vocab_size: int, stop_ids: list[int]) -> torch.Tensor:
     return row
 
 
+class SharedGrace:
+    """The matcher seconds over their per-token share of the live requests that have any
+    (the module docstring). Pure bookkeeping on the step thread; a request's entry goes
+    when it ends by the guard, or with its ``GrammarState`` (weakly held)."""
+
+    def __init__(self) -> None:
+        self._over: weakref.WeakKeyDictionary[GrammarState, float] = \
+            weakref.WeakKeyDictionary()
+
+    def charge(self, state: GrammarState, over: float) -> bool:
+        """Record ``state``'s seconds over its share; True when the total of every live
+        request's is past ``GRAMMAR_GRACE_S`` (``state`` then leaves the account)."""
+        if over <= 0:
+            self._over.pop(state, None)
+            return False
+        self._over[state] = over
+        if sum(self._over.values()) <= GRAMMAR_GRACE_S:
+            return False
+        del self._over[state]
+        return True
+
+
 class GrammarState:
     """One request's matcher and its next-token bitmask (``[1, W]`` int32, on the host)."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, non_stop: torch.Tensor) -> None:
-        self.matcher, self.non_stop = matcher, non_stop
+    def __init__(self, matcher: xgr.GrammarMatcher, non_stop: torch.Tensor,
+                 grace: SharedGrace) -> None:
+        self.matcher, self.non_stop, self.grace = matcher, non_stop, grace
         self.bitmask = torch.empty_like(non_stop)
         self.spent, self.tokens = 0.0, 0  # matcher seconds on the step thread, tokens
         matcher.fill_next_token_bitmask(self.bitmask)
@@ -159,7 +189,8 @@ class GrammarState:
         ended = self._advance(token)
         self.spent += perf_counter() - start
         self.tokens += 1
-        if ended is None and self.spent > GRAMMAR_GRACE_S + GRAMMAR_S_PER_TOKEN * self.tokens:
+        over = self.spent - GRAMMAR_S_PER_TOKEN * self.tokens
+        if ended is None and self.grace.charge(self, over):
             return {"reason": FinishReason.ERROR, "code": Status.INVALID_ARGUMENT, "error":
                     f"the output's grammar costs {1000 * self.spent / self.tokens:.1f} ms a "
                     f"token to enforce (at most {1000 * GRAMMAR_S_PER_TOKEN:g}): simplify the "
