@@ -169,10 +169,11 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
     """The matcher's time is charged to its request: past the grace plus the per-token
     share, that request ends with INVALID_ARGUMENT saying what to simplify; a plain request
     in the same batch gets the tokens it gets alone. (A fake clock: each token's matcher
-    work "takes" 0.1 s, so the third token is over 0.25 s + 3 x 5 ms.)"""
+    work "takes" 0.1 s: 0.05 s to accept it, 0.05 s to fill the next mask; so the mask
+    after the third token is over 0.25 s + 3 x 5 ms.)"""
     alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
     ticks = iter(range(10**6))
-    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.1 * next(ticks))
+    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.05 * next(ticks))
     costly = SamplingParams(max_tokens=30, ignore_eos=True,
                             structured=StructuredSpec(regex="[a-z]{10,20}"))
     engine.add_request("costly", [3, 4], costly)
@@ -188,14 +189,35 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
     assert [t for o in outputs["plain"] for t in o.token_ids] == alone
 
 
+def test_a_step_fills_its_masks_once_its_forward_is_queued(engine, monkeypatch):
+    """The bitmask for a step's token is filled after that step's forward is launched (on
+    a GPU the fill runs while the forward does), never before it; the output is whole and
+    ends with STOP at the step whose mask allows only a stop token."""
+    events = []
+    execute, fill = engine.runner.execute, grammars.GrammarState._fill
+    monkeypatch.setattr(engine.runner, "execute",
+                        lambda *a, **k: events.append("forward") or execute(*a, **k))
+    monkeypatch.setattr(grammars.GrammarState, "_fill",
+                        lambda self: events.append("fill") or fill(self))
+    params = SamplingParams(max_tokens=10, temperature=0.0,
+                            structured=StructuredSpec(regex="[a-z]{3}"))
+    engine.add_request("r", [3, 4], params)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert events == ["forward"] + ["forward", "fill"] * 3
+    text = "".join(o.text for o in outputs)
+    assert re.fullmatch("[a-z]{3}", text) and outputs[-1].finish_reason is FinishReason.STOP
+
+
 def test_costly_grammars_at_once_share_one_grace(engine, monkeypatch):
     """Four costly grammars in one batch (each token's matcher work "takes" 0.1 s, as
     above; alone, each would end after its third token): they draw on one grace, so they
-    end sooner (after 2, 3, 1 and 1 tokens); the plain request gets the tokens it gets
+    end sooner (after 3, 1, 2 and 1 tokens); the plain request gets the tokens it gets
     alone."""
     alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
     ticks = iter(range(10**6))
-    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.1 * next(ticks))
+    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.05 * next(ticks))
     costly = SamplingParams(max_tokens=30, ignore_eos=True,
                             structured=StructuredSpec(regex="[a-z]{10,20}"))
     for i in range(4):

@@ -37,7 +37,7 @@ from .row_sampling import RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence
-from .structured import Grammars, GrammarState, apply_masks
+from .structured import Grammars, GrammarState, apply_masks, fill_masks
 
 log = logging.getLogger("nolaserve.engine")
 
@@ -227,6 +227,7 @@ class Engine:
             s.seq.num_computed_tokens += s.num_new_tokens
             if s.seq.num_computed_tokens == s.seq.num_tokens:
                 sampling.append(self.requests[s.seq.request_id])
+        outputs += self._fill_masks(sampling, rows)
         if not sampling and not rows.prompt:
             return outputs
         seqs = [r.seq for r in sampling]
@@ -244,6 +245,15 @@ class Engine:
             req.prompt_logprobs = None
             outputs.append(out)
         return outputs
+
+    def _fill_masks(self, sampling: list[_Request], rows: StepRows) -> list[RequestOutput]:
+        """``fill_masks`` of this step's sampling rows, while its forward runs; a request
+        that ends there leaves ``sampling`` and ``rows`` unsampled."""
+        ended = fill_masks([r.grammar for r in sampling])
+        rows.sampled = [row for i, row in enumerate(rows.sampled) if i not in ended]
+        done = [self._finish(sampling[i], **how) for i, how in ended.items()]
+        sampling[:] = [r for i, r in enumerate(sampling) if i not in ended]
+        return done
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         seq = req.seq

@@ -96,7 +96,7 @@ class StepRows:
 
     def sampled_logits(self, logits: Tensor) -> Tensor:
         """The rows of the sampling sequences (``logits`` itself when those are all)."""
-        if not self.prompt:
+        if len(self.sampled) == self.num_rows:
             return logits
         return logits.index_select(0, row_tensor(self.sampled, torch.int64, logits))
 

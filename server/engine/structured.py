@@ -2,12 +2,14 @@
 expression or a list of choices, by a grammar (xgrammar, as vLLM and SGLang use;
 docs/operations.md "Structured output").
 
-A request's ``GrammarState`` lives on the engine's request. After each accepted token it
-fills the request's next-token bitmask on the host (one int32 row of ``ceil(V / 32)``
-words, bit ``t`` set when token ``t`` may follow); a step gathers the rows of the requests
-that have one and applies them to those rows' logits in one op (disallowed -> -inf).
-Rows without a grammar are untouched. When the output is complete (only a stop token may
-follow), the request finishes with ``FinishReason.STOP``.
+A request's ``GrammarState`` lives on the engine's request. It accepts each sampled token
+at once (cheap), and fills the request's next-token bitmask on the host (one int32 row of
+``ceil(V / 32)`` words, bit ``t`` set when token ``t`` may follow) in the next step, once
+that step's forward is queued on the device (``next_mask``: on a GPU the fill runs while
+the forward does, as vLLM overlaps it); the step gathers the rows of the requests that
+have one and applies them to those rows' logits in one op (disallowed -> -inf). Rows
+without a grammar are untouched. When the output is complete (the matcher terminated, or
+only a stop token may follow), the request finishes with ``FinishReason.STOP``.
 
 The matcher runs on the step thread, and some grammars cost far more per token than
 others (nested repetition of an optional part, ``(((a?){50}){50}){50}``: 65 ms a token on
@@ -178,17 +180,29 @@ class GrammarState:
         self.matcher, self.non_stop, self.grace = matcher, non_stop, grace
         self.bitmask = torch.empty_like(non_stop)
         self.spent, self.tokens = 0.0, 0  # matcher seconds on the step thread, tokens
+        self.stale = False  # a token was accepted since the bitmask was filled
         matcher.fill_next_token_bitmask(self.bitmask)
 
     def accept(self, token: int) -> dict[str, Any] | None:
         """Advance by the sampled ``token``; None while the output goes on, else how the
-        request finishes (``Engine._finish``'s keywords): STOP once the output is complete,
+        request finishes (``Engine._finish``'s keywords): STOP once the matcher terminated,
         an internal error if the token breaks the grammar (masked logits never draw one),
         INVALID_ARGUMENT once the grammar costs too much (the module docstring)."""
-        start = perf_counter()
-        ended = self._advance(token)
-        self.spent += perf_counter() - start
         self.tokens += 1
+        return self._charged(self._advance, token)
+
+    def next_mask(self) -> dict[str, Any] | None:
+        """Fill the bitmask for the token after the last accepted one (nothing to do if it
+        is filled); how the request finishes, as ``accept``: STOP when only a stop token
+        may follow, INVALID_ARGUMENT once the grammar costs too much."""
+        if not self.stale:
+            return None
+        return self._charged(self._fill)
+
+    def _charged(self, work, *args) -> dict[str, Any] | None:
+        start = perf_counter()
+        ended = work(*args)
+        self.spent += perf_counter() - start
         over = self.spent - GRAMMAR_S_PER_TOKEN * self.tokens
         if ended is None and self.grace.charge(self, over):
             return {"reason": FinishReason.ERROR, "code": Status.INVALID_ARGUMENT, "error":
@@ -203,10 +217,22 @@ class GrammarState:
                     "error": f"internal error: token {token} breaks the output's grammar"}
         if self.matcher.is_terminated():
             return {"reason": FinishReason.STOP}
+        self.stale = True
+        return None
+
+    def _fill(self) -> dict[str, Any] | None:
         self.matcher.fill_next_token_bitmask(self.bitmask)
+        self.stale = False
         if not bool((self.bitmask & self.non_stop).any()):  # only a stop token may follow
             return {"reason": FinishReason.STOP}
         return None
+
+
+def fill_masks(grammars: list[GrammarState | None]) -> dict[int, dict[str, Any]]:
+    """Each grammar's ``next_mask``, in order: the rows whose request ends, with how
+    (``Engine._finish``'s keywords); the step calls it once its forward is queued."""
+    return {i: ended for i, g in enumerate(grammars)
+            if g is not None and (ended := g.next_mask()) is not None}
 
 
 def apply_masks(logits: torch.Tensor, grammars: list[GrammarState | None]) -> torch.Tensor:
