@@ -13,6 +13,9 @@ gRPC, and resident memory per registered NOLA adapter.
 - ``materialize``: NOLA materialization time for a few (in, out, r, k) points.
 - ``register``: RegisterAdapter p50/p99 for NOLA through the real gRPC server in process
   (``server.app.start``, engine from ``build_engine``, SQLite registry on disk).
+- ``detok``: the step thread's detokenization, us per output token (SmolLM2's tokenizer,
+  64 streams of text and of random ids, fed a token at a time): the tokenizer's Rust
+  ``DecodeStream`` against the Python window of two ``decode`` calls, side by side.
 """
 
 from __future__ import annotations
@@ -203,6 +206,39 @@ def bench_register_grpc(n: int) -> None:
           f"max {times[-1] * 1e3:.2f} ms over {n}")
 
 
+class _DecodeOnly:
+    """A tokenizer seen only through ``decode``: the detokenizer's Python window path."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+def bench_detok(tokens: int = 128, streams: int = 64) -> None:
+    from nolaserve.benchmarks.overhead import smollm2_tokenizer
+    from nolaserve.server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = smollm2_tokenizer()
+    text = tok.encode("Streaming détokenization: naïve café, 中文, emoji 😀 and code `x += 1`. "
+                      * 8, add_special_tokens=False)
+    gen = torch.Generator().manual_seed(0)
+    kinds = {"text": [text[i:i + tokens] for i in range(streams)],
+             "random ids": torch.randint(0, tok.vocab_size, (streams, tokens),
+                                         generator=gen).tolist()}
+    print(f"\ndetokenization, us per token ({streams} streams x {tokens} tokens, one at a time)")
+    for kind, outputs in kinds.items():
+        us = {}
+        for path, t in (("stream", tok), ("window", _DecodeOnly(tok))):
+            start = time.perf_counter()
+            for ids in outputs:
+                detok = IncrementalDetokenizer(t, [])
+                for i in ids:
+                    detok.add([i])
+                detok.flush()
+            us[path] = 1e6 * (time.perf_counter() - start) / (streams * tokens)
+        print(f"  {kind:10s}  DecodeStream {us['stream']:.2f}  window {us['window']:.2f}  "
+              f"({us['window'] / us['stream']:.1f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=10_000)
@@ -212,7 +248,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is steadier on a busy host")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["memory", "ops", "materialize", "register"])
+                        choices=["memory", "ops", "materialize", "register", "detok"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,6 +261,8 @@ def main() -> None:
         bench_materialize(args.repeat)
     if "register" not in args.skip:
         bench_register_grpc(args.registrations)
+    if "detok" not in args.skip:
+        bench_detok()
 
 
 if __name__ == "__main__":

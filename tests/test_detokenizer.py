@@ -39,9 +39,46 @@ def metaspace():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.fixture(params=["bytebpe", "metaspace", "smollm2"])
+class Proxy:
+    """A tokenizer seen through ``__getattr__``: ``window=True`` hides its
+    ``backend_tokenizer`` (as a slow tokenizer has none), so the detokenizer takes its
+    Python window path; ``decodes`` counts the Python ``decode`` calls."""
+
+    def __init__(self, tok, window: bool) -> None:
+        self._tok, self._window, self.decodes = tok, window, 0
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer" and self._window:
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def decode(self, *args, **kwargs):
+        self.decodes += 1
+        return self._tok.decode(*args, **kwargs)
+
+
+@pytest.fixture(params=[f"{name}-{path}" for name in ("bytebpe", "metaspace", "smollm2")
+                        for path in ("stream", "window")])
 def tokenizer(request):
-    return request.getfixturevalue(request.param)
+    name, path = request.param.split("-")
+    return Proxy(request.getfixturevalue(name), window=path == "window")
+
+
+def test_a_fast_tokenizer_streams_without_a_python_decode_per_token(smollm2):
+    """Its ``DecodeStream`` decodes each token; the Python ``decode`` runs only at the end
+    (the window finishing the text), the same text either way."""
+    ids = smollm2.encode("naïve café 😀 中文 " * 8, add_special_tokens=False)
+    texts = {}
+    for window in (False, True):
+        tok = Proxy(smollm2, window)
+        detok = IncrementalDetokenizer(tok, [])
+        texts[window] = "".join(detok.add([i]) for i in ids)
+        assert tok.decodes == (2 * len(ids) if window else 0)
+        texts[window] += detok.flush()
+    assert texts[False] == texts[True] == smollm2.decode(ids)
 
 
 def stream(tok, ids, stop=(), chunks=None, skip_special_tokens=True):
