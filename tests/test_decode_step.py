@@ -82,6 +82,14 @@ def test_padded_decode_equals_the_packed_eager_path(n):
     decode_steps([eager, padded, exact], n, slots, steps=4)
 
 
+def test_the_torch_path_gathers_exactly_the_longest_contexts_blocks():
+    """Without the Triton kernel a decode step's width is the blocks its longest context
+    spans, not rounded up (on CPU a padded column costs as much as a real one)."""
+    r, slots = runner(tiny_llama(), eager=False)
+    batch = StepBatch.from_seqs([([1], pos, list(range(10)), -1, True) for pos in (3, 35)])
+    assert r.decode.shape_of(batch).width == 35 // BLOCK + 1 == 9
+
+
 def test_padding_rows_never_touch_a_real_kv_block():
     model = tiny_llama()
     r, slots = runner(model, eager=False, buckets=CUDA_BUCKETS)

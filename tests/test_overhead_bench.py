@@ -57,3 +57,14 @@ def test_linear_costs_fill_the_runner_step_and_clear_it(llama, capsys):
     finally:
         engine.close()
     assert "LoRA backend call alone" in capsys.readouterr().out
+
+
+def test_cpu_attention_bench_runs_both_ways_and_restores_the_engine(capsys):
+    """The bundled SmolLM2, two short sequences, two decode steps (one each way)."""
+    from nolaserve.benchmarks import cpu_attention
+    from nolaserve.server.engine.decode_step import DecodeStep
+
+    kept = DecodeStep.shape_of
+    cpu_attention.main(["--seqs", "2", "--context", "8", "--steps", "2"])
+    assert DecodeStep.shape_of is kept
+    assert "now/before" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from nolaserve.adapters.ops import slot_runs
 from nolaserve.adapters.slots import SlotPool
 
 from .attention_plan import GROUP_MIN_BLOCKS
-from .step_buffers import DecodeShape, StepBuffers, bucket_of, decode_buckets, width_of
+from .step_buffers import DecodeShape, StepBuffers, bucket_of, decode_buckets
 from .step_inputs import StepBatch
 
 
@@ -69,7 +69,7 @@ class DecodeStep:
         if self.step.kernel is not None:
             return DecodeShape(rows, 0, lora)
         blocks = max(p // self.step.block_size + 1 for p in batch.start_pos)
-        return DecodeShape(rows, width_of(blocks, self.step.max_blocks), lora)
+        return DecodeShape(rows, min(blocks, self.step.max_blocks), lora)
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Float32 logits ``[num_seqs, vocab]`` of a ``takes``-accepted batch, in its order."""

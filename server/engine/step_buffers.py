@@ -56,16 +56,19 @@ def bucket_of(n: int, buckets: list[int]) -> int:
 
 
 def width_of(num_blocks: int, max_blocks: int) -> int:
-    """The KV blocks per row that the torch attention gathers for a step whose longest
-    context spans ``num_blocks``: the next power of two, at most ``max_blocks``."""
+    """The block-table columns a packed step hands the Triton kernel when its longest
+    context spans ``num_blocks``: the next power of two (few distinct split counts, so
+    few compiled merges), at most ``max_blocks``."""
     return min(max_blocks, 1 << max(0, num_blocks - 1).bit_length())
 
 
 @dataclass(frozen=True)
 class DecodeShape:
     """What is fixed for one captured graph: ``rows`` (the bucket), ``width`` (KV blocks the
-    torch attention gathers per row; 0 with the Triton kernel, which reads the lengths)
-    and ``lora`` (the wrapped linears that add their deltas: all of them in a graph)."""
+    torch attention gathers per row: the longest context's, exactly, as on CPU a padded
+    column costs as much as a real one; 0 with the Triton kernel, which reads the
+    lengths) and ``lora`` (the wrapped linears that add their deltas: all of them in a
+    graph)."""
 
     rows: int
     width: int
