@@ -22,6 +22,7 @@ and the fault mapping: a database that cannot be reached raises
 from __future__ import annotations
 
 import json
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -67,6 +68,9 @@ class Registry(ABC):
         self.scope = scope  # None: every row; else this base model's (module docstring)
         self._in_scope, self._scope_args = sql.scope_clause(scope)
         self._own: set[int] | None = None  # versions this object wrote, once watched
+        # held by a write from before its transaction until its version is in ``_own``:
+        # ``foreign_changes_since`` never sees a write of ours committed but not recorded
+        self._recording = threading.Lock()
 
     # -- what a backend supplies -----------------------------------------------------
 
@@ -99,18 +103,10 @@ class Registry(ABC):
         return None
 
     def track_own_writes(self) -> None:
-        """From now on remember the versions this object writes (``wrote``), so that a
-        watcher of this process skips its own changes."""
+        """From now on remember the versions this object writes, so that a watcher of
+        this process skips its own changes (``foreign_changes_since``)."""
         if self._own is None:
             self._own = set()
-
-    def wrote(self, version: int) -> bool:
-        """Whether this object wrote ``version`` (forgets it: each is asked about once)."""
-        own = self._own
-        if own is None or version not in own:
-            return False
-        own.discard(version)
-        return True
 
     def _wrote(self, version: int) -> None:
         if self._own is not None:
@@ -149,6 +145,13 @@ class Registry(ABC):
         if len(set(ids)) != len(ids):
             raise InvalidAdapterError(f"register_many: duplicate ids in one batch: {ids}")
         now = time.time()
+        with self._recording:
+            version = self._commit_rows(rows, replace, now)
+            self._wrote(version)
+        return [AdapterRecord(i, k, size, sha, json.loads(m), p, now, self.scope)
+                for i, k, _, size, sha, m, p in rows]
+
+    def _commit_rows(self, rows: list[tuple], replace: bool, now: float) -> int:
         with self._writing() as conn:
             for row in rows:
                 self._check_write(conn, row, rows, replace)
@@ -159,12 +162,14 @@ class Registry(ABC):
                 self._run(conn, sql.UPSERT_BLOB, (adapter_id, data))
                 self._run(conn, sql.BUMP, (adapter_id, version, 0))
             self._announce(conn, version)
-        self._wrote(version)
-        return [AdapterRecord(i, k, size, sha, json.loads(m), p, now, self.scope)
-                for i, k, _, size, sha, m, p in rows]
+        return version
 
     def delete(self, adapter_id: str) -> None:
         """Remove an adapter. ``AdapterInUseError`` if tasks still name it as parent."""
+        with self._recording:
+            self._wrote(self._commit_delete(adapter_id))
+
+    def _commit_delete(self, adapter_id: str) -> int:
         with self._writing() as conn:
             self._get(conn, adapter_id)
             users = self._dependents(conn, adapter_id)
@@ -177,7 +182,7 @@ class Registry(ABC):
             self._run(conn, "DELETE FROM adapters WHERE id = ?", (adapter_id,))
             self._run(conn, sql.BUMP, (adapter_id, version, 1))
             self._announce(conn, version)
-        self._wrote(version)
+        return version
 
     def _next_version(self, conn: Any) -> int:
         """One past the newest version; the write lock makes versions commit in order."""
@@ -253,6 +258,16 @@ class Registry(ABC):
             rows = self._run(conn, sql.CHANGES_SINCE, (version,)).fetchall()
         changes = [(r[0], r[1]) for r in rows]
         return changes, max([version, *(v for _, v in changes)])
+
+    def foreign_changes_since(self, version: int) -> tuple[list[Change], int]:
+        """``changes_since`` less this object's own writes since ``track_own_writes``
+        (each own version is skipped once, then forgotten)."""
+        with self._recording:
+            changes, newest = self.changes_since(version)
+            own = self._own or set()
+            foreign = [c for c in changes if c[1] not in own]
+            own.difference_update(v for _, v in changes)
+        return foreign, newest
 
     def version(self) -> int:
         """The newest committed version (0 for a registry never written)."""

@@ -56,8 +56,8 @@ class RegistryWatcher:
     def refresh(self) -> list[str]:
         """Apply every change after ``applied`` now; returns the ids handed to
         ``on_change`` (raises ``RegistryUnavailableError``)."""
-        changes, newest = self.registry.changes_since(self.applied)
-        foreign = [aid for aid, version in changes if not self.registry.wrote(version)]
+        changes, newest = self.registry.foreign_changes_since(self.applied)
+        foreign = [adapter_id for adapter_id, _ in changes]
         for adapter_id in dict.fromkeys(foreign):
             self.on_change(adapter_id)
         self.applied = newest

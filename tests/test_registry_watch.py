@@ -5,6 +5,7 @@ the watcher reports the database going down and coming back."""
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 from server_helpers import HANG_GUARD
@@ -46,6 +47,26 @@ def test_other_processes_writes_reach_the_watcher_and_its_own_do_not(url, listen
         finally:
             watcher.stop()
     assert changes.empty()
+
+
+def test_a_read_between_an_own_writes_commit_and_its_record_still_skips_it(url, monkeypatch):
+    """The race CI once hit: the NOTIFY woke the watcher after the commit and before the
+    writer recorded its version, so the watcher took this process's write for another's.
+    Here the watcher's refresh starts at exactly that moment; it must wait for the record."""
+    changes: queue.Queue = queue.Queue()
+    with open_registry(url) as here:
+        watcher = RegistryWatcher(here, changes.put, interval_s=60, listen=False)
+        record, reader = here._wrote, threading.Thread(target=watcher.refresh)
+
+        def refresh_first(version: int) -> None:
+            reader.start()
+            reader.join(timeout=0.5)  # blocks on the recording lock; without it, done
+            record(version)
+
+        monkeypatch.setattr(here, "_wrote", refresh_first)
+        here.register("mine", "lora", b"1")
+        reader.join(timeout=HANG_GUARD)
+        assert watcher.applied == here.version() and changes.empty()
 
 
 def test_the_watcher_reports_the_database_down_and_back_and_catches_up(pg_url):
