@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import philox
+from . import cpu_threads, philox
 from . import safetensors_io as st
 from .errors import InvalidAdapterError
 from .philox_layout import STREAM_BITS, STREAM_LIMIT_BITS
@@ -110,7 +110,8 @@ class NolaAdapter:
             results = list(executor.map(one, jobs))
         else:  # the C loop releases the GIL: streams regenerate in parallel
             workers = max(1, min(MAX_REGEN_THREADS, os.cpu_count() or 1, len(jobs)))
-            with ThreadPoolExecutor(workers, thread_name_prefix="nola-regen") as pool:
+            with ThreadPoolExecutor(workers, thread_name_prefix="nola-regen",
+                                    initializer=cpu_threads.serial) as pool:
                 results = list(pool.map(one, jobs))
         return AdapterFactors({(i, name): f for (i, _, name), f in zip(jobs, results)})
 

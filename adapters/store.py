@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kinds
+from . import cpu_threads, kinds
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache, RecentRecords
 from .errors import (
     AdapterNotFoundError,
@@ -75,7 +75,8 @@ class AdapterStore:
         self.dtype = dtype
         self.host = HostCache(host_max_entries, host_max_bytes)
         self.warm = warm_tier(warm_cache_bytes)
-        self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen")
+        self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen",
+                                          initializer=cpu_threads.serial)
                        if materialize_threads else None)
         direct = (lambda i: kinds.direct(self.parsed(i))) if self.device.type == "cuda" else None
         self.slots = (slots(self) if slots is not None else SlotPool(

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nolaserve.adapters import cpu_threads
 from nolaserve.adapters.registry_watch import RegistryWatcher
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -128,6 +130,9 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
     ``http_port`` unless 0), so that a port in use fails with ``PortInUseError`` before the
     model loads; then build the engine (unless given) and start the services."""
     metrics = Metrics()
+    # the handlers' blocking work (registrations, RMM builds) runs torch serially
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=cpu_threads.serial))
     tokens = {ADMIN: (config.admin_token, "admin_token"),
               INFERENCE: (config.inference_token, "inference_token")}
     limit = config.max_message_bytes
@@ -145,7 +150,7 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
         if engine is None:
             log.info("ports bound; loading model %s", config.model or "(embedded SmolLM2)")
             engine = (await build_vllm_engine(config) if config.engine == "vllm" else
-                      await asyncio.to_thread(build_engine, config))
+                      await _build_on_own_thread(config))
         aengine, generation, health_servicer, gate = _add_services(server, engine, config,
                                                                    metrics)
         if http_sock is not None:
@@ -188,6 +193,16 @@ def watch_registry(engine: Engine | VllmEngine, config: Config,
     metrics.registry_up.set(1)
     return RegistryWatcher(store.registry, on_change, on_health=on_health,
                            interval_s=config.registry_poll_interval_s).start()
+
+
+async def _build_on_own_thread(config: Config) -> Engine:
+    """``build_engine`` on a thread that ends with the build, and its OpenMP team with it:
+    the step thread's is then the process's only one (``cpu_threads``)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="engine-build")
+    try:
+        return await asyncio.wrap_future(pool.submit(build_engine, config))
+    finally:
+        pool.shutdown(wait=False)
 
 
 async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,

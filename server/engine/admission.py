@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from nolaserve.adapters import cpu_threads
 from nolaserve.adapters.errors import NoFreeSlotError
 from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
@@ -64,7 +65,8 @@ class AdapterAdmission:
         self._steps = 0  # time_slice calls
         self._since: dict[Sequence, int] = {}  # the step each seq holding a slot got it
         self.parked = 0  # requests parked so far
-        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load",
+                                          initializer=cpu_threads.serial)
         self._queue: LoadQueue[tuple[Future, Callable, tuple]] = LoadQueue()
         self._queue_lock = threading.Lock()
         self._loads: dict[Sequence, Future] = {}

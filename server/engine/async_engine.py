@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
+from nolaserve.adapters import cpu_threads
 from nolaserve.adapters.errors import EngineStoppedError, Status
 from nolaserve.adapters.store import AdapterStore
 
@@ -124,6 +125,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            cpu_threads.parallel()  # the process's one OpenMP team (cpu_threads.py)
             self._loop()
         except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may hang on it
             self._die(e)
