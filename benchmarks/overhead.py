@@ -1,6 +1,7 @@
 """Where a decode step's time goes when the math is negligible, as on a GPU.
 
-    python -m nolaserve.benchmarks.overhead [--max-tokens 32] [--skip vllm context compile]
+    python -m nolaserve.benchmarks.overhead [--max-tokens 32]
+        [--skip vllm roofline context hf eager sgmv]
 
 A tiny random Llama (2 layers, hidden 64, head_dim 32, SmolLM2's 49,152-token vocabulary)
 so that host work decides the step time. 64 requests of 16-48 prompt tokens, greedy, EOS
@@ -9,6 +10,8 @@ ignored, in one run:
 - nolaserve tok/s, base only against 64 distinct NOLA adapters (q+v, r=8, k=l=256);
 - one decode step broken down: schedule, build inputs, forward, sample, postprocess;
 - host us per adapted linear (the wrapper, the LoRA backend alone, the base linear);
+- ``sgmv``: our own host work per split-K SGMV call (q/k/v, 8B shape, kernels stubbed),
+  launches prepared per call against a ``Factors`` bound once;
 - the compute floor: the step's matmuls, attention and lm_head back to back, no framework;
 - the same engine with ``enforce_eager`` (decode steps on the packed path, not the
   decode road of fixed shapes);
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=VLLM_PYTHON)
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["vllm", "roofline", "context", "hf", "eager"])
+                        choices=["vllm", "roofline", "context", "hf", "eager", "sgmv"])
     args = parser.parse_args()
     args.vllm_compile = False
     if args.threads:
@@ -204,6 +207,8 @@ def main() -> None:
     from nolaserve.benchmarks import overhead_parts as parts
 
     parts.print_linear_costs(engine)
+    if "sgmv" not in args.skip:
+        parts.print_sgmv_host_costs()
     floor = parts.compute_floor(hf_model, 64, 64)
     print(f"\ncompute floor of one decode step (64 seqs, 64-token context): {floor:.3f} ms")
     if "hf" not in args.skip:

@@ -3,6 +3,7 @@ the compute floor, transformers' eager step, the context-length sweep and the ro
 
 from __future__ import annotations
 
+import collections
 import random
 import statistics
 import time
@@ -39,11 +40,11 @@ def print_linear_costs(engine: Engine) -> None:
     y = torch.empty(64, lin.out_features)
     x2 = x.view(64, -1)
     step = runner.step
-    backend = getattr(step.lora_backend, "__name__", "?")
+    backend = getattr(getattr(step.lora_backend, "keywords", {}).get("backend"), "__name__", "?")
     try:
         with torch.inference_mode():
             base = median_us(lambda: lin.base(x))
-            op = median_us(lambda: step.lora_backend(y, x2, lin.A, lin.B, lin.scale, step.lora))
+            op = median_us(lambda: step.lora_backend((y,), x2, lin.factors, step.lora))
             group = median_us(lambda: (step.shared.clear(), lin(x)))
             members = len(lin.group.members) if lin.group else 1
     finally:
@@ -55,6 +56,36 @@ def print_linear_costs(engine: Engine) -> None:
     print(f"  grouped wrapper call         {group:8.1f} us for {members} linears "
           f"(base + one add_lora_multi); host us per adapted linear beyond base + op: "
           f"{(group - members * (base + op)) / members:.1f}")
+
+
+def print_sgmv_host_costs(tokens: int = 64, slots: int = 64, r: int = 16) -> None:
+    """Our own host work per split-K SGMV call on a q/k/v group of an 8B shape, with the two
+    Triton kernels stubbed (what neither the GPU nor Triton's launcher spends): the buffers
+    as lists, launches prepared on every call, against a ``Factors`` bound once (the
+    engine's form since #27 item 2). A graph replays neither; an eager step pays it per
+    group per layer."""
+    from nolaserve.adapters.ops import Factors, SlotRuns
+    from nolaserve.adapters.ops import triton_sgmv as ts
+    from nolaserve.adapters.ops.triton_sgmv_multi import sgmv_multi_rows
+
+    d, outs = 4096, (4096, 1024, 1024)
+    As = [torch.zeros(slots, r, d) for _ in outs]
+    Bs = [torch.zeros(slots, o, r) for o in outs]
+    scales = [torch.zeros(slots) for _ in outs]
+    x, ys = torch.zeros(tokens, d), tuple(torch.zeros(tokens, o) for o in outs)
+    token_slot = torch.arange(tokens) % slots
+    runs, factors = SlotRuns.of(token_slot), Factors.of(As, Bs, scales)
+    kernels = ts._shrink_kernel, ts._expand_kernel
+    ts._shrink_kernel = ts._expand_kernel = collections.defaultdict(lambda: lambda *a, **k: None)
+    try:
+        lists = median_us(lambda: sgmv_multi_rows(ys, x, As, Bs, scales, token_slot, runs),
+                          repeat=2000)
+        bound = median_us(lambda: ts.sgmv_factors_rows(ys, x, factors, token_slot, runs),
+                          repeat=2000)
+    finally:
+        ts._shrink_kernel, ts._expand_kernel = kernels
+    print(f"\nsplit-K SGMV host work per q/k/v call ({tokens} tokens, kernels stubbed): "
+          f"lists {lists:.1f} us, bound Factors {bound:.1f} us ({lists / bound:.1f}x less)")
 
 
 def compute_floor(model, num_seqs: int, ctx_len: int) -> float:

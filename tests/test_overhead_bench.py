@@ -68,3 +68,12 @@ def test_cpu_attention_bench_runs_both_ways_and_restores_the_engine(capsys):
     cpu_attention.main(["--seqs", "2", "--context", "8", "--steps", "2"])
     assert DecodeStep.shape_of is kept
     assert "now/before" in capsys.readouterr().out
+
+
+def test_sgmv_host_costs_stub_the_kernels_only_while_timing(capsys):
+    from nolaserve.adapters.ops import triton_sgmv
+
+    kernels = triton_sgmv._shrink_kernel, triton_sgmv._expand_kernel
+    overhead_parts.print_sgmv_host_costs(tokens=4, slots=4, r=4)
+    assert (triton_sgmv._shrink_kernel, triton_sgmv._expand_kernel) == kernels
+    assert "bound Factors" in capsys.readouterr().out

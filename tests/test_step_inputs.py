@@ -11,8 +11,9 @@ import torch
 from conftest import spec_of, tiny_llama
 from test_model_runner import Blocks, hf_last_logits, prompts, random_factors, runner_for
 
-from nolaserve.adapters.ops import LoraBatch, SegmentPlan, add_lora, reference
+from nolaserve.adapters.ops import LoraBatch, SegmentPlan, add_lora, reference, step_backend
 from nolaserve.adapters.slots import SlotPool
+from nolaserve.server.engine import lora_layers
 from nolaserve.server.engine.attention import torch_units
 from nolaserve.server.engine.attention_plan import length_groups
 from nolaserve.server.engine.kv_cache import KVCache
@@ -137,6 +138,29 @@ def test_groups_call_the_multi_op_once_and_match_the_reference_op(monkeypatch):
     assert len(seen) == 2 * 7
 
 
+def test_each_linear_and_group_binds_its_buffers_once_for_every_step(monkeypatch):
+    """The LoRA op's arguments are bound once per wrapper (its ``Factors``: what the kernels'
+    launch arguments are prepared from), not rebuilt per layer per step: two steps call it
+    with the very same ``Factors`` objects, holding the wrappers' own slot buffers."""
+    model, runner, slots = adapter_runner()
+    used = []
+    real = lora_layers.add_deltas
+    monkeypatch.setattr(lora_layers, "add_deltas",
+                        lambda step, ys, x, factors: (used.append(factors),
+                                                      real(step, ys, x, factors)))
+    blocks = Blocks()
+    for seed in (1, 2):
+        ps = prompts([3, 2], seed=seed)
+        runner.execute(StepBatch.from_seqs([(p, 0, blocks.table(len(p)), s, True)
+                                            for p, s in zip(ps, slots[:2])]))
+    first, second = used[: len(used) // 2], used[len(used) // 2 :]
+    assert len(first) == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    assert all(a is b for a, b in zip(first, second, strict=True))
+    buffers = {id(t) for m in runner.lora_layers for t in (m.A, m.B, m.scale)}
+    assert all(id(t) in buffers for f in first for t in (*f.As, *f.Bs, *f.scales))
+    assert sorted(len(f.As) for f in first) == [1, 1, 1, 1, 2, 2, 3, 3]
+
+
 def test_a_member_called_on_another_input_computes_its_own():
     model, runner, slots = adapter_runner()
     q = model.model.layers[0].self_attn.q_proj
@@ -144,7 +168,7 @@ def test_a_member_called_on_another_input_computes_its_own():
     batch = LoraBatch.from_token_slot(torch.tensor([slots[0], slots[1]]))
     step = runner.step
     step.lora, step.lora_modules = batch, frozenset(m.name for m in runner.lora_layers)
-    step.lora_backend, step.lora_multi_backend = lora_layers_backends(batch)
+    step.lora_backend = step_backend(batch, torch.device("cpu"))
     try:
         x1, x2 = torch.randn(2, 64), torch.randn(2, 64)
         with torch.no_grad():
@@ -155,12 +179,6 @@ def test_a_member_called_on_another_input_computes_its_own():
         step.clear()
     add_lora(expected, x2, k.A, k.B, k.scale, batch, backend=reference)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def lora_layers_backends(batch):
-    from nolaserve.adapters.ops import step_backends
-
-    return step_backends(batch, torch.device("cpu"))
 
 
 @pytest.mark.gpu

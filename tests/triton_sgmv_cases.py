@@ -12,11 +12,21 @@ from test_add_lora import token_slots
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton_cases import looped_reference, multi_case
 
-from nolaserve.adapters.ops import LoraBatch, SlotRuns, add_lora, add_lora_multi, reference
+from nolaserve.adapters.ops import (
+    Factors,
+    LoraBatch,
+    SlotRuns,
+    add_lora,
+    add_lora_multi,
+    reference,
+    triton_sgmv,
+)
 from nolaserve.adapters.ops.triton_common import MAX_FUSED_RANK
 from nolaserve.adapters.ops.triton_sgmv import (
     BLOCK_K,
     BLOCK_T,
+    sgmv_factors,
+    sgmv_factors_rows,
     sgmv_rows,
     sgmv_split,
     sgmv_split_launch,
@@ -128,6 +138,24 @@ def test_an_eager_step_groups_its_runs_once_for_every_launch():
     assert ops.counts.get("searchsorted") == 1, ops.counts
     for got in outs:
         torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bound_factors_prepare_their_launches_once(monkeypatch):
+    """The engine's form: a ``Factors`` bound once prepares its launch arguments on the
+    first call only; later calls (every layer of every step) reuse them, still exact."""
+    A, B, scale, x, y, slots = case(11, 8, torch.float32, "mixed", seed=7)
+    batch = LoraBatch.from_token_slot(slots)
+    expected = reference(reference(y.clone(), x, A, B, scale, batch), x, A, B, scale, batch)
+    A, B, scale, x, y, slots = (t.to(DEVICE) for t in (A, B, scale, x, y, slots))
+    built = []
+    real = triton_sgmv.SgmvLaunch.__init__
+    monkeypatch.setattr(triton_sgmv.SgmvLaunch, "__init__",
+                        lambda self, *a: (built.append(a[0]), real(self, *a))[1])
+    factors = Factors.of([A], [B], [scale])
+    sgmv_factors((y,), x, factors, LoraBatch.from_token_slot(slots))
+    sgmv_factors_rows((y,), x, factors, slots)
+    assert built == [(0,)]
+    torch.testing.assert_close(y.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_output_slice_and_transposed_input():

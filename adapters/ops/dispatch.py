@@ -10,6 +10,7 @@ import torch
 
 from .batch import LoraBatch
 from .checks import check_lora_args, check_module_lists
+from .factors import Factors
 from .torch_lora import gather_bmm, reference, segment
 
 Backend = Callable[
@@ -22,6 +23,8 @@ BACKENDS: tuple[Backend, ...] = (reference, segment, gather_bmm)
 
 Tensors = Sequence[torch.Tensor]
 MultiBackend = Callable[[Tensors, torch.Tensor, Tensors, Tensors, Tensors, LoraBatch], Tensors]
+# what an engine step calls: ``MultiBackend`` with the modules' buffers bound in ``Factors``
+FactorsBackend = Callable[[Tensors, torch.Tensor, Factors, LoraBatch], Tensors]
 
 # ``gather_bmm`` beats ``segment`` on CPU below about this many tokens per distinct slot
 # (measured on SmolLM2's q_proj, 576 -> 576, r = 8; see ``choose_backend``).
@@ -92,28 +95,41 @@ def choose_backend(x: torch.Tensor, batch: LoraBatch) -> Backend:
 
 
 @functools.cache
-def cuda_backend(checked: bool = True) -> Backend | None:
-    """The Triton SGMV backend (``triton_sgmv.sgmv_split``, split-K; ``checked=False``: its
-    launcher without the argument checks), or None when triton does not import.
-
-    Imported on first use, so CPU-only processes never import triton."""
+def cuda_backend() -> Backend | None:
+    """The Triton SGMV backend (``triton_sgmv.sgmv_split``, split-K), or None when triton
+    does not import. Imported on first use, so CPU-only processes never import triton."""
     try:
-        from .triton_sgmv import sgmv_split, sgmv_split_launch
+        from .triton_sgmv import sgmv_split
     except ImportError:
         return None
-    return sgmv_split if checked else sgmv_split_launch
+    return sgmv_split
 
 
-def step_backends(batch: LoraBatch, device: torch.device) -> tuple[Backend, MultiBackend]:
-    """The ``add_lora`` and ``add_lora_multi`` backends for one engine step, chosen once
-    per step (the batch decides) and then called by every adapted linear without checks:
-    the caller validated shapes and dtypes when it wrapped the model and the slots when it
-    built ``batch``. On CUDA: the Triton launchers; else the torch pick of
-    ``choose_backend`` and a ``loop_modules`` bound to it."""
-    if device.type == "cuda" and (one := cuda_backend(False)) is not None:
-        return one, cuda_multi_backend(False)
-    one = choose_backend(batch.token_slot, batch)
-    return one, functools.partial(loop_modules, backend=one)
+def step_backend(batch: LoraBatch, device: torch.device) -> FactorsBackend:
+    """The LoRA op of one engine step, chosen once per step (the batch decides) and then
+    called by every wrapped linear or shared-input group with its ``Factors``, without
+    checks: the caller validated shapes and dtypes when it wrapped the model and the slots
+    when it built ``batch``. On CUDA: ``triton_sgmv.sgmv_factors``; else ``loop_factors``
+    bound to ``choose_backend``'s pick."""
+    if device.type == "cuda" and (sgmv := cuda_factors_backend()) is not None:
+        return sgmv
+    return functools.partial(loop_factors, backend=choose_backend(batch.token_slot, batch))
+
+
+@functools.cache
+def cuda_factors_backend() -> FactorsBackend | None:
+    """``triton_sgmv.sgmv_factors``, or None when triton does not import (lazy)."""
+    try:
+        from .triton_sgmv import sgmv_factors
+    except ImportError:
+        return None
+    return sgmv_factors
+
+
+def loop_factors(ys: Tensors, x: torch.Tensor, factors: Factors, batch: LoraBatch,
+                 backend: Backend) -> Tensors:
+    """The torch ``FactorsBackend``: ``loop_modules`` over ``factors``' modules."""
+    return loop_modules(ys, x, factors.As, factors.Bs, factors.scales, batch, backend)
 
 
 def add_lora_multi(
@@ -185,11 +201,11 @@ def choose_multi_backend(x: torch.Tensor) -> MultiBackend:
 
 
 @functools.cache
-def cuda_multi_backend(checked: bool = True) -> MultiBackend | None:
-    """``triton_sgmv_multi.sgmv_multi_split`` (``checked=False``: its unchecked launcher),
-    or None when triton does not import (lazy, like ``cuda_backend``)."""
+def cuda_multi_backend() -> MultiBackend | None:
+    """``triton_sgmv_multi.sgmv_multi_split``, or None when triton does not import (lazy,
+    like ``cuda_backend``)."""
     try:
-        from .triton_sgmv_multi import sgmv_multi_split, sgmv_multi_split_launch
+        from .triton_sgmv_multi import sgmv_multi_split
     except ImportError:
         return None
-    return sgmv_multi_split if checked else sgmv_multi_split_launch
+    return sgmv_multi_split

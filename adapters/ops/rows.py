@@ -24,38 +24,42 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from .batch import SlotRuns
+from .factors import Factors
 from .torch_lora import gather_rows
 
 
 def add_lora_rows(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
                   token_slot: Tensor, runs: SlotRuns | None = None) -> Tensor:
-    """``y`` with each row's delta added in place (the module docstring). CUDA tensors: the
-    split-K SGMV over ``runs`` (each used slot's factors read once); else ``gather_rows``."""
-    if y.is_cuda and (kernels := triton_kernels()):
-        return kernels[0](y, x, A, B, scale, token_slot, runs)
-    return gather_rows(y, x, A, B, scale, token_slot)
+    """``y`` with each row's delta added in place (the module docstring)."""
+    add_factors_rows((y,), x, Factors.of((A,), (B,), (scale,)), token_slot, runs)
+    return y
 
 
 def add_lora_multi_rows(ys: Sequence[Tensor], x: Tensor, As: Sequence[Tensor],
                         Bs: Sequence[Tensor], scales: Sequence[Tensor], token_slot: Tensor,
                         runs: SlotRuns | None = None) -> Sequence[Tensor]:
-    """``add_lora_rows`` over modules sharing ``x`` (q, k, v; gate, up); CUDA tensors: one
-    launch pair per three modules over ``runs``; else ``gather_rows`` per module. Returns
-    ``ys``."""
-    if ys and ys[0].is_cuda and (kernels := triton_kernels()):
-        return kernels[1](ys, x, As, Bs, scales, token_slot, runs)
-    for y, A, B, scale in zip(ys, As, Bs, scales, strict=True):
+    """``add_lora_rows`` over modules sharing ``x`` (q, k, v; gate, up). Returns ``ys``."""
+    return add_factors_rows(ys, x, Factors.of(As, Bs, scales), token_slot, runs)
+
+
+def add_factors_rows(ys: Sequence[Tensor], x: Tensor, factors: Factors, token_slot: Tensor,
+                     runs: SlotRuns | None = None) -> Sequence[Tensor]:
+    """``add_lora_multi_rows`` with the modules' buffers bound once in ``factors`` (the
+    engine's form). CUDA tensors: the split-K SGMV over ``runs``, one launch pair per three
+    modules, each used slot's factors read once; else ``gather_rows`` per module."""
+    if ys and ys[0].is_cuda and (rows := triton_rows()) is not None:
+        return rows(ys, x, factors, token_slot, runs)
+    for y, A, B, scale in zip(ys, factors.As, factors.Bs, factors.scales, strict=True):
         gather_rows(y, x, A, B, scale, token_slot)
     return ys
 
 
 @functools.cache
-def triton_kernels() -> tuple[Callable, Callable] | None:
-    """``(triton_sgmv.sgmv_rows, triton_sgmv_multi.sgmv_multi_rows)``, or None when triton
-    does not import (imported on first use, so CPU-only processes never import triton)."""
+def triton_rows() -> Callable | None:
+    """``triton_sgmv.sgmv_factors_rows``, or None when triton does not import (imported on
+    first use, so CPU-only processes never import triton)."""
     try:
-        from .triton_sgmv import sgmv_rows
-        from .triton_sgmv_multi import sgmv_multi_rows
+        from .triton_sgmv import sgmv_factors_rows
     except ImportError:
         return None
-    return sgmv_rows, sgmv_multi_rows
+    return sgmv_factors_rows

@@ -5,14 +5,17 @@ that holds the base linear, its slot-pool buffers and the runner's ``StepBuffers
 model's own modeling code is unchanged and calls the wrapper like the linear it replaced.
 
 A decode step (``step.shape`` set: what a CUDA graph replays) adds every row's delta from
-the step's token -> slot tensor alone (``add_lora_rows``); a packed step through the
-backends chosen for its ``LoraBatch``. Linears of one layer that read the same input
-(``q/k/v_proj``, ``gate/up_proj``) form a ``SharedInput`` group: the first of them called
-in a step computes every member's base output and adds all their deltas with one
-``add_lora_multi`` (or ``add_lora_multi_rows``) launch; the others return their output from
-``step.shared``. A member called with another tensor than the group
-leader (``x is`` test) computes its own, so a model that feeds them different inputs
-stays exact.
+the step's token -> slot tensor alone (``add_factors_rows``); a packed step through the
+backend chosen for its ``LoraBatch`` (``step.lora_backend``). Linears of one layer that
+read the same input (``q/k/v_proj``, ``gate/up_proj``) form a ``SharedInput`` group: the
+first of them called in a step computes every member's base output and adds all their
+deltas with one call (one launch pair on CUDA); the others return their output from
+``step.shared``. A member called with another tensor than the group leader (``x is``
+test) computes its own, so a model that feeds them different inputs stays exact.
+
+Each linear, and each group for each set of members a step adapts, binds its slot buffers
+once in a ``Factors``, so what depends on them alone (the kernels' launch arguments) is
+prepared once, not per layer per step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nolaserve.adapters.ops import add_lora_multi_rows, add_lora_rows
+from nolaserve.adapters.ops import Factors, add_factors_rows
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec, decoder_layers
 
@@ -62,6 +65,7 @@ class LoraLinear(nn.Module):
         self.A, self.B, self.scale = A, B, scale  # plain attributes: not model parameters
         self.step, self.name = step, name  # name relative to the decoder layer
         self.group: SharedInput | None = None
+        self.factors = Factors.of((A,), (B,), (scale,))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -74,30 +78,23 @@ class LoraLinear(nn.Module):
         if self.group is not None:
             return self.group.output(self, x)
         y = self.base(x)
-        add_deltas(self.step, [y.view(-1, self.out_features)],
-                   x.reshape(-1, self.in_features), [self])
+        add_deltas(self.step, (y.view(-1, self.out_features),), x.reshape(-1, self.in_features),
+                   self.factors)
         return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.A.shape[0]}"
 
 
-def add_deltas(step: StepBuffers, ys: list[torch.Tensor], x: torch.Tensor,
-               modules: list[LoraLinear]) -> None:
-    """``ys[j] += delta_j(x)`` in place for modules sharing the 2-D input ``x``: a decode
-    step by its token -> slot tensor alone (``add_lora_rows``), a packed one by the
-    backends chosen for its ``LoraBatch``."""
-    As, Bs = [m.A for m in modules], [m.B for m in modules]
-    scales = [m.scale for m in modules]
+def add_deltas(step: StepBuffers, ys: tuple[torch.Tensor, ...], x: torch.Tensor,
+               factors: Factors) -> None:
+    """``ys[j] += delta_j(x)`` in place for the modules of ``factors``, which share the 2-D
+    input ``x``: a decode step by its token -> slot tensor alone, a packed one by the
+    backend chosen for its ``LoraBatch``."""
     if step.shape is not None:
-        if len(modules) == 1:
-            add_lora_rows(ys[0], x, As[0], Bs[0], scales[0], step.token_slot, step.runs)
-        else:
-            add_lora_multi_rows(ys, x, As, Bs, scales, step.token_slot, step.runs)
-    elif len(modules) == 1:
-        step.lora_backend(ys[0], x, As[0], Bs[0], scales[0], step.lora)
+        add_factors_rows(ys, x, factors, step.token_slot, step.runs)
     else:
-        step.lora_multi_backend(ys, x, As, Bs, scales, step.lora)
+        step.lora_backend(ys, x, factors, step.lora)
 
 
 class SharedInput:
@@ -105,6 +102,8 @@ class SharedInput:
 
     def __init__(self, members: list[LoraLinear]) -> None:
         self.members = members
+        # by a step's ``lora_modules``: the members it adapts and their bound buffers
+        self._active: dict[frozenset[str], tuple[tuple[LoraLinear, ...], Factors]] = {}
         for m in members:
             m.group = self
 
@@ -113,13 +112,21 @@ class SharedInput:
         x_done, outputs = step.shared.get(self, (None, {}))
         if x_done is x and member in outputs:
             return outputs.pop(member)
-        active = [m for m in self.members if m.name in step.lora_modules]
+        active, factors = self._bound(step.lora_modules)
         ys = {m: m.base(x) for m in active}
-        add_deltas(step, [ys[m].view(-1, m.out_features) for m in active],
-                   x.reshape(-1, member.in_features), active)
+        add_deltas(step, tuple(ys[m].view(-1, m.out_features) for m in active),
+                   x.reshape(-1, member.in_features), factors)
         y = ys.pop(member)
         step.shared[self] = (x, ys)
         return y
+
+    def _bound(self, modules: frozenset[str]) -> tuple[tuple[LoraLinear, ...], Factors]:
+        """The members named in ``modules`` and their ``Factors``, bound on first use."""
+        if (bound := self._active.get(modules)) is None:
+            active = tuple(m for m in self.members if m.name in modules)
+            bound = self._active[modules] = (active, Factors.of(
+                [m.A for m in active], [m.B for m in active], [m.scale for m in active]))
+        return bound
 
 
 def wrap_model(model: nn.Module, spec: BaseModelSpec, pool: SlotPool,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nolaserve.adapters.gpu import triton_interpreted
-from nolaserve.adapters.ops import step_backends
+from nolaserve.adapters.ops import step_backend
 from nolaserve.adapters.slots import SlotPool
 from nolaserve.adapters.spec import BaseModelSpec
 
@@ -142,7 +142,7 @@ class ModelRunner:
                 self.pool.modules_of(set(plan.slots)) if plan.lora is not None else frozenset()
             step.fill_packed(plan, modules)
         if step.lora is not None:
-            step.lora_backend, step.lora_multi_backend = step_backends(step.lora, self.device)
+            step.lora_backend = step_backend(step.lora, self.device)
         if self.kernel is None:
             step.attn_units = torch_units(step)
 

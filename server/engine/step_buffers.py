@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nolaserve.adapters.ops import Backend, LoraBatch, MultiBackend, SlotRuns
+from nolaserve.adapters.ops import FactorsBackend, LoraBatch, SlotRuns
 
 from .kv_cache import KVCache
 from .step_inputs import PackedPlan
@@ -95,7 +95,7 @@ class StepBuffers:
     ``plan`` (a packed step's ``PackedPlan``, else None), ``logits_rows`` (packed: the rows
     whose logits the step returns), ``lora_modules`` (the wrapped linears that add deltas),
     ``runs`` (a decode step's ``slot_runs``, set in its forward), ``lora`` and the LoRA
-    backends (a packed step with adapters), ``attn_units`` (the torch
+    backend (a packed step with adapters), ``attn_units`` (the torch
     attention's gathers of a packed step) and ``shared`` (outputs of shared-input groups)."""
 
     DECODE_FIELDS = ("input_ids", "positions", "kv_slot", "token_slot", "seq_lens",
@@ -132,8 +132,7 @@ class StepBuffers:
         self.lora_modules: frozenset[str] = frozenset()
         self.lora: LoraBatch | None = None
         self.runs: SlotRuns | None = None
-        self.lora_backend: Backend | None = None
-        self.lora_multi_backend: MultiBackend | None = None
+        self.lora_backend: FactorsBackend | None = None
         self.attn_units: tuple = ()
         self.shared: dict = {}
 
