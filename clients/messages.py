@@ -31,6 +31,8 @@ class SamplingExtras(TypedDict, total=False):
     frequency_penalty: float
     repetition_penalty: float
     min_tokens: int
+    min_p: float
+    stop_token_ids: list[int]
     json_schema: Mapping[str, Any] | str
     json_object: bool
     regex: str

@@ -45,6 +45,8 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
                             else 1.0),
         min_tokens=p.min_tokens,
         structured=structured_spec(p.structured) if p.HasField("structured") else None,
+        min_p=p.min_p,
+        stop_token_ids=list(p.stop_token_ids),
     )
 
 

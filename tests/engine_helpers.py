@@ -81,8 +81,8 @@ class BlockingLoad:
         self._go.set()
 
 
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def greedy(max_tokens: int, **fields) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
 
 
 def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams, str | None]],

@@ -117,6 +117,30 @@ def test_bias_penalties_and_min_tokens_give_the_engines_tokens(model, bytebpe, e
         assert len(want) >= 5
 
 
+def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine):
+    """vLLM's min_p and stop_token_ids over gRPC: the offline engine's tokens for the same
+    seeded request, and a stop token ends it with STOP, the token kept."""
+    sampled = dict(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    free = [t for o in offline(model, bytebpe, SamplingParams(**sampled)) for t in o.token_ids]
+    cases = [dict(min_p=0.9), dict(stop_token_ids=[free[2]])]
+    want = [[t for o in offline(model, bytebpe, SamplingParams(**sampled | f)) for t in o.token_ids]
+            for f in cases]
+
+    async def main():
+        async with serving(engine) as c:
+            raw = [await c.inference.Generate(inference_pb2.GenerateRequest(
+                prompt=PROMPT, sampling=inference_pb2.SamplingParams(**sampled | f)))
+                for f in cases]
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                typed = [await client.generate(PROMPT, **sampled | f) for f in cases]
+            return raw, typed
+
+    got, typed = asyncio.run(main())
+    assert [list(g.token_ids) for g in got] == want == [t.token_ids for t in typed]
+    assert want[1] == free[: free.index(free[2]) + 1] and want[0] != free
+    assert got[1].finish_reason == inference_pb2.FINISH_REASON_STOP
+
+
 def test_min_tokens_holds_back_eos(model, bytebpe, engine):
     """With token 0 (EOS) pushed up by a bias, the request ends at once, unless
     min_tokens holds it back."""
@@ -166,6 +190,8 @@ BAD = [
     (dict(frequency_penalty=math.nan), "frequency_penalty must be in [-2, 2]"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
     (dict(min_tokens=9), "min_tokens must be between 0 and max_tokens (8)"),
+    (dict(min_p=1.5), "min_p must be in [0, 1]"),
+    (dict(stop_token_ids=[100000]), "stop_token_ids entry 100000 is out of range"),
     (dict(structured=inference_pb2.StructuredOutput()), "sampling.structured asks for nothing"),
     (dict(structured=inference_pb2.StructuredOutput(json_object=False)),
      "sampling.structured asks for nothing"),

@@ -133,7 +133,7 @@ def test_models_list_and_unknown_model(engine):
 
 
 REFUSED = [("suffix", {"suffix": "x"}), ("prompt_logprobs", {"prompt_logprobs": 1}),
-           ("best_of", {"best_of": 3}), ("n", {"n": 17}), ("min_p", {"min_p": 0.1}),
+           ("best_of", {"best_of": 3}), ("n", {"n": 17}), ("bad_words", {"bad_words": ["x"]}),
            ("prompt", {"prompt": ["a"] * 65})]
 
 

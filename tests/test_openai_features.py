@@ -276,6 +276,33 @@ def test_logit_bias_and_min_tokens_reach_the_engine(engine):
     assert bad[0].json()["error"]["param"] == "logit_bias"
 
 
+def test_min_p_and_stop_token_ids_reach_the_engine(engine):
+    """vLLM's min_p and stop_token_ids, as the official client sends them (extra_body):
+    the engine's tokens for the same seeded request; bad values are 400s naming them."""
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    sampled = dict(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    free = run(engine, {"f": (ids, SamplingParams(**sampled), None)})["f"]
+    cases = {"min_p": {"min_p": 0.9}, "stop": {"stop_token_ids": [free[2]]}}
+    want = {name: run(engine, {name: (ids, SamplingParams(**sampled | f), None)})[name]
+            for name, f in cases.items()}
+
+    async def fn(oa, h):
+        got = {name: await oa.completions.create(
+            model="", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5,
+            extra_body=GREEDY | f) for name, f in cases.items()}
+        bad = [await h.post("/v1/completions", json={"prompt": PROMPT, **b})
+               for b in ({"min_p": 2}, {"stop_token_ids": [300]}, {"stop_token_ids": "x"})]
+        return got, bad
+
+    got, bad = serve(engine, fn)
+    assert {name: out.choices[0].token_ids for name, out in got.items()} == want
+    assert want["stop"] == free[: free.index(free[2]) + 1] and want["min_p"] != free
+    assert got["stop"].choices[0].finish_reason == "stop"
+    assert [r.status_code for r in bad] == [400, 400, 400]
+    assert "min_p must be in [0, 1]" in bad[0].json()["error"]["message"]
+    assert "stop_token_ids entry 300" in bad[1].json()["error"]["message"]
+
+
 def test_penalties_reach_the_engine_as_sampling_params(engine):
     ids = engine.tokenizer(PROMPT)["input_ids"]
     fields = {"presence_penalty": 1.5, "frequency_penalty": 2.0, "repetition_penalty": 1.3}

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from nolaserve.server.engine.sampler import (
     Sampler,
+    apply_min_p,
     apply_temperature,
     apply_top_k_top_p,
     make_generator,
@@ -250,3 +251,30 @@ def test_row_argmax_is_argmax_with_its_ties(vocab):
         x[0] = 1.0  # every column ties
         x[1, -1] = 99.0  # the maximum in the last column
         assert torch.equal(row_argmax(x), x.argmax(dim=1))
+
+
+def test_min_p_drops_what_transformers_min_p_drops():
+    """``apply_min_p`` against transformers' ``MinPLogitsWarper`` (a reference we did not
+    write), row by row with each row's own ``min_p``; ``min_p == 0`` drops nothing."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    min_ps = [0.0, 0.01, 0.05, 0.2, 0.5, 1.0]
+    got = apply_min_p(logits, torch.tensor(min_ps))
+    assert torch.equal(got[0], logits[0])
+    for i, m in enumerate(min_ps[1:], start=1):
+        want = MinPLogitsWarper(m)(None, logits[i : i + 1].clone())[0]
+        assert torch.equal(got[i].isinf(), want.isinf()), m
+        assert torch.equal(got[i][~got[i].isinf()], logits[i][~got[i].isinf()])
+
+
+def test_min_p_comes_before_top_p_as_in_vllm():
+    """vLLM filters min-p first, then top-k/top-p over what is left: a row with both keeps
+    the top-p set of the min-p survivors, renormalized."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    probs = Sampler().probabilities(logits, [SamplingParams(min_p=0.3, top_p=0.75)])
+    # min-p 0.3 x 0.4 drops 0.1; of 0.4, 0.3, 0.2 (renormalized: 0.44, 0.33, 0.22) top-p
+    # 0.75 keeps two. Top-p first (transformers' order) would have kept three.
+    torch.testing.assert_close(probs, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
+    only = Sampler().probabilities(logits, [SamplingParams(min_p=1.0)])
+    assert only[0].tolist() == [1.0, 0.0, 0.0, 0.0]

@@ -44,6 +44,11 @@ LIMITS = EngineLimits(100, 50, 200, 10, vocab_size=32)
     ({"logit_bias": {3: 101.0}}, "logit_bias for token 3 must be in [-100, 100]"),
     ({"logit_bias": {3: float("inf")}}, "logit_bias for token 3 must be in [-100, 100]"),
     ({"logit_bias": dict.fromkeys(range(301), 1.0)}, "at most 300"),
+    ({"min_p": 1.5}, "min_p must be in [0, 1]"),
+    ({"min_p": float("nan")}, "min_p must be in [0, 1]"),
+    ({"stop_token_ids": [32]}, "stop_token_ids entry 32 is out of range: token ids are 0 to 31"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids entry -1 is out of range"),
+    ({"stop_token_ids": list(range(65))}, "at most 64"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(fields, message):
     with pytest.raises(InvalidRequestError) as e:
@@ -54,7 +59,8 @@ def test_bad_sampling_fields_say_what_to_fix(fields, message):
 def test_good_sampling_fields_pass():
     check_limits(LIMITS, [1, 2], SamplingParams(
         logprobs=20, prompt_logprobs=0, logit_bias={0: -100, 31: 100.0}, presence_penalty=-2,
-        frequency_penalty=2, repetition_penalty=1.3, min_tokens=16))
+        frequency_penalty=2, repetition_penalty=1.3, min_tokens=16, min_p=1.0,
+        stop_token_ids=[0, 31]))
 
 
 # -- logits processing, row by row ------------------------------------------------------
@@ -114,6 +120,19 @@ def test_logit_bias_is_added_and_min_tokens_masks_eos_until_reached():
     torch.testing.assert_close(got, want)
     ignoring = seq([1], [], min_tokens=3, ignore_eos=True)
     assert torch.equal(process_logits(logits[:1], [ignoring], {EOS}), logits[:1])
+
+
+def test_min_tokens_masks_the_requests_stop_token_ids_too():
+    """As vLLM: before ``min_tokens``, a row's ``stop_token_ids`` are masked with EOS, and
+    still with ``ignore_eos`` (which frees EOS only)."""
+    logits = random_logits(2, seed=2)
+    got = process_logits(logits, [seq([1], [2], min_tokens=3, stop_token_ids=[7, 9]),
+                                  seq([1], [], min_tokens=3, ignore_eos=True,
+                                      stop_token_ids=[5])], {EOS})
+    want = logits.clone()
+    want[0, [EOS, 7, 9]] = float("-inf")
+    want[1, 5] = float("-inf")
+    torch.testing.assert_close(got, want)
 
 
 def test_rows_that_do_not_ask_are_untouched_and_raw_logits_kept():
@@ -261,6 +280,24 @@ def test_min_tokens_holds_eos_back_then_eos_ends(model, bytebpe):
     got = tokens_of(outs["min"])
     assert len(got) == 7 and EOS not in got[:6] and got[6] == EOS
     assert outs["min"][-1].finish_reason is FinishReason.EOS
+
+
+def test_stop_token_ids_end_the_request_after_min_tokens(model, bytebpe):
+    """A stop token ends its request with STOP and is its last output token (vLLM's
+    contract), not before ``min_tokens``; ``ignore_eos`` does not free it."""
+    engine = make_engine(model, bytebpe)
+    free = collect(engine, {"r": (prompt_of(5, 2), greedy(12), None)})
+    first = tokens_of(free["r"])
+    stop = first[3]
+    outs = collect(engine, {
+        "stop": (prompt_of(5, 2), greedy(12, stop_token_ids=[stop, VOCAB - 1]), None),
+        "late": (prompt_of(5, 2), greedy(12, stop_token_ids=[stop],
+                                         min_tokens=first.index(stop) + 2), None)})
+    got = tokens_of(outs["stop"])
+    assert got == first[: first.index(stop) + 1]
+    assert outs["stop"][-1].finish_reason is FinishReason.STOP
+    late = tokens_of(outs["late"])
+    assert late[: first.index(stop) + 1] != got and stop not in late[: first.index(stop) + 2]
 
 
 def test_the_step_reads_back_once_with_logprobs_and_prompt_logprobs(model, bytebpe,

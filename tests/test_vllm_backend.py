@@ -208,6 +208,13 @@ def test_streaming_stop_strings_and_usage(setup):
         cut = generate(setup, PROMPTS[3], "nola", stop=[stop])
         assert cut.finish_reason == inference_pb2.FINISH_REASON_STOP
         assert cut.text == whole.text[:whole.text.index(stop)]
+    token = whole.token_ids[MAX_TOKENS // 2]  # vLLM's stop_token_ids, as the native engine
+    by_token = generate(setup, PROMPTS[3], "nola", stop_token_ids=[token])
+    native = run(setup.native, {"r": (setup.tokenizer(PROMPTS[3])["input_ids"],
+                                      greedy(MAX_TOKENS, stop_token_ids=[token]), "nola")})
+    assert list(by_token.token_ids) == native["r"] == list(
+        whole.token_ids[: list(whole.token_ids).index(token) + 1])
+    assert by_token.finish_reason == inference_pb2.FINISH_REASON_STOP
 
 
 def test_cancellation_frees_the_request(setup):

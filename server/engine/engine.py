@@ -261,7 +261,7 @@ class Engine:
         text = req.detokenizer.add([token])
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             return self._finish(req, FinishReason.EOS, text=text, token_ids=[token])
-        if req.detokenizer.stopped:
+        if req.detokenizer.stopped or token in seq.params.stop_token_ids:
             return self._finish(req, FinishReason.STOP, text=text, token_ids=[token])
         if req.grammar is not None and (ended := req.grammar.accept(token)) is not None:
             return self._finish(req, text=text, token_ids=[token], **ended)

@@ -1,5 +1,6 @@
 """A step's per-request logits processing before sampling: ``logit_bias``, then the
-presence, frequency and repetition penalties, then ``min_tokens`` (EOS masked to -inf).
+presence, frequency and repetition penalties, then ``min_tokens`` (stop tokens masked to
+-inf).
 The penalties read token counts kept per request across steps (penalty_counts.py).
 
 Each is a batched tensor op over the rows that ask for it (rows that ask for none cost
@@ -13,7 +14,8 @@ Semantics, as vLLM and OpenAI define them:
 - ``repetition_penalty`` (transformers' ``RepetitionPenaltyLogitsProcessor`` over prompt and
   output tokens): a positive logit of a token seen is divided by it, a negative one
   multiplied;
-- before ``min_tokens`` output tokens, the EOS tokens (unless ``ignore_eos``) get -inf.
+- before ``min_tokens`` output tokens, the EOS tokens (unless ``ignore_eos``) and the
+  request's ``stop_token_ids`` get -inf.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]
 
 
 def _asks(seq: Sequence) -> bool:
-    """Whether this step changes the row of ``seq``: a bias, a penalty, or EOS to mask."""
-    return bool(seq.params.logit_bias or _penalized(seq) or _eos_masked(seq))
+    """Whether this step changes the row of ``seq``: a bias, a penalty, or stop tokens to
+    mask."""
+    return bool(seq.params.logit_bias or _penalized(seq) or _early(seq))
 
 
 def _penalized(seq: Sequence) -> bool:
@@ -53,8 +56,11 @@ def _penalized(seq: Sequence) -> bool:
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
 
-def _eos_masked(seq: Sequence) -> bool:
-    return not seq.params.ignore_eos and len(seq.output_token_ids) < seq.params.min_tokens
+def _early(seq: Sequence) -> bool:
+    """Before ``min_tokens`` output tokens, with stop tokens to mask."""
+    p = seq.params
+    return len(seq.output_token_ids) < p.min_tokens and (not p.ignore_eos or
+                                                         bool(p.stop_token_ids))
 
 
 def _process(logits: Tensor, seqs: list[Sequence], eos: set[int],
@@ -69,7 +75,7 @@ def _process(logits: Tensor, seqs: list[Sequence], eos: set[int],
         sub = logits.index_select(0, index)
         _penalize(sub, [seqs[i] for i in rows], counts)
         logits.index_copy_(0, index, sub)
-    _mask_eos(logits, seqs, eos)
+    _mask_stops(logits, seqs, eos)
     return logits
 
 
@@ -102,14 +108,19 @@ def _penalize(logits: Tensor, seqs: list[Sequence], counts: PenaltyCounts) -> No
         logits.copy_(torch.where(seen, penalized, logits))
 
 
-def _mask_eos(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
-    early = [i for i, s in enumerate(seqs) if _eos_masked(s)]
-    ids = sorted(t for t in eos if 0 <= t < logits.shape[1])
-    if early and ids:
-        rows = [i for i in early for _ in ids]
+def _mask_stops(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
+    """-inf for each early row's stop tokens: EOS (unless ``ignore_eos``) and its own."""
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        if _early(s):
+            ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos)
+            ids = sorted(t for t in ids if 0 <= t < logits.shape[1])
+            rows += [i] * len(ids)
+            cols += ids
+    if rows:
         minus_inf = torch.full((len(rows),), float("-inf"), dtype=logits.dtype,
                                device=logits.device)  # a fill on the device, no copy
-        logits.index_put_(_pairs(rows, ids * len(early), logits), minus_inf)
+        logits.index_put_(_pairs(rows, cols, logits), minus_inf)
 
 
 def _pairs(rows: list[int], cols: list[int], like: Tensor) -> tuple[Tensor, Tensor]:

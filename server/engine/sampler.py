@@ -1,4 +1,5 @@
-"""Next-token sampling for a whole batch: greedy, temperature, top-k and top-p at once.
+"""Next-token sampling for a whole batch: greedy, temperature, min-p, top-k and top-p at
+once.
 
 Every filter works on ``[N, V]`` tensors with one parameter per row. Which rows are
 greedy, which need top-k or top-p, is decided on the host from the requests' parameters,
@@ -61,6 +62,16 @@ def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
     return logits / safe.unsqueeze(1)
 
 
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Filtered copy of ``logits`` [N, V]: row ``i`` drops (to ``-inf``) every token whose
+    probability is below ``min_p[i]`` times its likeliest token's, as vLLM's and
+    transformers' min-p do. The ratio of two probabilities is ``exp`` of their logits'
+    difference, so this is ``logits < max + log(min_p)``: no softmax, and ``min_p == 0``
+    (``log`` = ``-inf``) drops nothing."""
+    floor = logits.amax(dim=1, keepdim=True) + min_p.log().unsqueeze(1)  # [N, 1]
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, *,
                       k_max: int | None = None, use_p: bool | None = None) -> Tensor:
     """Filtered copy of ``logits`` [N, V]: dropped entries become ``-inf``.
@@ -105,8 +116,9 @@ class Sampler:
 
     Rows with ``temperature == 0`` take ``argmax`` (ties go to the lowest index, as in
     transformers' greedy search). Other rows are divided by their temperature, filtered by
-    top-k then top-p (:func:`apply_top_k_top_p`) and drawn from the softmax (the module
-    docstring): rows with a generator from that generator, the rest from the default RNG.
+    min-p (:func:`apply_min_p`), then top-k and top-p (:func:`apply_top_k_top_p`), in
+    vLLM's order, and drawn from the softmax (the module docstring): rows with a generator
+    from that generator, the rest from the default RNG.
     """
 
     def sample(
@@ -143,11 +155,15 @@ class Sampler:
     def probabilities(self, logits: Tensor, params: list[SamplingParams],
                       temperature: Tensor | None = None) -> Tensor:
         """The distribution ``[N, V]`` that non-greedy rows are sampled from: softmax of the
-        temperature-scaled, top-k/top-p filtered logits (filtered tokens have probability 0).
-        Only rows that ask for top-k or top-p are filtered."""
+        temperature-scaled, min-p, top-k and top-p filtered logits (filtered tokens have
+        probability 0). Only rows that ask for a filter are filtered (min-p: every row when
+        one asks, as ``min_p == 0`` drops nothing)."""
         if temperature is None:
             temperature = row_tensor([p.temperature for p in params], torch.float32, logits)
         scaled = apply_temperature(logits.float(), temperature)
+        if any(p.min_p > 0 for p in params):
+            min_p = row_tensor([p.min_p for p in params], torch.float32, scaled)
+            scaled = apply_min_p(scaled, min_p)
         k_only = [i for i, p in enumerate(params) if p.top_k > 0 and p.top_p >= 1]
         with_p = [i for i, p in enumerate(params) if p.top_p < 1]
         for rows, use_p in ((k_only, False), (with_p, True)):

@@ -56,8 +56,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: over the output tokens so far
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output tokens
-    min_tokens: int = 0  # EOS and stop strings do not end the request before it
+    min_tokens: int = 0  # EOS, stop strings and stop tokens do not end the request before it
     structured: StructuredSpec | None = None  # output held to a grammar
+    min_p: float = 0.0  # vLLM: drop tokens less likely than min_p x the likeliest; 0 = off
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM: end the request (STOP)
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
@@ -72,6 +74,8 @@ class SamplingParams:
             )
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidRequestError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.top_k < 0:
             raise InvalidRequestError(
                 f"top_k must be >= 0 (0 = off; -1 also means off over HTTP), got {self.top_k}")
@@ -100,10 +104,23 @@ class SamplingParams:
                 f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got "
                 f"{self.min_tokens}")
         _validate_logit_bias(self.logit_bias, vocab_size)
+        _validate_stop_token_ids(self.stop_token_ids, vocab_size)
 
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+
+
+def _validate_stop_token_ids(ids: list[int], vocab_size: int) -> None:
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(f"stop_token_ids has {len(ids)} entries; at most "
+                                  f"{MAX_STOP_TOKEN_IDS} are allowed")
+    for token in ids:
+        if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
+            top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
+            raise InvalidRequestError(f"stop_token_ids entry {str(token)[:20]} is out of "
+                                      f"range: token ids are 0 to {top}")
 
 
 def _validate_logit_bias(bias: dict[int, float], vocab_size: int) -> None:

@@ -81,7 +81,9 @@ def sampling(params: SamplingParams):
                         presence_penalty=params.presence_penalty,
                         frequency_penalty=params.frequency_penalty,
                         repetition_penalty=params.repetition_penalty,
-                        min_tokens=params.min_tokens, output_kind=RequestOutputKind.DELTA,
+                        min_tokens=params.min_tokens, min_p=params.min_p,
+                        stop_token_ids=list(params.stop_token_ids) or None,
+                        output_kind=RequestOutputKind.DELTA,
                         structured_outputs=structured_outputs(params.structured))
 
 
@@ -101,12 +103,13 @@ def structured_outputs(spec: StructuredSpec | None):
 
 
 def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | None:
-    """vLLM's ``finish_reason``/``stop_reason`` as ours: ``stop`` by a stop string is
-    STOP, by EOS or a stop token EOS; ``abort`` is CANCELLED."""
+    """vLLM's ``finish_reason``/``stop_reason`` as ours, as the native engine says them:
+    ``stop`` by EOS (no ``stop_reason``) is EOS, by a stop string or a stop token id
+    STOP; ``abort`` is CANCELLED."""
     if reason is None:
         return None
     if reason == "stop":
-        return FinishReason.STOP if isinstance(stop_reason, str) else FinishReason.EOS
+        return FinishReason.EOS if stop_reason is None else FinishReason.STOP
     return {"length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}.get(
         reason, FinishReason.ERROR)
 

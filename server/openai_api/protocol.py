@@ -30,8 +30,8 @@ _REFUSED: dict[str, Any] = {
     "prompt_logprobs": _off, "suffix": _off,
     "echo": _off,  # a completions field; chat has no echo in OpenAI's API
     "functions": _off,
-    "function_call": lambda v: v in (None, "none"), "min_p": _off,
-    "stop_token_ids": _off, "bad_words": _off, "use_beam_search": _off,
+    "function_call": lambda v: v in (None, "none"),
+    "bad_words": _off, "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
     "guided_whitespace_pattern": _off, "include_stop_str_in_output": _off,
     "skip_special_tokens": lambda v: v in (None, True), "truncate_prompt_tokens": _off,
@@ -68,6 +68,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM's extension, as min_tokens
     min_tokens: int | None = None
+    min_p: float | None = None  # vLLM's extensions, as min_tokens
+    stop_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -127,7 +129,8 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=(1.0 if self.repetition_penalty is None
                                 else self.repetition_penalty),
-            min_tokens=self.min_tokens or 0, structured=self.structured_output()[0])
+            min_tokens=self.min_tokens or 0, structured=self.structured_output()[0],
+            min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []))
 
     def _check_n(self) -> None:
         if not 1 <= self.num_choices <= MAX_N:
