@@ -33,6 +33,8 @@ class SamplingExtras(TypedDict, total=False):
     min_tokens: int
     min_p: float
     stop_token_ids: list[int]
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
     json_schema: Mapping[str, Any] | str
     json_object: bool
     regex: str

@@ -47,6 +47,9 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         structured=structured_spec(p.structured) if p.HasField("structured") else None,
         min_p=p.min_p,
         stop_token_ids=list(p.stop_token_ids),
+        include_stop_str_in_output=p.include_stop_str_in_output,
+        skip_special_tokens=(p.skip_special_tokens if p.HasField("skip_special_tokens")
+                             else True),
     )
 
 

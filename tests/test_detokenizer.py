@@ -81,9 +81,10 @@ def test_a_fast_tokenizer_streams_without_a_python_decode_per_token(smollm2):
     assert texts[False] == texts[True] == smollm2.decode(ids)
 
 
-def stream(tok, ids, stop=(), chunks=None, skip_special_tokens=True):
+def stream(tok, ids, stop=(), chunks=None, skip_special_tokens=True, include_stop=False):
     """Feed ``ids`` in ``chunks`` (sizes, cycled; default 1); flush unless stopped."""
-    detok = IncrementalDetokenizer(tok, list(stop), skip_special_tokens)
+    detok = IncrementalDetokenizer(tok, list(stop), skip_special_tokens,
+                                   include_stop=include_stop)
     sizes, pieces, i, j = chunks or [1], [], 0, 0
     while i < len(ids):
         n = sizes[j % len(sizes)]
@@ -99,12 +100,13 @@ def decode(tok, ids, skip_special_tokens=True):
     return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def truncate(text, stop):
-    """``text`` cut before the stop string that completes first, character by character."""
+def truncate(text, stop, include=False):
+    """``text`` cut before the stop string that completes first, character by character
+    (after it with ``include``)."""
     for end in range(len(text) + 1):
         done = [s for s in stop if text[:end].endswith(s)]
         if done:
-            return text[: end - max(map(len, done))]
+            return text[:end] if include else text[: end - max(map(len, done))]
     return text
 
 
@@ -204,6 +206,14 @@ def test_stop_strings(smollm2, stop, expected):
     assert not any(s in "".join(pieces) for s in stop)
 
 
+def test_include_stop_ends_the_text_after_the_stop_string(smollm2):
+    ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
+    detok, pieces = stream(smollm2, ids, stop=["o world, this", "world"], include_stop=True)
+    assert detok.text == "Hello world" and detok.stopped
+    detok, _ = stream(smollm2, ids, stop=["absent"], include_stop=True)
+    assert detok.text == TEXT_EN and not detok.stopped
+
+
 def test_stop_prefix_is_held_then_released(smollm2):
     ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
     words = [smollm2.decode([i]) for i in ids]
@@ -247,8 +257,9 @@ def test_stop_truncates_at_first_occurrence(tokenizer, data, text, chunks):
     substrings = st.tuples(st.integers(0, len(full)), st.integers(1, 4)).map(
         lambda t: full[t[0] : t[0] + t[1]]).filter(bool) if full else st.nothing()
     stop = data.draw(st.lists(substrings | TEXT.filter(bool), min_size=1, max_size=3))
-    detok, pieces = stream(tokenizer, ids, stop=stop, chunks=chunks)
-    expected = truncate(full, stop)
+    include = data.draw(st.booleans())  # vLLM's include_stop_str_in_output
+    detok, pieces = stream(tokenizer, ids, stop=stop, chunks=chunks, include_stop=include)
+    expected = truncate(full, stop, include)
     assert detok.text == expected
     assert detok.stopped == any(s in full for s in stop)
     if REPLACEMENT_CHAR not in full:

@@ -141,6 +141,28 @@ def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine
     assert got[1].finish_reason == inference_pb2.FINISH_REASON_STOP
 
 
+def test_stop_string_and_special_token_text_fields_give_the_engines_text(model, bytebpe,
+                                                                         engine):
+    """include_stop_str_in_output and skip_special_tokens (unset = true) over gRPC: the
+    offline engine's text for the same request."""
+    free = "".join(o.text for o in offline(model, bytebpe, SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True)))
+    cases = [dict(stop=[free[4:6]], include_stop_str_in_output=True),
+             dict(logit_bias={0: 100.0}, skip_special_tokens=False), dict(logit_bias={0: 100.0})]
+    plain = dict(max_tokens=12, temperature=0.0)
+    want = ["".join(o.text for o in offline(model, bytebpe, SamplingParams(**plain | f)))
+            for f in cases]
+
+    async def main():
+        async with serving(engine) as c:
+            return [await c.inference.Generate(inference_pb2.GenerateRequest(
+                prompt=PROMPT, sampling=inference_pb2.SamplingParams(**plain | f)))
+                for f in cases]
+
+    got = [g.text for g in asyncio.run(main())]
+    assert got == want and want[0].endswith(free[4:6]) and want[1] != want[2]
+
+
 def test_min_tokens_holds_back_eos(model, bytebpe, engine):
     """With token 0 (EOS) pushed up by a bias, the request ends at once, unless
     min_tokens holds it back."""

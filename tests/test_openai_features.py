@@ -303,6 +303,35 @@ def test_min_p_and_stop_token_ids_reach_the_engine(engine):
     assert "stop_token_ids entry 300" in bad[1].json()["error"]["message"]
 
 
+def test_include_stop_str_and_special_tokens_shape_the_text(engine):
+    """vLLM's include_stop_str_in_output (the text ends after the stop string) and
+    skip_special_tokens false (EOS's own text kept), as the official client sends them."""
+    tok, eos = engine.tokenizer, engine.tokenizer.eos_token_id
+
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=12, temperature=0)
+        free = await oa.completions.create(extra_body=GREEDY, **kw)
+        stop = free.choices[0].text[4:6]
+        cut = {inc: await oa.completions.create(
+            stop=[stop], extra_body=GREEDY | {"include_stop_str_in_output": inc}, **kw)
+            for inc in (False, True)}
+        special = {skip: await oa.completions.create(
+            logit_bias={str(eos): 100}, extra_body={"skip_special_tokens": skip,
+                                                    "return_token_ids": True}, **kw)
+            for skip in (True, False)}
+        return free, stop, cut, special
+
+    free, stop, cut, special = serve(engine, fn)
+    text = free.choices[0].text
+    assert cut[False].choices[0].text == text[: text.index(stop)]
+    assert cut[True].choices[0].text == text[: text.index(stop) + len(stop)]
+    ids = special[True].choices[0].token_ids
+    assert ids == special[False].choices[0].token_ids and ids[-1] == eos
+    assert special[True].choices[0].text == tok.decode(ids, skip_special_tokens=True)
+    assert special[False].choices[0].text == tok.decode(ids, skip_special_tokens=False)
+    assert special[False].choices[0].text != special[True].choices[0].text
+
+
 def test_penalties_reach_the_engine_as_sampling_params(engine):
     ids = engine.tokenizer(PROMPT)["input_ids"]
     fields = {"presence_penalty": 1.5, "frequency_penalty": 2.0, "repetition_penalty": 1.3}

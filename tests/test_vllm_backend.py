@@ -208,6 +208,8 @@ def test_streaming_stop_strings_and_usage(setup):
         cut = generate(setup, PROMPTS[3], "nola", stop=[stop])
         assert cut.finish_reason == inference_pb2.FINISH_REASON_STOP
         assert cut.text == whole.text[:whole.text.index(stop)]
+        kept = generate(setup, PROMPTS[3], "nola", stop=[stop], include_stop_str_in_output=True)
+        assert kept.text == whole.text[:whole.text.index(stop) + len(stop)]
     token = whole.token_ids[MAX_TOKENS // 2]  # vLLM's stop_token_ids, as the native engine
     by_token = generate(setup, PROMPTS[3], "nola", stop_token_ids=[token])
     native = run(setup.native, {"r": (setup.tokenizer(PROMPTS[3])["input_ids"],

@@ -27,11 +27,12 @@ SCRIPT = textwrap.dedent('''
     ours = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3,
                           prompt_logprobs=2, logit_bias={7: -100.0}, presence_penalty=0.5,
                           frequency_penalty=0.25, repetition_penalty=1.2, min_tokens=2,
-                          min_p=0.25, stop_token_ids=[9, 11])
+                          min_p=0.25, stop_token_ids=[9, 11], include_stop_str_in_output=True,
+                          skip_special_tokens=False)
     theirs = vllm_args.sampling(ours)
     fields = {f: getattr(theirs, f) for f in ("logprobs", "prompt_logprobs", "logit_bias",
               "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-              "stop_token_ids")}
+              "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens")}
     # vLLM clears min_p for greedy requests: read it from a sampled one
     fields["min_p"] = vllm_args.sampling(SamplingParams(temperature=1.0, min_p=0.25)).min_p
     plain = vllm_args.sampling(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
@@ -60,7 +61,8 @@ def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
     assert got["fields"] == {"logprobs": 3, "prompt_logprobs": 2, "logit_bias": {"7": -100.0},
                              "presence_penalty": 0.5, "frequency_penalty": 0.25,
                              "repetition_penalty": 1.2, "min_tokens": 2, "min_p": 0.25,
-                             "stop_token_ids": [9, 11]}
+                             "stop_token_ids": [9, 11], "include_stop_str_in_output": True,
+                             "skip_special_tokens": False}
     ids = prompt + got["tokens"]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)

@@ -32,8 +32,9 @@ class IncrementalDetokenizer:
     ``add(ids)`` returns the text to send now, ``flush()`` the text held back when the
     request ends for another reason than a stop string, and ``text`` everything sent so
     far. The pieces add up to ``tokenizer.decode(output_ids, skip_special_tokens=...)``, cut
-    before the first ``stop`` string to complete; then ``stopped`` is True and later tokens
-    are ignored. "First to complete" does not depend on how the tokens are chunked: of
+    before the first ``stop`` string to complete (after it with ``include_stop``, vLLM's
+    ``include_stop_str_in_output``); then ``stopped`` is True and later tokens are
+    ignored. "First to complete" does not depend on how the tokens are chunked: of
     stops "abcd" and "bc" in "abcd", "bc" completes first and the text is "a".
 
     Text is held back while it ends in half a UTF-8 character or in a prefix of a stop
@@ -50,6 +51,7 @@ class IncrementalDetokenizer:
         stop: list[str],
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
+        include_stop: bool = False,
     ) -> None:
         """``min_tokens``: stop strings are not looked for before that many output tokens
         (the text until then is emitted as it comes), as vLLM does."""
@@ -58,7 +60,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.skip_special_tokens = skip_special_tokens
-        self.min_tokens = min_tokens
+        self.min_tokens, self.include_stop = min_tokens, include_stop
         self.output_token_ids: list[int] = []
         self.stopped = False
         self._prefix_offset = 0  # window start: ids before it are fully decoded
@@ -71,7 +73,7 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All text emitted so far (never includes a stop string)."""
+        """All text emitted so far (a stop string only with ``include_stop``)."""
         return self._decoded[: self._emitted]
 
     def add(self, token_ids: list[int]) -> str:
@@ -136,17 +138,17 @@ class IncrementalDetokenizer:
         cut = self._find_stop()
         if cut is not None:
             self.stopped = True
-            self._decoded = self._decoded[:cut]
-            end = cut
+            end = cut[1] if self.include_stop else cut[0]
+            self._decoded = self._decoded[:end]
         elif not final:
             end -= self._held_suffix_len()
         piece = self._decoded[self._emitted : end]
         self._emitted = end
         return piece
 
-    def _find_stop(self) -> int | None:
-        """Start of the stop string that completes first, as if the text arrived one
-        character at a time: the earliest end wins, then the earliest start. Only the
+    def _find_stop(self) -> tuple[int, int] | None:
+        """``(start, end)`` of the stop string that completes first, as if the text arrived
+        one character at a time: the earliest end wins, then the earliest start. Only the
         unemitted text is searched: emitted text never holds the start of a stop string,
         since a suffix that could begin one is held back."""
         hits = []
@@ -154,7 +156,7 @@ class IncrementalDetokenizer:
             start = self._decoded.find(s, self._emitted)
             if start >= 0:
                 hits.append((start + len(s), start))
-        return min(hits)[1] if hits else None
+        return min(hits)[::-1] if hits else None
 
     def _held_suffix_len(self) -> int:
         """Length of the longest unemitted suffix that is a proper prefix of a stop."""

@@ -132,7 +132,8 @@ class Engine:
         if len(self.requests) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop, min_tokens=params.min_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                       params.min_tokens, params.include_stop_str_in_output)
         self.requests[request_id] = _Request(seq, detok,
                                             make_generator(params.seed, self.runner.device),
                                             None if params.prompt_logprobs is None else [None],

@@ -60,6 +60,8 @@ class SamplingParams:
     structured: StructuredSpec | None = None  # output held to a grammar
     min_p: float = 0.0  # vLLM: drop tokens less likely than min_p x the likeliest; 0 = off
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM: end the request (STOP)
+    include_stop_str_in_output: bool = False  # vLLM: the text ends after the stop string
+    skip_special_tokens: bool = True  # vLLM: False keeps special tokens' text (<eos>)
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not

@@ -83,6 +83,8 @@ def sampling(params: SamplingParams):
                         repetition_penalty=params.repetition_penalty,
                         min_tokens=params.min_tokens, min_p=params.min_p,
                         stop_token_ids=list(params.stop_token_ids) or None,
+                        include_stop_str_in_output=params.include_stop_str_in_output,
+                        skip_special_tokens=params.skip_special_tokens,
                         output_kind=RequestOutputKind.DELTA,
                         structured_outputs=structured_outputs(params.structured))
 
