@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry_rows import AdapterRecord
@@ -10,11 +11,12 @@ from nolaserve.adapters.safetensors_io import cut_text
 from nolaserve.adapters.store import RmmResult
 from nolaserve.v1 import admin_pb2, inference_pb2
 
+from .chat import ChatMessage, ChatOptions
 from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import RequestOutput, TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams, StructuredSpec
-from .generation import ChatMessage, GenerateRequest
+from .generation import GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
 _FINISH = {
@@ -75,12 +77,30 @@ def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("set either prompt or messages in the GenerateRequest")
-    messages = None
+    messages, chat = None, ChatOptions()
     if which == "messages":
         messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+        chat = chat_options(request.messages)
     return GenerateRequest(model=request.adapter_id,
                            prompt=request.prompt if which == "prompt" else None,
-                           messages=messages, params=sampling_params(request.sampling))
+                           messages=messages, params=sampling_params(request.sampling),
+                           chat=chat)
+
+
+def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:
+    """``ChatMessages``' rendering fields; ``InvalidRequestError`` when
+    ``chat_template_kwargs`` is not a JSON object."""
+    kwargs = {}
+    if m.chat_template_kwargs:
+        try:
+            kwargs = json.loads(m.chat_template_kwargs)
+        except (ValueError, RecursionError):
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise InvalidRequestError("chat_template_kwargs must be a JSON object, such as "
+                                      '{"enable_thinking": false}', "chat_template_kwargs")
+    return ChatOptions(m.add_generation_prompt if m.HasField("add_generation_prompt") else True,
+                       m.continue_final_message, kwargs)
 
 
 def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.GenerateResponse:

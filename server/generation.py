@@ -25,6 +25,7 @@ from nolaserve.adapters.errors import (
 )
 from nolaserve.adapters.store import AdapterStore
 
+from .chat import CHAT_ROLES, ChatMessage, ChatOptions, check_utf8, render_chat
 from .engine.async_engine import AsyncEngine
 from .engine.engine_types import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams
@@ -34,24 +35,6 @@ from .metrics import Metrics, RequestTimer
 # A prompt longer than this many bytes per allowed token is refused before tokenizing:
 # real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
 PROMPT_BYTES_PER_TOKEN = 32
-# Any other role is refused rather than rendered raw.
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass
-class ChatMessage:
-    role: str
-    content: str
-    tool_calls: list[dict] | None = None  # an assistant's calls, OpenAI's shape
-    tool_call_id: str | None = None  # a "tool" message: the call it answers
-
-    def template_dict(self) -> dict:
-        """The message as chat templates take it (tool fields only when set)."""
-        tools = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
-        return {"role": self.role, "content": self.content,
-                **{k: v for k, v in tools.items() if v is not None}}
-
-
 @dataclass
 class GenerateRequest:
     """One generation request as every front end sees it. ``model`` names what serves it:
@@ -65,6 +48,7 @@ class GenerateRequest:
     messages: list[ChatMessage] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: list[dict] | None = None  # chat: OpenAI's tools, for the chat template
+    chat: ChatOptions = field(default_factory=ChatOptions)
 
 
 def resolve_adapter(model: str, base_model: str, registered: Callable[[str], bool]
@@ -141,20 +125,8 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("the model's tokenizer has no chat template: send a "
                                   "plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, tools=request.tools,
-                                         add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def check_utf8(text: str, field: str) -> None:
-    """``InvalidRequestError`` naming ``field`` unless ``text`` encodes as UTF-8 (a JSON
-    ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as e:
-        raise InvalidRequestError(
-            f"{field} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) "
-            f"at character {e.start}; send text that encodes as UTF-8") from None
+    return list(tokenizer(render_chat(tokenizer, messages, request.tools, request.chat),
+                          add_special_tokens=False)["input_ids"])
 
 
 def engine_input(tokenizer, base_model: str, request: GenerateRequest,

@@ -16,16 +16,18 @@ import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.sources import read_adapter_source
 
 from .build import build_engine
+from .chat import ChatMessage, ChatOptions
 from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams
-from .generation import ChatMessage, GenerateRequest, engine_input, failure, registered_in
+from .generation import GenerateRequest, engine_input, failure, registered_in
 
 Prompt = str | list[int]
 Conversation = list[dict[str, str]]
@@ -104,13 +106,18 @@ class LLM:
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              adapter_ids: str | None | Sequence[str | None] = None,
-             use_tqdm: bool | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | None = None, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Answer each conversation (a list of ``{"role", "content"}``), rendered with the
-        model's chat template; ``sampling_params`` default to as many tokens as fit."""
+        model's chat template as vLLM's ``LLM.chat`` options say (``chat.ChatOptions``);
+        ``sampling_params`` default to as many tokens as fit."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
+        chat = ChatOptions(add_generation_prompt, continue_final_message,
+                           dict(chat_template_kwargs or {}))
         requests = [GenerateRequest(messages=[ChatMessage(m["role"], m["content"])
-                                              for m in conv]) for conv in messages]
+                                              for m in conv], chat=chat) for conv in messages]
         if sampling_params is None:
             sampling_params = SamplingParams(max_tokens=None)
         return self._run(requests, sampling_params, adapter_ids, use_tqdm)

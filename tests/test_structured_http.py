@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 from test_structured_output import ADAPTERS, SCHEMAS, model  # noqa: F401 (fixture)
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.server.generation import ChatMessage, GenerateRequest, prompt_token_ids
+from nolaserve.server.chat import ChatMessage
+from nolaserve.server.generation import GenerateRequest, prompt_token_ids
 from nolaserve.server.openai_api.protocol import ChatCompletionRequest
 
 MESSAGES = [{"role": "user", "content": "héllo"}]

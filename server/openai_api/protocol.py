@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
+from ..chat import ChatMessage, ChatOptions
 from ..engine.sequence import MAX_LOGPROBS, SamplingParams, StructuredSpec
-from ..generation import ChatMessage, GenerateRequest
+from ..generation import GenerateRequest
 from .tool_calls import ToolMode, structured_output
 
 log = logging.getLogger("nolaserve.http")
@@ -34,8 +35,7 @@ _REFUSED: dict[str, Any] = {
     "bad_words": _off, "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
     "guided_whitespace_pattern": _off, "truncate_prompt_tokens": _off,
-    "add_generation_prompt": lambda v: v in (None, True), "continue_final_message": _off,
-    "chat_template": _off, "chat_template_kwargs": _off, "logits_processors": _off,
+    "chat_template": _off, "logits_processors": _off,
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
 }
 # Standard fields that do not change the output.
@@ -229,7 +229,19 @@ class ChatMessageIn(BaseModel):
         return ChatMessage(self.role, self.text(), calls, call_id)
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatFields(BaseModel):
+    """vLLM's chat rendering fields (``chat.ChatOptions``), of chat and ``/tokenize``."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def chat_options(self) -> ChatOptions:
+        return ChatOptions(self.add_generation_prompt, self.continue_final_message,
+                           self.chat_template_kwargs or {})
+
+
+class ChatCompletionRequest(_Sampling, _ChatFields):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -253,7 +265,8 @@ class ChatCompletionRequest(_Sampling):
         params = self.sampling_params(limit)
         messages = [m.message() for m in self.messages]
         tools = self.tools if params.structured is not None and self.tools else None
-        return [GenerateRequest(self.model, messages=messages, params=params, tools=tools)]
+        return [GenerateRequest(self.model, messages=messages, params=params, tools=tools,
+                                chat=self.chat_options())]
 
 
 class LoadLoraRequest(BaseModel):
@@ -266,7 +279,7 @@ class UnloadLoraRequest(BaseModel):
     lora_name: str
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatFields):
     """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (rendered as chat does)."""
 
     model: str = ""
@@ -277,7 +290,8 @@ class TokenizeRequest(BaseModel):
     def generate_request(self) -> GenerateRequest:
         messages = None if self.messages is None else \
             [m.message() for m in self.messages]
-        return GenerateRequest(self.model, prompt=self.prompt, messages=messages)
+        return GenerateRequest(self.model, prompt=self.prompt, messages=messages,
+                               chat=self.chat_options())
 
 
 class DetokenizeRequest(BaseModel):

@@ -1,0 +1,161 @@
+"""vLLM's chat options (``add_generation_prompt``, ``continue_final_message``,
+``chat_template_kwargs``): rendered as transformers' ``apply_chat_template`` renders them
+(SmolLM2's own template), refused with a message naming the field where the template
+cannot take them, and the same over HTTP, gRPC and the offline ``LLM``."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine
+from grpc import StatusCode as Code
+from openai_helpers import http, http_serving, openai_client
+from server_helpers import expect_code, serving
+
+from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.server.chat import ChatMessage, ChatOptions, render_chat
+from nolaserve.server.engine.sequence import SamplingParams
+from nolaserve.server.generation import GenerateRequest, prompt_token_ids
+from nolaserve.server.offline import LLM
+from nolaserve.v1 import inference_pb2
+
+CONVERSATION = [{"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "The color is"}]
+THINKING = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}"
+            "{% if enable_thinking is defined and not enable_thinking %}<no_think>{% endif %}"
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}"
+            "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def thinking(bytebpe):
+    tok = copy.deepcopy(bytebpe)
+    tok.chat_template = THINKING
+    return tok
+
+
+@pytest.mark.parametrize(("options", "theirs"), [
+    (ChatOptions(), dict(add_generation_prompt=True)),
+    (ChatOptions(add_generation_prompt=False), dict(add_generation_prompt=False)),
+    (ChatOptions(False, True), dict(add_generation_prompt=False, continue_final_message=True)),
+])
+def test_smollm2s_template_renders_as_transformers_does(smollm2, options, theirs):
+    want = smollm2.apply_chat_template(CONVERSATION, tokenize=False, **theirs)
+    assert render_chat(smollm2, CONVERSATION, None, options) == want
+    if options.continue_final_message:
+        assert want.endswith("The color is")  # left open for the model
+
+
+def test_template_kwargs_reach_the_template(thinking):
+    off = render_chat(thinking, CONVERSATION[:1], None, ChatOptions(
+        template_kwargs={"enable_thinking": False}))
+    assert off.endswith("<assistant><no_think>")
+    assert render_chat(thinking, CONVERSATION[:1], None, ChatOptions()).endswith("<assistant>")
+
+
+@pytest.mark.parametrize(("options", "messages", "field", "message"), [
+    (ChatOptions(True, True), CONVERSATION, "continue_final_message",
+     "set add_generation_prompt to false"),
+    (ChatOptions(False, True), CONVERSATION[:1], "continue_final_message",
+     "needs an assistant message last"),
+    (ChatOptions(template_kwargs={"chat_template": "{{ 7 * 7 }}"}), CONVERSATION,
+     "chat_template_kwargs", "cannot set 'chat_template'"),
+    (ChatOptions(template_kwargs={"messages": []}), CONVERSATION, "chat_template_kwargs",
+     "cannot set 'messages'"),
+    (ChatOptions(template_kwargs={"tokenize": True}), CONVERSATION, "chat_template_kwargs",
+     "cannot set 'tokenize'"),
+    (ChatOptions(template_kwargs={"a-b": 1}), CONVERSATION, "chat_template_kwargs",
+     "cannot set 'a-b'"),
+    (ChatOptions(template_kwargs={f"k{i}": i for i in range(33)}), CONVERSATION,
+     "chat_template_kwargs", "at most 32"),
+    (ChatOptions(), [{"role": "system", "content": "x"}], "messages",
+     "the chat template cannot render these messages: 'no system'"),
+])
+def test_options_the_template_cannot_take_are_refused(thinking, options, messages, field,
+                                                      message):
+    with pytest.raises(InvalidRequestError, match=message) as e:
+        render_chat(thinking, messages, None, options)
+    assert e.value.param == field
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300)
+
+
+def rendered_ids(tokenizer, options: ChatOptions) -> list[int]:
+    return prompt_token_ids(tokenizer, GenerateRequest(
+        messages=[ChatMessage(m["role"], m["content"]) for m in CONVERSATION], chat=options))
+
+
+def test_http_takes_vllms_chat_fields(model, thinking):
+    engine = make_engine(model, thinking)
+    fields = {"add_generation_prompt": False, "continue_final_message": True,
+              "chat_template_kwargs": {"enable_thinking": False}}
+    want = len(rendered_ids(thinking, ChatOptions(False, True, {"enable_thinking": False})))
+
+    async def main():
+        async with http_serving(engine) as (_, url), http(url) as h:
+            got = await openai_client(url).chat.completions.create(
+                model="", messages=CONVERSATION, max_tokens=2, extra_body=fields)
+            bad = [await h.post("/v1/chat/completions", json={
+                "messages": CONVERSATION, **b}) for b in (
+                {"chat_template_kwargs": {"chat_template": "x"}},
+                {"continue_final_message": True}, {"chat_template_kwargs": [1]})]
+            counted = await h.post("/tokenize", json={"messages": CONVERSATION, **fields})
+            return got, bad, counted.json()
+
+    got, bad, counted = asyncio.run(main())
+    assert got.usage.prompt_tokens == want == counted["count"]
+    assert want != len(rendered_ids(thinking, ChatOptions()))
+    assert [r.status_code for r in bad] == [400, 400, 400]
+    assert [r.json()["error"]["param"] for r in bad[:2]] == [
+        "chat_template_kwargs", "continue_final_message"]
+
+
+def test_grpc_takes_them_in_chat_messages(model, thinking):
+    engine = make_engine(model, thinking)
+    want = len(rendered_ids(thinking, ChatOptions(False, True, {"enable_thinking": False})))
+
+    def request(**fields):
+        chat = inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(**m)
+                                                    for m in CONVERSATION], **fields)
+        return inference_pb2.GenerateRequest(messages=chat, sampling=inference_pb2.SamplingParams(
+            max_tokens=2))
+
+    async def main():
+        async with serving(engine) as c:
+            got = await c.inference.Generate(request(
+                add_generation_prompt=False, continue_final_message=True,
+                chat_template_kwargs=json.dumps({"enable_thinking": False})))
+            for bad, message in (("[1]", "must be a JSON object"), ("{", "must be a JSON object"),
+                                 ("[" * 100_000, "must be a JSON object"),
+                                 ('{"tools": 1}', "cannot set 'tools'")):
+                await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(
+                    request(chat_template_kwargs=bad)), message)
+            return got
+
+    assert asyncio.run(main()).usage.prompt_tokens == want
+
+
+def test_offline_chat_takes_them_as_vllms_llm_chat_does(model, thinking, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    thinking.save_pretrained(tmp_path / "model")
+    llm = LLM(str(tmp_path / "model"), device="cpu", dtype="float32", num_slots=1,
+              max_rank=4, cache_dir=str(tmp_path / "cache"), kv_cache_bytes=4 << 20)
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        out = llm.chat(CONVERSATION, params, add_generation_prompt=False,
+                       continue_final_message=True,
+                       chat_template_kwargs={"enable_thinking": False})[0]
+        with pytest.raises(InvalidRequestError, match="cannot set 'chat_template'"):
+            llm.chat(CONVERSATION, params, chat_template_kwargs={"chat_template": "x"})
+    finally:
+        llm.close()
+    assert out.prompt_token_ids == rendered_ids(
+        thinking, ChatOptions(False, True, {"enable_thinking": False}))
