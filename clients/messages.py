@@ -35,6 +35,7 @@ class SamplingExtras(TypedDict, total=False):
     stop_token_ids: list[int]
     include_stop_str_in_output: bool
     skip_special_tokens: bool
+    truncate_prompt_tokens: int
     json_schema: Mapping[str, Any] | str
     json_object: bool
     regex: str

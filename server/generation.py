@@ -3,7 +3,7 @@ request dataclass they each build from their wire format, the naming of the mode
 adapter, the prompt (text, token ids or chat messages rendered with the chat template),
 and the typed failure of a request the engine finished with an error.
 
-    GenerateRequest(...) -> engine_input(tokenizer, base, request) -> (ids, params, adapter)
+    GenerateRequest(...) -> engine_input(tokenizer, base, request, ...) -> (ids, params, adapter)
     Generation(async_engine, metrics).outputs(request, request_id) -> RequestOutput stream
     Generation(...).fan_out(requests, n, request_id) -> Fanout: (choice index, output)s
 """
@@ -130,12 +130,28 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
 
 
 def engine_input(tokenizer, base_model: str, request: GenerateRequest,
-                 registered: Callable[[str], bool]
+                 registered: Callable[[str], bool], longest_prompt: int
                  ) -> tuple[list[int], SamplingParams, str | None]:
     """What ``Engine.add_request`` takes for ``request`` (tokenizing and ``registered``
     block: call it from a worker thread in async code)."""
     adapter = resolve_adapter(request.model, base_model, registered)
-    return prompt_token_ids(tokenizer, request), request.params, adapter
+    ids = truncated(prompt_token_ids(tokenizer, request),
+                    request.params.truncate_prompt_tokens, longest_prompt)
+    return ids, request.params, adapter
+
+
+def truncated(ids: list[int], keep: int | None, longest_prompt: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (``-1``: as many
+    as a prompt may have, ``longest_prompt``); None keeps them all."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = longest_prompt
+    if not isinstance(keep, int) or keep < 1:
+        raise InvalidRequestError(f"truncate_prompt_tokens must be >= 1 (the prompt's last "
+                                  f"tokens to keep) or -1 (as many as fit), got {short(keep)}",
+                                  "truncate_prompt_tokens")
+    return ids[-keep:]
 
 
 def failure(out: RequestOutput) -> RequestFailedError:
@@ -196,7 +212,8 @@ class Generation:
             check_prompt_size(request, self.engine.max_prompt_tokens)
         engine, registered = self.engine, registered_in(self.engine.store)
         return await asyncio.to_thread(lambda: [
-            engine_input(engine.tokenizer, engine.model_name, r, registered)
+            engine_input(engine.tokenizer, engine.model_name, r, registered,
+                         engine.max_prompt_tokens)
             for r in requests])
 
     async def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None,

@@ -175,7 +175,8 @@ class _Batch:
     def _add(self, request_id: str, request: GenerateRequest) -> None:
         prompt, params, adapter = engine_input(self.engine.tokenizer,
                                                self.engine.model_name, request,
-                                               registered_in(self.engine.store))
+                                               registered_in(self.engine.store),
+                                               self.engine.limits.longest_prompt)
         self.engine.add_request(request_id, prompt, params, adapter)
         self.results[request_id] = RequestOutput(request_id, prompt, adapter)
         self.text[request_id] = []

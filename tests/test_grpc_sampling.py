@@ -13,7 +13,7 @@ import grpc
 import jsonschema
 import pytest
 from conftest import tiny_llama
-from engine_helpers import make_engine
+from engine_helpers import make_engine, run
 from server_helpers import BackgroundServer, expect_code, request, serving
 
 from nolaserve.clients.client import AsyncClient, Client
@@ -118,13 +118,16 @@ def test_bias_penalties_and_min_tokens_give_the_engines_tokens(model, bytebpe, e
 
 
 def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine):
-    """vLLM's min_p and stop_token_ids over gRPC: the offline engine's tokens for the same
-    seeded request, and a stop token ends it with STOP, the token kept."""
+    """vLLM's min_p, stop_token_ids and truncate_prompt_tokens over gRPC: the offline
+    engine's tokens for the same seeded request (the last 3 prompt tokens for the third),
+    and a stop token ends it with STOP, the token kept."""
     sampled = dict(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
     free = [t for o in offline(model, bytebpe, SamplingParams(**sampled)) for t in o.token_ids]
-    cases = [dict(min_p=0.9), dict(stop_token_ids=[free[2]])]
+    cases = [dict(min_p=0.9), dict(stop_token_ids=[free[2]]), dict(truncate_prompt_tokens=3)]
     want = [[t for o in offline(model, bytebpe, SamplingParams(**sampled | f)) for t in o.token_ids]
-            for f in cases]
+            for f in cases[:2]]
+    want.append(run(make_engine(model, bytebpe), {"r": (
+        bytebpe(PROMPT)["input_ids"][-3:], SamplingParams(**sampled), None)})["r"])
 
     async def main():
         async with serving(engine) as c:
@@ -137,6 +140,7 @@ def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine
 
     got, typed = asyncio.run(main())
     assert [list(g.token_ids) for g in got] == want == [t.token_ids for t in typed]
+    assert got[2].usage.prompt_tokens == 3
     assert want[1] == free[: free.index(free[2]) + 1] and want[0] != free
     assert got[1].finish_reason == inference_pb2.FINISH_REASON_STOP
 
@@ -214,6 +218,7 @@ BAD = [
     (dict(min_tokens=9), "min_tokens must be between 0 and max_tokens (8)"),
     (dict(min_p=1.5), "min_p must be in [0, 1]"),
     (dict(stop_token_ids=[100000]), "stop_token_ids entry 100000 is out of range"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens must be >= 1"),
     (dict(structured=inference_pb2.StructuredOutput()), "sampling.structured asks for nothing"),
     (dict(structured=inference_pb2.StructuredOutput(json_object=False)),
      "sampling.structured asks for nothing"),

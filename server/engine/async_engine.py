@@ -40,8 +40,7 @@ class AsyncEngine:
     @property
     def max_prompt_tokens(self) -> int:
         """The longest prompt the engine takes (its limit and the model's context)."""
-        limits = self.engine.limits
-        return min(limits.max_prompt_tokens, limits.max_model_len - 1)
+        return self.engine.limits.longest_prompt
 
     @property
     def limits(self) -> EngineLimits:

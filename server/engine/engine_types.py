@@ -60,6 +60,11 @@ class EngineLimits:
         return cls(max_prompt_tokens or max_model_len - 1, max_tokens_limit or max_model_len,
                    max_model_len, max_queued_requests, vocab_size)
 
+    @property
+    def longest_prompt(self) -> int:
+        """The longest prompt a request may have: the limit, and room for one token."""
+        return min(self.max_prompt_tokens, self.max_model_len - 1)
+
 
 @dataclass(frozen=True)
 class StepStats:
@@ -92,10 +97,10 @@ def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -
     context."""
     if not prompt:
         raise InvalidRequestError("prompt is empty: send at least one token of text")
-    if len(prompt) > min(lim.max_prompt_tokens, lim.max_model_len - 1):
+    if len(prompt) > lim.longest_prompt:
         raise InvalidRequestError(
             f"prompt has {len(prompt)} tokens; the limit is "
-            f"{min(lim.max_prompt_tokens, lim.max_model_len - 1)}: shorten it"
+            f"{lim.longest_prompt}: shorten it"
         )
     bad = next((t for t in prompt if t < 0 or 0 < lim.vocab_size <= t), None)
     if bad is not None:

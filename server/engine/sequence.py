@@ -62,6 +62,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM: end the request (STOP)
     include_stop_str_in_output: bool = False  # vLLM: the text ends after the stop string
     skip_special_tokens: bool = True  # vLLM: False keeps special tokens' text (<eos>)
+    truncate_prompt_tokens: int | None = None  # vLLM: keep the last k (-1: all that fit)
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not

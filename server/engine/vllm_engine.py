@@ -64,7 +64,7 @@ class VllmEngine:
 
     @property
     def max_prompt_tokens(self) -> int:
-        return min(self.limits.max_prompt_tokens, self.limits.max_model_len - 1)
+        return self.limits.longest_prompt
 
     @property
     def stats(self) -> EngineStats:

@@ -34,7 +34,7 @@ _REFUSED: dict[str, Any] = {
     "function_call": lambda v: v in (None, "none"),
     "bad_words": _off, "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
-    "guided_whitespace_pattern": _off, "truncate_prompt_tokens": _off,
+    "guided_whitespace_pattern": _off,
     "chat_template": _off, "logits_processors": _off,
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
 }
@@ -71,6 +71,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -133,7 +134,8 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens or 0, structured=self.structured_output()[0],
             min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens)
 
     def _check_n(self) -> None:
         if not 1 <= self.num_choices <= MAX_N:
