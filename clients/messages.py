@@ -74,11 +74,13 @@ class Usage:
 
 @dataclass
 class TokenLogprob:
-    """A token's logprob and the ``top`` most likely ``(token id, logprob)`` there."""
+    """A token's logprob, the ``top`` most likely ``(token id, logprob)`` there, and its
+    ``rank`` (1 = the likeliest; 0: the server did not say)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0
 
 
 @dataclass
@@ -197,7 +199,8 @@ def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
 
 def _logprobs(r: inference_pb2.GenerateResponse) -> dict[str, list[TokenLogprob]]:
     def entries(es) -> list[TokenLogprob]:
-        return [TokenLogprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top])
+        return [TokenLogprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top],
+                             e.rank)
                 for e in es]
 
     return {"logprobs": entries(r.logprobs), "prompt_logprobs": entries(r.prompt_logprobs)}

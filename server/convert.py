@@ -122,7 +122,8 @@ def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.Gene
 def token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:
     return inference_pb2.TokenLogprob(
         token_id=entry.token_id, logprob=entry.logprob,
-        top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
+        top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top],
+        rank=entry.rank or 0)
 
 
 def adapter_info(record: AdapterRecord, pinned: bool) -> admin_pb2.AdapterInfo:

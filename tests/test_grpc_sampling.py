@@ -59,7 +59,7 @@ def entries(messages) -> list[tuple]:
     def pair(t) -> tuple[int, float]:
         return (t[0], f32(t[1])) if isinstance(t, tuple) else (t.token_id, f32(t.logprob))
 
-    return [(e.token_id, f32(e.logprob), [pair(t) for t in e.top]) for e in messages]
+    return [(e.token_id, f32(e.logprob), [pair(t) for t in e.top], e.rank) for e in messages]
 
 
 def test_logprobs_and_prompt_logprobs_equal_the_engines(model, bytebpe, engine):
@@ -82,7 +82,7 @@ def test_logprobs_and_prompt_logprobs_equal_the_engines(model, bytebpe, engine):
     one, stream, got = asyncio.run(main())
     assert [e[0] for e in want] == list(one.token_ids) and len(want) == 6
     assert entries(one.logprobs) == want and entries(one.prompt_logprobs) == want_prompt
-    assert all(len(e.top) == 3 for e in one.logprobs)
+    assert all(len(e.top) == 3 and e.rank == 1 for e in one.logprobs)  # greedy: the likeliest
     assert entries([e for m in stream for e in m.logprobs]) == want
     assert entries(stream[0].prompt_logprobs) == want_prompt
     assert not any(m.prompt_logprobs for m in stream[1:])

@@ -132,7 +132,7 @@ def test_models_list_and_unknown_model(engine):
     assert [m["id"] for m in rest["data"]] == ["n"] and not rest["has_more"]
 
 
-REFUSED = [("suffix", {"suffix": "x"}), ("prompt_logprobs", {"prompt_logprobs": 1}),
+REFUSED = [("suffix", {"suffix": "x"}), ("use_beam_search", {"use_beam_search": True}),
            ("best_of", {"best_of": 3}), ("n", {"n": 17}), ("bad_words", {"bad_words": ["x"]}),
            ("prompt", {"prompt": ["a"] * 65})]
 

@@ -7,6 +7,7 @@ import asyncio
 
 import openai
 import pytest
+import torch
 from conftest import tiny_llama
 from engine_helpers import make_engine, run
 from openai_helpers import GREEDY, http, http_serving, openai_client, with_chat_template
@@ -253,6 +254,49 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(engine):
     assert stream[0].choices[0].text.startswith(PROMPT)
     assert by_index(stream)[0] == text.choices[0].text
     assert chat["param"] == "echo"
+
+
+def ranks_around(row: torch.Tensor, token: int, tol: float = 1e-4) -> range:
+    """The ranks ``token`` may have in ``row`` when logits within ``tol`` could swap."""
+    return range(int((row > row[token] + tol).sum()) + 1, int((row > row[token] - tol).sum()) + 2)
+
+
+def test_prompt_logprobs_in_vllms_shape(engine, model):
+    """vLLM's prompt_logprobs: each prompt position after the first maps the prompt token
+    and the k most likely to ``{logprob, rank, decoded_token}``, held to transformers'
+    ``log_softmax``; chat puts them on the response; streaming refuses them, as vLLM."""
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+
+    async def fn(oa, h):
+        comp = await h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1,
+                                                      "prompt_logprobs": 2})
+        chat = await h.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0, "n": 2})
+        streamed = await h.post("/v1/completions", json={"prompt": PROMPT, "stream": True,
+                                                          "prompt_logprobs": 1})
+        return comp.json(), chat.json(), streamed
+
+    comp, chat, streamed = serve(engine, fn)
+    got = comp["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ids)
+    for pos, entry in enumerate(got[1:]):  # the logits at pos give token pos + 1
+        row, token = ref[pos], ids[pos + 1]
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        assert mine["rank"] in ranks_around(row, token)
+        assert mine["decoded_token"] == engine.tokenizer.decode([token])
+        top = row.topk(2).indices.tolist()
+        assert {int(t) for t in entry} == {token, *top}
+        assert [entry[str(t)]["rank"] for t in top if t != token] == \
+            [r for r, t in enumerate(top, 1) if t != token]
+    assert "prompt_logprobs" not in chat["choices"][0]
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert chat["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])  # k = 0: the token alone
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_logit_bias_and_min_tokens_reach_the_engine(engine):

@@ -193,6 +193,8 @@ def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def assert_logprob(got: TokenLogprob, ref_row: torch.Tensor, k: int) -> None:
     assert got.logprob == pytest.approx(ref_row[got.token_id].item(), abs=1e-4)
+    likelier = ref_row - ref_row[got.token_id]  # the rank, where logits within 1e-4 may swap
+    assert int((likelier > 1e-4).sum()) + 1 <= got.rank <= int((likelier > -1e-4).sum()) + 1
     values, ids = ref_row.topk(k)
     assert [t for t, _ in got.top] == ids.tolist()
     assert [v for _, v in got.top] == pytest.approx(values.tolist(), abs=1e-4)

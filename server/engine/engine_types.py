@@ -16,12 +16,14 @@ from .sequence import FinishReason, SamplingParams
 @dataclass(frozen=True)
 class TokenLogprob:
     """A token's log probability (the raw ``log_softmax`` of the model's logits, before
-    bias, penalties, grammar masks and temperature, as vLLM reports by default) and the
-    ``k`` most likely ``(token id, logprob)`` of that position, most likely first."""
+    bias, penalties, grammar masks and temperature, as vLLM reports by default), the
+    ``k`` most likely ``(token id, logprob)`` of that position, most likely first, and
+    the token's ``rank`` there (1 = the likeliest; vLLM's: 1 + how many are likelier)."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass

@@ -24,13 +24,20 @@ from .scheduler import ScheduledSeq
 PROMPT_ROWS_AT_ONCE = 256
 
 
+def row_width(k: int) -> int:
+    """Floats per row of ``logprob_values`` with ``k`` alternatives."""
+    return 2 + 2 * k
+
+
 def logprob_values(logits: Tensor, targets: Tensor, k: int) -> Tensor:
-    """Flat float64 ``[R * (1 + 2k)]`` for ``logits`` ``[R, V]``: per row the logprob of
-    ``targets[r]``, then its ``k`` largest logprobs and their token ids. ``log_softmax`` is
-    ``logits - logsumexp`` taken only where read, not materialized as another ``[R, V]``."""
+    """Flat float64 ``[R * row_width(k)]`` for ``logits`` ``[R, V]``: per row the logprob
+    of ``targets[r]``, its rank (1 + the tokens likelier), then the ``k`` largest logprobs
+    and their token ids. ``log_softmax`` is ``logits - logsumexp`` taken only where read,
+    not materialized as another ``[R, V]``."""
     logits = logits.float()
     lse = logits.logsumexp(dim=1, keepdim=True)  # [R, 1]
-    parts = [logits.gather(1, targets.view(-1, 1)) - lse]
+    target = logits.gather(1, targets.view(-1, 1))  # [R, 1]
+    parts = [target - lse, (logits > target).sum(dim=1, keepdim=True) + 1]
     k = min(k, logits.shape[1])
     if k > 0:
         top = logits.topk(k, dim=1)
@@ -43,12 +50,12 @@ def token_logprobs(values: list[float], targets: list[int], ks: list[int],
     """``logprob_values``' read-back as one ``TokenLogprob`` per row, row ``r`` keeping the
     ``ks[r]`` most likely of the block's ``max(ks)``."""
     k = min(max(ks, default=0), vocab)
-    width = 1 + 2 * k
+    width = row_width(k)
     out = []
     for r, (target, kr) in enumerate(zip(targets, ks)):
         row = values[r * width:(r + 1) * width]
-        top = tuple((int(t), v) for v, t in zip(row[1:1 + kr], row[1 + k:1 + k + kr]))
-        out.append(TokenLogprob(target, row[0], top))
+        top = tuple((int(t), v) for v, t in zip(row[2:2 + kr], row[2 + k:2 + k + kr]))
+        out.append(TokenLogprob(target, row[0], top, int(row[1])))
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from nolaserve.adapters.errors import Status, short
 
 from .engine_types import TokenLogprob
-from .logprobs import StepRows, logprob_values, token_logprobs
+from .logprobs import StepRows, logprob_values, row_width, token_logprobs
 from .sampler import Sampler, row_tensor
 from .sequence import Sequence
 
@@ -76,7 +76,7 @@ class RowSampler(Sampler):
         tokens = [int(t) for t in host[:n]] if drawn is None else drawn
         tokens = [t if good else non_finite(s) for t, good, s in zip(tokens, host[n:2 * n], seqs)]
         ks = [seqs[i].params.logprobs for i in asking]
-        width = len(asking) * (1 + 2 * min(max(ks, default=0), vocab))
+        width = len(asking) * row_width(min(max(ks, default=0), vocab))
         lps = token_logprobs(host[2 * n:2 * n + width],
                              [t if isinstance(t, int) else 0 for t in
                               (tokens[i] for i in asking)], ks, vocab)

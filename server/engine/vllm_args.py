@@ -139,7 +139,7 @@ def token_logprob(token_id: int, position: dict, k: int) -> TokenLogprob:
     as a ``TokenLogprob``."""
     top = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
     return TokenLogprob(token_id, position[token_id].logprob,
-                        tuple((t, lp.logprob) for t, lp in top))
+                        tuple((t, lp.logprob) for t, lp in top), position[token_id].rank)
 
 
 def typed_error(error: BaseException) -> ServingError:

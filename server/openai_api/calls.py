@@ -92,11 +92,12 @@ class Endpoints:
     def _shape(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
                requests: list[GenerateRequest], fan: Fanout) -> Shape:
         tokenizer = self.generation.tokenizer
-        k = requests[0].params.logprobs
+        k, k_prompt = requests[0].params.logprobs, body.prompt_logprobs
         echoes = isinstance(body, CompletionRequest) and body.echo
-        if tokenizer is None and (echoes or k is not None):
+        if tokenizer is None and (echoes or k is not None or k_prompt is not None):
             raise InvalidRequestError("this server has no tokenizer to show tokens as text: "
-                                      "leave logprobs and echo unset", "logprobs")
+                                      "leave logprobs, prompt_logprobs and echo unset",
+                                      "logprobs")
         echo = None
         if echoes:
             echo = [(r.prompt if r.prompt is not None else tokenizer.decode(ids), ids)
@@ -104,7 +105,8 @@ class Endpoints:
         return Shape(isinstance(body, ChatCompletionRequest), body.model, request_id,
                      body.return_token_ids, body.num_choices,
                      None if k is None else LogprobFormat(tokenizer, k), echo,
-                     body.structured_output()[1])
+                     body.structured_output()[1],
+                     None if k_prompt is None else LogprobFormat(tokenizer, k_prompt))
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)

@@ -1,7 +1,8 @@
 """The engine's ``TokenLogprob``s in OpenAI's shapes: completions' ``{tokens,
 token_logprobs, top_logprobs, text_offset}`` and chat's ``{content: [{token, logprob,
-bytes, top_logprobs}]}``. A token is shown as the tokenizer's decoding of its id alone
-(``bytes``: that text's UTF-8, as vLLM does); ``-inf`` becomes OpenAI's ``-9999.0``."""
+bytes, top_logprobs}]}``; and vLLM's ``prompt_logprobs``. A token is shown as the
+tokenizer's decoding of its id alone (``bytes``: that text's UTF-8, as vLLM does);
+``-inf`` becomes OpenAI's ``-9999.0``."""
 
 from __future__ import annotations
 
@@ -58,6 +59,24 @@ class LogprobFormat:
                    | {"top_logprobs": [self._chat_token(t, v) for t, v in e.top[:self.k]]}
                    for e in entries]
         return {"content": content, "refusal": None}
+
+    def prompt(self, entries: Sequence[TokenLogprob | None]) -> list[dict | None]:
+        """vLLM's ``prompt_logprobs``: per prompt position ``None`` (the first) or
+        ``{token id: {logprob, rank, decoded_token}}`` of the prompt token and the ``k``
+        most likely."""
+        out: list[dict | None] = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            position = {e.token_id: self._ranked(e.token_id, e.logprob, e.rank)}
+            for rank, (token_id, logprob) in enumerate(e.top[:self.k], start=1):
+                position.setdefault(token_id, self._ranked(token_id, logprob, rank))
+            out.append(position)
+        return out
+
+    def _ranked(self, token_id: int, logprob: float, rank: int | None) -> dict:
+        return {"logprob": _value(logprob), "rank": rank, "decoded_token": self.piece(token_id)}
 
     def _chat_token(self, token_id: int, logprob: float) -> dict:
         text = self.piece(token_id)

@@ -28,7 +28,7 @@ def _off(value: Any) -> bool:
 
 # Known fields that change the output, with the test for "set to what changes nothing".
 _REFUSED: dict[str, Any] = {
-    "prompt_logprobs": _off, "suffix": _off,
+    "suffix": _off,
     "echo": _off,  # a completions field; chat has no echo in OpenAI's API
     "functions": _off,
     "function_call": lambda v: v in (None, "none"),
@@ -72,6 +72,7 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (responses.py)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -135,7 +136,14 @@ class _Sampling(BaseModel):
             min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
-            truncate_prompt_tokens=self.truncate_prompt_tokens)
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            prompt_logprobs=self._prompt_logprobs())
+
+    def _prompt_logprobs(self) -> int | None:
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs are not available when streaming (as "
+                                      "in vLLM): set stream to false", "prompt_logprobs")
+        return self.prompt_logprobs
 
     def _check_n(self) -> None:
         if not 1 <= self.num_choices <= MAX_N:
@@ -195,8 +203,8 @@ class CompletionRequest(_Sampling):
         """One ``GenerateRequest`` per prompt (each fanned out into ``n`` choices)."""
         params = self.sampling_params(DEFAULT_COMPLETION_TOKENS if self.max_tokens is None
                                       else self.max_tokens)
-        if self.echo and params.logprobs is not None:
-            params.prompt_logprobs = params.logprobs
+        if self.echo and params.logprobs is not None:  # the engine computes the larger k
+            params.prompt_logprobs = max(params.logprobs, params.prompt_logprobs or 0)
         return [GenerateRequest(self.model, prompt=p, params=params) if isinstance(p, str)
                 else GenerateRequest(self.model, prompt_token_ids=list(p), params=params)
                 for p in self.prompts()]

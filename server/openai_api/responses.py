@@ -47,6 +47,7 @@ class Shape:
     logprobs: LogprobFormat | None = None
     echo: list[tuple[str, list[int]]] | None = None
     tools: ToolMode | None = None  # the output becomes tool calls (tool_calls.py)
+    prompt_logprobs: LogprobFormat | None = None  # vLLM's, asked for (not by echo)
 
 
 @dataclass
@@ -131,9 +132,18 @@ class Responses:
                                            c.logprobs, c.prompt_logprobs)
             choices.append(self._choice(index, text, c.token_ids, logprobs,
                                         finish_reason(c.last), False))
+            if self.shape.prompt_logprobs is not None and not self.chat:
+                choices[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
         body = self._envelope(self.object, choices)
+        if self.shape.prompt_logprobs is not None and self.chat:  # vLLM: the response's
+            body["prompt_logprobs"] = self._prompt_logprobs(self._choices[0])
         body["usage"] = self._usage()
         return body
+
+    def _prompt_logprobs(self, choice: _Choice) -> list[dict | None] | None:
+        if choice.prompt_logprobs is None:
+            return None
+        return self.shape.prompt_logprobs.prompt(choice.prompt_logprobs)
 
     def first_chunks(self) -> list[bytes]:
         """Chat streams open with the assistant's role for each choice, as OpenAI's do."""
