@@ -209,7 +209,7 @@ def test_stop_strings(smollm2, stop, expected):
 def test_include_stop_ends_the_text_after_the_stop_string(smollm2):
     ids = smollm2.encode(TEXT_EN, add_special_tokens=False)
     detok, pieces = stream(smollm2, ids, stop=["o world, this", "world"], include_stop=True)
-    assert detok.text == "Hello world" and detok.stopped
+    assert detok.text == "Hello world" and detok.stopped and detok.stop_hit == "world"
     detok, _ = stream(smollm2, ids, stop=["absent"], include_stop=True)
     assert detok.text == TEXT_EN and not detok.stopped
 

@@ -342,6 +342,8 @@ def test_min_p_and_stop_token_ids_reach_the_engine(engine):
     assert {name: out.choices[0].token_ids for name, out in got.items()} == want
     assert want["stop"] == free[: free.index(free[2]) + 1] and want["min_p"] != free
     assert got["stop"].choices[0].finish_reason == "stop"
+    assert got["stop"].choices[0].model_extra["stop_reason"] == free[2]  # vLLM's
+    assert got["min_p"].choices[0].model_extra["stop_reason"] is None  # by length
     assert [r.status_code for r in bad] == [400, 400, 400]
     assert "min_p must be in [0, 1]" in bad[0].json()["error"]["message"]
     assert "stop_token_ids entry 300" in bad[1].json()["error"]["message"]
@@ -369,6 +371,7 @@ def test_include_stop_str_and_special_tokens_shape_the_text(engine):
     text = free.choices[0].text
     assert cut[False].choices[0].text == text[: text.index(stop)]
     assert cut[True].choices[0].text == text[: text.index(stop) + len(stop)]
+    assert {c.choices[0].model_extra["stop_reason"] for c in cut.values()} == {stop}
     ids = special[True].choices[0].token_ids
     assert ids == special[False].choices[0].token_ids and ids[-1] == eos
     assert special[True].choices[0].text == tok.decode(ids, skip_special_tokens=True)

@@ -298,6 +298,7 @@ def test_stop_token_ids_end_the_request_after_min_tokens(model, bytebpe):
     got = tokens_of(outs["stop"])
     assert got == first[: first.index(stop) + 1]
     assert outs["stop"][-1].finish_reason is FinishReason.STOP
+    assert outs["stop"][-1].stop_reason == stop  # vLLM's: the token id
     late = tokens_of(outs["late"])
     assert late[: first.index(stop) + 1] != got and stop not in late[: first.index(stop) + 2]
 

@@ -63,6 +63,7 @@ class IncrementalDetokenizer:
         self.min_tokens, self.include_stop = min_tokens, include_stop
         self.output_token_ids: list[int] = []
         self.stopped = False
+        self.stop_hit: str | None = None  # the stop string that ended the text
         self._prefix_offset = 0  # window start: ids before it are fully decoded
         self._read_offset = 0  # ids before it are in _decoded
         self._decoded = ""  # complete characters decoded so far, emitted or held
@@ -137,7 +138,7 @@ class IncrementalDetokenizer:
             return piece
         cut = self._find_stop()
         if cut is not None:
-            self.stopped = True
+            self.stopped, self.stop_hit = True, self._decoded[cut[0]:cut[1]]
             end = cut[1] if self.include_stop else cut[0]
             self._decoded = self._decoded[:end]
         elif not final:

@@ -262,8 +262,12 @@ class Engine:
         text = req.detokenizer.add([token])
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             return self._finish(req, FinishReason.EOS, text=text, token_ids=[token])
-        if req.detokenizer.stopped or token in seq.params.stop_token_ids:
-            return self._finish(req, FinishReason.STOP, text=text, token_ids=[token])
+        if token in seq.params.stop_token_ids:
+            return self._finish(req, FinishReason.STOP, text=text, token_ids=[token],
+                                stop_reason=token)
+        if req.detokenizer.stopped:
+            return self._finish(req, FinishReason.STOP, text=text, token_ids=[token],
+                                stop_reason=req.detokenizer.stop_hit)
         if req.grammar is not None and (ended := req.grammar.accept(token)) is not None:
             return self._finish(req, text=text, token_ids=[token], **ended)
         if len(seq.output_token_ids) >= seq.params.max_tokens:
@@ -272,7 +276,8 @@ class Engine:
 
     def _finish(self, req: _Request, reason: FinishReason, error: str | None = None,
                 text: str = "", token_ids: list[int] | None = None,
-                code: Status = Status.FAILED_PRECONDITION) -> RequestOutput:
+                code: Status = Status.FAILED_PRECONDITION,
+                stop_reason: str | int | None = None) -> RequestOutput:
         seq = req.seq
         if not req.detokenizer.stopped:
             text += req.detokenizer.flush()
@@ -281,7 +286,8 @@ class Engine:
         self.penalty_counts.release(seq)
         del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids), error, code)
+                             seq.num_prompt_tokens, len(seq.output_token_ids), error, code,
+                             stop_reason=stop_reason)
 
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []

@@ -44,6 +44,7 @@ class RequestOutput:
     error_code: Status = Status.FAILED_PRECONDITION  # the kind of ``error``
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: 
     reason = finish_reason(c.finish_reason, c.stop_reason) if out.finished else None
     error = "vLLM finished the request with an error" if reason is FinishReason.ERROR else None
     ours = RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
-                         prompt_tokens, completion_tokens, error, Status.INTERNAL)
+                         prompt_tokens, completion_tokens, error, Status.INTERNAL,
+                         stop_reason=c.stop_reason if out.finished else None)
     if params is not None and params.logprobs is not None and c.logprobs is not None:
         ours.logprobs = [token_logprob(t, d, params.logprobs)
                          for t, d in zip(c.token_ids, c.logprobs)]

@@ -79,8 +79,11 @@ class Responses:
                 "model": self.shape.model, "choices": choices}
 
     def _choice(self, index: int, text: str, token_ids: list[int], logprobs: dict | None,
-                reason: str | None, delta: bool) -> dict:
-        choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason}
+                reason: str | None, delta: bool, stop_reason: str | int | None = None) -> dict:
+        """One choice; ``stop_reason`` is vLLM's (the stop string or token id that ended
+        it, else null)."""
+        choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason,
+                        "stop_reason": stop_reason}
         if not self.chat:
             choice["text"] = text
         elif delta:
@@ -131,7 +134,7 @@ class Responses:
             text, logprobs = self._content(index, "".join(c.text), c.token_ids,
                                            c.logprobs, c.prompt_logprobs)
             choices.append(self._choice(index, text, c.token_ids, logprobs,
-                                        finish_reason(c.last), False))
+                                        finish_reason(c.last), False, c.last.stop_reason))
             if self.shape.prompt_logprobs is not None and not self.chat:
                 choices[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
         body = self._envelope(self.object, choices)
@@ -166,8 +169,8 @@ class Responses:
             return None
         text, logprobs = self._content(index, out.text, out.token_ids, out.logprobs,
                                        out.prompt_logprobs)
-        return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True),
-                         with_usage)
+        return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True,
+                                      out.stop_reason), with_usage)
 
     def _tool_chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
         """Tool calls stream whole, in a choice's last chunk (once the arguments parse)."""
@@ -178,7 +181,7 @@ class Responses:
             return None
         state.last = out
         return self._sse(self._choice(index, "".join(state.text), state.token_ids, None,
-                                      finish_reason(out), True), with_usage)
+                                      finish_reason(out), True, out.stop_reason), with_usage)
 
     def usage_chunk(self) -> bytes:
         """``stream_options.include_usage``: the closing chunk, with empty choices."""
