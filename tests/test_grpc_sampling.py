@@ -152,7 +152,8 @@ def test_stop_string_and_special_token_text_fields_give_the_engines_text(model, 
     free = "".join(o.text for o in offline(model, bytebpe, SamplingParams(
         max_tokens=12, temperature=0.0, ignore_eos=True)))
     cases = [dict(stop=[free[4:6]], include_stop_str_in_output=True),
-             dict(logit_bias={0: 100.0}, skip_special_tokens=False), dict(logit_bias={0: 100.0})]
+             dict(logit_bias={0: 100.0}, skip_special_tokens=False, ignore_eos=True),
+             dict(logit_bias={0: 100.0}, ignore_eos=True)]
     plain = dict(max_tokens=12, temperature=0.0)
     want = ["".join(o.text for o in offline(model, bytebpe, SamplingParams(**plain | f)))
             for f in cases]

@@ -351,7 +351,8 @@ def test_min_p_and_stop_token_ids_reach_the_engine(engine):
 
 def test_include_stop_str_and_special_tokens_shape_the_text(engine):
     """vLLM's include_stop_str_in_output (the text ends after the stop string) and
-    skip_special_tokens false (EOS's own text kept), as the official client sends them."""
+    skip_special_tokens false (a special token's text kept: EOS's while it is ignored; an
+    EOS that ends the request is not output), as the official client sends them."""
     tok, eos = engine.tokenizer, engine.tokenizer.eos_token_id
 
     async def fn(oa, h):
@@ -361,22 +362,24 @@ def test_include_stop_str_and_special_tokens_shape_the_text(engine):
         cut = {inc: await oa.completions.create(
             stop=[stop], extra_body=GREEDY | {"include_stop_str_in_output": inc}, **kw)
             for inc in (False, True)}
-        special = {skip: await oa.completions.create(
-            logit_bias={str(eos): 100}, extra_body={"skip_special_tokens": skip,
-                                                    "return_token_ids": True}, **kw)
-            for skip in (True, False)}
-        return free, stop, cut, special
+        special = {skip: await oa.completions.create(  # EOS ignored: text, not an end
+            logit_bias={str(eos): 100}, extra_body=GREEDY | {"skip_special_tokens": skip},
+            **kw) for skip in (True, False)}
+        ended = await oa.completions.create(logit_bias={str(eos): 100}, extra_body={
+            "skip_special_tokens": False, "return_token_ids": True}, **kw)
+        return free, stop, cut, special, ended
 
-    free, stop, cut, special = serve(engine, fn)
+    free, stop, cut, special, ended = serve(engine, fn)
     text = free.choices[0].text
     assert cut[False].choices[0].text == text[: text.index(stop)]
     assert cut[True].choices[0].text == text[: text.index(stop) + len(stop)]
     assert {c.choices[0].model_extra["stop_reason"] for c in cut.values()} == {stop}
     ids = special[True].choices[0].token_ids
-    assert ids == special[False].choices[0].token_ids and ids[-1] == eos
-    assert special[True].choices[0].text == tok.decode(ids, skip_special_tokens=True)
+    assert ids == special[False].choices[0].token_ids == [eos] * 12
+    assert special[True].choices[0].text == ""
     assert special[False].choices[0].text == tok.decode(ids, skip_special_tokens=False)
-    assert special[False].choices[0].text != special[True].choices[0].text
+    # EOS that ends the request: its text is not output, as vLLM does
+    assert ended.choices[0].token_ids == [eos] and ended.choices[0].text == ""
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model, bytebpe):

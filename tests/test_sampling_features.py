@@ -285,20 +285,26 @@ def test_min_tokens_holds_eos_back_then_eos_ends(model, bytebpe):
 
 
 def test_stop_token_ids_end_the_request_after_min_tokens(model, bytebpe):
-    """A stop token ends its request with STOP and is its last output token (vLLM's
-    contract), not before ``min_tokens``; ``ignore_eos`` does not free it."""
+    """A stop token ends its request with STOP and is its last output token, its text not
+    output unless ``include_stop_str_in_output`` (vLLM's contract); not before
+    ``min_tokens``."""
     engine = make_engine(model, bytebpe)
     free = collect(engine, {"r": (prompt_of(5, 2), greedy(12), None)})
     first = tokens_of(free["r"])
     stop = first[3]
     outs = collect(engine, {
         "stop": (prompt_of(5, 2), greedy(12, stop_token_ids=[stop, VOCAB - 1]), None),
+        "kept": (prompt_of(5, 2), greedy(12, stop_token_ids=[stop],
+                                         include_stop_str_in_output=True), None),
         "late": (prompt_of(5, 2), greedy(12, stop_token_ids=[stop],
                                          min_tokens=first.index(stop) + 2), None)})
     got = tokens_of(outs["stop"])
     assert got == first[: first.index(stop) + 1]
     assert outs["stop"][-1].finish_reason is FinishReason.STOP
     assert outs["stop"][-1].stop_reason == stop  # vLLM's: the token id
+    text = {k: "".join(o.text for o in outs[k]) for k in ("stop", "kept")}
+    assert text["stop"] == bytebpe.decode(got[:-1])  # vLLM: the stop token's text is not
+    assert text["kept"] == bytebpe.decode(got)  # output, unless include_stop_str_in_output
     late = tokens_of(outs["late"])
     assert late[: first.index(stop) + 1] != got and stop not in late[: first.index(stop) + 2]
 

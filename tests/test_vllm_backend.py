@@ -217,6 +217,8 @@ def test_streaming_stop_strings_and_usage(setup):
     assert list(by_token.token_ids) == native["r"] == list(
         whole.token_ids[: list(whole.token_ids).index(token) + 1])
     assert by_token.finish_reason == inference_pb2.FINISH_REASON_STOP
+    # vLLM outputs no text for the stop token, as the native engine (test_sampling_features)
+    assert by_token.text == setup.tokenizer.decode(list(by_token.token_ids)[:-1])
 
 
 def test_cancellation_frees_the_request(setup):

@@ -257,14 +257,14 @@ class Engine:
         return done
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
-        seq = req.seq
+        seq, params = req.seq, req.seq.params
         seq.output_token_ids.append(token)
+        eos = token in self.eos_token_ids and not params.ignore_eos
+        if eos or token in params.stop_token_ids:  # as vLLM: the token's text is not output
+            text = req.detokenizer.add([token]) if params.include_stop_str_in_output else ""
+            return self._finish(req, FinishReason.EOS if eos else FinishReason.STOP,
+                                text=text, token_ids=[token], stop_reason=None if eos else token)
         text = req.detokenizer.add([token])
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
-            return self._finish(req, FinishReason.EOS, text=text, token_ids=[token])
-        if token in seq.params.stop_token_ids:
-            return self._finish(req, FinishReason.STOP, text=text, token_ids=[token],
-                                stop_reason=token)
         if req.detokenizer.stopped:
             return self._finish(req, FinishReason.STOP, text=text, token_ids=[token],
                                 stop_reason=req.detokenizer.stop_hit)
