@@ -16,6 +16,8 @@ import yaml
 
 from .config_checks import check_type, read_token
 
+TOOL_CALL_PARSERS = ("", "hermes")  # the tool-call formats chat's tool_choice auto parses
+
 
 def option(default: object, help: str, *, shown: str | None = None, repr: bool = True) -> Any:
     """A config field: its default, its meaning and how the docs show the default.
@@ -144,6 +146,11 @@ class Config:
     http_port: int = option(8000, "the OpenAI-compatible HTTP API (`/v1/completions`, "
                             "`/v1/chat/completions`, ...); 0 = off. Bound before the model "
                             "loads")
+    tool_call_parser: str = option("", "`hermes`: chat's `tool_choice: auto` (OpenAI's default "
+                                   "with tools) lets the model answer or call tools, its "
+                                   "`<tool_call>{json}</tool_call>` blocks becoming "
+                                   "`tool_calls` (vLLM's parser of that name); `\"\"` = "
+                                   "`auto` is refused")
     adapter_dirs: list[str] = option([], "directories `POST /v1/load_lora_adapter` may read "
                                      "adapters from (symlinks resolved); `[]` = it refuses "
                                      "every path (403)")
@@ -184,6 +191,9 @@ class Config:
         for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"config {name} must be in (0, 1], got {getattr(self, name)}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"config tool_call_parser must be hermes or \"\", got "
+                             f"{self.tool_call_parser!r}")
         if self.engine not in ("native", "vllm"):
             raise ValueError(f"config engine must be native or vllm, got {self.engine!r}")
         if self.distributed_executor_backend not in ("", "mp", "ray", "uni"):

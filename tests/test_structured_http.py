@@ -196,7 +196,7 @@ async def _serve_returning(engine, test):
      "structured_outputs", "response_format and structured_outputs both constrain"),
     ({"guided_grammar": "root ::= \"a\""}, "guided_grammar", "is not supported"),
     ({"tools": TOOLS}, "tool_choice", 'set tool_choice to "required"'),
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "no tool-call parser"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "needs a tool-call parser"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
      "tool_choice", "names no tool of the request"),
     ({"tool_choice": "required"}, "tool_choice", "tool_choice needs tools"),

@@ -30,8 +30,10 @@ OK = Status.OK
 class Endpoints:
     """The handlers of one server, bound to its engine, gate and metrics."""
 
-    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate) -> None:
+    def __init__(self, generation: Generation, metrics: Metrics, gate: Gate,
+                 tool_call_parser: str = "") -> None:
         self.generation, self.metrics, self.gate = generation, metrics, gate
+        self.tool_call_parser = tool_call_parser  # config: what tool_choice auto parses
 
     async def unary(self, name: str, fn: Callable[[], Awaitable[Response]]) -> Response:
         """Run ``fn`` behind the gate; count it; a typed error becomes its HTTP error."""
@@ -60,7 +62,7 @@ class Endpoints:
         fan = None
         try:
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            requests = body.generate_requests()
+            requests = body.generate_requests(self.tool_call_parser)
             fan = await until_disconnect(request, self.generation.fan_out(
                 requests, body.num_choices, request_id))
             responses = Responses(self._shape(body, request_id, requests, fan))
@@ -105,7 +107,7 @@ class Endpoints:
         return Shape(isinstance(body, ChatCompletionRequest), body.model, request_id,
                      body.return_token_ids, body.num_choices,
                      None if k is None else LogprobFormat(tokenizer, k), echo,
-                     body.structured_output()[1],
+                     body.structured_output(self.tool_call_parser)[1],
                      None if k_prompt is None else LogprobFormat(tokenizer, k_prompt))
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:

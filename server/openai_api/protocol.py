@@ -86,11 +86,14 @@ class _Sampling(BaseModel):
     guided_regex: Any = None
     guided_json: Any = None
 
-    def structured_output(self) -> tuple[StructuredSpec | None, ToolMode | None]:
-        """The output's constraint, and how it becomes tool calls (chat only)."""
+    def structured_output(self, tool_call_parser: str = ""
+                          ) -> tuple[StructuredSpec | None, ToolMode | None]:
+        """The output's constraint, and how it becomes tool calls (chat only; the server's
+        ``tool_call_parser`` lets ``tool_choice: auto`` through)."""
         return structured_output(self.response_format, self.tools, self.tool_choice,
                                  isinstance(self, ChatCompletionRequest),
-                                 self.parallel_tool_calls is not False, self._guided())
+                                 self.parallel_tool_calls is not False, self._guided(),
+                                 tool_call_parser)
 
     def _guided(self) -> dict[str, Any] | None:
         """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way."""
@@ -115,7 +118,8 @@ class _Sampling(BaseModel):
         """The ``k`` most likely tokens to report beside each sampled one; None: none."""
         return None
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, tool_call_parser: str = ""
+                        ) -> SamplingParams:
         """Check the fields nobody here implements, then map the rest onto the engine's
         parameters (their ranges are checked by the engine, like the gRPC ones)."""
         self._check_extra()
@@ -132,7 +136,8 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=(1.0 if self.repetition_penalty is None
                                 else self.repetition_penalty),
-            min_tokens=self.min_tokens or 0, structured=self.structured_output()[0],
+            min_tokens=self.min_tokens or 0,
+            structured=self.structured_output(tool_call_parser)[0],
             min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
@@ -199,8 +204,9 @@ class CompletionRequest(_Sampling):
                 f"makes at most {MAX_CHOICES} choices: split the batch", "prompt")
         return list(prompt)
 
-    def generate_requests(self) -> list[GenerateRequest]:
-        """One ``GenerateRequest`` per prompt (each fanned out into ``n`` choices)."""
+    def generate_requests(self, tool_call_parser: str = "") -> list[GenerateRequest]:
+        """One ``GenerateRequest`` per prompt (each fanned out into ``n`` choices); a
+        completion has no tools, so ``tool_call_parser`` (chat's) changes nothing."""
         params = self.sampling_params(DEFAULT_COMPLETION_TOKENS if self.max_tokens is None
                                       else self.max_tokens)
         if self.echo and params.logprobs is not None:  # the engine computes the larger k
@@ -269,12 +275,15 @@ class ChatCompletionRequest(_Sampling, _ChatFields):
                 f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}", "top_logprobs")
         return k
 
-    def generate_requests(self) -> list[GenerateRequest]:
+    def generate_requests(self, tool_call_parser: str = "") -> list[GenerateRequest]:
+        """The chat's request; the chat template sees the tools when they are in play
+        (``tool_choice`` not ``none``)."""
         limit = (self.max_tokens if self.max_completion_tokens is None
                  else self.max_completion_tokens)  # None: as many as fit
-        params = self.sampling_params(limit)
+        params = self.sampling_params(limit, tool_call_parser)
         messages = [m.message() for m in self.messages]
-        tools = self.tools if params.structured is not None and self.tools else None
+        in_play = self.structured_output(tool_call_parser)[1] is not None
+        tools = self.tools if in_play else None
         return [GenerateRequest(self.model, messages=messages, params=params, tools=tools,
                                 chat=self.chat_options())]
 

@@ -79,9 +79,10 @@ class Responses:
                 "model": self.shape.model, "choices": choices}
 
     def _choice(self, index: int, text: str, token_ids: list[int], logprobs: dict | None,
-                reason: str | None, delta: bool, stop_reason: str | int | None = None) -> dict:
+                reason: str | None, delta: bool, stop_reason: str | int | None = None,
+                calls: list[dict] | None = None) -> dict:
         """One choice; ``stop_reason`` is vLLM's (the stop string or token id that ended
-        it, else null)."""
+        it, else null); ``calls``: its tool calls (finish reason ``tool_calls``)."""
         choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason,
                         "stop_reason": stop_reason}
         if not self.chat:
@@ -90,9 +91,11 @@ class Responses:
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        if self.chat and self.shape.tools is not None and reason == "stop" and \
-                (calls := self.shape.tools.message(text, delta)) is not None:
-            choice["delta" if delta else "message"] = calls
+        if calls is not None:
+            if delta:
+                choice["delta"]["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+            else:
+                choice["message"] |= {"content": text or None, "tool_calls": calls}
             choice["finish_reason"] = "tool_calls"
         if self.shape.token_ids:
             choice["token_ids"] = token_ids
@@ -133,8 +136,11 @@ class Responses:
             c = self._choices[index]
             text, logprobs = self._content(index, "".join(c.text), c.token_ids,
                                            c.logprobs, c.prompt_logprobs)
-            choices.append(self._choice(index, text, c.token_ids, logprobs,
-                                        finish_reason(c.last), False, c.last.stop_reason))
+            reason, calls = finish_reason(c.last), None
+            if self.chat and self.shape.tools is not None and reason == "stop":
+                text, calls = self.shape.tools.split(text)
+            choices.append(self._choice(index, text, c.token_ids, logprobs, reason, False,
+                                        c.last.stop_reason, calls))
             if self.shape.prompt_logprobs is not None and not self.chat:
                 choices[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
         body = self._envelope(self.object, choices)
@@ -173,15 +179,25 @@ class Responses:
                                       out.stop_reason), with_usage)
 
     def _tool_chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
-        """Tool calls stream whole, in a choice's last chunk (once the arguments parse)."""
-        state = self._choices[index]
+        """Tool calls stream whole, in a choice's last chunk (once the arguments parse);
+        with ``tool_choice: auto`` the content before them streams as it comes
+        (``ToolMode.streamable``; ``state.offset``: how much was sent)."""
+        state, tools = self._choices[index], self.shape.tools
         state.text.append(out.text)
         state.token_ids += out.token_ids
+        text = "".join(state.text)
         if not out.finished:
-            return None
+            end = tools.streamable(text)
+            if end <= state.offset:
+                return None
+            piece, state.offset = text[state.offset:end], end
+            return self._sse(self._choice(index, piece, [], None, None, True), with_usage)
         state.last = out
-        return self._sse(self._choice(index, "".join(state.text), state.token_ids, None,
-                                      finish_reason(out), True, out.stop_reason), with_usage)
+        reason, calls = finish_reason(out), None
+        if reason == "stop":
+            text, calls = tools.split(text)
+        return self._sse(self._choice(index, text[state.offset:], state.token_ids, None, reason,
+                                      True, out.stop_reason, calls), with_usage)
 
     def usage_chunk(self) -> bytes:
         """``stream_options.include_usage``: the closing chunk, with empty choices."""

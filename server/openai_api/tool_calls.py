@@ -9,13 +9,15 @@ tool call as OpenAI's ``tool_calls`` (docs/operations.md "Structured output").
 - ``tools`` with ``tool_choice`` a named function: the output is that function's arguments,
   held to its ``parameters`` schema. ``"required"``: the output is a JSON list of
   ``{"name", "parameters"}`` calls of any of the tools (as vLLM does). ``"none"`` ignores
-  the tools; ``"auto"`` (the default with tools) needs a tool-call parser, which nolaserve
-  has not: refused with a message saying what to send instead.
+  the tools; ``"auto"`` (the default with tools) leaves the output free and parses the
+  model's own tool calls with the server's ``tool_call_parser`` (``hermes``: vLLM's
+  ``<tool_call>`` blocks); without one it is refused with a message saying what to send.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,30 +32,58 @@ ANY_PARAMETERS = {"type": "object"}  # a function without ``parameters``
 @dataclass(frozen=True)
 class ToolMode:
     """How a chat request's output becomes tool calls: ``name`` is the named tool's (the
-    output is its arguments); None for ``"required"`` (a JSON list of calls)."""
+    output is its arguments); ``parser`` a tool-call parser's (``tool_choice: auto``: the
+    model answers, or calls tools in its own format); neither: ``"required"`` (a JSON
+    list of calls)."""
 
     name: str | None = None
+    parser: str = ""
 
-    def calls(self, text: str) -> list[dict] | None:
-        """OpenAI's ``tool_calls`` of a completed output; None if ``text`` is not one."""
+    def split(self, text: str) -> tuple[str, list[dict] | None]:
+        """``(content, calls)`` of a completed output; ``calls`` None when ``text`` holds
+        none (the content is then all of it)."""
+        if self.parser:
+            return hermes_calls(text)
         try:
             value = json.loads(text)
         except ValueError:
-            return None
+            return text, None
         if self.name is not None:
-            return [_call(self.name, text)]
-        return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                for c in value]
+            return "", [_call(self.name, text)]
+        return "", [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                    for c in value]
+
+    def streamable(self, text: str) -> int:
+        """How much of a partial output streams now as content: with a parser, up to a
+        tool call's opening tag, less any suffix that may begin one; else nothing (the
+        calls go whole, in the last chunk)."""
+        if not self.parser:
+            return 0
+        if (at := text.find(HERMES_OPEN)) >= 0:
+            return at
+        for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+            if text.endswith(HERMES_OPEN[:k]):
+                return len(text) - k
+        return len(text)
 
 
-    def message(self, text: str, delta: bool) -> dict | None:
-        """The chat ``message`` (or stream ``delta``) carrying the calls of ``text``."""
-        calls = self.calls(text)
-        if calls is None:
-            return None
-        if delta:
-            return {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
-        return {"role": "assistant", "content": None, "tool_calls": calls}
+HERMES_OPEN = "<tool_call>"
+HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+
+def hermes_calls(text: str) -> tuple[str, list[dict] | None]:
+    """vLLM's ``hermes`` parser: each ``<tool_call>{"name", "arguments"}</tool_call>``
+    block (the last may be unclosed) is a call; the content is the text before the first.
+    Text without a block, or with one that does not parse, is all content."""
+    if HERMES_OPEN not in text:
+        return text, None
+    try:
+        found = [json.loads(closed or open_) for closed, open_ in HERMES_CALL.findall(text)]
+        calls = [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                 for c in found]
+    except (ValueError, KeyError, TypeError):
+        return text, None
+    return text[: text.find(HERMES_OPEN)], calls
 
 
 def _call(name: str, arguments: str) -> dict:
@@ -62,15 +92,16 @@ def _call(name: str, arguments: str) -> dict:
 
 
 def structured_output(response_format: Any, tools: Any, tool_choice: Any, chat: bool,
-                      parallel: bool = True, guided: dict[str, Any] | None = None
-                      ) -> tuple[StructuredSpec | None, ToolMode | None]:
+                      parallel: bool = True, guided: dict[str, Any] | None = None,
+                      parser: str = "") -> tuple[StructuredSpec | None, ToolMode | None]:
     """The engine's spec and the response's tool mode of a request's fields (``parallel``
     False: ``parallel_tool_calls`` false, at most one call; ``guided``: vLLM's
-    ``structured_outputs``, or its ``guided_*`` fields as such a dict)."""
+    ``structured_outputs``, or its ``guided_*`` fields as such a dict; ``parser``: the
+    server's ``tool_call_parser``, which ``tool_choice: auto`` needs)."""
     if tools is not None and not chat:
         raise UnsupportedFieldError("tools are a chat field: send them to "
                                     "/v1/chat/completions", "tools")
-    spec, mode = _tools(tools, tool_choice, parallel)
+    spec, mode = _tools(tools, tool_choice, parallel, parser)
     asked = [(name, s) for name, s in (("a tool call", spec),
                                        ("response_format", _response_format(response_format)),
                                        ("structured_outputs", _guided(guided)))
@@ -127,7 +158,7 @@ def _response_format(value: Any) -> StructuredSpec | None:
                               "text, json_object or json_schema", "response_format")
 
 
-def _tools(tools: Any, choice: Any, parallel: bool
+def _tools(tools: Any, choice: Any, parallel: bool, parser: str
            ) -> tuple[StructuredSpec | None, ToolMode | None]:
     if not tools or choice == "none":
         if choice not in (None, "none"):
@@ -136,10 +167,12 @@ def _tools(tools: Any, choice: Any, parallel: bool
         return None, None
     functions = _functions(tools)
     if choice is None or choice == "auto":
-        raise UnsupportedFieldError(
-            'tool_choice "auto" is not supported (nolaserve has no tool-call parser): set '
-            'tool_choice to "required" or to {"type": "function", "function": {"name": ...}}',
-            "tool_choice")
+        if not parser:
+            raise UnsupportedFieldError(
+                'tool_choice "auto" (the default with tools) needs a tool-call parser: start '
+                'the server with tool_call_parser: hermes, or set tool_choice to "required" '
+                'or to {"type": "function", "function": {"name": ...}}', "tool_choice")
+        return None, ToolMode(parser=parser)
     if choice == "required":
         return StructuredSpec(json.dumps(_list_of_calls(functions, parallel))), ToolMode()
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
