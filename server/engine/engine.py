@@ -36,7 +36,7 @@ from .request_checks import RequestChecks
 from .row_sampling import RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from .sequence import FinishReason, SamplingParams, Sequence
+from .sequence import FinishReason, SamplingParams, Sequence, adapter_ids_of
 from .structured import Grammars, GrammarState, apply_masks, fill_masks
 
 log = logging.getLogger("nolaserve.engine")
@@ -85,8 +85,8 @@ class Engine:
         return EngineStats(sched.num_running, sched.num_waiting,
                            bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
                            self.store.stats if self.store is not None else None,
-                           _adapters_of(lambda: sched.running),
-                           _adapters_of(lambda: sched.waiting), self.admission.parked,
+                           adapter_ids_of(lambda: sched.running),
+                           adapter_ids_of(lambda: sched.waiting), self.admission.parked,
                            bm.cache_stats)
 
     @property
@@ -296,13 +296,3 @@ class Engine:
                              else Status.FAILED_PRECONDITION)
                 for seq, error in failed if seq.request_id in self.requests]
 
-
-def _adapters_of(snapshot: Callable[[], tuple[Sequence, ...]]) -> tuple[str, ...]:
-    """Adapter ids of a scheduler queue, read from a scrape thread while the step thread
-    runs (a queue changed during the read is read again)."""
-    for _ in range(3):
-        try:
-            return tuple(s.adapter_id for s in snapshot() if s.adapter_id)
-        except RuntimeError:  # deque mutated during iteration
-            continue
-    return ()

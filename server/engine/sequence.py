@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nolaserve.adapters.errors import InvalidRequestError
@@ -178,3 +179,14 @@ class Sequence:
     @property
     def needs_adapter(self) -> bool:
         return self.adapter_id is not None and self.adapter_slot < 0
+
+
+def adapter_ids_of(snapshot: Callable[[], Iterable[Sequence]]) -> tuple[str, ...]:
+    """Adapter ids of a scheduler queue, read from a scrape thread while the step thread
+    runs (a queue changed during the read is read again)."""
+    for _ in range(3):
+        try:
+            return tuple(s.adapter_id for s in snapshot() if s.adapter_id)
+        except RuntimeError:  # deque mutated during iteration
+            continue
+    return ()

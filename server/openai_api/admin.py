@@ -12,6 +12,7 @@ import asyncio
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict
 
 from nolaserve.adapters.registry import MAX_PAGE_SIZE
 from nolaserve.adapters.sources import read_adapter_source
@@ -21,10 +22,19 @@ from .. import convert
 from ..config import Config
 from ..generation import registered_in, resolve_adapter
 from .calls import Endpoints
-from .protocol import LoadLoraRequest, UnloadLoraRequest
 from .responses import adapter_card, model_card
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters")
+
+
+class LoadLoraRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
 
 
 class AdapterEndpoints:

@@ -245,7 +245,7 @@ class ChatMessageIn(BaseModel):
         return ChatMessage(self.role, self.text(), calls, call_id)
 
 
-class _ChatFields(BaseModel):
+class ChatFields(BaseModel):
     """vLLM's chat rendering fields (``chat.ChatOptions``), of chat and ``/tokenize``."""
 
     add_generation_prompt: bool = True
@@ -257,7 +257,7 @@ class _ChatFields(BaseModel):
                            self.chat_template_kwargs or {})
 
 
-class ChatCompletionRequest(_Sampling, _ChatFields):
+class ChatCompletionRequest(_Sampling, ChatFields):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -286,33 +286,3 @@ class ChatCompletionRequest(_Sampling, _ChatFields):
         tools = self.tools if in_play else None
         return [GenerateRequest(self.model, messages=messages, params=params, tools=tools,
                                 chat=self.chat_options())]
-
-
-class LoadLoraRequest(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class UnloadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    lora_name: str
-
-
-class TokenizeRequest(_ChatFields):
-    """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (rendered as chat does)."""
-
-    model: str = ""
-    prompt: str | None = None
-    messages: list[ChatMessageIn] | None = None
-    add_special_tokens: bool = True
-
-    def generate_request(self) -> GenerateRequest:
-        messages = None if self.messages is None else \
-            [m.message() for m in self.messages]
-        return GenerateRequest(self.model, prompt=self.prompt, messages=messages,
-                               chat=self.chat_options())
-
-
-class DetokenizeRequest(BaseModel):
-    model: str = ""
-    tokens: list[int]

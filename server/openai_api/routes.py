@@ -13,13 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
 from .errors import error_body
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
-from .tokens import TokenEndpoints, version
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .tokens import DetokenizeRequest, TokenEndpoints, TokenizeRequest, version
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models",
                    "/v1/models/{model_id:path}", "/tokenize", "/detokenize", "/version")

@@ -8,17 +8,39 @@ import asyncio
 from importlib import metadata
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from nolaserve.adapters.errors import AdapterNotFoundError, InvalidRequestError, short
 
 from ..generation import (
+    GenerateRequest,
     Generation,
     check_prompt_size,
     prompt_token_ids,
     registered_in,
     resolve_adapter,
 )
-from .protocol import DetokenizeRequest, TokenizeRequest
+from .protocol import ChatFields, ChatMessageIn
+
+
+class TokenizeRequest(ChatFields):
+    """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (rendered as chat does)."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool = True
+
+    def generate_request(self) -> GenerateRequest:
+        messages = None if self.messages is None else \
+            [m.message() for m in self.messages]
+        return GenerateRequest(self.model, prompt=self.prompt, messages=messages,
+                               chat=self.chat_options())
+
+
+class DetokenizeRequest(BaseModel):
+    model: str = ""
+    tokens: list[int]
 
 
 def version() -> str:
