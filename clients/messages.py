@@ -95,6 +95,7 @@ class GenerateResult:
     request_id: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: one per token
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 2..
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
 
 @dataclass
@@ -107,6 +108,7 @@ class StreamChunk:
     usage: Usage | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk only
+    stop_reason: str | int | None = None  # last chunk: as ``GenerateResult.stop_reason``
 
 
 @dataclass
@@ -187,14 +189,19 @@ def generate_result(r: inference_pb2.GenerateResponse) -> GenerateResult:
                           finish_reason=finish_reason(r.finish_reason) or "",
                           prompt_tokens=r.usage.prompt_tokens,
                           completion_tokens=r.usage.completion_tokens, request_id=r.request_id,
-                          **_logprobs(r))
+                          stop_reason=_stop_reason(r), **_logprobs(r))
 
 
 def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
     usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
     return StreamChunk(text=r.text, token_ids=list(r.token_ids),
                        finish_reason=finish_reason(r.finish_reason), usage=usage,
-                       **_logprobs(r))
+                       stop_reason=_stop_reason(r), **_logprobs(r))
+
+
+def _stop_reason(r: inference_pb2.GenerateResponse) -> str | int | None:
+    which = r.WhichOneof("stop_reason")
+    return None if which is None else getattr(r, which)
 
 
 def _logprobs(r: inference_pb2.GenerateResponse) -> dict[str, list[TokenLogprob]]:

@@ -109,6 +109,10 @@ def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.Gene
     """One stream message; the last one carries finish_reason and usage."""
     response = inference_pb2.GenerateResponse(request_id=request_id, text=out.text,
                                               token_ids=out.token_ids)
+    if isinstance(out.stop_reason, str):
+        response.stop_string = out.stop_reason
+    elif out.stop_reason is not None:
+        response.stop_token_id = out.stop_reason
     if out.finished:
         response.finish_reason = _FINISH[out.finish_reason]
         response.usage.prompt_tokens = out.prompt_tokens

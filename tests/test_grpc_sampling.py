@@ -143,6 +143,8 @@ def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine
     assert got[2].usage.prompt_tokens == 3
     assert want[1] == free[: free.index(free[2]) + 1] and want[0] != free
     assert got[1].finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert got[1].stop_token_id == free[2] == typed[1].stop_reason  # vLLM's stop_reason
+    assert got[0].WhichOneof("stop_reason") is None and typed[0].stop_reason is None
 
 
 def test_stop_string_and_special_token_text_fields_give_the_engines_text(model, bytebpe,
@@ -160,12 +162,17 @@ def test_stop_string_and_special_token_text_fields_give_the_engines_text(model, 
 
     async def main():
         async with serving(engine) as c:
-            return [await c.inference.Generate(inference_pb2.GenerateRequest(
+            whole = [await c.inference.Generate(inference_pb2.GenerateRequest(
                 prompt=PROMPT, sampling=inference_pb2.SamplingParams(**plain | f)))
                 for f in cases]
+            streamed = [m async for m in c.inference.GenerateStream(inference_pb2.GenerateRequest(
+                prompt=PROMPT, sampling=inference_pb2.SamplingParams(**plain | cases[0])))]
+            return whole, streamed
 
-    got = [g.text for g in asyncio.run(main())]
+    whole, streamed = asyncio.run(main())
+    got = [g.text for g in whole]
     assert got == want and want[0].endswith(free[4:6]) and want[1] != want[2]
+    assert whole[0].stop_string == free[4:6] == streamed[-1].stop_string
 
 
 def test_min_tokens_holds_back_eos(model, bytebpe, engine):
