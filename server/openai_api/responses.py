@@ -59,8 +59,9 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     last: RequestOutput | None = None
-    offset: int = 0  # completions' text_offset of the next token
+    offset: int = 0  # completions' text_offset of the next token; chat auto tools: sent
     started: bool = False
+    held: str = ""  # chat auto tools: text not sent yet (it may hold a tool call)
 
 
 class Responses:
@@ -181,19 +182,23 @@ class Responses:
     def _tool_chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
         """Tool calls stream whole, in a choice's last chunk (once the arguments parse);
         with ``tool_choice: auto`` the content before them streams as it comes
-        (``ToolMode.streamable``; ``state.offset``: how much was sent)."""
+        (``ToolMode.streamable`` of the text not sent yet, which never holds sent text's
+        tag: each output costs its own length, not the whole text's)."""
         state, tools = self._choices[index], self.shape.tools
         state.text.append(out.text)
         state.token_ids += out.token_ids
-        text = "".join(state.text)
         if not out.finished:
-            end = tools.streamable(text)
-            if end <= state.offset:
+            if not tools.parser:
                 return None
-            piece, state.offset = text[state.offset:end], end
+            held = state.held + out.text
+            end = tools.streamable(held)
+            piece, state.held = held[:end], held[end:]
+            if not piece:
+                return None
+            state.offset += end
             return self._sse(self._choice(index, piece, [], None, None, True), with_usage)
         state.last = out
-        reason, calls = finish_reason(out), None
+        text, reason, calls = "".join(state.text), finish_reason(out), None
         if reason == "stop":
             text, calls = tools.split(text)
         return self._sse(self._choice(index, text[state.offset:], state.token_ids, None, reason,
