@@ -36,6 +36,8 @@ class SamplingExtras(TypedDict, total=False):
     include_stop_str_in_output: bool
     skip_special_tokens: bool
     truncate_prompt_tokens: int
+    allowed_token_ids: list[int]
+    bad_words: list[str]
     json_schema: Mapping[str, Any] | str
     json_object: bool
     regex: str

@@ -54,6 +54,8 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
                              else True),
         truncate_prompt_tokens=(p.truncate_prompt_tokens
                                 if p.HasField("truncate_prompt_tokens") else None),
+        allowed_token_ids=list(p.allowed_token_ids) or None,
+        bad_words=list(p.bad_words),
     )
 
 

@@ -13,6 +13,7 @@ from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.sequence import SamplingParams
+from nolaserve.server.engine.token_masks import bad_word_ids
 
 TIE_GAP = 1e-3
 
@@ -97,6 +98,16 @@ def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams, str
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
     raise AssertionError("engine did not finish")
+
+
+def word_of(tokenizer, output: list[int], length: int) -> str:
+    """A bad word: the text of the first ``length`` tokens of ``output`` that tokenize
+    back to them."""
+    for i in range(len(output) - length + 1):
+        word = tokenizer.decode(output[i:i + length])
+        if tuple(output[i:i + length]) in bad_word_ids(tokenizer, [word]):
+            return word
+    raise AssertionError(f"no {length} tokens of {output} tokenize back to themselves")
 
 
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -133,7 +133,7 @@ def test_models_list_and_unknown_model(engine):
 
 
 REFUSED = [("suffix", {"suffix": "x"}), ("use_beam_search", {"use_beam_search": True}),
-           ("best_of", {"best_of": 3}), ("n", {"n": 17}), ("bad_words", {"bad_words": ["x"]}),
+           ("best_of", {"best_of": 3}), ("n", {"n": 17}),
            ("prompt", {"prompt": ["a"] * 65})]
 
 

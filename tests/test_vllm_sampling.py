@@ -12,7 +12,11 @@ import textwrap
 
 import pytest
 import torch
+from engine_helpers import greedy, make_engine, word_of
+from engine_helpers import run as run_engine
 from vllm_helpers import VLLM_ENV, save_model, vllm_python
+
+from nolaserve.server.engine.token_masks import bad_word_ids
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +46,33 @@ SCRIPT = textwrap.dedent('''
     out = llm.generate({"prompt_token_ids": prompt}, plain)[0]
     got = vllm_args.request_output("r", out, len(prompt), 6, ours)
     lp = lambda x: None if x is None else [x.token_id, x.logprob, [list(t) for t in x.top]]
+    masked = {}
+    for name, value in json.loads(sys.argv[3]).items():
+        mine = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, **{name: value})
+        theirs = vllm_args.sampling(mine)
+        fields[name] = getattr(theirs, name)
+        theirs.output_kind = RequestOutputKind.FINAL_ONLY
+        masked[name] = list(llm.generate({"prompt_token_ids": prompt}, theirs)[0]
+                            .outputs[0].token_ids)
+    theirs.update_from_tokenizer(llm.get_tokenizer())
     print("RESULT " + json.dumps({"fields": fields, "tokens": got.token_ids,
                                   "logprobs": [lp(x) for x in got.logprobs],
-                                  "prompt_logprobs": [lp(x) for x in got.prompt_logprobs]}))
+                                  "prompt_logprobs": [lp(x) for x in got.prompt_logprobs],
+                                  "masked": masked, "bad_ids": theirs._bad_words_token_ids}))
 ''')
 
 
 def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
+    """... and vLLM's greedy tokens under ``allowed_token_ids`` and ``bad_words`` (the
+    last word tokenized by vLLM's ``update_from_tokenizer``) are the native engine's."""
     python = vllm_python()
     model = save_model(tmp_path / "model", bytebpe)
     prompt = [5, 17, 99, 3, 250, 42, 8]
-    run = subprocess.run([python, "-c", SCRIPT, str(tmp_path / "model"), json.dumps(prompt)],
+    free = run_engine(make_engine(model, bytebpe), {"r": (prompt, greedy(8), None)})["r"]
+    masks = {"allowed_token_ids": [4, 40, 77, 123],
+             "bad_words": [word_of(bytebpe, free, 1), "héllo", " wörld"]}
+    run = subprocess.run([python, "-c", SCRIPT, str(tmp_path / "model"), json.dumps(prompt),
+                          json.dumps(masks)],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True,
                          timeout=900)
     line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -62,7 +82,12 @@ def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
                              "presence_penalty": 0.5, "frequency_penalty": 0.25,
                              "repetition_penalty": 1.2, "min_tokens": 2, "min_p": 0.25,
                              "stop_token_ids": [9, 11], "include_stop_str_in_output": True,
-                             "skip_special_tokens": False}
+                             "skip_special_tokens": False, **masks}
+    assert [list(w) for w in bad_word_ids(bytebpe, masks["bad_words"])] == got["bad_ids"]
+    engine = make_engine(model, bytebpe)
+    for name, value in masks.items():
+        ours = run_engine(engine, {"r": (prompt, greedy(8, **{name: value}), None)})["r"]
+        assert ours == got["masked"][name] != free, name
     ids = prompt + got["tokens"]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)

@@ -38,6 +38,7 @@ from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence, adapter_ids_of
 from .structured import Grammars, GrammarState, apply_masks, fill_masks
+from .token_masks import TokenMasks, bad_word_ids
 
 log = logging.getLogger("nolaserve.engine")
 
@@ -64,7 +65,7 @@ class Engine:
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.batch_invariant = batch_invariant
         self.sampler = RowSampler()
-        self.penalty_counts = PenaltyCounts()
+        self.penalty_counts, self.token_masks = PenaltyCounts(), TokenMasks()
         self.grammars = Grammars(tokenizer, runner.vocab_size, eos_token_ids)
         self.checks = RequestChecks(limits, scheduler, self.grammars, lambda: self.store)
         self.requests: dict[str, _Request] = {}
@@ -131,7 +132,8 @@ class Engine:
             raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
         if len(self.requests) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
-        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None)
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None,
+                       bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
                                        params.min_tokens, params.include_stop_str_in_output)
         self.requests[request_id] = _Request(seq, detok,
@@ -233,7 +235,8 @@ class Engine:
             return outputs
         seqs = [r.seq for r in sampling]
         raw = rows.sampled_logits(logits)
-        processed = process_logits(raw, seqs, self.eos_token_ids, self.penalty_counts)
+        processed = process_logits(raw, seqs, self.eos_token_ids, self.penalty_counts,
+                                   self.token_masks)
         processed = apply_masks(processed, [r.grammar for r in sampling])
         got = self.sampler.sample_rows(raw, seqs, [r.generator for r in sampling], processed,
                                        rows, logits)

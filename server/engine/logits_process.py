@@ -1,6 +1,6 @@
-"""A step's per-request logits processing before sampling: ``logit_bias``, then the
-presence, frequency and repetition penalties, then ``min_tokens`` (stop tokens masked to
--inf).
+"""A step's per-request logits processing before sampling: ``allowed_token_ids`` and
+``bad_words`` (token_masks.py), ``logit_bias``, then the presence, frequency and repetition
+penalties, then ``min_tokens`` (stop tokens masked to -inf).
 The penalties read token counts kept per request across steps (penalty_counts.py).
 
 Each is a batched tensor op over the rows that ask for it (rows that ask for none cost
@@ -26,29 +26,32 @@ from torch import Tensor
 from .penalty_counts import PenaltyCounts
 from .sampler import row_tensor
 from .sequence import Sequence
+from .token_masks import TokenMasks, asks, mask_pairs, pair_index
 
 
 def process_logits(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int],
-                   counts: PenaltyCounts) -> Tensor:
-    """``logits`` ``[N, V]`` (row ``i`` is ``seqs[i]``'s next token) with each row's bias,
-    penalties and ``min_tokens`` applied: a new tensor if some row asks, else ``logits``
-    itself (never modified in place: the engine keeps the raw logits for logprobs).
-    ``counts`` keeps the penalized requests' token counts from step to step."""
+                   counts: PenaltyCounts, masks: TokenMasks | None = None) -> Tensor:
+    """``logits`` ``[N, V]`` (row ``i`` is ``seqs[i]``'s next token) with each row's masks,
+    bias, penalties and ``min_tokens`` applied: a new tensor if some row asks, else
+    ``logits`` itself (never modified in place: the engine keeps the raw logits for
+    logprobs). ``counts`` keeps the penalized requests' token counts from step to step,
+    ``masks`` the ``allowed_token_ids`` rows (None: built for this call)."""
     rows = [i for i, s in enumerate(seqs) if _asks(s)]
     if not rows:
         return logits
     asking = [seqs[i] for i in rows]
+    masks = masks or TokenMasks()
     if len(rows) == len(seqs):
-        return _process(logits.clone(), asking, eos_token_ids, counts)
+        return _process(logits.clone(), asking, eos_token_ids, counts, masks)
     index = row_tensor(rows, torch.int64, logits)
-    sub = _process(logits.index_select(0, index), asking, eos_token_ids, counts)
+    sub = _process(logits.index_select(0, index), asking, eos_token_ids, counts, masks)
     return logits.index_copy(0, index, sub)
 
 
 def _asks(seq: Sequence) -> bool:
-    """Whether this step changes the row of ``seq``: a bias, a penalty, or stop tokens to
-    mask."""
-    return bool(seq.params.logit_bias or _penalized(seq) or _early(seq))
+    """Whether this step changes the row of ``seq``: masked tokens, a bias, a penalty, or
+    stop tokens to mask."""
+    return bool(asks(seq) or seq.params.logit_bias or _penalized(seq) or _early(seq))
 
 
 def _penalized(seq: Sequence) -> bool:
@@ -64,8 +67,9 @@ def _early(seq: Sequence) -> bool:
 
 
 def _process(logits: Tensor, seqs: list[Sequence], eos: set[int],
-             counts: PenaltyCounts) -> Tensor:
+             counts: PenaltyCounts, masks: TokenMasks) -> Tensor:
     """Every row of ``logits`` processed in place for its own sequence."""
+    masks.apply(logits, seqs)
     _add_bias(logits, seqs)
     rows = [i for i, s in enumerate(seqs) if _penalized(s)]
     if len(rows) == len(seqs):
@@ -86,8 +90,8 @@ def _add_bias(logits: Tensor, seqs: list[Sequence]) -> None:
         tokens += s.params.logit_bias.keys()
         values += s.params.logit_bias.values()
     if rows:
-        logits.index_put_(_pairs(rows, tokens, logits), row_tensor(values, logits.dtype, logits),
-                          accumulate=True)
+        logits.index_put_(pair_index(rows, tokens, logits),
+                          row_tensor(values, logits.dtype, logits), accumulate=True)
 
 
 def _penalize(logits: Tensor, seqs: list[Sequence], counts: PenaltyCounts) -> None:
@@ -117,13 +121,5 @@ def _mask_stops(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
             ids = sorted(t for t in ids if 0 <= t < logits.shape[1])
             rows += [i] * len(ids)
             cols += ids
-    if rows:
-        minus_inf = torch.full((len(rows),), float("-inf"), dtype=logits.dtype,
-                               device=logits.device)  # a fill on the device, no copy
-        logits.index_put_(_pairs(rows, cols, logits), minus_inf)
+    mask_pairs(logits, rows, cols)
 
-
-def _pairs(rows: list[int], cols: list[int], like: Tensor) -> tuple[Tensor, Tensor]:
-    """``(rows, cols)`` as one int64 ``[2, K]`` copy to ``like``'s device, split."""
-    both = row_tensor([rows, cols], torch.int64, like)
-    return both[0], both[1]

@@ -47,10 +47,8 @@ class RowSampler(Sampler):
         itself if None). The tokens, the finite check of ``raw``, the logprobs asked for
         (from ``raw``) and the prompt logprobs of ``rows`` (from ``step_logits``) come back
         in one device-to-host copy, the step's only sync."""
-        # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
-        # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
-        finite = torch.isfinite(raw.sum(dim=1))
         processed = raw if processed is None else processed
+        status = _row_status(raw, processed)
         drawn: list[int | RowFailure] | None = None
         try:
             ids = self.sample_ids(processed, [s.params for s in seqs], generators) if seqs \
@@ -60,7 +58,7 @@ class RowSampler(Sampler):
                      in enumerate(zip(seqs, generators))]
             ids = row_tensor([t if isinstance(t, int) else 0 for t in drawn], torch.int64, raw)
         asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        blocks = [ids.double(), finite.double()]
+        blocks = [ids.double(), status]
         if asking:
             index = row_tensor(asking, torch.int64, raw)
             blocks.append(logprob_values(raw.index_select(0, index), ids.index_select(0, index),
@@ -74,7 +72,8 @@ class RowSampler(Sampler):
                 vocab: int) -> SampledRows:
         n = len(seqs)
         tokens = [int(t) for t in host[:n]] if drawn is None else drawn
-        tokens = [t if good else non_finite(s) for t, good, s in zip(tokens, host[n:2 * n], seqs)]
+        tokens = [t if ok == _SAMPLED else non_finite(s) if ok == _NON_FINITE else no_token(s)
+                  for t, ok, s in zip(tokens, host[n:2 * n], seqs)]
         ks = [seqs[i].params.logprobs for i in asking]
         width = len(asking) * row_width(min(max(ks, default=0), vocab))
         lps = token_logprobs(host[2 * n:2 * n + width],
@@ -94,6 +93,29 @@ class RowSampler(Sampler):
         except Exception as e:
             return RowFailure(f"internal error sampling this request: {e!r:.200}",
                               Status.INTERNAL)
+
+
+_NON_FINITE, _SAMPLED, _ALL_MASKED = 0.0, 1.0, 2.0  # a row's status in the read-back
+
+
+def _row_status(raw: torch.Tensor, processed: torch.Tensor) -> torch.Tensor:
+    """Per row, as float64 ``[N]``: ``_NON_FINITE`` (its logits hold NaN or Inf),
+    ``_ALL_MASKED`` (its request's masks left no token to sample), else ``_SAMPLED``."""
+    # One reduction instead of isfinite over [N, V]: a NaN or an infinity makes the
+    # row's sum non-finite (so would |logits| ~1e34, as unusable as an infinity).
+    status = torch.isfinite(raw.sum(dim=1)).double()
+    if processed is raw:
+        return status
+    return status.masked_fill_((processed.amax(dim=1) == float("-inf")) & (status > 0),
+                               _ALL_MASKED)
+
+
+def no_token(seq: Sequence) -> RowFailure:
+    """The failure of a row whose every token its own request masked."""
+    return RowFailure(
+        f"no token can come at output token {len(seq.output_token_ids)}: this request's "
+        "allowed_token_ids, bad_words, min_tokens (which masks EOS and stop_token_ids) and "
+        "output format leave none; loosen them", Status.INVALID_ARGUMENT)
 
 
 def non_finite(seq: Sequence) -> RowFailure:

@@ -64,6 +64,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # vLLM: the text ends after the stop string
     skip_special_tokens: bool = True  # vLLM: False keeps special tokens' text (<eos>)
     truncate_prompt_tokens: int | None = None  # vLLM: keep the last k (-1: all that fit)
+    allowed_token_ids: list[int] | None = None  # vLLM: only these may be sampled; None: all
+    bad_words: list[str] = field(default_factory=list)  # vLLM: never output these words
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
@@ -108,23 +110,35 @@ class SamplingParams:
                 f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got "
                 f"{self.min_tokens}")
         _validate_logit_bias(self.logit_bias, vocab_size)
-        _validate_stop_token_ids(self.stop_token_ids, vocab_size)
+        _validate_token_ids("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS,
+                            vocab_size)
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise InvalidRequestError("allowed_token_ids is empty: list at least one "
+                                          "token id, or leave it unset to allow every token")
+            _validate_token_ids("allowed_token_ids", self.allowed_token_ids,
+                                vocab_size or MAX_ALLOWED_TOKEN_IDS, vocab_size)
+        if len(self.bad_words) > MAX_BAD_WORDS or any(
+                not isinstance(w, str) or not w.strip() or len(w) > 256 for w in self.bad_words):
+            raise InvalidRequestError(f"bad_words: at most {MAX_BAD_WORDS} strings of 1 to 256 "
+                                      "characters, not only spaces")
 
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # when the vocabulary size is not known; else its size
+MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS (it counts them after tokenizing)
 
 
-def _validate_stop_token_ids(ids: list[int], vocab_size: int) -> None:
-    if len(ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidRequestError(f"stop_token_ids has {len(ids)} entries; at most "
-                                  f"{MAX_STOP_TOKEN_IDS} are allowed")
+def _validate_token_ids(name: str, ids: list[int], most: int, vocab_size: int) -> None:
+    if len(ids) > most:
+        raise InvalidRequestError(f"{name} has {len(ids)} entries; at most {most} are allowed")
     for token in ids:
         if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
             top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
-            raise InvalidRequestError(f"stop_token_ids entry {str(token)[:20]} is out of "
-                                      f"range: token ids are 0 to {top}")
+            raise InvalidRequestError(f"{name} entry {str(token)[:20]} is out of range: "
+                                      f"token ids are 0 to {top}")
 
 
 def _validate_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
@@ -159,6 +173,7 @@ class Sequence:
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     prefix_counted: bool = False  # its prefix-cache lookup is in the counters (once)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -32,7 +32,7 @@ _REFUSED: dict[str, Any] = {
     "echo": _off,  # a completions field; chat has no echo in OpenAI's API
     "functions": _off,
     "function_call": lambda v: v in (None, "none"),
-    "bad_words": _off, "use_beam_search": _off,
+    "use_beam_search": _off,
     "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
     "guided_whitespace_pattern": _off,
     "chat_template": _off, "logits_processors": _off,
@@ -73,6 +73,8 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (responses.py)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -142,7 +144,8 @@ class _Sampling(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
-            prompt_logprobs=self._prompt_logprobs())
+            prompt_logprobs=self._prompt_logprobs(),
+            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []))
 
     def _prompt_logprobs(self) -> int | None:
         if self.prompt_logprobs is not None and self.stream:
