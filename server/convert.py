@@ -88,7 +88,9 @@ def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
     return GenerateRequest(model=request.adapter_id,
                            prompt=request.prompt if which == "prompt" else None,
                            messages=messages, params=sampling_params(request.sampling),
-                           chat=chat)
+                           chat=chat, add_special_tokens=(
+                               request.add_special_tokens
+                               if request.HasField("add_special_tokens") else None))
 
 
 def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:

@@ -49,6 +49,7 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: list[dict] | None = None  # chat: OpenAI's tools, for the chat template
     chat: ChatOptions = field(default_factory=ChatOptions)
+    add_special_tokens: bool | None = None  # vLLM's; None: True for a prompt, False for chat
 
 
 def resolve_adapter(model: str, base_model: str, registered: Callable[[str], bool]
@@ -111,7 +112,8 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
         raise InvalidRequestError("this engine has no tokenizer; it cannot take text input")
     if request.prompt is not None:
         check_utf8(request.prompt, "prompt")
-        return list(tokenizer(request.prompt)["input_ids"])
+        return list(tokenizer(request.prompt, add_special_tokens=request.add_special_tokens
+                              is not False)["input_ids"])
     messages = [m.template_dict() for m in request.messages]
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one chat message")
@@ -126,7 +128,7 @@ def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:
         raise InvalidRequestError("the model's tokenizer has no chat template: send a "
                                   "plain prompt instead of messages")
     return list(tokenizer(render_chat(tokenizer, messages, request.tools, request.chat),
-                          add_special_tokens=False)["input_ids"])
+                          add_special_tokens=bool(request.add_special_tokens))["input_ids"])
 
 
 def engine_input(tokenizer, base_model: str, request: GenerateRequest,

@@ -37,10 +37,17 @@ _REFUSED: dict[str, Any] = {
     "guided_whitespace_pattern": _off,
     "chat_template": _off, "logits_processors": _off,
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
+    # vLLM's, not implemented here
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "truncation_side": lambda v: v in (None, "left"), "logprob_token_ids": _off,
+    "documents": _off, "return_tokens_as_token_ids": _off, "return_token_offsets": _off,
+    "return_prompt_text": _off, "prompt_embeds": _off, "watermarking": _off,
+    "repetition_detection": _off, "thinking_token_budget": _off, "mm_payload": _off,
 }
 # Standard fields that do not change the output.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "request_id", "priority",
-             "reasoning_effort", "web_search_options"}
+             "reasoning_effort", "web_search_options", "include_reasoning", "session_id",
+             "stream_interval"}
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request: prompts x n
 
@@ -75,6 +82,7 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (responses.py)
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -214,7 +222,9 @@ class CompletionRequest(_Sampling):
                                       else self.max_tokens)
         if self.echo and params.logprobs is not None:  # the engine computes the larger k
             params.prompt_logprobs = max(params.logprobs, params.prompt_logprobs or 0)
-        return [GenerateRequest(self.model, prompt=p, params=params) if isinstance(p, str)
+        return [GenerateRequest(self.model, prompt=p, params=params,
+                                add_special_tokens=self.add_special_tokens)
+                if isinstance(p, str)
                 else GenerateRequest(self.model, prompt_token_ids=list(p), params=params)
                 for p in self.prompts()]
 
@@ -288,4 +298,5 @@ class ChatCompletionRequest(_Sampling, ChatFields):
         in_play = self.structured_output(tool_call_parser)[1] is not None
         tools = self.tools if in_play else None
         return [GenerateRequest(self.model, messages=messages, params=params, tools=tools,
-                                chat=self.chat_options())]
+                                chat=self.chat_options(),
+                                add_special_tokens=self.add_special_tokens)]

@@ -29,13 +29,14 @@ class TokenizeRequest(ChatFields):
     model: str = ""
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)
 
     def generate_request(self) -> GenerateRequest:
         messages = None if self.messages is None else \
             [m.message() for m in self.messages]
         return GenerateRequest(self.model, prompt=self.prompt, messages=messages,
-                               chat=self.chat_options())
+                               chat=self.chat_options(),
+                               add_special_tokens=self.add_special_tokens)
 
 
 class DetokenizeRequest(BaseModel):
@@ -76,10 +77,7 @@ class TokenEndpoints:
     def _tokenize(self, body: TokenizeRequest, request) -> list[int]:
         self._check_model(body.model)
         tokenizer = self.generation.engine.tokenizer
-        ids = prompt_token_ids(tokenizer, request)  # every check generation makes
-        if body.prompt is not None and not body.add_special_tokens:
-            ids = list(tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
-        return ids
+        return prompt_token_ids(tokenizer, request)  # every check generation makes
 
     def _check_model(self, model: str) -> None:
         """``AdapterNotFoundError`` unless ``model`` names the base model or a registered

@@ -1,0 +1,93 @@
+"""vLLM's ``add_special_tokens`` over HTTP (completions, chat, ``/tokenize``) and gRPC,
+with vLLM's defaults (a prompt gets the tokenizer's special tokens, chat's rendered text
+does not); and the vLLM fields not implemented here are 400s naming them, never silently
+ignored while they would change the output."""
+
+import asyncio
+import copy
+
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine
+from openai_helpers import GREEDY, http, http_serving, with_chat_template
+from tokenizers import processors
+
+from nolaserve.v1 import inference_pb2
+
+PROMPT = "héllo wörld"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300)
+
+
+@pytest.fixture
+def engine(model, bytebpe):
+    """A tokenizer that puts <eos> (id 0) before every text, as Llama's puts BOS."""
+    tok = with_chat_template(copy.deepcopy(bytebpe))
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", 0)])
+    return make_engine(model, tok)
+
+
+def test_add_special_tokens_follows_vllms_defaults_and_its_value(engine):
+    text = engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    chat = engine.tokenizer(engine.tokenizer.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]
+    base = {"max_tokens": 2, "temperature": 0, **GREEDY}
+
+    async def main():
+        async with http_serving(engine) as (c, url), http(url) as h:
+            got = {}
+            for name, path, body in (
+                    ("prompt", "/v1/completions", {"prompt": PROMPT}),
+                    ("prompt_off", "/v1/completions", {"prompt": PROMPT,
+                                                       "add_special_tokens": False}),
+                    ("chat", "/v1/chat/completions", {"messages": MESSAGES}),
+                    ("chat_on", "/v1/chat/completions", {"messages": MESSAGES,
+                                                         "add_special_tokens": True})):
+                r = await h.post(path, json=base | body)
+                got[name] = r.json()["usage"]["prompt_tokens"]
+            for name, body in (("tok", {"prompt": PROMPT}),
+                               ("tok_off", {"prompt": PROMPT, "add_special_tokens": False}),
+                               ("tok_chat", {"messages": MESSAGES})):
+                got[name] = (await h.post("/tokenize", json=body)).json()["tokens"]
+            grpc_got = [(await c.inference.Generate(inference_pb2.GenerateRequest(
+                prompt=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=1),
+                **flag))).usage.prompt_tokens
+                for flag in ({}, {"add_special_tokens": False})]
+            return got, grpc_got
+
+    got, grpc_got = asyncio.run(main())
+    assert got["tok"] == [0] + text and got["tok_off"] == text and got["tok_chat"] == chat
+    assert (got["prompt"], got["prompt_off"]) == (len(text) + 1, len(text))
+    assert (got["chat"], got["chat_on"]) == (len(chat), len(chat) + 1)
+    assert grpc_got == [len(text) + 1, len(text)]
+
+
+REFUSED = {"truncation_side": "right", "spaces_between_special_tokens": False,
+           "logprob_token_ids": [3], "documents": [{"title": "t", "text": "x"}],
+           "return_tokens_as_token_ids": True, "repetition_detection": {"max_pattern_size": 2},
+           "thinking_token_budget": 10, "prompt_embeds": "AAAA"}
+NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": True,
+           "return_tokens_as_token_ids": False, "include_reasoning": True, "session_id": "s"}
+
+
+def test_vllm_fields_not_implemented_are_refused_unless_left_at_their_default(engine):
+    async def main():
+        async with http_serving(engine) as (_, url), http(url) as h:
+            refused = {name: await h.post("/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 1, name: value})
+                for name, value in REFUSED.items()}
+            neutral = await h.post("/v1/chat/completions", json={
+                "messages": MESSAGES, "max_tokens": 1, **NEUTRAL})
+            return refused, neutral
+
+    refused, neutral = asyncio.run(main())
+    for name, r in refused.items():
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+        assert "not supported" in r.json()["error"]["message"]
+    assert neutral.status_code == 200, neutral.text
