@@ -38,6 +38,7 @@ class SamplingExtras(TypedDict, total=False):
     truncate_prompt_tokens: int
     allowed_token_ids: list[int]
     bad_words: list[str]
+    cache_salt: str
     json_schema: Mapping[str, Any] | str
     json_object: bool
     regex: str

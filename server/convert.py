@@ -56,6 +56,7 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
                                 if p.HasField("truncate_prompt_tokens") else None),
         allowed_token_ids=list(p.allowed_token_ids) or None,
         bad_words=list(p.bad_words),
+        cache_salt=p.cache_salt if p.HasField("cache_salt") else None,
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 
-from nolaserve.adapters.errors import RequestFailedError, Status
+from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.config import Config
 from nolaserve.server.engine.block_manager import BlockManager
@@ -310,3 +310,21 @@ def test_cached_blocks_taken_off_the_free_list_do_not_overcommit():
     sched.finish(other, FinishReason.LENGTH)
     (scheduled,) = sched.schedule().scheduled
     assert scheduled.seq is late and late.num_computed_tokens == 12
+
+
+def test_cache_salt_shares_blocks_only_between_requests_with_the_same_salt(model, bytebpe):
+    """vLLM's ``cache_salt``: one tenant's request never hits another's cached prompt, so
+    its latency cannot reveal what the other sent; the same salt (or none) still shares."""
+    engine = make_engine(model, bytebpe)
+    engine.store.register("x", nola(engine, 1))
+    prompt = list(range(40, 61))  # 21 tokens: five full blocks shareable
+    hits = []
+    for rid, salt, adapter in (("a", "tenant-a", None), ("b", "tenant-b", None),
+                               ("none", None, None), ("a2", "tenant-a", None),
+                               ("none2", None, None), ("ax", "tenant-a", "x"),
+                               ("ax2", "tenant-a", "x")):
+        run(engine, {rid: (prompt, greedy(2, cache_salt=salt), adapter)})
+        hits.append(engine.stats.prefix_cache.hits)
+    assert [b - a for a, b in zip([0] + hits, hits)] == [0, 0, 0, 20, 20, 0, 20]
+    with pytest.raises(InvalidRequestError, match="cache_salt must be a string of 1 to 1024"):
+        engine.add_request("bad", prompt, greedy(2, cache_salt=""))

@@ -1,7 +1,8 @@
 """vLLM's ``add_special_tokens`` over HTTP (completions, chat, ``/tokenize``) and gRPC,
 with vLLM's defaults (a prompt gets the tokenizer's special tokens, chat's rendered text
-does not); and the vLLM fields not implemented here are 400s naming them, never silently
-ignored while they would change the output."""
+does not); ``cache_salt`` over HTTP, gRPC and the client; and the vLLM fields not
+implemented here are 400s naming them, never silently ignored while they would change
+the output."""
 
 import asyncio
 import copy
@@ -12,6 +13,7 @@ from engine_helpers import make_engine
 from openai_helpers import GREEDY, http, http_serving, with_chat_template
 from tokenizers import processors
 
+from nolaserve.clients.client import AsyncClient
 from nolaserve.v1 import inference_pb2
 
 PROMPT = "héllo wörld"
@@ -66,6 +68,41 @@ def test_add_special_tokens_follows_vllms_defaults_and_its_value(engine):
     assert (got["prompt"], got["prompt_off"]) == (len(text) + 1, len(text))
     assert (got["chat"], got["chat_on"]) == (len(chat), len(chat) + 1)
     assert grpc_got == [len(text) + 1, len(text)]
+
+
+def test_cache_salt_reaches_the_prefix_cache_from_every_front_end(engine):
+    long = PROMPT * 6
+
+    async def main():
+        hits = []
+        async with http_serving(engine) as (c, url), http(url) as h:
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                for send, salt in ((_http, "a"), (_grpc, "b"), (_client, "a"), (_http, "b"),
+                                   (_grpc, "a")):
+                    await send(h, c, client, long, salt)
+                    hits.append(engine.stats.prefix_cache.hits)
+            bad = await h.post("/v1/completions", json={"prompt": long, "cache_salt": ""})
+        return hits, bad
+
+    hits, bad = asyncio.run(main())
+    new = [b - a for a, b in zip([0] + hits, hits)]
+    assert new[:2] == [0, 0] and all(n > 0 for n in new[2:]), new
+    assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
+
+
+async def _http(h, c, client, prompt, salt):
+    r = await h.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1,
+                                              "cache_salt": salt})
+    assert r.status_code == 200, r.text
+
+
+async def _grpc(h, c, client, prompt, salt):
+    await c.inference.Generate(inference_pb2.GenerateRequest(
+        prompt=prompt, sampling=inference_pb2.SamplingParams(max_tokens=1, cache_salt=salt)))
+
+
+async def _client(h, c, client, prompt, salt):
+    await client.generate(prompt, max_tokens=1, cache_salt=salt)
 
 
 REFUSED = {"truncation_side": "right", "spaces_between_special_tokens": False,

@@ -152,6 +152,15 @@ def test_replace_is_served_with_the_new_weights(setup):
     assert after == want or setup.tie_at(prompt, "swap", want, after)
 
 
+def test_cache_salt_reaches_vllms_prefix_cache(setup):
+    prompt = " ".join(PROMPTS * 12) + " salted"  # full KV blocks no other test caches
+    hits = []
+    for salt in ("a", "b", "a"):
+        generate(setup, prompt, cache_salt=salt)
+        hits.append(counter(setup, "vllm:prefix_cache_hits_total"))
+    assert hits[1] == hits[0] < hits[2], "only the same salt shares the cached prompt"
+
+
 def test_deleted_adapter_is_not_served(setup):
     assert generate(setup, PROMPTS[1], "gone").token_ids
     setup.admin.DeleteAdapter(admin_pb2.AdapterRef(adapter_id="gone"))

@@ -41,7 +41,7 @@ from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
 
 from .load_queue import LoadQueue
-from .prefix_cache import BASE_IDENTITY
+from .prefix_cache import BASE_IDENTITY, salted
 from .sequence import Sequence
 
 log = logging.getLogger("nolaserve.engine")
@@ -110,9 +110,11 @@ class AdapterAdmission:
         return False
 
     def cache_identity(self, seq: Sequence) -> str:
-        """The prefix cache's key for the weights in ``seq``'s slot: ``id@version``/base."""
+        """The prefix cache's key for the weights in ``seq``'s slot: ``id@version``/base,
+        salted with the request's ``cache_salt``."""
         version = self.store.slots.version_of(seq.adapter_slot) if seq.adapter_id else None
-        return BASE_IDENTITY if version is None else f"{seq.adapter_id}@{version}"
+        return salted(BASE_IDENTITY if version is None else f"{seq.adapter_id}@{version}",
+                      seq.params.cache_salt)
 
     def overdue(self, seq: Sequence) -> bool:
         """Whether ``seq`` waited past the aging bound for a slot: admit nobody behind it."""

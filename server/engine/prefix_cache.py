@@ -5,7 +5,9 @@ its KV and its tokens: ``sha256(parent | identity | tokens)``. Equal hashes mean
 tokens at the same positions after the same prefix, computed by the same weights, so the
 KV is the same. The identity is the content version in the request's adapter slot
 (``AdapterAdmission.cache_identity``), or ``"base"``: a replaced or deleted adapter's
-blocks never match again and age out of the LRU.
+blocks never match again and age out of the LRU. A request with vLLM's ``cache_salt``
+adds the salt's hash to it (``salted``): only requests with the same salt share blocks,
+so one tenant cannot learn another's prompts from how fast its own are served.
 
 ``PrefixCache`` maps hashes to block ids and keeps the *cached-free* blocks (no request
 holds them, their KV is still valid) in LRU order; ``BlockManager`` owns reference counts
@@ -20,6 +22,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 BASE_IDENTITY = "base"
+
+
+def salted(identity: str, salt: str | None) -> str:
+    """``identity`` for a request with ``cache_salt`` ``salt`` (None: no salt). Adapter ids
+    hold no ``#``, so a salted identity never equals another one."""
+    if salt is None:
+        return identity
+    return f"{identity}#{hashlib.sha256(salt.encode(errors='surrogatepass')).hexdigest()}"
 
 
 def block_hash(parent: bytes, identity: str, tokens: list[int]) -> bytes:

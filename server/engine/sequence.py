@@ -66,6 +66,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # vLLM: keep the last k (-1: all that fit)
     allowed_token_ids: list[int] | None = None  # vLLM: only these may be sampled; None: all
     bad_words: list[str] = field(default_factory=list)  # vLLM: never output these words
+    cache_salt: str | None = None  # vLLM: only requests with this salt share prefix blocks
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
@@ -118,6 +119,10 @@ class SamplingParams:
                                           "token id, or leave it unset to allow every token")
             _validate_token_ids("allowed_token_ids", self.allowed_token_ids,
                                 vocab_size or MAX_ALLOWED_TOKEN_IDS, vocab_size)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not
+                                            1 <= len(self.cache_salt) <= MAX_CACHE_SALT):
+            raise InvalidRequestError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "
+                                      "characters, or unset")
         if len(self.bad_words) > MAX_BAD_WORDS or any(
                 not isinstance(w, str) or not w.strip() or len(w) > 256 for w in self.bad_words):
             raise InvalidRequestError(f"bad_words: at most {MAX_BAD_WORDS} strings of 1 to 256 "
@@ -128,6 +133,7 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # when the vocabulary size is not known; else its size
+MAX_CACHE_SALT = 1024
 MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS (it counts them after tokenizing)
 
 

@@ -118,7 +118,8 @@ class VllmEngine:
                 if version.name not in self._added:  # load errors surface here, typed
                     await self.llm.add_lora(lora)
                     self._added.add(version.name)
-            stream = self.llm.generate({"prompt_token_ids": prompt},
+            salt = {} if params.cache_salt is None else {"cache_salt": params.cache_salt}
+            stream = self.llm.generate({"prompt_token_ids": prompt, **salt},
                                        vllm_args.sampling(params), request_id,
                                        lora_request=lora)
             completion = 0

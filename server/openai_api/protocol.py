@@ -83,6 +83,7 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)
+    cache_salt: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -153,7 +154,8 @@ class _Sampling(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             prompt_logprobs=self._prompt_logprobs(),
-            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []))
+            allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
+            cache_salt=self.cache_salt)
 
     def _prompt_logprobs(self) -> int | None:
         if self.prompt_logprobs is not None and self.stream:
