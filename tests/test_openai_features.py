@@ -76,6 +76,43 @@ def test_n_choices_are_seeded_seed_plus_j_with_usage_counting_the_prompt_once(en
     assert last.choices == [] and last.usage.total_tokens == prompt_tokens + 18
 
 
+def test_continuous_usage_stats_give_each_chunk_its_choices_usage_so_far(engine):
+    """vLLM's ``stream_options.continuous_usage_stats``: every chunk's usage is its own
+    choice's prompt and the tokens streamed so far (the chat role chunk's 0), two prompts
+    of different lengths with ``n = 2``; without it, chunks have ``usage: null``."""
+    prompts = [PROMPT, PROMPT * 3]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+
+    async def fn(oa, h):
+        kw = dict(model="", max_tokens=5, temperature=1.0, seed=5, stream=True,
+                  extra_body=GREEDY)
+        completion = await chunks_of(await oa.completions.create(
+            prompt=prompts, n=2, stream_options=options, **kw))
+        chat = await chunks_of(await oa.chat.completions.create(
+            messages=MESSAGES, stream_options=options, **kw))
+        plain = await chunks_of(await oa.completions.create(
+            prompt=PROMPT, stream_options={"include_usage": True}, **kw))
+        return completion, chat, plain
+
+    completion, chat, plain = serve(engine, fn)
+    lengths = [len(engine.tokenizer(p)["input_ids"]) for p in prompts]
+    *body, last = completion
+    seen = {}
+    for chunk in body:
+        c = chunk.choices[0]
+        seen[c.index] = seen.get(c.index, 0) + len(c.token_ids or [])
+        assert chunk.usage.prompt_tokens == lengths[c.index // 2]
+        assert chunk.usage.completion_tokens == seen[c.index]
+        assert chunk.usage.total_tokens == lengths[c.index // 2] + seen[c.index]
+    assert seen == dict.fromkeys(range(4), 5)
+    assert last.usage.prompt_tokens == sum(lengths) and last.usage.completion_tokens == 20
+    role, *rest, final = chat
+    assert role.usage.completion_tokens == 0 and role.usage.prompt_tokens > 0
+    assert [c.usage.completion_tokens for c in rest] == list(range(1, 6))
+    assert final.usage.completion_tokens == 5
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 5
+
+
 def test_chat_n_streams_a_role_chunk_per_choice(engine):
     async def fn(oa, h):
         kw = dict(model="", messages=MESSAGES, max_tokens=4, n=2, seed=1, extra_body=GREEDY)

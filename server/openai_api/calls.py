@@ -75,7 +75,7 @@ class Endpoints:
             return self._failed(name, e)
         if body.stream:
             call = _StreamCall(self, name, fan)
-            return EventStream(call.events(responses, body.include_usage), call.close)
+            return EventStream(call.events(responses), call.close)
         code = OK
         try:
             await until_disconnect(request, _collect(fan, responses))
@@ -108,7 +108,9 @@ class Endpoints:
                      body.return_token_ids, body.num_choices,
                      None if k is None else LogprobFormat(tokenizer, k), echo,
                      body.structured_output(self.tool_call_parser)[1],
-                     None if k_prompt is None else LogprobFormat(tokenizer, k_prompt))
+                     None if k_prompt is None else LogprobFormat(tokenizer, k_prompt),
+                     body.stream_usage if body.stream else "",
+                     tuple(len(ids) for ids in fan.prompt_ids))
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)
@@ -125,15 +127,14 @@ class _StreamCall:
         self.code = Status.CANCELLED  # until the stream ends on its own
         self.closed = False
 
-    async def events(self, responses: Responses, include_usage: bool
-                     ) -> AsyncIterator[bytes]:
+    async def events(self, responses: Responses) -> AsyncIterator[bytes]:
         try:
             for head in responses.first_chunks():
                 yield head
             async for index, out in self.outputs:
-                if (chunk := responses.chunk(index, out, include_usage)) is not None:
+                if (chunk := responses.chunk(index, out)) is not None:
                     yield chunk
-            if include_usage:
+            if responses.shape.stream_usage:
                 yield responses.usage_chunk()
             self.code = OK
             yield DONE

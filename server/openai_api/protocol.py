@@ -55,6 +55,7 @@ MAX_CHOICES = 64  # choices per request: prompts x n
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk has its choice's usage
 
 
 class _Sampling(BaseModel):
@@ -117,8 +118,13 @@ class _Sampling(BaseModel):
         return old or self.structured_outputs
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def stream_usage(self) -> str:
+        """What a stream says of usage (``responses.Shape.stream_usage``), as vLLM: ``""``,
+        ``"final"`` (``include_usage``) or ``"continuous"`` (and ``continuous_usage_stats``)."""
+        options = self.stream_options
+        if not (options and options.include_usage):
+            return ""
+        return "continuous" if options.continuous_usage_stats else "final"
 
     @property
     def num_choices(self) -> int:

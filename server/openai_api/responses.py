@@ -48,6 +48,8 @@ class Shape:
     echo: list[tuple[str, list[int]]] | None = None
     tools: ToolMode | None = None  # the output becomes tool calls (tool_calls.py)
     prompt_logprobs: LogprobFormat | None = None  # vLLM's, asked for (not by echo)
+    stream_usage: str = ""  # "final": a closing usage chunk; "continuous": each chunk too
+    prompt_tokens: tuple[int, ...] = ()  # each prompt's, as the engine got it
 
 
 @dataclass
@@ -62,6 +64,7 @@ class _Choice:
     offset: int = 0  # completions' text_offset of the next token; chat auto tools: sent
     started: bool = False
     held: str = ""  # chat auto tools: text not sent yet (it may hold a tool call)
+    streamed: int = 0  # token ids the stream has had so far
 
 
 class Responses:
@@ -160,13 +163,14 @@ class Responses:
         if not self.chat:
             return []
         return [self._sse({"index": i, "delta": {"role": "assistant", "content": ""},
-                           "logprobs": None, "finish_reason": None}, with_usage=False)
+                           "logprobs": None, "finish_reason": None})
                 for i in range(self.shape.n)]  # a chat request has one prompt
 
-    def chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
+    def chunk(self, index: int, out: RequestOutput) -> bytes | None:
         """The chunk of one engine output; None for an output with nothing to send."""
+        self._choices[index].streamed += len(out.token_ids)
         if self.chat and self.shape.tools is not None:
-            return self._tool_chunk(index, out, with_usage)
+            return self._tool_chunk(index, out)
         reason = finish_reason(out)
         if out.finished:
             self._choices[index].last = out
@@ -177,9 +181,9 @@ class Responses:
         text, logprobs = self._content(index, out.text, out.token_ids, out.logprobs,
                                        out.prompt_logprobs)
         return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True,
-                                      out.stop_reason), with_usage)
+                                      out.stop_reason))
 
-    def _tool_chunk(self, index: int, out: RequestOutput, with_usage: bool) -> bytes | None:
+    def _tool_chunk(self, index: int, out: RequestOutput) -> bytes | None:
         """Tool calls stream whole, in a choice's last chunk (once the arguments parse);
         with ``tool_choice: auto`` the content before them streams as it comes
         (``ToolMode.streamable`` of the text not sent yet, which never holds sent text's
@@ -196,13 +200,13 @@ class Responses:
             if not piece:
                 return None
             state.offset += end
-            return self._sse(self._choice(index, piece, [], None, None, True), with_usage)
+            return self._sse(self._choice(index, piece, [], None, None, True))
         state.last = out
         text, reason, calls = "".join(state.text), finish_reason(out), None
         if reason == "stop":
             text, calls = tools.split(text)
         return self._sse(self._choice(index, text[state.offset:], state.token_ids, None, reason,
-                                      True, out.stop_reason, calls), with_usage)
+                                      True, out.stop_reason, calls))
 
     def usage_chunk(self) -> bytes:
         """``stream_options.include_usage``: the closing chunk, with empty choices."""
@@ -223,9 +227,17 @@ class Responses:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _sse(self, choice: dict, with_usage: bool) -> bytes:
+    def _sse(self, choice: dict) -> bytes:
+        """One chunk; with usage asked, its ``usage``: null, or (continuous) the choice's
+        prompt and the tokens streamed so far, as vLLM counts them."""
         body = self._envelope(self._chunk_object, [choice])
-        if with_usage:
+        if self.shape.stream_usage == "continuous":
+            index = choice["index"]
+            prompt = self.shape.prompt_tokens[index // self.shape.n]
+            done = self._choices[index].streamed
+            body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done,
+                             "total_tokens": prompt + done}
+        elif self.shape.stream_usage:
             body["usage"] = None
         return _event(body)
 
