@@ -155,7 +155,7 @@ def test_an_unauthenticated_malformed_body_gets_401_not_400(engine):
         async with http_serving(engine, inference_token="inf", admin_token="adm") as (c, url):
             async with http(url) as anon, http(url, "inf") as user:
                 got = {p: await anon.post(p, content=b"{") for p in (
-                    "/v1/completions", "/v1/chat/completions", "/v1/adapters")}
+                    "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters")}
                 models = await anon.get("/v1/models")
                 as_user = await user.post("/v1/completions", content=b"{")
                 health = await anon.get("/health")

@@ -19,10 +19,13 @@ from ..fanout import Fanout
 from ..generation import GenerateRequest, Generation
 from ..metrics import Metrics
 from ..rpc import Gate
-from .errors import error_of, sse_error
+from .errors import error_of
 from .logprobs import LogprobFormat
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .responses import DONE, Responses, Shape
+from .responses import Responses, Shape
+from .responses_api import ResponseBodies, ResponsesRequest
+
+Bodies = Responses | ResponseBodies  # what a request's outputs become (one per request)
 
 OK = Status.OK
 
@@ -53,8 +56,20 @@ class Endpoints:
         finally:
             self.metrics.count_request(name, code)
 
+    async def respond(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API: ``body`` served as the chat request it makes, in the
+        ``response`` object's shapes (responses_api.py)."""
+        try:
+            chat = body.chat()
+        except Exception as e:
+            return self._failed("/v1/responses", e)
+        return await self.generate("/v1/responses", chat, request,
+                                   lambda shape: ResponseBodies(shape, body))
+
     async def generate(self, name: str, body: CompletionRequest | ChatCompletionRequest,
-                       request: Request) -> Response:
+                       request: Request, bodies: Callable[[Shape], Bodies] = Responses
+                       ) -> Response:
+        """``bodies`` builds the response bodies of the request's ``Shape``."""
         try:
             self.gate.enter()
         except Exception as e:
@@ -65,7 +80,7 @@ class Endpoints:
             requests = body.generate_requests(self.tool_call_parser)
             fan = await until_disconnect(request, self.generation.fan_out(
                 requests, body.num_choices, request_id))
-            responses = Responses(self._shape(body, request_id, requests, fan))
+            responses = bodies(self._shape(body, request_id, requests, fan))
         except BaseException as e:
             if fan is not None:
                 await fan.aclose()
@@ -127,21 +142,20 @@ class _StreamCall:
         self.code = Status.CANCELLED  # until the stream ends on its own
         self.closed = False
 
-    async def events(self, responses: Responses) -> AsyncIterator[bytes]:
+    async def events(self, responses: Bodies) -> AsyncIterator[bytes]:
         try:
             for head in responses.first_chunks():
                 yield head
             async for index, out in self.outputs:
                 if (chunk := responses.chunk(index, out)) is not None:
                     yield chunk
-            if responses.shape.stream_usage:
-                yield responses.usage_chunk()
+            for tail in responses.last_chunks():
+                yield tail
             self.code = OK
-            yield DONE
         except Exception as e:
             self.code = error_of(e)[0]
-            yield sse_error(e)
-            yield DONE
+            for tail in responses.error_chunks(e):
+                yield tail
 
     async def close(self) -> None:
         """Abort the engine request if it still runs; leave the gate; count the call."""
@@ -171,7 +185,7 @@ class EventStream(StreamingResponse):
             await self.on_close()
 
 
-async def _collect(fan: Fanout, responses: Responses) -> None:
+async def _collect(fan: Fanout, responses: Bodies) -> None:
     async for index, out in fan:
         responses.add(index, out)
 

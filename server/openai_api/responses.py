@@ -14,6 +14,7 @@ from nolaserve.adapters.registry_rows import AdapterRecord
 
 from ..engine.engine_types import RequestOutput, TokenLogprob
 from ..engine.sequence import FinishReason
+from .errors import sse_error
 from .logprobs import LogprobFormat
 from .tool_calls import ToolMode
 
@@ -208,11 +209,20 @@ class Responses:
         return self._sse(self._choice(index, text[state.offset:], state.token_ids, None, reason,
                                       True, out.stop_reason, calls))
 
-    def usage_chunk(self) -> bytes:
-        """``stream_options.include_usage``: the closing chunk, with empty choices."""
+    def last_chunks(self) -> list[bytes]:
+        """The stream's end: with ``stream_options.include_usage`` a closing usage chunk
+        (empty choices), then ``[DONE]``."""
+        if not self.shape.stream_usage:
+            return [DONE]
         body = self._envelope(self._chunk_object, [])
         body["usage"] = self._usage()
-        return _event(body)
+        return [_event(body), DONE]
+
+    @staticmethod
+    def error_chunks(exc: BaseException) -> list[bytes]:
+        """An error after the stream started: one event, as vLLM sends it, then
+        ``[DONE]``."""
+        return [sse_error(exc), DONE]
 
     def _usage(self) -> dict:
         """Every choice's completion tokens; each prompt's tokens once (its ``n`` choices

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes, vLLM's shapes: completions, chat, models, tokenize,
+"""The OpenAI-compatible routes, vLLM's shapes: completions, chat, responses, models, tokenize,
 detokenize, version, health, metrics and adapter management, each a thin call into
 ``calls.Endpoints``; and which of them need which bearer token (``token_rules``, checked
 by ``server.BearerAuth`` before a body is read)."""
@@ -14,9 +14,10 @@ from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
 from .errors import error_body
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses_api import ResponsesRequest
 from .tokens import DetokenizeRequest, TokenEndpoints, TokenizeRequest, version
 
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models",
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models",
                    "/v1/models/{model_id:path}", "/tokenize", "/detokenize", "/version")
 
 
@@ -46,6 +47,10 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await endpoints.generate("/v1/chat/completions", body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await endpoints.respond(body, request)
 
     tokens = TokenEndpoints(endpoints.generation)
 

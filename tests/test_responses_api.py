@@ -1,0 +1,140 @@
+"""OpenAI's Responses API (``/v1/responses``), driven by the official ``openai`` client:
+whole, streamed as typed events (raw, and through the client's own ``responses.stream``
+accumulator), with adapters, ``text.format`` JSON schemas and the refusals of a stateless
+server; each held to ``/v1/chat/completions`` for the same request."""
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+from conftest import tiny_llama
+from engine_helpers import make_engine
+from openai_helpers import http, http_serving, openai_client, with_chat_template
+
+from nolaserve.adapters.nola import random_nola
+
+GREEDY = {"ignore_eos": True}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+          "required": ["ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=300, eos_token_id=0)  # the tokenizer's <eos>
+
+
+@pytest.fixture
+def engine(model, bytebpe):
+    engine = make_engine(model, with_chat_template(bytebpe))
+    engine.store.register("a", random_nola(engine.store.spec, seed=1, rank=4, num_basis=32,
+                                           coeff_std=0.5).to_bytes())
+    return engine
+
+
+def serve(engine, fn):
+    async def main():
+        async with http_serving(engine) as (_, url), http(url) as h:
+            return await fn(openai_client(url), h)
+    return asyncio.run(main())
+
+
+async def chat_text(oa, model: str, messages: list[dict], **kw):
+    out = await oa.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           extra_body=GREEDY, **kw)
+    return out.choices[0].message.content, out.usage
+
+
+def test_whole_responses_equal_chat_for_the_same_request(engine):
+    items = [{"role": "developer", "content": "be brief"},
+             {"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "héllo "},
+                          {"type": "input_text", "text": "wörld"}]}]
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "héllo wörld"}]
+
+    async def fn(oa, h):
+        got = {}
+        for name in ("", "a"):
+            plain = await oa.responses.create(model=name, input="héllo wörld",
+                                              instructions="be brief", max_output_tokens=8,
+                                              temperature=0, extra_body=GREEDY)
+            listed = await oa.responses.create(model=name, input=items, max_output_tokens=8,
+                                               temperature=0, extra_body=GREEDY)
+            got[name] = plain, listed, await chat_text(oa, name, messages, max_tokens=8)
+        return got
+
+    for name, (plain, listed, (text, usage)) in serve(engine, fn).items():
+        assert plain.output_text == listed.output_text == text, name
+        assert plain.object == "response" and plain.id.startswith("resp_")
+        assert plain.status == "incomplete" and plain.incomplete_details.reason == \
+            "max_output_tokens"
+        assert plain.output[0].type == "message" and plain.output[0].role == "assistant"
+        assert plain.instructions == "be brief" and plain.max_output_tokens == 8
+        assert (plain.usage.input_tokens, plain.usage.output_tokens) == \
+            (usage.prompt_tokens, 8)
+        assert plain.usage.total_tokens == usage.prompt_tokens + 8
+
+
+def test_streamed_events_come_in_order_and_add_up(engine):
+    async def fn(oa, h):
+        kw = dict(model="a", input="héllo wörld", max_output_tokens=6, temperature=0,
+                  extra_body=GREEDY)
+        events = [e async for e in await oa.responses.create(stream=True, **kw)]
+        async with oa.responses.stream(**kw) as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+        whole = await oa.responses.create(**kw)
+        return events, deltas, final, whole
+
+    events, deltas, final, whole = serve(engine, fn)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events[4:-4])
+    assert text == events[-4].text == "".join(deltas) == final.output_text == whole.output_text
+    assert events[-1].response.usage.output_tokens == 6 == final.usage.output_tokens
+    assert events[-1].response.status == "incomplete" == final.status  # max_output_tokens
+
+
+def test_text_format_json_schema_constrains_the_output(engine):
+    async def fn(oa, h):
+        return [await oa.responses.create(
+            model="", input="json please", max_output_tokens=40, extra_body={"seed": seed},
+            text={"format": {"type": "json_schema", "name": "r", "schema": SCHEMA,
+                             "strict": True}}) for seed in range(3)]
+
+    for out in serve(engine, fn):
+        assert out.status == "completed"
+        jsonschema.validate(json.loads(out.output_text), SCHEMA)
+        assert out.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"previous_response_id": "resp_x"}, "previous_response_id"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"background": True}, "background"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+    ({"input": []}, "input"),
+    ({"text": {"format": {"type": "grammar"}}}, "text"),
+    ({"temperature": -1}, None),
+    ({"max_output_tokens": 0}, None),
+])
+def test_what_a_stateless_server_cannot_do_is_a_400_naming_it(engine, body, param):
+    async def fn(oa, h):
+        r = await h.post("/v1/responses", json={"input": "hi"} | body)
+        ok = await h.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2,
+                                                 "store": True, "metadata": {"k": "v"}})
+        return r, ok
+
+    r, ok = serve(engine, fn)
+    assert r.status_code == 400, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+    assert ok.status_code == 200 and ok.json()["metadata"] == {"k": "v"}
