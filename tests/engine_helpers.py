@@ -12,6 +12,7 @@ import torch
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.engine import Engine
+from nolaserve.server.engine.engine_types import RequestOutput
 from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.engine.token_masks import bad_word_ids
 
@@ -97,6 +98,17 @@ def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams, str
             return tokens
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
+    raise AssertionError("engine did not finish")
+
+
+def step_all(engine: Engine, max_steps: int = 10_000) -> dict[str, list[RequestOutput]]:
+    """Step until every queued request finishes; each request's outputs."""
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return outputs
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
     raise AssertionError("engine did not finish")
 
 

@@ -12,7 +12,7 @@ import subprocess
 import jsonschema
 import pytest
 from conftest import tiny_llama
-from engine_helpers import greedy, make_engine, run
+from engine_helpers import greedy, make_engine, run, step_all
 from vllm_helpers import vllm_python
 
 from nolaserve.adapters.errors import InvalidRequestError, Status
@@ -178,10 +178,7 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
                             structured=StructuredSpec(regex="[a-z]{10,20}"))
     engine.add_request("costly", [3, 4], costly)
     engine.add_request("plain", [3, 4, 5], greedy(8), "a")
-    outputs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
+    outputs = step_all(engine)
     last = outputs["costly"][-1]
     assert last.finish_reason is FinishReason.ERROR and last.error_code is Status.INVALID_ARGUMENT
     assert "ms a token to enforce (at most 5): simplify the regex" in last.error
@@ -223,10 +220,7 @@ def test_costly_grammars_at_once_share_one_grace(engine, monkeypatch):
     for i in range(4):
         engine.add_request(f"costly{i}", [3, 4 + i], costly)
     engine.add_request("plain", [3, 4, 5], greedy(8), "a")
-    outputs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
+    outputs = step_all(engine)
     tokens = []
     for i in range(4):
         last = outputs[f"costly{i}"][-1]

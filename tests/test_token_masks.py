@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 from conftest import tiny_llama
-from engine_helpers import greedy, make_engine, run, word_of
+from engine_helpers import greedy, make_engine, run, step_all, word_of
 from openai_helpers import GREEDY, http, http_serving, openai_client
 from server_helpers import serving
 
@@ -105,10 +105,7 @@ def test_masks_leaving_no_token_fail_that_request_alone(model, bytebpe):
     engine.add_request("none", PROMPT, SamplingParams(max_tokens=8, temperature=0.7,
                                                       allowed_token_ids=[eos], min_tokens=3))
     engine.add_request("ok", PROMPT, greedy(8))
-    outs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).append(out)
+    outs = step_all(engine)
     last = outs["none"][-1]
     assert last.finish_reason is FinishReason.ERROR and last.error_code is Status.INVALID_ARGUMENT
     assert "no token can come at output token 0" in last.error and "loosen" in last.error
