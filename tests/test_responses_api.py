@@ -1,7 +1,8 @@
 """OpenAI's Responses API (``/v1/responses``), driven by the official ``openai`` client:
 whole, streamed as typed events (raw, and through the client's own ``responses.stream``
-accumulator), with adapters, ``text.format`` JSON schemas and the refusals of a stateless
-server; each held to ``/v1/chat/completions`` for the same request."""
+accumulator), with adapters, ``text.format`` JSON schemas, function tools (calls out,
+call results back in) and the refusals of a stateless server; each held to
+``/v1/chat/completions`` for the same request."""
 
 import asyncio
 import json
@@ -17,6 +18,12 @@ from nolaserve.adapters.nola import random_nola
 GREEDY = {"ignore_eos": True}
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}},
           "required": ["ok"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "name": "add", "description": "a + b", "parameters": ADD},
+         {"type": "function", "name": "now", "parameters": {"type": "object", "properties": {},
+                                                            "additionalProperties": False}}]
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +123,14 @@ def test_text_format_json_schema_constrains_the_output(engine):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"previous_response_id": "resp_x"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "tool_choice"),  # auto: no parser
+    ({"tools": TOOLS, "tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input"),
     ({"background": True}, "background"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"input": []}, "input"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
     ({"temperature": -1}, None),
@@ -138,3 +148,76 @@ def test_what_a_stateless_server_cannot_do_is_a_400_naming_it(engine, body, para
     if param:
         assert r.json()["error"]["param"] == param
     assert ok.status_code == 200 and ok.json()["metadata"] == {"k": "v"}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "add"}])
+def test_function_tools_give_function_call_items_whole_and_streamed(engine, choice):
+    names = {"add", "now"} if choice == "required" else {"add"}
+
+    async def fn(oa, h):
+        kw = dict(model="a", input="add 2 and 3", tools=TOOLS, tool_choice=choice,
+                  parallel_tool_calls=False, max_output_tokens=100,
+                  extra_body={"seed": 1})
+        whole = await oa.responses.create(**kw)
+        events = [e async for e in await oa.responses.create(stream=True, **kw)]
+        async with oa.responses.stream(**kw) as stream:
+            final = await stream.get_final_response()
+        return whole, events, final
+
+    whole, events, final = serve(engine, fn)
+    for out in (whole, final, events[-1].response):
+        assert out.status == "completed" and [o.type for o in out.output] == ["function_call"]
+        call = out.output[0]
+        assert call.name in names and call.call_id.startswith("call_")
+        if call.name == "add":
+            jsonschema.validate(json.loads(call.arguments), ADD)
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    assert events[3].delta == events[4].arguments == events[-1].response.output[0].arguments
+
+
+def test_call_results_go_back_as_chat_tool_messages(engine):
+    """``function_call`` and ``function_call_output`` input items render as chat's
+    assistant ``tool_calls`` and ``tool`` messages (the template sees what chat's would)."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    items = [{"role": "user", "content": "add 2 and 3"},
+             {"type": "function_call", "call_id": "call_1", "name": "add",
+              "arguments": '{"a": 2, "b": 3}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "5"}]
+    messages = [{"role": "user", "content": "add 2 and 3"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+
+    async def fn(oa, h):
+        got = await oa.responses.create(model="", input=items, max_output_tokens=8,
+                                        temperature=0, extra_body=GREEDY)
+        return got, await chat_text(oa, "", messages, max_tokens=8)
+
+    got, (text, usage) = serve(engine, fn)
+    assert got.output_text == text and got.usage.input_tokens == usage.prompt_tokens
+
+
+def test_auto_tools_with_a_parser_send_a_plain_answer_as_a_message_at_the_end(engine):
+    """``tool_choice: auto`` (the server's ``tool_call_parser: hermes``): an answer with no
+    ``<tool_call>`` block is a message, its text sent whole once the output is known."""
+    async def fn(oa, h):
+        kw = dict(model="", input="hi", tools=TOOLS, max_output_tokens=6, temperature=0,
+                  extra_body=GREEDY)
+        return (await oa.responses.create(**kw),
+                [e async for e in await oa.responses.create(stream=True, **kw)])
+
+    async def main():
+        async with http_serving(engine, tool_call_parser="hermes") as (_, url):
+            return await fn(openai_client(url), None)
+
+    whole, events = asyncio.run(main())
+    assert [o.type for o in whole.output] == ["message"] and whole.output_text
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed"]
+    assert events[4].delta == events[5].text == whole.output_text

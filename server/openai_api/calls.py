@@ -22,8 +22,9 @@ from ..rpc import Gate
 from .errors import error_of
 from .logprobs import LogprobFormat
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .response_bodies import ResponseBodies
 from .responses import Responses, Shape
-from .responses_api import ResponseBodies, ResponsesRequest
+from .responses_api import ResponsesRequest
 
 Bodies = Responses | ResponseBodies  # what a request's outputs become (one per request)
 

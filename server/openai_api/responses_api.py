@@ -2,29 +2,27 @@
 ``input`` (a string, or message items) become a chat request, rendered, sampled and
 constrained as ``/v1/chat/completions`` would, and its output comes back as a
 ``response`` object, or streamed as the Responses API's typed events, in the shapes the
-official ``openai`` client parses. Nothing is stored, so ``previous_response_id`` (and
-``background``, ``conversation``, a stored ``prompt``) get 400; so do tools, images and
-files, which this server does not take here.
+official ``openai`` client parses. Function ``tools`` work as in chat (``tool_choice``
+``required`` or a named function; ``auto`` with the server's ``tool_call_parser``): calls
+come back as ``function_call`` output items, and ``function_call`` /
+``function_call_output`` input items go back to the model as chat's tool messages.
+Nothing is stored, so ``previous_response_id`` (and ``background``, ``conversation``, a
+stored ``prompt``) get 400; so do built-in tools, images and files.
 
     ResponsesRequest (JSON) -> .chat(): ChatCompletionRequest -> engine
-    engine outputs -> ResponseBodies: .complete() (JSON), or first/chunk/last events
+    engine outputs -> response_bodies.ResponseBodies: the ``response`` object, or events
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
-from ..engine.engine_types import RequestOutput
-from .errors import error_of
 from .protocol import ChatCompletionRequest
-from .responses import Shape, finish_reason
 
 log = logging.getLogger("nolaserve.http")
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system",
@@ -33,13 +31,11 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 # Responses API fields this server cannot honour, with "set to what changes nothing".
 _REFUSED = {"previous_response_id": lambda v: v is None, "background": lambda v: not v,
             "conversation": lambda v: v is None, "prompt": lambda v: v is None,
-            "tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
             "top_logprobs": lambda v: not v, "include": lambda v: not v,
             "truncation": lambda v: v in (None, "disabled")}
 # Fields of the Responses API that change nothing here (nothing is stored or billed).
-_HARMLESS = {"store", "metadata", "user", "service_tier", "parallel_tool_calls",
-             "reasoning", "safety_identifier", "prompt_cache_key", "max_tool_calls",
-             "stream_options", "prompt_cache_retention"}
+_HARMLESS = {"store", "user", "service_tier", "reasoning", "safety_identifier",
+             "prompt_cache_key", "max_tool_calls", "stream_options", "prompt_cache_retention"}
 # Sampling fields that go on to the chat request, as vLLM's ResponsesRequest takes them.
 _SAMPLING = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
              "seed", "logit_bias", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
@@ -60,6 +56,9 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def chat(self) -> ChatCompletionRequest:
         """The chat request that serves this one (its sampling fields checked there)."""
@@ -76,6 +75,8 @@ class ResponsesRequest(BaseModel):
             model=self.model, messages=self._messages(), stream=self.stream,
             max_completion_tokens=self.max_output_tokens, temperature=self.temperature,
             top_p=self.top_p, response_format=self._response_format(),
+            tools=self._chat_tools(), tool_choice=self._chat_tool_choice(),
+            parallel_tool_calls=self.parallel_tool_calls,
             **{k: v for k, v in extra.items() if k in _SAMPLING})
 
     @property
@@ -89,15 +90,37 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return messages + [{"role": "user", "content": self.input}]
         for i, item in enumerate(self.input):
-            kind, role = item.get("type", "message"), item.get("role")
-            if kind != "message" or role not in _ROLES:
-                raise UnsupportedFieldError(
-                    f"input[{i}] is a {short(kind)} item with role {short(role)}: only "
-                    f"message items of roles {', '.join(_ROLES)} are supported", "input")
-            messages.append({"role": _ROLES[role], "content": _text(item.get("content"), i)})
+            if (message := _message(item, i, messages)) is not None:
+                messages.append(message)
         if not messages:
             raise InvalidRequestError("input is empty: send at least one message", "input")
         return messages
+
+    def _chat_tools(self) -> list[dict[str, Any]] | None:
+        """Function tools in chat's shape (``{"type", "function": {...}}``)."""
+        if not self.tools:
+            return None
+        chat = []
+        for i, tool in enumerate(self.tools):
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise UnsupportedFieldError(
+                    f"tools[{i}] is a {short(tool.get('type'))} tool: only function tools "
+                    "({\"type\": \"function\", \"name\", \"parameters\"}) are supported",
+                    "tools")
+            chat.append({"type": "function", "function": {
+                k: tool[k] for k in ("name", "description", "parameters", "strict")
+                if k in tool}})
+        return chat
+
+    def _chat_tool_choice(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return choice
+        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": choice["name"]}}
+        raise UnsupportedFieldError(f"tool_choice {short(choice)} is not supported: use "
+                                    "none, auto, required or {\"type\": \"function\", "
+                                    "\"name\": ...}", "tool_choice")
 
     def _response_format(self) -> dict[str, Any] | None:
         """``text.format`` as chat's ``response_format``."""
@@ -113,6 +136,37 @@ class ResponsesRequest(BaseModel):
                 "strict": fmt.get("strict")}}
         raise UnsupportedFieldError(f"text.format type {short(kind)} is not supported: use "
                                     "text, json_object or json_schema", "text")
+
+
+def _message(item: Any, i: int, before: list[dict]) -> dict | None:
+    """Input item ``i`` as a chat message; a ``function_call`` joins the assistant message
+    of the calls just before it (None: nothing new)."""
+    kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind == "function_call":
+        call = {"id": _field(item, "call_id", i), "type": "function", "function": {
+            "name": _field(item, "name", i), "arguments": _field(item, "arguments", i)}}
+        last = before[-1] if before else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+            last["tool_calls"].append(call)
+            return None
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+    if kind == "function_call_output":
+        return {"role": "tool", "tool_call_id": _field(item, "call_id", i),
+                "content": _field(item, "output", i)}
+    role = item.get("role") if kind == "message" else None
+    if role not in _ROLES:
+        raise UnsupportedFieldError(
+            f"input[{i}] is a {short(kind)} item with role {short(role)}: only message items "
+            f"of roles {', '.join(_ROLES)}, function_call and function_call_output items "
+            "are supported", "input")
+    return {"role": _ROLES[role], "content": _text(item.get("content"), i)}
+
+
+def _field(item: dict, name: str, i: int) -> str:
+    if not isinstance(item.get(name), str):
+        raise InvalidRequestError(f"input[{i}] ({item.get('type')}) needs {name}, a string",
+                                  "input")
+    return item[name]
 
 
 def _text(content: Any, i: int) -> str:
@@ -132,98 +186,3 @@ def _text(content: Any, i: int) -> str:
                                         "input")
         texts.append(part["text"])
     return "".join(texts)
-
-
-class ResponseBodies:
-    """The ``response`` object of one request: whole (``add`` each output, then
-    ``complete``) or as stream events (``first_chunks``, ``chunk``, ``last_chunks``)."""
-
-    def __init__(self, shape: Shape, request: ResponsesRequest) -> None:
-        self.shape, self.request = shape, request
-        self.id, self.item_id = "resp_" + shape.request_id, "msg_" + shape.request_id
-        self.created = int(time.time())
-        self.text: list[str] = []
-        self.last: RequestOutput | None = None
-        self.sequence = 0
-
-    def add(self, index: int, out: RequestOutput) -> None:
-        self.text.append(out.text)
-        if out.finished:
-            finish_reason(out)  # a request the server cancelled raises
-            self.last = out
-
-    def complete(self) -> dict:
-        return self._response(self._status(), [self._item(self._status(), "".join(self.text))])
-
-    def first_chunks(self) -> list[bytes]:
-        """``response.created`` to the empty text part, before the first token."""
-        empty = self._response("in_progress", [])
-        return [self._event("response.created", response=empty),
-                self._event("response.in_progress", response=empty),
-                self._event("response.output_item.added", output_index=0,
-                            item=self._item("in_progress", None)),
-                self._event("response.content_part.added", **self._where(),
-                            part=_part(""))]
-
-    def chunk(self, index: int, out: RequestOutput) -> bytes | None:
-        self.add(index, out)
-        if not out.text:
-            return None
-        return self._event("response.output_text.delta", **self._where(), delta=out.text,
-                           logprobs=[])
-
-    def last_chunks(self) -> list[bytes]:
-        """The text's, part's and item's ``done`` events, then ``response.completed``, its
-        status ``incomplete`` when the output reached ``max_output_tokens`` (as vLLM sends
-        it; the client's ``get_final_response`` needs that event)."""
-        text, status = "".join(self.text), self._status()
-        item = self._item(status, text)
-        return [self._event("response.output_text.done", **self._where(), text=text,
-                            logprobs=[]),
-                self._event("response.content_part.done", **self._where(), part=_part(text)),
-                self._event("response.output_item.done", output_index=0, item=item),
-                self._event("response.completed", response=self._response(status, [item]))]
-
-    def error_chunks(self, exc: BaseException) -> list[bytes]:
-        error = error_of(exc)[2]["error"]
-        return [self._event("error", code=str(error["code"]), message=error["message"],
-                            param=error["param"])]
-
-    def _status(self) -> str:
-        return "incomplete" if self.last and finish_reason(self.last) == "length" \
-            else "completed"
-
-    def _where(self) -> dict[str, Any]:
-        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-
-    def _item(self, status: str, text: str | None) -> dict:
-        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
-                "content": [] if text is None else [_part(text)]}
-
-    def _response(self, status: str, output: list[dict]) -> dict:
-        r, last = self.request, self.last
-        usage = None if last is None or status == "in_progress" else {
-            "input_tokens": last.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": last.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
-        return {"id": self.id, "object": "response", "created_at": self.created,
-                "status": status, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"}
-                if status == "incomplete" else None,
-                "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
-                "model": self.shape.model, "output": output, "parallel_tool_calls": True,
-                "previous_response_id": None, "temperature": r.temperature, "top_p": r.top_p,
-                "tool_choice": "auto", "tools": [], "text": {"format": r.text_format},
-                "truncation": "disabled", "metadata": r.metadata or {}, "store": False,
-                "background": False, "usage": usage}
-
-    def _event(self, kind: str, **fields: Any) -> bytes:
-        """One server-sent event, named as its ``type`` (as OpenAI's stream names them)."""
-        body = {"type": kind, "sequence_number": self.sequence, **fields}
-        self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
-
-
-def _part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}

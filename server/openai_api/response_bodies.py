@@ -1,0 +1,159 @@
+"""Engine outputs -> the Responses API's ``response`` object, whole or as its typed
+stream events (``/v1/responses``, responses_api.py), in the shapes the official ``openai``
+client parses and as vLLM sends them.
+
+The output is a ``message`` item with one ``output_text`` part and, when the request has
+tools in play, ``function_call`` items (chat's tool calls, ``ToolMode.split``). A stream
+without tools sends the text as it comes; with tools the output's meaning is known only
+at its end, so its items are all sent then, each as OpenAI streams one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..engine.engine_types import RequestOutput
+from .errors import error_of
+from .responses import Shape, finish_reason
+from .responses_api import ResponsesRequest
+
+
+class ResponseBodies:
+    """The ``response`` of one request: whole (``add`` each output, then ``complete``) or
+    as stream events (``first_chunks``, ``chunk``, ``last_chunks``)."""
+
+    def __init__(self, shape: Shape, request: ResponsesRequest) -> None:
+        self.shape, self.request = shape, request
+        self.id, self.message_id = "resp_" + shape.request_id, "msg_" + shape.request_id
+        self.created = int(time.time())
+        self.text: list[str] = []
+        self.last: RequestOutput | None = None
+        self.sequence = 0
+        self.streaming_text = shape.tools is None  # text deltas as they come
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        if out.finished:
+            finish_reason(out)  # a request the server cancelled raises
+            self.last = out
+
+    def complete(self) -> dict:
+        return self._response(self._status(), self._output())
+
+    def first_chunks(self) -> list[bytes]:
+        """``response.created`` and ``in_progress``; without tools the message item and
+        its empty text part, before the first token."""
+        empty = self._response("in_progress", [])
+        opening = [self._event("response.created", response=empty),
+                   self._event("response.in_progress", response=empty)]
+        return opening + (self._opened(self._message("in_progress", None), 0)
+                          if self.streaming_text else [])
+
+    def chunk(self, index: int, out: RequestOutput) -> bytes | None:
+        self.add(index, out)
+        if not out.text or not self.streaming_text:
+            return None
+        return self._delta(0, out.text)
+
+    def last_chunks(self) -> list[bytes]:
+        """Each output item's events (a message's text, part and item ``done``; a call's
+        arguments and item ``done``), then ``response.completed``, its status
+        ``incomplete`` when the output reached ``max_output_tokens`` (as vLLM sends it;
+        the client's ``get_final_response`` needs that event)."""
+        items, events = self._output(), []
+        for at, item in enumerate(items):
+            if item["type"] == "message":
+                events += self._message_events(item, at)
+            else:
+                events += self._call_events(item, at)
+        return events + [self._event("response.completed",
+                                     response=self._response(self._status(), items))]
+
+    def error_chunks(self, exc: BaseException) -> list[bytes]:
+        error = error_of(exc)[2]["error"]
+        return [self._event("error", code=str(error["code"]), message=error["message"],
+                            param=error["param"])]
+
+    def _output(self) -> list[dict]:
+        """The message (unless tool calls are all there is) and the tool calls."""
+        text, calls, status = "".join(self.text), None, self._status()
+        if self.shape.tools is not None and status == "completed":
+            text, calls = self.shape.tools.split(text)
+        items = [self._message(status, text)] if text or not calls else []
+        return items + [{"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"),
+                         "call_id": c["id"], "name": c["function"]["name"],
+                         "arguments": c["function"]["arguments"], "status": "completed"}
+                        for c in calls or []]
+
+    def _message_events(self, item: dict, at: int) -> list[bytes]:
+        text = item["content"][0]["text"]
+        events = [] if self.streaming_text else self._opened(item, at) + (
+            [self._delta(at, text)] if text else [])
+        return events + [
+            self._event("response.output_text.done", **self._where(at), text=text,
+                        logprobs=[]),
+            self._event("response.content_part.done", **self._where(at), part=_part(text)),
+            self._event("response.output_item.done", output_index=at, item=item)]
+
+    def _call_events(self, item: dict, at: int) -> list[bytes]:
+        where = {"item_id": item["id"], "output_index": at}
+        return [self._event("response.output_item.added", output_index=at,
+                            item=item | {"arguments": "", "status": "in_progress"}),
+                self._event("response.function_call_arguments.delta", **where,
+                            delta=item["arguments"]),
+                self._event("response.function_call_arguments.done", **where,
+                            name=item["name"], arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=at, item=item)]
+
+    def _opened(self, item: dict, at: int) -> list[bytes]:
+        return [self._event("response.output_item.added", output_index=at,
+                            item=item | {"status": "in_progress", "content": []}),
+                self._event("response.content_part.added", **self._where(at),
+                            part=_part(""))]
+
+    def _delta(self, at: int, text: str) -> bytes:
+        return self._event("response.output_text.delta", **self._where(at), delta=text,
+                           logprobs=[])
+
+    def _status(self) -> str:
+        return "incomplete" if self.last and finish_reason(self.last) == "length" \
+            else "completed"
+
+    def _where(self, at: int) -> dict[str, Any]:
+        return {"item_id": self.message_id, "output_index": at, "content_index": 0}
+
+    def _message(self, status: str, text: str | None) -> dict:
+        return {"type": "message", "id": self.message_id, "status": status,
+                "role": "assistant", "content": [] if text is None else [_part(text)]}
+
+    def _response(self, status: str, output: list[dict]) -> dict:
+        r, last = self.request, self.last
+        usage = None if last is None or status == "in_progress" else {
+            "input_tokens": last.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": last.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+        return {"id": self.id, "object": "response", "created_at": self.created,
+                "status": status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"}
+                if status == "incomplete" else None,
+                "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
+                "model": self.shape.model, "output": output,
+                "parallel_tool_calls": r.parallel_tool_calls is not False,
+                "previous_response_id": None, "temperature": r.temperature, "top_p": r.top_p,
+                "tool_choice": r.tool_choice or "auto", "tools": r.tools or [],
+                "text": {"format": r.text_format}, "truncation": "disabled",
+                "metadata": r.metadata or {}, "store": False, "background": False,
+                "usage": usage}
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        """One server-sent event, named as its ``type`` (as OpenAI's stream names them)."""
+        body = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+def _part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
