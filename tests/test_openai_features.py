@@ -265,6 +265,38 @@ def test_chat_logprobs_whole_and_streamed(engine):
     assert "logprobs" in bad["without"]["message"] and "20" in bad["k"]["message"]
 
 
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(engine):
+    """vLLM's ``return_tokens_as_token_ids``: every token of the logprobs is
+    ``"token_id:<id>"`` with the same values; as in vLLM, completions' offsets count the
+    placeholders and a chat token's own ``bytes`` stay its text's."""
+    label = "token_id:{}".format
+    ids = {"return_tokens_as_token_ids": True}
+
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2)
+        chat = dict(model="", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                    top_logprobs=2)
+        return [await oa.completions.create(**kw, extra_body=GREEDY | f) for f in ({}, ids)] \
+            + [await oa.chat.completions.create(**chat, extra_body=GREEDY | f)
+               for f in ({}, ids)]
+
+    text, by_id, chat, chat_by_id = serve(engine, fn)
+    tokens = by_id.choices[0].token_ids
+    lp, plain = by_id.choices[0].logprobs, text.choices[0].logprobs
+    assert lp.tokens == [label(t) for t in tokens] and lp.token_logprobs == plain.token_logprobs
+    for top, text_top in zip(lp.top_logprobs, plain.top_logprobs):  # texts may collide,
+        assert set(text_top.values()) <= set(top.values()) and len(top) in (2, 3)  # ids not
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    for got, want, token in zip(chat_by_id.choices[0].logprobs.content,
+                                chat.choices[0].logprobs.content,
+                                chat_by_id.choices[0].token_ids):
+        assert (got.token, got.logprob, got.bytes) == (label(token), want.logprob, want.bytes)
+        assert [t.logprob for t in got.top_logprobs] == [t.logprob for t in want.top_logprobs]
+        assert all(t.token.startswith("token_id:") and t.bytes == list(t.token.encode())
+                   for t in got.top_logprobs)
+
+
 def test_echo_puts_the_prompt_and_its_logprobs_first(engine):
     ids = engine.tokenizer(PROMPT)["input_ids"]
 

@@ -107,7 +107,7 @@ async def _client(h, c, client, prompt, salt):
 
 REFUSED = {"truncation_side": "right", "spaces_between_special_tokens": False,
            "logprob_token_ids": [3], "documents": [{"title": "t", "text": "x"}],
-           "return_tokens_as_token_ids": True, "repetition_detection": {"max_pattern_size": 2},
+           "repetition_detection": {"max_pattern_size": 2},
            "thinking_token_budget": 10, "prompt_embeds": "AAAA"}
 NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": True,
            "return_tokens_as_token_ids": False, "include_reasoning": True, "session_id": "s"}

@@ -122,7 +122,8 @@ class Endpoints:
                     for r, ids in zip(requests, fan.prompt_ids)]
         return Shape(isinstance(body, ChatCompletionRequest), body.model, request_id,
                      body.return_token_ids, body.num_choices,
-                     None if k is None else LogprobFormat(tokenizer, k), echo,
+                     None if k is None else LogprobFormat(
+                         tokenizer, k, body.return_tokens_as_token_ids), echo,
                      body.structured_output(self.tool_call_parser)[1],
                      None if k_prompt is None else LogprobFormat(tokenizer, k_prompt),
                      body.stream_usage if body.stream else "",

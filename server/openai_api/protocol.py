@@ -40,7 +40,7 @@ _REFUSED: dict[str, Any] = {
     # vLLM's, not implemented here
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "truncation_side": lambda v: v in (None, "left"), "logprob_token_ids": _off,
-    "documents": _off, "return_tokens_as_token_ids": _off, "return_token_offsets": _off,
+    "documents": _off, "return_token_offsets": _off,
     "return_prompt_text": _off, "prompt_embeds": _off, "watermarking": _off,
     "repetition_detection": _off, "thinking_token_budget": _off, "mm_payload": _off,
 }
@@ -89,6 +89,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: token ids in the choices
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>"
     response_format: Any = None  # these three: tool_calls.py
     tools: Any = None
     tool_choice: Any = None
