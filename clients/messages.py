@@ -36,6 +36,7 @@ class SamplingExtras(TypedDict, total=False):
     include_stop_str_in_output: bool
     skip_special_tokens: bool
     truncate_prompt_tokens: int
+    truncation_side: str
     allowed_token_ids: list[int]
     bad_words: list[str]
     cache_salt: str

@@ -57,6 +57,7 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         allowed_token_ids=list(p.allowed_token_ids) or None,
         bad_words=list(p.bad_words),
         cache_salt=p.cache_salt if p.HasField("cache_salt") else None,
+        truncation_side=p.truncation_side or "left",
     )
 
 

@@ -137,14 +137,15 @@ def engine_input(tokenizer, base_model: str, request: GenerateRequest,
     """What ``Engine.add_request`` takes for ``request`` (tokenizing and ``registered``
     block: call it from a worker thread in async code)."""
     adapter = resolve_adapter(request.model, base_model, registered)
-    ids = truncated(prompt_token_ids(tokenizer, request),
-                    request.params.truncate_prompt_tokens, longest_prompt)
+    ids = truncated(prompt_token_ids(tokenizer, request), request.params, longest_prompt)
     return ids, request.params, adapter
 
 
-def truncated(ids: list[int], keep: int | None, longest_prompt: int) -> list[int]:
+def truncated(ids: list[int], params: SamplingParams, longest_prompt: int) -> list[int]:
     """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (``-1``: as many
-    as a prompt may have, ``longest_prompt``); None keeps them all."""
+    as a prompt may have, ``longest_prompt``), its first with ``truncation_side: right``;
+    None keeps them all."""
+    keep = params.truncate_prompt_tokens
     if keep is None:
         return ids
     if keep == -1:
@@ -153,7 +154,7 @@ def truncated(ids: list[int], keep: int | None, longest_prompt: int) -> list[int
         raise InvalidRequestError(f"truncate_prompt_tokens must be >= 1 (the prompt's last "
                                   f"tokens to keep) or -1 (as many as fit), got {short(keep)}",
                                   "truncate_prompt_tokens")
-    return ids[-keep:]
+    return ids[:keep] if params.truncation_side == "right" else ids[-keep:]
 
 
 def failure(out: RequestOutput) -> RequestFailedError:

@@ -119,15 +119,17 @@ def test_bias_penalties_and_min_tokens_give_the_engines_tokens(model, bytebpe, e
 
 def test_min_p_and_stop_token_ids_give_the_engines_tokens(model, bytebpe, engine):
     """vLLM's min_p, stop_token_ids and truncate_prompt_tokens over gRPC: the offline
-    engine's tokens for the same seeded request (the last 3 prompt tokens for the third),
-    and a stop token ends it with STOP, the token kept."""
+    engine's tokens for the same seeded request (the last 3 prompt tokens for the third,
+    the first 3 for the fourth), and a stop token ends it with STOP, the token kept."""
     sampled = dict(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
     free = [t for o in offline(model, bytebpe, SamplingParams(**sampled)) for t in o.token_ids]
-    cases = [dict(min_p=0.9), dict(stop_token_ids=[free[2]]), dict(truncate_prompt_tokens=3)]
+    cases = [dict(min_p=0.9), dict(stop_token_ids=[free[2]]), dict(truncate_prompt_tokens=3),
+             dict(truncate_prompt_tokens=3, truncation_side="right")]
     want = [[t for o in offline(model, bytebpe, SamplingParams(**sampled | f)) for t in o.token_ids]
             for f in cases[:2]]
-    want.append(run(make_engine(model, bytebpe), {"r": (
-        bytebpe(PROMPT)["input_ids"][-3:], SamplingParams(**sampled), None)})["r"])
+    ids = bytebpe(PROMPT)["input_ids"]
+    want += [run(make_engine(model, bytebpe), {"r": (part, SamplingParams(**sampled), None)})["r"]
+             for part in (ids[-3:], ids[:3])]
 
     async def main():
         async with serving(engine) as c:

@@ -453,29 +453,34 @@ def test_include_stop_str_and_special_tokens_shape_the_text(engine):
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model, bytebpe):
     """vLLM's truncate_prompt_tokens: the last k prompt tokens (the engine's tokens for
-    them), -1 as many as a prompt may have, so an over-long prompt is served, not refused;
-    0 is a 400 naming it."""
+    them; the first k with ``truncation_side: right``), -1 as many as a prompt may have,
+    so an over-long prompt is served, not refused; 0 is a 400 naming it."""
     engine = make_engine(model, with_chat_template(bytebpe), max_prompt_tokens=12)
     ids = engine.tokenizer(PROMPT * 8)["input_ids"]
     assert len(ids) > 12
-    want = run(engine, {"r": (ids[-5:], SamplingParams(max_tokens=4, temperature=0,
-                                                        ignore_eos=True), None)})["r"]
+    want = [run(engine, {"r": (part, SamplingParams(max_tokens=4, temperature=0,
+                                                    ignore_eos=True), None)})["r"]
+            for part in (ids[-5:], ids[:5])]
 
     async def fn(oa, h):
         kw = dict(model="", prompt=PROMPT * 8, max_tokens=4, temperature=0)
-        last5 = await oa.completions.create(extra_body=GREEDY | {"truncate_prompt_tokens": 5},
-                                            **kw)
+        kept = [await oa.completions.create(extra_body=GREEDY | {
+            "truncate_prompt_tokens": 5, **side}, **kw)
+            for side in ({}, {"truncation_side": "right"})]
         fit = await oa.completions.create(extra_body=GREEDY | {"truncate_prompt_tokens": -1},
                                           **kw)
         bad = [await h.post("/v1/completions", json={"prompt": PROMPT * 8, **b})
-               for b in ({"truncate_prompt_tokens": 0}, {})]
-        return last5, fit, bad
+               for b in ({"truncate_prompt_tokens": 0}, {},
+                         {"truncate_prompt_tokens": 5, "truncation_side": "middle"})]
+        return kept, fit, bad
 
-    last5, fit, bad = serve(engine, fn)
-    assert last5.choices[0].token_ids == want and last5.usage.prompt_tokens == 5
+    kept, fit, bad = serve(engine, fn)
+    assert [k.choices[0].token_ids for k in kept] == want and want[0] != want[1]
+    assert kept[0].usage.prompt_tokens == kept[1].usage.prompt_tokens == 5
     assert fit.usage.prompt_tokens == 12
-    assert [r.status_code for r in bad] == [400, 400]  # untruncated: over max_prompt_tokens
+    assert [r.status_code for r in bad] == [400] * 3  # untruncated: over max_prompt_tokens
     assert bad[0].json()["error"]["param"] == "truncate_prompt_tokens"
+    assert "truncation_side must be left" in bad[2].json()["error"]["message"]
 
 
 def test_penalties_reach_the_engine_as_sampling_params(engine):

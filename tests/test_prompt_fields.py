@@ -105,7 +105,7 @@ async def _client(h, c, client, prompt, salt):
     await client.generate(prompt, max_tokens=1, cache_salt=salt)
 
 
-REFUSED = {"truncation_side": "right", "spaces_between_special_tokens": False,
+REFUSED = {"spaces_between_special_tokens": False,
            "logprob_token_ids": [3], "documents": [{"title": "t", "text": "x"}],
            "repetition_detection": {"max_pattern_size": 2},
            "thinking_token_budget": 10, "prompt_embeds": "AAAA"}

@@ -64,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # vLLM: the text ends after the stop string
     skip_special_tokens: bool = True  # vLLM: False keeps special tokens' text (<eos>)
     truncate_prompt_tokens: int | None = None  # vLLM: keep the last k (-1: all that fit)
+    truncation_side: str = "left"  # vLLM: "right" keeps the prompt's first k tokens instead
     allowed_token_ids: list[int] | None = None  # vLLM: only these may be sampled; None: all
     bad_words: list[str] = field(default_factory=list)  # vLLM: never output these words
     cache_salt: str | None = None  # vLLM: only requests with this salt share prefix blocks
@@ -119,6 +120,10 @@ class SamplingParams:
                                           "token id, or leave it unset to allow every token")
             _validate_token_ids("allowed_token_ids", self.allowed_token_ids,
                                 vocab_size or MAX_ALLOWED_TOKEN_IDS, vocab_size)
+        if self.truncation_side not in ("left", "right"):
+            raise InvalidRequestError(f"truncation_side must be left (keep the prompt's last "
+                                      f"tokens) or right (its first), got "
+                                      f"{str(self.truncation_side)[:20]!r}")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not
                                             1 <= len(self.cache_salt) <= MAX_CACHE_SALT):
             raise InvalidRequestError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "

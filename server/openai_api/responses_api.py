@@ -41,7 +41,7 @@ _SAMPLING = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "freque
              "seed", "logit_bias", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
              "skip_special_tokens", "include_stop_str_in_output", "allowed_token_ids",
              "bad_words", "cache_salt", "structured_outputs", "chat_template_kwargs",
-             "truncate_prompt_tokens", "priority", "request_id"}
+             "truncate_prompt_tokens", "truncation_side", "priority", "request_id"}
 
 
 class ResponsesRequest(BaseModel):
