@@ -314,6 +314,8 @@ def test_the_step_reads_back_once_with_logprobs_and_prompt_logprobs(model, byteb
     engine = make_engine(model, bytebpe, max_num_batched_tokens=16)
     engine.add_request("a", prompt_of(20, 1), greedy(4, logprobs=2, prompt_logprobs=1))
     engine.add_request("b", prompt_of(5, 2), greedy(4, logprobs=1, repetition_penalty=1.2))
+    engine.add_request("c", prompt_of(6, 3), greedy(4, allowed_token_ids=[5, 9, 40],
+                                                    bad_words=["é"]))
     calls = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(t.shape) or tolist(t))
