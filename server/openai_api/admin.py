@@ -22,7 +22,7 @@ from .. import convert
 from ..config import Config
 from ..generation import registered_in, resolve_adapter
 from .calls import Endpoints
-from .responses import adapter_card, model_card
+from .completion_bodies import adapter_card, model_card
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters")
 

@@ -19,14 +19,14 @@ from ..fanout import Fanout
 from ..generation import GenerateRequest, Generation
 from ..metrics import Metrics
 from ..rpc import Gate
+from .completion_bodies import CompletionBodies, Shape
 from .errors import error_of
 from .logprobs import LogprobFormat
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .response_bodies import ResponseBodies
-from .responses import Responses, Shape
 from .responses_api import ResponsesRequest
 
-Bodies = Responses | ResponseBodies  # what a request's outputs become (one per request)
+Bodies = CompletionBodies | ResponseBodies  # what one request's outputs become
 
 OK = Status.OK
 
@@ -68,7 +68,7 @@ class Endpoints:
                                    lambda shape: ResponseBodies(shape, body))
 
     async def generate(self, name: str, body: CompletionRequest | ChatCompletionRequest,
-                       request: Request, bodies: Callable[[Shape], Bodies] = Responses
+                       request: Request, bodies: Callable[[Shape], Bodies] = CompletionBodies
                        ) -> Response:
         """``bodies`` builds the response bodies of the request's ``Shape``."""
         try:

@@ -80,7 +80,7 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (responses.py)
+    prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (completion_bodies.py)
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)

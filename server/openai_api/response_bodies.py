@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from ..engine.engine_types import RequestOutput
+from .completion_bodies import Shape, finish_reason
 from .errors import error_of
-from .responses import Shape, finish_reason
 from .responses_api import ResponsesRequest
 
 

@@ -68,7 +68,7 @@ class _Choice:
     streamed: int = 0  # token ids the stream has had so far
 
 
-class Responses:
+class CompletionBodies:
     """The bodies of one request: whole (``add`` each output, then ``complete``) or as
     stream chunks, one choice per chunk."""
 
