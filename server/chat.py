@@ -11,8 +11,11 @@ from typing import Any
 
 from nolaserve.adapters.errors import InvalidRequestError, short
 
-# Any other role is refused rather than rendered raw.
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Any other role is refused rather than rendered raw. OpenAI's "developer" message is
+# the system prompt (open models' templates know "system" only), as vLLM's harmony and
+# OpenAI itself treat it.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+_RENDERED_AS = {"developer": "system"}
 MAX_TEMPLATE_KWARGS = 32
 
 
@@ -26,7 +29,7 @@ class ChatMessage:
     def template_dict(self) -> dict:
         """The message as chat templates take it (tool fields only when set)."""
         tools = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
-        return {"role": self.role, "content": self.content,
+        return {"role": _RENDERED_AS.get(self.role, self.role), "content": self.content,
                 **{k: v for k, v in tools.items() if v is not None}}
 
 

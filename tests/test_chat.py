@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
 from grpc import StatusCode as Code
-from openai_helpers import http, http_serving, openai_client
+from openai_helpers import http, http_serving, openai_client, with_chat_template
 from server_helpers import expect_code, serving
 
 from nolaserve.adapters.errors import InvalidRequestError
@@ -116,6 +116,34 @@ def test_http_takes_vllms_chat_fields(model, thinking):
     assert [r.status_code for r in bad] == [400, 400, 400]
     assert [r.json()["error"]["param"] for r in bad[:2]] == [
         "chat_template_kwargs", "continue_final_message"]
+
+
+def test_a_developer_message_is_the_system_prompt(model, bytebpe):
+    """OpenAI's ``developer`` role (what its SDK's newer code sends instead of
+    ``system``) renders as ``system``: the same tokens over HTTP and gRPC."""
+    engine = make_engine(model, with_chat_template(bytebpe))
+    said = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    system = [{"role": "system", "content": "be brief"}, said[1]]
+
+    async def main():
+        async with http_serving(engine) as (c, url):
+            oa = openai_client(url)
+            http_ids = [(await oa.chat.completions.create(
+                model="", messages=m, max_tokens=4, temperature=0,
+                extra_body={"return_token_ids": True, "ignore_eos": True})).choices[0]
+                .token_ids for m in (said, system)]
+            grpc_ids = [list((await c.inference.Generate(inference_pb2.GenerateRequest(
+                messages=inference_pb2.ChatMessages(messages=[
+                    inference_pb2.ChatMessage(**m) for m in ms]),
+                sampling=inference_pb2.SamplingParams(max_tokens=4, temperature=0,
+                                                      ignore_eos=True)))).token_ids)
+                for ms in (said, system)]
+            return http_ids, grpc_ids
+
+    http_ids, grpc_ids = asyncio.run(main())
+    assert http_ids[0] == http_ids[1] == grpc_ids[0] == grpc_ids[1]
+    assert render_chat(engine.tokenizer, [ChatMessage(**m).template_dict() for m in said],
+                       None, ChatOptions()).startswith("<system>be brief")
 
 
 def test_grpc_takes_them_in_chat_messages(model, thinking):

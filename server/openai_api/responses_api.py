@@ -25,8 +25,7 @@ from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError
 from .protocol import ChatCompletionRequest
 
 log = logging.getLogger("nolaserve.http")
-_ROLES = {"user": "user", "assistant": "assistant", "system": "system",
-          "developer": "system"}  # a developer message is the system prompt of chat
+_ROLES = ("user", "assistant", "system", "developer")  # chat.py renders developer as system
 _TEXT_PARTS = ("input_text", "output_text", "text")
 # Responses API fields this server cannot honour, with "set to what changes nothing".
 _REFUSED = {"previous_response_id": lambda v: v is None, "background": lambda v: not v,
@@ -159,7 +158,7 @@ def _message(item: Any, i: int, before: list[dict]) -> dict | None:
             f"input[{i}] is a {short(kind)} item with role {short(role)}: only message items "
             f"of roles {', '.join(_ROLES)}, function_call and function_call_output items "
             "are supported", "input")
-    return {"role": _ROLES[role], "content": _text(item.get("content"), i)}
+    return {"role": role, "content": _text(item.get("content"), i)}
 
 
 def _field(item: dict, name: str, i: int) -> str:
