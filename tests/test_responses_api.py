@@ -121,6 +121,31 @@ def test_text_format_json_schema_constrains_the_output(engine):
         assert out.text.format.type == "json_schema"
 
 
+def test_include_output_text_logprobs_gives_chats_logprobs(engine):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: the text
+    part's (and each delta's) logprobs are chat's entries for the same request."""
+    async def fn(oa, h):
+        kw = dict(model="", input="héllo", max_output_tokens=4, temperature=0,
+                  top_logprobs=2, include=["message.output_text.logprobs"], extra_body=GREEDY)
+        whole = await oa.responses.create(**kw)
+        events = [e async for e in await oa.responses.create(stream=True, **kw)]
+        chat = await oa.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "héllo"}], max_tokens=4,
+            temperature=0, logprobs=True, top_logprobs=2, extra_body=GREEDY)
+        plain = await oa.responses.create(**kw | {"include": None})
+        return whole, events, chat, plain
+
+    whole, events, chat, plain = serve(engine, fn)
+    want = [(e.token, e.logprob, [t.token for t in e.top_logprobs])
+            for e in chat.choices[0].logprobs.content]
+    got = [(e.token, e.logprob, [t.token for t in e.top_logprobs])
+           for e in whole.output[0].content[0].logprobs]
+    streamed = [(e.token, e.logprob, [t.token for t in e.top_logprobs])
+                for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert got == want == streamed and len(want) == 4
+    assert plain.output[0].content[0].logprobs == []
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"previous_response_id": "resp_x"}, "previous_response_id"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
@@ -131,6 +156,8 @@ def test_text_format_json_schema_constrains_the_output(engine):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"include": [{"a": 1}]}, None),
     ({"input": []}, "input"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
     ({"temperature": -1}, None),

@@ -29,12 +29,16 @@ class ResponseBodies:
         self.id, self.message_id = "resp_" + shape.request_id, "msg_" + shape.request_id
         self.created = int(time.time())
         self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list = []  # the engine's TokenLogprobs, when asked for
         self.last: RequestOutput | None = None
         self.sequence = 0
         self.streaming_text = shape.tools is None  # text deltas as they come
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.text.append(out.text)
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
         if out.finished:
             finish_reason(out)  # a request the server cancelled raises
             self.last = out
@@ -53,9 +57,10 @@ class ResponseBodies:
 
     def chunk(self, index: int, out: RequestOutput) -> bytes | None:
         self.add(index, out)
-        if not out.text or not self.streaming_text:
-            return None
-        return self._delta(0, out.text)
+        logprobs_due = self.shape.logprobs is not None and out.token_ids
+        if not self.streaming_text or not (out.text or logprobs_due):
+            return None  # a token's text may wait for its next bytes; its logprobs do not
+        return self._delta(0, out.text, self._logprobs_of(out.token_ids, out.logprobs))
 
     def last_chunks(self) -> list[bytes]:
         """Each output item's events (a message's text, part and item ``done``; a call's
@@ -81,20 +86,22 @@ class ResponseBodies:
         text, calls, status = "".join(self.text), None, self._status()
         if self.shape.tools is not None and status == "completed":
             text, calls = self.shape.tools.split(text)
-        items = [self._message(status, text)] if text or not calls else []
+        logprobs = [] if calls else self._logprobs_of(self.token_ids, self.logprobs)
+        items = [self._message(status, text, logprobs)] if text or not calls else []
         return items + [{"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"),
                          "call_id": c["id"], "name": c["function"]["name"],
                          "arguments": c["function"]["arguments"], "status": "completed"}
                         for c in calls or []]
 
     def _message_events(self, item: dict, at: int) -> list[bytes]:
-        text = item["content"][0]["text"]
+        part = item["content"][0]
+        text = part["text"]
         events = [] if self.streaming_text else self._opened(item, at) + (
-            [self._delta(at, text)] if text else [])
+            [self._delta(at, text, part["logprobs"])] if text else [])
         return events + [
             self._event("response.output_text.done", **self._where(at), text=text,
-                        logprobs=[]),
-            self._event("response.content_part.done", **self._where(at), part=_part(text)),
+                        logprobs=part["logprobs"]),
+            self._event("response.content_part.done", **self._where(at), part=part),
             self._event("response.output_item.done", output_index=at, item=item)]
 
     def _call_events(self, item: dict, at: int) -> list[bytes]:
@@ -113,9 +120,15 @@ class ResponseBodies:
                 self._event("response.content_part.added", **self._where(at),
                             part=_part(""))]
 
-    def _delta(self, at: int, text: str) -> bytes:
+    def _delta(self, at: int, text: str, logprobs: list[dict]) -> bytes:
         return self._event("response.output_text.delta", **self._where(at), delta=text,
-                           logprobs=[])
+                           logprobs=logprobs)
+
+    def _logprobs_of(self, token_ids: list[int], entries: list | None) -> list[dict]:
+        """Chat's logprob entries (``token``, ``logprob``, ``bytes``, ``top_logprobs``),
+        which the Responses API's text parts carry too; none unless asked."""
+        fmt = self.shape.logprobs
+        return [] if fmt is None else fmt.chat(token_ids, entries)["content"]
 
     def _status(self) -> str:
         return "incomplete" if self.last and finish_reason(self.last) == "length" \
@@ -124,9 +137,11 @@ class ResponseBodies:
     def _where(self, at: int) -> dict[str, Any]:
         return {"item_id": self.message_id, "output_index": at, "content_index": 0}
 
-    def _message(self, status: str, text: str | None) -> dict:
+    def _message(self, status: str, text: str | None,
+                 logprobs: list[dict] | None = None) -> dict:
         return {"type": "message", "id": self.message_id, "status": status,
-                "role": "assistant", "content": [] if text is None else [_part(text)]}
+                "role": "assistant",
+                "content": [] if text is None else [_part(text, logprobs)]}
 
     def _response(self, status: str, output: list[dict]) -> dict:
         r, last = self.request, self.last
@@ -155,5 +170,6 @@ class ResponseBodies:
         return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
-def _part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [],
+            "logprobs": logprobs or []}

@@ -25,12 +25,12 @@ from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError
 from .protocol import ChatCompletionRequest
 
 log = logging.getLogger("nolaserve.http")
+LOGPROBS = "message.output_text.logprobs"  # the ``include`` that asks for the text's
 _ROLES = ("user", "assistant", "system", "developer")  # chat.py renders developer as system
 _TEXT_PARTS = ("input_text", "output_text", "text")
 # Responses API fields this server cannot honour, with "set to what changes nothing".
 _REFUSED = {"previous_response_id": lambda v: v is None, "background": lambda v: not v,
             "conversation": lambda v: v is None, "prompt": lambda v: v is None,
-            "top_logprobs": lambda v: not v, "include": lambda v: not v,
             "truncation": lambda v: v in (None, "disabled")}
 # Fields of the Responses API that change nothing here (nothing is stored or billed).
 _HARMLESS = {"store", "user", "service_tier", "reasoning", "safety_identifier",
@@ -58,6 +58,8 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include: list[str] | None = None  # [LOGPROBS] or nothing
+    top_logprobs: int | None = None  # with include: [LOGPROBS]
 
     def chat(self) -> ChatCompletionRequest:
         """The chat request that serves this one (its sampling fields checked there)."""
@@ -76,7 +78,17 @@ class ResponsesRequest(BaseModel):
             top_p=self.top_p, response_format=self._response_format(),
             tools=self._chat_tools(), tool_choice=self._chat_tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls,
+            logprobs=self._logprobs(),
+            top_logprobs=self.top_logprobs if self._logprobs() else None,
             **{k: v for k, v in extra.items() if k in _SAMPLING})
+
+    def _logprobs(self) -> bool:
+        """Whether the text's logprobs are asked for (OpenAI: only through ``include``)."""
+        other = set(self.include or ()) - {LOGPROBS}
+        if other:
+            raise UnsupportedFieldError(f"include {sorted(other)[:3]} is not supported: only "
+                                        f"{LOGPROBS!r}", "include")
+        return bool(self.include)
 
     @property
     def text_format(self) -> dict[str, Any]:
