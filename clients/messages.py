@@ -22,7 +22,8 @@ ChatMessage = Mapping[str, str] | tuple[str, str]  # {"role": ..., "content": ..
 class SamplingExtras(TypedDict, total=False):
     """The optional sampling keywords of ``generate`` (inference.proto's SamplingParams);
     ``json_schema`` is a schema as a dict or JSON text; at most one of ``json_schema``,
-    ``json_object``, ``regex`` and ``choice`` (StructuredOutput's ``format``)."""
+    ``json_object``, ``regex``, ``choice`` and ``grammar`` (an EBNF grammar;
+    StructuredOutput's ``format``)."""
 
     logprobs: int
     prompt_logprobs: int
@@ -44,6 +45,7 @@ class SamplingExtras(TypedDict, total=False):
     json_object: bool
     regex: str
     choice: list[str]
+    grammar: str
 
 
 class NolaserveError(grpc.RpcError):
@@ -261,7 +263,7 @@ def _extras(extras: SamplingExtras) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown sampling arguments {sorted(unknown)}: use "
                         f"{', '.join(SamplingExtras.__annotations__)}")
-    formats = {"json_schema", "json_object", "regex", "choice"}
+    formats = {"json_schema", "json_object", "regex", "choice", "grammar"}
     fields_ = {k: v for k, v in extras.items() if k not in formats}
     asked = [k for k in extras if k in formats and extras[k] not in (None, False)]
     if len(asked) > 1:

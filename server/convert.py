@@ -72,9 +72,12 @@ def structured_spec(s: inference_pb2.StructuredOutput) -> StructuredSpec:
         return StructuredSpec(regex=s.regex)
     if which == "choice":
         return StructuredSpec(choice=tuple(s.choice.values))  # the engine checks them
+    if which == "grammar" and s.grammar.strip():
+        return StructuredSpec(grammar=s.grammar)
     raise InvalidRequestError(
         "sampling.structured asks for nothing: set json_schema to a JSON schema, "
-        "json_object to true, regex or choice, or leave structured unset for free text")
+        "json_object to true, regex, choice or grammar, or leave structured unset for free "
+        "text")
 
 
 def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:

@@ -281,21 +281,29 @@ def test_structured_spec_is_passed_as_the_engine_takes_it():
     assert sampling_params(p).structured == StructuredSpec(choice=("x", "y"))
 
 
-def test_regex_and_choice_over_grpc_and_the_client(engine):
+def test_regex_choice_and_grammar_over_grpc_and_the_client(engine):
+    grammar = 'root ::= "n=" [0-9]{1,2}'
+
     async def main():
         async with serving(engine) as c:
             regex = await c.inference.Generate(request(
                 PROMPT, max_tokens=20, temperature=1.0, seed=2,
                 structured=inference_pb2.StructuredOutput(regex="[0-9]{2}x")))
+            ebnf = await c.inference.Generate(request(
+                PROMPT, max_tokens=20, temperature=1.0, seed=3,
+                structured=inference_pb2.StructuredOutput(grammar=grammar)))
             async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
                 choice = await client.generate(PROMPT, max_tokens=20, temperature=1.0,
                                                seed=5, choice=["oui", "non merci"])
+                typed = await client.generate(PROMPT, max_tokens=20, temperature=1.0,
+                                              seed=4, grammar=grammar)
                 with pytest.raises(TypeError, match="pass one of them"):
                     await client.generate(PROMPT, regex="a", choice=["a"])
-            return regex.text, choice.text
+            return regex.text, choice.text, ebnf.text, typed.text
 
-    regex, choice = asyncio.run(main())
+    regex, choice, ebnf, typed = asyncio.run(main())
     assert re.fullmatch("[0-9]{2}x", regex) and choice in ("oui", "non merci")
+    assert re.fullmatch("n=[0-9]{1,2}", ebnf) and re.fullmatch("n=[0-9]{1,2}", typed)
 
 
 def test_a_response_too_large_to_send_is_counted_as_the_client_got_it(engine):

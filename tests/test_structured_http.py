@@ -151,11 +151,13 @@ GUIDED = [({"structured_outputs": {"choice": ["oui", "non merci"]}}, ("oui", "no
            r"[a-c]{2,3}"),
           ({"guided_regex": "[a-c]{2,3}"}, r"[a-c]{2,3}"),
           ({"structured_outputs": {"json": {"type": "integer"}}}, {"type": "integer"}),
-          ({"guided_json": '{"type": "integer"}'}, {"type": "integer"})]
+          ({"guided_json": '{"type": "integer"}'}, {"type": "integer"}),
+          ({"structured_outputs": {"grammar": 'root ::= "ab" [0-9]{1,2}'}}, r"ab[0-9]{1,2}"),
+          ({"guided_grammar": 'root ::= "ab" [0-9]{1,2}'}, r"ab[0-9]{1,2}")]
 
 
 @pytest.mark.parametrize(("fields", "want"), GUIDED)
-def test_vllm_structured_outputs_choice_regex_and_json(engine, fields, want):
+def test_vllm_structured_outputs_choice_regex_json_and_grammar(engine, fields, want):
     """vLLM's ``structured_outputs`` (and its older ``guided_*``), as users' code sends
     them through the openai client's ``extra_body``, on chat and completions."""
     async def test(oa, _):
@@ -182,8 +184,9 @@ async def _serve_returning(engine, test):
 
 
 @pytest.mark.parametrize(("fields", "param", "message"), [
-    ({"structured_outputs": {"grammar": "root ::= \"a\""}}, "structured_outputs",
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs",
      "set exactly one of choice (a list of strings), regex"),
+    ({"guided_grammar": "start ::= \"a\""}, None, "the grammar cannot be enforced"),
     ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs",
      "set exactly one of"),
     ({"structured_outputs": {"choice": "ab"}}, "structured_outputs",
@@ -194,7 +197,6 @@ async def _serve_returning(engine, test):
      "send structured_outputs only"),
     ({"guided_choice": ["a"], "response_format": {"type": "json_object"}},
      "structured_outputs", "response_format and structured_outputs both constrain"),
-    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar", "is not supported"),
     ({"tools": TOOLS}, "tool_choice", 'set tool_choice to "required"'),
     ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "needs a tool-call parser"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},

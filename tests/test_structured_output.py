@@ -132,14 +132,21 @@ def test_rows_without_a_grammar_are_untouched(engine):
 CHOICES = ("héllo", "wörld 😀", 'a "q" \\', "héllo wörld")  # a prefix of another
 
 
-def test_regex_and_choice_outputs_match_whole_in_a_mixed_batch(engine):
-    """vLLM's ``choice`` and ``regex``: beside JSON and plain rows, across adapters and
-    seeds, each output is one of the choices or matches the regex whole, and ends by the
-    grammar (``stop``: nothing may follow) or by EOS (where the output may also go on:
-    a choice that is a prefix of another, 1-4 letters)."""
+# An EBNF grammar (xgrammar's syntax) and the regular expression of the same language.
+GRAMMAR = 'root ::= ("oui" | "non") " " [0-9]{1,3} ("," item)*\nitem ::= [a-c]+'
+GRAMMAR_AS_REGEX = r"(oui|non) [0-9]{1,3}(,[a-c]+)*"
+
+
+def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
+    """vLLM's ``choice``, ``regex`` and ``grammar``: beside JSON and plain rows, across
+    adapters and seeds, each output is one of the choices or matches the regex (the
+    grammar's language) whole, and ends by the grammar (``stop``: nothing may follow) or
+    by EOS (where the output may also go on: a choice that is a prefix of another, 1-4
+    letters)."""
     regex = r"[0-9]{3}-[a-zé]{1,4}"
     specs = {"choice": StructuredSpec(choice=CHOICES), "regex": StructuredSpec(regex=regex),
-             "json": StructuredSpec(json.dumps(SCHEMAS[0]))}
+             "json": StructuredSpec(json.dumps(SCHEMAS[0])),
+             "grammar": StructuredSpec(grammar=GRAMMAR)}
     requests = {f"{kind}-{a}-{seed}": ([5 + seed, 6], SamplingParams(
         max_tokens=60, temperature=1.0, seed=seed, structured=spec), a)
         for kind, spec in specs.items() for a in ADAPTERS for seed in range(4)}
@@ -149,6 +156,10 @@ def test_regex_and_choice_outputs_match_whole_in_a_mixed_batch(engine):
         if kind in ("choice", "regex"):
             assert reason in (FinishReason.STOP, FinishReason.EOS), (rid, text)
             assert text in CHOICES if kind == "choice" else re.fullmatch(regex, text), rid
+        elif kind == "grammar":  # a list may go on: at max_tokens, a prefix of one
+            done = reason in (FinishReason.STOP, FinishReason.EOS)
+            assert re.fullmatch(GRAMMAR_AS_REGEX if done else GRAMMAR_AS_REGEX + "(,[a-c]*)?",
+                                text), (rid, text, reason)
         elif kind == "json":
             jsonschema.validate(json.loads(text), SCHEMAS[0])
 
@@ -158,8 +169,10 @@ def test_regex_and_choice_outputs_match_whole_in_a_mixed_batch(engine):
     (StructuredSpec(choice=()), "choice must be a list of non-empty strings"),
     (StructuredSpec(choice=("a", "")), "choice must be a list of non-empty strings"),
     (StructuredSpec(regex="a" * (MAX_SCHEMA_CHARS + 1)), "the regex has .* simplify it"),
+    (StructuredSpec(grammar='start ::= "a"'), "the grammar cannot be enforced: .*root"),
+    (StructuredSpec(grammar='root ::= "a'), "the grammar cannot be enforced"),
 ])
-def test_a_bad_regex_or_choice_is_refused_before_the_model(engine, spec, message):
+def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec, message):
     with pytest.raises(InvalidRequestError, match=message):
         engine.add_request("bad", [1, 2], SamplingParams(max_tokens=8, structured=spec))
     assert not engine.has_unfinished()
@@ -266,11 +279,14 @@ def test_the_vllm_backend_gets_the_same_json_constraint():
     code = ("from nolaserve.server.engine.vllm_args import sampling\n"
             "from nolaserve.server.engine.sequence import SamplingParams, StructuredSpec\n"
             "for spec in (StructuredSpec('{\"type\": \"integer\"}'), StructuredSpec(),\n"
-            "             StructuredSpec(regex='[a-c]+'), StructuredSpec(choice=('x', 'y'))):\n"
+            "             StructuredSpec(regex='[a-c]+'), StructuredSpec(choice=('x', 'y')),\n"
+            "             StructuredSpec(grammar='root ::= \"a\"')):\n"
             "    s = sampling(SamplingParams(structured=spec)).structured_outputs\n"
-            "    print(s.json, s.disable_any_whitespace, s.regex, s.choice)\n"
+            "    print(s.json, s.disable_any_whitespace, s.regex, s.choice, s.grammar)\n"
             "print(sampling(SamplingParams()).structured_outputs)\n")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
                          check=True).stdout.splitlines()
-    assert out == ['{"type": "integer"} True None None', '{"type": "object"} True None None',
-                   "None False [a-c]+ None", "None False None ['x', 'y']", "None"]
+    assert out == ['{"type": "integer"} True None None None',
+                   '{"type": "object"} True None None None', "None False [a-c]+ None None",
+                   "None False None ['x', 'y'] None", 'None False None None root ::= "a"',
+                   "None"]

@@ -1,6 +1,6 @@
 """Structured output: a request's output held to a JSON schema, any JSON object, a regular
-expression or a list of choices, by a grammar (xgrammar, as vLLM and SGLang use;
-docs/operations.md "Structured output").
+expression, a list of choices or an EBNF grammar, by a grammar (xgrammar, as vLLM and
+SGLang use; docs/operations.md "Structured output").
 
 A request's ``GrammarState`` lives on the engine's request. It accepts each sampled token
 at once (cheap), and fills the request's next-token bitmask on the host (one int32 row of
@@ -96,6 +96,10 @@ def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
     if spec.regex is not None:
         return ("regex", spec.regex, lambda c, text: c.compile_regex(text),
                 "send a regular expression (the output matches it whole)")
+    if spec.grammar is not None:
+        return ("grammar", spec.grammar, lambda c, text: c.compile_grammar(text),
+                "send an EBNF grammar in xgrammar's (GBNF) syntax with a root rule, e.g. "
+                'root ::= "yes" | "no"')
     if spec.choice is not None:
         if not spec.choice or not all(spec.choice):
             raise InvalidRequestError("choice must be a list of non-empty strings, got "

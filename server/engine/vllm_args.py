@@ -102,6 +102,8 @@ def structured_outputs(spec: StructuredSpec | None):
         return StructuredOutputsParams(regex=spec.regex)
     if spec.choice is not None:
         return StructuredOutputsParams(choice=list(spec.choice))
+    if spec.grammar is not None:
+        return StructuredOutputsParams(grammar=spec.grammar)
     schema = '{"type": "object"}' if spec.json_schema is None else spec.json_schema
     return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 

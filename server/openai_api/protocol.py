@@ -33,7 +33,7 @@ _REFUSED: dict[str, Any] = {
     "functions": _off,
     "function_call": lambda v: v in (None, "none"),
     "use_beam_search": _off,
-    "length_penalty": lambda v: v in (None, 1, 1.0), "guided_grammar": _off,
+    "length_penalty": lambda v: v in (None, 1, 1.0),
     "guided_whitespace_pattern": _off,
     "chat_template": _off, "logits_processors": _off,
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
@@ -99,6 +99,7 @@ class _Sampling(BaseModel):
     guided_choice: Any = None
     guided_regex: Any = None
     guided_json: Any = None
+    guided_grammar: Any = None
 
     def structured_output(self, tool_call_parser: str = ""
                           ) -> tuple[StructuredSpec | None, ToolMode | None]:
@@ -112,7 +113,8 @@ class _Sampling(BaseModel):
     def _guided(self) -> dict[str, Any] | None:
         """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way."""
         old = {k: v for k, v in (("choice", self.guided_choice), ("regex", self.guided_regex),
-                                 ("json", self.guided_json)) if v is not None}
+                                 ("json", self.guided_json), ("grammar", self.guided_grammar))
+               if v is not None}
         if old and self.structured_outputs is not None:
             raise InvalidRequestError("structured_outputs and guided_* both constrain the "
                                       "output: send structured_outputs only", "guided_"

@@ -4,8 +4,9 @@ tool call as OpenAI's ``tool_calls`` (docs/operations.md "Structured output").
 - ``response_format``: ``{"type": "text"}`` (nothing), ``{"type": "json_object"}`` (any
   JSON object), ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``.
 - vLLM's ``structured_outputs``: ``{"choice": [...]}``, ``{"regex": "..."}``, ``{"json":
-  schema}`` or ``{"json_object": true}``; its older ``guided_choice``, ``guided_regex`` and
-  ``guided_json`` mean the same. ``grammar`` and ``structural_tag`` are refused.
+  schema}``, ``{"grammar": "<EBNF>"}`` (xgrammar's syntax) or ``{"json_object": true}``;
+  its older ``guided_choice``, ``guided_regex``, ``guided_json`` and ``guided_grammar``
+  mean the same. ``structural_tag`` is refused.
 - ``tools`` with ``tool_choice`` a named function: the output is that function's arguments,
   held to its ``parameters`` schema. ``"required"``: the output is a JSON list of
   ``{"name", "parameters"}`` calls of any of the tools (as vLLM does). ``"none"`` ignores
@@ -121,23 +122,27 @@ def _guided(value: dict[str, Any] | None) -> StructuredSpec | None:
     if value is None:
         return None
     asked = {k: v for k, v in value.items() if k not in GUIDED_OPTIONS and v is not None}
-    if len(asked) != 1 or not asked.keys() <= {"choice", "regex", "json", "json_object"}:
+    if len(asked) != 1 or not asked.keys() <= {"choice", "regex", "json", "json_object",
+                                                "grammar"}:
         raise UnsupportedFieldError(
             f"structured_outputs asks for {sorted(asked) or 'nothing'}: set exactly one of "
-            "choice (a list of strings), regex, json (a schema) or json_object",
-            "structured_outputs")
+            "choice (a list of strings), regex, json (a schema), grammar (EBNF) or "
+            "json_object", "structured_outputs")
     (kind, v), = asked.items()
     if kind == "choice" and isinstance(v, list) and all(isinstance(c, str) for c in v):
         return StructuredSpec(choice=tuple(v))
     if kind == "regex" and isinstance(v, str):
         return StructuredSpec(regex=v)
+    if kind == "grammar" and isinstance(v, str):
+        return StructuredSpec(grammar=v)
     if kind == "json" and isinstance(v, dict | str):
         return StructuredSpec(v if isinstance(v, str) else json.dumps(v))
     if kind == "json_object" and v is True:
         return StructuredSpec()
     raise InvalidRequestError(f"structured_outputs.{kind} is {short(v)}: send "
                               + {"choice": "a list of strings", "regex": "a string",
-                                 "json": "a JSON schema", "json_object": "true"}[kind],
+                                 "json": "a JSON schema", "json_object": "true",
+                                 "grammar": "an EBNF grammar as a string"}[kind],
                               "structured_outputs")
 
 
