@@ -46,6 +46,7 @@ class SamplingExtras(TypedDict, total=False):
     regex: str
     choice: list[str]
     grammar: str
+    add_special_tokens: bool  # GenerateRequest's: unset = true for a prompt, false for chat
 
 
 class NolaserveError(grpc.RpcError):
@@ -248,11 +249,15 @@ def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
     field unset (the server's default)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
+    extras = dict(extras or {})
+    special = extras.pop("add_special_tokens", None)
     optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
     sampling = inference_pb2.SamplingParams(
         max_tokens=max_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
-        **{k: v for k, v in optional.items() if v is not None}, **_extras(extras or {}))
+        **{k: v for k, v in optional.items() if v is not None}, **_extras(extras))
     input_ = {"prompt": prompt} if prompt is not None else {"messages": _chat(messages or ())}
+    if special is not None:
+        input_["add_special_tokens"] = special
     return inference_pb2.GenerateRequest(adapter_id=adapter_id, sampling=sampling,
                                          request_id=request_id, **input_)
 

@@ -61,13 +61,16 @@ def test_add_special_tokens_follows_vllms_defaults_and_its_value(engine):
                 prompt=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=1),
                 **flag))).usage.prompt_tokens
                 for flag in ({}, {"add_special_tokens": False})]
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                grpc_got += [(await client.generate(PROMPT, max_tokens=1, **flag)).prompt_tokens
+                             for flag in ({}, {"add_special_tokens": False})]
             return got, grpc_got
 
     got, grpc_got = asyncio.run(main())
     assert got["tok"] == [0] + text and got["tok_off"] == text and got["tok_chat"] == chat
     assert (got["prompt"], got["prompt_off"]) == (len(text) + 1, len(text))
     assert (got["chat"], got["chat_on"]) == (len(chat), len(chat) + 1)
-    assert grpc_got == [len(text) + 1, len(text)]
+    assert grpc_got == [len(text) + 1, len(text)] * 2
 
 
 def test_cache_salt_reaches_the_prefix_cache_from_every_front_end(engine):
