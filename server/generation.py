@@ -238,5 +238,5 @@ class Generation:
 
 def child_params(params: SamplingParams, j: int) -> SamplingParams:
     """The parameters of a request's ``j``-th choice (a copy: each engine request owns
-    its own): its seed is ``seed + j``."""
-    return replace(params, seed=None if params.seed is None else params.seed + j)
+    its own, of one sequence): its seed is ``seed + j``."""
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + j)

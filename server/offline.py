@@ -15,9 +15,10 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nolaserve.adapters.errors import InvalidRequestError, short
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.sources import read_adapter_source
 
@@ -27,9 +28,10 @@ from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams
-from .generation import GenerateRequest, engine_input, failure, registered_in
+from .generation import GenerateRequest, child_params, engine_input, failure, registered_in
 
 Prompt = str | list[int]
+MAX_N = 64  # completions per prompt
 Conversation = list[dict[str, str]]
 
 
@@ -147,16 +149,22 @@ class LLM:
 
 
 class _Batch:
-    """Feed the engine up to ``max_queued_requests`` at a time and step it to the end."""
+    """Feed the engine up to ``max_queued_requests`` at a time and step it to the end. A
+    prompt whose ``SamplingParams.n`` asks for several completions runs as ``n`` engine
+    requests, choice ``j`` seeded ``seed + j`` as vLLM seeds them (they share the
+    prompt's cached blocks)."""
 
     def __init__(self, engine: Engine, requests: list[GenerateRequest], ids, bar) -> None:
         self.engine, self.requests, self.bar = engine, requests, bar
         self.request_ids = [f"offline-{next(ids)}" for _ in requests]
         self.results: dict[str, RequestOutput] = {}
+        self.choice: dict[str, tuple[str, CompletionOutput]] = {}  # engine id -> whose, what
         self.text: dict[str, list[str]] = {}
+        self.left: dict[str, int] = {}  # request id -> choices not finished
 
     def run(self) -> list[RequestOutput]:
-        pending = iter(zip(self.request_ids, self.requests))
+        pending = (item for rid, request in zip(self.request_ids, self.requests)
+                   for item in self._choices(rid, request))
         limit = self.engine.limits.max_queued_requests
         try:
             while True:
@@ -172,30 +180,41 @@ class _Batch:
             raise
         return [self.results[i] for i in self.request_ids]
 
-    def _add(self, request_id: str, request: GenerateRequest) -> None:
+    def _choices(self, request_id: str, request: GenerateRequest):
+        n = request.params.n
+        if not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {short(n)}")
+        self.left[request_id] = n
+        for j in range(n):
+            yield (request_id if n == 1 else f"{request_id}-{j}", request_id, j,
+                   replace(request, params=child_params(request.params, j)))
+
+    def _add(self, engine_id: str, request_id: str, j: int, request: GenerateRequest) -> None:
         prompt, params, adapter = engine_input(self.engine.tokenizer,
                                                self.engine.model_name, request,
                                                registered_in(self.engine.store),
                                                self.engine.limits.longest_prompt)
-        self.engine.add_request(request_id, prompt, params, adapter)
-        self.results[request_id] = RequestOutput(request_id, prompt, adapter)
-        self.text[request_id] = []
+        self.engine.add_request(engine_id, prompt, params, adapter)
+        result = self.results.setdefault(request_id, RequestOutput(request_id, prompt, adapter))
+        result.outputs.append(CompletionOutput(j, "", [], ""))
+        self.choice[engine_id] = (request_id, result.outputs[-1])
+        self.text[engine_id] = []
 
     def _collect(self, out) -> None:
         if out.finish_reason is FinishReason.ERROR:
             raise failure(out)
-        result = self.results[out.request_id]
+        request_id, choice = self.choice[out.request_id]
+        result = self.results[request_id]
         self.text[out.request_id].append(out.text)
-        if not result.outputs:
-            result.outputs.append(CompletionOutput(0, "", [], ""))
-        result.outputs[0].token_ids += out.token_ids
+        choice.token_ids += out.token_ids
         if out.logprobs is not None:
-            result.outputs[0].logprobs = (result.outputs[0].logprobs or []) + out.logprobs
+            choice.logprobs = (choice.logprobs or []) + out.logprobs
         result.prompt_logprobs = result.prompt_logprobs or out.prompt_logprobs
         if out.finished:
-            result.outputs[0].text = "".join(self.text.pop(out.request_id))
-            result.outputs[0].finish_reason = out.finish_reason.value
-            if self.bar is not None:
+            choice.text = "".join(self.text.pop(out.request_id))
+            choice.finish_reason = out.finish_reason.value
+            self.left[request_id] -= 1
+            if self.bar is not None and not self.left[request_id]:
                 self.bar.update(1)
 
 

@@ -82,3 +82,26 @@ async def _served(tmp, cases, adapters: dict[str, bytes]):
         return outs, chat.choices[0].token_ids
     finally:
         await running.stop(0)
+
+
+def test_n_completions_per_prompt_as_vllms_llm_gives_them(checkpoint):
+    """``SamplingParams(n=3)``: each prompt's ``outputs`` holds 3 completions, indexed,
+    choice ``j`` the one the same request seeded ``seed + j`` gives alone (vLLM's
+    seeding, and HTTP's ``n``); a bad ``n`` is refused before anything runs."""
+    from nolaserve.adapters.errors import InvalidRequestError
+
+    llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
+    three = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:2], three)
+    alone = [[llm.generate(p, SamplingParams(max_tokens=6, temperature=1.0, seed=7 + j,
+                                             ignore_eos=True))[0].token_ids
+              for j in range(3)] for p in PROMPTS[:2]]
+    for bad in (0, 65, "2"):
+        with pytest.raises(InvalidRequestError, match="n must be between 1 and 64"):
+            llm.generate(PROMPTS[0], SamplingParams(n=bad))
+    assert not llm.engine.has_unfinished()
+    llm.close()
+    assert [[c.index for c in o.outputs] for o in outs] == [[0, 1, 2]] * 2
+    assert [[c.token_ids for c in o.outputs] for o in outs] == alone
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # the seeds differ
+    assert all(c.finish_reason == "length" and c.text for o in outs for c in o.outputs)

@@ -49,6 +49,7 @@ LIMITS = EngineLimits(100, 50, 200, 10, vocab_size=32)
     ({"stop_token_ids": [32]}, "stop_token_ids entry 32 is out of range: token ids are 0 to 31"),
     ({"stop_token_ids": [-1]}, "stop_token_ids entry -1 is out of range"),
     ({"stop_token_ids": list(range(65))}, "at most 64"),
+    ({"n": 2}, "n = 2: an engine request makes one sequence"),
 ])
 def test_bad_sampling_fields_say_what_to_fix(fields, message):
     with pytest.raises(InvalidRequestError) as e:

@@ -110,6 +110,9 @@ def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -
         raise InvalidRequestError(
             f"prompt token id {short(bad)} is out of range: token ids are 0 to "
             f"{lim.vocab_size - 1 if lim.vocab_size else 'the vocabulary size - 1'}")
+    if params.n != 1:
+        raise InvalidRequestError(f"n = {short(params.n)}: an engine request makes one "
+                                  "sequence; LLM.generate and HTTP's n run n requests")
     params.validate(lim.max_tokens_limit, lim.vocab_size)
     if len(prompt) + params.max_tokens > lim.max_model_len:
         raise InvalidRequestError(

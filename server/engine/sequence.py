@@ -48,6 +48,7 @@ class SamplingParams:
     ``max_tokens_limit`` allow (``Engine.add_request`` fills it in)."""
 
     max_tokens: int | None = 16
+    n: int = 1  # vLLM's: completions per prompt, LLM.generate's (each its own engine request)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
