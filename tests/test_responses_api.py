@@ -160,6 +160,7 @@ def test_include_output_text_logprobs_gives_chats_logprobs(engine):
     ({"include": [{"a": 1}]}, None),
     ({"input": []}, "input"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
+    ({"text": {"format": "json"}}, "text"),
     ({"temperature": -1}, None),
     ({"max_output_tokens": 0}, None),
 ])

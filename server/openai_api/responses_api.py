@@ -68,7 +68,7 @@ class ResponsesRequest(BaseModel):
             if name in _REFUSED and not _REFUSED[name](value):
                 raise UnsupportedFieldError(
                     f"{name} = {short(value)} is not supported by this stateless Responses "
-                    "API (no tools, nothing stored): leave it unset", name)
+                    "API (nothing is stored): leave it unset", name)
         ignored = sorted(k for k in extra if k not in _REFUSED.keys() | _HARMLESS | _SAMPLING)
         if ignored:
             log.warning("fields present in the request but ignored: %s", ignored)
@@ -136,7 +136,7 @@ class ResponsesRequest(BaseModel):
     def _response_format(self) -> dict[str, Any] | None:
         """``text.format`` as chat's ``response_format``."""
         fmt = self.text_format
-        kind = fmt.get("type")
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
         if kind == "text":
             return None
         if kind == "json_object":
