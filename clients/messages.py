@@ -38,6 +38,7 @@ class SamplingExtras(TypedDict, total=False):
     skip_special_tokens: bool
     truncate_prompt_tokens: int
     truncation_side: str
+    logprob_token_ids: list[int]
     allowed_token_ids: list[int]
     bad_words: list[str]
     cache_salt: str

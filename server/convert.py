@@ -58,6 +58,7 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         bad_words=list(p.bad_words),
         cache_salt=p.cache_salt if p.HasField("cache_salt") else None,
         truncation_side=p.truncation_side or "left",
+        logprob_token_ids=list(p.logprob_token_ids) or None,
     )
 
 

@@ -109,7 +109,7 @@ async def _client(h, c, client, prompt, salt):
 
 
 REFUSED = {"spaces_between_special_tokens": False,
-           "logprob_token_ids": [3], "documents": [{"title": "t", "text": "x"}],
+           "documents": [{"title": "t", "text": "x"}],
            "repetition_detection": {"max_pattern_size": 2},
            "thinking_token_budget": 10, "prompt_embeds": "AAAA"}
 NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": True,

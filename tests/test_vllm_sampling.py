@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from engine_helpers import greedy, make_engine, word_of
+from engine_helpers import greedy, make_engine, step_all, word_of
 from engine_helpers import run as run_engine
 from vllm_helpers import VLLM_ENV, save_model, vllm_python
 
@@ -55,10 +55,17 @@ SCRIPT = textwrap.dedent('''
         masked[name] = list(llm.generate({"prompt_token_ids": prompt}, theirs)[0]
                             .outputs[0].token_ids)
     theirs.update_from_tokenizer(llm.get_tokenizer())
+    named = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0,
+                           logprob_token_ids=[40, 5, 299])
+    asked = vllm_args.sampling(named)
+    asked.output_kind = RequestOutputKind.FINAL_ONLY
+    scored = vllm_args.request_output("r", llm.generate({"prompt_token_ids": prompt}, asked)[0],
+                                      len(prompt), 4, named)
     print("RESULT " + json.dumps({"fields": fields, "tokens": got.token_ids,
                                   "logprobs": [lp(x) for x in got.logprobs],
                                   "prompt_logprobs": [lp(x) for x in got.prompt_logprobs],
-                                  "masked": masked, "bad_ids": theirs._bad_words_token_ids}))
+                                  "masked": masked, "bad_ids": theirs._bad_words_token_ids,
+                                  "named": [lp(x) for x in scored.logprobs]}))
 ''')
 
 
@@ -88,6 +95,11 @@ def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
     for name, value in masks.items():
         ours = run_engine(engine, {"r": (prompt, greedy(8, **{name: value}), None)})["r"]
         assert ours == got["masked"][name] != free, name
+    engine.add_request("named", prompt, greedy(4, logprobs=0, logprob_token_ids=[40, 5, 299]))
+    named = [lp for o in step_all(engine)["named"] for lp in o.logprobs]
+    assert [[t for t, _ in x[2]] for x in got["named"]] == [[40, 5, 299]] * 4
+    assert [v for x in got["named"] for _, v in x[2]] == pytest.approx(
+        [v for lp in named for _, v in lp.top], abs=1e-3)  # vLLM's values are ours
     ids = prompt + got["tokens"]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)

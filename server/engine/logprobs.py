@@ -45,6 +45,16 @@ def logprob_values(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     return torch.cat([p.double() for p in parts], dim=1).flatten()
 
 
+def chosen_logprobs(logits: Tensor, chosen: dict[int, list[int]]) -> Tensor:
+    """Flat float64: for each row ``r`` of ``chosen`` in order, the logprobs of its token
+    ids ``chosen[r]`` (vLLM's ``logprob_token_ids``), in their order."""
+    sub = logits.index_select(0, row_tensor(list(chosen), torch.int64, logits)).float()
+    lse = sub.logsumexp(dim=1)  # [R]: those rows' normalizers only
+    pairs = row_tensor([[j for j, ids in enumerate(chosen.values()) for _ in ids],
+                        [t for ids in chosen.values() for t in ids]], torch.int64, logits)
+    return (sub[pairs[0], pairs[1]] - lse[pairs[0]]).double()
+
+
 def token_logprobs(values: list[float], targets: list[int], ks: list[int],
                    vocab: int) -> list[TokenLogprob]:
     """``logprob_values``' read-back as one ``TokenLogprob`` per row, row ``r`` keeping the

@@ -3,14 +3,14 @@ alone, with the logprobs asked for, read back from the device in one copy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nolaserve.adapters.errors import Status, short
 
 from .engine_types import TokenLogprob
-from .logprobs import StepRows, logprob_values, row_width, token_logprobs
+from .logprobs import StepRows, chosen_logprobs, logprob_values, row_width, token_logprobs
 from .sampler import Sampler, row_tensor
 from .sequence import Sequence
 
@@ -63,6 +63,8 @@ class RowSampler(Sampler):
             index = row_tensor(asking, torch.int64, raw)
             blocks.append(logprob_values(raw.index_select(0, index), ids.index_select(0, index),
                                          max(seqs[i].params.logprobs for i in asking)))
+        if chosen := _chosen(seqs, asking):
+            blocks.append(chosen_logprobs(raw, chosen))
         prompt = rows.prompt_values(step_logits) if rows is not None else None
         host = torch.cat(blocks + ([prompt] if prompt is not None else [])).tolist()
         return self._unpack(host, seqs, asking, drawn, rows, raw.shape[1])
@@ -82,7 +84,13 @@ class RowSampler(Sampler):
         logprobs: list[TokenLogprob | None] = [None] * n
         for i, lp in zip(asking, lps):
             logprobs[i] = lp if isinstance(tokens[i], int) else None
-        prompt = rows.prompt_logprobs(host[2 * n + width:], vocab) if rows is not None \
+        at = 2 * n + width
+        for i, chosen_ids in _chosen(seqs, asking).items():  # they replace the top k
+            values = host[at:at + len(chosen_ids)]
+            at += len(chosen_ids)
+            if logprobs[i] is not None:
+                logprobs[i] = replace(logprobs[i], top=tuple(zip(chosen_ids, values)))
+        prompt = rows.prompt_logprobs(host[at:], vocab) if rows is not None \
             and rows.prompt else []
         return SampledRows(tokens, logprobs, prompt)
 
@@ -96,6 +104,13 @@ class RowSampler(Sampler):
 
 
 _NON_FINITE, _SAMPLED, _ALL_MASKED = 0.0, 1.0, 2.0  # a row's status in the read-back
+
+
+def _chosen(seqs: list[Sequence], asking: list[int]) -> dict[int, list[int]]:
+    """Row -> vLLM's ``logprob_token_ids``, for the rows that ask for logprobs and name
+    their tokens."""
+    return {i: seqs[i].params.logprob_token_ids for i in asking
+            if seqs[i].params.logprob_token_ids}
 
 
 def _row_status(raw: torch.Tensor, processed: torch.Tensor) -> torch.Tensor:

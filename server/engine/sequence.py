@@ -56,6 +56,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
+    logprob_token_ids: list[int] | None = None  # vLLM's: with logprobs, these instead of top k
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     presence_penalty: float = 0.0  # OpenAI: over the output tokens so far
@@ -118,6 +119,12 @@ class SamplingParams:
         _validate_logit_bias(self.logit_bias, vocab_size)
         _validate_token_ids("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS,
                             vocab_size)
+        if self.logprob_token_ids is not None:
+            if self.logprobs is None or not self.logprob_token_ids:
+                raise InvalidRequestError("logprob_token_ids needs logprobs set and at least "
+                                          "one token id (as in vLLM)")
+            _validate_token_ids("logprob_token_ids", self.logprob_token_ids,
+                                MAX_LOGPROB_TOKEN_IDS, vocab_size)
         if self.allowed_token_ids is not None:
             if not self.allowed_token_ids:
                 raise InvalidRequestError("allowed_token_ids is empty: list at least one "
@@ -141,6 +148,7 @@ class SamplingParams:
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # when the vocabulary size is not known; else its size
 MAX_CACHE_SALT = 1024
 MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS (it counts them after tokenizing)

@@ -76,7 +76,9 @@ def sampling(params: SamplingParams):
     return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
                         top_p=params.top_p, top_k=top_k, seed=params.seed,
                         stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
-                        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                        logprobs=None if params.logprob_token_ids else params.logprobs,
+                        logprob_token_ids=params.logprob_token_ids or None,
+                        prompt_logprobs=params.prompt_logprobs,
                         logit_bias=dict(params.logit_bias) or None,
                         presence_penalty=params.presence_penalty,
                         frequency_penalty=params.frequency_penalty,
@@ -131,7 +133,7 @@ def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: 
                          prompt_tokens, completion_tokens, error, Status.INTERNAL,
                          stop_reason=c.stop_reason if out.finished else None)
     if params is not None and params.logprobs is not None and c.logprobs is not None:
-        ours.logprobs = [token_logprob(t, d, params.logprobs)
+        ours.logprobs = [token_logprob(t, d, params.logprobs, params.logprob_token_ids)
                          for t, d in zip(c.token_ids, c.logprobs)]
     if params is not None and params.prompt_logprobs is not None and out.prompt_logprobs:
         ours.prompt_logprobs = [None if d is None else token_logprob(t, d, params.prompt_logprobs)
@@ -139,10 +141,12 @@ def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: 
     return ours
 
 
-def token_logprob(token_id: int, position: dict, k: int) -> TokenLogprob:
-    """vLLM's ``{token id: Logprob}`` of one position (the top ``k`` and the chosen token)
-    as a ``TokenLogprob``."""
-    top = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+def token_logprob(token_id: int, position: dict, k: int,
+                  chosen: list[int] | None = None) -> TokenLogprob:
+    """vLLM's ``{token id: Logprob}`` of one position (the top ``k``, or the ``chosen``
+    ``logprob_token_ids``, and the sampled token) as a ``TokenLogprob``."""
+    top = [(t, position[t]) for t in chosen] if chosen else \
+        sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
     return TokenLogprob(token_id, position[token_id].logprob,
                         tuple((t, lp.logprob) for t, lp in top), position[token_id].rank)
 

@@ -110,7 +110,10 @@ class Endpoints:
     def _shape(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
                requests: list[GenerateRequest], fan: Fanout) -> Shape:
         tokenizer = self.generation.tokenizer
-        k, k_prompt = requests[0].params.logprobs, body.prompt_logprobs
+        params = requests[0].params
+        k, k_prompt = params.logprobs, body.prompt_logprobs
+        if params.logprob_token_ids and k is not None:  # vLLM: they replace the top k
+            k = len(params.logprob_token_ids)
         echoes = isinstance(body, CompletionRequest) and body.echo
         if tokenizer is None and (echoes or k is not None or k_prompt is not None):
             raise InvalidRequestError("this server has no tokenizer to show tokens as text: "

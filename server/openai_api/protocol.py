@@ -39,7 +39,6 @@ _REFUSED: dict[str, Any] = {
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
     # vLLM's, not implemented here
     "spaces_between_special_tokens": lambda v: v in (None, True),
-    "logprob_token_ids": _off,
     "documents": _off, "return_token_offsets": _off,
     "return_prompt_text": _off, "prompt_embeds": _off, "watermarking": _off,
     "repetition_detection": _off, "thinking_token_budget": _off, "mm_payload": _off,
@@ -82,6 +81,7 @@ class _Sampling(BaseModel):
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (completion_bodies.py)
     allowed_token_ids: list[int] | None = None
+    logprob_token_ids: list[int] | None = None  # vLLM's: these tokens' logprobs, not top k
     bad_words: list[str] | None = None
     add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)
     cache_salt: str | None = None
@@ -165,7 +165,8 @@ class _Sampling(BaseModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             prompt_logprobs=self._prompt_logprobs(),
             allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
-            cache_salt=self.cache_salt, truncation_side=self.truncation_side or "left")
+            cache_salt=self.cache_salt, truncation_side=self.truncation_side or "left",
+            logprob_token_ids=self.logprob_token_ids)
 
     def _prompt_logprobs(self) -> int | None:
         if self.prompt_logprobs is not None and self.stream:
