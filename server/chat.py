@@ -17,6 +17,7 @@ from nolaserve.adapters.errors import InvalidRequestError, short
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _RENDERED_AS = {"developer": "system"}
 MAX_TEMPLATE_KWARGS = 32
+MAX_DOCUMENTS = 64
 
 
 @dataclass
@@ -38,11 +39,13 @@ class ChatOptions:
     """How ``messages`` are rendered (vLLM's chat fields): ``add_generation_prompt`` opens
     the assistant's turn; ``continue_final_message`` leaves the last message, an
     assistant's, open for the model to go on with instead; ``template_kwargs`` are extra
-    variables for the chat template (``{"enable_thinking": false}``)."""
+    variables for the chat template (``{"enable_thinking": false}``); ``documents``
+    (``[{"title", "text"}, ...]``) what RAG templates render as sources."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    documents: list[dict[str, str]] | None = None
 
     def check(self, tokenizer, messages: list[dict]) -> None:
         """``InvalidRequestError`` naming the field for options the template cannot take:
@@ -59,6 +62,7 @@ class ChatOptions:
             raise InvalidRequestError(f"chat_template_kwargs has {len(self.template_kwargs)} "
                                       f"entries; at most {MAX_TEMPLATE_KWARGS} are allowed",
                                       "chat_template_kwargs")
+        self._check_documents()
         reserved = {"messages", *inspect.signature(tokenizer.apply_chat_template).parameters}
         for name in self.template_kwargs:
             if not isinstance(name, str) or not name.isidentifier() or name in reserved:
@@ -66,6 +70,19 @@ class ChatOptions:
                     f"chat_template_kwargs cannot set {short(name)}: use names the template "
                     "reads (enable_thinking), not apply_chat_template's own arguments",
                     "chat_template_kwargs")
+
+
+    def _check_documents(self) -> None:
+        docs = self.documents or []
+        if len(docs) > MAX_DOCUMENTS or not all(
+                isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in d.items()) for d in docs):
+            raise InvalidRequestError(f"documents must be at most {MAX_DOCUMENTS} objects of "
+                                      'strings, such as {"title": ..., "text": ...}',
+                                      "documents")
+        for i, doc in enumerate(docs):
+            for key, value in doc.items():
+                check_utf8(key + value, f"documents[{i}]")
 
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
@@ -77,7 +94,7 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
         return tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, tokenize=False,
-            **options.template_kwargs)
+            documents=options.documents or None, **options.template_kwargs)
     except Exception as e:  # the template's own code (Jinja) on the request's input
         raise InvalidRequestError(f"the chat template cannot render these messages: "
                                   f"{short(str(e), 200)}", "messages") from None

@@ -112,7 +112,8 @@ def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:
             raise InvalidRequestError("chat_template_kwargs must be a JSON object, such as "
                                       '{"enable_thinking": false}', "chat_template_kwargs")
     return ChatOptions(m.add_generation_prompt if m.HasField("add_generation_prompt") else True,
-                       m.continue_final_message, kwargs)
+                       m.continue_final_message, kwargs,
+                       [dict(d.fields) for d in m.documents] or None)
 
 
 def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.GenerateResponse:

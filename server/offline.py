@@ -110,14 +110,15 @@ class LLM:
              adapter_ids: str | None | Sequence[str | None] = None,
              use_tqdm: bool | None = None, *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             documents: list[dict[str, str]] | None = None) -> list[RequestOutput]:
         """Answer each conversation (a list of ``{"role", "content"}``), rendered with the
         model's chat template as vLLM's ``LLM.chat`` options say (``chat.ChatOptions``);
         ``sampling_params`` default to as many tokens as fit."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         chat = ChatOptions(add_generation_prompt, continue_final_message,
-                           dict(chat_template_kwargs or {}))
+                           dict(chat_template_kwargs or {}), documents)
         requests = [GenerateRequest(messages=[ChatMessage(m["role"], m["content"])
                                               for m in conv], chat=chat) for conv in messages]
         if sampling_params is None:

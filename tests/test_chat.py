@@ -146,6 +146,52 @@ def test_a_developer_message_is_the_system_prompt(model, bytebpe):
                        None, ChatOptions()).startswith("<system>be brief")
 
 
+DOCS_TEMPLATE = ("{% for d in documents or [] %}<doc {{ d.title }}>{{ d.text }}\n{% endfor %}"
+                 "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+DOCS = [{"title": "café", "text": "naïve wörld"}, {"title": "b", "text": "héllo"}]
+
+
+def test_documents_reach_rag_templates_from_every_front_end(model, bytebpe, tmp_path):
+    """vLLM's ``documents`` (RAG sources for templates that render them): HTTP chat and
+    ``/tokenize``, gRPC and ``LLM.chat`` see the prompt transformers renders with them."""
+    tok = copy.deepcopy(bytebpe)
+    tok.chat_template = DOCS_TEMPLATE
+    engine = make_engine(model, tok)
+    messages = CONVERSATION[:1]
+    want = tok(tok.apply_chat_template(messages, documents=DOCS, tokenize=False,
+                                       add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    plain = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def main():
+        async with http_serving(engine) as (c, url), http(url) as h:
+            chat = await openai_client(url).chat.completions.create(
+                model="", messages=messages, max_tokens=1, extra_body={"documents": DOCS})
+            counted = await h.post("/tokenize", json={"messages": messages, "documents": DOCS})
+            bad = [await h.post("/v1/chat/completions", json={"messages": messages, **b})
+                   for b in ({"documents": [{"title": 5}]}, {"documents": [{}] * 65},
+                             {"documents": "x"})]
+            grpc = await c.inference.Generate(inference_pb2.GenerateRequest(
+                messages=inference_pb2.ChatMessages(
+                    messages=[inference_pb2.ChatMessage(**m) for m in messages],
+                    documents=[inference_pb2.Document(fields=d) for d in DOCS]),
+                sampling=inference_pb2.SamplingParams(max_tokens=1)))
+            return chat, counted.json(), bad, grpc
+
+    chat, counted, bad, grpc = asyncio.run(main())
+    assert counted["tokens"] == want and len(want) > len(tok(plain)["input_ids"])
+    assert chat.usage.prompt_tokens == grpc.usage.prompt_tokens == len(want)
+    assert [r.status_code for r in bad] == [400] * 3
+    assert bad[1].json()["error"]["param"] == "documents"
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    with LLM(str(tmp_path / "model"), device="cpu", dtype="float32", num_slots=1,
+             max_rank=4, cache_dir=str(tmp_path / "cache"), kv_cache_bytes=4 << 20) as llm:
+        out = llm.chat(messages, SamplingParams(max_tokens=1), documents=DOCS)[0]
+    assert out.prompt_token_ids == want
+
+
 def test_grpc_takes_them_in_chat_messages(model, thinking):
     engine = make_engine(model, thinking)
     want = len(rendered_ids(thinking, ChatOptions(False, True, {"enable_thinking": False})))

@@ -109,7 +109,6 @@ async def _client(h, c, client, prompt, salt):
 
 
 REFUSED = {"spaces_between_special_tokens": False,
-           "documents": [{"title": "t", "text": "x"}],
            "repetition_detection": {"max_pattern_size": 2},
            "thinking_token_budget": 10, "prompt_embeds": "AAAA"}
 NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": True,

@@ -39,7 +39,7 @@ _REFUSED: dict[str, Any] = {
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
     # vLLM's, not implemented here
     "spaces_between_special_tokens": lambda v: v in (None, True),
-    "documents": _off, "return_token_offsets": _off,
+    "return_token_offsets": _off,
     "return_prompt_text": _off, "prompt_embeds": _off, "watermarking": _off,
     "repetition_detection": _off, "thinking_token_budget": _off, "mm_payload": _off,
 }
@@ -277,10 +277,11 @@ class ChatFields(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None  # for RAG templates; checked by ChatOptions
 
     def chat_options(self) -> ChatOptions:
         return ChatOptions(self.add_generation_prompt, self.continue_final_message,
-                           self.chat_template_kwargs or {})
+                           self.chat_template_kwargs or {}, self.documents)
 
 
 class ChatCompletionRequest(_Sampling, ChatFields):
