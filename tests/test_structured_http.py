@@ -153,7 +153,8 @@ GUIDED = [({"structured_outputs": {"choice": ["oui", "non merci"]}}, ("oui", "no
           ({"structured_outputs": {"json": {"type": "integer"}}}, {"type": "integer"}),
           ({"guided_json": '{"type": "integer"}'}, {"type": "integer"}),
           ({"structured_outputs": {"grammar": 'root ::= "ab" [0-9]{1,2}'}}, r"ab[0-9]{1,2}"),
-          ({"guided_grammar": 'root ::= "ab" [0-9]{1,2}'}, r"ab[0-9]{1,2}")]
+          ({"guided_grammar": 'root ::= "ab" [0-9]{1,2}'}, r"ab[0-9]{1,2}"),
+          ({"structured_outputs": {"grammar": 'start: "ab" /[0-9]{1,2}/'}}, r"ab[0-9]{1,2}")]
 
 
 @pytest.mark.parametrize(("fields", "want"), GUIDED)

@@ -135,6 +135,7 @@ CHOICES = ("héllo", "wörld 😀", 'a "q" \\', "héllo wörld")  # a prefix of 
 # An EBNF grammar (xgrammar's syntax) and the regular expression of the same language.
 GRAMMAR = 'root ::= ("oui" | "non") " " [0-9]{1,3} ("," item)*\nitem ::= [a-c]+'
 GRAMMAR_AS_REGEX = r"(oui|non) [0-9]{1,3}(,[a-c]+)*"
+LARK = 'start: ("oui" | "non") " " NUMBER ("," ITEM)*\nNUMBER: /[0-9]{1,3}/\nITEM: /[a-c]+/'
 
 
 def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
@@ -146,7 +147,7 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
     regex = r"[0-9]{3}-[a-zé]{1,4}"
     specs = {"choice": StructuredSpec(choice=CHOICES), "regex": StructuredSpec(regex=regex),
              "json": StructuredSpec(json.dumps(SCHEMAS[0])),
-             "grammar": StructuredSpec(grammar=GRAMMAR)}
+             "grammar": StructuredSpec(grammar=GRAMMAR), "lark": StructuredSpec(grammar=LARK)}
     requests = {f"{kind}-{a}-{seed}": ([5 + seed, 6], SamplingParams(
         max_tokens=60, temperature=1.0, seed=seed, structured=spec), a)
         for kind, spec in specs.items() for a in ADAPTERS for seed in range(4)}
@@ -156,7 +157,7 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
         if kind in ("choice", "regex"):
             assert reason in (FinishReason.STOP, FinishReason.EOS), (rid, text)
             assert text in CHOICES if kind == "choice" else re.fullmatch(regex, text), rid
-        elif kind == "grammar":  # a list may go on: at max_tokens, a prefix of one
+        elif kind in ("grammar", "lark"):  # a list may go on: at max_tokens, a prefix
             done = reason in (FinishReason.STOP, FinishReason.EOS)
             assert re.fullmatch(GRAMMAR_AS_REGEX if done else GRAMMAR_AS_REGEX + "(,[a-c]*)?",
                                 text), (rid, text, reason)
@@ -171,11 +172,28 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
     (StructuredSpec(regex="a" * (MAX_SCHEMA_CHARS + 1)), "the regex has .* simplify it"),
     (StructuredSpec(grammar='start ::= "a"'), "the grammar cannot be enforced: .*root"),
     (StructuredSpec(grammar='root ::= "a'), "the grammar cannot be enforced"),
+    (StructuredSpec(grammar='root: "a"'), "the Lark grammar cannot be enforced: .*start"),
 ])
 def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec, message):
     with pytest.raises(InvalidRequestError, match=message):
         engine.add_request("bad", [1, 2], SamplingParams(max_tokens=8, structured=spec))
     assert not engine.has_unfinished()
+
+
+SYNTAXES = ["rule: 'abc'", "rule ::= 'abc'", 'start: "a"  # x ::= y', '// rules\nroot ::= "a"',
+            'root ::= "a" # start: "b"', LARK, GRAMMAR]
+
+
+def test_lark_is_told_from_ebnf_as_vllm_tells_them():
+    """The same answer as vLLM's ``grammar_is_likely_lark``, run in its virtualenv."""
+    code = ("import json, sys\n"
+            "from vllm.v1.structured_output.utils import grammar_is_likely_lark as f\n"
+            "print(json.dumps([f(g) for g in json.loads(sys.argv[1])]))\n")
+    out = subprocess.run([vllm_python(), "-c", code, json.dumps(SYNTAXES)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    theirs = json.loads(out.stdout.splitlines()[-1])
+    assert [grammars.is_lark(g) for g in SYNTAXES] == theirs == [
+        True, False, True, False, False, True, False]
 
 
 def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, monkeypatch):

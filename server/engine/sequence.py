@@ -30,9 +30,9 @@ class FinishReason(str, enum.Enum):
 class StructuredSpec:
     """Output held to a grammar (structured.py), one of: ``json_schema`` (a JSON schema as
     JSON text), ``regex`` (the whole output matches it), ``choice`` (the output is exactly
-    one of these strings), ``grammar`` (an EBNF grammar, xgrammar's: its ``root`` rule
-    matches the whole output); none of them set: any JSON object (OpenAI's
-    ``json_object``)."""
+    one of these strings), ``grammar`` (EBNF, xgrammar's, whose ``root`` rule matches the
+    whole output; or Lark, whose ``start`` rule does); none of them set: any JSON object
+    (OpenAI's ``json_object``)."""
 
     json_schema: str | None = None
     regex: str | None = None

@@ -1,6 +1,7 @@
 """Structured output: a request's output held to a JSON schema, any JSON object, a regular
-expression, a list of choices or an EBNF grammar, by a grammar (xgrammar, as vLLM and
-SGLang use; docs/operations.md "Structured output").
+expression, a list of choices or a grammar of its own (EBNF or Lark, told apart as vLLM
+does), all enforced by xgrammar (as vLLM and SGLang do; docs/operations.md "Structured
+output").
 
 A request's ``GrammarState`` lives on the engine's request. It accepts each sampled token
 at once (cheap), and fills the request's next-token bitmask on the host (one int32 row of
@@ -97,6 +98,10 @@ def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
         return ("regex", spec.regex, lambda c, text: c.compile_regex(text),
                 "send a regular expression (the output matches it whole)")
     if spec.grammar is not None:
+        if is_lark(spec.grammar):
+            return ("Lark grammar", spec.grammar, lambda c, text: c.compile_lark(text),
+                    'send a Lark grammar with a start rule (start: "yes" | "no"), or EBNF '
+                    "with a root rule")
         return ("grammar", spec.grammar, lambda c, text: c.compile_grammar(text),
                 "send an EBNF grammar in xgrammar's (GBNF) syntax with a root rule, e.g. "
                 'root ::= "yes" | "no"')
@@ -111,6 +116,12 @@ def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
             lambda c, text: c.compile_json_schema(_lengths_as_patterns(text),
                                                   any_whitespace=False),
             "send a valid JSON schema (types, properties, required, enum, items, anyOf)")
+
+
+def is_lark(grammar: str) -> bool:
+    """vLLM's test of a grammar's syntax: Lark (``start: ...``) unless a rule, comments
+    aside, is defined with ``::=`` (EBNF)."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
 
 
 _VALUES = {"enum", "const", "default", "examples"}  # JSON values, not schemas
