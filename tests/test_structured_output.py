@@ -204,7 +204,7 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
     after the third token is over 0.25 s + 3 x 5 ms.)"""
     alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
     ticks = iter(range(10**6))
-    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.05 * next(ticks))
+    monkeypatch.setattr(grammars, "thread_time", lambda: 0.05 * next(ticks))
     costly = SamplingParams(max_tokens=30, ignore_eos=True,
                             structured=StructuredSpec(regex="[a-z]{10,20}"))
     engine.add_request("costly", [3, 4], costly)
@@ -245,7 +245,7 @@ def test_costly_grammars_at_once_share_one_grace(engine, monkeypatch):
     alone."""
     alone = run(engine, {"plain": ([3, 4, 5], greedy(8), "a")})["plain"]
     ticks = iter(range(10**6))
-    monkeypatch.setattr(grammars, "perf_counter", lambda: 0.05 * next(ticks))
+    monkeypatch.setattr(grammars, "thread_time", lambda: 0.05 * next(ticks))
     costly = SamplingParams(max_tokens=30, ignore_eos=True,
                             structured=StructuredSpec(regex="[a-z]{10,20}"))
     for i in range(4):

@@ -16,7 +16,9 @@ The matcher runs on the step thread, and some grammars cost far more per token t
 others (nested repetition of an optional part, ``(((a?){50}){50}){50}``: 65 ms a token on
 this CPU, against 0.01-0.2 ms for usual ones), which would slow every request in the
 batch. Each request is charged its matcher's time beyond ``GRAMMAR_S_PER_TOKEN`` a token
-so far, and the requests over that share draw on one ``GRAMMAR_GRACE_S`` together
+so far (the step thread's CPU time, ``thread_time``: a loaded host that makes every
+thread wait for a core does not make a grammar costly), and the requests over that share
+draw on one ``GRAMMAR_GRACE_S`` together
 (``SharedGrace``): the request whose charge takes their total past it ends with
 INVALID_ARGUMENT saying so. A costly grammar alone gets the whole grace; N of them at
 once mostly end after their first token, not after a grace each. A request within its
@@ -29,7 +31,7 @@ import json
 import re
 import threading
 import weakref
-from time import perf_counter
+from time import thread_time
 from typing import Any
 
 import torch
@@ -215,9 +217,9 @@ class GrammarState:
         return self._charged(self._fill)
 
     def _charged(self, work, *args) -> dict[str, Any] | None:
-        start = perf_counter()
+        start = thread_time()
         ended = work(*args)
-        self.spent += perf_counter() - start
+        self.spent += thread_time() - start
         over = self.spent - GRAMMAR_S_PER_TOKEN * self.tokens
         if ended is None and self.grace.charge(self, over):
             return {"reason": FinishReason.ERROR, "code": Status.INVALID_ARGUMENT, "error":
