@@ -228,24 +228,42 @@ def test_call_results_go_back_as_chat_tool_messages(engine):
     assert got.output_text == text and got.usage.input_tokens == usage.prompt_tokens
 
 
-def test_auto_tools_with_a_parser_send_a_plain_answer_as_a_message_at_the_end(engine):
-    """``tool_choice: auto`` (the server's ``tool_call_parser: hermes``): an answer with no
-    ``<tool_call>`` block is a message, its text sent whole once the output is known."""
-    async def fn(oa, h):
-        kw = dict(model="", input="hi", tools=TOOLS, max_output_tokens=6, temperature=0,
-                  extra_body=GREEDY)
-        return (await oa.responses.create(**kw),
-                [e async for e in await oa.responses.create(stream=True, **kw)])
+REGEX = {"call": r"Sure\. <tool_call>\{\"name\": \"add\", \"arguments\": \{\"a\": 1, "
+                 r"\"b\": 2\}\}</tool_call>",
+         "answer": "Paris is nice"}
 
+
+def test_auto_tools_stream_the_answer_and_then_the_calls(engine):
+    """``tool_choice: auto`` (the server's ``tool_call_parser: hermes``; the model's
+    output driven by a regex, as structured outputs stay free with ``auto``): the text
+    before a ``<tool_call>`` streams as it comes, never part of the tag, and the call
+    follows as a ``function_call`` item; an answer with no call is a message."""
     async def main():
         async with http_serving(engine, tool_call_parser="hermes") as (_, url):
-            return await fn(openai_client(url), None)
+            oa, out = openai_client(url), {}
+            for name, regex in REGEX.items():
+                kw = dict(model="", input="hi", tools=TOOLS, max_output_tokens=80,
+                          extra_body={"structured_outputs": {"regex": regex}})
+                out[name] = await oa.responses.create(**kw)
+                out[name + " stream"] = [e async for e in await oa.responses.create(
+                    stream=True, **kw)]
+            return out
 
-    whole, events = asyncio.run(main())
-    assert [o.type for o in whole.output] == ["message"] and whole.output_text
-    assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.content_part.added", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done",
-        "response.completed"]
-    assert events[4].delta == events[5].text == whole.output_text
+    out = asyncio.run(main())
+    call, answer = out["call"], out["answer"]
+    assert [o.type for o in call.output] == ["message", "function_call"]
+    assert call.output_text == "Sure. " and call.output[1].name == "add"
+    assert json.loads(call.output[1].arguments) == {"a": 1, "b": 2}
+    assert [o.type for o in answer.output] == ["message"]
+    assert answer.output_text == "Paris is nice"
+    for name, whole in (("call", call), ("answer", answer)):
+        events = out[name + " stream"]
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert "".join(deltas) == whole.output_text and "<" not in "".join(deltas)
+        final = events[-1].response  # the calls' ids are each response's own
+        assert [o.type for o in final.output] == [o.type for o in whole.output]
+        assert final.output_text == whole.output_text
+    assert len([e for e in out["answer stream"] if e.type.endswith("text.delta")]) > 1
+    kinds = [e.type for e in out["call stream"]]
+    assert kinds.index("response.output_item.done") < kinds.index(
+        "response.function_call_arguments.done")

@@ -33,7 +33,9 @@ class ResponseBodies:
         self.logprobs: list = []  # the engine's TokenLogprobs, when asked for
         self.last: RequestOutput | None = None
         self.sequence = 0
-        self.streaming_text = shape.tools is None  # text deltas as they come
+        self.opened = False  # the message item and its text part were announced
+        self.sent = 0  # characters of its text sent as deltas
+        self.held = ""  # tools with a parser: text that may begin a tool call
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.text.append(out.text)
@@ -52,15 +54,27 @@ class ResponseBodies:
         empty = self._response("in_progress", [])
         opening = [self._event("response.created", response=empty),
                    self._event("response.in_progress", response=empty)]
-        return opening + (self._opened(self._message("in_progress", None), 0)
-                          if self.streaming_text else [])
+        return opening + (self._open() if self.shape.tools is None else [])
 
     def chunk(self, index: int, out: RequestOutput) -> bytes | None:
+        """Without tools, each output's text (and logprobs) as a delta; with a tool-call
+        parser, the text up to a tool call's tag (``ToolMode.streamable``); with other
+        tool modes nothing until the end."""
         self.add(index, out)
-        logprobs_due = self.shape.logprobs is not None and out.token_ids
-        if not self.streaming_text or not (out.text or logprobs_due):
-            return None  # a token's text may wait for its next bytes; its logprobs do not
-        return self._delta(0, out.text, self._logprobs_of(out.token_ids, out.logprobs))
+        tools = self.shape.tools
+        if tools is None:
+            if not (out.text or self.shape.logprobs is not None and out.token_ids):
+                return None  # a token's text may wait for its next bytes; logprobs do not
+            self.sent += len(out.text)
+            return self._delta(0, out.text, self._logprobs_of(out.token_ids, out.logprobs))
+        held = self.held + out.text
+        end = tools.streamable(held)
+        piece, self.held = held[:end], held[end:]
+        if not piece:
+            return None
+        opening = [] if self.opened else self._open()
+        self.sent += len(piece)
+        return b"".join(opening + [self._delta(0, piece, [])])
 
     def last_chunks(self) -> list[bytes]:
         """Each output item's events (a message's text, part and item ``done``; a call's
@@ -94,10 +108,14 @@ class ResponseBodies:
                         for c in calls or []]
 
     def _message_events(self, item: dict, at: int) -> list[bytes]:
+        """The text not streamed yet (all of it, announced first, if none was), then the
+        text's, part's and item's ``done``."""
         part = item["content"][0]
         text = part["text"]
-        events = [] if self.streaming_text else self._opened(item, at) + (
-            [self._delta(at, text, part["logprobs"])] if text else [])
+        events = [] if self.opened else self._open()
+        rest = text[self.sent:]
+        if rest:
+            events.append(self._delta(at, rest, [] if self.sent else part["logprobs"]))
         return events + [
             self._event("response.output_text.done", **self._where(at), text=text,
                         logprobs=part["logprobs"]),
@@ -114,10 +132,13 @@ class ResponseBodies:
                             name=item["name"], arguments=item["arguments"]),
                 self._event("response.output_item.done", output_index=at, item=item)]
 
-    def _opened(self, item: dict, at: int) -> list[bytes]:
-        return [self._event("response.output_item.added", output_index=at,
-                            item=item | {"status": "in_progress", "content": []}),
-                self._event("response.content_part.added", **self._where(at),
+    def _open(self) -> list[bytes]:
+        """The message item (output 0: it comes before any tool call) and its empty text
+        part, announced."""
+        self.opened = True
+        return [self._event("response.output_item.added", output_index=0,
+                            item=self._message("in_progress", None)),
+                self._event("response.content_part.added", **self._where(0),
                             part=_part(""))]
 
     def _delta(self, at: int, text: str, logprobs: list[dict]) -> bytes:
