@@ -39,3 +39,11 @@ def http(base_url: str, token: str | None = None) -> httpx.AsyncClient:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.AsyncClient(base_url=base_url.removesuffix("/v1"), headers=headers,
                              timeout=30)
+
+
+async def stream_events(oa: openai.AsyncOpenAI, **kw) -> tuple[list, object]:
+    """A chat streamed through the official client's own accumulator
+    (``chat.completions.stream``): its events, and the completion it put together."""
+    async with oa.chat.completions.stream(**kw) as stream:
+        events = [event async for event in stream]
+        return events, await stream.get_final_completion()

@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 from engine_helpers import make_engine
-from openai_helpers import http_serving, openai_client, with_chat_template
+from openai_helpers import http_serving, openai_client, stream_events, with_chat_template
 from pydantic import BaseModel, Field
 from test_structured_output import ADAPTERS, SCHEMAS, model  # noqa: F401 (fixture)
 
@@ -109,38 +109,41 @@ def check_calls(calls, names: set[str]) -> None:
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
 
 
-async def streamed_calls(oa, **kw):
-    """The tool calls of a streamed chat, put together from the deltas as clients do."""
-    calls: dict[int, dict] = {}
-    reason = None
-    async for chunk in await oa.chat.completions.create(stream=True, **kw):
-        choice = chunk.choices[0]
-        reason = choice.finish_reason or reason
-        for d in choice.delta.tool_calls or []:
-            c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
-            c["id"] += d.id or ""
-            c["name"] += d.function.name or ""
-            c["arguments"] += d.function.arguments or ""
-    return [openai.types.chat.ChatCompletionMessageToolCall(
-        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
-        for _, c in sorted(calls.items())], reason
+def argument_deltas(events) -> dict[int, list[str]]:
+    """The arguments pieces of each call, as the client's stream events gave them."""
+    out: dict[int, list[str]] = {}
+    for e in events:
+        if e.type == "tool_calls.function.arguments.delta":
+            out.setdefault(e.index, []).append(e.arguments_delta)
+    return out
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function",
                                                  "function": {"name": "add"}}])
 def test_tool_calls_whole_and_streamed(engine, choice):
+    """Whole, and streamed as the calls are written: each call's id and name first, then
+    its arguments piece by piece (the official client's accumulator puts them together),
+    which make the whole response's arguments."""
     names = {"weather", "add"} if choice == "required" else {"add"}
 
     async def test(oa, _):
         for seed, adapter in enumerate(ADAPTERS):
             kw = dict(model=adapter or "", messages=MESSAGES, max_tokens=200, seed=seed,
-                      tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+                      temperature=0, tools=TOOLS, tool_choice=choice,
+                      parallel_tool_calls=False)
             out = (await oa.chat.completions.create(**kw)).choices[0]
             assert out.finish_reason == "tool_calls" and out.message.content is None, out
             check_calls(out.message.tool_calls, names)
-            calls, reason = await streamed_calls(oa, **kw)
-            assert reason == "tool_calls"
-            check_calls(calls, names)
+            events, got = await stream_events(oa, **kw)
+            streamed = got.choices[0]
+            assert streamed.finish_reason == "tool_calls"
+            check_calls(streamed.message.tool_calls, names)
+            assert [(c.function.name, c.function.arguments)
+                    for c in streamed.message.tool_calls] == [
+                (c.function.name, c.function.arguments) for c in out.message.tool_calls]
+            pieces = argument_deltas(events)
+            assert len(pieces[0]) > 1, pieces  # piece by piece, not whole at the end
+            assert "".join(pieces[0]) == out.message.tool_calls[0].function.arguments
 
     serve(engine, test)
 

@@ -13,12 +13,12 @@ import textwrap
 
 import pytest
 from engine_helpers import make_engine
-from openai_helpers import http_serving, openai_client, with_chat_template
-from test_structured_http import MESSAGES, TOOLS
+from openai_helpers import http_serving, openai_client, stream_events, with_chat_template
+from test_structured_http import MESSAGES, TOOLS, argument_deltas
 from test_structured_output import model  # noqa: F401 (fixture)
 from vllm_helpers import VLLM_ENV, vllm_python
 
-from nolaserve.server.openai_api.tool_calls import ToolMode, hermes_calls
+from nolaserve.server.openai_api.tool_calls import CallStream, ToolMode, hermes_calls
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
 OUTPUTS = [
@@ -33,6 +33,7 @@ OUTPUTS = [
     '<tool_call>["add"]</tool_call>',
     '<tool_call>{"name": "café", "arguments": {"q": "naïve 中文"}}</tool_call> after',
     "<tool_call>",
+    '<tool_call>{"name":"add","arguments":{"a":1}}</tool_call>',  # written compactly
 ]
 
 SCRIPT = textwrap.dedent('''
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent('''
     out = []
     for text in json.loads(sys.argv[1]):
         got = parser.extract_tool_calls(text, None)
-        calls = [[c.function.name, c.function.arguments] for c in got.tool_calls]
+        calls = [[c.function.name, json.loads(c.function.arguments)] for c in got.tool_calls]
         out.append([got.content, calls if got.tools_called else None])
     print("RESULT " + json.dumps(out))
 ''')
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent('''
 def ours(text: str) -> list:
     content, calls = hermes_calls(text)
     return [content or None, None if calls is None else
-            [[c["function"]["name"], c["function"]["arguments"]] for c in calls]]
+            [[c["function"]["name"], json.loads(c["function"]["arguments"])] for c in calls]]
 
 
 @pytest.mark.slow
@@ -64,6 +65,8 @@ def test_hermes_parses_what_vllms_hermes_parser_parses():
     theirs = json.loads(line.removeprefix("RESULT "))
     assert [ours(text) for text in OUTPUTS] == theirs
     assert sum(c is not None for _, c in theirs) >= 5  # most cases do call
+    # the arguments as the model wrote them (vLLM re-serializes them), as a stream sends them
+    assert hermes_calls(OUTPUTS[-1])[1][0]["function"]["arguments"] == '{"a":1}'
 
 
 def test_content_streams_up_to_a_tool_calls_tag():
@@ -75,6 +78,53 @@ def test_content_streams_up_to_a_tool_calls_tag():
     assert ToolMode().streamable("[{") == 0  # required: the calls go whole
 
 
+def streamed(mode: ToolMode, text: str, step: int, stop: bool = True) -> tuple[str, list, bool]:
+    """``text`` fed to a ``CallStream`` ``step`` characters at a time: the content and
+    each call's ``[id, name, arguments]`` as a client puts the deltas together."""
+    stream, content, calls = CallStream(mode), "", []
+    pieces = [text[i:i + step] for i in range(0, len(text), step)] or [""]
+    got = [stream.feed(p) for p in pieces[:-1]]
+    *last, called = stream.finish(pieces[-1], stop)
+    for piece, deltas in got + [tuple(last)]:
+        content += piece
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] == len(calls) and d["type"] == "function"
+                calls.append([d["id"], d["function"]["name"], ""])
+            calls[d["index"]][2] += d["function"]["arguments"]
+    return content, calls, called
+
+
+REQUIRED = ('[{"name": "add", "parameters": {"a": 1, "b": "x}\\"y, {"}}, '
+            '{"name":"weather","parameters":{"city":"Oslo","n":[1,{"x":null}]}} ]')
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+@pytest.mark.parametrize(("mode", "text"), [
+    (ToolMode(), REQUIRED), (ToolMode("add"), '{"a": 1, "b": [2, "]}"]}')]
+    + [(ToolMode(parser="hermes"), text) for text in OUTPUTS])
+def test_a_stream_of_calls_puts_together_what_the_whole_output_holds(mode, text, step):
+    """However the output is cut into pieces, the content and calls streamed make the
+    whole response's (``split``), each call announced once, before its arguments."""
+    content, calls = mode.split(text)
+    got_content, got_calls, called = streamed(mode, text, step)
+    assert called == (calls is not None)
+    if calls is None:
+        assert got_content == content
+        return
+    assert got_content == (content or "")
+    assert [c[1:] for c in got_calls] == [[c["function"]["name"], c["function"]["arguments"]]
+                                          for c in calls]
+    assert len({c[0] for c in got_calls}) == len(got_calls)
+
+
+def test_a_cut_output_streams_its_calls_as_far_as_written():
+    """An output that ends on ``length`` is not parsed: its arguments so far, no more."""
+    content, calls, called = streamed(ToolMode(), '[{"name": "add", "parameters": {"a": 1', 3,
+                                      stop=False)
+    assert (content, [c[1:] for c in calls], called) == ("", [["add", '{"a": 1']], False)
+
+
 REGEX = {"call": r"Sure\. <tool_call>\{\"name\": \"add\", \"arguments\": \{\"a\": 1, "
                  r"\"b\": 2\}\}</tool_call>",
          "answer": "Paris is nice"}
@@ -82,8 +132,9 @@ REGEX = {"call": r"Sure\. <tool_call>\{\"name\": \"add\", \"arguments\": \{\"a\"
 
 def test_auto_tool_choice_over_the_openai_client(model, bytebpe):  # noqa: F811
     """The output is driven by a regex (structured outputs stay free with ``auto``): a
-    call comes back as ``tool_calls`` after its content, whole and streamed; an answer
-    without one is plain content; the streamed content never shows part of the tag."""
+    call comes back as ``tool_calls`` after its content, whole and streamed (its arguments
+    piece by piece, put together by the official client's accumulator); an answer without
+    one is plain content; the streamed content never shows part of the tag."""
     engine = make_engine(model, with_chat_template(bytebpe))
 
     async def main():
@@ -93,8 +144,7 @@ def test_auto_tool_choice_over_the_openai_client(model, bytebpe):  # noqa: F811
                 kw = dict(model="", messages=MESSAGES, max_tokens=80, tools=TOOLS,
                           extra_body={"structured_outputs": {"regex": regex}})
                 out[name] = (await oa.chat.completions.create(**kw)).choices[0]
-                out[name + " stream"] = [c.choices[0] async for c in
-                                         await oa.chat.completions.create(stream=True, **kw)]
+                out[name + " stream"] = await stream_events(oa, **kw)
             return out
 
     out = asyncio.run(main())
@@ -102,14 +152,17 @@ def test_auto_tool_choice_over_the_openai_client(model, bytebpe):  # noqa: F811
     assert call.finish_reason == "tool_calls" and call.message.content == "Sure. "
     (tool,) = call.message.tool_calls
     assert (tool.function.name, json.loads(tool.function.arguments)) == ("add", {"a": 1, "b": 2})
-    chunks = out["call stream"]
-    assert "".join(c.delta.content or "" for c in chunks) == "Sure. "
-    assert [c.finish_reason for c in chunks][-1] == "tool_calls"
-    streamed = [d for c in chunks for d in c.delta.tool_calls or []]
-    assert [(d.function.name, json.loads(d.function.arguments)) for d in streamed] == [
-        ("add", {"a": 1, "b": 2})]
+    events, streamed = out["call stream"]
+    assert streamed.choices[0].finish_reason == "tool_calls"
+    assert streamed.choices[0].message.content == "Sure. "
+    assert [(c.function.name, c.function.arguments)
+            for c in streamed.choices[0].message.tool_calls] == [("add", tool.function.arguments)]
+    assert len(argument_deltas(events)[0]) > 1
+    assert all("<" not in e.delta for e in events if e.type == "content.delta")
     answer = out["answer"]
     assert answer.finish_reason == "stop" and answer.message.content == "Paris is nice"
     assert answer.message.tool_calls is None
-    assert "".join(c.delta.content or "" for c in out["answer stream"]) == "Paris is nice"
-    assert len([c for c in out["answer stream"] if c.delta.content]) > 1  # as it comes
+    events, streamed = out["answer stream"]
+    assert streamed.choices[0].message.content == "Paris is nice"
+    assert not streamed.choices[0].message.tool_calls
+    assert len([e for e in events if e.type == "content.delta"]) > 1  # as it comes

@@ -16,7 +16,7 @@ from ..engine.engine_types import RequestOutput, TokenLogprob
 from ..engine.sequence import FinishReason
 from .errors import sse_error
 from .logprobs import LogprobFormat
-from .tool_calls import ToolMode
+from .tool_calls import CallStream, ToolMode
 
 OWNED_BY = "nolaserve"
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -62,9 +62,9 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     last: RequestOutput | None = None
-    offset: int = 0  # completions' text_offset of the next token; chat auto tools: sent
+    offset: int = 0  # completions' text_offset of the next token
     started: bool = False
-    held: str = ""  # chat auto tools: text not sent yet (it may hold a tool call)
+    calls: CallStream | None = None  # a chat stream's tool calls so far
     streamed: int = 0  # token ids the stream has had so far
 
 
@@ -87,7 +87,8 @@ class CompletionBodies:
                 reason: str | None, delta: bool, stop_reason: str | int | None = None,
                 calls: list[dict] | None = None) -> dict:
         """One choice; ``stop_reason`` is vLLM's (the stop string or token id that ended
-        it, else null); ``calls``: its tool calls (finish reason ``tool_calls``)."""
+        it, else null); ``calls``: a message's tool calls (finish reason ``tool_calls``),
+        or a chunk's tool-call deltas."""
         choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason,
                         "stop_reason": stop_reason}
         if not self.chat:
@@ -96,11 +97,10 @@ class CompletionBodies:
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        if calls is not None:
-            if delta:
-                choice["delta"]["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-            else:
-                choice["message"] |= {"content": text or None, "tool_calls": calls}
+        if calls is not None and delta:
+            choice["delta"]["tool_calls"] = calls
+        elif calls is not None:
+            choice["message"] |= {"content": text or None, "tool_calls": calls}
             choice["finish_reason"] = "tool_calls"
         if self.shape.token_ids:
             choice["token_ids"] = token_ids
@@ -185,29 +185,24 @@ class CompletionBodies:
                                       out.stop_reason))
 
     def _tool_chunk(self, index: int, out: RequestOutput) -> bytes | None:
-        """Tool calls stream whole, in a choice's last chunk (once the arguments parse);
-        with ``tool_choice: auto`` the content before them streams as it comes
-        (``ToolMode.streamable`` of the text not sent yet, which never holds sent text's
-        tag: each output costs its own length, not the whole text's)."""
-        state, tools = self._choices[index], self.shape.tools
-        state.text.append(out.text)
+        """The content and tool-call deltas an output lets stream (``CallStream``); the
+        last chunk has the rest, and the finish reason ``tool_calls`` when the output
+        holds calls."""
+        state = self._choices[index]
         state.token_ids += out.token_ids
+        stream = state.calls = state.calls or CallStream(self.shape.tools)
         if not out.finished:
-            if not tools.parser:
+            content, deltas = stream.feed(out.text)
+            if not content and not deltas:
                 return None
-            held = state.held + out.text
-            end = tools.streamable(held)
-            piece, state.held = held[:end], held[end:]
-            if not piece:
-                return None
-            state.offset += end
-            return self._sse(self._choice(index, piece, [], None, None, True))
+            return self._sse(self._choice(index, content, [], None, None, True,
+                                          calls=deltas or None))
         state.last = out
-        text, reason, calls = "".join(state.text), finish_reason(out), None
-        if reason == "stop":
-            text, calls = tools.split(text)
-        return self._sse(self._choice(index, text[state.offset:], state.token_ids, None, reason,
-                                      True, out.stop_reason, calls))
+        reason = finish_reason(out)
+        content, deltas, called = stream.finish(out.text, reason == "stop")
+        return self._sse(self._choice(index, content, state.token_ids, None,
+                                      "tool_calls" if called else reason, True,
+                                      out.stop_reason, deltas or None))
 
     def last_chunks(self) -> list[bytes]:
         """The stream's end: with ``stream_options.include_usage`` a closing usage chunk

@@ -42,7 +42,8 @@ class ToolMode:
 
     def split(self, text: str) -> tuple[str, list[dict] | None]:
         """``(content, calls)`` of a completed output; ``calls`` None when ``text`` holds
-        none (the content is then all of it)."""
+        none (the content is then all of it). Each call's arguments are the text the model
+        wrote for them (``CallScanner``), as its stream sent them."""
         if self.parser:
             return hermes_calls(text)
         try:
@@ -51,13 +52,12 @@ class ToolMode:
             return text, None
         if self.name is not None:
             return "", [_call(self.name, text)]
-        return "", [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                    for c in value]
+        return "", _calls(value, "parameters", text, CallScanner.required())
 
     def streamable(self, text: str) -> int:
         """How much of a partial output streams now as content: with a parser, up to a
         tool call's opening tag, less any suffix that may begin one; else nothing (the
-        calls go whole, in the last chunk)."""
+        output is the calls)."""
         if not self.parser:
             return 0
         if (at := text.find(HERMES_OPEN)) >= 0:
@@ -66,6 +66,191 @@ class ToolMode:
             if text.endswith(HERMES_OPEN[:k]):
                 return len(text) - k
         return len(text)
+
+
+@dataclass
+class FoundCall:
+    """A call object of a JSON text: its name once its string is closed; where its
+    arguments' value starts and (once it is whole) ends."""
+
+    name: str | None = None
+    start: int = -1
+    end: int = -1
+
+
+class CallScanner:
+    """Finds, one character at a time as a JSON text grows, its call objects ``{"name":
+    ..., key: arguments}``: those opened at ``depth`` (0: objects one after another, as
+    hermes blocks, anything between them skipped; 1: a list of them, as ``"required"``'s
+    output), from ``start`` on. It follows the JSON's structure only: ``json.loads``
+    judges the whole."""
+
+    def __init__(self, depth: int, key: str, start: int = 0) -> None:
+        self.depth, self.key = depth, key
+        self.calls: list[FoundCall] = []
+        self.solid = start  # just past the last character read that is not white space
+        self._stack: list[str] = []
+        self._string = -1  # where the open string started (-1: none is open)
+        self._escaped = False
+        self._phase = "key"  # in a call object: "key", "colon" (after it) or "value"
+        self._started = False  # the value has begun
+        self._key = ""  # the key whose value is read
+        self._pos = start  # the characters read so far
+
+    @classmethod
+    def required(cls) -> CallScanner:
+        """``"required"``'s output: a list of ``{"name", "parameters"}``."""
+        return cls(1, "parameters")
+
+    @classmethod
+    def hermes(cls, start: int) -> CallScanner:
+        """hermes blocks ``{"name", "arguments"}``, the first after ``start``."""
+        return cls(0, "arguments", start)
+
+    def scan(self, text: str) -> list[FoundCall]:
+        """Read ``text`` (the text read before, and more); the calls found so far."""
+        for i in range(self._pos, len(text)):
+            c = text[i]
+            if self._string >= 0:
+                self._in_string(text, i, c)
+            elif not c.isspace():
+                self._structure(i, c)
+        self._pos = len(text)
+        return self.calls
+
+    def arguments(self, text: str, call: FoundCall, whole: bool = False) -> str | None:
+        """A call's arguments as far as they are written (``whole``: only once complete);
+        None before they start."""
+        if call.start < 0 or whole and call.end < 0:
+            return None
+        return text[call.start:call.end if call.end >= 0 else self.solid]
+
+    def _in_call(self) -> bool:
+        return len(self._stack) == self.depth + 1 and self._stack[self.depth] == "{"
+
+    def _in_string(self, text: str, i: int, c: str) -> None:
+        self.solid = i + 1
+        if self._escaped:
+            self._escaped = False
+        elif c == "\\":
+            self._escaped = True
+        elif c == '"':
+            start, self._string = self._string, -1
+            if self._in_call():
+                self._string_closed(_decoded(text[start:i + 1]))
+
+    def _string_closed(self, value: object) -> None:
+        if self._phase == "key":
+            self._key, self._phase = value, "colon"
+        elif self._phase == "value" and self._key == "name" and isinstance(value, str):
+            self.calls[-1].name = value
+
+    def _structure(self, i: int, c: str) -> None:
+        level = len(self._stack)
+        if level == 0 and c not in "{[":
+            return  # outside the JSON (between hermes blocks)
+        before, self.solid = self.solid, i + 1
+        if self._in_call():
+            self._call_level(i, c, before)
+        if c in "{[":
+            if level == self.depth and c == "{":
+                self.calls.append(FoundCall())
+                self._phase = "key"
+            self._stack.append(c)
+        elif c in "}]":
+            self._stack.pop()
+        elif c == '"':
+            self._string = i
+
+    def _call_level(self, i: int, c: str, before: int) -> None:
+        """A structural character of a call object itself (not of a value inside it)."""
+        call = self.calls[-1]
+        if self._phase == "colon" and c == ":":
+            self._phase, self._started = "value", False
+        elif self._phase == "value" and c in ",}":
+            if self._key == self.key and call.start >= 0 and call.end < 0:
+                call.end = before
+            self._phase = "key"
+        elif self._phase == "value" and not self._started:
+            self._started = True
+            if self._key == self.key and call.start < 0:
+                call.start = i
+
+
+def _decoded(literal: str) -> object:
+    try:
+        return json.loads(literal)
+    except ValueError:
+        return None
+
+
+class CallStream:
+    """A streamed choice's tool calls as they are written, as OpenAI's (and vLLM's)
+    ``delta.tool_calls``: a call's id and name once its name is known, then its arguments
+    piece by piece; with a parser, the content before the first call streams as it comes.
+    Calls go in order: a call waits for the names of those before it."""
+
+    def __init__(self, mode: ToolMode) -> None:
+        self.mode = mode
+        self.text = ""
+        self.content = 0  # how much of ``text`` streamed as content
+        self.scanner = (None if mode.parser or mode.name is not None  # hermes: at a tag
+                        else CallScanner.required())
+        self._sent: list[int] = []  # each call's arguments sent so far
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        """The content and call deltas that ``piece``, the output's next text, lets
+        stream now."""
+        self.text += piece
+        content = ""
+        if self.mode.parser and self.scanner is None:
+            end = self.content + self.mode.streamable(self.text[self.content:])
+            content, self.content = self.text[self.content:end], end
+            if self.text.startswith(HERMES_OPEN, end):
+                self.scanner = CallScanner.hermes(end + len(HERMES_OPEN))
+        return content, self._deltas(self._written())
+
+    def finish(self, piece: str, parse: bool) -> tuple[str, list[dict], bool]:
+        """The last chunk's content and call deltas, ``piece`` its text, and whether the
+        output holds calls. ``parse``: it ended on a stop, so its calls are parsed
+        (``ToolMode.split``) and whatever of them is not sent goes now. Else, or without
+        calls, the content not sent (hermes: the rest of the text, as a whole response has
+        it all) or the arguments' rest."""
+        self.text += piece
+        content, calls = self.mode.split(self.text) if parse else (self.text, None)
+        if calls is not None:
+            return content[self.content:], self._deltas(
+                [(c["function"]["name"], c["function"]["arguments"]) for c in calls],
+                [c["id"] for c in calls]), True
+        if self.mode.parser:
+            content, self.content = self.text[self.content:], len(self.text)
+            return content, [], False
+        return "", self._deltas(self._written()), False
+
+    def _written(self) -> list[tuple[str | None, str | None]]:
+        """Each call's name and arguments as far as they are written."""
+        if self.mode.name is not None:  # the output is the named tool's arguments
+            return [(self.mode.name, self.text)]
+        if self.scanner is None:
+            return []
+        return [(c.name, self.scanner.arguments(self.text, c))
+                for c in self.scanner.scan(self.text)]
+
+    def _deltas(self, calls: list[tuple[str | None, str | None]],
+                ids: list[str] | None = None) -> list[dict]:
+        out = []
+        for i, (name, arguments) in enumerate(calls):
+            if name is None:
+                break
+            piece = (arguments or "")[self._sent[i]:] if i < len(self._sent) else arguments or ""
+            if i == len(self._sent):
+                self._sent.append(0)
+                out.append({"index": i, "id": ids[i] if ids else _call_id(), "type": "function",
+                            "function": {"name": name, "arguments": piece}})
+            elif piece:
+                out.append({"index": i, "function": {"arguments": piece}})
+            self._sent[i] += len(piece)
+        return out
 
 
 HERMES_OPEN = "<tool_call>"
@@ -80,16 +265,31 @@ def hermes_calls(text: str) -> tuple[str, list[dict] | None]:
         return text, None
     try:
         found = [json.loads(closed or open_) for closed, open_ in HERMES_CALL.findall(text)]
-        calls = [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-                 for c in found]
+        at = text.find(HERMES_OPEN)
+        calls = _calls(found, "arguments", text, CallScanner.hermes(at + len(HERMES_OPEN)))
     except (ValueError, KeyError, TypeError):
         return text, None
-    return text[: text.find(HERMES_OPEN)], calls
+    return text[:at], calls
 
 
 def _call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return {"id": _call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _calls(found: Any, key: str, text: str, scanner: CallScanner) -> list[dict]:
+    """The calls of ``found`` (parsed ``{"name", key}`` objects), each one's arguments as
+    ``text`` writes them where ``scanner`` finds the same calls there, else as JSON."""
+    spans = scanner.scan(text)
+    if [c.name for c in spans] != [f["name"] for f in found]:
+        spans = [FoundCall()] * len(found)
+    return [_call(f["name"], scanner.arguments(text, c, whole=True)
+                  or json.dumps(f[key], ensure_ascii=False))
+            for f, c in zip(found, spans)]
 
 
 def structured_output(response_format: Any, tools: Any, tool_choice: Any, chat: bool,
