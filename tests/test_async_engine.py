@@ -69,6 +69,34 @@ def test_concurrent_streams_match_sync_runs(engine, bytebpe):
         assert "".join(o.text for o in outs) == bytebpe.decode(alone[rid])
 
 
+def test_a_step_wakes_the_event_loop_once_for_all_its_outputs(engine):
+    """The step thread hands a step's outputs to the event loop in one
+    ``call_soon_threadsafe`` (one self-pipe write and wake-up), not one per stream: host
+    work on the step thread, counted, not timed."""
+    probe, wakes = StepProbe(engine), []
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kw):
+            if getattr(callback, "__name__", "") in ("put_nowait", "_put_all"):  # outputs
+                wakes.append(len(probe.held))
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counted
+        return await asyncio.gather(*(collect(aeng, [7 + i] * 4, greedy(6)) for i in range(8)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        aeng.stop()
+    assert all(len(outs) == 6 for outs in results)
+    per_step = [wakes.count(n) for n in sorted(set(wakes))]
+    assert per_step == [1] * len(per_step) and len(per_step) >= 6, per_step  # not 8 a step
+
+
 def test_errors_raise_and_cancel_frees_within_two_steps(engine):
     """Closing the stream (the client went away) aborts the request: at most the step
     already running when it closed, and one more, still hold it; the natural end would

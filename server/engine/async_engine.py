@@ -172,6 +172,10 @@ class AsyncEngine:
                 self._dispatch(outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their requests' queues: one wake-up of each event
+        loop per step (a ``call_soon_threadsafe`` writes to the loop's self-pipe), not one
+        per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             target = self._queues.get(out.request_id)
             if target is None:
@@ -179,8 +183,10 @@ class AsyncEngine:
             if out.finished:
                 del self._queues[out.request_id]
             loop, queue = target
+            by_loop.setdefault(loop, []).append((queue, out))
+        for loop, items in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
 
     def stop(self) -> None:
         """Stop the step thread; requests still in flight are cancelled."""
@@ -200,3 +206,8 @@ class AsyncEngine:
         """``stop``, then close the engine it drives (admission worker, adapter store)."""
         self.stop()
         self.engine.close()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
