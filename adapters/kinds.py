@@ -25,14 +25,16 @@ FORMATS: dict[str, type] = {
 VALUE_BYTES = 4  # a float32 value: the unit of load costs is bytes of float32 values
 
 
-def parse_adapter(data: bytes) -> Adapter:
-    """Parse adapter file bytes of any kind; the ``format`` metadata key picks the kind."""
+def parse_adapter(data: bytes, strict: bool = True) -> Adapter:
+    """Parse adapter file bytes of any kind; the ``format`` metadata key picks the kind.
+    ``strict`` False: bytes the registry holds, read as they were accepted
+    (``safetensors_io.Metadata``)."""
     fmt = st.read_format(data)
     if fmt not in FORMATS:
         raise InvalidAdapterError(
             f"unknown adapter format {short(fmt)}; expected one of {sorted(FORMATS)}"
         )
-    return FORMATS[fmt].from_bytes(data)
+    return FORMATS[fmt].from_bytes(data, strict=strict)
 
 
 def summary(adapter: Adapter) -> dict:

@@ -91,10 +91,11 @@ class LoraAdapter:
         return st.write(tensors, meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "LoRA adapter") -> LoraAdapter:
+    def from_bytes(cls, data: bytes, what: str = "LoRA adapter",
+                   strict: bool = True) -> LoraAdapter:
         """Parse a ``nolaserve.lora`` v1 file; any defect raises ``InvalidAdapterError``."""
         metadata, tensors = st.read(data, what)
-        meta = st.Metadata(metadata, what)
+        meta = st.Metadata(metadata, what, strict)
         meta.check_format(FORMAT)
         targets = st.target_modules(meta)
         shapes = st.module_shapes(meta, targets)

@@ -155,9 +155,10 @@ class NolaAdapter:
         return st.write({"alpha": self.alpha, "beta": self.beta}, meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "NOLA adapter") -> NolaAdapter:
+    def from_bytes(cls, data: bytes, what: str = "NOLA adapter",
+                   strict: bool = True) -> NolaAdapter:
         metadata, tensors = st.read(data, what)
-        meta = st.Metadata(metadata, what)
+        meta = st.Metadata(metadata, what, strict)
         meta.check_format(FORMAT)
         targets = st.target_modules(meta)
         shapes = st.module_shapes(meta, targets)

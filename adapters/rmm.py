@@ -107,9 +107,9 @@ class RmmBasis(RmmLayout):
         return st.write(tensors, meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "RMM basis") -> RmmBasis:
+    def from_bytes(cls, data: bytes, what: str = "RMM basis", strict: bool = True) -> RmmBasis:
         metadata, tensors = st.read(data, what)
-        meta = st.Metadata(metadata, what)
+        meta = st.Metadata(metadata, what, strict)
         lay = RmmLayout._read(meta, BASIS_FORMAT)
         k, r = lay["basis_size"], lay["rank"]
         basis = cls(**lay, num_tasks=meta.int("num_tasks", k, 1 << 20), A={}, B={})
@@ -194,9 +194,9 @@ class RmmTask(RmmLayout):
         return st.write({"coefficients": self.coefficients}, meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str = "RMM task") -> RmmTask:
+    def from_bytes(cls, data: bytes, what: str = "RMM task", strict: bool = True) -> RmmTask:
         metadata, tensors = st.read(data, what)
-        meta = st.Metadata(metadata, what)
+        meta = st.Metadata(metadata, what, strict)
         lay = RmmLayout._read(meta, TASK_FORMAT)
         sha, basis_id = meta.str("basis_sha256"), meta.str("basis_id")
         if not _SHA256.fullmatch(sha):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
 import torch
@@ -102,11 +103,18 @@ def _check_entry(name: str, info: object, body: int, what: str) -> None:
         )
 
 
-class Metadata:
-    """Typed, validated access to a file's string metadata."""
+_INTEGER = re.compile(r"0|[1-9][0-9]*")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
-    def __init__(self, metadata: dict[str, str], what: str):
-        self.raw, self.what = metadata, what
+
+class Metadata:
+    """Typed, validated access to a file's string metadata. ``strict`` (a file being
+    registered): numbers must be written as the format says, integers in plain decimal
+    without leading zeros and floats as decimal literals (``16``, ``-2.5``, ``1e-3``); a
+    file already in the registry is read as it was accepted then."""
+
+    def __init__(self, metadata: dict[str, str], what: str, strict: bool = True):
+        self.raw, self.what, self.strict = metadata, what, strict
 
     def str(self, key: str, default: str | None = None) -> str:
         value = self.raw.get(key, default)
@@ -120,9 +128,10 @@ class Metadata:
 
     def int(self, key: str, lo: int, hi: int) -> int:
         text = self.str(key)
-        if not text.isascii() or not text.isdigit():
+        if not text.isascii() or not text.isdigit() or self.strict and not _INTEGER.fullmatch(text):
             raise InvalidAdapterError(
-                f"{self.what}: metadata {short(key)} must be a decimal integer, got {short(text)}"
+                f"{self.what}: metadata {short(key)} must be a decimal integer without "
+                f"leading zeros, got {short(text)}"
             )
         value = int(text)
         if not lo <= value <= hi:
@@ -134,18 +143,22 @@ class Metadata:
     def float(self, key: str) -> float:
         text = self.str(key)
         try:
+            if self.strict and not _FLOAT.fullmatch(text):
+                raise ValueError(text)
             value = float(text)
         except ValueError:
             raise InvalidAdapterError(
-                f"{self.what}: metadata {short(key)} must be a number, got {short(text)}"
+                f"{self.what}: metadata {short(key)} must be a decimal number such as 16, "
+                f"-2.5 or 1e-3, got {short(text)}"
             ) from None
         if not math.isfinite(value):
             raise InvalidAdapterError(f"{self.what}: metadata {short(key)} must be finite")
         return value
 
     def json(self, key: str, kind: type) -> object:
+        text = self.str(key)
         try:
-            value = json.loads(self.str(key))
+            value = json.loads(text)
         except (ValueError, RecursionError):
             raise InvalidAdapterError(f"{self.what}: metadata {short(key)} is not valid "
                                       f"JSON") from None
@@ -219,7 +232,7 @@ def module_shapes(meta: Metadata, targets: list[str]) -> dict[str, tuple[int, in
     shapes = {}
     for name, shape in raw.items():
         if not (isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)):
+                and all(type(d) is int and 0 < d <= 1 << 20 for d in shape)):
             raise InvalidAdapterError(
                 f"{meta.what}: module_shapes[{short(name)}] must be [in_features, out_features]"
             )

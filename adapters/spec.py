@@ -209,5 +209,5 @@ def check_bounds(bounds: list[ModuleBound], what: str,
             if not value <= limit:  # also catches NaN and inf
                 raise InvalidAdapterError(
                     f"{what}: layer {m.layer} module {m.module!r}: {name} may reach "
-                    f"{value:.3g}, above the bound {limit:.6g}; the adapter would overflow "
+                    f"{value:.6g}, above the bound {limit:.6g}; the adapter would overflow "
                     "the serving dtype (see docs/adapter-format.md, magnitude bounds)")

@@ -191,7 +191,7 @@ class AdapterStore:
     def parsed(self, adapter_id: str) -> Adapter:
         """The parsed adapter, from the host cache or the registry."""
         return self.host.get_or_load(adapter_id,
-                                     lambda i: parse_adapter(self.registry.data(i)))
+                                     lambda i: parse_adapter(self.registry.data(i), strict=False))
 
     def factors(self, adapter_id: str) -> AdapterFactors:
         """An adapter's factors for a slot (the slot pool's loader): from the warm tier if
@@ -242,7 +242,7 @@ class AdapterStore:
         data = self.registry.data(adapter_id)
         if hashlib.sha256(data).hexdigest() != sha256:
             return None
-        return self._materialize(parse_adapter(data), "cpu")
+        return self._materialize(parse_adapter(data, strict=False), "cpu")
 
     def acquire(self, adapter_id: str, factors: AdapterFactors | None = None) -> int:
         """A device slot holding the adapter (blocking on a cold load); pair with release.

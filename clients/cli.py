@@ -31,10 +31,9 @@ from .client import DEFAULT_TARGET, Client, NolaserveError
 
 # The connection flags' own keys (`serve` takes --admin-token/--inference-token as config).
 _TOKEN_KEYS = ("admin_token", "inference_token")
-# API words in server messages -> the flags a CLI user types.
-_CLI_WORDS = [(re.compile(r"\breplace=true\b"), "--replace"),
-              (re.compile(r"(?<![\w-])(max_tokens|top_p|top_k|page_size|page_token|basis_size)"
-                          r"(?!\w)"), lambda m: "--" + m.group(1).replace("_", "-"))]
+# API words in server messages -> the flags a CLI user types (those of the command run).
+_CLI_WORDS = re.compile(r"\b(replace)=true\b|(?<![\w-])(max_tokens|top_p|top_k|page_size|"
+                        r"page_token|basis_size)(?!\w)")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -51,11 +50,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})"
 
 
-def cli_words(message: str) -> str:
-    """A server message in CLI words: ``pass replace=true`` -> ``pass --replace``."""
-    for pattern, repl in _CLI_WORDS:
-        message = pattern.sub(repl, message)
-    return message
+def cli_words(message: str, flags: set[str]) -> str:
+    """A server message in CLI words: ``pass replace=true`` -> ``pass --replace``, for
+    the ``flags`` (their argparse names) of the command run; other words stay (an RMM
+    task file's ``basis_size`` is not ``register``'s flag)."""
+    def flag(m: re.Match) -> str:
+        word = m.group(1) or m.group(2)
+        return "--" + word.replace("_", "-") if word in flags else m.group(0)
+
+    return _CLI_WORDS.sub(flag, message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, lambda: open_client(args))
     except NolaserveError as e:
-        print(cli_words(str(e)), file=sys.stderr)
+        print(cli_words(str(e), set(vars(args))), file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)

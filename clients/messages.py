@@ -177,6 +177,7 @@ class ServerInfo:
     kv_cache_blocks: int = 0
     block_size: int = 0
     max_context_tokens: int = 0
+    base_model_fingerprint: str = ""  # what an adapter file's base_model may also name
 
 
 def _copy(cls: type[T], message: object, **extra: object) -> T:

@@ -81,13 +81,17 @@ def test_client_flags_only_on_client_commands():
 
 
 def test_server_messages_are_shown_in_cli_words():
+    """API words become the flags of the command run, and only those."""
+    flags = {"replace", "top_p", "max_tokens", "basis_size"}
     assert cli.cli_words("ALREADY_EXISTS: adapter 'a' is already registered; pass "
-                         "replace=true to overwrite") == (
+                         "replace=true to overwrite", flags) == (
         "ALREADY_EXISTS: adapter 'a' is already registered; pass --replace to overwrite")
-    assert cli.cli_words("top_p must be in (0, 1], got 2; lower max_tokens") == (
+    assert cli.cli_words("top_p must be in (0, 1], got 2; lower max_tokens", flags) == (
         "--top-p must be in (0, 1], got 2; lower --max-tokens")
-    assert cli.cli_words("max_tokens_limit and next_page_token stay") == (
+    assert cli.cli_words("max_tokens_limit and next_page_token stay", flags) == (
         "max_tokens_limit and next_page_token stay")
+    task = "RMM task has basis_size = 1 but the basis has 2"  # a file's key, to register
+    assert cli.cli_words(task, {"replace", "file"}) == task
 
 
 def test_register_conflict_says_pass_replace(capsys, monkeypatch, tmp_path):

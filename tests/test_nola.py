@@ -120,7 +120,14 @@ BAD = [
     ({"seed": "-1"}, None, "decimal integer"),
     ({"seed": str(2**63)}, None, "outside"),
     ({"rank": "0"}, None, "outside"),
-    ({"lora_alpha": "nan"}, None, "finite"),
+    ({"lora_alpha": "nan"}, None, "decimal number"),
+    ({"lora_alpha": "1e999"}, None, "finite"),
+    ({"rank": "02"}, None, "without leading zeros"),  # "plain decimal", as layer indices
+    ({"lora_alpha": "1_6"}, None, "decimal number"),  # Python's float() reads 16
+    ({"lora_alpha": " 16"}, None, "decimal number"),
+    ({"lora_alpha": "0x10"}, None, "decimal number"),
+    ({"target_modules": None}, None, "'target_modules' is missing"),
+    ({"module_shapes": json.dumps({"q": [True, 5], "v": [7, 4]})}, None, "in_features"),
     ({"target_modules": "q"}, None, "JSON"),
     ({"target_modules": "[]"}, None, "non-empty"),
     ({"module_shapes": json.dumps({"q": [6, 5]})}, None, "module_shapes keys"),
@@ -143,6 +150,12 @@ def test_bad_files_raise_typed_errors(meta, tensors, match):
         data = _rewrite(a, meta, tensors)
     with pytest.raises(InvalidAdapterError, match=match):
         NolaAdapter.from_bytes(data)
+
+
+@pytest.mark.parametrize("alpha", ["16", "-2.5", "1e1", "+.5", "3.", "2E-3"])
+def test_numbers_written_as_the_format_says_are_read(alpha):
+    a = random_nola(SPEC, seed=1, rank=2, num_basis=4)
+    assert NolaAdapter.from_bytes(_rewrite(a, {"lora_alpha": alpha})).lora_alpha == float(alpha)
 
 
 def test_incompatible_with_base_model():

@@ -5,6 +5,7 @@ nothing, and an adapter recorded for another base model is refused at registrati
 
 import asyncio
 import copy
+import re
 import sqlite3
 
 import grpc
@@ -128,9 +129,11 @@ def test_an_adapter_of_another_base_model_is_refused_at_registration(small):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await c.admin.RegisterAdapter(admin_pb2.RegisterAdapterRequest(
                     adapter_id="b", data=nola(spec, base_model="tiny-b")))
-            return info.value
+            shown = await c.admin.GetServerInfo(admin_pb2.GetServerInfoRequest())
+            return info.value, shown.base_model_fingerprint
 
-    error = asyncio.run(main())
+    error, shown = asyncio.run(main())
+    assert shown == spec.fingerprint and re.fullmatch("[0-9a-f]{16}", shown)  # to write
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "tiny-b" in error.details() and "tiny-a" in error.details()
 

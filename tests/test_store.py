@@ -141,3 +141,17 @@ def test_registrations_survive_reopen(tmp_path):
     first.registry.close()
     again = AdapterStore(SPEC, SqliteRegistry(tmp_path / "r.db"), num_slots=2)
     assert again.registry.get("a").kind == "nola" and again.acquire("a") >= 0
+
+
+def test_numbers_the_format_refuses_are_refused_at_registration_only(store):
+    """A file whose ``rank`` is "04" (``lora_alpha`` "1_6") is refused now; one that the
+    registry took before that check still serves (``parse_adapter(strict=False)``): nothing
+    registered is lost to it."""
+    metadata, tensors = st.read(nola_bytes(1))
+    loose = st.write(tensors, {**metadata, "rank": "04", "lora_alpha": "1_6"})
+    with pytest.raises(InvalidAdapterError, match="rank.*leading zeros"):
+        store.register("new", loose)
+    store.registry.register("old", "nola", loose)  # as an older server accepted it
+    old = store.parsed("old")
+    assert (old.rank, old.lora_alpha) == (4, 16.0)
+    assert store.factors("old").modules
