@@ -17,10 +17,15 @@ def check_adapter_id(adapter_id: str) -> str:
 
 
 def check_new_adapter_id(adapter_id: str, base_model: str) -> str:
-    """``check_adapter_id`` for an id being registered, which must also not collide with a
-    model name: the base model's own id names the base model, and ``<base id>:<x>``
-    (SGLang's form) names the adapter ``x``."""
+    """``check_adapter_id`` for an id being registered, which must also be a plain path
+    (ids already registered keep serving) and not collide with a model name: the base
+    model's own id names the base model, and ``<base id>:<x>`` (SGLang's form) names the
+    adapter ``x``."""
     check_adapter_id(adapter_id)
+    if any(part in ("", ".", "..") for part in adapter_id.split("/")):
+        raise InvalidAdapterIdError(
+            f"adapter id {short(adapter_id)} has an empty, '.' or '..' part between its "
+            "slashes: an id may look like a path (org/name), but a plain one")
     if adapter_id == base_model or adapter_id.startswith(base_model + ":"):
         raise InvalidAdapterIdError(
             f"adapter id {short(adapter_id)} equals the base model's id or starts with "

@@ -42,11 +42,11 @@ def build_rmm(sources: dict[str, AdapterFactors], basis_size: int,
     n = len(sources)
     if n < 1:
         raise InvalidAdapterError("build_rmm needs at least one source adapter")
-    if spec is not None:
-        spec.check_num_basis("basis_size", basis_size)
     if not (isinstance(basis_size, int) and 1 <= basis_size <= n):
         raise InvalidAdapterError(
             f"basis_size = {basis_size} must be between 1 and the number of sources ({n})")
+    if spec is not None:
+        spec.check_num_basis("basis_size", basis_size)
     if basis_id:
         check_adapter_id(basis_id)
     layout, keys = _check_sources(sources, basis_size)

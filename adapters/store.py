@@ -19,6 +19,7 @@ import torch
 from . import cpu_threads, kinds
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache, RecentRecords
 from .errors import (
+    AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
     RegistryUnavailableError,
@@ -152,8 +153,14 @@ class AdapterStore:
         parent = kinds.basis_of_task(adapter, self.registry.get) \
             if isinstance(adapter, RmmTask) else None
         kinds.check_bounds(adapter, self.parsed)
-        record = self.registry.register(adapter_id, adapter.kind, data, summary(adapter),
-                                        parent=parent, replace=replace)
+        try:
+            record = self.registry.register(adapter_id, adapter.kind, data, summary(adapter),
+                                            parent=parent, replace=replace)
+        except AdapterExistsError:  # a concurrent retry of the same bytes committed first
+            existing = self._same_bytes(adapter_id, data)
+            if existing is None:
+                raise
+            return existing
         self.forget(adapter_id)
         return record
 

@@ -57,7 +57,7 @@ class RunningServer:
     engine: AsyncEngine | VllmEngine
     metrics: Metrics
     gate: Gate
-    health: health.aio.HealthServicer
+    health: Health
     port: int
     metrics_port: int | None
     owns_engine: bool
@@ -173,7 +173,7 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
 
 
 def watch_registry(engine: Engine | VllmEngine, config: Config,
-                   health_servicer: health.aio.HealthServicer,
+                   health_servicer: Health,
                    metrics: Metrics) -> RegistryWatcher:
     """Apply other replicas' registry changes to ``engine``'s store (``RegistryWatcher``)
     and report the registry's reachability as the ``registry`` health sub-service and the
@@ -218,13 +218,24 @@ async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
             sock.close()
 
 
+class Health(health.aio.HealthServicer):
+    """grpc's health service with its ``List`` (every service's status), which grpcio's
+    asyncio servicer leaves unimplemented though it is in the service it serves."""
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()})
+
+
 def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: Config,
                   metrics: Metrics
-                  ) -> tuple[AsyncEngine | VllmEngine, Generation, health.aio.HealthServicer,
+                  ) -> tuple[AsyncEngine | VllmEngine, Generation, Health,
                              Gate]:
     """Inference, Admin, health and reflection on ``server``, over ``engine``."""
     metrics.bind(engine)
-    gate, health_servicer = Gate(), health.aio.HealthServicer()
+    gate, health_servicer = Gate(), Health()
     # vLLM's engine is asynchronous itself; the native one gets its step thread here
     aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(engine)
     generation = Generation(aengine, metrics)

@@ -19,7 +19,6 @@ from nolaserve.adapters.errors import (
     AdapterNotFoundError,
     InvalidRequestError,
     RequestFailedError,
-    RequestTooLargeError,
     Status,
     short,
 )
@@ -82,9 +81,10 @@ def registered_in(store: AdapterStore | None) -> Callable[[str], bool]:
 
 
 def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
-    """``RequestTooLargeError`` unless the prompt (or all chat messages) is at most
-    ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of UTF-8: checked before any
-    tokenizing, which costs memory and CPU in proportion to the text."""
+    """``InvalidRequestError`` (as a prompt over ``max_prompt_tokens`` tokens gets)
+    unless the prompt (or all chat messages) is at most ``PROMPT_BYTES_PER_TOKEN *
+    max_prompt_tokens`` bytes of UTF-8: checked before any tokenizing, which costs memory
+    and CPU in proportion to the text."""
     limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
     if request.messages is not None:
         texts = [t for m in request.messages for t in (m.role, m.content)]
@@ -93,9 +93,9 @@ def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
     chars = sum(len(t) for t in texts)
     if chars > limit or (4 * chars > limit and sum(
             len(t.encode(errors="surrogatepass")) for t in texts) > limit):
-        raise RequestTooLargeError(
+        raise InvalidRequestError(
             f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
-            f"max_prompt_tokens = {max_prompt_tokens}): shorten it")
+            f"max_prompt_tokens = {max_prompt_tokens}): shorten it", "prompt")
 
 
 def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:

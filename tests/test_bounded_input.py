@@ -71,9 +71,9 @@ def test_prompts_are_bounded_before_tokenizing(model, bytebpe):
     async def main():
         async with serving(engine) as c:
             for big in ("a" * (limit + 1), "é" * (limit // 2 + 1)):  # chars, then bytes
-                await expect_code(Code.RESOURCE_EXHAUSTED,
+                await expect_code(Code.INVALID_ARGUMENT,  # as over in tokens: one mistake
                                   c.inference.Generate(request(prompt=big)), "bytes")
-            await expect_code(Code.RESOURCE_EXHAUSTED, c.inference.Generate(
+            await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(
                 chat(("user", "x" * limit), ("user", "y"))), "bytes")
             refused_calls = tokenizer.calls
             await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(  # over in tokens

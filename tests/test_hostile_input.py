@@ -186,11 +186,16 @@ def test_ids_that_shadow_model_names_are_refused_and_old_ones_still_served(engin
     for bad in (BASE, f"{BASE}:x"):
         with pytest.raises(InvalidAdapterIdError, match="base model's id"):
             store.register(bad, nola(engine, 1))
+    for bad in ("a/../../tmp/evil", "x/", "a//b", "a/./b"):  # a path, but not a plain one
+        with pytest.raises(InvalidAdapterIdError, match="'..' part"):
+            store.register(bad, nola(engine, 1))
     assert not store.registry.contains(BASE)
     store.register("x", nola(engine, 1))
-    # registered before the check existed: straight into the registry
+    store.register("org/name.v2", nola(engine, 1))
+    # registered before the checks existed: straight into the registry
     store.registry.register(f"{BASE}:x", "nola", nola(engine, 2))
     store.registry.register(BASE, "nola", nola(engine, 3))
+    store.registry.register("a/../b", "nola", nola(engine, 4))
     served = []
     add_request = engine.add_request
 
@@ -202,7 +207,7 @@ def test_ids_that_shadow_model_names_are_refused_and_old_ones_still_served(engin
 
     async def main():
         async with http_serving(engine) as (c, url), http(url) as h:
-            for name in (f"{BASE}:x", "x", f"{BASE}:{BASE}", BASE):
+            for name in (f"{BASE}:x", "x", f"{BASE}:{BASE}", BASE, "a/../b"):
                 r = await h.post("/v1/completions", json={"model": name, "prompt": "hi",
                                                           "max_tokens": 1})
                 assert r.status_code == 200, (name, r.text)
@@ -212,9 +217,10 @@ def test_ids_that_shadow_model_names_are_refused_and_old_ones_still_served(engin
             return grpc_out, [m["id"] for m in models["data"]]
 
     grpc_out, ids = asyncio.run(main())
-    assert served == [f"{BASE}:x", "x", BASE, None, f"{BASE}:x"]
+    assert served == [f"{BASE}:x", "x", BASE, None, "a/../b", f"{BASE}:x"]
     assert len(grpc_out.token_ids) == 1
-    assert sorted(ids) == sorted([BASE, f"{BASE}:x", "x", f"{BASE}:{BASE}"])
+    assert sorted(ids) == sorted([BASE, f"{BASE}:x", "x", f"{BASE}:{BASE}", "a/../b",
+                                  "org/name.v2"])
 
 
 def test_error_bodies_take_statuses_that_http_has_no_name_for():

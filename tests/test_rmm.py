@@ -198,6 +198,8 @@ def test_bad_sources():
         build_rmm({}, 1)
     with pytest.raises(LimitExceededError, match="max_num_basis"):
         build_rmm(good, 3, BaseModelSpec(2, SHAPES, max_num_basis=2))
+    with pytest.raises(InvalidAdapterError, match="number of sources"):  # K > n comes first
+        build_rmm(good, 2**32 - 1, BaseModelSpec(2, SHAPES, max_num_basis=2))
     with pytest.raises(IncompatibleAdapterError, match="self_attn"):
         build_rmm(good, 3, BaseModelSpec(2, {"self_attn.q_proj": (32, 16)}))
     with pytest.raises(InvalidAdapterError, match="same rank"):

@@ -148,6 +148,10 @@ def test_health_and_reflection(engine):
             health = health_pb2_grpc.HealthStub(c.channel)
             statuses = [(await health.Check(health_pb2.HealthCheckRequest(service=s))).status
                         for s in ("", "nolaserve.v1.Inference", "nolaserve.v1.Admin")]
+            listed_health = await health.List(health_pb2.HealthListRequest())
+            assert {name: s.status for name, s in listed_health.statuses.items()} == {
+                name: health_pb2.HealthCheckResponse.SERVING
+                for name in ("", "nolaserve.v1.Inference", "nolaserve.v1.Admin", "registry")}
             stub = reflection_pb2_grpc.ServerReflectionStub(c.channel)
             call = stub.ServerReflectionInfo()
             await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))

@@ -155,3 +155,27 @@ def test_numbers_the_format_refuses_are_refused_at_registration_only(store):
     old = store.parsed("old")
     assert (old.rank, old.lora_alpha) == (4, 16.0)
     assert store.factors("old").modules
+
+
+def test_concurrent_retries_of_the_same_bytes_all_succeed(store):
+    """Registering the same bytes under one id is a retry, also when the retries overlap
+    (the first commits while the others are past their own same-bytes check): each gets
+    the record, none ALREADY_EXISTS; other bytes still do."""
+    import threading
+    data, results, start = nola_bytes(1), [], threading.Barrier(8)
+
+    def register():
+        start.wait()
+        try:
+            results.append(store.register("same", data).sha256)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            results.append(e)
+
+    threads = [threading.Thread(target=register) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and isinstance(results[0], str), results
+    with pytest.raises(AdapterExistsError):
+        store.register("same", nola_bytes(2))
