@@ -20,12 +20,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nolaserve.adapters import cpu_threads
 from nolaserve.adapters.registry_watch import RegistryWatcher
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from . import reflection
 from .admin import AdminServicer
 from .auth import TokenAuthInterceptor
 from .build import build_engine
@@ -244,8 +244,7 @@ def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: 
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(engine, config, metrics, gate), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (INFERENCE, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable(server, INFERENCE, ADMIN, health.SERVICE_NAME)
     return aengine, generation, health_servicer, gate
 
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -156,12 +157,28 @@ def test_health_and_reflection(engine):
             call = stub.ServerReflectionInfo()
             await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
             listed = await call.read()
+            await call.write(reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="nolaserve.v1.SamplingParams"))
+            described = await call.read()
+            await call.write(reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="grpc.health.v1.Health"))
+            health_file = await call.read()
             await call.done_writing()
-            return statuses, {s.name for s in listed.list_services_response.service}
+            return (statuses, {s.name for s in listed.list_services_response.service},
+                    described.file_descriptor_response, health_file.file_descriptor_response)
 
-    statuses, services = asyncio.run(main())
+    statuses, services, described, health_file = asyncio.run(main())
     assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 3
     assert {"nolaserve.v1.Inference", "nolaserve.v1.Admin", "grpc.health.v1.Health"} <= services
+    assert len(health_file.file_descriptor_proto) == 1  # other files as they are
+    # a reflection-only client reads what each field means, as the .proto says it
+    (raw,) = described.file_descriptor_proto
+    proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+    message = [m.name for m in proto.message_type].index("SamplingParams")
+    field = [f.name for f in proto.message_type[message].field].index("max_tokens")
+    comments = {tuple(loc.path): loc.trailing_comments
+                for loc in proto.source_code_info.location}
+    assert comments[(4, message, 2, field)].strip() == "0 = 16"  # message_type, field
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
