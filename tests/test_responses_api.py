@@ -199,11 +199,17 @@ def test_function_tools_give_function_call_items_whole_and_streamed(engine, choi
         assert call.name in names and call.call_id.startswith("call_")
         if call.name == "add":
             jsonschema.validate(json.loads(call.arguments), ADD)
-    assert [e.type for e in events] == [
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert kinds == [
         "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done", "response.completed"]
-    assert events[3].delta == events[4].arguments == events[-1].response.output[0].arguments
+        *["response.function_call_arguments.delta"] * len(deltas),
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed"]
+    assert len(deltas) > 1  # as the arguments are written, not whole at the end
+    assert "".join(deltas) == events[-3].arguments == events[-1].response.output[0].arguments
+    assert events[-1].response.output[0].arguments == whole.output[0].arguments
+    assert events[2].item.id == events[-1].response.output[0].id  # the item announced
 
 
 def test_call_results_go_back_as_chat_tool_messages(engine):
@@ -236,8 +242,9 @@ REGEX = {"call": r"Sure\. <tool_call>\{\"name\": \"add\", \"arguments\": \{\"a\"
 def test_auto_tools_stream_the_answer_and_then_the_calls(engine):
     """``tool_choice: auto`` (the server's ``tool_call_parser: hermes``; the model's
     output driven by a regex, as structured outputs stay free with ``auto``): the text
-    before a ``<tool_call>`` streams as it comes, never part of the tag, and the call
-    follows as a ``function_call`` item; an answer with no call is a message."""
+    before a ``<tool_call>`` streams as it comes, never part of the tag; its message item
+    is done before the call's item is added, whose arguments stream as they are written;
+    an answer with no call is a message."""
     async def main():
         async with http_serving(engine, tool_call_parser="hermes") as (_, url):
             oa, out = openai_client(url), {}
@@ -264,6 +271,9 @@ def test_auto_tools_stream_the_answer_and_then_the_calls(engine):
         assert [o.type for o in final.output] == [o.type for o in whole.output]
         assert final.output_text == whole.output_text
     assert len([e for e in out["answer stream"] if e.type.endswith("text.delta")]) > 1
-    kinds = [e.type for e in out["call stream"]]
-    assert kinds.index("response.output_item.done") < kinds.index(
-        "response.function_call_arguments.done")
+    events = out["call stream"]
+    items = [(e.type, e.output_index) for e in events if e.type.startswith("response.output_item")]
+    assert items == [("response.output_item.added", 0), ("response.output_item.done", 0),
+                     ("response.output_item.added", 1), ("response.output_item.done", 1)]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == events[-1].response.output[1].arguments

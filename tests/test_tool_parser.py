@@ -13,12 +13,14 @@ import textwrap
 
 import pytest
 from engine_helpers import make_engine
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 from openai_helpers import http_serving, openai_client, stream_events, with_chat_template
 from test_structured_http import MESSAGES, TOOLS, argument_deltas
 from test_structured_output import model  # noqa: F401 (fixture)
 from vllm_helpers import VLLM_ENV, vllm_python
 
-from nolaserve.server.openai_api.tool_calls import CallStream, ToolMode, hermes_calls
+from nolaserve.server.openai_api.tool_calls import HERMES_OPEN, CallStream, ToolMode, hermes_calls
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
 OUTPUTS = [
@@ -116,6 +118,24 @@ def test_a_stream_of_calls_puts_together_what_the_whole_output_holds(mode, text,
     assert [c[1:] for c in got_calls] == [[c["function"]["name"], c["function"]["arguments"]]
                                           for c in calls]
     assert len({c[0] for c in got_calls}) == len(got_calls)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=hs.lists(hs.sampled_from(['{"name": "add", "arguments": ', '{"a": 1}', "}", "{",
+                                       "[", "]", '"', "\\", ",", ":", " ", "x", "é",
+                                       HERMES_OPEN, "</tool_call>", '"name"', '"parameters"',
+                                       '"arguments"', "<tool"]), max_size=30),
+       mode=hs.sampled_from([ToolMode(), ToolMode("add"), ToolMode(parser="hermes")]),
+       step=hs.integers(1, 7))
+def test_any_output_streams_without_error_and_as_its_whole_parse(pieces, mode, step):
+    """Whatever a model writes, cut anywhere: the stream never fails, and an output that
+    parses streams exactly its calls."""
+    text = "".join(pieces)
+    content, calls = mode.split(text)
+    got_content, got_calls, called = streamed(mode, text, step)
+    if calls is not None:
+        assert called and [c[1:] for c in got_calls] == [
+            [c["function"]["name"], c["function"]["arguments"]] for c in calls]
 
 
 def test_a_cut_output_streams_its_calls_as_far_as_written():

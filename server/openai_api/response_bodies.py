@@ -4,8 +4,8 @@ client parses and as vLLM sends them.
 
 The output is a ``message`` item with one ``output_text`` part and, when the request has
 tools in play, ``function_call`` items (chat's tool calls, ``ToolMode.split``). A stream
-without tools sends the text as it comes; with tools the output's meaning is known only
-at its end, so its items are all sent then, each as OpenAI streams one.
+sends the text as it comes and, with tools, each call as it is written (chat's
+``CallStream``): its item added once its name is known, then its arguments in pieces.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..engine.engine_types import RequestOutput
 from .completion_bodies import Shape, finish_reason
 from .errors import error_of
 from .responses_api import ResponsesRequest
+from .tool_calls import CallStream
 
 
 class ResponseBodies:
@@ -35,7 +36,9 @@ class ResponseBodies:
         self.sequence = 0
         self.opened = False  # the message item and its text part were announced
         self.sent = 0  # characters of its text sent as deltas
-        self.held = ""  # tools with a parser: text that may begin a tool call
+        self.stream: CallStream | None = None  # a stream with tools: what it has sent
+        self.called = False  # that stream's output ended holding calls
+        self.closed = False  # the message item is done (a call follows it)
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.text.append(out.text)
@@ -57,24 +60,42 @@ class ResponseBodies:
         return opening + (self._open() if self.shape.tools is None else [])
 
     def chunk(self, index: int, out: RequestOutput) -> bytes | None:
-        """Without tools, each output's text (and logprobs) as a delta; with a tool-call
-        parser, the text up to a tool call's tag (``ToolMode.streamable``); with other
-        tool modes nothing until the end."""
+        """Without tools, each output's text (and logprobs) as a delta; with tools, the
+        content and each call as they are written (``CallStream``): a call's item is
+        added once its name is known, then its arguments go as deltas."""
         self.add(index, out)
-        tools = self.shape.tools
-        if tools is None:
+        if self.shape.tools is None:
             if not (out.text or self.shape.logprobs is not None and out.token_ids):
                 return None  # a token's text may wait for its next bytes; logprobs do not
             self.sent += len(out.text)
             return self._delta(0, out.text, self._logprobs_of(out.token_ids, out.logprobs))
-        held = self.held + out.text
-        end = tools.streamable(held)
-        piece, self.held = held[:end], held[end:]
-        if not piece:
-            return None
-        opening = [] if self.opened else self._open()
-        self.sent += len(piece)
-        return b"".join(opening + [self._delta(0, piece, [])])
+        stream = self.stream = self.stream or CallStream(self.shape.tools)
+        if out.finished:
+            content, deltas, self.called = stream.finish(out.text, self._status() == "completed")
+        else:
+            content, deltas = stream.feed(out.text)
+        events = [] if self.opened or not content else self._open()
+        if content:
+            self.sent += len(content)
+            events.append(self._delta(0, content, []))
+        if deltas and self.opened and not self.closed:  # items go one after another
+            self.closed = True
+            events += self._message_events(self._output()[0], 0)
+        for d in deltas:
+            events += self._call_delta(d)
+        return b"".join(events) or None
+
+    def _call_delta(self, delta: dict) -> list[bytes]:
+        """A streamed call's events: its item added when it is announced, then its
+        arguments' piece."""
+        at = delta["index"] + self.opened  # after the message, if it has content
+        item = _call_item(self.stream.sent[delta["index"]], "in_progress") | {"arguments": ""}
+        added = [] if "id" not in delta else [
+            self._event("response.output_item.added", output_index=at, item=item)]
+        piece = delta["function"]["arguments"]
+        return added + ([self._event("response.function_call_arguments.delta",
+                                     item_id=item["id"], output_index=at, delta=piece)]
+                        if piece else [])
 
     def last_chunks(self) -> list[bytes]:
         """Each output item's events (a message's text, part and item ``done``; a call's
@@ -84,9 +105,9 @@ class ResponseBodies:
         items, events = self._output(), []
         for at, item in enumerate(items):
             if item["type"] == "message":
-                events += self._message_events(item, at)
+                events += [] if self.closed else self._message_events(item, at)
             else:
-                events += self._call_events(item, at)
+                events += self._call_events(item, at, streamed=self.stream is not None)
         return events + [self._event("response.completed",
                                      response=self._response(self._status(), items))]
 
@@ -96,15 +117,19 @@ class ResponseBodies:
                             param=error["param"])]
 
     def _output(self) -> list[dict]:
-        """The message (unless tool calls are all there is) and the tool calls."""
+        """The message (unless tool calls are all there is) and the tool calls; of a
+        stream with tools, what it sent (a call cut short is ``incomplete``)."""
         text, calls, status = "".join(self.text), None, self._status()
-        if self.shape.tools is not None and status == "completed":
+        called = status == "completed"
+        if self.stream is not None:
+            text, calls = self.stream.text[:self.stream.content], self.stream.sent
+            called = self.called
+        elif self.shape.tools is not None and called:
             text, calls = self.shape.tools.split(text)
         logprobs = [] if calls else self._logprobs_of(self.token_ids, self.logprobs)
-        items = [self._message(status, text, logprobs)] if text or not calls else []
-        return items + [{"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"),
-                         "call_id": c["id"], "name": c["function"]["name"],
-                         "arguments": c["function"]["arguments"], "status": "completed"}
+        items = [self._message("completed" if self.closed else status, text, logprobs)
+                 ] if text or not calls else []
+        return items + [_call_item(c, "completed" if called else "incomplete")
                         for c in calls or []]
 
     def _message_events(self, item: dict, at: int) -> list[bytes]:
@@ -122,15 +147,18 @@ class ResponseBodies:
             self._event("response.content_part.done", **self._where(at), part=part),
             self._event("response.output_item.done", output_index=at, item=item)]
 
-    def _call_events(self, item: dict, at: int) -> list[bytes]:
+    def _call_events(self, item: dict, at: int, streamed: bool) -> list[bytes]:
+        """A call's arguments and item ``done``; announced and its arguments sent first
+        unless ``streamed`` already."""
         where = {"item_id": item["id"], "output_index": at}
-        return [self._event("response.output_item.added", output_index=at,
-                            item=item | {"arguments": "", "status": "in_progress"}),
-                self._event("response.function_call_arguments.delta", **where,
-                            delta=item["arguments"]),
-                self._event("response.function_call_arguments.done", **where,
-                            name=item["name"], arguments=item["arguments"]),
-                self._event("response.output_item.done", output_index=at, item=item)]
+        sent = [] if streamed else [
+            self._event("response.output_item.added", output_index=at,
+                        item=item | {"arguments": "", "status": "in_progress"}),
+            self._event("response.function_call_arguments.delta", **where,
+                        delta=item["arguments"])]
+        return sent + [self._event("response.function_call_arguments.done", **where,
+                                   name=item["name"], arguments=item["arguments"]),
+                       self._event("response.output_item.done", output_index=at, item=item)]
 
     def _open(self) -> list[bytes]:
         """The message item (output 0: it comes before any tool call) and its empty text
@@ -194,3 +222,10 @@ class ResponseBodies:
 def _part(text: str, logprobs: list[dict] | None = None) -> dict:
     return {"type": "output_text", "text": text, "annotations": [],
             "logprobs": logprobs or []}
+
+
+def _call_item(call: dict, status: str) -> dict:
+    """Chat's tool call as a ``function_call`` output item."""
+    return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"),
+            "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}

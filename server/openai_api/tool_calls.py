@@ -52,7 +52,10 @@ class ToolMode:
             return text, None
         if self.name is not None:
             return "", [_call(self.name, text)]
-        return "", _calls(value, "parameters", text, CallScanner.required())
+        try:
+            return "", _calls(value, "parameters", text, CallScanner.required())
+        except (KeyError, TypeError):  # JSON, but not a list of calls (a cut output)
+            return text, None
 
     def streamable(self, text: str) -> int:
         """How much of a partial output streams now as content: with a parser, up to a
@@ -196,7 +199,7 @@ class CallStream:
         self.content = 0  # how much of ``text`` streamed as content
         self.scanner = (None if mode.parser or mode.name is not None  # hermes: at a tag
                         else CallScanner.required())
-        self._sent: list[int] = []  # each call's arguments sent so far
+        self.sent: list[dict] = []  # each call announced, its arguments as sent so far
 
     def feed(self, piece: str) -> tuple[str, list[dict]]:
         """The content and call deltas that ``piece``, the output's next text, lets
@@ -242,14 +245,16 @@ class CallStream:
         for i, (name, arguments) in enumerate(calls):
             if name is None:
                 break
-            piece = (arguments or "")[self._sent[i]:] if i < len(self._sent) else arguments or ""
-            if i == len(self._sent):
-                self._sent.append(0)
-                out.append({"index": i, "id": ids[i] if ids else _call_id(), "type": "function",
-                            "function": {"name": name, "arguments": piece}})
+            new = i == len(self.sent)
+            if new:
+                self.sent.append(_call(name, "", ids[i] if ids else None))
+            sent = self.sent[i]["function"]
+            piece = (arguments or "")[len(sent["arguments"]):]
+            sent["arguments"] += piece
+            if new:
+                out.append({"index": i, **_call(name, piece, self.sent[i]["id"])})
             elif piece:
                 out.append({"index": i, "function": {"arguments": piece}})
-            self._sent[i] += len(piece)
         return out
 
 
@@ -272,8 +277,8 @@ def hermes_calls(text: str) -> tuple[str, list[dict] | None]:
     return text[:at], calls
 
 
-def _call(name: str, arguments: str) -> dict:
-    return {"id": _call_id(), "type": "function",
+def _call(name: str, arguments: str, call_id: str | None = None) -> dict:
+    return {"id": call_id or _call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}
 
 
