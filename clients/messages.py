@@ -48,6 +48,7 @@ class SamplingExtras(TypedDict, total=False):
     choice: list[str]
     grammar: str
     add_special_tokens: bool  # GenerateRequest's: unset = true for a prompt, false for chat
+    n: int  # completions of the prompt (at most 16): GenerateResult.choices, StreamChunk.index
 
 
 class NolaserveError(grpc.RpcError):
@@ -104,6 +105,9 @@ class GenerateResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: one per token
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 2..
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    index: int = 0  # which of n completions
+    choices: list[GenerateResult] = field(default_factory=list)  # n > 1: each completion;
+    # the result itself then has only request_id and the usage of them all
 
 
 @dataclass
@@ -117,6 +121,7 @@ class StreamChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # first chunk only
     stop_reason: str | int | None = None  # last chunk: as ``GenerateResult.stop_reason``
+    index: int = 0  # which of n completions (their chunks interleave)
 
 
 @dataclass
@@ -198,14 +203,15 @@ def generate_result(r: inference_pb2.GenerateResponse) -> GenerateResult:
                           finish_reason=finish_reason(r.finish_reason) or "",
                           prompt_tokens=r.usage.prompt_tokens,
                           completion_tokens=r.usage.completion_tokens, request_id=r.request_id,
-                          stop_reason=_stop_reason(r), **_logprobs(r))
+                          stop_reason=_stop_reason(r), index=r.index,
+                          choices=[generate_result(c) for c in r.choices], **_logprobs(r))
 
 
 def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
     usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
     return StreamChunk(text=r.text, token_ids=list(r.token_ids),
                        finish_reason=finish_reason(r.finish_reason), usage=usage,
-                       stop_reason=_stop_reason(r), **_logprobs(r))
+                       stop_reason=_stop_reason(r), index=r.index, **_logprobs(r))
 
 
 def _stop_reason(r: inference_pb2.GenerateResponse) -> str | int | None:

@@ -16,7 +16,7 @@ from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import RequestOutput, TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams, StructuredSpec
-from .generation import GenerateRequest
+from .generation import MAX_N, GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
 _FINISH = {
@@ -116,10 +116,21 @@ def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:
                        [dict(d.fields) for d in m.documents] or None)
 
 
-def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.GenerateResponse:
-    """One stream message; the last one carries finish_reason and usage."""
+def num_completions(request: inference_pb2.GenerateRequest) -> int:
+    """``sampling.n`` (0 = 1), at most ``MAX_N``."""
+    n = request.sampling.n or 1
+    if n > MAX_N:
+        raise InvalidRequestError(f"sampling.n = {n}: a request makes at most {MAX_N} "
+                                  "completions; send several requests", "n")
+    return n
+
+
+def generate_response(request_id: str, out: RequestOutput, index: int = 0
+                      ) -> inference_pb2.GenerateResponse:
+    """One stream message of completion ``index``; its last one carries finish_reason
+    and usage."""
     response = inference_pb2.GenerateResponse(request_id=request_id, text=out.text,
-                                              token_ids=out.token_ids)
+                                              token_ids=out.token_ids, index=index)
     if isinstance(out.stop_reason, str):
         response.stop_string = out.stop_reason
     elif out.stop_reason is not None:
@@ -132,6 +143,17 @@ def generate_response(request_id: str, out: RequestOutput) -> inference_pb2.Gene
     response.prompt_logprobs.extend(token_logprob(e) for e in out.prompt_logprobs or ()
                                     if e is not None)
     return response
+
+
+def completions_response(request_id: str, outs: list[RequestOutput]
+                         ) -> inference_pb2.GenerateResponse:
+    """``Generate`` with ``sampling.n > 1``: each completion (all its outputs joined) as a
+    choice; the usage of them all, the prompt counted once."""
+    choices = [generate_response(request_id, out, i) for i, out in enumerate(outs)]
+    return inference_pb2.GenerateResponse(
+        request_id=request_id, choices=choices, usage=inference_pb2.Usage(
+            prompt_tokens=outs[0].prompt_tokens,
+            completion_tokens=sum(out.completion_tokens for out in outs)))
 
 
 def token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:

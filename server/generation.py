@@ -4,14 +4,14 @@ adapter, the prompt (text, token ids or chat messages rendered with the chat tem
 and the typed failure of a request the engine finished with an error.
 
     GenerateRequest(...) -> engine_input(tokenizer, base, request, ...) -> (ids, params, adapter)
-    Generation(async_engine, metrics).outputs(request, request_id) -> RequestOutput stream
-    Generation(...).fan_out(requests, n, request_id) -> Fanout: (choice index, output)s
+    Generation(async_engine, metrics).fan_out(requests, n, request_id)
+        -> Fanout: (choice index, output)s
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +31,7 @@ from .engine.sequence import FinishReason, SamplingParams
 from .fanout import Fanout
 from .metrics import Metrics, RequestTimer
 
+MAX_N = 16  # completions of one prompt a request may ask for (OpenAI's n)
 # A prompt longer than this many bytes per allowed token is refused before tokenizing:
 # real text averages ~4 bytes per token; 32 leaves room for long runs of rare tokens.
 PROMPT_BYTES_PER_TOKEN = 32
@@ -180,17 +181,6 @@ class Generation:
     def tokenizer(self):
         """The engine's tokenizer (None: it takes token ids only)."""
         return self.engine.tokenizer
-
-    async def outputs(self, request: GenerateRequest, request_id: str
-                      ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for ``request``; typed errors (bad input, unknown adapter,
-        queue full) raise before the first one, an engine-side failure raises when it
-        comes. Closing the iterator early aborts the engine request."""
-        timer = self.metrics.request_timer()
-        ((prompt, params, adapter),) = await self._inputs([request])
-        async with aclosing(self._run(prompt, params, adapter, request_id, timer)) as outputs:
-            async for out in outputs:
-                yield out
 
     async def fan_out(self, requests: list[GenerateRequest], n: int, request_id: str
                       ) -> Fanout:

@@ -1,11 +1,11 @@
-"""The Inference service: proto in, ``Generation.outputs`` out. Closing the engine's
-iterator (the RPC was cancelled or its deadline passed) aborts the engine request."""
+"""The Inference service: proto in, ``Generation.fan_out``'s outputs out (``sampling.n``
+completions). Closing them (the RPC was cancelled or its deadline passed) aborts the
+engine requests."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
@@ -15,6 +15,7 @@ from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
 from .engine.engine_types import RequestOutput
+from .fanout import Fanout
 from .generation import Generation
 from .metrics import Metrics
 from .rpc import Gate, check_size, rpc
@@ -31,30 +32,35 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     @rpc
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        """Run the request to the end; one response with the whole text and token ids."""
-        request_id = _request_id(request)
-        outs: list[RequestOutput] = []
-        async with aclosing(self._outputs(request, request_id)) as outputs:
-            async for out in outputs:
-                outs.append(out)
-        return convert.generate_response(request_id, _joined(outs))
+        """Run the request to the end; one response with the whole text and token ids (of
+        each completion, with ``sampling.n > 1``)."""
+        request_id, n = _request_id(request), convert.num_completions(request)
+        outs: list[list[RequestOutput]] = [[] for _ in range(n)]
+        async with aclosing(await self._start(request, request_id, n)) as fan:
+            async for index, out in fan:
+                outs[index].append(out)
+        if n == 1:
+            return convert.generate_response(request_id, _joined(outs[0]))
+        return convert.completions_response(request_id, [_joined(o) for o in outs])
 
     @rpc
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> None:
-        """Stream the completion: each message has the new text and token ids, the last
-        one finish_reason and usage. Written with ``context.write`` so that cancellation
-        lands inside this coroutine and closes the engine request at once."""
-        request_id = _request_id(request)
-        async with aclosing(self._outputs(request, request_id)) as outputs:
-            async for out in outputs:
-                response = convert.generate_response(request_id, out)
+        """Stream the completion (each of ``sampling.n``, by ``index``): each message has
+        the new text and token ids, the last one finish_reason and usage. Written with
+        ``context.write`` so that cancellation lands inside this coroutine and closes the
+        engine requests at once."""
+        request_id, n = _request_id(request), convert.num_completions(request)
+        async with aclosing(await self._start(request, request_id, n)) as fan:
+            async for index, out in fan:
+                response = convert.generate_response(request_id, out, index)
                 check_size(response, self.max_message_bytes)
                 await context.write(response)
 
-    def _outputs(self, request: inference_pb2.GenerateRequest,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
-        return self.generation.outputs(convert.generate_request(request), request_id)
+    async def _start(self, request: inference_pb2.GenerateRequest, request_id: str,
+                     n: int) -> Fanout:
+        return await self.generation.fan_out([convert.generate_request(request)], n,
+                                             request_id)
 
 
 def _joined(outs: list[RequestOutput]) -> RequestOutput:

@@ -1,7 +1,7 @@
 """The OpenAI sampling features over gRPC (parity with HTTP, issue #30's fields): logprobs
 and prompt logprobs equal to the engine's, logit bias / penalties / min_tokens giving the
 engine's tokens, structured JSON output, INVALID_ARGUMENT naming each bad field, old
-requests unchanged, and an oversized response counted as the client saw it."""
+requests unchanged, an oversized response counted as the client saw it, and ``n``."""
 
 import asyncio
 import json
@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine, run
+from openai_helpers import http, http_serving
 from server_helpers import BackgroundServer, expect_code, request, serving
 
 from nolaserve.clients.client import AsyncClient, Client
@@ -348,3 +349,43 @@ def test_the_blocking_client_streams_logprobs_and_checks_its_keywords(model, byt
         [e for o in outs for e in o.logprobs])
     want_prompt = entries(outs[0].prompt_logprobs[1:])
     assert entries(chunks[0].prompt_logprobs) == want_prompt and len(want_prompt) == 2
+
+
+def test_n_completions_over_grpc_are_the_http_choices(engine):
+    """``sampling.n``: Generate answers every completion as a choice (completion j seeded
+    seed + j, so each equals a request of its own with that seed, and the HTTP API's
+    choice j); the usage counts the prompt once; GenerateStream interleaves their messages
+    by ``index``; the client shows both; over 16 is INVALID_ARGUMENT naming n."""
+    sampled = dict(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+
+    async def main():
+        async with http_serving(engine) as (c, url), http(url) as h:
+            whole = await c.inference.Generate(request(n=3, **sampled))
+            alone = [await c.inference.Generate(request(**(sampled | {"seed": 5 + j})))
+                     for j in range(3)]
+            streamed = [m async for m in c.inference.GenerateStream(request(n=3, **sampled))]
+            body = (await h.post("/v1/completions", json={
+                "prompt": PROMPT, "n": 3, **sampled, "return_token_ids": True})).json()
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                result = await client.generate(PROMPT, n=2, **sampled)
+                chunks = [x async for x in client.generate_stream(PROMPT, n=2, **sampled)]
+            await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(request(n=17)),
+                              "sampling.n = 17")
+            return whole, alone, streamed, body, result, chunks
+
+    whole, alone, streamed, body, result, chunks = asyncio.run(main())
+    assert whole.text == "" and [c.index for c in whole.choices] == [0, 1, 2]
+    tokens = [list(c.token_ids) for c in whole.choices]
+    assert tokens == [list(a.token_ids) for a in alone]
+    assert tokens == [c["token_ids"] for c in body["choices"]]
+    assert len(set(map(tuple, tokens))) > 1  # the seeds differ
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (
+        alone[0].usage.prompt_tokens, 18)
+    by_index = {j: [t for m in streamed if m.index == j for t in m.token_ids] for j in range(3)}
+    assert [by_index[j] for j in range(3)] == tokens
+    lasts = [m for m in streamed if m.finish_reason]
+    assert sorted(m.index for m in lasts) == [0, 1, 2]
+    assert all(m.usage.completion_tokens == 6 for m in lasts)
+    assert [c.token_ids for c in result.choices] == tokens[:2]
+    assert [[t for x in chunks if x.index == j for t in x.token_ids] for j in (0, 1)] == \
+        tokens[:2]

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
 from ..engine.sequence import SamplingParams, StructuredSpec
+from ..generation import MAX_N
 from .tool_calls import ToolMode, structured_output
 
 log = logging.getLogger("nolaserve.http")
@@ -44,7 +45,6 @@ _REFUSED: dict[str, Any] = {
 _HARMLESS = {"user", "metadata", "store", "service_tier", "request_id", "priority",
              "reasoning_effort", "web_search_options", "include_reasoning", "session_id",
              "stream_interval"}
-MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request: prompts x n
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnolaserve/v1/inference.proto\x12\x0cnolaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nolaserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1c\n\x14\x63hat_template_kwargs\x18\x04 \x01(\t\x12)\n\tdocuments\x18\x05 \x03(\x0b\x32\x16.nolaserve.v1.DocumentB\x18\n\x16_add_generation_prompt\"m\n\x08\x44ocument\x12\x32\n\x06\x66ields\x18\x01 \x03(\x0b\x32\".nolaserve.v1.Document.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x07\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x12?\n\nlogit_bias\x18\n \x03(\x0b\x32+.nolaserve.v1.SamplingParams.LogitBiasEntry\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x32\n\nstructured\x18\x0f \x01(\x0b\x32\x1e.nolaserve.v1.StructuredOutput\x12\r\n\x05min_p\x18\x10 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x06\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x14 \x01(\x05H\x07\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12\x11\n\tbad_words\x18\x16 \x03(\t\x12\x17\n\ncache_salt\x18\x17 \x01(\tH\x08\x88\x01\x01\x12\x17\n\x0ftruncation_side\x18\x18 \x01(\t\x12\x19\n\x11logprob_token_ids\x18\x19 \x03(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\r\n\x0b_cache_salt\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.nolaserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.nolaserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nolaserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.nolaserve.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nolaserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nolaserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.nolaserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.nolaserve.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\t \x01(\rH\x00\x42\r\n\x0bstop_reason*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xa9\x01\n\tInference\x12I\n\x08Generate\x12\x1d.nolaserve.v1.GenerateRequest\x1a\x1e.nolaserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.nolaserve.v1.GenerateRequest\x1a\x1e.nolaserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnolaserve/v1/inference.proto\x12\x0cnolaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nolaserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1c\n\x14\x63hat_template_kwargs\x18\x04 \x01(\t\x12)\n\tdocuments\x18\x05 \x03(\x0b\x32\x16.nolaserve.v1.DocumentB\x18\n\x16_add_generation_prompt\"m\n\x08\x44ocument\x12\x32\n\x06\x66ields\x18\x01 \x03(\x0b\x32\".nolaserve.v1.Document.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x07\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x12?\n\nlogit_bias\x18\n \x03(\x0b\x32+.nolaserve.v1.SamplingParams.LogitBiasEntry\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x32\n\nstructured\x18\x0f \x01(\x0b\x32\x1e.nolaserve.v1.StructuredOutput\x12\r\n\x05min_p\x18\x10 \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x06\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x14 \x01(\x05H\x07\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12\x11\n\tbad_words\x18\x16 \x03(\t\x12\x17\n\ncache_salt\x18\x17 \x01(\tH\x08\x88\x01\x01\x12\x17\n\x0ftruncation_side\x18\x18 \x01(\t\x12\x19\n\x11logprob_token_ids\x18\x19 \x03(\r\x12\t\n\x01n\x18\x1a \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\r\n\x0b_cache_salt\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.nolaserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.nolaserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nolaserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.nolaserve.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x80\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nolaserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nolaserve.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.nolaserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.nolaserve.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\t \x01(\rH\x00\x12\r\n\x05index\x18\n \x01(\r\x12/\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x1e.nolaserve.v1.GenerateResponseB\r\n\x0bstop_reason*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xa9\x01\n\tInference\x12I\n\x08Generate\x12\x1d.nolaserve.v1.GenerateRequest\x1a\x1e.nolaserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.nolaserve.v1.GenerateRequest\x1a\x1e.nolaserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2293
-  _globals['_FINISHREASON']._serialized_end=2440
+  _globals['_FINISHREASON']._serialized_start=2368
+  _globals['_FINISHREASON']._serialized_end=2515
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_CHATMESSAGES']._serialized_start=93
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT_FIELDSENTRY']._serialized_start=385
   _globals['_DOCUMENT_FIELDSENTRY']._serialized_end=430
   _globals['_SAMPLINGPARAMS']._serialized_start=433
-  _globals['_SAMPLINGPARAMS']._serialized_end=1335
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1130
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1178
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1338
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1489
-  _globals['_CHOICES']._serialized_start=1491
-  _globals['_CHOICES']._serialized_end=1516
-  _globals['_GENERATEREQUEST']._serialized_start=1519
-  _globals['_GENERATEREQUEST']._serialized_end=1755
-  _globals['_USAGE']._serialized_start=1757
-  _globals['_USAGE']._serialized_end=1814
-  _globals['_TOKENLOGPROB']._serialized_start=1816
-  _globals['_TOKENLOGPROB']._serialized_end=1918
-  _globals['_TOPLOGPROB']._serialized_start=1920
-  _globals['_TOPLOGPROB']._serialized_end=1967
-  _globals['_GENERATERESPONSE']._serialized_start=1970
-  _globals['_GENERATERESPONSE']._serialized_end=2290
-  _globals['_INFERENCE']._serialized_start=2443
-  _globals['_INFERENCE']._serialized_end=2612
+  _globals['_SAMPLINGPARAMS']._serialized_end=1346
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1141
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1189
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1349
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1500
+  _globals['_CHOICES']._serialized_start=1502
+  _globals['_CHOICES']._serialized_end=1527
+  _globals['_GENERATEREQUEST']._serialized_start=1530
+  _globals['_GENERATEREQUEST']._serialized_end=1766
+  _globals['_USAGE']._serialized_start=1768
+  _globals['_USAGE']._serialized_end=1825
+  _globals['_TOKENLOGPROB']._serialized_start=1827
+  _globals['_TOKENLOGPROB']._serialized_end=1929
+  _globals['_TOPLOGPROB']._serialized_start=1931
+  _globals['_TOPLOGPROB']._serialized_end=1978
+  _globals['_GENERATERESPONSE']._serialized_start=1981
+  _globals['_GENERATERESPONSE']._serialized_end=2365
+  _globals['_INFERENCE']._serialized_start=2518
+  _globals['_INFERENCE']._serialized_end=2687
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class InferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """One request, one answer with the whole completion.
+        """One request, one answer with the whole completion (sampling.n > 1: all of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,7 +58,8 @@ class InferenceServicer:
 
     def GenerateStream(self, request, context):
         """The completion as it is produced: each message carries the new text and token ids;
-        the last one carries finish_reason and usage. Cancelling the call stops the work.
+        the last one carries finish_reason and usage (with sampling.n > 1, each completion's
+        messages, told apart by index, interleave). Cancelling the call stops the work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
