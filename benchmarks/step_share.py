@@ -5,7 +5,7 @@ then behind the HTTP server with ``--streams`` concurrent streams from another p
 per step, the time in ``Engine.step``, the part of it spent detokenizing, and how long
 the step thread waits between steps (the GIL held by the event loop, and the inbox).
 
-    python -m nolaserve.benchmarks.step_share --streams 64 --tokens 64
+    python -m nolaserve.benchmarks.step_share --streams 64 --tokens 64 [--stream-intervals 1 8]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Probe:
                 f"| {self.gap_s / n * 1e3:.2f} |")
 
 
-def make_engine(streams: int, real: bool):
+def make_engine(streams: int, real: bool, stream_interval: int = 1):
     """An engine over a tiny Llama with SmolLM2's tokenizer, or over SmolLM2 (``real``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,7 +99,7 @@ def make_engine(streams: int, real: bool):
         http_port = s.getsockname()[1]
     config = Config(device="cpu", dtype="float32", registry_path=":memory:", port=0,
                     metrics_port=0, http_port=http_port, max_num_seqs=streams,
-                    host="127.0.0.1")
+                    host="127.0.0.1", stream_interval=stream_interval)
     return build_engine(config, model=model, tokenizer=tokenizer), config
 
 
@@ -124,23 +124,27 @@ def offline(streams: int, tokens: int, real: bool) -> Probe:
     return probe
 
 
-async def over_http(streams: int, tokens: int, real: bool) -> Probe:
+async def over_http(streams: int, tokens: int, real: bool, stream_interval: int
+                    ) -> tuple[Probe, float]:
+    """The probe of the HTTP run, and its output tokens per second as the client waits."""
     from nolaserve.server.app import start
 
-    engine, config = make_engine(streams, real)
+    engine, config = make_engine(streams, real, stream_interval)
     run_all(engine, streams, 4, "warm")
     running = await start(config, engine)
     probe = Probe(engine)
     try:
+        start_s = time.perf_counter()
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CLIENT, running.http_url, str(streams), str(tokens))
         await client.wait()
+        rate = streams * tokens / (time.perf_counter() - start_s)
     finally:
         probe.close()
         await running.stop()
     if client.returncode:
         raise subprocess.CalledProcessError(client.returncode, "client")
-    return probe
+    return probe, rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,15 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--smollm2", action="store_true", help="the real model, not a tiny one")
+    p.add_argument("--stream-intervals", type=int, nargs="+", default=[1], metavar="N",
+                   help="the server's stream_interval of each HTTP run, side by side")
     args = p.parse_args(argv)
     alone = offline(args.streams, args.tokens, args.smollm2)
-    http = asyncio.run(over_http(args.streams, args.tokens, args.smollm2))
+    runs = [(n, *asyncio.run(over_http(args.streams, args.tokens, args.smollm2, n)))
+            for n in args.stream_intervals]
     model = "SmolLM2-135M" if args.smollm2 else "tiny Llama, SmolLM2 tokenizer"
     print(f"{args.streams} streams x {args.tokens} tokens, {model}, fp32 CPU")
-    print("| run | steps | ms per step | of which detokenizing | ms between steps |")
-    print("| --- | --- | --- | --- | --- |")
-    print(alone.row("engine alone"))
-    print(http.row(f"behind HTTP, {args.streams} streams"))
+    print("| run | steps | ms per step | of which detokenizing | ms between steps | "
+          "client tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(alone.row("engine alone") + " - |")
+    for n, probe, rate in runs:
+        print(probe.row(f"behind HTTP, {args.streams} streams, stream_interval {n}")
+              + f" {rate:.0f} |")
     return 0
 
 

@@ -49,6 +49,7 @@ class SamplingExtras(TypedDict, total=False):
     grammar: str
     add_special_tokens: bool  # GenerateRequest's: unset = true for a prompt, false for chat
     n: int  # completions of the prompt (at most 16): GenerateResult.choices, StreamChunk.index
+    stream_interval: int  # generate_stream: a chunk for every this many tokens
 
 
 class NolaserveError(grpc.RpcError):

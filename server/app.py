@@ -237,7 +237,8 @@ def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: 
     metrics.bind(engine)
     gate, health_servicer = Gate(), Health()
     # vLLM's engine is asynchronous itself; the native one gets its step thread here
-    aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(engine)
+    aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(
+        engine, config.stream_interval)
     generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(generation, metrics, gate, config.max_message_bytes), server)

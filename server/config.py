@@ -83,6 +83,12 @@ class Config:
     batch_invariant: bool = option(False, "each request's output independent of the batch "
                                    "it runs in (fixed chunks; slower)")
     block_size: int = option(16, "tokens per KV-cache block")
+    stream_interval: int = option(1, "tokens per streamed message (vLLM's "
+                                  "`--stream-interval`): a stream sends a request's first "
+                                  "output at once, then one for every this many tokens, and "
+                                  "its last; more sends fewer messages (less host work per "
+                                  "token under load) in coarser steps; a request's "
+                                  "`stream_interval` may raise it")
     enable_prefix_caching: bool = option(True, "reuse the KV of cached full blocks of a "
                                          "prompt's prefix, keyed by the adapter version "
                                          "that computed it (docs/concepts.md); off under "
@@ -176,7 +182,8 @@ class Config:
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "materialize_threads", "admission_aging_steps",
                     "max_num_seqs", "max_num_batched_tokens", "block_size",
-                    "max_queued_requests", "max_message_bytes", "peft_cache_bytes")
+                    "max_queued_requests", "max_message_bytes", "peft_cache_bytes",
+                    "stream_interval")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

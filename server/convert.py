@@ -59,6 +59,7 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         cache_salt=p.cache_salt if p.HasField("cache_salt") else None,
         truncation_side=p.truncation_side or "left",
         logprob_token_ids=list(p.logprob_token_ids) or None,
+        stream_interval=p.stream_interval or None,
     )
 
 

@@ -4,7 +4,6 @@ engine requests."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from contextlib import aclosing
 
@@ -40,8 +39,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for index, out in fan:
                 outs[index].append(out)
         if n == 1:
-            return convert.generate_response(request_id, _joined(outs[0]))
-        return convert.completions_response(request_id, [_joined(o) for o in outs])
+            return convert.generate_response(request_id, RequestOutput.joined(outs[0]))
+        return convert.completions_response(request_id, [RequestOutput.joined(o) for o in outs])
 
     @rpc
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
@@ -61,16 +60,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                      n: int) -> Fanout:
         return await self.generation.fan_out([convert.generate_request(request)], n,
                                              request_id)
-
-
-def _joined(outs: list[RequestOutput]) -> RequestOutput:
-    """A request's outputs as one: all text, token ids and logprobs; the first output's
-    prompt logprobs; the last one's finish reason and usage."""
-    return dataclasses.replace(
-        outs[-1], text="".join(out.text for out in outs),
-        token_ids=[t for out in outs for t in out.token_ids],
-        logprobs=[e for out in outs for e in out.logprobs or ()],
-        prompt_logprobs=outs[0].prompt_logprobs)
 
 
 def _request_id(request: inference_pb2.GenerateRequest) -> str:

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import re
 import threading
+from dataclasses import replace
 
 import pytest
 from conftest import tiny_llama
@@ -95,6 +96,36 @@ def test_a_step_wakes_the_event_loop_once_for_all_its_outputs(engine):
     assert all(len(outs) == 6 for outs in results)
     per_step = [wakes.count(n) for n in sorted(set(wakes))]
     assert per_step == [1] * len(per_step) and len(per_step) >= 6, per_step  # not 8 a step
+
+
+def test_stream_interval_joins_outputs_as_vllm_sends_them(engine):
+    """vLLM's ``stream_interval``: the first output at once, then one for every N tokens
+    (joined: text, token ids, logprobs), then the last; the server's interval is the
+    least a request gets. The tokens and text are those of a stream of every output."""
+    params = greedy(11)
+    params.logprobs = 1
+
+    aeng = AsyncEngine(engine)
+
+    def outputs(server: int = 1, **kw):
+        aeng.stream_interval = server
+        return asyncio.run(collect(aeng, [7, 8, 9], replace(params, **kw)))
+
+    try:
+        every, by_4 = outputs(), outputs(4)
+        asked_3, least_4 = outputs(stream_interval=3), outputs(4, stream_interval=2)
+        with pytest.raises(InvalidRequestError, match="stream_interval"):
+            outputs(stream_interval=0)
+    finally:
+        aeng.stop()
+    assert [len(o.token_ids) for o in every] == [1] * 11
+    assert [len(o.token_ids) for o in by_4] == [1, 4, 4, 2] == [len(o.token_ids) for o in least_4]
+    assert [len(o.token_ids) for o in asked_3] == [1, 3, 3, 3, 1]
+    for outs in (by_4, asked_3):
+        assert [t for o in outs for t in o.token_ids] == [t for o in every for t in o.token_ids]
+        assert "".join(o.text for o in outs) == "".join(o.text for o in every)
+        assert [e for o in outs for e in o.logprobs] == [e for o in every for e in o.logprobs]
+        assert outs[-1].finished and outs[-1].completion_tokens == 11
 
 
 def test_errors_raise_and_cancel_frees_within_two_steps(engine):

@@ -389,3 +389,36 @@ def test_n_completions_over_grpc_are_the_http_choices(engine):
     assert [c.token_ids for c in result.choices] == tokens[:2]
     assert [[t for x in chunks if x.index == j for t in x.token_ids] for j in (0, 1)] == \
         tokens[:2]
+
+
+def test_stream_interval_over_http_and_grpc(engine):
+    """vLLM's ``stream_interval``, the request's (HTTP field, gRPC ``sampling``) or the
+    server's config (the least either gets): a stream's messages carry that many tokens,
+    the first and last at once; the text is the same."""
+    async def main():
+        out = {}
+        for server in (1, 3):
+            async with http_serving(engine, stream_interval=server) as (c, url), \
+                    http(url) as h:
+                r = await h.post("/v1/completions", json={
+                    "prompt": PROMPT, "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_interval": 4, "return_token_ids": True})
+                chunks = [json.loads(x[6:]) for x in r.text.split("\n\n")
+                          if x.startswith("data: {")]
+                out[server, "http"] = [c["choices"][0]["token_ids"] for c in chunks]
+                out[server, "grpc"] = [list(m.token_ids) async for m in c.inference
+                                       .GenerateStream(request(max_tokens=9))]
+                out[server, "grpc 2"] = [list(m.token_ids) async for m in c.inference
+                                         .GenerateStream(request(max_tokens=9,
+                                                                 stream_interval=2))]
+        return out
+
+    out = asyncio.run(main())
+    assert [len(ids) for ids in out[1, "http"]] == [1, 4, 4] == [
+        len(ids) for ids in out[3, "http"]]  # the request's 4 over the server's 3
+    assert [len(ids) for ids in out[1, "grpc"]] == [1] * 9
+    assert [len(ids) for ids in out[3, "grpc"]] == [1, 3, 3, 2] == [
+        len(ids) for ids in out[3, "grpc 2"]]
+    assert [len(ids) for ids in out[1, "grpc 2"]] == [1, 2, 2, 2, 2]
+    tokens = [t for ids in out[1, "grpc"] for t in ids]
+    assert all([t for ids in v for t in ids] == tokens for v in out.values())

@@ -8,10 +8,13 @@ from nolaserve.server.engine.detokenizer import IncrementalDetokenizer
 
 def test_step_share_reports_the_engine_alone_and_behind_http(capsys):
     add, flush = IncrementalDetokenizer.add, IncrementalDetokenizer.flush
-    assert step_share.main(["--streams", "4", "--tokens", "3"]) == 0
+    assert step_share.main(["--streams", "4", "--tokens", "3",
+                            "--stream-intervals", "1", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert rows[-2].startswith("| engine alone | ") and "behind HTTP, 4 streams" in rows[-1]
-    assert int(rows[-1].split("|")[2]) >= 3  # it stepped while the streams ran
+    assert rows[-3].startswith("| engine alone | ")
+    assert "4 streams, stream_interval 1" in rows[-2] and "stream_interval 2" in rows[-1]
+    assert all(int(row.split("|")[2]) >= 3 for row in rows[-2:])  # stepped as streams ran
+    assert all(float(row.split("|")[6]) > 0 for row in rows[-2:])  # the client's tok/s
     # the probes put the detokenizer back
     assert (IncrementalDetokenizer.add, IncrementalDetokenizer.flush) == (add, flush)
 

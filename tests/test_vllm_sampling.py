@@ -32,11 +32,12 @@ SCRIPT = textwrap.dedent('''
                           prompt_logprobs=2, logit_bias={7: -100.0}, presence_penalty=0.5,
                           frequency_penalty=0.25, repetition_penalty=1.2, min_tokens=2,
                           min_p=0.25, stop_token_ids=[9, 11], include_stop_str_in_output=True,
-                          skip_special_tokens=False)
+                          skip_special_tokens=False, stream_interval=3)
     theirs = vllm_args.sampling(ours)
     fields = {f: getattr(theirs, f) for f in ("logprobs", "prompt_logprobs", "logit_bias",
               "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-              "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens")}
+              "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+              "stream_interval")}
     # vLLM clears min_p for greedy requests: read it from a sampled one
     fields["min_p"] = vllm_args.sampling(SamplingParams(temperature=1.0, min_p=0.25)).min_p
     plain = vllm_args.sampling(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
@@ -89,7 +90,7 @@ def test_vllm_gets_every_field_and_gives_logprobs_back(tmp_path, bytebpe):
                              "presence_penalty": 0.5, "frequency_penalty": 0.25,
                              "repetition_penalty": 1.2, "min_tokens": 2, "min_p": 0.25,
                              "stop_token_ids": [9, 11], "include_stop_str_in_output": True,
-                             "skip_special_tokens": False, **masks}
+                             "skip_special_tokens": False, "stream_interval": 3, **masks}
     assert [list(w) for w in bad_word_ids(bytebpe, masks["bad_words"])] == got["bad_ids"]
     engine = make_engine(model, bytebpe)
     for name, value in masks.items():

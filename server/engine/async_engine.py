@@ -14,6 +14,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from nolaserve.adapters import cpu_threads
 from nolaserve.adapters.errors import EngineStoppedError, Status
@@ -24,12 +25,37 @@ from .engine_types import EngineLimits, RequestOutput
 from .sequence import FinishReason, SamplingParams
 
 
+@dataclass
+class OutputStream:
+    """Where one request's outputs go (its event loop and queue), and those held back
+    for it: with ``interval`` > 1 (vLLM's ``stream_interval``) the first output goes at
+    once, then one for every ``interval`` tokens, joined, and the last one."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    interval: int = 1
+    held: list[RequestOutput] = field(default_factory=list)
+    started: bool = False
+
+    def due(self, out: RequestOutput) -> RequestOutput | None:
+        """``out``, joined to what is held before it, if it goes now; else None (held)."""
+        if self.interval == 1:
+            return out
+        self.held.append(out)
+        tokens = sum(len(o.token_ids) for o in self.held)
+        if not (out.finished or not self.started or tokens >= self.interval):
+            return None
+        held, self.held, self.started = self.held, [], True
+        return RequestOutput.joined(held)
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, stream_interval: int = 1):
         self.engine = engine
         self._wake = threading.Condition()
         self._inbox: list = []  # (callable, Future) applied by the step thread
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queues: dict[str, OutputStream] = {}
+        self.stream_interval = stream_interval  # the least a request's stream_interval is
         self._ids = itertools.count()
         self._stopped = False
         self.dead: BaseException | None = None  # why the step thread ended unasked
@@ -79,10 +105,12 @@ class AsyncEngine:
         await asyncio.to_thread(self.engine.check_request, prompt_token_ids, params,
                                 adapter_id)
 
+        interval = max(self.stream_interval, params.stream_interval or 1)
+
         def add() -> None:
             self.engine.add_request(request_id, prompt_token_ids, params, adapter_id,
                                     adapter_checked=True)
-            self._queues[request_id] = (loop, queue)
+            self._queues[request_id] = OutputStream(loop, queue, interval)
 
         try:
             await asyncio.wrap_future(self._submit(add))
@@ -105,7 +133,7 @@ class AsyncEngine:
         """Abort ``request_id`` if it is still the request that fed ``queue`` (a request
         with the same client-chosen id, submitted by someone else, is left alone)."""
         target = self._queues.get(request_id)
-        if target is None or target[1] is not queue:
+        if target is None or target.queue is not queue:
             return
         del self._queues[request_id]
         self.engine.abort(request_id)
@@ -141,11 +169,11 @@ class AsyncEngine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineStoppedError(message))
         queues, self._queues = self._queues, {}
-        for request_id, (loop, queue) in queues.items():
+        for request_id, stream in queues.items():
             out = RequestOutput(request_id, "", [], True, FinishReason.ERROR, error=message,
                                 error_code=Status.UNAVAILABLE)
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+            if not stream.loop.is_closed():
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
         if self.on_death is not None:
             self.on_death(error)
 
@@ -172,18 +200,17 @@ class AsyncEngine:
                 self._dispatch(outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their requests' queues: one wake-up of each event
-        loop per step (a ``call_soon_threadsafe`` writes to the loop's self-pipe), not one
-        per output."""
+        """Hand a step's outputs to their requests' queues (those due, ``OutputStream``):
+        one wake-up of each event loop per step (a ``call_soon_threadsafe`` writes to the
+        loop's self-pipe), not one per output."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
-            target = self._queues.get(out.request_id)
-            if target is None:
+            stream = self._queues.get(out.request_id)
+            if stream is None or (out := stream.due(out)) is None:
                 continue
             if out.finished:
                 del self._queues[out.request_id]
-            loop, queue = target
-            by_loop.setdefault(loop, []).append((queue, out))
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_put_all, items)

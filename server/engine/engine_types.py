@@ -4,7 +4,7 @@ request, and what metrics scrape."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nolaserve.adapters.errors import InvalidRequestError, Status, short
 from nolaserve.adapters.store import StoreStats
@@ -45,6 +45,18 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
+
+    @classmethod
+    def joined(cls, outs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive outputs of one request as one: all text, token ids and logprobs;
+        the first one's prompt logprobs; the last one's finish, counts and errors."""
+        if len(outs) == 1:
+            return outs[0]
+        logprobs = [e for out in outs for e in out.logprobs or ()]
+        return replace(outs[-1], text="".join(out.text for out in outs),
+                       token_ids=[t for out in outs for t in out.token_ids],
+                       logprobs=logprobs if any(o.logprobs is not None for o in outs) else None,
+                       prompt_logprobs=outs[0].prompt_logprobs)
 
 
 @dataclass(frozen=True)

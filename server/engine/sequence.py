@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.adapters.errors import InvalidRequestError, short
 
 
 class SequenceStatus(enum.Enum):
@@ -73,6 +73,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # vLLM: only these may be sampled; None: all
     bad_words: list[str] = field(default_factory=list)  # vLLM: never output these words
     cache_salt: str | None = None  # vLLM: only requests with this salt share prefix blocks
+    stream_interval: int | None = None  # vLLM's: tokens per streamed output (>= the server's)
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
@@ -96,6 +97,11 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters")
+        if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
+                                                 or self.stream_interval < 1):
+            raise InvalidRequestError(f"stream_interval must be a whole number of tokens "
+                                      f">= 1 (or unset), got {short(self.stream_interval)}",
+                                      "stream_interval")
         self._validate_processing(max_tokens_limit, vocab_size)
 
     def _validate_processing(self, max_tokens_limit: int, vocab_size: int) -> None:

@@ -51,7 +51,8 @@ def engine_args(config, model_dir: str, device: str):
     max_loras = config.max_loras or config.num_slots
     optional = {"distributed_executor_backend": config.distributed_executor_backend,
                 "max_model_len": config.max_model_len, "quantization": config.quantization,
-                "max_cpu_loras": config.max_cpu_loras}
+                "max_cpu_loras": config.max_cpu_loras,
+                "stream_interval": config.stream_interval > 1 and config.stream_interval}
     return AsyncEngineArgs(
         model=model_dir, tokenizer=model_dir, dtype=vllm_dtype(config.dtype, device), seed=0,
         tensor_parallel_size=config.tensor_parallel_size,
@@ -90,7 +91,9 @@ def sampling(params: SamplingParams):
                         allowed_token_ids=params.allowed_token_ids,
                         bad_words=list(params.bad_words) or None,
                         output_kind=RequestOutputKind.DELTA,
-                        structured_outputs=structured_outputs(params.structured))
+                        structured_outputs=structured_outputs(params.structured),
+                        **({"stream_interval": params.stream_interval}
+                           if params.stream_interval else {}))
 
 
 def structured_outputs(spec: StructuredSpec | None):

@@ -43,8 +43,7 @@ _REFUSED: dict[str, Any] = {
 }
 # Standard fields that do not change the output.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "request_id", "priority",
-             "reasoning_effort", "web_search_options", "include_reasoning", "session_id",
-             "stream_interval"}
+             "reasoning_effort", "web_search_options", "include_reasoning", "session_id"}
 MAX_CHOICES = 64  # choices per request: prompts x n
 
 
@@ -87,6 +86,7 @@ class SamplingBody(BaseModel):
     add_special_tokens: bool | None = None  # None: vLLM's default (chat False, else True)
     cache_salt: str | None = None
     truncation_side: str | None = None  # vLLM's: "right" keeps the prompt's first tokens
+    stream_interval: int | None = None  # vLLM's: tokens per streamed chunk (>= the server's)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -167,7 +167,7 @@ class SamplingBody(BaseModel):
             prompt_logprobs=self._prompt_logprobs(),
             allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
             cache_salt=self.cache_salt, truncation_side=self.truncation_side or "left",
-            logprob_token_ids=self.logprob_token_ids)
+            logprob_token_ids=self.logprob_token_ids, stream_interval=self.stream_interval)
 
     def _prompt_logprobs(self) -> int | None:
         if self.prompt_logprobs is not None and self.stream:
