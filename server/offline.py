@@ -13,6 +13,7 @@ server, in-process, for batch jobs and benchmarks. No server, no event loop.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,21 +31,41 @@ from .engine.engine_types import TokenLogprob
 from .engine.sequence import FinishReason, SamplingParams
 from .generation import GenerateRequest, child_params, engine_input, failure, registered_in
 
-Prompt = str | list[int]
+log = logging.getLogger("nolaserve.offline")
+Prompt = str | list[int] | dict[str, Any]  # vLLM's TextPrompt / TokensPrompt dicts too
 MAX_N = 64  # completions per prompt
 Conversation = list[dict[str, str]]
+# vLLM's LLM(...) arguments that ask for nothing to do here: accepted, and logged as such.
+VLLM_ONLY = {"enable_lora": "LoRA (and NOLA) adapters are always on",
+             "trust_remote_code": "the model loads with transformers' own classes",
+             "swap_space": "no CPU swap space is used",
+             "disable_log_stats": "no stats are logged offline"}
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's: the adapter at ``lora_path`` (a PEFT LoRA directory or a nolaserve adapter
+    file), registered under ``lora_name`` the first time a request names it."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str = ""
 
 
 @dataclass
 class CompletionOutput:
-    """One completion, as vLLM's: text, token ids and ``stop``/``length``/``eos``;
-    ``logprobs`` (one per token) when ``SamplingParams.logprobs`` asks."""
+    """One completion, as vLLM's: text, token ids, ``finish_reason`` ``stop`` (EOS, a stop
+    string or a stop token) or ``length`` and ``stop_reason`` (the stop string or token id
+    that ended it, else None); ``logprobs`` (one per token) and their sum
+    ``cumulative_logprob`` when ``SamplingParams.logprobs`` asks."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -57,6 +78,9 @@ class RequestOutput:
     adapter_id: str | None
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked; the first is None
+    prompt: str | None = None  # the prompt's text (chat: as rendered); None for token ids
+    finished: bool = True  # vLLM's: LLM returns finished requests only
+    lora_request: LoRARequest | None = None  # the one it was asked with
 
     @property
     def text(self) -> str:
@@ -72,7 +96,17 @@ class LLM:
     server's YAML (docs/configuration.md); ``registry_path`` defaults to ``:memory:``
     here (pass a path to use a server's durable registry)."""
 
-    def __init__(self, model: str = "", **config: object) -> None:
+    def __init__(self, model: str = "", *, seed: int | None = None,
+                 tokenizer: str | None = None, **config: object) -> None:
+        """``seed`` (vLLM's): a request without its own seed draws as if seeded ``seed +
+        k``, k counting this LLM's requests, so a rerun samples the same; ``tokenizer``:
+        only the model's own (None or ``model``)."""
+        if tokenizer not in (None, model):
+            raise ValueError("the tokenizer is the model's own (its directory, GGUF file "
+                             "or hub id): leave tokenizer unset")
+        for name in VLLM_ONLY.keys() & config.keys():
+            log.info("LLM(%s=...): %s", name, VLLM_ONLY[name])
+            del config[name]
         if not config.get("registry_url"):
             config.setdefault("registry_path", ":memory:")
         self.config = Config.load(None, model=model, **config)
@@ -81,6 +115,11 @@ class LLM:
                              "`nolaserve serve --engine vllm` (docs/vllm.md)")
         self.engine: Engine = build_engine(self.config)
         self._ids = itertools.count()
+        self._seeds = None if seed is None else itertools.count(seed)
+        self._loras: dict[str, str] = {}  # LoRARequest names registered here, and paths
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
     def register_adapter(self, adapter_id: str, source: bytes | str | os.PathLike,
                          replace: bool = False) -> AdapterRecord:
@@ -95,15 +134,18 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  adapter_ids: str | None | Sequence[str | None] = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids) with the base model or the adapter at
-        the same index; outputs come back in input order. A progress bar shows for more
-        than 8 prompts unless ``use_tqdm`` says otherwise."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+                 use_tqdm: bool | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """Complete each prompt (text, token ids, or vLLM's ``{"prompt": ...}`` /
+        ``{"prompt_token_ids": [...]}``) with the base model or the adapter at the same
+        index (``adapter_ids``, or vLLM's ``lora_request``); outputs come back in input
+        order. A progress bar shows for more than 8 prompts unless ``use_tqdm`` says
+        otherwise."""
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        requests = [GenerateRequest(prompt=p) if isinstance(p, str)
-                    else GenerateRequest(prompt_token_ids=list(p)) for p in prompts]
-        return self._run(requests, sampling_params, adapter_ids, use_tqdm)
+        requests = [_request(p) for p in prompts]
+        return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -111,32 +153,52 @@ class LLM:
              use_tqdm: bool | None = None, *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
-             documents: list[dict[str, str]] | None = None) -> list[RequestOutput]:
+             documents: list[dict[str, str]] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+             ) -> list[RequestOutput]:
         """Answer each conversation (a list of ``{"role", "content"}``), rendered with the
         model's chat template as vLLM's ``LLM.chat`` options say (``chat.ChatOptions``);
-        ``sampling_params`` default to as many tokens as fit."""
+        ``sampling_params`` default to ``SamplingParams()``, as vLLM's."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         chat = ChatOptions(add_generation_prompt, continue_final_message,
                            dict(chat_template_kwargs or {}), documents)
         requests = [GenerateRequest(messages=[ChatMessage(m["role"], m["content"])
                                               for m in conv], chat=chat) for conv in messages]
-        if sampling_params is None:
-            sampling_params = SamplingParams(max_tokens=None)
-        return self._run(requests, sampling_params, adapter_ids, use_tqdm)
+        return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
 
-    def _run(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm
-             ) -> list[RequestOutput]:
+    def _run(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm,
+             loras) -> list[RequestOutput]:
         n = len(requests)
+        if loras is not None:
+            if adapters is not None:
+                raise ValueError("give adapter_ids or lora_request, not both")
+            adapters = [None if r is None else self._lora(r) for r in _each(loras, n, None)]
         for req, params, adapter in zip(requests, _each(sampling, n, SamplingParams()),
                                         _each(adapters, n, None)):
-            req.params, req.model = params, adapter or ""
+            req.params, req.model = self._seeded(params), adapter or ""
         bar = _progress(n, use_tqdm)
         try:
-            return _Batch(self.engine, requests, self._ids, bar).run()
+            outs = _Batch(self.engine, requests, self._ids, bar).run()
         finally:
             if bar is not None:
                 bar.close()
+        for out, lora in zip(outs, _each(loras, n, None)):
+            out.lora_request = lora
+        return outs
+
+    def _lora(self, request: LoRARequest) -> str:
+        """The adapter id of ``request``: its name, registered from its path once."""
+        name = request.lora_name
+        if self._loras.get(name) != request.lora_path:
+            self.register_adapter(name, request.lora_path)
+            self._loras[name] = request.lora_path
+        return name
+
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        if self._seeds is None or params.seed is not None:
+            return params
+        return replace(params, seed=next(self._seeds) % 2**63)
 
     def close(self) -> None:
         """Stop the adapter loader and close the adapter store."""
@@ -196,7 +258,10 @@ class _Batch:
                                                registered_in(self.engine.store),
                                                self.engine.limits.longest_prompt)
         self.engine.add_request(engine_id, prompt, params, adapter)
-        result = self.results.setdefault(request_id, RequestOutput(request_id, prompt, adapter))
+        text = request.prompt if request.messages is None else self.engine.tokenizer.decode(
+            prompt, skip_special_tokens=False)
+        result = self.results.setdefault(request_id, RequestOutput(request_id, prompt, adapter,
+                                                                   prompt=text))
         result.outputs.append(CompletionOutput(j, "", [], ""))
         self.choice[engine_id] = (request_id, result.outputs[-1])
         self.text[engine_id] = []
@@ -213,10 +278,29 @@ class _Batch:
         result.prompt_logprobs = result.prompt_logprobs or out.prompt_logprobs
         if out.finished:
             choice.text = "".join(self.text.pop(out.request_id))
-            choice.finish_reason = out.finish_reason.value
+            choice.finish_reason = ("stop" if out.finish_reason is FinishReason.EOS
+                                    else out.finish_reason.value)  # vLLM's: EOS is a stop
+            choice.stop_reason = out.stop_reason
+            if choice.logprobs is not None:
+                choice.cumulative_logprob = sum(e.logprob for e in choice.logprobs)
             self.left[request_id] -= 1
             if self.bar is not None and not self.left[request_id]:
                 self.bar.update(1)
+
+
+def _request(prompt: Prompt) -> GenerateRequest:
+    """A prompt as a request: text, token ids, or vLLM's prompt dicts."""
+    if isinstance(prompt, dict):
+        if prompt.keys() == {"prompt"}:
+            prompt = prompt["prompt"]
+        elif prompt.keys() == {"prompt_token_ids"}:
+            prompt = prompt["prompt_token_ids"]
+        else:
+            raise ValueError(f"a prompt dict has {sorted(prompt)}: give {{'prompt': text}} "
+                             "or {'prompt_token_ids': [ids]} (no multi-modal data)")
+    if isinstance(prompt, str):
+        return GenerateRequest(prompt=prompt)
+    return GenerateRequest(prompt_token_ids=list(prompt))
 
 
 def _each(value, n: int, default) -> list:

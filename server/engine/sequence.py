@@ -4,10 +4,11 @@ Pure Python (no torch)."""
 from __future__ import annotations
 
 import enum
+import json as jsonlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from nolaserve.adapters.errors import InvalidRequestError, short
 
@@ -38,6 +39,32 @@ class StructuredSpec:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams`` (offline ``SamplingParams(structured_outputs=)``):
+    exactly one of a JSON schema (a dict or its text), a regex, a choice of strings, a
+    grammar or ``json_object``; ``spec`` is it as a ``StructuredSpec``."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def spec(self) -> StructuredSpec:
+        asked = {k: v for k, v in vars(self).items() if v is not None and v is not False}
+        if len(asked) != 1:
+            raise InvalidRequestError(
+                f"structured_outputs sets {sorted(asked) or 'nothing'}: set exactly one of "
+                "json, regex, choice, grammar or json_object", "structured_outputs")
+        (kind, value), = asked.items()
+        if kind == "json":
+            return StructuredSpec(value if isinstance(value, str) else jsonlib.dumps(value))
+        if kind == "json_object":
+            return StructuredSpec()
+        return StructuredSpec(**{kind: tuple(value) if kind == "choice" else value})
 
 
 @dataclass
@@ -74,6 +101,13 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)  # vLLM: never output these words
     cache_salt: str | None = None  # vLLM: only requests with this salt share prefix blocks
     stream_interval: int | None = None  # vLLM's: tokens per streamed output (>= the server's)
+    structured_outputs: InitVar[StructuredOutputsParams | None] = None  # vLLM's: -> structured
+
+    def __post_init__(self, structured_outputs: StructuredOutputsParams | None) -> None:
+        if isinstance(self.stop, str):  # vLLM's str | list[str]: one stop string
+            self.stop = [self.stop]
+        if structured_outputs is not None:
+            self.structured = structured_outputs.spec()
 
     def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not

@@ -21,7 +21,9 @@ _LAZY = {
     "LLM": "nolaserve.server.offline",
     "RequestOutput": "nolaserve.server.offline",
     "CompletionOutput": "nolaserve.server.offline",
+    "LoRARequest": "nolaserve.server.offline",
     "SamplingParams": "nolaserve.server.engine.sequence",
+    "StructuredOutputsParams": "nolaserve.server.engine.sequence",
 }
 __all__ = sorted(_LAZY)
 
