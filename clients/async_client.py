@@ -47,7 +47,7 @@ class AsyncClient(Stubs):
                        messages: Sequence[ChatMessage] | None = None, adapter_id: str = "",
                        max_tokens: int = 16, temperature: float | None = None,
                        top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                       stop: Sequence[str] = (), ignore_eos: bool = False,
+                       stop: str | Sequence[str] = (), ignore_eos: bool = False,
                        request_id: str = "", **sampling: Unpack[SamplingExtras]
                  ) -> GenerateResult:
         """See ``Client.generate``."""
@@ -61,7 +61,7 @@ class AsyncClient(Stubs):
                               adapter_id: str = "", max_tokens: int = 16,
                               temperature: float | None = None, top_p: float | None = None,
                               top_k: int = 0, seed: int | None = None,
-                              stop: Sequence[str] = (), ignore_eos: bool = False,
+                              stop: str | Sequence[str] = (), ignore_eos: bool = False,
                               request_id: str = "", **sampling: Unpack[SamplingExtras]
                               ) -> AsyncIterator[StreamChunk]:
         """See ``Client.generate_stream``."""

@@ -66,7 +66,7 @@ class Client(Stubs):
                  messages: Sequence[ChatMessage] | None = None, adapter_id: str = "",
                  max_tokens: int = 16, temperature: float | None = None,
                  top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                 stop: Sequence[str] = (), ignore_eos: bool = False,
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False,
                  request_id: str = "", **sampling: Unpack[SamplingExtras]
                  ) -> GenerateResult:
         """The whole completion of ``prompt`` or chat ``messages`` (exactly one of them);
@@ -82,7 +82,7 @@ class Client(Stubs):
                         messages: Sequence[ChatMessage] | None = None, adapter_id: str = "",
                         max_tokens: int = 16, temperature: float | None = None,
                         top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                        stop: Sequence[str] = (), ignore_eos: bool = False,
+                        stop: str | Sequence[str] = (), ignore_eos: bool = False,
                         request_id: str = "", **sampling: Unpack[SamplingExtras]
                         ) -> Iterator[StreamChunk]:
         """Chunks as they are produced (arguments as ``generate``); closing the iterator

@@ -251,7 +251,7 @@ def _chat(messages: Sequence[ChatMessage]) -> inference_pb2.ChatMessages:
 
 def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
                      adapter_id: str, max_tokens: int, temperature: float | None,
-                     top_p: float | None, top_k: int, seed: int | None, stop: Sequence[str],
+                     top_p: float | None, top_k: int, seed: int | None, stop: str | Sequence[str],
                      ignore_eos: bool, request_id: str,
                      extras: SamplingExtras | None = None) -> inference_pb2.GenerateRequest:
     """The request for exactly one of ``prompt`` and ``messages``; None leaves a sampling
@@ -262,7 +262,8 @@ def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
     special = extras.pop("add_special_tokens", None)
     optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
     sampling = inference_pb2.SamplingParams(
-        max_tokens=max_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
+        max_tokens=max_tokens, top_k=top_k, ignore_eos=ignore_eos,
+        stop=[stop] if isinstance(stop, str) else list(stop),  # a string: one stop string
         **{k: v for k, v in optional.items() if v is not None}, **_extras(extras))
     input_ = {"prompt": prompt} if prompt is not None else {"messages": _chat(messages or ())}
     if special is not None:

@@ -39,7 +39,8 @@ def test_generate_sends_every_field_and_tokens_go_to_their_service(served):
     with Client(target, admin_token="adm", inference_token="inf") as c:
         r = c.generate("hi", adapter_id="a", max_tokens=5, temperature=0.0, top_p=0.5, top_k=3,
                        seed=7, stop=["\n"], ignore_eos=True, request_id="r1")
-        chat = c.generate(messages=[{"role": "system", "content": "be brief"}, ("user", "yo")])
+        chat = c.generate(messages=[{"role": "system", "content": "be brief"}, ("user", "yo")],
+                          stop="###")  # a string is one stop string, as OpenAI's and vLLM's
         c.server_info()
     assert (r.text, r.token_ids, r.finish_reason, r.request_id) == ("echo:hi", [1, 2, 3],
                                                                       "length", "r1")
@@ -49,6 +50,7 @@ def test_generate_sends_every_field_and_tokens_go_to_their_service(served):
     assert (list(s.stop), s.ignore_eos, fake.requests[0].adapter_id) == (["\n"], True, "a")
     unset = fake.requests[1].sampling
     assert not unset.HasField("temperature") and not unset.HasField("seed")
+    assert list(unset.stop) == ["###"]
     assert [m.role for m in fake.requests[1].messages.messages] == ["system", "user"]
     assert fake.auth == [("Generate", "Bearer inf"), ("Generate", "Bearer inf"),
                          ("GetServerInfo", "Bearer adm")]
