@@ -4,6 +4,7 @@ batched prompts, ``echo``, completions and chat logprobs, ``logit_bias``, penalt
 ``min_tokens``, whole and streamed; and ``Fanout``, which runs a request's choices."""
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -556,3 +557,37 @@ def test_fanout_merges_children_and_closes_all_when_one_fails():
     assert sorted(closed) == ["a", "b"]
     assert got[:2] == [(0, "0"), (1, "0")]  # every child's first output comes first
     assert [t for i, t in got if i == 1] == ["0", "1"]
+
+
+def test_return_token_ids_gives_the_prompts_too_as_vllm_does(engine):
+    """vLLM's ``return_token_ids`` also returns the prompt's token ids (RL clients read
+    both): on each completions choice (streamed: its first chunk), on the chat response
+    (streamed: the first chunk)."""
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    chat_ids = engine.tokenizer(engine.tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
+    body = {"max_tokens": 3, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+    async def fn(oa, h):
+        comp = (await h.post("/v1/completions", json={
+            "prompt": [PROMPT, "x"], "n": 2, **body})).json()
+        chat = (await h.post("/v1/chat/completions", json={"messages": MESSAGES,
+                                                           **body})).json()
+        streams = []
+        for path, extra in (("/v1/completions", {"prompt": PROMPT, "n": 2}),
+                            ("/v1/chat/completions", {"messages": MESSAGES})):
+            r = await h.post(path, json={**body, **extra, "stream": True})
+            streams.append([json.loads(x[6:]) for x in r.text.split("\n\n")
+                            if x.startswith("data: {")])
+        return comp, chat, streams
+
+    comp, chat, (comp_stream, chat_stream) = serve(engine, fn)
+    x_ids = engine.tokenizer("x")["input_ids"]
+    assert [c["prompt_token_ids"] for c in comp["choices"]] == [ids, ids, x_ids, x_ids]
+    assert chat["prompt_token_ids"] == chat_ids
+    assert "prompt_token_ids" not in chat["choices"][0]
+    firsts = [c["choices"][0] for c in comp_stream if "prompt_token_ids" in c["choices"][0]]
+    assert sorted(c["index"] for c in firsts) == [0, 1]
+    assert all(c["prompt_token_ids"] == ids for c in firsts)
+    assert [c.get("prompt_token_ids") for c in chat_stream][:2] == [chat_ids, None]

@@ -130,7 +130,7 @@ class Endpoints:
                      body.structured_output(self.tool_call_parser)[1],
                      None if k_prompt is None else LogprobFormat(tokenizer, k_prompt),
                      body.stream_usage if body.stream else "",
-                     tuple(len(ids) for ids in fan.prompt_ids))
+                     tuple(fan.prompt_ids))
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)

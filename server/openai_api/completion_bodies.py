@@ -50,7 +50,7 @@ class Shape:
     tools: ToolMode | None = None  # the output becomes tool calls (tool_calls.py)
     prompt_logprobs: LogprobFormat | None = None  # vLLM's, asked for (not by echo)
     stream_usage: str = ""  # "final": a closing usage chunk; "continuous": each chunk too
-    prompt_tokens: tuple[int, ...] = ()  # each prompt's, as the engine got it
+    prompt_ids: tuple[list[int], ...] = ()  # each prompt's token ids, as the engine got them
 
 
 @dataclass
@@ -148,7 +148,11 @@ class CompletionBodies:
                                         c.last.stop_reason, calls))
             if self.shape.prompt_logprobs is not None and not self.chat:
                 choices[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
+            if self.shape.token_ids and not self.chat:
+                choices[-1]["prompt_token_ids"] = self.shape.prompt_ids[index // self.shape.n]
         body = self._envelope(self.object, choices)
+        if self.shape.token_ids and self.chat:  # vLLM's: the response's, with token_ids
+            body["prompt_token_ids"] = self.shape.prompt_ids[0]
         if self.shape.prompt_logprobs is not None and self.chat:  # vLLM: the response's
             body["prompt_logprobs"] = self._prompt_logprobs(self._choices[0])
         body["usage"] = self._usage()
@@ -164,7 +168,8 @@ class CompletionBodies:
         if not self.chat:
             return []
         return [self._sse({"index": i, "delta": {"role": "assistant", "content": ""},
-                           "logprobs": None, "finish_reason": None})
+                           "logprobs": None, "finish_reason": None},
+                          i == 0 and self.shape.token_ids)
                 for i in range(self.shape.n)]  # a chat request has one prompt
 
     def chunk(self, index: int, out: RequestOutput) -> bytes | None:
@@ -179,10 +184,14 @@ class CompletionBodies:
         if (not out.text and reason is None and not sends_ids
                 and (self.shape.echo is None or self._choices[index].started)):
             return None
+        first = not self._choices[index].started
         text, logprobs = self._content(index, out.text, out.token_ids, out.logprobs,
                                        out.prompt_logprobs)
-        return self._sse(self._choice(index, text, out.token_ids, logprobs, reason, True,
-                                      out.stop_reason))
+        choice = self._choice(index, text, out.token_ids, logprobs, reason, True,
+                              out.stop_reason)
+        if first and self.shape.token_ids and not self.chat:  # vLLM's: in a choice's first
+            choice["prompt_token_ids"] = self.shape.prompt_ids[index // self.shape.n]
+        return self._sse(choice)
 
     def _tool_chunk(self, index: int, out: RequestOutput) -> bytes | None:
         """The content and tool-call deltas an output lets stream (``CallStream``); the
@@ -232,13 +241,16 @@ class CompletionBodies:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _sse(self, choice: dict) -> bytes:
-        """One chunk; with usage asked, its ``usage``: null, or (continuous) the choice's
+    def _sse(self, choice: dict, prompt_ids: bool = False) -> bytes:
+        """One chunk (``prompt_ids``: with the prompt's token ids, vLLM's first chat
+        chunk's); with usage asked, its ``usage``: null, or (continuous) the choice's
         prompt and the tokens streamed so far, as vLLM counts them."""
         body = self._envelope(self._chunk_object, [choice])
+        if prompt_ids:
+            body["prompt_token_ids"] = self.shape.prompt_ids[0]
         if self.shape.stream_usage == "continuous":
             index = choice["index"]
-            prompt = self.shape.prompt_tokens[index // self.shape.n]
+            prompt = len(self.shape.prompt_ids[index // self.shape.n])
             done = self._choices[index].streamed
             body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done,
                              "total_tokens": prompt + done}
