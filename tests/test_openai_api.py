@@ -144,6 +144,8 @@ def test_unsupported_fields_are_refused_and_unknown_ones_ignored(engine, caplog)
             results = {}
             for label, extra in REFUSED + [
                     ("top_p", {"top_p": 1.5}), ("max_tokens", {"max_tokens": "x"}),
+                    ("temperature", {"temperature": -1}), ("logprobs", {"logprobs": 30}),
+                    ("large max_tokens", {"max_tokens": 10**6}),
                     ("unknown", {"frobnicate": 1}),
                     ("neutral", {"presence_penalty": 0, "user": "me", "stop": "\n"})]:
                 r = await h.post("/v1/completions", json=body | extra)
@@ -159,6 +161,9 @@ def test_unsupported_fields_are_refused_and_unknown_ones_ignored(engine, caplog)
         assert status == 400 and body["error"]["param"] == field, (field, body)
         assert body["error"]["type"] == "BadRequestError"
     assert results["top_p"][0] == 400 and "top_p" in results["top_p"][1]["error"]["message"]
+    for field, label in (("top_p", "top_p"), ("temperature", "temperature"),
+                         ("logprobs", "logprobs"), ("max_tokens", "large max_tokens")):
+        assert results[label][1]["error"]["param"] == field, label  # named, as vLLM's
     assert results["max_tokens"][0] == 400
     assert results["unknown"][0] == 200 and "frobnicate" in caplog.text
     assert results["neutral"][0] == 200 and "presence_penalty" not in caplog.text

@@ -114,23 +114,26 @@ class SamplingParams:
         known) bounds ``logit_bias``'s token ids."""
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError(
-                f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}"
-            )
+                f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}",
+                "max_tokens")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidRequestError(
-                f"temperature must be a finite number >= 0, got {self.temperature}"
-            )
+                f"temperature must be a finite number >= 0, got {self.temperature}",
+                "temperature")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
-            raise InvalidRequestError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+            raise InvalidRequestError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}",
+                                      "min_p")
         if self.top_k < 0:
             raise InvalidRequestError(
-                f"top_k must be >= 0 (0 = off; -1 also means off over HTTP), got {self.top_k}")
+                f"top_k must be >= 0 (0 = off; -1 also means off over HTTP), got {self.top_k}",
+                "top_k")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}")
+            raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}", "seed")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters")
+            raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters",
+                                      "stop")
         if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
                                                  or self.stream_interval < 1):
             raise InvalidRequestError(f"stream_interval must be a whole number of tokens "
@@ -143,46 +146,47 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
                 raise InvalidRequestError(
-                    f"{name} must be between 0 and {MAX_LOGPROBS} (or unset), got {k}")
+                    f"{name} must be between 0 and {MAX_LOGPROBS} (or unset), got {k}", name)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not (math.isfinite(v) and -2 <= v <= 2):
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}", name)
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise InvalidRequestError(
                 f"repetition_penalty must be a finite number > 0 (1 = off), got "
-                f"{self.repetition_penalty}")
+                f"{self.repetition_penalty}", "repetition_penalty")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got "
-                f"{self.min_tokens}")
+                f"{self.min_tokens}", "min_tokens")
         _validate_logit_bias(self.logit_bias, vocab_size)
         _validate_token_ids("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS,
                             vocab_size)
         if self.logprob_token_ids is not None:
             if self.logprobs is None or not self.logprob_token_ids:
                 raise InvalidRequestError("logprob_token_ids needs logprobs set and at least "
-                                          "one token id (as in vLLM)")
+                                          "one token id (as in vLLM)", "logprob_token_ids")
             _validate_token_ids("logprob_token_ids", self.logprob_token_ids,
                                 MAX_LOGPROB_TOKEN_IDS, vocab_size)
         if self.allowed_token_ids is not None:
             if not self.allowed_token_ids:
                 raise InvalidRequestError("allowed_token_ids is empty: list at least one "
-                                          "token id, or leave it unset to allow every token")
+                                          "token id, or leave it unset to allow every token",
+                                          "allowed_token_ids")
             _validate_token_ids("allowed_token_ids", self.allowed_token_ids,
                                 vocab_size or MAX_ALLOWED_TOKEN_IDS, vocab_size)
         if self.truncation_side not in ("left", "right"):
             raise InvalidRequestError(f"truncation_side must be left (keep the prompt's last "
                                       f"tokens) or right (its first), got "
-                                      f"{str(self.truncation_side)[:20]!r}")
+                                      f"{str(self.truncation_side)[:20]!r}", "truncation_side")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not
                                             1 <= len(self.cache_salt) <= MAX_CACHE_SALT):
             raise InvalidRequestError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "
-                                      "characters, or unset")
+                                      "characters, or unset", "cache_salt")
         if len(self.bad_words) > MAX_BAD_WORDS or any(
                 not isinstance(w, str) or not w.strip() or len(w) > 256 for w in self.bad_words):
             raise InvalidRequestError(f"bad_words: at most {MAX_BAD_WORDS} strings of 1 to 256 "
-                                      "characters, not only spaces")
+                                      "characters, not only spaces", "bad_words")
 
 
 MAX_LOGPROBS = 20
@@ -196,26 +200,30 @@ MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS (it counts them after token
 
 def _validate_token_ids(name: str, ids: list[int], most: int, vocab_size: int) -> None:
     if len(ids) > most:
-        raise InvalidRequestError(f"{name} has {len(ids)} entries; at most {most} are allowed")
+        raise InvalidRequestError(f"{name} has {len(ids)} entries; at most {most} are allowed",
+                                  name)
     for token in ids:
         if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
             top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
             raise InvalidRequestError(f"{name} entry {str(token)[:20]} is out of range: "
-                                      f"token ids are 0 to {top}")
+                                      f"token ids are 0 to {top}", name)
 
 
 def _validate_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
     if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
         raise InvalidRequestError(
-            f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+            f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+            "logit_bias")
     for token, value in bias.items():
         if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
             top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
             raise InvalidRequestError(
-                f"logit_bias token id {str(token)[:20]} is out of range: token ids are 0 to {top}")
+                f"logit_bias token id {str(token)[:20]} is out of range: token ids are 0 to {top}",
+                "logit_bias")
         if not (isinstance(value, int | float) and math.isfinite(value) and -100 <= value <= 100):
             raise InvalidRequestError(
-                f"logit_bias for token {token} must be in [-100, 100], got {str(value)[:20]}")
+                f"logit_bias for token {token} must be in [-100, 100], got {str(value)[:20]}",
+                "logit_bias")
 
 
 @dataclass(eq=False)
