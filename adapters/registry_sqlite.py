@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .errors import RegistryUnavailableError
 from .registry_base import Registry
 from .registry_schema import migrate
 
@@ -30,11 +31,12 @@ class SqliteRegistry(Registry):
         super().__init__(scope)
         self._path = self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self._path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        with self._faults("open"):
+            self._conn = sqlite3.connect(
+                self._path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
         self._shared_reads = self._path in (":memory:", "")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -73,7 +75,7 @@ class SqliteRegistry(Registry):
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """The write connection in ``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any
         exception), under the lock."""
-        with self._lock:
+        with self._lock, self._faults("write"):
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -83,6 +85,21 @@ class SqliteRegistry(Registry):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _faults(self, doing: str) -> Iterator[None]:
+        """SQLite's own failures (a read-only or missing file or directory, a full disk,
+        a damaged file, a lock held past the timeout) as ``RegistryUnavailableError``
+        naming the file: a status that says what to fix, not an internal error."""
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise  # a constraint, or a closed registry: this process's own doing
+        except sqlite3.DatabaseError as e:
+            raise RegistryUnavailableError(
+                f"cannot {doing} the adapter registry, SQLite file {self._path!r}: {e}; "
+                "registry_path must name a writable file in an existing directory (its "
+                "-wal and -shm files beside it writable too)") from e
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:

@@ -207,12 +207,13 @@ def _serve(args: argparse.Namespace, connect: Connect) -> int:
     except (ValueError, OSError, yaml.YAMLError) as e:
         print(f"config error: {_flag_words(str(e))}", file=sys.stderr)
         return 2
+    from nolaserve.adapters.errors import ServingError
     from nolaserve.server.app import serve
 
     try:
         return serve(config)
-    except (OSError, ValueError, RuntimeError) as e:  # a port in use, model load, bad model
-        print(f"nolaserve failed to start: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, ServingError) as e:  # a port in use, model
+        print(f"nolaserve failed to start: {e}", file=sys.stderr)  # load, registry file
         return 1
 
 

@@ -15,6 +15,7 @@ from nolaserve.adapters.errors import (
     InvalidAdapterError,
     InvalidAdapterIdError,
     RegistrySchemaError,
+    RegistryUnavailableError,
 )
 from nolaserve.adapters.ids import ADAPTER_ID_PATTERN
 from nolaserve.adapters.registry import iter_all
@@ -223,3 +224,21 @@ def test_a_newer_schema_is_refused(tmp_path):
         conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(RegistrySchemaError, match="upgrade nolaserve"):
         Registry(path)
+
+
+def test_a_file_that_cannot_be_opened_or_written_is_unavailable_naming_it(tmp_path):
+    """A directory, a missing directory, a read-only file: RegistryUnavailableError (the
+    server's UNAVAILABLE, or a one-line failure to start) naming the file and what to fix,
+    never SQLite's own exception (an internal error); the rows already there stay."""
+    for path in (tmp_path, tmp_path / "missing" / "r.db"):
+        with pytest.raises(RegistryUnavailableError, match="writable file in an existing"):
+            Registry(path)
+    registry = Registry(tmp_path / "r.db")
+    registry.register("kept", "nola", b"x", {})
+    registry._conn.close()  # as if the file turned read-only under the server
+    registry._conn = sqlite3.connect(f"file:{tmp_path / 'r.db'}?mode=ro", uri=True,
+                                     isolation_level=None, check_same_thread=False)
+    with pytest.raises(RegistryUnavailableError, match="cannot write .* readonly"):
+        registry.register("new", "nola", b"y", {})
+    assert [r.id for r in iter_all(registry)] == ["kept"]
+
