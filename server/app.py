@@ -43,6 +43,7 @@ from .service import InferenceServicer
 
 log = logging.getLogger("nolaserve.server")
 REGISTRY = "registry"  # the health sub-service of the adapter registry's database
+CANCELLED_FLUSH_S = 2.0  # after the grace: for cancelled streams to send their last message
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -116,6 +117,8 @@ class RunningServer:
         if not await self.gate.drain(grace):
             log.warning("%d requests still running after %.1f s; cancelling them",
                         self.gate.in_flight, grace)
+            await self.engine.cancel_all()  # each stream ends itself: a cancelled finish
+            await self.gate.drain(CANCELLED_FLUSH_S)  # (gRPC) or an error event (HTTP)
         await self.server.stop(0)  # cancels what is left: their engine requests abort
         if self.http is not None:
             await self.http.stop()

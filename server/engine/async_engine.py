@@ -215,13 +215,18 @@ class AsyncEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_put_all, items)
 
+    async def cancel_all(self) -> None:
+        """Cancel every request in flight: each stream gets its last output (finish
+        CANCELLED), between two steps."""
+        await asyncio.wrap_future(self._submit(self._cancel_all))
+
+    def _cancel_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            self._dispatch([self.engine.abort(request_id)])
+
     def stop(self) -> None:
         """Stop the step thread; requests still in flight are cancelled."""
-        def cancel_all() -> None:
-            for request_id in list(self.engine.requests):
-                self._dispatch([self.engine.abort(request_id)])
-
-        future = self._submit(cancel_all)
+        future = self._submit(self._cancel_all)
         with self._wake:
             self._stopped = True
             self._wake.notify()

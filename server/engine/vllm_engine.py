@@ -159,6 +159,12 @@ class VllmEngine:
         if self.on_death is not None:
             self.on_death(error)
 
+    async def cancel_all(self) -> None:
+        """Abort every request in flight: each stream gets vLLM's last output (``abort``,
+        our CANCELLED)."""
+        if self._in_flight and not self._stopped:
+            await self.llm.abort(list(self._in_flight))
+
     def stop(self) -> None:
         """Abort every request in flight and shut vLLM down (from any thread)."""
         self._on_loop(self._shutdown)
