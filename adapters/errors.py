@@ -80,6 +80,13 @@ class AdapterInUseError(AdapterError):
     status = Status.FAILED_PRECONDITION
 
 
+class AdapterDamagedError(AdapterError):
+    """The registry's stored bytes of an adapter no longer match their sha256: its file or
+    database was damaged (FAILED_PRECONDITION); re-register or restore it."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 class RegistryUnavailableError(AdapterError):
     """The registry's database cannot be reached; retry when it is back (UNAVAILABLE)."""
 

@@ -21,6 +21,7 @@ and the fault mapping: a database that cannot be reached raises
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 from . import registry_sql as sql
 from .errors import (
+    AdapterDamagedError,
     AdapterError,
     AdapterInUseError,
     AdapterNotFoundError,
@@ -202,14 +204,21 @@ class Registry(ABC):
             return self._get(conn, adapter_id)
 
     def data(self, adapter_id: str) -> bytes:
-        """The stored adapter file bytes."""
+        """The stored adapter file bytes, checked against their recorded sha256 (a damaged
+        file or database is ``AdapterDamagedError``, never a silently different adapter)."""
         with self._reading() as conn:
-            row = self._run(conn, "SELECT b.data FROM adapter_blobs b JOIN adapters a "
-                            f"ON a.id = b.id WHERE a.id = ?{self._in_scope}",
+            row = self._run(conn, "SELECT b.data, a.sha256 FROM adapter_blobs b JOIN "
+                            f"adapters a ON a.id = b.id WHERE a.id = ?{self._in_scope}",
                             (adapter_id, *self._scope_args)).fetchone()
             if row is None:
                 raise self._not_found(conn, adapter_id)
-        return bytes(row[0])
+        data = bytes(row[0])
+        if hashlib.sha256(data).hexdigest() != row[1]:
+            raise AdapterDamagedError(
+                f"the registry's bytes of adapter {short(adapter_id)} do not match their "
+                f"sha256 ({self.location} is damaged): register it again with replace, or "
+                "restore the registry; `nolaserve registry check` lists what is damaged")
+        return data
 
     def contains(self, adapter_id: str) -> bool:
         """Whether ``adapter_id`` is registered."""

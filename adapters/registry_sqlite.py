@@ -96,10 +96,13 @@ class SqliteRegistry(Registry):
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise  # a constraint, or a closed registry: this process's own doing
         except sqlite3.DatabaseError as e:
-            raise RegistryUnavailableError(
-                f"cannot {doing} the adapter registry, SQLite file {self._path!r}: {e}; "
-                "registry_path must name a writable file in an existing directory (its "
-                "-wal and -shm files beside it writable too)") from e
+            fix = ("registry_path must name a writable file in an existing directory (its "
+                   "-wal and -shm files beside it writable too)"
+                   if isinstance(e, sqlite3.OperationalError) else
+                   "the file is damaged or not a registry: `nolaserve registry check "
+                   "FILE` says what is wrong; restore it, or give another registry_path")
+            raise RegistryUnavailableError(f"cannot {doing} the adapter registry, SQLite "
+                                           f"file {self._path!r}: {e}; {fix}") from e
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nolaserve.adapters.errors import (
+    AdapterDamagedError,
     AdapterExistsError,
     AdapterInUseError,
     AdapterNotFoundError,
@@ -309,6 +310,19 @@ def test_verify_reports_rows_whose_bytes_do_not_match(backend, reg):
                 "WHERE id = 'bad'")
     problems = reg.verify()
     assert len(problems) == 1 and "'bad'" in problems[0] and "sha256" in problems[0]
+
+
+def test_damaged_bytes_are_never_served_as_the_adapter(backend, reg):
+    """Bytes that no longer match their sha256 (a damaged file or database) raise
+    AdapterDamagedError naming the adapter when read, not a silently different adapter;
+    the other rows read as before."""
+    reg.register("good", "lora", b"xy")
+    reg.register("bad", "lora", b"yx")
+    flipped = "X'7879'" if backend.name == "sqlite" else "'\\x7879'::bytea"  # b"xy"
+    backend.sql(f"UPDATE adapter_blobs SET data = {flipped} WHERE id = 'bad'")
+    with pytest.raises(AdapterDamagedError, match="adapter 'bad' do not match their sha256"):
+        reg.data("bad")
+    assert reg.data("good") == b"xy"
 
 
 def _refuse_insert_of(backend: Backend, adapter_id: str) -> None:
