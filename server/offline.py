@@ -52,18 +52,31 @@ class LoRARequest:
     lora_path: str = ""
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's: a token's logprob, its rank at its position (1 = the likeliest) and its
+    text (the tokenizer's decoding of it alone)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+Position = dict[int, Logprob]  # vLLM's: the chosen token's and the k most likely's, by id
+
+
 @dataclass
 class CompletionOutput:
     """One completion, as vLLM's: text, token ids, ``finish_reason`` ``stop`` (EOS, a stop
     string or a stop token) or ``length`` and ``stop_reason`` (the stop string or token id
-    that ended it, else None); ``logprobs`` (one per token) and their sum
-    ``cumulative_logprob`` when ``SamplingParams.logprobs`` asks."""
+    that ended it, else None); when ``SamplingParams.logprobs`` asks, ``logprobs`` (a
+    ``Position`` per token) and the sampled tokens' sum ``cumulative_logprob``."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[Position] | None = None
     stop_reason: str | int | None = None
     cumulative_logprob: float | None = None
 
@@ -77,7 +90,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     adapter_id: str | None
     outputs: list[CompletionOutput] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked; the first is None
+    prompt_logprobs: list[Position | None] | None = None  # when asked; the first is None
     prompt: str | None = None  # the prompt's text (chat: as rendered); None for token ids
     finished: bool = True  # vLLM's: LLM returns finished requests only
     lora_request: LoRARequest | None = None  # the one it was asked with
@@ -224,6 +237,18 @@ class _Batch:
         self.choice: dict[str, tuple[str, CompletionOutput]] = {}  # engine id -> whose, what
         self.text: dict[str, list[str]] = {}
         self.left: dict[str, int] = {}  # request id -> choices not finished
+        self.k: dict[str, tuple[int, int]] = {}  # engine id -> its logprobs' k, prompt's k
+        self._texts: dict[int, str] = {}  # token id -> its text alone
+
+    def _position(self, entry: TokenLogprob, k: int) -> Position:
+        """A ``TokenLogprob`` as vLLM's ``{token id: Logprob}``."""
+        return {t: Logprob(logprob, rank, self._text(t)) for t, logprob, rank in entry.ranked(k)}
+
+    def _text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.engine.tokenizer.decode([token_id])
+        return text
 
     def run(self) -> list[RequestOutput]:
         pending = (item for rid, request in zip(self.request_ids, self.requests)
@@ -258,6 +283,8 @@ class _Batch:
                                                registered_in(self.engine.store),
                                                self.engine.limits.longest_prompt)
         self.engine.add_request(engine_id, prompt, params, adapter)
+        named = len(params.logprob_token_ids or ())  # they replace the k likeliest
+        self.k[engine_id] = (named or params.logprobs or 0, params.prompt_logprobs or 0)
         text = request.prompt if request.messages is None else self.engine.tokenizer.decode(
             prompt, skip_special_tokens=False)
         result = self.results.setdefault(request_id, RequestOutput(request_id, prompt, adapter,
@@ -273,16 +300,20 @@ class _Batch:
         result = self.results[request_id]
         self.text[out.request_id].append(out.text)
         choice.token_ids += out.token_ids
+        k, k_prompt = self.k[out.request_id]
         if out.logprobs is not None:
-            choice.logprobs = (choice.logprobs or []) + out.logprobs
-        result.prompt_logprobs = result.prompt_logprobs or out.prompt_logprobs
+            choice.logprobs = (choice.logprobs or []) + [self._position(e, k)
+                                                         for e in out.logprobs]
+            choice.cumulative_logprob = (choice.cumulative_logprob or 0.0) + sum(
+                e.logprob for e in out.logprobs)
+        if out.prompt_logprobs is not None and result.prompt_logprobs is None:
+            result.prompt_logprobs = [None if e is None else self._position(e, k_prompt)
+                                      for e in out.prompt_logprobs]
         if out.finished:
             choice.text = "".join(self.text.pop(out.request_id))
             choice.finish_reason = ("stop" if out.finish_reason is FinishReason.EOS
                                     else out.finish_reason.value)  # vLLM's: EOS is a stop
             choice.stop_reason = out.stop_reason
-            if choice.logprobs is not None:
-                choice.cumulative_logprob = sum(e.logprob for e in choice.logprobs)
             self.left[request_id] -= 1
             if self.bar is not None and not self.left[request_id]:
                 self.bar.update(1)

@@ -40,7 +40,13 @@ USER_CODE = textwrap.dedent('''
             "héllo wörld", SamplingParams(stop=free[3:5], **greedy))[0])
         record("eos", llm.generate("héllo wörld", SamplingParams(
             temperature=0, max_tokens=8, min_tokens=2, logit_bias={0: 100.0}))[0])
-        record("logprobs", llm.generate("café", SamplingParams(logprobs=2, **greedy))[0])
+        scored = llm.generate("café", SamplingParams(logprobs=2, prompt_logprobs=1,
+                                                     **greedy))[0]
+        record("logprobs", scored)
+        outs["positions"] = [
+            None if p is None else {str(t): [lp.logprob, lp.rank, lp.decoded_token]
+                                    for t, lp in p.items()}
+            for p in [*scored.prompt_logprobs, *scored.outputs[0].logprobs]]
         for i, out in enumerate(llm.generate([{"prompt": "café naïve"},
                                               {"prompt_token_ids": ids}],
                                              SamplingParams(**greedy))):
@@ -90,6 +96,16 @@ def test_vllm_user_code_gives_vllms_outputs(tmp_path, bytebpe):
                         dtype="float32", cache_dir=str(tmp_path / "cache"), num_slots=2,
                         max_rank=8, kv_cache_bytes=4 << 20)
     ours = json.loads(json.dumps(ours))  # tuples as lists, as vLLM's came
+    # vLLM's {token id: Logprob(logprob, rank, decoded_token)}, prompt's and output's
+    positions, theirs_positions = ours.pop("positions"), theirs.pop("positions")
+    assert [p and sorted(p) for p in positions] == [p and sorted(p) for p in theirs_positions]
+    for mine, want in zip(positions, theirs_positions):
+        for t, (logprob, rank, text) in (mine or {}).items():
+            assert logprob == pytest.approx(want[t][0], abs=1e-4)
+            assert rank == want[t][1]
+            # a byte token that is part of a character: its own decode (U+FFFD), where
+            # vLLM guesses from the tokens before it
+            assert text == want[t][2] or text.endswith("\ufffd"), (text, want[t])
     for name, out in ours.items():  # a random model writes bytes that are not UTF-8:
         if isinstance(out[0], str) and "\ufffd" in out[0]:  # vLLM holds back its text
             out[0] = theirs[name][0] = None  # after them; ours is transformers' decode

@@ -374,11 +374,20 @@ def test_the_offline_api_returns_logprobs(model, bytebpe, tmp_path):
     out = llm.generate([prompt], greedy(4, logprobs=2, prompt_logprobs=1))[0]
     llm.close()
     ref = reference_logprobs(model, prompt + out.token_ids)
-    assert [lp.token_id for lp in out.outputs[0].logprobs] == out.token_ids
-    for j, lp in enumerate(out.outputs[0].logprobs):
-        assert_logprob(lp, ref[len(prompt) - 1 + j], 2)
+    ids = prompt + out.token_ids
+    positions = [(len(prompt) + j, p, 2) for j, p in enumerate(out.outputs[0].logprobs)]
+    positions += [(4, out.prompt_logprobs[4], 1)]
+    for at, position, k in positions:  # vLLM's {token id: Logprob(logprob, rank, text)}
+        row, chosen = ref[at - 1], position[ids[at]]
+        assert chosen.logprob == pytest.approx(row[ids[at]].item(), abs=1e-4)
+        assert chosen.decoded_token == bytebpe.decode([ids[at]])
+        values, top = row.topk(k)
+        assert all(position[t].logprob == pytest.approx(v, abs=1e-4)
+                   for t, v in zip(top.tolist(), values.tolist()))
+        assert {position[t].rank for t in top.tolist()} <= {chosen.rank, *range(1, k + 1)}
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
-    assert_logprob(out.prompt_logprobs[4], ref[3], 1)
+    assert out.outputs[0].cumulative_logprob == pytest.approx(
+        sum(p[t].logprob for p, t in zip(out.outputs[0].logprobs, out.token_ids)))
 
 
 def test_min_tokens_reached_costs_nothing():

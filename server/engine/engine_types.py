@@ -25,6 +25,14 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     rank: int | None = None
 
+    def ranked(self, k: int) -> list[tuple[int, float, int | None]]:
+        """vLLM's position: this token (with its own rank) and the ``k`` most likely
+        (rank 1 to k), each token once, as ``(token id, logprob, rank)``."""
+        position = {self.token_id: (self.logprob, self.rank)}
+        for rank, (token_id, logprob) in enumerate(self.top[:k], start=1):
+            position.setdefault(token_id, (logprob, rank))
+        return [(t, logprob, rank) for t, (logprob, rank) in position.items()]
+
 
 @dataclass
 class RequestOutput:

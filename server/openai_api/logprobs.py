@@ -76,14 +76,10 @@ class LogprobFormat:
             if e is None:
                 out.append(None)
                 continue
-            position = {e.token_id: self._ranked(e.token_id, e.logprob, e.rank)}
-            for rank, (token_id, logprob) in enumerate(e.top[:self.k], start=1):
-                position.setdefault(token_id, self._ranked(token_id, logprob, rank))
-            out.append(position)
+            out.append({t: {"logprob": _value(logprob), "rank": rank,
+                            "decoded_token": self.piece(t)}
+                        for t, logprob, rank in e.ranked(self.k)})
         return out
-
-    def _ranked(self, token_id: int, logprob: float, rank: int | None) -> dict:
-        return {"logprob": _value(logprob), "rank": rank, "decoded_token": self.piece(token_id)}
 
     def _chat_token(self, token_id: int, logprob: float) -> dict:
         text = self.label(token_id)

@@ -22,6 +22,7 @@ _LAZY = {
     "RequestOutput": "nolaserve.server.offline",
     "CompletionOutput": "nolaserve.server.offline",
     "LoRARequest": "nolaserve.server.offline",
+    "Logprob": "nolaserve.server.offline",
     "SamplingParams": "nolaserve.server.engine.sequence",
     "StructuredOutputsParams": "nolaserve.server.engine.sequence",
 }
