@@ -80,6 +80,7 @@ def rpc_errors() -> Iterator[None]:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
 
 @dataclass
@@ -103,6 +104,7 @@ class GenerateResult:
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    cached_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: one per token
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 2..
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
@@ -204,12 +206,14 @@ def generate_result(r: inference_pb2.GenerateResponse) -> GenerateResult:
                           finish_reason=finish_reason(r.finish_reason) or "",
                           prompt_tokens=r.usage.prompt_tokens,
                           completion_tokens=r.usage.completion_tokens, request_id=r.request_id,
+                          cached_tokens=r.usage.cached_tokens,
                           stop_reason=_stop_reason(r), index=r.index,
                           choices=[generate_result(c) for c in r.choices], **_logprobs(r))
 
 
 def stream_chunk(r: inference_pb2.GenerateResponse) -> StreamChunk:
-    usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
+    usage = Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_tokens) \
+        if r.HasField("usage") else None
     return StreamChunk(text=r.text, token_ids=list(r.token_ids),
                        finish_reason=finish_reason(r.finish_reason), usage=usage,
                        stop_reason=_stop_reason(r), index=r.index, **_logprobs(r))

@@ -157,6 +157,10 @@ class Config:
                                    "`<tool_call>{json}</tool_call>` blocks becoming "
                                    "`tool_calls` (vLLM's parser of that name); `\"\"` = "
                                    "`auto` is refused")
+    enable_prompt_tokens_details: bool = option(False, "HTTP usage has "
+                                                "`prompt_tokens_details.cached_tokens`: the "
+                                                "prompt tokens served from the prefix cache "
+                                                "(vLLM's flag of the same name)")
     adapter_dirs: list[str] = option([], "directories `POST /v1/load_lora_adapter` may read "
                                      "adapters from (symlinks resolved); `[]` = it refuses "
                                      "every path (403)")

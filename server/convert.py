@@ -140,6 +140,7 @@ def generate_response(request_id: str, out: RequestOutput, index: int = 0
         response.finish_reason = _FINISH[out.finish_reason]
         response.usage.prompt_tokens = out.prompt_tokens
         response.usage.completion_tokens = out.completion_tokens
+        response.usage.cached_tokens = out.cached_tokens
     response.logprobs.extend(token_logprob(e) for e in out.logprobs or ())
     response.prompt_logprobs.extend(token_logprob(e) for e in out.prompt_logprobs or ()
                                     if e is not None)
@@ -154,7 +155,8 @@ def completions_response(request_id: str, outs: list[RequestOutput]
     return inference_pb2.GenerateResponse(
         request_id=request_id, choices=choices, usage=inference_pb2.Usage(
             prompt_tokens=outs[0].prompt_tokens,
-            completion_tokens=sum(out.completion_tokens for out in outs)))
+            completion_tokens=sum(out.completion_tokens for out in outs),
+            cached_tokens=outs[0].cached_tokens))
 
 
 def token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:

@@ -93,6 +93,7 @@ class RequestOutput:
     prompt_logprobs: list[Position | None] | None = None  # when asked; the first is None
     prompt: str | None = None  # the prompt's text (chat: as rendered); None for token ids
     finished: bool = True  # vLLM's: LLM returns finished requests only
+    num_cached_tokens: int = 0  # vLLM's: prompt tokens served from the prefix cache
     lora_request: LoRARequest | None = None  # the one it was asked with
 
     @property
@@ -314,6 +315,8 @@ class _Batch:
             choice.finish_reason = ("stop" if out.finish_reason is FinishReason.EOS
                                     else out.finish_reason.value)  # vLLM's: EOS is a stop
             choice.stop_reason = out.stop_reason
+            if choice.index == 0:
+                result.num_cached_tokens = out.cached_tokens
             self.left[request_id] -= 1
             if self.bar is not None and not self.left[request_id]:
                 self.bar.update(1)

@@ -105,3 +105,17 @@ def test_n_completions_per_prompt_as_vllms_llm_gives_them(checkpoint):
     assert [[c.token_ids for c in o.outputs] for o in outs] == alone
     assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # the seeds differ
     assert all(c.finish_reason == "length" and c.text for o in outs for c in o.outputs)
+
+
+def test_num_cached_tokens_counts_the_prefix_cache_hits(checkpoint):
+    """vLLM's ``RequestOutput.num_cached_tokens``: 0 the first time, whole blocks of the
+    prompt when it comes again."""
+    llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
+    prompt = "héllo wörld " * 12
+    params = SamplingParams(max_tokens=1, temperature=0)
+    first, again = (llm.generate(prompt, params)[0] for _ in range(2))
+    block = llm.engine.scheduler.block_manager.block_size
+    llm.close()
+    assert first.num_cached_tokens == 0
+    assert 0 < again.num_cached_tokens < len(again.prompt_token_ids)
+    assert again.num_cached_tokens % block == 0

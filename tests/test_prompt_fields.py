@@ -93,6 +93,40 @@ def test_cache_salt_reaches_the_prefix_cache_from_every_front_end(engine):
     assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
 
 
+def test_each_front_end_reports_the_prompt_tokens_the_prefix_cache_served(engine):
+    """vLLM's (and OpenAI's) cached prompt tokens: none the first time, whole blocks of
+    the prompt the second, the same count on every front end (HTTP usage's
+    ``prompt_tokens_details`` with vLLM's ``enable_prompt_tokens_details``, the Responses
+    API's ``input_tokens_details``, gRPC's and the client's usage)."""
+    long = PROMPT * 6
+    body = {"prompt": long, "max_tokens": 1}
+
+    async def main():
+        async with http_serving(engine, enable_prompt_tokens_details=True) as (c, url), \
+                http(url) as h:
+            first = (await h.post("/v1/completions", json=body)).json()["usage"]
+            again = (await h.post("/v1/completions", json=body)).json()["usage"]
+            grpc_usage = (await c.inference.Generate(inference_pb2.GenerateRequest(
+                prompt=long, sampling=inference_pb2.SamplingParams(max_tokens=1)))).usage
+            async with AsyncClient(f"127.0.0.1:{c.running.port}") as client:
+                result = await client.generate(long, max_tokens=1)
+            chat = {"messages": [{"role": "user", "content": long}], "max_tokens": 1}
+            await h.post("/v1/chat/completions", json=chat)
+            responses = (await h.post("/v1/responses", json={
+                "input": long, "max_output_tokens": 1})).json()["usage"]
+            responses_again = (await h.post("/v1/responses", json={
+                "input": long, "max_output_tokens": 1})).json()["usage"]
+        return first, again, grpc_usage, result, responses, responses_again
+
+    first, again, grpc_usage, result, _, responses = asyncio.run(main())
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert 0 < cached < again["prompt_tokens"]
+    assert cached % engine.scheduler.block_manager.block_size == 0  # whole blocks
+    assert grpc_usage.cached_tokens == result.cached_tokens == cached
+    assert 0 < responses["input_tokens_details"]["cached_tokens"] < responses["input_tokens"]
+
+
 async def _http(h, c, client, prompt, salt):
     r = await h.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1,
                                               "cache_salt": salt})

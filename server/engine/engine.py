@@ -290,7 +290,8 @@ class Engine:
         del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, text, token_ids or [], True, reason,
                              seq.num_prompt_tokens, len(seq.output_token_ids), error, code,
-                             stop_reason=stop_reason)
+                             stop_reason=stop_reason,
+                             cached_tokens=max(seq.num_cached_tokens, 0))
 
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []

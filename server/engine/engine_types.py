@@ -53,6 +53,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
+    cached_tokens: int = 0  # last output: prompt tokens served from the prefix cache
 
     @classmethod
     def joined(cls, outs: list[RequestOutput]) -> RequestOutput:

@@ -257,6 +257,8 @@ class Scheduler:
                 if not self._match_prefix(seq, budget):
                     break  # FCFS: the cached blocks it took left too few for its chunk
                 num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
+            if seq.num_cached_tokens < 0:  # vLLM's num_cached_tokens: at first admission
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=self._order.__getitem__)
             self._schedule(seq, num_new, out)

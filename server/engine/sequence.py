@@ -244,6 +244,7 @@ class Sequence:
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     prefix_counted: bool = False  # its prefix-cache lookup is in the counters (once)
+    num_cached_tokens: int = -1  # prompt tokens the prefix cache held when first admitted
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences
 
     @property

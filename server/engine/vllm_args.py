@@ -134,7 +134,9 @@ def request_output(request_id: str, out, prompt_tokens: int, completion_tokens: 
     error = "vLLM finished the request with an error" if reason is FinishReason.ERROR else None
     ours = RequestOutput(request_id, c.text, list(c.token_ids), out.finished, reason,
                          prompt_tokens, completion_tokens, error, Status.INTERNAL,
-                         stop_reason=c.stop_reason if out.finished else None)
+                         stop_reason=c.stop_reason if out.finished else None,
+                         cached_tokens=(getattr(out, "num_cached_tokens", 0) or 0)
+                         if out.finished else 0)
     if params is not None and params.logprobs is not None and c.logprobs is not None:
         ours.logprobs = [token_logprob(t, d, params.logprobs, params.logprob_token_ids)
                          for t, d in zip(c.token_ids, c.logprobs)]

@@ -29,7 +29,8 @@ def http_server(config: Config, generation: Generation, store: AdapterStore | No
                 sock: socket.socket) -> HttpServer:
     """The HTTP server of one nolaserve process, on the pre-bound ``sock``; without a
     store, only completions, chat, health and metrics."""
-    endpoints = Endpoints(generation, metrics, gate, config.tool_call_parser)
+    endpoints = Endpoints(generation, metrics, gate, config.tool_call_parser,
+                          config.enable_prompt_tokens_details)
     adapters = None
     if store is not None:
         adapters = AdapterEndpoints(store, config, max_model_len, time.time())

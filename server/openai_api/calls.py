@@ -35,9 +35,10 @@ class Endpoints:
     """The handlers of one server, bound to its engine, gate and metrics."""
 
     def __init__(self, generation: Generation, metrics: Metrics, gate: Gate,
-                 tool_call_parser: str = "") -> None:
+                 tool_call_parser: str = "", cached_details: bool = False) -> None:
         self.generation, self.metrics, self.gate = generation, metrics, gate
         self.tool_call_parser = tool_call_parser  # config: what tool_choice auto parses
+        self.cached_details = cached_details  # config: usage's prompt_tokens_details
 
     async def unary(self, name: str, fn: Callable[[], Awaitable[Response]]) -> Response:
         """Run ``fn`` behind the gate; count it; a typed error becomes its HTTP error."""
@@ -130,7 +131,7 @@ class Endpoints:
                      body.structured_output(self.tool_call_parser)[1],
                      None if k_prompt is None else LogprobFormat(tokenizer, k_prompt),
                      body.stream_usage if body.stream else "",
-                     tuple(fan.prompt_ids))
+                     tuple(fan.prompt_ids), self.cached_details)
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)

@@ -51,6 +51,7 @@ class Shape:
     prompt_logprobs: LogprobFormat | None = None  # vLLM's, asked for (not by echo)
     stream_usage: str = ""  # "final": a closing usage chunk; "continuous": each chunk too
     prompt_ids: tuple[list[int], ...] = ()  # each prompt's token ids, as the engine got them
+    cached_details: bool = False  # usage's prompt_tokens_details.cached_tokens (vLLM's flag)
 
 
 @dataclass
@@ -232,10 +233,15 @@ class CompletionBodies:
         """Every choice's completion tokens; each prompt's tokens once (its ``n`` choices
         share it)."""
         lasts = [(i, c.last) for i, c in self._choices.items() if c.last is not None]
-        prompt = sum(out.prompt_tokens for i, out in lasts if i % self.shape.n == 0)
+        firsts = [out for i, out in lasts if i % self.shape.n == 0]
+        prompt = sum(out.prompt_tokens for out in firsts)
         completion = sum(out.completion_tokens for _, out in lasts)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}
+        if self.shape.cached_details:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": sum(out.cached_tokens for out in firsts)}
+        return usage
 
     @property
     def _chunk_object(self) -> str:

@@ -195,7 +195,8 @@ class ResponseBodies:
     def _response(self, status: str, output: list[dict]) -> dict:
         r, last = self.request, self.last
         usage = None if last is None or status == "in_progress" else {
-            "input_tokens": last.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": last.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": last.cached_tokens},
             "output_tokens": last.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": last.prompt_tokens + last.completion_tokens}
