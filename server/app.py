@@ -4,7 +4,8 @@ reflection), token auth, optional TLS, Prometheus metrics and SIGTERM draining.
     serve(config) -> exit code            # blocking; what `nolaserve serve` calls
     await start(config, engine) -> RunningServer   # in-process (tests): .port, .stop(grace)
 
-Every port is bound before the model loads (``ports.py``): a port in use fails at once.
+Every port is bound before the model loads (``ports.py``): a port in use fails at once,
+and each answers while the model loads (health NOT_SERVING, the APIs "loading").
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,16 +36,18 @@ from .engine.engine import Engine
 from .engine.vllm_engine import VllmEngine
 from .generation import Generation
 from .metrics import Metrics
-from .openai_api import HttpServer, bind_http, http_server
+from .openai_api import HttpServer, bind_http, http_app
 from .ports import GRPC_OPTIONS, add_grpc_port, bind_tcp
-from .rpc import DecodeInterceptor, Gate
+from .rpc import DecodeInterceptor, Deferred, Gate
 from .service import InferenceServicer
 
 log = logging.getLogger("nolaserve.server")
 REGISTRY = "registry"  # the health sub-service of the adapter registry's database
 CANCELLED_FLUSH_S = 2.0  # after the grace: for cancelled streams to send their last message
-INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+SERVICES = {service.full_name: service for service in (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"],
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"])}
+INFERENCE, ADMIN = SERVICES
 
 
 @dataclass
@@ -131,7 +133,8 @@ class RunningServer:
 async def start(config: Config, engine: Engine | VllmEngine | None = None) -> RunningServer:
     """Bind every port first (``host:port``, port 0 picks a free one; ``metrics_port`` and
     ``http_port`` unless 0), so that a port in use fails with ``PortInUseError`` before the
-    model loads; then build the engine (unless given) and start the services."""
+    model loads; serve them at once (health NOT_SERVING, Inference and Admin UNAVAILABLE,
+    HTTP 503 while loading); then build the engine (unless given) and add the services."""
     metrics = Metrics()
     # the handlers' blocking work (registrations, RMM builds) runs torch serially
     asyncio.get_running_loop().set_default_executor(
@@ -143,31 +146,32 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
         interceptors=[TokenAuthInterceptor(tokens, metrics), DecodeInterceptor()],
         options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
-    metrics_sock = http_sock = aengine = http = watcher = None
+    metrics_port = http = aengine = watcher = None
+    health_servicer, deferred = Health(), Deferred(*SERVICES.values())
     try:
         port = add_grpc_port(server, config.host, config.port, "--port", _credentials(config))
         if config.metrics_port:
-            metrics_sock = bind_tcp(config.host, config.metrics_port, "--metrics-port")
+            metrics_port = metrics.serve_http(
+                bind_tcp(config.host, config.metrics_port, "--metrics-port"))
         http_sock = bind_http(config)
+        http = HttpServer(http_sock, config) if http_sock is not None else None
+        await _serve_health(server, deferred, health_servicer)
+        if http is not None:
+            await http.start()
         owns = engine is None
         if engine is None:
             log.info("ports bound; loading model %s", config.model or "(embedded SmolLM2)")
             engine = (await build_vllm_engine(config) if config.engine == "vllm" else
                       await _build_on_own_thread(config))
-        aengine, generation, health_servicer, gate = _add_services(server, engine, config,
-                                                                   metrics)
-        if http_sock is not None:
-            http = http_server(config, generation, engine.store, engine.limits.max_model_len,
-                               metrics, gate, http_sock)
-        await server.start()
-        metrics_port = metrics.serve_http(metrics_sock) if metrics_sock else None
+        aengine, generation, gate = _add_services(deferred, engine, config, metrics)
         if http is not None:
-            await http.start()
+            http.app = http_app(config, generation, engine.store,
+                                engine.limits.max_model_len, metrics, gate)
         for name in ("", INFERENCE, ADMIN, REGISTRY):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         watcher = watch_registry(engine, config, health_servicer, metrics)
     except BaseException:
-        await _abort(server, aengine, http, metrics_sock, http_sock)
+        await _abort(server, aengine, http, metrics)
         raise
     running = RunningServer(config, server, aengine, metrics, gate, health_servicer, port,
                             metrics_port, owns, http, watcher)
@@ -209,16 +213,14 @@ async def _build_on_own_thread(config: Config) -> Engine:
 
 
 async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
-                 http: HttpServer | None, *socks: socket.socket | None) -> None:
+                 http: HttpServer | None, metrics: Metrics) -> None:
     """Undo a start that failed part way: stop what started, close the bound sockets."""
     await server.stop(0)
     if http is not None:
         await http.stop()
     if aengine is not None:
         aengine.stop()
-    for sock in socks:
-        if sock is not None:
-            sock.close()
+    metrics.close()
 
 
 class Health(health.aio.HealthServicer):
@@ -232,24 +234,32 @@ class Health(health.aio.HealthServicer):
             for name, status in self._server_status.items()})
 
 
-def _add_services(server: grpc.aio.Server, engine: Engine | VllmEngine, config: Config,
-                  metrics: Metrics
-                  ) -> tuple[AsyncEngine | VllmEngine, Generation, Health,
-                             Gate]:
-    """Inference, Admin, health and reflection on ``server``, over ``engine``."""
+async def _serve_health(server: grpc.aio.Server, deferred: Deferred,
+                        health_servicer: Health) -> None:
+    """Start ``server`` before the model loads: health NOT_SERVING, reflection, and
+    Inference and Admin ``deferred`` (UNAVAILABLE until ``_add_services``)."""
+    server.add_generic_rpc_handlers((deferred,))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable(server, *SERVICES, health.SERVICE_NAME)
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+
+
+def _add_services(deferred: Deferred, engine: Engine | VllmEngine, config: Config,
+                  metrics: Metrics) -> tuple[AsyncEngine | VllmEngine, Generation, Gate]:
+    """Inference and Admin over ``engine``, in place of ``deferred``'s UNAVAILABLE."""
     metrics.bind(engine)
-    gate, health_servicer = Gate(), Health()
+    gate = Gate()
     # vLLM's engine is asynchronous itself; the native one gets its step thread here
     aengine = engine if isinstance(engine, VllmEngine) else AsyncEngine(
         engine, config.stream_interval)
     generation = Generation(aengine, metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(generation, metrics, gate, config.max_message_bytes), server)
+        InferenceServicer(generation, metrics, gate, config.max_message_bytes), deferred)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(engine, config, metrics, gate), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable(server, INFERENCE, ADMIN, health.SERVICE_NAME)
-    return aengine, generation, health_servicer, gate
+        AdminServicer(engine, config, metrics, gate), deferred)
+    return aengine, generation, gate
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:

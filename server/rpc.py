@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from nolaserve.adapters.errors import (
     MalformedRequestError,
@@ -104,6 +105,43 @@ class Gate:
         except asyncio.TimeoutError:
             return False
         return True
+
+
+LOADING = "the model is still loading; retry when grpc.health.v1 reports SERVING"
+_HANDLER_KIND = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+class Deferred(grpc.GenericRpcHandler):
+    """The handlers of ``services``, registered before the server starts though their
+    servicers need the engine: health and reflection answer while the model loads, and
+    until the servicers are added every call to ``services`` is UNAVAILABLE (``LOADING``).
+    The generated ``add_<Service>Servicer_to_server(servicer, deferred)`` adds them."""
+
+    def __init__(self, *services: ServiceDescriptor) -> None:
+        self._handlers: list[grpc.GenericRpcHandler] = []
+        self._loading = {f"/{service.full_name}/{m.name}":
+                         _HANDLER_KIND[m.client_streaming, m.server_streaming](_loading)
+                         for service in services for m in service.methods}
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        """Served through the generic handlers (added with them)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for handlers in self._handlers:
+            handler = handlers.service(details)
+            if handler is not None:
+                return handler
+        return self._loading.get(details.method)
+
+
+async def _loading(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, LOADING)
 
 
 class Servicer(Protocol):

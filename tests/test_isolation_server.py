@@ -118,7 +118,10 @@ def test_serve_exits_non_zero_when_the_step_thread_dies(model, bytebpe):
             Config(host="127.0.0.1", port=port, metrics_port=0), engine))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30)
+            async for answer in health.Watch(health_pb2.HealthCheckRequest(),
+                                             wait_for_ready=True, timeout=30):
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    break  # (NOT_SERVING while the engine is added)
             kill_step_thread(engine)
             from nolaserve.v1 import inference_pb2_grpc
 

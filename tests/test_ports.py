@@ -1,18 +1,24 @@
 """Every port is bound before the model loads: a port in use (gRPC or metrics) fails at
-once, naming the address and the flag, and never shares the address (SO_REUSEPORT off)."""
+once, naming the address and the flag, and never shares the address (SO_REUSEPORT off);
+while the model loads, health and the APIs answer that it is loading."""
 
 import asyncio
 import socket
+import threading
 
+import grpc
+import httpx
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
-from server_helpers import serving
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_helpers import expect_code, free_port, request, serving
 
 from nolaserve.clients import cli
 from nolaserve.server import app
 from nolaserve.server.config import Config
 from nolaserve.server.ports import PortInUseError, bind_tcp
+from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
 
 @pytest.fixture
@@ -97,3 +103,51 @@ def test_bind_tcp_holds_the_port_until_closed():
         with pytest.raises(PortInUseError, match="--metrics-port"):
             bind_tcp("127.0.0.1", port, "--metrics-port")
     bind_tcp("127.0.0.1", port, "--metrics-port").close()
+
+
+def test_every_port_answers_while_the_model_loads(monkeypatch, bytebpe):
+    """Health is NOT_SERVING and the APIs say "loading" (gRPC UNAVAILABLE, HTTP 503)
+    while the engine builds, instead of a probe that times out; then all serve."""
+    engine, loaded = make_engine(tiny_llama(vocab_size=300), bytebpe), threading.Event()
+
+    def build_engine(config):
+        assert loaded.wait(60)
+        return engine
+
+    monkeypatch.setattr(app, "build_engine", build_engine)
+    port, http_port = free_port(), free_port()
+    config = Config(port=port, metrics_port=0, http_port=http_port)
+
+    async def main():
+        starting = asyncio.create_task(app.start(config))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True,
+                                       timeout=30)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            listed = await health.List(health_pb2.HealthListRequest())
+            assert {s.status for s in listed.statuses.values()} == {check.status}
+            await expect_code(grpc.StatusCode.UNAVAILABLE, inference_pb2_grpc.InferenceStub(
+                channel).Generate(request()), "loading")
+            stream = inference_pb2_grpc.InferenceStub(channel).GenerateStream(request())
+            await expect_code(grpc.StatusCode.UNAVAILABLE, stream, "loading")
+            await expect_code(grpc.StatusCode.UNAVAILABLE, admin_pb2_grpc.AdminStub(
+                channel).GetServerInfo(admin_pb2.GetServerInfoRequest()), "loading")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+                for path in ("/health", "/v1/models"):
+                    response = await http.get(path)
+                    assert response.status_code == 503
+                    assert "loading" in response.json()["error"]["message"]
+                loaded.set()
+                running = await starting
+                try:
+                    check = await health.Check(health_pb2.HealthCheckRequest())
+                    assert check.status == health_pb2.HealthCheckResponse.SERVING
+                    assert (await http.get("/health")).status_code == 200
+                    out = await inference_pb2_grpc.InferenceStub(channel).Generate(
+                        request(max_tokens=2))
+                    assert len(out.token_ids) == 2
+                finally:
+                    await running.stop(0)
+
+    asyncio.run(main())

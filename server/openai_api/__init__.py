@@ -2,12 +2,12 @@
 drain gate and metrics as the gRPC services (see README "OpenAI API").
 
     sock = bind_http(config)            # before the model loads; None when http_port = 0
-    http = http_server(config, generation, store, max_model_len, metrics, gate, sock)
+    http = HttpServer(sock, config)     # started at once: 503 "loading" until it has
+    http.app = http_app(config, generation, store, max_model_len, metrics, gate)
 """
 
 from __future__ import annotations
 
-import socket
 import time
 
 from nolaserve.adapters.store import AdapterStore
@@ -21,14 +21,13 @@ from .errors import HTTP_STATUS
 from .routes import Endpoints, build_app, token_rules
 from .server import BearerAuth, BodyLimit, HttpServer, bind_http
 
-__all__ = ["HTTP_STATUS", "HttpServer", "bind_http", "http_server"]
+__all__ = ["HTTP_STATUS", "HttpServer", "bind_http", "http_app"]
 
 
-def http_server(config: Config, generation: Generation, store: AdapterStore | None,
-                max_model_len: int, metrics: Metrics, gate: Gate,
-                sock: socket.socket) -> HttpServer:
-    """The HTTP server of one nolaserve process, on the pre-bound ``sock``; without a
-    store, only completions, chat, health and metrics."""
+def http_app(config: Config, generation: Generation, store: AdapterStore | None,
+             max_model_len: int, metrics: Metrics, gate: Gate) -> BearerAuth:
+    """The ASGI application of one nolaserve process; without a store, only completions,
+    chat, health and metrics."""
     endpoints = Endpoints(generation, metrics, gate, config.tool_call_parser,
                           config.enable_prompt_tokens_details)
     adapters = None
@@ -36,4 +35,4 @@ def http_server(config: Config, generation: Generation, store: AdapterStore | No
         adapters = AdapterEndpoints(store, config, max_model_len, time.time())
     app = BodyLimit(build_app(endpoints, adapters), config.max_message_bytes)
     rules = token_rules(config.inference_token, config.admin_token)
-    return HttpServer(BearerAuth(app, rules, metrics), sock, config)
+    return BearerAuth(app, rules, metrics)

@@ -4,6 +4,8 @@ from the same ``tls_cert``/``tls_key``, and two ASGI layers in front of the app:
 token, checked before the body is read, then a body limit checked before anything parses.
 
     app = BearerAuth(BodyLimit(fastapi_app, max_bytes), token_rules(...), metrics)
+
+``HttpServer`` serves the socket from before the model loads, 503 until it has the app.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..ports import bind_tcp
 from .errors import HTTP_STATUS, error_body
 
 log = logging.getLogger("nolaserve.http")
+LOADING = "the model is still loading; retry when GET /health answers 200"
 
 
 def bind_http(config: Config) -> socket.socket | None:
@@ -127,17 +130,26 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    """uvicorn over the ASGI ``app`` on a pre-bound socket, in the running event loop."""
+    """uvicorn on a pre-bound socket, in the running event loop, started before the model
+    loads: until ``app`` (the ASGI application) is set, every request, ``/health`` too,
+    is 503 (``LOADING``)."""
 
-    def __init__(self, app, sock: socket.socket, config: Config) -> None:
+    def __init__(self, sock: socket.socket, config: Config) -> None:
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         self.tls = bool(config.tls_cert)
+        self.app = None
         self.server = _Server(uvicorn.Config(
-            app, lifespan="off", log_config=None,
+            self._asgi, interface="asgi3", lifespan="off", log_config=None,
             access_log=False, ssl_certfile=config.tls_cert or None,
             ssl_keyfile=config.tls_key or None, timeout_graceful_shutdown=5))
         self._task: asyncio.Task | None = None
+
+    async def _asgi(self, scope, receive, send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await send_error(send, 503, LOADING)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
