@@ -95,19 +95,24 @@ def test_nola_matches_peft_lora_of_its_factors(model, bytebpe):
 def test_bad_requests_are_rejected_and_engine_keeps_serving(model, bytebpe):
     engine = make_engine(model, bytebpe, max_tokens_limit=64)
     other = random_nola(type(engine.store.spec)(2, {"self_attn.q_proj": (64, 32)}), seed=1)
-    bad = [
-        ([], SamplingParams(), None, InvalidRequestError, "empty"),
-        ([5] * 200, SamplingParams(), None, InvalidRequestError, "limit"),
-        ([5] * 100, SamplingParams(max_tokens=60), None, InvalidRequestError, "context"),
-        ([5], SamplingParams(max_tokens=0), None, InvalidRequestError, "max_tokens"),
-        ([5], SamplingParams(max_tokens=65), None, InvalidRequestError, "max_tokens"),
-        ([5], SamplingParams(temperature=-1), None, InvalidRequestError, "temperature"),
-        ([5], SamplingParams(temperature=float("nan")), None, InvalidRequestError, "temperature"),
-        ([5], SamplingParams(top_p=0), None, InvalidRequestError, "top_p"),
-        ([5], SamplingParams(top_p=1.5), None, InvalidRequestError, "top_p"),
-        ([5], SamplingParams(), "nope", AdapterNotFoundError, "nope"),
+    bad = [  # (prompt, sampling fields, adapter, error, match)
+        ([], {}, None, InvalidRequestError, "empty"),
+        ([5] * 200, {}, None, InvalidRequestError, "limit"),
+        ([5] * 100, {"max_tokens": 60}, None, InvalidRequestError, "context"),
+        ([5], {"max_tokens": 0}, None, InvalidRequestError, "max_tokens"),
+        ([5], {"max_tokens": 65}, None, InvalidRequestError, "max_tokens"),
+        ([5], {"temperature": -1}, None, InvalidRequestError, "temperature"),
+        ([5], {"temperature": float("nan")}, None, InvalidRequestError, "temperature"),
+        ([5], {"top_p": 0}, None, InvalidRequestError, "top_p"),
+        ([5], {"top_p": 1.5}, None, InvalidRequestError, "top_p"),
+        ([5], {}, "nope", AdapterNotFoundError, "nope"),
     ]
-    for prompt, params, adapter, error, match in bad:
+    for prompt, fields, adapter, error, match in bad:
+        with pytest.raises(error, match=match):  # (at construction, as vLLM's, if it can)
+            engine.add_request("x", prompt, SamplingParams(**fields), adapter)
+        params = SamplingParams()  # a field set after construction is checked again
+        for name, value in fields.items():
+            setattr(params, name, value)
         with pytest.raises(error, match=match):
             engine.add_request("x", prompt, params, adapter)
     with pytest.raises(IncompatibleAdapterError, match="shape"):

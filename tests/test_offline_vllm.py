@@ -3,8 +3,9 @@
 nolaserve import ...`` here, on one tiny checkpoint and PEFT LoRA, gives the same greedy
 tokens, text, ``finish_reason`` (EOS is ``stop``), ``stop_reason``, ``prompt`` and
 ``cumulative_logprob``: a string ``stop``, vLLM's prompt dicts, ``LoRARequest``,
-``StructuredOutputsParams``, ``get_tokenizer``, vLLM's ``LLM`` arguments and the default
-``SamplingParams`` of ``chat``."""
+``StructuredOutputsParams``, ``get_tokenizer``, vLLM's ``LLM`` arguments, the default
+``SamplingParams`` of ``chat``, and which ``SamplingParams`` are refused as they are
+built."""
 
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ USER_CODE = textwrap.dedent('''
             temperature=0, max_tokens=32))[0])
         chat = llm.chat([{"role": "user", "content": "héllo"}])[0].outputs[0]
         outs["chat default"] = [chat.finish_reason == "length", len(chat.token_ids)]
+        outs["refused at construction"] = []  # of each of these fields
+        for fields in ({"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": 0.0},
+                       {"max_tokens": 0}, {"min_p": 2.0}, {"presence_penalty": 3.0},
+                       {"repetition_penalty": 0.0}, {"top_k": -2}, {"top_k": -1},
+                       {"min_tokens": 9, "max_tokens": 8}, {"stop": [""]}):
+            try:
+                SamplingParams(**fields)
+                refused = False
+            except Exception:  # vLLM 0.32's VLLMValidationError is no ValueError
+                refused = True
+            outs["refused at construction"].append(refused)
         return outs
 ''')
 

@@ -69,10 +69,11 @@ class StructuredOutputsParams:
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and
-    ``top_p == 1`` turn those filters off; ``seed`` makes sampling reproducible whatever
-    else is in the batch. ``max_tokens=None`` is as many as the context and
-    ``max_tokens_limit`` allow (``Engine.add_request`` fills it in)."""
+    """Per-request sampling, checked at construction as vLLM's is (``check``) and again
+    within the engine's bounds (``validate``). ``temperature == 0`` is greedy; ``top_k``
+    0 (or vLLM's -1) and ``top_p == 1`` turn those filters off; ``seed`` makes sampling
+    reproducible whatever else is in the batch. ``max_tokens=None`` is as many as the
+    context and ``max_tokens_limit`` allow (``Engine.add_request`` fills it in)."""
 
     max_tokens: int | None = 16
     n: int = 1  # vLLM's: completions per prompt, LLM.generate's (each its own engine request)
@@ -106,16 +107,28 @@ class SamplingParams:
     def __post_init__(self, structured_outputs: StructuredOutputsParams | None) -> None:
         if isinstance(self.stop, str):  # vLLM's str | list[str]: one stop string
             self.stop = [self.stop]
+        if self.top_k == -1:  # vLLM's other "off"
+            self.top_k = 0
         if structured_outputs is not None:
             self.structured = structured_outputs.spec()
+        self.check()  # as vLLM's: a bad value fails where it is written
 
-    def validate(self, max_tokens_limit: int, vocab_size: int = 0) -> None:
-        """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
-        known) bounds ``logit_bias``'s token ids."""
+    def validate(self, max_tokens_limit: int, vocab_size: int) -> None:
+        """``check`` within an engine's bounds: ``max_tokens`` at most ``max_tokens_limit``,
+        token ids under ``vocab_size`` (0: not known)."""
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError(
                 f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}",
                 "max_tokens")
+        self.check(vocab_size)
+
+    def check(self, vocab_size: int = 0) -> None:
+        """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
+        known) bounds token ids. ``max_tokens`` may be None (as many as fit)."""
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise InvalidRequestError(
+                f"max_tokens must be >= 1 (or None), got {short(self.max_tokens)}", "max_tokens")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidRequestError(
                 f"temperature must be a finite number >= 0, got {self.temperature}",
@@ -127,7 +140,7 @@ class SamplingParams:
                                       "min_p")
         if self.top_k < 0:
             raise InvalidRequestError(
-                f"top_k must be >= 0 (0 = off; -1 also means off over HTTP), got {self.top_k}",
+                f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}",
                 "top_k")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}", "seed")
@@ -139,9 +152,9 @@ class SamplingParams:
             raise InvalidRequestError(f"stream_interval must be a whole number of tokens "
                                       f">= 1 (or unset), got {short(self.stream_interval)}",
                                       "stream_interval")
-        self._validate_processing(max_tokens_limit, vocab_size)
+        self._check_processing(vocab_size)
 
-    def _validate_processing(self, max_tokens_limit: int, vocab_size: int) -> None:
+    def _check_processing(self, vocab_size: int) -> None:
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
@@ -155,7 +168,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"repetition_penalty must be a finite number > 0 (1 = off), got "
                 f"{self.repetition_penalty}", "repetition_penalty")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        most = self.max_tokens if self.max_tokens is not None else math.inf
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= most:
             raise InvalidRequestError(
                 f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got "
                 f"{self.min_tokens}", "min_tokens")

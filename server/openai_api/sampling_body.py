@@ -151,7 +151,7 @@ class SamplingBody(BaseModel):
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k in (None, -1) else self.top_k,  # vLLM's -1 = off
+            top_k=self.top_k or 0,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
             logprobs=self.top_logprobs_k(), logit_bias=self._logit_bias(),
             presence_penalty=self.presence_penalty or 0.0,
