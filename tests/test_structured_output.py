@@ -85,11 +85,12 @@ def structured(schema: dict | None, seed: int, **fields) -> SamplingParams:
 
 def test_json_schema_output_always_parses_and_matches(engine):
     """Several schemas x random adapters x seeds in one mixed batch: every output is JSON
-    that validates, finished by the grammar's end (``stop``), not by max_tokens."""
+    that validates, ended by the EOS its complete grammar leaves (as vLLM), not by
+    max_tokens."""
     requests = {f"{s}-{a}-{seed}": ([5 + seed, 6, 7], structured(schema, seed), a)
                 for s, schema in enumerate(SCHEMAS) for a in ADAPTERS for seed in range(3)}
     for rid, (text, reason) in texts(engine, requests).items():
-        assert reason is FinishReason.STOP, (rid, text)
+        assert reason is FinishReason.EOS, (rid, text)
         jsonschema.validate(json.loads(text), SCHEMAS[int(rid.split("-")[0])])
 
 
@@ -104,7 +105,7 @@ def test_strings_bounded_by_length_hold_no_raw_control_characters(engine):
     requests = {f"c{seed}": ([7, seed], structured(schema, seed), ADAPTERS[seed % 3])
                 for seed in range(12)}
     for rid, (text, reason) in texts(engine, requests).items():
-        assert reason is FinishReason.STOP, (rid, text)
+        assert reason is FinishReason.EOS, (rid, text)
         jsonschema.validate(json.loads(text), schema)
 
 
@@ -220,7 +221,7 @@ def test_a_grammar_that_costs_too_much_a_token_ends_its_request_only(engine, mon
 def test_a_step_fills_its_masks_once_its_forward_is_queued(engine, monkeypatch):
     """The bitmask for a step's token is filled after that step's forward is launched (on
     a GPU the fill runs while the forward does), never before it; the output is whole and
-    ends with STOP at the step whose mask allows only a stop token."""
+    ends with the EOS sampled at the step whose mask allows only a stop token."""
     events = []
     execute, fill = engine.runner.execute, grammars.GrammarState._fill
     monkeypatch.setattr(engine.runner, "execute",
@@ -235,7 +236,21 @@ def test_a_step_fills_its_masks_once_its_forward_is_queued(engine, monkeypatch):
         outputs += engine.step()
     assert events == ["forward"] + ["forward", "fill"] * 3
     text = "".join(o.text for o in outputs)
-    assert re.fullmatch("[a-z]{3}", text) and outputs[-1].finish_reason is FinishReason.STOP
+    assert re.fullmatch("[a-z]{3}", text) and outputs[-1].finish_reason is FinishReason.EOS
+    assert [t for o in outputs for t in o.token_ids][3:] == [0]  # the EOS, as vLLM's
+
+
+def test_a_complete_output_whose_request_forbids_the_stop_token_ends_with_stop(engine):
+    """The EOS a complete output leaves, when the request's own min_tokens or
+    allowed_token_ids forbid it: the request ends (``stop``) instead of failing."""
+    a, b = engine.tokenizer.convert_tokens_to_ids(["a", "b"])
+    spec = StructuredSpec(choice=("ab",))
+    requests = {"min_tokens": ([3, 4], SamplingParams(max_tokens=10, min_tokens=5,
+                                                      structured=spec), None),
+                "allowed": ([3, 4], SamplingParams(max_tokens=10, allowed_token_ids=[a, b],
+                                                   structured=spec), "a")}
+    assert texts(engine, requests) == {"min_tokens": ("ab", FinishReason.STOP),
+                                       "allowed": ("ab", FinishReason.STOP)}
 
 
 def test_costly_grammars_at_once_share_one_grace(engine, monkeypatch):

@@ -33,7 +33,7 @@ from .logprobs import StepRows, extend_prompt_logprobs, wants_prompt_logits
 from .model_runner import ModelRunner, StepBatch
 from .penalty_counts import PenaltyCounts
 from .request_checks import RequestChecks
-from .row_sampling import RowSampler
+from .row_sampling import RowFailure, RowSampler
 from .sampler import make_generator
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import FinishReason, SamplingParams, Sequence, adapter_ids_of
@@ -243,12 +243,18 @@ class Engine:
         for request_id, first, chunk in got.prompt_logprobs:
             extend_prompt_logprobs(self.requests[request_id].prompt_logprobs, first, chunk)
         for req, tok, lp in zip(sampling, got.tokens, got.logprobs):
-            out = self._append(req, tok) if isinstance(tok, int) else \
-                self._finish(req, FinishReason.ERROR, tok.message, code=tok.code)
+            out = self._append(req, tok) if isinstance(tok, int) else self._unsampled(req, tok)
             out.logprobs, out.prompt_logprobs = [lp] if lp else None, req.prompt_logprobs
             req.prompt_logprobs = None
             outputs.append(out)
         return outputs
+
+    def _unsampled(self, req: _Request, failure: RowFailure) -> RequestOutput:
+        """A request whose row got no token: failed, unless its output is complete and its
+        own masks (min_tokens, allowed_token_ids) forbid the stop token that would end it."""
+        if failure.masked and req.grammar is not None and req.grammar.complete:
+            return self._finish(req, FinishReason.STOP)
+        return self._finish(req, FinishReason.ERROR, failure.message, code=failure.code)
 
     def _fill_masks(self, sampling: list[_Request], rows: StepRows) -> list[RequestOutput]:
         """``fill_masks`` of this step's sampling rows, while its forward runs; a request

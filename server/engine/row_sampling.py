@@ -21,6 +21,7 @@ class RowFailure:
 
     message: str
     code: Status
+    masked: bool = False  # the request's own masks left no token (not NaN or Inf)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def no_token(seq: Sequence) -> RowFailure:
     return RowFailure(
         f"no token can come at output token {len(seq.output_token_ids)}: this request's "
         "allowed_token_ids, bad_words, min_tokens (which masks EOS and stop_token_ids) and "
-        "output format leave none; loosen them", Status.INVALID_ARGUMENT)
+        "output format leave none; loosen them", Status.INVALID_ARGUMENT, masked=True)
 
 
 def non_finite(seq: Sequence) -> RowFailure:

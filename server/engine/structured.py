@@ -9,8 +9,9 @@ at once (cheap), and fills the request's next-token bitmask on the host (one int
 that step's forward is queued on the device (``next_mask``: on a GPU the fill runs while
 the forward does, as vLLM overlaps it); the step gathers the rows of the requests that
 have one and applies them to those rows' logits in one op (disallowed -> -inf). Rows
-without a grammar are untouched. When the output is complete (the matcher terminated, or
-only a stop token may follow), the request finishes with ``FinishReason.STOP``.
+without a grammar are untouched. When the output is complete, only a stop token may
+follow: the model samples one and the request ends on it, as in vLLM (its token counted);
+with ``ignore_eos`` it ends with ``FinishReason.STOP`` once its matcher has accepted it.
 
 The matcher runs on the step thread, and some grammars cost far more per token than
 others (nested repetition of an optional part, ``(((a?){50}){50}){50}``: 65 ms a token on
@@ -198,6 +199,7 @@ class GrammarState:
         self.bitmask = torch.empty_like(non_stop)
         self.spent, self.tokens = 0.0, 0  # matcher seconds on the step thread, tokens
         self.stale = False  # a token was accepted since the bitmask was filled
+        self.complete = False  # only a stop token may follow
         matcher.fill_next_token_bitmask(self.bitmask)
 
     def accept(self, token: int) -> dict[str, Any] | None:
@@ -210,8 +212,8 @@ class GrammarState:
 
     def next_mask(self) -> dict[str, Any] | None:
         """Fill the bitmask for the token after the last accepted one (nothing to do if it
-        is filled); how the request finishes, as ``accept``: STOP when only a stop token
-        may follow, INVALID_ARGUMENT once the grammar costs too much."""
+        is filled); None, or how the request finishes, as ``accept``: INVALID_ARGUMENT
+        once the grammar costs too much."""
         if not self.stale:
             return None
         return self._charged(self._fill)
@@ -240,8 +242,7 @@ class GrammarState:
     def _fill(self) -> dict[str, Any] | None:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         self.stale = False
-        if not bool((self.bitmask & self.non_stop).any()):  # only a stop token may follow
-            return {"reason": FinishReason.STOP}
+        self.complete = not bool((self.bitmask & self.non_stop).any())
         return None
 
 
