@@ -36,6 +36,7 @@ class SamplingExtras(TypedDict, total=False):
     stop_token_ids: list[int]
     include_stop_str_in_output: bool
     skip_special_tokens: bool
+    spaces_between_special_tokens: bool
     truncate_prompt_tokens: int
     truncation_side: str
     logprob_token_ids: list[int]

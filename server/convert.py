@@ -52,6 +52,8 @@ def sampling_params(p: inference_pb2.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=(p.skip_special_tokens if p.HasField("skip_special_tokens")
                              else True),
+        spaces_between_special_tokens=(p.spaces_between_special_tokens if p.HasField(
+            "spaces_between_special_tokens") else True),
         truncate_prompt_tokens=(p.truncate_prompt_tokens
                                 if p.HasField("truncate_prompt_tokens") else None),
         allowed_token_ids=list(p.allowed_token_ids) or None,

@@ -176,6 +176,29 @@ def test_smollm2_emoji_split_across_tokens(smollm2):
     assert all(REPLACEMENT_CHAR not in p for p in pieces)
 
 
+def test_spaces_between_special_tokens_false_joins_adjacent_added_tokens():
+    """vLLM's ``spaces_between_special_tokens=False`` (with special tokens kept): an added
+    token right after another is its bare text, without the space WordPiece's decoder puts
+    between tokens. The texts are vLLM 0.32's ``FastIncrementalDetokenizer``'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[UNK]", "[CLS]", "[SEP]", "hello", "world", "##s", "a"]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]")
+    ids = [3, 2, 1, 2, 4, 5, 1, 6]
+    texts = {}
+    for spaces in (True, False):
+        detok = IncrementalDetokenizer(tok, [], False, spaces_between_special_tokens=spaces)
+        texts[spaces] = "".join(detok.add([i]) for i in ids) + detok.flush()
+    assert texts == {True: "hello [SEP] [CLS] [SEP] worlds [CLS] a",
+                     False: "hello [SEP][CLS][SEP] worlds [CLS] a"}
+    bare = IncrementalDetokenizer(tok, [], True, spaces_between_special_tokens=False)
+    assert bare.add(ids) == "hello worlds a"  # skipped special tokens: nothing to join
+
+
 def test_special_tokens_skipped_or_kept(smollm2):
     eos = smollm2.convert_tokens_to_ids("<|im_end|>")
     ids = smollm2.encode("Hi", add_special_tokens=False) + [eos] + smollm2.encode(" there")

@@ -142,10 +142,10 @@ async def _client(h, c, client, prompt, salt):
     await client.generate(prompt, max_tokens=1, cache_salt=salt)
 
 
-REFUSED = {"spaces_between_special_tokens": False,
+REFUSED = {"return_token_offsets": True,
            "repetition_detection": {"max_pattern_size": 2},
            "thinking_token_budget": 10, "prompt_embeds": "AAAA"}
-NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": True,
+NEUTRAL = {"truncation_side": "left", "spaces_between_special_tokens": False,
            "return_tokens_as_token_ids": False, "include_reasoning": True, "session_id": "s"}
 
 

@@ -52,9 +52,13 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
         include_stop: bool = False,
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         """``min_tokens``: stop strings are not looked for before that many output tokens
-        (the text until then is emitted as it comes), as vLLM does."""
+        (the text until then is emitted as it comes), as vLLM does.
+        ``spaces_between_special_tokens=False`` (vLLM's; it matters only with
+        ``skip_special_tokens=False``): an added token right after another is its bare
+        text, without the space a decoder (WordPiece's, a slow tokenizer's) puts between."""
         if any(not s for s in stop):
             raise InvalidRequestError("stop strings must be non-empty")
         self.tokenizer = tokenizer
@@ -71,6 +75,14 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = (backend, DecodeStream(skip_special_tokens=skip_special_tokens)) \
             if DecodeStream is not None and isinstance(backend, Tokenizer) else None
+        self._decode_kwargs = {}  # the window's decode: a slow tokenizer's own argument
+        self._bare: dict[int, str] = {}  # the stream's: added token id -> its text
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            self._decode_kwargs = {"spaces_between_special_tokens": False}
+            if self._stream is not None:
+                self._bare = {i: t.content for i, t in
+                              tokenizer.added_tokens_decoder.items()}
+        self._after_added = False  # the last token was one of ``_bare``
 
     @property
     def text(self) -> str:
@@ -102,6 +114,7 @@ class IncrementalDetokenizer:
             ids,
             skip_special_tokens=self.skip_special_tokens,
             clean_up_tokenization_spaces=False,
+            **self._decode_kwargs,
         )
 
     def _decode_window(self, final: bool) -> None:
@@ -124,6 +137,11 @@ class IncrementalDetokenizer:
         ``flush`` decodes what is left as a window."""
         backend, stream = self._stream
         piece = stream.step(backend, token_id)
+        if self._bare:  # as vLLM's fast detokenizer does it
+            bare = self._bare.get(token_id)
+            if bare is not None and self._after_added:
+                piece = bare
+            self._after_added = bare is not None
         if piece:
             self._decoded += piece
             self._prefix_offset, self._read_offset = self._read_offset, \

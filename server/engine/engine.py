@@ -135,7 +135,8 @@ class Engine:
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None,
                        bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
-                                       params.min_tokens, params.include_stop_str_in_output)
+                                       params.min_tokens, params.include_stop_str_in_output,
+                                       params.spaces_between_special_tokens)
         self.requests[request_id] = _Request(seq, detok,
                                             make_generator(params.seed, self.runner.device),
                                             None if params.prompt_logprobs is None else [None],

@@ -96,6 +96,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM: end the request (STOP)
     include_stop_str_in_output: bool = False  # vLLM: the text ends after the stop string
     skip_special_tokens: bool = True  # vLLM: False keeps special tokens' text (<eos>)
+    spaces_between_special_tokens: bool = True  # vLLM: False joins adjacent added tokens
     truncate_prompt_tokens: int | None = None  # vLLM: keep the last k (-1: all that fit)
     truncation_side: str = "left"  # vLLM: "right" keeps the prompt's first k tokens instead
     allowed_token_ids: list[int] | None = None  # vLLM: only these may be sampled; None: all

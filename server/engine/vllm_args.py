@@ -88,6 +88,7 @@ def sampling(params: SamplingParams):
                         stop_token_ids=list(params.stop_token_ids) or None,
                         include_stop_str_in_output=params.include_stop_str_in_output,
                         skip_special_tokens=params.skip_special_tokens,
+                        spaces_between_special_tokens=params.spaces_between_special_tokens,
                         allowed_token_ids=params.allowed_token_ids,
                         bad_words=list(params.bad_words) or None,
                         output_kind=RequestOutputKind.DELTA,

@@ -38,7 +38,8 @@ _HARMLESS = {"store", "user", "service_tier", "reasoning", "safety_identifier",
 # Sampling fields that go on to the chat request, as vLLM's ResponsesRequest takes them.
 _SAMPLING = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
              "seed", "logit_bias", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
-             "skip_special_tokens", "include_stop_str_in_output", "allowed_token_ids",
+             "skip_special_tokens", "spaces_between_special_tokens",
+             "include_stop_str_in_output", "allowed_token_ids",
              "bad_words", "cache_salt", "structured_outputs", "chat_template_kwargs",
              "truncate_prompt_tokens", "truncation_side", "priority", "request_id"}
 

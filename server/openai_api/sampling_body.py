@@ -36,7 +36,6 @@ _REFUSED: dict[str, Any] = {
     "chat_template": _off, "logits_processors": _off,
     "prediction": _off, "audio": _off, "modalities": lambda v: v in (None, ["text"]),
     # vLLM's, not implemented here
-    "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_token_offsets": _off,
     "return_prompt_text": _off, "prompt_embeds": _off, "watermarking": _off,
     "repetition_detection": _off, "thinking_token_budget": _off, "mm_payload": _off,
@@ -78,6 +77,7 @@ class SamplingBody(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt's, in its shape (completion_bodies.py)
     allowed_token_ids: list[int] | None = None
@@ -163,6 +163,7 @@ class SamplingBody(BaseModel):
             min_p=self.min_p or 0.0, stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             prompt_logprobs=self._prompt_logprobs(),
             allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
