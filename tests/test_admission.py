@@ -524,3 +524,47 @@ def test_a_slot_ripens_after_quantum_steps_counted_from_when_it_was_taken():
     admission.time_slice((a, b))  # step 4: 3 steps
     assert b.adapter_slot == -1
     admission.close()
+
+
+def test_time_slicing_parks_nobody_for_a_request_the_scheduler_could_not_run():
+    """A waiting request that could not run with a slot (``max_num_seqs`` full, or too few
+    KV blocks: ``Scheduler.admissible``) gets none: parking a ripe slot for it would leave
+    the parked requests waiting for a slot it cannot use."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    del store.fails["c"]
+    a.output_token_ids.append(7)
+    b.output_token_ids.append(7)
+    admission.time_slice((a, b), admissible=lambda s: s is not c)
+    assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
+    admission.time_slice((a, b), admissible=lambda s: True)
+    assert (a.adapter_slot, admission.parked) == (-1, 1)
+    admission.close()
+
+
+def test_settle_takes_back_a_handed_slot_that_was_not_admitted():
+    """The scheduler did not admit the request time slicing loaded a slot for (one before it
+    waits for KV blocks): the slot goes back, and it waits for one again (its wait
+    counted toward aging)."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1, aging_steps=2)
+    del store.fails["c"]
+    a.output_token_ids.append(7)
+    admission.time_slice((a, b))
+    assert a.adapter_slot == -1 and store.loaded[-1] == ("c", None) and not admission.overdue(c)
+    admission.settle((c,), admissible=lambda s: True)  # c is still waiting
+    assert store.released == [0, 3] and admission.overdue(c)  # its second wait
+    assert c not in admission._loads and c.adapter_slot == -1
+    admission.close()
+
+
+@pytest.mark.parametrize("can_run", [False, True])
+def test_settle_parks_a_waiting_request_holding_a_slot_only_if_it_cannot_run(can_run):
+    """A request preempted while holding its slot keeps it while it can run; when it cannot
+    (its KV blocks are gone), it is parked, its weights held, and the slot goes back."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    admission.settle((a,), admissible=lambda s: can_run)  # a: preempted, holding slot 0
+    if can_run:
+        assert a.adapter_slot == 0 and admission.parked == 0
+    else:
+        assert a.adapter_slot == -1 and admission.parked == 1 and store.released == [0]
+        assert store.wanted["a#parked-0"] == 1
+    admission.close()

@@ -393,3 +393,48 @@ def test_cuda_slot_writes_are_ordered_after_the_steps_that_read_the_slot(monkeyp
     want = random_nola(SPEC, seed=2, rank=4, num_basis=16).materialize("cuda")
     assert torch.equal(new[:4], want.modules[(0, "q")].A.to(new.dtype))
     assert not torch.equal(new, old)
+
+
+def adapters_engine(model, bytebpe, names: str, **config):
+    engine = make_engine(model, bytebpe, admission_quantum_steps=2, **config)
+    for i, name in enumerate(names):
+        engine.store.register(name, random_nola(engine.store.spec, seed=i, rank=4,
+                                                num_basis=16, coeff_std=0.5).to_bytes())
+    return engine
+
+
+def alone_tokens(model, bytebpe, requests: dict) -> dict[str, list[int]]:
+    names = "".join(sorted({adapter for _, _, adapter in requests.values()}))
+    return {rid: run(adapters_engine(model, bytebpe, names), {rid: req})[rid]
+            for rid, req in requests.items()}
+
+
+def test_time_slicing_parks_nobody_for_a_request_max_num_seqs_keeps_out(model, bytebpe):
+    """Two slots, max_num_seqs 2, four adapters: the two waiting requests could not run
+    even with a slot (parked requests still count toward max_num_seqs), so nobody is
+    parked for them. This hung: both running requests parked, the slots handed to
+    requests that were never admitted."""
+    requests = {name: ([5 + i, 17, 33, 9], greedy(24), name) for i, name in enumerate("abcd")}
+    engine = adapters_engine(model, bytebpe, "abcd", num_slots=2, max_num_seqs=2)
+    assert run(engine, requests, max_steps=600) == alone_tokens(model, bytebpe, requests)
+    assert holds_nothing(engine)
+
+
+def test_a_slot_handed_to_a_request_that_is_not_admitted_is_taken_back(model, bytebpe):
+    """One slot, 16 KV blocks: "long" holds 10 of them. "big" (9 blocks) cannot run until
+    it ends, so nobody is parked for it; "small" could, and "long" is parked for it, but
+    first come, first served keeps it behind "big": the slot goes back to "long" instead of
+    sitting with a request that does not run while "long" holds the blocks "big" needs
+    (which hung)."""
+    engine = adapters_engine(model, bytebpe, "abc", num_slots=1, kv_cache_bytes=16 * 2048)
+    long = {"long": (list(range(5, 41)), greedy(12), "a")}
+    engine.add_request("long", *long["long"])
+    first = []
+    while not first:
+        first = engine.step()  # "long" has its first token: 10 blocks
+    later = {"big": (list(range(50, 86)), greedy(3), "b"), "small": ([7, 8], greedy(3), "c")}
+    _, tokens = settled_steps(engine, later)
+    tokens["long"] = first[0].token_ids + tokens["long"]
+    assert engine.admission.parked >= 1
+    assert tokens == alone_tokens(model, bytebpe, {**long, **later})
+    assert holds_nothing(engine)

@@ -12,7 +12,10 @@ running or queued requests need; evictions prefer adapters no queued request ``w
 Time slicing: when requests wait because every slot is busy, ``time_slice`` parks the
 running requests of the slots held longest, once each of them has produced a token and
 run ``quantum_steps`` steps since it got the slot: one slot for each waiting request
-whose factors are a copy away (in the warm tier, or held by a parked one), overdue ones
+whose factors are a copy away (in the warm tier, or held by a parked one) and that the
+scheduler could run now (room in ``max_num_seqs`` and KV blocks: a slot never goes to a
+request that cannot use it, or parked requests holding the KV blocks it needs would wait
+for that slot forever; ``settle`` takes back one that went unused), overdue ones
 first, then those with the fewest tokens. A parked request keeps its KV blocks and its
 place among the running ones, gives back its slot, holds its factors (the warm tier's
 entry, by reference) and sits steps out until they are copied into a slot again, under a
@@ -42,7 +45,7 @@ from nolaserve.adapters.store import AdapterStore
 
 from .load_queue import LoadQueue
 from .prefix_cache import BASE_IDENTITY, salted
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("nolaserve.engine")
 DEFAULT_AGING_STEPS = 16
@@ -74,6 +77,7 @@ class AdapterAdmission:
         self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
         self._held: dict[Sequence, tuple[str, AdapterFactors]] = {}  # parked: key, factors
         self._slot_waits: dict[Sequence, int] = {}  # loads that found every slot busy
+        self._handed: list[Sequence] = []  # given a slot by this step's time_slice
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
 
     def accepted(self, seq: Sequence) -> None:
@@ -120,15 +124,18 @@ class AdapterAdmission:
         """Whether ``seq`` waited past the aging bound for a slot: admit nobody behind it."""
         return self._slot_waits.get(seq, 0) >= self.aging_steps
 
-    def time_slice(self, running: tuple[Sequence, ...]) -> None:
-        """Before a step: hand slots to the requests that wait because every slot was busy
-        and whose factors are at hand (``_targets``), one slot each while ripe ones last
-        (``_victims``): park that slot's requests, then load the waiting one's factors
-        into a slot on this thread, a copy, so the scheduler admits it in this step."""
+    def time_slice(self, running: tuple[Sequence, ...],
+                   admissible: Callable[[Sequence], bool] = lambda s: True) -> None:
+        """Before a step: hand slots to the requests that wait because every slot was busy,
+        whose factors are at hand and that the scheduler could run now (``admissible``:
+        room in ``max_num_seqs`` and KV blocks; ``_targets``), one slot each while ripe
+        ones last (``_victims``): park that slot's requests, then load the waiting one's
+        factors into a slot on this thread, a copy, so the scheduler admits it in this
+        step. ``settle`` takes back a slot the scheduler then did not use."""
         self._steps += 1
         if not self.quantum_steps:
             return
-        for target in self._targets():
+        for target in filter(admissible, self._targets()):
             victims = self._victims(running)
             if victims is None:
                 return
@@ -136,6 +143,37 @@ class AdapterAdmission:
             for seq in seqs:
                 self._park(seq, held)
             self._load_now(target)
+            self._handed.append(target)
+
+    def settle(self, waiting: tuple[Sequence, ...],
+               admissible: Callable[[Sequence], bool]) -> None:
+        """After the step's schedule, no slot stays with a waiting request that cannot run
+        (``admissible``): else parked requests could wait for that slot while holding the
+        KV blocks it waits for, and nothing would progress, ever. A request
+        ``time_slice`` handed a slot that was not admitted after all (one before it waits
+        for KV blocks: first come, first served) gives it back and waits for one again; a
+        preempted one that kept its slot is parked (its weights held, as a running one's)."""
+        self._take_back_handed()
+        for seq in waiting:
+            if seq.adapter_slot >= 0 and not admissible(seq):
+                held = self._hold(seq)
+                if held is not None:
+                    self._park(seq, held)
+
+    def _take_back_handed(self) -> None:
+        for seq in self._handed:
+            if seq.status is SequenceStatus.RUNNING or seq.is_finished:
+                continue
+            load = self._loads.pop(seq, None)
+            if load is not None:
+                self._release_future(load)
+            if seq.adapter_slot >= 0:
+                self.store.release(seq.adapter_slot)
+                seq.adapter_slot = -1
+                self._since.pop(seq, None)
+                self._want(seq, self._key(seq))
+            self._busy(seq)
+        self._handed.clear()
 
     def _targets(self) -> list[Sequence]:
         """Requests that found every slot busy and whose factors are a copy away (held by
@@ -162,15 +200,20 @@ class AdapterAdmission:
         ripe = sorted((max(self._since[s] for s in seqs), slot, seqs)
                       for slot, seqs in by_slot.items()
                       if self._key(seqs[0]) not in pinned and all(map(self._ripe, seqs)))
-        for _, slot, seqs in ripe:
-            held = self._held.get(seqs[0])
-            if held is None:
-                factors = self.store.held_factors(seqs[0].adapter_id, slot)
-                held = None if factors is None else \
-                    (f"{seqs[0].adapter_id}#parked-{self.parked}", factors)
+        for _, _, seqs in ripe:
+            held = self._hold(seqs[0])
             if held is not None:
                 return seqs, held
         return None
+
+    def _hold(self, seq: Sequence) -> tuple[str, AdapterFactors] | None:
+        """The key and factors ``seq`` resumes with once parked (None: warm tier off)."""
+        held = self._held.get(seq)
+        if held is None:
+            factors = self.store.held_factors(seq.adapter_id, seq.adapter_slot)
+            held = None if factors is None else \
+                (f"{seq.adapter_id}#parked-{self.parked}", factors)
+        return held
 
     def _ripe(self, seq: Sequence) -> bool:
         return bool(seq.output_token_ids) and \
@@ -179,7 +222,7 @@ class AdapterAdmission:
     def _park(self, seq: Sequence, held: tuple[str, AdapterFactors]) -> None:
         self.store.release(seq.adapter_slot)
         seq.adapter_slot = -1
-        del self._since[seq]
+        self._since.pop(seq, None)
         self._held[seq] = held
         self._want(seq, held[0])
         self.parked += 1

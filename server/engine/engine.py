@@ -175,8 +175,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over every scheduled request; returns what each produced."""
         failed = self._fail_admissions()
-        self.admission.time_slice(self.scheduler.running)
+        self.admission.time_slice(self.scheduler.running, self.scheduler.admissible)
         sched = self.scheduler.schedule()
+        self.admission.settle(self.scheduler.waiting, self.scheduler.admissible)
         self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin

@@ -150,6 +150,15 @@ class Scheduler:
         seq.finish_reason = reason
         seq.error = error
 
+    def admissible(self, seq: Sequence) -> bool:
+        """Whether ``seq`` could run this step once its adapter is ready: it is running
+        (parked), or ``max_num_seqs`` has room and free KV blocks cover its next chunk."""
+        if seq.status is SequenceStatus.RUNNING:
+            return True
+        chunk = self._chunk(seq, self.max_num_batched_tokens)
+        return len(self._running) < self.max_num_seqs and \
+            self.block_manager.can_allocate(seq, seq.num_computed_tokens + chunk)
+
     # ---------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
