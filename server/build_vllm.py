@@ -77,7 +77,10 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
     log.info("starting vLLM on %s (tensor parallel %d, pipeline parallel %d)", model_dir,
              config.tensor_parallel_size, config.pipeline_parallel_size)
     try:
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.logger_factory()])
+        # on a thread, so that health answers NOT_SERVING meanwhile; AsyncLLM starts its
+        # output handler on the first request, in the event loop
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args,
+                                      stat_loggers=[stats.logger_factory()])
     except BaseException:
         store.close()
         dirs.close()
