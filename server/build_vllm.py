@@ -51,11 +51,10 @@ class AsyncLlmLoras:
 
 
 async def build_vllm_engine(config: Config, registry: Registry | None = None) -> VllmEngine:
-    """A started ``VllmEngine`` for ``config`` (``registry`` overrides the config's)."""
-    try:
-        from vllm.v1.engine.async_llm import AsyncLLM
-    except ImportError as e:
-        raise ModelLoadError(f"{vllm_args.INSTALL_HINT} ({e})") from None
+    """A started ``VllmEngine`` for ``config`` (``registry`` overrides the config's). The
+    slow parts (importing vLLM, describing the model, vLLM's start) run on threads, so
+    that health answers NOT_SERVING meanwhile."""
+    AsyncLLM = await asyncio.to_thread(_async_llm)  # noqa: N806 - a class
     cache_dir = Path(config.cache_dir).expanduser()
     model_dir, spec, fingerprint, prefix, tokenizer = await asyncio.to_thread(
         _describe_model, config, cache_dir)
@@ -77,8 +76,7 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
     log.info("starting vLLM on %s (tensor parallel %d, pipeline parallel %d)", model_dir,
              config.tensor_parallel_size, config.pipeline_parallel_size)
     try:
-        # on a thread, so that health answers NOT_SERVING meanwhile; AsyncLLM starts its
-        # output handler on the first request, in the event loop
+        # (AsyncLLM starts its output handler on the first request, in the event loop)
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args,
                                       stat_loggers=[stats.logger_factory()])
     except BaseException:
@@ -92,6 +90,14 @@ async def build_vllm_engine(config: Config, registry: Registry | None = None) ->
                           model_config.get_vocab_size())
     served = str(model_config.dtype).removeprefix("torch.")
     return VllmEngine(llm, store, store.slots, tokenizer, limits, stats, served, device)
+
+
+def _async_llm():
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as e:
+        raise ModelLoadError(f"{vllm_args.INSTALL_HINT} ({e})") from None
+    return AsyncLLM
 
 
 def _describe_model(config: Config, cache_dir: Path):
