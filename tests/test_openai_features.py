@@ -77,6 +77,22 @@ def test_n_choices_are_seeded_seed_plus_j_with_usage_counting_the_prompt_once(en
     assert last.choices == [] and last.usage.total_tokens == prompt_tokens + 18
 
 
+def test_a_negative_seed_is_a_seed_as_in_vllm(engine):
+    """vLLM takes any 64-bit signed seed (clients send -1): the same tokens each time, as
+    torch seeds a generator with it; 2^63 is a 400 naming the field."""
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=6, temperature=1.0, extra_body=GREEDY)
+        runs = [await oa.completions.create(seed=-1, **kw) for _ in range(2)]
+        other = await oa.completions.create(seed=-2**63, **kw)
+        bad = await h.post("/v1/completions", json={"prompt": PROMPT, "seed": 2**63})
+        return runs, other, bad
+
+    runs, other, bad = serve(engine, fn)
+    assert runs[0].choices[0].token_ids == runs[1].choices[0].token_ids
+    assert other.choices[0].finish_reason == "length"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+
+
 def test_continuous_usage_stats_give_each_chunk_its_choices_usage_so_far(engine):
     """vLLM's ``stream_options.continuous_usage_stats``: every chunk's usage is its own
     choice's prompt and the tokens streamed so far (the chat role chunk's 0), two prompts

@@ -143,8 +143,9 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}",
                 "top_k")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}", "seed")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:  # vLLM's int64
+            raise InvalidRequestError(f"seed must be a 64-bit signed integer, in [-2^63, "
+                                      f"2^63), got {short(self.seed)}", "seed")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters",
                                       "stop")
