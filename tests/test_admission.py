@@ -541,30 +541,25 @@ def test_time_slicing_parks_nobody_for_a_request_the_scheduler_could_not_run():
     admission.close()
 
 
-def test_settle_takes_back_a_handed_slot_that_was_not_admitted():
-    """The scheduler did not admit the request time slicing loaded a slot for (one before it
-    waits for KV blocks): the slot goes back, and it waits for one again (its wait
-    counted toward aging)."""
-    store, admission, a, b, c = busy_slots(quantum_steps=1, aging_steps=2)
+def test_settle_takes_back_a_finished_load_nobody_collected():
+    """The scheduler did not reach the request time slicing loaded a slot for (one before it
+    waits for KV blocks): after the schedule the load's reference goes back, the slot left
+    loaded and idle, so that a request that can run may take it."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
     a.output_token_ids.append(7)
     admission.time_slice((a, b))
-    assert a.adapter_slot == -1 and store.loaded[-1] == ("c", None) and not admission.overdue(c)
-    admission.settle((c,), admissible=lambda s: True)  # c is still waiting
-    assert store.released == [0, 3] and admission.overdue(c)  # its second wait
-    assert c not in admission._loads and c.adapter_slot == -1
+    assert a.adapter_slot == -1 and store.loaded[-1] == ("c", None)
+    admission.settle((c,))  # c is still waiting
+    assert store.released == [0, 3] and c not in admission._loads and c.adapter_slot == -1
     admission.close()
 
 
-@pytest.mark.parametrize("can_run", [False, True])
-def test_settle_parks_a_waiting_request_holding_a_slot_only_if_it_cannot_run(can_run):
-    """A request preempted while holding its slot keeps it while it can run; when it cannot
-    (its KV blocks are gone), it is parked, its weights held, and the slot goes back."""
+def test_settle_parks_a_waiting_request_that_holds_a_slot():
+    """A request preempted while holding its slot (or admitted but not scheduled) gives it
+    back after the schedule: it is parked, its weights held."""
     store, admission, a, b, c = busy_slots(quantum_steps=1)
-    admission.settle((a,), admissible=lambda s: can_run)  # a: preempted, holding slot 0
-    if can_run:
-        assert a.adapter_slot == 0 and admission.parked == 0
-    else:
-        assert a.adapter_slot == -1 and admission.parked == 1 and store.released == [0]
-        assert store.wanted["a#parked-0"] == 1
+    admission.settle((a,))  # a: preempted, holding slot 0
+    assert a.adapter_slot == -1 and admission.parked == 1 and store.released == [0]
+    assert store.wanted["a#parked-0"] == 1
     admission.close()

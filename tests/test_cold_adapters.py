@@ -1,6 +1,7 @@
 """Cold adapters: prefetch at acceptance, a bounded regeneration pool, the warm tier and
 adapter-aware admission with its aging bound. Step counts and events, never seconds."""
 
+import random
 import threading
 
 import pytest
@@ -438,3 +439,39 @@ def test_a_slot_handed_to_a_request_that_is_not_admitted_is_taken_back(model, by
     assert engine.admission.parked >= 1
     assert tokens == alone_tokens(model, bytebpe, {**long, **later})
     assert holds_nothing(engine)
+
+
+WEDGE_PLAN = [  # (request, adapter or None, prompt tokens, max_tokens, arrival step)
+    ("r4", 0, 8, 18, 3), ("r10", None, 1, 7, 3), ("r7", 2, 48, 19, 4), ("r8", 2, 16, 32, 4),
+    ("r11", None, 30, 5, 4), ("r2", 2, 2, 16, 6), ("r0", 0, 8, 32, 7), ("r9", 2, 4, 18, 7),
+    ("r1", 0, 16, 34, 8), ("r3", None, 8, 12, 9), ("r6", None, 8, 8, 9), ("r12", 1, 47, 20, 9),
+    ("r13", None, 46, 21, 9), ("r5", 1, 2, 29, 11)]
+
+
+def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe):
+    """2 slots, 3 cold adapters and base requests, tight KV, aging 2, quantum 1 (an outside
+    probe's search): finished loads of requests queued behind an overdue one held both
+    slots, or requests parked and preempted kept theirs, while the overdue one waited for a
+    slot: no step progressed, ever (6 runs in 6). After each schedule no waiting request
+    keeps a slot now; everything finishes and nothing is left held."""
+    engine = make_engine(model, bytebpe, num_slots=2, max_num_seqs=4, block_size=2,
+                         max_num_batched_tokens=16, admission_quantum_steps=1,
+                         admission_aging_steps=2, enable_prefix_caching=False,
+                         kv_cache_bytes=34 * 1024)
+    rng = random.Random(0)
+    for attempt in range(1):
+        names = [f"t{attempt}x{i}" for i in range(3)]
+        for i, name in enumerate(names):
+            engine.store.register(name, nola(engine.store.spec, 1000 * attempt + i))
+        plan = [(f"t{attempt}{rid}", None if a is None else names[a],
+                 [rng.randrange(3, 300) for _ in range(n)], greedy(m), at)
+                for rid, a, n, m, at in WEDGE_PLAN]
+        for step in range(5000):
+            while plan and plan[0][4] <= step:
+                rid, adapter, prompt, params, _ = plan.pop(0)
+                engine.add_request(rid, prompt, params, adapter)
+            if not plan and not engine.has_unfinished():
+                break
+            engine.step()
+        assert not engine.has_unfinished(), "the engine stopped progressing"
+        assert holds_nothing(engine) and engine.store.slots.table.refcount(1) == 0

@@ -15,7 +15,8 @@ run ``quantum_steps`` steps since it got the slot: one slot for each waiting req
 whose factors are a copy away (in the warm tier, or held by a parked one) and that the
 scheduler could run now (room in ``max_num_seqs`` and KV blocks: a slot never goes to a
 request that cannot use it, or parked requests holding the KV blocks it needs would wait
-for that slot forever; ``settle`` takes back one that went unused), overdue ones
+for that slot forever; after each schedule ``settle`` takes back every slot a waiting
+request holds), overdue ones
 first, then those with the fewest tokens. A parked request keeps its KV blocks and its
 place among the running ones, gives back its slot, holds its factors (the warm tier's
 entry, by reference) and sits steps out until they are copied into a slot again, under a
@@ -77,7 +78,6 @@ class AdapterAdmission:
         self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
         self._held: dict[Sequence, tuple[str, AdapterFactors]] = {}  # parked: key, factors
         self._slot_waits: dict[Sequence, int] = {}  # loads that found every slot busy
-        self._handed: list[Sequence] = []  # given a slot by this step's time_slice
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
 
     def accepted(self, seq: Sequence) -> None:
@@ -131,7 +131,7 @@ class AdapterAdmission:
         room in ``max_num_seqs`` and KV blocks; ``_targets``), one slot each while ripe
         ones last (``_victims``): park that slot's requests, then load the waiting one's
         factors into a slot on this thread, a copy, so the scheduler admits it in this
-        step. ``settle`` takes back a slot the scheduler then did not use."""
+        step (``settle`` takes back a slot the scheduler then did not use)."""
         self._steps += 1
         if not self.quantum_steps:
             return
@@ -143,37 +143,24 @@ class AdapterAdmission:
             for seq in seqs:
                 self._park(seq, held)
             self._load_now(target)
-            self._handed.append(target)
 
-    def settle(self, waiting: tuple[Sequence, ...],
-               admissible: Callable[[Sequence], bool]) -> None:
-        """After the step's schedule, no slot stays with a waiting request that cannot run
-        (``admissible``): else parked requests could wait for that slot while holding the
-        KV blocks it waits for, and nothing would progress, ever. A request
-        ``time_slice`` handed a slot that was not admitted after all (one before it waits
-        for KV blocks: first come, first served) gives it back and waits for one again; a
-        preempted one that kept its slot is parked (its weights held, as a running one's)."""
-        self._take_back_handed()
-        for seq in waiting:
-            if seq.adapter_slot >= 0 and not admissible(seq):
-                held = self._hold(seq)
-                if held is not None:
-                    self._park(seq, held)
-
-    def _take_back_handed(self) -> None:
-        for seq in self._handed:
-            if seq.status is SequenceStatus.RUNNING or seq.is_finished:
-                continue
-            load = self._loads.pop(seq, None)
-            if load is not None:
+    def settle(self, waiting: tuple[Sequence, ...]) -> None:
+        """After the step's schedule, no waiting request holds a slot: a slot must never
+        wait for a request the scheduler did not reach (behind an overdue one, or one that
+        waits for KV blocks: first come, first served), while the requests that could run
+        (parked ones, an overdue one) wait for a slot: nothing would progress, ever. A
+        finished load nobody collected gives its reference back (the slot stays loaded,
+        idle: the request's next ``ready`` finds it there unless another needed it); a
+        request that holds a slot (kept through a preemption, or admitted but not
+        scheduled) is parked, its weights held, as a running one's."""
+        for seq, load in list(self._loads.items()):
+            if seq.status is SequenceStatus.WAITING and load.done() and \
+                    load.exception() is None:
+                del self._loads[seq]
                 self._release_future(load)
-            if seq.adapter_slot >= 0:
-                self.store.release(seq.adapter_slot)
-                seq.adapter_slot = -1
-                self._since.pop(seq, None)
-                self._want(seq, self._key(seq))
-            self._busy(seq)
-        self._handed.clear()
+        for seq in waiting:
+            if seq.adapter_slot >= 0 and (held := self._hold(seq)) is not None:
+                self._park(seq, held)
 
     def _targets(self) -> list[Sequence]:
         """Requests that found every slot busy and whose factors are a copy away (held by
