@@ -550,16 +550,20 @@ def test_settle_takes_back_a_finished_load_nobody_collected():
     a.output_token_ids.append(7)
     admission.time_slice((a, b))
     assert a.adapter_slot == -1 and store.loaded[-1] == ("c", None)
-    admission.settle((c,))  # c is still waiting
+    admission.settle((c,), [])  # c is still waiting
     assert store.released == [0, 3] and c not in admission._loads and c.adapter_slot == -1
     admission.close()
 
 
-def test_settle_parks_a_waiting_request_that_holds_a_slot():
-    """A request preempted while holding its slot (or admitted but not scheduled) gives it
-    back after the schedule: it is parked, its weights held."""
+def test_settle_parks_a_waiting_request_holding_a_slot_that_the_step_did_not_reach():
+    """A request holding its slot while waiting (kept through a preemption, or admitted but
+    not scheduled) keeps it through a step that reached it (``ready``) or preempted it;
+    after a step that did neither, it is parked, its weights held, the slot given back."""
     store, admission, a, b, c = busy_slots(quantum_steps=1)
-    admission.settle((a,))  # a: preempted, holding slot 0
+    admission.settle((a,), [])  # a: waiting, holding slot 0, reached by this step
+    admission.settle((a,), [a])  # preempted in this one
+    assert a.adapter_slot == 0 and admission.parked == 0
+    admission.settle((a,), [])  # neither
     assert a.adapter_slot == -1 and admission.parked == 1 and store.released == [0]
     assert store.wanted["a#parked-0"] == 1
     admission.close()

@@ -78,6 +78,7 @@ class AdapterAdmission:
         self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
         self._held: dict[Sequence, tuple[str, AdapterFactors]] = {}  # parked: key, factors
         self._slot_waits: dict[Sequence, int] = {}  # loads that found every slot busy
+        self._asked: set[Sequence] = set()  # reached by this step's schedule (``ready``)
         self.failed: list[tuple[Sequence, Exception]] = []  # drained by the engine
 
     def accepted(self, seq: Sequence) -> None:
@@ -93,6 +94,7 @@ class AdapterAdmission:
             self._busy(seq)  # the next time_slice may hand it a slot
 
     def ready(self, seq: Sequence) -> bool:
+        self._asked.add(seq)
         if not seq.needs_adapter:
             return True
         key = self._key(seq)
@@ -144,23 +146,25 @@ class AdapterAdmission:
                 self._park(seq, held)
             self._load_now(target)
 
-    def settle(self, waiting: tuple[Sequence, ...]) -> None:
-        """After the step's schedule, no waiting request holds a slot: a slot must never
-        wait for a request the scheduler did not reach (behind an overdue one, or one that
-        waits for KV blocks: first come, first served), while the requests that could run
-        (parked ones, an overdue one) wait for a slot: nothing would progress, ever. A
-        finished load nobody collected gives its reference back (the slot stays loaded,
-        idle: the request's next ``ready`` finds it there unless another needed it); a
-        request that holds a slot (kept through a preemption, or admitted but not
-        scheduled) is parked, its weights held, as a running one's."""
+    def settle(self, waiting: tuple[Sequence, ...], preempted: list[Sequence]) -> None:
+        """After the step's schedule, no slot waits for a request the scheduler did not
+        reach (behind an overdue one, or one that waits for KV blocks: first come, first
+        served) while the requests that could run (parked ones, an overdue one) wait for a
+        slot: nothing would progress, ever. A finished load nobody collected gives its
+        reference back (the slot stays loaded, idle: the request's next ``ready`` finds
+        it there unless another needed it); a waiting request holding a slot that this
+        step did not reach is parked, its weights held, as a running one's. One
+        ``preempted`` in this step keeps its slot for the next, which reaches it first."""
         for seq, load in list(self._loads.items()):
             if seq.status is SequenceStatus.WAITING and load.done() and \
                     load.exception() is None:
                 del self._loads[seq]
                 self._release_future(load)
         for seq in waiting:
-            if seq.adapter_slot >= 0 and (held := self._hold(seq)) is not None:
+            if seq.adapter_slot >= 0 and seq not in self._asked and seq not in preempted \
+                    and (held := self._hold(seq)) is not None:
                 self._park(seq, held)
+        self._asked.clear()
 
     def _targets(self) -> list[Sequence]:
         """Requests that found every slot busy and whose factors are a copy away (held by
@@ -270,6 +274,7 @@ class AdapterAdmission:
         self._slot_waits.pop(seq, None)
         self._since.pop(seq, None)
         self._held.pop(seq, None)
+        self._asked.discard(seq)
         prefetch = self._prefetches.get(seq.adapter_id) if seq.adapter_id else None
         if prefetch is not None and prefetch.done():
             del self._prefetches[seq.adapter_id]

@@ -177,7 +177,7 @@ class Engine:
         failed = self._fail_admissions()
         self.admission.time_slice(self.scheduler.running, self.scheduler.admissible)
         sched = self.scheduler.schedule()
-        self.admission.settle(self.scheduler.waiting)
+        self.admission.settle(self.scheduler.waiting, sched.preempted)
         self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
