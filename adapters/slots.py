@@ -19,7 +19,8 @@ from .single_flight import Flight
 from .slot_checks import check_factors
 from .slot_direct import write_direct
 from .slot_table import Acquired, SlotTable
-from .spec import AdapterFactors, BaseModelSpec, DirectFactors
+from .spec import AdapterFactors, BaseModelSpec, DirectFactors, ModuleFactors
+from .warm import host_copy
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,17 @@ class SlotPool:
         """The module names that any of ``slots`` adapts (in some layer): a linear whose
         module no slot of the step adapts can skip the low-rank op."""
         return frozenset().union(*(self._slot_modules[s] for s in slots))
+
+    def contents(self, slot: int) -> AdapterFactors:
+        """A host copy of what ``slot`` holds, under the version written into it: factors
+        that load it again exactly (``acquire(key, factors)``). Call it holding a
+        reference to ``slot``, so that nothing rewrites it meanwhile."""
+        keys = [key for key in self._buffers if key[1] in self._slot_modules[slot]]
+        scales = torch.stack([self._buffers[k][2][slot] for k in keys]).tolist() if keys else []
+        modules = {k: ModuleFactors(self._buffers[k][0][slot], self._buffers[k][1][slot], scale)
+                   for k, scale in zip(keys, scales)}
+        return host_copy(AdapterFactors(modules, version=self._slot_versions[slot]),
+                         self._dtype, pin=self._stream is not None)
 
     def version_of(self, slot: int) -> str:
         """The ``AdapterFactors.version`` written into ``slot`` (read by a holder of it)."""

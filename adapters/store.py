@@ -256,17 +256,16 @@ class AdapterStore:
         ``factors``: load these on a miss (``held_factors``), under ``adapter_id`` as key."""
         return self.slots.acquire(adapter_id, factors)
 
-    def held_factors(self, adapter_id: str, slot: int) -> AdapterFactors | None:
-        """The factors in the adapter's ``slot``, by reference, for requests parked off it:
-        the warm tier's entry, if it holds one and ``slot`` is still the adapter's current
-        slot. That is checked after the read, and a replace or delete drops the entry
-        before it retires the slot, so the entry is the version in the slot. None if the
-        warm tier is off or evicted the entry, or the slot was retired."""
-        if self.warm is None:
-            return None
-        factors = self.warm.peek(adapter_id)
-        return factors if factors is not None and self.slots.is_current(adapter_id, slot) \
-            else None
+    def held_factors(self, adapter_id: str, slot: int) -> AdapterFactors:
+        """The factors in the adapter's ``slot`` (held by the caller), for requests parked
+        off it: the warm tier's entry, by reference, if it is the version written into the
+        slot; else a host copy of the slot (``SlotPool.contents``): the warm tier is off,
+        evicted the entry, or never held this version (a NOLA adapter regenerated on the
+        device; one replaced since)."""
+        factors = None if self.warm is None else self.warm.peek(adapter_id)
+        if factors is not None and factors.version == self.slots.version_of(slot):
+            return factors
+        return self.slots.contents(slot)
 
     def warm_holds(self, adapter_id: str) -> bool:
         """Whether the warm tier holds the adapter's factors: an ``acquire`` now is a copy

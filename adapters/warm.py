@@ -25,10 +25,11 @@ def warm_tier(max_bytes: int) -> HostCache | None:
 
 
 def host_copy(factors: AdapterFactors, dtype: torch.dtype, pin: bool) -> AdapterFactors:
-    """``factors`` on the host in ``dtype`` (the slot pool's), pinned if ``pin``."""
+    """``factors`` on the host in ``dtype`` (the slot pool's), pinned if ``pin``; the same
+    version."""
     def host(t: torch.Tensor) -> torch.Tensor:
         t = t.to("cpu", dtype).contiguous()
         return t.pin_memory() if pin else t
 
     return AdapterFactors({key: ModuleFactors(host(f.A), host(f.B), f.scale)
-                           for key, f in factors.modules.items()})
+                           for key, f in factors.modules.items()}, version=factors.version)

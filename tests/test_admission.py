@@ -27,8 +27,10 @@ class HeldLoads:
     ``fails[x]`` if set, else returns slot 3 (a parked key ``x#parked-<n>`` counts as x);
     adapters in ``hot`` are taken at once, in their slot; ``can_take`` says there is room
     unless ``full``; it holds factors ``"factors of x"`` for x in its slot (its ``hot``
-    one, else 3) unless x is in ``unheld``; its warm tier holds every adapter not in
-    ``cold``; loading x costs ``costs[x]`` (default 1). It records what it is told."""
+    one, else 3), ``"copy of slot s"`` for x in another slot s (a replace moved x, or the
+    warm tier holds no entry for it) and for x in ``copied``; its warm tier holds every
+    adapter not in ``cold``; loading x costs ``costs[x]`` (default 1). It records what it is
+    told."""
 
     made: list["HeldLoads"] = []  # released at each test's teardown
 
@@ -46,7 +48,7 @@ class HeldLoads:
         self.hot: dict[str, int] = {}
         self.pinned: frozenset[str] = frozenset()
         self.full = False
-        self.unheld: set[str] = set()
+        self.copied: set[str] = set()
         self.cold: set[str] = set()
         self.loaded: list[tuple[str, object]] = []  # (key, factors) of each acquire
         self.looked: list[str] = []  # the key of each try_acquire
@@ -89,8 +91,8 @@ class HeldLoads:
         return 3
 
     def held_factors(self, adapter_id, slot):
-        if adapter_id in self.unheld or slot != self.hot.get(adapter_id, 3):
-            return None
+        if adapter_id in self.copied or slot != self.hot.get(adapter_id, 3):
+            return f"copy of slot {slot}"
         return f"factors of {adapter_id}"
 
     def warm_holds(self, adapter_id):
@@ -409,20 +411,29 @@ def test_time_slicing_never_parks_a_request_before_its_first_token():
     admission.close()
 
 
-@pytest.mark.parametrize("why", ["pinned", "no factors held"])
-def test_time_slicing_parks_neither_a_pinned_adapter_nor_one_without_factors(why):
-    """Without its factors held (the warm tier off, or its entry evicted) a parked request
-    could not resume with the same weights: it is not parked. Nor is a pinned adapter."""
-    store, admission, a, b, c = busy_slots(quantum_steps=1, pinned=frozenset(
-        {"a"} if why == "pinned" else ()))
-    if why != "pinned":
-        store.unheld.add("a")
+@pytest.mark.parametrize("held", ["warm entry", "copy of the slot"])
+def test_time_slicing_parks_with_the_factors_the_store_holds_but_never_a_pinned_adapter(held):
+    """A parked request holds what the store hands it for its slot: the warm tier's entry,
+    or a copy of the slot when the warm tier has none (off, evicted, regenerated on the
+    device): every slot can be time-sliced. A pinned adapter's slot never is."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1, pinned=frozenset({"a"}))
+    del store.fails["c"]
+    if held != "warm entry":
+        store.copied.add("b")
     a.output_token_ids.append(7)
     admission.time_slice((a, b))
     assert a.adapter_slot == 0 and admission.parked == 0  # and b has no token
     b.output_token_ids.append(7)
     admission.time_slice((a, b))
     assert b.adapter_slot == -1 and admission.parked == 1
+    assert admission.ready(c)
+    admission.release(c)
+    store.go["b"].set()
+    assert attempt(admission, b)
+    want = "factors of b" if held == "warm entry" else "copy of slot 1"
+    assert store.loaded[-1] == ("b#parked-0", want)
+    for seq in (a, b):
+        admission.release(seq)
     admission.close()
 
 
@@ -498,7 +509,7 @@ def test_a_parked_request_is_parked_again_under_its_own_key_and_forgotten_once_r
     admission.release(c)
     assert attempt(admission, a) and a.adapter_slot == 3  # a free slot: a resumes
     assert store.loaded[-1] == ("a#parked-0", "factors of a")
-    store.unheld.add("a")  # what the store holds for "a" now is no longer a's
+    store.copied.add("a")  # what the store holds for "a" now is no longer a's
     d = waiting_for_a_slot(admission, store, "d")
     admission.time_slice((a, b))  # step 3: a ripe again (a step in its slot): parked for d
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 2)

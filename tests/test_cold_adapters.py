@@ -322,20 +322,46 @@ def test_a_prefetch_with_no_slot_free_fills_the_warm_tier():
     assert store.stats.warm.hits == 1 and store.stats.warm.misses == 2
 
 
-def test_held_factors_are_the_warm_entry_of_the_adapters_current_slot_only():
-    """What a parked request holds: the warm tier's entry (by reference) while the slot
-    is still the adapter's current one; nothing once a replace retired the slot, or with
-    the warm tier off."""
-    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=2, warm_cache_bytes=1 << 20)
+def slot_contents(store: AdapterStore, slot: int) -> list[torch.Tensor]:
+    return [t[slot] for layer in range(SPEC.num_layers) for module in SPEC.module_shapes
+            for t in store.slots.buffers(layer, module)]
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_held_factors_load_a_slot_exactly_as_the_one_a_request_is_parked_off(warm):
+    """What a parked request holds: the warm tier's entry (by reference) while it is the
+    version in the slot; else a host copy of the slot, under the slot's version (the warm
+    tier off, or a replace retired the slot): either loads another slot with the same
+    contents and version, so the request resumes with the weights it ran with."""
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=3,
+                         warm_cache_bytes=(1 << 20) * warm)
     store.register("x", nola(SPEC, 1))
     slot = store.acquire("x")
-    assert store.held_factors("x", slot) is store.warm.peek("x") is not None
-    assert store.held_factors("x", 1 - slot) is None  # not x's slot
+    if warm:
+        assert store.held_factors("x", slot) is store.warm.peek("x") is not None
     store.register("x", nola(SPEC, 2), replace=True)  # the slot is retired (still in use)
-    assert store.held_factors("x", slot) is None
-    off = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=1)
-    off.register("x", nola(SPEC, 1))
-    assert off.held_factors("x", off.acquire("x")) is None
+    held = store.held_factors("x", slot)
+    assert store.warm is None or held is not store.warm.peek("x")
+    assert held.version == store.slots.version_of(slot)
+    parked = store.acquire("x#parked-0", held)
+    assert store.slots.version_of(parked) == held.version
+    assert all(map(torch.equal, slot_contents(store, parked), slot_contents(store, slot)))
+    new = store.acquire("x")  # the replacement
+    assert not torch.equal(slot_contents(store, new)[0], slot_contents(store, slot)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_nola_adapter_regenerated_in_its_cuda_slot_is_held_as_a_copy_of_the_slot():
+    """On CUDA a NOLA adapter is regenerated in its slot, never in the warm tier: the
+    requests parked off it hold a copy of the slot, which loads another one exactly."""
+    store = AdapterStore(SPEC, SqliteRegistry(":memory:"), num_slots=2, device="cuda",
+                         warm_cache_bytes=1 << 20)
+    store.register("x", nola(SPEC, 1))
+    slot = store.acquire("x")
+    assert "x" not in store.warm
+    parked = store.acquire("x#parked-0", store.held_factors("x", slot))
+    assert all(map(torch.equal, slot_contents(store, parked), slot_contents(store, slot)))
 
 
 def test_a_replaced_adapter_is_not_served_from_the_warm_tier():
@@ -448,16 +474,19 @@ WEDGE_PLAN = [  # (request, adapter or None, prompt tokens, max_tokens, arrival 
     ("r13", None, 46, 21, 9), ("r5", 1, 2, 29, 11)]
 
 
-def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe):
+@pytest.mark.parametrize("warm_cache_bytes", [256 << 20, 0])
+def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe, warm_cache_bytes):
     """2 slots, 3 cold adapters and base requests, tight KV, aging 2, quantum 1 (an outside
     probe's search): finished loads of requests queued behind an overdue one held both
     slots, or requests parked and preempted kept theirs, while the overdue one waited for a
     slot: no step progressed, ever (6 runs in 6). After each schedule no waiting request
-    keeps a slot now; everything finishes and nothing is left held."""
+    keeps a slot now; everything finishes and nothing is left held. With the warm tier off
+    too (a parked request holds a copy of its slot: the case of every NOLA adapter on CUDA,
+    regenerated in its slot, never in the warm tier)."""
     engine = make_engine(model, bytebpe, num_slots=2, max_num_seqs=4, block_size=2,
                          max_num_batched_tokens=16, admission_quantum_steps=1,
                          admission_aging_steps=2, enable_prefix_caching=False,
-                         kv_cache_bytes=34 * 1024)
+                         kv_cache_bytes=34 * 1024, warm_cache_bytes=warm_cache_bytes)
     rng = random.Random(0)
     for attempt in range(1):
         names = [f"t{attempt}x{i}" for i in range(3)]
@@ -474,4 +503,5 @@ def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe):
                 break
             engine.step()
         assert not engine.has_unfinished(), "the engine stopped progressing"
+        assert engine.admission.parked > 0
         assert holds_nothing(engine) and engine.store.slots.table.refcount(1) == 0

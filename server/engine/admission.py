@@ -10,20 +10,19 @@ queued request wants, and leaves the slot idle, so it never holds or evicts a sl
 running or queued requests need; evictions prefer adapters no queued request ``want``s.
 
 Time slicing: when requests wait because every slot is busy, ``time_slice`` parks the
-running requests of the slots held longest, once each of them has produced a token and
-run ``quantum_steps`` steps since it got the slot: one slot for each waiting request
-whose factors are a copy away (in the warm tier, or held by a parked one) and that the
-scheduler could run now (room in ``max_num_seqs`` and KV blocks: a slot never goes to a
-request that cannot use it, or parked requests holding the KV blocks it needs would wait
-for that slot forever; after each schedule ``settle`` takes back every slot a waiting
-request holds), overdue ones
-first, then those with the fewest tokens. A parked request keeps its KV blocks and its
-place among the running ones, gives back its slot, holds its factors (the warm tier's
-entry, by reference) and sits steps out until they are copied into a slot again, under a
-key of its own: a replace or delete meanwhile does not change its weights. The waiting
-request's copy runs at once, on the step thread (a few ms), so the slot is not left idle
-for a step: a cold request waits for one copy, not for a whole request to finish; the
-parked ones pay in time per output token.
+running requests of the slots held longest, once each of them has produced a token and run
+``quantum_steps`` steps since it got the slot: one slot for each waiting request whose
+factors are a copy away (in the warm tier, or held by a parked one) and that the scheduler
+could run now (room in ``max_num_seqs`` and KV blocks: a slot never goes to a request that
+cannot use it, or parked requests holding the KV blocks it needs would wait for that slot
+forever; after each schedule ``settle`` takes back every slot a waiting request holds),
+overdue ones first, then those with the fewest tokens. A parked request keeps its KV
+blocks and its place among the running ones, gives back its slot, holds its factors (the
+warm tier's entry, by reference, or a host copy of the slot) and sits steps out until they
+are copied into a slot again, under a key of its own: a replace or delete meanwhile does
+not change its weights. The waiting request's copy runs at once, on the step thread (a few
+ms), so the slot is not left idle for a step: a cold request waits for one copy, not for a
+whole request to finish; the parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
 the scheduler then admits nobody behind it (``Scheduler.adapter_overdue``), so running
@@ -161,9 +160,8 @@ class AdapterAdmission:
                 del self._loads[seq]
                 self._release_future(load)
         for seq in waiting:
-            if seq.adapter_slot >= 0 and seq not in self._asked and seq not in preempted \
-                    and (held := self._hold(seq)) is not None:
-                self._park(seq, held)
+            if seq.adapter_slot >= 0 and seq not in self._asked and seq not in preempted:
+                self._park(seq, self._hold(seq))
         self._asked.clear()
 
     def _targets(self) -> list[Sequence]:
@@ -180,30 +178,26 @@ class AdapterAdmission:
         """The requests to park (all those of one slot) and the key and factors they will
         resume with, or None. A request parked for the first time gets a key of its own
         (``<adapter id>#parked-<n>``: no adapter id has a ``#``) and holds the factors of
-        its slot by reference (``AdapterStore.held_factors``), so that a replace or delete
-        meanwhile does not change its weights; without them (warm tier off) it is not
-        parked."""
+        its slot (``AdapterStore.held_factors``: the warm tier's entry by reference, or a
+        host copy of the slot), so that a replace or delete meanwhile does not change its
+        weights."""
         by_slot: dict[int, list[Sequence]] = {}
         for seq in running:
             if seq.adapter_id is not None and seq.adapter_slot >= 0:
                 by_slot.setdefault(seq.adapter_slot, []).append(seq)
         pinned = self.store.slot_snapshot().pinned if by_slot else frozenset()
-        ripe = sorted((max(self._since[s] for s in seqs), slot, seqs)
+        oldest = min(((max(self._since[s] for s in seqs), slot, seqs)
                       for slot, seqs in by_slot.items()
-                      if self._key(seqs[0]) not in pinned and all(map(self._ripe, seqs)))
-        for _, _, seqs in ripe:
-            held = self._hold(seqs[0])
-            if held is not None:
-                return seqs, held
-        return None
+                      if self._key(seqs[0]) not in pinned and all(map(self._ripe, seqs))),
+                     default=None)
+        return None if oldest is None else (oldest[2], self._hold(oldest[2][0]))
 
-    def _hold(self, seq: Sequence) -> tuple[str, AdapterFactors] | None:
-        """The key and factors ``seq`` resumes with once parked (None: warm tier off)."""
+    def _hold(self, seq: Sequence) -> tuple[str, AdapterFactors]:
+        """The key and factors ``seq`` resumes with once parked."""
         held = self._held.get(seq)
         if held is None:
-            factors = self.store.held_factors(seq.adapter_id, seq.adapter_slot)
-            held = None if factors is None else \
-                (f"{seq.adapter_id}#parked-{self.parked}", factors)
+            held = (f"{seq.adapter_id}#parked-{self.parked}",
+                    self.store.held_factors(seq.adapter_id, seq.adapter_slot))
         return held
 
     def _ripe(self, seq: Sequence) -> bool:
