@@ -228,5 +228,7 @@ class Generation:
 
 def child_params(params: SamplingParams, j: int) -> SamplingParams:
     """The parameters of a request's ``j``-th choice (a copy: each engine request owns
-    its own, of one sequence): its seed is ``seed + j``."""
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+    its own, of one sequence): its seed is ``seed + j``, wrapped into int64 (the seeds'
+    range: ``seed`` 2**63 - 1 is valid with any n)."""
+    seed = None if params.seed is None else (params.seed + j + 2**63) % 2**64 - 2**63
+    return replace(params, n=1, seed=seed)

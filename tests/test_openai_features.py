@@ -79,17 +79,20 @@ def test_n_choices_are_seeded_seed_plus_j_with_usage_counting_the_prompt_once(en
 
 def test_a_negative_seed_is_a_seed_as_in_vllm(engine):
     """vLLM takes any 64-bit signed seed (clients send -1): the same tokens each time, as
-    torch seeds a generator with it; 2^63 is a 400 naming the field."""
+    torch seeds a generator with it; 2^63 is a 400 naming the field. Choice j's seed + j
+    wraps around: 2^63 - 1 is a seed with any n (it was a 400 naming 2^63 with n = 2)."""
     async def fn(oa, h):
         kw = dict(model="", prompt=PROMPT, max_tokens=6, temperature=1.0, extra_body=GREEDY)
         runs = [await oa.completions.create(seed=-1, **kw) for _ in range(2)]
         other = await oa.completions.create(seed=-2**63, **kw)
+        wraps = await oa.completions.create(seed=2**63 - 1, n=2, **kw)
         bad = await h.post("/v1/completions", json={"prompt": PROMPT, "seed": 2**63})
-        return runs, other, bad
+        return runs, other, wraps, bad
 
-    runs, other, bad = serve(engine, fn)
+    runs, other, wraps, bad = serve(engine, fn)
     assert runs[0].choices[0].token_ids == runs[1].choices[0].token_ids
     assert other.choices[0].finish_reason == "length"
+    assert wraps.choices[1].token_ids == other.choices[0].token_ids
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
 
 

@@ -96,12 +96,14 @@ def test_json_schema_output_always_parses_and_matches(engine):
 
 def test_strings_bounded_by_length_hold_no_raw_control_characters(engine):
     """xgrammar's ``maxLength`` rule alone lets raw control characters in (``json.loads``
-    refuses them); structured.py says the lengths as a pattern too."""
+    refuses them); structured.py says the lengths as a pattern too. A property named as a
+    keyword (``not``) is a name, not a keyword."""
     schema = {"type": "object", "properties": {
         "s": {"type": "string", "maxLength": 4},
         "t": {"type": "string", "minLength": 1, "maxLength": 3},
-        "e": {"enum": [{"type": "string", "maxLength": 1}]}},  # a value, left as it is
-        "required": ["s", "t", "e"], "additionalProperties": False}
+        "not": {"type": "string", "maxLength": 2},
+        "e": {"enum": [{"type": "string", "maxLength": 1, "pattern": "x"}]}},  # a value
+        "required": ["s", "t", "e", "not"], "additionalProperties": False}
     requests = {f"c{seed}": ([7, seed], structured(schema, seed), ADAPTERS[seed % 3])
                 for seed in range(12)}
     for rid, (text, reason) in texts(engine, requests).items():
@@ -174,6 +176,14 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
     (StructuredSpec(grammar='start ::= "a"'), "the grammar cannot be enforced: .*root"),
     (StructuredSpec(grammar='root ::= "a'), "the grammar cannot be enforced"),
     (StructuredSpec(grammar='root: "a"'), "the Lark grammar cannot be enforced: .*start"),
+    # xgrammar would hold the output to only one of each pair, saying so in its log only
+    (StructuredSpec(json_schema=json.dumps({"type": "object", "properties": {"c": {
+        "type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}})),
+     "pattern and its minLength/maxLength cannot both be enforced: put the length into"),
+    (StructuredSpec(json_schema=json.dumps({"type": "array", "items": {
+        "type": "string", "format": "date", "minLength": 30}})), "format and its minLength"),
+    (StructuredSpec(json_schema=json.dumps({"anyOf": [{"not": {"type": "integer"}}]})),
+     "'not' would not be enforced: remove it"),
 ])
 def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec, message):
     with pytest.raises(InvalidRequestError, match=message):
