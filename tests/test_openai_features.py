@@ -345,6 +345,34 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(engine):
     assert chat["param"] == "echo"
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_and_null_is_a_fields_default(engine):
+    """``echo`` with ``max_tokens`` 0 (vLLM and OpenAI's legacy API): the prompt alone,
+    with its logprobs, whole and streamed, no completion token counted. A null ``stream``
+    or ``echo`` (OpenAI's nullable fields; clients that send every field send it) is the
+    default: both were 400s."""
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+
+    async def fn(oa, h):
+        kw = dict(model="", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+        whole = await oa.completions.create(**kw)
+        stream = await chunks_of(await oa.completions.create(stream=True, **kw))
+        nulls = [await h.post("/v1/completions", json={
+                     "prompt": PROMPT, "max_tokens": 2, "stream": None, "echo": None}),
+                 await h.post("/v1/chat/completions", json={
+                     "messages": MESSAGES, "max_tokens": 2, "stream": None})]
+        return whole, stream, nulls
+
+    whole, stream, nulls = serve(engine, fn)
+    choice = whole.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 0)
+    assert by_index(stream) == {0: PROMPT}
+    assert [t for c in stream for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
+    assert [r.status_code for r in nulls] == [200, 200]
+    assert "choices" in nulls[0].json() and "choices" in nulls[1].json()
+
+
 def ranks_around(row: torch.Tensor, token: int, tol: float = 1e-4) -> range:
     """The ranks ``token`` may have in ``row`` when logits within ``tol`` could swap."""
     return range(int((row > row[token] + tol).sum()) + 1, int((row > row[token] - tol).sum()) + 2)

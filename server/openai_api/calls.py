@@ -131,7 +131,8 @@ class Endpoints:
                      body.structured_output(self.tool_call_parser)[1],
                      None if k_prompt is None else LogprobFormat(tokenizer, k_prompt),
                      body.stream_usage if body.stream else "",
-                     tuple(fan.prompt_ids), self.cached_details)
+                     tuple(fan.prompt_ids), self.cached_details,
+                     echoes and body.echo_only)
 
     def _failed(self, name: str, e: Exception) -> JSONResponse:
         code, status, body = error_of(e)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nolaserve.adapters.errors import EngineStoppedError
 from nolaserve.adapters.registry_rows import AdapterRecord
@@ -52,6 +52,7 @@ class Shape:
     stream_usage: str = ""  # "final": a closing usage chunk; "continuous": each chunk too
     prompt_ids: tuple[list[int], ...] = ()  # each prompt's token ids, as the engine got them
     cached_details: bool = False  # usage's prompt_tokens_details.cached_tokens (vLLM's flag)
+    echo_only: bool = False  # echo with max_tokens 0: the generated token is not shown
 
 
 @dataclass
@@ -126,8 +127,17 @@ class CompletionBodies:
         logprobs, state.offset = fmt.completion(token_ids, entries, state.offset)
         return text, logprobs
 
+    def _shown(self, out: RequestOutput) -> RequestOutput:
+        """What the client sees of ``out``: all of it, or with ``echo_only`` nothing of the
+        token generated (the prompt, its logprobs and the finish only)."""
+        if not self.shape.echo_only:
+            return out
+        return replace(out, text="", token_ids=[], completion_tokens=0,
+                       logprobs=None if out.logprobs is None else [])
+
     def add(self, index: int, out: RequestOutput) -> None:
         """Collect an output of choice ``index`` for ``complete``."""
+        out = self._shown(out)
         choice = self._choices[index]
         choice.text.append(out.text)
         choice.token_ids += out.token_ids
@@ -175,6 +185,7 @@ class CompletionBodies:
 
     def chunk(self, index: int, out: RequestOutput) -> bytes | None:
         """The chunk of one engine output; None for an output with nothing to send."""
+        out = self._shown(out)
         self._choices[index].streamed += len(out.token_ids)
         if self.chat and self.shape.tools is not None:
             return self._tool_chunk(index, out)

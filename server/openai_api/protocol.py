@@ -25,6 +25,12 @@ class CompletionRequest(SamplingBody):
     def top_logprobs_k(self) -> int | None:
         return self.logprobs
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt scored, nothing generated (as vLLM and
+        OpenAI's legacy API allow); the engine makes one token, which nobody sees."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: one, or a batch (strings or token-id lists)."""
         prompt = self.prompt
@@ -39,8 +45,8 @@ class CompletionRequest(SamplingBody):
     def generate_requests(self, tool_call_parser: str = "") -> list[GenerateRequest]:
         """One ``GenerateRequest`` per prompt (each fanned out into ``n`` choices); a
         completion has no tools, so ``tool_call_parser`` (chat's) changes nothing."""
-        params = self.sampling_params(DEFAULT_COMPLETION_TOKENS if self.max_tokens is None
-                                      else self.max_tokens)
+        params = self.sampling_params(1 if self.echo_only else DEFAULT_COMPLETION_TOKENS
+                                      if self.max_tokens is None else self.max_tokens)
         if self.echo and params.logprobs is not None:  # the engine computes the larger k
             params.prompt_logprobs = max(params.logprobs, params.prompt_logprobs or 0)
         return [GenerateRequest(self.model, prompt=p, params=params,

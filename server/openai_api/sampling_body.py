@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
@@ -101,6 +101,16 @@ class SamplingBody(BaseModel):
     guided_regex: Any = None
     guided_json: Any = None
     guided_grammar: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A null field is its default, as OpenAI's nullable fields (``stream``, ``echo``)
+        are: clients that send every field send null for those they leave unset."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None
+                or key not in cls.model_fields or cls.model_fields[key].is_required()}
 
     def structured_output(self, tool_call_parser: str = ""
                           ) -> tuple[StructuredSpec | None, ToolMode | None]:
