@@ -190,9 +190,15 @@ def test_function_tools_give_function_call_items_whole_and_streamed(engine, choi
         events = [e async for e in await oa.responses.create(stream=True, **kw)]
         async with oa.responses.stream(**kw) as stream:
             final = await stream.get_final_response()
-        return whole, events, final
+        cut = kw | {"max_output_tokens": 16}  # a whole response says what its stream says
+        cuts = [await oa.responses.create(**cut),
+                [e async for e in await oa.responses.create(stream=True, **cut)][-1].response]
+        return whole, events, final, cuts
 
-    whole, events, final = serve(engine, fn)
+    whole, events, final, cuts = serve(engine, fn)
+    said = [[(o.type, o.status, getattr(o, "arguments", None)) for o in r.output] for r in cuts]
+    assert said[0] == said[1] and said[0][-1][:2] == ("function_call", "incomplete"), said
+    assert cuts[0].status == cuts[1].status == "incomplete"
     for out in (whole, final, events[-1].response):
         assert out.status == "completed" and [o.type for o in out.output] == ["function_call"]
         call = out.output[0]

@@ -148,6 +148,49 @@ def test_tool_calls_whole_and_streamed(engine, choice):
     serve(engine, test)
 
 
+def streamed_calls(chunks) -> tuple[list[tuple[str, str]], str, list[str]]:
+    """A raw chat stream's calls (name, arguments), finish reason and logprob tokens."""
+    calls: dict[int, list[str]] = {}
+    finish, tokens = None, []
+    for chunk in chunks:
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, [d.function.name, ""])
+                call[1] += d.function.arguments or ""
+            tokens += [e.token for e in (c.logprobs.content if c.logprobs else None) or []]
+            finish = c.finish_reason or finish
+    return [tuple(calls[i]) for i in sorted(calls)], finish, tokens
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "add"}}])
+def test_a_tool_response_says_what_its_stream_says_cut_or_not_with_logprobs(engine, choice):
+    """Cut at ``max_tokens`` (finish ``length``) a whole response has the calls as far as
+    written, as its stream: a call complete exactly at ``max_tokens`` came back as raw
+    JSON content, with no ``tool_calls``. The stream carries every token's logprobs, as
+    the whole response does (its chunks had none)."""
+    names = {"weather", "add"} if choice == "required" else {"add"}
+
+    async def test(oa, _):
+        kw = dict(model="", messages=MESSAGES, temperature=0, tools=TOOLS, tool_choice=choice,
+                  parallel_tool_calls=False, logprobs=True, top_logprobs=1)
+        n = (await oa.chat.completions.create(max_tokens=200, **kw)).usage.completion_tokens
+        for cut in (n - 1, n // 2, 200):
+            out = (await oa.chat.completions.create(max_tokens=cut, **kw)).choices[0]
+            chunks = [c async for c in await oa.chat.completions.create(
+                max_tokens=cut, stream=True, **kw)]
+            calls, finish, tokens = streamed_calls(chunks)
+            assert [(c.function.name, c.function.arguments)
+                    for c in out.message.tool_calls or []] == calls
+            assert out.finish_reason == finish == ("tool_calls" if cut == 200 else "length")
+            assert [e.token for e in out.logprobs.content] == tokens
+            assert len(tokens) == min(cut, n)
+            if cut != n // 2:
+                check_calls(out.message.tool_calls, names)
+
+    serve(engine, test)
+
+
 GUIDED = [({"structured_outputs": {"choice": ["oui", "non merci"]}}, ("oui", "non merci")),
           ({"guided_choice": ["oui", "non merci"]}, ("oui", "non merci")),
           ({"structured_outputs": {"regex": "[a-c]{2,3}", "disable_any_whitespace": True}},

@@ -68,6 +68,7 @@ class _Choice:
     started: bool = False
     calls: CallStream | None = None  # a chat stream's tool calls so far
     streamed: int = 0  # token ids the stream has had so far
+    carried: int = 0  # of ``token_ids``: those a tool stream's chunks have carried
 
 
 class CompletionBodies:
@@ -89,8 +90,7 @@ class CompletionBodies:
                 reason: str | None, delta: bool, stop_reason: str | int | None = None,
                 calls: list[dict] | None = None) -> dict:
         """One choice; ``stop_reason`` is vLLM's (the stop string or token id that ended
-        it, else null); ``calls``: a message's tool calls (finish reason ``tool_calls``),
-        or a chunk's tool-call deltas."""
+        it, else null); ``calls``: a message's tool calls, or a chunk's tool-call deltas."""
         choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": reason,
                         "stop_reason": stop_reason}
         if not self.chat:
@@ -103,7 +103,6 @@ class CompletionBodies:
             choice["delta"]["tool_calls"] = calls
         elif calls is not None:
             choice["message"] |= {"content": text or None, "tool_calls": calls}
-            choice["finish_reason"] = "tool_calls"
         if self.shape.token_ids:
             choice["token_ids"] = token_ids
         return choice
@@ -153,8 +152,8 @@ class CompletionBodies:
             text, logprobs = self._content(index, "".join(c.text), c.token_ids,
                                            c.logprobs, c.prompt_logprobs)
             reason, calls = finish_reason(c.last), None
-            if self.chat and self.shape.tools is not None and reason == "stop":
-                text, calls = self.shape.tools.split(text)
+            if self.chat and self.shape.tools is not None:
+                text, calls, reason = self._calls(text, reason)
             choices.append(self._choice(index, text, c.token_ids, logprobs, reason, False,
                                         c.last.stop_reason, calls))
             if self.shape.prompt_logprobs is not None and not self.chat:
@@ -168,6 +167,13 @@ class CompletionBodies:
             body["prompt_logprobs"] = self._prompt_logprobs(self._choices[0])
         body["usage"] = self._usage()
         return body
+
+    def _calls(self, text: str, reason: str) -> tuple[str, list[dict] | None, str]:
+        """A whole response's content, tool calls and finish reason (``CallStream.whole``):
+        ``tool_calls`` when the output ended on a stop and holds calls; cut at
+        ``max_tokens``, the calls as far as written and ``length``, as vLLM's."""
+        content, calls, called = CallStream.whole(self.shape.tools, text, reason == "stop")
+        return content, calls or None, "tool_calls" if called else reason
 
     def _prompt_logprobs(self, choice: _Choice) -> list[dict | None] | None:
         if choice.prompt_logprobs is None:
@@ -206,24 +212,32 @@ class CompletionBodies:
         return self._sse(choice)
 
     def _tool_chunk(self, index: int, out: RequestOutput) -> bytes | None:
-        """The content and tool-call deltas an output lets stream (``CallStream``); the
-        last chunk has the rest, and the finish reason ``tool_calls`` when the output
-        holds calls."""
+        """The content and tool-call deltas an output lets stream (``CallStream``), with
+        the token ids and logprobs no chunk has carried yet; the last chunk has the rest,
+        and the finish reason ``tool_calls`` when the output holds calls."""
         state = self._choices[index]
         state.token_ids += out.token_ids
+        state.logprobs += out.logprobs or []
         stream = state.calls = state.calls or CallStream(self.shape.tools)
         if not out.finished:
             content, deltas = stream.feed(out.text)
             if not content and not deltas:
-                return None
-            return self._sse(self._choice(index, content, [], None, None, True,
-                                          calls=deltas or None))
+                return None  # its tokens go with the next chunk
+            return self._sse(self._choice(index, content, *self._uncarried(state), None,
+                                          True, calls=deltas or None))
         state.last = out
         reason = finish_reason(out)
         content, deltas, called = stream.finish(out.text, reason == "stop")
-        return self._sse(self._choice(index, content, state.token_ids, None,
+        return self._sse(self._choice(index, content, *self._uncarried(state),
                                       "tool_calls" if called else reason, True,
                                       out.stop_reason, deltas or None))
+
+    def _uncarried(self, state: _Choice) -> tuple[list[int], dict | None]:
+        """The token ids of a tool stream's choice that no chunk has carried yet, and
+        their logprobs when asked."""
+        ids, entries = state.token_ids[state.carried:], state.logprobs[state.carried:]
+        state.carried = len(state.token_ids)
+        return ids, None if self.shape.logprobs is None else self.shape.logprobs.chat(ids, entries)
 
     def last_chunks(self) -> list[bytes]:
         """The stream's end: with ``stream_options.include_usage`` a closing usage chunk

@@ -117,15 +117,15 @@ class ResponseBodies:
                             param=error["param"])]
 
     def _output(self) -> list[dict]:
-        """The message (unless tool calls are all there is) and the tool calls; of a
-        stream with tools, what it sent (a call cut short is ``incomplete``)."""
+        """The message (unless tool calls are all there is) and the tool calls: what a
+        stream sends, whole or streamed (a call cut short is ``incomplete``)."""
         text, calls, status = "".join(self.text), None, self._status()
         called = status == "completed"
         if self.stream is not None:
             text, calls = self.stream.text[:self.stream.content], self.stream.sent
             called = self.called
-        elif self.shape.tools is not None and called:
-            text, calls = self.shape.tools.split(text)
+        elif self.shape.tools is not None:
+            text, calls, called = CallStream.whole(self.shape.tools, text, called)
         logprobs = [] if calls else self._logprobs_of(self.token_ids, self.logprobs)
         items = [self._message("completed" if self.closed else status, text, logprobs)
                  ] if text or not calls else []

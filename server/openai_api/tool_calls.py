@@ -201,6 +201,15 @@ class CallStream:
                         else CallScanner.required())
         self.sent: list[dict] = []  # each call announced, its arguments as sent so far
 
+    @classmethod
+    def whole(cls, mode: ToolMode, text: str, parse: bool) -> tuple[str, list[dict], bool]:
+        """A whole response's content and calls, and whether the output holds calls: what
+        a stream of ``text`` sends (``finish``), at once, so that a response says what
+        its stream would: cut at ``max_tokens``, the calls as far as they are written."""
+        stream = cls(mode)
+        content, _, called = stream.finish(text, parse)
+        return content, stream.sent, called
+
     def feed(self, piece: str) -> tuple[str, list[dict]]:
         """The content and call deltas that ``piece``, the output's next text, lets
         stream now."""
