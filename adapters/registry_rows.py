@@ -141,14 +141,15 @@ def encode_token(last_id: str) -> str:
 
 
 def decode_token(token: str) -> str:
-    """The id after which the page starts ("" for the first page)."""
+    """The id after which the page starts ("" for the first page, or the token of "")."""
     if token == "":
         return ""
     try:
         text = base64.b64decode(token, altchars=b"-_", validate=True).decode()
         if not text.startswith(_TOKEN_PREFIX):
             raise ValueError(text)
-        return check_adapter_id(text[len(_TOKEN_PREFIX):])
+        last = text[len(_TOKEN_PREFIX):]
+        return last and check_adapter_id(last)
     except (TypeError, ValueError, binascii.Error):
         raise InvalidAdapterError(
             f"invalid page_token {short(token)}: pass the next_page_token of a previous page"

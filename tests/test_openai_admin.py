@@ -225,6 +225,17 @@ def test_http_port_in_use_fails_before_the_model_loads(tmp_path):
             asyncio.run(start(config))
 
 
+async def walk_pages(h, limit: int) -> list[list[dict]]:
+    """Every page of ``/v1/models?limit=``, following ``next_page_token``."""
+    pages, params = [], {"limit": limit}
+    while True:
+        body = (await h.get("/v1/models", params=params)).json()
+        pages.append(body["data"])
+        if not body["has_more"]:
+            return pages
+        params = {"limit": limit, "page_token": body["next_page_token"]}
+
+
 def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeypatch):
     """What vLLM serves beside generation, through the official client where it has a
     call: ``models.retrieve`` (base, bare adapter id, ``<base>:<id>``, unknown: 404),
@@ -248,7 +259,8 @@ def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeyp
                 await client.models.retrieve("nope")
             listed = await client.models.list()
             async with http(url, INFERENCE) as h:
-                page = (await h.get("/v1/models", params={"limit": 2})).json()
+                pages = {n: await walk_pages(h, n) for n in (1, 2)}
+                zero = await h.get("/v1/models", params={"limit": 0})
                 tok = (await h.post("/tokenize", json={"model": "ad1", "prompt": "héllo"})).json()
                 chat = await h.post("/tokenize", json={"messages": [
                     {"role": "user", "content": "hi"}]})
@@ -258,13 +270,16 @@ def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeyp
                 ver = (await h.get("/version")).json()
             async with http(url) as h:
                 guarded = await h.get("/v1/models/ad3")
-            return cards, listed, page, tok, chat, detok, bad, unknown, ver, guarded
+            return cards, listed, pages, zero, tok, chat, detok, bad, unknown, ver, guarded
 
-    cards, listed, page, tok, chat, detok, bad, unknown, ver, guarded = asyncio.run(main())
+    cards, listed, pages, zero, tok, chat, detok, bad, unknown, ver, guarded = asyncio.run(main())
     assert [c.id for c in cards] == [base, "ad3", f"{base}:ad3"]
     assert cards[1].root == base and cards[0].object == "model"
     assert [m.id for m in listed.data] == [base] + [f"ad{i}" for i in range(5)]
-    assert len(page["data"]) == 3 and page["has_more"] and page["next_page_token"]
+    for n, walked in pages.items():  # pages of at most ``limit`` models, the base first
+        assert all(len(page) <= n for page in walked) and len(walked[0]) == n
+        assert [m["id"] for page in walked for m in page] == [m.id for m in listed.data]
+    assert zero.status_code == 400 and zero.json()["error"]["param"] == "limit"
     assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] > 0
     assert detok["prompt"].endswith("héllo")
     assert chat.status_code == 200 and chat.json()["count"] > 0

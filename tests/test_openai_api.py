@@ -116,10 +116,14 @@ def test_models_list_and_unknown_model(engine):
             async with http(url) as h:
                 page = (await h.get("/v1/models", params={"limit": 1})).json()
                 rest = (await h.get("/v1/models", params={
-                    "limit": 1, "page_token": page["next_page_token"]})).json()
-            return models, err.value, page, rest
+                    "limit": 2, "page_token": page["next_page_token"]})).json()
+                wrong = [await h.get("/v1/nothing"), await h.get("/v1/completions"),
+                         await h.post("/v1/completions", content=b"{bad json",
+                                      headers={"content-type": "application/json"}),
+                         await h.get("/v1/models", params={"limit": "x"})]
+            return models, err.value, page, rest, wrong
 
-    models, err, page, rest = asyncio.run(main())
+    models, err, page, rest, wrong = asyncio.run(main())
     base = engine.runner.spec.name
     ids = [m.id for m in models.data]
     assert ids == [base, "a/b", "n"]
@@ -128,8 +132,15 @@ def test_models_list_and_unknown_model(engine):
                                                                   base, base)
     assert err.status_code == 404 and err.body["type"] == "NotFoundError"
     assert "nope" in err.body["message"] and err.body["code"] == 404
-    assert [m["id"] for m in page["data"]] == [base, "a/b"] and page["has_more"]
-    assert [m["id"] for m in rest["data"]] == ["n"] and not rest["has_more"]
+    assert [m["id"] for m in page["data"]] == [base] and page["has_more"]  # limit 1: 1 model
+    assert [m["id"] for m in rest["data"]] == ["a/b", "n"] and not rest["has_more"]
+    # every answer, a wrong path, method or body too, has the one error shape
+    errors = [r.json()["error"] for r in wrong]
+    assert [(r.status_code, e["param"]) for r, e in zip(wrong, errors)] == [
+        (404, None), (405, None), (400, None), (400, "limit")]
+    assert "no endpoint GET /v1/nothing" in errors[0]["message"]
+    assert "use POST" in errors[1]["message"] and wrong[1].headers["allow"] == "POST"
+    assert "not valid JSON" in errors[2]["message"]
 
 
 REFUSED = [("suffix", {"suffix": "x"}), ("use_beam_search", {"use_beam_search": True}),

@@ -14,7 +14,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
+from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry import MAX_PAGE_SIZE
+from nolaserve.adapters.registry_rows import AdapterRecord, encode_token
 from nolaserve.adapters.sources import read_adapter_source
 from nolaserve.adapters.store import AdapterStore
 
@@ -72,15 +74,13 @@ class AdapterEndpoints:
     async def models(self, endpoints: Endpoints, limit: int | None, page_token: str
                      ) -> Response:
         """The base model and every registered adapter, as vLLM lists them; with ``limit``
-        (or ``page_token``) one page of adapters (the base model on the first page only).
+        (or ``page_token``) one page of ``limit`` models (``_page``).
         Each adapter is under the name that serves it: one registered under the base
         model's id (refused now, kept if registered before) is ``<base id>:<base id>``."""
         if limit is None and not page_token:
-            records = await asyncio.to_thread(self._all_records)
-            token = ""
+            records, token = await asyncio.to_thread(self._all_records), ""
         else:
-            records, token, _ = await asyncio.to_thread(
-                self.store.list_page, MAX_PAGE_SIZE if limit is None else limit, page_token)
+            records, token = await asyncio.to_thread(self._page, limit, page_token)
         base = endpoints.generation.base_model
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
@@ -99,6 +99,19 @@ class AdapterEndpoints:
         adapter = await asyncio.to_thread(resolve_adapter, model_id, base, registered)
         record = await asyncio.to_thread(self.store.get, adapter)
         return JSONResponse(adapter_card(record, base, model_id))
+
+    def _page(self, limit: int | None, page_token: str) -> tuple[list[AdapterRecord], str]:
+        """The adapters of a page of ``limit`` models (default and at most
+        ``MAX_PAGE_SIZE``) and the next page's token: the first page's first model is the
+        base model; with ``limit`` 1 it is alone, and its token starts the adapters."""
+        if limit is not None and not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidRequestError(f"limit must be 1..{MAX_PAGE_SIZE}, got {limit}",
+                                      "limit")
+        size = (MAX_PAGE_SIZE if limit is None else limit) - (not page_token)
+        if size == 0:
+            return [], encode_token("") if self.store.list_page(1, "")[0] else ""
+        records, token, _ = self.store.list_page(size, page_token)
+        return records, token
 
     def _all_records(self) -> list:
         records, token = [], ""

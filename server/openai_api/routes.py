@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
@@ -29,16 +30,35 @@ def token_rules(inference_token: str, admin_token: str) -> dict[str, tuple[str, 
     return {path: rule for path, rule in rules.items() if rule[0]}
 
 
+def _invalid(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The message and param of a body or query that does not validate."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return (f"the request body is not valid JSON ({first.get('ctx', {}).get('error')}, "
+                f"at character {first['loc'][-1]}): send a JSON object"), None
+    where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    return (f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}",
+            where[0] if where else None)
+
+
 def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAPI:
     """The FastAPI application: inference, models, health, metrics and adapter admin."""
     app = FastAPI(title="nolaserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}"
-        return JSONResponse(error_body(400, message, where[0] if where else None), 400)
+        return JSONResponse(error_body(400, *_invalid(exc)), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """An unknown path or method, in the error shape of every other answer."""
+        route = f"{request.method} {request.url.path}"
+        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        message = {404: f"no endpoint {route}: the endpoints are README's OpenAI API table",
+                   405: f"{route}: use {allow or 'another method'}"
+                   }.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(exc.status_code, message), exc.status_code,
+                            headers=exc.headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
