@@ -23,6 +23,7 @@ from .errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
     RegistryUnavailableError,
+    short,
 )
 from .ids import check_adapter_id, check_new_adapter_id
 from .kinds import Adapter, parse_adapter, summary
@@ -184,6 +185,9 @@ class AdapterStore:
         if len(set(source_ids)) != len(source_ids):
             raise InvalidAdapterError("source adapter ids must be distinct")
         task_ids = [check_adapter_id(f"{basis_id}/{sid}") for sid in source_ids]
+        if taken := next(filter(self.registry.contains, [basis_id, *task_ids]), None):
+            raise AdapterExistsError(f"{short(taken)} is already registered: pick another "
+                                     "basis id, or delete that basis first")
         sources = {sid: self._materialize(self.parsed(sid), "cpu") for sid in source_ids}
         build = build_rmm(sources, basis_size, self.spec, basis_id=basis_id)
         items = [NewAdapter(basis_id, build.basis.kind, build.basis.to_bytes(),

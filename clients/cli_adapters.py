@@ -106,6 +106,10 @@ def describe(info: AdapterInfo) -> str:
 
 
 def _register(args: argparse.Namespace, connect: Connect) -> int:
+    if Path(args.file).is_dir():
+        raise OSError(f"{args.file} is a directory; a PEFT LoRA directory is imported "
+                      f"first: nolaserve adapters import-peft {args.file} OUT.safetensors "
+                      f"--register {args.adapter_id}")
     data = Path(args.file).read_bytes()
     with connect() as client:
         print("registered", describe(client.register_adapter(args.adapter_id, data,

@@ -195,6 +195,8 @@ def test_cli_adapters(served, capsys, tmp_path):
     assert run_cli(capsys, *t, "adapters", "show", "c1") == (
         1, "", "NOT_FOUND: adapter 'c1' is not registered\n")
     assert run_cli(capsys, *t, "adapters", "register", "b1", str(tmp_path / "nope"))[0] == 1
+    code, _, err = run_cli(capsys, *t, "adapters", "register", "b1", str(tmp_path))
+    assert code == 1 and f"import-peft {tmp_path} OUT.safetensors --register b1" in err
     assert {a for _, a in fake.auth} == {"Bearer adm"}
 
 

@@ -99,9 +99,9 @@ def test_load_lora_adapter_reads_only_under_adapter_dirs(engine, model, tmp_path
     (allowed / "n.safetensors").write_bytes(nola_bytes(engine))
     lora = peft_dir(model, allowed / "peft")
 
-    async def load(h, name: str, path) -> tuple[int, str]:
+    async def load(h, name: str, path, **extra) -> tuple[int, str]:
         r = await h.post("/v1/load_lora_adapter", json={"lora_name": name,
-                                                       "lora_path": str(path)})
+                                                       "lora_path": str(path), **extra})
         return r.status_code, r.text
 
     async def main():
@@ -113,20 +113,23 @@ def test_load_lora_adapter_reads_only_under_adapter_dirs(engine, model, tmp_path
             too_long = await load(h, "x", allowed / ("a" * 5000))  # ENAMETOOLONG: was 500
             loaded = [await load(h, "nola", allowed / "n.safetensors"),
                       await load(h, "lora", lora)]
+            again = [await load(h, "nola", lora),  # vLLM's load_inplace replaces it
+                     await load(h, "nola", lora, load_inplace=True)]
             out = await openai_client(url).completions.create(model="lora", prompt="hi",
                                                               max_tokens=2)
             unloaded = await h.post("/v1/unload_lora_adapter", json={"lora_name": "lora"})
             gone = await h.post("/v1/unload_lora_adapter", json={"lora_name": "lora"})
         async with http_serving(engine) as (c, url), http(url) as h:
             no_dirs = await load(h, "y", allowed / "n.safetensors")
-        return refused, too_long, loaded, out, unloaded, gone, no_dirs
+        return refused, too_long, loaded, again, out, unloaded, gone, no_dirs
 
-    refused, too_long, loaded, out, unloaded, gone, no_dirs = asyncio.run(main())
+    refused, too_long, loaded, again, out, unloaded, gone, no_dirs = asyncio.run(main())
     for status, text in refused:
         assert status == 403 and "adapter_dirs" in text, text
     assert too_long[0] == 400 and "too long" in too_long[1] and len(too_long[1]) < 1000
     assert [s for s, _ in loaded] == [200, 200] and "lora" in loaded[1][1]
-    assert engine.store.registry.get("nola").kind == "nola"
+    assert again[0][0] == 409 and "set load_inplace to true" in again[0][1]
+    assert again[1][0] == 200 and engine.store.registry.get("nola").kind == "lora"
     assert out.usage.completion_tokens == 2
     assert unloaded.status_code == 200 and gone.status_code == 404
     assert no_dirs[0] == 403 and "adapter_dirs" in no_dirs[1]

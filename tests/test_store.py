@@ -124,6 +124,8 @@ def test_rmm_task_upload_needs_its_basis(store):
         store.register(sid, data)
     store.build_rmm(["a", "b"], basis_size=2, basis_id="B1")
     store.build_rmm(["a", "b"], basis_size=1, basis_id="B2")
+    with pytest.raises(AdapterExistsError, match="'B1' is already registered: pick another"):
+        store.build_rmm(["a", "b"], basis_size=1, basis_id="B1")  # no replace to advise
     task = store.registry.data("B1/a")
     store.register("copy", task)  # same basis: fine
     other = parse_adapter(store.registry.data("B2/a"))

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
-from nolaserve.adapters.errors import InvalidRequestError
+from nolaserve.adapters.errors import AdapterExistsError, InvalidRequestError, short
 from nolaserve.adapters.registry import MAX_PAGE_SIZE
 from nolaserve.adapters.registry_rows import AdapterRecord, encode_token
 from nolaserve.adapters.sources import read_adapter_source
@@ -32,6 +32,7 @@ ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters
 class LoadLoraRequest(BaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's: replace an adapter of that name
 
 
 class UnloadLoraRequest(BaseModel):
@@ -123,11 +124,19 @@ class AdapterEndpoints:
 
     async def load(self, body: LoadLoraRequest) -> Response:
         """Read a PEFT LoRA directory or an adapter file under ``adapter_dirs`` (nothing
-        outside them is opened) and register it."""
+        outside them is opened) and register it (``load_inplace``: replacing one of that
+        name, as vLLM's)."""
         data = await asyncio.to_thread(read_adapter_source, body.lora_path,
                                        list(self.config.adapter_dirs),
                                        self.config.max_message_bytes)
-        await asyncio.to_thread(self.store.register, body.lora_name, data)
+        try:
+            await asyncio.to_thread(self.store.register, body.lora_name, data,
+                                    body.load_inplace)
+        except AdapterExistsError as e:
+            if body.load_inplace:  # the id is another base model's
+                raise
+            raise AdapterExistsError(f"adapter {short(body.lora_name)} is already loaded: "
+                                     "set load_inplace to true to replace it") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added "
                                  "successfully.")
 
