@@ -25,10 +25,10 @@ def warm_tier(max_bytes: int) -> HostCache | None:
 
 
 def host_copy(factors: AdapterFactors, dtype: torch.dtype, pin: bool) -> AdapterFactors:
-    """``factors`` on the host in ``dtype`` (the slot pool's), pinned if ``pin``; the same
-    version."""
+    """``factors`` copied to the host in ``dtype`` (the slot pool's), pinned if ``pin``,
+    under the same version; the copy shares no memory with ``factors`` (a slot's views)."""
     def host(t: torch.Tensor) -> torch.Tensor:
-        t = t.to("cpu", dtype).contiguous()
+        t = t.to("cpu", dtype, memory_format=torch.contiguous_format, copy=True)
         return t.pin_memory() if pin else t
 
     return AdapterFactors({key: ModuleFactors(host(f.A), host(f.B), f.scale)

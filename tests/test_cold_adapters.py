@@ -14,7 +14,7 @@ from nolaserve.adapters.errors import NoFreeSlotError
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.registry_sqlite import SqliteRegistry
 from nolaserve.adapters.slot_table import Acquired, SlotTable
-from nolaserve.adapters.spec import BaseModelSpec
+from nolaserve.adapters.spec import BaseModelSpec, DirectFactors
 from nolaserve.adapters.store import AdapterStore
 from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.scheduler import Scheduler
@@ -246,8 +246,28 @@ def test_time_slicing_gives_a_cold_request_its_first_token_before_a_long_one_end
     assert holds_nothing(engine)
 
 
-def test_two_long_requests_over_one_slot_take_turns(model, bytebpe, alone):
+def written_in_slot(store: AdapterStore, adapter_id: str) -> DirectFactors:
+    """The adapter as CUDA loads a NOLA adapter (``DirectFactors``: written straight into
+    its slot, never through the warm tier), its values materialized on the CPU."""
+    factors = store._materialize(store.parsed(adapter_id), "cpu")
+
+    def write(views) -> None:
+        for key, (a, b) in views.items():
+            a.copy_(factors.modules[key].A)
+            b.copy_(factors.modules[key].B)
+
+    return DirectFactors({k: f.rank for k, f in factors.modules.items()},
+                         next(iter(factors.modules.values())).scale, write)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_two_long_requests_over_one_slot_take_turns(model, bytebpe, alone, direct):
+    """Also with the adapters written straight into their slot, as NOLA on CUDA
+    (``direct``: never through the warm tier): they were never parked then, so the
+    second request waited for the first to finish."""
     engine = sliced_engine(model, bytebpe, 2)
+    if direct:
+        engine.store.slots._direct = lambda i: written_in_slot(engine.store, i)
     both = {"long": LONG, "other": (PROMPT[::-1], greedy(40), "b")}
     steps, tokens = settled_steps(engine, both)
     turns = [ids[0] for ids in steps if ids]
@@ -342,6 +362,9 @@ def test_held_factors_load_a_slot_exactly_as_the_one_a_request_is_parked_off(war
     store.register("x", nola(SPEC, 2), replace=True)  # the slot is retired (still in use)
     held = store.held_factors("x", slot)
     assert store.warm is None or held is not store.warm.peek("x")
+    buffers = {t.untyped_storage().data_ptr() for t in slot_contents(store, slot)}
+    assert not buffers & {t.untyped_storage().data_ptr()  # a copy, not the slot's views
+                          for f in held.modules.values() for t in (f.A, f.B)}
     assert held.version == store.slots.version_of(slot)
     parked = store.acquire("x#parked-0", held)
     assert store.slots.version_of(parked) == held.version
