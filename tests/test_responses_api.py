@@ -163,18 +163,21 @@ def test_include_output_text_logprobs_gives_chats_logprobs(engine):
     ({"text": {"format": "json"}}, "text"),
     ({"temperature": -1}, None),
     ({"max_output_tokens": 0}, None),
+    ({"logit_bias": []}, "logit_bias"),  # checked by chat: pydantic's raw text before
 ])
 def test_what_a_stateless_server_cannot_do_is_a_400_naming_it(engine, body, param):
     async def fn(oa, h):
         r = await h.post("/v1/responses", json={"input": "hi"} | body)
         ok = await h.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2,
-                                                 "store": True, "metadata": {"k": "v"}})
+                                                 "store": True, "metadata": {"k": "v"},
+                                                 "stream": None, "top_logprobs": None})
         return r, ok
 
     r, ok = serve(engine, fn)
     assert r.status_code == 400, r.text
     if param:
         assert r.json()["error"]["param"] == param
+    assert "validation error" not in r.json()["error"]["message"]
     assert ok.status_code == 200 and ok.json()["metadata"] == {"k": "v"}
 
 

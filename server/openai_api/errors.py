@@ -49,6 +49,18 @@ def _type_of(status: int) -> str:
         return "Error"
 
 
+def invalid_body(errors: list[dict]) -> tuple[str, str | None]:
+    """The message and param of a body (or query) that does not validate: pydantic's
+    ``errors()``, the first of them."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return (f"the request body is not valid JSON ({first.get('ctx', {}).get('error')}, "
+                f"at character {first['loc'][-1]}): send a JSON object"), None
+    where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    return (f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}",
+            where[0] if where else None)
+
+
 def error_of(exc: BaseException) -> tuple[Status, int, dict]:
     """The ``Status``, HTTP status and error body of ``exc`` (a typed error, a
     ``ValueError`` = INVALID_ARGUMENT, anything else INTERNAL, logged)."""

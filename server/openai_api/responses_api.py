@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ValidationError
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
+from .errors import invalid_body
 from .protocol import ChatCompletionRequest
+from .sampling_body import NullIsDefault
 
 log = logging.getLogger("nolaserve.http")
 LOGPROBS = "message.output_text.logprobs"  # the ``include`` that asks for the text's
@@ -44,9 +46,7 @@ _SAMPLING = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "freque
              "truncate_prompt_tokens", "truncation_side", "priority", "request_id"}
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ResponsesRequest(NullIsDefault):
     model: str = ""
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -73,6 +73,12 @@ class ResponsesRequest(BaseModel):
         ignored = sorted(k for k in extra if k not in _REFUSED.keys() | _HARMLESS | _SAMPLING)
         if ignored:
             log.warning("fields present in the request but ignored: %s", ignored)
+        try:
+            return self._chat(extra)
+        except ValidationError as e:  # a sampling field passed on
+            raise InvalidRequestError(*invalid_body(e.errors())) from None
+
+    def _chat(self, extra: dict[str, Any]) -> ChatCompletionRequest:
         return ChatCompletionRequest(
             model=self.model, messages=self._messages(), stream=self.stream,
             max_completion_tokens=self.max_output_tokens, temperature=self.temperature,

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
-from .errors import error_body
+from .errors import error_body, invalid_body
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses_api import ResponsesRequest
 from .tokens import DetokenizeRequest, TokenEndpoints, TokenizeRequest, version
@@ -30,24 +30,13 @@ def token_rules(inference_token: str, admin_token: str) -> dict[str, tuple[str, 
     return {path: rule for path, rule in rules.items() if rule[0]}
 
 
-def _invalid(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The message and param of a body or query that does not validate."""
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return (f"the request body is not valid JSON ({first.get('ctx', {}).get('error')}, "
-                f"at character {first['loc'][-1]}): send a JSON object"), None
-    where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
-    return (f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', exc)}",
-            where[0] if where else None)
-
-
 def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAPI:
     """The FastAPI application: inference, models, health, metrics and adapter admin."""
     app = FastAPI(title="nolaserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(400, *_invalid(exc)), 400)
+        return JSONResponse(error_body(400, *invalid_body(exc.errors())), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -52,12 +52,27 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: every chunk has its choice's usage
 
 
-class SamplingBody(BaseModel):
+class NullIsDefault(BaseModel):
+    """A request body in which a field sent as null is its default, as OpenAI's nullable
+    fields (``stream``, ``echo``) are: clients that send every field send null for those
+    they leave unset."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None
+                or key not in cls.model_fields or cls.model_fields[key].is_required()}
+
+
+class SamplingBody(NullIsDefault):
     """The fields completions and chat share: sampling, vLLM's extensions and the
     output's constraint."""
 
     is_chat: ClassVar[bool] = False  # chat's tool fields are in play
-    model_config = ConfigDict(extra="allow")
 
     model: str = ""
     max_tokens: int | None = None
@@ -101,16 +116,6 @@ class SamplingBody(BaseModel):
     guided_regex: Any = None
     guided_json: Any = None
     guided_grammar: Any = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        """A null field is its default, as OpenAI's nullable fields (``stream``, ``echo``)
-        are: clients that send every field send null for those they leave unset."""
-        if not isinstance(data, dict):
-            return data
-        return {key: value for key, value in data.items() if value is not None
-                or key not in cls.model_fields or cls.model_fields[key].is_required()}
 
     def structured_output(self, tool_call_parser: str = ""
                           ) -> tuple[StructuredSpec | None, ToolMode | None]:
