@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 
 import jsonschema
 import pytest
@@ -15,7 +16,7 @@ from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run, step_all
 from vllm_helpers import vllm_python
 
-from nolaserve.adapters.errors import InvalidRequestError, Status
+from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine import structured as grammars
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, StructuredSpec
@@ -189,6 +190,37 @@ def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec,
     with pytest.raises(InvalidRequestError, match=message):
         engine.add_request("bad", [1, 2], SamplingParams(max_tokens=8, structured=spec))
     assert not engine.has_unfinished()
+
+
+def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounded_time(
+        engine, monkeypatch):
+    """Some small schemas take xgrammar minutes to compile, and a compile cannot be
+    stopped: an outside probe's six 70-byte patterns held every worker thread of the HTTP
+    server, and a plain completion waited for them. The request waits ``COMPILE_WAIT_S``,
+    then gets INVALID_ARGUMENT while its compile goes on, on its own thread; one queued
+    behind it gets RESOURCE_EXHAUSTED and is dropped; requests without a grammar run."""
+    gate, source = threading.Event(), grammars._source
+
+    def slow_source(spec):
+        what, text, build, fix = source(spec)
+        held = lambda c, t: (gate.wait(60), build(c, t))[1]  # noqa: E731
+        return what, text, held if text.startswith("slow") else build, fix
+
+    monkeypatch.setattr(grammars, "_source", slow_source)
+    monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 0.2)
+    slow, queued = StructuredSpec(regex="slow|a"), StructuredSpec(regex="slow|b")
+    try:
+        with pytest.raises(InvalidRequestError, match=r"takes more than 0.2 s to compile"):
+            engine.grammars.compile(slow)
+        with pytest.raises(QueueFullError, match="retry later") as full:
+            engine.grammars.compile(queued)
+        assert full.value.status is Status.RESOURCE_EXHAUSTED
+        plain = texts(engine, {"p": ([5, 6], greedy(3), None)})["p"]
+        assert plain[1] is FinishReason.LENGTH
+    finally:
+        gate.set()
+    assert engine.grammars.compile(slow) is not None  # compiled meanwhile: cached
+    assert engine.grammars.compile(queued) is not None  # dropped, so compiled now
 
 
 SYNTAXES = ["rule: 'abc'", "rule ::= 'abc'", 'start: "a"  # x ::= y', '// rules\nroot ::= "a"',

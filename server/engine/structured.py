@@ -29,16 +29,19 @@ share is never charged.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import weakref
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from time import thread_time
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
-from nolaserve.adapters.errors import InvalidRequestError, Status
+from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 
 from .sampler import row_tensor
 from .sequence import FinishReason, StructuredSpec
@@ -48,12 +51,22 @@ CACHE_BYTES = 64 << 20  # compiled grammars kept (LRU by xgrammar) for repeated 
 ANY_OBJECT = '{"type": "object"}'
 GRAMMAR_GRACE_S = 0.25  # matcher time that requests over their per-token share share
 GRAMMAR_S_PER_TOKEN = 0.005
+COMPILE_WAIT_S = 10.0  # a request's wait for its compile (Grammars)
+COMPILE_THREADS = 1
 
 
 class Grammars:
     """Compiles ``StructuredSpec``s for one tokenizer and vocabulary, cached by schema
     (bounded by ``CACHE_BYTES``); thread-safe, so the front ends' worker threads compile
-    before a request reaches the step thread, which then hits the cache."""
+    (``compile``) before a request reaches the step thread, which then hits the cache
+    (``start``). Some small schemas take xgrammar minutes to compile (nested counted
+    repetition: ``((a?){20}){20}){20}`` in a ``pattern``, 27 s on this CPU), and a compile
+    cannot be stopped: they run on ``COMPILE_THREADS`` threads of their own (identical ones
+    once), and the request waits ``COMPILE_WAIT_S`` at most. Past that its compile goes on,
+    to the cache, while the request gets INVALID_ARGUMENT saying so, or, if its compile
+    never started (queued behind slow ones), RESOURCE_EXHAUSTED (retry later), and the
+    compile is dropped: slow compiles hold those threads, never the front ends' workers
+    or the step thread, and their queue empties as their requests give up."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -61,26 +74,58 @@ class Grammars:
         self.non_stop = _non_stop_row(vocab_size, self.stop_ids)
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
+        self._compiles = DaemonPool(COMPILE_THREADS, "grammar-compile")
+        self._pending: dict[tuple[str, str], Future] = {}  # (what, text) -> its compile
         self.grace = SharedGrace()
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
-        """The compiled grammar of ``spec``; ``InvalidRequestError`` saying what is wrong."""
-        what, text, build, fix = _source(spec)
-        if len(text) > MAX_SCHEMA_CHARS:
-            raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
-                                      f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
+        """The compiled grammar of ``spec``, within ``COMPILE_WAIT_S``; a typed error
+        saying what is wrong."""
+        what, text, build, fix = self._checked_source(spec)
+        compiler = self._get_compiler()
+        with self._lock:
+            compiling = self._pending.get((what, text))
+            if compiling is None or compiling.cancelled():
+                compiling = self._pending[what, text] = self._compiles.submit(
+                    build, compiler, text)
+                compiling.add_done_callback(lambda f: self._forget((what, text), f))
         try:
-            return build(self._get_compiler(), text)
+            return compiling.result(timeout=COMPILE_WAIT_S)
+        except FutureTimeout:
+            if compiling.cancel():
+                raise QueueFullError("structured output compiles are queued behind slow ones; "
+                                     "retry later") from None
+            raise InvalidRequestError(
+                f"the {what} takes more than {COMPILE_WAIT_S:g} s to compile (nested or long "
+                "counted repetition, such as ((a?){20}){20}): simplify it") from None
+        except CancelledError:  # another request waiting for the same compile gave up
+            raise QueueFullError("structured output compiles are queued behind slow ones; "
+                                 "retry later") from None
         except (RuntimeError, ValueError, RecursionError) as e:
             raise InvalidRequestError(
                 f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
-        """A new request's grammar state (None without ``spec``)."""
+        """A new request's grammar state (None without ``spec``): on the step thread,
+        after ``compile`` put it in the cache."""
         if spec is None:
             return None
-        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), self.non_stop,
-                            self.grace)
+        what, text, build, _ = self._checked_source(spec)
+        return GrammarState(xgr.GrammarMatcher(build(self._get_compiler(), text)),
+                            self.non_stop, self.grace)
+
+    @staticmethod
+    def _checked_source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
+        what, text, build, fix = _source(spec)
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
+                                      f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
+        return what, text, build, fix
+
+    def _forget(self, key: tuple[str, str], done: Future) -> None:
+        with self._lock:
+            if self._pending.get(key) is done:
+                del self._pending[key]
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self.tokenizer is None:
@@ -93,6 +138,38 @@ class Grammars:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1,
                                                      cache_limit_bytes=CACHE_BYTES)
             return self._compiler
+
+
+class DaemonPool:
+    """``submit(fn, *args)`` runs on ``threads`` daemon threads, started on first use (a
+    compile cannot be stopped, so the process never waits for one to exit); its
+    ``Future`` can be cancelled until a thread takes it."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads, self.name = threads, name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = threading.Lock()
+        self._running = False
+
+    def submit(self, fn, *args) -> Future:
+        with self._started:
+            if not self._running:
+                for i in range(self.threads):
+                    threading.Thread(target=self._run, name=f"{self.name}-{i}",
+                                     daemon=True).start()
+                self._running = True
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - the waiter re-raises it
+                    future.set_exception(e)
 
 
 def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
