@@ -566,6 +566,25 @@ def test_settle_takes_back_a_finished_load_nobody_collected():
     admission.close()
 
 
+def test_settle_leaves_a_load_in_flight_alone_and_never_waits_for_it():
+    """A load still running after the schedule stays its request's (it collects it when
+    reached); settle returns at once: the step thread never waits for a load."""
+    store = HeldLoads()
+    admission = AdapterAdmission(store)
+    a = seq_of("a")
+    start_held_loads(admission, store, a)  # a's load runs, held until go["a"]
+    settled = threading.Thread(target=admission.settle, args=((a,), []))
+    settled.start()
+    settled.join(GUARD / 10)
+    finished = not settled.is_alive()
+    store.go["a"].set()
+    assert finished and a in admission._loads and store.released == []
+    admission.wait(GUARD)
+    assert admission.ready(a)
+    admission.release(a)
+    admission.close()
+
+
 def test_settle_parks_a_waiting_request_holding_a_slot_that_the_step_did_not_reach():
     """A request holding its slot while waiting (kept through a preemption, or admitted but
     not scheduled) keeps it through a step that reached it (``ready``) or preempted it;
