@@ -11,6 +11,7 @@ and the typed failure of a request the engine finished with an error.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,8 @@ class GenerateRequest:
     tools: list[dict] | None = None  # chat: OpenAI's tools, for the chat template
     chat: ChatOptions = field(default_factory=ChatOptions)
     add_special_tokens: bool | None = None  # vLLM's; None: True for a prompt, False for chat
+
+MAX_REQUEST_ID_BYTES = 128
 
 
 def resolve_adapter(model: str, base_model: str, registered: Callable[[str], bool]
@@ -224,6 +227,15 @@ class Generation:
             except (GeneratorExit, asyncio.CancelledError):
                 timer.aborted()
                 raise
+
+
+def checked_request_id(given: str, name: str) -> str:
+    """The id echoed in every response: the client's (``name`` says where it sent it; at
+    most ``MAX_REQUEST_ID_BYTES``) or a fresh uuid."""
+    if len(given.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequestError(f"{name} is {len(given.encode())} bytes; the limit is "
+                                  f"{MAX_REQUEST_ID_BYTES}", name)
+    return given or uuid.uuid4().hex
 
 
 def child_params(params: SamplingParams, j: int) -> SamplingParams:

@@ -4,22 +4,18 @@ engine requests."""
 
 from __future__ import annotations
 
-import uuid
 from contextlib import aclosing
 
 import grpc
 
-from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.v1 import inference_pb2, inference_pb2_grpc
 
 from . import convert
 from .engine.engine_types import RequestOutput
 from .fanout import Fanout
-from .generation import Generation
+from .generation import Generation, checked_request_id
 from .metrics import Metrics
 from .rpc import Gate, check_size, rpc
-
-MAX_REQUEST_ID_BYTES = 128
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -33,7 +29,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         """Run the request to the end; one response with the whole text and token ids (of
         each completion, with ``sampling.n > 1``)."""
-        request_id, n = _request_id(request), convert.num_completions(request)
+        request_id = checked_request_id(request.request_id, "request_id")
+        n = convert.num_completions(request)
         outs: list[list[RequestOutput]] = [[] for _ in range(n)]
         async with aclosing(await self._start(request, request_id, n)) as fan:
             async for index, out in fan:
@@ -49,7 +46,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         the new text and token ids, the last one finish_reason and usage. Written with
         ``context.write`` so that cancellation lands inside this coroutine and closes the
         engine requests at once."""
-        request_id, n = _request_id(request), convert.num_completions(request)
+        request_id = checked_request_id(request.request_id, "request_id")
+        n = convert.num_completions(request)
         async with aclosing(await self._start(request, request_id, n)) as fan:
             async for index, out in fan:
                 response = convert.generate_response(request_id, out, index)
@@ -62,10 +60,3 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                              request_id)
 
 
-def _request_id(request: inference_pb2.GenerateRequest) -> str:
-    """The id echoed in every response: the client's (at most MAX_REQUEST_ID_BYTES) or a
-    fresh uuid."""
-    if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
-        raise InvalidRequestError(f"request_id is {len(request.request_id.encode())} bytes; "
-                                  f"the limit is {MAX_REQUEST_ID_BYTES}")
-    return request.request_id or uuid.uuid4().hex

@@ -120,7 +120,9 @@ def test_models_list_and_unknown_model(engine):
                 wrong = [await h.get("/v1/nothing"), await h.get("/v1/completions"),
                          await h.post("/v1/completions", content=b"{bad json",
                                       headers={"content-type": "application/json"}),
-                         await h.get("/v1/models", params={"limit": "x"})]
+                         await h.get("/v1/models", params={"limit": "x"}),
+                         await h.post("/v1/completions", json={"prompt": "x"},
+                                      headers={"x-request-id": "x" * 129})]
             return models, err.value, page, rest, wrong
 
     models, err, page, rest, wrong = asyncio.run(main())
@@ -137,7 +139,8 @@ def test_models_list_and_unknown_model(engine):
     # every answer, a wrong path, method or body too, has the one error shape
     errors = [r.json()["error"] for r in wrong]
     assert [(r.status_code, e["param"]) for r, e in zip(wrong, errors)] == [
-        (404, None), (405, None), (400, None), (400, "limit")]
+        (404, None), (405, None), (400, None), (400, "limit"), (400, "x-request-id")]
+    assert "x-request-id is 129 bytes; the limit is 128" in errors[4]["message"]  # as gRPC's
     assert "no endpoint GET /v1/nothing" in errors[0]["message"]
     assert "use POST" in errors[1]["message"] and wrong[1].headers["allow"] == "POST"
     assert "not valid JSON" in errors[2]["message"]

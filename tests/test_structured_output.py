@@ -198,7 +198,8 @@ def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounde
     stopped: an outside probe's six 70-byte patterns held every worker thread of the HTTP
     server, and a plain completion waited for them. The request waits ``COMPILE_WAIT_S``,
     then gets INVALID_ARGUMENT while its compile goes on, on its own thread; one queued
-    behind it gets RESOURCE_EXHAUSTED and is dropped; requests without a grammar run."""
+    behind it gets RESOURCE_EXHAUSTED and is dropped; a schema compiled before does not
+    wait; requests without a grammar run."""
     gate, source = threading.Event(), grammars._source
 
     def slow_source(spec):
@@ -209,12 +210,14 @@ def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounde
     monkeypatch.setattr(grammars, "_source", slow_source)
     monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 0.2)
     slow, queued = StructuredSpec(regex="slow|a"), StructuredSpec(regex="slow|b")
+    known = engine.grammars.compile(StructuredSpec(regex="ab|cd"))
     try:
         with pytest.raises(InvalidRequestError, match=r"takes more than 0.2 s to compile"):
             engine.grammars.compile(slow)
         with pytest.raises(QueueFullError, match="retry later") as full:
             engine.grammars.compile(queued)
         assert full.value.status is Status.RESOURCE_EXHAUSTED
+        assert engine.grammars.compile(StructuredSpec(regex="ab|cd")) is known  # no wait
         plain = texts(engine, {"p": ([5, 6], greedy(3), None)})["p"]
         assert plain[1] is FinishReason.LENGTH
     finally:

@@ -33,6 +33,7 @@ import queue
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from time import thread_time
@@ -53,6 +54,9 @@ GRAMMAR_GRACE_S = 0.25  # matcher time that requests over their per-token share 
 GRAMMAR_S_PER_TOKEN = 0.005
 COMPILE_WAIT_S = 10.0  # a request's wait for its compile (Grammars)
 COMPILE_THREADS = 1
+COMPILE_WAITERS = 3  # requests waiting for compiles at once; more get RESOURCE_EXHAUSTED
+COMPILED_KEPT = 256  # compiled grammars kept by their text (the last ones)
+BUSY = "structured output compiles are queued behind slow ones; retry later"
 
 
 class Grammars:
@@ -76,34 +80,42 @@ class Grammars:
         self._lock = threading.Lock()
         self._compiles = DaemonPool(COMPILE_THREADS, "grammar-compile")
         self._pending: dict[tuple[str, str], Future] = {}  # (what, text) -> its compile
+        self._compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._waiting = 0  # requests waiting for a compile
         self.grace = SharedGrace()
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
         """The compiled grammar of ``spec``, within ``COMPILE_WAIT_S``; a typed error
         saying what is wrong."""
         what, text, build, fix = self._checked_source(spec)
-        compiler = self._get_compiler()
+        compiler, key = self._get_compiler(), (what, text)
         with self._lock:
-            compiling = self._pending.get((what, text))
+            if (grammar := self._compiled.get(key)) is not None:
+                self._compiled.move_to_end(key)
+                return grammar
+            if self._waiting >= COMPILE_WAITERS:
+                raise QueueFullError(BUSY)
+            self._waiting += 1
+            compiling = self._pending.get(key)
             if compiling is None or compiling.cancelled():
-                compiling = self._pending[what, text] = self._compiles.submit(
-                    build, compiler, text)
-                compiling.add_done_callback(lambda f: self._forget((what, text), f))
+                compiling = self._pending[key] = self._compiles.submit(build, compiler, text)
+                compiling.add_done_callback(lambda f: self._done(key, f))
         try:
             return compiling.result(timeout=COMPILE_WAIT_S)
         except FutureTimeout:
             if compiling.cancel():
-                raise QueueFullError("structured output compiles are queued behind slow ones; "
-                                     "retry later") from None
+                raise QueueFullError(BUSY) from None
             raise InvalidRequestError(
                 f"the {what} takes more than {COMPILE_WAIT_S:g} s to compile (nested or long "
                 "counted repetition, such as ((a?){20}){20}): simplify it") from None
         except CancelledError:  # another request waiting for the same compile gave up
-            raise QueueFullError("structured output compiles are queued behind slow ones; "
-                                 "retry later") from None
+            raise QueueFullError(BUSY) from None
         except (RuntimeError, ValueError, RecursionError) as e:
             raise InvalidRequestError(
                 f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
         """A new request's grammar state (None without ``spec``): on the step thread,
@@ -111,8 +123,8 @@ class Grammars:
         if spec is None:
             return None
         what, text, build, _ = self._checked_source(spec)
-        return GrammarState(xgr.GrammarMatcher(build(self._get_compiler(), text)),
-                            self.non_stop, self.grace)
+        grammar = self._compiled.get((what, text)) or build(self._get_compiler(), text)
+        return GrammarState(xgr.GrammarMatcher(grammar), self.non_stop, self.grace)
 
     @staticmethod
     def _checked_source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
@@ -122,10 +134,16 @@ class Grammars:
                                       f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
         return what, text, build, fix
 
-    def _forget(self, key: tuple[str, str], done: Future) -> None:
+    def _done(self, key: tuple[str, str], done: Future) -> None:
+        """A compile ended: keep its grammar (the last ``COMPILED_KEPT``: a schema sent
+        again never waits behind a slow compile)."""
         with self._lock:
             if self._pending.get(key) is done:
                 del self._pending[key]
+            if not done.cancelled() and done.exception() is None:
+                self._compiled[key] = done.result()
+                while len(self._compiled) > COMPILED_KEPT:
+                    self._compiled.popitem(last=False)
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self.tokenizer is None:

@@ -7,7 +7,6 @@ stops when the client goes away."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request, Response
@@ -16,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from nolaserve.adapters.errors import ClientGoneError, InvalidRequestError, Status
 
 from ..fanout import Fanout
-from ..generation import GenerateRequest, Generation
+from ..generation import GenerateRequest, Generation, checked_request_id
 from ..metrics import Metrics
 from ..rpc import Gate
 from .completion_bodies import CompletionBodies, Shape
@@ -78,7 +77,8 @@ class Endpoints:
             return self._failed(name, e)
         fan = None
         try:
-            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            request_id = checked_request_id(request.headers.get("x-request-id", ""),
+                                            "x-request-id")
             requests = body.generate_requests(self.tool_call_parser)
             fan = await until_disconnect(request, self.generation.fan_out(
                 requests, body.num_choices, request_id))
