@@ -39,6 +39,7 @@ from .errors import (
     InvalidAdapterError,
     short,
 )
+from .ids import ADAPTER_ID_PATTERN
 from .registry_rows import (
     AdapterRecord,
     NewAdapter,
@@ -207,10 +208,11 @@ class Registry(ABC):
         """The stored adapter file bytes, checked against their recorded sha256 (a damaged
         file or database is ``AdapterDamagedError``, never a silently different adapter)."""
         with self._reading() as conn:
-            row = self._run(conn, "SELECT b.data, a.sha256 FROM adapter_blobs b JOIN "
-                            f"adapters a ON a.id = b.id WHERE a.id = ?{self._in_scope}",
-                            (adapter_id, *self._scope_args)).fetchone()
-            if row is None:
+            row = _storable(adapter_id) and self._run(
+                conn, "SELECT b.data, a.sha256 FROM adapter_blobs b JOIN adapters a ON "
+                f"a.id = b.id WHERE a.id = ?{self._in_scope}",
+                (adapter_id, *self._scope_args)).fetchone()
+            if not row:
                 raise self._not_found(conn, adapter_id)
         data = bytes(row[0])
         if hashlib.sha256(data).hexdigest() != row[1]:
@@ -290,6 +292,8 @@ class Registry(ABC):
     # -- scoped lookups (``conn``: the write transaction's or a reader's) -------------
 
     def _get(self, conn: Any, adapter_id: str) -> AdapterRecord:
+        if not _storable(adapter_id):
+            raise not_found(adapter_id)
         row = self._run(conn, f"SELECT {sql.COLUMNS} FROM adapters WHERE id = ?{self._in_scope}",
                         (adapter_id, *self._scope_args)).fetchone()
         if row is None:
@@ -297,6 +301,8 @@ class Registry(ABC):
         return record_of(row)
 
     def _kind_of(self, conn: Any, adapter_id: str) -> str | None:
+        if not _storable(adapter_id):
+            return None
         row = self._run(conn, f"SELECT kind FROM adapters WHERE id = ?{self._in_scope}",
                         (adapter_id, *self._scope_args)).fetchone()
         return None if row is None else row[0]
@@ -307,10 +313,17 @@ class Registry(ABC):
         return [r[0] for r in rows]
 
     def _not_found(self, conn: Any, adapter_id: str) -> AdapterError:
-        elsewhere = self.scope is not None and self._run(
+        elsewhere = self.scope is not None and _storable(adapter_id) and self._run(
             conn, "SELECT 1 FROM adapters WHERE id = ?", (adapter_id,)).fetchone() is not None
         if elsewhere:
             return AdapterNotFoundError(
                 f"no adapter {short(adapter_id)} for this base model: that id belongs to an "
                 "adapter of another base model in this registry")
         return not_found(adapter_id)
+
+
+def _storable(adapter_id: Any) -> bool:
+    """Whether ``adapter_id`` can name a row: every id registered matches
+    ``ADAPTER_ID_PATTERN`` (it always has), so any other (a lone surrogate, which no
+    database driver encodes) is not found without a query."""
+    return isinstance(adapter_id, str) and ADAPTER_ID_PATTERN.fullmatch(adapter_id) is not None

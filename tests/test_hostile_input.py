@@ -106,15 +106,59 @@ def test_lone_surrogates_are_refused_naming_the_field(engine):
                 {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"},
                                                {"role": "user", "content": "b\udfff"}]}))
             fine = await h.post("/v1/completions", json={"prompt": "a\u00e9", "max_tokens": 2})
-            return prompt, chat, fine
+            model = await h.post("/v1/completions", headers=JSON, content=json.dumps(
+                {"model": "\ud800", "prompt": "a", "max_tokens": 2}))
+            unload = await h.post("/v1/unload_lora_adapter", headers=JSON,
+                                  content=json.dumps({"lora_name": "\ud800"}))
+            return prompt, chat, fine, model, unload
 
-    prompt, chat, fine = asyncio.run(main())
+    prompt, chat, fine, model, unload = asyncio.run(main())
+    for r in (model, unload):  # no adapter has that name (it was the driver's codec error)
+        assert r.status_code == 404 and "no adapter" in r.json()["error"]["message"], r.text
     assert prompt.status_code == 400, prompt.text
     assert "prompt is not valid Unicode" in prompt.json()["error"]["message"]
     assert chat.status_code == 400, chat.text
     assert "messages[1].content is not valid Unicode" in chat.json()["error"]["message"]
     assert "U+DFFF" in chat.json()["error"]["message"]
     assert fine.status_code == 200
+
+
+UNPARSABLE = [  # (body, what the message says): each got Starlette's bare "There was an
+    # error parsing the body", which says nothing of what to fix
+    (b'{"prompt": "\xff\xfe", "max_tokens": 2}', "not valid UTF-8 (invalid start byte at byte 12)"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests arrays or objects too deep"),
+    (b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", "a number of more than 4300 digits"),
+    (b"[1, 2]", "the request body must be a JSON object"),
+    (b"", "the request body is empty"),
+]
+
+
+def test_bodies_the_parser_cannot_read_get_a_message_that_says_why(engine):
+    async def main():
+        async with http_serving(engine) as (c, url), http(url) as h:
+            return [await h.post("/v1/completions", headers=JSON, content=body)
+                    for body, _ in UNPARSABLE]
+
+    for r, (_, says) in zip(asyncio.run(main()), UNPARSABLE):
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_a_content_part_without_its_text_is_named_not_called_unsupported(engine):
+    async def main():
+        async with http_serving(engine) as (c, url), http(url) as h:
+            chat = await h.post("/v1/chat/completions", json={
+                "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text"}]}]})
+            responses = await h.post("/v1/responses", json={"max_output_tokens": 2, "input": [
+                {"role": "user", "content": [{"type": "input_text"}]}]})
+            image = await h.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+            return chat, responses, image
+
+    chat, responses, image = (r.json()["error"] for r in asyncio.run(main()))
+    assert 'part of type "text" needs its text' in chat["message"]
+    assert 'part of type "input_text" needs its text' in responses["message"]
+    assert "type 'image_url' is not supported: send parts of type text" in image["message"]
+    assert (chat["param"], responses["param"]) == ("messages", "input")
 
 
 def test_unauthenticated_requests_get_401_before_their_body_is_read():

@@ -97,6 +97,17 @@ def test_not_found_messages(reg):
             call("nope")
 
 
+@pytest.mark.parametrize("adapter_id", ["a\ud800", "a b", "", None])
+def test_ids_no_row_can_have_are_not_found_without_a_query(reg, adapter_id):
+    """A lone surrogate (a JSON ``\\ud800`` model name) is not found: no driver encodes
+    it, and it used to reach the client as the driver's codec error."""
+    reg.register("a", "lora", b"d")
+    for call in (reg.get, reg.data, reg.delete, reg.dependents):
+        with pytest.raises(AdapterNotFoundError):
+            call(adapter_id)
+    assert adapter_id not in reg and reg.count() == 1
+
+
 def test_duplicate_and_replace(reg):
     reg.register("a", "lora", b"one")
     with pytest.raises(AdapterExistsError, match="replace"):

@@ -8,9 +8,10 @@ The HTTP API raises and catches the same typed errors as the gRPC service; ``sta
 from __future__ import annotations
 
 import json
+import sys
 from http import HTTPStatus
 
-from nolaserve.adapters.errors import Status
+from nolaserve.adapters.errors import Status, short
 
 from ..rpc import status_of
 
@@ -57,8 +58,27 @@ def invalid_body(errors: list[dict]) -> tuple[str, str | None]:
         return (f"the request body is not valid JSON ({first.get('ctx', {}).get('error')}, "
                 f"at character {first['loc'][-1]}): send a JSON object"), None
     where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    if first.get("loc") == ("body",):  # the body itself, not one of its fields
+        return ("the request body is empty: send a JSON object" if first.get("type") ==
+                "missing" else "the request body must be a JSON object"), None
     return (f"invalid request: {'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}",
             where[0] if where else None)
+
+
+def unparsable_body(cause: BaseException) -> str:
+    """The message of a body that is well-formed JSON text to a syntax check but that the
+    parser still cannot read (``cause``: what it raised); syntax errors are
+    ``invalid_body``'s."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
+                "send JSON encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return ("the request body nests arrays or objects too deep to parse: send JSON "
+                "nested at most a few hundred levels")
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return (f"the request body holds a number of more than {sys.get_int_max_str_digits()} "
+                "digits: send shorter numbers")
+    return f"the request body cannot be parsed ({short(str(cause))}): send a JSON object"
 
 
 def error_of(exc: BaseException) -> tuple[Status, int, dict]:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError
+from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
 from ..chat import ChatMessage, ChatOptions
 from ..engine.sequence import MAX_LOGPROBS
@@ -56,6 +56,26 @@ class CompletionRequest(SamplingBody):
                 for p in self.prompts()]
 
 
+def part_text(part: Any, kinds: tuple[str, ...], param: str) -> str:
+    """The text of a content part ``{"type": <one of kinds>, "text": ...}``; any other
+    part is ``UnsupportedFieldError``, a text part without its text
+    ``InvalidRequestError``, each naming ``param``."""
+    def example(kind: str) -> str:
+        return f'{{"type": "{kind}", "text": "..."}}'
+    if not isinstance(part, dict):
+        raise InvalidRequestError(f"a content part is an object such as {example(kinds[0])}, not "
+                                  f"{short(part)}", param)
+    kind = part.get("type")
+    if kind not in kinds:
+        raise UnsupportedFieldError(f"a content part of type {short(kind)} is not "
+                                    f"supported: send parts of type {' or '.join(kinds)}",
+                                    param)
+    if not isinstance(part.get("text"), str):
+        raise InvalidRequestError(f'a content part of type "{kind}" needs its text, a '
+                                  f"string: {example(kind)}", param)
+    return part["text"]
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
@@ -64,14 +84,7 @@ class ChatMessageIn(BaseModel):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise UnsupportedFieldError(
-                    f"message content of type {part.get('type')!r} is not supported: "
-                    "send text", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part_text(part, ("text",), "messages") for part in self.content)
 
     def message(self) -> ChatMessage:
         """The message with its tool fields (an assistant's ``tool_calls``, a tool's

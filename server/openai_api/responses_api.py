@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
 from .errors import invalid_body
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, part_text
 from .sampling_body import NullIsDefault
 
 log = logging.getLogger("nolaserve.http")
@@ -194,13 +194,4 @@ def _text(content: Any, i: int) -> str:
     if not isinstance(content, list):
         raise InvalidRequestError(f"input[{i}].content must be a string or a list of text "
                                   "parts", "input")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS \
-                or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else part
-            raise UnsupportedFieldError(f"input[{i}] has a content part of type "
-                                        f"{short(kind)}: only text parts are supported",
-                                        "input")
-        texts.append(part["text"])
-    return "".join(texts)
+    return "".join(part_text(part, _TEXT_PARTS, "input") for part in content)

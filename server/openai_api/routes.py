@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import ADMIN_PATHS, AdapterEndpoints
 from .calls import Endpoints
-from .errors import error_body, invalid_body
+from .errors import error_body, invalid_body, unparsable_body
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses_api import ResponsesRequest
 from .tokens import DetokenizeRequest, TokenEndpoints, TokenizeRequest, version
@@ -40,12 +40,14 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """An unknown path or method, in the error shape of every other answer."""
+        """An unknown path or method, or a body FastAPI's parser raised on (its
+        ``__cause__``), in the error shape of every other answer."""
         route = f"{request.method} {request.url.path}"
         allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
         message = {404: f"no endpoint {route}: the endpoints are README's OpenAI API table",
-                   405: f"{route}: use {allow or 'another method'}"
-                   }.get(exc.status_code, str(exc.detail))
+                   405: f"{route}: use {allow or 'another method'}",
+                   400: exc.__cause__ and unparsable_body(exc.__cause__),
+                   }.get(exc.status_code) or str(exc.detail)
         return JSONResponse(error_body(exc.status_code, message), exc.status_code,
                             headers=exc.headers)
 
