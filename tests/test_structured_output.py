@@ -5,10 +5,12 @@ must parse and match its schema (checked with ``jsonschema``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -192,14 +194,10 @@ def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec,
     assert not engine.has_unfinished()
 
 
-def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounded_time(
-        engine, monkeypatch):
-    """Some small schemas take xgrammar minutes to compile, and a compile cannot be
-    stopped: an outside probe's six 70-byte patterns held every worker thread of the HTTP
-    server, and a plain completion waited for them. The request waits ``COMPILE_WAIT_S``,
-    then gets INVALID_ARGUMENT while its compile goes on, on its own thread; one queued
-    behind it gets RESOURCE_EXHAUSTED and is dropped; a schema compiled before does not
-    wait; requests without a grammar run."""
+@pytest.fixture
+def held_compiles(monkeypatch):
+    """Compiles of a text starting "slow" wait for the event it yields; a request waits
+    0.2 s for its compile."""
     gate, source = threading.Event(), grammars._source
 
     def slow_source(spec):
@@ -209,6 +207,18 @@ def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounde
 
     monkeypatch.setattr(grammars, "_source", slow_source)
     monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 0.2)
+    yield gate
+    gate.set()
+
+
+def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounded_time(
+        engine, held_compiles):
+    """Some small schemas take xgrammar minutes to compile, and a compile cannot be
+    stopped: an outside probe's six 70-byte patterns held every worker thread of the HTTP
+    server, and a plain completion waited for them. The request waits ``COMPILE_WAIT_S``,
+    then gets INVALID_ARGUMENT while its compile goes on, on its own thread; one queued
+    behind it gets RESOURCE_EXHAUSTED and is dropped; a schema compiled before does not
+    wait; requests without a grammar run."""
     slow, queued = StructuredSpec(regex="slow|a"), StructuredSpec(regex="slow|b")
     known = engine.grammars.compile(StructuredSpec(regex="ab|cd"))
     try:
@@ -221,9 +231,35 @@ def test_a_slow_compile_holds_only_its_own_thread_and_its_request_waits_a_bounde
         plain = texts(engine, {"p": ([5, 6], greedy(3), None)})["p"]
         assert plain[1] is FinishReason.LENGTH
     finally:
-        gate.set()
+        held_compiles.set()
     assert engine.grammars.compile(slow) is not None  # compiled meanwhile: cached
     assert engine.grammars.compile(queued) is not None  # dropped, so compiled now
+
+
+def test_front_ends_await_compiles_holding_no_thread(engine, held_compiles):
+    """``Grammars.wait`` (what ``AsyncEngine`` does): waits for slow compiles take no
+    thread of the event loop's (here one worker, still free), at most ``COMPILE_WAITERS``
+    wait at once, and a waiter that goes away (a client's disconnect) frees its place
+    without dropping the compile."""
+    spec = [StructuredSpec(regex=f"slow|{c}") for c in "abcde"]
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+        waits = [asyncio.create_task(engine.grammars.wait(s)) for s in spec[:3]]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):  # a fourth
+            await engine.grammars.wait(spec[3])
+        assert await asyncio.to_thread(lambda: "free") == "free"
+        waits[2].cancel()
+        await asyncio.sleep(0.01)
+        fifth = asyncio.create_task(engine.grammars.wait(spec[4]))  # in the place it freed
+        return await asyncio.gather(*waits[:2], fifth, return_exceptions=True)
+
+    slow, queued, fifth = asyncio.run(main())
+    assert isinstance(slow, InvalidRequestError) and "takes more than 0.2 s" in str(slow)
+    assert isinstance(queued, QueueFullError) and isinstance(fifth, QueueFullError)
+    held_compiles.set()
+    assert engine.grammars.compile(spec[0]) is not None  # it went on, into the cache
 
 
 SYNTAXES = ["rule: 'abc'", "rule ::= 'abc'", 'start: "a"  # x ::= y', '// rules\nroot ::= "a"',

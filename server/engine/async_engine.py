@@ -100,10 +100,12 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # The adapter lookup reads the registry: here, on a worker thread, never on the
-        # step thread (which a slow registry would stall for every request).
+        # step thread (which a slow registry would stall for every request). The grammar's
+        # compile is awaited, holding no thread, and is a cache hit in add_request.
         params = self.engine.with_default_max_tokens(prompt_token_ids, params)
-        await asyncio.to_thread(self.engine.check_request, prompt_token_ids, params,
+        await asyncio.to_thread(self.engine.checks.check, prompt_token_ids, params,
                                 adapter_id)
+        await self.engine.grammars.wait(params.structured)
 
         interval = max(self.stream_interval, params.stream_interval or 1)
 

@@ -67,7 +67,7 @@ class Engine:
         self.sampler = RowSampler()
         self.penalty_counts, self.token_masks = PenaltyCounts(), TokenMasks()
         self.grammars = Grammars(tokenizer, runner.vocab_size, eos_token_ids)
-        self.checks = RequestChecks(limits, scheduler, self.grammars, lambda: self.store)
+        self.checks = RequestChecks(limits, scheduler, lambda: self.store)
         self.requests: dict[str, _Request] = {}
         self._step_observers: list[Callable[[StepStats], None]] = []
 
@@ -166,10 +166,13 @@ class Engine:
 
     def check_request(self, prompt: list[int], params: SamplingParams,
                       adapter_id: str | None) -> None:
-        """Every check of a request that needs no engine state (``RequestChecks``); safe
-        on any thread, but with an ``adapter_id`` it reads the registry: callers on the
-        step thread pass ``adapter_id=None``."""
+        """Every check of a request that needs no engine state (``RequestChecks``, then
+        its grammar's compile); safe on any thread, but with an ``adapter_id`` it reads the
+        registry: callers on the step thread pass ``adapter_id=None``. ``AsyncEngine``
+        runs them before ``add_request``, so that its compile is a cache hit."""
         self.checks.check(prompt, params, adapter_id)
+        if params.structured is not None:
+            self.grammars.compile(params.structured)
 
     # -- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -1,5 +1,6 @@
 """A request's checks before it is queued (limits, sampling, the KV cache's capacity, the
-grammar, the adapter) and the ``max_tokens`` of a request that left it unset."""
+adapter; its grammar is ``structured.Grammars``'s) and the ``max_tokens`` of a request that
+left it unset."""
 
 from __future__ import annotations
 
@@ -12,17 +13,15 @@ from nolaserve.adapters.store import AdapterStore
 from .engine_types import EngineLimits, check_limits
 from .scheduler import Scheduler
 from .sequence import SamplingParams
-from .structured import Grammars
 
 
 class RequestChecks:
     """The engine's request checks; they read no per-step state, so any thread may run
     them (the adapter check reads the registry: keep it off the step thread)."""
 
-    def __init__(self, limits: EngineLimits, scheduler: Scheduler, grammars: Grammars,
+    def __init__(self, limits: EngineLimits, scheduler: Scheduler,
                  store: Callable[[], AdapterStore | None]) -> None:
-        self.limits, self.scheduler, self.grammars = limits, scheduler, grammars
-        self.store = store
+        self.limits, self.scheduler, self.store = limits, scheduler, store
 
     def with_default_max_tokens(self, prompt: list[int], params: SamplingParams
                                 ) -> SamplingParams:
@@ -34,8 +33,9 @@ class RequestChecks:
             self.limits.max_tokens_limit, room - len(prompt))))
 
     def check(self, prompt: list[int], params: SamplingParams, adapter_id: str | None) -> None:
-        """Raise the typed error of the first check ``prompt`` and ``params`` fail;
-        ``adapter_id`` (None: not checked) must be registered and servable."""
+        """Raise the typed error of the first check ``prompt`` and ``params`` fail, but
+        the grammar's (``Grammars.compile`` or ``wait``); ``adapter_id`` (None: not
+        checked) must be registered and servable."""
         check_limits(self.limits, prompt, params)
         total = len(prompt) + params.max_tokens
         capacity = self.scheduler.block_manager.max_tokens
@@ -43,8 +43,6 @@ class RequestChecks:
             raise RequestTooLargeError(
                 f"prompt + max_tokens = {total} tokens but the KV cache holds {capacity}"
             )
-        if params.structured is not None:
-            self.grammars.compile(params.structured)  # cached: add_request's is a hit
         if adapter_id:
             self._check_adapter(adapter_id)
 

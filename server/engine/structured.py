@@ -28,12 +28,15 @@ share is never charged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import queue
 import re
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from time import thread_time
@@ -61,16 +64,17 @@ BUSY = "structured output compiles are queued behind slow ones; retry later"
 
 class Grammars:
     """Compiles ``StructuredSpec``s for one tokenizer and vocabulary, cached by schema
-    (bounded by ``CACHE_BYTES``); thread-safe, so the front ends' worker threads compile
-    (``compile``) before a request reaches the step thread, which then hits the cache
-    (``start``). Some small schemas take xgrammar minutes to compile (nested counted
-    repetition: ``((a?){20}){20}){20}`` in a ``pattern``, 27 s on this CPU), and a compile
-    cannot be stopped: they run on ``COMPILE_THREADS`` threads of their own (identical ones
-    once), and the request waits ``COMPILE_WAIT_S`` at most. Past that its compile goes on,
-    to the cache, while the request gets INVALID_ARGUMENT saying so, or, if its compile
-    never started (queued behind slow ones), RESOURCE_EXHAUSTED (retry later), and the
-    compile is dropped: slow compiles hold those threads, never the front ends' workers
-    or the step thread, and their queue empties as their requests give up."""
+    (bounded by ``CACHE_BYTES``); thread-safe, so the front ends compile (``wait``, on
+    their event loop; ``compile`` on any thread) before a request reaches the step thread,
+    which then hits the cache (``start``). Some small schemas take xgrammar minutes to
+    compile (nested counted repetition: ``((a?){20}){20}){20}`` in a ``pattern``, 27 s on
+    this CPU), and a compile cannot be stopped: they run on ``COMPILE_THREADS`` threads of
+    their own (identical ones once), and the request waits ``COMPILE_WAIT_S`` at most.
+    Past that its compile goes on, to the cache, while the request gets INVALID_ARGUMENT
+    saying so, or, if its compile never started (queued behind slow ones),
+    RESOURCE_EXHAUSTED (retry later), and the compile is dropped. Slow compiles hold those
+    threads only: never the step thread, nor (with ``wait``) a front end's thread, and
+    their queue empties as their requests give up."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -86,36 +90,74 @@ class Grammars:
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
         """The compiled grammar of ``spec``, within ``COMPILE_WAIT_S``; a typed error
-        saying what is wrong."""
+        saying what is wrong. Blocks this thread while it waits (``wait`` holds none)."""
+        with self._waiting_for(spec) as (compiling, what, fix):
+            with contextlib.suppress(FutureTimeout, CancelledError):
+                compiling.exception(timeout=COMPILE_WAIT_S)  # returns once it ends
+            return self._outcome(compiling, what, fix)
+
+    async def wait(self, spec: StructuredSpec | None) -> None:
+        """``compile`` for an event loop (None: nothing to compile): the wait holds no
+        thread, so slow compiles cannot take the front end's worker threads."""
+        if spec is None:
+            return
+        loop = asyncio.get_running_loop()
+        with self._waiting_for(spec) as (compiling, what, fix):
+            if not compiling.done():
+                woken = loop.create_future()
+                compiling.add_done_callback(lambda _: _wake(loop, woken))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken, COMPILE_WAIT_S)
+            self._outcome(compiling, what, fix)
+
+    @contextlib.contextmanager
+    def _waiting_for(self, spec: StructuredSpec) -> Iterator[tuple[Future, str, str]]:
+        """The compile of ``spec`` (a done one when it is cached; else it is started, or
+        joined when identical) counted among ``COMPILE_WAITERS`` while the caller waits
+        (``QueueFullError`` when they are all taken); with what it is and how to fix it."""
         what, text, build, fix = self._checked_source(spec)
         compiler, key = self._get_compiler(), (what, text)
         with self._lock:
             if (grammar := self._compiled.get(key)) is not None:
                 self._compiled.move_to_end(key)
-                return grammar
-            if self._waiting >= COMPILE_WAITERS:
+            elif self._waiting >= COMPILE_WAITERS:
                 raise QueueFullError(BUSY)
-            self._waiting += 1
-            compiling = self._pending.get(key)
-            if compiling is None or compiling.cancelled():
-                compiling = self._pending[key] = self._compiles.submit(build, compiler, text)
-                compiling.add_done_callback(lambda f: self._done(key, f))
+            else:
+                self._waiting += 1
+                compiling = self._pending.get(key)
+                if compiling is None or compiling.cancelled():
+                    compiling = self._pending[key] = self._compiles.submit(build, compiler,
+                                                                           text)
+                    compiling.add_done_callback(lambda f: self._done(key, f))
+        if grammar is not None:
+            known: Future = Future()
+            known.set_result(grammar)
+            yield known, what, fix
+            return
         try:
-            return compiling.result(timeout=COMPILE_WAIT_S)
-        except FutureTimeout:
-            if compiling.cancel():
-                raise QueueFullError(BUSY) from None
-            raise InvalidRequestError(
-                f"the {what} takes more than {COMPILE_WAIT_S:g} s to compile (nested or long "
-                "counted repetition, such as ((a?){20}){20}): simplify it") from None
-        except CancelledError:  # another request waiting for the same compile gave up
-            raise QueueFullError(BUSY) from None
-        except (RuntimeError, ValueError, RecursionError) as e:
-            raise InvalidRequestError(
-                f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
+            yield compiling, what, fix
         finally:
             with self._lock:
                 self._waiting -= 1
+
+    @staticmethod
+    def _outcome(compiling: Future, what: str, fix: str) -> xgr.CompiledGrammar:
+        """The grammar of a compile waited for, or the typed error of one that has not
+        ended (dropped if it never started: RESOURCE_EXHAUSTED, retry later), was dropped
+        for another waiter, or failed."""
+        if not compiling.done():
+            if compiling.cancel():
+                raise QueueFullError(BUSY)
+            raise InvalidRequestError(
+                f"the {what} takes more than {COMPILE_WAIT_S:g} s to compile (nested or long "
+                "counted repetition, such as ((a?){20}){20}): simplify it")
+        if compiling.cancelled():  # another request waiting for the same compile gave up
+            raise QueueFullError(BUSY)
+        try:
+            return compiling.result()
+        except (RuntimeError, ValueError, RecursionError) as e:
+            raise InvalidRequestError(
+                f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
         """A new request's grammar state (None without ``spec``): on the step thread,
@@ -156,6 +198,16 @@ class Grammars:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1,
                                                      cache_limit_bytes=CACHE_BYTES)
             return self._compiler
+
+
+def _wake(loop: asyncio.AbstractEventLoop, woken: asyncio.Future) -> None:
+    """From a compile thread: end ``woken``'s wait (unless it gave up, or its loop
+    ended)."""
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+    with contextlib.suppress(RuntimeError):  # the loop closed
+        loop.call_soon_threadsafe(wake)
 
 
 class DaemonPool:
