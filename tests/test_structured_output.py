@@ -187,6 +187,15 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
         "type": "string", "format": "date", "minLength": 30}})), "format and its minLength"),
     (StructuredSpec(json_schema=json.dumps({"anyOf": [{"not": {"type": "integer"}}]})),
      "'not' would not be enforced: remove it"),
+    # lone surrogates (a JSON "\ud800" escape), named; they got the codec's error, or
+    # xgrammar's "Check failed" with the whole schema after it
+    (StructuredSpec(regex="a\ud800"), r"the regex is not valid Unicode: .*U\+D800\) at "
+     "character 1"),
+    (StructuredSpec(choice=("a", "\udfff")), r"the choice list is not valid Unicode"),
+    (StructuredSpec(json_schema=json.dumps({"enum": ["\ud800"]})),
+     r"the JSON schema cannot be enforced: it holds a lone surrogate \(U\+D800\): send"),
+    (StructuredSpec(json_schema='{"enum": [NaN]}'),  # xgrammar's own parse error, trimmed
+     r"cannot be enforced: Failed to parse JSON: syntax error at line 1 near: NaN\]}; send"),
 ])
 def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec, message):
     with pytest.raises(InvalidRequestError, match=message):

@@ -174,6 +174,12 @@ class Grammars:
         if len(text) > MAX_SCHEMA_CHARS:
             raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
                                       f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:  # a JSON "\ud800" escape decodes to one
+            raise InvalidRequestError(
+                f"the {what} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X})"
+                f" at character {e.start}; send text that encodes as UTF-8") from None
         return what, text, build, fix
 
     def _done(self, key: tuple[str, str], done: Future) -> None:
@@ -302,6 +308,11 @@ def _enforceable(schema: str) -> str:
     ``^.{min,max}$``: its length rule lets raw control characters into the string, which
     no strict JSON parser takes; its pattern rule does not (the same strings otherwise)."""
     root, changed = json.loads(schema), False
+    try:
+        json.dumps(root, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:  # a "\ud800" escape, which xgrammar cannot parse
+        raise ValueError(f"it holds a lone surrogate (U+{ord(e.object[e.start]):04X}): send "
+                         "strings that encode as UTF-8") from None
     for node in _schemas(root):
         if "not" in node:
             raise ValueError("'not' would not be enforced: remove it")
@@ -320,9 +331,13 @@ def _enforceable(schema: str) -> str:
 
 
 def _reason(error: Exception) -> str:
-    """xgrammar's message without its ``[time] file.cc:line:`` prefix."""
+    """xgrammar's message without its ``[time] file.cc:line: Check failed: ...:`` prefix
+    or the copy of the schema it may end with."""
     lines = str(error).strip().splitlines()
-    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0]) if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: .*? is false: )?", "", lines[0])
+    return reason.split(". The JSON string is:")[0]
 
 
 def _non_stop_row(vocab_size: int, stop_ids: list[int]) -> torch.Tensor:
