@@ -66,9 +66,8 @@ def invalid_body(errors: list[dict]) -> tuple[str, str | None]:
 
 
 def unparsable_body(cause: BaseException) -> str:
-    """The message of a body that is well-formed JSON text to a syntax check but that the
-    parser still cannot read (``cause``: what it raised); syntax errors are
-    ``invalid_body``'s."""
+    """The message of a body that the JSON parser raised ``cause`` on, other than a
+    syntax error (``invalid_body``'s)."""
     if isinstance(cause, UnicodeDecodeError):
         return (f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): "
                 "send JSON encoded as UTF-8")

@@ -39,7 +39,7 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
         return JSONResponse(error_body(400, *invalid_body(exc.errors())), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """An unknown path or method, or a body FastAPI's parser raised on (its
         ``__cause__``), in the error shape of every other answer."""
         route = f"{request.method} {request.url.path}"
