@@ -15,7 +15,6 @@ from torch import nn
 from .errors import (
     IncompatibleAdapterError,
     InvalidAdapterError,
-    LimitExceededError,
     ModelLoadError,
 )
 
@@ -81,9 +80,11 @@ class BaseModelSpec:
             )
 
     def check_num_basis(self, what: str, n: int) -> None:
+        """A basis over ``max_num_basis`` does not fit this server, as a rank over
+        ``max_rank`` (FAILED_PRECONDITION: RESOURCE_EXHAUSTED, HTTP 429, would be retried)."""
         if n > self.max_num_basis:
-            raise LimitExceededError(
-                f"{what} = {n} exceeds the configured limit max_num_basis = {self.max_num_basis}"
+            raise IncompatibleAdapterError(
+                f"{what} = {n} exceeds the server's max_num_basis {self.max_num_basis}"
             )
 
 

@@ -16,7 +16,6 @@ from nolaserve.adapters import safetensors_io as st
 from nolaserve.adapters.errors import (
     IncompatibleAdapterError,
     InvalidAdapterError,
-    LimitExceededError,
 )
 from nolaserve.adapters.nola import NolaAdapter, random_nola
 from nolaserve.adapters.spec import BaseModelSpec
@@ -169,7 +168,7 @@ def test_incompatible_with_base_model():
         a.validate(BaseModelSpec(1, SPEC.module_shapes))
     with pytest.raises(IncompatibleAdapterError, match="max_rank"):
         a.validate(BaseModelSpec(2, SPEC.module_shapes, max_rank=1))
-    with pytest.raises(LimitExceededError, match="num_basis_a"):
+    with pytest.raises(IncompatibleAdapterError, match="num_basis_a = 4 exceeds the server's"):
         a.validate(BaseModelSpec(2, SPEC.module_shapes, max_num_basis=3))
 
 

@@ -65,6 +65,19 @@ def test_bad_words_tokenize_alone_and_after_a_space(bytebpe):
         bad_word_ids(None, ["x"])
 
 
+def test_bad_words_are_limited_by_their_token_sequences_as_vllm_counts_them():
+    """128 sequences, as vLLM's ``MAX_NUM_BAD_WORDS``: 64 words of two each (the README
+    and the proto said 128 words). Here every word is one token, another after a space."""
+    def tokenizer(text: str, add_special_tokens: bool) -> dict:
+        return {"input_ids": [2 * int(text.strip()) + text.startswith(" ")]}
+
+    words = [str(i) for i in range(65)]
+    assert len(bad_word_ids(tokenizer, words[:64])) == 128
+    with pytest.raises(InvalidRequestError, match=r"gives 130 token sequences \(one or two "
+                       r"a word: alone, and after a space, as vLLM counts them\); at most 128"):
+        bad_word_ids(tokenizer, words)
+
+
 def test_a_word_is_banned_only_at_its_last_token_after_the_rest():
     bad = ((7,), (1, 2, 3))
     assert banned_now(bad, []) == [7]

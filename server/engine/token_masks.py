@@ -43,8 +43,10 @@ def bad_word_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
         if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
             banned.append(spaced)
     if len(banned) > MAX_BAD_WORDS:
-        raise InvalidRequestError(f"bad_words gives {len(banned)} token sequences; at most "
-                                  f"{MAX_BAD_WORDS} are allowed: send fewer words", "bad_words")
+        raise InvalidRequestError(
+            f"bad_words gives {len(banned)} token sequences (one or two a word: alone, and "
+            f"after a space, as vLLM counts them); at most {MAX_BAD_WORDS} are allowed: send "
+            "fewer words", "bad_words")
     return tuple(banned)
 
 
