@@ -22,10 +22,11 @@ from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
+    InvalidAdapterIdError,
     RegistryUnavailableError,
     short,
 )
-from .ids import check_adapter_id, check_new_adapter_id
+from .ids import MAX_ID_CHARS, check_adapter_id, check_new_adapter_id
 from .kinds import Adapter, parse_adapter, summary
 from .registry import Registry
 from .registry_rows import AdapterRecord, NewAdapter
@@ -184,6 +185,12 @@ class AdapterStore:
         check_new_adapter_id(basis_id, self.spec.name)
         if len(set(source_ids)) != len(source_ids):
             raise InvalidAdapterError("source adapter ids must be distinct")
+        longest = max(source_ids, key=len, default="")
+        if len(basis_id) + 1 + len(longest) > MAX_ID_CHARS:
+            raise InvalidAdapterIdError(
+                f"the task id {short(basis_id + '/' + longest)} would have "
+                f"{len(basis_id) + 1 + len(longest)} characters; at most {MAX_ID_CHARS}: use "
+                f"a basis id of at most {MAX_ID_CHARS - 1 - len(longest)} characters")
         task_ids = [check_adapter_id(f"{basis_id}/{sid}") for sid in source_ids]
         if taken := next(filter(self.registry.contains, [basis_id, *task_ids]), None):
             raise AdapterExistsError(f"{short(taken)} is already registered: pick another "

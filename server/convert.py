@@ -105,15 +105,19 @@ def generate_request(request: inference_pb2.GenerateRequest) -> GenerateRequest:
 def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:
     """``ChatMessages``' rendering fields; ``InvalidRequestError`` when
     ``chat_template_kwargs`` is not a JSON object."""
-    kwargs = {}
+    kwargs, example = {}, 'a JSON object, such as {"enable_thinking": false}'
     if m.chat_template_kwargs:
         try:
             kwargs = json.loads(m.chat_template_kwargs)
-        except (ValueError, RecursionError):
-            kwargs = None
+        except RecursionError:
+            raise InvalidRequestError(f"chat_template_kwargs nests too deep to parse: send "
+                                      f"{example}", "chat_template_kwargs") from None
+        except ValueError as e:
+            raise InvalidRequestError(f"chat_template_kwargs is not JSON ({e}): "
+                                      f"send {example}", "chat_template_kwargs") from None
         if not isinstance(kwargs, dict):
-            raise InvalidRequestError("chat_template_kwargs must be a JSON object, such as "
-                                      '{"enable_thinking": false}', "chat_template_kwargs")
+            raise InvalidRequestError(f"chat_template_kwargs must be {example}",
+                                      "chat_template_kwargs")
     return ChatOptions(m.add_generation_prompt if m.HasField("add_generation_prompt") else True,
                        m.continue_final_message, kwargs,
                        [dict(d.fields) for d in m.documents] or None)

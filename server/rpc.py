@@ -26,6 +26,7 @@ from .metrics import Metrics
 log = logging.getLogger("nolaserve.server")
 T = TypeVar("T")
 MAX_DETAILS = 1024  # status details longer than this are cut (gRPC metadata has limits)
+DEADLINE_SLACK_S = 0.1  # a call that ends this close to its deadline ended by it
 # Status -> gRPC code, the one table (the names are the same by design)
 GRPC_CODE: dict[Status, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in Status}
 
@@ -165,6 +166,15 @@ S = TypeVar("S", bound=Servicer)
 Method = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[T]]
 
 
+def gone(context: grpc.aio.ServicerContext) -> Status:
+    """Why a call ended early: DEADLINE_EXCEEDED within ``DEADLINE_SLACK_S`` of its
+    deadline, else CANCELLED (the client's own deadline fires first, and its cancel can
+    reach the server before the server's later copy of that deadline does)."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return Status.DEADLINE_EXCEEDED if expired else Status.CANCELLED
+
+
 def rpc(method: Method) -> Method:
     """Wrap a servicer method: refuse it while draining, count it by status code (a unary
     response too large to send is RESOURCE_EXHAUSTED, as the client sees it), and turn
@@ -189,13 +199,11 @@ def rpc(method: Method) -> Method:
                 check_size(response, self.max_message_bytes)
             return response
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = Status.DEADLINE_EXCEEDED if expired else Status.CANCELLED
+            code = gone(context)
             raise
         except Exception as e:
             if context.cancelled():  # the client went away, e.g. mid-write of a stream
-                code = Status.CANCELLED
+                code = gone(context)
                 return None
             code, details = status_of(e)
             await context.abort(GRPC_CODE[code], details)

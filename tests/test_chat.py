@@ -207,8 +207,9 @@ def test_grpc_takes_them_in_chat_messages(model, thinking):
             got = await c.inference.Generate(request(
                 add_generation_prompt=False, continue_final_message=True,
                 chat_template_kwargs=json.dumps({"enable_thinking": False})))
-            for bad, message in (("[1]", "must be a JSON object"), ("{", "must be a JSON object"),
-                                 ("[" * 100_000, "must be a JSON object"),
+            for bad, message in (("[1]", "must be a JSON object"),
+                                 ("{", "is not JSON (Expecting property name"),
+                                 ('{"a":' * 5000 + "1" + "}" * 5000, "nests too deep"),
                                  ('{"tools": 1}', "cannot set 'tools'")):
                 await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(
                     request(chat_template_kwargs=bad)), message)

@@ -126,6 +126,9 @@ def test_rmm_task_upload_needs_its_basis(store):
     store.build_rmm(["a", "b"], basis_size=1, basis_id="B2")
     with pytest.raises(AdapterExistsError, match="'B1' is already registered: pick another"):
         store.build_rmm(["a", "b"], basis_size=1, basis_id="B1")  # no replace to advise
+    with pytest.raises(InvalidAdapterIdError, match="the task id .* would have 129 characters; "
+                       "at most 128: use a basis id of at most 126 characters"):
+        store.build_rmm(["a", "b"], basis_size=1, basis_id="b" * 127)  # it named no field
     task = store.registry.data("B1/a")
     store.register("copy", task)  # same basis: fine
     other = parse_adapter(store.registry.data("B2/a"))

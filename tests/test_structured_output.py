@@ -194,6 +194,8 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
     (StructuredSpec(choice=("a", "\udfff")), r"the choice list is not valid Unicode"),
     (StructuredSpec(json_schema=json.dumps({"enum": ["\ud800"]})),
      r"the JSON schema cannot be enforced: it holds a lone surrogate \(U\+D800\): send"),
+    (StructuredSpec(json_schema='{"items":' * 2000 + "{}" + "}" * 2000),
+     "the JSON schema cannot be enforced: it nests too deep to parse; send"),
     (StructuredSpec(json_schema='{"enum": [NaN]}'),  # xgrammar's own parse error, trimmed
      r"cannot be enforced: Failed to parse JSON: syntax error at line 1 near: NaN\]}; send"),
 ])

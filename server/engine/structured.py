@@ -332,7 +332,10 @@ def _enforceable(schema: str) -> str:
 
 def _reason(error: Exception) -> str:
     """xgrammar's message without its ``[time] file.cc:line: Check failed: ...:`` prefix
-    or the copy of the schema it may end with."""
+    or the copy of the schema it may end with (Python's own message for a schema nested
+    past its recursion limit)."""
+    if isinstance(error, RecursionError):
+        return "it nests too deep to parse"
     lines = str(error).strip().splitlines()
     if not lines:
         return type(error).__name__
