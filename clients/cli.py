@@ -186,8 +186,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         elif hints[f.name] is bool:
             p.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction,
                            default=None, help=text)
-        else:
-            p.add_argument(flag, dest=f"cfg_{f.name}", type=hints[f.name], help=text,
+        else:  # a size ("1 GiB") is parsed by Config
+            p.add_argument(flag, dest=f"cfg_{f.name}", help=text,
+                           type=str if f.name.endswith("_bytes") else hints[f.name],
                            metavar=f.name.split("_")[-1].upper())
 
 

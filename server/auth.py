@@ -39,11 +39,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def check_bearer(metadata: Sequence[tuple[str, str | bytes]], token: str, service: str,
-                 key: str) -> str | None:
-    """None if ``metadata`` carries ``authorization: Bearer <token>``, else what is wrong."""
+                 key: str, carrier: str = "metadata") -> str | None:
+    """None if ``metadata`` (gRPC's, or HTTP's headers: ``carrier`` "header") carries
+    ``authorization: Bearer <token>``, else what is wrong."""
     values = [v for k, v in metadata if k.lower() == "authorization"]
     if not values:
-        return (f"the {service} service needs the metadata 'authorization: Bearer <token>' "
+        return (f"the {service} service needs the {carrier} 'authorization: Bearer <token>' "
                 f"with the server's {key}")
     value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
     scheme, _, given = value.partition(" ")

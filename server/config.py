@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .config_checks import check_type, read_token
+from .config_checks import check_type, parse_bytes, read_token
 
 TOOL_CALL_PARSERS = ("", "hermes")  # the tool-call formats chat's tool_choice auto parses
 
@@ -170,9 +170,11 @@ class Config:
                               "metadata (over HTTP the adapter endpoints need the same "
                               "header); default from the environment variable "
                               "`NOLASERVE_ADMIN_TOKEN`", repr=False)
-    inference_token: str = option("", "non-empty: the same for Inference RPCs (health and "
-                                  "reflection stay open; HTTP completions and models too); "
-                                  "default from `NOLASERVE_INFERENCE_TOKEN`", repr=False)
+    inference_token: str = option("", "non-empty: the same for Inference RPCs and the HTTP "
+                                  "inference endpoints (completions, chat, responses, models, "
+                                  "tokenize); gRPC health and reflection, /health and "
+                                  "/metrics stay open; default from "
+                                  "`NOLASERVE_INFERENCE_TOKEN`", repr=False)
     admin_token_file: str = option("", "read `admin_token` from this file instead "
                                    "(surrounding whitespace dropped); setting both a token "
                                    "and its file is an error")
@@ -183,6 +185,9 @@ class Config:
                                    "to finish", shown="30")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_bytes"):
+                setattr(self, f.name, parse_bytes(f.name, getattr(self, f.name)))
         positive = ("num_slots", "max_rank", "max_num_basis", "host_cache_entries",
                     "host_cache_bytes", "materialize_threads", "admission_aging_steps",
                     "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -226,7 +231,8 @@ class Config:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
         if self.registry_url and self.registry_path:
-            raise ValueError("config sets both registry_url and registry_path: keep one")
+            raise ValueError("both config registry_url and config registry_path are set: keep "
+                             "one")
         if self.registry_url and not self.registry_url.startswith(
                 ("postgresql://", "postgres://", "sqlite://")):
             raise ValueError("config registry_url must start with postgresql:// or sqlite://")
@@ -242,7 +248,7 @@ class Config:
         for key in ("admin_token", "inference_token"):
             path = getattr(self, f"{key}_file")
             if path and getattr(self, key):
-                raise ValueError(f"config sets both {key} and {key}_file: keep one")
+                raise ValueError(f"both config {key} and config {key}_file are set: keep one")
             if path:
                 setattr(self, key, read_token(path, f"{key}_file"))
 
@@ -260,7 +266,10 @@ class Config:
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key, env in TOKEN_ENV.items():  # the environment, unless set another way
-            if not values.get(key) and not values.get(f"{key}_file") and os.environ.get(env):
+            if values.get(f"{key}_file") and os.environ.get(env) and not values.get(key):
+                raise ValueError(f"config {key}_file is set, and so is {env} in the "
+                                 "environment: keep one")
+            if not values.get(key) and os.environ.get(env):
                 values[key] = os.environ[env]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in values.items():

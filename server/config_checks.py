@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 
@@ -18,9 +19,29 @@ def read_token(path: str, key: str) -> str:
     return token
 
 
+BYTE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+BYTES_WANTED = 'an integer number of bytes, or a size such as "1 GiB" or "256MiB"'
+
+
+def parse_bytes(key: str, value: object) -> object:
+    """A ``*_bytes`` key's value: an int as it is; a size string such as ``"1 GiB"``
+    (``BYTE_UNITS``) in bytes; anything else as it is, for the type check to refuse."""
+    if not isinstance(value, str):
+        return value
+    size = _SIZE.fullmatch(value)
+    if size is None or (size.group(2) or "B") not in BYTE_UNITS:
+        raise ValueError(f"config {key} must be {BYTES_WANTED} (units "
+                         f"{', '.join(BYTE_UNITS)}), got {value!r}")
+    return int(float(size.group(1)) * BYTE_UNITS[size.group(2) or "B"])
+
+
 def check_type(key: str, value: object, hint: object) -> None:
     origin = typing.get_origin(hint)
-    if origin is list:
+    if key.endswith("_bytes"):  # a size string is parsed when the Config is built
+        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+    elif origin is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -31,4 +52,16 @@ def check_type(key: str, value: object, hint: object) -> None:
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise ValueError(f"config {key} has the wrong type: {value!r}")
+        raise ValueError(f"config {key} must be {_wanted(key, hint)}, got {value!r}")
+
+
+def _wanted(key: str, hint: object) -> str:
+    """What a value of ``hint`` is, in words."""
+    if key.endswith("_bytes"):
+        return BYTES_WANTED
+    if typing.get_origin(hint) is list:
+        return "a list of strings (YAML [a, b], or the flag followed by them)"
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_wanted("", h) for h in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(hint, str(hint))

@@ -28,12 +28,11 @@ from .chat import ChatMessage, ChatOptions
 from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import TokenLogprob
-from .engine.sequence import FinishReason, SamplingParams
+from .engine.sequence import MAX_N, FinishReason, SamplingParams
 from .generation import GenerateRequest, child_params, engine_input, failure, registered_in
 
 log = logging.getLogger("nolaserve.offline")
 Prompt = str | list[int] | dict[str, Any]  # vLLM's TextPrompt / TokensPrompt dicts too
-MAX_N = 64  # completions per prompt
 Conversation = list[dict[str, str]]
 # vLLM's LLM(...) arguments that ask for nothing to do here: accepted, and logged as such.
 VLLM_ONLY = {"enable_lora": "LoRA (and NOLA) adapters are always on",

@@ -295,3 +295,37 @@ def test_cli_serve(capsys, monkeypatch, tmp_path):
     assert (c.port, c.num_slots, c.target_modules, c.grace_period_s, c.admin_token) == (
         7000, 5, ["self_attn.q_proj"], 1.5, "s")
 
+
+def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
+        capsys, monkeypatch, tmp_path):
+    """An outside reader of the docs: "2 GiB" defaults that only integers could set, wrong
+    types that named no type, and a token both in the environment and in a file that was
+    silently the file's."""
+    seen = []
+    app = types.ModuleType("nolaserve.server.app")
+    app.serve = lambda config: seen.append(config) or 0
+    monkeypatch.setitem(sys.modules, "nolaserve.server.app", app)
+    (tmp_path / "c.yaml").write_text("warm_cache_bytes: 128MiB\n")
+    assert run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"), "--host-cache-bytes",
+                   "1 GiB", "--max-message-bytes", "64MB", "--peft-cache-bytes", "4096")[0] == 0
+    c = seen[0]
+    assert (c.warm_cache_bytes, c.host_cache_bytes, c.max_message_bytes, c.peft_cache_bytes
+            ) == (128 << 20, 1 << 30, 64 * 10**6, 4096)
+    (tmp_path / "t").write_text("file-token")
+    monkeypatch.setenv("NOLASERVE_ADMIN_TOKEN", "env-token")
+    bad = {("--host-cache-bytes", "lots"): "--host-cache-bytes (config host_cache_bytes) "
+           'must be an integer number of bytes, or a size such as "1 GiB"',
+           ("--admin-token-file", str(tmp_path / "t")): "--admin-token-file (config "
+           "admin_token_file) is set, and so is NOLASERVE_ADMIN_TOKEN in the environment",
+           ("--admin-token", "x", "--admin-token-file", str(tmp_path / "t")): "both "
+           "--admin-token (config admin_token) and --admin-token-file (config "
+           "admin_token_file) are set: keep one"}
+    for flags, message in bad.items():
+        code, _, err = run_cli(capsys, "serve", *flags)
+        assert code == 2 and message in err, err
+    for line, message in {"num_slots: four": "(config num_slots) must be an integer, got "
+                          "'four'", "target_modules: q": "must be a list of strings"}.items():
+        (tmp_path / "c.yaml").write_text(line + "\n")
+        code, _, err = run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))
+        assert code == 2 and message in err, err
+

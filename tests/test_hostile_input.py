@@ -208,7 +208,8 @@ def test_an_unauthenticated_malformed_body_gets_401_not_400(engine):
     got, models, as_user, health, metrics = asyncio.run(main())
     for path, r in got.items():
         assert r.status_code == 401, (path, r.text)
-    assert "inference_token" in got["/v1/completions"].json()["error"]["message"]
+    assert "needs the header 'authorization: Bearer <token>' with the server's inference_token" \
+        in got["/v1/completions"].json()["error"]["message"]  # "metadata" is gRPC's word
     assert "admin_token" in got["/v1/adapters"].json()["error"]["message"]
     assert models.status_code == 401 and health.status_code == 200
     assert as_user.status_code == 400  # with the token, the body is parsed

@@ -266,6 +266,10 @@ def test_model_spec_and_device_dtype(llama):
     assert model_loader.resolve_device_dtype("cpu", "bf16")[1] is torch.bfloat16
     with pytest.raises(model_loader.ModelLoadError, match="unknown dtype"):
         model_loader.resolve_device_dtype("cpu", "fp8")
+    count = torch.cuda.device_count()  # one past the last: a torch assert's traceback before
+    with pytest.raises(model_loader.ModelLoadError, match=f"device cuda:{count} is not there: "
+                       f"this torch sees {count} CUDA device"):
+        model_loader.resolve_device_dtype(f"cuda:{count}")
 
 
 def test_load_model_from_local_directory(tmp_path, llama):

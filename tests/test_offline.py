@@ -87,7 +87,8 @@ async def _served(tmp, cases, adapters: dict[str, bytes]):
 def test_n_completions_per_prompt_as_vllms_llm_gives_them(checkpoint):
     """``SamplingParams(n=3)``: each prompt's ``outputs`` holds 3 completions, indexed,
     choice ``j`` the one the same request seeded ``seed + j`` gives alone (vLLM's
-    seeding, and HTTP's ``n``); a bad ``n`` is refused before anything runs."""
+    seeding, and HTTP's ``n``); a bad ``n`` is refused as it is built, and one set later
+    before anything runs."""
     from nolaserve.adapters.errors import InvalidRequestError
 
     llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
@@ -98,7 +99,11 @@ def test_n_completions_per_prompt_as_vllms_llm_gives_them(checkpoint):
               for j in range(3)] for p in PROMPTS[:2]]
     for bad in (0, 65, "2"):
         with pytest.raises(InvalidRequestError, match="n must be between 1 and 64"):
-            llm.generate(PROMPTS[0], SamplingParams(n=bad))
+            SamplingParams(n=bad)  # where it is written, as the README says (it was not)
+        params = SamplingParams()
+        params.n = bad
+        with pytest.raises(InvalidRequestError, match="n must be between 1 and 64"):
+            llm.generate(PROMPTS[0], params)
     assert not llm.engine.has_unfinished()
     llm.close()
     assert [[c.index for c in o.outputs] for o in outs] == [[0, 1, 2]] * 2

@@ -76,6 +76,11 @@ def resolve_device_dtype(device: str | torch.device = "auto",
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {dev} is not there: this torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s) (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'}): "
+            "use --device cpu, or auto")
     if isinstance(dtype, torch.dtype):
         return dev, dtype
     if dtype == "auto":

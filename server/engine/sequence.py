@@ -143,6 +143,9 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}",
                 "top_k")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {short(self.n)}",
+                                      "n")
         if self.seed is not None and not -2**63 <= self.seed < 2**63:  # vLLM's int64
             raise InvalidRequestError(f"seed must be a 64-bit signed integer, in [-2^63, "
                                       f"2^63), got {short(self.seed)}", "seed")
@@ -211,6 +214,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # when the vocabulary size is not known; else its size
 MAX_CACHE_SALT = 1024
+MAX_N = 64  # completions per prompt (LLM.generate's; the servers allow 16)
 MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS (it counts them after tokenizing)
 
 

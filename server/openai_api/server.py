@@ -65,7 +65,7 @@ class BearerAuth:
             path, (token, key) = scope["path"], rule
             metadata = [(k.decode("latin-1"), v) for k, v in scope["headers"]
                         if k == b"authorization"]
-            error = check_bearer(metadata, token, f"HTTP {path}", key)
+            error = check_bearer(metadata, token, f"HTTP {path}", key, "header")
             if error is not None:
                 self.metrics.count_request(path, Status.UNAUTHENTICATED)
                 return await send_error(send, HTTP_STATUS[Status.UNAUTHENTICATED], error)
