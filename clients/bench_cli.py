@@ -95,8 +95,12 @@ async def run(args: argparse.Namespace) -> int:
     print(bench_report.table(records))
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=2) + "\n")
-        for png in bench_report.plots(records, args.out):
-            print(f"wrote {png}", file=sys.stderr)
+        try:
+            for png in bench_report.plots(records, args.out):
+                print(f"wrote {png}", file=sys.stderr)
+        except ImportError:  # matplotlib is the bench extra's
+            print(f"wrote {args.out}; no plots without matplotlib: pip install "
+                  "'nolaserve[bench]' (or -e '.[bench]')", file=sys.stderr)
     return 0 if any(r["stats"]["ok"] for r in records) else 1
 
 

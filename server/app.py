@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nolaserve.adapters import cpu_threads
+from nolaserve.adapters.errors import short
 from nolaserve.adapters.registry_watch import RegistryWatcher
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -225,7 +226,18 @@ async def _abort(server: grpc.aio.Server, aengine: AsyncEngine | None,
 
 class Health(health.aio.HealthServicer):
     """grpc's health service with its ``List`` (every service's status), which grpcio's
-    asyncio servicer leaves unimplemented though it is in the service it serves."""
+    asyncio servicer leaves unimplemented though it is in the service it serves, and a
+    ``Check`` of an unknown service whose NOT_FOUND names the known ones."""
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = self._server_status.get(request.service)
+        if status is None:
+            known = ", ".join(repr(name) for name in sorted(self._server_status))
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no service {short(request.service)} reports health here: "
+                                f"ask for one of {known} ('' is the server)")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: health_pb2.HealthListRequest,
                    context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:

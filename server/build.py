@@ -69,7 +69,8 @@ def build_engine(config: Config, model=None, tokenizer=None,
     prefill = config.max_num_batched_tokens if runner.device.type == "cuda" else \
         min(config.max_num_batched_tokens, config.block_size)
     steps = runner.warm_up(config.max_num_seqs, prefill, max_model_len)
-    log.info("warm-up: %d steps and graphs (one per shape bucket) in %.2f s", steps,
+    log.info("warm-up: %d steps%s in %.2f s", steps, " and graphs (one per shape bucket)"
+             if runner.device.type == "cuda" and not config.enforce_eager else "",
              time.perf_counter() - start)
     admission = AdapterAdmission(store, config.admission_aging_steps,
                                  quantum_steps=config.admission_quantum_steps)

@@ -377,7 +377,8 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, mo
         failed = await asyncio.wait_for(collect(aeng, [5, 6], greedy(2)), GUARD_S)
         stream = aeng.generate([5, 6, 7], LONG)
         await anext(stream)
-        with pytest.raises(QueueFullError, match="retry later"):
+        with pytest.raises(QueueFullError, match="1 requests in flight, the server's "
+                           "max_queued_requests: retry later"):  # the key that bounds it
             await collect(aeng, [5, 6], greedy(2))
         await stream.aclose()
         return failed, await asyncio.wait_for(collect(aeng, [5, 6], greedy(2)), GUARD_S)

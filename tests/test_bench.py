@@ -4,6 +4,7 @@ run against an in-process server over the tiny model."""
 import asyncio
 import json
 import statistics
+import sys
 
 import numpy as np
 import pytest
@@ -130,7 +131,13 @@ def test_summarize_on_synthetic_timings():
     assert summarize(results, slo_ttft=10, slo_tpot=10)["slo_attainment"] == 0.75
 
 
-def test_bench_runs_against_an_in_process_server(bytebpe, tmp_path):
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_bench_runs_against_an_in_process_server(bytebpe, tmp_path, monkeypatch, capsys,
+                                                 matplotlib):
+    """Without matplotlib (the bench extra) it still writes its records and says how to
+    get the plots (it ended in an ImportError's traceback)."""
+    if not matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
     engine = make_engine(tiny_llama(vocab_size=300), bytebpe)
     out = tmp_path / "results.json"
 
@@ -153,7 +160,11 @@ def test_bench_runs_against_an_in_process_server(bytebpe, tmp_path):
         assert 4 * 3 <= s["output_tokens"] <= 4 * 6 and s["tok_per_s"] > 0
         assert s["ttft_s"]["p50"] > 0 and s["slo_attainment"] == 1.0
     png = tmp_path / "results_vs_n.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if matplotlib:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists() and "no plots without matplotlib: pip install 'nolaserve[" \
+            "bench]'" in capsys.readouterr().err
 
 
 def test_cli_rejects_more_adapters_than_given(capsys):

@@ -214,7 +214,7 @@ def test_tokens_come_from_the_environment_or_a_file_and_never_show(tmp_path, mon
     config = Config.load(admin_token_file=str(secret))
     assert config.admin_token == "from-file" and "from-file" not in repr(config)
     assert Config.load(admin_token="flag").admin_token == "flag"
-    with pytest.raises(ValueError, match="both admin_token and admin_token_file"):
+    with pytest.raises(ValueError, match="both config admin_token and config admin_token_file"):
         Config(admin_token="x", admin_token_file=str(secret))
     with pytest.raises(ValueError, match="cannot read"):
         Config(inference_token_file=str(tmp_path / "missing"))

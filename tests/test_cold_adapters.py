@@ -509,7 +509,8 @@ def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe, warm
     engine = make_engine(model, bytebpe, num_slots=2, max_num_seqs=4, block_size=2,
                          max_num_batched_tokens=16, admission_quantum_steps=1,
                          admission_aging_steps=2, enable_prefix_caching=False,
-                         kv_cache_bytes=34 * 1024, warm_cache_bytes=warm_cache_bytes)
+                         kv_cache_bytes=35 * 1024,  # 34 blocks and the scratch block
+                         warm_cache_bytes=warm_cache_bytes)
     rng = random.Random(0)
     for attempt in range(1):
         names = [f"t{attempt}x{i}" for i in range(3)]

@@ -149,6 +149,9 @@ def test_health_and_reflection(engine):
             health = health_pb2_grpc.HealthStub(c.channel)
             statuses = [(await health.Check(health_pb2.HealthCheckRequest(service=s))).status
                         for s in ("", "nolaserve.v1.Inference", "nolaserve.v1.Admin")]
+            await expect_code(Code.NOT_FOUND, health.Check(health_pb2.HealthCheckRequest(
+                service="bogus")), "no service 'bogus' reports health here: ask for one of "
+                "'', 'nolaserve.v1.Admin'")  # it was NOT_FOUND with no message
             listed_health = await health.List(health_pb2.HealthListRequest())
             assert {name: s.status for name, s in listed_health.statuses.items()} == {
                 name: health_pb2.HealthCheckResponse.SERVING

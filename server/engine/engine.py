@@ -131,7 +131,8 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
         if len(self.requests) >= self.limits.max_queued_requests:
-            raise QueueFullError(f"{len(self.requests)} requests in flight: retry later")
+            raise QueueFullError(f"{len(self.requests)} requests in flight, the server's "
+                                 "max_queued_requests: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None,
                        bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,

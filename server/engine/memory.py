@@ -8,6 +8,9 @@ the adapter slot pool and the activations of the largest step.
   capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens can use. The cache
   is allocated with ``torch.empty``, so pages are committed only as blocks are written.
 - ``kv_cache_bytes > 0`` overrides both.
+
+Every budget holds the cache's scratch block too (``KVCache``), so the cache allocated
+never passes it.
 """
 
 from __future__ import annotations
@@ -72,13 +75,14 @@ def size_kv_cache(*, kv_cache_bytes: int, device: torch.device, gpu_memory_utili
         budget = cuda_kv_budget(device, gpu_memory_utilization, profile)
         source = f"gpu_memory_utilization {gpu_memory_utilization}"
     else:
-        usable = -(-max_model_len // block_size) * max_seqs * bytes_per_block
+        usable = (-(-max_model_len // block_size) * max_seqs + 1) * bytes_per_block
         budget = min(int(available_ram_bytes() * cpu_fraction), usable)
         source = f"cpu_kv_cache_fraction {cpu_fraction} of available RAM"
-    blocks = max(0, budget) // bytes_per_block
+    blocks = max(0, budget) // bytes_per_block - 1  # and KVCache's scratch block
     if blocks < 1:
         raise ValueError(f"the KV cache budget ({source}: {max(0, budget)} B) holds no block "
-                         f"of {bytes_per_block} B; raise it or set kv_cache_bytes")
+                         f"of {bytes_per_block} B beside the scratch block; raise it or set "
+                         "kv_cache_bytes")
     return KVSizing(blocks, block_size, budget, source)
 
 

@@ -138,7 +138,8 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
             "hub cache (HF_HOME)")
     if constants.HF_HUB_OFFLINE:
         raise ModelLoadError(f"{repo_id!r} is not a local directory and not in the hub "
-                             f"cache, and HF_HUB_OFFLINE is set: {hint}")
+                             f"cache (HF_HOME), and HF_HUB_OFFLINE is set: pass a local "
+                             "checkpoint directory, or download it into that cache first")
     try:
         HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=HUB_CHECK_TIMEOUT_S)
     except RepositoryNotFoundError:

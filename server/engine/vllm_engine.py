@@ -96,7 +96,8 @@ class VllmEngine:
         check_limits(self.limits, prompt_token_ids, params)
         self._check_open()
         if len(self._in_flight) >= self.limits.max_queued_requests:
-            raise QueueFullError(f"{len(self._in_flight)} requests in flight: retry later")
+            raise QueueFullError(f"{len(self._in_flight)} requests in flight, the server's "
+                                 "max_queued_requests: retry later")
         version = await asyncio.to_thread(self.loras.use, adapter_id) if adapter_id else None
         self._in_flight[request_id] = adapter_id
         try:
