@@ -19,6 +19,7 @@ from .engine.engine import Engine
 from .engine.engine_types import EngineLimits
 from .engine.memory import KVSizing, bytes_per_block, size_kv_cache
 from .engine.model_loader import (
+    check_device,
     load_model,
     model_fingerprint,
     model_names,
@@ -35,6 +36,7 @@ def build_engine(config: Config, model=None, tokenizer=None,
     """An engine for ``config``; ``model``/``tokenizer``/``registry`` override what the
     config would load (tests pass tiny models and in-memory registries)."""
     device, dtype = resolve_device_dtype(config.device, config.dtype)
+    check_device(device)
     cache_dir = Path(config.cache_dir).expanduser()
     names = model_names(config.model, model)
     if model is None:

@@ -269,7 +269,8 @@ def test_model_spec_and_device_dtype(llama):
     count = torch.cuda.device_count()  # one past the last: a torch assert's traceback before
     with pytest.raises(model_loader.ModelLoadError, match=f"device cuda:{count} is not there: "
                        f"this torch sees {count} CUDA device"):
-        model_loader.resolve_device_dtype(f"cuda:{count}")
+        model_loader.check_device(torch.device(f"cuda:{count}"))
+    model_loader.check_device(torch.device("cpu"))
 
 
 def test_load_model_from_local_directory(tmp_path, llama):

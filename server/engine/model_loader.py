@@ -76,11 +76,6 @@ def resolve_device_dtype(device: str | torch.device = "auto",
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ModelLoadError(
-            f"device {dev} is not there: this torch sees {torch.cuda.device_count()} CUDA "
-            f"device(s) (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'}): "
-            "use --device cpu, or auto")
     if isinstance(dtype, torch.dtype):
         return dev, dtype
     if dtype == "auto":
@@ -88,6 +83,16 @@ def resolve_device_dtype(device: str | torch.device = "auto",
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(_DTYPES)}")
     return dev, _DTYPES[dtype]
+
+
+def check_device(dev: torch.device) -> None:
+    """``ModelLoadError`` naming ``--device`` unless this process can use ``dev`` (a CUDA
+    device that torch does not see is otherwise an assert's traceback)."""
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {dev} is not there: this torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s) (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'}): "
+            "use --device cpu, or auto")
 
 
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
@@ -100,6 +105,7 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
     that directory.
     """
     dev, dt = resolve_device_dtype(device, dtype)
+    check_device(dev)
     src = str(source) if source is not None else str(default_model_path())
     if src.endswith(".gguf"):
         model, tokenizer = _load_gguf(Path(src), Path(cache_dir or default_cache_dir()), dt)
