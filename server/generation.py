@@ -86,20 +86,38 @@ def registered_in(store: AdapterStore | None) -> Callable[[str], bool]:
 
 def check_prompt_size(request: GenerateRequest, max_prompt_tokens: int) -> None:
     """``InvalidRequestError`` (as a prompt over ``max_prompt_tokens`` tokens gets)
-    unless the prompt (or all chat messages) is at most ``PROMPT_BYTES_PER_TOKEN *
-    max_prompt_tokens`` bytes of UTF-8: checked before any tokenizing, which costs memory
-    and CPU in proportion to the text."""
+    unless the prompt (or all a chat template may render: messages, tools, documents,
+    template kwargs) is at most ``PROMPT_BYTES_PER_TOKEN * max_prompt_tokens`` bytes of
+    UTF-8: checked before any tokenizing, which costs memory and CPU in proportion to the
+    text."""
     limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
-    if request.messages is not None:
-        texts = [t for m in request.messages for t in (m.role, m.content)]
-    else:
-        texts = [request.prompt or ""]
+    texts = [request.prompt or ""] if request.messages is None else _rendered_texts(request)
     chars = sum(len(t) for t in texts)
     if chars > limit or (4 * chars > limit and sum(
             len(t.encode(errors="surrogatepass")) for t in texts) > limit):
+        what = "the prompt" if request.messages is None else \
+            "the chat (its messages, tools, documents and template kwargs)"
         raise InvalidRequestError(
-            f"the prompt has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
+            f"{what} has more than {limit} bytes ({PROMPT_BYTES_PER_TOKEN} per token of "
             f"max_prompt_tokens = {max_prompt_tokens}): shorten it", "prompt")
+
+
+def _rendered_texts(request: GenerateRequest) -> list[str]:
+    """Every string of a chat request that its template may render (walked without
+    recursion: a value may nest as deep as its JSON parser allowed)."""
+    texts: list[str] = []
+    pending: list = [request.tools, request.chat.documents, request.chat.template_kwargs,
+                     *(m.tool_calls for m in request.messages)]
+    texts += [t for m in request.messages for t in (m.role, m.content, m.tool_call_id or "")]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            pending += [*value, *value.values()]
+        elif isinstance(value, list):
+            pending += value
+    return texts
 
 
 def prompt_token_ids(tokenizer, request: GenerateRequest) -> list[int]:

@@ -75,6 +75,15 @@ def test_prompts_are_bounded_before_tokenizing(model, bytebpe):
                                   c.inference.Generate(request(prompt=big)), "bytes")
             await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(
                 chat(("user", "x" * limit), ("user", "y"))), "bytes")
+            # what else a template renders counts too (a probe sent 60 MB of each)
+            kwargs = chat(("user", "hi"))
+            kwargs.messages.chat_template_kwargs = json.dumps({"x": [{"y": "z" * limit}]})
+            documents = chat(("user", "hi"))
+            documents.messages.documents.add().fields["text"] = "d" * limit
+            for big in (kwargs, documents):
+                await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(big),
+                                  "the chat (its messages, tools, documents and template "
+                                  "kwargs) has more than")
             refused_calls = tokenizer.calls
             await expect_code(Code.INVALID_ARGUMENT, c.inference.Generate(  # over in tokens
                 request(prompt="é" * (limit // 4))), "tokens")
