@@ -9,10 +9,13 @@ default): a replica killed after it loses nothing. Each write also sends
 ``NOTIFY nolaserve_adapters`` with its version, delivered at commit to every listener.
 
 A database that cannot be reached (refused, timed out, dropped mid-query) raises
-``RegistryUnavailableError``; the pool reconnects by itself once it is back. After a
-fault, calls fail at once for ``retry_s`` seconds instead of each waiting ``timeout_s``
-for a connection (the hot path of a request reads the registry: it must not stall
-while the database is down); the first call after that tries the database again. The URL's
+``RegistryUnavailableError``; the pool reconnects by itself once it is back. So does a read
+that gets no answer within ``timeout_s`` (a hung database, or a network that drops its
+replies, would otherwise block it forever: reads run on daemon threads, ``_answered``, and
+one that never returns holds only its thread and connection). After a fault, calls fail
+at once for ``retry_s`` seconds instead of each waiting ``timeout_s`` (the hot path of a
+request reads the registry: it must not stall while the database is down); the first
+call after that tries the database again. The URL's
 password never appears in a message; prefer ``PGPASSWORD`` or ``~/.pgpass`` to a password
 in the URL.
 """
@@ -20,15 +23,18 @@ in the URL.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .daemon_pool import DaemonPool
 from .errors import RegistryUnavailableError
-from .registry_base import Registry
+from .registry_base import Change, Registry
+from .registry_rows import AdapterRecord
 from .registry_schema import migrate
 
 CHANNEL = "nolaserve_adapters"
@@ -55,6 +61,7 @@ class PostgresRegistry(Registry):
                        f"{info.get('port', 5432)}/{info.get('dbname', '')}")
         self._connect_args = {"autocommit": True,
                               "connect_timeout": max(2, round(timeout_s))}
+        self._readers = DaemonPool(pool_size, "registry-read")
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False,
                                     kwargs=self._connect_args, timeout=timeout_s,
                                     check=ConnectionPool.check_connection,
@@ -83,6 +90,37 @@ class PostgresRegistry(Registry):
         """A connection of its own that LISTENs on the change channel."""
         return Listener(self)
 
+    # -- reads, each within timeout_s ----------------------------------------------------
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        return self._answered(super().get, adapter_id)
+
+    def data(self, adapter_id: str) -> bytes:
+        return self._answered(super().data, adapter_id)
+
+    def contains(self, adapter_id: str) -> bool:
+        return self._answered(super().contains, adapter_id)
+
+    __contains__ = contains
+
+    def count(self) -> int:
+        return self._answered(super().count)
+
+    def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[AdapterRecord], str]:
+        return self._answered(super().list, page_size, page_token)
+
+    def changes_since(self, version: int) -> tuple[list[Change], int]:
+        return self._answered(super().changes_since, version)  # the watcher's: its health
+
+    def _answered(self, read: Callable, *args):
+        """``read(*args)`` on a reader thread, or ``RegistryUnavailableError`` once it has
+        not answered in ``timeout_s`` (its thread waits on, holding its connection)."""
+        self._check_down()
+        try:
+            return self._readers.submit(read, *args).result(timeout=self._timeout)
+        except FutureTimeout:
+            raise self._fault(f"no answer in {self._timeout:g} s") from None
+
     # -- the backend's primitives ------------------------------------------------------
 
     def _run(self, conn: psycopg.Connection, sql: str, args: tuple = ()) -> psycopg.Cursor:
@@ -104,20 +142,28 @@ class PostgresRegistry(Registry):
 
     @contextmanager
     def _faults(self) -> Iterator[None]:
-        down = self._down
-        if down is not None and time.monotonic() - down[0] < self._retry_s:
-            raise RegistryUnavailableError(down[1])
+        self._check_down()
         try:
             yield
         except _FAULTS as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = (f"the adapter registry ({self._where}) is unreachable: {detail[:200]}. "
-                       "Adapters this replica already holds keep serving; registrations and "
-                       "adapters it does not hold fail until the database is back (retrying "
-                       "the same registration is safe)")
-            self._down = (time.monotonic(), message)
-            raise RegistryUnavailableError(message) from None
+            raise self._fault(detail) from None
         self._down = None
+
+    def _check_down(self) -> None:
+        """``RegistryUnavailableError`` within ``retry_s`` of the last fault."""
+        down = self._down
+        if down is not None and time.monotonic() - down[0] < self._retry_s:
+            raise RegistryUnavailableError(down[1])
+
+    def _fault(self, detail: str) -> RegistryUnavailableError:
+        """The error of a fault (``detail``: what happened), remembered for ``retry_s``."""
+        message = (f"the adapter registry ({self._where}) is unreachable: {detail[:200]}. "
+                   "Adapters this replica already holds keep serving; registrations and "
+                   "adapters it does not hold fail until the database is back (retrying "
+                   "the same registration is safe)")
+        self._down = (time.monotonic(), message)
+        return RegistryUnavailableError(message)
 
     @contextmanager
     def _writing(self) -> Iterator[psycopg.Connection]:

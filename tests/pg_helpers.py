@@ -4,12 +4,13 @@ URL sets its ``search_path``), dropped afterwards. Without the variable the Post
 tests skip, except under CI (``CI=true``), where that is a failure: CI must run them.
 
 ``NOLASERVE_TEST_POSTGRES_DIR`` (the server's directory, set by .ci/run too) lets the
-fault tests stop and restart the server with ``.ci/postgres``.
+fault tests stop and restart the server with ``.ci/postgres``, or hang it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -50,6 +51,24 @@ def stop_postgres() -> None:
 
 def start_postgres() -> None:
     subprocess.run([str(CTL), "start", control_dir()], check=True, capture_output=True)
+
+
+@contextmanager
+def hung_postgres() -> Iterator[None]:
+    """The server's processes stopped (SIGSTOP) and resumed after: connections stay open
+    and queries are taken, but nothing answers, as behind a network that drops replies."""
+    data = Path(control_dir()) / "data"
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)],
+                              capture_output=True, text=True, check=True).stdout.split()
+    pids = [postmaster, *map(int, children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pg_helpers
 import pytest
 
 from nolaserve.adapters.errors import (
@@ -24,8 +25,10 @@ from nolaserve.adapters.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
     InvalidAdapterIdError,
+    RegistryUnavailableError,
 )
 from nolaserve.adapters.registry import Registry, iter_all, open_registry
+from nolaserve.adapters.registry_pg import PostgresRegistry
 from nolaserve.adapters.registry_rows import NewAdapter, encode_token
 from nolaserve.adapters.registry_schema import SCHEMA_VERSION
 
@@ -465,6 +468,16 @@ def test_registry_check_command_takes_a_url(backend, reg, capsys):
     assert "adapter 'b': stored bytes do not match" in capsys.readouterr().out
 
 
+def test_registry_check_of_an_unreachable_database_says_so_in_a_line(capsys):
+    """It ended in a traceback (an outside probe's database was down)."""
+    from nolaserve.clients.cli import main
+
+    assert main(["registry", "check", "postgresql://nobody@127.0.0.1:1/none"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the adapter registry (PostgreSQL at 127.0.0.1:1/none) is "
+                          "unreachable") and "Traceback" not in err
+
+
 def test_registry_copy_moves_a_sqlite_registry_into_another_whole(backend, tmp_path, capsys):
     from nolaserve.clients.cli import main
 
@@ -488,3 +501,31 @@ def test_registry_copy_moves_a_sqlite_registry_into_another_whole(backend, tmp_p
             assert dst.data(r.id) == src.data(r.id)
     with backend.open("f2") as other:
         assert [r.id for r in iter_all(other)] == ["old"]  # scopes kept
+
+
+def test_a_hung_database_is_unavailable_after_timeout_s_not_forever(pg_url):
+    """An outside probe stopped PostgreSQL's processes: requests for adapters the replica
+    held, and metrics scrapes, waited for as long as the database hung (150 s), though
+    held adapters are to keep serving. A read now gives up after ``timeout_s``, and the
+    next ones within ``retry_s`` at once; the database back, reads answer again."""
+    with PostgresRegistry(pg_url, timeout_s=1.0, retry_s=0.5) as reg:
+        reg.register("a", "lora", b"d")
+        with pg_helpers.hung_postgres():
+            start = time.monotonic()
+            with pytest.raises(RegistryUnavailableError, match="no answer in 1 s"):
+                reg.get("a")
+            with pytest.raises(RegistryUnavailableError, match="no answer in 1 s"):
+                reg.count()  # within retry_s: at once
+            time.sleep(0.5)
+            with pytest.raises(RegistryUnavailableError, match="no answer in 1 s"):
+                reg.changes_since(0)  # the watcher's read: health turns NOT_SERVING
+            assert time.monotonic() - start < 10  # not for as long as the database hangs
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert reg.get("a").id == "a" and reg.count() == 1
+                break
+            except RegistryUnavailableError:
+                assert time.monotonic() < deadline, "the registry never came back"
+                time.sleep(0.2)
+

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import queue
 import re
 import threading
 import weakref
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from nolaserve.adapters.daemon_pool import DaemonPool
 from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 
 from .sampler import row_tensor
@@ -214,38 +214,6 @@ def _wake(loop: asyncio.AbstractEventLoop, woken: asyncio.Future) -> None:
             woken.set_result(None)
     with contextlib.suppress(RuntimeError):  # the loop closed
         loop.call_soon_threadsafe(wake)
-
-
-class DaemonPool:
-    """``submit(fn, *args)`` runs on ``threads`` daemon threads, started on first use (a
-    compile cannot be stopped, so the process never waits for one to exit); its
-    ``Future`` can be cancelled until a thread takes it."""
-
-    def __init__(self, threads: int, name: str) -> None:
-        self.threads, self.name = threads, name
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._started = threading.Lock()
-        self._running = False
-
-    def submit(self, fn, *args) -> Future:
-        with self._started:
-            if not self._running:
-                for i in range(self.threads):
-                    threading.Thread(target=self._run, name=f"{self.name}-{i}",
-                                     daemon=True).start()
-                self._running = True
-        future: Future = Future()
-        self._queue.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            future, fn, args = self._queue.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - the waiter re-raises it
-                    future.set_exception(e)
 
 
 def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
