@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from nolaserve.adapters.errors import ServingError
-
 from . import bench_cli, cli_adapters, cli_registry, cli_train
 from .cli_adapters import Connect, UsageError
 from .client import DEFAULT_TARGET, Client, NolaserveError
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except NolaserveError as e:
         print(cli_words(str(e), set(vars(args))), file=sys.stderr)
         return 1
-    except (OSError, ServingError) as e:  # a local file, or a registry the command opened
+    except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except UsageError as e:

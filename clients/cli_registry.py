@@ -15,20 +15,36 @@ error (nothing of its batch is written).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
-    p = command("check", check, "verify a registry file: integrity, sizes and sha256 of "
-                                "every adapter", sub, connects=False)
+    p = command("check", _said(check), "verify a registry file: integrity, sizes and sha256 "
+                "of every adapter", sub, connects=False)
     p.add_argument("path", metavar="PATH", help="the registry's SQLite file (the server's "
                                                 "registry_path) or its registry_url")
-    p = command("copy", copy, "copy every adapter of one registry into another (e.g. a "
-                              "SQLite file into a fleet's PostgreSQL)", sub, connects=False)
+    p = command("copy", _said(copy), "copy every adapter of one registry into another (e.g. "
+                "a SQLite file into a fleet's PostgreSQL)", sub, connects=False)
     p.add_argument("source", help="SQLite file or registry URL to read")
     p.add_argument("target", help="registry URL (or SQLite file) to write")
+
+
+def _said(command: Callable) -> Callable:
+    """``command`` with a registry's typed errors (an unreachable database, a refused
+    write) printed in one line, exit 1, instead of a traceback (``nolaserve.adapters`` is
+    imported only when a registry command runs: the client CLI stays light)."""
+    def run(args: argparse.Namespace, connect: Callable) -> int:
+        from nolaserve.adapters.errors import ServingError
+
+        try:
+            return command(args, connect)
+        except ServingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return run
 
 
 def check(args: argparse.Namespace, _connect: Callable) -> int:
