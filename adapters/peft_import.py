@@ -23,6 +23,7 @@ _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.([0-9]+)\.(.+)")
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # linear: no overlap
 _ANY_PARENT = r".*\."  # what PEFT's weight conversion writes before a module name
 MAX_PATTERN_KEY = 1024
+MAX_PATTERN_CHECKS = 1 << 20
 _MUTATED_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _VARIANTS = ("alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
              "monteclora_config", "arrow_config")
@@ -48,8 +49,8 @@ class _PeftConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
-    rank_pattern: dict[str, tuple[int, int]]  # module name -> (position in the file, rank)
-    alpha_pattern: dict[str, tuple[int, float]]
+    rank_pattern: _Pattern
+    alpha_pattern: _Pattern
 
 
 def import_peft(directory: str | os.PathLike[str], description: str = "") -> LoraAdapter:
@@ -174,42 +175,83 @@ def _check_number(value: object, where: str, positive_int: bool = False) -> floa
     return value
 
 
-def _pattern(config: dict, name: str, what: str, positive_int: bool
-             ) -> dict[str, tuple[int, float]]:
-    """``rank_pattern`` / ``alpha_pattern`` as ``module name -> (position, value)``. PEFT
-    matches each key as the regex ``(.*\\.)?(key)$``; running a file's regexes would let it
-    stall the server, so only plain module names are accepted (and ``.*\\.name``, which
-    PEFT's weight conversion writes), matched literally with PEFT's suffix rule."""
+@dataclass(frozen=True)
+class _PatternKey:
+    """A ``rank_pattern`` / ``alpha_pattern`` key read as PEFT reads it, the regex
+    ``(.*\\.)?(key)$``, with no regex run: ``pieces`` are its literal runs at their offsets
+    (a bare ``.`` matches any one character, ``\\.`` only a dot), ``width`` its length,
+    ``any_parent`` a leading ``.*\\.`` (a dot must come before it) and ``last`` its text after
+    its last dot, a suffix of the last name of every module path it matches."""
+    pieces: tuple[tuple[int, str], ...]
+    width: int
+    any_parent: bool
+    last: str
+
+    def matches(self, module: str) -> bool:
+        head = len(module) - self.width
+        if head < 0 or (self.any_parent and head == 0) or (head > 0 and module[head - 1] != "."):
+            return False
+        return all(module.startswith(piece, head + at) for at, piece in self.pieces)
+
+
+def _pattern_key(key: str) -> _PatternKey | None:
+    """``key`` as a ``_PatternKey``, or None when it is not a module name."""
+    body = key.removeprefix(_ANY_PARENT)
+    text = body.replace("\\.", ".")
+    if len(text) > MAX_PATTERN_KEY or not _MODULE_NAME.fullmatch(text):
+        return None
+    anys, at = [], 0
+    for part in body.split("\\."):  # between literal dots; a bare dot in a part is any character
+        anys += [at + i for i, c in enumerate(part) if c == "."]
+        at += len(part) + 1
+    bounds = [-1, *anys, len(text)]
+    pieces = tuple((a + 1, text[a + 1 : b]) for a, b in zip(bounds, bounds[1:]))
+    return _PatternKey(pieces, len(text), key != body, text.rpartition(".")[2])
+
+
+class _Pattern:
+    """``rank_pattern`` or ``alpha_pattern``: the value of the first key in file order that
+    matches a module path, as ``peft.utils.other.get_pattern_key`` picks it. Keys are
+    indexed by ``last``, and one import makes at most ``MAX_PATTERN_CHECKS`` key-against-path
+    checks, so no file can hold the importer for long."""
+
+    def __init__(self, name: str, keys: list[tuple[_PatternKey, float]]) -> None:
+        self.name = name
+        self.checks = 0
+        self.by_last: dict[str, list[tuple[int, _PatternKey, float]]] = {}
+        for i, (key, value) in enumerate(keys):
+            self.by_last.setdefault(key.last, []).append((i, key, value))
+
+    def value(self, module: str, default: float) -> float:
+        name = module.rpartition(".")[2]
+        candidates = [c for n in range(len(name)) for c in self.by_last.get(name[n:], ())]
+        self.checks += len(candidates)
+        if self.checks > MAX_PATTERN_CHECKS:
+            raise InvalidAdapterError(
+                f"{self.name} needs more than {MAX_PATTERN_CHECKS} key-against-module checks; "
+                "list fewer keys, or keys without the layer (e.g. 'q_proj')")
+        hits = [(i, value) for i, key, value in candidates if key.matches(module)]
+        return min(hits)[1] if hits else default
+
+
+def _pattern(config: dict, name: str, what: str, positive_int: bool) -> _Pattern:
+    """``rank_pattern`` / ``alpha_pattern``. PEFT matches each key as a regex; running a
+    file's regexes would let it stall the server, so only module names are accepted (and
+    ``.*\\.name``, which PEFT's weight conversion writes), read as that regex reads them."""
     pattern = config.get(name) or {}
     if not isinstance(pattern, dict):
         raise InvalidAdapterError(f"{what}: {name} must be a JSON object")
-    plain: dict[str, tuple[int, float]] = {}
-    for i, (key, value) in enumerate(pattern.items()):
-        module = key.removeprefix(_ANY_PARENT).replace("\\.", ".")
-        if len(module) > MAX_PATTERN_KEY or not _MODULE_NAME.fullmatch(module):
+    keys = []
+    for key, value in pattern.items():
+        parsed = _pattern_key(key)
+        if parsed is None:
             raise InvalidAdapterError(
                 f"{what}: {name} key {short(key)} is not a module name; list module names "
                 "(e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj', at most "
                 f"{MAX_PATTERN_KEY} characters of letters, digits, '_' and '.'), not regular "
                 "expressions: a key applies to every module whose path ends with it")
-        plain.setdefault(module, (i, _check_number(value, f"{what}: {name}[{short(key)}]",
-                                                   positive_int)))
-    return plain
-
-
-def pattern_value(pattern: dict[str, tuple[int, float]], module: str, default: float) -> float:
-    """The value of the first key (in file order) that is ``module`` or a dotted suffix of it,
-    as ``peft.utils.other.get_pattern_key`` picks it for plain names; else ``default``."""
-    hits = []
-    dot = len(module)
-    while dot >= 0:
-        dot = module.rfind(".", 0, dot)  # -1 at last: the whole name
-        suffix = module[dot + 1 :]
-        if len(suffix) > MAX_PATTERN_KEY:
-            break
-        if suffix in pattern:
-            hits.append(pattern[suffix])
-    return min(hits)[1] if hits else default
+        keys.append((parsed, _check_number(value, f"{what}: {name}[{short(key)}]", positive_int)))
+    return _Pattern(f"{what}: {name}", keys)
 
 
 def _peft_pairs(tensors: dict[str, torch.Tensor], what: str
@@ -263,13 +305,13 @@ def _peft_module(key: str, ab: dict[str, torch.Tensor], cfg: _PeftConfig,
         if not bool(torch.isfinite(ab[part]).all()):
             raise InvalidAdapterError(f"{what}: {key}.{part}.weight contains NaN or Inf")
     r = check_rank(ab["lora_A"].shape[0], ab["lora_B"].shape[1], key, what)
-    expected = pattern_value(cfg.rank_pattern, key, cfg.r)
+    expected = cfg.rank_pattern.value(key, cfg.r)
     if r != expected:
         raise InvalidAdapterError(
             f"{what}: {key} has rank {r} but adapter_config.json (r / rank_pattern) says "
             f"{expected}"
         )
-    alpha = pattern_value(cfg.alpha_pattern, key, cfg.lora_alpha)
+    alpha = cfg.alpha_pattern.value(key, cfg.lora_alpha)
     scale = alpha / (math.sqrt(r) if cfg.use_rslora else r)
     # Rounded to float32, as stored, so that to_bytes/from_bytes is exact.
     return ModuleFactors(A=ab["lora_A"], B=ab["lora_B"],

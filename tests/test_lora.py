@@ -16,10 +16,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
+from nolaserve.adapters import peft_import
 from nolaserve.adapters import safetensors_io as st
 from nolaserve.adapters.errors import IncompatibleAdapterError, InvalidAdapterError
 from nolaserve.adapters.lora import LoraAdapter
-from nolaserve.adapters.peft_import import from_peft, import_peft, pattern_value
+from nolaserve.adapters.peft_import import from_peft, import_peft
 from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
 
 SHORT = [name.split(".")[1] for name in LINEARS]  # q_proj, ..., down_proj
@@ -104,15 +105,33 @@ def test_import_details(llama, tmp_path):
                for f in import_peft(tmp_path / "rs").factors.modules.values())
 
 
-@pytest.mark.parametrize("key", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj",
-                                 "model.layers.11.self_attn.v_proj", "q_proj"])
-def test_pattern_value_is_peft_for_module_names(key):
-    patterns = ["v_proj", "layers.0.self_attn.q_proj", "proj", "mlp.up_proj", "up_proj",
-                "model.layers.11.self_attn.v_proj", "q_proj"]
-    for keys in (patterns, patterns[::-1], []):
-        plain = {k: (i, i) for i, k in reversed(list(enumerate(keys)))}
-        got = pattern_value(plain, key, -1)
-        assert (keys[got] if got >= 0 else key) == get_pattern_key(keys, key)
+PATTERN_KEYS = ["v_proj", "layers.0.self_attn.q_proj", "proj", "mlp.up_proj", "up_proj",
+                "model.layers.11.self_attn.v_proj", "q_proj", "q_pr.j", "self_attn.q.proj",
+                "layers.1.mlp.up_proj", r"layers\.1\.mlp\.gate_proj", r".*\.1.mlp.down_proj",
+                r".*\.up_proj", "l.yers.0.mlp", "s.lf_attn.k_proj", "0.mlp.gate_proj"]
+
+
+@pytest.mark.parametrize("module", [
+    "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj",
+    "model.layers.11.self_attn.v_proj", "model.layers.1.mlp.down_proj", "q_proj", "up_proj",
+    "model.layers.10.mlp.gate_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp",
+    "model.layers.2.self_attn.qXproj"])
+def test_pattern_value_is_peft_get_pattern_key(module):
+    """Keys read as PEFT's regex reads them, bare dots matching any character ("q_pr.j" is
+    PEFT's key for q_proj), with no regex run; the first matching key in file order wins."""
+    for keys in (PATTERN_KEYS, PATTERN_KEYS[::-1], []):
+        pattern = peft_import._pattern({"p": {k: i for i, k in enumerate(keys)}}, "p", "a", False)
+        got = pattern.value(module, -1)
+        assert (keys[got] if got >= 0 else module) == get_pattern_key(keys, module)
+
+
+def test_pattern_checks_are_bounded(monkeypatch):
+    monkeypatch.setattr(peft_import, "MAX_PATTERN_CHECKS", 100)
+    keys = {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(60)}
+    pattern = peft_import._pattern({"p": keys}, "p", "adapter", True)
+    assert pattern.value("model.layers.7.self_attn.q_proj", 8) == 4
+    with pytest.raises(InvalidAdapterError, match="adapter: p needs more than 100 key-against"):
+        pattern.value("model.layers.8.self_attn.q_proj", 8)
 
 
 @pytest.mark.parametrize("key", ["(a|a)*X", "q_proj$", "^model", ".*", "layers\\.[0-9]+",
@@ -128,7 +147,6 @@ def test_no_regex_from_the_file_is_ever_run(qv_dir, monkeypatch):
     """The issue's ReDoS: rank_pattern {"(a|a)*X": 8} with a long key held the GIL 9.9 s.
     With ``re`` gone from the importer, a config with patterns still imports: nothing
     compiles or matches a pattern from the file."""
-    from nolaserve.adapters import peft_import
 
     config, tensors = peft_files(qv_dir)
     config["rank_pattern"] = {"q_proj": 4, r".*\.v_proj": 4}
