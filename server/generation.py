@@ -172,10 +172,6 @@ def truncated(ids: list[int], params: SamplingParams, longest_prompt: int) -> li
         return ids
     if keep == -1:
         keep = longest_prompt
-    if not isinstance(keep, int) or keep < 1:
-        raise InvalidRequestError(f"truncate_prompt_tokens must be >= 1 (the prompt's last "
-                                  f"tokens to keep) or -1 (as many as fit), got {short(keep)}",
-                                  "truncate_prompt_tokens")
     return ids[:keep] if params.truncation_side == "right" else ids[-keep:]
 
 

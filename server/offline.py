@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nolaserve.adapters.errors import InvalidRequestError, short
+from nolaserve.adapters.errors import (
+    AdapterExistsError,
+    EngineStoppedError,
+    InvalidRequestError,
+    ServingError,
+    short,
+)
 from nolaserve.adapters.registry import AdapterRecord
 from nolaserve.adapters.sources import read_adapter_source
 
@@ -29,7 +37,14 @@ from .config import Config
 from .engine.engine import Engine
 from .engine.engine_types import TokenLogprob
 from .engine.sequence import MAX_N, FinishReason, SamplingParams
-from .generation import GenerateRequest, child_params, engine_input, failure, registered_in
+from .generation import (
+    GenerateRequest,
+    check_prompt_size,
+    child_params,
+    engine_input,
+    failure,
+    registered_in,
+)
 
 log = logging.getLogger("nolaserve.offline")
 Prompt = str | list[int] | dict[str, Any]  # vLLM's TextPrompt / TokensPrompt dicts too
@@ -107,13 +122,17 @@ class RequestOutput:
 class LLM:
     """An engine built from ``Config(model=model, **config)``: the same keys as the
     server's YAML (docs/configuration.md); ``registry_path`` defaults to ``:memory:``
-    here (pass a path to use a server's durable registry)."""
+    here (pass a path to use a server's durable registry). Calls from several threads
+    are safe: one ``generate`` or ``chat`` runs at a time, the others wait their turn."""
 
     def __init__(self, model: str = "", *, seed: int | None = None,
                  tokenizer: str | None = None, **config: object) -> None:
         """``seed`` (vLLM's): a request without its own seed draws as if seeded ``seed +
         k``, k counting this LLM's requests, so a rerun samples the same; ``tokenizer``:
         only the model's own (None or ``model``)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise InvalidRequestError(f"seed must be a whole number or None, got {short(seed)}",
+                                      "seed")
         if tokenizer not in (None, model):
             raise ValueError("the tokenizer is the model's own (its directory, GGUF file "
                              "or hub id): leave tokenizer unset")
@@ -130,6 +149,8 @@ class LLM:
         self._ids = itertools.count()
         self._seeds = None if seed is None else itertools.count(seed)
         self._loras: dict[str, str] = {}  # LoRARequest names registered here, and paths
+        self._turn = threading.Lock()  # generate/chat step the one engine: one at a time
+        self._closed = False
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -137,11 +158,13 @@ class LLM:
     def register_adapter(self, adapter_id: str, source: bytes | str | os.PathLike,
                          replace: bool = False) -> AdapterRecord:
         """Register an adapter file's bytes, an adapter file or a PEFT LoRA directory."""
+        self._check_open()
         data = source if isinstance(source, bytes) else read_adapter_source(
             source, None, self.config.max_message_bytes)
         return self.engine.store.register(adapter_id, data, replace)
 
     def delete_adapter(self, adapter_id: str) -> None:
+        self._check_open()
         self.engine.store.delete(adapter_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -155,7 +178,8 @@ class LLM:
         index (``adapter_ids``, or vLLM's ``lora_request``); outputs come back in input
         order. A progress bar shows for more than 8 prompts unless ``use_tqdm`` says
         otherwise."""
-        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
+        if not isinstance(prompts, list | tuple) or (
+                prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         requests = [_request(p) for p in prompts]
         return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
@@ -172,24 +196,44 @@ class LLM:
         """Answer each conversation (a list of ``{"role", "content"}``), rendered with the
         model's chat template as vLLM's ``LLM.chat`` options say (``chat.ChatOptions``);
         ``sampling_params`` default to ``SamplingParams()``, as vLLM's."""
+        if not isinstance(messages, list | tuple):
+            raise InvalidRequestError("messages is a conversation (a list of {'role', "
+                                      "'content'} dicts) or a list of them, got "
+                                      f"{short(messages)}", "messages")
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         chat = ChatOptions(add_generation_prompt, continue_final_message,
                            dict(chat_template_kwargs or {}), documents)
-        requests = [GenerateRequest(messages=[ChatMessage(m["role"], m["content"])
-                                              for m in conv], chat=chat) for conv in messages]
+        requests = [GenerateRequest(messages=_messages(conv), chat=chat) for conv in messages]
         return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
 
     def _run(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm,
              loras) -> list[RequestOutput]:
+        with self._turn:
+            self._check_open()
+            return self._run_turn(requests, sampling, adapters, use_tqdm, loras)
+
+    def _run_turn(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm,
+                  loras) -> list[RequestOutput]:
         n = len(requests)
         if loras is not None:
             if adapters is not None:
                 raise ValueError("give adapter_ids or lora_request, not both")
             adapters = [None if r is None else self._lora(r) for r in _each(loras, n, None)]
-        for req, params, adapter in zip(requests, _each(sampling, n, SamplingParams()),
-                                        _each(adapters, n, None)):
+        for i, (req, params, adapter) in enumerate(zip(
+                requests, _each(sampling, n, SamplingParams()), _each(adapters, n, None))):
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError(f"sampling_params must be SamplingParams (from "
+                                          f"nolaserve import SamplingParams), got "
+                                          f"{short(params)}", "sampling_params")
+            if adapter is not None and not isinstance(adapter, str):
+                raise InvalidRequestError(f"an adapter id is a string or None (the base "
+                                          f"model), got {short(adapter)}", "adapter_ids")
             req.params, req.model = self._seeded(params), adapter or ""
+            try:
+                check_prompt_size(req, self.engine.limits.max_prompt_tokens)
+            except ServingError as e:
+                raise _about(e, i) from None
         bar = _progress(n, use_tqdm)
         try:
             outs = _Batch(self.engine, requests, self._ids, bar).run()
@@ -204,7 +248,13 @@ class LLM:
         """The adapter id of ``request``: its name, registered from its path once."""
         name = request.lora_name
         if self._loras.get(name) != request.lora_path:
-            self.register_adapter(name, request.lora_path)
+            try:
+                self.register_adapter(name, request.lora_path)
+            except AdapterExistsError:
+                raise AdapterExistsError(
+                    f"LoRARequest {short(name)}: another adapter is registered under that "
+                    f"name; give this one another lora_name, or call llm.register_adapter("
+                    f"{short(name)}, path, replace=True) first") from None
             self._loras[name] = request.lora_path
         return name
 
@@ -214,8 +264,16 @@ class LLM:
         return replace(params, seed=next(self._seeds) % 2**63)
 
     def close(self) -> None:
-        """Stop the adapter loader and close the adapter store."""
-        self.engine.close()
+        """Stop the adapter loader and close the adapter store; calls after it raise
+        ``EngineStoppedError``."""
+        with self._turn:
+            if not self._closed:
+                self._closed = True
+                self.engine.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineStoppedError("this LLM is closed: make a new LLM(...)")
 
     def __enter__(self) -> LLM:
         return self
@@ -233,6 +291,7 @@ class _Batch:
     def __init__(self, engine: Engine, requests: list[GenerateRequest], ids, bar) -> None:
         self.engine, self.requests, self.bar = engine, requests, bar
         self.request_ids = [f"offline-{next(ids)}" for _ in requests]
+        self.index = {request_id: i for i, request_id in enumerate(self.request_ids)}
         self.results: dict[str, RequestOutput] = {}
         self.choice: dict[str, tuple[str, CompletionOutput]] = {}  # engine id -> whose, what
         self.text: dict[str, list[str]] = {}
@@ -278,11 +337,14 @@ class _Batch:
                    replace(request, params=child_params(request.params, j)))
 
     def _add(self, engine_id: str, request_id: str, j: int, request: GenerateRequest) -> None:
-        prompt, params, adapter = engine_input(self.engine.tokenizer,
-                                               self.engine.model_name, request,
-                                               registered_in(self.engine.store),
-                                               self.engine.limits.longest_prompt)
-        self.engine.add_request(engine_id, prompt, params, adapter)
+        try:
+            prompt, params, adapter = engine_input(self.engine.tokenizer,
+                                                   self.engine.model_name, request,
+                                                   registered_in(self.engine.store),
+                                                   self.engine.limits.longest_prompt)
+            self.engine.add_request(engine_id, prompt, params, adapter)
+        except ServingError as e:
+            raise _about(e, self.index[request_id]) from None
         named = len(params.logprob_token_ids or ())  # they replace the k likeliest
         self.k[engine_id] = (named or params.logprobs or 0, params.prompt_logprobs or 0)
         text = request.prompt if request.messages is None else self.engine.tokenizer.decode(
@@ -294,9 +356,9 @@ class _Batch:
         self.text[engine_id] = []
 
     def _collect(self, out) -> None:
-        if out.finish_reason is FinishReason.ERROR:
-            raise failure(out)
         request_id, choice = self.choice[out.request_id]
+        if out.finish_reason is FinishReason.ERROR:
+            raise _about(failure(out), self.index[request_id])
         result = self.results[request_id]
         self.text[out.request_id].append(out.text)
         choice.token_ids += out.token_ids
@@ -321,6 +383,22 @@ class _Batch:
                 self.bar.update(1)
 
 
+def _about(error: ServingError, index: int) -> ServingError:
+    """``error`` with its message naming the prompt it is about (the others' outputs are
+    dropped with the call, as vLLM's ``LLM`` drops them)."""
+    error.args = (f"prompt {index}: {error.args[0]}", *error.args[1:])
+    return error
+
+
+def _messages(conversation: object) -> list[ChatMessage]:
+    if not isinstance(conversation, list | tuple) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in conversation):
+        raise InvalidRequestError(f"a conversation is a list of {{'role': str, 'content': "
+                                  f"str}} dicts, got {short(conversation)}", "messages")
+    return [ChatMessage(m["role"], m["content"]) for m in conversation]
+
+
 def _request(prompt: Prompt) -> GenerateRequest:
     """A prompt as a request: text, token ids, or vLLM's prompt dicts."""
     if isinstance(prompt, dict):
@@ -333,7 +411,11 @@ def _request(prompt: Prompt) -> GenerateRequest:
                              "or {'prompt_token_ids': [ids]} (no multi-modal data)")
     if isinstance(prompt, str):
         return GenerateRequest(prompt=prompt)
-    return GenerateRequest(prompt_token_ids=list(prompt))
+    if isinstance(prompt, list | tuple) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return GenerateRequest(prompt_token_ids=[int(t) for t in prompt])
+    raise InvalidRequestError(f"a prompt is a string, a list of token ids or a prompt dict, "
+                              f"got {short(prompt)}", "prompt")
 
 
 def _each(value, n: int, default) -> list:

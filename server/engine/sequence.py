@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import json as jsonlib
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import InitVar, dataclass, field
@@ -126,6 +127,7 @@ class SamplingParams:
     def check(self, vocab_size: int = 0) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field; ``vocab_size`` (0: not
         known) bounds token ids. ``max_tokens`` may be None (as many as fit)."""
+        self._check_types()
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise InvalidRequestError(
@@ -152,12 +154,33 @@ class SamplingParams:
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters",
                                       "stop")
+        if self.truncate_prompt_tokens not in (None, -1) and self.truncate_prompt_tokens < 1:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens must be >= 1 (the prompt's last tokens to keep) or -1 "
+                f"(as many as fit), got {self.truncate_prompt_tokens}", "truncate_prompt_tokens")
         if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
                                                  or self.stream_interval < 1):
             raise InvalidRequestError(f"stream_interval must be a whole number of tokens "
                                       f">= 1 (or unset), got {short(self.stream_interval)}",
                                       "stream_interval")
         self._check_processing(vocab_size)
+
+    def _check_types(self) -> None:
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidRequestError(f"{name} must be a number, got {short(value)}", name)
+        for name, optional in _WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if (value is None and not optional) or value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise InvalidRequestError(f"{name} must be a whole number"
+                                          f"{' (or None)' if optional else ''}, got "
+                                          f"{short(value)}", name)
+        stop = self.stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got "
+                                      f"{short(self.stop)}", "stop")
 
     def _check_processing(self, vocab_size: int) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -208,6 +231,11 @@ class SamplingParams:
                                       "characters, not only spaces", "bad_words")
 
 
+_NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty")
+_WHOLE_NUMBERS = {"n": False, "top_k": False, "min_tokens": False, "max_tokens": True,
+                  "seed": True, "logprobs": True, "prompt_logprobs": True,
+                  "truncate_prompt_tokens": True, "stream_interval": True}  # name -> optional
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
