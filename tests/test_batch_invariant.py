@@ -6,10 +6,12 @@ import random
 import pytest
 import torch
 from conftest import LINEARS, spec_of, tiny_llama
-from engine_helpers import greedy, make_engine, run
+from engine_helpers import greedy, make_engine, run, step_all
 
+from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.slots import SlotPool
+from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.model_runner import ModelRunner, StepBatch
@@ -39,6 +41,58 @@ def test_batched_outputs_equal_each_request_run_alone(model, bytebpe):
     for rid, req in reqs.items():
         assert run(engine, {rid: req})[rid] == together[rid], rid
     assert engine.scheduler.fixed_chunks
+
+
+def random_lora(spec, seed: int, rank: int = 4) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    mods = {(i, m): ModuleFactors(torch.randn(rank, n_in, generator=g) * 0.1,
+                                  torch.randn(n_out, rank, generator=g) * 0.1, 1.0)
+            for i in range(spec.num_layers) for m, (n_in, n_out) in spec.module_shapes.items()}
+    return LoraAdapter(target_modules=list(spec.module_shapes), num_layers=spec.num_layers,
+                       module_shapes=dict(spec.module_shapes),
+                       factors=AdapterFactors(mods)).to_bytes()
+
+
+@pytest.fixture
+def two_threads():
+    """Reductions over a row of more than 32,768 floats split across CPU threads only when
+    the batch has fewer rows than threads: the case a batch of one hits and a batch of
+    several does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_logprobs_equal_each_request_run_alone_over_a_large_vocabulary(bytebpe, two_threads):
+    """Logprobs (the token's, its top 5, prompt logprobs) and seeded top-p draws of a
+    request in a batch of base, NOLA and LoRA requests equal its solo run's bit for bit,
+    over a 40,000-token vocabulary: sampling runs per request too, since on CPU the
+    ``logsumexp`` of a ``[1, V]`` row is summed in another order than that of the same row
+    in a ``[N, V]`` batch (a logprob moved by 1 ulp before)."""
+    engine = make_engine(tiny_llama(vocab_size=40_000), bytebpe, batch_invariant=True,
+                         max_num_batched_tokens=16)
+    engine.store.register("nola", random_nola(engine.store.spec, seed=1, rank=4,
+                                              num_basis=16, coeff_std=0.5).to_bytes())
+    engine.store.register("lora", random_lora(engine.store.spec, seed=2))
+    rng = random.Random(7)
+    reqs = {}
+    for i in range(9):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(2, 30))]
+        fields = dict(max_tokens=6, logprobs=5, prompt_logprobs=2 if i % 4 == 1 else None)
+        params = greedy(**fields) if i % 3 else SamplingParams(
+            **fields, seed=i, temperature=0.8, top_p=0.9, ignore_eos=True)
+        reqs[f"r{i}"] = (prompt, params, [None, "nola", "lora"][i % 3])
+
+    def outputs(batch: dict) -> dict:
+        for rid, (prompt, params, adapter) in batch.items():
+            engine.add_request(rid, prompt, params, adapter)
+        return {rid: [(o.token_ids, o.logprobs, o.prompt_logprobs) for o in outs]
+                for rid, outs in step_all(engine).items()}
+
+    together = outputs(reqs)
+    for rid, req in reqs.items():
+        assert outputs({rid: req})[rid] == together[rid], rid
 
 
 def logits_of(engine, reqs: dict) -> dict[str, list[torch.Tensor]]:

@@ -58,9 +58,10 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, scheduler: Scheduler,
                  admission: AdapterAdmission, limits: EngineLimits, eos_token_ids: set[int],
                  batch_invariant: bool = False):
-        """``batch_invariant``: run every sequence of a step in its own forward pass (and
-        let the scheduler cut prefill chunks at fixed boundaries), so that a request's
-        logits never depend on its batch-mates; costs throughput (docs/operations.md)."""
+        """``batch_invariant``: run every sequence of a step in its own forward pass and
+        sampling (and let the scheduler cut prefill chunks at fixed boundaries), so that a
+        request's logits and logprobs never depend on its batch-mates; costs throughput
+        (docs/operations.md)."""
         self.runner, self.tokenizer, self.scheduler = runner, tokenizer, scheduler
         self.admission, self.limits, self.eos_token_ids = admission, limits, eos_token_ids
         self.batch_invariant = batch_invariant
@@ -185,8 +186,23 @@ class Engine:
         self._observe(sched)
         if not sched.scheduled:
             self.admission.wait(timeout=0.05)  # only cold adapters pending: do not spin
-        logits, errored = self._execute(sched)
-        return failed + errored + self._postprocess(sched, logits)
+        return failed + self._run(sched)
+
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """The step's forward and sampling: over the whole batch, or in batch-invariant mode
+        over each sequence alone, sampling included: a row's ``logsumexp`` (its logprobs),
+        ``softmax`` and top-p ``cumsum`` are reduced in an order set by how many rows
+        share the tensor (on CPU a lone row of a large vocabulary is split across threads,
+        a row among several need not be), so each runs as the batch of one of its solo run."""
+        if not self.batch_invariant:
+            logits, errored = self._execute(sched)
+            return errored + self._postprocess(sched, logits)
+        outputs = self._postprocess(SchedulerOutput(errored=sched.errored), None)
+        for s in sched.scheduled:
+            alone = SchedulerOutput(scheduled=[s])
+            logits, errored = self._execute(alone)
+            outputs += errored + self._postprocess(alone, logits)
+        return outputs
 
     def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestOutput]]:
         """The step's logits. If the batch raises, each sequence is rerun alone: those that
