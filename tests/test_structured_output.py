@@ -27,6 +27,7 @@ from nolaserve.server.engine.structured import (
     MAX_SCHEMA_CHARS,
     GrammarState,
     SharedGrace,
+    _enforceable,
 )
 
 # Schemas whose every output is short enough to complete within max_tokens even when the
@@ -112,6 +113,9 @@ def test_strings_bounded_by_length_hold_no_raw_control_characters(engine):
     for rid, (text, reason) in texts(engine, requests).items():
         assert reason is FinishReason.EOS, (rid, text)
         jsonschema.validate(json.loads(text), schema)
+    given = json.loads(_enforceable(json.dumps(schema)))["properties"]
+    assert given["t"] == {"type": "string", "pattern": "^.{1,3}$"}  # nothing for xgrammar to
+    assert given["e"] == schema["properties"]["e"]                   # say it ignores
 
 
 def test_json_object_is_an_object_and_ends_even_with_ignore_eos(engine):

@@ -294,6 +294,8 @@ def _enforceable(schema: str) -> str:
         if node.get("type") == "string" and not {"enum", "const"} & node.keys() \
                 and all(isinstance(n, int) or n == "" for n in lengths):
             node["pattern"] = f"^.{{{lengths[0]},{lengths[1]}}}$"
+            node.pop("minLength", None)  # xgrammar would log that it ignores them
+            node.pop("maxLength", None)
             changed = True
     return json.dumps(root) if changed else schema
 
