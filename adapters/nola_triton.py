@@ -1,11 +1,11 @@
 """NOLA basis regeneration on the GPU: Philox in registers, contracted as it is generated.
 
 The basis value ``e`` of stream ``s`` is ``2*u - 1`` with ``u`` lane ``e % 4`` of
-``tl.rand4x(seed, c)``, ``c = s*2^40 + e//4`` (docs/adapter-format.md), so these kernels
-give the same float32 bits as ``philox.basis_values``. ``tl.rand4x`` takes the seed as a
-64-bit integer (key = its lo and hi words) and splits a 64-bit counter into (lo, hi)
-words: the counters here are uint64, the seed is passed as a Python int (< 2^63, typed
-int64 by Triton when it does not fit int32).
+``_rand4x(seed, c)``, ``c = s*2^40 + e//4`` (docs/adapter-format.md), so these kernels
+give the same float32 bits as ``philox.basis_values``. ``_rand4x`` calls ``tl.philox``
+with 32-bit words, counter ``(c lo, c hi, 0, 0)`` and key ``(seed lo, seed hi)``: the
+counters here are uint64, the seed is passed as a Python int (< 2^63, typed int64 by
+Triton when it does not fit int32).
 
 ``regenerate`` runs a whole adapter (every layer and module, A and B) in one launch and
 writes each factor, divided by ``sqrt(k)`` and rounded to its dtype, straight into the
@@ -27,6 +27,20 @@ from .gpu import sm_count
 from .philox_layout import counter_base
 
 PROGRAMS_PER_SM = 2  # programs the grid aims at per SM of the device
+
+
+@triton.jit
+def _rand4x(seed, c):
+    """The four ``u`` of uint64 counter ``c``: Philox4x32-10 of ``(c lo, c hi, 0, 0)`` under
+    key ``(seed lo, seed hi)``, each word through ``tl.uint_to_uniform_float``. Written
+    with 32-bit words because ``tl.rand4x(seed, c)`` computes this only in Triton releases
+    with triton-lang/triton#6832 (May 2025); before it, a 64-bit ``c`` switched it to
+    64-bit Philox words, a different generator."""
+    lo = c.to(tl.uint32)
+    zero = lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, lo, (c >> 32).to(tl.uint32), zero, zero)
+    return (tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1),
+            tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
 
 
 @triton.jit
@@ -59,7 +73,7 @@ def _contract_kernel(out, coeffs, seed, c_base, k, n_cols,
         acc3 = tl.zeros([BLOCK], dtype=tl.float32)
         for j in range(k):
             a = tl.load(coeffs + j)
-            u0, u1, u2, u3 = tl.rand4x(seed, c)
+            u0, u1, u2, u3 = _rand4x(seed, c)
             acc0 += a * _sym(u0)
             acc1 += a * _sym(u1)
             acc2 += a * _sym(u2)
@@ -85,7 +99,7 @@ def _contract_kernel(out, coeffs, seed, c_base, k, n_cols,
 @triton.jit
 def _lane(seed, c_base, e):
     """``u`` of element ``e`` (uint64 block): lane ``e % 4`` of counter ``c_base + e // 4``."""
-    u0, u1, u2, u3 = tl.rand4x(seed, c_base + (e >> 2))
+    u0, u1, u2, u3 = _rand4x(seed, c_base + (e >> 2))
     lane = e & 3
     return tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
 
@@ -158,7 +172,7 @@ def _regen_kernel(jobs, coeffs, divisors, seed, BLOCK: tl.constexpr, OUT_DTYPE: 
             acc3 = tl.zeros([BLOCK], dtype=tl.float32)
             for i in range(k):
                 a = tl.load(coeffs + off + i)
-                u0, u1, u2, u3 = tl.rand4x(seed, c)
+                u0, u1, u2, u3 = _rand4x(seed, c)
                 acc0 += a * _sym(u0)
                 acc1 += a * _sym(u1)
                 acc2 += a * _sym(u2)

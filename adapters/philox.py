@@ -1,4 +1,4 @@
-"""Portable NOLA basis values: Philox4x32-10, bit-identical to Triton's ``tl.rand4x``.
+"""Portable NOLA basis values: Philox4x32-10, bit-identical to ``nola_triton`` on the GPU.
 
 Element ``e`` of stream ``s`` for ``seed`` is ``2*u - 1`` where ``u`` is Triton's
 ``uint_to_uniform_float`` of lane ``e % 4`` of
