@@ -113,9 +113,13 @@ def basis_of_task(task: RmmTask, get: Callable[[str], AdapterRecord]) -> str:
     if not task.basis_id:
         raise InvalidAdapterError("RMM task names no basis_id; register it with its basis")
     basis = get(task.basis_id)
-    if basis.kind != "rmm-basis" or basis.sha256 != task.basis_sha256:
+    if basis.kind != "rmm-basis":
+        raise IncompatibleAdapterError(
+            f"RMM task names basis_id {short(task.basis_id)}, but that is a {basis.kind} "
+            "adapter, not an rmm-basis; give the id of the basis the task was built from")
+    if basis.sha256 != task.basis_sha256:
         raise IncompatibleAdapterError(
             f"RMM task was built from a basis with sha256 {task.basis_sha256[:12]}..., but "
-            f"{short(task.basis_id)} is a {basis.kind} with sha256 {basis.sha256[:12]}..."
+            f"{short(task.basis_id)} has sha256 {basis.sha256[:12]}..."
         )
     return task.basis_id

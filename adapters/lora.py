@@ -94,7 +94,7 @@ class LoraAdapter:
     def from_bytes(cls, data: bytes, what: str = "LoRA adapter",
                    strict: bool = True) -> LoraAdapter:
         """Parse a ``nolaserve.lora`` v1 file; any defect raises ``InvalidAdapterError``."""
-        metadata, tensors = st.read(data, what)
+        metadata, tensors = st.read(data, what, strict)
         meta = st.Metadata(metadata, what, strict)
         meta.check_format(FORMAT)
         targets = st.target_modules(meta)

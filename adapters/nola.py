@@ -157,7 +157,7 @@ class NolaAdapter:
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "NOLA adapter",
                    strict: bool = True) -> NolaAdapter:
-        metadata, tensors = st.read(data, what)
+        metadata, tensors = st.read(data, what, strict)
         meta = st.Metadata(metadata, what, strict)
         meta.check_format(FORMAT)
         targets = st.target_modules(meta)

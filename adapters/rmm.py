@@ -108,7 +108,7 @@ class RmmBasis(RmmLayout):
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "RMM basis", strict: bool = True) -> RmmBasis:
-        metadata, tensors = st.read(data, what)
+        metadata, tensors = st.read(data, what, strict)
         meta = st.Metadata(metadata, what, strict)
         lay = RmmLayout._read(meta, BASIS_FORMAT)
         k, r = lay["basis_size"], lay["rank"]
@@ -195,7 +195,7 @@ class RmmTask(RmmLayout):
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "RMM task", strict: bool = True) -> RmmTask:
-        metadata, tensors = st.read(data, what)
+        metadata, tensors = st.read(data, what, strict)
         meta = st.Metadata(metadata, what, strict)
         lay = RmmLayout._read(meta, TASK_FORMAT)
         sha, basis_id = meta.str("basis_sha256"), meta.str("basis_id")

@@ -7,10 +7,12 @@ wrong (truncated, mutated, wrong dtype, absurd shapes, missing keys) into an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import struct
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load as _st_load
@@ -26,9 +28,13 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U8": 1, "BOOL": 1}
 
 
-def read(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Parse safetensors bytes into ``(metadata, tensors)`` or raise ``InvalidAdapterError``."""
-    header = _read_header(data, what)
+def read(data: bytes, what: str = "adapter",
+         strict: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Parse safetensors bytes into ``(metadata, tensors)`` or raise ``InvalidAdapterError``.
+    ``strict`` (a file being registered): a key written twice in one JSON object of the
+    header is refused; a file the registry holds is read as it was accepted (the last
+    one wins, as the ``safetensors`` package reads it)."""
+    header = _read_header(data, what, strict)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -46,7 +52,7 @@ def read(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, 
 
 def read_format(data: bytes, what: str = "adapter") -> str:
     """The ``format`` metadata of safetensors bytes, read from the header alone."""
-    metadata = _read_header(data, what).get("__metadata__") or {}
+    metadata = _read_header(data, what, strict=False).get("__metadata__") or {}
     fmt = metadata.get("format") if isinstance(metadata, dict) else None
     if not isinstance(fmt, str):
         raise InvalidAdapterError(f"{what}: metadata key 'format' is missing")
@@ -63,7 +69,7 @@ def write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     return len(header).to_bytes(8, "little") + header.encode() + data[8 + n :]
 
 
-def _read_header(data: bytes, what: str) -> dict:
+def _read_header(data: bytes, what: str, strict: bool) -> dict:
     if len(data) < 8:
         raise InvalidAdapterError(f"{what}: {len(data)} bytes is too short for a safetensors file")
     (n,) = struct.unpack("<Q", bytes(data[:8]))
@@ -72,15 +78,81 @@ def _read_header(data: bytes, what: str) -> dict:
             f"{what}: safetensors header claims {n} bytes but the file has {len(data) - 8} "
             "after the length prefix (truncated or not a safetensors file)"
         )
+    raw = bytes(data[8 : 8 + n])
+    # Invalid UTF-8 decodes to lone surrogates, as an escaped "\ud800" parses: _check_utf8
+    # then names the string that holds one.
     try:
-        header = json.loads(bytes(data[8 : 8 + n]))
+        header = json.loads(raw.decode("utf-8", "surrogateescape"),
+                            object_pairs_hook=_unique_keys(f"{what}: the safetensors header")
+                            if strict else None,
+                            parse_int=functools.partial(_header_int, what))
+    except InvalidAdapterError:
+        raise
     except RecursionError:
         raise InvalidAdapterError(f"{what}: safetensors header nests JSON too deeply") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidAdapterError(f"{what}: safetensors header is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise InvalidAdapterError(f"{what}: safetensors header is not valid JSON: "
+                                  f"{_utf8_error(raw) or e}") from None
     if not isinstance(header, dict):
         raise InvalidAdapterError(f"{what}: safetensors header must be a JSON object")
+    _check_utf8(header, what)
     return header
+
+
+def _unique_keys(where: str) -> Callable[[list[tuple[str, object]]], dict]:
+    """A ``json`` object hook that refuses a key written twice in one object."""
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise InvalidAdapterError(f"{where} holds the key {short(key)} twice; write "
+                                          "each key once")
+            out[key] = value
+        return out
+    return unique
+
+
+def _header_int(what: str, text: str) -> int:
+    """A JSON integer of the header: shapes and offsets are below 2^64 (20 digits), so a
+    longer one is refused before ``int`` (which refuses over 4,300 digits in its own words)."""
+    if len(text.lstrip("-")) > 20:
+        raise InvalidAdapterError(f"{what}: safetensors header holds a {len(text)}-digit "
+                                  "integer; shapes and data offsets must be below 2^64")
+    return int(text)
+
+
+def _utf8_error(raw: bytes) -> str:
+    """The decoder's message if ``raw`` is not valid UTF-8 (outside a JSON string, where
+    the JSON error would only point at a surrogate), else ""."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError as e:
+        return str(e)
+    return ""
+
+
+def _check_utf8(header: dict, what: str) -> None:
+    """Name the first metadata key, metadata value or tensor name that is not valid UTF-8."""
+    metadata = header.get("__metadata__")
+    for key, value in metadata.items() if isinstance(metadata, dict) else ():
+        if not _is_utf8(key):
+            raise InvalidAdapterError(f"{what}: metadata key {short(key)} is not valid UTF-8")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise InvalidAdapterError(f"{what}: metadata {short(key)} is not valid UTF-8 (a "
+                                      "byte sequence UTF-8 forbids, or a lone surrogate); "
+                                      "write plain text")
+    for name in header:
+        if not _is_utf8(name):
+            raise InvalidAdapterError(f"{what}: tensor name {short(name)} is not valid UTF-8")
+
+
+def _is_utf8(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (invalid UTF-8 or an escaped one)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_entry(name: str, info: object, body: int, what: str) -> None:
@@ -104,14 +176,16 @@ def _check_entry(name: str, info: object, body: int, what: str) -> None:
 
 
 _INTEGER = re.compile(r"0|[1-9][0-9]*")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# Unambiguous (no two ways to match one string), so a long non-number fails in linear time.
+_FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 class Metadata:
     """Typed, validated access to a file's string metadata. ``strict`` (a file being
     registered): numbers must be written as the format says, integers in plain decimal
-    without leading zeros and floats as decimal literals (``16``, ``-2.5``, ``1e-3``); a
-    file already in the registry is read as it was accepted then."""
+    without leading zeros and floats as decimal literals (``16``, ``-2.5``, ``1e-3``), and
+    a JSON value holds no key twice; a file already in the registry is read as it was
+    accepted then."""
 
     def __init__(self, metadata: dict[str, str], what: str, strict: bool = True):
         self.raw, self.what, self.strict = metadata, what, strict
@@ -133,7 +207,13 @@ class Metadata:
                 f"{self.what}: metadata {short(key)} must be a decimal integer without "
                 f"leading zeros, got {short(text)}"
             )
-        value = int(text)
+        digits = text.lstrip("0") or "0"  # leading zeros: a file read as it was accepted
+        if len(digits) > len(str(hi)):  # before int(), which refuses over 4,300 digits
+            raise InvalidAdapterError(
+                f"{self.what}: metadata {short(key)} has {len(text)} digits; it must be in "
+                f"[{lo}, {hi}]"
+            )
+        value = int(digits)
         if not lo <= value <= hi:
             raise InvalidAdapterError(
                 f"{self.what}: metadata {short(key)} = {value} is outside [{lo}, {hi}]"
@@ -157,8 +237,11 @@ class Metadata:
 
     def json(self, key: str, kind: type) -> object:
         text = self.str(key)
+        hook = _unique_keys(f"{self.what}: metadata {short(key)}") if self.strict else None
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=hook)
+        except InvalidAdapterError:
+            raise
         except (ValueError, RecursionError):
             raise InvalidAdapterError(f"{self.what}: metadata {short(key)} is not valid "
                                       f"JSON") from None
@@ -169,14 +252,14 @@ class Metadata:
         return value
 
     def check_format(self, fmt: str, version: str = "1") -> None:
-        if self.raw.get("format") != fmt:
+        if self.str("format") != fmt:
             raise InvalidAdapterError(
-                f"{self.what}: metadata 'format' is {short(self.raw.get('format'))}, expected "
+                f"{self.what}: metadata 'format' is {short(self.raw['format'])}, expected "
                 f"{fmt!r}"
             )
-        if self.raw.get("format_version") != version:
+        if self.str("format_version") != version:
             raise InvalidAdapterError(
-                f"{self.what}: unsupported format_version {short(self.raw.get('format_version'))} "
+                f"{self.what}: unsupported format_version {short(self.raw['format_version'])} "
                 f"for {fmt}; this server reads version {version}"
             )
 

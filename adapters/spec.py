@@ -20,10 +20,11 @@ from .errors import (
 
 # Registration refuses an adapter unless, for every (layer, module), the cheap upper bounds
 # of its factors' entries (|A|, |B|, |scale|) and of its delta's entries
-# (|scale| * r * max|A| * max|B| >= max|delta W|) are all <= MAGNITUDE_BOUND: 2^16 fits
-# float16 (max 65504 ~ 2^16) up to rounding and is far above any trained adapter
-# (docs/adapter-format.md, "Magnitude bounds").
-MAGNITUDE_BOUND = 2.0**16
+# (|scale| * r * max|A| * max|B| >= max|delta W|) are all <= MAGNITUDE_BOUND: float16's
+# largest finite value, so every bounded value is finite in every serving dtype, and far
+# above any trained adapter (docs/adapter-format.md, "Magnitude bounds"). Checked at
+# registration only: a file the registry holds is read as it was accepted.
+MAGNITUDE_BOUND = 65504.0
 
 
 @dataclass(frozen=True)
@@ -210,5 +211,11 @@ def check_bounds(bounds: list[ModuleBound], what: str,
             if not value <= limit:  # also catches NaN and inf
                 raise InvalidAdapterError(
                     f"{what}: layer {m.layer} module {m.module!r}: {name} may reach "
-                    f"{value:.6g}, above the bound {limit:.6g}; the adapter would overflow "
-                    "the serving dtype (see docs/adapter-format.md, magnitude bounds)")
+                    f"{_above(value, limit)}, above the bound {limit:g}; the adapter would "
+                    "overflow the serving dtype (see docs/adapter-format.md, magnitude bounds)")
+
+
+def _above(value: float, limit: float) -> str:
+    """``value`` in 6 digits, or in full (``repr``) where 6 would round it to ``limit``."""
+    text = f"{value:.6g}"
+    return text if float(text) > limit else repr(value)

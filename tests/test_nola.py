@@ -3,6 +3,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ VECTORS = [
     ((0, 0, 0), 0x3F189FA2), ((0, 0, 1), 0xBF05A716), ((0, 0, 5), 0x3EE59004),
     ((42, 3, 7), 0xBF449B9F), ((1099511627853, 17, 1000003), 0xBF2A4446),
     ((9223372036854775807, 1, 123456789), 0x3F747F1C),
+    # word 2; word 2 = 0xFFE6921F (x = -1666529: -x instead of ~x gives 0xBF7F9A48);
+    # word 3 = 0xFF3A8C5E (x = -12940194: -x gives 0xBF7CEA31)
+    ((2024, 6, 2), 0xBE4D7278), ((2024, 6, 121906), 0xBF7F9A49), ((2024, 6, 659), 0xBF7CEA32),
 ]
 SPEC = BaseModelSpec(num_layers=2, module_shapes={"q": (6, 5), "v": (7, 3)}, max_rank=8)
 BACKENDS = ["native", "torch"] if philox.native_available() else ["torch"]
@@ -115,6 +119,12 @@ def _rewrite(adapter: NolaAdapter, meta: dict | None = None, tensors: dict | Non
 BAD = [
     ({"format": "nolaserve.lora"}, None, "format"),
     ({"format_version": "2"}, None, "format_version"),
+    ({"format_version": None}, None, "'format_version' is missing"),
+    ({"format": None}, None, "'format' is missing"),
+    ({"seed": "9" * 5000}, None, r"'seed' has 5000 digits; it must be in \[0, "),
+    ({"num_basis_a": "1" * 4301}, None, r"'num_basis_a' has 4301 digits; it must be in \[1, "),
+    ({"module_shapes": '{"q": [6, 5], "v": [7, 3], "q": [6, 5]}'}, None,
+     "metadata 'module_shapes' holds the key 'q' twice"),
     ({"seed": None}, None, "'seed' is missing"),
     ({"seed": "-1"}, None, "decimal integer"),
     ({"seed": str(2**63)}, None, "outside"),
@@ -155,6 +165,28 @@ def test_bad_files_raise_typed_errors(meta, tensors, match):
 def test_numbers_written_as_the_format_says_are_read(alpha):
     a = random_nola(SPEC, seed=1, rank=2, num_basis=4)
     assert NolaAdapter.from_bytes(_rewrite(a, {"lora_alpha": alpha})).lora_alpha == float(alpha)
+
+
+def test_metadata_keys_the_format_does_not_list_are_ignored():
+    a = random_nola(SPEC, seed=1, rank=2, num_basis=4)
+    b = NolaAdapter.from_bytes(_rewrite(a, {"foo": "bar", "num_basis": "x"}))
+    assert (b.seed, b.rank) == (a.seed, a.rank) and torch.equal(b.alpha, a.alpha)
+
+
+def test_long_non_numbers_are_refused_in_linear_time():
+    """The float pattern is unambiguous: 10^5 digits then "x" fail at once (the old
+    ``[0-9]+\\.?[0-9]*`` took minutes: quadratic in the length)."""
+    start = time.monotonic()
+    with pytest.raises(InvalidAdapterError, match="'lora_alpha' must be a decimal number"):
+        NolaAdapter.from_bytes(_rewrite(random_nola(SPEC, seed=1, rank=2, num_basis=4),
+                                        {"lora_alpha": "1" * 10**5 + "x"}))
+    assert time.monotonic() - start < 5
+
+
+def test_fewer_layers_than_the_model_adapt_the_first_ones():
+    a = random_nola(BaseModelSpec(1, SPEC.module_shapes), seed=1, rank=2, num_basis=4)
+    a.validate(SPEC)  # 1 layer on a 2-layer model
+    assert sorted(a.materialize().modules) == [(0, "q"), (0, "v")]
 
 
 def test_incompatible_with_base_model():

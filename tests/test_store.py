@@ -138,6 +138,11 @@ def test_rmm_task_upload_needs_its_basis(store):
     other.basis_id = "nope"
     with pytest.raises(AdapterNotFoundError):
         store.register("orphan", other.to_bytes())
+    store.register("n", nola_bytes(3))
+    other.basis_id, other.basis_sha256 = "n", store.registry.get("n").sha256
+    with pytest.raises(IncompatibleAdapterError, match="RMM task names basis_id 'n', but that "
+                       "is a nola adapter, not an rmm-basis"):
+        store.register("on-nola", other.to_bytes())
 
 
 def test_registrations_survive_reopen(tmp_path):
@@ -160,6 +165,35 @@ def test_numbers_the_format_refuses_are_refused_at_registration_only(store):
     old = store.parsed("old")
     assert (old.rank, old.lora_alpha) == (4, 16.0)
     assert store.factors("old").modules
+
+
+def test_duplicate_header_keys_are_refused_at_registration_only(store):
+    """A header that writes a key twice is refused now; one the registry took before that
+    check is read as it was accepted: the last one wins."""
+    data = nola_bytes(1)
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].decode().replace('"__metadata__":{', '"__metadata__":{"seed":"99",')
+    twice = len(header).to_bytes(8, "little") + header.encode() + data[8 + n :]
+    with pytest.raises(InvalidAdapterError, match="header holds the key 'seed' twice"):
+        store.register("new", twice)
+    store.registry.register("old", "nola", twice)  # as an older server accepted it
+    assert store.parsed("old").seed == 1 and store.factors("old").modules
+
+
+def test_magnitude_bound_is_float16_max_and_checked_at_registration_only(store):
+    """|A| = 65530 is refused (it would overflow float16, whose max is 65504); 65504 passes;
+    a file the registry took under the old bound 2^16 still serves."""
+    def lora_with(a00: float) -> bytes:
+        lora = LoraAdapter.from_bytes(lora_bytes(1))
+        lora.factors.modules[(0, "q")].A[0, 0] = a00
+        return lora.to_bytes()
+    with pytest.raises(InvalidAdapterError, match=r"layer 0 module 'q': \|A\| may reach "
+                       r"65530, above the bound 65504"):
+        store.register("over", lora_with(65530.0))
+    with pytest.raises(InvalidAdapterError, match="65504.0078125, above the bound 65504;"):
+        store.register("just-over", lora_with(65504.0078125))  # float32 above 65504
+    store.registry.register("old", "lora", lora_with(65530.0))
+    assert store.factors("old").modules[(0, "q")].A[0, 0] == 65530.0
 
 
 def test_concurrent_retries_of_the_same_bytes_all_succeed(store):
