@@ -187,3 +187,16 @@ def test_sampling_params_refuse_wrong_types_where_written(field, value, message)
     with pytest.raises(InvalidRequestError, match=message) as e:
         SamplingParams(**{field: value})
     assert e.value.param == field
+
+
+def test_a_lora_request_naming_a_taken_id_says_how_to_replace_it(checkpoint):
+    from nolaserve.adapters.errors import AdapterExistsError
+    from nolaserve.server.offline import LoRARequest
+
+    llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
+    llm.register_adapter("a", random_nola(llm.engine.store.spec, seed=1, rank=4,
+                                          num_basis=16).to_bytes())
+    with pytest.raises(AdapterExistsError, match=r"llm.register_adapter\('a', path, "
+                                                 r"replace=True\)"):
+        llm.generate("hi", lora_request=LoRARequest("a", 1, str(checkpoint / "peft")))
+    llm.close()
