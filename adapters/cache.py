@@ -75,12 +75,13 @@ class HostCache:
             self._bytes -= entry[1]
             return entry[0]
 
-    def get_or_load(self, adapter_id: str, loader: Callable[[str], Any]) -> Any:
+    def get_or_load(self, adapter_id: str, loader: Callable[[str], Any],
+                    counted: bool = True) -> Any:
         """The cached object, else ``loader(adapter_id)`` (called outside the lock) cached
         and returned. Concurrent callers for the same id share one loader call and its
-        result or exception."""
+        result or exception. ``counted``: the lookup counts a hit or a miss."""
         with self._lock:
-            obj = self._lookup(adapter_id)
+            obj = self._lookup(adapter_id, counted)
             if obj is not None:
                 return obj
             flight = self._loads.get(adapter_id)
@@ -123,12 +124,12 @@ class HostCache:
 
     # -- helpers (called with the lock held) ------------------------------------------
 
-    def _lookup(self, adapter_id: str) -> Any | None:
+    def _lookup(self, adapter_id: str, counted: bool = True) -> Any | None:
         entry = self._entries.get(adapter_id)
         if entry is None:
-            self._misses += 1
+            self._misses += counted
             return None
-        self._hits += 1
+        self._hits += counted
         self._entries.move_to_end(adapter_id)
         return entry[0]
 

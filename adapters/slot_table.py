@@ -35,6 +35,7 @@ class _Slot:
     pinned: bool = False
     loading: bool = False
     stale: bool = False  # invalidated while in use: dropped at its last release
+    unclaimed: bool = False  # loaded by a prefetch: its request's acquire is no hit
 
 
 class SlotTable:
@@ -45,7 +46,8 @@ class SlotTable:
     recently used idle one whose adapter is not *wanted* (no queued request for it, see
     ``want``), else the least recently used idle one. A miss with ``steal=False`` (a
     prefetch) never evicts a wanted adapter. Counters: ``hits`` (acquires that started no
-    load), ``misses`` (loads started) and ``evictions`` (resident adapters pushed out by a miss).
+    load, but the first after a prefetch: that request's load was the prefetch's miss),
+    ``misses`` (loads started) and ``evictions`` (resident adapters pushed out by a miss).
     """
 
     def __init__(self, num_slots: int) -> None:
@@ -108,12 +110,12 @@ class SlotTable:
         is resident (or loading), or a slot is free or idle."""
         return adapter_id in self._by_id or bool(self._free) or bool(self._idle)
 
-    def acquire(self, adapter_id: str, steal: bool = True) -> tuple[int, Acquired]:
+    def acquire(self, adapter_id: str, prefetch: bool = False) -> tuple[int, Acquired]:
         """Take a reference on the slot of ``adapter_id``, reserving one on a miss.
 
         On ``LOAD`` the caller must fill the slot and call ``loaded`` or ``abort``; on
         ``WAIT`` another caller is loading it. Raises ``NoFreeSlotError`` when every slot is
-        in use, loading, stale or pinned, or (``steal=False``) when the only idle slots hold
+        in use, loading, stale or pinned, or (``prefetch``) when the only idle slots hold
         wanted adapters.
         """
         slot = self._by_id.get(adapter_id)
@@ -121,10 +123,11 @@ class SlotTable:
             s = self._slots[slot]
             s.refcount += 1
             self._idle.pop(slot, None)
-            self.hits += 1
+            self.hits += not s.unclaimed
+            s.unclaimed = False
             return slot, Acquired.WAIT if s.loading else Acquired.HIT
-        slot = self._take_slot(steal)
-        self._slots[slot] = _Slot(adapter_id, refcount=1, loading=True)
+        slot = self._take_slot(steal=not prefetch)
+        self._slots[slot] = _Slot(adapter_id, refcount=1, loading=True, unclaimed=prefetch)
         self._by_id[adapter_id] = slot
         self.misses += 1
         return slot, Acquired.LOAD

@@ -171,7 +171,7 @@ class SlotPool:
             if self._table.slot_of(adapter_id) is not None:
                 return False
             try:
-                slot, _ = self._table.acquire(adapter_id, steal=False)
+                slot, _ = self._table.acquire(adapter_id, prefetch=True)
             except NoFreeSlotError:
                 return False
             flight = self._loads[slot] = Flight()

@@ -91,7 +91,23 @@ def test_prefetch_starts_before_admission(model, bytebpe):
         engine.step()
     stats = engine.store.stats.slots
     assert stats.misses == 1, "admission loaded the adapter again"
+    assert stats.hits == 0, "the prefetch's miss was counted again as the request's hit"
     assert stats.slots_used == 1 and engine.store.slots.table.refcount(0) == 0
+
+
+def test_each_request_counts_one_hit_or_miss_in_each_cache(model, bytebpe):
+    """A, B, A, C, A, B over two slots, one at a time: slots hit twice (A's returns) and
+    miss four times; the host cache parses each adapter once. An outside probe counted a
+    hit for every request besides its miss (the prefetch's load, then its own acquire;
+    the check's parse, then the load's)."""
+    engine = make_engine(model, bytebpe, num_slots=2)
+    for i, name in enumerate("ABC"):
+        engine.store.register(name, nola(engine.store.spec, i))
+    for i, name in enumerate("ABACAB"):
+        run(engine, {f"r{i}": (PROMPT, greedy(2), name)})
+    stats = engine.store.stats
+    assert (stats.slots.hits, stats.slots.misses) == (2, 4)
+    assert (stats.host.hits, stats.host.misses) == (3, 3)
 
 
 def test_a_prefetch_never_evicts_a_running_requests_slot(model, bytebpe):
@@ -134,7 +150,7 @@ def test_evictions_prefer_adapters_no_queued_request_wants():
     table.release(slot)
     table.want("x")
     with pytest.raises(NoFreeSlotError):
-        table.acquire("y", steal=False)  # a prefetch: every idle slot is wanted
+        table.acquire("y", prefetch=True)  # every idle slot is wanted
     table.acquire("y")  # an admission may still evict the least recently used one
     assert table.slot_of("old") is None
     table.unwant("old")
