@@ -239,7 +239,7 @@ class Generation:
                         raise failure(out)
                     yield out
             except (GeneratorExit, asyncio.CancelledError):
-                timer.aborted()
+                timer.aborted(len(prompt))
                 raise
 
 

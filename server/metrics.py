@@ -130,7 +130,8 @@ class _PreboundServer(ThreadingWSGIServer):
 class RequestTimer:
     """Feed it a request's outputs; it observes TTFT, the gaps between tokens, latency and
     token counts (``nolaserve_`` series for requests that finish normally; vLLM's names
-    for every request that reached the engine, by ``finished_reason``)."""
+    for every request that reached the engine, by ``finished_reason``, its prompt tokens
+    counted once it was prefilled, as vLLM counts them: when its first token came)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics, self.vllm = metrics, metrics.vllm
@@ -147,7 +148,8 @@ class RequestTimer:
         if not out.finished:
             return
         self.done = True
-        self._vllm_finished(out.finish_reason, out.prompt_tokens, out.completion_tokens, now)
+        prefilled = out.prompt_tokens if self.first is not None else 0
+        self._vllm_finished(out.finish_reason, prefilled, out.completion_tokens, now)
         if out.finish_reason is FinishReason.ERROR:
             return
         m.latency.observe(now - self.start)
@@ -156,11 +158,13 @@ class RequestTimer:
         if self.first is not None and out.completion_tokens > 1:
             m.tpot.observe((now - self.first) / (out.completion_tokens - 1))
 
-    def aborted(self) -> None:
+    def aborted(self, prompt_tokens: int) -> None:
         """The client went away before the request finished (no-op after it finished)."""
         if not self.done:
             self.done = True
-            self._vllm_finished(FinishReason.CANCELLED, 0, self.tokens, time.perf_counter())
+            prefilled = prompt_tokens if self.first is not None else 0
+            self._vllm_finished(FinishReason.CANCELLED, prefilled, self.tokens,
+                                time.perf_counter())
 
     def _token_times(self, now: float, tokens: int) -> None:
         self.tokens += tokens

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_llama
 from engine_helpers import make_engine
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import free_port, request, serving, slow_down, wait_idle
 
@@ -99,6 +100,28 @@ def test_a_client_that_goes_away_counts_as_abort(engine):
     assert value(page, "vllm:request_success_total", finished_reason="length") == 0
     assert value(page, "vllm:generation_tokens_total") >= 1
     assert value(page, "nolaserve_request_latency_seconds_count") == 0  # not finished
+    # prefilled (a token came), so its prompt counts, as vLLM counts it (it counted 0)
+    assert value(page, "vllm:prompt_tokens_total") == \
+        value(page, "vllm:request_prompt_tokens_sum") == \
+        value(page, "vllm:prefix_cache_queries_total") > 0
+
+
+def test_prompt_tokens_count_once_prefilled(engine):
+    """vLLM counts a request's prompt tokens when its first token comes: one that fails
+    before it (its adapter deleted while it waited) or goes away before it counts none."""
+    from nolaserve.server.engine.engine_types import RequestOutput
+    from nolaserve.server.engine.sequence import FinishReason
+
+    metrics = Metrics()
+    metrics.bind(engine)
+    failed, gone, served = (metrics.request_timer() for _ in range(3))
+    failed.observe(RequestOutput("f", "", [], True, FinishReason.ERROR, prompt_tokens=7))
+    gone.aborted(prompt_tokens=5)
+    served.observe(RequestOutput("s", "a", [3]))
+    served.aborted(prompt_tokens=11)
+    page = samples(generate_latest(metrics.registry).decode())
+    assert value(page, "vllm:prompt_tokens_total") == 11
+    assert value(page, "vllm:request_prompt_tokens_count") == 3
 
 
 def test_every_vllm_family_we_emit_is_dropped_from_a_vllm_backend(engine):
