@@ -203,10 +203,14 @@ class Generation:
                       ) -> Fanout:
         """``n`` engine requests per request (choice ``i * n + j`` is request ``i``'s
         ``j``-th, seeded ``seed + j`` when a seed is given, as vLLM seeds them), started:
-        typed errors raise here, with nothing left running."""
+        typed errors raise here, with nothing left running: with several children, each
+        input is checked before any starts, so a bad one leaves nothing to abort or count."""
         timers = [self.metrics.request_timer() for _ in range(len(requests) * n)]
         inputs = await self._inputs(requests)
         single = len(inputs) * n == 1
+        if not single:
+            for prompt, params, adapter in inputs:
+                await self.engine.check(prompt, params, adapter)
         children = [
             self._run(prompt, child_params(params, j), adapter,
                       request_id if single else f"{request_id}-{i * n + j}",

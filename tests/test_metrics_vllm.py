@@ -138,3 +138,24 @@ def test_every_vllm_family_we_emit_is_dropped_from_a_vllm_backend(engine):
 def test_request_token_buckets_are_vllms():
     assert token_buckets(8192) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
     assert token_buckets(1) == [1]
+
+
+def test_a_refused_batch_starts_nothing_and_counts_no_request(engine):
+    """A completions batch with a prompt too long for the context is a 400 before any of
+    its prompts starts: an outside probe saw the good one prefilled, then aborted and
+    counted as an aborted request with its latency and tokens."""
+    from openai_helpers import http, http_serving
+
+    async def main():
+        async with http_serving(engine, metrics_port=free_port()) as (c, url):
+            async with http(url) as h:
+                r = await h.post("/v1/completions", json={
+                    "model": engine.model_name, "max_tokens": 4,
+                    "prompt": ["hi", "hello " * engine.limits.max_model_len]})
+            return r, await scrape(c.running.metrics_port)
+
+    response, page = asyncio.run(main())
+    assert response.status_code == 400, response.text
+    assert value(page, "vllm:e2e_request_latency_seconds_count") == 0
+    assert value(page, "vllm:request_success_total") == 0
+    assert value(page, "vllm:prefix_cache_queries_total") == 0

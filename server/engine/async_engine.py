@@ -88,6 +88,19 @@ class AsyncEngine:
         """The base model's id, for front ends that resolve model names."""
         return self.engine.model_name
 
+    async def check(self, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None) -> SamplingParams:
+        """Raise the typed error ``generate`` would for this request, starting nothing;
+        ``params`` with its default ``max_tokens`` filled in. The adapter lookup reads the
+        registry: here, on a worker thread, never on the step thread (which a slow registry
+        would stall for every request). The grammar's compile is awaited, holding no
+        thread, and is a cache hit in ``add_request``."""
+        params = self.engine.with_default_max_tokens(prompt_token_ids, params)
+        await asyncio.to_thread(self.engine.checks.check, prompt_token_ids, params,
+                                adapter_id)
+        await self.engine.grammars.wait(params.structured)
+        return params
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, request_id: str | None = None,
                        label: str = "") -> AsyncIterator[RequestOutput]:
@@ -99,13 +112,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}/{label}"
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        # The adapter lookup reads the registry: here, on a worker thread, never on the
-        # step thread (which a slow registry would stall for every request). The grammar's
-        # compile is awaited, holding no thread, and is a cache hit in add_request.
-        params = self.engine.with_default_max_tokens(prompt_token_ids, params)
-        await asyncio.to_thread(self.engine.checks.check, prompt_token_ids, params,
-                                adapter_id)
-        await self.engine.grammars.wait(params.structured)
+        params = await self.check(prompt_token_ids, params, adapter_id)
 
         interval = max(self.stream_interval, params.stream_interval or 1)
 

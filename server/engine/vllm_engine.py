@@ -85,15 +85,24 @@ class VllmEngine:
         return self._stats.vllm_metrics(emitted)
 
     # -- the AsyncEngine face ---------------------------------------------------------
+    async def check(self, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None) -> SamplingParams:
+        """As ``AsyncEngine.check``: the limits and the adapter's record, starting nothing;
+        ``params`` with its default ``max_tokens`` filled in."""
+        if params.max_tokens is None:
+            params = _fill_max_tokens(params, self.limits, len(prompt_token_ids))
+        check_limits(self.limits, prompt_token_ids, params)
+        if adapter_id:
+            await asyncio.to_thread(self.store.get, adapter_id)
+        return params
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, request_id: str | None = None,
                        label: str = "") -> AsyncIterator[RequestOutput]:
         """As ``AsyncEngine.generate``: typed errors before the first output; closing the
         iterator early aborts the vLLM request."""
         request_id = request_id or f"req-{next(self._ids)}/{label}"
-        if params.max_tokens is None:
-            params = _fill_max_tokens(params, self.limits, len(prompt_token_ids))
-        check_limits(self.limits, prompt_token_ids, params)
+        params = await self.check(prompt_token_ids, params, adapter_id)
         self._check_open()
         if len(self._in_flight) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self._in_flight)} requests in flight, the server's "
