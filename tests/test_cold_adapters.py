@@ -285,10 +285,15 @@ def test_two_long_requests_over_one_slot_take_turns(model, bytebpe, alone, direc
     if direct:
         engine.store.slots._direct = lambda i: written_in_slot(engine.store, i)
     both = {"long": LONG, "other": (PROMPT[::-1], greedy(40), "b")}
-    steps, tokens = settled_steps(engine, both)
+    seen = []  # what vllm:lora_requests_info tells a router after each step
+    steps, tokens = settled_steps(engine, both, lambda: seen.append(
+        (engine.stats.running_adapters, engine.stats.waiting_adapters)))
     turns = [ids[0] for ids in steps if ids]
     switches = sum(x != y for x, y in zip(turns, turns[1:]))
     assert switches >= 4 and engine.stats.parked >= 4  # by turns, not one then the other
+    # the adapter in the slot runs, the parked one waits (it was in neither list)
+    assert all(len(running) <= 1 for running, _ in seen)
+    assert sum(sorted(running + waiting) == ["a", "b"] for running, waiting in seen) >= 4
     assert tokens["long"] == alone["long"]
     assert tokens["other"] == run(sliced_engine(model, bytebpe, 0), {"o": both["other"]})["o"]
     assert holds_nothing(engine)

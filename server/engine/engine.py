@@ -87,8 +87,9 @@ class Engine:
         return EngineStats(sched.num_running, sched.num_waiting,
                            bm.num_blocks - bm.num_free_blocks, bm.num_blocks,
                            self.store.stats if self.store is not None else None,
-                           adapter_ids_of(lambda: sched.running),
-                           adapter_ids_of(lambda: sched.waiting), self.admission.parked,
+                           adapter_ids_of(lambda: sched.running, in_slot=True),
+                           adapter_ids_of(lambda: sched.running, in_slot=False)  # parked
+                           + adapter_ids_of(lambda: sched.waiting), self.admission.parked,
                            bm.cache_stats)
 
     @property

@@ -316,12 +316,15 @@ class Sequence:
         return self.adapter_id is not None and self.adapter_slot < 0
 
 
-def adapter_ids_of(snapshot: Callable[[], Iterable[Sequence]]) -> tuple[str, ...]:
+def adapter_ids_of(snapshot: Callable[[], Iterable[Sequence]],
+                   in_slot: bool | None = None) -> tuple[str, ...]:
     """Adapter ids of a scheduler queue, read from a scrape thread while the step thread
-    runs (a queue changed during the read is read again)."""
+    runs (a queue changed during the read is read again); ``in_slot``: only those of the
+    sequences whose adapter holds (True) or does not hold (False, parked) a slot."""
     for _ in range(3):
         try:
-            return tuple(s.adapter_id for s in snapshot() if s.adapter_id)
+            return tuple(s.adapter_id for s in snapshot() if s.adapter_id and (
+                in_slot is None or (s.adapter_slot >= 0) == in_slot))
         except RuntimeError:  # deque mutated during iteration
             continue
     return ()
