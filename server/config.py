@@ -225,9 +225,14 @@ class Config:
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        ports: dict[int, str] = {}
         for name in ("port", "metrics_port", "http_port"):
-            if not 0 <= getattr(self, name) < 65536:
+            value = getattr(self, name)
+            if not 0 <= value < 65536:
                 raise ValueError(f"config {name} must be in [0, 65535]")
+            if value and ports.setdefault(value, name) != name:
+                raise ValueError(f"config {ports[value]} and config {name} are both {value}: "
+                                 "give each its own port")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
         if self.registry_url and self.registry_path:

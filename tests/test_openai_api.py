@@ -191,6 +191,10 @@ def test_health_metrics_and_the_status_table(engine):
             await h.post("/v1/completions", json={"model": "n", "prompt": PROMPT,
                                                   "max_tokens": 2})
             metrics = (await h.get("/metrics")).text
+            open_metrics = await h.get("/metrics", headers={
+                "accept": "application/openmetrics-text; version=1.0.0"})
+            assert open_metrics.headers["content-type"].startswith("application/openmetrics")
+            assert open_metrics.text.endswith("# EOF\n")
             c.running.gate.draining = True
             draining = await h.get("/health")
             refused = await h.post("/v1/completions", json={"prompt": PROMPT})

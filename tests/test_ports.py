@@ -64,6 +64,16 @@ def test_metrics_port_in_use_fails_before_the_model_loads(no_model_load):
     assert no_model_load == []
 
 
+@pytest.mark.parametrize(("first", "second"), [("port", "metrics_port"),
+                                                ("metrics_port", "http_port"),
+                                                ("port", "http_port")])
+def test_two_ports_set_alike_are_refused_naming_both(first, second):
+    """An outside probe's metrics_port equal to http_port was told to pass another
+    --http-port (the metrics port bound first)."""
+    with pytest.raises(ValueError, match=f"config {first} and config {second} are both 9311"):
+        Config(**{first: 9311, second: 9311})
+
+
 def test_http_port_in_use_fails_before_the_model_loads(no_model_load):
     with reuseport_listener() as busy:
         port = busy.getsockname()[1]

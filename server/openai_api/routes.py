@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import ADMIN_PATHS, AdapterEndpoints
@@ -82,9 +82,12 @@ def build_app(endpoints: Endpoints, adapters: AdapterEndpoints | None) -> FastAP
         return Response(status_code=503 if endpoints.gate.draining else 200)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(endpoints.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        """As ``metrics_port`` serves it: the format the ``Accept`` header asks for
+        (OpenMetrics or Prometheus text 0.0.4)."""
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(endpoints.metrics.registry),
+                        headers={"content-type": content_type})
 
     if adapters is not None:
         adapters.add_routes(app, endpoints)
