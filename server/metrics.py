@@ -63,7 +63,8 @@ class Metrics:
                                         "Distinct adapters per step (base model not counted)",
                                         buckets=_ADAPTERS, registry=r)
         self.materialize = Histogram("nolaserve_adapter_materialize_seconds",
-                                     "Loading a cold adapter into a device slot",
+                                     "Filling a device slot with an adapter (regenerated, or "
+                                     "copied from the warm tier or a parked request's factors)",
                                      buckets=_LOAD, registry=r)
         self.registry_up = Gauge("nolaserve_registry_up", "1 while the adapter registry's "
                                  "database answers this replica, else 0", registry=r)
@@ -201,8 +202,9 @@ class EngineCollector(Collector):
         yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
         if stats.store is not None:
             yield CounterMetricFamily("nolaserve_requests_parked",
-                                      "Requests parked by time slicing (their adapter's slot "
-                                      "handed to a waiting request)", stats.parked)
+                                      "Times time slicing parked a running request (its "
+                                      "adapter's slot handed to a waiting request; one request "
+                                      "may be parked many times)", stats.parked)
             yield from self._store_metrics(stats.store)
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
