@@ -134,8 +134,8 @@ class LLM:
             raise InvalidRequestError(f"seed must be a whole number or None, got {short(seed)}",
                                       "seed")
         if tokenizer not in (None, model):
-            raise ValueError("the tokenizer is the model's own (its directory, GGUF file "
-                             "or hub id): leave tokenizer unset")
+            raise InvalidRequestError("the tokenizer is the model's own (its directory, GGUF "
+                                      "file or hub id): leave tokenizer unset", "tokenizer")
         for name in VLLM_ONLY.keys() & config.keys():
             log.info("LLM(%s=...): %s", name, VLLM_ONLY[name])
             del config[name]
@@ -143,8 +143,9 @@ class LLM:
             config.setdefault("registry_path", ":memory:")
         self.config = Config.load(None, model=model, **config)
         if self.config.engine != "native":
-            raise ValueError("the offline LLM runs the native engine; serve vLLM with "
-                             "`nolaserve serve --engine vllm` (docs/vllm.md)")
+            raise InvalidRequestError("the offline LLM runs the native engine; serve vLLM "
+                                      "with `nolaserve serve --engine vllm` (docs/vllm.md)",
+                                      "engine")
         self.engine: Engine = build_engine(self.config)
         self._ids = itertools.count()
         self._seeds = None if seed is None else itertools.count(seed)
@@ -218,7 +219,7 @@ class LLM:
         n = len(requests)
         if loras is not None:
             if adapters is not None:
-                raise ValueError("give adapter_ids or lora_request, not both")
+                raise InvalidRequestError("give adapter_ids or lora_request, not both")
             adapters = [None if r is None else self._lora(r) for r in _each(loras, n, None)]
         for i, (req, params, adapter) in enumerate(zip(
                 requests, _each(sampling, n, SamplingParams()), _each(adapters, n, None))):
@@ -407,8 +408,9 @@ def _request(prompt: Prompt) -> GenerateRequest:
         elif prompt.keys() == {"prompt_token_ids"}:
             prompt = prompt["prompt_token_ids"]
         else:
-            raise ValueError(f"a prompt dict has {sorted(prompt)}: give {{'prompt': text}} "
-                             "or {'prompt_token_ids': [ids]} (no multi-modal data)")
+            raise InvalidRequestError(f"a prompt dict has {sorted(prompt)}: give {{'prompt': "
+                                      "text} or {'prompt_token_ids': [ids]} (no multi-modal "
+                                      "data)", "prompt")
     if isinstance(prompt, str):
         return GenerateRequest(prompt=prompt)
     if isinstance(prompt, list | tuple) and all(
@@ -423,7 +425,7 @@ def _each(value, n: int, default) -> list:
     if value is None or not isinstance(value, (list, tuple)):
         return [default if value is None else value] * n
     if len(value) != n:
-        raise ValueError(f"got {len(value)} values for {n} prompts; pass one or one each")
+        raise InvalidRequestError(f"got {len(value)} values for {n} prompts; pass one or one each")
     return [default if v is None else v for v in value]
 
 
