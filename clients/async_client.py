@@ -93,7 +93,7 @@ class AsyncClient(Stubs):
 
     async def list_adapters(self, page_size: int = 0, page_token: str = ""
                             ) -> tuple[list[AdapterInfo], str]:
-        req = admin_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
+        req = m.built(admin_pb2.ListAdaptersRequest, page_size=page_size, page_token=page_token)
         with m.rpc_errors():
             resp = await self._admin.ListAdapters(req, **self._admin_kw)
         return [m.adapter_info(a) for a in resp.adapters], resp.next_page_token

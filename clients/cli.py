@@ -271,6 +271,10 @@ def _generate(args: argparse.Namespace, connect: Connect) -> int:
     if args.verbose:
         print(f"[finish_reason={finish} prompt_tokens={counts[0]} "
               f"completion_tokens={counts[1]}]", file=sys.stderr)
+    if finish == "cancelled":  # the server ended it early (draining): the text is partial
+        print("the server cancelled the request before it finished (it may be shutting "
+              "down): the text above is partial; retry", file=sys.stderr)
+        return 1
     return 0
 
 

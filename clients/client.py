@@ -117,7 +117,7 @@ class Client(Stubs):
                       ) -> tuple[list[AdapterInfo], str]:
         """One page (``page_size=0``: the server's default) and the next page's token
         (``""`` on the last page)."""
-        req = admin_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
+        req = m.built(admin_pb2.ListAdaptersRequest, page_size=page_size, page_token=page_token)
         with m.rpc_errors():
             resp = self._admin.ListAdapters(req, **self._admin_kw)
         return [m.adapter_info(a) for a in resp.adapters], resp.next_page_token

@@ -246,11 +246,31 @@ def server_info(m: admin_pb2.ServerInfo) -> ServerInfo:
     return _copy(ServerInfo, m, target_modules=[_copy(ModuleShape, t) for t in m.target_modules])
 
 
+def built(message: type, **fields: Any) -> Any:
+    """``message(**fields)``, or ``NolaserveError`` (INVALID_ARGUMENT) naming the field the
+    message type cannot hold (a negative count, a number over its range, text that is not
+    UTF-8) instead of protobuf's own error, which names none."""
+    try:
+        return message(**fields)
+    except (ValueError, TypeError, UnicodeError) as e:
+        why = str(e)
+        for name, value in fields.items():
+            try:
+                message(**{name: value})
+            except (ValueError, TypeError, UnicodeError) as one:
+                why = f"{name}={str(value)[:40]!r}: {one}"
+                break
+        raise NolaserveError("INVALID_ARGUMENT", why) from None
+
+
 def _chat(messages: Sequence[ChatMessage]) -> inference_pb2.ChatMessages:
     out = []
-    for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        out.append(inference_pb2.ChatMessage(role=role, content=content))
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else m
+        if not (isinstance(role, str) and isinstance(content, str)):
+            raise NolaserveError("INVALID_ARGUMENT", f"messages[{i}] needs a 'role' and a "
+                                 "'content', both strings")
+        out.append(built(inference_pb2.ChatMessage, role=role, content=content))
     return inference_pb2.ChatMessages(messages=out)
 
 
@@ -263,18 +283,21 @@ def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
     field unset (the server's default)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
+    if isinstance(max_tokens, int) and max_tokens < 1:  # 0 would be the server's default
+        raise NolaserveError("INVALID_ARGUMENT", f"max_tokens must be >= 1, got {max_tokens}")
     extras = dict(extras or {})
     special = extras.pop("add_special_tokens", None)
     optional = {"temperature": temperature, "top_p": top_p, "seed": seed}
-    sampling = inference_pb2.SamplingParams(
-        max_tokens=max_tokens, top_k=top_k, ignore_eos=ignore_eos,
+    sampling = built(
+        inference_pb2.SamplingParams, max_tokens=max_tokens,
+        top_k=0 if top_k == -1 else top_k, ignore_eos=ignore_eos,  # -1: off, as vLLM's
         stop=[stop] if isinstance(stop, str) else list(stop),  # a string: one stop string
         **{k: v for k, v in optional.items() if v is not None}, **_extras(extras))
     input_ = {"prompt": prompt} if prompt is not None else {"messages": _chat(messages or ())}
     if special is not None:
         input_["add_special_tokens"] = special
-    return inference_pb2.GenerateRequest(adapter_id=adapter_id, sampling=sampling,
-                                         request_id=request_id, **input_)
+    return built(inference_pb2.GenerateRequest, adapter_id=adapter_id, sampling=sampling,
+                 request_id=request_id, **input_)
 
 
 def _extras(extras: SamplingExtras) -> dict[str, Any]:

@@ -39,7 +39,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         text = request.prompt or request.messages.messages[-1].content
         return inference_pb2.GenerateResponse(
             request_id=request.request_id, text=f"echo:{text}", token_ids=[1, 2, 3],
-            finish_reason=inference_pb2.FINISH_REASON_LENGTH,
+            finish_reason=(inference_pb2.FINISH_REASON_CANCELLED  # a draining server's
+                           if request.adapter_id == "drained" else
+                           inference_pb2.FINISH_REASON_LENGTH),
             usage=inference_pb2.Usage(prompt_tokens=len(text), completion_tokens=3))
 
     def GenerateStream(self, request, context):

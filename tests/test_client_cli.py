@@ -170,6 +170,30 @@ def test_cli_generate(served, capsys, monkeypatch):
         1, "", "NOT_FOUND: adapter 'missing' is not registered\n")
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["generate", "--max-tokens", "-3", "hi"], "INVALID_ARGUMENT: --max-tokens must be >= 1"),
+    (["generate", "--max-tokens", "0", "hi"], "INVALID_ARGUMENT: --max-tokens must be >= 1"),
+    (["generate", "--seed", "-5", "hi"], "INVALID_ARGUMENT: seed='-5': Value out of range"),
+    (["generate", "\udcff\udcfe"], "INVALID_ARGUMENT: prompt="),
+    (["adapters", "list", "--page-size", "-1"], "INVALID_ARGUMENT: --page-size='-1'"),
+])
+def test_cli_values_the_wire_cannot_hold_are_one_line(served, capsys, argv, said):
+    """An outside probe's out-of-range numbers and non-UTF-8 prompt got protobuf's
+    traceback (and --max-tokens 0 silently the server's default of 16)."""
+    target, fake = served
+    sent = len(fake.requests)
+    code, _, err = run_cli(capsys, "--target", target, *argv)
+    assert (code, err.count("\n"), len(fake.requests)) == (1, 1, sent), err
+    assert err.startswith(said), err
+
+
+def test_cli_generate_cut_short_by_the_server_exits_1(served, capsys):
+    target, _ = served
+    code, out, err = run_cli(capsys, "--target", target, "generate", "--adapter", "drained",
+                             "hi")
+    assert (code, out) == (1, "echo:hi\n") and "partial" in err
+
+
 def test_cli_adapters(served, capsys, tmp_path):
     target, fake = served
     t = ["--target", target, "--admin-token", "adm"]
