@@ -76,12 +76,12 @@ class HostCache:
             return entry[0]
 
     def get_or_load(self, adapter_id: str, loader: Callable[[str], Any],
-                    counted: bool = True) -> Any:
+                    count_hit: bool = True) -> Any:
         """The cached object, else ``loader(adapter_id)`` (called outside the lock) cached
         and returned. Concurrent callers for the same id share one loader call and its
-        result or exception. ``counted``: the lookup counts a hit or a miss."""
+        result or exception. A miss is always counted, a hit only with ``count_hit``."""
         with self._lock:
-            obj = self._lookup(adapter_id, counted)
+            obj = self._lookup(adapter_id, count_hit)
             if obj is not None:
                 return obj
             flight = self._loads.get(adapter_id)
@@ -124,12 +124,12 @@ class HostCache:
 
     # -- helpers (called with the lock held) ------------------------------------------
 
-    def _lookup(self, adapter_id: str, counted: bool = True) -> Any | None:
+    def _lookup(self, adapter_id: str, count_hit: bool = True) -> Any | None:
         entry = self._entries.get(adapter_id)
         if entry is None:
-            self._misses += counted
+            self._misses += 1
             return None
-        self._hits += counted
+        self._hits += count_hit
         self._entries.move_to_end(adapter_id)
         return entry[0]
 

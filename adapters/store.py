@@ -81,7 +81,7 @@ class AdapterStore:
         self._regen = (ThreadPoolExecutor(materialize_threads, thread_name_prefix="nola-regen",
                                           initializer=cpu_threads.serial)
                        if materialize_threads else None)
-        direct = ((lambda i: kinds.direct(self.parsed(i, counted=False)))
+        direct = ((lambda i: kinds.direct(self.parsed(i, count_hit=False)))
                   if self.device.type == "cuda" else None)
         self.slots = (slots(self) if slots is not None else SlotPool(
             spec, num_slots, self.factors, device=device, dtype=dtype, direct=direct))
@@ -207,22 +207,22 @@ class AdapterStore:
         return RmmResult(records[0], records[1:], [build.errors[sid] for sid in source_ids])
 
     # -- loading --------------------------------------------------------------------
-    def parsed(self, adapter_id: str, counted: bool = True) -> Adapter:
-        """The parsed adapter, from the host cache or the registry. ``counted``: the
-        lookup counts a host-cache hit or miss (a request's check counts; the load that
-        follows it, for the same request, does not)."""
+    def parsed(self, adapter_id: str, count_hit: bool = True) -> Adapter:
+        """The parsed adapter, from the host cache or the registry (a host-cache miss).
+        ``count_hit``: a hit counts (a request's check; not the load that follows it for
+        the same request)."""
         return self.host.get_or_load(
-            adapter_id, lambda i: parse_adapter(self.registry.data(i), strict=False), counted)
+            adapter_id, lambda i: parse_adapter(self.registry.data(i), strict=False), count_hit)
 
     def factors(self, adapter_id: str) -> AdapterFactors:
         """An adapter's factors for a slot (the slot pool's loader): from the warm tier if
         it holds them (a copy), else materialized on the store's device."""
         if self.warm is None:
-            return self._materialize(self.parsed(adapter_id, counted=False), self.device)
+            return self._materialize(self.parsed(adapter_id, count_hit=False), self.device)
         return self.warm.get_or_load(adapter_id, self._warm_entry)
 
     def _warm_entry(self, adapter_id: str) -> AdapterFactors:
-        factors = self._materialize(self.parsed(adapter_id, counted=False), self.device)
+        factors = self._materialize(self.parsed(adapter_id, count_hit=False), self.device)
         return host_copy(factors, self.dtype, pin=self.device.type == "cuda")
 
     def prefetch(self, adapter_id: str) -> bool:
