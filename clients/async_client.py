@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Unpack
@@ -31,6 +32,12 @@ class AsyncClient(Stubs):
     def __init__(self, target: str = DEFAULT_TARGET, *, admin_token: str | None = None,
                  inference_token: str | None = None, tls_root_cert: bytes | None = None,
                  timeout: float | None = None, max_message_bytes: int = 64 << 20) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # else every call would fail later, on a loop of its own
+            raise RuntimeError("make the AsyncClient inside the event loop that uses it (in "
+                               "an async function): grpc.aio ties its channel to the loop "
+                               "it is made in") from None
         super().__init__(grpc.aio, target, admin_token, inference_token, tls_root_cert,
                          timeout, max_message_bytes)
 

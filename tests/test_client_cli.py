@@ -108,6 +108,13 @@ def test_admin_calls_round_trip(served, tmp_path):
     assert {a for rpc, a in fake.auth} == {"Bearer adm"}
 
 
+def test_an_async_client_made_outside_its_loop_says_so():
+    """grpc.aio ties a channel to the loop it is made in: an outside probe's client made
+    before asyncio.run failed every call with 'attached to a different loop'."""
+    with pytest.raises(RuntimeError, match="inside the event loop that uses it"):
+        AsyncClient("127.0.0.1:1")
+
+
 def test_async_client_round_trips(served):
     target, fake = served
 
