@@ -91,7 +91,7 @@ def open_client(args: argparse.Namespace) -> Client:
     cert = Path(args.tls_root_cert).read_bytes() if args.tls_root_cert else None
     return Client(args.target, admin_token=args.admin_token or None,
                   inference_token=args.inference_token or None, tls_root_cert=cert,
-                  timeout=args.timeout)
+                  timeout=args.timeout, max_message_bytes=args.max_message_bytes)
 
 
 def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
@@ -121,6 +121,11 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
                                   "(default: plaintext)"))
     parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default(None),
                         help=help("deadline of each call (default: none)"))
+    parser.add_argument("--max-message-bytes", type=int, metavar="BYTES",
+                        default=default(64 << 20),
+                        help=help("largest message this client sends or takes, e.g. to "
+                                  "register an adapter over 64 MiB (the server's "
+                                  "max_message_bytes bounds it too; default: 67108864)"))
 
 
 def build_parser() -> argparse.ArgumentParser:

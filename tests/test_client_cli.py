@@ -194,6 +194,19 @@ def test_cli_values_the_wire_cannot_hold_are_one_line(served, capsys, argv, said
     assert err.startswith(said), err
 
 
+def test_cli_max_message_bytes_bounds_what_it_sends(served, capsys, tmp_path):
+    """An outside probe could not register a 70 MB adapter with the CLI (its 64 MiB
+    limit, no flag) although the server took 128 MiB."""
+    target, _ = served
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    t = ["--target", target, "--admin-token", "adm"]
+    code, _, err = run_cli(capsys, *t, "--max-message-bytes", "1000", "adapters", "register",
+                           "big", str(tmp_path / "f"))
+    assert code == 1 and err.startswith("RESOURCE_EXHAUSTED") and "larger than max" in err
+    assert run_cli(capsys, *t, "--max-message-bytes", "8192", "adapters", "register", "big",
+                   str(tmp_path / "f"))[0] == 0
+
+
 def test_cli_generate_cut_short_by_the_server_exits_1(served, capsys):
     target, _ = served
     code, out, err = run_cli(capsys, "--target", target, "generate", "--adapter", "drained",
