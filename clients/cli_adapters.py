@@ -125,7 +125,8 @@ def _list(args: argparse.Namespace, connect: Connect) -> int:
             infos, token = client.list_adapters(args.page_size, args.page_token)
     print("\n".join(format_table(infos)))
     if token:
-        print(f"more: nolaserve adapters list --page-token {token} (or --all)", file=sys.stderr)
+        print(f"more: nolaserve adapters list --page-size {args.page_size} --page-token "
+              f"{token} (or --all)", file=sys.stderr)
     return 0
 
 
