@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -104,7 +105,7 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
         return argparse.SUPPRESS if with_defaults else text
 
     env = os.environ
-    parser.add_argument("--target", metavar="HOST:PORT",
+    parser.add_argument("--target", metavar="HOST:PORT", type=_target,
                         default=default(env.get("NOLASERVE_TARGET", DEFAULT_TARGET)),
                         help=help(f"server address (env NOLASERVE_TARGET; default: "
                                   f"{DEFAULT_TARGET})"))
@@ -119,13 +120,30 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
     parser.add_argument("--tls-root-cert", metavar="PEM", default=default(None),
                         help=help("connect with TLS, trusting this root certificate "
                                   "(default: plaintext)"))
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default(None),
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=default(None),
                         help=help("deadline of each call (default: none)"))
     parser.add_argument("--max-message-bytes", type=int, metavar="BYTES",
                         default=default(64 << 20),
                         help=help("largest message this client sends or takes, e.g. to "
                                   "register an adapter over 64 MiB (the server's "
                                   "max_message_bytes bounds it too; default: 67108864)"))
+
+
+def _target(text: str) -> str:
+    port = text.rpartition(":")[2]
+    if port.isdigit() and not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} of {text!r} is not in 1..65535")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -257,6 +257,8 @@ def test_cli_rmm_info_health_and_usage(served, capsys):
     assert run_cli(capsys)[0] == 2
     assert run_cli(capsys, "generate")[0] == 2  # PROMPT missing
     assert run_cli(capsys, "adapters", "list", "--bogus")[0] == 2
+    assert run_cli(capsys, "health", "--target", "h:99999")[0] == 2  # gRPC wrapped it to 34463
+    assert run_cli(capsys, "health", "--timeout", "0")[0] == 2
     assert run_cli(capsys, "--help")[0] == 0
 
 
