@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--spread", choices=load.SPREADS,
                    help="punica batch spread instead of the power law")
     t.add_argument("--batch", type=int, default=8, help="--spread: requests per group")
-    t.add_argument("--num-requests", type=int, metavar="N", help="default: rate x duration")
+    t.add_argument("--num-requests", type=_positive, metavar="N",
+                   help="default: rate x duration")
     t.add_argument("--duration", type=float, default=10.0, metavar="S",
                    help="seconds of arrivals (with --rate)")
     t.add_argument("--input-len", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"),
@@ -81,8 +82,16 @@ def async_client(args: argparse.Namespace) -> AsyncClient:
                        timeout=args.timeout or DEFAULT_DEADLINE_S)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 async def run(args: argparse.Namespace) -> int:
     """Every run of the sweep; prints the table, writes ``--out`` and the plots."""
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # before the run, not after
+        raise UsageError(f"--out {args.out}: its folder does not exist")
     async with async_client(args) as client:
         ids = await adapter_ids(client, args)
         ns = args.sweep_n or [args.num_adapters or len(ids)]
@@ -158,17 +167,18 @@ async def run_one(client: AsyncClient, w: load.Workload, ids: list[str],
     trace = load.make_trace(w)
     print(f"run: n={w.num_adapters} rate={w.rate:g}/s {len(trace)} requests over "
           f"{trace[-1].arrival:.1f} s ...", file=sys.stderr, flush=True)
-    results = await send_trace(client, trace, ids)
-    stats = load.summarize(results, args.slo_ttft, args.slo_tpot)
+    start = time.perf_counter()
+    results = await send_trace(client, trace, ids, start)
+    stats = load.summarize(results, args.slo_ttft, args.slo_tpot, start)
     params = asdict(w) | {"target": args.target, "slo_ttft_s": args.slo_ttft,
                           "slo_tpot_s": args.slo_tpot, "adapter_ids": ids[:8]}
     return {"params": params, "stats": stats}
 
 
-async def send_trace(client: AsyncClient, trace: list[load.TraceRequest], ids: list[str]
-                     ) -> list[load.RequestResult]:
-    """Fire each request at its arrival time (open loop), then wait for all of them."""
-    start = time.perf_counter()
+async def send_trace(client: AsyncClient, trace: list[load.TraceRequest], ids: list[str],
+                     start: float) -> list[load.RequestResult]:
+    """Fire each request at its arrival time after ``start`` (open loop), then wait for
+    all of them."""
     tasks = []
     for req in trace:
         delay = start + req.arrival - time.perf_counter()

@@ -169,13 +169,15 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
         "mean": sum(values) / len(values) if values else None}
 
 
-def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float
-              ) -> dict[str, object]:
-    """Throughput over the run's span (first send to last completion), TTFT/TPOT
+def summarize(results: list[RequestResult], slo_ttft: float, slo_tpot: float,
+              start: float | None = None) -> dict[str, object]:
+    """Throughput over the run's span (``start``, the trace's time zero, or else the first
+    send, to the last completion), TTFT/TPOT
     quantiles of the successful requests (seconds), SLO attainment over all requests (a
     failed one misses; one with a single token meets the TPOT part), errors by code."""
     ok = [r for r in results if r.error is None]
-    span = (max(r.done for r in results) - min(r.sent for r in results)) if results else 0.0
+    first = min(r.sent for r in results) if start is None and results else start
+    span = max(r.done for r in results) - first if results else 0.0
     tokens = sum(len(r.token_times) for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     tpots = [r.tpot for r in ok if r.tpot is not None]

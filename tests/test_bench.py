@@ -129,6 +129,10 @@ def test_summarize_on_synthetic_timings():
     assert s["slo_attainment"] == pytest.approx(2 / 4)  # 1st and 3rd meet it
     assert s["errors"] == {"NOT_FOUND": 1}
     assert summarize(results, slo_ttft=10, slo_tpot=10)["slo_attainment"] == 0.75
+    # over the run from its time zero, not from the first send (an outside probe's trace
+    # whose first arrival came at 5.5 s read 5.3 req/s for 2 requests in 5.7 s)
+    late = summarize(results, slo_ttft=1, slo_tpot=1, start=-4.0)
+    assert late["duration_s"] == pytest.approx(8.0) and late["req_per_s"] == pytest.approx(3 / 8)
 
 
 @pytest.mark.parametrize("matplotlib", [True, False])
