@@ -48,6 +48,8 @@ def command(args: argparse.Namespace, connect: Connect) -> int:
     """Load the model, train, write the adapter, report its size, register it if asked."""
     if args.rank < 1 or args.num_basis < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--rank, --num-basis, --steps and --batch-size must be positive")
+    if not Path(args.data).is_file():  # before the model loads, not after
+        raise UsageError(f"{args.data}: no such file (a JSONL of training examples)")
     import torch
     from tqdm import tqdm
 

@@ -279,6 +279,9 @@ def test_train_nola_cli_writes_reports_and_registers(base, bytebpe, tmp_path, ca
     storage = next(line for line in printed.splitlines() if line.startswith("storage:"))
     nola_bytes, lora_bytes = (int(s.split(" B)")[0]) for s in storage.split("(")[1:3])
     assert nola_bytes == out.stat().st_size < lora_bytes
+    assert cli.main(["train-nola", str(tmp_path / "none.jsonl"), "--model", "/nonexistent",
+                     "--out", str(out)]) == 2  # refused before the model loads
+    assert "none.jsonl: no such file" in capsys.readouterr().err
 
 
 def test_encode_masks_the_prompt_and_appends_eos(bytebpe):
