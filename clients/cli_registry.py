@@ -53,10 +53,19 @@ def check(args: argparse.Namespace, _connect: Callable) -> int:
     path = args.path
     if "://" not in path and not Path(path).is_file():
         raise OSError(f"no registry file at {path!r}")
-    with open_registry(path) as registry:
-        problems = registry.verify()
-        kinds = Counter(record.kind for record in iter_all(registry))
-        where = registry.location if "://" in path else path  # a URL may hold a password
+    from nolaserve.adapters.errors import RegistryUnavailableError
+
+    try:
+        with open_registry(path) as registry:
+            problems = registry.verify()
+            kinds = Counter(record.kind for record in iter_all(registry))
+            where = registry.location if "://" in path else path  # a URL may hold a password
+    except RegistryUnavailableError as e:
+        if "://" in path or e.__cause__ is None:
+            raise
+        print(f"{path}: cannot be read as a registry ({e.__cause__}): the file is damaged "
+              "or not a registry; restore it from a backup", file=sys.stderr)
+        return 1
     summary = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())) or "empty"
     print(f"{where}: {sum(kinds.values())} adapters ({summary})")
     for problem in problems:

@@ -478,6 +478,16 @@ def test_registry_check_of_an_unreachable_database_says_so_in_a_line(capsys):
                           "unreachable") and "Traceback" not in err
 
 
+def test_registry_check_of_a_damaged_file_says_restore_it(tmp_path, capsys):
+    """It said to run `nolaserve registry check`, the command that was running."""
+    from nolaserve.clients.cli import main
+
+    (tmp_path / "bad.db").write_bytes(b"SQLite format 3\0" + b"x" * 4096)
+    assert main(["registry", "check", str(tmp_path / "bad.db")]) == 1
+    err = capsys.readouterr().err
+    assert "damaged or not a registry; restore it" in err and "registry check" not in err
+
+
 def test_registry_copy_moves_a_sqlite_registry_into_another_whole(backend, tmp_path, capsys):
     from nolaserve.clients.cli import main
 
