@@ -26,15 +26,19 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import bench_cli, cli_adapters, cli_registry, cli_train
-from .cli_adapters import Connect, UsageError
-from .client import DEFAULT_TARGET, Client, NolaserveError
+# Before grpc loads: its C core logs a failed TLS handshake at INFO, beside the one-line
+# error this command prints.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from . import bench_cli, cli_adapters, cli_registry, cli_train  # noqa: E402
+from .cli_adapters import Connect, UsageError  # noqa: E402
+from .client import DEFAULT_TARGET, Client, NolaserveError  # noqa: E402
 
 # The connection flags' own keys (`serve` takes --admin-token/--inference-token as config).
 _TOKEN_KEYS = ("admin_token", "inference_token")
 # API words in server messages -> the flags a CLI user types (those of the command run).
 _CLI_WORDS = re.compile(r"\b(replace)=true\b|(?<![\w-])(max_tokens|top_p|top_k|page_size|"
-                        r"page_token|basis_size)(?!\w)")
+                        r"page_token|basis_size|tls_root_cert)(?!\w)")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -74,7 +74,26 @@ def rpc_errors() -> Iterator[None]:
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        raise NolaserveError(code.name, details or "") from e
+        raise NolaserveError(code.name, _with_hint(details or "")) from e
+
+
+_TRANSPORT_HINTS = (  # (text of a failed connection, what to fix)
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS at this address: connect "
+                             "without tls_root_cert"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate does not verify against "
+                                  "tls_root_cert: pass the root certificate that signed it, "
+                                  "and a target whose name the certificate holds"),
+    ("Socket closed", "the server closed the connection: if it speaks TLS, pass its root "
+                      "certificate as tls_root_cert"),
+)
+
+
+def _with_hint(details: str) -> str:
+    """``details`` of a failed connection, with what to fix where it is a TLS mismatch."""
+    if not details.startswith("failed to connect"):
+        return details
+    hint = next((fix for text, fix in _TRANSPORT_HINTS if text in details), None)
+    return f"{details} ({hint})" if hint else details
 
 
 @dataclass

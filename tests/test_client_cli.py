@@ -149,8 +149,29 @@ def test_tls_root_cert(tmp_path):
         (tmp_path / "ca.pem").write_bytes(cert)
         assert main(["--target", target, "--tls-root-cert", str(tmp_path / "ca.pem"),
                      "health"]) == 0
+        with pytest.raises(NolaserveError, match=r"if it speaks TLS, pass its root "
+                                                 r"certificate as tls_root_cert\)$"):
+            Client(target, timeout=10).health()
+        other, _ = self_signed_cert()
+        with pytest.raises(NolaserveError, match="does not verify against tls_root_cert"):
+            Client(target, tls_root_cert=other, timeout=10).health()
     finally:
         server.stop(None)
+
+
+def test_tls_mismatch_is_one_line_that_says_what_to_fix(served, tmp_path):
+    """A TLS client of a plaintext server: the CLI's only output is the error and its fix,
+    in flag words (grpc's own log line of the failed handshake is not printed)."""
+    target, _ = served
+    cert, _ = self_signed_cert()
+    (tmp_path / "ca.pem").write_bytes(cert)
+    cli = [sys.executable, "-m", "nolaserve.clients.cli", "--target", target,
+           "--tls-root-cert", str(tmp_path / "ca.pem"), "--timeout", "10", "health"]
+    out = subprocess.run(cli, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("UNAVAILABLE: ")
+    assert out.stderr.endswith("(the server does not speak TLS at this address: connect "
+                               "without --tls-root-cert)\n")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
