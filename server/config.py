@@ -147,8 +147,8 @@ class Config:
     port: int = option(50051, "gRPC port; 0 picks a free one (printed at start); a port in "
                        "use fails at once, before the model loads")
     metrics_port: int = option(9090, "Prometheus text format at "
-                               "`http://host:metrics_port/metrics`; 0 = off; bound before "
-                               "the model loads, like `port`")
+                               "`http://host:metrics_port/metrics` (other paths: 404); 0 = "
+                               "off; bound before the model loads, like `port`")
     http_port: int = option(8000, "the OpenAI-compatible HTTP API (`/v1/completions`, "
                             "`/v1/chat/completions`, ...); 0 = off. Bound before the model "
                             "loads")

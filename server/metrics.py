@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -97,7 +97,7 @@ class Metrics:
         """Serve ``/metrics`` on the listening socket ``sock`` (``ports.bind_tcp``, bound
         before the model loaded) from a daemon thread; returns its port."""
         self._http = _PreboundServer(sock)
-        self._http.set_app(make_wsgi_app(self.registry))
+        self._http.set_app(_at_metrics(make_wsgi_app(self.registry)))
         self._http_thread = threading.Thread(target=self._http.serve_forever,
                                              name="nolaserve-metrics", daemon=True)
         self._http_thread.start()
@@ -108,6 +108,17 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _at_metrics(app: Callable) -> Callable:
+    """The WSGI ``app`` at ``/metrics``; any other path answers 404 naming that one."""
+    def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: the metrics are at /metrics\n"]
+
+    return routed
 
 
 class _QuietHandler(WSGIRequestHandler):

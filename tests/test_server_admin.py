@@ -4,6 +4,7 @@ the `serve` process draining on SIGTERM."""
 import asyncio
 import hashlib
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -17,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import expect_code, free_port, request, serving, slow_down
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.metrics import Metrics
+from nolaserve.server.ports import bind_tcp
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
@@ -235,6 +238,21 @@ def test_metrics_endpoint(engine):
     assert value("nolaserve_adapters_registered") == 2
     assert value("nolaserve_host_cache_bytes") > 0
     assert value("nolaserve_requests_parked_total") == 0  # 4 slots: nobody waited for one
+
+
+def test_the_metrics_port_answers_only_at_slash_metrics():
+    metrics = Metrics()
+    port = metrics.serve_http(bind_tcp("127.0.0.1", 0, "--metrics-port"))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?x=1", timeout=10) as r:
+            assert b"# HELP nolaserve_requests_total" in r.read()
+        for path in ("/", "/metrics/", "/healthz"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert e.value.code == 404
+            assert e.value.read() == b"not found: the metrics are at /metrics\n"
+    finally:
+        metrics.close()
 
 
 def test_tls(engine, tmp_path):
