@@ -42,6 +42,12 @@ _WRITE_LOCK = 0x6E6F6C61  # "nola": the advisory lock every write transaction ta
 _FAULTS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
+def _detail(error: Exception) -> str:
+    """The first line of a database fault: what happened."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class PostgresRegistry(Registry):
     """The registry in a PostgreSQL database (``postgresql://user@host:port/db``)."""
 
@@ -66,6 +72,11 @@ class PostgresRegistry(Registry):
                                     kwargs=self._connect_args, timeout=timeout_s,
                                     check=ConnectionPool.check_connection,
                                     name="nolaserve-registry")
+        try:  # one connection first: its error names the cause (the pool's: "incomplete")
+            psycopg.connect(url, **self._connect_args).close()
+        except _FAULTS as e:
+            raise RegistryUnavailableError(f"the adapter registry ({self._where}) is "
+                                           f"unreachable: {_detail(e)}") from None
         with self._faults():
             self._pool.open(wait=True, timeout=timeout_s)
         try:
@@ -146,8 +157,7 @@ class PostgresRegistry(Registry):
         try:
             yield
         except _FAULTS as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise self._fault(detail) from None
+            raise self._fault(_detail(e)) from None
         self._down = None
 
     def _check_down(self) -> None:

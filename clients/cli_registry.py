@@ -83,7 +83,9 @@ def copy(args: argparse.Namespace, _connect: Callable) -> int:
     with open_registry(args.source) as source:
         records = list(iter_all(source))
         scopes = dict.fromkeys(r.base_model_fingerprint for r in records)
-        for scope in scopes:  # each target registry object writes its own scope
+        # each target registry object writes its own scope; with nothing to copy the
+        # target is still opened, so that a wrong one fails here and not at the real copy
+        for scope in scopes or [None]:
             mine = [r for r in records if r.base_model_fingerprint == scope]
             mine.sort(key=lambda r: r.kind == "rmm-task")  # bases before their tasks
             with open_registry(args.target, scope=scope) as target:

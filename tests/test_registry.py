@@ -478,6 +478,22 @@ def test_registry_check_of_an_unreachable_database_says_so_in_a_line(capsys):
                           "unreachable") and "Traceback" not in err
 
 
+def test_registry_copy_to_an_unreachable_database_fails_in_a_line_naming_why(tmp_path,
+                                                                           capsys):
+    """With nothing to copy it said "copied 0 adapters" and exited 0; with adapters, the
+    pool's warnings came before a message that said only "pool initialization incomplete"
+    and advised about the replica's adapters (an outside probe)."""
+    from nolaserve.clients.cli import main
+
+    open_registry(str(tmp_path / "empty.db")).close()
+    assert main(["registry", "copy", str(tmp_path / "empty.db"),
+                 "postgresql://nobody@127.0.0.1:1/none"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: the adapter registry (PostgreSQL at 127.0.0.1:1/none) is "
+                          "unreachable: connection failed: ") and "Connection refused" in err
+
+
 def test_registry_check_of_a_damaged_file_says_restore_it(tmp_path, capsys):
     """It said to run `nolaserve registry check`, the command that was running."""
     from nolaserve.clients.cli import main
