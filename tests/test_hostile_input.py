@@ -186,6 +186,26 @@ def test_unauthenticated_requests_get_401_before_their_body_is_read():
     assert requests_counted(metrics, "/v1/completions", "UNAUTHENTICATED") == 3
 
 
+def test_refused_requests_count_under_their_route_not_their_path():
+    """Each made-up ``/v1/models/<name>`` without a token added a series of its own: anyone
+    who reached the port could grow /metrics without bound (an outside probe)."""
+    metrics = Metrics()
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    guard = BearerAuth(None, token_rules("inf", "adm"), metrics)
+    for i in range(50):
+        scope = {"type": "http", "path": f"/v1/models/x{i}/y", "headers": []}
+        asyncio.run(guard(scope, None, send))
+    assert [m["status"] for m in sent if "status" in m] == [401] * 50
+    assert requests_counted(metrics, "/v1/models/{model_id}", "UNAUTHENTICATED") == 50
+    labels = {s.labels["rpc"] for family in metrics.registry.collect()
+              for s in family.samples if s.name == "nolaserve_requests_total"}
+    assert labels == {"/v1/models/{model_id}"}
+
+
 def test_every_route_but_health_and_metrics_needs_a_token():
     app = build_app(Endpoints(None, Metrics(), Gate()),
                     AdapterEndpoints(None, Config(), 0, 0.0))

@@ -55,7 +55,7 @@ class AdapterEndpoints:
 
         @app.get("/v1/models/{model_id:path}")
         async def model(model_id: str) -> Response:
-            return await endpoints.unary("/v1/models/{id}",
+            return await endpoints.unary("/v1/models/{model_id}",
                                          lambda: self.model(endpoints, model_id))
 
         @app.post("/v1/load_lora_adapter")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 
 import uvicorn
@@ -49,27 +50,34 @@ class BearerAuth:
     def __init__(self, app, rules: dict[str, tuple[str, str]], metrics: Metrics) -> None:
         self.app, self.rules, self.metrics = app, rules, metrics
         # a rule of a route with a path parameter covers every path under its prefix
-        self.prefixes = [(path.split("{")[0], rule) for path, rule in rules.items()
-                         if "{" in path]
+        self.prefixes = [(path.split("{")[0], route_label(path), rule)
+                         for path, rule in rules.items() if "{" in path]
 
-    def rule(self, path: str) -> tuple[str, str] | None:
-        """The token rule of a request path: its route's exact rule or a prefix's."""
+    def rule(self, path: str) -> tuple[str, tuple[str, str]] | None:
+        """The route of a request path (its metric label: a route's, so that made-up paths
+        add no series) and its token rule: the route's exact rule or a prefix's."""
         if path in self.rules:
-            return self.rules[path]
-        return next((rule for prefix, rule in self.prefixes if path.startswith(prefix)),
-                    None)
+            return path, self.rules[path]
+        return next(((label, rule) for prefix, label, rule in self.prefixes
+                     if path.startswith(prefix)), None)
 
     async def __call__(self, scope, receive, send) -> None:
-        rule = self.rule(scope["path"]) if scope["type"] == "http" else None
-        if rule is not None:
-            path, (token, key) = scope["path"], rule
+        matched = self.rule(scope["path"]) if scope["type"] == "http" else None
+        if matched is not None:
+            route, (token, key) = matched
             metadata = [(k.decode("latin-1"), v) for k, v in scope["headers"]
                         if k == b"authorization"]
-            error = check_bearer(metadata, token, f"HTTP {path}", key, "header")
+            error = check_bearer(metadata, token, f"HTTP {scope['path']}", key, "header")
             if error is not None:
-                self.metrics.count_request(path, Status.UNAUTHENTICATED)
+                self.metrics.count_request(route, Status.UNAUTHENTICATED)
                 return await send_error(send, HTTP_STATUS[Status.UNAUTHENTICATED], error)
         await self.app(scope, receive, send)
+
+
+def route_label(path: str) -> str:
+    """A route's metric label: its path without parameter types
+    (``/v1/models/{model_id:path}`` -> ``/v1/models/{model_id}``)."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
 async def send_error(send, status: int, message: str) -> None:
