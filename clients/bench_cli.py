@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import bench_load as load
 from . import bench_report
-from .cli_adapters import UsageError
+from .cli_adapters import UsageError, connection
 from .client import AsyncClient, NolaserveError
 
 DEFAULT_DEADLINE_S = 600.0
@@ -76,10 +76,8 @@ def command(args: argparse.Namespace, connect: object) -> int:
 
 
 def async_client(args: argparse.Namespace) -> AsyncClient:
-    cert = Path(args.tls_root_cert).read_bytes() if args.tls_root_cert else None
-    return AsyncClient(args.target, admin_token=args.admin_token or None,
-                       inference_token=args.inference_token or None, tls_root_cert=cert,
-                       timeout=args.timeout or DEFAULT_DEADLINE_S)
+    return AsyncClient(args.target, timeout=args.timeout or DEFAULT_DEADLINE_S,
+                       **connection(args))
 
 
 def _positive(text: str) -> int:

@@ -24,14 +24,13 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 # Before grpc loads: its C core logs a failed TLS handshake at INFO, beside the one-line
 # error this command prints.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import bench_cli, cli_adapters, cli_registry, cli_train  # noqa: E402
-from .cli_adapters import Connect, UsageError  # noqa: E402
+from .cli_adapters import Connect, UsageError, connection  # noqa: E402
 from .client import DEFAULT_TARGET, Client, NolaserveError  # noqa: E402
 
 # The connection flags' own keys (`serve` takes --admin-token/--inference-token as config).
@@ -93,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def open_client(args: argparse.Namespace) -> Client:
     """A ``Client`` from the connection flags."""
-    cert = Path(args.tls_root_cert).read_bytes() if args.tls_root_cert else None
-    return Client(args.target, admin_token=args.admin_token or None,
-                  inference_token=args.inference_token or None, tls_root_cert=cert,
-                  timeout=args.timeout, max_message_bytes=args.max_message_bytes)
+    return Client(args.target, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
+                  **connection(args))
 
 
 def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
@@ -114,11 +111,11 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
                         help=help(f"server address (env NOLASERVE_TARGET; default: "
                                   f"{DEFAULT_TARGET})"))
     parser.add_argument("--admin-token", metavar="TOKEN",
-                        default=default(env.get("NOLASERVE_ADMIN_TOKEN")),
+                        default=default(None),
                         help=help("bearer token of Admin calls (env NOLASERVE_ADMIN_TOKEN; "
                                   "default: none)"))
     parser.add_argument("--inference-token", metavar="TOKEN",
-                        default=default(env.get("NOLASERVE_INFERENCE_TOKEN")),
+                        default=default(None),
                         help=help("bearer token of Inference calls (env "
                                   "NOLASERVE_INFERENCE_TOKEN; default: none)"))
     parser.add_argument("--tls-root-cert", metavar="PEM", default=default(None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -22,8 +23,21 @@ Connect = Callable[[], Client]
 AddCommand = Callable[..., argparse.ArgumentParser]  # (name, func, help, subparsers)
 
 
+TOKEN_ENV = {"admin_token": "NOLASERVE_ADMIN_TOKEN",
+             "inference_token": "NOLASERVE_INFERENCE_TOKEN"}
+
+
 class UsageError(Exception):
     """A command line that cannot work as given (exit code 2)."""
+
+
+def connection(args: argparse.Namespace) -> dict:
+    """The client keywords of the connection flags; a token not given comes from its
+    environment variable (read here, so that ``serve`` can tell a flag from it)."""
+    cert = Path(args.tls_root_cert).read_bytes() if args.tls_root_cert else None
+    tokens = {key: getattr(args, key) or os.environ.get(env) or None
+              for key, env in TOKEN_ENV.items()}
+    return {"tls_root_cert": cert, **tokens}
 
 
 def add_commands(sub: argparse._SubParsersAction, command: AddCommand) -> None:

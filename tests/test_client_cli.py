@@ -363,6 +363,24 @@ def test_cli_serve(capsys, monkeypatch, tmp_path):
         7000, 5, ["self_attn.q_proj"], 1.5, "s")
 
 
+def test_cli_serve_token_precedence_is_flag_then_file_then_environment(capsys, monkeypatch,
+                                                                       tmp_path):
+    """The environment's token beat the config file's, so a token rotated in the file
+    left the old one as the only one that worked (an outside probe)."""
+    seen = []
+    app = types.ModuleType("nolaserve.server.app")
+    app.serve = lambda config: seen.append(config) or 0
+    monkeypatch.setitem(sys.modules, "nolaserve.server.app", app)
+    monkeypatch.setenv("NOLASERVE_ADMIN_TOKEN", "env")
+    monkeypatch.setenv("NOLASERVE_INFERENCE_TOKEN", "env-inf")
+    (tmp_path / "c.yaml").write_text("admin_token: file\n")
+    for argv in (["serve", "--config"], ["--admin-token", "before", "serve", "--config"],
+                 ["serve", "--admin-token", "flag", "--config"]):
+        assert run_cli(capsys, *argv, str(tmp_path / "c.yaml"))[0] == 0
+    assert [(c.admin_token, c.inference_token) for c in seen] == [
+        ("file", "env-inf"), ("before", "env-inf"), ("flag", "env-inf")]
+
+
 def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
         capsys, monkeypatch, tmp_path):
     """An outside reader of the docs: "2 GiB" defaults that only integers could set, wrong
