@@ -12,9 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from .config_checks import check_type, parse_bytes, read_token
+from .config_checks import check_type, load_yaml, parse_bytes, read_token
 
 TOOL_CALL_PARSERS = ("", "hermes")  # the tool-call formats chat's tool_choice auto parses
 
@@ -264,8 +262,7 @@ class Config:
         ``ValueError`` naming the key."""
         values: dict = {}
         if path is not None:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
+            loaded = load_yaml(path) or {}
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: the config file must be a YAML mapping of keys")
             values.update(loaded)

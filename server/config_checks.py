@@ -1,4 +1,4 @@
-"""Checks of config values read from YAML or flags: types, and token files."""
+"""Checks of config values read from YAML or flags: the file's keys, types, token files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,29 @@ import os
 import re
 import types
 import typing
+
+import yaml
+
+
+class _OnceLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that sets a key twice (YAML's spec forbids
+    it; PyYAML keeps the last, so an earlier, maybe invalid, value was never checked)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"{self.name}, line {key_node.start_mark.line + 1}: config "
+                                 f"key {key!r} is set twice: keep one")
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | os.PathLike) -> object:
+    """The YAML document of the file at ``path``, each mapping's keys set once."""
+    with open(path) as f:
+        return yaml.load(f, Loader=_OnceLoader)
 
 
 def read_token(path: str, key: str) -> str:

@@ -409,7 +409,9 @@ def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
         code, _, err = run_cli(capsys, "serve", *flags)
         assert code == 2 and message in err, err
     for line, message in {"num_slots: four": "(config num_slots) must be an integer, got "
-                          "'four'", "target_modules: q": "must be a list of strings"}.items():
+                          "'four'", "target_modules: q": "must be a list of strings",
+                          "num_slots: -5\nnum_slots: 2": "c.yaml, line 2: config key "
+                          "'num_slots' is set twice: keep one"}.items():
         (tmp_path / "c.yaml").write_text(line + "\n")
         code, _, err = run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))
         assert code == 2 and message in err, err
