@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_checks import check_type, load_yaml, parse_bytes, read_token
+from .config_checks import check_tls_pair, check_type, load_yaml, parse_bytes, read_token
 
 TOOL_CALL_PARSERS = ("", "hermes")  # the tool-call formats chat's tool_choice auto parses
 
@@ -178,7 +178,8 @@ class Config:
                                    "and its file is an error")
     inference_token_file: str = option("", "the same for `inference_token`")
     tls_cert: str = option("", "PEM certificate; with `tls_key`, gRPC and HTTP speak TLS")
-    tls_key: str = option("", "PEM private key of `tls_cert`")
+    tls_key: str = option("", "PEM private key of `tls_cert`; a pair that does not "
+                           "match is refused at start")
     grace_period_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take "
                                    "to finish", shown="30")
 
@@ -233,6 +234,8 @@ class Config:
                                  "give each its own port")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("config tls_cert and tls_key must be given together")
+        if self.tls_cert:
+            check_tls_pair(self.tls_cert, self.tls_key)
         if self.registry_url and self.registry_path:
             raise ValueError("both config registry_url and config registry_path are set: keep "
                              "one")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import types
 import typing
 
@@ -40,6 +41,24 @@ def read_token(path: str, key: str) -> str:
     if not token:
         raise ValueError(f"config {key}: {path} is empty")
     return token
+
+
+_SSL_REASONS = {  # OpenSSL's words -> what they mean here
+    "KEY_VALUES_MISMATCH": "the key is not the certificate's",
+    "PEM lib": "a file is not PEM of its kind (tls_cert a certificate, tls_key a private key)",
+}
+
+
+def check_tls_pair(cert: str, key: str) -> None:
+    """``ValueError`` unless ``cert`` and ``key`` are readable PEM files of one key pair
+    (else the servers fail later, reported as a port that cannot be bound)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except OSError as e:  # ssl.SSLError too
+        what = e.strerror if not isinstance(e, ssl.SSLError) else next(
+            (why for text, why in _SSL_REASONS.items() if text in str(e)), str(e))
+        raise ValueError(f"config tls_cert {cert!r} and tls_key {key!r} are not a PEM "
+                         f"certificate and its private key: {what}") from None
 
 
 BYTE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,

@@ -32,8 +32,9 @@ class PortInUseError(OSError):
 
     def __init__(self, address: str, flag: str, reason: str) -> None:
         key = flag.removeprefix("--").replace("-", "_")
+        other = "" if flag == "--host" else " or stop the process using it"
         super().__init__(f"cannot listen on {address}: {reason}; pass another {flag} "
-                         f"(config key {key}) or stop the process using it")
+                         f"(config key {key}){other}")
         self.address, self.flag = address, flag
 
 
@@ -42,16 +43,22 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _resolve(host: str, port: int) -> list:
+    """``getaddrinfo`` of a listening address; an unknown host raises ``PortInUseError``
+    naming --host."""
+    try:
+        return socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PortInUseError(format_address(host, port), "--host",
+                             f"unknown host: {e.strerror}") from None
+
+
 def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
     """A TCP socket bound to ``host:port`` and listening (port 0 picks a free one).
     Raises ``PortInUseError`` naming the address and ``flag`` when it cannot bind."""
     address = format_address(host, port)
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise PortInUseError(address, flag, f"unknown host: {e.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
+    family, kind, proto, _, sockaddr = _resolve(host, port)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,6 +75,7 @@ def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str,
     """Bind ``host:port`` on a gRPC server made with ``GRPC_OPTIONS`` (gRPC binds at this
     call and serves from ``server.start()``); returns the bound port."""
     address = format_address(host, port)
+    _resolve(host, port)  # gRPC's own error does not tell an unknown host from a used port
     try:
         bound = (server.add_secure_port(address, credentials) if credentials is not None
                  else server.add_insecure_port(address))

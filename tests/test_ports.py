@@ -107,6 +107,33 @@ def test_serve_command_reports_the_address_and_flag(no_model_load, capsys):
     assert no_model_load == []
 
 
+def test_an_unknown_host_is_named_as_such_not_as_a_port_in_use(no_model_load):
+    with pytest.raises(PortInUseError) as info:
+        asyncio.run(app.start(Config(host="no-such-host.invalid", port=0, metrics_port=0,
+                                     http_port=0)))
+    assert "cannot listen on no-such-host.invalid:0: unknown host" in str(info.value)
+    assert str(info.value).endswith("; pass another --host (config key host)")
+    assert no_model_load == []
+
+
+def test_a_tls_key_that_is_not_the_certificates_is_refused_naming_both(tmp_path):
+    """It failed the start as a port that could not be bound (an outside probe)."""
+    from test_server_admin import self_signed
+
+    cert, key = self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = self_signed(other)
+    refused = {(cert, other_key): "the key is not the certificate's",
+               (key, cert): "a file is not PEM of its kind",
+               (cert, tmp_path / "none.pem"): "No such file or directory"}
+    for (c, k), why in refused.items():
+        with pytest.raises(ValueError, match=f"config tls_cert '{c}' and tls_key '{k}' are not "
+                                             f"a PEM certificate and its private key: {why}"):
+            Config(tls_cert=str(c), tls_key=str(k))
+    Config(tls_cert=str(cert), tls_key=str(key))
+
+
 def test_bind_tcp_holds_the_port_until_closed():
     with bind_tcp("127.0.0.1", 0, "--metrics-port") as sock:
         port = sock.getsockname()[1]
