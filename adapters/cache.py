@@ -182,3 +182,26 @@ class RecentRecords:
     def pop(self, key: str) -> None:
         with self._lock:
             self._entries.pop(key, None)
+
+
+class DeleteLog:
+    """Which adapter ids were deleted after a moment (thread-safe): ``now()`` is a moment
+    (the count of deletes so far), ``since(id, moment)`` whether ``id`` was deleted after
+    it. The ``max_entries`` most recently deleted ids are kept: an older delete reads as
+    none."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._now = 0
+        self._last = RecentRecords(max_entries)  # id -> the moment of its last delete
+
+    def now(self) -> int:
+        return self._now
+
+    def note(self, adapter_id: str) -> None:
+        with self._lock:
+            self._now += 1
+            self._last.put(adapter_id, self._now)
+
+    def since(self, adapter_id: str, moment: int) -> bool:
+        return (self._last.get(adapter_id) or 0) > moment

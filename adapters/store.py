@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_threads, kinds
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, CacheStats, HostCache, RecentRecords
+from .cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    CacheStats,
+    DeleteLog,
+    HostCache,
+    RecentRecords,
+)
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -88,6 +95,7 @@ class AdapterStore:
         # answers for hot adapters while the registry is unreachable
         self._records = RecentRecords(host_max_entries)
         self._registered = 0  # the last count read, for scrapes while it is unreachable
+        self.deletes = DeleteLog()  # a request never gets a later registration of its id
 
     def close(self) -> None:
         """Close the registry; later calls that need it fail."""
@@ -176,8 +184,11 @@ class AdapterStore:
         return record if record.sha256 == hashlib.sha256(data).hexdigest() else None
 
     def delete(self, adapter_id: str) -> None:
-        """Delete an adapter; requests already holding its slot finish with it."""
+        """Delete an adapter; requests already holding its slot finish with it, those
+        that do not yet fail at admission (``deletes``), even once the id is registered
+        again."""
         self.registry.delete(adapter_id)
+        self.deletes.note(adapter_id)
         self.forget(adapter_id)
 
     def build_rmm(self, source_ids: list[str], basis_size: int, basis_id: str) -> RmmResult:

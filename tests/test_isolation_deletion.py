@@ -10,7 +10,9 @@ import pytest
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 from server_helpers import expect_code, request, serving, slow_down
+from test_batch_invariant import random_lora
 
+from nolaserve.adapters.cache import DeleteLog
 from nolaserve.adapters.errors import AdapterExistsError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine.sequence import FinishReason
@@ -47,6 +49,27 @@ def test_deleted_before_admission_fails_not_found(model, bytebpe, resident):
     assert outs["queued"].finish_reason is FinishReason.ERROR
     assert outs["queued"].error_code is Status.NOT_FOUND and "'x'" in outs["queued"].error
     assert outs["first"].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("again", ["nola", "lora"])
+def test_deleted_before_admission_fails_even_once_its_id_is_registered_again(model, bytebpe,
+                                                                              again):
+    """A queued request was served by whatever was registered under its id after the
+    delete: another tenant's adapter, maybe (an outside probe). A replace instead serves it
+    with the version registered when it is admitted."""
+    engine = make_engine(model, bytebpe, max_num_seqs=1)
+    engine.store.register("x", nola(engine, 1))
+    engine.add_request("first", PROMPT, greedy(4), None)  # holds the only running seat
+    engine.add_request("queued", PROMPT, greedy(4), "x")
+    steps(engine, 1)
+    engine.store.delete("x")
+    other = nola(engine, 2) if again == "nola" else random_lora(engine.store.spec, 4)
+    engine.store.register("x", other)
+    engine.add_request("after", PROMPT, greedy(4), "x")  # accepted after the delete: served
+    outs = {o.request_id: o for o in steps(engine, 40) if o.finished}
+    assert outs["queued"].error_code is Status.NOT_FOUND
+    assert "it was deleted after the request was accepted" in outs["queued"].error
+    assert outs["after"].finish_reason is FinishReason.LENGTH
 
 
 @pytest.mark.parametrize("change", ["delete", "replace"])
@@ -97,7 +120,17 @@ def test_queued_request_of_a_deleted_adapter_is_not_found_over_grpc(model, byteb
             while len(engine.requests) < 2:
                 await asyncio.sleep(0.005)
             await c.admin.DeleteAdapter(admin_pb2.AdapterRef(adapter_id="x"))
+            await asyncio.to_thread(engine.store.register, "x", nola(engine, 2))  # not its own
             await expect_code(grpc.StatusCode.NOT_FOUND, queued, "no adapter is registered")
             long.cancel()
 
     asyncio.run(main())
+
+
+def test_the_delete_log_answers_for_its_last_deletes():
+    log = DeleteLog(max_entries=2)
+    before = log.now()
+    for adapter_id in ("a", "b", "c"):
+        log.note(adapter_id)
+    assert [log.since(i, before) for i in "abcd"] == [False, True, True, False]  # a: evicted
+    assert not log.since("c", log.now())

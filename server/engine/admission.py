@@ -39,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from nolaserve.adapters import cpu_threads
-from nolaserve.adapters.errors import NoFreeSlotError
+from nolaserve.adapters.errors import AdapterNotFoundError, NoFreeSlotError, short
 from nolaserve.adapters.spec import AdapterFactors
 from nolaserve.adapters.store import AdapterStore
 
@@ -96,6 +96,12 @@ class AdapterAdmission:
         self._asked.add(seq)
         if not seq.needs_adapter:
             return True
+        if seq.adapter_slot < 0 and seq not in self._held and \
+                self.store.deletes.since(seq.adapter_id, seq.checked_at):
+            self.failed.append((seq, AdapterNotFoundError(
+                f"no adapter is registered under id {short(seq.adapter_id)} for this "
+                "request: it was deleted after the request was accepted")))
+            return False
         key = self._key(seq)
         if seq in self._loads:
             return self._collect(seq)

@@ -112,13 +112,14 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}/{label}"
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        checked_at = self.engine.delete_moment()
         params = await self.check(prompt_token_ids, params, adapter_id)
 
         interval = max(self.stream_interval, params.stream_interval or 1)
 
         def add() -> None:
             self.engine.add_request(request_id, prompt_token_ids, params, adapter_id,
-                                    adapter_checked=True)
+                                    checked_at=checked_at)
             self._queues[request_id] = OutputStream(loop, queue, interval)
 
         try:

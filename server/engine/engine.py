@@ -124,19 +124,24 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_id: str | None = None, *, adapter_checked: bool = False) -> None:
+                    adapter_id: str | None = None, *, checked_at: int | None = None) -> None:
         """Validate and queue a request; raises a typed error before it reaches the model.
-        ``adapter_checked``: the caller ran ``check_request`` already (``AsyncEngine`` does,
-        on a worker thread), so the adapter is not looked up again here."""
+        ``checked_at``: the caller ran ``check_request`` already (``AsyncEngine`` does, on
+        a worker thread), at this ``delete_moment``, so the adapter is not looked up again
+        here. If its adapter is deleted after that moment, the request fails NOT_FOUND at
+        admission, even if the id is registered again meanwhile."""
         params = self.with_default_max_tokens(prompt_token_ids, params)
-        self.check_request(prompt_token_ids, params, None if adapter_checked else adapter_id)
+        moment = self.delete_moment() if checked_at is None else checked_at
+        self.check_request(prompt_token_ids, params,
+                           adapter_id if checked_at is None else None)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {short(request_id)} is already in flight")
         if len(self.requests) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self.requests)} requests in flight, the server's "
                                  "max_queued_requests: retry later")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id or None,
-                       bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words))
+                       bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words),
+                       checked_at=moment)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
                                        params.min_tokens, params.include_stop_str_in_output,
                                        params.spaces_between_special_tokens)
@@ -161,6 +166,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def delete_moment(self) -> int:
+        """Now, in the store's log of deletes (``DeleteLog``): read before checking a
+        request's adapter, and handed to ``add_request`` as ``checked_at``."""
+        return 0 if self.store is None else self.store.deletes.now()
 
     def with_default_max_tokens(self, prompt: list[int], params: SamplingParams
                                 ) -> SamplingParams:

@@ -293,6 +293,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     prefix_counted: bool = False  # its prefix-cache lookup is in the counters (once)
     num_cached_tokens: int = -1  # prompt tokens the prefix cache held when first admitted
+    checked_at: int = 0  # the store's delete log when its adapter was checked (DeleteLog)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences
 
     @property
