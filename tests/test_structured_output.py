@@ -21,13 +21,13 @@ from vllm_helpers import vllm_python
 from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.engine import structured as grammars
+from nolaserve.server.engine.schema_checks import enforceable
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, StructuredSpec
 from nolaserve.server.engine.structured import (
     GRAMMAR_GRACE_S,
     MAX_SCHEMA_CHARS,
     GrammarState,
     SharedGrace,
-    _enforceable,
 )
 
 # Schemas whose every output is short enough to complete within max_tokens even when the
@@ -113,7 +113,7 @@ def test_strings_bounded_by_length_hold_no_raw_control_characters(engine):
     for rid, (text, reason) in texts(engine, requests).items():
         assert reason is FinishReason.EOS, (rid, text)
         jsonschema.validate(json.loads(text), schema)
-    given = json.loads(_enforceable(json.dumps(schema)))["properties"]
+    given = json.loads(enforceable(json.dumps(schema)))["properties"]
     assert given["t"] == {"type": "string", "pattern": "^.{1,3}$"}  # nothing for xgrammar to
     assert given["e"] == schema["properties"]["e"]                   # say it ignores
 
@@ -175,6 +175,22 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
             jsonschema.validate(json.loads(text), SCHEMAS[0])
 
 
+def schema(value: dict) -> StructuredSpec:
+    return StructuredSpec(json_schema=json.dumps(value))
+
+
+def test_an_all_of_of_one_schema_is_that_schema():
+    """pydantic's spelling of a ``$ref`` with a description; xgrammar dropped it whole."""
+    given = {"$defs": {"P": {"type": "integer"}}, "type": "object",
+             "properties": {"p": {"allOf": [{"$ref": "#/$defs/P"}], "description": "d"}},
+             "required": ["p"], "additionalProperties": False}
+    held = json.loads(enforceable(json.dumps(given)))["properties"]["p"]
+    assert held == {"$ref": "#/$defs/P", "description": "d"}
+    closed = {"type": "object", "properties": {"a": {"type": "integer"}},
+              "additionalProperties": False, "maxProperties": 1}
+    assert enforceable(json.dumps(closed)) == json.dumps(closed)
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     (StructuredSpec(regex="(ab"), "the regex cannot be enforced: .*parenthesis"),
     (StructuredSpec(choice=()), "choice must be a list of non-empty strings"),
@@ -191,6 +207,25 @@ def test_regex_choice_and_grammar_outputs_match_whole_in_a_mixed_batch(engine):
         "type": "string", "format": "date", "minLength": 30}})), "format and its minLength"),
     (StructuredSpec(json_schema=json.dumps({"anyOf": [{"not": {"type": "integer"}}]})),
      "'not' would not be enforced: remove it"),
+    # xgrammar drops these, or the whole schema, and the output ends "stop" unheld (an
+    # outside probe's outputs failed each of them)
+    (schema({"allOf": [{"type": "string"}, {"type": "integer"}]}), "'allOf' would not be "
+     "enforced: merge its schemas into one"),
+    (schema({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}),
+     "'uniqueItems' would not be enforced"),
+    (schema({"type": "array", "contains": {"const": 1}}), "'contains' would not be"),
+    (schema({"if": {"type": "string"}, "then": {"const": "a"}}), "'if' would not be"),
+    (schema({"type": "object", "properties": {"a": {}, "b": {}},
+             "dependentRequired": {"a": ["b"]}}), "'dependentRequired' would not be"),
+    (schema({"$ref": "https://example.com/s.json"}), r"\$ref 'https://example.com/s.json' "
+     "is outside the schema and would not be enforced"),
+    (schema({"type": "number", "multipleOf": 0.5}), "'multipleOf' is enforced only on "
+     '"type": "integer"'),
+    (schema({"type": "object", "required": ["x"]}), "required names 'x', which properties "
+     "does not define"),
+    (schema({"type": "object", "additionalProperties": {"type": "integer"},
+             "minProperties": 3}), "'minProperties' would not be enforced where keys are "
+     "open"),
     # lone surrogates (a JSON "\ud800" escape), named; they got the codec's error, or
     # xgrammar's "Check failed" with the whole schema after it
     (StructuredSpec(regex="a\ud800"), r"the regex is not valid Unicode: .*U\+D800\) at "

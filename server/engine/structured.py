@@ -48,6 +48,7 @@ from nolaserve.adapters.daemon_pool import DaemonPool
 from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 
 from .sampler import row_tensor
+from .schema_checks import enforceable
 from .sequence import FinishReason, StructuredSpec
 
 MAX_SCHEMA_CHARS = 64 * 1024
@@ -237,7 +238,7 @@ def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
         return ("choice list", rule, lambda c, text: c.compile_grammar(text),
                 "send a list of non-empty strings")
     return ("JSON schema", ANY_OBJECT if spec.json_schema is None else spec.json_schema,
-            lambda c, text: c.compile_json_schema(_enforceable(text),
+            lambda c, text: c.compile_json_schema(enforceable(text),
                                                   any_whitespace=False),
             "send a valid JSON schema (types, properties, required, enum, items, anyOf)")
 
@@ -246,58 +247,6 @@ def is_lark(grammar: str) -> bool:
     """vLLM's test of a grammar's syntax: Lark (``start: ...``) unless a rule, comments
     aside, is defined with ``::=`` (EBNF)."""
     return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
-
-
-_VALUES = {"enum", "const", "default", "examples", "required", "dependentRequired"}  # not schemas
-_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-
-
-def _schemas(root: Any):
-    """Every schema in ``root`` (its dicts, those of ``_MAPS`` by value)."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            yield node
-            for key, value in node.items():
-                if key in _MAPS and isinstance(value, dict):
-                    stack.extend(value.values())
-                elif key not in _VALUES:
-                    stack.append(value)
-
-
-def _enforceable(schema: str) -> str:
-    """``schema`` as xgrammar is given it: ``ValueError`` saying what to change for what
-    xgrammar 0.2.9 would silently not enforce (``not``; a string's length beside its
-    ``pattern`` or ``format``: only one of them is held), and each plain string's
-    ``minLength``/``maxLength`` (no ``enum`` or ``const``) also said as the pattern
-    ``^.{min,max}$``: its length rule lets raw control characters into the string, which
-    no strict JSON parser takes; its pattern rule does not (the same strings otherwise)."""
-    root, changed = json.loads(schema), False
-    try:
-        json.dumps(root, ensure_ascii=False).encode()
-    except UnicodeEncodeError as e:  # a "\ud800" escape, which xgrammar cannot parse
-        raise ValueError(f"it holds a lone surrogate (U+{ord(e.object[e.start]):04X}): send "
-                         "strings that encode as UTF-8") from None
-    for node in _schemas(root):
-        if "not" in node:
-            raise ValueError("'not' would not be enforced: remove it")
-        lengths = [node.get("minLength", 0), node.get("maxLength", "")]
-        if "minLength" not in node and "maxLength" not in node:
-            continue
-        if other := next((k for k in ("pattern", "format") if k in node), None):
-            raise ValueError(f"a string's {other} and its minLength/maxLength cannot both "
-                             "be enforced: put the length into a pattern (e.g. "
-                             "^[a-z]{1,3}$) and drop minLength/maxLength, or drop one")
-        if node.get("type") == "string" and not {"enum", "const"} & node.keys() \
-                and all(isinstance(n, int) or n == "" for n in lengths):
-            node["pattern"] = f"^.{{{lengths[0]},{lengths[1]}}}$"
-            node.pop("minLength", None)  # xgrammar would log that it ignores them
-            node.pop("maxLength", None)
-            changed = True
-    return json.dumps(root) if changed else schema
 
 
 def _reason(error: Exception) -> str:
