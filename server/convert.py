@@ -156,13 +156,14 @@ def generate_response(request_id: str, out: RequestOutput, index: int = 0
 def completions_response(request_id: str, outs: list[RequestOutput]
                          ) -> inference_pb2.GenerateResponse:
     """``Generate`` with ``sampling.n > 1``: each completion (all its outputs joined) as a
-    choice; the usage of them all, the prompt counted once."""
+    choice; the usage of them all, the prompt counted once, its cached tokens those
+    cached before it came (the choices' least)."""
     choices = [generate_response(request_id, out, i) for i, out in enumerate(outs)]
     return inference_pb2.GenerateResponse(
         request_id=request_id, choices=choices, usage=inference_pb2.Usage(
             prompt_tokens=outs[0].prompt_tokens,
             completion_tokens=sum(out.completion_tokens for out in outs),
-            cached_tokens=outs[0].cached_tokens))
+            cached_tokens=min(out.cached_tokens for out in outs)))
 
 
 def token_logprob(entry: TokenLogprob) -> inference_pb2.TokenLogprob:

@@ -638,3 +638,21 @@ def test_return_token_ids_gives_the_prompts_too_as_vllm_does(engine):
     assert sorted(c["index"] for c in firsts) == [0, 1]
     assert all(c["prompt_token_ids"] == ids for c in firsts)
     assert [c.get("prompt_token_ids") for c in chat_stream][:2] == [chat_ids, None]
+
+
+def test_cached_tokens_of_n_choices_are_those_cached_before_the_prompt_came():
+    """Over HTTP the n choices arrive as n requests: whichever computed the prompt's
+    blocks reported 0, the others the blocks they shared, and usage took choice 0's, so
+    the same request reported 0 or 48 at random (an outside probe). Each prompt now
+    counts its choices' least."""
+    from nolaserve.server.engine.sequence import FinishReason
+    from nolaserve.server.openai_api.completion_bodies import CompletionBodies, Shape
+
+    bodies = CompletionBodies(Shape(chat=False, model="m", request_id="r", n=3,
+                                    cached_details=True))
+    for index, cached in enumerate((48, 0, 48, 16, 32, 16)):  # two prompts, 3 choices each
+        bodies.add(index, RequestOutput(f"r-{index}", "a", [5], True, FinishReason.LENGTH,
+                                        50, 1, cached_tokens=cached))
+    usage = bodies.complete()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0 + 16}
+    assert usage["prompt_tokens"] == 100

@@ -256,7 +256,9 @@ class CompletionBodies:
 
     def _usage(self) -> dict:
         """Every choice's completion tokens; each prompt's tokens once (its ``n`` choices
-        share it)."""
+        share it), and its cached tokens as those cached before it came: its choices'
+        least (the one that computed the prompt's blocks; which one did depends on how
+        they arrived)."""
         lasts = [(i, c.last) for i, c in self._choices.items() if c.last is not None]
         firsts = [out for i, out in lasts if i % self.shape.n == 0]
         prompt = sum(out.prompt_tokens for out in firsts)
@@ -264,8 +266,12 @@ class CompletionBodies:
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                  "total_tokens": prompt + completion}
         if self.shape.cached_details:
-            usage["prompt_tokens_details"] = {
-                "cached_tokens": sum(out.cached_tokens for out in firsts)}
+            cached: dict[int, int] = {}
+            for i, out in lasts:
+                prompt_index = i // self.shape.n
+                cached[prompt_index] = min(cached.get(prompt_index, out.cached_tokens),
+                                           out.cached_tokens)
+            usage["prompt_tokens_details"] = {"cached_tokens": sum(cached.values())}
         return usage
 
     @property
