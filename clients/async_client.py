@@ -22,7 +22,7 @@ from .messages import (
     ServerInfo,
     StreamChunk,
 )
-from .stubs import DEFAULT_TARGET, Stubs, ref, rmm_request
+from .stubs import DEFAULT_TARGET, Stubs, ref, register_request, rmm_request
 
 
 class AsyncClient(Stubs):
@@ -84,8 +84,7 @@ class AsyncClient(Stubs):
 
     async def register_adapter(self, adapter_id: str, data: bytes, replace: bool = False
                                ) -> AdapterInfo:
-        req = admin_pb2.RegisterAdapterRequest(adapter_id=adapter_id, data=data,
-                                               replace=replace)
+        req = register_request(adapter_id, data, replace)
         with m.rpc_errors():
             return m.adapter_info(await self._admin.RegisterAdapter(req, **self._admin_kw))
 

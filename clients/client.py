@@ -38,7 +38,7 @@ from .messages import (
     TokenLogprob,
     Usage,
 )
-from .stubs import DEFAULT_TARGET, Stubs, ref, rmm_request
+from .stubs import DEFAULT_TARGET, Stubs, ref, register_request, rmm_request
 
 __all__ = ["AdapterInfo", "AsyncClient", "ChatMessage", "Client", "GenerateResult",
            "ModuleShape", "NolaserveError", "RmmResult", "RmmTask", "SamplingExtras",
@@ -100,8 +100,7 @@ class Client(Stubs):
     def register_adapter(self, adapter_id: str, data: bytes, replace: bool = False
                          ) -> AdapterInfo:
         """Register adapter file bytes (NOLA, LoRA, RMM basis or RMM task format)."""
-        req = admin_pb2.RegisterAdapterRequest(adapter_id=adapter_id, data=data,
-                                               replace=replace)
+        req = register_request(adapter_id, data, replace)
         with m.rpc_errors():
             return m.adapter_info(self._admin.RegisterAdapter(req, **self._admin_kw))
 

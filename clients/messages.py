@@ -71,6 +71,8 @@ def rpc_errors() -> Iterator[None]:
     """Re-raise any ``grpc.RpcError`` in the block as ``NolaserveError``."""
     try:
         yield
+    except NolaserveError:  # built before it was sent
+        raise
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)

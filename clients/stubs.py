@@ -11,6 +11,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
+from .messages import built
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 Metadata = tuple[tuple[str, str], ...]
 
@@ -43,10 +45,16 @@ class Stubs:
 
 
 def ref(adapter_id: str) -> admin_pb2.AdapterRef:
-    return admin_pb2.AdapterRef(adapter_id=adapter_id)
+    return built(admin_pb2.AdapterRef, adapter_id=adapter_id)
+
+
+def register_request(adapter_id: str, data: bytes, replace: bool
+                     ) -> admin_pb2.RegisterAdapterRequest:
+    return built(admin_pb2.RegisterAdapterRequest, adapter_id=adapter_id, data=data,
+                 replace=replace)
 
 
 def rmm_request(source_ids: Sequence[str], basis_size: int, basis_id: str
                  ) -> admin_pb2.BuildRmmBasisRequest:
-    return admin_pb2.BuildRmmBasisRequest(source_adapter_ids=list(source_ids),
-                                          basis_size=basis_size, basis_id=basis_id)
+    return built(admin_pb2.BuildRmmBasisRequest, source_adapter_ids=list(source_ids),
+                 basis_size=basis_size, basis_id=basis_id)

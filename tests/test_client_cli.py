@@ -204,6 +204,10 @@ def test_cli_generate(served, capsys, monkeypatch):
     (["generate", "--seed", "-5", "hi"], "INVALID_ARGUMENT: seed='-5': Value out of range"),
     (["generate", "\udcff\udcfe"], "INVALID_ARGUMENT: prompt="),
     (["adapters", "list", "--page-size", "-1"], "INVALID_ARGUMENT: --page-size='-1'"),
+    # an outside probe got protobuf's traceback for these
+    (["rmm", "build", "b", "a", "c", "-k", "-1"], "INVALID_ARGUMENT: --basis-size='-1'"),
+    (["rmm", "build", "b", "a\udcff", "-k", "1"], "INVALID_ARGUMENT: source_adapter_ids="),
+    (["adapters", "show", "x\udcff"], "INVALID_ARGUMENT: adapter_id="),
 ])
 def test_cli_values_the_wire_cannot_hold_are_one_line(served, capsys, argv, said):
     """An outside probe's out-of-range numbers and non-UTF-8 prompt got protobuf's
