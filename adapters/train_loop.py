@@ -58,18 +58,40 @@ def load_jsonl(path: str | Path, tokenizer, add_eos: bool = True
     """Examples from a JSONL file of ``{"prompt", "completion"}`` or ``{"messages"}``
     records. Raises ``ValueError`` naming the line of a bad record."""
     examples = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-            examples.append(encode(tokenizer, rec.get("prompt"), rec.get("completion", ""),
-                                   messages=rec.get("messages"), add_eos=add_eos))
-        except (ValueError, AttributeError) as e:
+            prompt, completion, messages = _fields(json.loads(line))
+            examples.append(encode(tokenizer, prompt, completion, messages=messages,
+                                   add_eos=add_eos))
+        except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
+
+
+def _fields(record: object) -> tuple[str | None, str, list[dict] | None]:
+    """A record's prompt, completion and messages; ``ValueError`` saying what it lacks."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+        if not (isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages)):
+            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} '
+                             "with string values")
+        return None, "", messages
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) \
+            and isinstance(record.get("completion"), str):
+        return record["prompt"], record["completion"], None
+    keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    raise ValueError('an example needs "prompt" and "completion" (strings), or "messages"; '
+                     f"got {keys}")
 
 
 def collate(examples: list[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:

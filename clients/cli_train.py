@@ -4,11 +4,13 @@ optionally registering it on a running server. torch is imported only when it ru
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli_adapters import Connect, UsageError, describe, human_size
+from .client import NolaserveError
 
 if TYPE_CHECKING:
     from nolaserve.adapters.nola import NolaAdapter
@@ -46,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace, connect: Connect) -> int:
     """Load the model, train, write the adapter, report its size, register it if asked."""
-    if args.rank < 1 or args.num_basis < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--rank, --num-basis, --steps and --batch-size must be positive")
-    if not Path(args.data).is_file():  # before the model loads, not after
-        raise UsageError(f"{args.data}: no such file (a JSONL of training examples)")
+    _check_args(args)
+    if args.register:  # before the run: its end is no time to learn the id is taken
+        with connect() as client:
+            _check_registration(client, args)
     import torch
     from tqdm import tqdm
 
@@ -76,6 +78,10 @@ def command(args: argparse.Namespace, connect: Connect) -> int:
                      seed=args.seed, pad_id=pad_id, on_step=on_step)
     name = args.model or "SmolLM2-135M-Instruct"
     adapter = export(model, base_model=name, description=args.description)
+    if not (math.isfinite(losses[-1]) and adapter.alpha.isfinite().all()
+            and adapter.beta.isfinite().all()):
+        raise UsageError(f"training diverged (final loss {losses[-1]:.4g}, or a coefficient "
+                         f"not finite): lower --lr (was {args.lr}); nothing written")
     data = adapter.to_bytes()
     Path(args.out).write_bytes(data)
     lora_bytes = equivalent_lora_bytes(adapter)
@@ -89,6 +95,36 @@ def command(args: argparse.Namespace, connect: Connect) -> int:
             info = client.register_adapter(args.register, data, args.replace)
         print("registered", describe(info))
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What would fail the run, checked before the model loads and not after."""
+    if args.rank < 1 or args.num_basis < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--rank, --num-basis, --steps and --batch-size must be positive")
+    if not 0 < args.lr <= 1:  # Adam's step is about lr: over 1 it only diverges
+        raise UsageError(f"--lr must be in (0, 1], got {args.lr}")
+    if not Path(args.data).is_file():
+        raise UsageError(f"{args.data}: no such file (a JSONL of training examples)")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out}: its folder does not exist")
+
+
+def _check_registration(client, args: argparse.Namespace) -> None:
+    """``--register`` would be refused: the id taken (without ``--replace``), or the rank
+    over the server's ``max_rank``."""
+    limit = client.server_info().max_rank
+    if args.rank > limit:
+        raise UsageError(f"--rank {args.rank} is over the server's max_rank {limit}")
+    if args.replace:
+        return
+    try:
+        client.get_adapter(args.register)
+    except NolaserveError as e:
+        if e.code == "NOT_FOUND":
+            return
+        raise
+    raise UsageError(f"--register {args.register}: the id is taken; pass --replace or "
+                     "another id")
 
 
 def equivalent_lora_bytes(adapter: NolaAdapter) -> int:

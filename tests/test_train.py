@@ -17,7 +17,7 @@ from conftest import merged, tiny_llama
 from engine_helpers import hf_greedy, make_engine
 from server_helpers import request, serving
 
-from nolaserve.adapters import philox
+from nolaserve.adapters import philox, train_loop
 from nolaserve.adapters.nola import NolaAdapter
 from nolaserve.adapters.train import (
     NolaTrainLinear,
@@ -264,12 +264,19 @@ def test_train_nola_cli_writes_reports_and_registers(base, bytebpe, tmp_path, ca
 
     async def main():
         async with serving(make_engine(base, tok, max_rank=8)) as c:
-            code = await asyncio.to_thread(cli.main, [*argv, "--target",
-                                                      f"127.0.0.1:{c.running.port}"])
-            return code, c.running
+            target = ["--target", f"127.0.0.1:{c.running.port}"]
+            code = await asyncio.to_thread(cli.main, [*argv, *target])
+            printed = capsys.readouterr().out
+            # refused before the model loads (it does not exist), not after the run
+            again = ["--model", "/nonexistent", *target]
+            refused = [(await asyncio.to_thread(cli.main, [*argv, *again, *more]),
+                        capsys.readouterr().err) for more in ([], ["--rank", "16"])]
+            return code, printed, refused
 
-    code, _ = asyncio.run(main())
-    printed = capsys.readouterr().out
+    code, printed, refused = asyncio.run(main())
+    assert refused == [(2, "nolaserve: error: --register mine: the id is taken; pass "
+                           "--replace or another id\n"),
+                       (2, "nolaserve: error: --rank 16 is over the server's max_rank 8\n")]
     assert code == 0, printed
     adapter = NolaAdapter.from_bytes(out.read_bytes())
     assert (adapter.seed, adapter.rank, adapter.alpha.shape) == (9, 4, (2, 2, 16))
@@ -282,6 +289,44 @@ def test_train_nola_cli_writes_reports_and_registers(base, bytebpe, tmp_path, ca
     assert cli.main(["train-nola", str(tmp_path / "none.jsonl"), "--model", "/nonexistent",
                      "--out", str(out)]) == 2  # refused before the model loads
     assert "none.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_train_nola_refuses_what_would_fail_the_run_before_it(base, bytebpe, tmp_path,
+                                                                 capsys, monkeypatch):
+    """An outside probe's typo'd "completon" trained an adapter that only learned to stop,
+    --lr inf wrote an adapter of NaNs and exited 0, and a missing --out folder failed
+    after the whole run."""
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)
+    bytebpe.save_pretrained(model_dir)
+    data, out = tmp_path / "d.jsonl", tmp_path / "a.safetensors"
+    data.write_text(json.dumps({"prompt": "abc", "completion": "x"}) + "\n")
+    argv = ["train-nola", str(data), "--model", str(model_dir), "--device", "cpu", "--out",
+            str(out), "--steps", "2", "--rank", "2", "--num-basis", "4", "-q"]
+    capsys.readouterr()  # save_pretrained's progress bars
+
+    def said(*more: str) -> str:
+        assert cli.main([*argv, *more]) == 2
+        return capsys.readouterr().err.split("nolaserve: error: ")[-1].strip()
+
+    for lr in ("-1", "nan", "inf", "2"):
+        assert said("--lr", lr) == f"--lr must be in (0, 1], got {float(lr)}"
+    assert said("--out", str(tmp_path / "none" / "a.safetensors")).endswith(
+        "its folder does not exist")
+    monkeypatch.setattr(train_loop, "fit", lambda *a, **k: [math.nan])
+    assert said() == ("training diverged (final loss nan, or a coefficient not finite): "
+                      "lower --lr (was 0.01); nothing written")
+    monkeypatch.undo()
+    assert not out.exists()
+    for line, why in ((json.dumps({"prompt": "abc", "completon": "x"}),
+                       '1: an example needs "prompt" and "completion" (strings), or '
+                       "\"messages\"; got ['completon', 'prompt']"),
+                      ("[1, 2]", "1: an example needs"),
+                      (json.dumps({"messages": "hi"}), '1: "messages" must be a list')):
+        data.write_text(line + "\n")
+        assert said().startswith(f"{data}:{why}")
+    data.write_bytes(b'{"prompt": "\xff"}\n')
+    assert said() == f"{data}: not UTF-8 text (byte 12)"
 
 
 def test_encode_masks_the_prompt_and_appends_eos(bytebpe):
