@@ -252,14 +252,16 @@ def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeyp
     engine = make_engine(named, with_chat_template(bytebpe))
     for i in range(5):
         engine.store.register(f"ad{i}", nola_bytes(engine, i + 1))
+    engine.store.build_rmm(["ad0", "ad1"], 2, "rb")  # a basis is no model: its tasks are
     base = engine.model_name
 
     async def main():
         async with http_serving(engine, inference_token=INFERENCE) as (c, url):
             client = openai_client(url, INFERENCE)
             cards = [await client.models.retrieve(m) for m in (base, "ad3", f"{base}:ad3")]
-            with pytest.raises(openai.NotFoundError):
-                await client.models.retrieve("nope")
+            for name in ("nope", "rb"):
+                with pytest.raises(openai.NotFoundError):
+                    await client.models.retrieve(name)
             listed = await client.models.list()
             async with http(url, INFERENCE) as h:
                 pages = {n: await walk_pages(h, n) for n in (1, 2)}
@@ -278,7 +280,8 @@ def test_models_retrieve_tokenize_detokenize_and_version(model, bytebpe, monkeyp
     cards, listed, pages, zero, tok, chat, detok, bad, unknown, ver, guarded = asyncio.run(main())
     assert [c.id for c in cards] == [base, "ad3", f"{base}:ad3"]
     assert cards[1].root == base and cards[0].object == "model"
-    assert [m.id for m in listed.data] == [base] + [f"ad{i}" for i in range(5)]
+    assert [m.id for m in listed.data] == [base] + [f"ad{i}" for i in range(5)] + [
+        "rb/ad0", "rb/ad1"]
     for n, walked in pages.items():  # pages of at most ``limit`` models, the base first
         assert all(len(page) <= n for page in walked) and len(walked[0]) == n
         assert [m["id"] for page in walked for m in page] == [m.id for m in listed.data]

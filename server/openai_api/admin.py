@@ -14,7 +14,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
-from nolaserve.adapters.errors import AdapterExistsError, InvalidRequestError, short
+from nolaserve.adapters.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    short,
+)
 from nolaserve.adapters.registry import MAX_PAGE_SIZE
 from nolaserve.adapters.registry_rows import AdapterRecord, encode_token
 from nolaserve.adapters.sources import read_adapter_source
@@ -74,7 +79,8 @@ class AdapterEndpoints:
 
     async def models(self, endpoints: Endpoints, limit: int | None, page_token: str
                      ) -> Response:
-        """The base model and every registered adapter, as vLLM lists them; with ``limit``
+        """The base model and every registered adapter but RMM bases (their tasks are the
+        models), as vLLM lists them; with ``limit``
         (or ``page_token``) one page of ``limit`` models (``_page``).
         Each adapter is under the name that serves it: one registered under the base
         model's id (refused now, kept if registered before) is ``<base id>:<base id>``."""
@@ -86,7 +92,7 @@ class AdapterEndpoints:
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
         data += [adapter_card(r, base, f"{base}:{base}" if r.id == base else r.id)
-                 for r in records]
+                 for r in records if r.kind != "rmm-basis"]  # not a model: its tasks are
         return JSONResponse({"object": "list", "data": data, "has_more": bool(token),
                              "next_page_token": token or None})
 
@@ -99,6 +105,9 @@ class AdapterEndpoints:
         registered = registered_in(self.store)
         adapter = await asyncio.to_thread(resolve_adapter, model_id, base, registered)
         record = await asyncio.to_thread(self.store.get, adapter)
+        if record.kind == "rmm-basis":
+            raise AdapterNotFoundError(f"{short(model_id)} is an RMM basis, not a model: "
+                                       "its tasks are, as '<basis id>/<source id>'")
         return JSONResponse(adapter_card(record, base, model_id))
 
     def _page(self, limit: int | None, page_token: str) -> tuple[list[AdapterRecord], str]:
