@@ -10,7 +10,12 @@ from concurrent.futures import Executor
 import torch
 
 from . import safetensors_io as st
-from .errors import IncompatibleAdapterError, InvalidAdapterError, short
+from .errors import (
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    InvalidAdapterError,
+    short,
+)
 from .lora import LoraAdapter
 from .nola import NolaAdapter
 from .registry_rows import AdapterRecord
@@ -112,7 +117,12 @@ def basis_of_task(task: RmmTask, get: Callable[[str], AdapterRecord]) -> str:
     record lookup); refused unless that id holds exactly that basis."""
     if not task.basis_id:
         raise InvalidAdapterError("RMM task names no basis_id; register it with its basis")
-    basis = get(task.basis_id)
+    try:
+        basis = get(task.basis_id)
+    except AdapterNotFoundError:
+        raise AdapterNotFoundError(
+            f"RMM task names basis_id {short(task.basis_id)}, which is not registered: "
+            "register that basis first") from None
     if basis.kind != "rmm-basis":
         raise IncompatibleAdapterError(
             f"RMM task names basis_id {short(task.basis_id)}, but that is a {basis.kind} "

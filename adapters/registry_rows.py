@@ -96,7 +96,7 @@ def check_write(row: tuple, batch: list[tuple], replace: bool, scope: str | None
         if users:
             raise AdapterInUseError(
                 f"cannot replace {short(adapter_id)}: it is the basis of {few(users)}; "
-                "replace them in the same batch or delete them first")
+                "delete them first (or rebuild the basis under a new id)")
     if parent is not None:
         parent_kind = next((r[1] for r in batch if r[0] == parent), None) or kind_of(parent)
         if parent_kind is None:

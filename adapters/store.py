@@ -197,16 +197,21 @@ class AdapterStore:
         check_new_adapter_id(basis_id, self.spec.name)
         if len(set(source_ids)) != len(source_ids):
             raise InvalidAdapterError("source adapter ids must be distinct")
+        for sid in source_ids:
+            try:
+                check_adapter_id(sid)
+            except InvalidAdapterIdError as e:
+                raise InvalidAdapterIdError(f"source adapter: {e}") from None
         longest = max(source_ids, key=len, default="")
         if len(basis_id) + 1 + len(longest) > MAX_ID_CHARS:
             raise InvalidAdapterIdError(
                 f"the task id {short(basis_id + '/' + longest)} would have "
                 f"{len(basis_id) + 1 + len(longest)} characters; at most {MAX_ID_CHARS}: use "
-                f"a basis id of at most {MAX_ID_CHARS - 1 - len(longest)} characters")
+                "a shorter basis id")
         task_ids = [check_adapter_id(f"{basis_id}/{sid}") for sid in source_ids]
         if taken := next(filter(self.registry.contains, [basis_id, *task_ids]), None):
             raise AdapterExistsError(f"{short(taken)} is already registered: pick another "
-                                     "basis id, or delete that basis first")
+                                     "basis id, or delete it first")
         sources = {sid: self._materialize(self.parsed(sid), "cpu") for sid in source_ids}
         build = build_rmm(sources, basis_size, self.spec, basis_id=basis_id)
         items = [NewAdapter(basis_id, build.basis.kind, build.basis.to_bytes(),

@@ -127,8 +127,17 @@ def test_rmm_task_upload_needs_its_basis(store):
     with pytest.raises(AdapterExistsError, match="'B1' is already registered: pick another"):
         store.build_rmm(["a", "b"], basis_size=1, basis_id="B1")  # no replace to advise
     with pytest.raises(InvalidAdapterIdError, match="the task id .* would have 129 characters; "
-                       "at most 128: use a basis id of at most 126 characters"):
+                       "at most 128: use a shorter basis id"):
         store.build_rmm(["a", "b"], basis_size=1, basis_id="b" * 127)  # it named no field
+    # an outside probe was told to use a basis id of at most -9873 characters, and of a
+    # task id for a source id with a newline
+    for source in ("x" * 10000, "a\n"):
+        with pytest.raises(InvalidAdapterIdError, match="^source adapter: invalid adapter id"):
+            store.build_rmm(["a", source], basis_size=1, basis_id="B3")
+    store.register("B4/a", nola_bytes(3))  # a task id taken by a plain adapter: no basis
+    with pytest.raises(AdapterExistsError, match="'B4/a' is already registered: pick another "
+                       "basis id, or delete it first"):
+        store.build_rmm(["a", "b"], basis_size=1, basis_id="B4")
     task = store.registry.data("B1/a")
     store.register("copy", task)  # same basis: fine
     other = parse_adapter(store.registry.data("B2/a"))
@@ -136,7 +145,8 @@ def test_rmm_task_upload_needs_its_basis(store):
     with pytest.raises(IncompatibleAdapterError, match="sha256"):
         store.register("liar", other.to_bytes())
     other.basis_id = "nope"
-    with pytest.raises(AdapterNotFoundError):
+    with pytest.raises(AdapterNotFoundError, match="RMM task names basis_id 'nope', which is "
+                       "not registered: register that basis first"):
         store.register("orphan", other.to_bytes())
     store.register("n", nola_bytes(3))
     other.basis_id, other.basis_sha256 = "n", store.registry.get("n").sha256
