@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -318,4 +319,18 @@ def serve(config: Config, engine: Engine | None = None) -> int:
     the engine failed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    raise_open_files_limit()
     return asyncio.run(serve_async(config, engine))
+
+
+def raise_open_files_limit(target: int = 65536) -> None:
+    """The soft limit on open files up to the hard one (at most ``target``), as vLLM
+    does: at the usual 1,024 a burst of connections runs the server out of descriptors,
+    and every accept then fails."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(hard, target)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, e)

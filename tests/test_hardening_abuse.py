@@ -3,12 +3,14 @@ oversized messages and 1 ms deadlines neither block nor starve other clients, an
 work or state behind."""
 
 import asyncio
+import contextlib
 import itertools
 
 import grpc
 import pytest
 from conftest import tiny_llama
 from engine_helpers import StepProbe, make_engine
+from openai_helpers import http_serving
 from server_helpers import (
     HANG_GUARD,
     assert_no_leaks,
@@ -21,6 +23,7 @@ from server_helpers import (
 )
 
 from nolaserve.adapters.nola import random_nola
+from nolaserve.server.openai_api import server as http_server
 from nolaserve.v1 import admin_pb2, inference_pb2_grpc
 
 Code = grpc.StatusCode
@@ -104,6 +107,48 @@ def test_many_idle_connections_do_not_starve_a_client(engine):
 
     asyncio.run(main())
     assert_no_leaks(engine)
+
+
+def test_http_connections_without_a_whole_request_head_are_closed(engine, monkeypatch):
+    """uvicorn waited forever for a request's head: an outside probe's silent and
+    byte-a-while connections were all open after 75 s, each holding a descriptor. A
+    connection's head must come within ``HEAD_TIMEOUT_S`` of its opening or its last
+    response; a request that runs longer, or a keep-alive wait shorter, is untouched."""
+    monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.5)
+    slow_down(engine, 0.05)
+
+    async def closed(reader: asyncio.StreamReader) -> bool:
+        return await asyncio.wait_for(reader.read(), HANG_GUARD) == b""
+
+    async def main():
+        async with http_serving(engine) as (_, url):
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            trickle = await asyncio.open_connection("127.0.0.1", port)
+            head = b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 30  # 4 s of it
+            sent = 0
+            with contextlib.suppress(ConnectionError):
+                for sent in range(len(head)):  # a byte every 0.02 s does not keep it open
+                    trickle[1].write(head[sent:sent + 1])
+                    await trickle[1].drain()
+                    await asyncio.sleep(0.02)
+            assert sent < len(head) // 2 and await closed(silent[0])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b'{"prompt": "hi", "max_tokens": 20, "ignore_eos": true}'
+            for _ in range(2):  # a 1 s request, then a keep-alive wait under the bound
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_GUARD)
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                answer = await reader.readexactly(length)
+                assert head.startswith(b"HTTP/1.1 200") and b'"length"' in answer
+                await asyncio.sleep(0.3)
+            assert await closed(reader)  # idle past the bound after its last response
+            for w in (silent[1], trickle[1], writer):
+                w.close()
+
+    asyncio.run(main())
 
 
 def test_oversized_messages_are_refused_without_blocking_others(engine):

@@ -4,6 +4,8 @@ while the model loads, health and the APIs answer that it is loading."""
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -188,3 +190,18 @@ def test_every_port_answers_while_the_model_loads(monkeypatch, bytebpe):
                     await running.stop(0)
 
     asyncio.run(main())
+
+
+def test_serve_raises_the_open_files_limit_toward_the_hard_one():
+    """At a soft limit of 1,024 an outside probe's few hundred slow connections ran the
+    server out of descriptors (every accept then failed); vLLM raises it too."""
+    code = ("import resource\n"
+            "from nolaserve.server.app import raise_open_files_limit\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "raise_open_files_limit()\n"
+            "want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == max(want, 256))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "True"

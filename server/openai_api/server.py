@@ -18,6 +18,7 @@ import re
 import socket
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nolaserve.adapters.errors import Status
 
@@ -29,6 +30,7 @@ from .errors import HTTP_STATUS, error_body
 
 log = logging.getLogger("nolaserve.http")
 LOADING = "the model is still loading; retry when GET /health answers 200"
+HEAD_TIMEOUT_S = 30.0  # for a request's head (line and headers), as nginx's header timeout
 
 
 def bind_http(config: Config) -> socket.socket | None:
@@ -131,6 +133,45 @@ class BodyLimit:
                                     f"{self.max_bytes} bytes")
 
 
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose next request head has not come
+    whole ``HEAD_TIMEOUT_S`` after it opened or its last response ended (uvicorn waits
+    forever: each silent or byte-a-minute client held a file descriptor, and enough of
+    them ran the server out)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle:  # a request's head came
+            self._cancel_head()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        self._await_head()  # before: the next, pipelined request may start in there
+        super().on_response_complete()
+        if self.cycle is not cycle or self.transport.is_closing():
+            self._cancel_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._cancel_head()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.transport.close)
+
+    def _cancel_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
@@ -150,7 +191,8 @@ class HttpServer:
         self.server = _Server(uvicorn.Config(
             self._asgi, interface="asgi3", lifespan="off", log_config=None,
             access_log=False, ssl_certfile=config.tls_cert or None,
-            ssl_keyfile=config.tls_key or None, timeout_graceful_shutdown=5))
+            ssl_keyfile=config.tls_key or None, timeout_graceful_shutdown=5,
+            http=HeadTimeoutH11))
         self._task: asyncio.Task | None = None
 
     async def _asgi(self, scope, receive, send) -> None:
