@@ -170,8 +170,8 @@ class Config:
                               "`NOLASERVE_ADMIN_TOKEN`", repr=False)
     inference_token: str = option("", "non-empty: the same for Inference RPCs and the HTTP "
                                   "inference endpoints (completions, chat, responses, models, "
-                                  "tokenize, detokenize, version); gRPC health and reflection, /health and "
-                                  "/metrics stay open; default from "
+                                  "tokenize, detokenize, version); gRPC health and "
+                                  "reflection, /health and /metrics stay open; default from "
                                   "`NOLASERVE_INFERENCE_TOKEN`", repr=False)
     admin_token_file: str = option("", "read `admin_token` from this file instead "
                                    "(surrounding whitespace dropped); setting both a token "
