@@ -195,6 +195,9 @@ def test_an_all_of_of_one_schema_is_that_schema():
     (StructuredSpec(regex="(ab"), "the regex cannot be enforced: .*parenthesis"),
     (StructuredSpec(choice=()), "choice must be a list of non-empty strings"),
     (StructuredSpec(choice=("a", "")), "choice must be a list of non-empty strings"),
+    # the grammar took the special token for its text, and the text dropped it
+    (StructuredSpec(choice=("a", "x<eos>")), "choice 1 \\('x<eos>'\\) holds the special "
+     "token '<eos>', which the model writes as one token"),
     (StructuredSpec(regex="a" * (MAX_SCHEMA_CHARS + 1)), "the regex has .* simplify it"),
     (StructuredSpec(grammar='start ::= "a"'), "the grammar cannot be enforced: .*root"),
     (StructuredSpec(grammar='root ::= "a'), "the grammar cannot be enforced"),

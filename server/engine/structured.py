@@ -45,7 +45,7 @@ import torch
 import xgrammar as xgr
 
 from nolaserve.adapters.daemon_pool import DaemonPool
-from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
+from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status, short
 
 from .sampler import row_tensor
 from .schema_checks import enforceable
@@ -118,6 +118,7 @@ class Grammars:
         (``QueueFullError`` when they are all taken); with what it is and how to fix it."""
         what, text, build, fix = self._checked_source(spec)
         compiler, key = self._get_compiler(), (what, text)
+        self._check_choices(spec)
         with self._lock:
             if (grammar := self._compiled.get(key)) is not None:
                 self._compiled.move_to_end(key)
@@ -182,6 +183,18 @@ class Grammars:
                 f"the {what} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X})"
                 f" at character {e.start}; send text that encodes as UTF-8") from None
         return what, text, build, fix
+
+    def _check_choices(self, spec: StructuredSpec) -> None:
+        """A choice holding a special token's text is refused: the grammar takes the token
+        for that text, and the output text drops it (``<|im_end|>`` ended the request with
+        an empty text, which is no choice)."""
+        special = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
+        for i, choice in enumerate(spec.choice or ()):
+            if token := next((t for t in special if t in choice), None):
+                raise InvalidRequestError(
+                    f"choice {i} ({short(choice)}) holds the special token {token!r}, which "
+                    "the model writes as one token that the output text leaves out: send "
+                    "choices without special tokens")
 
     def _done(self, key: tuple[str, str], done: Future) -> None:
         """A compile ended: keep its grammar (the last ``COMPILED_KEPT``: a schema sent

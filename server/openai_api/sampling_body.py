@@ -123,11 +123,12 @@ class SamplingBody(NullIsDefault):
         ``tool_call_parser`` lets ``tool_choice: auto`` through)."""
         return structured_output(self.response_format, self.tools, self.tool_choice,
                                  self.is_chat,
-                                 self.parallel_tool_calls is not False, self._guided(),
-                                 tool_call_parser)
+                                 self.parallel_tool_calls is not False, *self._guided(),
+                                 parser=tool_call_parser)
 
-    def _guided(self) -> dict[str, Any] | None:
-        """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way."""
+    def _guided(self) -> tuple[dict[str, Any] | None, str]:
+        """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way; and
+        the field it came in, for errors."""
         old = {k: v for k, v in (("choice", self.guided_choice), ("regex", self.guided_regex),
                                  ("json", self.guided_json), ("grammar", self.guided_grammar))
                if v is not None}
@@ -135,7 +136,9 @@ class SamplingBody(NullIsDefault):
             raise InvalidRequestError("structured_outputs and guided_* both constrain the "
                                       "output: send structured_outputs only", "guided_"
                                       + next(iter(old)))
-        return old or self.structured_outputs
+        if old:
+            return old, "guided_" + next(iter(old)) if len(old) == 1 else "guided_*"
+        return self.structured_outputs, "structured_outputs"
 
     @property
     def stream_usage(self) -> str:

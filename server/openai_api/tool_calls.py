@@ -308,18 +308,20 @@ def _calls(found: Any, key: str, text: str, scanner: CallScanner) -> list[dict]:
 
 def structured_output(response_format: Any, tools: Any, tool_choice: Any, chat: bool,
                       parallel: bool = True, guided: dict[str, Any] | None = None,
-                      parser: str = "") -> tuple[StructuredSpec | None, ToolMode | None]:
+                      guided_field: str = "structured_outputs", parser: str = ""
+                      ) -> tuple[StructuredSpec | None, ToolMode | None]:
     """The engine's spec and the response's tool mode of a request's fields (``parallel``
     False: ``parallel_tool_calls`` false, at most one call; ``guided``: vLLM's
-    ``structured_outputs``, or its ``guided_*`` fields as such a dict; ``parser``: the
-    server's ``tool_call_parser``, which ``tool_choice: auto`` needs)."""
+    ``structured_outputs``, or its ``guided_*`` fields as such a dict, from the field
+    ``guided_field``; ``parser``: the server's ``tool_call_parser``, which
+    ``tool_choice: auto`` needs)."""
     if tools is not None and not chat:
         raise UnsupportedFieldError("tools are a chat field: send them to "
                                     "/v1/chat/completions", "tools")
     spec, mode = _tools(tools, tool_choice, parallel, parser)
     asked = [(name, s) for name, s in (("a tool call", spec),
                                        ("response_format", _response_format(response_format)),
-                                       ("structured_outputs", _guided(guided)))
+                                       (guided_field, _guided(guided, guided_field)))
              if s is not None]
     if len(asked) > 1:
         raise InvalidRequestError(f"{asked[0][0]} and {asked[1][0]} both constrain the "
@@ -331,19 +333,22 @@ GUIDED_OPTIONS = {"disable_any_whitespace", "disable_fallback",
                   "disable_additional_properties"}  # what nolaserve does anyway, or moot
 
 
-def _guided(value: dict[str, Any] | None) -> StructuredSpec | None:
-    """vLLM's ``structured_outputs`` as a spec: exactly one constraint."""
+def _guided(value: dict[str, Any] | None, field: str) -> StructuredSpec | None:
+    """vLLM's ``structured_outputs`` (or ``guided_*``, in ``field``) as a spec: exactly one
+    constraint."""
     if value is None:
         return None
     asked = {k: v for k, v in value.items() if k not in GUIDED_OPTIONS and v is not None}
     if len(asked) != 1 or not asked.keys() <= {"choice", "regex", "json", "json_object",
                                                 "grammar"}:
         raise UnsupportedFieldError(
-            f"structured_outputs asks for {sorted(asked) or 'nothing'}: set exactly one of "
+            f"{field} asks for {sorted(asked) or 'nothing'}: set exactly one of "
             "choice (a list of strings), regex, json (a schema), grammar (EBNF) or "
-            "json_object", "structured_outputs")
+            "json_object", field)
     (kind, v), = asked.items()
-    if kind == "choice" and isinstance(v, list) and all(isinstance(c, str) for c in v):
+    name = f"structured_outputs.{kind}" if field == "structured_outputs" else field
+    if kind == "choice" and isinstance(v, list) and v and all(
+            isinstance(c, str) and c for c in v):
         return StructuredSpec(choice=tuple(v))
     if kind == "regex" and isinstance(v, str):
         return StructuredSpec(regex=v)
@@ -353,11 +358,10 @@ def _guided(value: dict[str, Any] | None) -> StructuredSpec | None:
         return StructuredSpec(v if isinstance(v, str) else json.dumps(v))
     if kind == "json_object" and v is True:
         return StructuredSpec()
-    raise InvalidRequestError(f"structured_outputs.{kind} is {short(v)}: send "
-                              + {"choice": "a list of strings", "regex": "a string",
+    raise InvalidRequestError(f"{name} is {short(v)}: send "
+                              + {"choice": "a list of non-empty strings", "regex": "a string",
                                  "json": "a JSON schema", "json_object": "true",
-                                 "grammar": "an EBNF grammar as a string"}[kind],
-                              "structured_outputs")
+                                 "grammar": "an EBNF grammar as a string"}[kind], field)
 
 
 def _response_format(value: Any) -> StructuredSpec | None:
