@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 from engine_helpers import greedy
 
+from nolaserve.adapters.cache import DeleteLog
 from nolaserve.adapters.errors import AdapterNotFoundError, NoFreeSlotError
 from nolaserve.adapters.slots import SlotSnapshot
 from nolaserve.server.engine.admission import AdapterAdmission
@@ -54,6 +55,7 @@ class HeldLoads:
         self.looked: list[str] = []  # the key of each try_acquire
         self.costs: dict[str, int] = {}
         self.order: list[str] = []  # the adapter of each acquire, in the order they started
+        self.deletes = DeleteLog()  # the real one: nothing is deleted here
 
     def want(self, adapter_id):
         self.wanted[adapter_id] += 1
