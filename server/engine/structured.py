@@ -45,7 +45,7 @@ import torch
 import xgrammar as xgr
 
 from nolaserve.adapters.daemon_pool import DaemonPool
-from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status, short
+from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
 
 from .sampler import row_tensor
 from .schema_checks import enforceable
@@ -61,6 +61,7 @@ COMPILE_THREADS = 1
 COMPILE_WAITERS = 3  # requests waiting for compiles at once; more get RESOURCE_EXHAUSTED
 COMPILED_KEPT = 256  # compiled grammars kept by their text (the last ones)
 BUSY = "structured output compiles are queued behind slow ones; retry later"
+STRUCTURED = "structured"  # the param of a constraint's errors; front ends name their field
 
 
 class Grammars:
@@ -118,7 +119,6 @@ class Grammars:
         (``QueueFullError`` when they are all taken); with what it is and how to fix it."""
         what, text, build, fix = self._checked_source(spec)
         compiler, key = self._get_compiler(), (what, text)
-        self._check_choices(spec)
         with self._lock:
             if (grammar := self._compiled.get(key)) is not None:
                 self._compiled.move_to_end(key)
@@ -152,14 +152,15 @@ class Grammars:
                 raise QueueFullError(BUSY)
             raise InvalidRequestError(
                 f"the {what} takes more than {COMPILE_WAIT_S:g} s to compile (nested or long "
-                "counted repetition, such as ((a?){20}){20}): simplify it")
+                "counted repetition, such as ((a?){20}){20}): simplify it", STRUCTURED)
         if compiling.cancelled():  # another request waiting for the same compile gave up
             raise QueueFullError(BUSY)
         try:
             return compiling.result()
         except (RuntimeError, ValueError, RecursionError) as e:
             raise InvalidRequestError(
-                f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}") from None
+                f"the {what} cannot be enforced: {_reason(e)[-300:]}; {fix}",
+                STRUCTURED) from None
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
         """A new request's grammar state (None without ``spec``): on the step thread,
@@ -175,26 +176,16 @@ class Grammars:
         what, text, build, fix = _source(spec)
         if len(text) > MAX_SCHEMA_CHARS:
             raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
-                                      f"{MAX_SCHEMA_CHARS} are allowed: simplify it")
+                                      f"{MAX_SCHEMA_CHARS} are allowed: simplify it",
+                                      STRUCTURED)
         try:
             text.encode()
         except UnicodeEncodeError as e:  # a JSON "\ud800" escape decodes to one
             raise InvalidRequestError(
                 f"the {what} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X})"
-                f" at character {e.start}; send text that encodes as UTF-8") from None
+                f" at character {e.start}; send text that encodes as UTF-8",
+                STRUCTURED) from None
         return what, text, build, fix
-
-    def _check_choices(self, spec: StructuredSpec) -> None:
-        """A choice holding a special token's text is refused: the grammar takes the token
-        for that text, and the output text drops it (``<|im_end|>`` ended the request with
-        an empty text, which is no choice)."""
-        special = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
-        for i, choice in enumerate(spec.choice or ()):
-            if token := next((t for t in special if t in choice), None):
-                raise InvalidRequestError(
-                    f"choice {i} ({short(choice)}) holds the special token {token!r}, which "
-                    "the model writes as one token that the output text leaves out: send "
-                    "choices without special tokens")
 
     def _done(self, key: tuple[str, str], done: Future) -> None:
         """A compile ended: keep its grammar (the last ``COMPILED_KEPT``: a schema sent
@@ -213,11 +204,27 @@ class Grammars:
                                       "this engine has none: leave response_format unset")
         with self._lock:  # building the token table takes ~0.15 s on a 49k vocabulary
             if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(
-                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids)
+                info = token_info(self.tokenizer, self.vocab_size, self.stop_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1,
                                                      cache_limit_bytes=CACHE_BYTES)
             return self._compiler
+
+
+def token_info(tokenizer, vocab_size: int, stop_ids: list[int]) -> xgr.TokenizerInfo:
+    """xgrammar's view of the vocabulary, each special added token but the stop ones as
+    text-less, which xgrammar never allows: a grammar's literal ``<|im_end|>`` or
+    ``<filename>`` is then written in plain tokens, which the output text keeps, not as the
+    special token, which it drops (a choice came back as an empty text)."""
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                              stop_token_ids=stop_ids)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    vocab = [""] * info.vocab_size
+    for text, i in tokenizer.get_vocab().items():
+        if i < info.vocab_size:
+            vocab[i] = "" if i in special and i not in stop_ids else text
+    return xgr.TokenizerInfo(vocab, info.vocab_type, vocab_size=info.vocab_size,
+                             stop_token_ids=info.stop_token_ids,
+                             add_prefix_space=info.add_prefix_space)
 
 
 def _wake(loop: asyncio.AbstractEventLoop, woken: asyncio.Future) -> None:
@@ -246,7 +253,7 @@ def _source(spec: StructuredSpec) -> tuple[str, str, Any, str]:
     if spec.choice is not None:
         if not spec.choice or not all(spec.choice):
             raise InvalidRequestError("choice must be a list of non-empty strings, got "
-                                      f"{list(spec.choice)!r}")
+                                      f"{list(spec.choice)!r}", STRUCTURED)
         rule = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
         return ("choice list", rule, lambda c, text: c.compile_grammar(text),
                 "send a list of non-empty strings")

@@ -126,6 +126,17 @@ class SamplingBody(NullIsDefault):
                                  self.parallel_tool_calls is not False, *self._guided(),
                                  parser=tool_call_parser)
 
+    def structured_field(self) -> str | None:
+        """The field that set the output's constraint, for its errors."""
+        if self.tools is not None and self.tool_choice not in (None, "none", "auto"):
+            return "tools"
+        if self.response_format is not None and not (
+                isinstance(self.response_format, dict)
+                and self.response_format.get("type") == "text"):
+            return "response_format"
+        guided, field = self._guided()
+        return None if guided is None else field
+
     def _guided(self) -> tuple[dict[str, Any] | None, str]:
         """``structured_outputs``, or vLLM's older ``guided_*`` fields said that way; and
         the field it came in, for errors."""
