@@ -92,7 +92,7 @@ class AdapterEndpoints:
         data = [] if page_token else [model_card(base, self.started, None, base,
                                                  self.max_model_len)]
         data += [adapter_card(r, base, f"{base}:{base}" if r.id == base else r.id)
-                 for r in records if r.kind != "rmm-basis"]  # not a model: its tasks are
+                 for r in records]
         return JSONResponse({"object": "list", "data": data, "has_more": bool(token),
                              "next_page_token": token or None})
 
@@ -120,14 +120,18 @@ class AdapterEndpoints:
         size = (MAX_PAGE_SIZE if limit is None else limit) - (not page_token)
         if size == 0:
             return [], encode_token("") if self.store.list_page(1, "")[0] else ""
-        records, token, _ = self.store.list_page(size, page_token)
-        return records, token
+        records, token = [], page_token
+        while True:  # RMM bases are no models: a page is filled past them
+            page, token, _ = self.store.list_page(size - len(records), token)
+            records += [r for r in page if r.kind != "rmm-basis"]
+            if len(records) == size or not token:
+                return records, token
 
     def _all_records(self) -> list:
         records, token = [], ""
         while True:
             page, token, _ = self.store.list_page(MAX_PAGE_SIZE, token)
-            records += page
+            records += [r for r in page if r.kind != "rmm-basis"]  # no model: its tasks are
             if not token:
                 return records
 
