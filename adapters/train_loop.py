@@ -58,22 +58,33 @@ def load_jsonl(path: str | Path, tokenizer, add_eos: bool = True
     """Examples from a JSONL file of ``{"prompt", "completion"}`` or ``{"messages"}``
     records. Raises ``ValueError`` naming the line of a bad record."""
     examples = []
+    for where, (prompt, completion, messages) in read_records(path):
+        try:
+            examples.append(encode(tokenizer, prompt, completion, messages=messages,
+                                   add_eos=add_eos))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return examples
+
+
+def read_records(path: str | Path) -> list[tuple[str, tuple[str | None, str, list | None]]]:
+    """Each record of a JSONL file, where it is (``path:line``) and its prompt, completion
+    and messages; ``ValueError`` naming the line of one that is not a record (no tokenizer
+    needed: ``train-nola`` reads them before the model loads)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    records = []
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            prompt, completion, messages = _fields(json.loads(line))
-            examples.append(encode(tokenizer, prompt, completion, messages=messages,
-                                   add_eos=add_eos))
-        except ValueError as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
-    if not examples:
+        if line.strip():
+            try:
+                records.append((f"{path}:{n}", _fields(json.loads(line))))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+    if not records:
         raise ValueError(f"{path}: no examples")
-    return examples
+    return records
 
 
 def _fields(record: object) -> tuple[str | None, str, list[dict] | None]:

@@ -105,8 +105,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be in (0, 1], got {args.lr}")
     if not Path(args.data).is_file():
         raise UsageError(f"{args.data}: no such file (a JSONL of training examples)")
-    if not Path(args.out).resolve().parent.is_dir():
-        raise UsageError(f"--out {args.out}: its folder does not exist")
+    if not Path(args.out).resolve().parent.is_dir() or Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: name a file in a folder that exists")
+    if not math.isfinite(args.lora_alpha):
+        raise UsageError(f"--lora-alpha must be a finite number, got {args.lora_alpha}")
+    from nolaserve.adapters.train_loop import read_records
+
+    try:
+        read_records(args.data)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_registration(client, args: argparse.Namespace) -> None:

@@ -311,8 +311,10 @@ def test_train_nola_refuses_what_would_fail_the_run_before_it(base, bytebpe, tmp
 
     for lr in ("-1", "nan", "inf", "2"):
         assert said("--lr", lr) == f"--lr must be in (0, 1], got {float(lr)}"
-    assert said("--out", str(tmp_path / "none" / "a.safetensors")).endswith(
-        "its folder does not exist")
+    for bad_out in (tmp_path / "none" / "a.safetensors", tmp_path):
+        assert said("--out", str(bad_out)) == (f"--out {bad_out}: name a file in a folder "
+                                               "that exists")
+    assert said("--lora-alpha", "inf") == "--lora-alpha must be a finite number, got inf"
     monkeypatch.setattr(train_loop, "fit", lambda *a, **k: [math.nan])
     assert said() == ("training diverged (final loss nan, or a coefficient not finite): "
                       "lower --lr (was 0.01); nothing written")
@@ -323,10 +325,10 @@ def test_train_nola_refuses_what_would_fail_the_run_before_it(base, bytebpe, tmp
                        "\"messages\"; got ['completon', 'prompt']"),
                       ("[1, 2]", "1: an example needs"),
                       (json.dumps({"messages": "hi"}), '1: "messages" must be a list')):
-        data.write_text(line + "\n")
-        assert said().startswith(f"{data}:{why}")
+        data.write_text(line + "\n")  # before the model loads: there is none
+        assert said("--model", "/nonexistent").startswith(f"{data}:{why}")
     data.write_bytes(b'{"prompt": "\xff"}\n')
-    assert said() == f"{data}: not UTF-8 text (byte 12)"
+    assert said("--model", "/nonexistent") == f"{data}: not UTF-8 text (byte 12)"
 
 
 def test_encode_masks_the_prompt_and_appends_eos(bytebpe):
