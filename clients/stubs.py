@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from nolaserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
-from .messages import built
+from .messages import NolaserveError, built
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 Metadata = tuple[tuple[str, str], ...]
@@ -33,6 +33,10 @@ class Stubs:
         if tls_root_cert is None:
             channel = channels.insecure_channel(target, options)
         else:
+            if b"-----BEGIN CERTIFICATE-----" not in tls_root_cert:
+                raise NolaserveError("INVALID_ARGUMENT", "tls_root_cert holds no PEM "
+                                     "certificate (-----BEGIN CERTIFICATE-----): give the "
+                                     "root certificate, not a key")
             creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
             channel = channels.secure_channel(target, creds, options)
         self.target = target

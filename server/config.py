@@ -224,6 +224,9 @@ class Config:
             raise ValueError(
                 f"config dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        if not self.host.strip():
+            raise ValueError("config host is empty: give an address (0.0.0.0 listens on "
+                             "every interface)")
         ports: dict[int, str] = {}
         for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)

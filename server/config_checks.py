@@ -45,6 +45,7 @@ def read_token(path: str, key: str) -> str:
 
 _SSL_REASONS = {  # OpenSSL's words -> what they mean here
     "KEY_VALUES_MISMATCH": "the key is not the certificate's",
+    "NO_CERTIFICATE_ASSIGNED": "the key is not the certificate's (another key type)",
     "PEM lib": "a file is not PEM of its kind (tls_cert a certificate, tls_key a private key)",
 }
 
@@ -52,8 +53,15 @@ _SSL_REASONS = {  # OpenSSL's words -> what they mean here
 def check_tls_pair(cert: str, key: str) -> None:
     """``ValueError`` unless ``cert`` and ``key`` are readable PEM files of one key pair
     (else the servers fail later, reported as a port that cannot be bound)."""
+    def no_passphrase() -> bytes:  # else OpenSSL asks for it on the terminal
+        raise ValueError("the key is encrypted: give it unencrypted (openssl pkey -in KEY "
+                         "-out PLAIN)")
+
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            cert, key, password=no_passphrase)
+    except ValueError as e:
+        raise ValueError(f"config tls_key {key!r}: {e}") from None
     except OSError as e:  # ssl.SSLError too
         what = e.strerror if not isinstance(e, ssl.SSLError) else next(
             (why for text, why in _SSL_REASONS.items() if text in str(e)), str(e))

@@ -17,6 +17,7 @@ the others, before the engine is built, and hand the socket to its server (uvico
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import grpc
@@ -66,7 +67,8 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise PortInUseError(address, flag, e.strerror or str(e)) from None
+        raise PortInUseError(address, "--host" if e.errno == errno.EADDRNOTAVAIL else flag,
+                             e.strerror or str(e)) from None
     return sock
 
 
@@ -82,5 +84,6 @@ def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str,
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise PortInUseError(address, flag, "address already in use or not local")
+        bind_tcp(host, 0, flag).close()  # a host that is not local names --host
+        raise PortInUseError(address, flag, "address already in use")
     return bound

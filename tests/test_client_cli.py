@@ -155,6 +155,8 @@ def test_tls_root_cert(tmp_path):
         other, _ = self_signed_cert()
         with pytest.raises(NolaserveError, match="does not verify against tls_root_cert"):
             Client(target, tls_root_cert=other, timeout=10).health()
+        with pytest.raises(NolaserveError, match="tls_root_cert holds no PEM certificate"):
+            Client(target, tls_root_cert=key)  # gRPC said "Failed to create security ..."
     finally:
         server.stop(None)
 

@@ -118,6 +118,14 @@ def test_an_unknown_host_is_named_as_such_not_as_a_port_in_use(no_model_load):
     assert no_model_load == []
 
 
+def test_a_host_that_is_not_local_or_empty_names_host(no_model_load):
+    with pytest.raises(PortInUseError, match="cannot listen on 192.0.2.1:0: .*; pass another "
+                       r"--host \(config key host\)$"):
+        asyncio.run(app.start(Config(host="192.0.2.1", port=0, metrics_port=0, http_port=0)))
+    with pytest.raises(ValueError, match="config host is empty"):
+        Config(host="")
+
+
 def test_a_tls_key_that_is_not_the_certificates_is_refused_naming_both(tmp_path):
     """It failed the start as a port that could not be bound (an outside probe)."""
     from test_server_admin import self_signed
@@ -134,6 +142,15 @@ def test_a_tls_key_that_is_not_the_certificates_is_refused_naming_both(tmp_path)
                                              f"a PEM certificate and its private key: {why}"):
             Config(tls_cert=str(c), tls_key=str(k))
     Config(tls_cert=str(cert), tls_key=str(key))
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    locked = tmp_path / "locked.pem"  # OpenSSL asked for its passphrase on the terminal
+    locked.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw")))
+    with pytest.raises(ValueError, match="the key is encrypted: give it unencrypted"):
+        Config(tls_cert=str(cert), tls_key=str(locked))
 
 
 def test_bind_tcp_holds_the_port_until_closed():
