@@ -110,11 +110,13 @@ def test_many_idle_connections_do_not_starve_a_client(engine):
 
 
 def test_http_connections_without_a_whole_request_head_are_closed(engine, monkeypatch):
-    """uvicorn waited forever for a request's head: an outside probe's silent and
+    """uvicorn waited forever for a request's head and body: an outside probe's silent and
     byte-a-while connections were all open after 75 s, each holding a descriptor. A
     connection's head must come within ``HEAD_TIMEOUT_S`` of its opening or its last
-    response; a request that runs longer, or a keep-alive wait shorter, is untouched."""
+    response, its body within ``BODY_TIMEOUT_S`` (408); a request that runs longer, or a
+    keep-alive wait shorter, is untouched."""
     monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", 0.5)
     slow_down(engine, 0.05)
 
     async def closed(reader: asyncio.StreamReader) -> bool:
@@ -133,6 +135,11 @@ def test_http_connections_without_a_whole_request_head_are_closed(engine, monkey
                     await trickle[1].drain()
                     await asyncio.sleep(0.02)
             assert sent < len(head) // 2 and await closed(silent[0])
+            slow = await asyncio.open_connection("127.0.0.1", port)  # a whole head, then a
+            slow[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"  # body that
+                          b"Content-Length: 100\r\n\r\n{")  # never ends: 408 at its bound
+            late = await asyncio.wait_for(slow[0].read(), HANG_GUARD)
+            assert late.startswith(b"HTTP/1.1 408") and b"did not come whole in 0.5 s" in late
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             body = b'{"prompt": "hi", "max_tokens": 20, "ignore_eos": true}'
             for _ in range(2):  # a 1 s request, then a keep-alive wait under the bound
@@ -145,7 +152,7 @@ def test_http_connections_without_a_whole_request_head_are_closed(engine, monkey
                 assert head.startswith(b"HTTP/1.1 200") and b'"length"' in answer
                 await asyncio.sleep(0.3)
             assert await closed(reader)  # idle past the bound after its last response
-            for w in (silent[1], trickle[1], writer):
+            for w in (silent[1], trickle[1], slow[1], writer):
                 w.close()
 
     asyncio.run(main())

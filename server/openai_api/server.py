@@ -31,6 +31,7 @@ from .errors import HTTP_STATUS, error_body
 log = logging.getLogger("nolaserve.http")
 LOADING = "the model is still loading; retry when GET /health answers 200"
 HEAD_TIMEOUT_S = 30.0  # for a request's head (line and headers), as nginx's header timeout
+BODY_TIMEOUT_S = 120.0  # for its whole body (max_message_bytes at 0.5 MiB/s)
 
 
 def bind_http(config: Config) -> socket.socket | None:
@@ -96,7 +97,7 @@ async def send_error(send, status: int, message: str) -> None:
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app sees
     it. A too-large Content-Length is refused at once; otherwise the body is read (up to
-    the limit) and handed to the app whole."""
+    the limit, within ``BODY_TIMEOUT_S``, else 408) and handed to the app whole."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -108,8 +109,14 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._refuse(send)
         chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, f"the request body did not come whole "
+                                                   f"in {BODY_TIMEOUT_S:g} s: send it faster")
             if message["type"] != "http.request":  # the client left while sending
                 return
             chunks.append(message.get("body", b""))
