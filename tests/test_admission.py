@@ -92,6 +92,13 @@ class HeldLoads:
             raise self.fails[adapter_id]
         return 3
 
+    @property
+    def slots(self):
+        return self
+
+    def version_of(self, slot):
+        return "0"  # one version of each adapter: parked requests of it share a key
+
     def held_factors(self, adapter_id, slot):
         if adapter_id in self.copied or slot != self.hot.get(adapter_id, 3):
             return f"copy of slot {slot}"

@@ -550,3 +550,19 @@ def test_no_waiting_request_holds_a_slot_after_the_schedule(model, bytebpe, warm
         assert not engine.has_unfinished(), "the engine stopped progressing"
         assert engine.admission.parked > 0
         assert holds_nothing(engine) and engine.store.slots.table.refcount(1) == 0
+
+
+KV_BYTES = 32768  # 7 blocks of 4 tokens: the 8 requests cannot all hold theirs
+
+
+def test_requests_pushed_out_of_the_kv_cache_resume_in_one_slot_not_one_each(model, bytebpe):
+    """Requests preempted for KV blocks while holding their adapter's slot are parked;
+    each got a key of its own, so an outside probe's 48 choices of one adapter filled all
+    32 slots with copies of it (every other tenant's adapter evicted). Parked off one
+    version, they share its key: one slot."""
+    engine = make_engine(model, bytebpe, num_slots=8, kv_cache_bytes=KV_BYTES,
+                         max_num_seqs=8)
+    engine.store.register("x", nola(engine.store.spec, 1))
+    outs = run(engine, {f"r{i}": ([5 + i, 9, 13], greedy(40), "x") for i in range(8)})
+    assert len(outs) == 8 and engine.admission.parked > 0  # pushed out, holding the slot
+    assert len(engine.store.slot_snapshot().ready) <= 2  # x, and x's parked version

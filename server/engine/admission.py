@@ -19,10 +19,11 @@ forever; after each schedule ``settle`` takes back every slot a waiting request 
 overdue ones first, then those with the fewest tokens. A parked request keeps its KV
 blocks and its place among the running ones, gives back its slot, holds its factors (the
 warm tier's entry, by reference, or a host copy of the slot) and sits steps out until they
-are copied into a slot again, under a key of its own: a replace or delete meanwhile does
-not change its weights. The waiting request's copy runs at once, on the step thread (a few
-ms), so the slot is not left idle for a step: a cold request waits for one copy, not for a
-whole request to finish; the parked ones pay in time per output token.
+are copied into a slot again, under the key of those weights (one slot for every request
+parked off them): a replace or delete meanwhile does not change its weights. The waiting
+request's copy runs at once, on the step thread (a few ms), so the slot is not left idle
+for a step: a cold request waits for one copy, not for a whole request to finish; the
+parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
 the scheduler then admits nobody behind it (``Scheduler.adapter_overdue``), so running
@@ -182,8 +183,9 @@ class AdapterAdmission:
     def _victims(self, running: tuple[Sequence, ...]
                  ) -> tuple[list[Sequence], tuple[str, AdapterFactors]] | None:
         """The requests to park (all those of one slot) and the key and factors they will
-        resume with, or None. A request parked for the first time gets a key of its own
-        (``<adapter id>#parked-<n>``: no adapter id has a ``#``) and holds the factors of
+        resume with, or None. A request parked for the first time gets the key of its
+        slot's weights (``<adapter id>#parked-<version>``: no adapter id has a ``#``) and
+        holds the factors of
         its slot (``AdapterStore.held_factors``: the warm tier's entry by reference, or a
         host copy of the slot), so that a replace or delete meanwhile does not change its
         weights."""
@@ -199,10 +201,13 @@ class AdapterAdmission:
         return None if oldest is None else (oldest[2], self._hold(oldest[2][0]))
 
     def _hold(self, seq: Sequence) -> tuple[str, AdapterFactors]:
-        """The key and factors ``seq`` resumes with once parked."""
+        """The key and factors ``seq`` resumes with once parked: the key of the weights in
+        its slot (their version), so that requests parked off the same weights resume in
+        one slot, not in a slot each."""
         held = self._held.get(seq)
         if held is None:
-            held = (f"{seq.adapter_id}#parked-{self.parked}",
+            version = self.store.slots.version_of(seq.adapter_slot)
+            held = (f"{seq.adapter_id}#parked-{version}",
                     self.store.held_factors(seq.adapter_id, seq.adapter_slot))
         return held
 
@@ -219,7 +224,7 @@ class AdapterAdmission:
         self.parked += 1
 
     def _key(self, seq: Sequence) -> str:
-        """The slot key ``seq`` takes: its adapter id, or once parked a key of its own."""
+        """The slot key ``seq`` takes: its adapter id, or once parked its weights' key."""
         held = self._held.get(seq)
         return seq.adapter_id if held is None else held[0]
 
