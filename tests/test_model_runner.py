@@ -4,6 +4,7 @@ model loader, each checked against a plain transformers forward of one sequence 
 from __future__ import annotations
 
 import copy
+import os
 import random
 import zlib
 
@@ -313,6 +314,18 @@ def _no_gguf(from_pretrained):
         return from_pretrained(*args, **kwargs)
 
     return from_cache_only
+
+
+def test_gguf_conversion_is_named_by_content(tmp_path):
+    """A reinstall (same bytes, new path and mtime) reuses the conversion; new bytes do not."""
+    first, again, changed = (tmp_path / d / "m.gguf" for d in ("a", "b", "c"))
+    for path, data in ((first, b"GGUF-1"), (again, b"GGUF-1"), (changed, b"GGUF-2")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(again, ns=(1, 1))
+    named = [model_loader.gguf_cache_path(path, tmp_path / "models")
+             for path in (first, again, changed)]
+    assert named[0] == named[1] != named[2]
 
 
 @pytest.mark.slow

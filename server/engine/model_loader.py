@@ -158,9 +158,11 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
 
 
 def gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
-    """The directory a GGUF file converts into; changes when the file is replaced."""
-    st = gguf.stat()
-    digest = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    """The directory a GGUF file converts into, named by its content (0.2 s for SmolLM2's
+    98 MB): a replaced file converts anew, while the same file installed again (a new
+    virtualenv gives it a new mtime) reuses the conversion instead of adding 540 MB."""
+    with gguf.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
     return cache_dir / f"{gguf.stem}-{digest}"
 
 
