@@ -166,10 +166,12 @@ def test_unsupported_fields_are_refused_and_unknown_ones_ignored(engine, caplog)
                 results[label] = (r.status_code, r.json())
             chat = await h.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
-            return results, chat
+            long = await h.post("/v1/chat/completions", json={
+                "messages": MESSAGES, "max_completion_tokens": 10**6})
+            return results, chat, long.json()["error"]
 
     with caplog.at_level(logging.WARNING, "nolaserve.http"):
-        results, chat = asyncio.run(main())
+        results, chat, long = asyncio.run(main())
     for field, _ in REFUSED:
         status, body = results[field]
         assert status == 400 and body["error"]["param"] == field, (field, body)
@@ -182,6 +184,8 @@ def test_unsupported_fields_are_refused_and_unknown_ones_ignored(engine, caplog)
     assert results["unknown"][0] == 200 and "frobnicate" in caplog.text
     assert results["neutral"][0] == 200 and "presence_penalty" not in caplog.text
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    assert long["param"] == "max_completion_tokens"  # the field sent, not the engine's name
+    assert long["message"].startswith("max_completion_tokens must be between 1 and ")
 
 
 def test_health_metrics_and_the_status_table(engine):

@@ -161,6 +161,11 @@ def test_include_output_text_logprobs_gives_chats_logprobs(engine):
     ({"input": []}, "input"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
     ({"text": {"format": "json"}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "name": "x",
+                          "schema": {"allOf": [SCHEMA, ADD]}}}}, "text"),
+    ({"max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"max_output_tokens": "many"}, "max_output_tokens"),
     ({"temperature": -1}, None),
     ({"max_output_tokens": 0}, None),
     ({"logit_bias": []}, "logit_bias"),  # checked by chat: pydantic's raw text before
@@ -177,7 +182,9 @@ def test_what_a_stateless_server_cannot_do_is_a_400_naming_it(engine, body, para
     assert r.status_code == 400, r.text
     if param:
         assert r.json()["error"]["param"] == param
-    assert "validation error" not in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert "validation error" not in message
+    assert not {"response_format", "max_completion_tokens"} & set(message.split()), message
     assert ok.status_code == 200 and ok.json()["metadata"] == {"k": "v"}
 
 

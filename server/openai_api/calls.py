@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from nolaserve.adapters.errors import ClientGoneError, InvalidRequestError, Status
 
-from ..engine.structured import STRUCTURED
 from ..fanout import Fanout
 from ..generation import GenerateRequest, Generation, checked_request_id
 from ..metrics import Metrics
@@ -90,9 +89,7 @@ class Endpoints:
             self.gate.exit()
             if not isinstance(e, Exception):
                 raise
-            if isinstance(e, InvalidRequestError) and e.param == STRUCTURED:
-                e.param = body.structured_field()  # the field the client sent
-            return self._failed(name, e)
+            return self._failed(name, body.client_error(e))
         if body.stream:
             call = _StreamCall(self, name, fan)
             return EventStream(call.events(responses), call.close)

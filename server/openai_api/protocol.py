@@ -118,6 +118,10 @@ class ChatCompletionRequest(SamplingBody, ChatFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
+    def field_names(self) -> dict[str, str]:
+        return {} if self.max_completion_tokens is None else {
+            "max_tokens": "max_completion_tokens"}
+
     def top_logprobs_k(self) -> int | None:
         if not self.logprobs:
             if self.top_logprobs:

@@ -46,6 +46,14 @@ _SAMPLING = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "freque
              "truncate_prompt_tokens", "truncation_side", "priority", "request_id"}
 
 
+class ResponsesChat(ChatCompletionRequest):
+    """The chat request a Responses request makes; its errors name the Responses fields."""
+
+    def field_names(self) -> dict[str, str]:
+        return {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+                "response_format": "text.format"}
+
+
 class ResponsesRequest(NullIsDefault):
     model: str = ""
     input: str | list[dict[str, Any]]
@@ -62,7 +70,7 @@ class ResponsesRequest(NullIsDefault):
     include: list[str] | None = None  # [LOGPROBS] or nothing
     top_logprobs: int | None = None  # with include: [LOGPROBS]
 
-    def chat(self) -> ChatCompletionRequest:
+    def chat(self) -> ResponsesChat:
         """The chat request that serves this one (its sampling fields checked there)."""
         extra = self.model_extra or {}
         for name, value in extra.items():
@@ -78,8 +86,8 @@ class ResponsesRequest(NullIsDefault):
         except ValidationError as e:  # a sampling field passed on
             raise InvalidRequestError(*invalid_body(e.errors())) from None
 
-    def _chat(self, extra: dict[str, Any]) -> ChatCompletionRequest:
-        return ChatCompletionRequest(
+    def _chat(self, extra: dict[str, Any]) -> ResponsesChat:
+        return ResponsesChat(
             model=self.model, messages=self._messages(), stream=self.stream,
             max_completion_tokens=self.max_output_tokens, temperature=self.temperature,
             top_p=self.top_p, response_format=self._response_format(),
@@ -149,6 +157,9 @@ class ResponsesRequest(NullIsDefault):
         if kind == "json_object":
             return {"type": "json_object"}
         if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise InvalidRequestError("text.format json_schema needs schema, a JSON "
+                                          "schema object", "text")
             return {"type": "json_schema", "json_schema": {
                 "name": fmt.get("name", "response"), "schema": fmt.get("schema"),
                 "strict": fmt.get("strict")}}

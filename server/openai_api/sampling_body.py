@@ -6,6 +6,7 @@ naming them) and the ones nobody defines ignored with a warning, as vLLM does.""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
 from ..engine.sequence import SamplingParams, StructuredSpec
+from ..engine.structured import STRUCTURED
 from ..generation import MAX_N
 from .tool_calls import ToolMode, structured_output
 
@@ -125,6 +127,24 @@ class SamplingBody(NullIsDefault):
                                  self.is_chat,
                                  self.parallel_tool_calls is not False, *self._guided(),
                                  parser=tool_call_parser)
+
+    def field_names(self) -> dict[str, str]:
+        """The fields this request sent under other names than the engine's (or chat's,
+        for a Responses request), by the engine's name."""
+        return {}
+
+    def client_error(self, e: Exception) -> Exception:
+        """``e`` naming the fields as this request sent them: the engine names its own."""
+        if not isinstance(e, InvalidRequestError):
+            return e
+        if e.param == STRUCTURED:
+            e.param = self.structured_field()
+        names = self.field_names()
+        if names:
+            e.args = (re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m[0]],
+                             str(e)),)
+            e.param = names.get(e.param, e.param).split(".")[0] if e.param else e.param
+        return e
 
     def structured_field(self) -> str | None:
         """The field that set the output's constraint, for its errors."""
