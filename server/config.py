@@ -37,8 +37,9 @@ class Config:
     device: str = option("auto", "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`")
     dtype: str = option("auto", "`auto` (fp32 on CPU, bf16 on CUDA), `float32`, `bfloat16`, "
                         "`float16`")
-    cache_dir: str = option("~/.cache/nolaserve", "converted GGUF checkpoints (`models/`) and "
-                            "the default registries (`registries/`)")
+    cache_dir: str = option("~/.cache/nolaserve", "converted GGUF checkpoints (`models/`, "
+                            "one per GGUF content: a reinstall reuses it) and the default "
+                            "registries (`registries/`)")
     target_modules: list[str] = option([], "linears (relative to a decoder layer) that "
                                        "adapters may target; `[]` = every linear")
     # adapters
