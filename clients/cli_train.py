@@ -119,10 +119,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_registration(client, args: argparse.Namespace) -> None:
     """``--register`` would be refused: the id taken (without ``--replace``), or the rank
-    over the server's ``max_rank``."""
-    limit = client.server_info().max_rank
-    if args.rank > limit:
-        raise UsageError(f"--rank {args.rank} is over the server's max_rank {limit}")
+    or the basis over the server's ``max_rank`` / ``max_num_basis``."""
+    info = client.server_info()
+    if args.rank > info.max_rank:
+        raise UsageError(f"--rank {args.rank} is over the server's max_rank {info.max_rank}")
+    if info.max_num_basis and args.num_basis > info.max_num_basis:
+        raise UsageError(f"--num-basis {args.num_basis} is over the server's max_num_basis "
+                         f"{info.max_num_basis}")
     if args.replace:
         return
     try:

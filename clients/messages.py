@@ -208,6 +208,7 @@ class ServerInfo:
     block_size: int = 0
     max_context_tokens: int = 0
     base_model_fingerprint: str = ""  # what an adapter file's base_model may also name
+    max_num_basis: int = 0  # 0: a server from before it said
 
 
 def _copy(cls: type[T], message: object, **extra: object) -> T:

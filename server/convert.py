@@ -211,7 +211,7 @@ def server_info(engine: Engine, config: Config) -> admin_pb2.ServerInfo:
         max_message_bytes=config.max_message_bytes, version=_version(),
         kv_cache_blocks=blocks, block_size=config.block_size,
         max_context_tokens=min(limits.max_model_len, blocks * config.block_size),
-        base_model_fingerprint=spec.fingerprint,
+        base_model_fingerprint=spec.fingerprint, max_num_basis=spec.max_num_basis,
     )
 
 

@@ -263,20 +263,23 @@ def test_train_nola_cli_writes_reports_and_registers(base, bytebpe, tmp_path, ca
             "self_attn.q_proj", "mlp.down_proj", "--seed", "9", "-q", "--register", "mine"]
 
     async def main():
-        async with serving(make_engine(base, tok, max_rank=8)) as c:
+        async with serving(make_engine(base, tok, max_rank=8, max_num_basis=32)) as c:
             target = ["--target", f"127.0.0.1:{c.running.port}"]
             code = await asyncio.to_thread(cli.main, [*argv, *target])
             printed = capsys.readouterr().out
             # refused before the model loads (it does not exist), not after the run
             again = ["--model", "/nonexistent", *target]
             refused = [(await asyncio.to_thread(cli.main, [*argv, *again, *more]),
-                        capsys.readouterr().err) for more in ([], ["--rank", "16"])]
+                        capsys.readouterr().err)
+                       for more in ([], ["--rank", "16"], ["--num-basis", "64"])]
             return code, printed, refused
 
     code, printed, refused = asyncio.run(main())
     assert refused == [(2, "nolaserve: error: --register mine: the id is taken; pass "
                            "--replace or another id\n"),
-                       (2, "nolaserve: error: --rank 16 is over the server's max_rank 8\n")]
+                       (2, "nolaserve: error: --rank 16 is over the server's max_rank 8\n"),
+                       (2, "nolaserve: error: --num-basis 64 is over the server's "
+                           "max_num_basis 32\n")]
     assert code == 0, printed
     adapter = NolaAdapter.from_bytes(out.read_bytes())
     assert (adapter.seed, adapter.rank, adapter.alpha.shape) == (9, 4, (2, 2, 16))

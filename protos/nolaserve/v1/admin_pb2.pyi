@@ -113,7 +113,7 @@ class ModuleShape(_message.Message):
     def __init__(self, name: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("base_model", "dtype", "device", "num_layers", "target_modules", "max_rank", "num_slots", "host_cache_entries", "host_cache_bytes", "max_prompt_tokens", "max_tokens_limit", "max_queued_requests", "max_message_bytes", "version", "kv_cache_blocks", "block_size", "max_context_tokens", "base_model_fingerprint")
+    __slots__ = ("base_model", "dtype", "device", "num_layers", "target_modules", "max_rank", "num_slots", "host_cache_entries", "host_cache_bytes", "max_prompt_tokens", "max_tokens_limit", "max_queued_requests", "max_message_bytes", "version", "kv_cache_blocks", "block_size", "max_context_tokens", "base_model_fingerprint", "max_num_basis")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class ServerInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BASIS_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     dtype: str
     device: str
@@ -150,4 +151,5 @@ class ServerInfo(_message.Message):
     block_size: int
     max_context_tokens: int
     base_model_fingerprint: str
-    def __init__(self, base_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., target_modules: _Optional[_Iterable[_Union[ModuleShape, _Mapping]]] = ..., max_rank: _Optional[int] = ..., num_slots: _Optional[int] = ..., host_cache_entries: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ...) -> None: ...
+    max_num_basis: int
+    def __init__(self, base_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., target_modules: _Optional[_Iterable[_Union[ModuleShape, _Mapping]]] = ..., max_rank: _Optional[int] = ..., num_slots: _Optional[int] = ..., host_cache_entries: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ..., max_num_basis: _Optional[int] = ...) -> None: ...
