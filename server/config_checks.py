@@ -18,6 +18,8 @@ class _OnceLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = []
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: may override
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ValueError(f"{self.name}, line {key_node.start_mark.line + 1}: config "
@@ -29,7 +31,13 @@ class _OnceLoader(yaml.SafeLoader):
 def load_yaml(path: str | os.PathLike) -> object:
     """The YAML document of the file at ``path``, each mapping's keys set once."""
     with open(path) as f:
-        return yaml.load(f, Loader=_OnceLoader)
+        try:
+            return yaml.load(f, Loader=_OnceLoader)
+        except yaml.constructor.ConstructorError as e:  # a tag safe YAML does not build
+            mark = e.problem_mark
+            raise ValueError(f"{mark.name}, line {mark.line + 1}: {e.problem}: write plain "
+                             "values (strings, numbers, lists, mappings), without tags "
+                             "such as !!python/object") from None
 
 
 def read_token(path: str, key: str) -> str:

@@ -417,8 +417,15 @@ def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
     for line, message in {"num_slots: four": "(config num_slots) must be an integer, got "
                           "'four'", "target_modules: q": "must be a list of strings",
                           "num_slots: -5\nnum_slots: 2": "c.yaml, line 2: config key "
-                          "'num_slots' is set twice: keep one"}.items():
+                          "'num_slots' is set twice: keep one",
+                          "num_slots: !!python/object:os.system x": "c.yaml, line 1: could "
+                          "not determine a constructor",
+                          "num_slots: [2": "expected ',' or ']'"}.items():
         (tmp_path / "c.yaml").write_text(line + "\n")
         code, _, err = run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))
         assert code == 2 and message in err, err
+    # a YAML merge key may set what it merges again (YAML's override, not a duplicate)
+    (tmp_path / "c.yaml").write_text("<<: {num_slots: 2, max_rank: 4}\nnum_slots: 3\n")
+    assert run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))[0] == 0
+    assert (seen[-1].num_slots, seen[-1].max_rank) == (3, 4)
 
