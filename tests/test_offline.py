@@ -180,10 +180,17 @@ def test_bad_arguments_are_typed_errors_naming_the_prompt(checkpoint, call, mess
     ("temperature", "hot", "temperature must be a number"), ("stop", 5, "stop must be a string"),
     ("truncate_prompt_tokens", 0, "truncate_prompt_tokens must be >= 1"),
     ("top_k", None, "top_k must be a whole number"),
+    ("structured_outputs", {"choice": []}, r"structured_outputs.choice is \[\]: send a list "
+                                           "of non-empty strings"),
+    ("structured_outputs", {"regex": 5}, "structured_outputs.regex is 5: send a string"),
+    ("structured_outputs", {}, r"structured_outputs sets nothing: set exactly one of"),
 ])
 def test_sampling_params_refuse_wrong_types_where_written(field, value, message):
     from nolaserve.adapters.errors import InvalidRequestError
+    from nolaserve.server.engine.sequence import StructuredOutputsParams
 
+    if field == "structured_outputs":
+        value = StructuredOutputsParams(**value)
     with pytest.raises(InvalidRequestError, match=message) as e:
         SamplingParams(**{field: value})
     assert e.value.param == field

@@ -232,7 +232,7 @@ async def _serve_returning(engine, test):
 
 @pytest.mark.parametrize(("fields", "param", "message"), [
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs",
-     "set exactly one of choice (a list of strings), regex"),
+     "set exactly one of json (a schema), regex, choice (a list of strings)"),
     ({"guided_grammar": "start ::= \"a\""}, "guided_grammar", "the grammar cannot be enforced"),
     ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs",
      "set exactly one of"),

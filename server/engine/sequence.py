@@ -54,18 +54,35 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
 
-    def spec(self) -> StructuredSpec:
+    def spec(self, field: str = "structured_outputs") -> StructuredSpec:
+        """The spec; a bad value fails naming ``field`` (the request field it came in:
+        ``structured_outputs``, or one of vLLM's older ``guided_*``)."""
         asked = {k: v for k, v in vars(self).items() if v is not None and v is not False}
         if len(asked) != 1:
             raise InvalidRequestError(
-                f"structured_outputs sets {sorted(asked) or 'nothing'}: set exactly one of "
-                "json, regex, choice, grammar or json_object", "structured_outputs")
+                f"{field} sets {sorted(asked) or 'nothing'}: set exactly one of json (a "
+                "schema), regex, choice (a list of strings), grammar (EBNF) or json_object",
+                field)
         (kind, value), = asked.items()
+        fits, shape = _SHAPES[kind]
+        if not fits(value):
+            name = f"{field}.{kind}" if field == "structured_outputs" else field
+            raise InvalidRequestError(f"{name} is {short(value)}: send {shape}", field)
         if kind == "json":
             return StructuredSpec(value if isinstance(value, str) else jsonlib.dumps(value))
         if kind == "json_object":
             return StructuredSpec()
         return StructuredSpec(**{kind: tuple(value) if kind == "choice" else value})
+
+
+_SHAPES: dict[str, tuple[Callable[[object], bool], str]] = {  # what each kind takes
+    "json": (lambda v: isinstance(v, dict | str), "a JSON schema"),
+    "regex": (lambda v: isinstance(v, str), "a string"),
+    "choice": (lambda v: isinstance(v, list | tuple) and bool(v)
+               and all(isinstance(c, str) and c for c in v), "a list of non-empty strings"),
+    "grammar": (lambda v: isinstance(v, str), "an EBNF grammar as a string"),
+    "json_object": (lambda v: v is True, "true"),
+}
 
 
 @dataclass

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from nolaserve.adapters.errors import InvalidRequestError, UnsupportedFieldError, short
 
-from ..engine.sequence import StructuredSpec
+from ..engine.sequence import StructuredOutputsParams, StructuredSpec
 
 ANY_PARAMETERS = {"type": "object"}  # a function without ``parameters``
 
@@ -339,29 +339,12 @@ def _guided(value: dict[str, Any] | None, field: str) -> StructuredSpec | None:
     if value is None:
         return None
     asked = {k: v for k, v in value.items() if k not in GUIDED_OPTIONS and v is not None}
-    if len(asked) != 1 or not asked.keys() <= {"choice", "regex", "json", "json_object",
-                                                "grammar"}:
-        raise UnsupportedFieldError(
-            f"{field} asks for {sorted(asked) or 'nothing'}: set exactly one of "
-            "choice (a list of strings), regex, json (a schema), grammar (EBNF) or "
-            "json_object", field)
-    (kind, v), = asked.items()
-    name = f"structured_outputs.{kind}" if field == "structured_outputs" else field
-    if kind == "choice" and isinstance(v, list) and v and all(
-            isinstance(c, str) and c for c in v):
-        return StructuredSpec(choice=tuple(v))
-    if kind == "regex" and isinstance(v, str):
-        return StructuredSpec(regex=v)
-    if kind == "grammar" and isinstance(v, str):
-        return StructuredSpec(grammar=v)
-    if kind == "json" and isinstance(v, dict | str):
-        return StructuredSpec(v if isinstance(v, str) else json.dumps(v))
-    if kind == "json_object" and v is True:
-        return StructuredSpec()
-    raise InvalidRequestError(f"{name} is {short(v)}: send "
-                              + {"choice": "a list of non-empty strings", "regex": "a string",
-                                 "json": "a JSON schema", "json_object": "true",
-                                 "grammar": "an EBNF grammar as a string"}[kind], field)
+    unknown = sorted(asked.keys() - {f.name for f in fields(StructuredOutputsParams)})
+    if unknown:
+        raise UnsupportedFieldError(f"{field} asks for {unknown}: set exactly one of json (a "
+                                    "schema), regex, choice (a list of strings), grammar "
+                                    "(EBNF) or json_object", field)
+    return StructuredOutputsParams(**asked).spec(field)
 
 
 def _response_format(value: Any) -> StructuredSpec | None:
