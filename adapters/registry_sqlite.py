@@ -38,8 +38,7 @@ class SqliteRegistry(Registry):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
         self._shared_reads = self._path in (":memory:", "")
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []  # read connections not in use
         self._closed = False
         with self._writing() as conn:
             migrate(self, conn)
@@ -51,9 +50,9 @@ class SqliteRegistry(Registry):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            for conn in [self._conn, *self._readers]:
-                conn.close()
-            self._readers.clear()
+            for conn in [self._conn, *self._idle]:
+                conn.close()  # one in use closes when its read ends
+            self._idle.clear()
 
     def verify(self) -> list[str]:
         """SQLite's ``integrity_check`` plus the size and sha256 of every row."""
@@ -106,20 +105,27 @@ class SqliteRegistry(Registry):
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A connection to read from: this thread's own, or the shared one under the lock."""
+        """A connection to read from: an idle one of the pool, or the shared one under the
+        lock. The pool grows to the most reads at once and no further: a connection per
+        thread leaked one file descriptor per metrics scrape (a new thread each)."""
         if self._shared_reads:
-            with self._lock:
+            with self._lock, self._faults("read"):
                 yield self._conn
             return
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-            conn.execute("PRAGMA query_only=ON")
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-                self._readers.append(conn)
-            self._local.conn = conn
-        yield conn
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            conn = self._idle.pop() if self._idle else None
+        with self._faults("read"):
+            if conn is None:
+                conn = sqlite3.connect(self._path, check_same_thread=False,
+                                       isolation_level=None, timeout=30.0)
+                conn.execute("PRAGMA query_only=ON")
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    if self._closed:
+                        conn.close()
+                    else:
+                        self._idle.append(conn)

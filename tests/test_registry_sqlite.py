@@ -4,8 +4,10 @@ of older schemas migrated in place, and the ``registry check`` command."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -175,6 +177,40 @@ def test_an_anonymous_temporary_file_shares_its_one_connection():
     with Registry("") as r:
         r.register("a", "lora", b"x")
         assert r.data("a") == b"x" and r.count() == 1
+
+
+def _open_files(path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_reads_from_threads_that_end_hold_no_file_open_after_them(tmp_path):
+    """An outside probe's soak: every metrics scrape (a new thread) left a read connection,
+    one file descriptor each, open for good. Reads now share a pool as large as the most
+    reads at once."""
+    path = (tmp_path / "reg.db").resolve()
+    with Registry(path) as r:
+        r.register("a", "lora", b"x")
+        before = _open_files(path)
+        for _ in range(20):
+            reader = threading.Thread(target=r.get, args=("a",))
+            reader.start()
+            reader.join()
+        assert _open_files(path) <= before + 1
+        gate = threading.Barrier(4)
+
+        def held_read() -> None:
+            with r._reading():
+                gate.wait(timeout=30)  # four reads at once: four connections
+
+        readers = [threading.Thread(target=held_read) for _ in range(4)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+        assert _open_files(path) <= before + 4 and r.get("a").kind == "lora"
+    assert _open_files(path) == 0
 
 
 def test_a_closed_registry_refuses_later_calls_even_from_a_new_thread(tmp_path):
