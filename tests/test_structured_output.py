@@ -263,6 +263,25 @@ def test_a_bad_regex_choice_or_grammar_is_refused_before_the_model(engine, spec,
     assert not engine.has_unfinished()
 
 
+def test_compiled_grammars_are_kept_within_a_byte_bound(engine, monkeypatch):
+    """An outside probe's 320 distinct 42 KB schemas grew the server by 2.4 GB: the cache
+    was bounded by count. It is bounded by xgrammar's ``memory_size_bytes`` now, least
+    recently used out, the newest kept whatever its size."""
+    specs = [StructuredSpec(json.dumps({"type": "object", "properties": {
+        f"k{i}_{j}": {"type": "integer"} for j in range(40)}})) for i in range(6)]
+    sizes = [engine.grammars.compile(s).memory_size_bytes for s in specs[:2]]
+    monkeypatch.setattr(grammars, "CACHE_BYTES", sum(sizes) + 1)  # two fit, not three
+    for s in specs[2:]:
+        engine.grammars.compile(s)
+    kept = engine.grammars._compiled
+    assert [json.loads(text)["properties"].keys() for _, text in kept] == [
+        json.loads(s.json_schema)["properties"].keys() for s in specs[4:]]
+    assert engine.grammars._compiled_bytes == sum(g.memory_size_bytes for g in kept.values())
+    monkeypatch.setattr(grammars, "CACHE_BYTES", 1)  # one over the bound: still kept
+    engine.grammars.compile(specs[0])
+    assert len(kept) == 1 and engine.grammars.compile(specs[0]) is next(iter(kept.values()))
+
+
 @pytest.fixture
 def held_compiles(monkeypatch):
     """Compiles of a text starting "slow" wait for the event it yields; a request waits

@@ -52,14 +52,13 @@ from .schema_checks import enforceable
 from .sequence import FinishReason, StructuredSpec
 
 MAX_SCHEMA_CHARS = 64 * 1024
-CACHE_BYTES = 64 << 20  # compiled grammars kept (LRU by xgrammar) for repeated schemas
+CACHE_BYTES = 64 << 20  # compiled grammars kept (least recently used out) for repeated schemas
 ANY_OBJECT = '{"type": "object"}'
 GRAMMAR_GRACE_S = 0.25  # matcher time that requests over their per-token share share
 GRAMMAR_S_PER_TOKEN = 0.005
 COMPILE_WAIT_S = 10.0  # a request's wait for its compile (Grammars)
 COMPILE_THREADS = 1
 COMPILE_WAITERS = 3  # requests waiting for compiles at once; more get RESOURCE_EXHAUSTED
-COMPILED_KEPT = 256  # compiled grammars kept by their text (the last ones)
 BUSY = "structured output compiles are queued behind slow ones; retry later"
 STRUCTURED = "structured"  # the param of a constraint's errors; front ends name their field
 
@@ -87,6 +86,7 @@ class Grammars:
         self._compiles = DaemonPool(COMPILE_THREADS, "grammar-compile")
         self._pending: dict[tuple[str, str], Future] = {}  # (what, text) -> its compile
         self._compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._compiled_bytes = 0  # their ``memory_size_bytes``: over CACHE_BYTES by one at most
         self._waiting = 0  # requests waiting for a compile
         self.grace = SharedGrace()
 
@@ -188,15 +188,22 @@ class Grammars:
         return what, text, build, fix
 
     def _done(self, key: tuple[str, str], done: Future) -> None:
-        """A compile ended: keep its grammar (the last ``COMPILED_KEPT``: a schema sent
-        again never waits behind a slow compile)."""
+        """A compile ended: keep its grammar, the least recently used ones out past
+        ``CACHE_BYTES`` (by size: one grammar of a large schema over a 49k vocabulary is
+        9 MiB, and a count bound let 256 of them take 2.4 GB); the newest always stays, as
+        its request's ``start`` takes it from here. A schema sent again never waits behind
+        a slow compile."""
         with self._lock:
             if self._pending.get(key) is done:
                 del self._pending[key]
-            if not done.cancelled() and done.exception() is None:
-                self._compiled[key] = done.result()
-                while len(self._compiled) > COMPILED_KEPT:
-                    self._compiled.popitem(last=False)
+            if done.cancelled() or done.exception() is not None:
+                return
+            if (old := self._compiled.pop(key, None)) is not None:
+                self._compiled_bytes -= old.memory_size_bytes
+            self._compiled[key] = grammar = done.result()
+            self._compiled_bytes += grammar.memory_size_bytes
+            while self._compiled_bytes > CACHE_BYTES and len(self._compiled) > 1:
+                self._compiled_bytes -= self._compiled.popitem(last=False)[1].memory_size_bytes
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self.tokenizer is None:
@@ -206,7 +213,7 @@ class Grammars:
             if self._compiler is None:
                 info = token_info(self.tokenizer, self.vocab_size, self.stop_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1,
-                                                     cache_limit_bytes=CACHE_BYTES)
+                                                     cache_enabled=False)  # ours: _compiled
             return self._compiler
 
 
