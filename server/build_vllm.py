@@ -33,7 +33,7 @@ log = logging.getLogger("nolaserve.engine")
 
 
 class AsyncLlmLoras:
-    """``LoraBackend`` over ``AsyncLLM``'s add_lora / remove_lora / pin_lora."""
+    """``LoraBackend`` over ``AsyncLLM``'s add_lora / remove_lora."""
 
     def __init__(self) -> None:
         self.llm = None
@@ -45,9 +45,6 @@ class AsyncLlmLoras:
 
     async def remove(self, lora_int_id: int) -> None:
         await self.llm.remove_lora(lora_int_id)
-
-    async def pin(self, lora_int_id: int) -> None:
-        await self.llm.pin_lora(lora_int_id)
 
 
 async def build_vllm_engine(config: Config, registry: Registry | None = None) -> VllmEngine:

@@ -198,6 +198,12 @@ def test_pin_and_unpin(setup):
     got = list(generate(setup, PROMPTS[2], "lora").token_ids)
     want = setup.reference(PROMPTS[2], "lora")
     assert got == want or setup.tie_at(PROMPTS[2], "lora", want, got)
+    # an outside probe: a pin (vLLM's pin_lora held a device slot its scheduler did not
+    # know of) plus max_loras (4) other adapters in one step stopped vLLM's engine
+    others = ["", "nola", "swap", "src2", "rb/src2"]
+    futures = [setup.inference.Generate.future(request(p, MAX_TOKENS, a), timeout=300)
+               for p in PROMPTS[:2] for a in others]
+    assert all(len(f.result().token_ids) == MAX_TOKENS for f in futures)
     assert not setup.admin.UnpinAdapter(admin_pb2.AdapterRef(adapter_id="lora")).pinned
     assert list(generate(setup, PROMPTS[2], "lora").token_ids) == got  # reloaded from its dir
 

@@ -81,9 +81,6 @@ class FakeVllm:
     async def remove(self, lora_int_id):
         self.calls.append(("remove", lora_int_id))
 
-    async def pin(self, lora_int_id):
-        self.calls.append(("pin", lora_int_id))
-
 
 @pytest.fixture
 def loras(tmp_path):
@@ -138,12 +135,12 @@ def test_delete_retires_and_later_use_is_not_found(loras):
         vl.use("a")
 
 
-def test_pin_adds_and_pins_and_leaves_one_slot_unpinned(loras):
+def test_pin_adds_and_keeps_and_leaves_one_slot_unpinned(loras):
     store, vl, fake, loop = loras
     store.register("a", nola_bytes(1))
     store.register("b", nola_bytes(2))
     lora_int_id = store.pin("a")
-    assert fake.calls[-2:] == [("add", fake.calls[-2][1], lora_int_id), ("pin", lora_int_id)]
+    assert fake.calls[-1] == ("add", fake.calls[-1][1], lora_int_id)  # not pin_lora
     assert store.slot_snapshot().pinned == {"a"}
     with pytest.raises(LimitExceededError):
         store.pin("b")  # max_loras = 2: one slot stays for everything else

@@ -11,7 +11,7 @@ delete (``invalidate``) removes the old version from vLLM once its last request 
 
 It stands where ``SlotPool`` stands for the native engine (``AdapterStore(slots=...)``):
 ``pin``, ``unpin``, ``invalidate``, ``snapshot``, ``stats``. vLLM is reached through
-``LoraBackend``, three coroutines run on the event loop that owns the engine.
+``LoraBackend``, two coroutines run on the event loop that owns the engine.
 """
 
 from __future__ import annotations
@@ -44,12 +44,10 @@ _RETRIES = 3
 
 
 class LoraBackend(Protocol):
-    """What ``VllmLoras`` asks of vLLM (``AsyncLLM.add_lora`` / ``remove_lora`` /
-    ``pin_lora``)."""
+    """What ``VllmLoras`` asks of vLLM (``AsyncLLM.add_lora`` / ``remove_lora``)."""
 
     async def add(self, version: Version) -> None: ...
     async def remove(self, lora_int_id: int) -> None: ...
-    async def pin(self, lora_int_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -159,9 +157,11 @@ class VllmLoras:
             log.info("adapter %s changed: version %s leaves vLLM when unused", adapter_id, old)
 
     def pin(self, adapter_id: str) -> int:
-        """Load the current version into vLLM and pin it (``pin_lora``: kept in its CPU
-        and device caches); returns its ``lora_int_id``. At most ``max_loras - 1`` pins, so
-        that other adapters can still run."""
+        """Load the current version into vLLM (``add_lora``) and keep it there and in its
+        directory until ``unpin``; returns its ``lora_int_id``. Not vLLM's ``pin_lora``: it
+        holds a device slot that vLLM's scheduler does not know of, so one pin plus
+        ``max_loras`` other adapters in one step stopped the engine (KeyError in
+        ``convert_mapping``). At most ``max_loras - 1`` pins."""
         with self._lock:
             if adapter_id in self._pinned:
                 return self._pinned[adapter_id].lora_int_id
@@ -172,7 +172,6 @@ class VllmLoras:
         version = self.use(adapter_id)
         try:
             self._call(self.backend.add(version))
-            self._call(self.backend.pin(version.lora_int_id))
         except BaseException:
             self.done(version)
             raise
