@@ -298,7 +298,12 @@ def test_vllm_gets_the_dtype_the_native_engine_runs(monkeypatch, dtype, device, 
     ``AsyncEngineArgs`` is replaced by a recorder."""
     arg_utils = types.ModuleType("vllm.engine.arg_utils")
     arg_utils.AsyncEngineArgs = dict
+    vllm_config = types.ModuleType("vllm.config")
+    vllm_config.StructuredOutputsConfig = dict
     monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    monkeypatch.setitem(sys.modules, "vllm.config", vllm_config)
     args = engine_args(Config(registry_path=":memory:", dtype=dtype), "/models/m", device)
     assert args["dtype"] == want
     assert args["model"] == "/models/m" and args["enable_lora"]
+    # JSON without free whitespace, as the native grammar: vLLM reads only the engine's
+    assert args["structured_outputs_config"]["disable_any_whitespace"]

@@ -45,6 +45,7 @@ def engine_args(config, model_dir: str, device: str):
     ``vllm_dtype``, LoRA on, nolaserve's scheduling limits and prefix caching (safe across
     replaced adapters: each version is a LoRA of its own, ``vllm_loras``)."""
     try:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
     except ImportError as e:
         raise ValueError(f"{INSTALL_HINT} ({e})") from None
@@ -61,6 +62,11 @@ def engine_args(config, model_dir: str, device: str):
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
         enable_lora=True, max_loras=max_loras, max_lora_rank=lora_rank(config),
         enable_prefix_caching=config.enable_prefix_caching,
+        # JSON without free whitespace, as the native grammar: vLLM reads only this engine
+        # setting (StructuredOutputsParams' disable_any_whitespace is never read, so a
+        # weak model spent its max_tokens on newlines)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
+                                                          disable_any_whitespace=True),
         disable_log_stats=False, **{k: v for k, v in optional.items() if v})
 
 
@@ -111,7 +117,7 @@ def structured_outputs(spec: StructuredSpec | None):
     if spec.grammar is not None:
         return StructuredOutputsParams(grammar=spec.grammar)
     schema = '{"type": "object"}' if spec.json_schema is None else spec.json_schema
-    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return StructuredOutputsParams(json=schema)  # no free whitespace: engine_args
 
 
 def finish_reason(reason: str | None, stop_reason: object) -> FinishReason | None:
