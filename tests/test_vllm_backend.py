@@ -208,6 +208,19 @@ def test_pin_and_unpin(setup):
     assert list(generate(setup, PROMPTS[2], "lora").token_ids) == got  # reloaded from its dir
 
 
+def test_base_requests_beside_adapters_after_every_slot_was_used(setup):
+    """vLLM's CPU LoRA ops index the weights with -1 for a token without a LoRA, which is
+    the last slot: an outside probe's base requests, batched beside adapters once all
+    slots had been used, came back with the last slot's adapter's tokens."""
+    for name in ("nola", "lora", "swap", "src2", "rb/src2"):  # more than max_loras (4)
+        generate(setup, PROMPTS[0], name)
+    futures = {(p, a): setup.inference.Generate.future(request(p, MAX_TOKENS, a), timeout=300)
+               for p in PROMPTS for a in ("", "src2", "swap", "nola")}
+    for p in PROMPTS:
+        got, want = list(futures[p, ""].result().token_ids), setup.reference(p, None)
+        assert got == want or setup.tie_at(p, None, want, got), p
+
+
 def test_streaming_stop_strings_and_usage(setup):
     whole = generate(setup, PROMPTS[3], "nola")
     chunks = list(setup.inference.GenerateStream(request(PROMPTS[3], MAX_TOKENS, "nola"),

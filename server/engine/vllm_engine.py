@@ -48,6 +48,9 @@ class VllmEngine:
         self.on_death: Callable[[BaseException], None] | None = None
         self._stopped = False
         self._watch = self.loop.create_task(self._watch_engine())
+        # vLLM's CPU LoRA ops give a token without a LoRA the last slot's delta: there,
+        # base-model requests run as a zero LoRA (VllmLoras.zero)
+        self._base = loras.zero() if device == "cpu" else None
 
     # -- the Engine face ------------------------------------------------------------
     @property
@@ -107,14 +110,15 @@ class VllmEngine:
         if len(self._in_flight) >= self.limits.max_queued_requests:
             raise QueueFullError(f"{len(self._in_flight)} requests in flight, the server's "
                                  "max_queued_requests: retry later")
-        version = await asyncio.to_thread(self.loras.use, adapter_id) if adapter_id else None
+        version = (await asyncio.to_thread(self.loras.use, adapter_id) if adapter_id
+                   else self._base)
         self._in_flight[request_id] = adapter_id
         try:
             async for out in self._run(request_id, prompt_token_ids, params, version):
                 yield out
         finally:
             del self._in_flight[request_id]
-            if version is not None:
+            if adapter_id:
                 self.loras.done(version)
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams,

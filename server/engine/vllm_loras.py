@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from nolaserve.adapters.errors import (
     IncompatibleAdapterError,
     LimitExceededError,
@@ -35,11 +37,13 @@ from nolaserve.adapters.errors import (
 )
 from nolaserve.adapters.peft_export import write_peft_dir
 from nolaserve.adapters.slots import PoolStats, SlotSnapshot
+from nolaserve.adapters.spec import AdapterFactors, ModuleFactors
 
 from .peft_dirs import PeftDirCache
 
 log = logging.getLogger("nolaserve.engine")
 PIN_TIMEOUT_S = 300.0
+ZERO_LORA = "@zero"  # the zero LoRA's version name (an adapter id is never empty)
 _RETRIES = 3
 
 
@@ -103,6 +107,20 @@ class VllmLoras:
             return Version(adapter_id, name, lora_int_id, str(path))
         raise RequestFailedError(f"adapter {short(adapter_id)} kept changing while it was "
                                  "loaded: retry", Status.UNAVAILABLE)
+
+    def zero(self) -> Version:
+        """A LoRA whose delta is zero (rank 1, B = 0, on one linear), kept for the process:
+        base-model requests run as it on vLLM's CPU backend, whose LoRA ops index the
+        weights with -1 for a token without a LoRA and so gave base tokens in a mixed batch
+        the delta of the adapter in the last slot (another tenant's)."""
+        module, (n_in, n_out) = next(iter(self.store.spec.module_shapes.items()))
+        factors = AdapterFactors({(0, module): ModuleFactors(
+            torch.zeros(1, n_in), torch.zeros(n_out, 1), 1.0)})
+        with self._lock:
+            lora_int_id = self._int_ids.setdefault(ZERO_LORA, next(self._ids))
+        path = self.dirs.acquire(ZERO_LORA, lambda p: write_peft_dir(
+            factors, p, layer_prefix=self.layer_prefix))  # never released: tiny, for good
+        return Version("", ZERO_LORA, lora_int_id, str(path))
 
     def done(self, version: Version) -> None:
         """The request (or pin) that ``use`` served is over."""
