@@ -61,15 +61,17 @@ def check_bounds(adapter: Adapter, basis_of: Callable[[str], Adapter]) -> None:
         adapter.check_bounds()
 
 
+def basis_not_served() -> IncompatibleAdapterError:
+    return IncompatibleAdapterError("an RMM basis is not served by itself; request one of "
+                                    "its tasks (ids '<basis id>/<source id>')")
+
+
 def materialize(adapter: Adapter, device: torch.device | str,
                 basis_of: Callable[[str], Adapter], regen: Executor | None) -> AdapterFactors:
     """The adapter's factors on ``device``; a NOLA basis regenerates on ``regen``'s threads
     (None: a pool per call)."""
     if isinstance(adapter, RmmBasis):
-        raise IncompatibleAdapterError(
-            "an RMM basis is not served by itself; request one of its tasks "
-            "(ids '<basis id>/<source id>')"
-        )
+        raise basis_not_served()
     if isinstance(adapter, RmmTask):
         return adapter.materialize(basis_of(adapter.basis_id), device)
     if isinstance(adapter, NolaAdapter):

@@ -314,7 +314,8 @@ class AdapterStore:
         self.slots.release(slot)
 
     def pin(self, adapter_id: str) -> int:
-        self.registry.get(adapter_id)
+        if self.registry.get(adapter_id).kind == "rmm-basis":  # before the pin limit
+            raise kinds.basis_not_served()
         return self.slots.pin(adapter_id)
 
     def unpin(self, adapter_id: str) -> None:

@@ -14,7 +14,11 @@ import pytest
 import torch
 from test_store import SPEC, lora_bytes, nola_bytes
 
-from nolaserve.adapters.errors import AdapterNotFoundError, LimitExceededError
+from nolaserve.adapters.errors import (
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    LimitExceededError,
+)
 from nolaserve.adapters.kinds import parse_adapter
 from nolaserve.adapters.peft_export import write_peft_dir
 from nolaserve.adapters.peft_import import import_peft
@@ -144,6 +148,9 @@ def test_pin_adds_and_keeps_and_leaves_one_slot_unpinned(loras):
     assert store.slot_snapshot().pinned == {"a"}
     with pytest.raises(LimitExceededError):
         store.pin("b")  # max_loras = 2: one slot stays for everything else
+    store.build_rmm(["a", "b"], 2, "rb")
+    with pytest.raises(IncompatibleAdapterError, match="not served by itself"):
+        store.pin("rb")  # what is wrong with it first, not the full pins (an outside probe)
     store.unpin("a")
     assert fake.calls[-1] == ("remove", lora_int_id)
     assert store.slot_snapshot().pinned == frozenset()
