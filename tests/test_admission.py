@@ -223,6 +223,25 @@ def test_a_request_that_left_is_not_kept():
     assert [r() for r in refs] == [None, None]
 
 
+def test_a_prefetch_whose_request_left_first_is_not_kept():
+    """An id never asked for again (deleted) kept the entry of a prefetch that ended after
+    its request left (an outside probe's soak suspected it): a later release drops it."""
+    store = HeldLoads()
+    store.prefetch_gate.clear()
+    admission = AdapterAdmission(store)
+    gone, other = seq_of("a"), seq_of("b")
+    admission.accepted(gone)
+    admission.release(gone)  # its prefetch still loading
+    assert "a" in admission._prefetches
+    store.prefetch_gate.set()
+    admission._prefetches["a"].result(timeout=HELD)
+    admission.accepted(other)
+    admission._prefetches["b"].result(timeout=HELD)
+    admission.release(other)
+    assert admission._prefetches == {} and admission._left == set()
+    admission.close()
+
+
 def test_a_failed_load_fails_its_request_only():
     error = AdapterNotFoundError("deleted")
     store = HeldLoads({"a": error})

@@ -75,6 +75,7 @@ class AdapterAdmission:
         self._queue_lock = threading.Lock()
         self._loads: dict[Sequence, Future] = {}
         self._prefetches: dict[str, Future] = {}  # adapter id -> its prefetch
+        self._left: set[str] = set()  # ids whose requests left before their prefetch ended
         self._wanting: dict[Sequence, str] = {}  # waiting seq -> the key it ``want``s
         self._held: dict[Sequence, tuple[str, AdapterFactors]] = {}  # parked: key, factors
         self._slot_waits: dict[Sequence, int] = {}  # loads that found every slot busy
@@ -280,15 +281,25 @@ class AdapterAdmission:
         self._since.pop(seq, None)
         self._held.pop(seq, None)
         self._asked.discard(seq)
-        prefetch = self._prefetches.get(seq.adapter_id) if seq.adapter_id else None
-        if prefetch is not None and prefetch.done():
-            del self._prefetches[seq.adapter_id]
+        if seq.adapter_id in self._prefetches:
+            self._left.add(seq.adapter_id)
+        self._forget_prefetches()
         load = self._loads.pop(seq, None)
         if load is not None:
             load.add_done_callback(self._release_future)
         if seq.adapter_slot >= 0:
             self.store.release(seq.adapter_slot)
             seq.adapter_slot = -1
+
+    def _forget_prefetches(self) -> None:
+        """Drop the ended prefetches of ids whose requests left: an id never asked for
+        again (deleted) kept its entry for good. Those still loading wait for a later
+        release (a prefetch only warms the caches: a request finding none loads itself)."""
+        for adapter_id in list(self._left):
+            prefetch = self._prefetches.get(adapter_id)
+            if prefetch is None or prefetch.done():
+                self._prefetches.pop(adapter_id, None)
+                self._left.discard(adapter_id)
 
     def _prefetch(self, adapter_id: str) -> None:
         try:
