@@ -5,12 +5,11 @@ old version's KV, no block leaks, preemption and time slicing, the config key an
 from __future__ import annotations
 
 import random
-import sys
-import types
 
 import pytest
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
+from vllm_helpers import stub_engine_args
 
 from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError, Status
 from nolaserve.adapters.nola import random_nola
@@ -266,9 +265,7 @@ def test_the_key_and_flag_turn_it_off(model, bytebpe):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_vllm_gets_the_same_key(monkeypatch, on):
-    arg_utils = types.ModuleType("vllm.engine.arg_utils")
-    arg_utils.AsyncEngineArgs = dict
-    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    stub_engine_args(monkeypatch)
     args = engine_args(Config(registry_path=":memory:", enable_prefix_caching=on), "/m", "cpu")
     assert args["enable_prefix_caching"] is on
 

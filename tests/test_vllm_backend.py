@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
-import types
 import urllib.request
 
 import grpc
@@ -21,7 +19,7 @@ from conftest import merged, spec_of
 from engine_helpers import TIE_GAP, greedy, make_engine, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import free_port, request
-from vllm_helpers import VllmServer, save_model, vllm_python, write_config
+from vllm_helpers import VllmServer, save_model, stub_engine_args, vllm_python, write_config
 
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
@@ -309,12 +307,7 @@ def test_vllm_gets_the_dtype_the_native_engine_runs(monkeypatch, dtype, device, 
     """``dtype: auto`` reaches vLLM resolved as the native engine resolves it (fp32 on CPU),
     not as vLLM's own ``auto`` (the checkpoint's dtype: bf16 for SmolLM2). Needs no vLLM:
     ``AsyncEngineArgs`` is replaced by a recorder."""
-    arg_utils = types.ModuleType("vllm.engine.arg_utils")
-    arg_utils.AsyncEngineArgs = dict
-    vllm_config = types.ModuleType("vllm.config")
-    vllm_config.StructuredOutputsConfig = dict
-    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
-    monkeypatch.setitem(sys.modules, "vllm.config", vllm_config)
+    stub_engine_args(monkeypatch)
     args = engine_args(Config(registry_path=":memory:", dtype=dtype), "/models/m", device)
     assert args["dtype"] == want
     assert args["model"] == "/models/m" and args["enable_lora"]

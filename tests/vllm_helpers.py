@@ -8,8 +8,10 @@ import os
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,16 @@ def vllm_python() -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(why)
     pytest.skip(why)
+
+
+def stub_engine_args(monkeypatch) -> None:
+    """``vllm_args.engine_args`` without vLLM: ``AsyncEngineArgs`` and
+    ``StructuredOutputsConfig`` record their arguments as dicts."""
+    for name, attr in (("vllm.engine.arg_utils", "AsyncEngineArgs"),
+                       ("vllm.config", "StructuredOutputsConfig")):
+        module = types.ModuleType(name)
+        setattr(module, attr, dict)
+        monkeypatch.setitem(sys.modules, name, module)
 
 
 def save_model(directory: Path, tokenizer, seed: int = 0):
