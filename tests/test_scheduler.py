@@ -21,8 +21,10 @@ from nolaserve.server.engine.sequence import (
 )
 
 
-def make_seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens))
+def make_seq(rid: str, prompt_len: int, max_tokens: int = 4,
+             adapter: str | None = None) -> Sequence:
+    return Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
+                    adapter)
 
 
 def make_sched(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, ready=None):
@@ -159,6 +161,49 @@ def test_fcfs_order_of_admission():
         admitted += [rid for rid in tokens_of(out) if rid not in admitted]
     assert admitted == ["r0", "r1", "r2", "r3", "r4"]
     assert [s.request_id for s in sched.running] == sorted(s.request_id for s in sched.running)
+
+
+def test_each_adapters_first_request_comes_before_any_adapters_second():
+    """Round robin across adapters, FCFS within one: a burst of one adapter's requests
+    does not queue another adapter's request behind it."""
+    sched = make_sched(budget=64, max_num_seqs=3)
+    for i in range(4):
+        sched.add(make_seq(f"a{i}", 5, max_tokens=2, adapter="a"))
+    sched.add(make_seq("b0", 5, max_tokens=2, adapter="b"))
+    sched.add(make_seq("base0", 5, max_tokens=2))
+    sched.add(make_seq("b1", 5, max_tokens=2, adapter="b"))
+    assert [s.request_id for s in sched.waiting] == ["a0", "b0", "base0", "a1", "b1", "a2", "a3"]
+    assert list(tokens_of(step(sched))) == ["a0", "b0", "base0"]
+
+
+def test_a_finished_request_moves_its_adapters_later_ones_up():
+    sched = make_sched(budget=8, max_num_seqs=1)
+    a0, a1, b0, b1 = (make_seq(r, 5, max_tokens=2, adapter=r[0]) for r in ("a0", "a1", "b0", "b1"))
+    for s in (a0, a1, b0, b1):
+        sched.add(s)
+    assert sched.waiting == (a0, b0, a1, b1)
+    sched.finish(a0, FinishReason.CANCELLED)
+    assert sched.waiting == (a1, b0, b1)  # a1 is now a's first, and came before b0
+
+
+def test_a_burst_preempts_its_own_newest_requests_not_another_adapters():
+    """Under KV pressure the lowest-ranked running request goes: the newest of the adapter
+    with the most requests, not the last to arrive (which FCFS would preempt)."""
+    sched = make_sched(num_blocks=5, block_size=4, budget=64)
+    a = [make_seq(f"a{i}", 4, max_tokens=8, adapter="a") for i in range(3)]
+    b = make_seq("b0", 4, max_tokens=8, adapter="b")
+    for s in (*a, b):
+        sched.add(s)
+    assert tokens_of(step(sched)) == {"a0": 4, "b0": 4, "a1": 4, "a2": 4}
+    out = step(sched)  # every one needs a 2nd block and one is free
+    assert out.preempted == [a[2], a[1]] and tokens_of(out) == {"a0": 1, "b0": 1}
+    assert sched.waiting == (a[1], a[2])
+    for _ in range(100):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+    assert all(len(s.output_token_ids) == 8 for s in (*a, b))
+    assert sched.block_manager.num_free_blocks == 5
 
 
 def test_cold_adapter_is_skipped_then_admitted():
@@ -319,7 +364,8 @@ def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, b
                       adapter_ready=lambda s: step_no >= ready_at[s])
     pending = []
     for i in range(num_requests):
-        seq = make_seq(f"r{i}", rng.randint(0, capacity), rng.randint(1, capacity))
+        seq = make_seq(f"r{i}", rng.randint(0, capacity), rng.randint(1, capacity),
+                       rng.choice([None, "a", "b", "c"]))
         ready_at[seq] = rng.choice([0, 0, 0, rng.randint(0, 30)])
         pending.append((rng.randint(0, 40), seq))
     for step_no in range(5000):
@@ -329,11 +375,11 @@ def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, b
         if step_no > 40 and not sched.has_unfinished():
             break
         before = {s: s.num_computed_tokens for s in sched.running}
-        oldest = sched.running[0] if sched.running else None
+        first = sched.running[0] if sched.running else None
         out = sched.schedule()
         check_invariants(sched, out, before, budget)
-        if oldest is not None and not oldest.is_finished:
-            assert out.scheduled[0].seq is oldest, "oldest running request must progress"
+        if first is not None and not first.is_finished:
+            assert out.scheduled[0].seq is first, "the first-ranked request must progress"
         run_step(sched, out)
         if rng.random() < 0.05:
             live = [s for t, s in pending if t <= step_no and not s.is_finished]

@@ -1,21 +1,25 @@
 """Continuous-batching scheduler with chunked prefill and preemption by recompute.
 Pure Python (no torch).
 
-Each ``schedule()`` call fills one step's token budget: running sequences first, in arrival
-order (a decoding sequence needs one token, a partly prefilled one gets the next chunk of its
-prompt), then waiting sequences first come, first served, as far as budget, ``max_num_seqs``,
+Sequences are ranked fairly across adapters: a sequence's rank is its place among its
+adapter's unfinished sequences (the base model counts as one adapter), then its arrival.
+So every adapter's oldest request comes before any adapter's second one: round robin
+across adapters, first come, first served within one (and with one adapter, plain FCFS).
+Each ``schedule()`` call fills one step's token budget: running sequences first, in rank
+order (a decoding sequence needs one token, a partly prefilled one gets the next chunk of
+its prompt), then waiting sequences in rank order, as far as budget, ``max_num_seqs``,
 free KV blocks and adapter readiness allow. When a running sequence cannot get its blocks,
-the most recently arrived running sequence is preempted: its blocks are freed and it is
-recomputed later (from its cached prefix, with prefix caching), so the oldest request
-always makes progress. A step that preempts admits nobody new, so freed blocks are not
-handed straight back out (no thrashing).
+the lowest-ranked running sequence is preempted: its blocks are freed and it is
+recomputed later (from its cached prefix, with prefix caching), so the highest-ranked
+request always makes progress, and a burst of one adapter's requests preempts its own
+newest ones, never another adapter's first. A step that preempts admits nobody new, so
+freed blocks are not handed straight back out (no thrashing).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +44,7 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """One step's work: ``scheduled`` running sequences first (arrival order), then newly
+    """One step's work: ``scheduled`` running sequences first (rank order), then newly
     admitted ones. ``preempted`` went back to the front of the waiting queue; ``errored``
     were finished with ``FinishReason.ERROR`` because they can never fit the KV cache."""
 
@@ -55,7 +59,7 @@ class Scheduler:
 
     ``adapter_ready(seq)`` gates admission: a waiting sequence whose adapter is not ready is
     skipped (the queue does not stall behind a cold adapter: hot ones run first); ready
-    ones keep FCFS order. A running sequence whose adapter is not ready (it was parked:
+    ones keep rank order. A running sequence whose adapter is not ready (it was parked:
     ``AdapterAdmission.time_slice``) keeps its blocks and sits the step out. It is asked
     only of a sequence that the budget (and, if waiting, ``max_num_seqs`` and free blocks)
     would let run this step, so it may have side effects (take a slot, start loading the
@@ -94,9 +98,12 @@ class Scheduler:
         # Prefill chunks always end at multiples of max_num_batched_tokens (a sequence
         # waits rather than take a shorter chunk), as when it runs alone: batch-invariant.
         self.fixed_chunks = fixed_chunks
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []  # sorted by arrival order
-        self._order: dict[Sequence, int] = {}  # arrival number, assigned by add()
+        # both sorted by rank: (place among its adapter's unfinished sequences, arrival)
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._rank: dict[Sequence, tuple[int, int]] = {}
+        self._by_adapter: dict[str | None, list[Sequence]] = {}  # unfinished, by arrival
+        self._unfit: dict[Sequence, str] = {}  # added, never to run: errored next schedule
         self._counter = itertools.count()
 
     # ------------------------------------------------------------------ queues
@@ -113,42 +120,67 @@ class Scheduler:
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
-        """The waiting queue, front first (a snapshot)."""
+        """The waiting queue in rank order (a snapshot)."""
         return tuple(self._waiting)
 
     @property
     def running(self) -> tuple[Sequence, ...]:
-        """Running sequences in arrival order (a snapshot)."""
+        """Running sequences in rank order (a snapshot)."""
         return tuple(self._running)
 
     def has_unfinished(self) -> bool:
-        """Whether any sequence is waiting or running."""
-        return bool(self._waiting or self._running)
+        """Whether any sequence is waiting or running (or is yet to be errored)."""
+        return bool(self._waiting or self._running or self._unfit)
 
     def add(self, seq: Sequence) -> None:
-        """Append ``seq`` to the back of the waiting queue."""
-        if seq in self._order:
+        """Queue ``seq`` behind its adapter's unfinished sequences; one that can never fit
+        the KV cache is errored by the next ``schedule()`` instead."""
+        if seq in self._rank or seq in self._unfit:
             raise ValueError(f"request {seq.request_id!r} was already added")
         seq.status = SequenceStatus.WAITING
-        self._order[seq] = next(self._counter)
-        self._waiting.append(seq)
+        error = self._unfittable(seq)
+        if error is not None:
+            self._unfit[seq] = error
+            return
+        peers = self._by_adapter.setdefault(seq.adapter_id, [])
+        self._rank[seq] = (len(peers), next(self._counter))
+        peers.append(seq)
+        bisect.insort(self._waiting, seq, key=self._rank.__getitem__)
 
     def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """Remove ``seq`` from its queue, free its blocks and mark it finished with
         ``reason``. A no-op for a sequence that is already finished."""
         if seq.is_finished:
             return
-        if seq in self._order:
-            del self._order[seq]
+        if seq in self._rank:
             if seq.status is SequenceStatus.RUNNING:
                 self._running.remove(seq)
             else:
                 self._waiting.remove(seq)
+            self._forget(seq)
+        self._unfit.pop(seq, None)
         self.block_manager.cache_computed(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop ``seq``'s rank: its adapter's later sequences move up a place."""
+        del self._rank[seq]
+        peers = self._by_adapter[seq.adapter_id]
+        i = peers.index(seq)
+        del peers[i]
+        if not peers:
+            del self._by_adapter[seq.adapter_id]
+        if i == len(peers):
+            return
+        for later in peers[i:]:
+            place, arrival = self._rank[later]
+            self._rank[later] = (place - 1, arrival)
+        # new lists, not sorts in place: a snapshot from another thread never sees one half done
+        self._running = sorted(self._running, key=self._rank.__getitem__)
+        self._waiting = sorted(self._waiting, key=self._rank.__getitem__)
 
     def admissible(self, seq: Sequence) -> bool:
         """Whether ``seq`` could run this step once its adapter is ready: it is running
@@ -166,18 +198,13 @@ class Scheduler:
         out = SchedulerOutput()
         for seq in self._running:  # the blocks the last step filled can be shared now
             self.block_manager.cache_computed(seq)
-        self._error_unfittable(out)
+        for seq, error in list(self._unfit.items()):
+            self.finish(seq, FinishReason.ERROR, error)
+            out.errored.append(seq)
         parked_overdue = self._schedule_running(out)
         if not out.preempted:
             self._admit_waiting(out, take_slots=not parked_overdue)
         return out
-
-    def _error_unfittable(self, out: SchedulerOutput) -> None:
-        for seq in list(self._waiting):
-            error = self._unfittable(seq)
-            if error is not None:
-                self.finish(seq, FinishReason.ERROR, error)
-                out.errored.append(seq)
 
     def _unfittable(self, seq: Sequence) -> str | None:
         """Why ``seq`` can never run, or None if it can."""
@@ -219,7 +246,7 @@ class Scheduler:
         return parked_overdue
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Preempt the most recently arrived running sequences until ``seq`` can cover
+        """Preempt the lowest-ranked running sequences until ``seq`` can cover
         ``num_tokens`` positions. False if ``seq`` itself had to go."""
         while not self.block_manager.can_allocate(seq, num_tokens):
             victim = self._running[-1]
@@ -234,11 +261,11 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self._waiting.appendleft(seq)
+        bisect.insort(self._waiting, seq, key=self._rank.__getitem__)
         out.preempted.append(seq)
 
     def _admit_waiting(self, out: SchedulerOutput, take_slots: bool) -> None:
-        """Admit waiting sequences, FCFS. ``take_slots=False``: only those that need no
+        """Admit waiting sequences in rank order. ``take_slots=False``: only those that need no
         new adapter slot (base model, or one still holding its slot after a preemption),
         so an overdue parked sequence gets the next slot to free."""
         admitted: list[Sequence] = []
@@ -250,9 +277,9 @@ class Scheduler:
                 continue
             num_new = self._chunk(seq, budget)
             if num_new <= 0:
-                break  # FCFS: its fixed chunk does not fit what is left of the budget
+                break  # in rank order: its fixed chunk does not fit what is left of the budget
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
-                break  # FCFS: later requests do not overtake one that waits for blocks
+                break  # lower-ranked requests do not overtake one that waits for blocks
             if not self.adapter_ready(seq):
                 if self.adapter_overdue(seq):
                     break  # aging: later requests do not overtake it any longer
@@ -264,12 +291,12 @@ class Scheduler:
                                                   [s.seq for s in out.scheduled]):
                     continue  # next step it shares the blocks another computes now
                 if not self._match_prefix(seq, budget):
-                    break  # FCFS: the cached blocks it took left too few for its chunk
+                    break  # in rank order: the cached blocks it took left too few for its chunk
                 num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
             if seq.num_cached_tokens < 0:  # vLLM's num_cached_tokens: at first admission
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
-            bisect.insort(self._running, seq, key=self._order.__getitem__)
+            bisect.insort(self._running, seq, key=self._rank.__getitem__)
             self._schedule(seq, num_new, out)
             admitted.append(seq)
         for seq in admitted:
