@@ -95,7 +95,8 @@ class Config:
     enforce_eager: bool = option(False, "native engine: run every step eagerly, through the "
                                  "packed path; off = decode-only steps run at fixed bucket "
                                  "shapes, replayed as CUDA graphs captured at warm-up on CUDA "
-                                 "(as vLLM's flag of the same name)")
+                                 "(as vLLM's flag of the same name); vLLM: no CUDA graphs / "
+                                 "compilation")
     kv_cache_bytes: int = option(0, "KV-cache memory budget, overriding the two below; "
                                  "`0` = sized from memory (docs/concepts.md)")
     gpu_memory_utilization: float = option(0.9, "on CUDA: the share of the GPU's memory "
@@ -129,7 +130,6 @@ class Config:
     max_model_len: int = option(0, "vLLM: context length; 0 = the model's")
     quantization: str = option("", "vLLM: quantization of the base (`awq`, `gptq`, "
                                "`bitsandbytes`, ...); `\"\"` = from the checkpoint")
-    enforce_eager: bool = option(False, "vLLM: no CUDA graphs / compilation")
     max_loras: int = option(0, "vLLM: adapters in one batch (its device slots); 0 = "
                             "`num_slots`")
     max_cpu_loras: int = option(0, "vLLM: adapters in its CPU cache; 0 = vLLM's default "
