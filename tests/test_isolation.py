@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 
-from nolaserve.adapters.errors import InvalidAdapterError, Status
+from nolaserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError, Status
 from nolaserve.adapters.lora import LoraAdapter
 from nolaserve.adapters.nola import random_nola
 from nolaserve.adapters.spec import MAGNITUDE_BOUND, AdapterFactors, ModuleFactors
@@ -89,6 +89,32 @@ def test_non_finite_factors_never_enter_a_slot(model, bytebpe):
     out = [o for _ in range(20) for o in engine.step()]
     assert out[-1].finish_reason is FinishReason.ERROR and "NaN or Inf" in out[-1].error
     assert store.slots.stats.slots_used == 0
+
+
+def test_an_unexpected_load_error_fails_its_request_as_internal_and_is_logged(
+        model, bytebpe, caplog):
+    """A load that raises what no layer expected (a CUDA OOM, a bug) is the server's fault:
+    INTERNAL with the server log holding its traceback, never a client's 400; a typed
+    error keeps its own status."""
+    engine = make_engine(model, bytebpe)
+    store = engine.store
+    store.register("a", lora(engine.store.spec, 0.01))
+    store.register("b", lora(engine.store.spec, 0.02))
+
+    def broken(adapter_id):
+        if adapter_id == "a":
+            raise RuntimeError("CUDA out of memory")
+        raise AdapterNotFoundError(f"adapter {adapter_id!r} is gone")
+
+    store.slots._loader = broken
+    engine.add_request("ra", [5, 6], greedy(2), "a")
+    engine.add_request("rb", [5, 6], greedy(2), "b")
+    with caplog.at_level("ERROR", logger="nolaserve.engine"):
+        out = {o.request_id: o for _ in range(20) for o in engine.step() if o.finished}
+    assert out["ra"].error_code is Status.INTERNAL and "CUDA out of memory" in out["ra"].error
+    assert "server log has the traceback" in out["ra"].error
+    assert any(r.exc_info and "CUDA out of memory" in str(r.exc_info[1]) for r in caplog.records)
+    assert out["rb"].error_code is Status.NOT_FOUND and "is gone" in out["rb"].error
 
 
 def test_nan_in_free_kv_blocks_never_reaches_a_later_request(model, bytebpe):

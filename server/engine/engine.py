@@ -334,8 +334,21 @@ class Engine:
 
     def _fail_admissions(self) -> list[RequestOutput]:
         failed, self.admission.failed = self.admission.failed, []
-        return [self._finish(self.requests[seq.request_id], FinishReason.ERROR, str(error),
-                             code=error.status if isinstance(error, ServingError)
-                             else Status.FAILED_PRECONDITION)
-                for seq, error in failed if seq.request_id in self.requests]
+        outputs = []
+        for seq, error in failed:
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.seq is seq:  # not a new request reusing a gone one's id
+                message, code = _load_failure(error)
+                outputs.append(self._finish(req, FinishReason.ERROR, message, code=code))
+        return outputs
 
+
+def _load_failure(error: Exception) -> tuple[str, Status]:
+    """The message and status of a failed adapter load: a typed error's own
+    message and status; anything else is the server's fault, INTERNAL, logged with its
+    traceback (as ``rpc.status_of`` answers an RPC)."""
+    if isinstance(error, ServingError):
+        return str(error), error.status
+    log.error("adapter load failed", exc_info=error)
+    return (f"internal server error loading the adapter ({type(error).__name__}: {error}); "
+            "the server log has the traceback"), Status.INTERNAL
