@@ -138,10 +138,11 @@ class SlotTable:
 
     def abort(self, slot: int) -> None:
         """The load of ``slot`` failed: free it, dropping every reference on it (the waiters
-        get the error and do not release)."""
+        get the error and do not release) and its pin."""
         s = self._slots[slot]
         if self._by_id.get(s.adapter_id) == slot:
             del self._by_id[s.adapter_id]
+        self.pinned -= s.pinned  # a pin taken while it loaded goes with it
         self._free_slot(slot)
 
     def release(self, slot: int) -> None:

@@ -380,3 +380,22 @@ def test_pin_count_follows_unpin_and_invalidate():
     t.release(slot)
     t.check_invariants()
     assert t.pinned == 1 and t.pinned_ids() == {"c"}
+
+
+def test_a_pin_taken_while_loading_goes_with_a_failed_load():
+    """A slot pinned while its load ran, whose load then failed, takes its pin with it: the
+    counter (the pin limit, the pinned-slots metric) never counts a phantom pin."""
+    t = SlotTable(3)
+    slot, how = t.acquire("a")
+    assert how is Acquired.LOAD
+    t.pin("a")
+    t.abort(slot)
+    t.check_invariants()
+    assert t.pinned == 0 and t.pinned_ids() == set()
+    for name in "pq":  # two real pins of three slots: the limit is not reached early
+        slot, _ = t.acquire(name)
+        t.loaded(slot)
+        t.release(slot)
+    t.pin("p")
+    t.pin("q")
+    assert t.pinned == 2
