@@ -12,6 +12,7 @@ layer so that every layer raises these and none imports grpc for them.
       ServerDrainingError    the server is shutting down
       RequestFailedError     the engine finished a request with an error
       ModelLoadError         the base model cannot be loaded or introspected
+      ClientGoneError        the client closed the connection before the response
 """
 
 import enum

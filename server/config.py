@@ -125,7 +125,8 @@ class Config:
                          "quantized bases; needs vLLM installed)")
     tensor_parallel_size: int = option(1, "vLLM: GPUs each model is split across")
     pipeline_parallel_size: int = option(1, "vLLM: pipeline stages (nodes or GPUs)")
-    distributed_executor_backend: str = option("", "vLLM: `mp` or `ray` (multi-node); `\"\"` "
+    distributed_executor_backend: str = option("", "vLLM: `mp`, `ray` (multi-node) or `uni` "
+                                               "(one process); `\"\"` "
                                                "= vLLM picks")
     max_model_len: int = option(0, "vLLM: context length; 0 = the model's")
     quantization: str = option("", "vLLM: quantization of the base (`awq`, `gptq`, "
@@ -245,7 +246,8 @@ class Config:
                              "one")
         if self.registry_url and not self.registry_url.startswith(
                 ("postgresql://", "postgres://", "sqlite://")):
-            raise ValueError("config registry_url must start with postgresql:// or sqlite://")
+            raise ValueError("config registry_url must start with postgresql://, postgres:// or "
+                             "sqlite://")
         if not self.registry_poll_interval_s > 0:
             raise ValueError("config registry_poll_interval_s must be > 0, got "
                              f"{self.registry_poll_interval_s}")

@@ -1,5 +1,7 @@
 """Prometheus metrics of one server, in their own ``CollectorRegistry`` (several servers
-can share a process). Names start with ``nolaserve_``; no label carries an adapter id.
+can share a process). Names start with ``nolaserve_``, and no label of theirs carries an
+adapter id; the ``vllm:`` series that routers read keep vLLM's names, and vLLM's own
+``vllm:lora_requests_info`` lists adapter ids in its labels.
 
 Recorded where the work happens: request counts and latencies by the RPC layer
 (``count_request``, ``RequestTimer``), batch shape by the engine step and adapter loads by

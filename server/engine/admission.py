@@ -27,9 +27,9 @@ parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
 the scheduler then admits nobody behind it (``Scheduler.adapter_overdue``), so running
-requests finish, free their slots, and it gets one. Parsing adapter bytes is not kept off
-the step loop: ``Engine.add_request`` validates the adapter first, on the thread that calls
-it (a worker thread under ``AsyncEngine``).
+requests finish, free their slots, and it gets one. Parsing adapter bytes is kept off the
+step loop: the adapter is checked before the request reaches it (``AsyncEngine.check``, on a
+worker thread; ``Engine.add_request`` on its caller's thread when called directly).
 """
 
 from __future__ import annotations

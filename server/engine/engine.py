@@ -181,8 +181,9 @@ class Engine:
                       adapter_id: str | None) -> None:
         """Every check of a request that needs no engine state (``RequestChecks``, then
         its grammar's compile); safe on any thread, but with an ``adapter_id`` it reads the
-        registry: callers on the step thread pass ``adapter_id=None``. ``AsyncEngine``
-        runs them before ``add_request``, so that its compile is a cache hit."""
+        registry: callers on the step thread pass ``adapter_id=None``. ``AsyncEngine.check``
+        makes the same checks before ``add_request`` (the registry read on a worker thread,
+        the compile awaited holding no thread), so that its compile is a cache hit."""
         self.checks.check(prompt, params, adapter_id)
         if params.structured is not None:
             self.grammars.compile(params.structured)
