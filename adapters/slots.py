@@ -150,12 +150,6 @@ class SlotPool:
         with self._lock:
             return self._table.can_take(adapter_id)
 
-    def is_current(self, adapter_id: str, slot: int) -> bool:
-        """Whether ``slot`` is ``adapter_id``'s slot, loaded (not one it was invalidated
-        out of)."""
-        with self._lock:
-            return self._table.ready_slot_of(adapter_id) == slot
-
     def release(self, slot: int) -> None:
         """Drop the reference taken by one ``acquire`` that returned ``slot``."""
         with self._lock:

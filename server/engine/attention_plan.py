@@ -30,7 +30,6 @@ class AttentionPlan:
     layout that the torch path gathers by."""
 
     lists: dict[str, list[int]]  # kv_slot [T], token_rows [T], seq_lens [N], seq_rows [N]
-    num_decode: int
     groups: list[tuple[int, int, int]]  # decode (first row, rows, blocks), rows contiguous
     prefills: list[tuple[int, int, int, int, int]]  # (first row, q_len, start, blocks, seq)
     max_ctx_len: int
@@ -81,4 +80,4 @@ def plan_attention(block_size: int, q_lens: list[int], start_pos: list[int],
         row += q_lens[i]
     lists = dict(kv_slot=kv_slot, token_rows=token_rows, seq_lens=ctx_lens,
                  seq_rows=list(table_rows))
-    return AttentionPlan(lists, n_dec, groups, prefills, max(ctx_lens, default=0))
+    return AttentionPlan(lists, groups, prefills, max(ctx_lens, default=0))

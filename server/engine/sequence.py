@@ -7,7 +7,6 @@ import enum
 import json as jsonlib
 import math
 import numbers
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import InitVar, dataclass, field
 
@@ -307,7 +306,6 @@ class Sequence:
     adapter_slot: int = -1  # device slot of the adapter once admitted; -1 = base model
     finish_reason: FinishReason | None = None
     error: str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     prefix_counted: bool = False  # its prefix-cache lookup is in the counters (once)
     num_cached_tokens: int = -1  # prompt tokens the prefix cache held when first admitted
     checked_at: int = 0  # the store's delete log when its adapter was checked (DeleteLog)
