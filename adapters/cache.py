@@ -54,7 +54,9 @@ class HostCache:
     def get(self, adapter_id: str) -> Any | None:
         """The cached object (now most recently used), or None; counts a hit or a miss."""
         with self._lock:
-            return self._lookup(adapter_id)
+            obj = self._lookup(adapter_id)
+            self._misses += obj is None
+            return obj
 
     def peek(self, adapter_id: str) -> Any | None:
         """The cached object, or None, without touching the LRU order or the counters."""
@@ -79,7 +81,8 @@ class HostCache:
                     count_hit: bool = True) -> Any:
         """The cached object, else ``loader(adapter_id)`` (called outside the lock) cached
         and returned. Concurrent callers for the same id share one loader call and its
-        result or exception. A miss is always counted, a hit only with ``count_hit``."""
+        result or exception. A miss is counted once per loader call (callers that wait for
+        it count none), a hit only with ``count_hit``."""
         with self._lock:
             obj = self._lookup(adapter_id, count_hit)
             if obj is not None:
@@ -90,6 +93,7 @@ class HostCache:
             else:
                 flight = self._loads[adapter_id] = Flight()
                 owner = True
+                self._misses += 1
         if not owner:
             return flight.wait()
 
@@ -127,7 +131,6 @@ class HostCache:
     def _lookup(self, adapter_id: str, count_hit: bool = True) -> Any | None:
         entry = self._entries.get(adapter_id)
         if entry is None:
-            self._misses += 1
             return None
         self._hits += count_hit
         self._entries.move_to_end(adapter_id)

@@ -124,6 +124,7 @@ def test_concurrent_loads_of_one_id_share_one_call():
     for t in threads:
         t.join()
     assert calls == ["x"] and len(results) == 6 and all(r is results[0] for r in results)
+    assert c.stats.misses == 1  # one parse, one miss: the callers that waited count none
 
 
 def test_pop_during_load_keeps_the_stale_result_out():
