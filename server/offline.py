@@ -151,6 +151,7 @@ class LLM:
         self._seeds = None if seed is None else itertools.count(seed)
         self._loras: dict[str, str] = {}  # LoRARequest names registered here, and paths
         self._turn = threading.Lock()  # generate/chat step the one engine: one at a time
+        self._admin = threading.Lock()  # adapter changes: close() waits for the one running
         self._closed = False
 
     def get_tokenizer(self) -> Any:
@@ -162,11 +163,14 @@ class LLM:
         self._check_open()
         data = source if isinstance(source, bytes) else read_adapter_source(
             source, None, self.config.max_message_bytes)
-        return self.engine.store.register(adapter_id, data, replace)
+        with self._admin:
+            self._check_open()
+            return self.engine.store.register(adapter_id, data, replace)
 
     def delete_adapter(self, adapter_id: str) -> None:
-        self._check_open()
-        self.engine.store.delete(adapter_id)
+        with self._admin:
+            self._check_open()
+            self.engine.store.delete(adapter_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -267,7 +271,7 @@ class LLM:
     def close(self) -> None:
         """Stop the adapter loader and close the adapter store; calls after it raise
         ``EngineStoppedError``."""
-        with self._turn:
+        with self._turn, self._admin:
             if not self._closed:
                 self._closed = True
                 self.engine.close()

@@ -148,6 +148,36 @@ def test_calls_from_threads_take_turns_and_a_closed_llm_says_so(checkpoint):
             call()
 
 
+def test_close_waits_for_a_registration_in_flight(checkpoint):
+    """``close`` from another thread waits for a registration that has begun, which then
+    succeeds (before, the store could close under it: an untyped error mid-write)."""
+    import threading
+
+    llm = LLM(str(checkpoint / "model"), **settings(checkpoint))
+    inside, go = threading.Event(), threading.Event()
+    register = llm.engine.store.register
+
+    def slow_register(*args):
+        inside.set()
+        go.wait(10)
+        return register(*args)
+
+    llm.engine.store.register = slow_register
+    blob = random_nola(llm.engine.store.spec, seed=3, rank=4, num_basis=16).to_bytes()
+    records = []
+    registering = threading.Thread(target=lambda: records.append(llm.register_adapter("x", blob)))
+    registering.start()
+    assert inside.wait(10)
+    closing = threading.Thread(target=llm.close)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive()  # it waits for the registration
+    go.set()
+    registering.join(10)
+    closing.join(10)
+    assert not closing.is_alive() and records[0].id == "x"
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda llm: llm.generate(123), "a prompt is a string, a list of token ids"),
     (lambda llm: llm.generate(b"hello"), "a prompt is a string"),
