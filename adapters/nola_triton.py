@@ -27,6 +27,10 @@ from .gpu import sm_count
 from .philox_layout import counter_base
 
 PROGRAMS_PER_SM = 2  # programs the grid aims at per SM of the device
+# Compiled Triton contracts `acc += a * v` into one FMA by default (enable_fp_fusion=True,
+# ptxas --fmad=true): one rounding where the CPU path (_philox.c, -ffp-contract=off) and the
+# interpreter round twice, so the factors would differ from the CPU's in the last bit.
+NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -121,7 +125,7 @@ def basis_values(seed: int, stream: int, start: int, count: int,
     if count:
         block = 256
         _values_kernel[(triton.cdiv(count, block),)](out, seed, c_base, start, count,
-                                                     BLOCK=block)
+                                                     BLOCK=block, **NO_FMA)
     return out
 
 
@@ -140,7 +144,8 @@ def contract(seed: int, stream: int, coeffs: torch.Tensor, n_cols: int) -> torch
     target = PROGRAMS_PER_SM * sm_count(coeffs.device)
     block = min(256, max(16, triton.next_power_of_2(triton.cdiv(lanes, target))))
     _contract_kernel[(triton.cdiv(lanes, block),)](
-        out, coeffs, seed, c_base, coeffs.shape[0], n_cols, BLOCK=block, ALIGNED=aligned)
+        out, coeffs, seed, c_base, coeffs.shape[0], n_cols, BLOCK=block, ALIGNED=aligned,
+        **NO_FMA)
     return out
 
 
@@ -235,7 +240,7 @@ def regenerate(seed: int, alpha: torch.Tensor, beta: torch.Tensor,
     block = 128
     tiles = max(triton.cdiv(t.numel(), 4 * block) for t in dests)
     _regen_kernel[(len(dests), tiles)](jobs, coeffs, divisors, seed, BLOCK=block,
-                                       OUT_DTYPE=_OUT_DTYPES[dests[0].dtype])
+                                       OUT_DTYPE=_OUT_DTYPES[dests[0].dtype], **NO_FMA)
 
 
 def _job_rows(seed: int, k: int, l_: int, modules: int, dests: list[torch.Tensor]

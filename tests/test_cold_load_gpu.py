@@ -34,14 +34,19 @@ def test_a_step_is_not_delayed_by_a_slow_regeneration_in_flight():
                     direct=lambda i: DirectFactors({(0, "q"): 8}, 1.0, slow_write)
                     if i == "cold" else None)
     slot = pool.acquire("hot")
+    A, B, scale = pool.buffers(0, "q")
+    token_slot = torch.tensor([slot, -1, slot], device="cuda")
+    y = torch.zeros(3, 64, device="cuda", dtype=torch.float16)
+    # compile and load every kernel of the step first: Triton's first launch (JIT, launcher
+    # build) and CUDA lazy module loading (which may synchronize the context, i.e. wait for
+    # the side stream's sleep) must not fall inside the 2 s window
+    add_lora_rows(y.clone(), torch.ones_like(y), A, B, scale, token_slot, slot_runs(token_slot))
+    torch.cuda.synchronize()
     load = threading.Thread(target=lambda: (pool.acquire("cold"), loaded.set()))
     load.start()
     assert queued.wait(60)
     # one decode step's LoRA on the compute stream, for the hot adapter's rows
     assert pool.try_acquire("hot") == slot and pool.try_acquire("cold") is None
-    A, B, scale = pool.buffers(0, "q")
-    token_slot = torch.tensor([slot, -1, slot], device="cuda")
-    y = torch.zeros(3, 64, device="cuda", dtype=torch.float16)
     add_lora_rows(y, torch.ones_like(y), A, B, scale, token_slot, slot_runs(token_slot))
     torch.cuda.current_stream().synchronize()
     assert not loaded.is_set()  # the step is done, the regeneration still in flight
