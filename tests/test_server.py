@@ -109,9 +109,9 @@ def test_request_errors_map_to_status_codes(engine, monkeypatch):
             await expect_code(Code.INVALID_ARGUMENT, gen(inference_pb2.GenerateRequest()),
                               "prompt or messages")
             await expect_code(Code.INVALID_ARGUMENT, gen(request(prompt="")), "empty")
-            adapter = engine.store.parsed("n")  # the adapter fails to load in the engine
-            monkeypatch.setattr(adapter, "materialize", _broken)
-            await expect_code(Code.FAILED_PRECONDITION,
+            adapter = engine.store.parsed("n")  # the adapter fails to load in the engine:
+            monkeypatch.setattr(adapter, "materialize", _broken)  # the server's fault
+            await expect_code(Code.INTERNAL,
                               c.inference.GenerateStream(request(adapter="n")), "disk on fire")
             monkeypatch.setattr(engine.store.registry, "count", _broken)
             await expect_code(Code.INTERNAL, c.admin.ListAdapters(admin_pb2.ListAdaptersRequest()),
