@@ -4,18 +4,22 @@ KV cache, side by side in one run.
 
     python -m nolaserve.benchmarks.fairness [--burst 32] [--kv-blocks 64] [--model tiny|smollm2]
 
-The scheduler ranks a sequence by its place among its adapter's unfinished sequences, then
-its arrival, so the short request, its adapter's first, comes before the burst's queued
-requests and is never the burst's preemption victim. The third row sends the same request
+The scheduler ranks sequences by start-time fair queuing across adapters, so the short
+request, its adapter's first, lands among the burst's first requests, ahead of the burst's
+queued ones, and is not the burst's preemption victim. The third row sends the same request
 on the burst's own adapter: that is where plain first come, first served (vLLM's default)
 puts a late request of any adapter, behind the whole burst and first in line for
 preemption. ``tiny`` has SmolLM2's tokenizer and vocabulary but two layers of width 64.
 The engine runs in-process (``Engine.step`` in a loop); both adapters are pinned.
+
+Then the scheduler's host work per step with a long queue (``queue_cost``: 256 running,
+2,000 waiting, no model), over 1, 64 and 1,000 adapters.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +28,12 @@ from nolaserve.adapters.nola import random_nola
 from nolaserve.benchmarks.isolation import TARGETS, tiny_model
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
+from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.memory import bytes_per_block
 from nolaserve.server.engine.model_loader import load_model
-from nolaserve.server.engine.sequence import SamplingParams
+from nolaserve.server.engine.scheduler import Scheduler
+from nolaserve.server.engine.sequence import FinishReason, SamplingParams, Sequence
 
 
 def probe_latency(engine: Engine, prompt: list[int], burst: int, burst_tokens: int,
@@ -54,6 +60,39 @@ def probe_latency(engine: Engine, prompt: list[int], burst: int, burst_tokens: i
     while engine.has_unfinished():
         engine.step()
     return seconds, steps, preempted
+
+
+def queue_cost(num_adapters: int, waiting: int = 2000, steps: int = 300) -> float:
+    """Milliseconds per step of ``Scheduler.schedule`` and the finishes that follow it, with
+    256 running and ``waiting`` queued sequences (32-token prompts, 8-64 tokens each)
+    spread over ``num_adapters`` adapters; the queue is topped up after each step."""
+    rng = random.Random(0)
+    sched = Scheduler(BlockManager(200_000, 16), 256, 2048)
+    added = 0
+
+    def add() -> None:
+        nonlocal added
+        sched.add(Sequence(f"r{added}", list(range(32)),
+                           SamplingParams(max_tokens=rng.randint(8, 64)),
+                           f"a{rng.randrange(num_adapters)}"))
+        added += 1
+
+    for _ in range(waiting + 256):
+        add()
+    spent = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        for item in sched.schedule().scheduled:
+            seq, samples = item.seq, item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                seq.output_token_ids.append(0)
+                if len(seq.output_token_ids) >= seq.params.max_tokens:
+                    sched.finish(seq, FinishReason.LENGTH)
+        spent += time.perf_counter() - start
+        while sched.num_waiting < waiting:
+            add()
+    return 1e3 * spent / steps
 
 
 def register_pinned(engine: Engine, names: tuple[str, ...] = ("a", "b")) -> None:
@@ -94,6 +133,9 @@ def main() -> None:
     alone = rows["alone"][0]
     for name, (seconds, steps, preempted) in rows.items():
         print(f"{name:32s} {seconds:8.3f} {steps:6d} {preempted:10d} {seconds / alone:8.1f}")
+    print("\nscheduler host work, 256 running and 2,000 waiting (no model)")
+    for num_adapters in (1, 64, 1000):
+        print(f"{num_adapters:5d} adapters: {queue_cost(num_adapters):.3f} ms per step")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fair ranking across adapters, through the engine: a request on its own adapter runs
+"""Fair queuing across adapters, through the engine: a request on its own adapter runs
 through another adapter's burst that overfills the KV cache as it runs alone (counted in
 steps and preemptions, never seconds)."""
 

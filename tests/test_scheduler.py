@@ -176,14 +176,25 @@ def test_each_adapters_first_request_comes_before_any_adapters_second():
     assert list(tokens_of(step(sched))) == ["a0", "b0", "base0"]
 
 
-def test_a_finished_request_moves_its_adapters_later_ones_up():
+def test_a_newcomer_starts_at_the_lowest_unfinished_tag_and_tags_stay_fixed():
+    """An adapter with nothing unfinished starts at the lowest tag still unfinished: behind
+    the requests of the round under way, ahead of the burst's later ones, never ahead of
+    everything. A finish moves nobody (tags are fixed at arrival), and an adapter whose
+    requests all finished starts afresh."""
     sched = make_sched(budget=8, max_num_seqs=1)
-    a0, a1, b0, b1 = (make_seq(r, 5, max_tokens=2, adapter=r[0]) for r in ("a0", "a1", "b0", "b1"))
-    for s in (a0, a1, b0, b1):
+    a = [make_seq(f"a{i}", 5, max_tokens=2, adapter="a") for i in range(3)]
+    for s in a:
         sched.add(s)
-    assert sched.waiting == (a0, b0, a1, b1)
-    sched.finish(a0, FinishReason.CANCELLED)
-    assert sched.waiting == (a1, b0, b1)  # a1 is now a's first, and came before b0
+    sched.finish(a[0], FinishReason.CANCELLED)  # the lowest unfinished tag is now a1's
+    b0, b1 = (make_seq(r, 5, max_tokens=2, adapter="b") for r in ("b0", "b1"))
+    sched.add(b0)
+    sched.add(b1)
+    assert sched.waiting == (a[1], b0, a[2], b1)
+    for s in (a[1], a[2]):
+        sched.finish(s, FinishReason.CANCELLED)
+    a3 = make_seq("a3", 5, max_tokens=2, adapter="a")  # a has nothing unfinished: afresh
+    sched.add(a3)
+    assert sched.waiting == (b0, a3, b1)
 
 
 def test_a_burst_preempts_its_own_newest_requests_not_another_adapters():

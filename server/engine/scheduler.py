@@ -1,19 +1,21 @@
 """Continuous-batching scheduler with chunked prefill and preemption by recompute.
 Pure Python (no torch).
 
-Sequences are ranked fairly across adapters: a sequence's rank is its place among its
-adapter's unfinished sequences (the base model counts as one adapter), then its arrival.
-So every adapter's oldest request comes before any adapter's second one: round robin
-across adapters, first come, first served within one (and with one adapter, plain FCFS).
-Each ``schedule()`` call fills one step's token budget: running sequences first, in rank
-order (a decoding sequence needs one token, a partly prefilled one gets the next chunk of
-its prompt), then waiting sequences in rank order, as far as budget, ``max_num_seqs``,
-free KV blocks and adapter readiness allow. When a running sequence cannot get its blocks,
-the lowest-ranked running sequence is preempted: its blocks are freed and it is
-recomputed later (from its cached prefix, with prefix caching), so the highest-ranked
-request always makes progress, and a burst of one adapter's requests preempts its own
-newest ones, never another adapter's first. A step that preempts admits nobody new, so
-freed blocks are not handed straight back out (no thrashing).
+Sequences are ranked fairly across adapters (the base model counts as one), by start-time
+fair queuing with a unit cost per sequence: at arrival a sequence gets a tag, one past its
+adapter's newest unfinished sequence's tag, and never below the lowest tag still unfinished
+(where an adapter with nothing unfinished starts). Its rank is (tag, arrival), fixed for its
+life. So an adapter's burst takes consecutive tags and another adapter's request lands among
+the burst's first, not behind it: round robin across adapters, first come, first served
+within one (with one adapter, plain FCFS). Each ``schedule()`` call fills one step's token
+budget: running sequences first, in rank order (a decoding sequence needs one token, a
+partly prefilled one gets the next chunk of its prompt), then waiting sequences in rank
+order, as far as budget, ``max_num_seqs``, free KV blocks and adapter readiness allow. When
+a running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
+its blocks are freed and it is recomputed later (from its cached prefix, with prefix
+caching), so the highest-ranked request always makes progress, and a burst of one adapter's
+requests preempts its own later ones before another adapter's first. A step that preempts
+admits nobody new, so freed blocks are not handed straight back out (no thrashing).
 """
 
 from __future__ import annotations
@@ -98,11 +100,11 @@ class Scheduler:
         # Prefill chunks always end at multiples of max_num_batched_tokens (a sequence
         # waits rather than take a shorter chunk), as when it runs alone: batch-invariant.
         self.fixed_chunks = fixed_chunks
-        # both sorted by rank: (place among its adapter's unfinished sequences, arrival)
-        self._waiting: list[Sequence] = []
+        self._waiting: list[Sequence] = []  # both sorted by rank
         self._running: list[Sequence] = []
-        self._rank: dict[Sequence, tuple[int, int]] = {}
-        self._by_adapter: dict[str | None, list[Sequence]] = {}  # unfinished, by arrival
+        self._rank: dict[Sequence, tuple[int, int]] = {}  # (tag, arrival) of each unfinished
+        # each adapter with unfinished sequences: [its newest one's tag, how many]
+        self._adapters: dict[str | None, list[int]] = {}
         self._unfit: dict[Sequence, str] = {}  # added, never to run: errored next schedule
         self._counter = itertools.count()
 
@@ -133,8 +135,8 @@ class Scheduler:
         return bool(self._waiting or self._running or self._unfit)
 
     def add(self, seq: Sequence) -> None:
-        """Queue ``seq`` behind its adapter's unfinished sequences; one that can never fit
-        the KV cache is errored by the next ``schedule()`` instead."""
+        """Queue ``seq`` by its fair-queuing tag (the module docstring); one that can never
+        fit the KV cache is errored by the next ``schedule()`` instead."""
         if seq in self._rank or seq in self._unfit:
             raise ValueError(f"request {seq.request_id!r} was already added")
         seq.status = SequenceStatus.WAITING
@@ -142,9 +144,12 @@ class Scheduler:
         if error is not None:
             self._unfit[seq] = error
             return
-        peers = self._by_adapter.setdefault(seq.adapter_id, [])
-        self._rank[seq] = (len(peers), next(self._counter))
-        peers.append(seq)
+        lowest = min((self._rank[q[0]][0] for q in (self._running, self._waiting) if q),
+                     default=0)
+        newest = self._adapters.setdefault(seq.adapter_id, [-1, 0])
+        newest[0] = max(lowest, newest[0] + 1)
+        newest[1] += 1
+        self._rank[seq] = (newest[0], next(self._counter))
         bisect.insort(self._waiting, seq, key=self._rank.__getitem__)
 
     def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
@@ -166,21 +171,11 @@ class Scheduler:
         seq.error = error
 
     def _forget(self, seq: Sequence) -> None:
-        """Drop ``seq``'s rank: its adapter's later sequences move up a place."""
         del self._rank[seq]
-        peers = self._by_adapter[seq.adapter_id]
-        i = peers.index(seq)
-        del peers[i]
-        if not peers:
-            del self._by_adapter[seq.adapter_id]
-        if i == len(peers):
-            return
-        for later in peers[i:]:
-            place, arrival = self._rank[later]
-            self._rank[later] = (place - 1, arrival)
-        # new lists, not sorts in place: a snapshot from another thread never sees one half done
-        self._running = sorted(self._running, key=self._rank.__getitem__)
-        self._waiting = sorted(self._waiting, key=self._rank.__getitem__)
+        newest = self._adapters[seq.adapter_id]
+        newest[1] -= 1
+        if not newest[1]:  # nothing of it unfinished: it starts afresh next time
+            del self._adapters[seq.adapter_id]
 
     def admissible(self, seq: Sequence) -> bool:
         """Whether ``seq`` could run this step once its adapter is ready: it is running
