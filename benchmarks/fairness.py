@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 from nolaserve.adapters.nola import random_nola
-from nolaserve.benchmarks.isolation import TARGETS, tiny_model
+from nolaserve.benchmarks.isolation import TARGETS, bench_model
 from nolaserve.server.build import build_engine
 from nolaserve.server.config import Config
 from nolaserve.server.engine.block_manager import BlockManager
 from nolaserve.server.engine.engine import Engine
 from nolaserve.server.engine.memory import bytes_per_block
-from nolaserve.server.engine.model_loader import load_model
 from nolaserve.server.engine.scheduler import Scheduler
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, Sequence
 
@@ -110,9 +109,7 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=64, help="KV-cache size in blocks")
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="tiny")
     args = parser.parse_args()
-    model, tokenizer = load_model()
-    if args.model == "tiny":
-        model = tiny_model(len(tokenizer))
+    model, tokenizer = bench_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         block = bytes_per_block(model.config, 16, next(model.parameters()).dtype)
         config = Config(registry_path=str(Path(tmp) / "registry.db"), max_rank=8,

@@ -46,6 +46,13 @@ def tiny_model(vocab_size: int):
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY)).eval()
 
 
+def bench_model(name: str):
+    """The bundled SmolLM2 (``smollm2``) or ``tiny_model`` over its vocabulary (``tiny``),
+    and the tokenizer."""
+    model, tokenizer = load_model()
+    return (tiny_model(len(tokenizer)) if name == "tiny" else model), tokenizer
+
+
 async def gaps(aengine: AsyncEngine, prompt: list[int], max_tokens: int,
                during=None) -> list[float]:
     """Seconds between consecutive tokens of one greedy stream; ``during()`` starts on a
@@ -67,9 +74,7 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=0.5, help="seconds the lock is held")
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     args = parser.parse_args()
-    model, tokenizer = load_model()
-    if args.model == "tiny":
-        model = tiny_model(len(tokenizer))
+    model, tokenizer = bench_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         registry = SqliteRegistry(Path(tmp) / "registry.db")
         engine = build_engine(Config(registry_path=str(Path(tmp) / "registry.db"), max_rank=8),
