@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nolaserve.server.engine.block_manager import BlockManager, OutOfBlocksError
+from nolaserve.server.engine.fair_tags import FairTags
 from nolaserve.server.engine.scheduler import Scheduler, SchedulerOutput
 from nolaserve.server.engine.sequence import (
     FinishReason,
@@ -445,3 +446,19 @@ def test_an_overdue_parked_request_holds_back_newcomers_that_need_a_slot():
     assert tokens_of(step(sched)) == {"b": 1, "base": 4, "kept": 4}  # c waits for a
     parked.discard("a")
     assert set(tokens_of(step(sched))) == {"a", "b", "c", "base", "kept"}
+
+
+def test_fair_tags_lowest_follows_out_of_order_ends():
+    """``FairTags`` alone (the vLLM backend's priorities): the lowest unfinished tag moves
+    only when the sequences holding it end, in whatever order they end."""
+    tags = FairTags()
+    a = [tags.tag("a") for _ in range(3)]
+    assert a == [0, 1, 2] and tags.tag(None) == 0  # the base model starts at the lowest
+    tags.done("a", 1)
+    tags.done("a", 0)
+    assert tags.lowest() == 0  # the base model's request still holds tag 0
+    tags.done(None, 0)
+    assert tags.lowest() == 2 and tags.tag("b") == 2 and tags.tag("a") == 3
+    for adapter, tag in (("a", 2), ("b", 2), ("a", 3)):
+        tags.done(adapter, tag)
+    assert tags.lowest() == 0 and tags.tag("a") == 0  # nothing unfinished: afresh

@@ -132,6 +132,27 @@ def test_mixed_adapters_match_the_native_engine(setup):
         "adapters do not change the output: the comparison would prove nothing")
 
 
+def test_another_adapters_request_runs_beside_a_burst_not_behind_it(setup):
+    """Fair queuing reaches vLLM (its priority policy over our tags): with every one of the
+    16 seats taken by adapter ``nola``'s burst and four more of its requests queued, a
+    request on ``lora`` takes the first seat to free (that of the burst's short first
+    request). Under FCFS it would queue behind the four and end after the burst's long
+    requests."""
+    ends: list[str] = []
+
+    def send(name: str, adapter: str, max_tokens: int):
+        future = setup.inference.Generate.future(request("héllo", max_tokens, adapter),
+                                                 timeout=300)
+        future.add_done_callback(lambda f: ends.append(name))
+        return future
+
+    burst = [send(f"a{i}", "nola", 40 if i == 0 else 300) for i in range(20)]
+    other = send("b", "lora", 8)
+    for future in (*burst, other):
+        assert future.result().token_ids
+    assert ends.index("b") < ends.index("a1"), ends
+
+
 def test_replace_is_served_with_the_new_weights(setup):
     prompt = " ".join(PROMPTS * 16)  # ~300 tokens: full KV blocks, which vLLM caches
     before = list(generate(setup, prompt, "swap").token_ids)
@@ -311,5 +332,6 @@ def test_vllm_gets_the_dtype_the_native_engine_runs(monkeypatch, dtype, device, 
     args = engine_args(Config(registry_path=":memory:", dtype=dtype), "/models/m", device)
     assert args["dtype"] == want
     assert args["model"] == "/models/m" and args["enable_lora"]
+    assert args["scheduling_policy"] == "priority"  # fair queuing over FairTags' tags
     # JSON without free whitespace, as the native grammar: vLLM reads only the engine's
     assert args["structured_outputs_config"]["disable_any_whitespace"]

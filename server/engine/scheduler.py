@@ -1,14 +1,10 @@
 """Continuous-batching scheduler with chunked prefill and preemption by recompute.
 Pure Python (no torch).
 
-Sequences are ranked fairly across adapters (the base model counts as one), by start-time
-fair queuing with a unit cost per sequence: at arrival a sequence gets a tag, one past its
-adapter's newest unfinished sequence's tag, and never below the lowest tag still unfinished
-(where an adapter with nothing unfinished starts). Its rank is (tag, arrival), fixed for its
-life. So an adapter's burst takes consecutive tags and another adapter's request lands among
-the burst's first, not behind it: round robin across adapters, first come, first served
-within one (with one adapter, plain FCFS). Each ``schedule()`` call fills one step's token
-budget: running sequences first, in rank order (a decoding sequence needs one token, a
+Sequences are ranked fairly across adapters by ``(tag, arrival)``, fixed for their life
+(``fair_tags``: start-time fair queuing, round robin across adapters, first come, first
+served within one; with one adapter, plain FCFS). Each ``schedule()`` call fills one step's
+token budget: running sequences first, in rank order (a decoding sequence needs one token, a
 partly prefilled one gets the next chunk of its prompt), then waiting sequences in rank
 order, as far as budget, ``max_num_seqs``, free KV blocks and adapter readiness allow. When
 a running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
@@ -26,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .fair_tags import FairTags
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -103,8 +100,7 @@ class Scheduler:
         self._waiting: list[Sequence] = []  # both sorted by rank
         self._running: list[Sequence] = []
         self._rank: dict[Sequence, tuple[int, int]] = {}  # (tag, arrival) of each unfinished
-        # each adapter with unfinished sequences: [its newest one's tag, how many]
-        self._adapters: dict[str | None, list[int]] = {}
+        self._tags = FairTags()
         self._unfit: dict[Sequence, str] = {}  # added, never to run: errored next schedule
         self._counter = itertools.count()
 
@@ -135,8 +131,8 @@ class Scheduler:
         return bool(self._waiting or self._running or self._unfit)
 
     def add(self, seq: Sequence) -> None:
-        """Queue ``seq`` by its fair-queuing tag (the module docstring); one that can never
-        fit the KV cache is errored by the next ``schedule()`` instead."""
+        """Queue ``seq`` by its fair-queuing tag (``FairTags``); one that can never fit the KV
+        cache is errored by the next ``schedule()`` instead."""
         if seq in self._rank or seq in self._unfit:
             raise ValueError(f"request {seq.request_id!r} was already added")
         seq.status = SequenceStatus.WAITING
@@ -144,12 +140,7 @@ class Scheduler:
         if error is not None:
             self._unfit[seq] = error
             return
-        lowest = min((self._rank[q[0]][0] for q in (self._running, self._waiting) if q),
-                     default=0)
-        newest = self._adapters.setdefault(seq.adapter_id, [-1, 0])
-        newest[0] = max(lowest, newest[0] + 1)
-        newest[1] += 1
-        self._rank[seq] = (newest[0], next(self._counter))
+        self._rank[seq] = (self._tags.tag(seq.adapter_id), next(self._counter))
         bisect.insort(self._waiting, seq, key=self._rank.__getitem__)
 
     def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
@@ -171,11 +162,7 @@ class Scheduler:
         seq.error = error
 
     def _forget(self, seq: Sequence) -> None:
-        del self._rank[seq]
-        newest = self._adapters[seq.adapter_id]
-        newest[1] -= 1
-        if not newest[1]:  # nothing of it unfinished: it starts afresh next time
-            del self._adapters[seq.adapter_id]
+        self._tags.done(seq.adapter_id, self._rank.pop(seq)[0])
 
     def admissible(self, seq: Sequence) -> bool:
         """Whether ``seq`` could run this step once its adapter is ready: it is running

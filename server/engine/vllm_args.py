@@ -42,8 +42,9 @@ def vllm_dtype(dtype: str, device: str) -> str:
 def engine_args(config, model_dir: str, device: str):
     """``AsyncEngineArgs`` for ``config`` on ``device`` (``cpu`` or ``cuda``): the vLLM
     keys passed through by name (0 or "" leaves vLLM's own default), ``dtype`` resolved by
-    ``vllm_dtype``, LoRA on, nolaserve's scheduling limits and prefix caching (safe across
-    replaced adapters: each version is a LoRA of its own, ``vllm_loras``)."""
+    ``vllm_dtype``, LoRA on, nolaserve's scheduling limits, fair queuing across adapters
+    (vLLM's priority policy over ``FairTags``' tags) and prefix caching (safe across replaced
+    adapters: each version is a LoRA of its own, ``vllm_loras``)."""
     try:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -60,6 +61,7 @@ def engine_args(config, model_dir: str, device: str):
         pipeline_parallel_size=config.pipeline_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+        scheduling_policy="priority",
         enable_lora=True, max_loras=max_loras, max_lora_rank=lora_rank(config),
         enable_prefix_caching=config.enable_prefix_caching,
         # JSON without free whitespace, as the native grammar: vLLM reads only this engine

@@ -24,6 +24,7 @@ from nolaserve.adapters.store import AdapterStore
 
 from . import vllm_args
 from .engine_types import EngineLimits, EngineStats, RequestOutput, StepStats, check_limits
+from .fair_tags import FairTags
 from .sequence import SamplingParams
 from .vllm_loras import Version, VllmLoras
 from .vllm_stats import VllmStats
@@ -41,6 +42,7 @@ class VllmEngine:
         loras.loop = self.loop
         self._ids = itertools.count()
         self._in_flight: dict[str, str | None] = {}  # request id -> adapter id
+        self._tags = FairTags()  # each request's vLLM priority: fair queuing, as native
         # versions handed to add_lora once (so that a bad load fails its request, typed);
         # one vLLM evicted or that was removed is reloaded by vLLM from its directory
         self._added: set[str] = set()
@@ -113,16 +115,18 @@ class VllmEngine:
         version = (await asyncio.to_thread(self.loras.use, adapter_id) if adapter_id
                    else self._base)
         self._in_flight[request_id] = adapter_id
+        tag = self._tags.tag(adapter_id or None)
         try:
-            async for out in self._run(request_id, prompt_token_ids, params, version):
+            async for out in self._run(request_id, prompt_token_ids, params, version, tag):
                 yield out
         finally:
             del self._in_flight[request_id]
+            self._tags.done(adapter_id or None, tag)
             if adapter_id:
                 self.loras.done(version)
 
     async def _run(self, request_id: str, prompt: list[int], params: SamplingParams,
-                   version: Version | None) -> AsyncIterator[RequestOutput]:
+                   version: Version | None, priority: int) -> AsyncIterator[RequestOutput]:
         from vllm.lora.request import LoRARequest
 
         lora = None
@@ -135,7 +139,7 @@ class VllmEngine:
             salt = {} if params.cache_salt is None else {"cache_salt": params.cache_salt}
             stream = self.llm.generate({"prompt_token_ids": prompt, **salt},
                                        vllm_args.sampling(params), request_id,
-                                       lora_request=lora)
+                                       lora_request=lora, priority=priority)
             completion = 0
             async with aclosing(stream) as outputs:
                 async for out in outputs:
