@@ -155,8 +155,8 @@ class AdapterAdmission:
 
     def settle(self, waiting: tuple[Sequence, ...], preempted: list[Sequence]) -> None:
         """After the step's schedule, no slot waits for a request the scheduler did not
-        reach (behind an overdue one, or one that waits for KV blocks: first come, first
-        served) while the requests that could run (parked ones, an overdue one) wait for a
+        reach (behind an overdue one, or one that waits for KV blocks: in rank order, as the
+        scheduler admits) while the requests that could run (parked ones, an overdue one) wait for a
         slot: nothing would progress, ever. A finished load nobody collected gives its
         reference back (the slot stays loaded, idle: the request's next ``ready`` finds
         it there unless another needed it); a waiting request holding a slot that this
