@@ -215,14 +215,22 @@ class EngineCollector(Collector):
         yield _gauge("nolaserve_kv_cache_blocks_total", "KV-cache blocks", stats.kv_blocks_total)
         if stats.store is not None:
             yield CounterMetricFamily("nolaserve_requests_parked",
-                                      "Times time slicing parked a running request (its "
-                                      "adapter's slot handed to a waiting request; one request "
-                                      "may be parked many times)", stats.parked)
+                                      "Times a request was parked: its adapter's slot handed "
+                                      "on while it waits, its weights held (time slicing, or "
+                                      "a request preempted for KV blocks that the next "
+                                      "schedule did not reach); one request may be parked "
+                                      "many times", stats.parked)
             yield from self._store_metrics(stats.store)
             yield lora_requests_info(stats.running_adapters, stats.waiting_adapters,
                                      stats.store.slots.slots_total)
         if stats.prefix_cache is not None:
             yield from prefix_cache_series(stats.prefix_cache, self.engine.model_name)
+        if stats.preemptions is not None:  # under vLLM, vLLM's own series of this name
+            family = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of "
+                                         "preemption from the engine.",
+                                         labels=["model_name", "engine"])
+            family.add_metric([self.engine.model_name, "0"], stats.preemptions)
+            yield family
         yield from router_gauges(stats.waiting, stats.running,
                                  stats.kv_blocks_used / max(1, stats.kv_blocks_total),
                                  self.engine.model_name)

@@ -23,5 +23,6 @@ def test_a_request_on_its_own_adapter_runs_through_another_adapters_burst(llama)
         assert fairness.probe_latency(engine, prompt, 8, 24, "b")[1:] == alone
         steps, preempted = fairness.probe_latency(engine, prompt, 8, 24, "a")[1:]
         assert steps > 16  # on the burst's adapter it queues behind the burst, as in FCFS
+        assert engine.stats.preemptions > 0  # the bursts did overfill the KV cache
     finally:
         engine.close()

@@ -127,8 +127,10 @@ def test_prompt_tokens_count_once_prefilled(engine):
 def test_every_vllm_family_we_emit_is_dropped_from_a_vllm_backend(engine):
     metrics = Metrics()
     metrics.bind(engine)
-    # the prefix cache's two are the native engine's only: a vLLM backend keeps its own
-    native_only = {"vllm:prefix_cache_queries", "vllm:prefix_cache_hits"}
+    # the prefix cache's two and the preemptions are the native engine's only: a vLLM
+    # backend keeps its own
+    native_only = {"vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+                   "vllm:num_preemptions"}
     ours = {f.name for f in metrics.registry.collect() if f.name.startswith("vllm:")}
     ours -= native_only
     assert "vllm:e2e_request_latency_seconds" in ours

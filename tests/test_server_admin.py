@@ -238,6 +238,7 @@ def test_metrics_endpoint(engine):
     assert value("nolaserve_adapters_registered") == 2
     assert value("nolaserve_host_cache_bytes") > 0
     assert value("nolaserve_requests_parked_total") == 0  # 4 slots: nobody waited for one
+    assert value("vllm:num_preemptions_total", model_name=engine.model_name, engine="0") == 0
 
 
 def test_the_metrics_port_answers_only_at_slash_metrics():

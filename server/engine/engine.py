@@ -90,7 +90,7 @@ class Engine:
                            adapter_ids_of(lambda: sched.running, in_slot=True),
                            adapter_ids_of(lambda: sched.running, in_slot=False)  # parked
                            + adapter_ids_of(lambda: sched.waiting), self.admission.parked,
-                           bm.cache_stats)
+                           bm.cache_stats, sched.preemptions)
 
     @property
     def model_name(self) -> str:

@@ -111,8 +111,9 @@ class EngineStats:
     store: StoreStats | None
     running_adapters: tuple[str, ...] = ()  # adapter ids of running requests, in order
     waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
-    parked: int = 0  # requests parked by time slicing so far (AdapterAdmission.time_slice)
+    parked: int = 0  # requests parked so far (AdapterAdmission: time_slice and settle)
     prefix_cache: PrefixCacheStats | None = None  # native engine (all 0 when off)
+    preemptions: int | None = None  # native engine: KV preemptions so far (vLLM counts its own)
 
 
 def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:

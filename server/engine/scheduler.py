@@ -103,6 +103,7 @@ class Scheduler:
         self._tags = FairTags()
         self._unfit: dict[Sequence, str] = {}  # added, never to run: errored next schedule
         self._counter = itertools.count()
+        self.preemptions = 0  # running sequences preempted for KV blocks, so far
 
     # ------------------------------------------------------------------ queues
 
@@ -238,6 +239,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.preemptions += 1
         self._running.remove(seq)
         self.block_manager.cache_computed(seq)  # its recompute may find them again
         self.block_manager.free(seq)
