@@ -6,11 +6,13 @@ KV cache, side by side in one run.
 
 The scheduler ranks sequences by start-time fair queuing across adapters, so the short
 request, its adapter's first, lands among the burst's first requests, ahead of the burst's
-queued ones, and is not the burst's preemption victim. The third row sends the same request
+queued ones, is not the burst's preemption victim, and, when the burst's long requests keep
+the KV cache full (``--burst 64 --burst-tokens 200``), displaces the burst's lowest-ranked
+running request instead of waiting for blocks to free. The third row sends the same request
 on the burst's own adapter: that is where plain first come, first served (vLLM's default)
-puts a late request of any adapter, behind the whole burst and first in line for
-preemption. ``tiny`` has SmolLM2's tokenizer and vocabulary but two layers of width 64.
-The engine runs in-process (``Engine.step`` in a loop); both adapters are pinned.
+puts a late request of any adapter, behind the whole burst and first in line for preemption.
+``tiny`` has SmolLM2's tokenizer and vocabulary but two layers of width 64. The engine runs
+in-process (``Engine.step`` in a loop); both adapters are pinned.
 
 Then the scheduler's host work per step with a long queue (``queue_cost``: 256 running,
 2,000 waiting, no model), over 1, 64 and 1,000 adapters.

@@ -217,7 +217,7 @@ class EngineCollector(Collector):
             yield CounterMetricFamily("nolaserve_requests_parked",
                                       "Times a request was parked: its adapter's slot handed "
                                       "on while it waits, its weights held (time slicing, or "
-                                      "a request preempted for KV blocks that the next "
+                                      "a request preempted that the next "
                                       "schedule did not reach); one request may be parked "
                                       "many times", stats.parked)
             yield from self._store_metrics(stats.store)

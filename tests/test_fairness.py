@@ -1,6 +1,7 @@
 """Fair queuing across adapters, through the engine: a request on its own adapter runs
-through another adapter's burst that overfills the KV cache as it runs alone (counted in
-steps and preemptions, never seconds)."""
+through another adapter's burst that overfills the KV cache as it runs alone, a burst of
+short requests or of long ones that keep the cache full (counted in steps and
+preemptions, never seconds)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def test_a_request_on_its_own_adapter_runs_through_another_adapters_burst(llama)
         alone = fairness.probe_latency(engine, prompt, 0, 24, "b")[1:]
         assert alone == (16, 0)
         assert fairness.probe_latency(engine, prompt, 8, 24, "b")[1:] == alone
+        # a burst of long requests keeps the KV cache full at every step's end: the probe
+        # displaces the burst's lowest-ranked running request (26 steps when it waited)
+        assert fairness.probe_latency(engine, prompt, 16, 40, "b")[1:] == alone
         steps, preempted = fairness.probe_latency(engine, prompt, 8, 24, "a")[1:]
         assert steps > 16  # on the burst's adapter it queues behind the burst, as in FCFS
         assert engine.stats.preemptions > 0  # the bursts did overfill the KV cache

@@ -5,10 +5,13 @@ old version's KV, no block leaks, preemption and time slicing, the config key an
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vllm_helpers import stub_engine_args
 
 from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError, Status
@@ -30,6 +33,17 @@ def model():
 
 def seq(rid: str, prompt: list[int]) -> Sequence:
     return Sequence(rid, prompt, SamplingParams(max_tokens=4))
+
+
+def computed(bm: BlockManager, rid: str, num_tokens: int) -> Sequence:
+    """A request of prompt ``range(num_tokens)`` whose KV is computed and whose full blocks
+    are cached, by the base model's weights."""
+    s = seq(rid, list(range(num_tokens)))
+    assert bm.match_prefix(s, "base") == 0
+    bm.allocate(s, num_tokens)
+    s.num_computed_tokens = num_tokens
+    bm.cache_computed(s)
+    return s
 
 
 def nola(engine, seed: int) -> bytes:
@@ -67,11 +81,7 @@ def test_cache_lru_evicts_the_least_recently_released():
 
 def test_a_new_request_shares_the_full_blocks_but_never_its_last_tokens_block():
     bm = BlockManager(8, BS, enable_caching=True)
-    a = seq("a", list(range(10)))
-    assert bm.match_prefix(a, "base") == 0
-    bm.allocate(a, 10)
-    a.num_computed_tokens = 10
-    bm.cache_computed(a)  # blocks 0 and 1 are full; block 2 holds 2 tokens
+    a = computed(bm, "a", 10)  # blocks 0 and 1 are full; block 2 holds 2 tokens
     b = seq("b", list(range(8)))  # exactly two blocks: the second holds its last token
     assert bm.match_prefix(b, "base") == 4 and b.block_table == a.block_table[:1]
     assert bm.match_prefix(seq("c", list(range(12))), "x@v1") == 0  # other weights
@@ -81,11 +91,7 @@ def test_a_new_request_shares_the_full_blocks_but_never_its_last_tokens_block():
 
 def test_shared_blocks_are_reference_counted_and_evicted_only_when_needed():
     bm = BlockManager(4, BS, enable_caching=True)
-    a, b = seq("a", list(range(9))), seq("b", list(range(9)))
-    bm.match_prefix(a, "base")
-    bm.allocate(a, 9)
-    a.num_computed_tokens = 9
-    bm.cache_computed(a)
+    a, b = computed(bm, "a", 9), seq("b", list(range(9)))
     assert bm.match_prefix(b, "base") == 8
     bm.free(a)
     assert bm.num_free_blocks == 2  # a's 3rd block and the spare; b holds the shared two
@@ -308,6 +314,54 @@ def test_cached_blocks_taken_off_the_free_list_do_not_overcommit():
     sched.finish(other, FinishReason.LENGTH)
     (scheduled,) = sched.schedule().scheduled
     assert scheduled.seq is late and late.num_computed_tokens == 12
+
+
+def test_freeing_counts_only_the_blocks_no_other_sequence_holds():
+    bm = BlockManager(8, BS, enable_caching=True)
+    a, b = computed(bm, "a", 9), seq("b", list(range(9)))
+    b.num_computed_tokens = bm.match_prefix(b, "base")  # a's first two blocks
+    bm.allocate(b, 9)
+    assert list(bm.freeing([a])) == [1]  # a's third block: b holds the shared two
+    assert list(bm.freeing([b, a])) == [1, 4]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_blocks=st.integers(4, 16),
+       max_num_seqs=st.integers(1, 5))
+def test_random_loop_with_shared_prefixes_and_displacement_drains_without_leaks(
+        seed, num_blocks, max_num_seqs):
+    """Requests of three adapters sharing prompt prefixes, arriving over time into a small
+    KV cache, so that newcomers displace lower-ranked running ones whose blocks others
+    share: every reference count matches the block tables, and all drains."""
+    rng = random.Random(seed)
+    bm = BlockManager(num_blocks, BS, enable_caching=True)
+    sched = Scheduler(bm, max_num_seqs, 8, prefix_identity=lambda s: s.adapter_id or "base")
+    shared = [rng.randrange(100) for _ in range(12)]
+    pending = []
+    for i in range(20):
+        prompt = shared[:rng.randrange(1, 12)] + [rng.randrange(100)]
+        pending.append((rng.randrange(30), Sequence(
+            f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 3 * BS)),
+            rng.choice([None, "a", "b"]))))
+    for step_no in range(2000):
+        for _, s in filter(lambda p: p[0] == step_no, pending):
+            sched.add(s)
+        if step_no > 30 and not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        held = Counter(b for s in sched.running for b in s.block_table)
+        assert held == bm._refs and all(not s.block_table for s in sched.waiting)
+        for item in out.scheduled:
+            samples = item.samples
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                item.seq.output_token_ids.append(rng.randrange(100))
+                if len(item.seq.output_token_ids) >= item.seq.params.max_tokens:
+                    sched.finish(item.seq, FinishReason.LENGTH)
+    else:
+        pytest.fail("requests never drained")
+    assert not bm._refs and bm.num_free_blocks == num_blocks
+    assert all(s.finish_reason in (FinishReason.LENGTH, FinishReason.ERROR) for _, s in pending)
 
 
 def test_cache_salt_shares_blocks_only_between_requests_with_the_same_salt(model, bytebpe):

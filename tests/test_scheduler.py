@@ -218,6 +218,85 @@ def test_a_burst_preempts_its_own_newest_requests_not_another_adapters():
     assert sched.block_manager.num_free_blocks == 5
 
 
+def burst_and_newcomer(num_blocks: int, max_num_seqs: int = 8, ready=None):
+    """Four running requests of adapter a (3-token prompts, a block each), a fifth queued,
+    then b0 of adapter b: ranked second, after a0."""
+    sched = make_sched(num_blocks=num_blocks, block_size=4, max_num_seqs=max_num_seqs,
+                       budget=64, ready=ready)
+    a = [make_seq(f"a{i}", 3, max_tokens=8, adapter="a") for i in range(5)]
+    for s in a:
+        sched.add(s)
+    step(sched)
+    b = make_seq("b0", 3, max_tokens=8, adapter="b")
+    sched.add(b)
+    return sched, a, b
+
+
+def test_a_waiting_request_displaces_the_lowest_ranked_running_one_for_blocks():
+    """Another adapter's request that finds the KV cache full preempts the fewest
+    lowest-ranked running requests that make room for it, and the work the step had
+    scheduled for them goes back to the budget; nobody ranked below them is admitted."""
+    sched, a, b = burst_and_newcomer(num_blocks=4)
+    assert sched.running == tuple(a[:4])
+    out = step(sched)
+    assert out.preempted == [a[3]] and tokens_of(out) == {"a0": 1, "a1": 1, "a2": 1, "b0": 3}
+    assert out.num_batched_tokens == 6 and sched.running == (a[0], b, a[1], a[2])
+    assert sched.waiting == (a[3], a[4]) and a[3].block_table == []
+    for _ in range(100):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+    assert all(len(s.output_token_ids) == 8 for s in (*a, b))
+
+
+def test_a_waiting_request_displaces_the_lowest_ranked_running_one_for_a_seat():
+    sched, a, b = burst_and_newcomer(num_blocks=64, max_num_seqs=4)
+    out = step(sched)
+    assert out.preempted == [a[3]] and tokens_of(out) == {"a0": 1, "a1": 1, "a2": 1, "b0": 3}
+    assert sched.block_manager.num_free_blocks == 60
+
+
+def test_no_displacement_that_would_not_make_room():
+    """Only running requests ranked below the newcomer count: b0 needs two blocks and a1,
+    the only one below it, frees one. b0 waits, a1 keeps running, and b0's adapter is not
+    asked for (it could not run this step)."""
+    calls: list[str] = []
+    sched = make_sched(num_blocks=4, block_size=4, budget=64,
+                       ready=lambda s: calls.append(s.request_id) or True)
+    a0, a1 = make_seq("a0", 11, max_tokens=5, adapter="a"), make_seq("a1", 3, adapter="a")
+    sched.add(a0)
+    sched.add(a1)
+    step(sched)
+    b = make_seq("b0", 7, adapter="b")
+    sched.add(b)
+    calls.clear()
+    out = step(sched)
+    assert out.preempted == [] and tokens_of(out) == {"a0": 1, "a1": 1}
+    assert calls == ["a0", "a1"] and sched.waiting == (b,)
+
+
+def test_a_newcomer_whose_adapter_is_not_ready_displaces_nobody():
+    sched, a, b = burst_and_newcomer(4, ready=lambda s: s.adapter_id == "a")
+    out = step(sched)
+    assert out.preempted == [] and tokens_of(out) == {f"a{i}": 1 for i in range(4)}
+    assert sched.waiting == (b, a[4])
+
+
+def test_a_step_admits_those_ranked_above_the_request_it_preempted():
+    """A step that preempts a running request for blocks still admits a waiting request
+    ranked above it, whose blocks fit, but none ranked below it."""
+    sched = make_sched(num_blocks=4, block_size=4, budget=64)
+    a = [make_seq(f"a{i}", 4, max_tokens=8, adapter="a") for i in range(3)]
+    for s in a:
+        sched.add(s)
+    step(sched)  # a0, a1, a2 hold a block each, one is free
+    b = make_seq("b0", 3, max_tokens=8, adapter="b")
+    sched.add(b)  # ranked after a0
+    out = step(sched)  # a0 and a1 need a 2nd block: a2 goes; b0 needs one: a1 goes
+    assert out.preempted == [a[2], a[1]]
+    assert tokens_of(out) == {"a0": 1, "b0": 3} and sched.waiting == (a[1], a[2])
+
+
 def test_cold_adapter_is_skipped_then_admitted():
     ready = {"hot1", "hot2"}
     sched = make_sched(ready=lambda s: s.request_id in ready)
@@ -390,8 +469,10 @@ def test_random_engine_loop_drains(seed, num_blocks, block_size, max_num_seqs, b
         first = sched.running[0] if sched.running else None
         out = sched.schedule()
         check_invariants(sched, out, before, budget)
-        if first is not None and not first.is_finished:
-            assert out.scheduled[0].seq is first, "the first-ranked request must progress"
+        if first is not None and not first.is_finished:  # it progresses, or one ranked
+            displaced = first in out.preempted  # above it took its place, and progresses
+            lead = sched.running[0] if displaced else first
+            assert out.scheduled[0].seq is lead, "the first-ranked request must progress"
         run_step(sched, out)
         if rng.random() < 0.05:
             live = [s for t, s in pending if t <= step_no and not s.is_finished]

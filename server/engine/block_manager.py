@@ -13,7 +13,8 @@ INTERNAL ``RequestFailedError`` if a step would).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from nolaserve.adapters.errors import RequestFailedError, Status
@@ -73,18 +74,30 @@ class BlockManager:
         """Blocks that cover ``num_tokens`` positions."""
         return -(-num_tokens // self.block_size)
 
-    def _missing(self, seq: Sequence, num_tokens: int) -> int:
+    def missing(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks ``seq`` lacks to cover ``num_tokens`` positions."""
         return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether ``allocate(seq, num_tokens)`` would succeed now."""
-        return self._missing(seq, num_tokens) <= self.num_free_blocks
+        return self.missing(seq, num_tokens) <= self.num_free_blocks
+
+    def freeing(self, seqs: Iterable[Sequence]) -> Iterator[int]:
+        """For each of ``seqs`` in turn: the blocks that freeing it and those before it
+        would free, those no other sequence holds (a shared prefix block stays held)."""
+        taken: Counter[int] = Counter()
+        freed = 0
+        for seq in seqs:
+            for block in seq.block_table:
+                taken[block] += 1
+                freed += taken[block] == self._refs[block]
+            yield freed
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Extend ``seq.block_table`` to cover its first ``num_tokens`` positions (no-op if it
         already does), for a step that writes positions from ``seq.num_computed_tokens`` on.
         Raises ``OutOfBlocksError`` and allocates nothing if too few are free."""
-        missing = self._missing(seq, num_tokens)
+        missing = self.missing(seq, num_tokens)
         if missing > self.num_free_blocks:
             raise OutOfBlocksError(
                 f"request {seq.request_id!r} needs {missing} more KV blocks for "

@@ -113,7 +113,7 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones (the base not listed)
     parked: int = 0  # requests parked so far (AdapterAdmission: time_slice and settle)
     prefix_cache: PrefixCacheStats | None = None  # native engine (all 0 when off)
-    preemptions: int | None = None  # native engine: KV preemptions so far (vLLM counts its own)
+    preemptions: int | None = None  # native engine: preemptions so far (vLLM counts its own)
 
 
 def check_limits(lim: EngineLimits, prompt: list[int], params: SamplingParams) -> None:

@@ -6,12 +6,17 @@ Sequences are ranked fairly across adapters by ``(tag, arrival)``, fixed for the
 served within one; with one adapter, plain FCFS). Each ``schedule()`` call fills one step's
 token budget: running sequences first, in rank order (a decoding sequence needs one token, a
 partly prefilled one gets the next chunk of its prompt), then waiting sequences in rank
-order, as far as budget, ``max_num_seqs``, free KV blocks and adapter readiness allow. When
-a running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
+order, as far as budget, ``max_num_seqs``, KV blocks and adapter readiness allow. When a
+running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
 its blocks are freed and it is recomputed later (from its cached prefix, with prefix
 caching), so the highest-ranked request always makes progress, and a burst of one adapter's
-requests preempts its own later ones before another adapter's first. A step that preempts
-admits nobody new, so freed blocks are not handed straight back out (no thrashing).
+requests preempts its own later ones before another adapter's first. A waiting sequence
+that finds no seat or too few free blocks displaces running sequences ranked below it, the
+lowest first, if that makes room (as vLLM's V0 priority scheduling did): another adapter's
+request does not wait for a burst's long requests to end. A step admits nobody ranked at
+or below a sequence it preempted, so freed blocks are not handed straight back out (no
+thrashing): rank decides who runs, and only a higher-ranked sequence takes a lower one's
+place.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     """One step's work: ``scheduled`` running sequences first (rank order), then newly
-    admitted ones. ``preempted`` went back to the front of the waiting queue; ``errored``
+    admitted ones. ``preempted`` went back to the waiting queue, in their rank; ``errored``
     were finished with ``FinishReason.ERROR`` because they can never fit the KV cache."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
@@ -57,15 +62,15 @@ class Scheduler:
     """Decides which sequences run each step and how many tokens each computes.
 
     ``adapter_ready(seq)`` gates admission: a waiting sequence whose adapter is not ready is
-    skipped (the queue does not stall behind a cold adapter: hot ones run first); ready
-    ones keep rank order. A running sequence whose adapter is not ready (it was parked:
+    skipped (the queue does not stall behind a cold adapter: hot ones run first); ready ones
+    keep rank order. A running sequence whose adapter is not ready (it was parked:
     ``AdapterAdmission.time_slice``) keeps its blocks and sits the step out. It is asked
-    only of a sequence that the budget (and, if waiting, ``max_num_seqs`` and free blocks)
-    would let run this step, so it may have side effects (take a slot, start loading the
-    adapter). ``adapter_overdue(seq)``, asked of a skipped sequence, is the
-    aging bound: when true, no sequence behind it is admitted this step, as for one that
-    waits for KV blocks, so that it cannot be overtaken forever; for a parked running
-    sequence, no waiting one that needs a slot is admitted.
+    only of a sequence that the budget (and, if waiting, a seat and KV blocks, free or
+    displacing lower-ranked running sequences) would let run this step, so it may have side
+    effects (take a slot, start loading the adapter). ``adapter_overdue(seq)``, asked of a
+    skipped sequence, is the aging bound: when true, no sequence behind it is admitted this
+    step, as for one that waits for KV blocks, so that it cannot be overtaken forever; for a
+    parked running sequence, no waiting one that needs a slot is admitted.
     The scheduler never advances ``num_computed_tokens`` (the engine does, after the model
     ran); it only resets it to 0 on preemption.
     """
@@ -103,7 +108,7 @@ class Scheduler:
         self._tags = FairTags()
         self._unfit: dict[Sequence, str] = {}  # added, never to run: errored next schedule
         self._counter = itertools.count()
-        self.preemptions = 0  # running sequences preempted for KV blocks, so far
+        self.preemptions = 0  # running sequences preempted (for KV blocks or a seat), so far
 
     # ------------------------------------------------------------------ queues
 
@@ -167,12 +172,12 @@ class Scheduler:
 
     def admissible(self, seq: Sequence) -> bool:
         """Whether ``seq`` could run this step once its adapter is ready: it is running
-        (parked), or ``max_num_seqs`` has room and free KV blocks cover its next chunk."""
+        (parked), or it gets a seat and KV blocks for its next chunk, free or displacing
+        lower-ranked running sequences."""
         if seq.status is SequenceStatus.RUNNING:
             return True
         chunk = self._chunk(seq, self.max_num_batched_tokens)
-        return len(self._running) < self.max_num_seqs and \
-            self.block_manager.can_allocate(seq, seq.num_computed_tokens + chunk)
+        return self._displaced(seq, seq.num_computed_tokens + chunk) is not None
 
     # ---------------------------------------------------------------- schedule
 
@@ -185,8 +190,7 @@ class Scheduler:
             self.finish(seq, FinishReason.ERROR, error)
             out.errored.append(seq)
         parked_overdue = self._schedule_running(out)
-        if not out.preempted:
-            self._admit_waiting(out, take_slots=not parked_overdue)
+        self._admit_waiting(out, take_slots=not parked_overdue)
         return out
 
     def _unfittable(self, seq: Sequence) -> str | None:
@@ -249,34 +253,41 @@ class Scheduler:
         out.preempted.append(seq)
 
     def _admit_waiting(self, out: SchedulerOutput, take_slots: bool) -> None:
-        """Admit waiting sequences in rank order. ``take_slots=False``: only those that need no
-        new adapter slot (base model, or one still holding its slot after a preemption),
-        so an overdue parked sequence gets the next slot to free."""
+        """Admit waiting sequences in rank order, down to the first one preempted this step.
+        ``take_slots=False``: only those that need no new adapter slot (base model, or one
+        still holding its slot after a preemption), so an overdue parked sequence gets the
+        next slot to free."""
+        floor = min(map(self._rank.__getitem__, out.preempted), default=None)
         admitted: list[Sequence] = []
-        for seq in self._waiting:
+        for seq in self._waiting:  # a sequence displaced meanwhile goes back behind seq
+            # (ranked below it), where the floor ends the loop
             budget = self.max_num_batched_tokens - out.num_batched_tokens
-            if budget <= 0 or len(self._running) >= self.max_num_seqs:
+            if budget <= 0 or (floor is not None and self._rank[seq] >= floor):
                 break
             if not take_slots and seq.needs_adapter:
                 continue
             num_new = self._chunk(seq, budget)
             if num_new <= 0:
                 break  # in rank order: its fixed chunk does not fit what is left of the budget
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
-                break  # lower-ranked requests do not overtake one that waits for blocks
+            if self._displaced(seq, seq.num_computed_tokens + num_new) is None:
+                break  # lower-ranked requests do not overtake one that waits for room
             if not self.adapter_ready(seq):
                 if self.adapter_overdue(seq):
                     break  # aging: later requests do not overtake it any longer
                 continue
-            # prompt logprobs need the logits of every prompt position, so such a request
-            # computes its cached prefix again (vLLM skips the cache for it too)
-            if self.prefix_identity is not None and seq.params.prompt_logprobs is None:
-                if self.block_manager.computed_by(seq, self.prefix_identity(seq),
-                                                  [s.seq for s in out.scheduled]):
-                    continue  # next step it shares the blocks another computes now
-                if not self._match_prefix(seq, budget):
-                    break  # in rank order: the cached blocks it took left too few for its chunk
-                num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
+            if not self._take_prefix(seq, out):
+                continue  # next step it shares the blocks another computes now
+            num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
+            victims = self._displaced(seq, seq.num_computed_tokens + num_new)
+            if victims is None:  # the cached blocks it took came off the free list
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                break
+            if victims:
+                self._displace(victims, out)
+                floor = min(map(self._rank.__getitem__, out.preempted))
+            if self._caches(seq):
+                self.block_manager.count_lookup(seq, seq.num_computed_tokens)
             if seq.num_cached_tokens < 0:  # vLLM's num_cached_tokens: at first admission
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
@@ -286,17 +297,49 @@ class Scheduler:
         for seq in admitted:
             self._waiting.remove(seq)
 
-    def _match_prefix(self, seq: Sequence, budget: int) -> bool:
-        """Start ``seq`` after its cached prefix. False (and nothing taken) if cached blocks
-        it took came off the free list and the rest of its chunk no longer fits."""
+    def _displaced(self, seq: Sequence, num_tokens: int) -> list[Sequence] | None:
+        """The running sequences that waiting ``seq`` preempts to get a seat and cover
+        ``num_tokens`` positions: the fewest, lowest-ranked first, all ranked below it ([]
+        when a seat and the blocks are free); None if even all of those leave too little."""
         bm = self.block_manager
-        seq.num_computed_tokens = bm.match_prefix(seq, self.prefix_identity(seq))
-        if bm.can_allocate(seq, seq.num_computed_tokens + self._chunk(seq, budget)):
-            bm.count_lookup(seq, seq.num_computed_tokens)
+        blocks = bm.missing(seq, num_tokens) - bm.num_free_blocks
+        seats = len(self._running) + 1 - self.max_num_seqs
+        if blocks <= 0 and seats <= 0:
+            return []
+        below = bisect.bisect(self._running, self._rank[seq], key=self._rank.__getitem__)
+        lowest_first = self._running[below:][::-1]
+        for n, freed in enumerate(bm.freeing(lowest_first), 1):
+            if freed >= blocks and n >= seats:
+                return lowest_first[:n]
+        return None
+
+    def _caches(self, seq: Sequence) -> bool:
+        """Whether ``seq`` starts from the prefix cache. Prompt logprobs need the logits of
+        every prompt position, so such a request computes its cached prefix again (vLLM
+        skips the cache for it too)."""
+        return self.prefix_identity is not None and seq.params.prompt_logprobs is None
+
+    def _take_prefix(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Start ``seq`` after its cached prefix (when it ``_caches``); False, taking
+        nothing, if a sequence scheduled this step computes its next uncached block now:
+        it waits a step and shares it."""
+        if not self._caches(seq):
             return True
-        bm.free(seq)
-        seq.num_computed_tokens = 0
-        return False
+        identity = self.prefix_identity(seq)
+        bm = self.block_manager
+        if bm.computed_by(seq, identity, [s.seq for s in out.scheduled]):
+            return False
+        seq.num_computed_tokens = bm.match_prefix(seq, identity)
+        return True
+
+    def _displace(self, victims: list[Sequence], out: SchedulerOutput) -> None:
+        """Preempt ``victims``, taking back the work this step had scheduled for them."""
+        for victim in victims:
+            self._preempt(victim, out)
+        if victims:
+            dropped = [s for s in out.scheduled if s.seq in victims]
+            out.scheduled = [s for s in out.scheduled if s.seq not in victims]
+            out.num_batched_tokens -= sum(s.num_new_tokens for s in dropped)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of ``seq`` to compute now: as many as the budget allows, or with
