@@ -285,7 +285,7 @@ def test_compiled_grammars_are_kept_within_a_byte_bound(engine, monkeypatch):
 @pytest.fixture
 def held_compiles(monkeypatch):
     """Compiles of a text starting "slow" wait for the event it yields; a request waits
-    0.2 s for its compile."""
+    0.2 s for its compile, and 3 may wait for compiles they started."""
     gate, source = threading.Event(), grammars._source
 
     def slow_source(spec):
@@ -295,6 +295,7 @@ def held_compiles(monkeypatch):
 
     monkeypatch.setattr(grammars, "_source", slow_source)
     monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 0.2)
+    monkeypatch.setattr(grammars, "COMPILE_WAITERS", 3)
     yield gate
     gate.set()
 
@@ -348,6 +349,26 @@ def test_front_ends_await_compiles_holding_no_thread(engine, held_compiles):
     assert isinstance(queued, QueueFullError) and isinstance(fifth, QueueFullError)
     held_compiles.set()
     assert engine.grammars.compile(spec[0]) is not None  # it went on, into the cache
+
+
+def test_requests_sending_one_new_schema_together_share_its_compile(engine, held_compiles,
+                                                                     monkeypatch):
+    """Requests that wait for a compile already pending join it and take no place: eight
+    parallel requests of one new schema all get it (five got RESOURCE_EXHAUSTED when each
+    waiter took a place), beside three waiting for compiles of their own."""
+    same, others = StructuredSpec(regex="slow|s"), [StructuredSpec(regex=f"slow|{c}")
+                                                      for c in "ab"]
+
+    async def main():
+        waits = [asyncio.create_task(engine.grammars.wait(s)) for s in [same] * 8 + others]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):  # a fourth compile of its own
+            await engine.grammars.wait(StructuredSpec(regex="slow|c"))
+        held_compiles.set()
+        return await asyncio.gather(*waits, return_exceptions=True)
+
+    monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 60.0)  # the gate decides, not the clock
+    assert asyncio.run(main()) == [None] * 10
 
 
 SYNTAXES = ["rule: 'abc'", "rule ::= 'abc'", 'start: "a"  # x ::= y', '// rules\nroot ::= "a"',

@@ -58,7 +58,7 @@ GRAMMAR_GRACE_S = 0.25  # matcher time that requests over their per-token share 
 GRAMMAR_S_PER_TOKEN = 0.005
 COMPILE_WAIT_S = 10.0  # a request's wait for its compile (Grammars)
 COMPILE_THREADS = 1
-COMPILE_WAITERS = 3  # requests waiting for compiles at once; more get RESOURCE_EXHAUSTED
+COMPILE_WAITERS = 16  # requests waiting for compiles they started; more get RESOURCE_EXHAUSTED
 BUSY = "structured output compiles are queued behind slow ones; retry later"
 STRUCTURED = "structured"  # the param of a constraint's errors; front ends name their field
 
@@ -87,7 +87,7 @@ class Grammars:
         self._pending: dict[tuple[str, str], Future] = {}  # (what, text) -> its compile
         self._compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._compiled_bytes = 0  # their ``memory_size_bytes``: over CACHE_BYTES by one at most
-        self._waiting = 0  # requests waiting for a compile
+        self._waiting = 0  # requests waiting for a compile they started
         self.grace = SharedGrace()
 
     def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
@@ -114,23 +114,25 @@ class Grammars:
 
     @contextlib.contextmanager
     def _waiting_for(self, spec: StructuredSpec) -> Iterator[tuple[Future, str, str]]:
-        """The compile of ``spec`` (a done one when it is cached; else it is started, or
-        joined when identical) counted among ``COMPILE_WAITERS`` while the caller waits
-        (``QueueFullError`` when they are all taken); with what it is and how to fix it."""
+        """The compile of ``spec``, with what it is and how to fix it: a done one when it
+        is cached; else one pending for an identical spec, joined; else a new one, its
+        caller counted among ``COMPILE_WAITERS`` while it waits (``QueueFullError`` when
+        they are all taken). Requests sending one new schema together share its compile
+        and take no place (eight parallel requests of one new schema got five 429s when
+        each waiter took one of 3 places)."""
         what, text, build, fix = self._checked_source(spec)
         compiler, key = self._get_compiler(), (what, text)
         with self._lock:
+            compiling = self._pending.get(key)
+            starts = compiling is None or compiling.cancelled()
             if (grammar := self._compiled.get(key)) is not None:
                 self._compiled.move_to_end(key)
-            elif self._waiting >= COMPILE_WAITERS:
+            elif starts and self._waiting >= COMPILE_WAITERS:
                 raise QueueFullError(BUSY)
-            else:
+            elif starts:
                 self._waiting += 1
-                compiling = self._pending.get(key)
-                if compiling is None or compiling.cancelled():
-                    compiling = self._pending[key] = self._compiles.submit(build, compiler,
-                                                                           text)
-                    compiling.add_done_callback(lambda f: self._done(key, f))
+                compiling = self._pending[key] = self._compiles.submit(build, compiler, text)
+                compiling.add_done_callback(lambda f: self._done(key, f))
         if grammar is not None:
             known: Future = Future()
             known.set_result(grammar)
@@ -139,8 +141,9 @@ class Grammars:
         try:
             yield compiling, what, fix
         finally:
-            with self._lock:
-                self._waiting -= 1
+            if starts:
+                with self._lock:
+                    self._waiting -= 1
 
     @staticmethod
     def _outcome(compiling: Future, what: str, fix: str) -> xgr.CompiledGrammar:
