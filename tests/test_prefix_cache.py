@@ -8,6 +8,7 @@ import random
 from collections import Counter
 
 import pytest
+import torch
 from conftest import tiny_llama
 from engine_helpers import greedy, make_engine, run
 from hypothesis import given, settings
@@ -18,6 +19,7 @@ from nolaserve.adapters.errors import InvalidRequestError, RequestFailedError, S
 from nolaserve.adapters.nola import random_nola
 from nolaserve.server.config import Config
 from nolaserve.server.engine.block_manager import BlockManager
+from nolaserve.server.engine.memory import bytes_per_block
 from nolaserve.server.engine.prefix_cache import PrefixCache, block_hash
 from nolaserve.server.engine.scheduler import Scheduler, SchedulerOutput
 from nolaserve.server.engine.sequence import FinishReason, SamplingParams, Sequence
@@ -314,6 +316,43 @@ def test_cached_blocks_taken_off_the_free_list_do_not_overcommit():
     sched.finish(other, FinishReason.LENGTH)
     (scheduled,) = sched.schedule().scheduled
     assert scheduled.seq is late and late.num_computed_tokens == 12
+
+
+def test_time_slicing_and_a_long_cached_prompt_never_wedge(model):
+    """An outside review's wedge: one slot, time slicing, 10 KV blocks of 8. H (8 blocks)
+    and V (1) of adapter y run; T of adapter x arrives ranked between them, a 32-token
+    prompt whose first block is cached and the one free block. Time slicing parked H and V
+    for T once the scheduler said T could run (by displacing V); T ran a chunk and then
+    waited for the blocks H held, holding the slot H waited for. Every request ends."""
+    block_size = 8
+    block = bytes_per_block(model.config, block_size, torch.float32)
+    engine = make_engine(model, None, num_slots=1, admission_quantum_steps=1,
+                         block_size=block_size, max_num_batched_tokens=16,
+                         kv_cache_bytes=11 * block)  # one is the scratch block
+    engine.tokenizer = type("T", (), {"decode": lambda self, ids, **kw: ""})()
+    for i, name in enumerate("xy"):
+        engine.store.register(name, nola(engine, i))
+    bm = engine.scheduler.block_manager
+
+    def steps(n: int, until=lambda: not engine.has_unfinished()) -> None:
+        for _ in range(n):
+            if until():
+                return
+            engine.admission.wait(60)
+            engine.step()
+
+    prefix = list(range(10, 18))
+    engine.add_request("X0", prefix + list(range(40, 48)), greedy(1), "x")
+    steps(2)
+    engine.add_request("H", list(range(50, 50 + block_size * 7 + 1)), greedy(4), "y")
+    engine.add_request("V", [5], greedy(6), "y")
+    steps(8, lambda: bm.num_free_blocks == 1 and all(
+        engine.requests[r].seq.output_token_ids for r in ("H", "V")))
+    engine.add_request("T", prefix + list(range(100, 124)), greedy(4), "x")
+    steps(200)
+    assert not engine.has_unfinished()
+    check_no_leak(engine)
+    engine.close()
 
 
 def test_freeing_counts_only_the_blocks_no_other_sequence_holds():

@@ -282,6 +282,24 @@ def test_a_newcomer_whose_adapter_is_not_ready_displaces_nobody():
     assert sched.waiting == (b, a[4])
 
 
+def test_admissible_means_room_for_all_its_tokens_without_displacing_anyone():
+    """Time slicing hands a slot only to a request that can reach its next token with it:
+    free blocks for its whole prompt, not just its first chunk, and no displacement (an
+    outside review wedged the engine: a long prompt got the slot, ran one chunk, then
+    waited for blocks held by the requests parked for it, which waited for its slot)."""
+    sched, a, b = burst_and_newcomer(num_blocks=5)  # a0-a4 hold a block each
+    sched.max_num_batched_tokens = 4
+    long = make_seq("long", 12, adapter="c")  # 3 blocks; its first chunk needs 1
+    sched.add(long)
+    assert not sched.admissible(b)  # it could displace a4, a3, a2 or a1
+    assert sched.admissible(a[0])  # running (parked)
+    for s in a[3:]:
+        sched.finish(s, FinishReason.CANCELLED)
+    assert sched.admissible(b) and not sched.admissible(long)  # 2 free blocks
+    sched.finish(a[2], FinishReason.CANCELLED)
+    assert sched.admissible(long)
+
+
 def test_a_step_admits_those_ranked_above_the_request_it_preempted():
     """A step that preempts a running request for blocks still admits a waiting request
     ranked above it, whose blocks fit, but none ranked below it."""

@@ -13,17 +13,17 @@ Time slicing: when requests wait because every slot is busy, ``time_slice`` park
 running requests of the slots held longest, once each of them has produced a token and run
 ``quantum_steps`` steps since it got the slot: one slot for each waiting request whose
 factors are a copy away (in the warm tier, or held by a parked one) and that the scheduler
-could run now (room in ``max_num_seqs`` and KV blocks: a slot never goes to a request that
-cannot use it, or parked requests holding the KV blocks it needs would wait for that slot
-forever; after each schedule ``settle`` takes back every slot a waiting request holds),
-overdue ones first, then those with the fewest tokens. A parked request keeps its KV
-blocks and its place among the running ones, gives back its slot, holds its factors (the
-warm tier's entry, by reference, or a host copy of the slot) and sits steps out until they
-are copied into a slot again, under the key of those weights (one slot for every request
-parked off them): a replace or delete meanwhile does not change its weights. The waiting
-request's copy runs at once, on the step thread (a few ms), so the slot is not left idle
-for a step: a cold request waits for one copy, not for a whole request to finish; the
-parked ones pay in time per output token.
+could run to its next token now (room in ``max_num_seqs`` and free KV blocks for all its
+tokens: a slot never goes to a request that cannot use it, or parked requests holding the
+KV blocks it needs would wait for that slot forever; after each schedule ``settle`` takes
+back every slot a waiting request holds), overdue ones first, then those with the fewest
+tokens. A parked request keeps its KV blocks and its place among the running ones, gives
+back its slot, holds its factors (the warm tier's entry, by reference, or a host copy of
+the slot) and sits steps out until they are copied into a slot again, under the key of
+those weights (one slot for every request parked off them): a replace or delete meanwhile
+does not change its weights. The waiting request's copy runs at once, on the step thread (a
+few ms), so the slot is not left idle for a step: a cold request waits for one copy, not
+for a whole request to finish; the parked ones pay in time per output token.
 
 Aging: a request whose adapter found every slot busy ``aging_steps`` times is *overdue*;
 the scheduler then admits nobody behind it (``Scheduler.adapter_overdue``), so running
@@ -136,8 +136,9 @@ class AdapterAdmission:
     def time_slice(self, running: tuple[Sequence, ...],
                    admissible: Callable[[Sequence], bool] = lambda s: True) -> None:
         """Before a step: hand slots to the requests that wait because every slot was busy,
-        whose factors are at hand and that the scheduler could run now (``admissible``:
-        room in ``max_num_seqs`` and KV blocks; ``_targets``), one slot each while ripe
+        whose factors are at hand and that the scheduler could run to their next token now
+        (``admissible``: room in ``max_num_seqs`` and free KV blocks for all their tokens;
+        ``_targets``), one slot each while ripe
         ones last (``_victims``): park that slot's requests, then load the waiting one's
         factors into a slot on this thread, a copy, so the scheduler admits it in this
         step (``settle`` takes back a slot the scheduler then did not use)."""

@@ -171,13 +171,16 @@ class Scheduler:
         self._tags.done(seq.adapter_id, self._rank.pop(seq)[0])
 
     def admissible(self, seq: Sequence) -> bool:
-        """Whether ``seq`` could run this step once its adapter is ready: it is running
-        (parked), or it gets a seat and KV blocks for its next chunk, free or displacing
-        lower-ranked running sequences."""
+        """Whether ``seq`` could run to its next token once its adapter is ready (time
+        slicing hands it a slot only then): it is running (parked), or ``max_num_seqs``
+        has room and free KV blocks cover all its tokens. Not just its next chunk, and
+        not by displacing others: an outside review's long prompt got a slot for its
+        first chunk, then waited for blocks that the requests parked for it held, while
+        they waited for its slot."""
         if seq.status is SequenceStatus.RUNNING:
             return True
-        chunk = self._chunk(seq, self.max_num_batched_tokens)
-        return self._displaced(seq, seq.num_computed_tokens + chunk) is not None
+        return len(self._running) < self.max_num_seqs and \
+            self.block_manager.can_allocate(seq, seq.num_tokens)
 
     # ---------------------------------------------------------------- schedule
 
