@@ -10,7 +10,9 @@ order, as far as budget, ``max_num_seqs``, KV blocks and adapter readiness allow
 running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
 its blocks are freed and it is recomputed later (from its cached prefix, with prefix
 caching), so the highest-ranked request always makes progress, and a burst of one adapter's
-requests preempts its own later ones before another adapter's first. A waiting sequence
+requests preempts its own later ones before another adapter's first; parked sequences
+(their adapter gave its slot away) go before the one that needs the blocks, whatever their
+rank, since they cannot use their blocks until they get a slot back. A waiting sequence
 that finds no seat or too few free blocks displaces running sequences ranked below it, the
 lowest first, if that makes room (as vLLM's V0 priority scheduling did): another adapter's
 request does not wait for a burst's long requests to end. A step admits nobody ranked at
@@ -216,6 +218,7 @@ class Scheduler:
         running ones free go to it rather than to newcomers, which would otherwise
         overtake it forever."""
         i, parked_overdue = 0, False
+        idle: list[Sequence] = []  # parked: skipped, their blocks unused this step
         while i < len(self._running):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget <= 0:
@@ -227,19 +230,29 @@ class Scheduler:
                 continue
             if not self.adapter_ready(seq):  # parked: its adapter lost its slot
                 parked_overdue = parked_overdue or self.adapter_overdue(seq)
+                idle.append(seq)
                 i += 1
                 continue
-            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
+            before = len(idle)
+            if not self._make_room(seq, seq.num_computed_tokens + num_new, out, idle):
                 return parked_overdue  # seq itself was preempted; the last running one
+            i -= before - len(idle)  # parked ones ranked above seq left the list
             self._schedule(seq, num_new, out)
             i += 1
         return parked_overdue
 
-    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput,
+                   idle: list[Sequence]) -> bool:
         """Preempt the lowest-ranked running sequences until ``seq`` can cover
-        ``num_tokens`` positions. False if ``seq`` itself had to go."""
+        ``num_tokens`` positions; before ``seq`` itself, the ``idle`` ones (parked, ranked
+        above it, lowest first): they hold blocks but wait for an adapter slot, maybe the
+        one ``seq`` holds (an outside review's long prompt went back and forth between its
+        first chunk and preempting itself, its slot kept, while the requests parked for it
+        held the blocks of its second). False if ``seq`` itself had to go."""
         while not self.block_manager.can_allocate(seq, num_tokens):
             victim = self._running[-1]
+            if victim is seq and idle:
+                victim = idle.pop()
             self._preempt(victim, out)
             if victim is seq:
                 return False
@@ -282,10 +295,8 @@ class Scheduler:
                 continue  # next step it shares the blocks another computes now
             num_new = self._chunk(seq, budget)  # after its cached prefix: shorter
             victims = self._displaced(seq, seq.num_computed_tokens + num_new)
-            if victims is None:  # the cached blocks it took came off the free list
-                self.block_manager.free(seq)
-                seq.num_computed_tokens = 0
-                break
+            if victims is None:
+                num_new, victims = self._without_prefix(seq, budget)
             if victims:
                 self._displace(victims, out)
                 floor = min(map(self._rank.__getitem__, out.preempted))
@@ -302,8 +313,9 @@ class Scheduler:
 
     def _displaced(self, seq: Sequence, num_tokens: int) -> list[Sequence] | None:
         """The running sequences that waiting ``seq`` preempts to get a seat and cover
-        ``num_tokens`` positions: the fewest, lowest-ranked first, all ranked below it ([]
-        when a seat and the blocks are free); None if even all of those leave too little."""
+        ``num_tokens`` positions: those ranked below it, lowest first, until there is room
+        ([] when a seat and the blocks are free); None if even all of them leave too
+        little."""
         bm = self.block_manager
         blocks = bm.missing(seq, num_tokens) - bm.num_free_blocks
         seats = len(self._running) + 1 - self.max_num_seqs
@@ -334,6 +346,18 @@ class Scheduler:
             return False
         seq.num_computed_tokens = bm.match_prefix(seq, identity)
         return True
+
+    def _without_prefix(self, seq: Sequence, budget: int) -> tuple[int, list[Sequence]]:
+        """``seq`` gives back the cached blocks it took and runs from its start, with the
+        sequences it displaces for that: the blocks came off the free list, and its chunk
+        (a long prompt's, cut by the budget) needs as many new blocks as before. The check
+        before its adapter was asked for found room for this, so the adapter slot it may
+        have taken is used: it never waits holding a slot that the requests parked for it
+        wait for, while they hold the blocks it needs (an outside review's soak wedged so)."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        num_new = self._chunk(seq, budget)
+        return num_new, self._displaced(seq, num_new)
 
     def _displace(self, victims: list[Sequence], out: SchedulerOutput) -> None:
         """Preempt ``victims``, taking back the work this step had scheduled for them."""
