@@ -7,18 +7,17 @@ served within one; with one adapter, plain FCFS). Each ``schedule()`` call fills
 token budget: running sequences first, in rank order (a decoding sequence needs one token, a
 partly prefilled one gets the next chunk of its prompt), then waiting sequences in rank
 order, as far as budget, ``max_num_seqs``, KV blocks and adapter readiness allow. When a
-running sequence cannot get its blocks, the lowest-ranked running sequence is preempted:
-its blocks are freed and it is recomputed later (from its cached prefix, with prefix
-caching), so the highest-ranked request always makes progress, and a burst of one adapter's
-requests preempts its own later ones before another adapter's first; parked sequences
-(their adapter gave its slot away) go before the one that needs the blocks, whatever their
-rank, since they cannot use their blocks until they get a slot back. A waiting sequence
-that finds no seat or too few free blocks displaces running sequences ranked below it, the
-lowest first, if that makes room (as vLLM's V0 priority scheduling did): another adapter's
-request does not wait for a burst's long requests to end. A step admits nobody ranked at
-or below a sequence it preempted, so freed blocks are not handed straight back out (no
-thrashing): rank decides who runs, and only a higher-ranked sequence takes a lower one's
-place.
+running sequence cannot get its blocks, the lowest-ranked running sequence is preempted: its
+blocks are freed and it is recomputed later (from its cached prefix, with prefix caching),
+so the highest-ranked request always makes progress, and a burst of one adapter's requests
+preempts its own later ones before another adapter's first; parked sequences (their adapter
+gave its slot away) go before one holding a slot that needs the blocks, whatever their rank,
+since they cannot use their blocks until they get a slot back. A waiting sequence that finds
+no seat or too few free blocks displaces running sequences ranked below it, the lowest
+first, if that makes room (as vLLM's V0 priority scheduling did): another adapter's request
+does not wait for a burst's long requests to end. A step admits nobody ranked at or below a
+sequence it preempted, so freed blocks are not handed straight back out (no thrashing): rank
+decides who runs, and only a higher-ranked sequence takes a lower one's place.
 """
 
 from __future__ import annotations
@@ -244,14 +243,16 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput,
                    idle: list[Sequence]) -> bool:
         """Preempt the lowest-ranked running sequences until ``seq`` can cover
-        ``num_tokens`` positions; before ``seq`` itself, the ``idle`` ones (parked, ranked
-        above it, lowest first): they hold blocks but wait for an adapter slot, maybe the
-        one ``seq`` holds (an outside review's long prompt went back and forth between its
-        first chunk and preempting itself, its slot kept, while the requests parked for it
-        held the blocks of its second). False if ``seq`` itself had to go."""
+        ``num_tokens`` positions; before ``seq`` itself, if it holds an adapter slot, the
+        ``idle`` ones (parked, ranked above it, lowest first): they hold blocks but wait
+        for a slot, maybe the one ``seq`` holds (an outside review's long prompt went back
+        and forth between its first chunk and preempting itself, its slot kept, while the
+        requests parked for it held the blocks of its second). A base-model ``seq`` holds
+        no slot they wait for, and preempting them for it made a livelock. False if
+        ``seq`` itself had to go."""
         while not self.block_manager.can_allocate(seq, num_tokens):
             victim = self._running[-1]
-            if victim is seq and idle:
+            if victim is seq and idle and seq.adapter_slot >= 0:
                 victim = idle.pop()
             self._preempt(victim, out)
             if victim is seq:
