@@ -44,7 +44,9 @@ def server(tmp_path_factory, smollm2):
     while not any("OpenAI API on" in line for line in lines):
         assert proc.poll() is None and time.time() < deadline, "".join(lines)
         time.sleep(0.5)
-    url = re.search(r"OpenAI API on (\S+)", "".join(lines)).group(1)
+    # the server's log (stderr, into the same pipe) may write between the line's end and
+    # its newline: take the URL, not the rest of the line
+    url = re.search(r"OpenAI API on (http://\S+?/v1)", "".join(lines)).group(1)
     assert url == f"http://127.0.0.1:{http_port}/v1"
     yield proc, f"127.0.0.1:{port}", url, tmp
     if proc.poll() is None:
