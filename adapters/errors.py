@@ -198,3 +198,14 @@ def short(value: object, limit: int = 64) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def check_utf8(text: str, field: str, param: str | None = None) -> None:
+    """``InvalidRequestError`` naming ``field`` unless ``text`` encodes as UTF-8 (a JSON
+    ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) "
+            f"at character {e.start}; send text that encodes as UTF-8", param) from None

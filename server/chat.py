@@ -9,7 +9,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from nolaserve.adapters.errors import InvalidRequestError, short
+from nolaserve.adapters.errors import InvalidRequestError, check_utf8, short
 
 # Any other role is refused rather than rendered raw. OpenAI's "developer" message is
 # the system prompt (open models' templates know "system" only), as vLLM's harmony and
@@ -98,14 +98,3 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
     except Exception as e:  # the template's own code (Jinja) on the request's input
         raise InvalidRequestError(f"the chat template cannot render these messages: "
                                   f"{short(str(e), 200)}", "messages") from None
-
-
-def check_utf8(text: str, field: str) -> None:
-    """``InvalidRequestError`` naming ``field`` unless ``text`` encodes as UTF-8 (a JSON
-    ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as e:
-        raise InvalidRequestError(
-            f"{field} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) "
-            f"at character {e.start}; send text that encodes as UTF-8") from None

@@ -21,11 +21,12 @@ from nolaserve.adapters.errors import (
     InvalidRequestError,
     RequestFailedError,
     Status,
+    check_utf8,
     short,
 )
 from nolaserve.adapters.store import AdapterStore
 
-from .chat import CHAT_ROLES, ChatMessage, ChatOptions, check_utf8, render_chat
+from .chat import CHAT_ROLES, ChatMessage, ChatOptions, render_chat
 from .engine.async_engine import AsyncEngine
 from .engine.engine_types import RequestOutput
 from .engine.sequence import FinishReason, SamplingParams

@@ -110,9 +110,11 @@ def test_lone_surrogates_are_refused_naming_the_field(engine):
                 {"model": "\ud800", "prompt": "a", "max_tokens": 2}))
             unload = await h.post("/v1/unload_lora_adapter", headers=JSON,
                                   content=json.dumps({"lora_name": "\ud800"}))
-            return prompt, chat, fine, model, unload
+            stop = await h.post("/v1/completions", headers=JSON, content=json.dumps(
+                {"prompt": "a", "max_tokens": 2, "stop": ["ok", "x\udc80"]}))
+            return prompt, chat, fine, model, unload, stop
 
-    prompt, chat, fine, model, unload = asyncio.run(main())
+    prompt, chat, fine, model, unload, stop = asyncio.run(main())
     for r in (model, unload):  # no adapter has that name (it was the driver's codec error)
         assert r.status_code == 404 and "no adapter" in r.json()["error"]["message"], r.text
     assert prompt.status_code == 400, prompt.text
@@ -121,6 +123,9 @@ def test_lone_surrogates_are_refused_naming_the_field(engine):
     assert "messages[1].content is not valid Unicode" in chat.json()["error"]["message"]
     assert "U+DFFF" in chat.json()["error"]["message"]
     assert fine.status_code == 200
+    assert stop.status_code == 400, stop.text  # it was taken, and could never match
+    assert stop.json()["error"]["param"] == "stop"
+    assert "stop[1] is not valid Unicode" in stop.json()["error"]["message"]
 
 
 UNPARSABLE = [  # (body, what the message says): each got Starlette's bare "There was an

@@ -7,10 +7,11 @@ import enum
 import json as jsonlib
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import InitVar, dataclass, field
 
-from nolaserve.adapters.errors import InvalidRequestError, short
+from nolaserve.adapters.errors import InvalidRequestError, check_utf8, short
 
 
 class SequenceStatus(enum.Enum):
@@ -170,6 +171,8 @@ class SamplingParams:
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidRequestError("stop: at most 16 non-empty strings of <= 256 characters",
                                       "stop")
+        for i, text in enumerate(self.stop):
+            check_utf8(text, f"stop[{i}]", "stop")
         if self.truncate_prompt_tokens not in (None, -1) and self.truncate_prompt_tokens < 1:
             raise InvalidRequestError(
                 f"truncate_prompt_tokens must be >= 1 (the prompt's last tokens to keep) or -1 "
@@ -186,6 +189,9 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InvalidRequestError(f"{name} must be a number, got {short(value)}", name)
+            if isinstance(value, numbers.Integral) and abs(value) > _FLOAT_MAX:  # math overflows
+                raise InvalidRequestError(f"{name} must be a finite number, got {short(value)}",
+                                          name)
         for name, optional in _WHOLE_NUMBERS.items():
             value = getattr(self, name)
             if (value is None and not optional) or value is not None and (
@@ -247,6 +253,7 @@ class SamplingParams:
                                       "characters, not only spaces", "bad_words")
 
 
+_FLOAT_MAX = sys.float_info.max
 _NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty")
 _WHOLE_NUMBERS = {"n": False, "top_k": False, "min_tokens": False, "max_tokens": True,
@@ -282,11 +289,11 @@ def _validate_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
         if not isinstance(token, int) or token < 0 or 0 < vocab_size <= token:
             top = vocab_size - 1 if vocab_size else "the vocabulary size - 1"
             raise InvalidRequestError(
-                f"logit_bias token id {str(token)[:20]} is out of range: token ids are 0 to {top}",
+                f"logit_bias token id {short(token)} is out of range: token ids are 0 to {top}",
                 "logit_bias")
-        if not (isinstance(value, int | float) and math.isfinite(value) and -100 <= value <= 100):
+        if not (isinstance(value, int | float) and -100 <= value <= 100):  # NaN fails too
             raise InvalidRequestError(
-                f"logit_bias for token {token} must be in [-100, 100], got {str(value)[:20]}",
+                f"logit_bias for token {token} must be in [-100, 100], got {short(value)}",
                 "logit_bias")
 
 

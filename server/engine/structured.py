@@ -45,7 +45,7 @@ import torch
 import xgrammar as xgr
 
 from nolaserve.adapters.daemon_pool import DaemonPool
-from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status
+from nolaserve.adapters.errors import InvalidRequestError, QueueFullError, Status, check_utf8
 
 from .sampler import row_tensor
 from .schema_checks import enforceable
@@ -181,13 +181,7 @@ class Grammars:
             raise InvalidRequestError(f"the {what} has {len(text)} characters; at most "
                                       f"{MAX_SCHEMA_CHARS} are allowed: simplify it",
                                       STRUCTURED)
-        try:
-            text.encode()
-        except UnicodeEncodeError as e:  # a JSON "\ud800" escape decodes to one
-            raise InvalidRequestError(
-                f"the {what} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X})"
-                f" at character {e.start}; send text that encodes as UTF-8",
-                STRUCTURED) from None
+        check_utf8(text, f"the {what}", STRUCTURED)
         return what, text, build, fix
 
     def _done(self, key: tuple[str, str], done: Future) -> None:
