@@ -145,7 +145,7 @@ async def start(config: Config, engine: Engine | VllmEngine | None = None) -> Ru
               INFERENCE: (config.inference_token, "inference_token")}
     limit = config.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[TokenAuthInterceptor(tokens, metrics), DecodeInterceptor()],
+        interceptors=[TokenAuthInterceptor(tokens, metrics), DecodeInterceptor(SERVICES)],
         options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit)])
     metrics_port = http = aengine = watcher = None

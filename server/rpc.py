@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -49,16 +50,24 @@ def _cut(details: str) -> str:
 
 
 class MalformedRequest:
-    """What ``safe_decoding`` hands a servicer for bytes that are not its request message."""
+    """What ``DecodeInterceptor`` hands a servicer for bytes that are not its request
+    message."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
 
+    def message(self, method: str) -> str:
+        return (f"the request body is not a valid {method} request message: "
+                f"{str(self.error)[:200]}")
+
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Decodes request bodies without raising: malformed bytes reach ``@rpc`` as a
-    ``MalformedRequest`` and are answered INVALID_ARGUMENT (grpc itself would say UNKNOWN
-    with a Python class name)."""
+    """Decodes request bodies without raising: malformed bytes are answered
+    INVALID_ARGUMENT (grpc itself would say UNKNOWN with a Python class name), by ``@rpc``
+    for nolaserve's ``services`` (full names), here for the stock ones (health, reflection)."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self._ours = tuple(f"/{name}/" for name in services)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -72,7 +81,37 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
             except Exception as e:  # DecodeError, or a RecursionError on deep nesting
                 return MalformedRequest(e)
 
-        return handler._replace(request_deserializer=safe)
+        handler = handler._replace(request_deserializer=safe)
+        if details.method.startswith(self._ours):
+            return handler
+        return _refusing_malformed(handler, details.method.rpartition("/")[2])
+
+
+def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """``handler``, not under ``@rpc``, aborting INVALID_ARGUMENT on a ``MalformedRequest``
+    (as each message of a request stream arrives)."""
+    kind = (f"{'stream' if handler.request_streaming else 'unary'}_"
+            f"{'stream' if handler.response_streaming else 'unary'}")
+    behavior = getattr(handler, kind)
+
+    async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+        return request
+
+    async def requests(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not handler.request_streaming:
+            return await checked(request, context)
+        return (await checked(r, context) async for r in request)
+
+    if inspect.iscoroutinefunction(behavior):
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(await requests(request, context), context)
+    else:  # an async generator of responses
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in behavior(await requests(request, context), context):
+                yield response
+    return handler._replace(**{kind: wrapped})
 
 
 class Gate:
@@ -187,9 +226,7 @@ def rpc(method: Method) -> Method:
         code = Status.OK
         try:
             if isinstance(request, MalformedRequest):
-                raise MalformedRequestError(
-                    f"the request body is not a valid {name} request message: "
-                    f"{str(request.error)[:200]}")
+                raise MalformedRequestError(request.message(name))
             self.gate.enter()
             try:
                 response = await method(self, request, context)

@@ -150,6 +150,19 @@ def test_malformed_bodies_are_invalid_argument_and_auth_comes_first(model, byteb
             await expect_code(Code.INVALID_ARGUMENT, register(
                 garbage, metadata=[("authorization", "Bearer adm")]), "not a valid")
             assert len((await c.inference.Generate(request(max_tokens=2))).token_ids) == 2
+            # the stock services too (they said UNKNOWN and logged a traceback); open to all
+            health = "/grpc.health.v1.Health/"
+            await expect_code(Code.INVALID_ARGUMENT, raw(health + "Check")(garbage),
+                              "not a valid Check request message")
+            watch = c.channel.unary_stream(health + "Watch", request_serializer=None,
+                                           response_deserializer=None)
+            await expect_code(Code.INVALID_ARGUMENT, watch(garbage), "not a valid Watch")
+            reflect = c.channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                request_serializer=None, response_deserializer=None)
+            await expect_code(Code.INVALID_ARGUMENT, reflect(iter([garbage])),
+                              "not a valid ServerReflectionInfo request message")
+            assert (await raw(health + "Check")(b"")) == b"\x08\x01"  # SERVING, still
 
     asyncio.run(main())
     handler = grpc.unary_unary_rpc_method_handler(lambda r, c: None,

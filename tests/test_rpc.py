@@ -4,6 +4,7 @@ count. The served contract is in test_server.py."""
 
 import asyncio
 import logging
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -244,7 +245,9 @@ def test_decode_interceptor_turns_bad_bytes_into_a_malformed_request():
     async def continuation(details):
         return handler
 
-    got = asyncio.run(DecodeInterceptor().intercept_service(continuation, None))
+    details = SimpleNamespace(method="/nolaserve.v1.Echo/Echo")
+    got = asyncio.run(DecodeInterceptor(["nolaserve.v1.Echo"]).intercept_service(
+        continuation, details))
     assert got.unary_unary is handler.unary_unary
     assert got.request_deserializer(b"fine") == "fine"
     bad = got.request_deserializer(b"deep")
@@ -256,4 +259,6 @@ def test_decode_interceptor_leaves_handlers_without_a_decoder(handler):
     async def continuation(details):
         return handler
 
-    assert asyncio.run(DecodeInterceptor().intercept_service(continuation, None)) is handler
+    details = SimpleNamespace(method="/grpc.health.v1.Health/Check")
+    assert asyncio.run(DecodeInterceptor([]).intercept_service(continuation, details)) \
+        is handler
