@@ -35,7 +35,7 @@ def server(tmp_path_factory, smollm2):
          "--registry-path", str(tmp / "registry.db"),
          "--admin-token", TOKEN, "--num-slots", "8", "--max-rank", "8",
          "--target-modules", "self_attn.q_proj", "self_attn.v_proj",
-         "--kv-cache-bytes", str(256 << 20), "--grace-period-s", "60"],
+         "--kv-cache-bytes", str(256 << 20), "--grace-period-s", "600"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = f"127.0.0.1:{port}"
     lines: list[str] = []
