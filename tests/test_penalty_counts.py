@@ -12,6 +12,7 @@ import torch
 from nolaserve.server.engine import logits_process, penalty_counts
 from nolaserve.server.engine.logits_process import process_logits
 from nolaserve.server.engine.penalty_counts import PenaltyCounts
+from nolaserve.server.engine.sampler import Sampler
 from nolaserve.server.engine.sequence import SamplingParams, Sequence
 
 VOCAB = 64
@@ -116,3 +117,17 @@ def test_a_released_row_is_free_at_once_while_the_sequence_lives_on():
     kept.clear()
     gc.collect()
     assert counts._counts.shape[0] == 1 and counts._free == [0]
+
+
+def test_a_repetition_penalty_near_zero_samples_a_seen_token_not_token_0():
+    """1e-38 passes "finite and > 0"; a seen token's logit divided by it was inf, softmax
+    NaN, and the sampler drew token 0 (an outside probe's find)."""
+    logits = torch.linspace(-1.0, 1.0, VOCAB).unsqueeze(0)
+    for r in (1e-38, 1e-45):
+        params = SamplingParams(repetition_penalty=r, temperature=0.7)
+        seq = Sequence("0", [40, 50, 5], params)
+        processed = process_logits(logits, [seq], set(), PenaltyCounts())
+        assert torch.isfinite(processed).all()
+        probs = Sampler().probabilities(processed, [params])
+        assert torch.isfinite(probs).all()
+        assert probs[0, [40, 50]].sum() == 1.0  # the seen tokens with a positive logit

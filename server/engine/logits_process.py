@@ -12,8 +12,8 @@ Semantics, as vLLM and OpenAI define them:
 - ``presence_penalty`` is subtracted once from every token that occurs in the output so
   far, ``frequency_penalty`` once per occurrence;
 - ``repetition_penalty`` (transformers' ``RepetitionPenaltyLogitsProcessor`` over prompt and
-  output tokens): a positive logit of a token seen is divided by it, a negative one
-  multiplied;
+  output tokens): a positive logit of a token seen is divided by it (at most to ``_cap``),
+  a negative one multiplied;
 - before ``min_tokens`` output tokens, the EOS tokens (unless ``ignore_eos``) and the
   request's ``stop_token_ids`` get -inf.
 """
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .penalty_counts import PenaltyCounts
-from .sampler import row_tensor
+from .sampler import GREEDY_EPS, row_tensor
 from .sequence import Sequence
 from .token_masks import TokenMasks, asks, mask_pairs, pair_index
 
@@ -108,8 +108,16 @@ def _penalize(logits: Tensor, seqs: list[Sequence], counts: PenaltyCounts) -> No
     if any(r != 1.0 for r in rep):
         seen = prompt_seen | (out_counts > 0)  # [N, V]
         r = row_tensor(rep, logits.dtype, logits).unsqueeze(1)
-        penalized = torch.where(logits > 0, logits / r, logits * r)
+        penalized = torch.where(logits > 0, (logits / r).clamp(max=_cap(logits)), logits * r)
         logits.copy_(torch.where(seen, penalized, logits))
+
+
+def _cap(logits: Tensor) -> float:
+    """The most a penalized logit may become: a penalty near 0 (1e-38) divides past
+    float's range, and inf turns to NaN in softmax (a sampled token 0). At the cap the
+    seen tokens still take all the mass, and dividing by a temperature down to
+    ``GREEDY_EPS`` stays finite."""
+    return min(torch.finfo(logits.dtype).max, torch.finfo(torch.float32).max * GREEDY_EPS)
 
 
 def _mask_stops(logits: Tensor, seqs: list[Sequence], eos: set[int]) -> None:
