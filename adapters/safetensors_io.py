@@ -73,11 +73,15 @@ def _read_header(data: bytes, what: str, strict: bool) -> dict:
     if len(data) < 8:
         raise InvalidAdapterError(f"{what}: {len(data)} bytes is too short for a safetensors file")
     (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if n > min(MAX_HEADER_BYTES, len(data) - 8):
+    if n > len(data) - 8:
         raise InvalidAdapterError(
             f"{what}: safetensors header claims {n} bytes but the file has {len(data) - 8} "
             "after the length prefix (truncated or not a safetensors file)"
         )
+    if n > MAX_HEADER_BYTES:
+        raise InvalidAdapterError(
+            f"{what}: the safetensors header is {n} bytes, over the limit of "
+            f"{MAX_HEADER_BYTES} (16 MiB): shorten its metadata")
     raw = bytes(data[8 : 8 + n])
     # Invalid UTF-8 decodes to lone surrogates, as an escaped "\ud800" parses: _check_utf8
     # then names the string that holds one.

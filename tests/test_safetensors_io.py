@@ -35,6 +35,16 @@ def test_a_metadata_key_or_tensor_name_not_utf8_is_named():
         st.read(with_header(lambda h: h.replace(b'"t"', b'"\xff"')))
 
 
+def test_a_header_over_the_limit_is_named_and_a_short_file_is_called_truncated():
+    """A whole file with a 17 MiB header was told it claims more than it holds."""
+    data = with_header(lambda h: h.replace(b"DESC", b"x" * (17 << 20)))
+    with pytest.raises(InvalidAdapterError, match=r"the safetensors header is 178\d+ bytes, "
+                       r"over the limit of 16777216 \(16 MiB\): shorten its metadata"):
+        st.read(data)
+    with pytest.raises(InvalidAdapterError, match="truncated or not a safetensors file"):
+        st.read(GOOD[:40])
+
+
 def test_invalid_utf8_outside_a_string_keeps_the_decoder_message():
     data = with_header(lambda h: h.replace(b"{", b"\xff{", 1))
     with pytest.raises(InvalidAdapterError, match="not valid JSON: 'utf-8' codec can't decode "
