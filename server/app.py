@@ -249,12 +249,13 @@ class Health(health.aio.HealthServicer):
 
 async def _serve_health(server: grpc.aio.Server, deferred: Deferred,
                         health_servicer: Health) -> None:
-    """Start ``server`` before the model loads: health NOT_SERVING, reflection, and
-    Inference and Admin ``deferred`` (UNAVAILABLE until ``_add_services``)."""
+    """Start ``server`` before the model loads: health NOT_SERVING (every service it will
+    report, ``registry`` too), reflection, and Inference and Admin ``deferred``
+    (UNAVAILABLE until ``_add_services``)."""
     server.add_generic_rpc_handlers((deferred,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, *SERVICES, health.SERVICE_NAME)
-    for name in ("", *SERVICES):
+    for name in ("", *SERVICES, REGISTRY):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
 

@@ -183,6 +183,8 @@ def test_every_port_answers_while_the_model_loads(monkeypatch, bytebpe):
             assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
             listed = await health.List(health_pb2.HealthListRequest())
             assert {s.status for s in listed.statuses.values()} == {check.status}
+            # every service it will report, known from the start (registry was NOT_FOUND)
+            assert set(listed.statuses) == {"", *app.SERVICES, app.REGISTRY}
             await expect_code(grpc.StatusCode.UNAVAILABLE, inference_pb2_grpc.InferenceStub(
                 channel).Generate(request()), "loading")
             stream = inference_pb2_grpc.InferenceStub(channel).GenerateStream(request())
