@@ -28,6 +28,7 @@ from .cache import (
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    IncompatibleAdapterError,
     InvalidAdapterError,
     InvalidAdapterIdError,
     RegistryUnavailableError,
@@ -194,7 +195,10 @@ class AdapterStore:
     def build_rmm(self, source_ids: list[str], basis_size: int, basis_id: str) -> RmmResult:
         """Compress registered adapters into an RMM basis plus one task per source, registered
         atomically as ``basis_id`` and ``basis_id/<source id>``."""
-        check_new_adapter_id(basis_id, self.spec.name)
+        try:
+            check_new_adapter_id(basis_id, self.spec.name)
+        except InvalidAdapterIdError as e:
+            raise InvalidAdapterIdError(f"basis_id: {e}") from None
         if len(set(source_ids)) != len(source_ids):
             raise InvalidAdapterError("source adapter ids must be distinct")
         for sid in source_ids:
@@ -212,6 +216,11 @@ class AdapterStore:
         if taken := next(filter(self.registry.contains, [basis_id, *task_ids]), None):
             raise AdapterExistsError(f"{short(taken)} is already registered: pick another "
                                      "basis id, or delete it first")
+        if basis := next((s for s in source_ids if self.registry.get(s).kind ==
+                          "rmm-basis"), None):
+            raise IncompatibleAdapterError(
+                f"source adapter {short(basis)} is an RMM basis: build from its tasks "
+                f"('{basis}/<source id>') or from the adapters they came from")
         sources = {sid: self._materialize(self.parsed(sid), "cpu") for sid in source_ids}
         build = build_rmm(sources, basis_size, self.spec, basis_id=basis_id)
         items = [NewAdapter(basis_id, build.basis.kind, build.basis.to_bytes(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.adapters.registry_rows import AdapterRecord
@@ -112,8 +113,10 @@ def chat_options(m: inference_pb2.ChatMessages) -> ChatOptions:
         except RecursionError:
             raise InvalidRequestError(f"chat_template_kwargs nests too deep to parse: send "
                                       f"{example}", "chat_template_kwargs") from None
-        except ValueError as e:
-            raise InvalidRequestError(f"chat_template_kwargs is not JSON ({e}): "
+        except ValueError as e:  # a syntax error, or an integer past Python's digit limit
+            why = (f"a number of more than {sys.get_int_max_str_digits()} digits"
+                   if "digits" in str(e) else e)
+            raise InvalidRequestError(f"chat_template_kwargs is not JSON ({why}): "
                                       f"send {example}", "chat_template_kwargs") from None
         if not isinstance(kwargs, dict):
             raise InvalidRequestError(f"chat_template_kwargs must be {example}",

@@ -18,6 +18,7 @@ from server_helpers import expect_code, serving
 
 from nolaserve.adapters.errors import InvalidRequestError
 from nolaserve.server.chat import ChatMessage, ChatOptions, render_chat
+from nolaserve.server.convert import chat_options
 from nolaserve.server.engine.sequence import SamplingParams
 from nolaserve.server.generation import GenerateRequest, prompt_token_ids
 from nolaserve.server.offline import LLM
@@ -234,3 +235,15 @@ def test_offline_chat_takes_them_as_vllms_llm_chat_does(model, thinking, tmp_pat
         llm.close()
     assert out.prompt_token_ids == rendered_ids(
         thinking, ChatOptions(False, True, {"enable_thinking": False}))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "chat_template_kwargs is not JSON (Expecting property name"),
+    ('{"n": ' + "9" * 5000 + "}", "is not JSON (a number of more than 4300 digits): send a "
+     "JSON object"),  # it told the client to call sys.set_int_max_str_digits()
+    ("[1]", "chat_template_kwargs must be a JSON object"),
+])
+def test_grpc_chat_template_kwargs_that_do_not_parse_say_what_to_send(text, message):
+    with pytest.raises(InvalidRequestError) as e:
+        chat_options(inference_pb2.ChatMessages(chat_template_kwargs=text))
+    assert message in str(e.value) and e.value.param == "chat_template_kwargs"

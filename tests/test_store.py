@@ -134,6 +134,11 @@ def test_rmm_task_upload_needs_its_basis(store):
     for source in ("x" * 10000, "a\n"):
         with pytest.raises(InvalidAdapterIdError, match="^source adapter: invalid adapter id"):
             store.build_rmm(["a", source], basis_size=1, basis_id="B3")
+    with pytest.raises(InvalidAdapterIdError, match="^basis_id: invalid adapter id ''"):
+        store.build_rmm(["a", "b"], basis_size=1, basis_id="")
+    with pytest.raises(IncompatibleAdapterError, match="source adapter 'B1' is an RMM basis: "
+                       "build from its tasks"):  # it was told to request a task
+        store.build_rmm(["a", "B1"], basis_size=1, basis_id="B5")
     store.register("B4/a", nola_bytes(3))  # a task id taken by a plain adapter: no basis
     with pytest.raises(AdapterExistsError, match="'B4/a' is already registered: pick another "
                        "basis id, or delete it first"):
