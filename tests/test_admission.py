@@ -130,6 +130,12 @@ def seq_of(adapter_id: str) -> Sequence:
     return Sequence(f"s{adapter_id}", [1, 2], greedy(2), adapter_id)
 
 
+def first_token(seq: Sequence) -> None:
+    """``seq`` as the step that sampled its first token leaves it: decoding."""
+    seq.output_token_ids.append(7)
+    seq.num_computed_tokens = seq.num_tokens - 1
+
+
 def start_held_loads(admission: AdapterAdmission, store: HeldLoads, *seqs: Sequence) -> None:
     for seq in seqs:
         assert not admission.ready(seq)  # submits its load (no prefetch ran) ...
@@ -354,10 +360,10 @@ def test_time_slicing_parks_the_slot_held_longest_once_ripe_and_loads_the_waitin
     the warm tier) runs on the step's thread, so the scheduler admits it in this step."""
     store, admission, a, b, c = busy_slots(quantum_steps=3)
     del store.fails["c"]
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))  # step 2: a has held its slot 2 steps of 3
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
-    b.output_token_ids.append(7)
+    first_token(b)
     admission.time_slice((a, b))  # step 3: a ripe (3 steps); b has had 2
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (-1, 1, 1)
     assert store.released == [0] and store.wanted == {"a#parked-0": 1}
@@ -393,12 +399,12 @@ def test_each_ripe_slot_goes_to_a_waiting_request_overdue_then_fewest_tokens_fir
     e.output_token_ids.append(7)  # a request that ran before (parked, or preempted)
     d = waiting_for_a_slot(admission, store, "d")
     c = waiting_for_a_slot(admission, store, "c")
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))  # only a is ripe: one slot to hand over
     first = e if overdue else c
     assert store.loaded[-1] == (first.adapter_id, None)
     assert admission.ready(first) and not admission.ready(d)
-    b.output_token_ids.append(7)
+    first_token(b)
     admission.time_slice((a, b))  # b too: the other one of c and e gets it
     second = c if overdue else e
     assert store.loaded[-1] == (second.adapter_id, None) and admission.ready(second)
@@ -412,7 +418,7 @@ def test_a_handed_over_copy_that_fails_fails_its_request_only():
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     gone = AdapterNotFoundError("adapter 'c' not found")
     store.fails["c"] = gone
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))
     assert not admission.ready(c) and admission.failed == [(c, gone)]
     admission.close()
@@ -421,7 +427,7 @@ def test_a_handed_over_copy_that_fails_fails_its_request_only():
 def test_a_request_that_leaves_after_a_slot_was_loaded_for_it_gives_the_slot_back():
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))  # a parked, c's slot loaded ...
     admission.release(c)  # ... and c leaves before the scheduler admits it
     assert store.released == [0, 3]
@@ -433,7 +439,7 @@ def test_time_slicing_never_parks_a_request_before_its_first_token():
     for _ in range(5):
         admission.time_slice((a, b))  # ripe by steps, but neither has a token
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
-    b.output_token_ids.append(7)
+    first_token(b)
     admission.time_slice((a, b))
     assert (a.adapter_slot, b.adapter_slot) == (0, -1)  # a still waits for its token
     admission.close()
@@ -448,10 +454,10 @@ def test_time_slicing_parks_with_the_factors_the_store_holds_but_never_a_pinned_
     del store.fails["c"]
     if held != "warm entry":
         store.copied.add("b")
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))
     assert a.adapter_slot == 0 and admission.parked == 0  # and b has no token
-    b.output_token_ids.append(7)
+    first_token(b)
     admission.time_slice((a, b))
     assert b.adapter_slot == -1 and admission.parked == 1
     assert admission.ready(c)
@@ -468,7 +474,7 @@ def test_time_slicing_parks_with_the_factors_the_store_holds_but_never_a_pinned_
 def test_time_slicing_parks_nobody_when_no_request_waits_for_a_slot():
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     admission.release(c)
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))
     assert a.adapter_slot == 0 and admission.parked == 0
     admission.close()
@@ -500,7 +506,7 @@ def test_a_negative_quantum_is_refused_and_zero_turns_time_slicing_off(quantum_s
             AdapterAdmission(HeldLoads(), quantum_steps=quantum_steps)
         return
     store, admission, a, b, c = busy_slots(quantum_steps=0)
-    a.output_token_ids.append(7)
+    first_token(a)
     for _ in range(3):
         admission.time_slice((a, b))
     assert a.adapter_slot == 0 and admission.parked == 0
@@ -531,7 +537,7 @@ def test_a_parked_request_is_parked_again_under_its_own_key_and_forgotten_once_r
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
     store.go["a"].set()
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))  # step 2: a parked for c (b has no token yet)
     assert admission.ready(c)
     admission.release(c)
@@ -556,11 +562,27 @@ def test_a_parked_request_is_parked_again_under_its_own_key_and_forgotten_once_r
 
 def test_a_slot_ripens_after_quantum_steps_counted_from_when_it_was_taken():
     store, admission, a, b, c = busy_slots(quantum_steps=3)  # b took slot 1 at step 1
-    b.output_token_ids.append(7)  # a has no token: never parked
+    first_token(b)  # a has no token: never parked
     for _ in range(2):
         admission.time_slice((a, b))  # steps 2 and 3: b has had 1, then 2 steps
         assert b.adapter_slot == 1
     admission.time_slice((a, b))  # step 4: 3 steps
+    assert b.adapter_slot == -1
+    admission.close()
+
+
+def test_a_request_recomputing_after_a_preemption_is_not_ripe_until_it_decodes():
+    """Its tokens from before the preemption do not make it ripe: parked after each
+    chunk of its recompute, an outside review's soak request (seed 1048) lost its slot and
+    its blocks over and over, never reaching its next token."""
+    store, admission, a, b, c = busy_slots(quantum_steps=1)
+    first_token(b)
+    b.output_token_ids += [8, 9]  # preempted, readmitted: 2 of its 4 tokens computed again
+    b.num_computed_tokens = 2
+    admission.time_slice((a, b))
+    assert b.adapter_slot == 1
+    b.num_computed_tokens = b.num_tokens - 1  # the recompute done: decoding
+    admission.time_slice((a, b))
     assert b.adapter_slot == -1
     admission.close()
 
@@ -571,8 +593,8 @@ def test_time_slicing_parks_nobody_for_a_request_the_scheduler_could_not_run():
     the parked requests waiting for a slot it cannot use."""
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
-    a.output_token_ids.append(7)
-    b.output_token_ids.append(7)
+    first_token(a)
+    first_token(b)
     admission.time_slice((a, b), admissible=lambda s: s is not c)
     assert (a.adapter_slot, b.adapter_slot, admission.parked) == (0, 1, 0)
     admission.time_slice((a, b), admissible=lambda s: True)
@@ -586,7 +608,7 @@ def test_settle_takes_back_a_finished_load_nobody_collected():
     loaded and idle, so that a request that can run may take it."""
     store, admission, a, b, c = busy_slots(quantum_steps=1)
     del store.fails["c"]
-    a.output_token_ids.append(7)
+    first_token(a)
     admission.time_slice((a, b))
     assert a.adapter_slot == -1 and store.loaded[-1] == ("c", None)
     admission.settle((c,), [])  # c is still waiting

@@ -214,7 +214,12 @@ class AdapterAdmission:
         return held
 
     def _ripe(self, seq: Sequence) -> bool:
+        """Decoding (a first token, and no prompt or recompute left to compute: parked
+        after each chunk of the recompute that a preemption left it, an outside review's
+        soak request lost its slot and blocks over and over, never reaching its next
+        token) for ``quantum_steps`` steps in its slot."""
         return bool(seq.output_token_ids) and \
+            seq.num_computed_tokens + 1 >= seq.num_tokens and \
             self._steps - self._since[seq] >= self.quantum_steps
 
     def _park(self, seq: Sequence, held: tuple[str, AdapterFactors]) -> None:
