@@ -174,14 +174,29 @@ class Scheduler:
     def admissible(self, seq: Sequence) -> bool:
         """Whether ``seq`` could run to its next token once its adapter is ready (time
         slicing hands it a slot only then): it is running (parked), or ``max_num_seqs``
-        has room and free KV blocks cover all its tokens. Not just its next chunk, and
-        not by displacing others: an outside review's long prompt got a slot for its
-        first chunk, then waited for blocks that the requests parked for it held, while
-        they waited for its slot."""
+        and the free KV blocks have room for all its tokens after the waiting sequences
+        ranked above it that the next schedule admits first (those that need no slot),
+        and none ranked above it is overdue (admission stops there). Not just its next
+        chunk, and not by displacing others: an outside review's long prompt got a slot
+        for its first chunk, then waited for blocks that the requests parked for it held,
+        while they waited for its slot. And not before those ranked above it: its soak
+        parked a decoding request step after step for one that a higher-ranked request,
+        readmitted with the slot it kept, then kept out."""
         if seq.status is SequenceStatus.RUNNING:
             return True
-        return len(self._running) < self.max_num_seqs and \
-            self.block_manager.can_allocate(seq, seq.num_tokens)
+        seats = self.max_num_seqs - len(self._running)
+        blocks = self.block_manager.num_free_blocks
+        above = bisect.bisect_left(self._waiting, self._rank[seq], key=self._rank.__getitem__)
+        for other in [*self._waiting[:above], seq]:
+            if other is not seq and other.needs_adapter:
+                if self.adapter_overdue(other):
+                    return False
+                continue
+            seats -= 1
+            blocks -= self.block_manager.missing(other, other.num_tokens)
+            if seats < 0 or blocks < 0:
+                return False
+        return True
 
     # ---------------------------------------------------------------- schedule
 
