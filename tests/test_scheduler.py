@@ -300,6 +300,35 @@ def test_admissible_means_room_for_all_its_tokens_without_displacing_anyone():
     assert sched.admissible(long)
 
 
+def test_admissible_leaves_room_for_the_waiting_requests_admitted_before_it():
+    """Those ranked above it that need no slot take a seat and blocks first; those that
+    wait for a slot are skipped unless overdue, where admission stops (an outside
+    review's soak: a request was parked step after step for a target that a higher-ranked
+    one, holding the slot it kept through a preemption, then kept out)."""
+    overdue: set[str] = set()
+    sched = make_sched(num_blocks=8, max_num_seqs=2, ready=lambda s: False)
+    sched.adapter_overdue = lambda s: s.request_id in overdue
+    running = make_seq("run", 4, adapter="a")
+    sched.add(running)
+    sched.adapter_ready = lambda s: True
+    step(sched)  # run holds a seat and 2 blocks
+    ahead, target = make_seq("ahead", 4, adapter="b"), make_seq("target", 4, adapter="c")
+    for s in (ahead, target):
+        sched.add(s)
+    assert sched.admissible(target)  # ahead waits for a slot: skipped
+    overdue.add("ahead")
+    assert not sched.admissible(target)  # admission stops at it
+    overdue.clear()
+    ahead.adapter_slot = 0  # it kept its slot: admitted first, to the last seat
+    assert not sched.admissible(target) and sched.admissible(ahead)
+    sched.max_num_seqs = 3
+    assert sched.admissible(target)
+    target.prompt_token_ids += [1] * 24  # 7 blocks, all that are free: with ahead's, 8
+    assert not sched.admissible(target)
+    ahead.adapter_slot = -1
+    assert sched.admissible(target)
+
+
 def test_a_step_admits_those_ranked_above_the_request_it_preempted():
     """A step that preempts a running request for blocks still admits a waiting request
     ranked above it, whose blocks fit, but none ranked below it."""
