@@ -15,6 +15,9 @@ from typing import Any
 from .config_checks import check_tls_pair, check_type, load_yaml, parse_bytes, read_token
 
 TOOL_CALL_PARSERS = ("", "hermes")  # the tool-call formats chat's tool_choice auto parses
+# Upper bounds tighter than int64: gRPC's message limit is an int32; a slot table that
+# large never fits a device (num_slots 1e20 grew memory without end while starting).
+_MOST = {"max_message_bytes": 2**31 - 1, "num_slots": 1 << 16}
 
 
 def option(default: object, help: str, *, shown: str | None = None, repr: bool = True) -> Any:
@@ -195,16 +198,10 @@ class Config:
                     "max_queued_requests", "max_message_bytes", "peft_cache_bytes",
                     "stream_interval")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+            self._check_int(name, 1, "a positive integer")
         for name in ("warm_cache_bytes", "admission_quantum_steps", "max_prompt_tokens",
-                     "max_tokens_limit"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"config {name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
-            raise ValueError(f"config kv_cache_bytes must be >= 0, got {self.kv_cache_bytes!r}")
+                     "max_tokens_limit", "kv_cache_bytes"):
+            self._check_int(name, 0, "an integer >= 0")
         for name in ("gpu_memory_utilization", "cpu_kv_cache_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"config {name} must be in (0, 1], got {getattr(self, name)}")
@@ -263,6 +260,14 @@ class Config:
                 raise ValueError(f"both config {key} and config {key}_file are set: keep one")
             if path:
                 setattr(self, key, read_token(path, f"{key}_file"))
+
+    def _check_int(self, name: str, low: int, wanted: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"config {name} must be {wanted}, got {value!r}")
+        top = _MOST.get(name, 2**63 - 1)  # torch's sizes are int64: past it, a traceback
+        if value > top:
+            raise ValueError(f"config {name} must be at most {top}, got {value}")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: object) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import ssl
 import types
 import typing
@@ -30,7 +31,7 @@ class _OnceLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | os.PathLike) -> object:
     """The YAML document of the file at ``path``, each mapping's keys set once."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             return yaml.load(f, Loader=_OnceLoader)
         except yaml.constructor.ConstructorError as e:  # a tag safe YAML does not build
@@ -38,6 +39,12 @@ def load_yaml(path: str | os.PathLike) -> object:
             raise ValueError(f"{mark.name}, line {mark.line + 1}: {e.problem}: write plain "
                              "values (strings, numbers, lists, mappings), without tags "
                              "such as !!python/object") from None
+        except RecursionError:
+            raise ValueError(f"{path}: the YAML nests too deep to read: a config is a "
+                             "mapping of plain values") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                             "save it as UTF-8") from None
 
 
 def read_token(path: str, key: str) -> str:
@@ -110,7 +117,16 @@ def check_type(key: str, value: object, hint: object) -> None:
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise ValueError(f"config {key} must be {_wanted(key, hint)}, got {value!r}")
+        raise ValueError(f"config {key} must be {_wanted(key, hint)}, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, bounded: YAML aliases nine deep make billions of items (a 386-byte
+    file hung the check that printed them)."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxdict = 2, 4, 4
+    shown.maxstring = shown.maxother = shown.maxlong = 64
+    return shown.repr(value)
 
 
 def _wanted(key: str, hint: object) -> str:

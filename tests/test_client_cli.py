@@ -26,6 +26,12 @@ def served(monkeypatch):
     server.stop(None)
 
 
+
+# nine YAML aliases deep, nine each: 9^9 strings from 386 bytes
+_ALIAS_BOMB = "target_modules: [&a0 [" + ",".join("l" * 9) + "], " + ", ".join(
+    f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)) + "]"
+
+
 def test_client_imports_neither_torch_nor_the_server():
     code = ("import sys, nolaserve.clients.client, nolaserve.clients.cli; "
             "print(sorted(m for m in sys.modules if m == 'torch'"
@@ -420,10 +426,23 @@ def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
                           "'num_slots' is set twice: keep one",
                           "num_slots: !!python/object:os.system x": "c.yaml, line 1: could "
                           "not determine a constructor",
-                          "num_slots: [2": "expected ',' or ']'"}.items():
+                          "num_slots: [2": "expected ',' or ']'",
+                          # an outside probe's: a hang, tracebacks, a misread value
+                          _ALIAS_BOMB: "the flag followed by them), got [['l', 'l', 'l', "
+                          "'l', ...], " + ", ".join(["[[...], [...], [...], [...], ...]"] * 3)
+                          + ", ...]\n",
+                          "target_modules: " + "[" * 600 +
+                          "]" * 600: "the YAML nests too deep to read",
+                          "kv_cache_bytes: 99999999999999999999999999": "config "
+                          "kv_cache_bytes) must be at most 9223372036854775807",
+                          "num_slots: 99999999999999999999": "must be at most 65536",
+                          "max_message_bytes: 3 GiB": "must be at most 2147483647"}.items():
         (tmp_path / "c.yaml").write_text(line + "\n")
         code, _, err = run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))
         assert code == 2 and message in err, err
+    (tmp_path / "c.yaml").write_bytes(b"model: caf\xe9\n")
+    code, _, err = run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))
+    assert code == 2 and "c.yaml is not UTF-8 text (invalid continuation byte" in err, err
     # a YAML merge key may set what it merges again (YAML's override, not a duplicate)
     (tmp_path / "c.yaml").write_text("<<: {num_slots: 2, max_rank: 4}\nnum_slots: 3\n")
     assert run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))[0] == 0
