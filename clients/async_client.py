@@ -90,7 +90,7 @@ class AsyncClient(Stubs):
 
     async def register_adapter_file(self, adapter_id: str, path: str | Path,
                                     replace: bool = False) -> AdapterInfo:
-        return await self.register_adapter(adapter_id, Path(path).read_bytes(), replace)
+        return await self.register_adapter(adapter_id, self._adapter_file(path), replace)
 
     async def get_adapter(self, adapter_id: str) -> AdapterInfo:
         with m.rpc_errors():

@@ -124,10 +124,9 @@ def _register(args: argparse.Namespace, connect: Connect) -> int:
         raise OSError(f"{args.file} is a directory; a PEFT LoRA directory is imported "
                       f"first: nolaserve adapters import-peft {args.file} OUT.safetensors "
                       f"--register {args.adapter_id}")
-    data = Path(args.file).read_bytes()
     with connect() as client:
-        print("registered", describe(client.register_adapter(args.adapter_id, data,
-                                                               args.replace)))
+        print("registered", describe(client.register_adapter_file(args.adapter_id, args.file,
+                                                                    args.replace)))
     return 0
 
 

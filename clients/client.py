@@ -106,7 +106,7 @@ class Client(Stubs):
 
     def register_adapter_file(self, adapter_id: str, path: str | Path, replace: bool = False
                               ) -> AdapterInfo:
-        return self.register_adapter(adapter_id, Path(path).read_bytes(), replace)
+        return self.register_adapter(adapter_id, self._adapter_file(path), replace)
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         with m.rpc_errors():

@@ -235,9 +235,13 @@ def test_cli_max_message_bytes_bounds_what_it_sends(served, capsys, tmp_path):
     t = ["--target", target, "--admin-token", "adm"]
     code, _, err = run_cli(capsys, *t, "--max-message-bytes", "1000", "adapters", "register",
                            "big", str(tmp_path / "f"))
-    assert code == 1 and err.startswith("RESOURCE_EXHAUSTED") and "larger than max" in err
+    assert code == 1 and err.startswith("RESOURCE_EXHAUSTED") and "is 4096 bytes, more " \
+        "than --max-message-bytes (1000) lets a request carry" in err, err
     assert run_cli(capsys, *t, "--max-message-bytes", "8192", "adapters", "register", "big",
                    str(tmp_path / "f"))[0] == 0
+    # checked before reading: /dev/zero grew the client's memory to 11 GB in 8 s
+    code, _, err = run_cli(capsys, *t, "adapters", "register", "z", "/dev/zero")
+    assert code == 1 and "'/dev/zero' is not a regular file" in err, err
 
 
 def test_cli_generate_cut_short_by_the_server_exits_1(served, capsys):
