@@ -47,12 +47,26 @@ def _said(command: Callable) -> Callable:
     return run
 
 
+def _check_exists(url: str) -> None:
+    """``OSError`` unless the SQLite file ``url`` names (bare or ``sqlite:///``) exists and
+    is not empty: opening a missing or empty one makes a registry there, and check and
+    copy reported a typo "ok" (a server's own URL is for its server to answer)."""
+    path = url.removeprefix("sqlite://")
+    if "://" in path:
+        return
+    if path in ("", ":memory:", "/:memory:"):
+        raise OSError(f"{url!r} is an in-memory registry, empty: give a registry file")
+    if not Path(path).is_file():
+        raise OSError(f"no registry file at {path!r}")
+    if Path(path).stat().st_size == 0:
+        raise OSError(f"{path!r} is an empty file, not a registry")
+
+
 def check(args: argparse.Namespace, _connect: Callable) -> int:
     from nolaserve.adapters.registry import iter_all, open_registry
 
     path = args.path
-    if "://" not in path and not Path(path).is_file():
-        raise OSError(f"no registry file at {path!r}")
+    _check_exists(path)
     from nolaserve.adapters.errors import RegistryUnavailableError
 
     try:
@@ -77,8 +91,7 @@ def check(args: argparse.Namespace, _connect: Callable) -> int:
 def copy(args: argparse.Namespace, _connect: Callable) -> int:
     from nolaserve.adapters.registry import iter_all, open_registry
 
-    if "://" not in args.source and not Path(args.source).is_file():
-        raise OSError(f"no registry file at {args.source!r}")
+    _check_exists(args.source)
     copied = skipped = 0
     with open_registry(args.source) as source:
         records = list(iter_all(source))

@@ -141,6 +141,17 @@ def test_registry_check_command_verifies_every_row(tmp_path, capsys):
     assert "adapter 'x': stored bytes do not match their size or sha256" in out
     assert main(["registry", "check", str(tmp_path / "missing.db")]) == 1
     assert not (tmp_path / "missing.db").exists()  # checking never creates a registry
+    # nor in the URL form, nor in an empty file, nor copying from one (an outside probe's
+    # typo made a registry, and "ok"); the message names the file
+    (tmp_path / "empty.db").touch()
+    capsys.readouterr()
+    for argv in (["check", f"sqlite:///{tmp_path}/missing.db"],
+                 ["check", str(tmp_path / "empty.db")],
+                 ["copy", f"sqlite:///{tmp_path}/missing.db", str(tmp_path / "to.db")]):
+        assert main(["registry", *argv]) == 1
+        assert "missing.db" in capsys.readouterr().err or argv[1].endswith("empty.db")
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "to.db").exists()
+    assert (tmp_path / "empty.db").stat().st_size == 0
 
 
 def test_a_file_of_the_first_schema_is_migrated_in_place(tmp_path):
