@@ -123,7 +123,7 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
                                   "(default: plaintext)"))
     parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=default(None),
                         help=help("deadline of each call (default: none)"))
-    parser.add_argument("--max-message-bytes", type=int, metavar="BYTES",
+    parser.add_argument("--max-message-bytes", type=_message_bytes, metavar="BYTES",
                         default=default(64 << 20),
                         help=help("largest message this client sends or takes, e.g. to "
                                   "register an adapter over 64 MiB (the server's "
@@ -131,10 +131,22 @@ def _connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> N
 
 
 def _target(text: str) -> str:
+    if not text.strip():  # gRPC logged five lines of its own for it, then UNKNOWN
+        raise argparse.ArgumentTypeError("the server address is empty: give HOST:PORT")
     port = text.rpartition(":")[2]
     if port.isdigit() and not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"port {port} of {text!r} is not in 1..65535")
     return text
+
+
+def _message_bytes(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 0 < size < 2**31:  # a negative size was no limit, 0 failed each call
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes in 1..2^31-1")
+    return size
 
 
 def _seconds(text: str) -> float:
@@ -273,6 +285,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace, connect: Connect) -> int:
+    if args.prompt == "-" and sys.stdin is None:
+        raise UsageError("PROMPT is - but stdin is closed: pipe the prompt in, or give it")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     text = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
     options = dict(adapter_id=args.adapter, max_tokens=args.max_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -191,6 +192,10 @@ def _import_peft(args: argparse.Namespace, connect: Connect) -> int:
     from nolaserve.adapters.errors import AdapterError
     from nolaserve.adapters.peft_import import import_peft
 
+    if Path(args.directory).is_file():
+        raise OSError(f"{args.directory} is a file; import-peft takes a PEFT LoRA directory "
+                      "(a nolaserve adapter file is registered as it is: nolaserve adapters "
+                      "register ID FILE)")
     try:
         lora = import_peft(args.directory, description=args.description)
     except AdapterError as e:
@@ -209,6 +214,10 @@ def _create_nola(args: argparse.Namespace, connect: Connect) -> int:
         raise UsageError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
     if args.rank < 1 or args.num_basis < 1:
         raise UsageError("--rank and --num-basis must be positive")
+    if not (math.isfinite(args.lora_alpha) and math.isfinite(args.coeff_std)
+            and args.coeff_std >= 0):
+        raise UsageError(f"--lora-alpha must be a finite number and --coeff-std one >= 0, "
+                         f"got {args.lora_alpha} and {args.coeff_std}")
     spec = _nola_spec(args, connect)
     missing = [t for t in args.targets if t not in spec.module_shapes]
     if missing:
@@ -217,6 +226,10 @@ def _create_nola(args: argparse.Namespace, connect: Connect) -> int:
     nola = random_nola(spec, args.seed, targets=args.targets, rank=args.rank,
                        num_basis=args.num_basis, lora_alpha=args.lora_alpha,
                        coeff_std=args.coeff_std)
+    try:  # what registration refuses (its magnitude bound), before writing the file
+        nola.check_bounds()
+    except ValueError as e:
+        raise UsageError(f"{e}: lower --coeff-std or --lora-alpha") from None
     nola.description = args.description
     what = f"nola seed {args.seed}, rank {args.rank}, {spec.num_layers} layers x {args.targets}"
     return _write(args, connect, nola.to_bytes(), what)

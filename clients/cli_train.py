@@ -109,6 +109,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out}: name a file in a folder that exists")
     if not math.isfinite(args.lora_alpha):
         raise UsageError(f"--lora-alpha must be a finite number, got {args.lora_alpha}")
+    if not 0 <= args.seed < 2**63:  # the adapter's seed: the server refuses others
+        raise UsageError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.register:  # the id's spelling; whether it is taken is asked of the server
+        from nolaserve.adapters.errors import InvalidAdapterIdError
+        from nolaserve.adapters.ids import check_new_adapter_id
+
+        try:
+            check_new_adapter_id(args.register, "")
+        except InvalidAdapterIdError as e:
+            raise UsageError(f"--register: {e}") from None
     from nolaserve.adapters.train_loop import read_records
 
     try:

@@ -319,10 +319,35 @@ def test_cli_create_nola_offline_and_from_the_server(served, capsys, tmp_path):
         0, 7, 2, ["self_attn.v_proj"])
     assert nola.base_model == "tiny-llama"
     assert fake.adapters["n1"].size_bytes == out.stat().st_size
+    shapes = ["--layers", "2", "--shapes", "self_attn.q_proj=64,64", "self_attn.v_proj=64,32"]
     for bad in (["--layers", "2"], ["--layers", "2", "--shapes", "q=1"],
-                ["--layers", "2", "--shapes", "self_attn.q_proj=4,4"], ["--seed", "-1"]):
+                ["--layers", "2", "--shapes", "self_attn.q_proj=4,4"], ["--seed", "-1"],
+                # files the server would refuse were written (an outside probe)
+                [*shapes, "--lora-alpha", "nan"], [*shapes, "--coeff-std", "inf"],
+                [*shapes, "--coeff-std", "-1"], [*shapes, "--coeff-std", "1e30"]):
+        out.unlink(missing_ok=True)
         code, _, err = run_cli(capsys, "adapters", "create-nola", str(out), "--seed", "1", *bad)
-        assert code == 2 and err.startswith("nolaserve: error: ")
+        assert code == 2 and err.startswith("nolaserve: error: ") and not out.exists(), err
+    assert "lower --coeff-std or --lora-alpha" in err
+
+
+def test_cli_refuses_an_empty_target_a_closed_stdin_and_a_file_to_import_peft(
+        capsys, tmp_path, monkeypatch):
+    """An outside probe's: five lines of gRPC's own log for an empty --target, a
+    traceback for `generate -` with stdin closed, and import-peft of a file said the file
+    does not exist."""
+    code, _, err = run_cli(capsys, "--target", "", "generate", "hi")
+    assert code == 2 and "the server address is empty: give HOST:PORT" in err
+    for size in ("-1", "0", "x"):
+        code, _, err = run_cli(capsys, "--max-message-bytes", size, "generate", "hi")
+        assert code == 2 and "is not a number of bytes in 1..2^31-1" in err
+    monkeypatch.setattr(sys, "stdin", None)
+    code, _, err = run_cli(capsys, "generate", "-")
+    assert code == 2 and "stdin is closed" in err
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "adapters", "import-peft", str(tmp_path / "a.safetensors"),
+                           str(tmp_path / "out"))
+    assert code == 1 and "is a file; import-peft takes a PEFT LoRA directory" in err
 
 
 def test_cli_create_nola_without_a_server_says_how(capsys, tmp_path):

@@ -318,6 +318,14 @@ def test_train_nola_refuses_what_would_fail_the_run_before_it(base, bytebpe, tmp
         assert said("--out", str(bad_out)) == (f"--out {bad_out}: name a file in a folder "
                                                "that exists")
     assert said("--lora-alpha", "inf") == "--lora-alpha must be a finite number, got inf"
+    # before the model loads (--device banana was a traceback; a bad --register id failed
+    # after the whole run)
+    assert said("--seed", "-1", "--model", "/nonexistent") == ("--seed must be in "
+                                                                "[0, 2^63 - 1], got -1")
+    assert said("--device", "banana", "--model", "/nonexistent") == (
+        "--device must be auto, cpu, cuda or cuda:N, got 'banana'")
+    assert said("--register", "bad id!", "--model", "/nonexistent").startswith(
+        "--register: invalid adapter id 'bad id!'")
     monkeypatch.setattr(train_loop, "fit", lambda *a, **k: [math.nan])
     assert said() == ("training diverged (final loss nan, or a coefficient not finite): "
                       "lower --lr (was 0.01); nothing written")
