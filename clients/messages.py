@@ -286,9 +286,14 @@ def built(message: type, **fields: Any) -> Any:
 
 
 def _chat(messages: Sequence[ChatMessage]) -> inference_pb2.ChatMessages:
+    if isinstance(messages, str | bytes | Mapping):
+        raise NolaserveError("INVALID_ARGUMENT", "messages must be a list of chat messages "
+                             "({'role': ..., 'content': ...}), not one string or message")
     out = []
     for i, m in enumerate(messages):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else m
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (
+            tuple(m) if isinstance(m, Sequence) and not isinstance(m, str) and len(m) == 2
+            else (None, None))
         if not (isinstance(role, str) and isinstance(content, str)):
             raise NolaserveError("INVALID_ARGUMENT", f"messages[{i}] needs a 'role' and a "
                                  "'content', both strings")
@@ -307,6 +312,12 @@ def generate_request(prompt: str | None, messages: Sequence[ChatMessage] | None,
         raise ValueError("give exactly one of prompt and messages")
     if isinstance(max_tokens, int) and max_tokens < 1:  # 0 would be the server's default
         raise NolaserveError("INVALID_ARGUMENT", f"max_tokens must be >= 1, got {max_tokens}")
+    if isinstance(extras and extras.get("n"), int) and extras["n"] < 1:  # 0: the default, 1
+        raise NolaserveError("INVALID_ARGUMENT", f"n must be >= 1, got {extras['n']}")
+    if not isinstance(stop, str) and not (isinstance(stop, Sequence) and
+                                          all(isinstance(s, str) for s in stop)):
+        raise NolaserveError("INVALID_ARGUMENT", f"stop must be a string or a list of "
+                             f"strings, got {str(stop)[:40]!r}")
     extras = dict(extras or {})
     special = extras.pop("add_special_tokens", None)
     optional = {"temperature": temperature, "top_p": top_p, "seed": seed}

@@ -31,6 +31,8 @@ class Stubs:
     def __init__(self, channels: ModuleType, target: str, admin_token: str | None,
                  inference_token: str | None, tls_root_cert: bytes | None,
                  timeout: float | None, max_message_bytes: int) -> None:
+        _check_options(target, tls_root_cert, timeout, max_message_bytes,
+                       (admin_token, inference_token))
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         if tls_root_cert is None:
@@ -67,6 +69,25 @@ class Stubs:
         return Path(path).read_bytes()
 
 
+def _check_options(target: object, tls_root_cert: object, timeout: object,
+                   max_message_bytes: object, tokens: tuple) -> None:
+    """``NolaserveError`` (INVALID_ARGUMENT) for a constructor argument that would fail
+    every call later, or raise something other than ``NolaserveError``."""
+    def bad(why: str) -> NolaserveError:
+        return NolaserveError("INVALID_ARGUMENT", why)
+
+    if not isinstance(target, str) or not target.strip():
+        raise bad(f"target must be a HOST:PORT string, got {target!r:.40}")
+    if tls_root_cert is not None and not isinstance(tls_root_cert, bytes):
+        raise bad("tls_root_cert must be the PEM certificate's bytes (open(path, 'rb').read())")
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise bad(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
+    if not (isinstance(max_message_bytes, int) and 0 < max_message_bytes < 2**31):
+        raise bad(f"max_message_bytes must be in 1..2^31-1, got {max_message_bytes!r}")
+    if any(t is not None and not (isinstance(t, str) and t.isprintable()) for t in tokens):
+        raise bad("a token must be a string of printable characters (no newline)")
+
+
 def ref(adapter_id: str) -> admin_pb2.AdapterRef:
     return built(admin_pb2.AdapterRef, adapter_id=adapter_id)
 
@@ -79,5 +100,8 @@ def register_request(adapter_id: str, data: bytes, replace: bool
 
 def rmm_request(source_ids: Sequence[str], basis_size: int, basis_id: str
                  ) -> admin_pb2.BuildRmmBasisRequest:
+    if isinstance(source_ids, str):  # "abc" were the sources a, b and c
+        raise NolaserveError("INVALID_ARGUMENT", "source_ids must be a list of adapter ids, "
+                             "not one string")
     return built(admin_pb2.BuildRmmBasisRequest, source_adapter_ids=list(source_ids),
                  basis_size=basis_size, basis_id=basis_id)

@@ -477,3 +477,41 @@ def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
     assert run_cli(capsys, "serve", "--config", str(tmp_path / "c.yaml"))[0] == 0
     assert (seen[-1].num_slots, seen[-1].max_rank) == (3, 4)
 
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"target": 5}, "target must be a HOST:PORT string"),
+    ({"tls_root_cert": "-----BEGIN CERTIFICATE-----"}, "tls_root_cert must be the PEM"),
+    ({"timeout": 0}, "timeout must be a number of seconds > 0"),
+    ({"timeout": float("nan")}, "timeout must be a number of seconds > 0"),
+    ({"max_message_bytes": -5}, "max_message_bytes must be in 1..2^31-1"),
+    ({"inference_token": "a\nb"}, "printable characters (no newline)"),
+])
+def test_client_arguments_that_would_fail_every_call_are_refused_at_once(kwargs, said):
+    """An outside probe's: a timeout of 0 or NaN and a negative size were taken (each
+    call then timed out, or had no limit), a str certificate or target and a token with a
+    newline raised TypeError, AttributeError or INTERNAL."""
+    kwargs = {"target": "127.0.0.1:1", **kwargs}
+    with pytest.raises(NolaserveError, match="INVALID_ARGUMENT") as e:
+        Client(**kwargs)
+    assert said in e.value.message
+
+    async def in_a_loop():
+        with pytest.raises(NolaserveError, match="INVALID_ARGUMENT") as e:
+            AsyncClient(**kwargs)
+        return e.value.message
+    assert said in asyncio.run(in_a_loop())
+
+
+def test_client_call_arguments_are_checked_before_sending(served):
+    target, fake = served
+    sent = len(fake.requests)
+    with Client(target) as c:
+        for call, said in ((lambda: c.generate(messages="hi"), "messages must be a list"),
+                           (lambda: c.generate("hi", stop=5), "stop must be a string or"),
+                           (lambda: c.generate("hi", n=0), "n must be >= 1, got 0"),
+                           (lambda: c.build_rmm_basis("abc", 1, "b"), "not one string")):
+            with pytest.raises(NolaserveError, match="INVALID_ARGUMENT") as e:
+                call()
+            assert said in e.value.message
+    assert len(fake.requests) == sent
