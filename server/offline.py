@@ -17,9 +17,9 @@ import logging
 import numbers
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from nolaserve.adapters.errors import (
     AdapterExistsError,
@@ -46,6 +46,7 @@ from .generation import (
     registered_in,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("nolaserve.offline")
 Prompt = str | list[int] | dict[str, Any]  # vLLM's TextPrompt / TokensPrompt dicts too
 Conversation = list[dict[str, str]]
@@ -161,8 +162,13 @@ class LLM:
                          replace: bool = False) -> AdapterRecord:
         """Register an adapter file's bytes, an adapter file or a PEFT LoRA directory."""
         self._check_open()
-        data = source if isinstance(source, bytes) else read_adapter_source(
-            source, None, self.config.max_message_bytes)
+        if not isinstance(source, bytes | bytearray | memoryview | str | os.PathLike):
+            raise InvalidRequestError(f"an adapter source is its file's bytes, a path to it "
+                                      f"or a PEFT LoRA directory, got {short(source)}",
+                                      "source")
+        data = bytes(source) if isinstance(source, bytearray | memoryview) else source \
+            if isinstance(source, bytes) else read_adapter_source(
+                source, None, self.config.max_message_bytes)
         with self._admin:
             self._check_open()
             return self.engine.store.register(adapter_id, data, replace)
@@ -186,7 +192,7 @@ class LLM:
         if not isinstance(prompts, list | tuple) or (
                 prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        requests = [_request(p) for p in prompts]
+        requests = [_numbered(i, _request, p) for i, p in enumerate(prompts)]
         return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
@@ -207,9 +213,13 @@ class LLM:
                                       f"{short(messages)}", "messages")
         if messages and isinstance(messages[0], dict):
             messages = [messages]
+        if not isinstance(chat_template_kwargs, dict | None):
+            raise InvalidRequestError(f"chat_template_kwargs must be a dict, got "
+                                      f"{short(chat_template_kwargs)}", "chat_template_kwargs")
         chat = ChatOptions(add_generation_prompt, continue_final_message,
                            dict(chat_template_kwargs or {}), documents)
-        requests = [GenerateRequest(messages=_messages(conv), chat=chat) for conv in messages]
+        requests = [GenerateRequest(messages=_numbered(i, _messages, conv), chat=chat)
+                    for i, conv in enumerate(messages)]
         return self._run(requests, sampling_params, adapter_ids, use_tqdm, lora_request)
 
     def _run(self, requests: list[GenerateRequest], sampling, adapters, use_tqdm,
@@ -393,6 +403,14 @@ def _about(error: ServingError, index: int) -> ServingError:
     dropped with the call, as vLLM's ``LLM`` drops them)."""
     error.args = (f"prompt {index}: {error.args[0]}", *error.args[1:])
     return error
+
+
+def _numbered(index: int, parse: Callable[[Any], T], value: object) -> T:
+    """``parse(value)``, its ``InvalidRequestError`` naming the prompt (``_about``)."""
+    try:
+        return parse(value)
+    except InvalidRequestError as e:
+        raise _about(e, index) from None
 
 
 def _messages(conversation: object) -> list[ChatMessage]:

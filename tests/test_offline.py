@@ -190,6 +190,15 @@ def test_close_waits_for_a_registration_in_flight(checkpoint):
     (lambda llm: llm.generate(["a", "é" * 2000]), "prompt 1: the prompt has more than 2048 "
                                                   "bytes"),
     (lambda llm: llm.generate(["a", "b"], adapter_ids=[None, "nope"]), "prompt 1: .*nope"),
+    # an outside probe's: no index, or TypeError, or bytes read as a path
+    (lambda llm: llm.generate(["hi", 5]), "prompt 1: a prompt is a string"),
+    (lambda llm: llm.chat([[{"role": "user", "content": "a"}], [{"role": "user",
+                                                                  "content": 5}]]),
+     "prompt 1: a conversation is a list of"),
+    (lambda llm: llm.chat([{"role": "user", "content": "a"}], chat_template_kwargs=[1]),
+     "chat_template_kwargs must be a dict, got \\[1\\]"),
+    (lambda llm: llm.register_adapter("x", None), "an adapter source is its file's bytes"),
+    (lambda llm: llm.register_adapter("x", bytearray(b"\0junk")), "safetensors"),
 ])
 def test_bad_arguments_are_typed_errors_naming_the_prompt(checkpoint, call, message):
     """Each wrong argument is ``InvalidRequestError`` (or the adapter's typed error) saying
