@@ -37,7 +37,7 @@ from .client import DEFAULT_TARGET, Client, NolaserveError  # noqa: E402
 _TOKEN_KEYS = ("admin_token", "inference_token")
 # API words in server messages -> the flags a CLI user types (those of the command run).
 _CLI_WORDS = re.compile(r"\b(replace)=true\b|(?<![\w-])(max_tokens|top_p|top_k|page_size|"
-                        r"page_token|basis_size|tls_root_cert|max_message_bytes)(?!\w)")
+                        r"page_token|basis_size|tls_root_cert|max_message_bytes|seed)(?!\w)")
 
 
 class HelpFormatter(argparse.HelpFormatter):

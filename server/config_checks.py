@@ -49,10 +49,13 @@ def load_yaml(path: str | os.PathLike) -> object:
 
 def read_token(path: str, key: str) -> str:
     try:
-        with open(os.path.expanduser(path)) as f:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
         raise ValueError(f"config {key}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config {key}: {path} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start}): write the token as text") from None
     if not token:
         raise ValueError(f"config {key}: {path} is empty")
     return token

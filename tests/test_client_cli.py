@@ -209,7 +209,7 @@ def test_cli_generate(served, capsys, monkeypatch):
 @pytest.mark.parametrize(("argv", "said"), [
     (["generate", "--max-tokens", "-3", "hi"], "INVALID_ARGUMENT: --max-tokens must be >= 1"),
     (["generate", "--max-tokens", "0", "hi"], "INVALID_ARGUMENT: --max-tokens must be >= 1"),
-    (["generate", "--seed", "-5", "hi"], "INVALID_ARGUMENT: seed='-5': Value out of range"),
+    (["generate", "--seed", "-5", "hi"], "INVALID_ARGUMENT: --seed='-5': Value out of range"),
     (["generate", "\udcff\udcfe"], "INVALID_ARGUMENT: prompt="),
     (["adapters", "list", "--page-size", "-1"], "INVALID_ARGUMENT: --page-size='-1'"),
     # an outside probe got protobuf's traceback for these
@@ -446,6 +446,9 @@ def test_cli_serve_takes_sizes_as_the_docs_show_them_and_says_what_a_key_wants(
            ("--admin-token", "x", "--admin-token-file", str(tmp_path / "t")): "both "
            "--admin-token (config admin_token) and --admin-token-file (config "
            "admin_token_file) are set: keep one"}
+    (tmp_path / "bin").write_bytes(b"\xa4token")
+    bad[("--inference-token-file", str(tmp_path / "bin"))] = (
+        "(config inference_token_file): " + str(tmp_path / "bin") + " is not UTF-8 text")
     for flags, message in bad.items():
         code, _, err = run_cli(capsys, "serve", *flags)
         assert code == 2 and message in err, err
