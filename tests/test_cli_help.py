@@ -104,7 +104,7 @@ def test_register_conflict_says_pass_replace(capsys, monkeypatch, tmp_path):
         def __exit__(self, *exc):
             return False
 
-        def register_adapter(self, *args):
+        def register_adapter_file(self, *args):
             raise NolaserveError("ALREADY_EXISTS", "adapter 'a' is already registered; "
                                  "pass replace=true to overwrite")
 

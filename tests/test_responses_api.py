@@ -142,7 +142,13 @@ def test_include_output_text_logprobs_gives_chats_logprobs(engine):
            for e in whole.output[0].content[0].logprobs]
     streamed = [(e.token, e.logprob, [t.token for t in e.top_logprobs])
                 for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
-    assert got == want == streamed and len(want) == 4
+    # the later requests start from the first's cached prompt blocks: the same tokens, and
+    # logprobs equal up to rounding (a prefill of another length; 5e-7 on an AVX-512 CPU)
+    assert [(t, top) for t, _, top in got] == [(t, top) for t, _, top in want] == \
+        [(t, top) for t, _, top in streamed] and len(want) == 4
+    for entries in (got, streamed):
+        assert [lp for _, lp, _ in entries] == pytest.approx([lp for _, lp, _ in want],
+                                                             rel=1e-5)
     assert plain.output[0].content[0].logprobs == []
 
 
